@@ -1,0 +1,38 @@
+# Turns a TORCH_CUDA_ARCH_LIST-style string ("8.0;8.6 9.0a+PTX") into nvcc -gencode flags.
+#   out_all:   flags for ordinary kernels: SASS for every listed arch, plus PTX of the
+#              family-generic virtual arch for entries marked +PTX (compute_90 for 9.0a+PTX:
+#              arch-specific PTX such as compute_90a cannot be JIT-compiled for newer GPUs).
+#   out_sm90a: flags for Hopper-only kernels: sm_90a SASS, empty when 9.0a is not listed.
+#   out_archs: what was built, for build_info (e.g. "sm_80;sm_90a;compute_90").
+function(torch_ext_gencode_flags arch_list out_all out_sm90a out_archs)
+  string(REPLACE " " ";" _entries "${arch_list}")
+  set(_all "")
+  set(_sm90a "")
+  set(_archs "")
+  foreach(_entry IN LISTS _entries)
+    if(_entry STREQUAL "")
+      continue()
+    endif()
+    if(NOT _entry MATCHES "^([0-9]+)\\.([0-9]+)(a?)(\\+PTX)?$")
+      message(FATAL_ERROR "torch_ext: cannot parse GPU arch '${_entry}' (expected e.g. 8.0, 9.0a, 9.0a+PTX)")
+    endif()
+    set(_num "${CMAKE_MATCH_1}${CMAKE_MATCH_2}")
+    set(_suffix "${CMAKE_MATCH_3}")
+    set(_ptx "${CMAKE_MATCH_4}")
+    list(APPEND _all "-gencode=arch=compute_${_num}${_suffix},code=sm_${_num}${_suffix}")
+    list(APPEND _archs "sm_${_num}${_suffix}")
+    if(_ptx)
+      list(APPEND _all "-gencode=arch=compute_${_num},code=compute_${_num}")
+      list(APPEND _archs "compute_${_num}")
+    endif()
+    if(_num STREQUAL "90" AND _suffix STREQUAL "a")
+      set(_sm90a "-gencode=arch=compute_90a,code=sm_90a")
+    endif()
+  endforeach()
+  if(NOT _all)
+    message(FATAL_ERROR "torch_ext: empty GPU arch list")
+  endif()
+  set(${out_all} "${_all}" PARENT_SCOPE)
+  set(${out_sm90a} "${_sm90a}" PARENT_SCOPE)
+  set(${out_archs} "${_archs}" PARENT_SCOPE)
+endfunction()

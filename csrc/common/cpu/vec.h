@@ -1,0 +1,178 @@
+// A small fp32 SIMD vector for CPU kernels compiled once per ISA level.
+//
+// VecF holds kWidth floats: 16 (AVX-512), 8 (AVX2) or 1 (scalar). Loads and stores convert
+// from/to the storage types float, Half and BFloat16 (round to nearest even), so kernels do
+// all arithmetic in fp32 whatever the tensor dtype. Everything lives in the ISA's own
+// namespace: the same inline function compiled with different -m flags must not be merged
+// by the linker (that would be an ODR violation that runs AVX-512 code on an AVX2 CPU).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/dtype.h"
+#include "common/float_bits.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#ifndef TORCH_EXT_CPU_ISA
+#error "vec.h is for CPU kernel files compiled per ISA level (see CMakeLists.txt)"
+#endif
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
+
+#if defined(__AVX512F__)
+
+struct VecF {
+  static constexpr int kWidth = 16;
+  __m512 v;
+};
+inline VecF broadcast(float x) { return {_mm512_set1_ps(x)}; }
+inline VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline VecF load(const BFloat16* p) {
+  const __m512i widened = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(widened, 16))};
+}
+inline VecF load(const Half* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
+inline void store(BFloat16* p, VecF x) {
+  const __m512i bits = _mm512_castps_si512(x.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 is_nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC00000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+inline void store(Half* p, VecF x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VecF operator/(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VecF min(VecF a, VecF b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline VecF round_nearest(VecF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+// 2^n for integral n in [-126, 127] held as floats: build the exponent field directly.
+inline VecF exp2_integral(VecF n) {
+  const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(biased, 23))};
+}
+
+#elif defined(__AVX2__)
+
+struct VecF {
+  static constexpr int kWidth = 8;
+  __m256 v;
+};
+inline VecF broadcast(float x) { return {_mm256_set1_ps(x)}; }
+inline VecF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline VecF load(const BFloat16* p) {
+  const __m256i widened = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(widened, 16))};
+}
+inline VecF load(const Half* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+inline void store(float* p, VecF x) { _mm256_storeu_ps(p, x.v); }
+inline void store(BFloat16* p, VecF x) {
+  const __m256i bits = _mm256_castps_si256(x.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 is_nan = _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q);
+  rounded = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), is_nan));
+  const __m256i high_halves = _mm256_srli_epi32(rounded, 16);
+  // packus works within 128-bit lanes: [a0..a3 a0..a3 | a4..a7 a4..a7]; gather qwords 0 and 2.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high_halves, high_halves), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void store(Half* p, VecF x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline VecF operator/(VecF a, VecF b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VecF min(VecF a, VecF b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline VecF max(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline VecF round_nearest(VecF a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline VecF exp2_integral(VecF n) {
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(biased, 23))};
+}
+
+#else  // scalar: one lane, the same interface, so kernels are written once.
+
+struct VecF {
+  static constexpr int kWidth = 1;
+  float v;
+};
+inline VecF broadcast(float x) { return {x}; }
+template <typename T>
+inline VecF load(const T* p) {
+  return {to_float(*p)};
+}
+template <typename T>
+inline void store(T* p, VecF x) {
+  *p = from_float<T>(x.v);
+}
+inline VecF operator+(VecF a, VecF b) { return {a.v + b.v}; }
+inline VecF operator-(VecF a, VecF b) { return {a.v - b.v}; }
+inline VecF operator*(VecF a, VecF b) { return {a.v * b.v}; }
+inline VecF operator/(VecF a, VecF b) { return {a.v / b.v}; }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return {a.v * b.v + c.v}; }
+// Like the SIMD min/max: the second operand wins when either is NaN.
+inline VecF min(VecF a, VecF b) { return {a.v < b.v ? a.v : b.v}; }
+inline VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }
+inline VecF round_nearest(VecF a) { return {__builtin_rintf(a.v)}; }
+inline VecF exp2_integral(VecF n) { return {bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
+
+#endif
+
+// e^x in fp32, within 2 ulp for x in [-87.3, 88.0] (Cody-Waite range reduction, then a
+// degree-6 polynomial on [-ln2/2, ln2/2]). Outside that range the input is clamped, so the
+// result saturates at about 1.2e-38 and 1.7e38 instead of reaching 0 or inf: enough for
+// sigmoid/softmax, where those values are swamped by the other terms.
+inline VecF exp(VecF x) {
+  x = max(min(x, broadcast(88.0f)), broadcast(-87.3f));
+  const VecF n = round_nearest(x * broadcast(1.44269504088896341f));
+  // ln2 split in two so that n * kLn2Hi is exact for |n| <= 128.
+  VecF r = fmadd(n, broadcast(-0.693359375f), x);
+  r = fmadd(n, broadcast(2.12194440e-4f), r);
+  VecF p = broadcast(1.9875691500e-4f);
+  p = fmadd(p, r, broadcast(1.3981999507e-3f));
+  p = fmadd(p, r, broadcast(8.3334519073e-3f));
+  p = fmadd(p, r, broadcast(4.1665795894e-2f));
+  p = fmadd(p, r, broadcast(1.6666665459e-1f));
+  p = fmadd(p, r, broadcast(5.0000001201e-1f));
+  const VecF r2 = r * r;
+  const VecF e_r = fmadd(p, r2, r + broadcast(1.0f));
+  return e_r * exp2_integral(n);
+}
+
+// 1 / (1 + e^-x)
+inline VecF sigmoid(VecF x) { return broadcast(1.0f) / (broadcast(1.0f) + exp(broadcast(0.0f) - x)); }
+
+// Tails: the last n % kWidth elements of a row go through a stack buffer, so no load or
+// store ever touches memory past the end of the tensor.
+template <typename T>
+inline VecF load_partial(const T* p, int count) {
+  T buffer[VecF::kWidth];
+  std::memset(buffer, 0, sizeof(buffer));
+  std::memcpy(buffer, p, sizeof(T) * count);
+  return load(buffer);
+}
+template <typename T>
+inline void store_partial(T* p, VecF x, int count) {
+  T buffer[VecF::kWidth];
+  store(buffer, x);
+  std::memcpy(p, buffer, sizeof(T) * count);
+}
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA

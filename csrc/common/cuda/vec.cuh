@@ -1,0 +1,55 @@
+// Device helpers shared by the CUDA kernels: storage-type conversions and 16-byte packs.
+// CUDA-only (included from .cu files); no torch headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace torch_ext::cuda {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(Half x) { return __half2float(__ushort_as_half(x.bits)); }
+__device__ __forceinline__ float to_float(BFloat16 x) { return __bfloat162float(__ushort_as_bfloat16(x.bits)); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ Half from_float<Half>(float x) {
+  return Half{__half_as_ushort(__float2half_rn(x))};
+}
+template <>
+__device__ __forceinline__ BFloat16 from_float<BFloat16>(float x) {
+  return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
+}
+
+// kSize elements of T in one 16-byte register group: the unit of a 128-bit load or store.
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// 128-bit load through the read-only path; p must be 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ Pack16<T> load_pack16(const T* p) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  Pack16<T> pack;
+  static_assert(sizeof(pack) == sizeof(raw), "a pack is 16 bytes");
+  __builtin_memcpy(&pack, &raw, sizeof(raw));
+  return pack;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack16(T* p, const Pack16<T>& pack) {
+  *reinterpret_cast<Pack16<T>*>(p) = pack;
+}
+
+}  // namespace torch_ext::cuda

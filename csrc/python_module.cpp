@@ -1,0 +1,118 @@
+// The Python module torch_ext._C: build facts, the CPU ISA switch, and test hooks for
+// host-and-device helpers. Loading it also runs the op registrations in torch_bindings.cpp.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/cpu/isa.h"
+#include "common/float_bits.h"
+
+#if defined(TORCH_EXT_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+
+namespace torch_ext {
+namespace {
+
+std::vector<std::string> split_csv(const std::string& csv) {
+  std::vector<std::string> parts;
+  std::stringstream stream(csv);
+  std::string part;
+  while (std::getline(stream, part, ',')) {
+    if (!part.empty()) parts.push_back(part);
+  }
+  return parts;
+}
+
+// {op name: {"cpu": bool, "cuda": bool}} for every torch_ext:: op, read from the dispatcher.
+py::dict op_kernels() {
+  py::dict ops;
+  for (const c10::OperatorName& name : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (name.name.rfind("torch_ext::", 0) != 0) continue;
+    auto handle = c10::Dispatcher::singleton().findOp(name);
+    if (!handle) continue;
+    py::dict kernels;
+    kernels["cpu"] = handle->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+    kernels["cuda"] = handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+    ops[py::str(name.name.substr(std::strlen("torch_ext::")))] = kernels;
+  }
+  return ops;
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = TORCH_EXT_VERSION;
+  info["torch_version"] = TORCH_EXT_TORCH_VERSION;
+  info["compiler"] = __VERSION__;
+#if defined(TORCH_EXT_WITH_CUDA)
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_archs"] = split_csv(TORCH_EXT_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_archs"] = std::vector<std::string>{};
+#endif
+  std::vector<std::string> compiled;
+  for (cpu::CpuIsa isa : cpu::compiled_cpu_isas()) compiled.push_back(cpu::cpu_isa_name(isa));
+  info["cpu_isas_compiled"] = compiled;
+  info["cpu_isa_detected"] = cpu::cpu_isa_name(cpu::detected_cpu_isa());
+  info["cpu_isa_selected"] = cpu::cpu_isa_name(cpu::active_cpu_isa());
+  info["ops"] = op_kernels();
+  return info;
+}
+
+std::string set_cpu_isa(const std::string& name) {
+  cpu::CpuIsa isa;
+  if (!cpu::parse_cpu_isa(name, &isa)) {
+    throw py::value_error("set_cpu_isa: expected 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+  }
+  return cpu::cpu_isa_name(cpu::set_cpu_isa_limit(isa));
+}
+
+// Applies a scalar conversion to every element of a packed little-endian buffer.
+template <typename In, typename Out, typename Fn>
+py::bytes map_buffer(const py::bytes& input, Fn fn) {
+  const std::string in = input;
+  if (in.size() % sizeof(In) != 0) throw py::value_error("buffer size is not a multiple of the element size");
+  const size_t n = in.size() / sizeof(In);
+  std::string out(n * sizeof(Out), '\0');
+  for (size_t i = 0; i < n; ++i) {
+    In value;
+    std::memcpy(&value, in.data() + i * sizeof(In), sizeof(In));
+    const Out result = fn(value);
+    std::memcpy(&out[i * sizeof(Out)], &result, sizeof(Out));
+  }
+  return py::bytes(out);
+}
+
+}  // namespace
+}  // namespace torch_ext
+
+PYBIND11_MODULE(_C, m) {
+  using namespace torch_ext;
+  m.doc() = "torch_ext compiled extension: ops are registered under torch.ops.torch_ext";
+  m.def("build_info", &build_info, "What this build of torch_ext contains (versions, GPU archs, CPU ISAs, ops).");
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
+        "Caps the CPU ISA level kernels use ('scalar', 'avx2', 'avx512'); returns the level now active.");
+  m.def("cpu_isa", [] { return std::string(cpu::cpu_isa_name(cpu::active_cpu_isa())); },
+        "The CPU ISA level kernels currently use.");
+
+  py::module_ testing = m.def_submodule("_testing", "Host-side copies of device helpers, for CPU tests.");
+  testing.def("float_to_half", [](const py::bytes& b) {
+    return map_buffer<float, uint16_t>(b, [](float f) { return to_half(f).bits; });
+  });
+  testing.def("float_to_bfloat16", [](const py::bytes& b) {
+    return map_buffer<float, uint16_t>(b, [](float f) { return to_bfloat16(f).bits; });
+  });
+  testing.def("half_to_float", [](const py::bytes& b) {
+    return map_buffer<uint16_t, float>(b, [](uint16_t h) { return to_float(Half{h}); });
+  });
+}

@@ -1,0 +1,103 @@
+"""Benchmark cases and the registry of suites that produce them.
+
+A *suite* is a function ``(device, quick) -> list[Case]`` registered under an
+op-family name with :func:`register_suite`. The runner calls every selected
+suite once per device and measures the cases it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+SuiteFn = Callable[[str, bool], "list[Case]"]
+
+_SUITES: dict[str, SuiteFn] = {}
+
+
+@dataclass
+class Case:
+    """One shape of one op on one device, compared against baselines.
+
+    Attributes:
+        family: op family (the suite name, e.g. ``"activation"``).
+        op: op name (e.g. ``"silu_and_mul"``).
+        label: human-readable shape description (e.g. ``"T=4096 d=11008 bf16"``).
+        make_inputs: ``seed -> tuple`` of fresh arguments on ``device``; called
+            several times with different seeds so the harness can rotate input
+            sets and defeat the caches.
+        ours: the implementation under test, called as ``ours(*inputs)``.
+        baselines: name -> reference implementation with the same signature.
+        flops: useful floating-point operations per call (0 if not meaningful).
+        bytes: minimum bytes that one call must move to/from memory.
+        device: torch device string the inputs live on.
+        primary_baseline: baseline used for the headline ratio; defaults to the
+            first entry of ``baselines``.
+    """
+
+    family: str
+    op: str
+    label: str
+    make_inputs: Callable[[int], tuple]
+    ours: Callable[..., Any]
+    baselines: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    flops: float = 0.0
+    bytes: float = 0.0
+    device: str = "cpu"
+    primary_baseline: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.primary_baseline is None and self.baselines:
+            self.primary_baseline = next(iter(self.baselines))
+        if self.primary_baseline is not None and self.primary_baseline not in self.baselines:
+            raise ValueError(
+                f"primary_baseline {self.primary_baseline!r} is not one of {list(self.baselines)}"
+            )
+
+
+def register_suite(family: str) -> Callable[[SuiteFn], SuiteFn]:
+    """Decorator registering ``fn(device, quick) -> list[Case]`` as suite ``family``.
+
+    Re-registering the same function (e.g. after a module reload) is allowed;
+    registering a different function under a taken name raises ``ValueError``.
+    """
+
+    def decorator(fn: SuiteFn) -> SuiteFn:
+        existing = _SUITES.get(family)
+        if existing is not None and _qualified_name(existing) != _qualified_name(fn):
+            raise ValueError(
+                f"suite {family!r} is already registered by {_qualified_name(existing)}"
+            )
+        _SUITES[family] = fn
+        return fn
+
+    return decorator
+
+
+def unregister_suite(family: str) -> None:
+    """Remove suite ``family`` from the registry (no error if absent)."""
+    _SUITES.pop(family, None)
+
+
+def registered_suites() -> dict[str, SuiteFn]:
+    """A snapshot of the registry: family -> suite function."""
+    return dict(_SUITES)
+
+
+@contextlib.contextmanager
+def isolated_registry() -> Iterator[None]:
+    """Restore the registry to its current content on exit.
+
+    Lets tests register throw-away suites without leaking them into later runs.
+    """
+    saved = dict(_SUITES)
+    try:
+        yield
+    finally:
+        _SUITES.clear()
+        _SUITES.update(saved)
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,9 @@
+"""Built-in benchmark suites; importing this package registers all of them.
+
+To add a suite, write ``suites/<family>.py`` with a function decorated by
+``@register_suite("<family>")`` and import the module here.
+"""
+
+from . import activation
+
+__all__ = ["activation"]

@@ -1,0 +1,9 @@
+"""Functional wrappers of the torch_ext ops, with their fake kernels and autograd.
+
+Each module here keeps an op's typed wrapper, its fake (meta) implementation for
+torch.compile and its autograd registration side by side.
+"""
+
+from torch_ext.ops.activation import silu_and_mul
+
+__all__ = ["silu_and_mul"]
