@@ -50,7 +50,11 @@ py::dict build_info() {
   py::dict info;
   info["version"] = TORCH_EXT_VERSION;
   info["torch_version"] = TORCH_EXT_TORCH_VERSION;
-  info["compiler"] = __VERSION__;
+  #if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#else
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
 #if defined(TORCH_EXT_WITH_CUDA)
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);

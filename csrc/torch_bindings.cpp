@@ -8,7 +8,7 @@
 #include "ops.h"
 
 TORCH_LIBRARY(torch_ext, m) {
-  // out[..., d] = silu(x[..., :d]) * x[..., d:] for x [..., 2d] (SwiGLU gating); fp32/fp16/bf16.
+  // out[..., d] = silu(x[..., :d]) * x[..., d:] for x [..., 2d] (SwiGLU gating); fp32/fp16/bf16 (fp64 for checks).
   m.def("silu_and_mul(Tensor x) -> Tensor");
   // grad_x [..., 2d] of silu_and_mul given grad_out [..., d] and the forward input x.
   m.def("silu_and_mul_backward(Tensor grad_out, Tensor x) -> Tensor");

@@ -21,7 +21,7 @@ constexpr const char* kOp = "silu_and_mul";
 constexpr const char* kBackwardOp = "silu_and_mul_backward";
 
 void check_x(const char* op, const at::Tensor& x) {
-  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   check_dim_at_least(op, "x", x, 1);
   TORCH_EXT_CHECK(x.size(-1) % 2 == 0, op, "x must have an even last dimension [..., 2*d], got shape ", x.sizes());
 }

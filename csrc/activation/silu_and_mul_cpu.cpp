@@ -4,6 +4,8 @@
 // column blocks of whole SIMD vectors spread over torch's threads, and all math runs in
 // fp32 registers whatever the storage type.
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 
 #include "activation/silu_and_mul.h"
 #include "common/cpu/parallel.h"
@@ -42,11 +44,16 @@ void forward(const SiluAndMulParams& p) {
     const T* gate = x + row * p.x_row_stride;
     const T* up = gate + p.d;
     T* y = out + row * p.out_row_stride;
-    int64_t j = begin;
-    for (; j + VecF::kWidth <= end; j += VecF::kWidth) store(y + j, silu_mul(load(gate + j), load(up + j)));
-    if (j < end) {
-      const int tail = int(end - j);
-      store_partial(y + j, silu_mul(load_partial(gate + j, tail), load_partial(up + j, tail)), tail);
+    if constexpr (std::is_same_v<T, double>) {
+      // float64 serves reference checks and gradcheck: exact libm math, no SIMD.
+      for (int64_t j = begin; j < end; ++j) y[j] = gate[j] / (1.0 + std::exp(-gate[j])) * up[j];
+    } else {
+      int64_t j = begin;
+      for (; j + VecF::kWidth <= end; j += VecF::kWidth) store(y + j, silu_mul(load(gate + j), load(up + j)));
+      if (j < end) {
+        const int tail = int(end - j);
+        store_partial(y + j, silu_mul(load_partial(gate + j, tail), load_partial(up + j, tail)), tail);
+      }
     }
   });
 }
@@ -70,18 +77,27 @@ void backward(const SiluAndMulBackwardParams& p) {
     const T* up = gate + p.d;
     T* d_gate = grad_x + row * p.grad_x_row_stride;
     T* d_up = d_gate + p.d;
-    VecF dg, du;
-    int64_t j = begin;
-    for (; j + VecF::kWidth <= end; j += VecF::kWidth) {
-      silu_mul_grad(load(gate + j), load(up + j), load(dy + j), dg, du);
-      store(d_gate + j, dg);
-      store(d_up + j, du);
-    }
-    if (j < end) {
-      const int tail = int(end - j);
-      silu_mul_grad(load_partial(gate + j, tail), load_partial(up + j, tail), load_partial(dy + j, tail), dg, du);
-      store_partial(d_gate + j, dg, tail);
-      store_partial(d_up + j, du, tail);
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t j = begin; j < end; ++j) {
+        const double s = 1.0 / (1.0 + std::exp(-gate[j])), silu = gate[j] * s;
+        d_up[j] = dy[j] * silu;
+        d_gate[j] = dy[j] * up[j] * (s + silu * (1.0 - s));
+      }
+    } else {
+      VecF dg, du;
+      int64_t j = begin;
+      for (; j + VecF::kWidth <= end; j += VecF::kWidth) {
+        silu_mul_grad(load(gate + j), load(up + j), load(dy + j), dg, du);
+        store(d_gate + j, dg);
+        store(d_up + j, du);
+      }
+      if (j < end) {
+        const int tail = int(end - j);
+        silu_mul_grad(load_partial(gate + j, tail), load_partial(up + j, tail), load_partial(dy + j, tail), dg,
+                      du);
+        store_partial(d_gate + j, dg, tail);
+        store_partial(d_up + j, du, tail);
+      }
     }
   });
 }

@@ -2,7 +2,8 @@
 //
 // Purely memory-bound (3 element accesses per output, a handful of FLOPs), so the design is
 // about bytes in flight: each thread moves 16-byte packs (8 fp16/bf16 or 4 fp32 per load),
-// rows are spread over gridDim.y and column packs over gridDim.x, and math runs in fp32.
+// rows are spread over gridDim.y and column packs over gridDim.x, and math runs in fp32
+// (fp64 for double inputs).
 // The 16-byte path needs every row start aligned: d and the row strides multiples of the
 // pack, base pointers 16-byte aligned. Any other shape runs the same kernel one element per
 // step (kPack = 1), every access bounds-checked by the column loop.
@@ -30,13 +31,16 @@ struct Forward {
       const Pack16<T> g = load_pack16(gate), u = load_pack16(up);
       Pack16<T> y;
 #pragma unroll
-      for (int i = 0; i < kPack; ++i) y.v[i] = from_float<T>(silu_mul(to_float(g.v[i]), to_float(u.v[i])));
+      for (int i = 0; i < kPack; ++i) y.v[i] = from_compute<T>(silu_mul(to_compute(g.v[i]), to_compute(u.v[i])));
       store_pack16(out, y);
     } else {
-      *out = from_float<T>(silu_mul(to_float(*gate), to_float(*up)));
+      *out = from_compute<T>(silu_mul(to_compute(*gate), to_compute(*up)));
     }
   }
-  __device__ static float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+  template <typename C>
+  __device__ static C silu_mul(C g, C u) {
+    return g / (C(1) + fast_exp(-g)) * u;
+  }
 };
 
 struct Backward {
@@ -51,20 +55,21 @@ struct Backward {
       const Pack16<T> g = load_pack16(gate), u = load_pack16(up), y = load_pack16(dy);
       Pack16<T> dg, du;
 #pragma unroll
-      for (int i = 0; i < kPack; ++i) grad(to_float(g.v[i]), to_float(u.v[i]), to_float(y.v[i]), dg.v[i], du.v[i]);
+      for (int i = 0; i < kPack; ++i)
+        grad(to_compute(g.v[i]), to_compute(u.v[i]), to_compute(y.v[i]), dg.v[i], du.v[i]);
       store_pack16(d_gate, dg);
       store_pack16(d_up, du);
     } else {
-      grad(to_float(*gate), to_float(*up), to_float(*dy), *d_gate, *d_up);
+      grad(to_compute(*gate), to_compute(*up), to_compute(*dy), *d_gate, *d_up);
     }
   }
   // silu'(g) = s + g * s * (1 - s) with s = sigmoid(g).
-  template <typename T>
-  __device__ static void grad(float g, float u, float dy, T& d_gate, T& d_up) {
-    const float s = 1.0f / (1.0f + __expf(-g));
-    const float silu = g * s;
-    d_up = from_float<T>(dy * silu);
-    d_gate = from_float<T>(dy * u * (s + silu * (1.0f - s)));
+  template <typename C, typename T>
+  __device__ static void grad(C g, C u, C dy, T& d_gate, T& d_up) {
+    const C s = C(1) / (C(1) + fast_exp(-g));
+    const C silu = g * s;
+    d_up = from_compute<T>(dy * silu);
+    d_gate = from_compute<T>(dy * u * (s + silu * (C(1) - s)));
   }
 };
 

@@ -6,7 +6,7 @@
 
 namespace torch_ext {
 
-enum class ScalarKind : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class ScalarKind : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // 16-bit storage types: raw bits with the layout of at::Half / at::BFloat16 / __half /
 // __nv_bfloat16, so pointers to any of them can be reinterpreted as pointers to these.
@@ -28,6 +28,8 @@ void visit_storage_type(ScalarKind kind, Fn&& fn) {
       return fn(Half{});
     case ScalarKind::kBFloat16:
       return fn(BFloat16{});
+    case ScalarKind::kFloat64:
+      return fn(double{});
   }
 }
 

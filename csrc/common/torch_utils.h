@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <initializer_list>
 #include <string>
@@ -78,6 +79,8 @@ inline ScalarKind scalar_kind(const at::Tensor& t) {
       return ScalarKind::kFloat16;
     case at::kBFloat16:
       return ScalarKind::kBFloat16;
+    case at::kDouble:
+      return ScalarKind::kFloat64;
     default:
       TORCH_CHECK(false, "torch_ext: no kernel for dtype ", dtype_name(t.scalar_type()));
   }
@@ -87,8 +90,9 @@ inline ScalarKind scalar_kind(const at::Tensor& t) {
 // layout cannot be expressed that way (a transposed or otherwise non-uniform input).
 inline at::Tensor as_rows(const at::Tensor& t) {
   const int64_t last = t.size(-1);
-  at::Tensor rows = t.stride(-1) == 1 || last <= 1 ? t : t.contiguous();
-  return rows.reshape({-1, last});
+  const int64_t rows = c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+  const at::Tensor unit_stride = t.stride(-1) == 1 || last <= 1 ? t : t.contiguous();
+  return unit_stride.reshape({rows, last});
 }
 
 }  // namespace torch_ext

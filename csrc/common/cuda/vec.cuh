@@ -11,24 +11,46 @@
 
 namespace torch_ext::cuda {
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(Half x) { return __half2float(__ushort_as_half(x.bits)); }
-__device__ __forceinline__ float to_float(BFloat16 x) { return __bfloat162float(__ushort_as_bfloat16(x.bits)); }
+// Kernels load storage types (float, Half, BFloat16, double) and compute in compute_t<T>:
+// fp32 for every type but double, which stays double (reference checks, gradcheck).
+template <typename T>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+template <typename T>
+using compute_t = typename ComputeType<T>::type;
+
+__device__ __forceinline__ float to_compute(float x) { return x; }
+__device__ __forceinline__ double to_compute(double x) { return x; }
+__device__ __forceinline__ float to_compute(Half x) { return __half2float(__ushort_as_half(x.bits)); }
+__device__ __forceinline__ float to_compute(BFloat16 x) { return __bfloat162float(__ushort_as_bfloat16(x.bits)); }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
+__device__ __forceinline__ T from_compute(compute_t<T> x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) {
+__device__ __forceinline__ float from_compute<float>(float x) {
   return x;
 }
 template <>
-__device__ __forceinline__ Half from_float<Half>(float x) {
+__device__ __forceinline__ double from_compute<double>(double x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ Half from_compute<Half>(float x) {
   return Half{__half_as_ushort(__float2half_rn(x))};
 }
 template <>
-__device__ __forceinline__ BFloat16 from_float<BFloat16>(float x) {
+__device__ __forceinline__ BFloat16 from_compute<BFloat16>(float x) {
   return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
 }
+
+// e^x: the fast SFU approximation in fp32 (2 ulp plus range effects), exact libm in fp64.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
 // kSize elements of T in one 16-byte register group: the unit of a 128-bit load or store.
 template <typename T>

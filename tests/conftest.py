@@ -1,0 +1,35 @@
+"""Shared fixtures: device and CPU-ISA parametrization.
+
+`device` runs a test on the CPU always and on CUDA when a GPU is present (skipped, never
+failed, without one). `cpu_isa` runs it once per CPU ISA level this machine supports, so
+the AVX2 and scalar paths are proven on an AVX-512 CI machine too.
+"""
+
+import pytest
+import torch
+
+import torch_ext
+
+_ISA_ORDER = ["scalar", "avx2", "avx512"]
+
+
+def _supported_isas() -> list[str]:
+    info = torch_ext.build_info()
+    best = _ISA_ORDER.index(info["cpu_isa_detected"])
+    return [isa for isa in info["cpu_isas_compiled"] if _ISA_ORDER.index(isa) <= best]
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return request.param
+
+
+@pytest.fixture(params=_supported_isas())
+def cpu_isa(request):
+    """Cap the CPU kernels at one ISA level for the test, then restore the default."""
+    default = torch_ext._C.cpu_isa()
+    torch_ext._C.set_cpu_isa(request.param)
+    yield request.param
+    torch_ext._C.set_cpu_isa(default)

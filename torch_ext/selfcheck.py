@@ -1,0 +1,79 @@
+"""`python -m torch_ext check`: a fast self-test of every op against its float64 reference
+on every device present. Op families add their cases with @register_check."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Callable
+
+import torch
+
+from torch_ext import reference
+from torch_ext.testing import available_devices, check_against_reference, random_tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    op: str
+    dtypes: tuple[torch.dtype, ...]
+    run: Callable[[str, torch.dtype], float]  # (device, dtype) -> relative error; raises on failure
+
+
+_CHECKS: list[Check] = []
+
+
+def register_check(op: str, dtypes: tuple[torch.dtype, ...]):
+    def decorator(fn: Callable[[str, torch.dtype], float]):
+        _CHECKS.append(Check(op, dtypes, fn))
+        return fn
+    return decorator
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@register_check("silu_and_mul", _FLOAT_DTYPES)
+def _silu_and_mul(device: str, dtype: torch.dtype) -> float:
+    return check_against_reference(
+        torch.ops.torch_ext.silu_and_mul, reference.silu_and_mul,
+        lambda seed: (random_tensor((37, 2 * 1001), dtype, device, seed, scale=3.0),),
+        dtype, "silu_and_mul")
+
+
+@register_check("silu_and_mul_backward", _FLOAT_DTYPES)
+def _silu_and_mul_backward(device: str, dtype: torch.dtype) -> float:
+    return check_against_reference(
+        torch.ops.torch_ext.silu_and_mul_backward, reference.silu_and_mul_backward,
+        lambda seed: (random_tensor((37, 1001), dtype, device, seed),
+                      random_tensor((37, 2 * 1001), dtype, device, seed + 1, scale=3.0)),
+        dtype, "silu_and_mul_backward")
+
+
+def run_checks(devices: list[str] | None = None) -> int:
+    """Run every check on every device; print a table; return the number of failures."""
+    failures = 0
+    rows = []
+    for device in devices or available_devices():
+        for check in _CHECKS:
+            for dtype in check.dtypes:
+                try:
+                    error = check.run(device, dtype)
+                    rows.append((check.op, device, str(dtype).replace("torch.", ""), f"{error:.2e}", "ok"))
+                except Exception as exc:  # a failing op must not stop the other checks
+                    failures += 1
+                    rows.append((check.op, device, str(dtype).replace("torch.", ""), "-", f"FAIL: {exc}"))
+    widths = [max(len(str(r[i])) for r in rows + [("op", "device", "dtype", "rel.err", "result")]) for i in range(4)]
+    header = ("op", "device", "dtype", "rel.err", "result")
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    print(f"{len(rows) - failures} passed, {failures} failed")
+    return failures
+
+
+def main() -> int:
+    return 1 if run_checks() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
