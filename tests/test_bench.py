@@ -15,7 +15,15 @@ import torch
 # The harness itself does not need the compiled ops.
 os.environ.setdefault("TORCH_EXT_ALLOW_MISSING_EXT", "1")
 
-from torch_ext.bench import Case, isolated_registry, main, register_suite, registered_suites, run, unregister_suite
+from torch_ext.bench import (
+    Case,
+    isolated_registry,
+    main,
+    register_suite,
+    registered_suites,
+    run,
+    unregister_suite,
+)
 from torch_ext.bench.roofline import Roofline, achieved, inputs_dtype, roofline_percent
 from torch_ext.bench.runner import speedup
 from torch_ext.bench.suites.activation import activation_suite, silu_and_mul_torch
@@ -163,7 +171,8 @@ def test_run_writes_json_and_plots(tmp_path, capsys):
     assert case["dtype"] == "float32"
     assert case["input_sets"] >= 1
     ours = case["ours"]
-    assert {"median_us", "p10_us", "p90_us", "min_us", "reps", "gbs", "tflops", "roofline_pct"} <= ours.keys()
+    expected = {"median_us", "p10_us", "p90_us", "min_us", "reps", "gbs", "tflops", "roofline_pct"}
+    assert expected <= ours.keys()
     sub = case["baselines"]["sub"]
     assert sub["speedup"] == pytest.approx(sub["median_us"] / ours["median_us"])
     assert case["speedup"] == sub["speedup"]  # "sub" is the primary (first) baseline
@@ -209,3 +218,49 @@ def test_activation_suite_cases():
     assert not torch.equal(x, case.make_inputs(1)[0])
     a, b = x[:, : two_d // 2], x[:, two_d // 2 :]
     torch.testing.assert_close(silu_and_mul_torch(x), a * torch.sigmoid(a) * b)
+
+
+class _FakeNvml:
+    """Minimal stand-in for pynvml: constant readings, energy counter +1 J per read."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 0, 1, 0
+
+    def __init__(self):
+        self.energy_mj = 0.0
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 250_000  # mW
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return 1980 if clock == self.NVML_CLOCK_SM else 2619
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        raise RuntimeError("not supported")  # unsupported readings are skipped
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        self.energy_mj += 1000.0
+        return self.energy_mj
+
+
+def test_gpu_sampler_summary(monkeypatch):
+    from torch_ext.bench import telemetry
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(telemetry, "nvml", lambda: _FakeNvml())
+    monkeypatch.setattr(telemetry, "nvml_handle", lambda device: "handle")
+    with telemetry.GpuSampler(torch.device("cuda"), interval_s=0.005) as sampler:
+        time.sleep(0.03)
+    summary = sampler.summary(reps=10, median_s=0.002, window_is_op_only=True)
+    assert summary["nvml"] == "ok" and summary["samples"] >= 1
+    assert summary["avg_power_w"] == pytest.approx(250.0)
+    assert summary["avg_sm_clock_mhz"] == 1980 and summary["avg_mem_clock_mhz"] == 2619
+    assert "max_temperature_c" not in summary
+    assert summary["energy_per_op_j"] == pytest.approx(0.1)  # 1 J over 10 reps
+    flushed = sampler.summary(reps=10, median_s=0.002, window_is_op_only=False)
+    assert flushed["energy_per_op_j"] == pytest.approx(0.5)  # 250 W x 2 ms
+
+    monkeypatch.setattr(telemetry, "nvml", lambda: None)
+    with telemetry.GpuSampler(torch.device("cuda")) as unavailable:
+        pass
+    summary = unavailable.summary(reps=10, median_s=0.002, window_is_op_only=True)
+    assert summary == {"nvml": "unavailable"}

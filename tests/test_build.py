@@ -82,3 +82,15 @@ def test_half_to_float_exhaustive():
     expected = halves.view(torch.float16).float()
     same = (ours.view(torch.int32) == expected.view(torch.int32)) | (torch.isnan(ours) & torch.isnan(expected))
     assert same.all()
+
+
+def test_cuda_kernels_built_where_expected():
+    """scripts/run_tests.sh sets TORCH_EXT_EXPECT_CUDA_BUILD where nvcc and a CUDA torch exist."""
+    import os
+
+    if not os.environ.get("TORCH_EXT_EXPECT_CUDA_BUILD"):
+        pytest.skip("CUDA build not expected in this environment")
+    info = torch_ext.build_info()
+    assert info["cuda"], "nvcc and a CUDA torch are present, but the CUDA kernels were not built"
+    assert "sm_80" in info["cuda_archs"] and "sm_90a" in info["cuda_archs"], info["cuda_archs"]
+    assert all(kernels["cuda"] for kernels in info["ops"].values())

@@ -12,10 +12,11 @@ FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Leading shapes x d: one token, odd sizes (tails of every vector width), a wide decode
 # row, a 3-D batch, and an LLM-sized hidden dimension.
 SHAPES = [((1,), 1), ((1,), 7), ((3,), 37), ((5,), 1000), ((2, 3), 129), ((1,), 14336), ((64,), 4096)]
+SHAPE_IDS = ["x".join(map(str, lead)) + f"x{d}" for lead, d in SHAPES]
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("lead,d", SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,d", SHAPES, ids=SHAPE_IDS)
 def test_forward_matches_reference(device, dtype, lead, d):
     check_against_reference(
         torch_ext.ops.silu_and_mul, reference.silu_and_mul,
@@ -23,8 +24,8 @@ def test_forward_matches_reference(device, dtype, lead, d):
         dtype, f"silu_and_mul {lead}x{2 * d}")
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("lead,d", SHAPES[:5])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,d", SHAPES[:5], ids=SHAPE_IDS[:5])
 def test_backward_matches_reference(device, dtype, lead, d):
     check_against_reference(
         torch.ops.torch_ext.silu_and_mul_backward, reference.silu_and_mul_backward,
@@ -33,7 +34,7 @@ def test_backward_matches_reference(device, dtype, lead, d):
         dtype, f"silu_and_mul_backward {lead}x{2 * d}")
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_every_cpu_isa_path(cpu_isa, dtype):
     """Each compiled ISA copy (vector body and tail) against the reference, fwd and bwd."""
     for d in (1, 15, 16, 17, 100, 1031):
@@ -56,7 +57,7 @@ def test_extreme_values(device, cpu_isa):
     assert torch.isnan(torch_ext.ops.silu_and_mul(nan_in)).all()
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_non_contiguous_inputs(device, dtype):
     """Row-strided views run in place; a transposed input is copied, both give the same values."""
     seed = fresh_seed()
@@ -88,7 +89,7 @@ def test_gradcheck(device):
     assert torch.autograd.gradcheck(torch_ext.ops.silu_and_mul, (x,))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_autograd_matches_reference(device, dtype):
     seed = fresh_seed()
     x = random_tensor((5, 2 * 70), dtype, device, seed).requires_grad_()
@@ -99,7 +100,7 @@ def test_autograd_matches_reference(device, dtype):
     assert_close_to_reference(x.grad, x64.grad, dtype, "x.grad")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(device, dtype):
     x = random_tensor((4, 2 * 24), dtype, device, fresh_seed()).requires_grad_()
     torch.library.opcheck(torch.ops.torch_ext.silu_and_mul.default, (x,))

@@ -69,6 +69,8 @@ def _cpu_info() -> dict[str, Any]:
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        # Other processes competing for the cores are the usual cause of noisy CPU numbers.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         # Without /proc/cpuinfo flags cannot be known: report None rather than False.
         "isa": {flag: (flag in flags) if flags else None for flag in _ISA_FLAGS},
     }

@@ -32,7 +32,8 @@ def format_table(cases: list[dict[str, Any]]) -> str:
 
 
 def _table_row(case: dict[str, Any], baselines: list[str]) -> list[str]:
-    ours = case.get("ours") or {}
+    # A case-level error (e.g. make_inputs failed) leaves no "ours" entry.
+    ours = case.get("ours") or ({"error": case["error"]} if "error" in case else {})
     row = [case["family"], case["op"], case["device"], case["label"], _us(ours)]
     for name in baselines:
         result = case.get("baselines", {}).get(name)
@@ -41,7 +42,11 @@ def _table_row(case: dict[str, Any], baselines: list[str]) -> list[str]:
         else:
             row += [_us(result), _num(result.get("speedup"), "{:.2f}x")]
     tflops = ours.get("tflops") if case.get("flops") else None
-    row += [_num(ours.get("gbs"), "{:.1f}"), _num(tflops, "{:.2f}"), _num(ours.get("roofline_pct"), "{:.0f}%")]
+    row += [
+        _num(ours.get("gbs"), "{:.1f}"),
+        _num(tflops, "{:.2f}"),
+        _num(ours.get("roofline_pct"), "{:.0f}%"),
+    ]
     return row
 
 
@@ -73,8 +78,8 @@ def _align(rows: list[list[str]], numeric_from: int) -> str:
 
 
 def format_errors(result: dict[str, Any]) -> list[str]:
-    """One line per recorded error (suite build, case, ours or a baseline)."""
-    lines = [f"error: suite {e['family']} on {e['device']}: {e['error']}" for e in result.get("errors", [])]
+    """One line per recorded error (suite build, plots, case, ours or a baseline)."""
+    lines = [f"error: {e['where']}: {e['error']}" for e in result.get("errors", ())]
     for case in result.get("cases", []):
         where = f"{case['family']}/{case['op']} [{case['label']}] on {case['device']}"
         if "error" in case:
@@ -115,7 +120,10 @@ def write_plots(cases: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for family, device in _unique((c["family"], c["device"]) for c in cases):
-        group = [c for c in cases if c["family"] == family and c["device"] == device and "median_us" in (c.get("ours") or {})]
+        group = [
+            c for c in cases
+            if c["family"] == family and c["device"] == device and "median_us" in (c.get("ours") or {})
+        ]
         if not group:
             continue
         path = out_dir / f"{family}-{device.replace(':', '')}.png"
@@ -144,7 +152,8 @@ def plot_family(cases: list[dict[str, Any]], title: str, path: Path) -> None:
         offsets = [x - 0.4 + width * (i + 0.5) for x in xs]
         # Bars grow from 1.0, up when ours is faster and down when it is slower.
         bars = speed_ax.bar(offsets, [r - 1.0 for r in ratios], width, bottom=1.0, label=f"vs {name}")
-        speed_ax.bar_label(bars, labels=["" if math.isnan(r) else f"{r:.2f}x" for r in ratios], fontsize=7)
+        texts = ["" if math.isnan(r) else f"{r:.2f}x" for r in ratios]
+        speed_ax.bar_label(bars, labels=texts, fontsize=7)
     speed_ax.axhline(1.0, color="black", linewidth=1)
     if any_ratio:  # a log axis without positive data makes matplotlib warn
         speed_ax.set_yscale("log", base=2)  # ticks at 0.5x, 1x, 2x, 4x, ...

@@ -104,7 +104,10 @@ def _ieee_fp32_matmul(dev: torch.device) -> Iterator[None]:
         return
     matmul = torch.backends.cuda.matmul
     # Newer torch raises if the legacy allow_tf32 flag is mixed with fp32_precision.
-    attr, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    if hasattr(matmul, "fp32_precision"):
+        attr, value = "fp32_precision", "ieee"
+    else:
+        attr, value = "allow_tf32", False
     saved = getattr(matmul, attr)
     setattr(matmul, attr, value)
     try:

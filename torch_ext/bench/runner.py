@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -53,7 +54,13 @@ def run(
     out = Path(out_dir)
     result: dict[str, Any] = {
         "environment": environment,
-        "settings": {"quick": quick, "argv": list(sys.argv), "ops": ops, "devices": devices, "out_dir": str(out)},
+        "settings": {
+            "quick": quick,
+            "argv": list(sys.argv),
+            "ops": ops,
+            "devices": devices,
+            "out_dir": str(out),
+        },
         "roofline": {device: roof.to_json() for device, roof in rooflines.items()},
         "cases": records,
         "errors": errors,
@@ -62,7 +69,7 @@ def run(
         result["plots"] = [str(p) for p in write_plots(records, out)]
     except Exception as exc:  # plots are a convenience: never lose the JSON over them
         result["plots"] = []
-        errors.append({"family": "*", "device": "*", "error": f"plotting failed: {_describe(exc)}"})
+        errors.append({"where": "plots", "error": _describe(exc)})
     stamp = environment["timestamp_utc"].replace("-", "").replace(":", "")
     json_path = write_json(result, out, stamp)
 
@@ -148,11 +155,16 @@ def measure_case(case: Case, roof: Roofline, config: TimerConfig) -> dict[str, A
     finally:
         del inputs
         if torch.device(case.device).type == "cuda":
-            torch.cuda.empty_cache()  # keep free-memory estimates honest for the next case
+            # Keeps free-memory estimates honest for the next case. After a sticky
+            # CUDA error this raises too; the error is already recorded above.
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
     return record
 
 
-def _measure_ours(case: Case, inputs: InputSets, config: TimerConfig) -> tuple[Stats | None, dict[str, Any]]:
+def _measure_ours(
+    case: Case, inputs: InputSets, config: TimerConfig
+) -> tuple[Stats | None, dict[str, Any]]:
     """Time ``case.ours``; on CUDA also sample NVML and peak memory. Returns (stats, extra fields)."""
     try:
         if inputs.device.type != "cuda":
@@ -197,7 +209,7 @@ def _collect_cases(
             try:
                 built = build(device, quick)
             except Exception as exc:
-                errors.append({"family": family, "device": device, "error": _describe(exc)})
+                errors.append({"where": f"suite {family} on {device}", "error": _describe(exc)})
                 continue
             cases += [c for c in built if ops is None or c.family in wanted or c.op in wanted]
     unknown = wanted - suites.keys() - {c.op for c in cases}

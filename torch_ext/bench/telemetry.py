@@ -39,7 +39,7 @@ def pci_bus_id(device: torch.device) -> str | None:
     """PCI bus id (``"00000000:65:00.0"``) of a CUDA device, as NVML and nvidia-smi accept it."""
     props = torch.cuda.get_device_properties(cuda_index(device))
     try:
-        return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
     except AttributeError:
         return None
 
@@ -52,7 +52,8 @@ def nvml_handle(device: torch.device) -> Any | None:
     bus_id = pci_bus_id(device)
     try:
         if bus_id is not None:
-            return lib.nvmlDeviceGetHandleByPciBusId(bus_id)
+            # bytes: older pynvml versions pass the argument straight to ctypes.
+            return lib.nvmlDeviceGetHandleByPciBusId(bus_id.encode())
         # Without a bus id the ordinals only agree if CUDA_VISIBLE_DEVICES does not remap them.
         if "CUDA_VISIBLE_DEVICES" not in os.environ:
             return lib.nvmlDeviceGetHandleByIndex(cuda_index(device))
@@ -108,11 +109,13 @@ class GpuSampler:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        torch.cuda.synchronize(self._device)
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._energy_end = _energy_mj(self._lib, self._handle)
+        try:
+            torch.cuda.synchronize(self._device)  # the window ends when the GPU work does
+        finally:  # stop polling even if the op left a CUDA error behind
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join()
+                self._energy_end = _energy_mj(self._lib, self._handle)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
