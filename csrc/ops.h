@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 namespace torch_ext {
 
@@ -13,5 +14,17 @@ at::Tensor silu_and_mul_backward_cpu(const at::Tensor& grad_out, const at::Tenso
 at::Tensor silu_and_mul_cuda(const at::Tensor& x);
 at::Tensor silu_and_mul_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x);
 #endif
+
+// conv/im2win.cpp (one entry per op serves CPU and CUDA: only the kernel call differs)
+at::Tensor im2win_conv2d(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+at::Tensor im2win_conv2d_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                    at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups);
+at::Tensor im2win_conv2d_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                     at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups);
+at::Tensor im2win_transform(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation);
 
 }  // namespace torch_ext

@@ -12,16 +12,37 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
   // grad_x [..., 2d] of silu_and_mul given grad_out [..., d] and the forward input x.
   m.def("silu_and_mul_backward(Tensor grad_out, Tensor x) -> Tensor");
+
+  // F.conv2d semantics (zero padding) computed by im2win: window transform + register-blocked kernel.
+  m.def("im2win_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  // d input of im2win_conv2d: the flipped-kernel convolution of grad_output, input dilated by the stride.
+  m.def("im2win_conv2d_grad_input(Tensor grad_output, Tensor weight, int[4] input_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // d weight of im2win_conv2d: a convolution of the input (channels as batch) by grad_output.
+  m.def("im2win_conv2d_grad_weight(Tensor grad_output, Tensor input, int[4] weight_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // The window-order buffer [N, C, Ho, window_width*R] im2win convolves over (inspection, memory figures).
+  m.def("im2win_transform(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("silu_and_mul", &torch_ext::silu_and_mul_cpu);
   m.impl("silu_and_mul_backward", &torch_ext::silu_and_mul_backward_cpu);
+  m.impl("im2win_conv2d", &torch_ext::im2win_conv2d);
+  m.impl("im2win_conv2d_grad_input", &torch_ext::im2win_conv2d_grad_input);
+  m.impl("im2win_conv2d_grad_weight", &torch_ext::im2win_conv2d_grad_weight);
+  m.impl("im2win_transform", &torch_ext::im2win_transform);
 }
 
 #if defined(TORCH_EXT_WITH_CUDA)
 TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("silu_and_mul", &torch_ext::silu_and_mul_cuda);
   m.impl("silu_and_mul_backward", &torch_ext::silu_and_mul_backward_cuda);
+  m.impl("im2win_conv2d", &torch_ext::im2win_conv2d);
+  m.impl("im2win_conv2d_grad_input", &torch_ext::im2win_conv2d_grad_input);
+  m.impl("im2win_conv2d_grad_weight", &torch_ext::im2win_conv2d_grad_weight);
+  m.impl("im2win_transform", &torch_ext::im2win_transform);
 }
 #endif

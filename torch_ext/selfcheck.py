@@ -50,6 +50,17 @@ def _silu_and_mul_backward(device: str, dtype: torch.dtype) -> float:
         dtype, "silu_and_mul_backward")
 
 
+@register_check("im2win_conv2d", _FLOAT_DTYPES)
+def _im2win_conv2d(device: str, dtype: torch.dtype) -> float:
+    def make(seed):
+        return (random_tensor((2, 6, 13, 11), dtype, device, seed), random_tensor((8, 3, 3, 2), dtype, device, seed + 1),
+                random_tensor((8,), dtype, device, seed + 2), [2, 1], [1, 1], [1, 2], 2)
+
+    bound = 1e-5 if dtype == torch.float32 else None
+    return check_against_reference(torch.ops.torch_ext.im2win_conv2d, reference.conv2d, make, dtype,
+                                   "im2win_conv2d", bound)
+
+
 def run_checks(devices: list[str] | None = None) -> int:
     """Run every check on every device; print a table; return the number of failures."""
     failures = 0

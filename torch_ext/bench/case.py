@@ -34,6 +34,8 @@ class Case:
         device: torch device string the inputs live on.
         primary_baseline: baseline used for the headline ratio; defaults to the
             first entry of ``baselines``.
+        notes: extra facts about the case copied into its JSON record (e.g. the
+            workspace memory each method needs).
     """
 
     family: str
@@ -46,6 +48,7 @@ class Case:
     bytes: float = 0.0
     device: str = "cpu"
     primary_baseline: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.primary_baseline is None and self.baselines:

@@ -121,6 +121,7 @@ def measure_case(case: Case, roof: Roofline, config: TimerConfig) -> dict[str, A
         "flops": case.flops,
         "bytes": case.bytes,
         "primary_baseline": case.primary_baseline,
+        "notes": dict(case.notes),
     }
     try:
         inputs = prepare_inputs(case.make_inputs, case.device)

@@ -1,5 +1,6 @@
 """Drop-in nn.Module versions of the torch_ext ops."""
 
 from torch_ext.nn.activation import SiluAndMul
+from torch_ext.nn.conv import Im2winConv2d, convert_conv2d
 
-__all__ = ["SiluAndMul"]
+__all__ = ["Im2winConv2d", "SiluAndMul", "convert_conv2d"]

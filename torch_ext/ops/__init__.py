@@ -5,5 +5,6 @@ torch.compile and its autograd registration side by side.
 """
 
 from torch_ext.ops.activation import silu_and_mul
+from torch_ext.ops.conv import conv2d
 
-__all__ = ["silu_and_mul"]
+__all__ = ["conv2d", "silu_and_mul"]

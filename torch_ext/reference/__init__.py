@@ -1,5 +1,6 @@
 """Plain PyTorch float64 references of every op: the ground truth of tests and self-checks."""
 
 from torch_ext.reference.activation import silu_and_mul, silu_and_mul_backward
+from torch_ext.reference.conv import conv2d, im2win_transform
 
-__all__ = ["silu_and_mul", "silu_and_mul_backward"]
+__all__ = ["conv2d", "im2win_transform", "silu_and_mul", "silu_and_mul_backward"]

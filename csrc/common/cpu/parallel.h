@@ -10,6 +10,9 @@
 
 namespace torch_ext::cpu {
 
+// Threads torch's intra-op pool uses (torch.get_num_threads()).
+int max_threads();
+
 using RangeFunction = void (*)(const void* context, int64_t begin, int64_t end);
 
 // Splits [begin, end) into chunks of at least `grain` and calls fn(context, b, e) on them

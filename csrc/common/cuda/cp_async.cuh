@@ -1,0 +1,61 @@
+// cp.async wrappers (sm_80+): asynchronous global -> shared copies that bypass registers, with
+// zero-fill for predicated-off copies so tails never read out of bounds, and the
+// commit / wait-group pair that builds multi-stage pipelines. CUDA-only; no torch headers.
+//
+// Pipeline pattern: issue a stage's copies, cp_async_commit(); before reading stage s, wait
+// until at most (stages in flight after s) groups are pending with cp_async_wait<N>(), then
+// __syncthreads() so every thread's copies are visible.
+#pragma once
+
+#include <cstdint>
+
+namespace torch_ext::cuda {
+
+// 32-bit shared-memory address of a generic pointer into __shared__ memory (PTX operand).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, cached in L2 only (.cg); both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem)), "l"(gmem) : "memory");
+}
+
+// 16 bytes global -> shared (.cg) when `pred`; otherwise writes 16 zero bytes and reads nothing
+// (src-size 0). Pass a valid gmem pointer anyway (e.g. the tensor base) when !pred.
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// 8 bytes global -> shared, cached in L1 and L2 (.ca); zero-filled when !pred. 8-byte aligned.
+__device__ __forceinline__ void cp_async_8_zfill(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// 4 bytes global -> shared (.ca); zero-filled when !pred. 4-byte aligned.
+__device__ __forceinline__ void cp_async_4_zfill(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// Closes the group of cp.async issued by this thread since the previous commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Waits for all of this thread's cp.async.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+}  // namespace torch_ext::cuda

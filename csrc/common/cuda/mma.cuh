@@ -1,0 +1,79 @@
+// Tensor-core helpers (sm_80+): mma.sync.m16n8k16 with fp32 accumulation and the ldmatrix
+// loads that feed it. CUDA-only; no torch headers. Fragment layouts (which lane holds which
+// row/column) are spelled out, host-testable, in conv/im2win_index.h (mma_a_row, mma_acc_row...).
+#pragma once
+
+#include <cstdint>
+
+#include "common/cuda/cp_async.cuh"
+#include "common/dtype.h"
+
+namespace torch_ext::cuda {
+
+// Four 8x8 matrices of 16-bit elements from shared memory: lanes 8j..8j+7 give the 16-byte row
+// addresses of matrix j; register j of lane l receives row l/4, columns 2*(l%4), +1 of matrix j.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(smem_row)));
+}
+
+// Two 8x8 matrices (lanes 0..15 give the row addresses).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared_address(smem_row)));
+}
+
+// One 8x8 matrix (lanes 0..7 give the row addresses).
+__device__ __forceinline__ void ldmatrix_x1(uint32_t& r, const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r) : "r"(shared_address(smem_row)));
+}
+
+// ldmatrix_x4 transposed: register j of lane l receives column l/4, rows 2*(l%4), +1 of matrix j
+// (loads a [k][n] row-major tile as the "col" B operand).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(smem_row)));
+}
+
+// ldmatrix_x2 transposed.
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared_address(smem_row)));
+}
+
+// d += a * b, m16n8k16, A row-major fp16 (4 regs), B "col" fp16 (2 regs), fp32 accumulators.
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a * b, m16n8k16, bf16 operands, fp32 accumulators.
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// The m16n8k16 mma of storage type T (Half or BFloat16), for kernels templated on T.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<Half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  mma_m16n8k16_f16(d, a, b);
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<BFloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                       const uint32_t (&b)[2]) {
+  mma_m16n8k16_bf16(d, a, b);
+}
+
+}  // namespace torch_ext::cuda

@@ -1,0 +1,264 @@
+"""im2win convolution: forward/backward vs float64 F.conv2d, transform, modules, opcheck,
+torch.compile, bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import torch_ext
+from torch_ext import reference
+from torch_ext.testing import (RELATIVE_ERROR_BOUNDS, assert_close_to_reference, fresh_seed, poisoned_outputs,
+                               random_tensor)
+
+# Reductions over C*R*S products in fp32: a little above the elementwise bound.
+CONV_BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: RELATIVE_ERROR_BOUNDS[torch.bfloat16],
+               torch.float16: RELATIVE_ERROR_BOUNDS[torch.float16]}
+DEVICE_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg = draw(st.integers(1, 5))
+    kg = draw(st.integers(1, 20))
+    r, s = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    h = draw(st.integers(max(1, dilation[0] * (r - 1) + 1 - 2 * padding[0]), 14))
+    w = draw(st.integers(max(1, dilation[1] * (s - 1) + 1 - 2 * padding[1]), 14))
+    n = draw(st.integers(1, 3))
+    return dict(n=n, c=cg * groups, h=h, w=w, k=kg * groups, r=r, s=s, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, channels_last=draw(st.booleans()), bias=draw(st.booleans()))
+
+
+def _inputs(case, dtype, device, seed):
+    x = random_tensor((case["n"], case["c"], case["h"], case["w"]), dtype, device, seed)
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = random_tensor((case["k"], case["c"] // case["groups"], case["r"], case["s"]), dtype, device, seed + 1)
+    b = random_tensor((case["k"],), dtype, device, seed + 2) if case["bias"] else None
+    return x, w, b
+
+
+def _conv_args(case):
+    return case["stride"], case["padding"], case["dilation"], case["groups"]
+
+
+def _check_forward_and_backward(case, dtype, device):
+    seed = fresh_seed()
+    x, w, b = _inputs(case, dtype, device, seed)
+    x.requires_grad_()
+    w.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    what = f"{case} {dtype} seed {seed}"
+    with poisoned_outputs():
+        out = torch_ext.ops.conv2d(x, w, b, *_conv_args(case))
+    x64, w64 = (t.detach().double().cpu().requires_grad_() for t in (x, w))
+    b64 = b.detach().double().cpu().requires_grad_() if b is not None else None
+    ref = F.conv2d(x64, w64, b64, *_conv_args(case))
+    assert_close_to_reference(out, ref, dtype, f"forward {what}", CONV_BOUNDS[dtype])
+    if case["channels_last"] and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = random_tensor(ref.shape, dtype, device, seed + 3)
+    with poisoned_outputs():
+        out.backward(grad)
+    ref.backward(grad.double().cpu())
+    assert_close_to_reference(x.grad, x64.grad, dtype, f"grad input {what}", CONV_BOUNDS[dtype])
+    assert_close_to_reference(w.grad, w64.grad, dtype, f"grad weight {what}", CONV_BOUNDS[dtype])
+    if b is not None:
+        assert_close_to_reference(b.grad, b64.grad, dtype, f"grad bias {what}", CONV_BOUNDS[dtype])
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases())
+def test_random_shapes_cpu(case):
+    for dtype in DEVICE_DTYPES["cpu"]:
+        _check_forward_and_backward(case, dtype, "cpu")
+
+
+@pytest.mark.cuda
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases())
+def test_random_shapes_cuda(case):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for dtype in DEVICE_DTYPES["cuda"]:
+        _check_forward_and_backward(case, dtype, "cuda")
+
+
+# Named layers: the paper's shapes scaled down, 1x1, depthwise, non-square, large padding.
+LAYERS = {
+    "alexnet1": dict(n=1, c=3, h=35, w=35, k=16, r=11, s=11, stride=(4, 4), padding=(0, 0), dilation=(1, 1), groups=1),
+    "resnet3x3": dict(n=2, c=16, h=14, w=14, k=24, r=3, s=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
+    "pointwise": dict(n=2, c=40, h=7, w=9, k=33, r=1, s=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1),
+    "depthwise": dict(n=2, c=24, h=11, w=10, k=24, r=3, s=3, stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=24),
+    "non_square": dict(n=1, c=5, h=9, w=17, k=7, r=1, s=7, stride=(1, 2), padding=(0, 3), dilation=(1, 2), groups=1),
+    "pad_gt_kernel": dict(n=1, c=2, h=4, w=5, k=3, r=2, s=2, stride=(3, 3), padding=(3, 3), dilation=(1, 1), groups=1),
+    "deep7x7": dict(n=3, c=64, h=7, w=7, k=80, r=3, s=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
+}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_named_layers(device, name, layout):
+    case = dict(LAYERS[name], channels_last=layout == "channels_last", bias=True)
+    for dtype in DEVICE_DTYPES[device]:
+        _check_forward_and_backward(case, dtype, device)
+
+
+def test_every_cpu_isa_path(cpu_isa):
+    for name in ("resnet3x3", "depthwise", "non_square"):
+        _check_forward_and_backward(dict(LAYERS[name], channels_last=False, bias=True), torch.float32, "cpu")
+
+
+def test_gradcheck(device):
+    seed = fresh_seed()
+    x = random_tensor((2, 4, 6, 7), torch.float64, device, seed).requires_grad_()
+    w = random_tensor((6, 2, 3, 2), torch.float64, device, seed + 1).requires_grad_()
+    b = random_tensor((6,), torch.float64, device, seed + 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: torch_ext.ops.conv2d(x, w, b, (2, 1), (1, 0), (1, 2), 2), (x, w, b))
+
+
+@pytest.mark.parametrize("args", [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 4), (2, 3), (0, 2), (2, 1)),
+                                  ((1, 1), (1, 1), (0, 0), (1, 1))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transform_matches_reference(device, args, channels_last):
+    x = random_tensor((2, 3, 9, 10), torch.float32, device, fresh_seed())
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with poisoned_outputs():
+        window = torch.ops.torch_ext.im2win_transform(x, *args)
+    assert torch.equal(window.cpu(), reference.im2win_transform(x.cpu(), *args))
+
+
+def test_transform_memory_is_a_fraction_of_im2col():
+    """3x3 stride 1: the window holds about 1/3 of im2col's elements (im2win.md)."""
+    x = random_tensor((1, 64, 56, 56), torch.float32, "cpu", fresh_seed())
+    window = torch.ops.torch_ext.im2win_transform(x, [3, 3], [1, 1], [1, 1], [1, 1])
+    im2col = F.unfold(x, 3, padding=1)
+    assert window.numel() <= 0.4 * im2col.numel()
+
+
+def test_transform_indexes_beyond_2_31_elements():
+    """A window of more than 2^31 elements: the last elements land where they belong."""
+    side = 46341  # side^2 > 2^31
+    x = torch.empty((1, 1, side, side), dtype=torch.bfloat16)
+    x[0, 0, -3:, :].copy_(torch.randn(3, side).to(torch.bfloat16))
+    window = torch.ops.torch_ext.im2win_transform(x, [1, 1], [1, 1], [0, 0], [1, 1])
+    assert window.numel() > 2**31
+    assert torch.equal(window[0, 0, -3:, :], x[0, 0, -3:, :])
+    del window, x
+
+
+def test_opcheck(device):
+    seed = fresh_seed()
+    x = random_tensor((2, 4, 7, 6), torch.float32, device, seed).requires_grad_()
+    w = random_tensor((6, 2, 3, 3), torch.float32, device, seed + 1).requires_grad_()
+    b = random_tensor((6,), torch.float32, device, seed + 2).requires_grad_()
+    args = ([2, 1], [1, 1], [1, 1], 2)
+    torch.library.opcheck(torch.ops.torch_ext.im2win_conv2d.default, (x, w, b, *args))
+    g = random_tensor((2, 6, 4, 6), torch.float32, device, seed + 3)
+    torch.library.opcheck(torch.ops.torch_ext.im2win_conv2d_grad_input.default, (g, w.detach(), [2, 4, 7, 6], *args))
+    torch.library.opcheck(torch.ops.torch_ext.im2win_conv2d_grad_weight.default, (g, x.detach(), [6, 2, 3, 3], *args))
+    torch.library.opcheck(torch.ops.torch_ext.im2win_transform.default, (x.detach(), [3, 3], [2, 1], [1, 1], [1, 1]))
+    xc = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.torch_ext.im2win_conv2d.default, (xc, w.detach(), None, *args))
+
+
+def test_torch_compile_fullgraph(device):
+    seed = fresh_seed()
+    x = random_tensor((2, 3, 10, 10), torch.float32, device, seed).requires_grad_()
+    w = random_tensor((4, 3, 3, 3), torch.float32, device, seed + 1)
+
+    def block(x, w):
+        return torch.relu(torch_ext.ops.conv2d(x, w, None, 1, "same")) * 2
+
+    out = torch.compile(block, fullgraph=True)(x, w)
+    ref = torch.relu(F.conv2d(x.detach().double().cpu(), w.double().cpu(), None, 1, "same")) * 2
+    assert_close_to_reference(out, ref, torch.float32, "compiled", CONV_BOUNDS[torch.float32])
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("padding", ["same", "valid", 2, (1, 2)])
+def test_functional_padding_forms(padding):
+    seed = fresh_seed()
+    x = random_tensor((1, 3, 9, 8), torch.float32, "cpu", seed)
+    w = random_tensor((5, 3, 4, 3), torch.float32, "cpu", seed + 1)  # even kernel height: asymmetric 'same'
+    out = torch_ext.ops.conv2d(x, w, None, 1, padding)
+    ref = F.conv2d(x.double(), w.double(), None, 1, padding)
+    assert_close_to_reference(out, ref, torch.float32, f"padding={padding}", CONV_BOUNDS[torch.float32])
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_module_matches_nn_conv2d(padding_mode):
+    torch.manual_seed(fresh_seed())
+    stock = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode)
+    ours = torch_ext.nn.Im2winConv2d(6, 8, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode)
+    ours.load_state_dict(stock.state_dict())
+    assert ours.state_dict().keys() == stock.state_dict().keys()
+    x = torch.randn(2, 6, 11, 9)
+    assert_close_to_reference(ours(x), stock.double()(x.double()), torch.float32, padding_mode,
+                              CONV_BOUNDS[torch.float32])
+    stock.float().load_state_dict(ours.state_dict())
+
+
+def test_convert_conv2d_keeps_parameters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1)))
+    weight = model[0].weight
+    converted = torch_ext.nn.convert_conv2d(model)
+    assert isinstance(converted[0], torch_ext.nn.Im2winConv2d) and isinstance(converted[2][0], torch_ext.nn.Im2winConv2d)
+    assert converted[0].weight is weight
+
+
+@pytest.mark.slow
+def test_resnet18_logits_and_gradients():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(fresh_seed())
+    stock = torchvision.models.resnet18(num_classes=10).eval()
+    ours = torchvision.models.resnet18(num_classes=10).eval()
+    ours.load_state_dict(stock.state_dict())
+    torch_ext.nn.convert_conv2d(ours)
+    x = torch.randn(2, 3, 64, 64)
+    reference_logits = stock.double()(x.double())
+    logits = ours(x)
+    assert_close_to_reference(logits, reference_logits, torch.float32, "resnet18 logits", 1e-4)
+    logits.sum().backward()
+    reference_logits.sum().backward()
+    for (name, p), (_, q) in zip(ours.named_parameters(), stock.named_parameters()):
+        assert_close_to_reference(p.grad, q.grad, torch.float32, f"resnet18 grad {name}", 1e-4)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: (torch.randn(1, 4, 8, 8), torch.randn(3, 3, 3, 3), {}),
+     r"weight must have input channels / groups = 4 channels"),
+    (lambda: (torch.randn(1, 4, 8, 8), torch.randn(3, 2, 3, 3), {"groups": 3}),
+     r"input channels \(4\) must be divisible by groups \(3\)"),
+    (lambda: (torch.randn(4, 8, 8), torch.randn(3, 4, 3, 3), {}), r"input must be a 4-D tensor, got shape \[4, 8, 8\]"),
+    (lambda: (torch.randn(1, 2, 4, 4), torch.randn(3, 2, 7, 7), {}),
+     r"the kernel \(7x7, dilation \[1, 1\]\) is larger than the padded input \(4x4\)"),
+    (lambda: (torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3, dtype=torch.float64), {}),
+     r"weight must have the dtype of input \(torch.float32\), got torch.float64"),
+    (lambda: (torch.randn(1, 2, 4, 4).int(), torch.randn(3, 2, 3, 3).int(), {}), r"input must have dtype"),
+    (lambda: (torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), {"stride": 0}), r"stride must be >= 1"),
+])
+def test_bad_inputs(make, message):
+    x, w, kwargs = make()
+    with pytest.raises(RuntimeError, match="torch_ext.im2win_conv2d: " + message):
+        torch_ext.ops.conv2d(x, w, **kwargs)
+
+
+def test_bad_bias():
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[3\] \(output channels\), got \[4\]"):
+        torch_ext.ops.conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(4))
+
+
+@pytest.mark.cuda
+def test_mixed_devices_rejected():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    with pytest.raises(RuntimeError, match="weight must be on the device of input"):
+        torch_ext.ops.conv2d(torch.randn(1, 2, 4, 4, device="cuda"), torch.randn(3, 2, 3, 3))
