@@ -4,6 +4,7 @@
 #include "conv/im2win.h"
 
 #include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <string>
 
@@ -12,7 +13,6 @@
 
 #if defined(TORCH_EXT_WITH_CUDA)
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "conv/im2win_cuda.h"
@@ -96,12 +96,6 @@ void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::T
   TORCH_EXT_CPU_DISPATCH(im2win_conv, p);
 }
 
-#if defined(TORCH_EXT_WITH_CUDA)
-#define TORCH_EXT_DEVICE_GUARD(t) const c10::cuda::OptionalCUDAGuard device_guard(t.device())
-#else
-#define TORCH_EXT_DEVICE_GUARD(t) (void)0
-#endif
-
 }  // namespace
 
 at::Tensor im2win_conv2d(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -117,7 +111,7 @@ at::Tensor im2win_conv2d(const at::Tensor& input, const at::Tensor& weight, cons
     TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == g.K, kConv, "bias must have shape [", g.K,
                     "] (output channels), got ", bias->sizes());
   }
-  TORCH_EXT_DEVICE_GUARD(input);
+  const c10::DeviceGuard device_guard(input.device());
   at::Tensor out = empty_conv_output(input, {g.N, g.K, g.Ho, g.Wo});
   const c10::optional<at::Tensor> contiguous_bias =
       bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
@@ -139,7 +133,7 @@ at::Tensor im2win_conv2d_grad_input(const at::Tensor& grad_output, const at::Ten
   TORCH_EXT_CHECK(grad_output.sizes() == at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), kGradInput,
                   "grad_output must have shape ", at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), ", got ",
                   grad_output.sizes());
-  TORCH_EXT_DEVICE_GUARD(grad_output);
+  const c10::DeviceGuard device_guard(grad_output.device());
   const int64_t Cg = f.C / groups, Kg = f.K / groups;
   // [K, Cg, R, S] -> [C, Kg, R, S] with the kernel flipped.
   const at::Tensor flipped = weight.reshape({groups, Kg, Cg, f.R, f.S})
@@ -170,7 +164,7 @@ at::Tensor im2win_conv2d_grad_weight(const at::Tensor& grad_output, const at::Te
   TORCH_EXT_CHECK(grad_output.sizes() == at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), kGradWeight,
                   "grad_output must have shape ", at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), ", got ",
                   grad_output.sizes());
-  TORCH_EXT_DEVICE_GUARD(input);
+  const c10::DeviceGuard device_guard(input.device());
   const int64_t Cg = f.C / groups, Kg = f.K / groups;
   at::Tensor grad_weight = at::empty(weight_size, input.options());
   for (int64_t group = 0; group < groups; ++group) {
@@ -190,7 +184,7 @@ at::Tensor im2win_transform(const at::Tensor& input, at::IntArrayRef kernel_size
   const Pair k = pair_arg(kTransform, "kernel_size", kernel_size, 1);
   const ConvGeometry g = forward_geometry(kTransform, input.sizes(), {1, input.size(1), k.h, k.w}, stride, padding,
                                           dilation, 1);
-  TORCH_EXT_DEVICE_GUARD(input);
+  const c10::DeviceGuard device_guard(input.device());
   const int64_t columns = window_width(g) * g.R;
   // Logical [N, C, Ho, width*R]; physically channels innermost for a channels_last input.
   at::Tensor window = empty_conv_output(input, {g.N, g.C, g.Ho, columns});
