@@ -14,8 +14,8 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export TORCH_EXT_EXPECT_CUDA_BUILD=1
 # Small CUDA cases only: the sanitizers slow kernels down 10-100x.
-SANITIZER_TESTS=(tests/test_silu_and_mul.py -m cuda)
-SANITIZER_K="matches_reference and not 14336 and not 4096"
+SANITIZER_TESTS=(tests/test_silu_and_mul.py tests/test_conv.py -m cuda)
+SANITIZER_K="(matches_reference and not 14336 and not 4096) or named_layers"
 
 declare -a SUMMARY
 step() {  # step NAME LIMIT_SECONDS COMMAND...  (output to OUT/NAME.log)
@@ -38,7 +38,7 @@ step build 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v
     step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
       "$PY" -m pytest -q -p no:cacheprovider "${SANITIZER_TESTS[@]}" -k "$SANITIZER_K"
     step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all \
-      "$PY" -m pytest -q -p no:cacheprovider "${SANITIZER_TESTS[@]}" -k "$SANITIZER_K and float32"
+      "$PY" -m pytest -q -p no:cacheprovider "${SANITIZER_TESTS[@]}" -k "($SANITIZER_K) and (float32 or nchw)"
     step bench 180 "$PY" -m torch_ext bench --quick --out "$OUT/bench"
   }
 # Keep the tail of each failing log visible in the reply.

@@ -62,6 +62,8 @@ TORCH_EXT_HOST_DEVICE int64_t window_elements(const ConvGeometry& g) {
 // Maps a virtual input coordinate (after padding offset and input dilation) onto a real
 // index; returns -1 where the virtual position is padding or an inserted zero.
 TORCH_EXT_HOST_DEVICE int64_t real_input_index(int64_t virtual_index, int64_t input_dilation, int64_t size) {
+  // The common case skips the 64-bit division (tens of cycles, per window element).
+  if (input_dilation == 1) return virtual_index >= 0 && virtual_index < size ? virtual_index : -1;
   if (virtual_index < 0 || virtual_index % input_dilation != 0) return -1;
   const int64_t real = virtual_index / input_dilation;
   return real < size ? real : -1;

@@ -209,6 +209,22 @@ void micro_kernel_for(int count, Args&&... args) {
   }
 }
 
+// Output pixel p = (n * Ho + i) * Wo + col, advanced without divisions (a 64-bit division
+// per pixel costs as much as the whole micro-kernel on shallow layers such as 3x3 on 3 channels).
+struct PixelCursor {
+  int64_t n, i, col, row;  // row = n * Ho + i: the window row
+  PixelCursor(int64_t p, const ConvGeometry& g) : n(p / (g.Ho * g.Wo)), i(p / g.Wo % g.Ho), col(p % g.Wo), row(p / g.Wo) {}
+  void next(const ConvGeometry& g) {
+    if (++col < g.Wo) return;
+    col = 0;
+    ++row;
+    if (++i == g.Ho) {
+      i = 0;
+      ++n;
+    }
+  }
+};
+
 template <typename T, int kV>
 void compute(const Im2winConvParams& p, const Layout& L, const float* panels, const float* bias) {
   constexpr int kBlock = kV * kLanes;
@@ -216,11 +232,19 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
   const T* in = static_cast<const T*>(p.input);
   T* out = static_cast<T*>(p.output);
   const Strides4 os = p.output_strides;
-  const int64_t image_pixels = g.Ho * g.Wo, pixels = g.N * image_pixels;
-  // Equal chunks of at most kPixelsPerTask pixels, rounded to whole register tiles, so
-  // that no thread is left with a short last chunk while another does two full ones.
-  const int64_t chunks = (pixels + kPixelsPerTask - 1) / kPixelsPerTask;
-  const int64_t chunk_pixels = ((pixels + chunks - 1) / chunks + kColumns - 1) / kColumns * kColumns;
+  const int64_t pixels = g.N * g.Ho * g.Wo;
+  // Chunks of whole output rows when rows are wide, so that every window row is built once
+  // per task instead of by two neighbouring chunks (on stride-2 7x7 layers the window is
+  // 3.5x the input and building it twice cost as much as the FMAs). Narrow rows: equal
+  // chunks of about kPixelsPerTask pixels in whole register tiles, spanning rows and images.
+  int64_t chunk_pixels;
+  if (g.Wo >= kColumns) {
+    chunk_pixels = g.Wo * ((kPixelsPerTask + g.Wo - 1) / g.Wo);
+  } else {
+    const int64_t even_chunks = (pixels + kPixelsPerTask - 1) / kPixelsPerTask;
+    chunk_pixels = ((pixels + even_chunks - 1) / even_chunks + kColumns - 1) / kColumns * kColumns;
+  }
+  const int64_t chunks = (pixels + chunk_pixels - 1) / chunk_pixels;
   const int64_t column_stride = g.stride_w * g.R * L.Cg;  // next output column in a window row
   const int64_t tap_stride = g.dilation_w * g.R * L.Cg;   // next kernel column
   const int64_t run = g.R * L.Cg;                          // one kernel column: R rows x Cg channels
@@ -251,17 +275,17 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
         const int64_t gb = group * L.blocks + block, k0 = block * L.block;
         const int64_t kcount = std::min<int64_t>(kBlock, L.Kg - k0);
         T* out_block = out + (group * L.Kg + k0) * os.d1;
+        PixelCursor cursor(p_begin, g);
         for (int64_t p0 = p_begin; p0 < p_end; p0 += kColumns) {
           const int count = int(std::min<int64_t>(kColumns, p_end - p0));
-          for (int j = 0; j < count; ++j) {
-            const int64_t row = (p0 + j) / g.Wo, col = (p0 + j) % g.Wo;
-            starts[j] = window + (row - first_row) * L.row_size + col * column_stride;
+          PixelCursor tile_cursor = cursor;
+          for (int j = 0; j < count; ++j, tile_cursor.next(g)) {
+            starts[j] = window + (tile_cursor.row - first_row) * L.row_size + tile_cursor.col * column_stride;
           }
           micro_kernel_for<kV>(count, starts, g.S, tap_stride, run, panels + gb * L.panel_size, bias + gb * L.block,
                                tile);
-          for (int j = 0; j < count; ++j) {
-            const int64_t n = (p0 + j) / image_pixels, i = (p0 + j) / g.Wo % g.Ho, col = (p0 + j) % g.Wo;
-            T* dst = out_block + n * os.d0 + i * os.d2 + col * os.d3;
+          for (int j = 0; j < count; ++j, cursor.next(g)) {
+            T* dst = out_block + cursor.n * os.d0 + cursor.i * os.d2 + cursor.col * os.d3;
             for (int64_t k = 0; k < kcount; ++k) dst[k * os.d1] = from_float<T>(tile[j * kBlock + k]);
           }
         }
