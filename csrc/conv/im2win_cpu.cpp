@@ -54,8 +54,14 @@ constexpr int64_t kPixelsPerTask = 8 * kColumns;
 // (grouped/depthwise convolutions), so that less of the block is zero padding.
 int vectors_per_block(int64_t channels_per_group) { return channels_per_group <= kLanes ? 1 : kVectorsLarge; }
 
+// Input channels per reduction chunk: a chunk's weight panel (S*R*chunk*block floats) stays
+// within kPanelBytes, so that it and the chunk's window rows share L2 while the register
+// tiles sweep the task's pixels. Deep layers (3x3 on 512 channels: a 590 KB panel for the
+// whole reduction) are split; partial sums wait in a per-task buffer between chunks.
+constexpr int64_t kPanelBytes = 160 * 1024;
+
 struct Layout {
-  int64_t Cg, Kg, block, blocks, width, row_size, panel_size;
+  int64_t Cg, Kg, block, blocks, width, row_size, panel_size, chunk;
   explicit Layout(const ConvGeometry& g)
       : Cg(g.C / g.groups),
         Kg(g.K / g.groups),
@@ -63,7 +69,8 @@ struct Layout {
         blocks((g.K / g.groups + block - 1) / block),
         width(window_width(g)),
         row_size(width * g.R * Cg),
-        panel_size(g.S * g.R * Cg * block) {}
+        panel_size(g.S * g.R * Cg * block),
+        chunk(std::clamp<int64_t>(kPanelBytes / int64_t(sizeof(float) * g.S * g.R * block) / 16 * 16, 16, Cg)) {}
 };
 
 // A grow-only buffer per thread: tasks reuse it across calls instead of allocating (fresh
@@ -74,6 +81,7 @@ float* scratch(std::vector<float>& buffer, int64_t floats) {
 }
 thread_local std::vector<float> window_scratch;
 thread_local std::vector<float> panel_scratch;
+thread_local std::vector<float> partial_scratch;
 
 template <typename In, typename Out>
 inline Out convert(In v) {
@@ -145,7 +153,8 @@ void transform(const Im2winTransformParams& p) {
 // ---------------------------------------------------------------------------------------
 // Weights and bias
 // ---------------------------------------------------------------------------------------
-// panels: [group][block][S][R][Cg][block channels], then bias: [group][block][block channels].
+// panels: [group][block][channel chunk][S][R][channels of the chunk][block channels], then
+// bias: [group][block][block channels]. The micro-kernel reads a chunk's panel in order.
 template <typename T>
 void pack(const Im2winConvParams& p, const Layout& L, float* panels, float* bias) {
   const ConvGeometry& g = p.geometry;
@@ -157,9 +166,10 @@ void pack(const Im2winConvParams& p, const Layout& L, float* panels, float* bias
       const int64_t first = gb / L.blocks * L.Kg;  // first output channel of the group
       const int64_t k0 = gb % L.blocks * L.block;
       float* panel = panels + gb * L.panel_size;
+      for (int64_t c0 = 0; c0 < L.Cg; c0 += L.chunk)
       for (int64_t s = 0; s < g.S; ++s)
         for (int64_t r = 0; r < g.R; ++r)
-          for (int64_t c = 0; c < L.Cg; ++c, panel += L.block)
+          for (int64_t c = c0; c < std::min(L.Cg, c0 + L.chunk); ++c, panel += L.block)
             for (int64_t k = 0; k < L.block; ++k)
               panel[k] = k0 + k < L.Kg ? to_float(w[(first + k0 + k) * ws.d0 + c * ws.d1 + r * ws.d2 + s * ws.d3])
                                        : 0.0f;
@@ -172,27 +182,36 @@ void pack(const Im2winConvParams& p, const Layout& L, float* panels, float* bias
 // ---------------------------------------------------------------------------------------
 // Micro-kernel
 // ---------------------------------------------------------------------------------------
-// acc[j][v] = bias + sum_{s < S, q < run} pixels[j][s * tap_stride + q] * panel[s][q][v lanes]
-// for kJ output pixels; the result goes to `tile` as [kJ][kV * kLanes].
+// The receptive field of one output pixel for one channel chunk, as the micro-kernel walks
+// it: for each of the S kernel columns, `runs` contiguous runs of `run_length` window values,
+// `run_stride` apart. Unchunked, a kernel column's R rows x Cg channels are ONE run.
+struct Walk {
+  int64_t S, tap_stride, runs, run_length, run_stride;
+};
+
+// acc[j] = init[j * init_stride] + sum over the walk of pixels[j][...] * panel[...] for kJ
+// output pixels (init: the bias with stride 0, or the previous chunk's partial sums); the
+// result goes to `tile` as [kJ][kV * kLanes] (tile may alias init).
 template <int kJ, int kV>
-void micro_kernel(const float* const* pixels, int64_t S, int64_t tap_stride, int64_t run, const float* panel,
-                  const float* bias, float* tile) {
+void micro_kernel(const float* const* pixels, const Walk& walk, const float* panel, const float* init,
+                  int64_t init_stride, float* tile) {
   constexpr int kBlock = kV * kLanes;
   VecF acc[kJ][kV];
-  for (int v = 0; v < kV; ++v) {
-    const VecF b = load(bias + v * kLanes);
-    for (int j = 0; j < kJ; ++j) acc[j][v] = b;
-  }
+  for (int j = 0; j < kJ; ++j)
+    for (int v = 0; v < kV; ++v) acc[j][v] = load(init + j * init_stride + v * kLanes);
   const float* wp = panel;
-  for (int64_t s = 0; s < S; ++s) {
-    const float* a[kJ];
-    for (int j = 0; j < kJ; ++j) a[j] = pixels[j] + s * tap_stride;
-    for (int64_t q = 0; q < run; ++q, wp += kBlock) {
-      VecF wv[kV];
-      for (int v = 0; v < kV; ++v) wv[v] = load(wp + v * kLanes);
-      for (int j = 0; j < kJ; ++j) {
-        const VecF x = broadcast(a[j][q]);
-        for (int v = 0; v < kV; ++v) acc[j][v] = fmadd(x, wv[v], acc[j][v]);
+  for (int64_t s = 0; s < walk.S; ++s) {
+    for (int64_t run = 0; run < walk.runs; ++run) {
+      const int64_t offset = s * walk.tap_stride + run * walk.run_stride;
+      const float* a[kJ];
+      for (int j = 0; j < kJ; ++j) a[j] = pixels[j] + offset;
+      for (int64_t q = 0; q < walk.run_length; ++q, wp += kBlock) {
+        VecF wv[kV];
+        for (int v = 0; v < kV; ++v) wv[v] = load(wp + v * kLanes);
+        for (int j = 0; j < kJ; ++j) {
+          const VecF x = broadcast(a[j][q]);
+          for (int v = 0; v < kV; ++v) acc[j][v] = fmadd(x, wv[v], acc[j][v]);
+        }
       }
     }
   }
@@ -247,7 +266,7 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
   const int64_t chunks = (pixels + chunk_pixels - 1) / chunk_pixels;
   const int64_t column_stride = g.stride_w * g.R * L.Cg;  // next output column in a window row
   const int64_t tap_stride = g.dilation_w * g.R * L.Cg;   // next kernel column
-  const int64_t run = g.R * L.Cg;                          // one kernel column: R rows x Cg channels
+  const int64_t tiles_per_chunk = (chunk_pixels + kColumns - 1) / kColumns;
   // Pixels are numbered across the whole batch (n, i, j), so chunks span images when images
   // are small (7x7 deep layers) and every chunk fills its register tiles. When that leaves
   // fewer than ~4 tasks per thread (deep layers: few pixels, many channels), the channel
@@ -256,8 +275,9 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
   const int64_t splits = std::clamp<int64_t>((wanted_tasks + g.groups * chunks - 1) / (g.groups * chunks), 1, L.blocks);
   const int64_t blocks_per_split = (L.blocks + splits - 1) / splits;
   parallel_for(0, g.groups * chunks * splits, 1, [&](int64_t begin, int64_t end) {
-    float tile[kColumns * kBlock];
     const float* starts[kColumns];
+    // Sums of the chunk's pixels x block channels, carried across input-channel chunks.
+    float* partial = scratch(partial_scratch, tiles_per_chunk * kColumns * kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, chunk = task / splits % chunks, group = task / (splits * chunks);
       const int64_t p_begin = chunk * chunk_pixels, p_end = std::min(pixels, p_begin + chunk_pixels);
@@ -274,20 +294,30 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
       for (int64_t block = split * blocks_per_split; block < block_end; ++block) {
         const int64_t gb = group * L.blocks + block, k0 = block * L.block;
         const int64_t kcount = std::min<int64_t>(kBlock, L.Kg - k0);
+        for (int64_t c0 = 0; c0 < L.Cg; c0 += L.chunk) {
+          const int64_t channels = std::min(L.chunk, L.Cg - c0);
+          const Walk walk = channels == L.Cg ? Walk{g.S, tap_stride, 1, g.R * L.Cg, 0}
+                                             : Walk{g.S, tap_stride, g.R, channels, L.Cg};
+          const float* panel = panels + gb * L.panel_size + c0 * g.S * g.R * L.block;
+          PixelCursor cursor(p_begin, g);
+          for (int64_t p0 = p_begin; p0 < p_end; p0 += kColumns) {
+            const int count = int(std::min<int64_t>(kColumns, p_end - p0));
+            for (int j = 0; j < count; ++j, cursor.next(g))
+              starts[j] = window + (cursor.row - first_row) * L.row_size + cursor.col * column_stride + c0;
+            float* tile = partial + (p0 - p_begin) * kBlock;
+            if (c0 == 0) {
+              micro_kernel_for<kV>(count, starts, walk, panel, bias + gb * L.block, int64_t(0), tile);
+            } else {
+              micro_kernel_for<kV>(count, starts, walk, panel, tile, int64_t(kBlock), tile);
+            }
+          }
+        }
         T* out_block = out + (group * L.Kg + k0) * os.d1;
         PixelCursor cursor(p_begin, g);
-        for (int64_t p0 = p_begin; p0 < p_end; p0 += kColumns) {
-          const int count = int(std::min<int64_t>(kColumns, p_end - p0));
-          PixelCursor tile_cursor = cursor;
-          for (int j = 0; j < count; ++j, tile_cursor.next(g)) {
-            starts[j] = window + (tile_cursor.row - first_row) * L.row_size + tile_cursor.col * column_stride;
-          }
-          micro_kernel_for<kV>(count, starts, g.S, tap_stride, run, panels + gb * L.panel_size, bias + gb * L.block,
-                               tile);
-          for (int j = 0; j < count; ++j, cursor.next(g)) {
-            T* dst = out_block + cursor.n * os.d0 + cursor.i * os.d2 + cursor.col * os.d3;
-            for (int64_t k = 0; k < kcount; ++k) dst[k * os.d1] = from_float<T>(tile[j * kBlock + k]);
-          }
+        for (int64_t p0 = p_begin; p0 < p_end; ++p0, cursor.next(g)) {
+          T* dst = out_block + cursor.n * os.d0 + cursor.i * os.d2 + cursor.col * os.d3;
+          const float* sums = partial + (p0 - p_begin) * kBlock;
+          for (int64_t k = 0; k < kcount; ++k) dst[k * os.d1] = from_float<T>(sums[k]);
         }
       }
     }
