@@ -244,6 +244,30 @@ struct PixelCursor {
   }
 };
 
+// Writes the sums of pixels [p_begin, p_end) x kcount channels (sums[pixel][channel], `pitch`
+// floats per pixel) into the output. Pixels are walked one output-row segment at a time, so
+// for NCHW output each channel's segment is one contiguous store run (a per-pixel loop over
+// channels would touch kcount distant planes per pixel); channels_last stores per pixel.
+template <typename T>
+void write_block(T* out, const Strides4& os, const ConvGeometry& g, int64_t p_begin, int64_t p_end, int64_t kcount,
+                 const float* sums, int64_t pitch) {
+  PixelCursor cursor(p_begin, g);
+  for (int64_t p0 = p_begin; p0 < p_end;) {
+    const int64_t run = std::min(p_end - p0, g.Wo - cursor.col);  // pixels left in this output row
+    T* dst = out + cursor.n * os.d0 + cursor.i * os.d2 + cursor.col * os.d3;
+    const float* src = sums + (p0 - p_begin) * pitch;
+    if (os.d3 <= os.d1) {
+      for (int64_t k = 0; k < kcount; ++k)
+        for (int64_t j = 0; j < run; ++j) dst[k * os.d1 + j * os.d3] = from_float<T>(src[j * pitch + k]);
+    } else {
+      for (int64_t j = 0; j < run; ++j)
+        for (int64_t k = 0; k < kcount; ++k) dst[k * os.d1 + j * os.d3] = from_float<T>(src[j * pitch + k]);
+    }
+    p0 += run;
+    for (int64_t j = 0; j < run; ++j) cursor.next(g);
+  }
+}
+
 template <typename T, int kV>
 void compute(const Im2winConvParams& p, const Layout& L, const float* panels, const float* bias) {
   constexpr int kBlock = kV * kLanes;
@@ -312,13 +336,7 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
             }
           }
         }
-        T* out_block = out + (group * L.Kg + k0) * os.d1;
-        PixelCursor cursor(p_begin, g);
-        for (int64_t p0 = p_begin; p0 < p_end; ++p0, cursor.next(g)) {
-          T* dst = out_block + cursor.n * os.d0 + cursor.i * os.d2 + cursor.col * os.d3;
-          const float* sums = partial + (p0 - p_begin) * kBlock;
-          for (int64_t k = 0; k < kcount; ++k) dst[k * os.d1] = from_float<T>(sums[k]);
-        }
+        write_block(out + (group * L.Kg + k0) * os.d1, os, g, p_begin, p_end, kcount, partial, kBlock);
       }
     }
   });
