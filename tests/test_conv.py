@@ -99,6 +99,7 @@ LAYERS = {
     "depthwise": dict(n=2, c=24, h=11, w=10, k=24, r=3, s=3, stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=24),
     "non_square": dict(n=1, c=5, h=9, w=17, k=7, r=1, s=7, stride=(1, 2), padding=(0, 3), dilation=(1, 2), groups=1),
     "pad_gt_kernel": dict(n=1, c=2, h=4, w=5, k=3, r=2, s=2, stride=(3, 3), padding=(3, 3), dilation=(1, 1), groups=1),
+    "wide_rows": dict(n=2, c=48, h=5, w=45, k=20, r=3, s=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
     "deep7x7": dict(n=3, c=64, h=7, w=7, k=80, r=3, s=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
 }
 
@@ -112,7 +113,7 @@ def test_named_layers(device, name, layout):
 
 
 def test_every_cpu_isa_path(cpu_isa):
-    for name in ("resnet3x3", "depthwise", "non_square"):
+    for name in ("resnet3x3", "depthwise", "non_square", "wide_rows"):
         _check_forward_and_backward(dict(LAYERS[name], channels_last=False, bias=True), torch.float32, "cpu")
 
 

@@ -103,6 +103,7 @@ inline Out convert(In v) {
 // destination keep contiguous, each tile reads and writes at most 16 cache lines, so NCHW
 // input into a channels-innermost window (a transpose) costs about as much as a copy.
 constexpr int64_t kTransformTile = 16;
+static_assert(kTransformTile % kLanes == 0, "vector tiles split the transform tile evenly");
 
 // Window row i of image n for channels [c_begin, c_begin + channels):
 //   dst[c * channel_stride + (m * R + h) * element_stride] = x(n, c_begin + c, row(i, h), column(m))
@@ -118,8 +119,27 @@ void build_window_row(const ConvGeometry& g, const In* in, const Strides4& is, i
       const int64_t m_count = std::min(kTransformTile, width - m0);
       for (int64_t m = 0; m < m_count; ++m)
         columns[m] = y < 0 ? -1 : real_input_index(m0 + m - g.pad_left, g.input_dilation_w, g.W);
+      // Interior tiles of an NCHW row into the channels-innermost window: whole vectors of
+      // consecutive input columns, transposed in registers (the scalar tile below costs one
+      // load and one store per element).
+      constexpr bool kVectorTypes = std::is_same_v<Out, float> && !std::is_same_v<In, double> && kLanes > 1;
+      const bool vector_tiles = kVectorTypes && channel_stride == 1 && is.d3 == 1 &&
+                                m_count == kTransformTile && columns[0] >= 0 &&
+                                columns[kTransformTile - 1] == columns[0] + kTransformTile - 1;
       for (int64_t c0 = 0; c0 < channels; c0 += kTransformTile) {
         const int64_t c_end = std::min(channels, c0 + kTransformTile);
+        if constexpr (kVectorTypes) {
+          if (vector_tiles && c_end - c0 == kTransformTile) {
+            for (int64_t cv = c0; cv < c_end; cv += kLanes)
+              for (int64_t mv = 0; mv < kTransformTile; mv += kLanes) {
+                VecF block[kLanes];
+                for (int c = 0; c < kLanes; ++c) block[c] = load(src + (cv + c) * is.d1 + columns[mv]);
+                transpose(block);
+                for (int m = 0; m < kLanes; ++m) store(dst + ((m0 + mv + m) * g.R + h) * element_stride + cv, block[m]);
+              }
+            continue;
+          }
+        }
         for (int64_t m = 0; m < m_count; ++m) {
           Out* d = dst + ((m0 + m) * g.R + h) * element_stride;
           const int64_t x = columns[m];

@@ -64,6 +64,32 @@ inline VecF exp2_integral(VecF n) {
   const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(biased, 23))};
 }
+// In-register 16x16 transpose: rows[i].lane(j) becomes rows[j].lane(i). Interleave 32-bit
+// pairs, then 64-bit pairs (each 128-bit lane L then holds column k + 4L of four rows), then
+// gather the 128-bit lanes of the four row groups.
+inline void transpose(VecF (&rows)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(rows[2 * i].v, rows[2 * i + 1].v);
+    t[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i].v, rows[2 * i + 1].v);
+  }
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 low_ab = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), low_cd = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44);
+    const __m512 high_ab = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xEE), high_cd = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xEE);
+    rows[k].v = _mm512_shuffle_f32x4(low_ab, low_cd, 0x88);
+    rows[k + 4].v = _mm512_shuffle_f32x4(low_ab, low_cd, 0xDD);
+    rows[k + 8].v = _mm512_shuffle_f32x4(high_ab, high_cd, 0x88);
+    rows[k + 12].v = _mm512_shuffle_f32x4(high_ab, high_cd, 0xDD);
+  }
+}
 
 #elif defined(__AVX2__)
 
@@ -106,6 +132,24 @@ inline VecF exp2_integral(VecF n) {
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(biased, 23))};
 }
+// In-register 8x8 transpose: rows[i].lane(j) becomes rows[j].lane(i).
+inline void transpose(VecF (&rows)[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(rows[2 * i].v, rows[2 * i + 1].v);
+    t[2 * i + 1] = _mm256_unpackhi_ps(rows[2 * i].v, rows[2 * i + 1].v);
+  }
+  for (int g = 0; g < 2; ++g) {
+    s[4 * g] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    s[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    s[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    s[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    rows[k].v = _mm256_permute2f128_ps(s[k], s[4 + k], 0x20);
+    rows[k + 4].v = _mm256_permute2f128_ps(s[k], s[4 + k], 0x31);
+  }
+}
 
 #else  // scalar: one lane, the same interface, so kernels are written once.
 
@@ -132,6 +176,7 @@ inline VecF min(VecF a, VecF b) { return {a.v < b.v ? a.v : b.v}; }
 inline VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }
 inline VecF round_nearest(VecF a) { return {__builtin_rintf(a.v)}; }
 inline VecF exp2_integral(VecF n) { return {bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
+inline void transpose(VecF (&)[1]) {}
 
 #endif
 
