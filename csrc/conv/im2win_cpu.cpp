@@ -82,6 +82,9 @@ float* scratch(std::vector<float>& buffer, int64_t floats) {
 thread_local std::vector<float> window_scratch;
 thread_local std::vector<float> panel_scratch;
 thread_local std::vector<float> partial_scratch;
+thread_local std::vector<float> shared_window_scratch;
+// Largest whole-batch window built up front (see compute); larger ones are built per task.
+constexpr int64_t kSharedWindowBytes = 8 << 20;
 
 template <typename In, typename Out>
 inline Out convert(In v) {
@@ -312,11 +315,31 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
   const int64_t tap_stride = g.dilation_w * g.R * L.Cg;   // next kernel column
   const int64_t tiles_per_chunk = (chunk_pixels + kColumns - 1) / kColumns;
   // Pixels are numbered across the whole batch (n, i, j), so chunks span images when images
-  // are small (7x7 deep layers) and every chunk fills its register tiles. When that leaves
-  // fewer than ~4 tasks per thread (deep layers: few pixels, many channels), the channel
-  // blocks are split over tasks too; each such task rebuilds its (small) window rows.
+  // are small (7x7 deep layers) and every chunk fills its register tiles.
+  //
+  // Window rows: when the whole batch's window is small (deep layers: 1.7 MB for 512
+  // channels at 7x7), it is built once up front and every task reads it; tasks are then
+  // (group, chunk, one channel block), many and even, for balance across threads (torch's
+  // threads take static ranges). Otherwise each task builds its own rows in a per-thread
+  // buffer that stays in cache, and channel blocks are split over tasks only when there
+  // would be fewer than ~4 tasks per thread, since each split rebuilds the rows.
+  const int64_t total_rows = g.N * g.Ho;
+  const bool shared_window = g.groups * total_rows * L.row_size * int64_t(sizeof(float)) <= kSharedWindowBytes;
+  float* window_all = nullptr;
+  if (shared_window) {
+    window_all = scratch(shared_window_scratch, g.groups * total_rows * L.row_size);
+    parallel_for(0, g.groups * total_rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t gr = begin; gr < end; ++gr) {
+        const int64_t group = gr / total_rows, row = gr % total_rows;
+        build_window_row(g, in, p.input_strides, row / g.Ho, row % g.Ho, group * L.Cg, L.Cg,
+                         window_all + gr * L.row_size, int64_t(1), L.Cg);
+      }
+    });
+  }
   const int64_t wanted_tasks = 4 * int64_t(max_threads());
-  const int64_t splits = std::clamp<int64_t>((wanted_tasks + g.groups * chunks - 1) / (g.groups * chunks), 1, L.blocks);
+  const int64_t splits =
+      shared_window ? L.blocks
+                    : std::clamp<int64_t>((wanted_tasks + g.groups * chunks - 1) / (g.groups * chunks), 1, L.blocks);
   const int64_t blocks_per_split = (L.blocks + splits - 1) / splits;
   parallel_for(0, g.groups * chunks * splits, 1, [&](int64_t begin, int64_t end) {
     const float* starts[kColumns];
@@ -328,11 +351,17 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
       if (p_begin >= p_end) continue;
       // Window rows are numbered n * Ho + i across the batch too.
       const int64_t first_row = p_begin / g.Wo, rows = (p_end - 1) / g.Wo - first_row + 1;
-      float* window = scratch(window_scratch, rows * L.row_size);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = first_row + r;
-        build_window_row(g, in, p.input_strides, row / g.Ho, row % g.Ho, group * L.Cg, L.Cg,
-                         window + r * L.row_size, int64_t(1), L.Cg);
+      const float* window;
+      if (shared_window) {
+        window = window_all + (group * total_rows + first_row) * L.row_size;
+      } else {
+        float* own = scratch(window_scratch, rows * L.row_size);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = first_row + r;
+          build_window_row(g, in, p.input_strides, row / g.Ho, row % g.Ho, group * L.Cg, L.Cg, own + r * L.row_size,
+                           int64_t(1), L.Cg);
+        }
+        window = own;
       }
       const int64_t block_end = std::min(L.blocks, (split + 1) * blocks_per_split);
       for (int64_t block = split * blocks_per_split; block < block_end; ++block) {
