@@ -184,18 +184,36 @@ void pack(const Im2winConvParams& p, const Layout& L, float* panels, float* bias
   const T* w = static_cast<const T*>(p.weight);
   const T* b = static_cast<const T*>(p.bias);
   const Strides4 ws = p.weight_strides;
+  const bool gather_fits = ws.d0 > 0 && ws.d0 * kLanes < (int64_t(1) << 31);
   parallel_for(0, g.groups * L.blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t gb = begin; gb < end; ++gb) {
       const int64_t first = gb / L.blocks * L.Kg;  // first output channel of the group
       const int64_t k0 = gb % L.blocks * L.block;
-      float* panel = panels + gb * L.panel_size;
-      for (int64_t c0 = 0; c0 < L.Cg; c0 += L.chunk)
-      for (int64_t s = 0; s < g.S; ++s)
-        for (int64_t r = 0; r < g.R; ++r)
-          for (int64_t c = c0; c < std::min(L.Cg, c0 + L.chunk); ++c, panel += L.block)
-            for (int64_t k = 0; k < L.block; ++k)
-              panel[k] = k0 + k < L.Kg ? to_float(w[(first + k0 + k) * ws.d0 + c * ws.d1 + r * ws.d2 + s * ws.d3])
-                                       : 0.0f;
+      for (int64_t c0 = 0; c0 < L.Cg; c0 += L.chunk) {
+        const int64_t channels = std::min(L.chunk, L.Cg - c0);
+        float* panel = panels + gb * L.panel_size + c0 * g.S * g.R * L.block;
+        // 16 input channels at a time: the block's weights for them (block rows of 16*R*S
+        // values, about 18 KB) stay in L1 while every (s, r) reads them, and each (s, r)
+        // writes 16*block contiguous floats. Walking all channels per (s, r) instead re-read
+        // the weights from L2 R*S times: 40% of a 512-channel 3x3 layer's time.
+        for (int64_t c1 = c0; c1 < c0 + channels; c1 += kTransformTile) {
+          const int64_t c_end = std::min(c0 + channels, c1 + kTransformTile);
+          for (int64_t s = 0; s < g.S; ++s)
+            for (int64_t r = 0; r < g.R; ++r)
+              for (int64_t c = c1; c < c_end; ++c) {
+                float* dst = panel + ((s * g.R + r) * channels + (c - c0)) * L.block;
+                const T* src = w + (first + k0) * ws.d0 + c * ws.d1 + r * ws.d2 + s * ws.d3;
+                int64_t k = 0;
+                if constexpr (std::is_same_v<T, float>) {
+                  // Whole vectors of output channels: one gather each (weights are [K][...]).
+                  if (gather_fits)
+                    for (; k + kLanes <= std::min<int64_t>(L.block, L.Kg - k0); k += kLanes)
+                      store(dst + k, gather(src + k * ws.d0, ws.d0));
+                }
+                for (; k < L.block; ++k) dst[k] = k0 + k < L.Kg ? to_float(src[k * ws.d0]) : 0.0f;
+              }
+        }
+      }
       for (int64_t k = 0; k < L.block; ++k)
         bias[gb * L.block + k] = (b != nullptr && k0 + k < L.Kg) ? to_float(b[first + k0 + k]) : 0.0f;
     }

@@ -39,6 +39,11 @@ inline VecF load(const Half* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 inline void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
+// Lanes base[0], base[stride], ..., base[15 * stride]; 15 * stride must fit in int32.
+inline VecF gather(const float* base, int64_t stride) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return {_mm512_i32gather_ps(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(int32_t(stride))), base, 4)};
+}
 inline void store(BFloat16* p, VecF x) {
   const __m512i bits = _mm512_castps_si512(x.v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -105,6 +110,11 @@ inline VecF load(const BFloat16* p) {
 }
 inline VecF load(const Half* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
 inline void store(float* p, VecF x) { _mm256_storeu_ps(p, x.v); }
+// Lanes base[0], base[stride], ..., base[7 * stride]; 7 * stride must fit in int32.
+inline VecF gather(const float* base, int64_t stride) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return {_mm256_i32gather_ps(base, _mm256_mullo_epi32(lanes, _mm256_set1_epi32(int32_t(stride))), 4)};
+}
 inline void store(BFloat16* p, VecF x) {
   const __m256i bits = _mm256_castps_si256(x.v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -177,6 +187,7 @@ inline VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }
 inline VecF round_nearest(VecF a) { return {__builtin_rintf(a.v)}; }
 inline VecF exp2_integral(VecF n) { return {bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
 inline void transpose(VecF (&)[1]) {}
+inline VecF gather(const float* base, int64_t) { return {*base}; }
 
 #endif
 
