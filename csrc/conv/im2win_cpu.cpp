@@ -132,14 +132,20 @@ void build_window_row(const ConvGeometry& g, const In* in, const Strides4& is, i
       for (int64_t c0 = 0; c0 < channels; c0 += kTransformTile) {
         const int64_t c_end = std::min(channels, c0 + kTransformTile);
         if constexpr (kVectorTypes) {
-          if (vector_tiles && c_end - c0 == kTransformTile) {
-            for (int64_t cv = c0; cv < c_end; cv += kLanes)
+          if (vector_tiles) {
+            // Channel groups of kLanes; a short last group (3-channel RGB input) pads the
+            // transpose with zero rows and stores only its channels.
+            for (int64_t cv = c0; cv < c_end; cv += kLanes) {
+              const int count = int(std::min<int64_t>(kLanes, c_end - cv));
               for (int64_t mv = 0; mv < kTransformTile; mv += kLanes) {
                 VecF block[kLanes];
-                for (int c = 0; c < kLanes; ++c) block[c] = load(src + (cv + c) * is.d1 + columns[mv]);
+                for (int c = 0; c < kLanes; ++c)
+                  block[c] = c < count ? load(src + (cv + c) * is.d1 + columns[mv]) : broadcast(0.0f);
                 transpose(block);
-                for (int m = 0; m < kLanes; ++m) store(dst + ((m0 + mv + m) * g.R + h) * element_stride + cv, block[m]);
+                for (int m = 0; m < kLanes; ++m)
+                  store_first(dst + ((m0 + mv + m) * g.R + h) * element_stride + cv, block[m], count);
               }
+            }
             continue;
           }
         }

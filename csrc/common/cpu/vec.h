@@ -39,6 +39,8 @@ inline VecF load(const Half* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 inline void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
+// Stores the first `count` lanes only.
+inline void store_first(float* p, VecF x, int count) { _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), x.v); }
 // Lanes base[0], base[stride], ..., base[15 * stride]; 15 * stride must fit in int32.
 inline VecF gather(const float* base, int64_t stride) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -110,6 +112,11 @@ inline VecF load(const BFloat16* p) {
 }
 inline VecF load(const Half* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
 inline void store(float* p, VecF x) { _mm256_storeu_ps(p, x.v); }
+// Stores the first `count` lanes only.
+inline void store_first(float* p, VecF x, int count) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lane), x.v);
+}
 // Lanes base[0], base[stride], ..., base[7 * stride]; 7 * stride must fit in int32.
 inline VecF gather(const float* base, int64_t stride) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -188,6 +195,9 @@ inline VecF round_nearest(VecF a) { return {__builtin_rintf(a.v)}; }
 inline VecF exp2_integral(VecF n) { return {bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
 inline void transpose(VecF (&)[1]) {}
 inline VecF gather(const float* base, int64_t) { return {*base}; }
+inline void store_first(float* p, VecF x, int count) {
+  if (count > 0) *p = x.v;
+}
 
 #endif
 
