@@ -20,6 +20,7 @@
 //
 // float64 (gradcheck and reference use only) runs a plain direct convolution in double.
 #include <algorithm>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -49,6 +50,8 @@ constexpr int kLanes = VecF::kWidth;
 // L2 (at most a few rows of width*R*Cg floats), large enough that a weight panel read from
 // L2/L3 serves 96 pixels (48 FLOPs per byte of weights).
 constexpr int64_t kPixelsPerTask = 8 * kColumns;
+// Budget for one task's window rows when choosing whole-tile chunks (half of a 1 MB L2).
+constexpr int64_t kChunkRowBytes = 512 * 1024;
 
 // Channel block: two vectors normally; one when a group has few output channels
 // (grouped/depthwise convolutions), so that less of the block is zero padding.
@@ -329,7 +332,13 @@ void compute(const Im2winConvParams& p, const Layout& L, const float* panels, co
   // chunks of about kPixelsPerTask pixels in whole register tiles, spanning rows and images.
   int64_t chunk_pixels;
   if (g.Wo >= kColumns) {
-    chunk_pixels = g.Wo * ((kPixelsPerTask + g.Wo - 1) / g.Wo);
+    // Rows per chunk: at least enough for kPixelsPerTask pixels, and preferably a multiple
+    // of kColumns / gcd(Wo, kColumns) so that the chunk is whole register tiles (a short
+    // tail tile runs at a fraction of the FMA rate), while its window rows fit kChunkRowBytes.
+    const int64_t min_rows = (kPixelsPerTask + g.Wo - 1) / g.Wo;
+    const int64_t tile_rows = kColumns / std::gcd<int64_t>(g.Wo, kColumns);
+    const int64_t rows = (min_rows + tile_rows - 1) / tile_rows * tile_rows;
+    chunk_pixels = g.Wo * (rows * L.row_size * int64_t(sizeof(float)) <= kChunkRowBytes ? rows : min_rows);
   } else {
     const int64_t even_chunks = (pixels + kPixelsPerTask - 1) / kPixelsPerTask;
     chunk_pixels = ((pixels + even_chunks - 1) / even_chunks + kColumns - 1) / kColumns * kColumns;
