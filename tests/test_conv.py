@@ -279,3 +279,13 @@ def test_mixed_devices_rejected():
         pytest.skip("no CUDA device")
     with pytest.raises(RuntimeError, match="weight must be on the device of input"):
         torch_ext.ops.conv2d(torch.randn(1, 2, 4, 4, device="cuda"), torch.randn(3, 2, 3, 3))
+
+
+def test_bad_gradient_op_inputs():
+    w, x = torch.randn(3, 2, 3, 3), torch.randn(1, 2, 6, 6)
+    with pytest.raises(RuntimeError, match=r"im2win_conv2d_grad_input: grad_output must have shape \[1, 3, 4, 4\], "
+                                           r"got \[1, 3, 5, 5\]"):
+        torch.ops.torch_ext.im2win_conv2d_grad_input(torch.randn(1, 3, 5, 5), w, [1, 2, 6, 6], [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"im2win_conv2d_grad_weight: input must have the dtype of grad_output"):
+        torch.ops.torch_ext.im2win_conv2d_grad_weight(torch.randn(1, 3, 4, 4), x.double(), [3, 2, 3, 3], [1, 1],
+                                                      [0, 0], [1, 1], 1)

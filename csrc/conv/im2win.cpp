@@ -76,6 +76,23 @@ ConvGeometry forward_geometry(const char* op, at::IntArrayRef input_size, at::In
   return ConvGeometry{N, C, H, W, K, R, S, Ho, Wo, groups, st.h, st.w, dil.h, dil.w, pad.h, pad.w, 1, 1};
 }
 
+// The gradient ops' inputs: grad_output and the saved forward tensor agree in dtype and
+// device, and the size argument names a 4-D tensor.
+void check_gradient_inputs(const char* op, const at::Tensor& grad_output, const at::Tensor& saved,
+                           const char* saved_name, at::IntArrayRef size, const char* size_name) {
+  check_conv_tensor(op, "grad_output", grad_output);
+  check_conv_tensor(op, saved_name, saved);
+  check_same_dtype(op, saved_name, saved, "grad_output", grad_output);
+  check_same_device(op, saved_name, saved, "grad_output", grad_output);
+  TORCH_EXT_CHECK(size.size() == 4, op, size_name, " must have 4 values, got ", size);
+}
+
+void check_grad_output_shape(const char* op, const at::Tensor& grad_output, const ConvGeometry& f) {
+  const std::vector<int64_t> expected{f.N, f.K, f.Ho, f.Wo};
+  TORCH_EXT_CHECK(grad_output.sizes() == at::IntArrayRef(expected), op, "grad_output must have shape ",
+                  at::IntArrayRef(expected), ", got ", grad_output.sizes());
+}
+
 // out[n][k][i][j] = bias + conv(input, weight) under `g`, on the tensors' device.
 void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, at::Tensor& out) {
@@ -124,15 +141,9 @@ at::Tensor im2win_conv2d(const at::Tensor& input, const at::Tensor& weight, cons
 at::Tensor im2win_conv2d_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                     at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups) {
-  check_conv_tensor(kGradInput, "grad_output", grad_output);
-  check_conv_tensor(kGradInput, "weight", weight);
-  check_same_dtype(kGradInput, "weight", weight, "grad_output", grad_output);
-  check_same_device(kGradInput, "weight", weight, "grad_output", grad_output);
-  TORCH_EXT_CHECK(input_size.size() == 4, kGradInput, "input_size must have 4 values, got ", input_size);
+  check_gradient_inputs(kGradInput, grad_output, weight, "weight", input_size, "input_size");
   const ConvGeometry f = forward_geometry(kGradInput, input_size, weight.sizes(), stride, padding, dilation, groups);
-  TORCH_EXT_CHECK(grad_output.sizes() == at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), kGradInput,
-                  "grad_output must have shape ", at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), ", got ",
-                  grad_output.sizes());
+  check_grad_output_shape(kGradInput, grad_output, f);
   const c10::DeviceGuard device_guard(grad_output.device());
   const int64_t Cg = f.C / groups, Kg = f.K / groups;
   // [K, Cg, R, S] -> [C, Kg, R, S] with the kernel flipped.
@@ -155,15 +166,9 @@ at::Tensor im2win_conv2d_grad_input(const at::Tensor& grad_output, const at::Ten
 at::Tensor im2win_conv2d_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                      at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, int64_t groups) {
-  check_conv_tensor(kGradWeight, "grad_output", grad_output);
-  check_conv_tensor(kGradWeight, "input", input);
-  check_same_dtype(kGradWeight, "input", input, "grad_output", grad_output);
-  check_same_device(kGradWeight, "input", input, "grad_output", grad_output);
-  TORCH_EXT_CHECK(weight_size.size() == 4, kGradWeight, "weight_size must have 4 values, got ", weight_size);
+  check_gradient_inputs(kGradWeight, grad_output, input, "input", weight_size, "weight_size");
   const ConvGeometry f = forward_geometry(kGradWeight, input.sizes(), weight_size, stride, padding, dilation, groups);
-  TORCH_EXT_CHECK(grad_output.sizes() == at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), kGradWeight,
-                  "grad_output must have shape ", at::IntArrayRef({f.N, f.K, f.Ho, f.Wo}), ", got ",
-                  grad_output.sizes());
+  check_grad_output_shape(kGradWeight, grad_output, f);
   const c10::DeviceGuard device_guard(input.device());
   const int64_t Cg = f.C / groups, Kg = f.K / groups;
   at::Tensor grad_weight = at::empty(weight_size, input.options());
