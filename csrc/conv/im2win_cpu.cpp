@@ -73,7 +73,7 @@ struct Layout {
         width(window_width(g)),
         row_size(width * g.R * Cg),
         panel_size(g.S * g.R * Cg * block),
-        chunk(std::clamp<int64_t>(kPanelBytes / int64_t(sizeof(float) * g.S * g.R * block) / 16 * 16, 16, Cg)) {}
+        chunk(std::min(Cg, std::max<int64_t>(16, kPanelBytes / int64_t(sizeof(float) * g.S * g.R * block) / 16 * 16))) {}
 };
 
 // A grow-only buffer per thread: tasks reuse it across calls instead of allocating (fresh
