@@ -11,6 +11,7 @@
 
 #include "common/cpu/isa.h"
 #include "common/float_bits.h"
+#include "conv/packed_weight_cache.h"
 
 #if defined(TORCH_EXT_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -108,6 +109,10 @@ PYBIND11_MODULE(_C, m) {
         "Caps the CPU ISA level kernels use ('scalar', 'avx2', 'avx512'); returns the level now active.");
   m.def("cpu_isa", [] { return std::string(cpu::cpu_isa_name(cpu::active_cpu_isa())); },
         "The CPU ISA level kernels currently use.");
+
+  m.def("clear_conv_weight_cache", &clear_packed_weight_cache,
+        "Frees the CPU convolution weights packed for inference reuse; returns the bytes released.");
+  m.def("conv_weight_cache_bytes", &packed_weight_cache_bytes, "Bytes of packed convolution weights held now.");
 
   py::module_ testing = m.def_submodule("_testing", "Host-side copies of device helpers, for CPU tests.");
   testing.def("float_to_half", [](const py::bytes& b) {

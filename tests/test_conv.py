@@ -289,3 +289,43 @@ def test_bad_gradient_op_inputs():
     with pytest.raises(RuntimeError, match=r"im2win_conv2d_grad_weight: input must have the dtype of grad_output"):
         torch.ops.torch_ext.im2win_conv2d_grad_weight(torch.randn(1, 3, 4, 4), x.double(), [3, 2, 3, 3], [1, 1],
                                                       [0, 0], [1, 1], 1)
+
+
+def test_inference_weight_cache_follows_weight_changes():
+    """Unchanged weights reuse packed panels from their second call; an in-place write or a
+    new tensor is packed afresh."""
+    seed = fresh_seed()
+    x = random_tensor((2, 8, 9, 9), torch.float32, "cpu", seed)
+    w = random_tensor((12, 8, 3, 3), torch.float32, "cpu", seed + 1)
+    torch_ext._C.clear_conv_weight_cache()
+    with torch.no_grad():
+        first = torch_ext.ops.conv2d(x, w, None, 1, 1)
+        assert torch_ext._C.conv_weight_cache_bytes() == 0  # seen once: remembered, not packed
+        assert torch.equal(torch_ext.ops.conv2d(x, w, None, 1, 1), first)
+        assert torch_ext._C.conv_weight_cache_bytes() > 0
+        assert torch.equal(torch_ext.ops.conv2d(x, w, None, 1, 1), first)  # from the cache
+        w.mul_(-2.0)  # in place: same tensor, new version
+        for _ in range(3):
+            assert_close_to_reference(torch_ext.ops.conv2d(x, w, None, 1, 1),
+                                      F.conv2d(x.double(), w.double(), None, 1, 1), torch.float32,
+                                      "after in-place change", CONV_BOUNDS[torch.float32])
+        w2 = w.clone()
+        w2[0].zero_()
+        for _ in range(3):
+            assert_close_to_reference(torch_ext.ops.conv2d(x, w2, None, 1, 1),
+                                      F.conv2d(x.double(), w2.double(), None, 1, 1), torch.float32, "new tensor",
+                                      CONV_BOUNDS[torch.float32])
+    assert torch_ext._C.clear_conv_weight_cache() > 0
+    assert torch_ext._C.conv_weight_cache_bytes() == 0
+
+
+def test_training_steps_do_not_fill_the_cache():
+    """Each optimizer step writes the weight in place: every version is seen once, never packed."""
+    torch_ext._C.clear_conv_weight_cache()
+    conv = torch_ext.nn.Im2winConv2d(3, 4, 3)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
+    for _ in range(3):
+        conv(torch.randn(1, 3, 6, 6)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch_ext._C.conv_weight_cache_bytes() == 0

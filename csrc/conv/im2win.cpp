@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/torch_utils.h"
+#include "conv/packed_weight_cache.h"
 #include "ops.h"
 
 #if defined(TORCH_EXT_WITH_CUDA)
@@ -94,8 +95,10 @@ void check_grad_output_shape(const char* op, const at::Tensor& grad_output, cons
 }
 
 // out[n][k][i][j] = bias + conv(input, weight) under `g`, on the tensors' device.
+// `cache_weight`: on the CPU, reuse the packed panels of a weight that comes back unchanged
+// (inference; conv/packed_weight_cache.h). The gradient passes' "weights" are fresh tensors.
 void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                     const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+                     const c10::optional<at::Tensor>& bias, at::Tensor& out, bool cache_weight = false) {
   if (out.numel() == 0) return;
   const Im2winConvParams p{scalar_kind(input), g,
                            input.data_ptr(), strides4(input),
@@ -110,7 +113,16 @@ void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::T
     return;
 #endif
   }
-  TORCH_EXT_CPU_DISPATCH(im2win_conv, p);
+  at::Tensor packed;
+  if (cache_weight && p.dtype != ScalarKind::kFloat64) {
+    packed = cached_packed_weight(weight, int(cpu::active_cpu_isa()), [&] {
+      const int64_t floats = TORCH_EXT_CPU_DISPATCH(im2win_packed_weight_size, p);
+      at::Tensor panels = at::empty({floats}, weight.options().dtype(at::kFloat));
+      TORCH_EXT_CPU_DISPATCH(im2win_pack_weight, p, panels.data_ptr<float>());
+      return panels;
+    });
+  }
+  TORCH_EXT_CPU_DISPATCH(im2win_conv, p, packed.defined() ? packed.data_ptr<float>() : nullptr);
 }
 
 }  // namespace
@@ -132,7 +144,7 @@ at::Tensor im2win_conv2d(const at::Tensor& input, const at::Tensor& weight, cons
   at::Tensor out = empty_conv_output(input, {g.N, g.K, g.Ho, g.Wo});
   const c10::optional<at::Tensor> contiguous_bias =
       bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
-  run_convolution(g, input, weight, contiguous_bias, out);
+  run_convolution(g, input, weight, contiguous_bias, out, /*cache_weight=*/true);
   return out;
 }
 

@@ -97,8 +97,13 @@ struct Im2winConvParams {
 
 namespace cpu {
 TORCH_EXT_DECLARE_CPU_KERNEL(void im2win_transform(const Im2winTransformParams& p))
-// Scratch memory (window rows, packed weights) is per thread and reused across calls.
-TORCH_EXT_DECLARE_CPU_KERNEL(void im2win_conv(const Im2winConvParams& p))
+// Floats of the weight panels im2win_pack_weight writes for p's geometry, in the layout of
+// the ISA level it runs at (0 for float64, which needs none).
+TORCH_EXT_DECLARE_CPU_KERNEL(int64_t im2win_packed_weight_size(const Im2winConvParams& p))
+TORCH_EXT_DECLARE_CPU_KERNEL(void im2win_pack_weight(const Im2winConvParams& p, float* packed))
+// `packed`: im2win_pack_weight's output for this weight at the same ISA level, or nullptr to
+// pack here. Scratch memory (window rows, bias, panels when packing) is per thread and reused.
+TORCH_EXT_DECLARE_CPU_KERNEL(void im2win_conv(const Im2winConvParams& p, const float* packed))
 }  // namespace cpu
 
 }  // namespace torch_ext

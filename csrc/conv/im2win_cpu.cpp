@@ -185,13 +185,12 @@ void transform(const Im2winTransformParams& p) {
 // ---------------------------------------------------------------------------------------
 // Weights and bias
 // ---------------------------------------------------------------------------------------
-// panels: [group][block][channel chunk][S][R][channels of the chunk][block channels], then
-// bias: [group][block][block channels]. The micro-kernel reads a chunk's panel in order.
+// panels: [group][block][channel chunk][S][R][channels of the chunk][block channels]; the
+// micro-kernel reads a chunk's panel in order. Bias: [group][block][block channels].
 template <typename T>
-void pack(const Im2winConvParams& p, const Layout& L, float* panels, float* bias) {
+void pack_weights(const Im2winConvParams& p, const Layout& L, float* panels) {
   const ConvGeometry& g = p.geometry;
   const T* w = static_cast<const T*>(p.weight);
-  const T* b = static_cast<const T*>(p.bias);
   const Strides4 ws = p.weight_strides;
   const bool gather_fits = ws.d0 > 0 && ws.d0 * kLanes < (int64_t(1) << 31);
   parallel_for(0, g.groups * L.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -223,10 +222,18 @@ void pack(const Im2winConvParams& p, const Layout& L, float* panels, float* bias
               }
         }
       }
-      for (int64_t k = 0; k < L.block; ++k)
-        bias[gb * L.block + k] = (b != nullptr && k0 + k < L.Kg) ? to_float(b[first + k0 + k]) : 0.0f;
     }
   });
+}
+
+template <typename T>
+void pack_bias(const Im2winConvParams& p, const Layout& L, float* bias) {
+  const T* b = static_cast<const T*>(p.bias);
+  for (int64_t gb = 0; gb < p.geometry.groups * L.blocks; ++gb) {
+    const int64_t first = gb / L.blocks * L.Kg, k0 = gb % L.blocks * L.block;
+    for (int64_t k = 0; k < L.block; ++k)
+      bias[gb * L.block + k] = (b != nullptr && k0 + k < L.Kg) ? to_float(b[first + k0 + k]) : 0.0f;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -465,22 +472,40 @@ void im2win_transform(const Im2winTransformParams& p) {
   visit_storage_type(p.dtype, [&](auto tag) { transform<decltype(tag)>(p); });
 }
 
-void im2win_conv(const Im2winConvParams& p) {
+int64_t im2win_packed_weight_size(const Im2winConvParams& p) {
+  if (p.dtype == ScalarKind::kFloat64) return 0;
+  const Layout L(p.geometry);
+  return p.geometry.groups * L.blocks * L.panel_size;
+}
+
+void im2win_pack_weight(const Im2winConvParams& p, float* packed) {
+  if (p.dtype == ScalarKind::kFloat64) return;
+  const Layout L(p.geometry);
+  visit_storage_type(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) pack_weights<T>(p, L, packed);
+  });
+}
+
+void im2win_conv(const Im2winConvParams& p, const float* packed) {
   const ConvGeometry& g = p.geometry;
   if (g.N == 0 || g.K == 0 || g.Ho <= 0 || g.Wo <= 0) return;
   if (p.dtype == ScalarKind::kFloat64) return direct_double(p);
   const Layout L(g);
-  const int64_t panels_size = g.groups * L.blocks * L.panel_size;
-  float* panels = scratch(panel_scratch, panels_size + g.groups * L.blocks * L.block);
-  float* bias = panels + panels_size;
+  const int64_t bias_size = g.groups * L.blocks * L.block;
+  float* bias = scratch(panel_scratch, bias_size + (packed == nullptr ? im2win_packed_weight_size(p) : 0));
+  if (packed == nullptr) {
+    im2win_pack_weight(p, bias + bias_size);
+    packed = bias + bias_size;
+  }
   visit_storage_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {
-      pack<T>(p, L, panels, bias);
+      pack_bias<T>(p, L, bias);
       if (L.block == kLanes) {
-        compute<T, 1>(p, L, panels, bias);
+        compute<T, 1>(p, L, packed, bias);
       } else {
-        compute<T, kVectorsLarge>(p, L, panels, bias);
+        compute<T, kVectorsLarge>(p, L, packed, bias);
       }
     }
   });
