@@ -149,11 +149,11 @@ def measure_case(case: Case, roof: Roofline, config: TimerConfig) -> dict[str, A
         record["baselines"] = {}
         for name, fn in case.baselines.items():
             try:
-                stats = measure(fn, inputs, config)
+                stats, memory = _measure_baseline(fn, inputs, config)
             except Exception as exc:
                 record["baselines"][name] = {"error": _describe(exc)}
                 continue
-            entry = evaluate(stats)
+            entry = {**evaluate(stats), **memory}
             if ours_stats is not None:
                 entry["speedup"] = speedup(stats.median_s, ours_stats.median_s)
             record["baselines"][name] = entry
@@ -167,6 +167,15 @@ def measure_case(case: Case, roof: Roofline, config: TimerConfig) -> dict[str, A
             with contextlib.suppress(Exception):
                 torch.cuda.empty_cache()
     return record
+
+
+def _measure_baseline(fn: Any, inputs: InputSets, config: TimerConfig) -> tuple[Stats, dict[str, int]]:
+    """Time a baseline; on CUDA also its peak memory, to compare workspaces with ours."""
+    if inputs.device.type != "cuda":
+        return measure(fn, inputs, config), {}
+    with PeakMemory(inputs.device) as memory:
+        stats = measure(fn, inputs, config)
+    return stats, memory.to_json()
 
 
 def _measure_ours(
