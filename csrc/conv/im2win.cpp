@@ -207,7 +207,7 @@ at::Tensor im2win_transform(const at::Tensor& input, at::IntArrayRef kernel_size
   at::Tensor window = empty_conv_output(input, {g.N, g.C, g.Ho, columns});
   if (window.numel() == 0) return window;
   const Im2winTransformParams p{scalar_kind(input), g, input.data_ptr(), strides4(input),
-                                window.data_ptr(), strides4(window), false};
+                                window.data_ptr(), strides4(window)};
   if (input.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     C10_CUDA_CHECK(cuda::im2win_transform(p, c10::cuda::getCurrentCUDAStream()));

@@ -54,11 +54,6 @@ TORCH_EXT_HOST_DEVICE int64_t window_width(const ConvGeometry& g) {
   return (g.Wo - 1) * g.stride_w + (g.S - 1) * g.dilation_w + 1;
 }
 
-// Elements of the whole window buffer, [N][Ho][window_width][R][C].
-TORCH_EXT_HOST_DEVICE int64_t window_elements(const ConvGeometry& g) {
-  return g.N * g.Ho * window_width(g) * g.R * g.C;
-}
-
 // Maps a virtual input coordinate (after padding offset and input dilation) onto a real
 // index; returns -1 where the virtual position is padding or an inserted zero.
 TORCH_EXT_HOST_DEVICE int64_t real_input_index(int64_t virtual_index, int64_t input_dilation, int64_t size) {
@@ -76,11 +71,9 @@ struct Im2winTransformParams {
   ConvGeometry geometry;
   const void* input;
   Strides4 input_strides;  // [N][C][H][W]
-  // Destination [N][C][Ho][window_width*R] with these strides. `window_is_float` writes fp32
-  // (the CPU convolution's workspace); otherwise the input's dtype.
+  // Destination [N][C][Ho][window_width*R] in the input's dtype, with these strides.
   void* window;
   Strides4 window_strides;
-  bool window_is_float;
 };
 
 struct Im2winConvParams {

@@ -170,14 +170,8 @@ void transform(const Im2winTransformParams& p) {
   parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.Ho, i = row % g.Ho;
-      const int64_t offset = n * os.d0 + i * os.d2;
-      if (p.window_is_float) {
-        build_window_row(g, static_cast<const In*>(p.input), p.input_strides, n, i, 0, g.C,
-                         static_cast<float*>(p.window) + offset, os.d1, os.d3);
-      } else {
-        build_window_row(g, static_cast<const In*>(p.input), p.input_strides, n, i, 0, g.C,
-                         static_cast<In*>(p.window) + offset, os.d1, os.d3);
-      }
+      build_window_row(g, static_cast<const In*>(p.input), p.input_strides, n, i, 0, g.C,
+                       static_cast<In*>(p.window) + n * os.d0 + i * os.d2, os.d1, os.d3);
     }
   });
 }

@@ -138,17 +138,6 @@ unsigned grid_1d(int64_t blocks, int64_t cap) { return unsigned(std::max<int64_t
 // Device helpers
 // ---------------------------------------------------------------------------------------------
 
-// Storage conversion for the window: Out is T or float (the CPU workspace format).
-template <typename Out, typename T>
-__device__ __forceinline__ Out convert_element(T v) {
-  if constexpr (std::is_same_v<Out, T>) {
-    return v;
-  } else {
-    static_assert(std::is_same_v<Out, float>, "the window is the input dtype or fp32");
-    return static_cast<float>(to_compute(v));
-  }
-}
-
 __device__ __forceinline__ float4 load_float4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,11 +160,11 @@ struct TransformArgs {
 // One block per (output row n*Ho + i, tile of kTransformColumns window columns); threads
 // (x: position in a window column, y: column). A position decodes to (input channel c, kernel
 // row h) once; the element of column m is input[row(c, h) + column(m)], or zero.
-template <typename T, typename Out, bool kInternal>
+template <typename T, bool kInternal>
 __global__ void __launch_bounds__(kTransformThreads) window_transform_kernel(const TransformArgs a) {
   __shared__ int64_t column_source[kTransformColumns];
   const T* __restrict__ input = static_cast<const T*>(a.input);
-  Out* __restrict__ window = static_cast<Out*>(a.window);
+  T* __restrict__ window = static_cast<T*>(a.window);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   for (int64_t tile = blockIdx.x; tile < a.total_tiles; tile += gridDim.x) {
     const int64_t row = tile / a.column_tiles;  // n*Ho + i
@@ -204,7 +193,7 @@ __global__ void __launch_bounds__(kTransformThreads) window_transform_kernel(con
         const int64_t source_column = column_source[mm];
         T value{};  // +0 for every storage type
         if (source_row >= 0 && source_column >= 0) value = input[source_row + source_column];
-        window[destination + mm * column_step] = convert_element<Out>(value);
+        window[destination + mm * column_step] = value;
       }
     }
   }
@@ -217,11 +206,11 @@ dim3 transform_block(int64_t inner_count) {
   return dim3(unsigned(x), unsigned(kTransformThreads / x));
 }
 
-template <typename T, typename Out, bool kInternal>
+template <typename T, bool kInternal>
 cudaError_t launch_transform(TransformArgs a, cudaStream_t stream) {
   a.column_tiles = ix::ceil_div(a.width, kTransformColumns);
   a.total_tiles = a.g.N * a.g.Ho * a.column_tiles;
-  window_transform_kernel<T, Out, kInternal>
+  window_transform_kernel<T, kInternal>
       <<<grid_1d(a.total_tiles, kMaxGridX), transform_block(a.inner_count), 0, stream>>>(a);
   return cudaGetLastError();
 }
@@ -584,7 +573,7 @@ cudaError_t launch_gemm(const Im2winConvParams& p, const Plan& plan, void* works
   ta.window = window;
   ta.width = l.width;
   ta.inner_count = l.column_stride;
-  cudaError_t status = launch_transform<T, T, true>(ta, stream);
+  cudaError_t status = launch_transform<T, true>(ta, stream);
   if (status != cudaSuccess) return status;
 
   // 2. Packed weights.
@@ -761,8 +750,7 @@ cudaError_t im2win_transform(const Im2winTransformParams& p, cudaStream_t stream
   cudaError_t status = cudaSuccess;
   visit_storage_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    status = p.window_is_float ? launch_transform<T, float, false>(a, stream)
-                               : launch_transform<T, T, false>(a, stream);
+    status = launch_transform<T, false>(a, stream);
   });
   return status;
 }

@@ -25,7 +25,7 @@ int64_t im2win_conv_workspace_bytes(const Im2winConvParams& p);
 cudaError_t im2win_conv(const Im2winConvParams& p, void* workspace, cudaStream_t stream);
 
 // Writes the window buffer exactly as Im2winTransformParams documents ([N][C][Ho][width*R],
-// any destination strides; fp32 when window_is_float, else the input dtype).
+// any destination strides, the input's dtype).
 cudaError_t im2win_transform(const Im2winTransformParams& p, cudaStream_t stream);
 
 }  // namespace torch_ext::cuda
