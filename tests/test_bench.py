@@ -204,10 +204,16 @@ def test_main_exit_codes(tmp_path):
 
 
 def test_activation_suite_cases():
-    quick = activation_suite("cpu", quick=True)
-    full = activation_suite("cpu", quick=False)
+    quick = [c for c in activation_suite("cpu", quick=True) if c.op == "silu_and_mul"]
+    full_all = activation_suite("cpu", quick=False)
+    full = [c for c in full_all if c.op == "silu_and_mul"]
     assert 1 <= len(quick) <= 3
     assert len(full) == 12  # 3 token counts x 2 widths x 2 dtypes
+    backward = [c for c in full_all if c.op == "silu_and_mul_backward"]
+    assert len(backward) == 1
+    grad, x = (t[:4].double() for t in backward[0].make_inputs(0))  # the formula, checked in float64
+    torch.testing.assert_close(backward[0].baselines["torch (eager formula)"](grad, x),
+                               torch.ops.torch_ext.silu_and_mul_backward(grad, x))
     for case in full:
         assert (case.family, case.op, case.flops) == ("activation", "silu_and_mul", 0.0)
         assert case.primary_baseline == "torch (F.silu(a) * b)"

@@ -35,6 +35,13 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
 
 
+def silu_and_mul_backward_torch(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Eager PyTorch gradient of silu(a) * b with respect to x = [a, b]."""
+    a, b = x.chunk(2, -1)
+    s = torch.sigmoid(a)
+    return torch.cat([grad * b * s * (1 + a * (1 - s)), grad * a * s], dim=-1)
+
+
 @register_suite("activation")
 def activation_suite(device: str, quick: bool) -> list[Case]:
     """silu_and_mul cases for ``device``; unsupported device types get none."""
@@ -43,7 +50,24 @@ def activation_suite(device: str, quick: bool) -> list[Case]:
         shapes = _QUICK.get(kind, ())
     else:
         shapes = tuple((t, d, dtype) for dtype in _DTYPES.get(kind, ()) for t in _TOKENS for d in _DIMS)
-    return [_silu_and_mul_case(device, t, d, dtype) for t, d, dtype in shapes]
+    cases = [_silu_and_mul_case(device, t, d, dtype) for t, d, dtype in shapes]
+    return cases + [_backward_case(device, t, d, dtype) for t, d, dtype in shapes[-1:]]
+
+
+def _backward_case(device: str, tokens: int, dim: int, dtype: torch.dtype) -> Case:
+    def make_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return (torch.randn(tokens, dim, generator=gen, device=device, dtype=dtype),
+                torch.randn(tokens, 2 * dim, generator=gen, device=device, dtype=dtype))
+
+    element = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        family="activation", op="silu_and_mul_backward", label=f"T={tokens} d={dim} {_SHORT[dtype]}",
+        make_inputs=make_inputs, ours=lambda g, x: torch.ops.torch_ext.silu_and_mul_backward(g, x),
+        baselines={"torch (eager formula)": silu_and_mul_backward_torch},
+        bytes=float((tokens * dim + 2 * tokens * 2 * dim) * element),  # read grad, x; write grad_x
+        device=device,
+    )
 
 
 def _silu_and_mul_case(device: str, tokens: int, dim: int, dtype: torch.dtype) -> Case:

@@ -62,6 +62,52 @@ def _layer_case(device: str, number: int, dtype: torch.dtype) -> Case:
     )
 
 
+def _transform_case(device: str, number: int) -> Case:
+    """The window transform alone against im2col's unfold: time and bytes written."""
+    c, hw, k, r, stride = PAPER_LAYERS[number - 1]
+    n = _BATCH[torch.device(device).type]
+    ho = (hw - r) // stride + 1
+    width = (ho - 1) * stride + r
+
+    def make_inputs(seed: int):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return (torch.randn(n, c, hw, hw, generator=gen, device=device),)
+
+    return Case(
+        family="conv2d", op="im2win_transform", label=f"conv{number} N={n} fp32",
+        make_inputs=make_inputs,
+        ours=lambda x: torch.ops.torch_ext.im2win_transform(x, [r, r], [stride, stride], [0, 0], [1, 1]),
+        baselines={"F.unfold (im2col)": lambda x: F.unfold(x, r, stride=stride)},
+        bytes=4.0 * (n * c * hw * hw + n * c * ho * width * r), device=device,
+        notes={"window_bytes": 4 * n * c * ho * width * r, "im2col_bytes": 4 * n * c * r * r * ho * ho},
+    )
+
+
+def _training_step_case(device: str, number: int) -> Case:
+    """Forward + backward (grad input and grad weight: our gradient kernels) against F.conv2d's."""
+    c, hw, k, r, stride = PAPER_LAYERS[number - 1]
+    n = _BATCH[torch.device(device).type]
+    ho = (hw - r) // stride + 1
+
+    def make_inputs(seed: int):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(n, c, hw, hw, generator=gen, device=device).requires_grad_()
+        w = (torch.randn(k, c, r, r, generator=gen, device=device) / (c * r * r) ** 0.5).requires_grad_()
+        return x, w
+
+    def step(conv):
+        def run(x, w):
+            conv(x, w).sum().backward()
+        return run
+
+    return Case(
+        family="conv2d", op="im2win_conv2d_fwd_bwd", label=f"conv{number} N={n} fp32",
+        make_inputs=make_inputs, ours=step(lambda x, w: im2win_conv(x, w, stride)),
+        baselines={"F.conv2d fwd+bwd": step(lambda x, w: F.conv2d(x, w, None, stride))},
+        flops=3 * 2.0 * n * k * ho * ho * c * r * r, device=device,
+    )
+
+
 def _resnet50_case(device: str) -> Case | None:
     try:
         import torchvision
@@ -99,6 +145,8 @@ def conv_suite(device: str, quick: bool) -> list[Case]:
     layers = _QUICK_LAYERS[kind] if quick else range(1, len(PAPER_LAYERS) + 1)
     dtypes = _DTYPES[kind][:1] if quick else _DTYPES[kind]
     cases = [_layer_case(device, number, dtype) for dtype in dtypes for number in layers]
+    cases += [_transform_case(device, number) for number in layers[:2]]
+    cases += [_training_step_case(device, number) for number in layers[:1 if quick else 3]]
     if not quick:
         resnet = _resnet50_case(device)
         if resnet is not None:
