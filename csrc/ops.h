@@ -27,4 +27,12 @@ at::Tensor im2win_conv2d_grad_weight(const at::Tensor& grad_output, const at::Te
 at::Tensor im2win_transform(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// quant/weight_only.cpp (one entry per op serves CPU and CUDA)
+at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias,
+                              int64_t bits, int64_t group_size);
+at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                             c10::optional<int64_t> in_features);
+
 }  // namespace torch_ext

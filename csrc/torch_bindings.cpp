@@ -25,6 +25,13 @@ TORCH_LIBRARY(torch_ext, m) {
   // The window-order buffer [N, C, Ho, window_width*R] im2win convolves over (inspection, memory figures).
   m.def("im2win_transform(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) "
         "-> Tensor");
+
+  // y = x @ W^T + bias with W [N, K] 4/8-bit weight-only quantized in the packed layout (docs/quant-layout.md).
+  m.def("weight_only_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
+        "int group_size) -> Tensor");
+  // W [N, K] = (q - zero) * scale in the scales' dtype; K = in_features (default 16 * qweight.size(1)).
+  m.def("dequantize_weight(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, "
+        "int? in_features=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
@@ -34,6 +41,8 @@ TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("im2win_conv2d_grad_input", &torch_ext::im2win_conv2d_grad_input);
   m.impl("im2win_conv2d_grad_weight", &torch_ext::im2win_conv2d_grad_weight);
   m.impl("im2win_transform", &torch_ext::im2win_transform);
+  m.impl("weight_only_linear", &torch_ext::weight_only_linear);
+  m.impl("dequantize_weight", &torch_ext::dequantize_weight);
 }
 
 #if defined(TORCH_EXT_WITH_CUDA)

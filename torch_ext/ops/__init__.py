@@ -6,5 +6,6 @@ torch.compile and its autograd registration side by side.
 
 from torch_ext.ops.activation import silu_and_mul
 from torch_ext.ops.conv import conv2d
+from torch_ext.ops.quant import dequantize_weight, weight_only_linear
 
-__all__ = ["conv2d", "silu_and_mul"]
+__all__ = ["conv2d", "dequantize_weight", "silu_and_mul", "weight_only_linear"]

@@ -100,4 +100,16 @@ CpuIsa set_cpu_isa_limit(CpuIsa limit) {
   return active;
 }
 
+bool avx512_bf16_active() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has_bf16 = [] {
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_supports("avx512bf16"));
+  }();
+  return has_bf16 && active_cpu_isa() == CpuIsa::kAvx512;
+#else
+  return false;
+#endif
+}
+
 }  // namespace torch_ext::cpu

@@ -1,0 +1,172 @@
+// weight_only_linear and dequantize_weight: input checks, allocation, and the choice of path.
+//
+// CPU only so far (the CUDA kernel is not in yet: the dispatcher rejects CUDA tensors). Few
+// rows of x (decode, m <= kDirectRowsCpu) run the fused kernel, which reads the packed weight
+// once. Many rows (prefill) are a GEMM whose cost is the multiply, so the weight is
+// dequantized in cache-sized panels and torch's GEMM does the rest.
+#include "quant/weight_only.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include "common/cpu/isa.h"
+#include "common/torch_utils.h"
+#include "ops.h"
+#include "quant/weight_only_layout.h"
+
+namespace torch_ext {
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+namespace cpu::avx512_bf16 {
+void weight_only_linear_bf16_dot(const WeightOnlyLinearParams& p);
+}
+#endif
+
+namespace {
+
+constexpr const char* kLinearOp = "weight_only_linear";
+constexpr const char* kDequantizeOp = "dequantize_weight";
+
+// Rows of x up to which the fused CPU kernel beats dequantize + GEMM (measured on the
+// project's AVX-512 VM, docs/perf/quant.md: the fused kernel re-reads the weight from cache
+// once per 4 rows, the GEMM path pays one dequantization of the whole weight).
+constexpr int64_t kDirectRowsCpu = 64;
+// Bytes of one dequantized weight panel on the CPU: a few hundred rows, so that each GEMM call
+// is large enough for oneDNN, while the panel stays in the last-level cache between the
+// dequantization that writes it and the GEMM that reads it.
+constexpr int64_t kPanelBytes = 4 * 1024 * 1024;
+
+struct Layout {
+  int64_t n, k, group_size;  // group_size as the kernels see it (> 0)
+};
+
+// Checks qweight / scales / zeros against each other and against K; returns the geometry.
+Layout check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                    const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size, int64_t k) {
+  TORCH_EXT_CHECK(bits == 4 || bits == 8, op, "bits must be 4 or 8, got ", bits);
+  TORCH_EXT_CHECK(group_size == -1 || (group_size > 0 && group_size % quant::kTileK == 0), op,
+                  "group_size must be -1 (per output channel) or a positive multiple of 16, got ", group_size);
+  check_dtype(op, "qweight", qweight, {at::kInt});
+  TORCH_EXT_CHECK(qweight.dim() == 3 && qweight.size(2) == quant::words_per_tile(int(bits)), op,
+                  "qweight must be [ceil(N/16), ceil(K/16), ", quant::words_per_tile(int(bits)), "] for ", bits,
+                  "-bit weights (docs/quant-layout.md), got shape ", qweight.sizes());
+  TORCH_EXT_CHECK(qweight.is_contiguous(), op, "qweight must be contiguous");
+  TORCH_EXT_CHECK(qweight.size(1) == quant::tiles_for(k), op, "qweight holds ", qweight.size(1),
+                  " tiles of 16 input features, but K = ", k, " needs ", quant::tiles_for(k));
+  check_dtype(op, "scales", scales, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_same_device(op, "scales", scales, "qweight", qweight);
+  TORCH_EXT_CHECK(scales.dim() == 2, op, "scales must be [groups, N], got shape ", scales.sizes());
+  const int64_t n = scales.size(1);
+  TORCH_EXT_CHECK(qweight.size(0) == quant::tiles_for(n), op, "qweight holds ", qweight.size(0),
+                  " tiles of 16 output features, but scales has N = ", n, " columns (needs ", quant::tiles_for(n), ")");
+  const int64_t group = group_size > 0 ? group_size : quant::tiles_for(k) * quant::kTileK;
+  const int64_t groups = std::max<int64_t>(1, (k + group - 1) / group);
+  TORCH_EXT_CHECK(scales.size(0) == groups, op, "scales must be [ceil(K / group_size), N] = [", groups, ", ", n,
+                  "] for K = ", k, " and group_size = ", group_size, ", got shape ", scales.sizes());
+  if (zeros) {
+    check_same_dtype(op, "zeros", *zeros, "scales", scales);
+    check_same_device(op, "zeros", *zeros, "scales", scales);
+    TORCH_EXT_CHECK(zeros->sizes() == scales.sizes(), op, "zeros must have the shape of scales ", scales.sizes(),
+                    ", got ", zeros->sizes());
+  }
+  return Layout{n, k, group};
+}
+
+QuantizedWeightView weight_view(const Layout& l, int64_t bits, const at::Tensor& qweight, const at::Tensor& scales,
+                                const at::Tensor& zeros) {
+  return QuantizedWeightView{int(bits),           l.group_size,         l.n, l.k, qweight.data_ptr<int32_t>(),
+                             scalar_kind(scales), scales.data_ptr(),    zeros.defined() ? zeros.data_ptr() : nullptr};
+}
+
+// The scales and zeros as contiguous tensors (the kernels read [groups, N] rows).
+std::pair<at::Tensor, at::Tensor> group_params(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros) {
+  return {scales.contiguous(), zeros ? zeros->contiguous() : at::Tensor()};
+}
+
+void dequantize_cpu(const QuantizedWeightView& w, int64_t row_begin, int64_t row_end, at::Tensor& out) {
+  const DequantizeWeightParams p{w, scalar_kind(out), row_begin, row_end, out.data_ptr()};
+  TORCH_EXT_CPU_DISPATCH(dequantize_weight, p);
+}
+
+// Prefill on the CPU: y = x @ W^T panel by panel, each panel dequantized into a buffer that
+// stays in cache for the GEMM. fp16 x runs in fp32 (CPU fp16 GEMMs are slow or absent).
+void linear_by_panels_cpu(const QuantizedWeightView& w, const at::Tensor& x_rows, at::Tensor& y) {
+  const at::ScalarType compute = x_rows.scalar_type() == at::kHalf ? at::kFloat : x_rows.scalar_type();
+  const at::Tensor x = x_rows.to(compute);
+  const int64_t panel_rows =
+      std::max<int64_t>(quant::kTileN, kPanelBytes / (w.k * int64_t(c10::elementSize(compute))) / quant::kTileN *
+                                           quant::kTileN);
+  at::Tensor panel = at::empty({std::min(panel_rows, w.n), w.k}, x.options());
+  for (int64_t row = 0; row < w.n; row += panel_rows) {
+    const int64_t rows = std::min(panel_rows, w.n - row);
+    at::Tensor part = panel.narrow(0, 0, rows);
+    dequantize_cpu(w, row, row + rows, part);
+    y.narrow(1, row, rows).copy_(at::mm(x, part.t()));
+  }
+}
+
+at::Tensor output_for(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return at::empty(shape, x.options());
+}
+
+}  // namespace
+
+at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& bias,
+                              int64_t bits, int64_t group_size) {
+  const char* op = kLinearOp;
+  check_dim_at_least(op, "x", x, 1);
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_same_device(op, "qweight", qweight, "x", x);
+  const Layout layout = check_weight(op, qweight, scales, zeros, bits, group_size, x.size(-1));
+  if (bias) {
+    check_same_dtype(op, "bias", *bias, "x", x);
+    check_same_device(op, "bias", *bias, "x", x);
+    TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == layout.n, op, "bias must be [N] = [", layout.n,
+                    "], got shape ", bias->sizes());
+  }
+  const at::Tensor x_rows = as_rows(x);
+  const int64_t m = x_rows.size(0);
+  at::Tensor y = output_for(x, layout.n);
+  if (y.numel() == 0) return y;
+  at::Tensor y_rows = y.view({m, layout.n});
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+
+  const auto [s, z] = group_params(scales, zeros);
+  const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
+  if (m > kDirectRowsCpu) {
+    linear_by_panels_cpu(w, x_rows, y_rows);
+    if (bias) y_rows.add_(bias_c);
+    return y;
+  }
+  const WeightOnlyLinearParams p{w, scalar_kind(x), m, x_rows.data_ptr(), x_rows.stride(0),
+                                 bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)};
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+  if (bits == 4 && x.scalar_type() == at::kBFloat16 && cpu::avx512_bf16_active()) {
+    cpu::avx512_bf16::weight_only_linear_bf16_dot(p);
+    return y;
+  }
+#endif
+  TORCH_EXT_CPU_DISPATCH(weight_only_linear, p);
+  return y;
+}
+
+at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                             c10::optional<int64_t> in_features) {
+  const char* op = kDequantizeOp;
+  TORCH_EXT_CHECK(qweight.dim() == 3, op, "qweight must be [ceil(N/16), ceil(K/16), words], got shape ",
+                  qweight.sizes());
+  const int64_t k = in_features ? *in_features : qweight.size(1) * quant::kTileK;
+  TORCH_EXT_CHECK(k > 0, op, "in_features must be positive, got ", k);
+  const Layout layout = check_weight(op, qweight, scales, zeros, bits, group_size, k);
+  const auto [s, z] = group_params(scales, zeros);
+  const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
+  at::Tensor out = at::empty({layout.n, layout.k}, scales.options());
+  if (out.numel() == 0) return out;
+  dequantize_cpu(w, 0, layout.n, out);
+  return out;
+}
+
+}  // namespace torch_ext

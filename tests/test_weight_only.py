@@ -1,0 +1,198 @@
+"""weight_only_linear / dequantize_weight: vs float64 references across the coverage (bits,
+groups, symmetric, odd shapes, partial last group, every CPU ISA, both kernel paths), opcheck,
+torch.compile, gradients, bad inputs."""
+
+import pytest
+import torch
+
+import torch_ext  # noqa: F401  (registers the ops)
+from torch_ext import reference
+from torch_ext.ops import dequantize_weight, weight_only_linear
+from torch_ext.quant import quantize_weight
+from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs, random_tensor
+
+# A sum of K products accumulated in fp32 and rounded once: a little above the elementwise bound.
+BOUNDS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CUDA_DTYPES = [torch.float16, torch.bfloat16]
+# Rows of x on either side of the CPU's switch from the fused kernel to dequantize + GEMM (64).
+ROWS = [1, 2, 3, 5, 16, 65]
+
+
+def _quantized(n, k, bits, group_size, symmetric, seed, device="cpu", scale_dtype=None):
+    w = random_tensor((n, k), torch.float32, "cpu", seed)
+    return quantize_weight(w, bits, group_size, symmetric, scale_dtype=scale_dtype).to(device)
+
+
+def _check_linear(x, qw, bias, what):
+    with poisoned_outputs():
+        y = weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, bias, qw.bits, qw.group_size)
+    ref = reference.quant.weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, bias, qw.bits, qw.group_size)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], qw.out_features)
+    assert_close_to_reference(y, ref, x.dtype, what, BOUNDS[x.dtype])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_linear_matches_reference_cpu(cpu_isa, bits, group_size, symmetric):
+    seed = fresh_seed()
+    n, k = 37, 200  # neither a multiple of the 16-wide tile nor of the group
+    qw = _quantized(n, k, bits, group_size, symmetric, seed)
+    for i, dtype in enumerate(CPU_DTYPES):
+        for m in ROWS:
+            x = random_tensor((m, k), dtype, "cpu", seed + 7 * m + i)
+            bias = random_tensor((n,), dtype, "cpu", seed + 1) if m % 2 else None
+            _check_linear(x, qw, bias, f"{cpu_isa} {bits}-bit g{group_size} sym={symmetric} m={m} {dtype} seed {seed}")
+
+
+@pytest.mark.parametrize("n,k,group_size", [(24, 10944, 128), (40, 176, 128), (7, 16, 16), (16, 48, 32), (3, 5, -1)])
+def test_linear_odd_shapes(device, n, k, group_size):
+    """Partial last groups (K = 10944 at 128: 85.5 groups), N and K not multiples of 16."""
+    seed = fresh_seed()
+    for bits in (4, 8):
+        qw = _quantized(n, k, bits, group_size, False, seed, device)
+        for dtype in (CPU_DTYPES if device == "cpu" else CUDA_DTYPES):
+            for m in (1, 9, 40):
+                x = random_tensor((m, k), dtype, device, seed + m)
+                _check_linear(x, qw, None, f"{n}x{k} g{group_size} {bits}-bit m={m} {dtype} seed {seed}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_cuda(bits):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    for group_size in (32, 128, -1):
+        for symmetric in (False, True):
+            qw = _quantized(100, 4096 + 48, bits, group_size, symmetric, seed, "cuda", torch.float16)
+            for dtype in CUDA_DTYPES:  # bf16 x with fp16 scales: the op converts the scales
+                for m in (1, 7, 16, 64, 300, 600):
+                    x = random_tensor((m, 4096 + 48), dtype, "cuda", seed + m)
+                    bias = random_tensor((100,), dtype, "cuda", seed + 3)
+                    _check_linear(x, qw, bias, f"cuda {bits}-bit g{group_size} sym={symmetric} m={m} {dtype}")
+
+
+def test_linear_strided_and_batched_x(device):
+    seed = fresh_seed()
+    qw = _quantized(48, 96, 4, 32, False, seed, device)
+    dtype = torch.bfloat16
+    wide = random_tensor((5, 160), dtype, device, seed)
+    _check_linear(wide[:, 10:106], qw, None, f"row stride 160, offset 10, seed {seed}")
+    _check_linear(random_tensor((2, 3, 96), dtype, device, seed + 1), qw, None, f"3-D x, seed {seed}")
+    _check_linear(random_tensor((96,), dtype, device, seed + 2), qw, None, f"1-D x, seed {seed}")
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_linear_any_scale_dtype_cpu(scale_dtype):
+    seed = fresh_seed()
+    qw = _quantized(33, 64, 4, 32, False, seed, scale_dtype=scale_dtype)
+    for dtype in CPU_DTYPES:
+        _check_linear(random_tensor((3, 64), dtype, "cpu", seed), qw, None, f"scales {scale_dtype} x {dtype}")
+
+
+def test_empty_inputs(device):
+    qw = _quantized(20, 32, 4, 16, False, fresh_seed(), device)
+    dtype = torch.bfloat16
+    y = weight_only_linear(torch.empty(0, 32, dtype=dtype, device=device), qw.qweight, qw.scales, qw.zeros, None, 4,
+                           16)
+    assert y.shape == (0, 20)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [16, 128, -1])
+def test_dequantize_matches_reference(cpu_isa, device, bits, group_size):
+    seed = fresh_seed()
+    for n, k in ((37, 100), (64, 256)):
+        for symmetric in (False, True):
+            for scale_dtype in (torch.float32, torch.bfloat16, torch.float16):
+                qw = _quantized(n, k, bits, group_size, symmetric, seed, device, scale_dtype)
+                with poisoned_outputs():
+                    w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k)
+                ref = reference.quant.dequantize_weight(qw.qweight, qw.scales, qw.zeros, bits, group_size, k)
+                assert w.dtype == scale_dtype and w.shape == (n, k)
+                # One rounding of (q - z) * s to the scales' dtype.
+                assert_close_to_reference(w, ref, scale_dtype, f"{n}x{k} {scale_dtype} seed {seed}")
+
+
+def test_dequantize_default_in_features_is_padded_k():
+    qw = _quantized(20, 40, 4, 16, False, fresh_seed())
+    w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, 4, 16)
+    assert w.shape == (20, 48)
+    assert torch.equal(w[:, 40:], torch.zeros(20, 8))  # padded columns hold the zero point
+
+
+def test_opcheck(device):
+    seed = fresh_seed()
+    dtype = torch.bfloat16
+    for bits in (4, 8):
+        qw = _quantized(40, 96, bits, 32, False, seed, device)
+        for m in (1, 40):
+            x = random_tensor((m, 96), dtype, device, seed)
+            bias = random_tensor((40,), dtype, device, seed + 1)
+            torch.library.opcheck(torch.ops.torch_ext.weight_only_linear,
+                                  (x, qw.qweight, qw.scales, qw.zeros, bias, bits, 32))
+            torch.library.opcheck(torch.ops.torch_ext.weight_only_linear,
+                                  (x.requires_grad_(), qw.qweight, qw.scales, None, None, bits, 32))
+        torch.library.opcheck(torch.ops.torch_ext.dequantize_weight, (qw.qweight, qw.scales, qw.zeros, bits, 32, 96))
+
+
+def test_compile_fullgraph(device):
+    seed = fresh_seed()
+    qw = _quantized(40, 96, 4, 32, False, seed, device)
+    x = random_tensor((3, 96), torch.bfloat16, device, seed)
+
+    def f(x):
+        return torch.relu(weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, None, 4, 32)) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+def test_gradcheck_x_and_bias():
+    """The op is linear in x: a fp32 gradcheck with step 1e-2 is exact up to fp32 rounding."""
+    seed = fresh_seed()
+    qw = _quantized(12, 40, 4, 16, False, seed)
+    x = random_tensor((3, 40), torch.float32, "cpu", seed).requires_grad_()
+    bias = random_tensor((12,), torch.float32, "cpu", seed + 1).requires_grad_()
+    fn = lambda x, b: weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, b, 4, 16)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, bias), eps=1e-2, atol=1e-3, rtol=1e-3, fast_mode=False)
+
+
+def test_backward_matches_dense(device):
+    seed = fresh_seed()
+    qw = _quantized(24, 64, 8, 32, True, seed, device)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    x = random_tensor((2, 5, 64), dtype, device, seed).requires_grad_()
+    grad_y = random_tensor((2, 5, 24), dtype, device, seed + 1)
+    weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, None, 8, 32).backward(grad_y)
+    ref = grad_y.double().cpu() @ reference.quant.dequantize_weight(qw.qweight, qw.scales, qw.zeros, 8, 32, 64)
+    assert_close_to_reference(x.grad, ref, dtype, f"grad x, seed {seed}", BOUNDS[dtype])
+
+
+def _bad_call(**overrides):
+    qw = _quantized(20, 64, 4, 32, False, 1)
+    args = dict(x=torch.randn(2, 64), qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros, bias=None, bits=4,
+                group_size=32)
+    args.update(overrides)
+    return torch.ops.torch_ext.weight_only_linear(*args.values())
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(x=torch.randn(2, 80)), "K = 80 needs 5"),
+    (dict(bits=3), "bits must be 4 or 8, got 3"),
+    (dict(group_size=24), "group_size must be -1 .* multiple of 16, got 24"),
+    (dict(group_size=16), r"scales must be \[ceil\(K / group_size\), N\] = \[4, 20\]"),
+    (dict(x=torch.randn(2, 64, dtype=torch.float64)), "x must have dtype"),
+    (dict(x=torch.randn(2, 64).to(torch.int32)), "x must have dtype"),
+    (dict(bias=torch.randn(20, dtype=torch.bfloat16)), "bias must have the dtype of x"),
+    (dict(bias=torch.randn(21)), r"bias must be \[N\] = \[20\]"),
+    (dict(scales=torch.randn(2, 40)), "scales has N = 40"),
+    (dict(zeros=torch.zeros(2, 19)), "zeros must have the shape of scales"),
+    (dict(qweight=torch.zeros(2, 4, 32, dtype=torch.int64)), "qweight must have dtype torch.int32"),
+    (dict(qweight=torch.zeros(2, 4, 64, dtype=torch.int32)), r"qweight must be \[ceil\(N/16\), ceil\(K/16\), 32\]"),
+])
+def test_bad_inputs_raise_clear_errors(overrides, message):
+    with pytest.raises(RuntimeError, match=message):
+        _bad_call(**overrides)
