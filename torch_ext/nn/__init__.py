@@ -2,5 +2,6 @@
 
 from torch_ext.nn.activation import SiluAndMul
 from torch_ext.nn.conv import Im2winConv2d, convert_conv2d
+from torch_ext.nn.quant_linear import QuantLinear
 
-__all__ = ["Im2winConv2d", "SiluAndMul", "convert_conv2d"]
+__all__ = ["Im2winConv2d", "QuantLinear", "SiluAndMul", "convert_conv2d"]
