@@ -129,8 +129,9 @@ def test_from_awq():
     generator = torch.Generator().manual_seed(seed)
     k, n, group_size = 128, 40, 32
     bias = random_tensor((n,), torch.float16, "cpu", seed)
-    module = QuantLinear.from_awq(_random_words(generator, (k, n // 8)), _random_words(generator, (k // group_size, n // 8)),
-                                  _random_scales(generator, (k // group_size, n)), group_size, bias=bias)
+    groups = k // group_size
+    module = QuantLinear.from_awq(_random_words(generator, (k, n // 8)), _random_words(generator, (groups, n // 8)),
+                                  _random_scales(generator, (groups, n)), group_size, bias=bias)
     assert module.zeros is not None and module.bias.dtype == torch.float16 and not module.bias.requires_grad
     x = random_tensor((2, k), torch.float16, "cpu", seed + 1)
     assert_close_to_reference(module(x), expected(module, x), torch.float16, f"seed {seed}")
