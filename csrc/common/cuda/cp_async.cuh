@@ -30,6 +30,15 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
                : "memory");
 }
 
+// 16 bytes global -> shared (.cg) of which only the first src_bytes (0..16) are read; the rest of
+// the 16 shared bytes are zero-filled (a row tail that ends inside a chunk). gmem 16-byte aligned
+// and valid even when src_bytes is 0.
+__device__ __forceinline__ void cp_async_16_partial(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+
 // 8 bytes global -> shared, cached in L1 and L2 (.ca); zero-filled when !pred. 8-byte aligned.
 __device__ __forceinline__ void cp_async_8_zfill(void* smem, const void* gmem, bool pred) {
   const int src_bytes = pred ? 8 : 0;
