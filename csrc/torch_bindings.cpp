@@ -53,5 +53,7 @@ TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("im2win_conv2d_grad_input", &torch_ext::im2win_conv2d_grad_input);
   m.impl("im2win_conv2d_grad_weight", &torch_ext::im2win_conv2d_grad_weight);
   m.impl("im2win_transform", &torch_ext::im2win_transform);
+  m.impl("weight_only_linear", &torch_ext::weight_only_linear);
+  m.impl("dequantize_weight", &torch_ext::dequantize_weight);
 }
 #endif

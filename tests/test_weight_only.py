@@ -196,3 +196,23 @@ def _bad_call(**overrides):
 def test_bad_inputs_raise_clear_errors(overrides, message):
     with pytest.raises(RuntimeError, match=message):
         _bad_call(**overrides)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_hot_rows_give_the_dequantized_weight_bitwise(device, bits):
+    """With x = identity rows, each output is one weight times 1. On CUDA, y must equal
+    dequantize_weight's output bit for bit (both round (q - zero) * scale once to the same
+    dtype): this pins the register dequantization and the fragment maps directly. The CPU
+    kernel computes s * q - s * z * sum(x) (zero points applied per group), so there it agrees
+    to rounding only."""
+    seed = fresh_seed()
+    for dtype in (CPU_DTYPES if device == "cpu" else CUDA_DTYPES):
+        n, k = 40, 48
+        qw = _quantized(n, k, bits, 16, False, seed, device, dtype)
+        x = torch.eye(k, dtype=dtype, device=device)
+        y = weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, 16)
+        w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, bits, 16, k)
+        if device == "cuda":
+            assert torch.equal(y, w.t()), f"{bits}-bit {dtype} seed {seed}"
+        else:
+            torch.testing.assert_close(y, w.t(), msg=f"{bits}-bit {dtype} seed {seed}")

@@ -1,9 +1,8 @@
 // weight_only_linear and dequantize_weight: input checks, allocation, and the choice of path.
 //
-// CPU only so far (the CUDA kernel is not in yet: the dispatcher rejects CUDA tensors). Few
-// rows of x (decode, m <= kDirectRowsCpu) run the fused kernel, which reads the packed weight
+// Few rows of x (decode, small batches) run the fused kernels, which read the packed weight
 // once. Many rows (prefill) are a GEMM whose cost is the multiply, so the weight is
-// dequantized in cache-sized panels and torch's GEMM does the rest.
+// dequantized (in cache-sized panels on the CPU, whole on CUDA) and torch's GEMM does the rest.
 #include "quant/weight_only.h"
 
 #include <ATen/ops/empty.h>
@@ -13,6 +12,13 @@
 #include "common/torch_utils.h"
 #include "ops.h"
 #include "quant/weight_only_layout.h"
+
+#if defined(TORCH_EXT_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "quant/weight_only_cuda.h"
+#endif
 
 namespace torch_ext {
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
@@ -30,6 +36,9 @@ constexpr const char* kDequantizeOp = "dequantize_weight";
 // project's AVX-512 VM, docs/perf/quant.md: the fused kernel re-reads the weight from cache
 // once per 4 rows, the GEMM path pays one dequantization of the whole weight).
 constexpr int64_t kDirectRowsCpu = 64;
+// The same for CUDA: the fused kernel is built for decode and small batches (its batch tile is
+// 64 tokens); beyond this, cuBLAS on a dequantized weight. A first guess, to be tuned on the H100.
+constexpr int64_t kDirectRowsCuda = 256;
 // Bytes of one dequantized weight panel on the CPU: a few hundred rows, so that each GEMM call
 // is large enough for oneDNN, while the panel stays in the last-level cache between the
 // dequantization that writes it and the GEMM that reads it.
@@ -77,9 +86,13 @@ QuantizedWeightView weight_view(const Layout& l, int64_t bits, const at::Tensor&
                              scalar_kind(scales), scales.data_ptr(),    zeros.defined() ? zeros.data_ptr() : nullptr};
 }
 
-// The scales and zeros as contiguous tensors (the kernels read [groups, N] rows).
-std::pair<at::Tensor, at::Tensor> group_params(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros) {
-  return {scales.contiguous(), zeros ? zeros->contiguous() : at::Tensor()};
+// The scales and zeros as contiguous tensors (the kernels read [groups, N] rows), converted to
+// `dtype` when given (the CUDA GEMM reads them in the activation dtype; a checkpoint whose
+// scales differ costs one small conversion per call).
+std::pair<at::Tensor, at::Tensor> group_params(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                                               c10::optional<at::ScalarType> dtype = c10::nullopt) {
+  const auto convert = [&](const at::Tensor& t) { return (dtype ? t.to(*dtype) : t).contiguous(); };
+  return {convert(scales), zeros ? convert(*zeros) : at::Tensor()};
 }
 
 void dequantize_cpu(const QuantizedWeightView& w, int64_t row_begin, int64_t row_end, at::Tensor& out) {
@@ -117,7 +130,11 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
                               int64_t bits, int64_t group_size) {
   const char* op = kLinearOp;
   check_dim_at_least(op, "x", x, 1);
-  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  if (x.is_cuda()) {
+    check_dtype(op, "x", x, {at::kHalf, at::kBFloat16});
+  } else {
+    check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  }
   check_same_device(op, "qweight", qweight, "x", x);
   const Layout layout = check_weight(op, qweight, scales, zeros, bits, group_size, x.size(-1));
   if (bias) {
@@ -132,6 +149,33 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
   if (y.numel() == 0) return y;
   at::Tensor y_rows = y.view({m, layout.n});
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+
+  if (x.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto [s, z] = group_params(scales, zeros, x.scalar_type());
+    const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (m > kDirectRowsCuda) {
+      at::Tensor dense = at::empty({layout.n, layout.k}, x.options());
+      C10_CUDA_CHECK(cuda::dequantize_weight(DequantizeWeightParams{w, scalar_kind(x), 0, layout.n, dense.data_ptr()},
+                                             stream));
+      at::mm_out(y_rows, x_rows, dense.t());
+      if (bias) y_rows.add_(bias_c);
+      return y;
+    }
+    int num_sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+    const WeightOnlyLinearParams p{w, scalar_kind(x), m, x_rows.data_ptr(), x_rows.stride(0),
+                                   bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)};
+    at::Tensor workspace = at::empty({cuda::weight_only_linear_workspace_bytes(p, num_sms)},
+                                     x.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cuda::weight_only_linear(p, workspace.numel() ? workspace.data_ptr() : nullptr, num_sms, stream));
+    return y;
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
 
   const auto [s, z] = group_params(scales, zeros);
   const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
@@ -165,6 +209,16 @@ at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales
   const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
   at::Tensor out = at::empty({layout.n, layout.k}, scales.options());
   if (out.numel() == 0) return out;
+  if (qweight.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(qweight.device());
+    C10_CUDA_CHECK(cuda::dequantize_weight(DequantizeWeightParams{w, scalar_kind(out), 0, layout.n, out.data_ptr()},
+                                           c10::cuda::getCurrentCUDAStream()));
+    return out;
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
   dequantize_cpu(w, 0, layout.n, out);
   return out;
 }

@@ -1,0 +1,554 @@
+// CUDA kernels of the weight-only quantized linear (quant/weight_only_cuda.h): y = x W^T + bias with
+// W stored as 4- or 8-bit integers in the tile layout of docs/quant-layout.md, x and y fp16/bf16.
+// Every index map, the register dequantization and the split rule are host+device functions in
+// quant/weight_only_cuda_index.h, run thread by thread on the CPU by tests/cpp/weight_only_cuda_sim.cpp.
+//
+// linear_kernel<T, TileConfig<bits, block_m>>: a mixed-precision tensor-core GEMM, y^T = W x^T.
+//   - A CTA (8 warps) owns 256 output features (16 tile rows) x block_m tokens (16 for M <= 16,
+//     64 otherwise) x the k range of its split. Warp w owns tile rows 2w, 2w + 1 for all tokens,
+//     so warps never reduce with each other.
+//   - Each CTA streams its weight tiles once: a 3-4 stage cp.async pipeline (16-byte copies,
+//     zero-fill past the tensors; 96 KB of shared memory at most) brings per stage 8 (decode
+//     4-bit) or 4 k16 tiles of the 16 tile rows (each row's run is contiguous in memory), the
+//     matching x tile (16-byte chunks clipped at K, swizzled for ldmatrix) and the scales / zero
+//     points of the groups the stage touches ("slots"). The CTAs of one column block that differ
+//     only in their tokens are launched next to each other (grid.x = token blocks), so the
+//     weights come from HBM once and from L2 for the others.
+//   - Per k16 step a warp loads its x fragments with ldmatrix (tokens are mma's n8 dimension),
+//     reads each lane's word(s) of its two tiles (one 128-byte conflict-free wavefront per tile),
+//     dequantizes them in registers (exponent trick: LOP3 / PRMT, then subtract and scale, see
+//     the index header) straight into the mma A registers, and issues one mma.m16n8k16 with
+//     fp32 accumulation per 8-token block: a dequantized tile feeds block_m / 8 mma.
+//   - Small M cannot fill 132 SMs with column blocks alone (8192 features = 32 CTAs), so the
+//     host splits K (ix::plan_linear): each split writes fp32 partial sums to the workspace
+//     [splits][M][N] and split_reduce_kernel adds them in split order (deterministic), adds the
+//     bias and rounds once. Without a split the GEMM's epilogue does the same directly.
+//   - Tails: tile rows past N and k tiles past the split are zero-filled and never reach y; x is
+//     read only for rows < M and columns < K (zero-filled chunk tails). x / its row stride not
+//     16-byte aligned, or scales whose rows are not (N % 8 != 0), take synchronous element loads
+//     into the same shared layout (correct, slower); y is stored element by element.
+//
+// dequantize_kernel<S, O, C>: out[n, k] = (q - zero) * scale in compute type C, one rounding to
+// O; a CTA expands 16 tiles of one tile row through shared memory and writes coalesced rows.
+#include <type_traits>
+
+#include "common/alignment.h"
+#include "common/cuda/cp_async.cuh"
+#include "common/cuda/mma.cuh"
+#include "common/cuda/vec.cuh"
+#include "quant/weight_only_cuda.h"
+#include "quant/weight_only_cuda_index.h"
+
+namespace torch_ext::cuda {
+namespace {
+
+namespace ix = ::torch_ext::quant::wo_cuda;
+using ::torch_ext::quant::symmetric_zero;
+using ::torch_ext::quant::tile_offset_words;
+using ::torch_ext::quant::tiles_for;
+using ::torch_ext::quant::words_per_tile;
+
+// Dynamic shared memory above this needs cudaFuncAttributeMaxDynamicSharedMemorySize.
+constexpr int kDefaultSharedBytes = 48 * 1024;
+// Split-K reduction: one thread per output, grid-stride beyond kReduceMaxBlocks.
+constexpr int kReduceThreads = 256;
+constexpr int64_t kReduceMaxBlocks = 4096;
+// Kernel index paths are 32-bit where the values are: tokens, features, k and k tiles.
+constexpr int64_t kMaxTokens = (int64_t(1) << 31) - ix::kBatchBlockM;
+constexpr int64_t kMaxK = int64_t(1) << 30;
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct LinearArgs {
+  const uint32_t* qweight;
+  const T* scales;
+  const T* zeros;  // nullptr: symmetric
+  const T* x;
+  const T* bias;  // nullptr: none
+  T* y;
+  float* partial;  // [splits][m][n] when splits > 1
+  int64_t x_row_stride;
+  int64_t y_row_stride;
+  int m, n, k;
+  int n_tiles, k_tiles;
+  int group_tiles;  // group_size / 16, at most k_tiles (one group)
+  int k_iters, iters_per_split, splits;
+  bool x_vector;      // x and its row stride 16-byte aligned: cp.async, else synchronous loads
+  bool scale_vector;  // N % 8 == 0 and scales / zeros 16-byte aligned (whole chunks per row)
+};
+
+// `count` (0..8) values from src, zeros after, as one 16-byte shared store: the unaligned path.
+template <typename T>
+__device__ __forceinline__ void copy_chunk_sync(T* dst, const T* src, int count) {
+  Pack16<T> pack;
+#pragma unroll
+  for (int e = 0; e < Pack16<T>::kSize; ++e) pack.v[e] = e < count ? src[e] : T{0};
+  store_pack16(dst, pack);
+}
+
+// CTAs per SM the launch bounds promise (they cap registers at 64K / (256 x this)): the config's
+// residency on sm_80 / sm_90; sm_86 / sm_89 have 100 KB of shared memory per SM, where one 56-96 KB
+// CTA fits anyway and a promise of two would only cost spills.
+template <class Cfg>
+constexpr int kLaunchMinCtas =
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
+    1;
+#else
+    Cfg::kCtasPerSm;
+#endif
+
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kernel(const LinearArgs<T> a) {
+  constexpr int kBits = Cfg::kBits;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kTileWords = Cfg::kTileWords;
+  using Params = ix::GroupParams<T, kBits>;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int m0 = int(blockIdx.x) * Cfg::kBlockM;
+  const int tile_row0 = int(blockIdx.y) * ix::kBlockTiles;
+  const int n0 = tile_row0 * ix::kTileRows;
+  constexpr int kStageTiles = Cfg::kStageTiles;
+  const ix::SplitRange range = ix::split_range(int(blockIdx.z), a.iters_per_split, a.k_iters, a.k_tiles, kStageTiles);
+
+  // This thread's copy sources, fixed for the whole k loop (a stage adds its first k tile). Its
+  // i-th chunk of an operand is its first one kQRowsPerPass / kXRowsPerPass rows further down,
+  // so one pointer per operand stays live (the batch kernel is at its register budget).
+  const int q_row = ix::q_chunk_row<Cfg>(tid);
+  const int q_tile = ix::q_chunk_tile<Cfg>(tid);
+  const int64_t q_pass_words = int64_t(Cfg::kQRowsPerPass) * a.k_tiles * kTileWords;
+  const uint32_t* const q_src =
+      a.qweight + (tile_row0 + q_row < a.n_tiles
+                       ? tile_offset_words(kBits, a.k_tiles, tile_row0 + q_row, 0) + ix::q_chunk_word<Cfg>(tid)
+                       : 0);
+  const int x_row = ix::x_chunk_row<Cfg>(tid);
+  const int x_col = ix::x_chunk_col<Cfg>(tid);
+  const int x_dst = ix::x_smem_offset<Cfg>(x_row, x_col);
+  const int64_t x_pass_stride = int64_t(Cfg::kXRowsPerPass) * a.x_row_stride;
+  const T* const x_src = a.x + (m0 + x_row < a.m ? int64_t(m0 + x_row) * a.x_row_stride + x_col * ix::kChunkValues : 0);
+
+  ix::StageWalker load_walker = ix::stage_walker(range.iter_begin, kStageTiles, a.group_tiles);
+  const auto load_stage = [&](int stage, int iter) {
+    unsigned char* const base = smem + stage * Cfg::kStageBytes;
+    uint32_t* const sq = reinterpret_cast<uint32_t*>(base);
+    T* const sx = reinterpret_cast<T*>(base + Cfg::kXOffset);
+    const ix::StageSpan span = ix::next_stage(load_walker, iter, kStageTiles, range.kt_end, a.group_tiles);
+    // Weights: 16 tile rows x kStageTiles tiles, each row's run contiguous.
+#pragma unroll
+    for (int i = 0; i < Cfg::kQChunksPerThread; ++i) {
+      const int id = tid + i * ix::kThreads;
+      const bool ok =
+          ix::q_chunk_valid(tile_row0 + q_row + i * Cfg::kQRowsPerPass, a.n_tiles, span.kt0 + q_tile, span.kt_stop);
+      const uint32_t* const src = q_src + i * q_pass_words + int64_t(span.kt0) * kTileWords;
+      cp_async_16_zfill(sq + 4 * id, ok ? src : a.qweight, ok);
+    }
+    // x: rows < M only, columns clipped at K and at the split's last tile.
+    const int k = span.kt0 * ix::kMmaK + x_col * ix::kChunkValues;
+    const int bytes = ix::x_chunk_bytes(k, min(a.k, span.kt_stop * ix::kMmaK));
+#pragma unroll
+    for (int i = 0; i < Cfg::kXChunksPerThread; ++i) {
+      const int row = x_row + i * Cfg::kXRowsPerPass;
+      if (row >= Cfg::kBlockM || !ix::x_row_exists(m0, row, a.m)) continue;
+      T* const dst = sx + x_dst + i * Cfg::kXRowsPerPass * Cfg::kBlockK;
+      const T* const src = x_src + i * x_pass_stride + span.kt0 * ix::kMmaK;
+      if (a.x_vector) {
+        cp_async_16_partial(dst, bytes > 0 ? src : a.x, bytes);
+      } else {
+        copy_chunk_sync(dst, src, bytes / 2);
+      }
+    }
+    // Scales (and zero points) of the stage's groups, one slot per group: usually 32 or 64
+    // chunks, up to 2 per thread when small groups put several in a stage.
+    const int scale_chunks = span.groups * Cfg::kSlotChunks * (a.zeros != nullptr ? 2 : 1);
+    for (int id = tid; id < scale_chunks; id += ix::kThreads) {
+      const ix::ScaleChunk c = ix::scale_chunk(id, span.groups);
+      const T* const source = c.tensor == 0 ? a.scales : a.zeros;
+      T* const dst = reinterpret_cast<T*>(base + (c.tensor == 0 ? Cfg::kScaleOffset : Cfg::kZeroOffset)) +
+                     ix::scale_smem_index(c.slot, c.chunk * ix::kChunkValues);
+      const int n = n0 + c.chunk * ix::kChunkValues;
+      const T* const src = source + ix::scale_offset(span.first_group + c.slot, n, a.n);
+      if (a.scale_vector) {
+        cp_async_16_zfill(dst, n < a.n ? src : source, n < a.n);
+      } else {
+        copy_chunk_sync(dst, src, max(0, min(ix::kChunkValues, a.n - n)));
+      }
+    }
+  };
+
+  float acc[ix::kWarpTiles][Cfg::kTokenBlocks][4];
+#pragma unroll
+  for (int i = 0; i < ix::kWarpTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < Cfg::kTokenBlocks; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // Warp-uniform: 8-token blocks holding real tokens, and whether the warp's tiles exist.
+  const int active_blocks = ix::active_token_blocks(a.m, m0, Cfg::kBlockM);
+  const int active_pairs = (active_blocks + 1) / 2;
+  const bool warp_active = tile_row0 + ix::warp_tile_row(warp, 0) < a.n_tiles;
+  const uint16_t symmetric_zero_bits = ix::symmetric_zero_bits<T>(kBits);
+  Params params[ix::kWarpTiles];
+  int params_group = -1;  // the group `params` hold (the same values in every stage's slot)
+
+  const auto load_params = [&](const unsigned char* base, int slot) {
+    const T* const ss = reinterpret_cast<const T*>(base + Cfg::kScaleOffset);
+    const T* const sz = reinterpret_cast<const T*>(base + Cfg::kZeroOffset);
+#pragma unroll
+    for (int i = 0; i < ix::kWarpTiles; ++i) {
+      uint16_t scale[2], zero[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int nl = ix::warp_tile_row(warp, i) * ix::kTileRows + ix::lane_row(lane, h);
+        const int index = ix::scale_smem_index(slot, nl);
+        scale[h] = ss[index].bits;
+        zero[h] = a.zeros != nullptr ? sz[index].bits : symmetric_zero_bits;
+      }
+      params[i] = ix::make_group_params<T, kBits>(scale, zero);
+    }
+  };
+
+  // One k16 step t of a stage: the warp's two tiles -> A registers, then per 16 tokens one
+  // ldmatrix.x4 of x fragments feeding 2 tiles x 2 token blocks of mma. all_blocks
+  // (std::true_type) compiles the step for a CTA full of tokens without a branch, so ptxas can
+  // overlap consecutive steps; pair 0 always holds a token, and the odd block's mma is predicated.
+  const auto mma_step = [&](const unsigned char* base, int t, auto all_blocks) {
+    constexpr bool kAllBlocks = decltype(all_blocks)::value;
+    const uint32_t* const sq = reinterpret_cast<const uint32_t*>(base);
+    const T* const sx = reinterpret_cast<const T*>(base + Cfg::kXOffset);
+    uint32_t frag[ix::kWarpTiles][4];
+#pragma unroll
+    for (int i = 0; i < ix::kWarpTiles; ++i) {
+      uint32_t words[Cfg::kLaneWords];
+#pragma unroll
+      for (int h = 0; h < Cfg::kLaneWords; ++h)
+        words[h] = sq[ix::q_smem_word<Cfg>(ix::warp_tile_row(warp, i), t, lane + 32 * h)];
+      ix::dequantize_a<T, kBits>(words, params[i], frag[i]);
+    }
+#pragma unroll
+    for (int p = 0; p < Cfg::kTokenPairs; ++p) {
+      if (kAllBlocks || p == 0 || p < active_pairs) {
+        uint32_t r[4];
+        ldmatrix_x4(r, sx + ix::x_fragment_offset<Cfg>(p, t, lane));
+        const uint32_t b_even[2] = {r[0], r[1]}, b_odd[2] = {r[2], r[3]};
+#pragma unroll
+        for (int i = 0; i < ix::kWarpTiles; ++i) {
+          mma_m16n8k16<T>(acc[i][2 * p], frag[i], b_even);
+          if (kAllBlocks || 2 * p + 1 < active_blocks) mma_m16n8k16<T>(acc[i][2 * p + 1], frag[i], b_odd);
+        }
+      }
+    }
+  };
+
+  ix::StageWalker compute_walker = ix::stage_walker(range.iter_begin, kStageTiles, a.group_tiles);
+  const auto compute_stage = [&](int stage, int iter) {
+    const ix::StageSpan span = ix::next_stage(compute_walker, iter, kStageTiles, range.kt_end, a.group_tiles);
+    if (!warp_active) return;
+    const unsigned char* const base = smem + stage * Cfg::kStageBytes;
+    if (ix::stage_is_uniform(span, kStageTiles)) {  // the common case (groups of a multiple of the stage)
+      if (span.first_group != params_group) {
+        load_params(base, 0);
+        params_group = span.first_group;
+      }
+      if (active_blocks == Cfg::kTokenBlocks) {
+#pragma unroll
+        for (int t = 0; t < kStageTiles; ++t) mma_step(base, t, std::true_type{});
+      } else {
+#pragma unroll
+        for (int t = 0; t < kStageTiles; ++t) mma_step(base, t, std::false_type{});
+      }
+    } else {  // the stage crosses groups or ends K
+      ix::GroupCursor cursor = ix::group_cursor(span, a.group_tiles);
+#pragma unroll
+      for (int t = 0; t < kStageTiles; ++t) {
+        const int kt = span.kt0 + t;
+        if (kt < span.kt_stop) {
+          ix::advance(cursor, kt, a.group_tiles);
+          if (span.first_group + cursor.slot != params_group) {
+            load_params(base, cursor.slot);
+            params_group = span.first_group + cursor.slot;
+          }
+          mma_step(base, t, std::false_type{});
+        }
+      }
+    }
+  };
+
+  // Pipeline: stages 0..kStages-2 in flight before the loop; one commit group per iteration
+  // (empty past the end) keeps cp_async_wait's count uniform. Iteration it waits for stage it,
+  // then refills the stage consumed in iteration it - 1 (the barrier orders the two).
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < range.iters) load_stage(s, range.iter_begin + s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < range.iters; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = it + kStages - 1;
+    if (next < range.iters) load_stage(next % kStages, range.iter_begin + next);
+    cp_async_commit();
+    compute_stage(it % kStages, range.iter_begin + it);
+  }
+  cp_async_wait_all();  // only empty groups remain
+
+  // Epilogue: accumulator (lane, e) of block (i, j) is feature n0 + 16 tile_row + acc_row and
+  // token m0 + 8 j + acc_token. Split: fp32 partials; else bias in fp32 and one rounding.
+  if (!warp_active) return;
+#pragma unroll
+  for (int i = 0; i < ix::kWarpTiles; ++i)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int n = n0 + ix::warp_tile_row(warp, i) * ix::kTileRows + ix::acc_row(lane, 2 * half);
+      if (n >= a.n) continue;
+      const float bias = a.splits == 1 && a.bias != nullptr ? to_compute(a.bias[n]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < Cfg::kTokenBlocks; ++j)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          const int m = m0 + j * ix::kMmaTokens + ix::acc_token(lane, e);
+          if (!ix::output_in_bounds(m, n, a.m, a.n)) continue;
+          if (a.splits > 1) {
+            a.partial[ix::partial_offset(blockIdx.z, m, n, a.m, a.n)] = acc[i][j][e];
+          } else {
+            a.y[m * a.y_row_stride + n] = from_compute<T>(acc[i][j][e] + bias);
+          }
+        }
+    }
+}
+
+// Split-K reduction: one thread per output (m, n): partial sums in split order, then the bias
+// (as the unsplit epilogue: sum + bias), one rounding. Only small problems split (at most
+// 2 * num_sms CTA tiles of 64 x 256), so this is a few microseconds at most.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    split_reduce_kernel(const float* partial, const T* bias, T* y, int64_t y_row_stride, int64_t m, int64_t n,
+                        int splits) {
+  const int64_t total = m * n;
+  for (int64_t idx = int64_t(blockIdx.x) * kReduceThreads + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * kReduceThreads) {
+    const int64_t row = idx / n, col = idx - row * n;
+    float sum = 0.f;
+    for (int s = 0; s < splits; ++s) sum += partial[ix::partial_offset(s, row, col, m, n)];
+    const float b = bias != nullptr ? to_compute(bias[col]) : 0.f;
+    y[row * y_row_stride + col] = from_compute<T>(sum + b);
+  }
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_linear(const LinearArgs<T>& a, const ix::LinearPlan& plan, cudaStream_t stream) {
+  const auto kernel = linear_kernel<T, Cfg>;
+  if constexpr (Cfg::kSmemBytes > kDefaultSharedBytes) {
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    if (status != cudaSuccess) return status;
+  }
+  const dim3 grid(unsigned(plan.m_blocks), unsigned(plan.n_blocks), unsigned(plan.splits));
+  kernel<<<grid, ix::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess || plan.splits == 1) return status;
+  const int64_t total = int64_t(a.m) * a.n;
+  const int64_t blocks = ix::min64(ix::ceil_div(total, kReduceThreads), kReduceMaxBlocks);
+  split_reduce_kernel<T><<<unsigned(blocks), kReduceThreads, 0, stream>>>(a.partial, a.bias, a.y, a.y_row_stride,
+                                                                         a.m, a.n, a.splits);
+  return cudaGetLastError();
+}
+
+// Sizes, dtypes and limits the GEMM supports (weight_only_cuda.h).
+bool linear_params_valid(const WeightOnlyLinearParams& p) {
+  const QuantizedWeightView& w = p.w;
+  const bool dtype_ok = (p.x_dtype == ScalarKind::kFloat16 || p.x_dtype == ScalarKind::kBFloat16) &&
+                        w.scale_dtype == p.x_dtype;
+  return dtype_ok && (w.bits == 4 || w.bits == 8) && w.group_size > 0 && w.group_size % 16 == 0 && p.m >= 0 &&
+         p.m <= kMaxTokens && w.n >= 0 && ix::ceil_div(w.n, ix::kBlockN) <= ix::kMaxGridYZ && w.k >= 0 &&
+         w.k < kMaxK;
+}
+
+template <typename T>
+LinearArgs<T> make_linear_args(const WeightOnlyLinearParams& p, const ix::LinearPlan& plan, void* workspace) {
+  const QuantizedWeightView& w = p.w;
+  LinearArgs<T> a{};
+  a.qweight = reinterpret_cast<const uint32_t*>(w.qweight);
+  a.scales = static_cast<const T*>(w.scales);
+  a.zeros = static_cast<const T*>(w.zeros);
+  a.x = static_cast<const T*>(p.x);
+  a.bias = static_cast<const T*>(p.bias);
+  a.y = static_cast<T*>(p.y);
+  a.partial = static_cast<float*>(workspace);
+  a.x_row_stride = p.x_row_stride;
+  a.y_row_stride = p.y_row_stride;
+  a.m = int(p.m);
+  a.n = int(w.n);
+  a.k = int(w.k);
+  a.n_tiles = int(tiles_for(w.n));
+  a.k_tiles = int(plan.k_tiles);
+  a.group_tiles = ix::group_tiles_for(w.group_size, plan.k_tiles);
+  a.k_iters = int(plan.k_iters);
+  a.iters_per_split = int(plan.iters_per_split);
+  a.splits = int(plan.splits);
+  a.x_vector = ix::x_vectorizable(reinterpret_cast<uintptr_t>(p.x), p.x_row_stride, sizeof(T));
+  a.scale_vector =
+      ix::scales_vectorizable(w.n, reinterpret_cast<uintptr_t>(w.scales), reinterpret_cast<uintptr_t>(w.zeros));
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dequantize_weight
+// ---------------------------------------------------------------------------------------------
+
+template <typename S, typename O>
+struct DequantArgs {
+  const uint32_t* qweight;
+  const S* scales;
+  const S* zeros;  // nullptr: symmetric
+  O* out;
+  int bits;
+  int64_t n, k, group_size;
+  int64_t n_tiles, k_tiles;
+};
+
+template <typename T>
+constexpr ScalarKind kind_of() {
+  if constexpr (std::is_same_v<T, float>) {
+    return ScalarKind::kFloat32;
+  } else if constexpr (std::is_same_v<T, Half>) {
+    return ScalarKind::kFloat16;
+  } else {
+    return ScalarKind::kBFloat16;
+  }
+}
+
+template <typename O>
+__device__ __forceinline__ O from_double(double v);
+template <>
+__device__ __forceinline__ Half from_double<Half>(double v) {
+  return Half{__half_as_ushort(__double2half(v))};
+}
+template <>
+__device__ __forceinline__ BFloat16 from_double<BFloat16>(double v) {
+  return BFloat16{__bfloat16_as_ushort(__double2bfloat16(v))};
+}
+
+// C: float, or double when fp32 scales meet a 16-bit output (ix::dequant_needs_fp64).
+template <typename S, typename O, typename C>
+__global__ void __launch_bounds__(ix::kDqThreads) dequantize_kernel(const DequantArgs<S, O> a) {
+  __shared__ __align__(16) uint32_t tiles[ix::kDqTiles * words_per_tile(8)];
+  const int tid = threadIdx.x;
+  const int words = words_per_tile(a.bits);
+  const int64_t kt0 = int64_t(blockIdx.x) * ix::kDqTiles;
+  const int tiles_here = int(ix::min64(ix::kDqTiles, a.k_tiles - kt0));
+  const int64_t k = kt0 * ix::kMmaK + tid;
+  const int tile = tid / ix::kMmaK, col = tid % ix::kMmaK;
+  const int64_t group = k / a.group_size;
+  for (int64_t nt = blockIdx.y; nt < a.n_tiles; nt += gridDim.y) {
+    const uint4* const src = reinterpret_cast<const uint4*>(a.qweight + tile_offset_words(a.bits, a.k_tiles, nt, kt0));
+    for (int c = tid; c < tiles_here * words / 4; c += ix::kDqThreads) reinterpret_cast<uint4*>(tiles)[c] = src[c];
+    __syncthreads();
+    if (k < a.k) {
+      for (int i = 0; i < ix::kTileRows; ++i) {
+        const int64_t n = nt * ix::kTileRows + i;
+        if (n >= a.n) break;
+        const int64_t offset = ix::scale_offset(group, n, a.n);
+        const C q = C(ix::tile_value(tiles + tile * words, a.bits, i, col));
+        const C zero = a.zeros != nullptr ? C(to_compute(a.zeros[offset])) : C(symmetric_zero(a.bits));
+        const C value = (q - zero) * C(to_compute(a.scales[offset]));
+        if constexpr (std::is_same_v<C, double>) {
+          a.out[n * a.k + k] = from_double<O>(value);
+        } else {
+          a.out[n * a.k + k] = from_compute<O>(value);
+        }
+      }
+    }
+    __syncthreads();  // the tiles are overwritten for the next tile row
+  }
+}
+
+template <typename S, typename O>
+cudaError_t launch_dequantize(const DequantizeWeightParams& p, cudaStream_t stream) {
+  const QuantizedWeightView& w = p.w;
+  DequantArgs<S, O> a{};
+  a.qweight = reinterpret_cast<const uint32_t*>(w.qweight);
+  a.scales = static_cast<const S*>(w.scales);
+  a.zeros = static_cast<const S*>(w.zeros);
+  a.out = static_cast<O*>(p.out);
+  a.bits = w.bits;
+  a.n = w.n;
+  a.k = w.k;
+  a.group_size = w.group_size;
+  a.n_tiles = tiles_for(w.n);
+  a.k_tiles = tiles_for(w.k);
+  const dim3 grid(unsigned(ix::ceil_div(a.k_tiles, ix::kDqTiles)), unsigned(ix::min64(a.n_tiles, ix::kMaxGridYZ)));
+  if constexpr (ix::dequant_needs_fp64(kind_of<S>(), kind_of<O>())) {
+    dequantize_kernel<S, O, double><<<grid, ix::kDqThreads, 0, stream>>>(a);
+  } else {
+    dequantize_kernel<S, O, float><<<grid, ix::kDqThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+bool is_float_kind(ScalarKind kind) {
+  return kind == ScalarKind::kFloat32 || kind == ScalarKind::kFloat16 || kind == ScalarKind::kBFloat16;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+int64_t weight_only_linear_workspace_bytes(const WeightOnlyLinearParams& p, int num_sms) {
+  if (!linear_params_valid(p) || p.m == 0 || p.w.n == 0) return 0;
+  const ix::LinearPlan plan = ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, true);
+  return ix::partial_bytes(plan, p.m, p.w.n);
+}
+
+cudaError_t weight_only_linear(const WeightOnlyLinearParams& p, void* workspace, int num_sms, cudaStream_t stream) {
+  if (!linear_params_valid(p)) return cudaErrorInvalidValue;
+  if (p.m == 0 || p.w.n == 0) return cudaSuccess;
+  // Without a usable workspace the GEMM runs unsplit (correct, fewer CTAs).
+  const bool allow_split = workspace != nullptr && is_aligned(workspace, 16);
+  const ix::LinearPlan plan = ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split);
+  cudaError_t status = cudaSuccess;
+  visit_storage_type(p.x_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) {
+      const LinearArgs<T> a = make_linear_args<T>(p, plan, workspace);
+      const bool batch = plan.block_m == ix::kBatchBlockM;
+      if (p.w.bits == 4) {
+        status = batch ? launch_linear<T, ix::TileConfig<4, ix::kBatchBlockM>>(a, plan, stream)
+                       : launch_linear<T, ix::TileConfig<4, ix::kDecodeBlockM>>(a, plan, stream);
+      } else {
+        status = batch ? launch_linear<T, ix::TileConfig<8, ix::kBatchBlockM>>(a, plan, stream)
+                       : launch_linear<T, ix::TileConfig<8, ix::kDecodeBlockM>>(a, plan, stream);
+      }
+    }
+  });
+  return status;
+}
+
+cudaError_t dequantize_weight(const DequantizeWeightParams& p, cudaStream_t stream) {
+  const QuantizedWeightView& w = p.w;
+  if ((w.bits != 4 && w.bits != 8) || w.group_size <= 0 || w.group_size % 16 != 0 || w.n < 0 || w.k < 0 ||
+      !is_float_kind(w.scale_dtype) || !is_float_kind(p.out_dtype) ||
+      ix::ceil_div(tiles_for(w.k), ix::kDqTiles) > 2147483647) {
+    return cudaErrorInvalidValue;
+  }
+  if (w.n == 0 || w.k == 0) return cudaSuccess;
+  cudaError_t status = cudaSuccess;
+  visit_storage_type(w.scale_dtype, [&](auto scale_tag) {
+    using S = decltype(scale_tag);
+    visit_storage_type(p.out_dtype, [&](auto out_tag) {
+      using O = decltype(out_tag);
+      if constexpr (!std::is_same_v<S, double> && !std::is_same_v<O, double>) {
+        status = launch_dequantize<S, O>(p, stream);
+      }
+    });
+  });
+  return status;
+}
+
+}  // namespace torch_ext::cuda
