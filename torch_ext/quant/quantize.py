@@ -60,5 +60,5 @@ def quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, symme
     q = torch.round(w64 / scale64[group_of_k].t()) + zero[group_of_k].t()
     q = q.clamp(0, max_q).to(torch.int64)
     qweight = layout.pack_qweight(q, bits, pad_value=zero[-1].to(torch.int64))
-    zeros = None if symmetric else zero.to(scale_dtype)
+    zeros = None if symmetric else zero.to(scale_dtype).contiguous()  # the kernels read [groups, N] rows
     return QuantizedWeight(qweight, scale.contiguous(), zeros, bits, group_size, (n, k))
