@@ -19,37 +19,57 @@ using quant::tiles_for;
 // One 16 x 16 tile of W dequantized into tile[row][col] (fp32), given the rows' scales and
 // zero points of the tile's group.
 #if defined(__AVX512F__) || defined(__AVX2__)
+// Rows of one column block and row parity t as whole rows: lane group r of v[d] holds row r at
+// columns 2q + d (q = 0..3) for d = 0, 1, 8, 9. Interleaving d = 0 with 1 and 8 with 9 gives,
+// per 128-bit lane, four consecutive columns; a 128-bit-lane transpose makes the rows.
+inline void store_rows(const VecF (&v)[4], float* const (&rows)[kW / 4]) {
+#if defined(__AVX512F__)
+  const __m512 a = _mm512_unpacklo_ps(v[0].v, v[1].v), b = _mm512_unpackhi_ps(v[0].v, v[1].v);
+  const __m512 c = _mm512_unpacklo_ps(v[2].v, v[3].v), d = _mm512_unpackhi_ps(v[2].v, v[3].v);
+  const __m512 ab01 = _mm512_shuffle_f32x4(a, b, 0x44), ab23 = _mm512_shuffle_f32x4(a, b, 0xEE);
+  const __m512 cd01 = _mm512_shuffle_f32x4(c, d, 0x44), cd23 = _mm512_shuffle_f32x4(c, d, 0xEE);
+  _mm512_store_ps(rows[0], _mm512_shuffle_f32x4(ab01, cd01, 0x88));
+  _mm512_store_ps(rows[1], _mm512_shuffle_f32x4(ab01, cd01, 0xDD));
+  _mm512_store_ps(rows[2], _mm512_shuffle_f32x4(ab23, cd23, 0x88));
+  _mm512_store_ps(rows[3], _mm512_shuffle_f32x4(ab23, cd23, 0xDD));
+#else
+  const __m256 a = _mm256_unpacklo_ps(v[0].v, v[1].v), b = _mm256_unpackhi_ps(v[0].v, v[1].v);
+  const __m256 c = _mm256_unpacklo_ps(v[2].v, v[3].v), d = _mm256_unpackhi_ps(v[2].v, v[3].v);
+  _mm256_store_ps(rows[0], _mm256_permute2f128_ps(a, b, 0x20));
+  _mm256_store_ps(rows[0] + 8, _mm256_permute2f128_ps(c, d, 0x20));
+  _mm256_store_ps(rows[1], _mm256_permute2f128_ps(a, b, 0x31));
+  _mm256_store_ps(rows[1] + 8, _mm256_permute2f128_ps(c, d, 0x31));
+#endif
+}
+
 template <int kBits>
 void dequantize_tile(const int32_t* words, const float (&scale)[kTileN], const float (&zero)[kTileN],
                      float (&tile)[kTileN][kTileK]) {
   constexpr int kLoads = quant::words_per_tile(kBits) / kW;
-  constexpr int kHalf = quant::values_per_word(kBits) / 2;
+  VecI v[kLoads];
 #pragma GCC unroll 8
-  for (int load = 0; load < kLoads; ++load) {
-    const VecI v = load_words(words + load * kW);
-    const int cb = load % kColumnBlocks, h = load * kW / 32;
+  for (int load = 0; load < kLoads; ++load) v[load] = load_words(words + load * kW);
 #pragma GCC unroll 4
-    for (int slot = 0; slot < kHalf; ++slot) {
-      // Slots s and s + kHalf are the same row at columns d + 2q and d + 2q + 1: interleaving
-      // them per 128-bit lane gives, in lane group r, 8 consecutive columns of one row.
-      const int t = slot % 2, d = quant::tile_col(kBits, 32 * h, slot);
+  for (int cb = 0; cb < kColumnBlocks; ++cb) {
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; ++t) {
       const VecF s = row_lanes(scale, cb, t), z = row_lanes(zero, cb, t);
-      const VecF a = (slot_values<kBits>(v, slot) - z) * s;
-      const VecF b = (slot_values<kBits>(v, slot + kHalf) - z) * s;
-      alignas(64) float low[kW], high[kW];
-#if defined(__AVX512F__)
-      _mm512_store_ps(low, _mm512_unpacklo_ps(a.v, b.v));
-      _mm512_store_ps(high, _mm512_unpackhi_ps(a.v, b.v));
-#else
-      _mm256_store_ps(low, _mm256_unpacklo_ps(a.v, b.v));
-      _mm256_store_ps(high, _mm256_unpackhi_ps(a.v, b.v));
-#endif
-#pragma GCC unroll 4
-      for (int r = 0; r < kW / 4; ++r) {
-        float* row = tile[cb * (kW / 4) + r + 8 * t];
-        std::memcpy(row + d, low + 4 * r, 4 * sizeof(float));
-        std::memcpy(row + d + 4, high + 4 * r, 4 * sizeof(float));
+      // The slots holding columns 2q + {0, 1, 8, 9} of rows with parity t (weight_only_layout.h):
+      // 4-bit: one load, bytes 0, 2, 1, 3; 8-bit: bytes 0, 2 of the load for columns < 8 and of
+      // the one 32 words later for columns >= 8.
+      VecF columns[4];
+      if constexpr (kBits == 4) {
+        columns[0] = slot_values<4>(v[cb], t), columns[1] = slot_values<4>(v[cb], t + 4);
+        columns[2] = slot_values<4>(v[cb], t + 2), columns[3] = slot_values<4>(v[cb], t + 6);
+      } else {
+        columns[0] = slot_values<8>(v[cb], t), columns[1] = slot_values<8>(v[cb], t + 2);
+        columns[2] = slot_values<8>(v[cb + kColumnBlocks], t);
+        columns[3] = slot_values<8>(v[cb + kColumnBlocks], t + 2);
       }
+      for (VecF& c : columns) c = (c - z) * s;
+      float* rows[kW / 4];
+      for (int r = 0; r < kW / 4; ++r) rows[r] = tile[cb * (kW / 4) + r + 8 * t];
+      store_rows(columns, rows);
     }
   }
 }
@@ -73,7 +93,7 @@ template <int kBits, typename Fn>
 void for_each_dequantized_tile(const QuantizedWeightView& w, int64_t nt, Fn&& fn) {
   const int64_t k_tiles = tiles_for(w.k), group_tiles = w.group_size / kTileK;
   alignas(64) float scale[kTileN], zero[kTileN];
-  alignas(64) float tile[kTileN][kTileK];
+  alignas(64) float tile[kTileN][kTileK];  // rows stored with aligned 32/64-byte stores
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     if (kt % group_tiles == 0) load_group_params(w, kt / group_tiles, nt * kTileN, 0.0f, scale, zero);
     dequantize_tile<kBits>(w.qweight + quant::tile_offset_words(kBits, k_tiles, nt, kt), scale, zero, tile);
