@@ -70,15 +70,7 @@ def expected_weight(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, 
     return ((q - zeros[group_of_k]).to(torch.float64) * scales[group_of_k].to(torch.float64)).t()
 
 
-def dequantized(qw: QuantizedWeight) -> torch.Tensor:
-    """The float64 weight [N, K] in the original input-channel order."""
-    packed = reference.quant.dequantize_weight(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size,
-                                               qw.in_features)
-    if qw.perm is None:
-        return packed
-    original = torch.empty_like(packed)
-    original[:, qw.perm.cpu()] = packed
-    return original
+dequantized = reference.quant.original_weight
 
 
 def assert_exact(qw: QuantizedWeight, want: torch.Tensor, what: str) -> None:

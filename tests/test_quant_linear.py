@@ -12,7 +12,7 @@ from torch import nn
 
 from torch_ext import reference
 from torch_ext.nn import QuantLinear
-from torch_ext.quant import QuantizedWeight, from_gptq, quantize_model, quantize_weight
+from torch_ext.quant import from_gptq, quantize_model, quantize_weight
 from torch_ext.testing import (RELATIVE_ERROR_BOUNDS, assert_close_to_reference, fresh_seed, poisoned_outputs,
                                random_tensor, relative_error)
 
@@ -24,15 +24,7 @@ IN_FEATURES, OUT_FEATURES = 100, 37  # neither a multiple of 16: partial tiles a
 X_SHAPES = [(IN_FEATURES,), (3, IN_FEATURES), (2, 5, IN_FEATURES), (3, 17, IN_FEATURES)]
 
 
-def dequantized(qw: QuantizedWeight) -> torch.Tensor:
-    """The float64 weight [N, K] in the original input-channel order (independent of the op)."""
-    packed = reference.quant.dequantize_weight(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size,
-                                               qw.in_features)
-    if qw.perm is None:
-        return packed
-    original = torch.empty_like(packed)
-    original[:, qw.perm.cpu()] = packed
-    return original
+dequantized = reference.quant.original_weight
 
 
 def expected(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -27,3 +27,14 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     w = dequantize_weight(qweight, scales, zeros, bits, group_size, x.shape[-1])
     y = x.cpu().to(torch.float64) @ w.t()
     return y if bias is None else y + bias.cpu().to(torch.float64)
+
+
+def original_weight(qw) -> torch.Tensor:
+    """The float64 weight [N, K] a QuantizedWeight stands for, in the original input-channel
+    order (undoing act-order's perm), computed without the op."""
+    packed = dequantize_weight(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.in_features)
+    if qw.perm is None:
+        return packed
+    original = torch.empty_like(packed)
+    original[:, qw.perm.cpu()] = packed
+    return original
