@@ -33,8 +33,9 @@ MB = 2**20
 FAST = TimerConfig(budget_s=0.01, warmup_s=0.002)
 
 
-def _selftest_suite(broken_baseline: bool = False):
-    """Suite factory: add (ours) vs sub (baseline), optionally with a baseline that raises."""
+def _selftest_suite(broken_baseline: bool = False, working_set_bytes: int | None = None):
+    """Suite factory: add (ours) vs sub (baseline), optionally with a baseline that raises and
+    a declared working set."""
 
     def suite(device: str, quick: bool) -> list[Case]:
         def make_inputs(seed: int) -> tuple:
@@ -58,6 +59,7 @@ def _selftest_suite(broken_baseline: bool = False):
                 flops=256 * 256,
                 bytes=3 * 256 * 256 * 4,
                 device=device,
+                working_set_bytes=working_set_bytes,
             )
         ]
 
@@ -191,6 +193,17 @@ def test_run_selects_by_op_name_and_rejects_unknown(tmp_path):
         assert [c["op"] for c in result["cases"]] == ["selftest_add"]
         with pytest.raises(ValueError, match="no_such_op"):
             run(ops=["no_such_op"], quick=True, out_dir=str(tmp_path), devices=["cpu"])
+
+
+def test_declared_working_set_decides_the_cpu_roofline(tmp_path):
+    """Tiny inputs run from cache, unless the case says it rotates a larger working set itself."""
+    roofs = {}
+    for declared in (None, 1 << 40):
+        with isolated_registry():
+            register_suite("selftest")(_selftest_suite(working_set_bytes=declared))
+            result = run(ops=["selftest"], quick=True, out_dir=str(tmp_path), devices=["cpu"])
+        roofs[declared] = result["cases"][0]["bandwidth_roof"]
+    assert roofs == {None: "cache", 1 << 40: "memory"}
 
 
 def test_main_exit_codes(tmp_path):

@@ -36,6 +36,10 @@ class Case:
             first entry of ``baselines``.
         notes: extra facts about the case copied into its JSON record (e.g. the
             workspace memory each method needs).
+        working_set_bytes: bytes one method cycles through across calls, when the case
+            rotates data itself (the quant suite's weight copies live in closures, not in
+            the input sets); decides whether the CPU roofline is the cache's or DRAM's.
+            Default: the rotated input sets.
     """
 
     family: str
@@ -49,6 +53,7 @@ class Case:
     device: str = "cpu"
     primary_baseline: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    working_set_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.primary_baseline is None and self.baselines:

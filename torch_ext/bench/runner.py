@@ -135,8 +135,10 @@ def measure_case(case: Case, roof: Roofline, config: TimerConfig) -> dict[str, A
         record["cache_flush"] = inputs.flush is not None
         # CPU cases whose rotated inputs fit in the last-level cache run from cache: their
         # % of roofline is taken against the measured cache bandwidth, not DRAM's.
+        working_set = (case.working_set_bytes if case.working_set_bytes is not None
+                       else len(inputs.sets) * tensor_bytes(inputs.sets[0]))
         cache_resident = (torch.device(case.device).type == "cpu" and
-                          len(inputs.sets) * tensor_bytes(inputs.sets[0]) <= last_level_cache_bytes(torch.device("cpu")))
+                          working_set <= last_level_cache_bytes(torch.device("cpu")))
         record["bandwidth_roof"] = "cache" if cache_resident else "memory"
 
         def evaluate(stats: Stats) -> dict[str, Any]:

@@ -129,6 +129,7 @@ def _case(device: str, n: int, k: int, m: int, dtype: torch.dtype) -> Case:
         bytes=float(weight_bytes + (m * k + m * n) * element),  # the packed weight once, x in, y out
         device=device,
         notes={"weight_copies_rotated_cpu": "each method cycles through its own copies spanning 2x the LLC"},
+        working_set_bytes=_copies(device, weight_bytes) * weight_bytes,
     )
 
 
