@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+
 namespace torch_ext {
 
 // activation/silu_and_mul.cpp
@@ -34,5 +36,10 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
 at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
                              c10::optional<int64_t> in_features);
+
+// quant/w8a8.cpp
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::optional<double> clip);
+at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                          const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype);
 
 }  // namespace torch_ext

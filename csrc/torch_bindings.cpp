@@ -32,6 +32,12 @@ TORCH_LIBRARY(torch_ext, m) {
   // W [N, K] = (q - zero) * scale in the scales' dtype; K = in_features (default 16 * qweight.size(1)).
   m.def("dequantize_weight(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, "
         "int? in_features=None) -> Tensor");
+
+  // Symmetric per-row int8 quantization of x [..., K]: (q int8 [..., K], scale fp32 [..., 1]), |x| clamped to clip.
+  m.def("quantize_per_token(Tensor x, float? clip=None) -> (Tensor, Tensor)");
+  // out [M, N] = (a @ b.T) * a_scale * b_scale + bias for int8 a [M, K], b [N, K]; exact int32 sums, fp32 epilogue.
+  m.def("scaled_int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
@@ -43,6 +49,8 @@ TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("im2win_transform", &torch_ext::im2win_transform);
   m.impl("weight_only_linear", &torch_ext::weight_only_linear);
   m.impl("dequantize_weight", &torch_ext::dequantize_weight);
+  m.impl("quantize_per_token", &torch_ext::quantize_per_token);
+  m.impl("scaled_int8_mm", &torch_ext::scaled_int8_mm);
 }
 
 #if defined(TORCH_EXT_WITH_CUDA)

@@ -100,13 +100,30 @@ CpuIsa set_cpu_isa_limit(CpuIsa limit) {
   return active;
 }
 
+namespace {
+// Whether the CPU has `feature` (a __builtin_cpu_supports name) and AVX-512 kernels run.
+bool avx512_extension_active(bool has_feature) { return has_feature && active_cpu_isa() == CpuIsa::kAvx512; }
+}  // namespace
+
 bool avx512_bf16_active() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool has_bf16 = [] {
+  static const bool has = [] {
     __builtin_cpu_init();
     return bool(__builtin_cpu_supports("avx512bf16"));
   }();
-  return has_bf16 && active_cpu_isa() == CpuIsa::kAvx512;
+  return avx512_extension_active(has);
+#else
+  return false;
+#endif
+}
+
+bool avx512_vnni_active() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_supports("avx512vnni"));
+  }();
+  return avx512_extension_active(has);
 #else
   return false;
 #endif

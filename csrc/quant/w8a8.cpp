@@ -1,0 +1,94 @@
+// quantize_per_token and scaled_int8_mm: input checks, allocation, the packed-B cache, and
+// the choice of kernel.
+#include "quant/w8a8.h"
+
+#include <ATen/ops/empty.h>
+
+#include "common/cpu/isa.h"
+#include "common/torch_utils.h"
+#include "conv/packed_weight_cache.h"
+#include "ops.h"
+
+namespace torch_ext {
+namespace {
+
+constexpr const char* kQuantizeOp = "quantize_per_token";
+constexpr const char* kMmOp = "scaled_int8_mm";
+// Cache tag of packed int8 B (the cache's "ISA" slot: the layout is the same at every level).
+constexpr int kPackedInt8Tag = 1000;
+
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) <= 1 ? t : t.contiguous(); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::optional<double> clip) {
+  const char* op = kQuantizeOp;
+  check_dim_at_least(op, "x", x, 1);
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_EXT_CHECK(!clip || *clip > 0.0, op, "clip must be positive, got ", clip ? *clip : 0.0);
+  const at::Tensor rows = as_rows(x);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end());
+  scale_shape.back() = 1;
+  at::Tensor scale = at::empty(scale_shape, x.options().dtype(at::kFloat));
+  if (x.numel() == 0 && scale.numel() == 0) return {q, scale};
+  const QuantizePerTokenParams p{scalar_kind(x), rows.size(0), rows.size(1), rows.data_ptr(), rows.stride(0),
+                                 clip ? float(*clip) : 0.0f, q.data_ptr<int8_t>(), scale.data_ptr<float>()};
+  TORCH_EXT_CPU_DISPATCH(quantize_per_token, p);
+  return {q, scale};
+}
+
+at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                          const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const char* op = kMmOp;
+  check_dtype(op, "a", a, {at::kChar});
+  check_dtype(op, "b", b, {at::kChar});
+  TORCH_EXT_CHECK(a.dim() == 2 && b.dim() == 2, op, "a and b must be 2-D ([M, K] and [N, K]), got shapes ", a.sizes(),
+                  " and ", b.sizes());
+  TORCH_EXT_CHECK(a.size(1) == b.size(1), op, "a [M, K] and b [N, K] must share K, got ", a.sizes(), " and ",
+                  b.sizes());
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  check_dtype(op, "a_scale", a_scale, {at::kFloat});
+  check_dtype(op, "b_scale", b_scale, {at::kFloat});
+  TORCH_EXT_CHECK(a_scale.numel() == m && (a_scale.dim() == 1 || (a_scale.dim() == 2 && a_scale.size(1) == 1)), op,
+                  "a_scale must be [M, 1] = [", m, ", 1], got shape ", a_scale.sizes());
+  TORCH_EXT_CHECK(b_scale.dim() <= 1 && (b_scale.numel() == n || b_scale.numel() == 1), op,
+                  "b_scale must be [N] = [", n, "] or [1], got shape ", b_scale.sizes());
+  TORCH_EXT_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+                  "out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(out_dtype));
+  for (const at::Tensor* t : {&b, &a_scale, &b_scale}) check_same_device(op, "every tensor", *t, "a", a);
+  if (bias) {
+    check_dtype(op, "bias", *bias, {at::kFloat, at::kHalf, at::kBFloat16});
+    check_same_device(op, "bias", *bias, "a", a);
+    TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "bias must be [N] = [", n, "], got shape ",
+                    bias->sizes());
+  }
+  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  const at::Tensor a_c = unit_column_stride(a), b_c = unit_column_stride(b);
+  const at::Tensor a_scale_c = a_scale.contiguous(), b_scale_c = b_scale.contiguous();
+  const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const ScaledInt8MmParams p{m, n, k,
+                             a_c.data_ptr<int8_t>(), a_c.stride(0), b_c.data_ptr<int8_t>(), b_c.stride(0),
+                             a_scale_c.data_ptr<float>(), b_scale_c.data_ptr<float>(), b_scale.numel() == n && n > 1,
+                             bias ? bias_f.data_ptr<float>() : nullptr,
+                             scalar_kind(out), out.data_ptr(), out.stride(0)};
+  const auto pack = [&] {
+    at::Tensor packed = at::empty({packed_int8_b_bytes(n, k)}, b.options().dtype(at::kByte));
+    TORCH_EXT_CPU_DISPATCH(pack_int8_b, p, packed.data_ptr<uint8_t>());
+    return packed;
+  };
+  // B is usually a frozen weight: its packed form is cached like the conv weights' panels.
+  at::Tensor packed = cached_packed_weight(b, kPackedInt8Tag, pack);
+  if (!packed.defined()) packed = pack();
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
+  if (cpu::avx512_vnni_active()) {
+    cpu::avx512_vnni::scaled_int8_mm_vnni(p, packed.data_ptr<uint8_t>());
+    return out;
+  }
+#endif
+  TORCH_EXT_CPU_DISPATCH(scaled_int8_mm_packed, p, packed.data_ptr<uint8_t>());
+  return out;
+}
+
+}  // namespace torch_ext

@@ -1,0 +1,66 @@
+// W8A8 (int8 weights and activations): per-token activation quantization and the scaled int8
+// GEMM. Parameters and CPU kernel entry points. Torch-free.
+//
+//   quantize_per_token: for each row r of x [rows, k]: amax = max_k |x[r, k]| (clamped to
+//     `clip` when clip > 0), scale[r] = amax / 127 (1 when amax == 0), q[r, k] =
+//     saturate_int8(round_half_even(x[r, k] / scale[r])).
+//   scaled_int8_mm: out[m, n] = float(sum_k a[m, k] * b[n, k]) * a_scale[m] * b_scale[n or 0]
+//     + bias[n], with exact int32 accumulation, the scaling in fp32 and one rounding to out.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cpu/dispatch.h"
+#include "common/dtype.h"
+#include "common/macros.h"
+
+namespace torch_ext {
+
+struct QuantizePerTokenParams {
+  ScalarKind x_dtype;  // fp32, fp16 or bf16
+  int64_t rows, k;
+  const void* x;  // [rows, k], unit column stride
+  int64_t x_row_stride;
+  float clip;       // <= 0: no clipping
+  int8_t* q;        // [rows, k] contiguous
+  float* scale;     // [rows]
+};
+
+struct ScaledInt8MmParams {
+  int64_t m, n, k;
+  const int8_t* a;  // [m, k], unit column stride
+  int64_t a_row_stride;
+  const int8_t* b;  // [n, k], unit column stride (nn.Linear's weight layout)
+  int64_t b_row_stride;
+  const float* a_scale;      // [m]
+  const float* b_scale;      // [n], or [1] when !b_scale_per_channel
+  bool b_scale_per_channel;
+  const float* bias;         // [n] or nullptr
+  ScalarKind out_dtype;      // fp32, fp16 or bf16
+  void* out;                 // [m, n], unit column stride
+  int64_t out_row_stride;
+};
+
+// Bytes of B packed for the CPU kernels (quant/w8a8_cpu_packing.h): int8 blocks of 16 columns
+// x 4 k plus the int32 column sums.
+inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
+inline int64_t packed_int8_b_bytes(int64_t n, int64_t k) {
+  const int64_t values = (n + 15) / 16 * 16 * ((k + 3) / 4 * 4);
+  return (values + 63) / 64 * 64 + (n + 15) / 16 * 16 * 4;
+}
+}  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
+
+namespace cpu {
+TORCH_EXT_DECLARE_CPU_KERNEL(void quantize_per_token(const QuantizePerTokenParams& p))
+// B (p.b, p.n, p.k) into the packed layout, packed_int8_b_bytes(n, k) bytes.
+TORCH_EXT_DECLARE_CPU_KERNEL(void pack_int8_b(const ScaledInt8MmParams& p, uint8_t* packed))
+// out from A (p.a) and packed B; p.b is not read.
+TORCH_EXT_DECLARE_CPU_KERNEL(void scaled_int8_mm_packed(const ScaledInt8MmParams& p, const uint8_t* packed_b))
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
+namespace avx512_vnni {
+void scaled_int8_mm_vnni(const ScaledInt8MmParams& p, const uint8_t* packed_b);
+}
+#endif
+}  // namespace cpu
+
+}  // namespace torch_ext

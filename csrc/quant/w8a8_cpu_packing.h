@@ -1,0 +1,105 @@
+// Packed operands and the blocked driver of the CPU scaled_int8_mm, shared by the portable
+// kernel (w8a8_cpu.cpp, every ISA level) and the AVX512-VNNI one (w8a8_cpu_vnni.cpp), each
+// including it inside its own ISA namespace.
+//
+// Packed B (one buffer, built per call or cached per weight by the torch-facing code):
+//   values:  int8 [n_blocks][k4][kBlockN][4]   (k4 = ceil(K / 4), zero-padded in N and K)
+//   colsum:  int32 [n_blocks * kBlockN]         (sum_k b[n, k]) at packed_b_colsum_offset()
+// A is repacked per call as uint8 a + 128, rows of 4 * k4 bytes (zero-padded), rows padded to
+// a multiple of kRows with zeros.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu/parallel.h"
+#include "common/float_bits.h"
+#include "quant/w8a8.h"
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::w8a8 {
+
+constexpr int kBlockN = 16;  // columns per block: one 512-bit vector of int32 lanes
+constexpr int kRows = 4;     // rows of A per micro-kernel call (6 measured no faster at M = 256; 4 wastes less at small M)
+constexpr int kBlocks = 4;   // column blocks per micro-kernel call: 4 x 4 accumulators
+
+inline int64_t k4_of(int64_t k) { return (k + 3) / 4; }
+inline int64_t n_blocks_of(int64_t n) { return (n + kBlockN - 1) / kBlockN; }
+// Where the column sums start (packed_int8_b_bytes in w8a8.h is the total).
+inline int64_t colsum_offset(int64_t n, int64_t k) { return (n_blocks_of(n) * k4_of(k) * kBlockN * 4 + 63) / 64 * 64; }
+
+inline void pack_b(const ScaledInt8MmParams& p, uint8_t* packed) {
+  const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n);
+  int32_t* colsum = reinterpret_cast<int32_t*>(packed + colsum_offset(p.n, p.k));
+  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      int8_t* out = reinterpret_cast<int8_t*>(packed) + nb * k4 * kBlockN * 4;
+      std::memset(out, 0, size_t(k4 * kBlockN * 4));
+      for (int c = 0; c < kBlockN; ++c) {
+        const int64_t n = nb * kBlockN + c;
+        int32_t sum = 0;
+        if (n < p.n) {
+          const int8_t* row = p.b + n * p.b_row_stride;
+          for (int64_t k = 0; k < p.k; ++k) {
+            out[((k / 4) * kBlockN + c) * 4 + k % 4] = row[k];
+            sum += row[k];
+          }
+        }
+        colsum[nb * kBlockN + c] = sum;
+      }
+    }
+  });
+}
+
+// Calls micro(a_rows, b_blocks, k4, acc) for every block of kRows rows x kBlocks column blocks
+// (b_blocks: the first block; the next ones follow every k4 * kBlockN * 4 bytes; acc [kRows]
+// [kBlocks * kBlockN] int32, zeroed; `blocks` of them are real), then applies the epilogue
+// (T: the output's storage type).
+template <typename T, typename Micro>
+void gemm_typed(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micro& micro) {
+  const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n);
+  const int64_t rows = (p.m + kRows - 1) / kRows * kRows;
+  std::vector<uint8_t> a(size_t(rows * k4 * 4), 0);
+  parallel_for(0, p.m, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t k = 0; k < p.k; ++k) a[m * k4 * 4 + k] = uint8_t(int(p.a[m * p.a_row_stride + k]) + 128);
+  });
+  const int32_t* colsum = reinterpret_cast<const int32_t*>(packed_b + colsum_offset(p.n, p.k));
+  const int64_t column_tasks = (blocks + kBlocks - 1) / kBlocks;
+  parallel_for(0, column_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb0 = task * kBlocks;
+      const int8_t* b = reinterpret_cast<const int8_t*>(packed_b) + nb0 * k4 * kBlockN * 4;
+      for (int64_t m0 = 0; m0 < rows; m0 += kRows) {
+        const uint8_t* a_rows[kRows];
+        for (int i = 0; i < kRows; ++i) a_rows[i] = a.data() + (m0 + i) * k4 * 4;
+        int32_t acc[kRows][kBlocks * kBlockN] = {};
+        micro(a_rows, b, std::min<int64_t>(kBlocks, blocks - nb0), k4, acc);
+        for (int i = 0; i < kRows && m0 + i < p.m; ++i) {
+          const int64_t m = m0 + i;
+          const float a_scale = p.a_scale[m];
+          for (int c = 0; c < kBlocks * kBlockN; ++c) {
+            const int64_t n = nb0 * kBlockN + c;
+            if (n >= p.n) break;
+            const float b_scale = p.b_scale[p.b_scale_per_channel ? n : 0];
+            float value = float(acc[i][c] - 128 * colsum[n]) * a_scale * b_scale;
+            if (p.bias) value += p.bias[n];
+            static_cast<T*>(p.out)[m * p.out_row_stride + n] = from_float<T>(value);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename Micro>
+void gemm(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micro& micro) {
+  visit_storage_type(p.out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) gemm_typed<T>(p, packed_b, micro);
+  });
+}
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::w8a8

@@ -1,0 +1,150 @@
+"""quantize_per_token and scaled_int8_mm: exact against references (integer sums, rounding),
+tails, every CPU ISA, scale forms, out dtypes, opcheck, torch.compile, bad inputs."""
+
+import pytest
+import torch
+
+import torch_ext  # noqa: F401  (registers the ops)
+from torch_ext.ops import quantize_per_token, scaled_int8_mm
+from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs, random_tensor
+
+OUT_BOUNDS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _int8(shape, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8).to(device)
+
+
+def _reference_quantize(x: torch.Tensor, clip=None):
+    x64 = x.double().cpu()
+    amax = x64.abs().amax(dim=-1, keepdim=True)
+    if clip is not None:
+        amax = amax.clamp(max=clip)
+    # The scale is computed in fp32, as the op stores it; the division too (x / scale).
+    scale = torch.where(amax > 0, amax.float() / 127, torch.ones_like(amax, dtype=torch.float32))
+    q = torch.round(x.float().cpu() / scale).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_per_token_exact(cpu_isa, dtype):
+    seed = fresh_seed()
+    for shape in ((1, 1), (3, 17), (2, 5, 100), (8, 4096)):
+        x = random_tensor(shape, dtype, "cpu", seed, scale=3.0)
+        for clip in (None, 1.5):
+            with poisoned_outputs():
+                q, scale = quantize_per_token(x, clip)
+            q_ref, scale_ref = _reference_quantize(x, clip)
+            assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (*shape[:-1], 1)
+            assert torch.equal(scale, scale_ref), f"{shape} {dtype} clip={clip} seed {seed}"
+            assert torch.equal(q, q_ref), f"{shape} {dtype} clip={clip} seed {seed}"
+
+
+def test_quantize_per_token_zero_rows_and_strides():
+    x = torch.zeros(2, 8)
+    q, scale = quantize_per_token(x)
+    assert torch.equal(scale, torch.ones(2, 1)) and torch.equal(q, torch.zeros(2, 8, dtype=torch.int8))
+    wide = random_tensor((4, 40), torch.float32, "cpu", fresh_seed())
+    q, scale = quantize_per_token(wide[:, 5:25])
+    q_ref, scale_ref = _reference_quantize(wide[:, 5:25])
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+
+
+def test_scaled_int8_mm_sums_exactly(cpu_isa):
+    """Unit scales and small enough sums: the fp32 result is the exact integer dot product."""
+    seed = fresh_seed()
+    for m, n, k in ((1, 1, 1), (5, 17, 33), (7, 70, 130), (13, 64, 256), (3, 100, 7), (37, 33, 1000)):
+        a, b = _int8((m, k), seed), _int8((n, k), seed + 1)
+        with poisoned_outputs():
+            out = scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32)
+        exact = (a.long() @ b.long().t()).float()
+        assert torch.equal(out, exact), f"{m}x{n}x{k} seed {seed}"
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scaled_int8_mm_matches_reference(cpu_isa, out_dtype):
+    seed = fresh_seed()
+    for m, n, k in ((4, 24, 64), (9, 50, 77), (64, 128, 512)):
+        a, b = _int8((m, k), seed), _int8((n, k), seed + 1)
+        a_scale = random_tensor((m, 1), torch.float32, "cpu", seed + 2).abs() * 1e-3 + 1e-4
+        for per_channel in (True, False):
+            b_scale = random_tensor((n if per_channel else 1,), torch.float32, "cpu", seed + 3).abs() * 1e-2 + 1e-3
+            for bias in (None, random_tensor((n,), torch.bfloat16, "cpu", seed + 4)):
+                with poisoned_outputs():
+                    out = scaled_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+                ref = (a.double() @ b.double().t()) * a_scale.double() * b_scale.double()
+                if bias is not None:
+                    ref = ref + bias.double()
+                assert out.dtype == out_dtype
+                assert_close_to_reference(out, ref, out_dtype, f"{m}x{n}x{k} per_channel={per_channel} seed {seed}",
+                                          OUT_BOUNDS[out_dtype])
+
+
+def test_scaled_int8_mm_cached_packing_follows_writes():
+    """B's packed form is cached per tensor version: an in-place write must be seen."""
+    seed = fresh_seed()
+    a, b = _int8((3, 40), seed), _int8((20, 40), seed + 1)
+    ones_a, ones_b = torch.ones(3, 1), torch.ones(20)
+    for _ in range(3):  # the second call caches
+        scaled_int8_mm(a, b, ones_a, ones_b)
+    b.copy_(_int8((20, 40), seed + 2))
+    assert torch.equal(scaled_int8_mm(a, b, ones_a, ones_b), (a.long() @ b.long().t()).float())
+
+
+def test_w8a8_round_trip_approximates_float_linear():
+    seed = fresh_seed()
+    x = random_tensor((16, 256), torch.float32, "cpu", seed)
+    w = random_tensor((64, 256), torch.float32, "cpu", seed + 1)
+    xq, xs = quantize_per_token(x)
+    wq, ws = quantize_per_token(w)
+    out = scaled_int8_mm(xq, wq, xs, ws.reshape(-1))
+    assert_close_to_reference(out, x.double() @ w.double().t(), torch.float32, f"seed {seed}", 2e-2)
+
+
+def test_opcheck():
+    seed = fresh_seed()
+    x = random_tensor((5, 48), torch.bfloat16, "cpu", seed)
+    torch.library.opcheck(torch.ops.torch_ext.quantize_per_token, (x, None))
+    torch.library.opcheck(torch.ops.torch_ext.quantize_per_token, (x, 0.5))
+    a, b = _int8((5, 48), seed), _int8((24, 48), seed + 1)
+    torch.library.opcheck(torch.ops.torch_ext.scaled_int8_mm,
+                          (a, b, torch.rand(5, 1), torch.rand(24), torch.randn(24), torch.bfloat16))
+
+
+def test_compile_fullgraph():
+    seed = fresh_seed()
+    w = _int8((24, 48), seed)
+    w_scale = torch.rand(24) * 1e-2
+
+    def f(x):
+        xq, xs = quantize_per_token(x)
+        return torch.relu(scaled_int8_mm(xq, w, xs, w_scale, None, torch.float32))
+
+    x = random_tensor((5, 48), torch.float32, "cpu", seed)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(a=torch.zeros(2, 8)), "a must have dtype torch.int8"),
+    (dict(b=torch.zeros(3, 8, dtype=torch.int32)), "b must have dtype torch.int8"),
+    (dict(b=torch.zeros(3, 9, dtype=torch.int8)), "must share K"),
+    (dict(a_scale=torch.ones(3, 1)), r"a_scale must be \[M, 1\] = \[2, 1\]"),
+    (dict(b_scale=torch.ones(2)), r"b_scale must be \[N\] = \[3\] or \[1\]"),
+    (dict(a_scale=torch.ones(2, 1, dtype=torch.float64)), "a_scale must have dtype torch.float32"),
+    (dict(bias=torch.ones(4)), r"bias must be \[N\] = \[3\]"),
+    (dict(out_dtype=torch.int32), "out_dtype must be"),
+])
+def test_scaled_int8_mm_bad_inputs(args, message):
+    call = dict(a=torch.zeros(2, 8, dtype=torch.int8), b=torch.zeros(3, 8, dtype=torch.int8), a_scale=torch.ones(2, 1),
+                b_scale=torch.ones(3), bias=None, out_dtype=torch.float32)
+    call.update(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torch_ext.scaled_int8_mm(*call.values())
+
+
+def test_quantize_per_token_bad_inputs():
+    with pytest.raises(RuntimeError, match="x must have dtype"):
+        quantize_per_token(torch.zeros(2, 3, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="clip must be positive"):
+        quantize_per_token(torch.zeros(2, 3), -1.0)
