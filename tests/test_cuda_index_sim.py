@@ -1,5 +1,6 @@
 """The CUDA kernels' index math, checked on the CPU: compiles the torch-free simulators in
-tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h)
+tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h;
+W8A8: csrc/quant/w8a8_cuda_index.h)
 and runs them on fresh random problems."""
 
 import shutil
@@ -38,3 +39,10 @@ def test_weight_only_cuda_kernels_simulated(tmp_path_factory):
     """Register dequantization bit for bit, and linear_kernel / split-K / dequantize_kernel run
     thread by thread on random problems against an exact reference (csrc/quant/weight_only_cuda_index.h)."""
     _run_simulator(_build_simulator(tmp_path_factory, "weight_only_cuda_sim"))
+
+
+def test_w8a8_cuda_kernels_simulated(tmp_path_factory):
+    """quantize_kernel and the int8 tensor-core mm_kernel run thread by thread on random problems
+    (odd sizes, unaligned operands, both tile configs) against exact references, with the
+    mma.m16n8k32 / ldmatrix fragment maps taken from the PTX ISA (csrc/quant/w8a8_cuda_index.h)."""
+    _run_simulator(_build_simulator(tmp_path_factory, "w8a8_cuda_sim"))

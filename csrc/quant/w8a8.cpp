@@ -3,11 +3,20 @@
 #include "quant/w8a8.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
 
 #include "common/cpu/isa.h"
 #include "common/torch_utils.h"
 #include "conv/packed_weight_cache.h"
 #include "ops.h"
+
+#if defined(TORCH_EXT_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "quant/w8a8_cuda.h"
+#endif
 
 namespace torch_ext {
 namespace {
@@ -34,6 +43,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::
   if (x.numel() == 0 && scale.numel() == 0) return {q, scale};
   const QuantizePerTokenParams p{scalar_kind(x), rows.size(0), rows.size(1), rows.data_ptr(), rows.stride(0),
                                  clip ? float(*clip) : 0.0f, q.data_ptr<int8_t>(), scale.data_ptr<float>()};
+  if (x.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x.device());
+    C10_CUDA_CHECK(cuda::quantize_per_token(p, c10::cuda::getCurrentCUDAStream()));
+    return {q, scale};
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
   TORCH_EXT_CPU_DISPATCH(quantize_per_token, p);
   return {q, scale};
 }
@@ -73,6 +91,15 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
                              a_scale_c.data_ptr<float>(), b_scale_c.data_ptr<float>(), b_scale.numel() == n && n > 1,
                              bias ? bias_f.data_ptr<float>() : nullptr,
                              scalar_kind(out), out.data_ptr(), out.stride(0)};
+  if (a.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(a.device());
+    C10_CUDA_CHECK(cuda::scaled_int8_mm(p, c10::cuda::getCurrentCUDAStream()));
+    return out;
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
   const auto pack = [&] {
     at::Tensor packed = at::empty({packed_int8_b_bytes(n, k)}, b.options().dtype(at::kByte));
     TORCH_EXT_CPU_DISPATCH(pack_int8_b, p, packed.data_ptr<uint8_t>());
@@ -89,6 +116,37 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
 #endif
   TORCH_EXT_CPU_DISPATCH(scaled_int8_mm_packed, p, packed.data_ptr<uint8_t>());
   return out;
+}
+
+// LLM.int8(): input features whose magnitude exceeds the threshold anywhere in the batch go
+// through a 16-bit GEMM with their dequantized weight columns; the rest through int8. Composed
+// of the ops above and torch ops on either device. On CUDA, nonzero() synchronizes with the
+// host to size the outlier set (a device-side decomposition is still to do).
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                       const c10::optional<at::Tensor>& bias, double outlier_threshold) {
+  const char* op = "int8_linear";
+  check_dim_at_least(op, "x", x, 1);
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dtype(op, "w_q", w_q, {at::kChar});
+  TORCH_EXT_CHECK(w_q.dim() == 2 && w_q.size(1) == x.size(-1), op, "w_q must be [N, K] with K = x.size(-1) = ",
+                  x.size(-1), ", got shape ", w_q.sizes());
+  const at::Tensor x_rows = as_rows(x);
+  at::Tensor regular = x_rows;
+  at::Tensor outliers;
+  if (outlier_threshold > 0.0 && x_rows.numel() > 0) {
+    outliers = x_rows.abs().amax(0).gt(outlier_threshold).nonzero().squeeze(1);
+    if (outliers.numel() > 0) regular = x_rows.index_fill(1, outliers, 0);
+  }
+  const auto [x_q, x_scale] = quantize_per_token(regular, c10::nullopt);
+  at::Tensor y = scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, x.scalar_type());
+  if (outliers.defined() && outliers.numel() > 0) {
+    const at::Tensor columns =
+        w_q.index_select(1, outliers).to(at::kFloat).mul(w_scale.reshape({-1, 1})).to(x.scalar_type());
+    y.add_(at::matmul(x_rows.index_select(1, outliers), columns.t()));
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w_q.size(0);
+  return y.view(shape);
 }
 
 }  // namespace torch_ext

@@ -2,6 +2,7 @@
 
 from torch_ext.nn.activation import SiluAndMul
 from torch_ext.nn.conv import Im2winConv2d, convert_conv2d
+from torch_ext.nn.int8_linear import Int8Linear
 from torch_ext.nn.quant_linear import QuantLinear
 
-__all__ = ["Im2winConv2d", "QuantLinear", "SiluAndMul", "convert_conv2d"]
+__all__ = ["Im2winConv2d", "Int8Linear", "QuantLinear", "SiluAndMul", "convert_conv2d"]

@@ -40,3 +40,46 @@ def _quantize_per_token_fake(x, clip=None):
 def _scaled_int8_mm_fake(a, b, a_scale, b_scale, bias, out_dtype):
     torch._check(a.dim() == 2 and b.dim() == 2, lambda: "a and b must be 2-D")
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+_INT8_LINEAR = torch.ops.torch_ext.int8_linear
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                outlier_threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8() linear layer: ``x @ (w_q * w_scale[:, None]).T + bias``.
+
+    ``x`` [..., K] is quantized per token to int8 and multiplied with the int8 weight ``w_q``
+    [N, K] (per-output-channel float32 scales ``w_scale`` [N]), except the input features whose
+    magnitude exceeds ``outlier_threshold`` somewhere in ``x``: those go through a 16-bit
+    matmul with their weight columns dequantized on the fly. ``outlier_threshold <= 0``
+    disables the decomposition. Differentiable in ``x`` (straight-through: the gradient uses
+    the dequantized weight) and ``bias``.
+    """
+    return _INT8_LINEAR(x, w_q, w_scale, bias, outlier_threshold)
+
+
+@torch.library.register_fake("torch_ext::int8_linear")
+def _int8_linear_fake(x, w_q, w_scale, bias, outlier_threshold):
+    torch._check(w_q.dim() == 2, lambda: "w_q must be [N, K]")
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+def _int8_linear_setup(ctx, inputs, output) -> None:
+    x, w_q, w_scale, bias, _ = inputs
+    ctx.save_for_backward(w_q, w_scale)
+    ctx.has_bias = bias is not None
+
+
+def _int8_linear_backward(ctx, grad_y: torch.Tensor):
+    w_q, w_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = (w_q.to(torch.float32) * w_scale.reshape(-1, 1)).to(grad_y.dtype)
+        grad_x = grad_y @ weight
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
+    return grad_x, None, None, grad_bias, None
+
+
+torch.library.register_autograd("torch_ext::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup)

@@ -1,4 +1,4 @@
-"""Model conversion: every nn.Linear of a model replaced by a weight-only quantized QuantLinear."""
+"""Model conversion: every nn.Linear of a model replaced by a quantized linear layer."""
 
 from __future__ import annotations
 
@@ -8,25 +8,38 @@ from torch import nn
 
 # The module, not the class: torch_ext.nn.quant_linear imports torch_ext.quant, so while this
 # package initializes the class may not exist yet; it is looked up when quantize_model runs.
-from torch_ext.nn import quant_linear
+from torch_ext.nn import int8_linear, quant_linear
+
+METHODS = ("weight_only", "int8")
 
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip: Callable[[str], bool] | None = None,
-                   symmetric: bool = False) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` (subclasses included) of `model` by
-    ``QuantLinear.from_linear(linear, bits, group_size, symmetric)``, except those whose
-    qualified name (``"model.layers.0.mlp.up_proj"``, ``"lm_head"``) `skip` accepts.
+                   symmetric: bool = False, method: str = "weight_only",
+                   outlier_threshold: float = 6.0) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` (subclasses included) of `model` by a quantized
+    layer, except those whose qualified name (``"model.layers.0.mlp.up_proj"``, ``"lm_head"``)
+    `skip` accepts. ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits,
+    group_size, symmetric)``; ``method="int8"``: ``Int8Linear.from_linear(linear,
+    outlier_threshold)`` (W8A8 with LLM.int8() outliers; bits/group_size/symmetric unused).
 
     A layer reachable under several names (shared) becomes one QuantLinear at all of them,
     unless one of its names is skipped, where it stays. Returns `model`, or the new module
     when `model` itself is an ``nn.Linear``.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        if method == "int8":
+            return int8_linear.Int8Linear.from_linear(linear, outlier_threshold)
+        return quant_linear.QuantLinear.from_linear(linear, bits, group_size, symmetric)
+
     quantized: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, nn.Linear) or (skip is not None and skip(name)):
             continue
         if id(module) not in quantized:
-            quantized[id(module)] = quant_linear.QuantLinear.from_linear(module, bits, group_size, symmetric)
+            quantized[id(module)] = convert(module)
         if name == "":
             return quantized[id(module)]
         parent, _, child = name.rpartition(".")

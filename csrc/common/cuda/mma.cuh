@@ -1,6 +1,7 @@
-// Tensor-core helpers (sm_80+): mma.sync.m16n8k16 with fp32 accumulation and the ldmatrix
-// loads that feed it. CUDA-only; no torch headers. Fragment layouts (which lane holds which
-// row/column) are spelled out, host-testable, in conv/im2win_index.h (mma_a_row, mma_acc_row...).
+// Tensor-core helpers (sm_80+): mma.sync.m16n8k16 (fp16/bf16, fp32 accumulation), m16n8k32
+// (int8, int32 accumulation) and the ldmatrix loads that feed them. CUDA-only; no torch headers.
+// Fragment layouts (which lane holds which row/column) are spelled out, host-testable, in
+// conv/im2win_index.h (mma_a_row, mma_acc_row...) and quant/w8a8_cuda_index.h (int8).
 #pragma once
 
 #include <cstdint>
@@ -60,6 +61,16 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a * b, m16n8k32, A row-major int8 (4 regs: 4 k-consecutive bytes each), B "col" int8
+// (2 regs), exact int32 accumulators (wrapping on overflow). Fragment maps: quant/w8a8_cuda_index.h.
+__device__ __forceinline__ void mma_m16n8k32_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 

@@ -1,0 +1,419 @@
+// CUDA kernels of W8A8 (quant/w8a8_cuda.h). Every index map, the rounding and the tile rules are
+// host+device functions in quant/w8a8_cuda_index.h, run thread by thread on the CPU by
+// tests/cpp/w8a8_cuda_sim.cpp.
+//
+// quantize_kernel<T, kGroup>: one read of x per row (bandwidth-bound). kGroup = 32 (a warp per
+//   row, 8 rows per CTA, rows up to 4 KB) or 256 (the CTA per row). Thread j of the group reads
+//   16-byte chunks j, j + kGroup, ... (coalesced), keeps the first kQuantPacks of them in
+//   registers, reduces the row's absmax (warp shuffles, then 8 warp maxima through shared memory
+//   for the CTA variant), and quantizes from registers; only chunks past the register cache are
+//   read a second time (from L2: the CTA just read them). Unaligned x uses element loads into
+//   the same chunks; q is stored as 4- or 8-byte words when aligned, else bytes.
+//
+// mm_kernel<O, Cfg>: int8 tensor-core GEMM, out = (A B^T) * a_scale * b_scale + bias.
+//   - A CTA owns a Cfg::kBM x Cfg::kBN tile (128 x 128 with 8 warps, or 32 x 64 with 4 warps for
+//     small grids); CTAs are ordered in groups of 8 m blocks for L2 reuse (ix::tile_of).
+//   - K streams through a Cfg::kStages-deep cp.async ring of 64-byte-wide stages: every thread
+//     copies whole 16-byte chunks of A and B rows (zero-filled past M, N and K: tails multiply
+//     zeros), stored XOR-swizzled so ldmatrix is conflict-free (ix::smem_offset). A / B or their
+//     strides not 16-byte aligned: synchronous byte loads into the same layout.
+//   - Per k32 step a warp loads its A fragments (one ldmatrix.x4 per m16 tile) and B fragments
+//     (one ldmatrix.x4 per two n8 tiles) and issues kMI x kNI mma.m16n8k32.s8 into int32.
+//   - Epilogue: float(acc) * a_scale[m] * b_scale[n] (+ bias[n]) in fp32, one rounding to O,
+//     element stores inside [M, N] only.
+#include <type_traits>
+
+#include "common/cuda/cp_async.cuh"
+#include "common/cuda/mma.cuh"
+#include "common/cuda/vec.cuh"
+#include "quant/w8a8_cuda.h"
+#include "quant/w8a8_cuda_index.h"
+
+namespace torch_ext::cuda {
+namespace {
+
+namespace ix = ::torch_ext::quant::w8a8_cuda;
+
+// Dynamic shared memory above this needs cudaFuncAttributeMaxDynamicSharedMemorySize.
+constexpr int kDefaultSharedBytes = 48 * 1024;
+// 32-bit index paths in the GEMM (rows, columns, k) keep this margin below 2^31.
+constexpr int64_t kMaxMmDim = (int64_t(1) << 31) - 256;
+constexpr int64_t kMaxGrid = 2147483647;
+
+// ---------------------------------------------------------------------------------------------
+// quantize_per_token
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct QuantArgs {
+  const T* x;
+  int64_t x_row_stride;
+  int64_t rows, k;
+  float clip;
+  int8_t* q;
+  float* scale;
+  bool vector;  // x and its row stride 16-byte aligned
+};
+
+template <typename T>
+__device__ __forceinline__ Pack16<T> load_chunk(const T* row, int64_t c, int64_t k, bool vector) {
+  constexpr int V = Pack16<T>::kSize;
+  const int len = ix::quant_chunk_len(c, V, k);
+  const T* const src = row + c * V;
+  if (vector && len == V) return load_pack16(src);
+  Pack16<T> pack;
+#pragma unroll
+  for (int e = 0; e < V; ++e) pack.v[e] = e < len ? src[e] : T{0};
+  return pack;
+}
+
+template <typename T>
+__device__ __forceinline__ float pack_absmax(const Pack16<T>& pack, float amax) {
+#pragma unroll
+  for (int e = 0; e < Pack16<T>::kSize; ++e) amax = fmaxf(amax, fabsf(to_compute(pack.v[e])));
+  return amax;
+}
+
+template <typename T>
+__device__ __forceinline__ void quantize_chunk(const Pack16<T>& pack, float scale, int8_t* dst, int len) {
+  constexpr int V = Pack16<T>::kSize;
+  uint32_t words[V / 4];
+#pragma unroll
+  for (int w = 0; w < V / 4; ++w) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      word |= uint32_t(uint8_t(ix::quant_value(to_compute(pack.v[4 * w + b]), scale))) << (8 * b);
+    words[w] = word;
+  }
+  if (ix::quant_q_store_vector(reinterpret_cast<uintptr_t>(dst), len, V)) {
+    if constexpr (V == 4) {
+      *reinterpret_cast<uint32_t*>(dst) = words[0];
+    } else {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
+    }
+  } else {
+    for (int e = 0; e < len; ++e) dst[e] = int8_t(words[e / 4] >> (8 * (e % 4)));
+  }
+}
+
+template <typename T, int kGroup>
+__global__ void __launch_bounds__(ix::kQuantThreads) quantize_kernel(const QuantArgs<T> a) {
+  constexpr int kRowsPerCta = ix::kQuantThreads / kGroup;
+  __shared__ float warp_max[ix::kQuantWarps];
+  const int tid = threadIdx.x;
+  const int j = tid % kGroup;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerCta + tid / kGroup;
+  if constexpr (kGroup == 32) {
+    if (row >= a.rows) return;  // whole warps; the warp variant has no CTA barrier
+  }
+  constexpr int V = Pack16<T>::kSize;
+  const T* const x = a.x + row * a.x_row_stride;
+  const int64_t chunks = ix::ceil_div(a.k, V);
+
+  // Pass 1: absmax; the first kQuantPacks chunks of the thread stay in registers.
+  Pack16<T> cache[ix::kQuantPacks];
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < ix::kQuantPacks; ++i) {
+    const int64_t c = ix::quant_chunk(j, i, kGroup);
+    if (c < chunks) {
+      cache[i] = load_chunk(x, c, a.k, a.vector);
+      amax = pack_absmax(cache[i], amax);
+    }
+  }
+  for (int64_t c = ix::quant_chunk(j, ix::kQuantPacks, kGroup); c < chunks; c += kGroup)
+    amax = pack_absmax(load_chunk(x, c, a.k, a.vector), amax);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  if constexpr (kGroup > 32) {
+    if (tid % 32 == 0) warp_max[tid / 32] = amax;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < ix::kQuantWarps; ++w) amax = fmaxf(amax, warp_max[w]);
+  }
+  const float scale = ix::quant_row_scale(amax, a.clip);
+  if (j == 0) a.scale[row] = scale;
+
+  // Pass 2: quantize (registers, then the re-read tail).
+  int8_t* const q = a.q + row * a.k;
+#pragma unroll
+  for (int i = 0; i < ix::kQuantPacks; ++i) {
+    const int64_t c = ix::quant_chunk(j, i, kGroup);
+    if (c < chunks) quantize_chunk(cache[i], scale, q + c * V, ix::quant_chunk_len(c, V, a.k));
+  }
+  for (int64_t c = ix::quant_chunk(j, ix::kQuantPacks, kGroup); c < chunks; c += kGroup)
+    quantize_chunk(load_chunk(x, c, a.k, a.vector), scale, q + c * V, ix::quant_chunk_len(c, V, a.k));
+}
+
+template <typename T>
+cudaError_t launch_quantize(const QuantizePerTokenParams& p, cudaStream_t stream) {
+  QuantArgs<T> a{};
+  a.x = static_cast<const T*>(p.x);
+  a.x_row_stride = p.x_row_stride;
+  a.rows = p.rows;
+  a.k = p.k;
+  a.clip = p.clip;
+  a.q = p.q;
+  a.scale = p.scale;
+  a.vector = ix::quant_x_vectorizable(reinterpret_cast<uintptr_t>(p.x), p.x_row_stride, int(sizeof(T)));
+  const int group = ix::quant_group_threads(p.k, int(sizeof(T)));
+  const int64_t blocks = ix::ceil_div(p.rows, ix::quant_rows_per_cta(group));
+  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  if (group == 32) {
+    quantize_kernel<T, 32><<<unsigned(blocks), ix::kQuantThreads, 0, stream>>>(a);
+  } else {
+    quantize_kernel<T, ix::kQuantThreads><<<unsigned(blocks), ix::kQuantThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// scaled_int8_mm
+// ---------------------------------------------------------------------------------------------
+
+template <typename O>
+struct MmArgs {
+  const int8_t* a;
+  const int8_t* b;
+  int64_t a_row_stride, b_row_stride;
+  const float* a_scale;
+  const float* b_scale;
+  const float* bias;  // nullptr: none
+  O* out;
+  int64_t out_row_stride;
+  int m, n, k;
+  int m_blocks, n_blocks, k_iters;
+  bool per_channel;
+  bool vector;  // cp.async path (ix::mm_vectorizable)
+};
+
+// `bytes` (0..16) bytes from src, zeros after, as one 16-byte shared store: the unaligned path.
+__device__ __forceinline__ void copy_chunk_sync(unsigned char* dst, const int8_t* src, int bytes) {
+  uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int e = 0; e < ix::kChunkBytes; ++e)
+    if (e < bytes) w[e / 4] |= uint32_t(uint8_t(src[e])) << (8 * (e % 4));
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename O, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const MmArgs<O> p) {
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kMI = Cfg::kMI, kNI = Cfg::kNI;
+  constexpr int kRowsPerPass = Cfg::kThreads / ix::kChunksPerRow;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = ix::warp_m_of(warp, Cfg::kWarpsN), warp_n = ix::warp_n_of(warp, Cfg::kWarpsN);
+  const ix::TileCoord tile = ix::tile_of(blockIdx.x, p.m_blocks, p.n_blocks);
+  const int m0 = int(tile.mb) * Cfg::kBM, n0 = int(tile.nb) * Cfg::kBN;
+
+  // This thread's chunks: rows chunk_row(tid) + i * kRowsPerPass, column chunk_col(tid) (fixed).
+  const int row0 = ix::chunk_row(tid), col = ix::chunk_col(tid);
+  const int8_t* a_src[Cfg::kAChunksPerThread];
+  const int8_t* b_src[Cfg::kBChunksPerThread];
+#pragma unroll
+  for (int i = 0; i < Cfg::kAChunksPerThread; ++i) {
+    const int m = m0 + row0 + i * kRowsPerPass;
+    a_src[i] = m < p.m ? p.a + int64_t(m) * p.a_row_stride + col * ix::kChunkBytes : nullptr;
+  }
+#pragma unroll
+  for (int i = 0; i < Cfg::kBChunksPerThread; ++i) {
+    const int n = n0 + row0 + i * kRowsPerPass;
+    b_src[i] = n < p.n ? p.b + int64_t(n) * p.b_row_stride + col * ix::kChunkBytes : nullptr;
+  }
+
+  const auto load_stage = [&](int stage, int iter) {
+    unsigned char* const sa = smem + stage * Cfg::kStageBytes;
+    unsigned char* const sb = sa + Cfg::kBOffset;
+    const int k = iter * ix::kBK + col * ix::kChunkBytes;
+#pragma unroll
+    for (int i = 0; i < Cfg::kAChunksPerThread; ++i) {
+      const int bytes = ix::chunk_bytes(k, p.k, a_src[i] != nullptr);
+      unsigned char* const dst = sa + ix::smem_offset(row0 + i * kRowsPerPass, col);
+      const int8_t* const src = bytes > 0 ? a_src[i] + iter * ix::kBK : p.a;
+      if (p.vector) {
+        cp_async_16_partial(dst, src, bytes);
+      } else {
+        copy_chunk_sync(dst, src, bytes);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < Cfg::kBChunksPerThread; ++i) {
+      const int bytes = ix::chunk_bytes(k, p.k, b_src[i] != nullptr);
+      unsigned char* const dst = sb + ix::smem_offset(row0 + i * kRowsPerPass, col);
+      const int8_t* const src = bytes > 0 ? b_src[i] + iter * ix::kBK : p.b;
+      if (p.vector) {
+        cp_async_16_partial(dst, src, bytes);
+      } else {
+        copy_chunk_sync(dst, src, bytes);
+      }
+    }
+  };
+
+  int32_t acc[kMI][kNI][4];
+#pragma unroll
+  for (int i = 0; i < kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < kNI; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+  const auto compute_stage = [&](int stage) {
+    const unsigned char* const sa = smem + stage * Cfg::kStageBytes;
+    const unsigned char* const sb = sa + Cfg::kBOffset;
+#pragma unroll
+    for (int ks = 0; ks < ix::kKSteps; ++ks) {
+      uint32_t af[kMI][4], bf[kNI][2];
+#pragma unroll
+      for (int i = 0; i < kMI; ++i)
+        ldmatrix_x4(af[i], sa + ix::smem_offset(ix::a_ldsm_row(warp_m, i, lane, Cfg::kWM), ix::a_ldsm_chunk(ks, lane)));
+#pragma unroll
+      for (int j = 0; j < kNI / 2; ++j) {
+        uint32_t r[4];
+        ldmatrix_x4(r, sb + ix::smem_offset(ix::b_ldsm_row(warp_n, j, lane, Cfg::kWN), ix::b_ldsm_chunk(ks, lane)));
+        bf[2 * j][0] = r[0];
+        bf[2 * j][1] = r[1];
+        bf[2 * j + 1][0] = r[2];
+        bf[2 * j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < kMI; ++i)
+#pragma unroll
+        for (int j = 0; j < kNI; ++j) mma_m16n8k32_s8(acc[i][j], af[i], bf[j]);
+    }
+  };
+
+  // Pipeline (as in weight_only_cuda.cu): stages 0..kStages-2 in flight before the loop; one
+  // commit group per iteration (empty past the end) keeps the wait count uniform. Iteration it
+  // waits for stage it, then refills the slot consumed in iteration it - 1 (the barrier orders
+  // the two), then computes.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < p.k_iters) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < p.k_iters; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = it + kStages - 1;
+    if (next < p.k_iters) load_stage(next % kStages, next);
+    cp_async_commit();
+    compute_stage(it % kStages);
+  }
+  cp_async_wait_all();  // only empty groups remain
+
+  // Epilogue: scales and bias of the thread's 2 kNI columns once, then its 2 kMI rows.
+  float b_scale[kNI][2], bias[kNI][2];
+#pragma unroll
+  for (int j = 0; j < kNI; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int n = n0 + ix::acc_col(warp_n, j, lane, e, Cfg::kWN);
+      const bool ok = n < p.n;
+      b_scale[j][e] = ok ? __ldg(p.b_scale + (p.per_channel ? n : 0)) : 0.f;
+      bias[j][e] = ok && p.bias != nullptr ? __ldg(p.bias + n) : 0.f;
+    }
+#pragma unroll
+  for (int i = 0; i < kMI; ++i)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = m0 + ix::acc_row(warp_m, i, lane, 2 * half, Cfg::kWM);
+      if (m >= p.m) continue;
+      const float a_scale = __ldg(p.a_scale + m);
+      O* const out_row = p.out + int64_t(m) * p.out_row_stride;
+#pragma unroll
+      for (int j = 0; j < kNI; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = n0 + ix::acc_col(warp_n, j, lane, e, Cfg::kWN);
+          if (!ix::output_in_bounds(m, n, p.m, p.n)) continue;
+          const float v = ix::epilogue_value(acc[i][j][2 * half + e], a_scale, b_scale[j][e], p.bias != nullptr,
+                                             bias[j][e]);
+          out_row[n] = from_compute<O>(v);
+        }
+    }
+}
+
+template <typename O, class Cfg>
+cudaError_t launch_mm(const ScaledInt8MmParams& p, cudaStream_t stream) {
+  MmArgs<O> a{};
+  a.a = p.a;
+  a.b = p.b;
+  a.a_row_stride = p.a_row_stride;
+  a.b_row_stride = p.b_row_stride;
+  a.a_scale = p.a_scale;
+  a.b_scale = p.b_scale;
+  a.bias = p.bias;
+  a.out = static_cast<O*>(p.out);
+  a.out_row_stride = p.out_row_stride;
+  a.m = int(p.m);
+  a.n = int(p.n);
+  a.k = int(p.k);
+  a.m_blocks = int(ix::ceil_div(p.m, Cfg::kBM));
+  a.n_blocks = int(ix::ceil_div(p.n, Cfg::kBN));
+  a.k_iters = int(ix::ceil_div(p.k, ix::kBK));
+  a.per_channel = p.b_scale_per_channel;
+  a.vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride, reinterpret_cast<uintptr_t>(p.b),
+                                 p.b_row_stride);
+  const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
+  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  const auto kernel = mm_kernel<O, Cfg>;
+  if constexpr (Cfg::kSmemBytes > kDefaultSharedBytes) {
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    if (status != cudaSuccess) return status;
+  }
+  kernel<<<unsigned(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+bool is_float_kind(ScalarKind kind) {
+  return kind == ScalarKind::kFloat32 || kind == ScalarKind::kFloat16 || kind == ScalarKind::kBFloat16;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+cudaError_t quantize_per_token(const QuantizePerTokenParams& p, cudaStream_t stream) {
+  if (!is_float_kind(p.x_dtype) || p.rows < 0 || p.k < 0) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
+  if (p.scale == nullptr || (p.k > 0 && (p.x == nullptr || p.q == nullptr))) return cudaErrorInvalidValue;
+  cudaError_t status = cudaErrorInvalidValue;
+  visit_storage_type(p.x_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) status = launch_quantize<T>(p, stream);
+  });
+  return status;
+}
+
+cudaError_t scaled_int8_mm(const ScaledInt8MmParams& p, cudaStream_t stream) {
+  if (!is_float_kind(p.out_dtype) || p.m < 0 || p.n < 0 || p.k < 0 || p.m > kMaxMmDim || p.n > kMaxMmDim ||
+      p.k > kMaxMmDim) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  if (p.a_scale == nullptr || p.b_scale == nullptr || p.out == nullptr ||
+      (p.k > 0 && (p.a == nullptr || p.b == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0, num_sms = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (status != cudaSuccess) return status;
+  const bool large = ix::use_large_config(p.m, p.n, num_sms);
+  status = cudaErrorInvalidValue;
+  visit_storage_type(p.out_dtype, [&](auto tag) {
+    using O = decltype(tag);
+    if constexpr (!std::is_same_v<O, double>) {
+      status = large ? launch_mm<O, ix::LargeConfig>(p, stream) : launch_mm<O, ix::SmallConfig>(p, stream);
+    }
+  });
+  return status;
+}
+
+}  // namespace torch_ext::cuda

@@ -1,0 +1,34 @@
+// CUDA launchers of the W8A8 kernels (implemented in w8a8_cuda.cu, no torch headers). Semantics and
+// parameters: quant/w8a8.h (the CPU kernels there are the reference, bit for bit).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "quant/w8a8.h"
+
+namespace torch_ext::cuda {
+
+// Per-token (per-row) symmetric int8 quantization: scale[r] = max(|x[r, :]|, clipped) / 127
+// (1 for an all-zero row), q = saturate_int8(round_half_even(x / scale)), bitwise as the CPU kernel.
+// Requires x_dtype fp32, fp16 or bf16; rows, k >= 0; any x row stride and alignment (x and its
+// row stride 16-byte aligned take 16-byte loads, otherwise element loads); q contiguous [rows, k]
+// (any alignment), scale [rows]. rows == 0 is a no-op; k == 0 writes scale = 1 for every row.
+// Enqueues on `stream` and returns the launch status; cudaErrorInvalidValue for unsupported
+// parameters (also rows > 2^31 - 1 CTAs' worth or null pointers that would be accessed).
+cudaError_t quantize_per_token(const QuantizePerTokenParams& p, cudaStream_t stream);
+
+// out[m, n] = float(sum_k a[m, k] b[n, k]) * a_scale[m] * b_scale[n or 0] (+ bias[n]), int32
+// accumulation on the int8 tensor cores (mma.m16n8k32, sm_80+), fp32 epilogue, one rounding to
+// out_dtype (fp32, fp16 or bf16), bitwise as the CPU kernel. Any m, n, k >= 0 below 2^31 - 256
+// (k == 0 writes the bias or zeros; the int32 sums are exact for k <= 131072 and wrap beyond, as
+// int32 arithmetic does); any row strides and alignments: a, b and their row strides all 16-byte
+// aligned take the cp.async path, otherwise byte loads (correct, slower). a_scale, b_scale, bias
+// and out need only their natural alignment. m == 0 or n == 0: cudaSuccess without a launch.
+// Deterministic (no split-K, no atomics). Enqueues on `stream` (the current device's SM count
+// picks the tile) and returns the launch status; cudaErrorInvalidValue for unsupported
+// parameters or null pointers that would be accessed.
+cudaError_t scaled_int8_mm(const ScaledInt8MmParams& p, cudaStream_t stream);
+
+}  // namespace torch_ext::cuda

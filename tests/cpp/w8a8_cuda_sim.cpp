@@ -1,0 +1,640 @@
+// CPU simulation of the CUDA W8A8 kernels (csrc/quant/w8a8_cuda.cu).
+//
+// No GPU here or in CI, so this program runs the kernels' logic on the CPU with the very
+// host-device functions they call (csrc/quant/w8a8_cuda_index.h) and checks them against
+// independent definitions (the PTX fragment layouts of mma.m16n8k32 .s8 and of ldmatrix, plain
+// references):
+//  (a) quantize_kernel thread by thread on random rows (fp32 / fp16 / bf16, both row-group
+//      variants, rows longer than the register cache, unaligned x and row strides, odd q
+//      offsets, clip, zero rows, exact .5 ties): every load in bounds and, on the vector path,
+//      16-byte aligned, every q byte written once, q and scale bit for bit against the CPU
+//      kernel's formula;
+//  (b) mm_kernel thread by thread on random small problems (odd M, N, K including 0, both tile
+//      configs, per-tensor / per-channel scales, bias or not, fp32 / fp16 / bf16 out, aligned and
+//      unaligned A / B): every cp.async / byte copy (bounds, alignment, zero fill), a shared-memory
+//      model that checks each read against the pipeline's commit / wait / barrier order,
+//      ldmatrix (addresses, bank conflicts) and an integer model of mma.m16n8k32 assembled from
+//      the PTX fragment maps, the epilogue; out must equal float(exact int64 dot) * a_scale *
+//      b_scale + bias rounded once, every output written once and nothing else touched;
+//  (c) the CTA order (a bijection onto the tiles) and the config rule.
+// Usage: w8a8_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#include "quant/w8a8_cuda_index.h"
+
+using namespace torch_ext;
+namespace ix = torch_ext::quant::w8a8_cuda;
+
+#define CHECK(c)                                                           \
+  do {                                                                     \
+    if (!(c)) {                                                            \
+      fprintf(stderr, "CHECK failed %s:%d: %s\n", __FILE__, __LINE__, #c); \
+      abort();                                                             \
+    }                                                                      \
+  } while (0)
+
+std::mt19937_64 rng;
+int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+
+// ---------------------------------------------------------------------------------------------
+// Independent definitions: PTX ISA "Matrix Fragments for mma.m16n8k32" (.s8), byte i of a lane's
+// fragment = byte i % 4 of register i / 4; g = lane / 4, t = lane % 4.
+// ---------------------------------------------------------------------------------------------
+int spec_a_row(int lane, int i) { return lane / 4 + ((i < 4 || (i >= 8 && i < 12)) ? 0 : 8); }
+int spec_a_col(int lane, int i) { return 4 * (lane % 4) + (i & 3) + (i >= 8 ? 16 : 0); }
+int spec_b_k(int lane, int i) { return 4 * (lane % 4) + (i & 3) + (i >= 4 ? 16 : 0); }
+int spec_b_col(int lane) { return lane / 4; }
+int spec_c_row(int lane, int i) { return lane / 4 + (i >= 2 ? 8 : 0); }
+int spec_c_col(int lane, int i) { return 2 * (lane % 4) + (i & 1); }
+
+// ---------------------------------------------------------------------------------------------
+// Shared memory with the pipeline's ordering rules: every byte remembers the barrier epoch and
+// cp.async group of its last write and the epoch of its last read.
+// ---------------------------------------------------------------------------------------------
+struct Smem {
+  static constexpr int kNever = INT_MIN;
+  std::vector<uint8_t> data;
+  std::vector<int> write_epoch, write_group, read_epoch;
+  int epoch = -1, committed = 0, complete = 0;
+  void reset(size_t bytes) {
+    data.assign(bytes, 0xCD);
+    write_epoch.assign(bytes, kNever);
+    write_group.assign(bytes, -1);
+    read_epoch.assign(bytes, kNever);
+    epoch = -1;
+    committed = complete = 0;
+  }
+  void write(size_t offset, const uint8_t* src, int bytes, bool async) {
+    CHECK(offset + bytes <= data.size());
+    for (int b = 0; b < bytes; ++b) {
+      CHECK(read_epoch[offset + b] < epoch);  // no race with a read of this barrier interval
+      data[offset + b] = src[b];
+      write_epoch[offset + b] = epoch;
+      write_group[offset + b] = async ? committed : -1;
+    }
+  }
+  // Every byte read must have been written, landed (cp.async group complete) and published by a
+  // barrier since.
+  void read(size_t offset, void* dst, int bytes) {
+    CHECK(offset + bytes <= data.size());
+    for (int b = 0; b < bytes; ++b) {
+      CHECK(write_epoch[offset + b] != kNever);
+      CHECK(write_epoch[offset + b] < epoch);
+      CHECK(write_group[offset + b] < complete);
+      read_epoch[offset + b] = epoch;
+    }
+    memcpy(dst, &data[offset], bytes);
+  }
+  void commit() { ++committed; }
+  void wait(int pending) { complete = std::max(complete, committed - pending); }
+  void barrier() { ++epoch; }
+};
+
+// ldmatrix.sync.aligned.m8n8.x4.b16: lane l gives the row address (byte offset) of row l % 8 of
+// matrix l / 8; register j of lane l = bytes 4 (l % 4)..+3 of row l / 4 of matrix j. Also checks
+// alignment and that each 8-address phase hits 8 distinct 16-byte bank groups (conflict-free).
+void ldmatrix_x4(Smem& smem, const int (&address)[32], uint32_t (&regs)[32][4]) {
+  for (int j = 0; j < 4; ++j) {
+    int seen = 0;
+    for (int r = 0; r < 8; ++r) {
+      const int a = address[8 * j + r];
+      CHECK(a >= 0 && a % 16 == 0);
+      const int group = (a / 16) % 8;
+      CHECK(!(seen & (1 << group)));
+      seen |= 1 << group;
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < 4; ++j) smem.read(size_t(address[8 * j + lane / 4] + 4 * (lane % 4)), &regs[lane][j], 4);
+}
+
+// mma.m16n8k32.row.col.s32.s8.s8.s32 on int64 (no overflow in the small problems; checked).
+void mma(int64_t (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
+  int A[16][32], B[32][8];
+  int setA[16][32] = {}, setB[32][8] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 16; ++i) {
+      A[spec_a_row(lane, i)][spec_a_col(lane, i)] = int8_t(a[lane][i / 4] >> (8 * (i % 4)));
+      ++setA[spec_a_row(lane, i)][spec_a_col(lane, i)];
+    }
+    for (int i = 0; i < 8; ++i) {
+      B[spec_b_k(lane, i)][spec_b_col(lane)] = int8_t(b[lane][i / 4] >> (8 * (i % 4)));
+      ++setB[spec_b_k(lane, i)][spec_b_col(lane)];
+    }
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 32; ++k) CHECK(setA[r][k] == 1);
+  for (int k = 0; k < 32; ++k)
+    for (int n = 0; n < 8; ++n) CHECK(setB[k][n] == 1);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      int64_t s = 0;
+      for (int k = 0; k < 32; ++k) s += int64_t(A[spec_c_row(lane, i)][k]) * B[k][spec_c_col(lane, i)];
+      c[lane][i] += s;
+      CHECK(c[lane][i] >= INT32_MIN && c[lane][i] <= INT32_MAX);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+T store_of(float f) {
+  return from_float<T>(f);
+}
+template <typename T>
+uint32_t bits_of(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return float_as_bits(v);
+  } else {
+    return v.bits;
+  }
+}
+const char* name_of(int kind) { return kind == 0 ? "fp32" : (kind == 1 ? "fp16" : "bf16"); }
+
+// ---------------------------------------------------------------------------------------------
+// (a) quantize_kernel
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void sim_quantize(int64_t rows, int64_t k, int64_t x_off, int64_t x_stride, int64_t q_off, float clip) {
+  constexpr int kBytes = int(sizeof(T));
+  const int V = ix::quant_chunk_values(kBytes);
+  CHECK(V == 16 / kBytes);
+  // x: values of a few kinds (ties at .5 when the row max is 127, zero rows, tiny / huge).
+  std::vector<T> x(size_t(x_off + std::max<int64_t>(0, rows - 1) * x_stride + k + 8));
+  std::vector<float> xf(x.size(), 0.f);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = store_of<T>(0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int kind = int(rnd(0, 5));
+    for (int64_t c = 0; c < k; ++c) {
+      float v = 0.f;
+      if (kind == 0) {
+        v = 0.f;  // zero row
+      } else if (kind == 1) {
+        v = float(rnd(-254, 254)) * 0.5f;  // ties when |max| = 127
+      } else if (kind == 2) {
+        v = std::ldexp(float(rnd(-1000, 1000)), int(rnd(-30, 5)));
+      } else {
+        v = float(std::uniform_real_distribution<double>(-4.0, 4.0)(rng));
+      }
+      const size_t at = size_t(x_off + r * x_stride + c);
+      x[at] = store_of<T>(v);
+      xf[at] = to_float(x[at]);
+    }
+    if (kind == 1 && k > 0) {
+      const size_t at = size_t(x_off + r * x_stride + rnd(0, k - 1));
+      x[at] = store_of<T>(rnd(0, 1) ? 127.f : -127.f);
+      xf[at] = to_float(x[at]);
+    }
+  }
+  // reference (the CPU kernel's formula)
+  std::vector<int8_t> q_ref(size_t(rows * k));
+  std::vector<float> scale_ref(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    float amax = 0.f;
+    for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(xf[size_t(x_off + r * x_stride + c)]));
+    if (clip > 0.f) amax = std::min(amax, clip);
+    const float scale = amax > 0.f ? amax / 127.0f : 1.0f;
+    scale_ref[size_t(r)] = scale;
+    for (int64_t c = 0; c < k; ++c) {
+      const float v = std::nearbyint(xf[size_t(x_off + r * x_stride + c)] / scale);
+      q_ref[size_t(r * k + c)] = int8_t(std::clamp(v, -128.0f, 127.0f));
+    }
+  }
+
+  // the kernel
+  const bool vector = ix::quant_x_vectorizable(uint64_t(x_off) * kBytes, x_stride, kBytes);
+  const int group = ix::quant_group_threads(k, kBytes);
+  CHECK(group == 32 || group == ix::kQuantThreads);
+  const int rows_per_cta = ix::quant_rows_per_cta(group);
+  const int64_t blocks = ix::ceil_div(rows, rows_per_cta);
+  const int64_t chunks = ix::ceil_div(k, V);
+  std::vector<int8_t> q(size_t(q_off + rows * k + 16), int8_t(0x5A));
+  std::vector<int> q_count(q.size(), 0);
+  std::vector<float> scale(size_t(rows), NAN);
+  std::vector<int> scale_count(size_t(rows), 0);
+  std::vector<int> chunk_seen(static_cast<size_t>(chunks));
+
+  const auto load_chunk = [&](int64_t row, int64_t c, float (&v)[8]) {
+    const int len = ix::quant_chunk_len(c, V, k);
+    CHECK(len >= 1 && len <= V);
+    const int64_t src = x_off + row * x_stride + c * V;
+    if (vector && len == V) CHECK((uint64_t(src) * kBytes) % 16 == 0);
+    for (int e = 0; e < V; ++e) {
+      if (e < len) {
+        CHECK(c * V + e < k && row < rows && src + e >= 0 && src + e < int64_t(x.size()));
+        v[e] = to_float(x[size_t(src + e)]);
+      } else {
+        v[e] = 0.f;
+      }
+    }
+  };
+  for (int64_t bx = 0; bx < blocks; ++bx) {
+    for (int local = 0; local < rows_per_cta; ++local) {
+      const int64_t row = bx * rows_per_cta + local;
+      if (row >= rows) {
+        CHECK(group == 32);  // only the warp variant has rows past the end (and no barrier)
+        continue;
+      }
+      std::fill(chunk_seen.begin(), chunk_seen.end(), 0);
+      // pass 1, per thread of the group
+      std::vector<float> partial(static_cast<size_t>(group), 0.f);
+      std::vector<std::vector<std::array<float, 8>>> cache(static_cast<size_t>(group));
+      for (int j = 0; j < group; ++j) {
+        float amax = 0.f;
+        for (int i = 0; i < ix::kQuantPacks; ++i) {
+          const int64_t c = ix::quant_chunk(j, i, group);
+          if (c < chunks) {
+            float v[8];
+            load_chunk(row, c, v);
+            ++chunk_seen[size_t(c)];
+            std::array<float, 8> pack;
+            std::copy(v, v + 8, pack.begin());
+            cache[size_t(j)].push_back(pack);
+            for (int e = 0; e < V; ++e) amax = std::fmax(amax, std::fabs(v[e]));
+          }
+        }
+        for (int64_t c = ix::quant_chunk(j, ix::kQuantPacks, group); c < chunks; c += group) {
+          float v[8];
+          load_chunk(row, c, v);
+          ++chunk_seen[size_t(c)];
+          for (int e = 0; e < V; ++e) amax = std::fmax(amax, std::fabs(v[e]));
+        }
+        partial[size_t(j)] = amax;
+      }
+      for (int64_t c = 0; c < chunks; ++c) CHECK(chunk_seen[size_t(c)] == 1);  // every chunk once
+      // warp shuffles (xor butterfly), then the warp maxima for the CTA variant
+      for (int w = 0; w < group / 32; ++w)
+        for (int offset = 16; offset > 0; offset /= 2) {
+          std::vector<float> next(32);
+          for (int l = 0; l < 32; ++l)
+            next[size_t(l)] = std::fmax(partial[size_t(32 * w + l)], partial[size_t(32 * w + (l ^ offset))]);
+          for (int l = 0; l < 32; ++l) partial[size_t(32 * w + l)] = next[size_t(l)];
+        }
+      float amax = partial[0];
+      if (group > 32) {
+        CHECK(group / 32 == ix::kQuantWarps);
+        amax = 0.f;
+        for (int w = 0; w < ix::kQuantWarps; ++w) amax = std::fmax(amax, partial[size_t(32 * w)]);
+      }
+      for (int j = 0; j < group; ++j)
+        if (group == 32) CHECK(partial[size_t(j)] == amax);
+      const float s = ix::quant_row_scale(amax, clip);
+      scale[size_t(row)] = s;
+      ++scale_count[size_t(row)];
+      // pass 2
+      for (int j = 0; j < group; ++j) {
+        const auto store = [&](int64_t c, const float* v) {
+          const int len = ix::quant_chunk_len(c, V, k);
+          const int64_t dst = q_off + row * k + c * V;
+          const bool vec = ix::quant_q_store_vector(uint64_t(dst), len, V);
+          if (vec) CHECK(dst % V == 0 && len == V);
+          for (int e = 0; e < (vec ? V : len); ++e) {
+            CHECK(c * V + e < k && dst + e < int64_t(q.size()) - 16);
+            q[size_t(dst + e)] = ix::quant_value(v[e], s);
+            ++q_count[size_t(dst + e)];
+          }
+        };
+        for (int i = 0; i < ix::kQuantPacks; ++i) {
+          const int64_t c = ix::quant_chunk(j, i, group);
+          if (c < chunks) store(c, cache[size_t(j)][size_t(i)].data());
+        }
+        for (int64_t c = ix::quant_chunk(j, ix::kQuantPacks, group); c < chunks; c += group) {
+          float v[8];
+          load_chunk(row, c, v);
+          store(c, v);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    CHECK(scale_count[size_t(r)] == 1);
+    if (float_as_bits(scale[size_t(r)]) != float_as_bits(scale_ref[size_t(r)])) {
+      fprintf(stderr, "quantize %s row %lld: scale %a want %a\n", name_of(kBytes == 4 ? 0 : 1), (long long)r,
+              scale[size_t(r)], scale_ref[size_t(r)]);
+      abort();
+    }
+  }
+  for (size_t i = 0; i < q.size(); ++i) {
+    const int64_t rel = int64_t(i) - q_off;
+    if (rel >= 0 && rel < rows * k) {
+      CHECK(q_count[i] == 1);
+      if (q[i] != q_ref[size_t(rel)]) {
+        fprintf(stderr, "quantize row %lld col %lld: q %d want %d (x %a scale %a)\n", (long long)(rel / k),
+                (long long)(rel % k), q[i], q_ref[size_t(rel)], xf[size_t(x_off + rel / k * x_stride + rel % k)],
+                scale_ref[size_t(rel / k)]);
+        abort();
+      }
+    } else {
+      CHECK(q_count[i] == 0 && q[i] == int8_t(0x5A));
+    }
+  }
+}
+
+void check_quantize_case() {
+  const int kind = int(rnd(0, 2));
+  const int bytes = kind == 0 ? 4 : 2;
+  const int64_t rows = rnd(1, 20);
+  int64_t k;
+  const int size_kind = int(rnd(0, 3));
+  if (size_kind == 0) {
+    k = rnd(0, 40);
+  } else if (size_kind == 1) {
+    k = rnd(1, 3000);
+  } else if (size_kind == 2) {  // near the warp / CTA threshold
+    k = ix::kQuantWarpRowBytes / bytes + rnd(-9, 9);
+  } else {  // past the register cache of the CTA variant
+    k = int64_t(ix::kQuantThreads) * ix::kQuantPacks * (16 / bytes) + rnd(-20, 3000);
+  }
+  const bool aligned = rnd(0, 2) != 0;
+  const int V = 16 / bytes;
+  const int64_t x_off = aligned ? V * rnd(0, 2) : rnd(0, 9);
+  const int64_t x_stride = aligned ? (k + V - 1) / V * V + V * rnd(0, 2) : k + rnd(0, 9);
+  const int64_t q_off = rnd(0, 1) ? 0 : rnd(0, 9);
+  const float clip = rnd(0, 2) == 0 ? float(std::uniform_real_distribution<double>(0.01, 3.0)(rng)) : 0.f;
+  if (kind == 0) sim_quantize<float>(rows, k, x_off, x_stride, q_off, clip);
+  if (kind == 1) sim_quantize<Half>(rows, k, x_off, x_stride, q_off, clip);
+  if (kind == 2) sim_quantize<BFloat16>(rows, k, x_off, x_stride, q_off, clip);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) mm_kernel
+// ---------------------------------------------------------------------------------------------
+struct MmProblem {
+  int64_t m, n, k;
+  std::vector<int8_t> a, b;  // buffers; (m, k) at a_off + m * a_stride + k
+  int64_t a_off, a_stride, b_off, b_stride;
+  std::vector<float> a_scale, b_scale, bias;
+  bool per_channel, has_bias;
+  int out_kind;
+  int64_t out_off, out_stride;
+};
+
+template <typename O, class Cfg>
+void sim_mm(const MmProblem& p) {
+  constexpr int kStages = Cfg::kStages, kMI = Cfg::kMI, kNI = Cfg::kNI;
+  constexpr int kRowsPerPass = Cfg::kThreads / ix::kChunksPerRow;
+  static_assert(kNI % 2 == 0, "B ldmatrix.x4 covers two n8 tiles");
+  const int M = int(p.m), N = int(p.n), K = int(p.k);
+  const int m_blocks = int(ix::ceil_div(p.m, Cfg::kBM)), n_blocks = int(ix::ceil_div(p.n, Cfg::kBN));
+  const int k_iters = int(ix::ceil_div(p.k, ix::kBK));
+  const bool vector = ix::mm_vectorizable(uint64_t(p.a_off), p.a_stride, uint64_t(p.b_off), p.b_stride);
+
+  std::vector<O> out(size_t(p.out_off + (p.m - 1) * p.out_stride + p.n + 4), store_of<O>(-7.25f));
+  std::vector<int> out_count(out.size(), 0);
+
+  // the CTA order visits every tile once
+  std::vector<int> tile_seen(size_t(m_blocks) * n_blocks, 0);
+  Smem smem;
+  static int64_t acc[Cfg::kWarps][kMI][kNI][32][4];
+  for (int64_t pid = 0; pid < int64_t(m_blocks) * n_blocks; ++pid) {
+    const ix::TileCoord tile = ix::tile_of(pid, m_blocks, n_blocks);
+    CHECK(tile.mb >= 0 && tile.mb < m_blocks && tile.nb >= 0 && tile.nb < n_blocks);
+    ++tile_seen[size_t(tile.mb * n_blocks + tile.nb)];
+    const int m0 = int(tile.mb) * Cfg::kBM, n0 = int(tile.nb) * Cfg::kBN;
+    smem.reset(Cfg::kSmemBytes);
+
+    const auto load_stage = [&](int stage, int iter) {
+      const size_t sa = size_t(stage) * Cfg::kStageBytes, sb = sa + Cfg::kBOffset;
+      for (int tid = 0; tid < Cfg::kThreads; ++tid) {
+        const int row0 = ix::chunk_row(tid), col = ix::chunk_col(tid);
+        const int k = iter * ix::kBK + col * ix::kChunkBytes;
+        for (int operand = 0; operand < 2; ++operand) {
+          const int per_thread = operand == 0 ? Cfg::kAChunksPerThread : Cfg::kBChunksPerThread;
+          const int base_index = operand == 0 ? m0 : n0, limit = operand == 0 ? M : N;
+          const std::vector<int8_t>& src_buf = operand == 0 ? p.a : p.b;
+          const int64_t off = operand == 0 ? p.a_off : p.b_off, stride = operand == 0 ? p.a_stride : p.b_stride;
+          for (int i = 0; i < per_thread; ++i) {
+            const int id = tid + i * Cfg::kThreads;
+            const int row = row0 + i * kRowsPerPass;
+            CHECK(ix::chunk_row(id) == row && ix::chunk_col(id) == col);
+            CHECK(row < (operand == 0 ? Cfg::kBM : Cfg::kBN));
+            const bool exists = base_index + row < limit;
+            const int bytes = ix::chunk_bytes(k, K, exists);
+            uint8_t chunk[16] = {};
+            if (bytes > 0) {
+              const int64_t src = off + int64_t(base_index + row) * stride + k;
+              if (vector) CHECK(src % 16 == 0);
+              for (int e = 0; e < bytes; ++e) {
+                CHECK(k + e < K && base_index + row < limit && src + e < int64_t(src_buf.size()));
+                chunk[e] = uint8_t(src_buf[size_t(src + e)]);
+              }
+            }
+            const int dst = ix::smem_offset(row, col);
+            CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? Cfg::kABytes : Cfg::kBBytes));
+            smem.write((operand == 0 ? sa : sb) + size_t(dst), chunk, 16, vector);
+          }
+        }
+      }
+    };
+
+    for (auto& w : acc)
+      for (auto& i : w)
+        for (auto& j : i)
+          for (auto& l : j)
+            for (int64_t& e : l) e = 0;
+
+    const auto compute_stage = [&](int stage) {
+      const size_t sa = size_t(stage) * Cfg::kStageBytes, sb = sa + Cfg::kBOffset;
+      for (int warp = 0; warp < Cfg::kWarps; ++warp) {
+        const int wm = ix::warp_m_of(warp, Cfg::kWarpsN), wn = ix::warp_n_of(warp, Cfg::kWarpsN);
+        CHECK(wm < Cfg::kWarpsM && wn < Cfg::kWarpsN);
+        for (int ks = 0; ks < ix::kKSteps; ++ks) {
+          static uint32_t af[kMI][32][4], bf[kNI][32][2];
+          for (int i = 0; i < kMI; ++i) {
+            int address[32];
+            for (int lane = 0; lane < 32; ++lane)
+              address[lane] = int(sa) + ix::smem_offset(ix::a_ldsm_row(wm, i, lane, Cfg::kWM), ix::a_ldsm_chunk(ks, lane));
+            // independent: matrix j = (rows 8 (j % 2), k bytes 16 (j / 2)) of the m16 x k32 tile
+            for (int lane = 0; lane < 32; ++lane) {
+              const int j = lane / 8;
+              CHECK(ix::a_ldsm_row(wm, i, lane, Cfg::kWM) == wm * Cfg::kWM + 16 * i + 8 * (j % 2) + lane % 8);
+              CHECK(ix::a_ldsm_chunk(ks, lane) == 2 * ks + j / 2);
+            }
+            uint32_t regs[32][4];
+            ldmatrix_x4(smem, address, regs);
+            for (int lane = 0; lane < 32; ++lane)
+              for (int r = 0; r < 4; ++r) af[i][lane][r] = regs[lane][r];
+          }
+          for (int j = 0; j < kNI / 2; ++j) {
+            int address[32];
+            for (int lane = 0; lane < 32; ++lane)
+              address[lane] = int(sb) + ix::smem_offset(ix::b_ldsm_row(wn, j, lane, Cfg::kWN), ix::b_ldsm_chunk(ks, lane));
+            uint32_t regs[32][4];
+            ldmatrix_x4(smem, address, regs);
+            for (int lane = 0; lane < 32; ++lane) {
+              bf[2 * j][lane][0] = regs[lane][0];
+              bf[2 * j][lane][1] = regs[lane][1];
+              bf[2 * j + 1][lane][0] = regs[lane][2];
+              bf[2 * j + 1][lane][1] = regs[lane][3];
+            }
+          }
+          for (int i = 0; i < kMI; ++i)
+            for (int j = 0; j < kNI; ++j) mma(acc[warp][i][j], af[i], bf[j]);
+        }
+      }
+    };
+
+    // pipeline, as the kernel issues it (every thread alike)
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_iters) load_stage(s, s);
+      smem.commit();
+    }
+    for (int it = 0; it < k_iters; ++it) {
+      smem.wait(kStages - 2);
+      smem.barrier();
+      const int next = it + kStages - 1;
+      if (next < k_iters) load_stage(next % kStages, next);
+      smem.commit();
+      compute_stage(it % kStages);
+    }
+    smem.wait(0);
+
+    // epilogue
+    for (int warp = 0; warp < Cfg::kWarps; ++warp) {
+      const int wm = ix::warp_m_of(warp, Cfg::kWarpsN), wn = ix::warp_n_of(warp, Cfg::kWarpsN);
+      for (int lane = 0; lane < 32; ++lane)
+        for (int i = 0; i < kMI; ++i)
+          for (int j = 0; j < kNI; ++j)
+            for (int e = 0; e < 4; ++e) {
+              const int row = ix::acc_row(wm, i, lane, e, Cfg::kWM), col = ix::acc_col(wn, j, lane, e, Cfg::kWN);
+              CHECK(row == wm * Cfg::kWM + 16 * i + spec_c_row(lane, e));
+              CHECK(col == wn * Cfg::kWN + 8 * j + spec_c_col(lane, e));
+              const int m = m0 + row, n = n0 + col;
+              if (!ix::output_in_bounds(m, n, M, N)) continue;
+              const float v = ix::epilogue_value(int32_t(acc[warp][i][j][lane][e]), p.a_scale[size_t(m)],
+                                                 p.b_scale[size_t(p.per_channel ? n : 0)], p.has_bias,
+                                                 p.has_bias ? p.bias[size_t(n)] : 0.f);
+              const size_t at = size_t(p.out_off + int64_t(m) * p.out_stride + n);
+              out[at] = store_of<O>(v);
+              ++out_count[at];
+            }
+    }
+  }
+  for (int c : tile_seen) CHECK(c == 1);
+
+  // reference: exact int64 dot products, the CPU kernel's epilogue
+  for (size_t at = 0; at < out.size(); ++at) {
+    const int64_t rel = int64_t(at) - p.out_off;
+    const int64_t m = rel >= 0 ? rel / p.out_stride : -1, n = rel >= 0 ? rel % p.out_stride : -1;
+    if (m < 0 || m >= p.m || n >= p.n) {
+      CHECK(out_count[at] == 0 && bits_of(out[at]) == bits_of(store_of<O>(-7.25f)));
+      continue;
+    }
+    CHECK(out_count[at] == 1);
+    int64_t dot = 0;
+    for (int64_t k = 0; k < p.k; ++k)
+      dot += int64_t(p.a[size_t(p.a_off + m * p.a_stride + k)]) * p.b[size_t(p.b_off + n * p.b_stride + k)];
+    CHECK(dot >= INT32_MIN && dot <= INT32_MAX);
+    float want = float(int32_t(dot)) * p.a_scale[size_t(m)] * p.b_scale[size_t(p.per_channel ? n : 0)];
+    if (p.has_bias) want += p.bias[size_t(n)];
+    if (bits_of(out[at]) != bits_of(store_of<O>(want))) {
+      fprintf(stderr, "mm %s m %lld n %lld: got 0x%x want 0x%x (dot %lld)\n", name_of(p.out_kind), (long long)m,
+              (long long)n, bits_of(out[at]), bits_of(store_of<O>(want)), (long long)dot);
+      abort();
+    }
+  }
+}
+
+float random_scale() { return std::ldexp(float(std::uniform_real_distribution<double>(0.5, 1.0)(rng)), int(rnd(-12, 2))); }
+
+void check_mm_case(bool large) {
+  MmProblem p;
+  const int64_t max_mn = large ? 200 : 100;
+  p.m = rnd(0, 3) == 0 ? rnd(1, 8) : rnd(1, max_mn);
+  p.n = rnd(1, max_mn);
+  p.k = rnd(0, 5) == 0 ? rnd(0, 3) : rnd(1, 260);
+  const bool aligned = rnd(0, 2) != 0;
+  p.a_off = aligned ? 16 * rnd(0, 2) : rnd(0, 15);
+  p.b_off = aligned ? 16 * rnd(0, 2) : rnd(0, 15);
+  p.a_stride = aligned ? (p.k + 15) / 16 * 16 + 16 * rnd(0, 1) : p.k + rnd(0, 17);
+  p.b_stride = aligned ? (p.k + 15) / 16 * 16 + 16 * rnd(0, 1) : p.k + rnd(0, 17);
+  if (p.a_stride == 0) p.a_stride = 16;
+  if (p.b_stride == 0) p.b_stride = 16;
+  p.a.resize(size_t(p.a_off + (p.m - 1) * p.a_stride + p.k));
+  p.b.resize(size_t(p.b_off + (p.n - 1) * p.b_stride + p.k));
+  const bool extremes = rnd(0, 3) == 0;  // -128 / 127 heavy
+  for (auto* buf : {&p.a, &p.b})
+    for (int8_t& v : *buf) v = int8_t(extremes && rnd(0, 1) ? (rnd(0, 1) ? 127 : -128) : rnd(-128, 127));
+  p.per_channel = rnd(0, 1) != 0;
+  p.has_bias = rnd(0, 1) != 0;
+  p.a_scale.resize(size_t(p.m));
+  for (float& s : p.a_scale) s = random_scale();
+  p.b_scale.resize(size_t(p.per_channel ? p.n : 1));
+  for (float& s : p.b_scale) s = rnd(0, 7) == 0 ? -random_scale() : random_scale();  // -0 products: no + 0 without bias
+  p.bias.resize(size_t(p.n));
+  for (float& b : p.bias) b = float(std::uniform_real_distribution<double>(-2.0, 2.0)(rng));
+  p.out_kind = int(rnd(0, 2));
+  p.out_off = rnd(0, 3);
+  p.out_stride = p.n + rnd(0, 5);
+  const auto run = [&](auto tag) {
+    using O = decltype(tag);
+    if (large) {
+      sim_mm<O, ix::LargeConfig>(p);
+    } else {
+      sim_mm<O, ix::SmallConfig>(p);
+    }
+  };
+  if (p.out_kind == 0) run(float{});
+  if (p.out_kind == 1) run(Half{});
+  if (p.out_kind == 2) run(BFloat16{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) CTA order on larger grids, config rule, static facts
+// ---------------------------------------------------------------------------------------------
+void check_static() {
+  static_assert(ix::LargeConfig::kThreads == 256 && ix::LargeConfig::kSmemBytes == 64 * 1024, "large config");
+  static_assert(ix::SmallConfig::kThreads == 128 && ix::SmallConfig::kSmemBytes == 48 * 1024, "small config");
+  static_assert(ix::LargeConfig::kMinCtas * ix::LargeConfig::kSmemBytes <= 227 * 1024, "smem per SM");
+  static_assert(ix::SmallConfig::kMinCtas * ix::SmallConfig::kSmemBytes <= 227 * 1024, "smem per SM");
+  for (int it = 0; it < 20; ++it) {
+    const int64_t mb = rnd(1, 70), nb = rnd(1, 70);
+    std::vector<int> seen(size_t(mb * nb), 0);
+    for (int64_t pid = 0; pid < mb * nb; ++pid) {
+      const ix::TileCoord t = ix::tile_of(pid, mb, nb);
+      CHECK(t.mb >= 0 && t.mb < mb && t.nb >= 0 && t.nb < nb);
+      ++seen[size_t(t.mb * nb + t.nb)];
+    }
+    for (int s : seen) CHECK(s == 1);
+  }
+  CHECK(ix::use_large_config(2048, 8192, 132) && ix::use_large_config(1024, 8192, 132));
+  CHECK(!ix::use_large_config(16, 8192, 132) && !ix::use_large_config(128, 4096, 132));
+  // smem swizzle: every (row, chunk) of a stage maps to a distinct chunk inside the row
+  for (int row = 0; row < 128; ++row) {
+    int seen = 0;
+    for (int c = 0; c < ix::kChunksPerRow; ++c) {
+      const int off = ix::smem_offset(row, c);
+      CHECK(off / ix::kBK == row);
+      seen |= 1 << ((off % ix::kBK) / 16);
+    }
+    CHECK(seen == 15);
+  }
+  // quant_value: ties to even and saturation
+  CHECK(ix::quant_value(2.5f, 1.f) == 2 && ix::quant_value(-2.5f, 1.f) == -2 && ix::quant_value(3.5f, 1.f) == 4);
+  CHECK(ix::quant_value(1e30f, 1.f) == 127 && ix::quant_value(-1e30f, 1.f) == -128);
+  CHECK(ix::quant_value(-128.4f, 1.f) == -128 && ix::quant_value(127.5f, 1.f) == 127);
+  CHECK(ix::quant_row_scale(0.f, 0.f) == 1.f && ix::quant_row_scale(254.f, 127.f) == 1.f);
+}
+
+int main(int argc, char** argv) {
+  const int cases = argc > 1 ? atoi(argv[1]) : 100;
+  const uint64_t seed = argc > 2 ? strtoull(argv[2], nullptr, 10) : 1;
+  rng.seed(seed);
+  check_static();
+  for (int c = 0; c < cases; ++c) check_quantize_case();
+  printf("quantize ok\n");
+  for (int c = 0; c < cases; ++c) check_mm_case(c % 4 == 0);
+  printf("mm ok\n");
+  printf("all ok\n");
+  return 0;
+}

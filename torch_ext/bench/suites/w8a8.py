@@ -1,0 +1,76 @@
+"""W8A8 suite: ``scaled_int8_mm`` against F.linear (fp32 and bf16 on the CPU, bf16 on CUDA) and
+``torch._int_mm``; ``quantize_per_token`` against the same math in torch ops. Shapes from
+../shared/reference/shapes.md (Llama-3-8B q/o and gate/up)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..case import Case, register_suite
+
+_MM_SHAPES = {"cpu": ((4096, 4096), (14336, 4096)), "cuda": ((4096, 4096), (8192, 8192))}
+_MM_ROWS = {"cpu": (1, 16, 256, 1024), "cuda": (1, 16, 256, 2048, 4096)}
+_QUICK_MM = {"cpu": ((4096, 4096, 256),), "cuda": ((8192, 8192, 4096),)}
+_TOKENS = (1, 64, 4096)
+_QUICK_TOKENS = (64,)
+
+
+def _mm_case(device: str, n: int, k: int, m: int) -> Case:
+    kind = torch.device(device).type
+
+    def make_inputs(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        x = torch.randn(m, k, generator=gen)
+        w = torch.randn(n, k, generator=gen)
+        tensors = (a, b, torch.rand(m, 1, generator=gen), torch.rand(n, generator=gen), x.bfloat16(), w.bfloat16())
+        if kind == "cpu":
+            tensors += (x, w)
+        return tuple(t.to(device) for t in tensors)
+
+    baselines = {"F.linear bf16": lambda a, b, sa, sb, xb, wb, *_: F.linear(xb, wb)}
+    if kind == "cpu":
+        baselines = {"F.linear fp32": lambda a, b, sa, sb, xb, wb, x, w: F.linear(x, w), **baselines}
+    baselines["torch._int_mm"] = lambda a, b, *_: torch._int_mm(a, b.t())
+    return Case(
+        family="w8a8", op="scaled_int8_mm", label=f"M={m} {n}x{k} -> bf16",
+        make_inputs=make_inputs,
+        ours=lambda a, b, sa, sb, *_: torch.ops.torch_ext.scaled_int8_mm(a, b, sa, sb, None, torch.bfloat16),
+        baselines=baselines,
+        flops=2.0 * m * n * k, bytes=float(m * k + n * k + 2 * m * n), device=device,
+    )
+
+
+def _torch_quantize(x: torch.Tensor):
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x.float() / scale).clamp(-128, 127).to(torch.int8), scale
+
+
+def _quantize_case(device: str, tokens: int, k: int, dtype: torch.dtype) -> Case:
+    def make_inputs(seed: int):
+        return (torch.randn(tokens, k, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device),)
+
+    element = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        family="w8a8", op="quantize_per_token", label=f"T={tokens} K={k} {str(dtype).split('.')[-1]}",
+        make_inputs=make_inputs, ours=lambda x: torch.ops.torch_ext.quantize_per_token(x, None),
+        baselines={"torch ops (amax, div, round, clamp)": _torch_quantize},
+        bytes=float(tokens * k * (element + 1) + tokens * 4), device=device,
+    )
+
+
+@register_suite("w8a8")
+def w8a8_suite(device: str, quick: bool) -> list[Case]:
+    kind = torch.device(device).type
+    if kind not in _MM_SHAPES:
+        return []
+    if quick:
+        mm = [(n, k, m) for n, k, m in _QUICK_MM[kind]]
+        quant = [(t, 4096, torch.bfloat16) for t in _QUICK_TOKENS]
+    else:
+        mm = [(n, k, m) for n, k in _MM_SHAPES[kind] for m in _MM_ROWS[kind]]
+        quant = [(t, k, dtype) for dtype in (torch.float32, torch.bfloat16) for t in _TOKENS for k in (4096, 14336)]
+    return [_mm_case(device, n, k, m) for n, k, m in mm] + [_quantize_case(device, t, k, d) for t, k, d in quant]
