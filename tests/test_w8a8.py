@@ -245,3 +245,16 @@ def test_cuda_matches_cpu_bitwise(dtype):
             cpu = scaled_int8_mm(q_cpu, b, s_cpu, b_scale, bias, out_dtype)
             gpu = scaled_int8_mm(q_cpu.cuda(), b.cuda(), s_cpu.cuda(), b_scale.cuda(), bias.cuda(), out_dtype)
             assert torch.equal(gpu.cpu(), cpu), f"{m}x{n}x{k} -> {out_dtype} seed {seed}"
+
+
+def test_quantize_model_int8_method():
+    seed = fresh_seed()
+    torch.manual_seed(seed % 2**31)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
+    x = random_tensor((4, 64), torch.float32, "cpu", seed)
+    expected = model(x).detach()
+    torch_ext.quant.quantize_model(model, method="int8", skip=lambda name: name == "2")
+    assert isinstance(model[0], torch_ext.nn.Int8Linear) and type(model[2]) is torch.nn.Linear
+    assert_close_to_reference(model(x), expected.double(), torch.float32, f"seed {seed}", 2e-2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        torch_ext.quant.quantize_model(model, method="int3")
