@@ -41,6 +41,8 @@ at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::optional<double> clip);
 at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                           const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                         const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                        const c10::optional<at::Tensor>& bias, double outlier_threshold);
 

@@ -118,6 +118,41 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   return out;
 }
 
+// scaled_fp8_mm on the CPU: e4m3 values are exact in fp32, so the product is an fp32 GEMM of
+// the widened operands (exact products, fp32 sums) and the epilogue in fp32 in the contract's
+// order. A reference-grade path for tests and CPU users; no fp8 arithmetic exists on x86.
+at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                         const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const char* op = "scaled_fp8_mm";
+  check_dtype(op, "a", a, {at::kFloat8_e4m3fn});
+  check_dtype(op, "b", b, {at::kFloat8_e4m3fn});
+  TORCH_EXT_CHECK(a.dim() == 2 && b.dim() == 2, op, "a and b must be 2-D ([M, K] and [N, K]), got shapes ", a.sizes(),
+                  " and ", b.sizes());
+  TORCH_EXT_CHECK(a.size(1) == b.size(1), op, "a [M, K] and b [N, K] must share K, got ", a.sizes(), " and ",
+                  b.sizes());
+  const int64_t m = a.size(0), n = b.size(0);
+  check_dtype(op, "a_scale", a_scale, {at::kFloat});
+  check_dtype(op, "b_scale", b_scale, {at::kFloat});
+  TORCH_EXT_CHECK(a_scale.numel() == 1 || (a_scale.numel() == m && a_scale.dim() == 2 && a_scale.size(1) == 1), op,
+                  "a_scale must be [M, 1] = [", m, ", 1] or one element, got shape ", a_scale.sizes());
+  TORCH_EXT_CHECK(b_scale.dim() <= 1 && (b_scale.numel() == n || b_scale.numel() == 1), op,
+                  "b_scale must be [N] = [", n, "] or [1], got shape ", b_scale.sizes());
+  TORCH_EXT_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+                  "out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(out_dtype));
+  for (const at::Tensor* t : {&b, &a_scale, &b_scale}) check_same_device(op, "every tensor", *t, "a", a);
+  if (bias) {
+    check_dtype(op, "bias", *bias, {at::kFloat, at::kHalf, at::kBFloat16});
+    check_same_device(op, "bias", *bias, "a", a);
+    TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "bias must be [N] = [", n, "], got shape ",
+                    bias->sizes());
+  }
+  TORCH_EXT_CHECK(!a.is_cuda(), op, "the CUDA kernel is not built yet; run on the CPU");
+  at::Tensor y = at::matmul(a.to(at::kFloat), b.to(at::kFloat).t());
+  y.mul_(a_scale.reshape({a_scale.numel() == 1 ? 1 : m, 1})).mul_(b_scale.reshape({1, b_scale.numel()}));
+  if (bias) y.add_(bias->to(at::kFloat));
+  return y.to(out_dtype);
+}
+
 // LLM.int8(): input features whose magnitude exceeds the threshold anywhere in the batch go
 // through a 16-bit GEMM with their dequantized weight columns; the rest through int8. Composed
 // of the ops above and torch ops on either device. On CUDA, nonzero() synchronizes with the

@@ -50,6 +50,25 @@ inline int64_t packed_int8_b_bytes(int64_t n, int64_t k) {
 }
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
 
+//   scaled_fp8_mm: out[m, n] = float(sum_k a[m, k] * b[n, k]) * a_scale[m or 0] * b_scale[n or 0]
+//     + bias[n], a and b float8_e4m3fn (OCP E4M3: bias 7, no infinities, 0x7F/0xFF = NaN),
+//     products exact, sums in fp32, one rounding to out.
+struct ScaledFp8MmParams {
+  int64_t m, n, k;
+  const uint8_t* a;  // [m, k] e4m3 bits, unit column stride
+  int64_t a_row_stride;
+  const uint8_t* b;  // [n, k] e4m3 bits, unit column stride
+  int64_t b_row_stride;
+  const float* a_scale;  // [m], or [1] when !a_scale_per_row
+  bool a_scale_per_row;
+  const float* b_scale;  // [n], or [1] when !b_scale_per_channel
+  bool b_scale_per_channel;
+  const float* bias;     // [n] or nullptr
+  ScalarKind out_dtype;  // fp32, fp16 or bf16
+  void* out;             // [m, n], unit column stride
+  int64_t out_row_stride;
+};
+
 namespace cpu {
 TORCH_EXT_DECLARE_CPU_KERNEL(void quantize_per_token(const QuantizePerTokenParams& p))
 // B (p.b, p.n, p.k) into the packed layout, packed_int8_b_bytes(n, k) bytes.

@@ -83,3 +83,32 @@ def _int8_linear_backward(ctx, grad_y: torch.Tensor):
 
 
 torch.library.register_autograd("torch_ext::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup)
+
+
+_FP8_MM = torch.ops.torch_ext.scaled_fp8_mm
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def scaled_fp8_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``(a @ b.T) * a_scale * b_scale + bias`` for float8_e4m3fn ``a`` [M, K] and ``b`` [N, K].
+
+    ``a_scale`` float32 [M, 1] (per row) or one element, ``b_scale`` float32 [N] or [1];
+    products exact, sums in float32, one rounding to ``out_dtype``. CPU: a float32 GEMM of the
+    widened operands (for tests and CPU users).
+    """
+    return _FP8_MM(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+def quantize_fp8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` [..., K] scaled into e4m3's range: (float8_e4m3fn [..., K], float32 scale [..., 1]),
+    scale = max|row| / 448 (1 for an all-zero row), values rounded to nearest even by the cast."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+@torch.library.register_fake("torch_ext::scaled_fp8_mm")
+def _scaled_fp8_mm_fake(a, b, a_scale, b_scale, bias, out_dtype):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "a and b must be 2-D")
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)

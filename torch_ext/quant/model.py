@@ -8,9 +8,9 @@ from torch import nn
 
 # The module, not the class: torch_ext.nn.quant_linear imports torch_ext.quant, so while this
 # package initializes the class may not exist yet; it is looked up when quantize_model runs.
-from torch_ext.nn import int8_linear, quant_linear
+from torch_ext.nn import fp8_linear, int8_linear, quant_linear
 
-METHODS = ("weight_only", "int8")
+METHODS = ("weight_only", "int8", "fp8")
 
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip: Callable[[str], bool] | None = None,
@@ -20,7 +20,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
     layer, except those whose qualified name (``"model.layers.0.mlp.up_proj"``, ``"lm_head"``)
     `skip` accepts. ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits,
     group_size, symmetric)``; ``method="int8"``: ``Int8Linear.from_linear(linear,
-    outlier_threshold)`` (W8A8 with LLM.int8() outliers; bits/group_size/symmetric unused).
+    outlier_threshold)`` (W8A8 with LLM.int8() outliers); ``method="fp8"``:
+    ``FP8Linear.from_linear(linear)`` (bits/group_size/symmetric unused by both).
 
     A layer reachable under several names (shared) becomes one QuantLinear at all of them,
     unless one of its names is skipped, where it stays. Returns `model`, or the new module
@@ -32,6 +33,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
     def convert(linear: nn.Linear) -> nn.Module:
         if method == "int8":
             return int8_linear.Int8Linear.from_linear(linear, outlier_threshold)
+        if method == "fp8":
+            return fp8_linear.FP8Linear.from_linear(linear)
         return quant_linear.QuantLinear.from_linear(linear, bits, group_size, symmetric)
 
     quantized: dict[int, nn.Module] = {}

@@ -1,0 +1,59 @@
+"""FP8Linear: e4m3 weights per output channel, e4m3 activations per token (dynamic)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torch_ext.ops.w8a8 import quantize_fp8_per_row, scaled_fp8_mm
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """Forward in fp8; backward straight-through: grad_x = grad_y @ W (dequantized)."""
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale, bias):
+        ctx.save_for_backward(w_q, w_scale)
+        ctx.has_bias = bias is not None
+        x_rows = x.reshape(-1, x.shape[-1])
+        x_q, x_scale = quantize_fp8_per_row(x_rows)
+        y = scaled_fp8_mm(x_q, w_q, x_scale, w_scale, bias, x.dtype)
+        return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w_q, w_scale = ctx.saved_tensors
+        weight = (w_q.float() * w_scale.reshape(-1, 1)).to(grad_y.dtype)
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_y @ weight, None, None, grad_bias
+
+
+class FP8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W stored as float8_e4m3fn ``w_q`` [N, K] and float32 ``w_scale``
+    [N] (max|row| / 448); activations quantized per token to e4m3 on every call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("w_q", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
+                                  requires_grad=False) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device, weight.dtype)
+        w_q, w_scale = quantize_fp8_per_row(weight)
+        module.w_q.copy_(w_q)
+        module.w_scale.copy_(w_scale.reshape(-1))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _Fp8Linear.apply(x, self.w_q, self.w_scale, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
