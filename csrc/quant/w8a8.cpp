@@ -153,10 +153,15 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
   return y.to(out_dtype);
 }
 
+// Outlier features int8_linear routes through 16 bits at most: LLM.int8() reports a handful to
+// a few dozen per layer; a fixed count keeps every shape static, so finding them needs no
+// device-to-host synchronization (and features beyond the count stay in int8).
+int64_t max_outlier_features(int64_t k) { return std::min<int64_t>(k, std::max<int64_t>(64, k / 64)); }
+
 // LLM.int8(): input features whose magnitude exceeds the threshold anywhere in the batch go
-// through a 16-bit GEMM with their dequantized weight columns; the rest through int8. Composed
-// of the ops above and torch ops on either device. On CUDA, nonzero() synchronizes with the
-// host to size the outlier set (a device-side decomposition is still to do).
+// through a 16-bit GEMM with their weight columns dequantized on the fly; the rest through
+// int8. The candidates are the max_outlier_features(K) largest column maxima (topk: static
+// shapes), masked by the threshold; composed of the ops above and torch ops on either device.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                        const c10::optional<at::Tensor>& bias, double outlier_threshold) {
   const char* op = "int8_linear";
@@ -166,18 +171,23 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   TORCH_EXT_CHECK(w_q.dim() == 2 && w_q.size(1) == x.size(-1), op, "w_q must be [N, K] with K = x.size(-1) = ",
                   x.size(-1), ", got shape ", w_q.sizes());
   const at::Tensor x_rows = as_rows(x);
-  at::Tensor regular = x_rows;
-  at::Tensor outliers;
-  if (outlier_threshold > 0.0 && x_rows.numel() > 0) {
-    outliers = x_rows.abs().amax(0).gt(outlier_threshold).nonzero().squeeze(1);
-    if (outliers.numel() > 0) regular = x_rows.index_fill(1, outliers, 0);
+  const int64_t k = x_rows.size(1);
+  const bool decompose = outlier_threshold > 0.0 && x_rows.size(0) > 0 && k > 0;
+  at::Tensor regular = x_rows, candidates, outlier_x;
+  if (decompose) {
+    const auto [column_max, index] = x_rows.abs().amax(0).topk(max_outlier_features(k));
+    const at::Tensor is_outlier = column_max.gt(outlier_threshold).to(x.scalar_type());
+    candidates = index;
+    const at::Tensor selected = x_rows.index_select(1, index);
+    outlier_x = selected.mul(is_outlier);
+    regular = x_rows.clone().index_copy_(1, index, selected.sub(outlier_x));
   }
   const auto [x_q, x_scale] = quantize_per_token(regular, c10::nullopt);
   at::Tensor y = scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, x.scalar_type());
-  if (outliers.defined() && outliers.numel() > 0) {
+  if (decompose) {
     const at::Tensor columns =
-        w_q.index_select(1, outliers).to(at::kFloat).mul(w_scale.reshape({-1, 1})).to(x.scalar_type());
-    y.add_(at::matmul(x_rows.index_select(1, outliers), columns.t()));
+        w_q.index_select(1, candidates).to(at::kFloat).mul(w_scale.reshape({-1, 1})).to(x.scalar_type());
+    y.add_(at::matmul(outlier_x, columns.t()));
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w_q.size(0);

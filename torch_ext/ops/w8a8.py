@@ -52,8 +52,9 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     ``x`` [..., K] is quantized per token to int8 and multiplied with the int8 weight ``w_q``
     [N, K] (per-output-channel float32 scales ``w_scale`` [N]), except the input features whose
     magnitude exceeds ``outlier_threshold`` somewhere in ``x``: those go through a 16-bit
-    matmul with their weight columns dequantized on the fly. ``outlier_threshold <= 0``
-    disables the decomposition. Differentiable in ``x`` (straight-through: the gradient uses
+    matmul with their weight columns dequantized on the fly. At most max(64, K / 64) features
+    (the largest) take that path: a fixed count keeps shapes static, so no device-to-host
+    synchronization is needed on CUDA. ``outlier_threshold <= 0`` disables the decomposition. Differentiable in ``x`` (straight-through: the gradient uses
     the dequantized weight) and ``bias``.
     """
     return _INT8_LINEAR(x, w_q, w_scale, bias, outlier_threshold)
