@@ -43,6 +43,28 @@ def _mm_case(device: str, n: int, k: int, m: int) -> Case:
     )
 
 
+def _fp8_case(device: str, n: int, k: int, m: int) -> Case:
+    """scaled_fp8_mm (CUDA, sm_89+) against torch._scaled_mm and F.linear bf16."""
+
+    def make_inputs(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        tensors = (x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), torch.rand(m, 1, generator=gen),
+                   torch.rand(1, n, generator=gen), x.bfloat16(), w.bfloat16())
+        return tuple(t.to(device) for t in tensors)
+
+    return Case(
+        family="w8a8", op="scaled_fp8_mm", label=f"M={m} {n}x{k} e4m3 -> bf16",
+        make_inputs=make_inputs,
+        ours=lambda a, b, sa, sb, *_: torch.ops.torch_ext.scaled_fp8_mm(a, b, sa, sb.reshape(-1), None,
+                                                                          torch.bfloat16),
+        baselines={"F.linear bf16": lambda a, b, sa, sb, xb, wb: F.linear(xb, wb),
+                   "torch._scaled_mm": lambda a, b, sa, sb, *_: torch._scaled_mm(a, b.t(), sa, sb,
+                                                                                 out_dtype=torch.bfloat16)},
+        flops=2.0 * m * n * k, bytes=float(m * k + n * k + 2 * m * n), device=device,
+    )
+
+
 def _torch_quantize(x: torch.Tensor):
     scale = x.abs().amax(dim=-1, keepdim=True).float() / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -73,4 +95,7 @@ def w8a8_suite(device: str, quick: bool) -> list[Case]:
     else:
         mm = [(n, k, m) for n, k in _MM_SHAPES[kind] for m in _MM_ROWS[kind]]
         quant = [(t, k, dtype) for dtype in (torch.float32, torch.bfloat16) for t in _TOKENS for k in (4096, 14336)]
-    return [_mm_case(device, n, k, m) for n, k, m in mm] + [_quantize_case(device, t, k, d) for t, k, d in quant]
+    cases = [_mm_case(device, n, k, m) for n, k, m in mm] + [_quantize_case(device, t, k, d) for t, k, d in quant]
+    if kind == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        cases += [_fp8_case(device, n, k, m) for n, k, m in mm]
+    return cases
