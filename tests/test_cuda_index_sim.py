@@ -42,7 +42,9 @@ def test_weight_only_cuda_kernels_simulated(tmp_path_factory):
 
 
 def test_w8a8_cuda_kernels_simulated(tmp_path_factory):
-    """quantize_kernel and the int8 tensor-core mm_kernel run thread by thread on random problems
-    (odd sizes, unaligned operands, both tile configs) against exact references, with the
-    mma.m16n8k32 / ldmatrix fragment maps taken from the PTX ISA (csrc/quant/w8a8_cuda_index.h)."""
+    """quantize_kernel and the tensor-core mm_kernel (int8 and e4m3 fp8) run thread by thread on
+    random problems (odd sizes, unaligned operands, both tile configs) against exact references,
+    with the mma.m16n8k32 / m16n8k16 / ldmatrix fragment maps taken from the PTX ISA
+    (csrc/quant/w8a8_cuda_index.h); fp8 within an fp32-summation error bound, bitwise where every
+    partial sum is exact, NaN operands propagating."""
     _run_simulator(_build_simulator(tmp_path_factory, "w8a8_cuda_sim"))

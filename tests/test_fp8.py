@@ -88,3 +88,30 @@ def test_bad_inputs(args, message):
     call.update(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.torch_ext.scaled_fp8_mm(*call.values())
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    """Small integer e4m3 values keep every partial sum exact: the GPU must match the CPU bit for
+    bit whatever the tensor cores' summation order; random values within fp32 summation error."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(RuntimeError, match="needs FP8 tensor cores"):
+            scaled_fp8_mm(_e4m3((4, 32), 1).cuda(), _e4m3((8, 32), 2).cuda(), torch.ones(4, 1, device="cuda"),
+                          torch.ones(8, device="cuda"))
+        return
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for m, n, k in ((1, 8, 16), (5, 17, 33), (37, 70, 130), (2048, 256, 512)):
+        small = lambda shape: torch.randint(-8, 9, shape, generator=gen).float().to(torch.float8_e4m3fn)  # noqa: E731
+        a, b = small((m, k)), small((n, k))
+        a_scale, b_scale, bias = torch.rand(m, 1) + 0.1, torch.rand(n) + 0.1, torch.randn(n)
+        for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            cpu = scaled_fp8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+            gpu = scaled_fp8_mm(a.cuda(), b.cuda(), a_scale.cuda(), b_scale.cuda(), bias.cuda(), out_dtype)
+            assert torch.equal(gpu.cpu(), cpu), f"{m}x{n}x{k} {out_dtype} seed {seed}"
+        a, b = _e4m3((m, k), seed), _e4m3((n, k), seed + 1)
+        gpu = scaled_fp8_mm(a.cuda(), b.cuda(), a_scale.cuda(), b_scale.cuda(), None, torch.float32)
+        ref = (a.double() @ b.double().t()) * a_scale.double() * b_scale.double()
+        assert_close_to_reference(gpu, ref, torch.float32, f"{m}x{n}x{k} seed {seed}", 1e-5)

@@ -118,9 +118,9 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   return out;
 }
 
-// scaled_fp8_mm on the CPU: e4m3 values are exact in fp32, so the product is an fp32 GEMM of
-// the widened operands (exact products, fp32 sums) and the epilogue in fp32 in the contract's
-// order. A reference-grade path for tests and CPU users; no fp8 arithmetic exists on x86.
+// scaled_fp8_mm. CUDA: the tensor-core kernel (sm_89+). CPU: e4m3 values are exact in fp32,
+// so the product is an fp32 GEMM of the widened operands (exact products, fp32 sums) and the
+// epilogue in fp32 in the contract's order; a reference-grade path for tests and CPU users.
 at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                          const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const char* op = "scaled_fp8_mm";
@@ -146,7 +146,36 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
     TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "bias must be [N] = [", n, "], got shape ",
                     bias->sizes());
   }
-  TORCH_EXT_CHECK(!a.is_cuda(), op, "the CUDA kernel is not built yet; run on the CPU");
+  if (a.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(a.device());
+    at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+    if (out.numel() == 0) return out;
+    const at::Tensor a_c = unit_column_stride(a), b_c = unit_column_stride(b);
+    const at::Tensor a_scale_c = a_scale.contiguous(), b_scale_c = b_scale.contiguous();
+    const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const ScaledFp8MmParams p{m, n, a.size(1),
+                              static_cast<const uint8_t*>(a_c.data_ptr()), a_c.stride(0),
+                              static_cast<const uint8_t*>(b_c.data_ptr()), b_c.stride(0),
+                              a_scale_c.data_ptr<float>(), a_scale.numel() == m && m > 1,
+                              b_scale_c.data_ptr<float>(), b_scale.numel() == n && n > 1,
+                              bias ? bias_f.data_ptr<float>() : nullptr,
+                              scalar_kind(out), out.data_ptr(), out.stride(0)};
+    const cudaError_t status = cuda::scaled_fp8_mm(p, c10::cuda::getCurrentCUDAStream());
+    if (status == cudaErrorNotSupported) {
+      (void)cudaGetLastError();  // the launcher's refusal is not a sticky error
+      int major = 0, minor = 0;
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device());
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.get_device());
+      TORCH_EXT_CHECK(false, op, "needs FP8 tensor cores (compute capability 8.9+, and torch_ext built for such an "
+                      "arch), this GPU is ", major, ".", minor, "; run it on the CPU or use scaled_int8_mm");
+    }
+    C10_CUDA_CHECK(status);
+    return out;
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
   at::Tensor y = at::matmul(a.to(at::kFloat), b.to(at::kFloat).t());
   y.mul_(a_scale.reshape({a_scale.numel() == 1 ? 1 : m, 1})).mul_(b_scale.reshape({1, b_scale.numel()}));
   if (bias) y.add_(bias->to(at::kFloat));

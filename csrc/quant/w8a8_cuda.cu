@@ -10,7 +10,10 @@
 //   read a second time (from L2: the CTA just read them). Unaligned x uses element loads into
 //   the same chunks; q is stored as 4- or 8-byte words when aligned, else bytes.
 //
-// mm_kernel<O, Cfg>: int8 tensor-core GEMM, out = (A B^T) * a_scale * b_scale + bias.
+// mm_kernel<O, Cfg, Op>: tensor-core GEMM, out = (A B^T) * a_scale * b_scale + bias, shared by
+//   scaled_int8_mm (Op = Int8Mma: int8 operands, mma .s8 into int32) and scaled_fp8_mm
+//   (Op = Fp8Mma: float8_e4m3fn operands, mma .e4m3 into fp32, sm_89+). Both mmas are
+//   m16n8k32 with byte operands and the same fragment maps, so everything else is shared.
 //   - A CTA owns a Cfg::kBM x Cfg::kBN tile (128 x 128 with 8 warps, or 32 x 64 with 4 warps for
 //     small grids); CTAs are ordered in groups of 8 m blocks for L2 reuse (ix::tile_of).
 //   - K streams through a Cfg::kStages-deep cp.async ring of 64-byte-wide stages: every thread
@@ -18,9 +21,14 @@
 //     zeros), stored XOR-swizzled so ldmatrix is conflict-free (ix::smem_offset). A / B or their
 //     strides not 16-byte aligned: synchronous byte loads into the same layout.
 //   - Per k32 step a warp loads its A fragments (one ldmatrix.x4 per m16 tile) and B fragments
-//     (one ldmatrix.x4 per two n8 tiles) and issues kMI x kNI mma.m16n8k32.s8 into int32.
-//   - Epilogue: float(acc) * a_scale[m] * b_scale[n] (+ bias[n]) in fp32, one rounding to O,
-//     element stores inside [M, N] only.
+//     (one ldmatrix.x4 per two n8 tiles) and issues kMI x kNI mma.m16n8k32 (.s8 into int32 or
+//     .e4m3 into fp32; zero-filled tails are +0 in both encodings).
+//   - Epilogue: float(acc) * a_scale[m or 0] * b_scale[n or 0] (+ bias[n]) in fp32, one rounding
+//     to O, element stores inside [M, N] only.
+//   - fp8 on archs without mma .e4m3 (the sm_80 build): the kernel body is a trap; the launcher
+//     refuses devices below compute capability 8.9 before that. sm_89 runs mma .e4m3 natively
+//     (QMMA); sm_90 has no fp8 mma.sync, so Fp8Mma widens the fragments to fp16 itself and chains
+//     two mma.m16n8k16 (ix::f16_step_a_reg): fp16 tensor-core rate, not fp8 (that takes wgmma).
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
@@ -169,13 +177,70 @@ cudaError_t launch_quantize(const QuantizePerTokenParams& p, cudaStream_t stream
 }
 
 // ---------------------------------------------------------------------------------------------
-// scaled_int8_mm
+// scaled_int8_mm, scaled_fp8_mm
 // ---------------------------------------------------------------------------------------------
 
-template <typename O>
+}  // namespace
+
+// What differs between the two GEMMs (outside the anonymous namespace: Fp8Mma::mma is unused,
+// without a warning, in builds for archs without mma .e4m3).
+namespace w8a8_mma {
+struct Int8Mma {
+  using Elem = int8_t;
+  using Acc = int32_t;
+  using Params = ScaledInt8MmParams;
+  static __host__ __device__ constexpr bool available() { return true; }
+  static constexpr int kMinArch = 80;  // the project's minimum
+  static __device__ __forceinline__ void mma(Acc (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_m16n8k32_s8(d, a, b);
+  }
+  static bool a_per_row(const Params&) { return true; }
+};
+struct Fp8Mma {
+  using Elem = uint8_t;  // float8_e4m3fn bits
+  using Acc = float;
+  using Params = ScaledFp8MmParams;
+  static __host__ __device__ constexpr bool available() { return fp8_mma_available(); }
+  // mma .e4m3: compute capability 8.9 (Ada) and later, and the kernel the driver picked must
+  // come from compute_89+ code (a build without an sm_89+ target runs the sm_80 trap body even
+  // on an sm_89 / sm_90 device).
+  static constexpr int kMinArch = 89;
+  // sm_90: widened to two fp16 mmas chained into d (see ix::f16_step_a_reg); elsewhere the
+  // e4m3 mma itself.
+  static __device__ __forceinline__ void mma(Acc (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
+    uint32_t a16[4][2], b16[2][2];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) cvt_e4m3x4_to_f16x4(a[r], a16[r]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) cvt_e4m3x4_to_f16x4(b[r], b16[r]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t af[4], bf[2];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) af[r] = a16[ix::f16_step_a_reg(h, r)][ix::f16_step_a_half(r)];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) bf[r] = b16[ix::f16_step_b_reg(h)][ix::f16_step_b_half(r)];
+      mma_m16n8k16_f16(d, af, bf);
+    }
+#else
+    mma_m16n8k32_e4m3(d, a, b);
+#endif
+  }
+  static bool a_per_row(const Params& p) { return p.a_scale_per_row; }
+};
+}  // namespace w8a8_mma
+
+namespace {
+
+using w8a8_mma::Fp8Mma;
+using w8a8_mma::Int8Mma;
+
+template <typename O, class Op>
 struct MmArgs {
-  const int8_t* a;
-  const int8_t* b;
+  using Elem = typename Op::Elem;
+  const Elem* a;
+  const Elem* b;
   int64_t a_row_stride, b_row_stride;
   const float* a_scale;
   const float* b_scale;
@@ -184,12 +249,14 @@ struct MmArgs {
   int64_t out_row_stride;
   int m, n, k;
   int m_blocks, n_blocks, k_iters;
-  bool per_channel;
-  bool vector;  // cp.async path (ix::mm_vectorizable)
+  bool a_per_row;    // a_scale[m] (else a_scale[0])
+  bool per_channel;  // b_scale[n] (else b_scale[0])
+  bool vector;       // cp.async path (ix::mm_vectorizable)
 };
 
 // `bytes` (0..16) bytes from src, zeros after, as one 16-byte shared store: the unaligned path.
-__device__ __forceinline__ void copy_chunk_sync(unsigned char* dst, const int8_t* src, int bytes) {
+template <typename Elem>
+__device__ __forceinline__ void copy_chunk_sync(unsigned char* dst, const Elem* src, int bytes) {
   uint32_t w[4] = {0, 0, 0, 0};
 #pragma unroll
   for (int e = 0; e < ix::kChunkBytes; ++e)
@@ -197,8 +264,10 @@ __device__ __forceinline__ void copy_chunk_sync(unsigned char* dst, const int8_t
   *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-template <typename O, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const MmArgs<O> p) {
+template <typename O, class Cfg, class Op>
+__device__ __forceinline__ void mm_cta(const MmArgs<O, Op>& p) {
+  using Elem = typename Op::Elem;
+  using Acc = typename Op::Acc;
   constexpr int kStages = Cfg::kStages;
   constexpr int kMI = Cfg::kMI, kNI = Cfg::kNI;
   constexpr int kRowsPerPass = Cfg::kThreads / ix::kChunksPerRow;
@@ -211,8 +280,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
 
   // This thread's chunks: rows chunk_row(tid) + i * kRowsPerPass, column chunk_col(tid) (fixed).
   const int row0 = ix::chunk_row(tid), col = ix::chunk_col(tid);
-  const int8_t* a_src[Cfg::kAChunksPerThread];
-  const int8_t* b_src[Cfg::kBChunksPerThread];
+  const Elem* a_src[Cfg::kAChunksPerThread];
+  const Elem* b_src[Cfg::kBChunksPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kAChunksPerThread; ++i) {
     const int m = m0 + row0 + i * kRowsPerPass;
@@ -232,7 +301,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
     for (int i = 0; i < Cfg::kAChunksPerThread; ++i) {
       const int bytes = ix::chunk_bytes(k, p.k, a_src[i] != nullptr);
       unsigned char* const dst = sa + ix::smem_offset(row0 + i * kRowsPerPass, col);
-      const int8_t* const src = bytes > 0 ? a_src[i] + iter * ix::kBK : p.a;
+      const Elem* const src = bytes > 0 ? a_src[i] + iter * ix::kBK : p.a;
       if (p.vector) {
         cp_async_16_partial(dst, src, bytes);
       } else {
@@ -243,7 +312,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
     for (int i = 0; i < Cfg::kBChunksPerThread; ++i) {
       const int bytes = ix::chunk_bytes(k, p.k, b_src[i] != nullptr);
       unsigned char* const dst = sb + ix::smem_offset(row0 + i * kRowsPerPass, col);
-      const int8_t* const src = bytes > 0 ? b_src[i] + iter * ix::kBK : p.b;
+      const Elem* const src = bytes > 0 ? b_src[i] + iter * ix::kBK : p.b;
       if (p.vector) {
         cp_async_16_partial(dst, src, bytes);
       } else {
@@ -252,13 +321,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
     }
   };
 
-  int32_t acc[kMI][kNI][4];
+  Acc acc[kMI][kNI][4];
 #pragma unroll
   for (int i = 0; i < kMI; ++i)
 #pragma unroll
     for (int j = 0; j < kNI; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = Acc(0);
 
   const auto compute_stage = [&](int stage) {
     const unsigned char* const sa = smem + stage * Cfg::kStageBytes;
@@ -281,7 +350,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
 #pragma unroll
       for (int i = 0; i < kMI; ++i)
 #pragma unroll
-        for (int j = 0; j < kNI; ++j) mma_m16n8k32_s8(acc[i][j], af[i], bf[j]);
+        for (int j = 0; j < kNI; ++j) Op::mma(acc[i][j], af[i], bf[j]);
     }
   };
 
@@ -312,7 +381,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
     for (int e = 0; e < 2; ++e) {
       const int n = n0 + ix::acc_col(warp_n, j, lane, e, Cfg::kWN);
       const bool ok = n < p.n;
-      b_scale[j][e] = ok ? __ldg(p.b_scale + (p.per_channel ? n : 0)) : 0.f;
+      b_scale[j][e] = ok ? __ldg(p.b_scale + ix::scale_index(n, p.per_channel)) : 0.f;
       bias[j][e] = ok && p.bias != nullptr ? __ldg(p.bias + n) : 0.f;
     }
 #pragma unroll
@@ -321,7 +390,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
     for (int half = 0; half < 2; ++half) {
       const int m = m0 + ix::acc_row(warp_m, i, lane, 2 * half, Cfg::kWM);
       if (m >= p.m) continue;
-      const float a_scale = __ldg(p.a_scale + m);
+      const float a_scale = __ldg(p.a_scale + ix::scale_index(m, p.a_per_row));
       O* const out_row = p.out + int64_t(m) * p.out_row_stride;
 #pragma unroll
       for (int j = 0; j < kNI; ++j)
@@ -336,9 +405,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
     }
 }
 
-template <typename O, class Cfg>
-cudaError_t launch_mm(const ScaledInt8MmParams& p, cudaStream_t stream) {
-  MmArgs<O> a{};
+template <typename O, class Cfg, class Op>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const MmArgs<O, Op> p) {
+  if constexpr (Op::available()) {
+    mm_cta<O, Cfg, Op>(p);
+  } else {
+    __trap();  // fp8 in a build for an arch without mma .e4m3; the launcher never gets here
+  }
+}
+
+template <typename O, class Cfg, class Op>
+cudaError_t launch_mm(const typename Op::Params& p, cudaStream_t stream) {
+  MmArgs<O, Op> a{};
   a.a = p.a;
   a.b = p.b;
   a.a_row_stride = p.a_row_stride;
@@ -354,12 +432,19 @@ cudaError_t launch_mm(const ScaledInt8MmParams& p, cudaStream_t stream) {
   a.m_blocks = int(ix::ceil_div(p.m, Cfg::kBM));
   a.n_blocks = int(ix::ceil_div(p.n, Cfg::kBN));
   a.k_iters = int(ix::ceil_div(p.k, ix::kBK));
+  a.a_per_row = Op::a_per_row(p);
   a.per_channel = p.b_scale_per_channel;
   a.vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride, reinterpret_cast<uintptr_t>(p.b),
                                  p.b_row_stride);
   const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
   if (blocks > kMaxGrid) return cudaErrorInvalidValue;
-  const auto kernel = mm_kernel<O, Cfg>;
+  const auto kernel = mm_kernel<O, Cfg, Op>;
+  if constexpr (Op::kMinArch > 80) {
+    cudaFuncAttributes attributes{};
+    const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
+    if (status != cudaSuccess) return status;
+    if (attributes.ptxVersion < Op::kMinArch) return cudaErrorNotSupported;
+  }
   if constexpr (Cfg::kSmemBytes > kDefaultSharedBytes) {
     const cudaError_t status =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
@@ -371,6 +456,45 @@ cudaError_t launch_mm(const ScaledInt8MmParams& p, cudaStream_t stream) {
 
 bool is_float_kind(ScalarKind kind) {
   return kind == ScalarKind::kFloat32 || kind == ScalarKind::kFloat16 || kind == ScalarKind::kBFloat16;
+}
+
+// Validation and dispatch shared by scaled_int8_mm and scaled_fp8_mm. Order: invalid parameters,
+// then (fp8) the device's compute capability, then empty outputs (no launch).
+template <class Op>
+cudaError_t scaled_mm(const typename Op::Params& p, cudaStream_t stream) {
+  if (!is_float_kind(p.out_dtype) || p.m < 0 || p.n < 0 || p.k < 0 || p.m > kMaxMmDim || p.n > kMaxMmDim ||
+      p.k > kMaxMmDim) {
+    return cudaErrorInvalidValue;
+  }
+  const bool empty = p.m == 0 || p.n == 0;
+  if (!empty && (p.a_scale == nullptr || p.b_scale == nullptr || p.out == nullptr ||
+                 (p.k > 0 && (p.a == nullptr || p.b == nullptr)))) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0;
+  cudaError_t status = cudaSuccess;
+  if constexpr (Op::kMinArch > 80) {
+    int major = 0, minor = 0;
+    status = cudaGetDevice(&device);
+    if (status == cudaSuccess) status = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (status == cudaSuccess) status = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (status != cudaSuccess) return status;
+    if (10 * major + minor < Op::kMinArch) return cudaErrorNotSupported;
+  }
+  if (empty) return cudaSuccess;
+  int num_sms = 0;
+  status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (status != cudaSuccess) return status;
+  const bool large = ix::use_large_config(p.m, p.n, num_sms);
+  status = cudaErrorInvalidValue;
+  visit_storage_type(p.out_dtype, [&](auto tag) {
+    using O = decltype(tag);
+    if constexpr (!std::is_same_v<O, double>) {
+      status = large ? launch_mm<O, ix::LargeConfig, Op>(p, stream) : launch_mm<O, ix::SmallConfig, Op>(p, stream);
+    }
+  });
+  return status;
 }
 
 }  // namespace
@@ -392,28 +516,11 @@ cudaError_t quantize_per_token(const QuantizePerTokenParams& p, cudaStream_t str
 }
 
 cudaError_t scaled_int8_mm(const ScaledInt8MmParams& p, cudaStream_t stream) {
-  if (!is_float_kind(p.out_dtype) || p.m < 0 || p.n < 0 || p.k < 0 || p.m > kMaxMmDim || p.n > kMaxMmDim ||
-      p.k > kMaxMmDim) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.m == 0 || p.n == 0) return cudaSuccess;
-  if (p.a_scale == nullptr || p.b_scale == nullptr || p.out == nullptr ||
-      (p.k > 0 && (p.a == nullptr || p.b == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  int device = 0, num_sms = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  if (status != cudaSuccess) return status;
-  const bool large = ix::use_large_config(p.m, p.n, num_sms);
-  status = cudaErrorInvalidValue;
-  visit_storage_type(p.out_dtype, [&](auto tag) {
-    using O = decltype(tag);
-    if constexpr (!std::is_same_v<O, double>) {
-      status = large ? launch_mm<O, ix::LargeConfig>(p, stream) : launch_mm<O, ix::SmallConfig>(p, stream);
-    }
-  });
-  return status;
+  return scaled_mm<Int8Mma>(p, stream);
+}
+
+cudaError_t scaled_fp8_mm(const ScaledFp8MmParams& p, cudaStream_t stream) {
+  return scaled_mm<Fp8Mma>(p, stream);
 }
 
 }  // namespace torch_ext::cuda

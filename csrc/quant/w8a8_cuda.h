@@ -31,4 +31,19 @@ cudaError_t quantize_per_token(const QuantizePerTokenParams& p, cudaStream_t str
 // parameters or null pointers that would be accessed.
 cudaError_t scaled_int8_mm(const ScaledInt8MmParams& p, cudaStream_t stream);
 
+// out[m, n] = float(sum_k a[m, k] b[n, k]) * a_scale[m or 0] * b_scale[n or 0] (+ bias[n]) with
+// a, b float8_e4m3fn bits: the kernel of scaled_int8_mm (same tiles, pipeline, alignment rules,
+// limits on m, n, k and determinism) on mma.m16n8k32 .e4m3 with fp32 accumulators. Products are
+// exact; the order and rounding of the fp32 sums inside the mma are the hardware's (not those of
+// the CPU reference), so results match a reference to a tolerance, bitwise only where every
+// partial sum is exact in fp32. NaN operands (0x7F / 0xFF) propagate to their row / column.
+// Then the epilogue in fp32 (acc * a_scale, * b_scale, + bias, each rounded) and one rounding
+// to out_dtype. Returns cudaErrorInvalidValue for unsupported parameters or null pointers that
+// would be accessed, then cudaErrorNotSupported when the current device is below compute
+// capability 8.9 (also for empty outputs), then cudaSuccess without a launch when m == 0 or n == 0;
+// also cudaErrorNotSupported when the build holds no code for compute_89+ that the device can
+// run (the sm_80 build of the kernel is a trap). sm_90 runs it on the fp16 tensor cores (Hopper
+// has no fp8 mma.sync; its fp8 rate needs wgmma): correct, not fp8 speed.
+cudaError_t scaled_fp8_mm(const ScaledFp8MmParams& p, cudaStream_t stream);
+
 }  // namespace torch_ext::cuda

@@ -1,9 +1,10 @@
 // Index math of the CUDA W8A8 kernels (quant/w8a8_cuda.cu), host+device so that
 // tests/cpp/w8a8_cuda_sim.cpp runs on the CPU exactly what the GPU runs: the quantize_per_token
-// row split, chunking and rounding; the scaled_int8_mm tile shapes, CTA order, global -> shared
-// chunk maps with the shared swizzle, ldmatrix addressing, the mma.m16n8k32 s8 fragment maps,
-// tail predicates and the epilogue. Plain C++ apart from a few device intrinsics behind
-// __CUDA_ARCH__, each with a host twin of the same IEEE semantics.
+// row split, chunking and rounding; the scaled_int8_mm / scaled_fp8_mm tile shapes, CTA order,
+// global -> shared chunk maps with the shared swizzle, ldmatrix addressing, the mma.m16n8k32
+// fragment maps (shared by .s8 and .e4m3) with the sm_90 regrouping into m16n8k16 fp16, tail
+// predicates, the e4m3 decoding and the epilogues. Plain C++ apart from a few device intrinsics
+// behind __CUDA_ARCH__, each with a host twin of the same IEEE semantics.
 #pragma once
 
 #include <cmath>
@@ -212,7 +213,8 @@ TORCH_EXT_HOST_DEVICE int chunk_bytes(int64_t k, int64_t k_total, bool row_exist
 }
 
 // =============================================================================================
-// 4. Fragments (PTX ISA, mma.m16n8k32 with .s8 A/B, .s32 C/D; g = lane / 4, t = lane % 4)
+// 4. Fragments (PTX ISA, mma.m16n8k32 with .s8 A/B, .s32 C/D; g = lane / 4, t = lane % 4;
+//    .e4m3 A/B with .f32 C/D use the very same maps, one byte per element)
 //    A (16 x 32, row): reg 0: row g, k 4t..4t+3; reg 1: row g+8, same k; reg 2: row g,
 //      k 16+4t..; reg 3: row g+8, k 16+4t.. (byte j of a reg = k + j).
 //    B (32 x 8, col): reg 0: column (n) g, k 4t..4t+3; reg 1: column g, k 16+4t...
@@ -250,12 +252,52 @@ TORCH_EXT_HOST_DEVICE int acc_col(int warp_n, int nj, int lane, int e, int wn) {
 TORCH_EXT_HOST_DEVICE bool output_in_bounds(int64_t m, int64_t n, int64_t rows, int64_t cols) {
   return m < rows && n < cols;
 }
-// float(acc) * a_scale * b_scale (+ bias), left to right, each step rounded once in fp32 (no bias:
-// no + 0, which would turn -0 into +0), as the CPU kernel computes it.
-TORCH_EXT_HOST_DEVICE float epilogue_value(int32_t acc, float a_scale, float b_scale, bool has_bias, float bias) {
-  const float v = f32_mul(f32_mul(i32_to_f32(acc), a_scale), b_scale);
+// acc * a_scale * b_scale (+ bias), left to right, each step rounded once in fp32 (no bias: no
+// + 0, which would turn -0 into +0), as the CPU kernels compute it. fp8: acc is the fp32 sum.
+TORCH_EXT_HOST_DEVICE float epilogue_value(float acc, float a_scale, float b_scale, bool has_bias, float bias) {
+  const float v = f32_mul(f32_mul(acc, a_scale), b_scale);
   return has_bias ? f32_add(v, bias) : v;
 }
+// int8: float(acc) (round to nearest even) first.
+TORCH_EXT_HOST_DEVICE float epilogue_value(int32_t acc, float a_scale, float b_scale, bool has_bias, float bias) {
+  return epilogue_value(i32_to_f32(acc), a_scale, b_scale, has_bias, bias);
+}
+// Index of the scale of row / column i: i when per-row / per-channel, else 0 (one scale).
+TORCH_EXT_HOST_DEVICE int64_t scale_index(int64_t i, bool per_index) { return per_index ? i : 0; }
+
+// =============================================================================================
+// 5. float8_e4m3fn (OCP E4M3): s eeee mmm, bias 7; e = 0: subnormal m 2^-9; 0x7F / 0xFF NaN, no
+//    infinities (e = 15 with m < 7 are the normals 256..448). The mma decodes its operands
+//    itself; this is the scalar decoding (exact in fp32) for references and scalar paths.
+// =============================================================================================
+constexpr uint8_t kE4m3NanBits = 0x7F;
+TORCH_EXT_HOST_DEVICE bool e4m3_is_nan(uint8_t bits) { return (bits & 0x7F) == 0x7F; }
+TORCH_EXT_HOST_DEVICE float e4m3_to_f32(uint8_t bits) {
+  const uint32_t sign = uint32_t(bits & 0x80) << 24;
+  const uint32_t exponent = (bits >> 3) & 0xF, mantissa = bits & 7u;
+  if (e4m3_is_nan(bits)) return bits_as_float(sign | 0x7FC00000u);
+  if (exponent == 0) {
+    // m 2^-9 (m < 8): normalize into an fp32 normal; 0 keeps its sign.
+    if (mantissa == 0) return bits_as_float(sign);
+    const int shift = mantissa >= 4 ? 0 : (mantissa >= 2 ? 1 : 2);  // leading one to bit 2
+    const uint32_t m = (mantissa << shift) & 3u;                    // bits below the leading one
+    return bits_as_float(sign | (uint32_t(127 - 7 - shift) << 23) | (m << 21));
+  }
+  return bits_as_float(sign | ((exponent + 127 - 7) << 23) | (mantissa << 20));
+}
+
+// sm_90 (Hopper) has no fp8 mma.sync in hardware (its fp8 tensor-core path is wgmma): ptxas
+// widens mma .e4m3 to fp16 itself, but computes each a * b into a temporary and adds c with
+// FADDs, which costs 4 registers per mma in flight and spills the 128 x 128 tile. The kernel
+// widens instead (cvt_e4m3x4_to_f16x4: register -> f16x2 halves 0 (bytes 0, 1) and 1 (bytes
+// 2, 3)) and chains two mma.m16n8k16 f16 into d. k is summed over, so any k permutation shared
+// by A and B is correct: in k16 step h, f16 register r of A is half r / 2 of e4m3 register
+// 2 h + r % 2 and f16 register r of B is half r of e4m3 register h (lane t's f16 k 2t + j + 8q
+// is e4m3 k 16 h + 4t + 2q + j for both operands).
+TORCH_EXT_HOST_DEVICE int f16_step_a_reg(int h, int r) { return 2 * h + r % 2; }
+TORCH_EXT_HOST_DEVICE int f16_step_a_half(int r) { return r / 2; }
+TORCH_EXT_HOST_DEVICE int f16_step_b_reg(int h) { return h; }
+TORCH_EXT_HOST_DEVICE int f16_step_b_half(int r) { return r; }
 
 }  // namespace w8a8_cuda
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE

@@ -16,7 +16,19 @@
 //      ldmatrix (addresses, bank conflicts) and an integer model of mma.m16n8k32 assembled from
 //      the PTX fragment maps, the epilogue; out must equal float(exact int64 dot) * a_scale *
 //      b_scale + bias rounded once, every output written once and nothing else touched;
-//  (c) the CTA order (a bijection onto the tiles) and the config rule.
+//  (c) the same mm_kernel as scaled_fp8_mm (Op = Fp8Mma: e4m3 operands, fp32 accumulators):
+//      the same thread-by-thread run with a model of mma.m16n8k32 .e4m3 assembled from the same
+//      fragment maps and an independent e4m3 decoding; the in-mma fp32 summation is
+//      implementation-defined, so the model picks per case one rounding per mma, sequential
+//      fp32 adds in a random order, or the kernel's sm_90 path (e4m3 widened to fp16 and
+//      regrouped by ix::f16_step_*, two mma.m16n8k16 f16 from the PTX maps), and out is
+//      compared with a double reference
+//      under an error bound (k u sum |products| through the scales, the epilogue roundings and
+//      the output rounding); bitwise where every partial sum is exact in fp32 (small integer
+//      operands); NaN operands (0x7F / 0xFF) must give NaN in their row / column and only
+//      there; per-row or per-tensor a_scale;
+//  (d) the CTA order (a bijection onto the tiles), the config rule, e4m3 decoding of all 256
+//      codes against an independent definition.
 // Usage: w8a8_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
 #include <algorithm>
 #include <array>
@@ -141,6 +153,102 @@ void mma(int64_t (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32
       for (int k = 0; k < 32; ++k) s += int64_t(A[spec_c_row(lane, i)][k]) * B[k][spec_c_col(lane, i)];
       c[lane][i] += s;
       CHECK(c[lane][i] >= INT32_MIN && c[lane][i] <= INT32_MAX);
+    }
+}
+
+// float8_e4m3fn, from the OCP definition: (-1)^s 2^(e - 7) (1 + m / 8), e = 0: 2^-6 m / 8;
+// s 1111 111 NaN.
+double spec_e4m3(uint8_t bits) {
+  const int s = bits >> 7, e = (bits >> 3) & 15, m = bits & 7;
+  if (e == 15 && m == 7) return NAN;
+  const double mag = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return s ? -mag : mag;
+}
+
+// mma.m16n8k32.row.col.f32.e4m3.e4m3.f32 (same fragment maps as .s8). Products are exact in
+// double and so is their sum over 32 (magnitudes 2^-18..2^17.6). Rounding model g_fp8_model:
+// 0: d = fp32(c + exact sum), one rounding; 1: sequential fp32 adds of c and the 32 products in
+// a random order, as a different summation tree might do; 2: the kernel's sm_90 path (below).
+int g_fp8_model = 0;
+// PTX "Matrix Fragments for mma.m16n8k16" (.f16): element i of a lane's A fragment = half i % 2
+// of register i / 2; B likewise (2 registers).
+int spec16_a_row(int lane, int i) { return lane / 4 + 8 * ((i / 2) % 2); }
+int spec16_a_col(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 4); }
+int spec16_b_k(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 2); }
+// sm_90: each e4m3 register widened to two f16x2 (bytes 0, 1 -> half-register 0 with byte 0 low;
+// exact), registers regrouped by ix::f16_step_* and two mma.m16n8k16 f16 chained into c (one
+// fp32 rounding each). A wrong regrouping pairs different k of A and B: the exact cases catch it.
+void mma_fp8_via_f16(float (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
+  for (int h = 0; h < 2; ++h) {
+    double A[16][16], B[16][8];
+    int setA[16][16] = {}, setB[16][8] = {};
+    for (int lane = 0; lane < 32; ++lane) {
+      for (int i = 0; i < 8; ++i) {
+        const int r = i / 2, byte = 2 * ix::f16_step_a_half(r) + i % 2;
+        const uint8_t code = uint8_t(a[lane][ix::f16_step_a_reg(h, r)] >> (8 * byte));
+        A[spec16_a_row(lane, i)][spec16_a_col(lane, i)] = spec_e4m3(code);
+        ++setA[spec16_a_row(lane, i)][spec16_a_col(lane, i)];
+      }
+      for (int i = 0; i < 4; ++i) {
+        const int r = i / 2, byte = 2 * ix::f16_step_b_half(r) + i % 2;
+        const uint8_t code = uint8_t(b[lane][ix::f16_step_b_reg(h)] >> (8 * byte));
+        B[spec16_b_k(lane, i)][spec_b_col(lane)] = spec_e4m3(code);
+        ++setB[spec16_b_k(lane, i)][spec_b_col(lane)];
+      }
+    }
+    for (int r = 0; r < 16; ++r)
+      for (int k = 0; k < 16; ++k) CHECK(setA[r][k] == 1 && (r >= 8 || setB[k][r] == 1));
+    for (int lane = 0; lane < 32; ++lane)
+      for (int i = 0; i < 4; ++i) {
+        double sum = c[lane][i];
+        for (int k = 0; k < 16; ++k) sum += A[spec_c_row(lane, i)][k] * B[k][spec_c_col(lane, i)];
+        c[lane][i] = float(sum);
+      }
+  }
+}
+void mma_fp8(float (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
+  if (g_fp8_model == 2) {
+    mma_fp8_via_f16(c, a, b);
+    return;
+  }
+  double A[16][32], B[32][8];
+  int setA[16][32] = {}, setB[32][8] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 16; ++i) {
+      A[spec_a_row(lane, i)][spec_a_col(lane, i)] = spec_e4m3(uint8_t(a[lane][i / 4] >> (8 * (i % 4))));
+      ++setA[spec_a_row(lane, i)][spec_a_col(lane, i)];
+    }
+    for (int i = 0; i < 8; ++i) {
+      B[spec_b_k(lane, i)][spec_b_col(lane)] = spec_e4m3(uint8_t(b[lane][i / 4] >> (8 * (i % 4))));
+      ++setB[spec_b_k(lane, i)][spec_b_col(lane)];
+    }
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 32; ++k) CHECK(setA[r][k] == 1);
+  for (int k = 0; k < 32; ++k)
+    for (int n = 0; n < 8; ++n) CHECK(setB[k][n] == 1);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      double prod[32];
+      for (int k = 0; k < 32; ++k) prod[k] = A[spec_c_row(lane, i)][k] * B[k][spec_c_col(lane, i)];
+      if (g_fp8_model == 0) {
+        double s = c[lane][i];
+        for (int k = 0; k < 32; ++k) s += prod[k];
+        c[lane][i] = float(s);
+      } else {
+        int order[33];
+        for (int k = 0; k < 33; ++k) order[k] = k;
+        std::shuffle(order, order + 33, rng);
+        float s = 0.f;
+        bool first = true;
+        for (int k : order) {
+          const float term = k == 32 ? c[lane][i] : float(prod[k]);  // products exact in fp32
+          CHECK(k == 32 || std::isnan(prod[k]) || double(term) == prod[k]);
+          s = first ? term : s + term;
+          first = false;
+        }
+        c[lane][i] = s;
+      }
     }
 }
 
@@ -367,20 +475,76 @@ void check_quantize_case() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// (b) mm_kernel
+// (b), (c) mm_kernel (int8 and fp8)
 // ---------------------------------------------------------------------------------------------
 struct MmProblem {
   int64_t m, n, k;
-  std::vector<int8_t> a, b;  // buffers; (m, k) at a_off + m * a_stride + k
+  std::vector<uint8_t> a, b;  // int8 or e4m3 bytes; (m, k) at a_off + m * a_stride + k
   int64_t a_off, a_stride, b_off, b_stride;
   std::vector<float> a_scale, b_scale, bias;
-  bool per_channel, has_bias;
+  bool a_per_row, per_channel, has_bias;
+  bool exact;  // fp8: every partial sum exact in fp32 (compare bitwise)
   int out_kind;
   int64_t out_off, out_stride;
 };
 
-template <typename O, class Cfg>
+// out[m, n] of the fp8 GEMM against a double reference. exact: bitwise against the fp32 formula
+// (every partial sum exact, so any order gives float(dot)). Otherwise |out - ref| within
+// |a_scale b_scale| (k + 2) u sum |products| (fp32 sums in any order) plus 4 u of the epilogue's
+// magnitudes (three fp32 roundings) plus the output rounding (u_O, relative, and O's subnormal
+// spacing). NaN operand in row m or column n: out must be NaN.
+void check_fp8_output(const MmProblem& p, int64_t m, int64_t n, float got, float a_scale, float b_scale, int kind) {
+  double dot = 0.0, abs_sum = 0.0;
+  bool nan = false;
+  for (int64_t k = 0; k < p.k; ++k) {
+    const double x = spec_e4m3(p.a[size_t(p.a_off + m * p.a_stride + k)]);
+    const double y = spec_e4m3(p.b[size_t(p.b_off + n * p.b_stride + k)]);
+    nan = nan || std::isnan(x) || std::isnan(y);
+    dot += x * y;  // exact: |products| in [2^-18, 2^17.6], k <= 2^9
+    abs_sum += std::fabs(x * y);
+  }
+  if (nan) {
+    if (!std::isnan(got)) {
+      fprintf(stderr, "fp8 mm %s m %lld n %lld: NaN operand, got %a\n", name_of(kind), (long long)m, (long long)n, got);
+      abort();
+    }
+    return;
+  }
+  const float bias = p.has_bias ? p.bias[size_t(n)] : 0.f;
+  if (p.exact) {
+    CHECK(std::fabs(dot) < 16777216.0 && float(dot) == dot);
+    float want = float(dot) * a_scale * b_scale;
+    if (p.has_bias) want += bias;
+    const float want_o =
+        kind == 0 ? want : (kind == 1 ? to_float(from_float<Half>(want)) : to_float(from_float<BFloat16>(want)));
+    if (float_as_bits(got) != float_as_bits(want_o)) {
+      fprintf(stderr, "fp8 mm (exact) %s m %lld n %lld: got %a want %a (dot %.17g)\n", name_of(kind), (long long)m,
+              (long long)n, got, want_o, dot);
+      abort();
+    }
+    return;
+  }
+  const double u = std::ldexp(1.0, -24);
+  const double scaled = dot * double(a_scale) * double(b_scale);
+  const double ref = scaled + (p.has_bias ? double(bias) : 0.0);
+  double tol = std::fabs(double(a_scale) * double(b_scale)) * double(p.k + 2) * u * abs_sum +
+               4 * u * (std::fabs(scaled) + std::fabs(double(bias)));
+  const double u_o = kind == 0 ? u : (kind == 1 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8));
+  const double tiny_o = kind == 0 ? std::ldexp(1.0, -149) : (kind == 1 ? std::ldexp(1.0, -24) : std::ldexp(1.0, -133));
+  tol += u_o * (std::fabs(ref) + tol) + tiny_o;
+  // Overflow: past O's rounding threshold (65520 for fp16) the result may be infinite.
+  const double overflow_o = kind == 1 ? 65520.0 : (kind == 2 ? 3.3961775292304142e38 : 3.4028235677973366e38);
+  if (std::fabs(ref) + tol >= overflow_o && std::isinf(got) && (got > 0) == (ref > 0)) return;
+  if (!(std::fabs(double(got) - ref) <= tol)) {
+    fprintf(stderr, "fp8 mm %s m %lld n %lld: got %.9g want %.9g tol %.3g (k %lld)\n", name_of(kind), (long long)m,
+            (long long)n, got, ref, tol, (long long)p.k);
+    abort();
+  }
+}
+
+template <typename O, class Cfg, bool kFp8>
 void sim_mm(const MmProblem& p) {
+  using Acc = std::conditional_t<kFp8, float, int64_t>;
   constexpr int kStages = Cfg::kStages, kMI = Cfg::kMI, kNI = Cfg::kNI;
   constexpr int kRowsPerPass = Cfg::kThreads / ix::kChunksPerRow;
   static_assert(kNI % 2 == 0, "B ldmatrix.x4 covers two n8 tiles");
@@ -395,7 +559,7 @@ void sim_mm(const MmProblem& p) {
   // the CTA order visits every tile once
   std::vector<int> tile_seen(size_t(m_blocks) * n_blocks, 0);
   Smem smem;
-  static int64_t acc[Cfg::kWarps][kMI][kNI][32][4];
+  static Acc acc[Cfg::kWarps][kMI][kNI][32][4];
   for (int64_t pid = 0; pid < int64_t(m_blocks) * n_blocks; ++pid) {
     const ix::TileCoord tile = ix::tile_of(pid, m_blocks, n_blocks);
     CHECK(tile.mb >= 0 && tile.mb < m_blocks && tile.nb >= 0 && tile.nb < n_blocks);
@@ -411,7 +575,7 @@ void sim_mm(const MmProblem& p) {
         for (int operand = 0; operand < 2; ++operand) {
           const int per_thread = operand == 0 ? Cfg::kAChunksPerThread : Cfg::kBChunksPerThread;
           const int base_index = operand == 0 ? m0 : n0, limit = operand == 0 ? M : N;
-          const std::vector<int8_t>& src_buf = operand == 0 ? p.a : p.b;
+          const std::vector<uint8_t>& src_buf = operand == 0 ? p.a : p.b;
           const int64_t off = operand == 0 ? p.a_off : p.b_off, stride = operand == 0 ? p.a_stride : p.b_stride;
           for (int i = 0; i < per_thread; ++i) {
             const int id = tid + i * Cfg::kThreads;
@@ -441,7 +605,7 @@ void sim_mm(const MmProblem& p) {
       for (auto& i : w)
         for (auto& j : i)
           for (auto& l : j)
-            for (int64_t& e : l) e = 0;
+            for (Acc& e : l) e = 0;
 
     const auto compute_stage = [&](int stage) {
       const size_t sa = size_t(stage) * Cfg::kStageBytes, sb = sa + Cfg::kBOffset;
@@ -479,7 +643,13 @@ void sim_mm(const MmProblem& p) {
             }
           }
           for (int i = 0; i < kMI; ++i)
-            for (int j = 0; j < kNI; ++j) mma(acc[warp][i][j], af[i], bf[j]);
+            for (int j = 0; j < kNI; ++j) {
+              if constexpr (kFp8) {
+                mma_fp8(acc[warp][i][j], af[i], bf[j]);
+              } else {
+                mma(acc[warp][i][j], af[i], bf[j]);
+              }
+            }
         }
       }
     };
@@ -511,8 +681,10 @@ void sim_mm(const MmProblem& p) {
               CHECK(col == wn * Cfg::kWN + 8 * j + spec_c_col(lane, e));
               const int m = m0 + row, n = n0 + col;
               if (!ix::output_in_bounds(m, n, M, N)) continue;
-              const float v = ix::epilogue_value(int32_t(acc[warp][i][j][lane][e]), p.a_scale[size_t(m)],
-                                                 p.b_scale[size_t(p.per_channel ? n : 0)], p.has_bias,
+              using KernelAcc = std::conditional_t<kFp8, float, int32_t>;  // the kernel's registers
+              const float v = ix::epilogue_value(KernelAcc(acc[warp][i][j][lane][e]),
+                                                 p.a_scale[size_t(ix::scale_index(m, p.a_per_row))],
+                                                 p.b_scale[size_t(ix::scale_index(n, p.per_channel))], p.has_bias,
                                                  p.has_bias ? p.bias[size_t(n)] : 0.f);
               const size_t at = size_t(p.out_off + int64_t(m) * p.out_stride + n);
               out[at] = store_of<O>(v);
@@ -531,11 +703,17 @@ void sim_mm(const MmProblem& p) {
       continue;
     }
     CHECK(out_count[at] == 1);
+    const float a_scale = p.a_scale[size_t(p.a_per_row ? m : 0)], b_scale = p.b_scale[size_t(p.per_channel ? n : 0)];
+    if constexpr (kFp8) {
+      check_fp8_output(p, m, n, to_float(out[at]), a_scale, b_scale, p.out_kind);
+      continue;
+    }
     int64_t dot = 0;
     for (int64_t k = 0; k < p.k; ++k)
-      dot += int64_t(p.a[size_t(p.a_off + m * p.a_stride + k)]) * p.b[size_t(p.b_off + n * p.b_stride + k)];
+      dot += int64_t(int8_t(p.a[size_t(p.a_off + m * p.a_stride + k)])) *
+             int8_t(p.b[size_t(p.b_off + n * p.b_stride + k)]);
     CHECK(dot >= INT32_MIN && dot <= INT32_MAX);
-    float want = float(int32_t(dot)) * p.a_scale[size_t(m)] * p.b_scale[size_t(p.per_channel ? n : 0)];
+    float want = float(int32_t(dot)) * a_scale * b_scale;
     if (p.has_bias) want += p.bias[size_t(n)];
     if (bits_of(out[at]) != bits_of(store_of<O>(want))) {
       fprintf(stderr, "mm %s m %lld n %lld: got 0x%x want 0x%x (dot %lld)\n", name_of(p.out_kind), (long long)m,
@@ -547,7 +725,21 @@ void sim_mm(const MmProblem& p) {
 
 float random_scale() { return std::ldexp(float(std::uniform_real_distribution<double>(0.5, 1.0)(rng)), int(rnd(-12, 2))); }
 
-void check_mm_case(bool large) {
+// Random e4m3 bytes: any finite code, or (exact) integers -8..8 whose partial sums stay exact in
+// fp32 (|products| <= 64, k <= 260), with NaN codes sprinkled in when `nans`.
+uint8_t random_e4m3(bool exact) {
+  if (exact) {
+    static const uint8_t kInts[] = {0x00, 0x38, 0x40, 0x44, 0x48, 0x4A, 0x4C, 0x4E, 0x50};  // 0, 1, 2, ..., 8
+    const uint8_t v = kInts[rnd(0, 8)];
+    return uint8_t(v | (rnd(0, 1) ? 0x80 : 0));
+  }
+  for (;;) {
+    const uint8_t v = uint8_t(rnd(0, 255));
+    if ((v & 0x7F) != 0x7F) return v;
+  }
+}
+
+void check_mm_case(bool large, bool fp8) {
   MmProblem p;
   const int64_t max_mn = large ? 200 : 100;
   p.m = rnd(0, 3) == 0 ? rnd(1, 8) : rnd(1, max_mn);
@@ -562,13 +754,33 @@ void check_mm_case(bool large) {
   if (p.b_stride == 0) p.b_stride = 16;
   p.a.resize(size_t(p.a_off + (p.m - 1) * p.a_stride + p.k));
   p.b.resize(size_t(p.b_off + (p.n - 1) * p.b_stride + p.k));
-  const bool extremes = rnd(0, 3) == 0;  // -128 / 127 heavy
-  for (auto* buf : {&p.a, &p.b})
-    for (int8_t& v : *buf) v = int8_t(extremes && rnd(0, 1) ? (rnd(0, 1) ? 127 : -128) : rnd(-128, 127));
+  p.exact = fp8 && rnd(0, 2) == 0;
+  if (fp8) {
+    // Bytes outside the operands too (strides, offsets): NaN codes there must not leak in.
+    for (auto* buf : {&p.a, &p.b})
+      for (uint8_t& v : *buf) v = rnd(0, 3) == 0 ? uint8_t(rnd(0, 1) ? 0x7F : 0xFF) : random_e4m3(p.exact);
+    for (int64_t r = 0; r < p.m; ++r)
+      for (int64_t k = 0; k < p.k; ++k) p.a[size_t(p.a_off + r * p.a_stride + k)] = random_e4m3(p.exact);
+    for (int64_t r = 0; r < p.n; ++r)
+      for (int64_t k = 0; k < p.k; ++k) p.b[size_t(p.b_off + r * p.b_stride + k)] = random_e4m3(p.exact);
+    if (p.k > 0 && rnd(0, 2) == 0) {  // a few NaN operands
+      for (int t = int(rnd(1, 3)); t > 0; --t) {
+        const bool in_a = rnd(0, 1) != 0;
+        const int64_t r = rnd(0, (in_a ? p.m : p.n) - 1), k = rnd(0, p.k - 1);
+        (in_a ? p.a : p.b)[size_t((in_a ? p.a_off : p.b_off) + r * (in_a ? p.a_stride : p.b_stride) + k)] =
+            uint8_t(rnd(0, 1) ? 0x7F : 0xFF);
+      }
+    }
+  } else {
+    const bool extremes = rnd(0, 3) == 0;  // -128 / 127 heavy
+    for (auto* buf : {&p.a, &p.b})
+      for (uint8_t& v : *buf) v = uint8_t(int8_t(extremes && rnd(0, 1) ? (rnd(0, 1) ? 127 : -128) : rnd(-128, 127)));
+  }
+  p.a_per_row = !fp8 || rnd(0, 1) != 0;
   p.per_channel = rnd(0, 1) != 0;
   p.has_bias = rnd(0, 1) != 0;
-  p.a_scale.resize(size_t(p.m));
-  for (float& s : p.a_scale) s = random_scale();
+  p.a_scale.resize(size_t(p.a_per_row ? p.m : 1));
+  for (float& s : p.a_scale) s = fp8 && !p.exact ? std::ldexp(random_scale(), -6) : random_scale();  // fp16 range
   p.b_scale.resize(size_t(p.per_channel ? p.n : 1));
   for (float& s : p.b_scale) s = rnd(0, 7) == 0 ? -random_scale() : random_scale();  // -0 products: no + 0 without bias
   p.bias.resize(size_t(p.n));
@@ -576,21 +788,30 @@ void check_mm_case(bool large) {
   p.out_kind = int(rnd(0, 2));
   p.out_off = rnd(0, 3);
   p.out_stride = p.n + rnd(0, 5);
-  const auto run = [&](auto tag) {
+  g_fp8_model = int(rnd(0, 2));
+  const auto run = [&](auto tag, auto fp8_tag) {
     using O = decltype(tag);
+    constexpr bool kFp8 = decltype(fp8_tag)::value;
     if (large) {
-      sim_mm<O, ix::LargeConfig>(p);
+      sim_mm<O, ix::LargeConfig, kFp8>(p);
     } else {
-      sim_mm<O, ix::SmallConfig>(p);
+      sim_mm<O, ix::SmallConfig, kFp8>(p);
     }
   };
-  if (p.out_kind == 0) run(float{});
-  if (p.out_kind == 1) run(Half{});
-  if (p.out_kind == 2) run(BFloat16{});
+  const auto run_kind = [&](auto fp8_tag) {
+    if (p.out_kind == 0) run(float{}, fp8_tag);
+    if (p.out_kind == 1) run(Half{}, fp8_tag);
+    if (p.out_kind == 2) run(BFloat16{}, fp8_tag);
+  };
+  if (fp8) {
+    run_kind(std::true_type{});
+  } else {
+    run_kind(std::false_type{});
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
-// (c) CTA order on larger grids, config rule, static facts
+// (d) CTA order on larger grids, config rule, static facts, e4m3 decoding
 // ---------------------------------------------------------------------------------------------
 void check_static() {
   static_assert(ix::LargeConfig::kThreads == 256 && ix::LargeConfig::kSmemBytes == 64 * 1024, "large config");
@@ -624,6 +845,37 @@ void check_static() {
   CHECK(ix::quant_value(1e30f, 1.f) == 127 && ix::quant_value(-1e30f, 1.f) == -128);
   CHECK(ix::quant_value(-128.4f, 1.f) == -128 && ix::quant_value(127.5f, 1.f) == 127);
   CHECK(ix::quant_row_scale(0.f, 0.f) == 1.f && ix::quant_row_scale(254.f, 127.f) == 1.f);
+  // e4m3: every code against the definition (bitwise, -0 included), NaN codes, a few anchors
+  for (int c = 0; c < 256; ++c) {
+    const double want = spec_e4m3(uint8_t(c));
+    const float got = ix::e4m3_to_f32(uint8_t(c));
+    CHECK(ix::e4m3_is_nan(uint8_t(c)) == std::isnan(want));
+    if (std::isnan(want)) {
+      CHECK(std::isnan(got));
+    } else {
+      CHECK(double(got) == want && std::signbit(got) == bool(c & 0x80));
+    }
+  }
+  CHECK(ix::e4m3_to_f32(0x7E) == 448.f && ix::e4m3_to_f32(0x38) == 1.f && ix::e4m3_to_f32(0x01) == std::ldexp(1.f, -9));
+  CHECK(ix::e4m3_to_f32(0x08) == std::ldexp(1.f, -6) && ix::e4m3_to_f32(0x07) == 7 * std::ldexp(1.f, -9));
+  CHECK(ix::e4m3_to_f32(0xC0) == -2.f && ix::e4m3_is_nan(0x7F) && ix::e4m3_is_nan(0xFF) && !ix::e4m3_is_nan(0x7E));
+  CHECK(spec_e4m3(0x7E) == 448.0 && spec_e4m3(0x01) == std::ldexp(1.0, -9) && spec_e4m3(0x40) == 2.0);
+  // epilogue order: (acc * a_scale) * b_scale + bias, each rounded (not acc * (a_scale * b_scale))
+  {
+    int differ = 0;
+    for (int t = 0; t < 1000; ++t) {
+      const float acc = float(std::uniform_real_distribution<double>(-1e4, 1e4)(rng)), as = random_scale(),
+                  bs = random_scale(), bias = float(std::uniform_real_distribution<double>(-2.0, 2.0)(rng));
+      const float left = (acc * as) * bs;
+      differ += left != acc * (as * bs);
+      CHECK(ix::epilogue_value(acc, as, bs, false, bias) == left);
+      CHECK(ix::epilogue_value(acc, as, bs, true, bias) == left + bias);
+    }
+    CHECK(differ > 0);  // the orders do differ: the check above decides
+    CHECK(std::signbit(ix::epilogue_value(-0.f, 1.f, 1.f, false, 0.f)));
+    CHECK(!std::signbit(ix::epilogue_value(-0.f, 1.f, 1.f, true, 0.f)));
+    CHECK(std::isnan(ix::epilogue_value(NAN, 1.f, 1.f, true, 1.f)));
+  }
 }
 
 int main(int argc, char** argv) {
@@ -633,8 +885,10 @@ int main(int argc, char** argv) {
   check_static();
   for (int c = 0; c < cases; ++c) check_quantize_case();
   printf("quantize ok\n");
-  for (int c = 0; c < cases; ++c) check_mm_case(c % 4 == 0);
+  for (int c = 0; c < cases; ++c) check_mm_case(c % 4 == 0, false);
   printf("mm ok\n");
+  for (int c = 0; c < cases; ++c) check_mm_case(c % 4 == 0, true);
+  printf("fp8 mm ok\n");
   printf("all ok\n");
   return 0;
 }

@@ -1,5 +1,6 @@
 // Tensor-core helpers (sm_80+): mma.sync.m16n8k16 (fp16/bf16, fp32 accumulation), m16n8k32
-// (int8, int32 accumulation) and the ldmatrix loads that feed them. CUDA-only; no torch headers.
+// (int8, int32 accumulation; e4m3 fp8, fp32 accumulation, sm_89+ only) and the ldmatrix loads
+// that feed them. CUDA-only; no torch headers.
 // Fragment layouts (which lane holds which row/column) are spelled out, host-testable, in
 // conv/im2win_index.h (mma_a_row, mma_acc_row...) and quant/w8a8_cuda_index.h (int8).
 #pragma once
@@ -72,6 +73,49 @@ __device__ __forceinline__ void mma_m16n8k32_s8(int32_t (&d)[4], const uint32_t 
       "{%0, %1, %2, %3};\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// True where mma .e4m3 exists: device code compiled for sm_89 and later (also the host pass,
+// which compiles no device code). Kernels built for older archs replace their fp8 body with a trap
+// under `if constexpr (!fp8_mma_available())`; the launchers refuse devices below 8.9.
+__host__ __device__ constexpr bool fp8_mma_available() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  return false;
+#else
+  return true;
+#endif
+}
+
+// d += a * b, m16n8k32, A row-major float8_e4m3fn (4 regs: 4 k-consecutive bytes each), B "col"
+// e4m3 (2 regs), fp32 accumulators (products exact; the order and rounding of the in-mma sums are
+// implementation-defined). Same fragment maps as mma_m16n8k32_s8. sm_89+; traps elsewhere.
+__device__ __forceinline__ void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+  __trap();
+#endif
+}
+
+// Four e4m3 bytes to two f16x2 (exact: e4m3 is a subset of fp16): bytes 0, 1 -> h[0] (byte 0 in
+// the low half), bytes 2, 3 -> h[1]. sm_89+; traps elsewhere.
+__device__ __forceinline__ void cvt_e4m3x4_to_f16x4(uint32_t v, uint32_t (&h)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}\n"
+      : "=r"(h[0]), "=r"(h[1])
+      : "r"(v));
+#else
+  (void)v;
+  h[0] = h[1] = 0;
+  __trap();
+#endif
 }
 
 // The m16n8k16 mma of storage type T (Half or BFloat16), for kernels templated on T.
