@@ -28,6 +28,48 @@ constexpr int kPackedInt8Tag = 1000;
 
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) <= 1 ? t : t.contiguous(); }
 
+// The operands of a scaled GEMM after the checks both (int8, fp8) share: unit column strides,
+// contiguous fp32 scales, the bias as fp32.
+struct ScaledMmOperands {
+  int64_t m, n, k;
+  at::Tensor a, b, a_scale, b_scale, bias;
+  bool a_scale_per_row, b_scale_per_channel;
+};
+
+// a [M, K] and b [N, K] of `operand_dtype`, a_scale fp32 [M, 1] (or one element when
+// `a_scale_may_be_scalar`), b_scale fp32 [N] or [1], bias [N] float, out_dtype fp32/fp16/bf16.
+ScaledMmOperands check_scaled_mm(const char* op, at::ScalarType operand_dtype, bool a_scale_may_be_scalar,
+                                 const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                                 const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias,
+                                 at::ScalarType out_dtype) {
+  check_dtype(op, "a", a, {operand_dtype});
+  check_dtype(op, "b", b, {operand_dtype});
+  TORCH_EXT_CHECK(a.dim() == 2 && b.dim() == 2, op, "a and b must be 2-D ([M, K] and [N, K]), got shapes ", a.sizes(),
+                  " and ", b.sizes());
+  TORCH_EXT_CHECK(a.size(1) == b.size(1), op, "a [M, K] and b [N, K] must share K, got ", a.sizes(), " and ",
+                  b.sizes());
+  const int64_t m = a.size(0), n = b.size(0);
+  check_dtype(op, "a_scale", a_scale, {at::kFloat});
+  check_dtype(op, "b_scale", b_scale, {at::kFloat});
+  const bool a_per_row = a_scale.numel() == m && (a_scale.dim() == 1 || (a_scale.dim() == 2 && a_scale.size(1) == 1));
+  TORCH_EXT_CHECK(a_per_row || (a_scale_may_be_scalar && a_scale.numel() == 1), op, "a_scale must be [M, 1] = [", m,
+                  ", 1]", a_scale_may_be_scalar ? " or one element" : "", ", got shape ", a_scale.sizes());
+  TORCH_EXT_CHECK(b_scale.dim() <= 1 && (b_scale.numel() == n || b_scale.numel() == 1), op,
+                  "b_scale must be [N] = [", n, "] or [1], got shape ", b_scale.sizes());
+  TORCH_EXT_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+                  "out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(out_dtype));
+  for (const at::Tensor* t : {&b, &a_scale, &b_scale}) check_same_device(op, "every tensor", *t, "a", a);
+  if (bias) {
+    check_dtype(op, "bias", *bias, {at::kFloat, at::kHalf, at::kBFloat16});
+    check_same_device(op, "bias", *bias, "a", a);
+    TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "bias must be [N] = [", n, "], got shape ",
+                    bias->sizes());
+  }
+  return ScaledMmOperands{m, n, a.size(1), unit_column_stride(a), unit_column_stride(b), a_scale.contiguous(),
+                          b_scale.contiguous(), bias ? bias->to(at::kFloat).contiguous() : at::Tensor(),
+                          a_per_row && m > 1, b_scale.numel() == n && n > 1};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::optional<double> clip) {
@@ -58,38 +100,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::
 
 at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                           const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  const char* op = kMmOp;
-  check_dtype(op, "a", a, {at::kChar});
-  check_dtype(op, "b", b, {at::kChar});
-  TORCH_EXT_CHECK(a.dim() == 2 && b.dim() == 2, op, "a and b must be 2-D ([M, K] and [N, K]), got shapes ", a.sizes(),
-                  " and ", b.sizes());
-  TORCH_EXT_CHECK(a.size(1) == b.size(1), op, "a [M, K] and b [N, K] must share K, got ", a.sizes(), " and ",
-                  b.sizes());
-  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
-  check_dtype(op, "a_scale", a_scale, {at::kFloat});
-  check_dtype(op, "b_scale", b_scale, {at::kFloat});
-  TORCH_EXT_CHECK(a_scale.numel() == m && (a_scale.dim() == 1 || (a_scale.dim() == 2 && a_scale.size(1) == 1)), op,
-                  "a_scale must be [M, 1] = [", m, ", 1], got shape ", a_scale.sizes());
-  TORCH_EXT_CHECK(b_scale.dim() <= 1 && (b_scale.numel() == n || b_scale.numel() == 1), op,
-                  "b_scale must be [N] = [", n, "] or [1], got shape ", b_scale.sizes());
-  TORCH_EXT_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
-                  "out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(out_dtype));
-  for (const at::Tensor* t : {&b, &a_scale, &b_scale}) check_same_device(op, "every tensor", *t, "a", a);
-  if (bias) {
-    check_dtype(op, "bias", *bias, {at::kFloat, at::kHalf, at::kBFloat16});
-    check_same_device(op, "bias", *bias, "a", a);
-    TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "bias must be [N] = [", n, "], got shape ",
-                    bias->sizes());
-  }
+  const ScaledMmOperands o = check_scaled_mm(kMmOp, at::kChar, false, a, b, a_scale, b_scale, bias, out_dtype);
+  const int64_t m = o.m, n = o.n, k = o.k;
   at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
-  const at::Tensor a_c = unit_column_stride(a), b_c = unit_column_stride(b);
-  const at::Tensor a_scale_c = a_scale.contiguous(), b_scale_c = b_scale.contiguous();
-  const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const ScaledInt8MmParams p{m, n, k,
-                             a_c.data_ptr<int8_t>(), a_c.stride(0), b_c.data_ptr<int8_t>(), b_c.stride(0),
-                             a_scale_c.data_ptr<float>(), b_scale_c.data_ptr<float>(), b_scale.numel() == n && n > 1,
-                             bias ? bias_f.data_ptr<float>() : nullptr,
+                             o.a.data_ptr<int8_t>(), o.a.stride(0), o.b.data_ptr<int8_t>(), o.b.stride(0),
+                             o.a_scale.data_ptr<float>(), o.b_scale.data_ptr<float>(), o.b_scale_per_channel,
+                             o.bias.defined() ? o.bias.data_ptr<float>() : nullptr,
                              scalar_kind(out), out.data_ptr(), out.stride(0)};
   if (a.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
@@ -124,42 +142,20 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
 at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                          const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const char* op = "scaled_fp8_mm";
-  check_dtype(op, "a", a, {at::kFloat8_e4m3fn});
-  check_dtype(op, "b", b, {at::kFloat8_e4m3fn});
-  TORCH_EXT_CHECK(a.dim() == 2 && b.dim() == 2, op, "a and b must be 2-D ([M, K] and [N, K]), got shapes ", a.sizes(),
-                  " and ", b.sizes());
-  TORCH_EXT_CHECK(a.size(1) == b.size(1), op, "a [M, K] and b [N, K] must share K, got ", a.sizes(), " and ",
-                  b.sizes());
-  const int64_t m = a.size(0), n = b.size(0);
-  check_dtype(op, "a_scale", a_scale, {at::kFloat});
-  check_dtype(op, "b_scale", b_scale, {at::kFloat});
-  TORCH_EXT_CHECK(a_scale.numel() == 1 || (a_scale.numel() == m && a_scale.dim() == 2 && a_scale.size(1) == 1), op,
-                  "a_scale must be [M, 1] = [", m, ", 1] or one element, got shape ", a_scale.sizes());
-  TORCH_EXT_CHECK(b_scale.dim() <= 1 && (b_scale.numel() == n || b_scale.numel() == 1), op,
-                  "b_scale must be [N] = [", n, "] or [1], got shape ", b_scale.sizes());
-  TORCH_EXT_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
-                  "out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(out_dtype));
-  for (const at::Tensor* t : {&b, &a_scale, &b_scale}) check_same_device(op, "every tensor", *t, "a", a);
-  if (bias) {
-    check_dtype(op, "bias", *bias, {at::kFloat, at::kHalf, at::kBFloat16});
-    check_same_device(op, "bias", *bias, "a", a);
-    TORCH_EXT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "bias must be [N] = [", n, "], got shape ",
-                    bias->sizes());
-  }
+  const ScaledMmOperands o =
+      check_scaled_mm(op, at::kFloat8_e4m3fn, true, a, b, a_scale, b_scale, bias, out_dtype);
+  const int64_t m = o.m, n = o.n;
   if (a.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(a.device());
     at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
     if (out.numel() == 0) return out;
-    const at::Tensor a_c = unit_column_stride(a), b_c = unit_column_stride(b);
-    const at::Tensor a_scale_c = a_scale.contiguous(), b_scale_c = b_scale.contiguous();
-    const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    const ScaledFp8MmParams p{m, n, a.size(1),
-                              static_cast<const uint8_t*>(a_c.data_ptr()), a_c.stride(0),
-                              static_cast<const uint8_t*>(b_c.data_ptr()), b_c.stride(0),
-                              a_scale_c.data_ptr<float>(), a_scale.numel() == m && m > 1,
-                              b_scale_c.data_ptr<float>(), b_scale.numel() == n && n > 1,
-                              bias ? bias_f.data_ptr<float>() : nullptr,
+    const ScaledFp8MmParams p{m, n, o.k,
+                              static_cast<const uint8_t*>(o.a.data_ptr()), o.a.stride(0),
+                              static_cast<const uint8_t*>(o.b.data_ptr()), o.b.stride(0),
+                              o.a_scale.data_ptr<float>(), o.a_scale_per_row,
+                              o.b_scale.data_ptr<float>(), o.b_scale_per_channel,
+                              o.bias.defined() ? o.bias.data_ptr<float>() : nullptr,
                               scalar_kind(out), out.data_ptr(), out.stride(0)};
     const cudaError_t status = cuda::scaled_fp8_mm(p, c10::cuda::getCurrentCUDAStream());
     if (status == cudaErrorNotSupported) {
@@ -176,9 +172,9 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
     TORCH_CHECK(false, "torch_ext was built without CUDA");
 #endif
   }
-  at::Tensor y = at::matmul(a.to(at::kFloat), b.to(at::kFloat).t());
-  y.mul_(a_scale.reshape({a_scale.numel() == 1 ? 1 : m, 1})).mul_(b_scale.reshape({1, b_scale.numel()}));
-  if (bias) y.add_(bias->to(at::kFloat));
+  at::Tensor y = at::matmul(o.a.to(at::kFloat), o.b.to(at::kFloat).t());
+  y.mul_(o.a_scale.reshape({o.a_scale.numel() == 1 ? 1 : m, 1})).mul_(o.b_scale.reshape({1, o.b_scale.numel()}));
+  if (o.bias.defined()) y.add_(o.bias);
   return y.to(out_dtype);
 }
 
