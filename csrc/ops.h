@@ -46,4 +46,10 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                        const c10::optional<at::Tensor>& bias, double outlier_threshold);
 
+// moe/moe_route.cpp
+std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& router_logits, int64_t top_k, bool renormalize,
+                                             c10::string_view scoring, int64_t num_expert_group, int64_t topk_group,
+                                             const c10::optional<at::Tensor>& correction_bias,
+                                             double routed_scaling_factor);
+
 }  // namespace torch_ext

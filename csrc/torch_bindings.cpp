@@ -41,6 +41,9 @@ TORCH_LIBRARY(torch_ext, m) {
   // out [M, N] = (a @ b.T) * a_scale * b_scale + bias for float8_e4m3fn a [M, K], b [N, K]; fp32 sums.
   m.def("scaled_fp8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype) "
         "-> Tensor");
+  // MoE routing: scores (softmax / sigmoid + correction bias), expert groups, top-k, renormalize, scale.
+  m.def("moe_route(Tensor router_logits, int top_k, bool renormalize, str scoring, int num_expert_group, "
+        "int topk_group, Tensor? correction_bias, float routed_scaling_factor) -> (Tensor, Tensor)");
   // LLM.int8() linear: x [..., K] @ (w_q * w_scale).T + bias, outlier input features (|x| > threshold) in 16 bits.
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, float outlier_threshold) -> Tensor");
 }
@@ -58,6 +61,7 @@ TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("scaled_int8_mm", &torch_ext::scaled_int8_mm);
   m.impl("int8_linear", &torch_ext::int8_linear);
   m.impl("scaled_fp8_mm", &torch_ext::scaled_fp8_mm);
+  m.impl("moe_route", &torch_ext::moe_route);
 }
 
 #if defined(TORCH_EXT_WITH_CUDA)

@@ -1,0 +1,104 @@
+"""moe_route against float64 references written from the routers of transformers' Mixtral,
+Qwen2-MoE and DeepSeek-V3 MoE blocks; any E (60, 128, 257), groups, T = 1, opcheck, compile,
+bad inputs."""
+
+import pytest
+import torch
+
+import torch_ext  # noqa: F401
+from torch_ext.ops import moe_route
+from torch_ext.testing import fresh_seed, random_tensor
+
+
+def _top(values, k):
+    """topk with a defined tie order (the lower index first), as the op documents: bf16 logits tie."""
+    order = values.sort(dim=-1, descending=True, stable=True)
+    return order.values[..., :k], order.indices[..., :k]
+
+
+def _softmax_reference(logits, k, renormalize):
+    """Mixtral (renormalize=True) and Qwen2-MoE (norm_topk_prob) routing."""
+    weights, ids = _top(torch.softmax(logits.double(), dim=-1), k)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _deepseek_v3_reference(logits, k, n_group, topk_group, bias, scaling):
+    """DeepSeek-V3: sigmoid scores, groups by the sum of their two best biased scores, top-k
+    within the kept groups, weights from the unbiased scores, renormalized and scaled."""
+    scores = torch.sigmoid(logits.double())
+    choice = scores + bias.double()
+    t, e = choice.shape
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1).values.sum(dim=-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(topk_group).indices, True)
+    choice = choice.masked_fill(~kept.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = _top(choice, k)[1]
+    weights = scores.gather(1, ids)
+    return weights / weights.sum(dim=-1, keepdim=True) * scaling, ids
+
+
+def _check(weights, ids, ref_weights, ref_ids, what):
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(ids.long(), ref_ids), what  # descending order, as topk
+    torch.testing.assert_close(weights.double(), ref_weights, rtol=2e-6, atol=1e-7, msg=what)
+
+
+@pytest.mark.parametrize("experts,k", [(8, 2), (60, 4), (128, 8), (257, 8), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_routing(experts, k, dtype):
+    seed = fresh_seed()
+    for tokens in (1, 37):
+        logits = random_tensor((tokens, experts), dtype, "cpu", seed + tokens, scale=2.0)
+        for renormalize in (True, False):
+            weights, ids = moe_route(logits, k, renormalize, "softmax")
+            _check(weights, ids, *_softmax_reference(logits, k, renormalize),
+                   f"E={experts} k={k} T={tokens} renorm={renormalize} seed {seed}")
+
+
+@pytest.mark.parametrize("experts,k,groups,topk_group", [(256, 8, 8, 4), (64, 6, 8, 3), (60, 4, 6, 2)])
+def test_deepseek_v3_routing(experts, k, groups, topk_group):
+    seed = fresh_seed()
+    logits = random_tensor((23, experts), torch.float32, "cpu", seed, scale=2.0)
+    bias = random_tensor((experts,), torch.float32, "cpu", seed + 1, scale=0.1)
+    weights, ids = moe_route(logits, k, True, "sigmoid", groups, topk_group, bias, 2.5)
+    _check(weights, ids, *_deepseek_v3_reference(logits, k, groups, topk_group, bias, 2.5),
+           f"E={experts} k={k} groups={groups}/{topk_group} seed {seed}")
+
+
+def test_grouped_routing_only_picks_kept_groups():
+    seed = fresh_seed()
+    logits = random_tensor((50, 64), torch.float32, "cpu", seed)
+    _, ids = moe_route(logits, 4, False, "softmax", 8, 2)
+    assert all(len(set((row // 8).tolist())) <= 2 for row in ids), f"seed {seed}"
+
+
+def test_opcheck_and_compile():
+    seed = fresh_seed()
+    logits = random_tensor((9, 64), torch.float32, "cpu", seed)
+    bias = random_tensor((64,), torch.float32, "cpu", seed + 1, scale=0.1)
+    torch.library.opcheck(torch.ops.torch_ext.moe_route, (logits, 6, True, "sigmoid", 8, 4, bias, 2.5))
+    torch.library.opcheck(torch.ops.torch_ext.moe_route, (logits, 2, True, "softmax", 1, 1, None, 1.0))
+    f = lambda x: moe_route(x * 2, 2)  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(logits), f(logits)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(top_k=9), r"top_k must be in \[1, 8\]"),
+    (dict(top_k=0), r"top_k must be in \[1, 8\]"),
+    (dict(scoring="relu"), "scoring must be 'softmax' or 'sigmoid'"),
+    (dict(num_expert_group=3), "num_expert_group must be >= 1 and divide"),
+    (dict(num_expert_group=4, topk_group=5), r"topk_group must be in \[1, 4\]"),
+    (dict(num_expert_group=4, topk_group=1, top_k=3), r"top_k must be in \[1, 2\]"),
+    (dict(correction_bias=torch.zeros(7)), r"correction_bias must be \[E\] = \[8\]"),
+])
+def test_bad_inputs(kwargs, message):
+    call = dict(router_logits=torch.randn(4, 8), top_k=2, renormalize=True, scoring="softmax", num_expert_group=1,
+                topk_group=1, correction_bias=None, routed_scaling_factor=1.0)
+    call.update(kwargs)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torch_ext.moe_route(*call.values())
+    with pytest.raises(RuntimeError, match="router_logits must be"):
+        torch.ops.torch_ext.moe_route(torch.randn(8), 2, True, "softmax", 1, 1, None, 1.0)
