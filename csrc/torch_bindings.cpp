@@ -78,5 +78,6 @@ TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("scaled_int8_mm", &torch_ext::scaled_int8_mm);
   m.impl("int8_linear", &torch_ext::int8_linear);
   m.impl("scaled_fp8_mm", &torch_ext::scaled_fp8_mm);
+  m.impl("moe_route", &torch_ext::moe_route);
 }
 #endif

@@ -102,3 +102,21 @@ def test_bad_inputs(kwargs, message):
         torch.ops.torch_ext.moe_route(*call.values())
     with pytest.raises(RuntimeError, match="router_logits must be"):
         torch.ops.torch_ext.moe_route(torch.randn(8), 2, True, "softmax", 1, 1, None, 1.0)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        logits = random_tensor((300, 64), dtype, "cpu", seed, scale=2.0)
+        bias = random_tensor((64,), torch.float32, "cpu", seed + 1, scale=0.1)
+        for args in ((8, True, "softmax", 1, 1, None, 1.0), (6, True, "sigmoid", 8, 4, bias, 2.5)):
+            cpu = moe_route(logits, *args)
+            gpu_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+            gpu = moe_route(logits.cuda(), *gpu_args)
+            # Device expf may differ from the CPU's in the last bit: weights to rounding; ids equal
+            # (random logits leave no near ties at that scale).
+            assert torch.equal(gpu[1].cpu(), cpu[1]), f"{dtype} {args[2]} seed {seed}"
+            torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-6)

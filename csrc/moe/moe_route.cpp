@@ -1,5 +1,5 @@
-// moe_route: checks, allocation, and the per-token routing of moe/routing.h over the batch
-// (CPU; the CUDA kernel, which will run the same routing functions, is not in yet).
+// moe_route: checks, allocation, and the per-token routing of moe/routing.h over the batch on
+// the CPU, or its CUDA launcher (moe/moe_route_cuda.cu runs the same routing functions).
 #include <ATen/ops/empty.h>
 
 #include <memory>
@@ -11,6 +11,14 @@
 #include "common/torch_utils.h"
 #include "moe/routing.h"
 #include "ops.h"
+
+#if defined(TORCH_EXT_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "moe/moe_route_cuda.h"
+#endif
 
 namespace torch_ext {
 
@@ -47,6 +55,18 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& router_logits, in
                                 scoring == "softmax" ? moe::Scoring::kSoftmax : moe::Scoring::kSigmoid, renormalize,
                                 int32_t(num_expert_group), int32_t(topk_group), float(routed_scaling_factor)};
   const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (logits.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const cuda::MoeRouteParams p{config, tokens, scalar_kind(logits), logits.data_ptr(), bias_data,
+                                 weights.data_ptr<float>(), ids.data_ptr<int32_t>()};
+    at::Tensor workspace = at::empty({cuda::moe_route_workspace_bytes(p)}, logits.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cuda::moe_route(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+    return {weights, ids};
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
   float* weight_data = weights.data_ptr<float>();
   int32_t* id_data = ids.data_ptr<int32_t>();
   visit_storage_type(scalar_kind(logits), [&](auto tag) {
