@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from torch_ext.nn.per_channel_linear import PerChannelQuantizedLinear
 from torch_ext.ops.w8a8 import quantize_fp8_per_row, scaled_fp8_mm
 
 
@@ -28,32 +28,15 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_y @ weight, None, None, grad_bias
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(PerChannelQuantizedLinear):
     """``y = x @ W.T + b`` with W stored as float8_e4m3fn ``w_q`` [N, K] and float32 ``w_scale``
     [N] (max|row| / 448); activations quantized per token to e4m3 on every call."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("w_q", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
-        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                                  requires_grad=False) if bias else None)
+    weight_dtype = torch.float8_e4m3fn
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
-        weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device, weight.dtype)
-        w_q, w_scale = quantize_fp8_per_row(weight)
-        module.w_q.copy_(w_q)
-        module.w_scale.copy_(w_scale.reshape(-1))
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-        return module
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_fp8_per_row(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _Fp8Linear.apply(x, self.w_q, self.w_scale, bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return _Fp8Linear.apply(x, self.w_q, self.w_scale, self.bias_for(x))

@@ -4,47 +4,34 @@ activations per token, 16-bit outlier features)."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from torch_ext.nn.per_channel_linear import PerChannelQuantizedLinear
 from torch_ext.ops.w8a8 import int8_linear, quantize_per_token
 
 
-class Int8Linear(nn.Module):
-    """``y = x @ W.T + b`` with W stored as int8 ``w_q`` [N, K] and float32 ``w_scale`` [N].
+class Int8Linear(PerChannelQuantizedLinear):
+    """``y = x @ W.T + b`` with W stored as int8 ``w_q`` [N, K] and float32 ``w_scale`` [N]
+    (absmax / 127 per output channel).
 
     Buffers ``w_q`` and ``w_scale`` (and a frozen ``bias`` Parameter) make the state_dict;
     ``outlier_threshold`` (default 6.0, the LLM.int8() paper's value; <= 0 disables the
-    16-bit path) is a plain attribute. Build with ``from_linear`` or construct empty and load
-    a state_dict.
+    16-bit path) is a plain attribute. Build with ``from_linear(linear, outlier_threshold=...)``
+    or construct empty and load a state_dict.
     """
+
+    weight_dtype = torch.int8
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, outlier_threshold: float = 6.0,
                  device=None, dtype=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device, dtype)
         self.outlier_threshold = outlier_threshold
-        self.register_buffer("w_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                                  requires_grad=False) if bias else None)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, outlier_threshold: float = 6.0) -> "Int8Linear":
-        """Quantize ``linear.weight`` symmetrically per output channel (absmax / 127)."""
-        weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, outlier_threshold,
-                     device=weight.device, dtype=weight.dtype)
-        w_q, w_scale = quantize_per_token(weight.float())
-        module.w_q.copy_(w_q)
-        module.w_scale.copy_(w_scale.reshape(-1))
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-        return module
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_per_token(weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return int8_linear(x, self.w_q, self.w_scale, bias, self.outlier_threshold)
+        return int8_linear(x, self.w_q, self.w_scale, self.bias_for(x), self.outlier_threshold)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, outlier_threshold={self.outlier_threshold}")
+        return f"{super().extra_repr()}, outlier_threshold={self.outlier_threshold}"

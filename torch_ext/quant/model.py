@@ -32,7 +32,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
 
     def convert(linear: nn.Linear) -> nn.Module:
         if method == "int8":
-            return int8_linear.Int8Linear.from_linear(linear, outlier_threshold)
+            return int8_linear.Int8Linear.from_linear(linear, outlier_threshold=outlier_threshold)
         if method == "fp8":
             return fp8_linear.FP8Linear.from_linear(linear)
         return quant_linear.QuantLinear.from_linear(linear, bits, group_size, symmetric)

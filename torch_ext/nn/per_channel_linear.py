@@ -1,0 +1,45 @@
+"""The common part of the W8A8 linear layers: an 8-bit weight ``w_q`` [N, K] with a float32 scale
+per output channel ``w_scale`` [N], a frozen bias, and construction from an nn.Linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PerChannelQuantizedLinear(nn.Module):
+    """Base of Int8Linear and FP8Linear. Subclasses set ``weight_dtype`` and implement
+    ``quantize_weight(weight) -> (w_q [N, K], w_scale [N, 1])`` and ``forward``."""
+
+    weight_dtype: torch.dtype
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("w_q", torch.zeros(out_features, in_features, dtype=self.weight_dtype, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
+                                  requires_grad=False) if bias else None)
+
+    @staticmethod
+    def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """Quantize ``linear.weight`` per output channel; the bias is copied."""
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=weight.device,
+                     dtype=weight.dtype, **kwargs)
+        w_q, w_scale = cls.quantize_weight(weight)
+        module.w_q.copy_(w_q)
+        module.w_scale.copy_(w_scale.reshape(-1))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def bias_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
