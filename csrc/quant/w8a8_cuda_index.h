@@ -12,6 +12,7 @@
 
 #include "common/dtype.h"
 #include "common/float_bits.h"
+#include "common/exact_float.h"
 #include "common/macros.h"
 
 namespace torch_ext::quant {
@@ -22,28 +23,7 @@ TORCH_EXT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1
 TORCH_EXT_HOST_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 TORCH_EXT_HOST_DEVICE int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// fp32 operations that must round once each (never contracted into an fma).
-TORCH_EXT_HOST_DEVICE float f32_mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-TORCH_EXT_HOST_DEVICE float f32_add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-TORCH_EXT_HOST_DEVICE float f32_div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+// f32_add / f32_mul / f32_div (one rounding each): common/exact_float.h.
 // int32 -> fp32, round to nearest even (exact below 2^24).
 TORCH_EXT_HOST_DEVICE float i32_to_f32(int32_t v) {
 #if defined(__CUDA_ARCH__)

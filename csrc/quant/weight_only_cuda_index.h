@@ -16,6 +16,7 @@
 
 #include "common/dtype.h"
 #include "common/float_bits.h"
+#include "common/exact_float.h"
 #include "common/macros.h"
 #include "quant/weight_only_layout.h"
 
@@ -104,28 +105,7 @@ TORCH_EXT_HOST_DEVICE uint32_t pair_add(uint32_t a, uint32_t b) {
 #endif
 }
 
-// fp32 a - b and a * b, never contracted into an fma (each rounds once).
-TORCH_EXT_HOST_DEVICE float f32_sub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-TORCH_EXT_HOST_DEVICE float f32_mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-TORCH_EXT_HOST_DEVICE float f32_add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
+// f32_sub / f32_mul / f32_add (one rounding each): common/exact_float.h.
 
 // Two fp32 -> one bf16 pair (lo in the low half), round to nearest even (cvt.rn.bf16x2.f32, sm_80+).
 TORCH_EXT_HOST_DEVICE uint32_t pack_bf16_pair(float lo, float hi) {

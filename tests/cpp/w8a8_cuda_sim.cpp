@@ -42,17 +42,10 @@
 #include <vector>
 
 #include "quant/w8a8_cuda_index.h"
+#include "sim_common.h"
 
 using namespace torch_ext;
 namespace ix = torch_ext::quant::w8a8_cuda;
-
-#define CHECK(c)                                                           \
-  do {                                                                     \
-    if (!(c)) {                                                            \
-      fprintf(stderr, "CHECK failed %s:%d: %s\n", __FILE__, __LINE__, #c); \
-      abort();                                                             \
-    }                                                                      \
-  } while (0)
 
 std::mt19937_64 rng;
 int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
@@ -68,48 +61,6 @@ int spec_b_col(int lane) { return lane / 4; }
 int spec_c_row(int lane, int i) { return lane / 4 + (i >= 2 ? 8 : 0); }
 int spec_c_col(int lane, int i) { return 2 * (lane % 4) + (i & 1); }
 
-// ---------------------------------------------------------------------------------------------
-// Shared memory with the pipeline's ordering rules: every byte remembers the barrier epoch and
-// cp.async group of its last write and the epoch of its last read.
-// ---------------------------------------------------------------------------------------------
-struct Smem {
-  static constexpr int kNever = INT_MIN;
-  std::vector<uint8_t> data;
-  std::vector<int> write_epoch, write_group, read_epoch;
-  int epoch = -1, committed = 0, complete = 0;
-  void reset(size_t bytes) {
-    data.assign(bytes, 0xCD);
-    write_epoch.assign(bytes, kNever);
-    write_group.assign(bytes, -1);
-    read_epoch.assign(bytes, kNever);
-    epoch = -1;
-    committed = complete = 0;
-  }
-  void write(size_t offset, const uint8_t* src, int bytes, bool async) {
-    CHECK(offset + bytes <= data.size());
-    for (int b = 0; b < bytes; ++b) {
-      CHECK(read_epoch[offset + b] < epoch);  // no race with a read of this barrier interval
-      data[offset + b] = src[b];
-      write_epoch[offset + b] = epoch;
-      write_group[offset + b] = async ? committed : -1;
-    }
-  }
-  // Every byte read must have been written, landed (cp.async group complete) and published by a
-  // barrier since.
-  void read(size_t offset, void* dst, int bytes) {
-    CHECK(offset + bytes <= data.size());
-    for (int b = 0; b < bytes; ++b) {
-      CHECK(write_epoch[offset + b] != kNever);
-      CHECK(write_epoch[offset + b] < epoch);
-      CHECK(write_group[offset + b] < complete);
-      read_epoch[offset + b] = epoch;
-    }
-    memcpy(dst, &data[offset], bytes);
-  }
-  void commit() { ++committed; }
-  void wait(int pending) { complete = std::max(complete, committed - pending); }
-  void barrier() { ++epoch; }
-};
 
 // ldmatrix.sync.aligned.m8n8.x4.b16: lane l gives the row address (byte offset) of row l % 8 of
 // matrix l / 8; register j of lane l = bytes 4 (l % 4)..+3 of row l / 4 of matrix j. Also checks
@@ -126,7 +77,7 @@ void ldmatrix_x4(Smem& smem, const int (&address)[32], uint32_t (&regs)[32][4]) 
     }
   }
   for (int lane = 0; lane < 32; ++lane)
-    for (int j = 0; j < 4; ++j) smem.read(size_t(address[8 * j + lane / 4] + 4 * (lane % 4)), &regs[lane][j], 4);
+    for (int j = 0; j < 4; ++j) CHECK(smem.read(size_t(address[8 * j + lane / 4] + 4 * (lane % 4)), &regs[lane][j], 4));
 }
 
 // mma.m16n8k32.row.col.s32.s8.s8.s32 on int64 (no overflow in the small problems; checked).

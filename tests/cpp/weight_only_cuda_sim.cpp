@@ -29,18 +29,12 @@
 #include <vector>
 
 #include "quant/weight_only_cuda_index.h"
+#include "sim_common.h"
 
 using namespace torch_ext;
 namespace wq = torch_ext::quant;
 namespace ix = torch_ext::quant::wo_cuda;
 
-#define CHECK(c)                                                              \
-  do {                                                                        \
-    if (!(c)) {                                                               \
-      fprintf(stderr, "CHECK failed %s:%d: %s\n", __FILE__, __LINE__, #c);    \
-      abort();                                                                \
-    }                                                                         \
-  } while (0)
 
 std::mt19937_64 rng;
 int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
@@ -197,57 +191,6 @@ struct Problem {
 
 int64_t groups_of(const Problem& p) { return ix::ceil_div(p.k, p.group); }
 
-// Shared memory with the pipeline's ordering rules: every byte remembers the barrier epoch and
-// cp.async group of its last write and the epoch of its last read.
-struct Smem {
-  static constexpr int kNever = INT_MIN;
-  std::vector<uint8_t> data;
-  std::vector<int> write_epoch, write_group, read_epoch;
-  int epoch = -1, committed = 0, complete = 0;
-  void reset(size_t bytes) {
-    data.assign(bytes, 0xCD);
-    write_epoch.assign(bytes, kNever);
-    write_group.assign(bytes, -1);
-    read_epoch.assign(bytes, kNever);
-    epoch = -1;
-    committed = complete = 0;
-  }
-  // A write (async = cp.async of the group being built) must not race a read of this epoch.
-  void write(size_t offset, const uint8_t* src, int bytes, bool async) {
-    CHECK(offset + bytes <= data.size());
-    for (int b = 0; b < bytes; ++b) {
-      CHECK(read_epoch[offset + b] < epoch);
-      data[offset + b] = src[b];
-      write_epoch[offset + b] = epoch;
-      write_group[offset + b] = async ? committed : -1;
-    }
-  }
-  // False for bytes never written (garbage); written bytes must have landed and been published by
-  // a barrier since.
-  bool read(size_t offset, void* dst, int bytes) {
-    CHECK(offset + bytes <= data.size());
-    bool written = true;
-    for (int b = 0; b < bytes; ++b) {
-      if (write_epoch[offset + b] == kNever) {
-        written = false;
-        continue;
-      }
-      CHECK(write_epoch[offset + b] < epoch);
-      CHECK(write_group[offset + b] < complete);
-      read_epoch[offset + b] = epoch;
-    }
-    memcpy(dst, &data[offset], bytes);
-    return written;
-  }
-  uint32_t read_u32(size_t offset) {
-    uint32_t v;
-    CHECK(read(offset, &v, 4));
-    return v;
-  }
-  void commit() { ++committed; }
-  void wait(int pending) { complete = std::max(complete, committed - pending); }
-  void barrier() { ++epoch; }
-};
 
 template <typename T, int kBits, int kBlockM>
 void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_count, int* splits_used) {

@@ -1,0 +1,71 @@
+// Pieces shared by the CUDA-kernel simulators in tests/cpp: the CHECK macro and a model of
+// shared memory with the cp.async / barrier ordering rules of a multi-stage pipeline.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define CHECK(c)                                                              \
+  do {                                                                        \
+    if (!(c)) {                                                               \
+      fprintf(stderr, "CHECK failed %s:%d: %s\n", __FILE__, __LINE__, #c);    \
+      abort();                                                                \
+    }                                                                         \
+  } while (0)
+
+// Shared memory with the pipeline's ordering rules: every byte remembers the barrier epoch and
+// cp.async group of its last write and the epoch of its last read.
+struct Smem {
+  static constexpr int kNever = INT_MIN;
+  std::vector<uint8_t> data;
+  std::vector<int> write_epoch, write_group, read_epoch;
+  int epoch = -1, committed = 0, complete = 0;
+  void reset(size_t bytes) {
+    data.assign(bytes, 0xCD);
+    write_epoch.assign(bytes, kNever);
+    write_group.assign(bytes, -1);
+    read_epoch.assign(bytes, kNever);
+    epoch = -1;
+    committed = complete = 0;
+  }
+  // A write (async = cp.async of the group being built) must not race a read of this epoch.
+  void write(size_t offset, const uint8_t* src, int bytes, bool async) {
+    CHECK(offset + bytes <= data.size());
+    for (int b = 0; b < bytes; ++b) {
+      CHECK(read_epoch[offset + b] < epoch);
+      data[offset + b] = src[b];
+      write_epoch[offset + b] = epoch;
+      write_group[offset + b] = async ? committed : -1;
+    }
+  }
+  // False for bytes never written (garbage); written bytes must have landed and been published by
+  // a barrier since.
+  bool read(size_t offset, void* dst, int bytes) {
+    CHECK(offset + bytes <= data.size());
+    bool written = true;
+    for (int b = 0; b < bytes; ++b) {
+      if (write_epoch[offset + b] == kNever) {
+        written = false;
+        continue;
+      }
+      CHECK(write_epoch[offset + b] < epoch);
+      CHECK(write_group[offset + b] < complete);
+      read_epoch[offset + b] = epoch;
+    }
+    memcpy(dst, &data[offset], bytes);
+    return written;
+  }
+  uint32_t read_u32(size_t offset) {
+    uint32_t v;
+    CHECK(read(offset, &v, 4));
+    return v;
+  }
+  void commit() { ++committed; }
+  void wait(int pending) { complete = std::max(complete, committed - pending); }
+  void barrier() { ++epoch; }
+};
