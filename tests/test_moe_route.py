@@ -120,3 +120,45 @@ def test_cuda_matches_cpu():
             # (random logits leave no near ties at that scale).
             assert torch.equal(gpu[1].cpu(), cpu[1]), f"{dtype} {args[2]} seed {seed}"
             torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-6)
+
+
+def _by_expert(weights, ids):
+    """Rows reordered by expert id (transformers' DeepSeek router returns them unsorted)."""
+    order = ids.long().argsort(dim=-1)
+    return weights.gather(1, order).double(), ids.long().gather(1, order)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_equals_transformers_router_modules(family):
+    """Against the router modules themselves (transformers 5.x has them as modules that return
+    (logits, weights, ids); 4.x computes routing inline in the MoE block: covered there by the
+    reference-formula tests above)."""
+    transformers = pytest.importorskip("transformers")
+    seed = fresh_seed()
+    torch.manual_seed(seed % 2**31)
+    if family == "mixtral":
+        module = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+        if not hasattr(module, "MixtralTopKRouter"):
+            pytest.skip(f"transformers {transformers.__version__} routes inline")
+        config = transformers.MixtralConfig(hidden_size=32, num_local_experts=8, num_experts_per_tok=2)
+        router = module.MixtralTopKRouter(config)
+        route = dict(top_k=2, renormalize=True, scoring="softmax")
+    else:
+        module = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+        if not hasattr(module, "DeepseekV3TopkRouter"):
+            pytest.skip(f"transformers {transformers.__version__} has no DeepseekV3TopkRouter")
+        config = transformers.DeepseekV3Config(hidden_size=32, n_routed_experts=64, num_experts_per_tok=6, n_group=8,
+                                               topk_group=3, routed_scaling_factor=2.5, norm_topk_prob=True)
+        router = module.DeepseekV3TopkRouter(config)
+        with torch.no_grad():
+            router.e_score_correction_bias.copy_(torch.randn(64) * 0.05)
+        route = dict(top_k=6, renormalize=True, scoring="sigmoid", num_expert_group=8, topk_group=3,
+                     correction_bias=router.e_score_correction_bias, routed_scaling_factor=2.5)
+    with torch.no_grad():
+        router.weight.normal_()
+        x = random_tensor((17, 32), torch.float32, "cpu", seed)
+        logits, ref_weights, ref_ids = router(x)
+    weights, ids = moe_route(logits.float(), **route)
+    got, want = _by_expert(weights, ids), _by_expert(ref_weights, ref_ids)
+    assert torch.equal(got[1], want[1]), f"{family} seed {seed}"
+    torch.testing.assert_close(got[0], want[0], rtol=2e-6, atol=1e-7, msg=f"{family} seed {seed}")
