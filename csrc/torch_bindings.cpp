@@ -48,9 +48,11 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, float outlier_threshold) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
-  m.impl("silu_and_mul", &torch_ext::silu_and_mul_cpu);
-  m.impl("silu_and_mul_backward", &torch_ext::silu_and_mul_backward_cpu);
+namespace {
+
+// Ops whose one entry point serves both devices (it checks the device and calls the CPU or the
+// CUDA kernel): registered for each dispatch key from this single list.
+void register_device_dispatching_ops(torch::Library& m) {
   m.impl("im2win_conv2d", &torch_ext::im2win_conv2d);
   m.impl("im2win_conv2d_grad_input", &torch_ext::im2win_conv2d_grad_input);
   m.impl("im2win_conv2d_grad_weight", &torch_ext::im2win_conv2d_grad_weight);
@@ -64,20 +66,18 @@ TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("moe_route", &torch_ext::moe_route);
 }
 
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("silu_and_mul", &torch_ext::silu_and_mul_cpu);
+  m.impl("silu_and_mul_backward", &torch_ext::silu_and_mul_backward_cpu);
+  register_device_dispatching_ops(m);
+}
+
 #if defined(TORCH_EXT_WITH_CUDA)
 TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("silu_and_mul", &torch_ext::silu_and_mul_cuda);
   m.impl("silu_and_mul_backward", &torch_ext::silu_and_mul_backward_cuda);
-  m.impl("im2win_conv2d", &torch_ext::im2win_conv2d);
-  m.impl("im2win_conv2d_grad_input", &torch_ext::im2win_conv2d_grad_input);
-  m.impl("im2win_conv2d_grad_weight", &torch_ext::im2win_conv2d_grad_weight);
-  m.impl("im2win_transform", &torch_ext::im2win_transform);
-  m.impl("weight_only_linear", &torch_ext::weight_only_linear);
-  m.impl("dequantize_weight", &torch_ext::dequantize_weight);
-  m.impl("quantize_per_token", &torch_ext::quantize_per_token);
-  m.impl("scaled_int8_mm", &torch_ext::scaled_int8_mm);
-  m.impl("int8_linear", &torch_ext::int8_linear);
-  m.impl("scaled_fp8_mm", &torch_ext::scaled_fp8_mm);
-  m.impl("moe_route", &torch_ext::moe_route);
+  register_device_dispatching_ops(m);
 }
 #endif

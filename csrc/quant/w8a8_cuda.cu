@@ -293,32 +293,27 @@ __device__ __forceinline__ void mm_cta(const MmArgs<O, Op>& p) {
     b_src[i] = n < p.n ? p.b + int64_t(n) * p.b_row_stride + col * ix::kChunkBytes : nullptr;
   }
 
-  const auto load_stage = [&](int stage, int iter) {
-    unsigned char* const sa = smem + stage * Cfg::kStageBytes;
-    unsigned char* const sb = sa + Cfg::kBOffset;
+  // One operand's chunks of a stage: rows row0 + i * kRowsPerPass of its tile, chunk `col`
+  // (clipped at K; rows past M / N have a null source and are zero-filled from `base`).
+  const auto load_operand = [&]<int kChunks>(const Elem* const (&src_rows)[kChunks], const Elem* base,
+                                            unsigned char* tile, int iter) {
     const int k = iter * ix::kBK + col * ix::kChunkBytes;
 #pragma unroll
-    for (int i = 0; i < Cfg::kAChunksPerThread; ++i) {
-      const int bytes = ix::chunk_bytes(k, p.k, a_src[i] != nullptr);
-      unsigned char* const dst = sa + ix::smem_offset(row0 + i * kRowsPerPass, col);
-      const Elem* const src = bytes > 0 ? a_src[i] + iter * ix::kBK : p.a;
+    for (int i = 0; i < kChunks; ++i) {
+      const int bytes = ix::chunk_bytes(k, p.k, src_rows[i] != nullptr);
+      unsigned char* const dst = tile + ix::smem_offset(row0 + i * kRowsPerPass, col);
+      const Elem* const src = bytes > 0 ? src_rows[i] + iter * ix::kBK : base;
       if (p.vector) {
         cp_async_16_partial(dst, src, bytes);
       } else {
         copy_chunk_sync(dst, src, bytes);
       }
     }
-#pragma unroll
-    for (int i = 0; i < Cfg::kBChunksPerThread; ++i) {
-      const int bytes = ix::chunk_bytes(k, p.k, b_src[i] != nullptr);
-      unsigned char* const dst = sb + ix::smem_offset(row0 + i * kRowsPerPass, col);
-      const Elem* const src = bytes > 0 ? b_src[i] + iter * ix::kBK : p.b;
-      if (p.vector) {
-        cp_async_16_partial(dst, src, bytes);
-      } else {
-        copy_chunk_sync(dst, src, bytes);
-      }
-    }
+  };
+  const auto load_stage = [&](int stage, int iter) {
+    unsigned char* const sa = smem + stage * Cfg::kStageBytes;
+    load_operand(a_src, p.a, sa, iter);
+    load_operand(b_src, p.b, sa + Cfg::kBOffset, iter);
   };
 
   Acc acc[kMI][kNI][4];

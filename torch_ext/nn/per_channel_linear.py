@@ -3,11 +3,13 @@ per output channel ``w_scale`` [N], a frozen bias, and construction from an nn.L
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 
-class PerChannelQuantizedLinear(nn.Module):
+class PerChannelQuantizedLinear(nn.Module, abc.ABC):
     """Base of Int8Linear and FP8Linear. Subclasses set ``weight_dtype`` and implement
     ``quantize_weight(weight) -> (w_q [N, K], w_scale [N, 1])`` and ``forward``."""
 
@@ -22,8 +24,9 @@ class PerChannelQuantizedLinear(nn.Module):
                                   requires_grad=False) if bias else None)
 
     @staticmethod
+    @abc.abstractmethod
     def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(w_q [N, K] of weight_dtype, w_scale [N, 1] float32) for a float weight [N, K]."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs):

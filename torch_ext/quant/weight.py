@@ -6,8 +6,6 @@ import dataclasses
 
 import torch
 
-from torch_ext.quant import layout
-
 
 @dataclasses.dataclass
 class QuantizedWeight:
@@ -49,9 +47,6 @@ class QuantizedWeight:
     def device(self) -> torch.device:
         return self.qweight.device
 
-    def tensors(self) -> dict[str, torch.Tensor | None]:
-        return {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros, "perm": self.perm}
-
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "QuantizedWeight":
         """Moved to `device` and/or with scales and zeros in `dtype` (qweight and perm keep theirs)."""
         def move(t: torch.Tensor | None, cast: bool) -> torch.Tensor | None:
@@ -68,17 +63,17 @@ class QuantizedWeight:
                                                   self.in_features)
         if dtype is not None:
             w = w.to(dtype)
-        if self.perm is None:
-            return w
-        original = torch.empty_like(w)
-        original[:, self.perm] = w
-        return original
+        return restore_input_order(w, self.perm)
 
     def nbytes(self) -> int:
         """Bytes the kernels read: qweight, scales and zeros."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
 
-def kernel_group_size(group_size: int, in_features: int) -> int:
-    """The group size the kernels see: per-channel (-1) is one group of K rounded up to 16."""
-    return group_size if group_size > 0 else layout.tiles_for(in_features) * layout.TILE
+def restore_input_order(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """The packed weight's columns back in the original input-channel order (undoes act-order)."""
+    if perm is None:
+        return w
+    original = torch.empty_like(w)
+    original[:, perm.to(w.device)] = w
+    return original

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from torch_ext.quant import layout
+from torch_ext.quant.weight import restore_input_order
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -33,8 +34,4 @@ def original_weight(qw) -> torch.Tensor:
     """The float64 weight [N, K] a QuantizedWeight stands for, in the original input-channel
     order (undoing act-order's perm), computed without the op."""
     packed = dequantize_weight(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.in_features)
-    if qw.perm is None:
-        return packed
-    original = torch.empty_like(packed)
-    original[:, qw.perm.cpu()] = packed
-    return original
+    return restore_input_order(packed, qw.perm)
