@@ -258,3 +258,18 @@ def test_quantize_model_int8_method():
     assert_close_to_reference(model(x), expected.double(), torch.float32, f"seed {seed}", 2e-2)
     with pytest.raises(ValueError, match="method must be one of"):
         torch_ext.quant.quantize_model(model, method="int3")
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(x=torch.zeros(2, 8, dtype=torch.int8)), "x must have dtype"),
+    (dict(w_q=torch.zeros(3, 8)), "w_q must have dtype torch.int8"),
+    (dict(w_q=torch.zeros(3, 9, dtype=torch.int8)), r"w_q must be \[N, K\] with K = x.size\(-1\) = 8"),
+    (dict(w_scale=torch.ones(2)), r"b_scale must be \[N\] = \[3\] or \[1\]"),
+    (dict(bias=torch.ones(4)), r"bias must be \[N\] = \[3\]"),
+])
+def test_int8_linear_bad_inputs(args, message):
+    call = dict(x=torch.randn(2, 8), w_q=torch.zeros(3, 8, dtype=torch.int8), w_scale=torch.ones(3), bias=None,
+                outlier_threshold=6.0)
+    call.update(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torch_ext.int8_linear(*call.values())

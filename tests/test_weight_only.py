@@ -216,3 +216,25 @@ def test_one_hot_rows_give_the_dequantized_weight_bitwise(device, bits):
             assert torch.equal(y, w.t()), f"{bits}-bit {dtype} seed {seed}"
         else:
             torch.testing.assert_close(y, w.t(), msg=f"{bits}-bit {dtype} seed {seed}")
+
+
+def test_dequantize_compile_fullgraph():
+    qw = _quantized(40, 96, 4, 32, False, fresh_seed())
+    f = lambda: dequantize_weight(qw.qweight, qw.scales, qw.zeros, 4, 32, 96) * 2  # noqa: E731
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(), f())
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(bits=2), "bits must be 4 or 8, got 2"),
+    (dict(group_size=0), "group_size must be -1 .* multiple of 16, got 0"),
+    (dict(in_features=200), "K = 200 needs 13"),
+    (dict(in_features=0), "in_features must be positive, got 0"),
+    (dict(qweight=torch.zeros(2, 4, dtype=torch.int32)), r"qweight must be \[ceil\(N/16\), ceil\(K/16\), words\]"),
+    (dict(scales=torch.randn(2, 20).to(torch.int32)), "scales must have dtype"),
+])
+def test_dequantize_bad_inputs(overrides, message):
+    qw = _quantized(20, 64, 4, 32, False, 1)
+    args = dict(qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros, bits=4, group_size=32, in_features=64)
+    args.update(overrides)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torch_ext.dequantize_weight(*args.values())

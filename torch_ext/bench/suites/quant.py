@@ -133,13 +133,39 @@ def _case(device: str, n: int, k: int, m: int, dtype: torch.dtype) -> Case:
     )
 
 
+def _dequantize_case(device: str, n: int, k: int) -> Case:
+    """dequantize_weight against the same (q - z) * s written with torch ops on unpacked q."""
+    from torch_ext.quant import quantize_weight, unpack_qweight
+
+    group_of_k = torch.arange(k) // GROUP
+
+    def make_inputs(seed: int):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.bfloat16)
+        qw = quantize_weight(w, bits=4, group_size=GROUP)
+        q = unpack_qweight(qw.qweight, 4, n, k).to(torch.uint8)
+        tensors = (qw.qweight, qw.scales, qw.zeros, q, qw.scales.t()[:, group_of_k].contiguous(),
+                   qw.zeros.t()[:, group_of_k].contiguous())
+        return tuple(t.to(device) for t in tensors)
+
+    return Case(
+        family="quant", op="dequantize_weight", label=f"{n}x{k} int4 g{GROUP} -> bf16",
+        make_inputs=make_inputs,
+        ours=lambda qweight, scales, zeros, *_: torch.ops.torch_ext.dequantize_weight(qweight, scales, zeros, 4,
+                                                                                      GROUP, k),
+        baselines={"torch ops ((q - z) * s)": lambda _q, _s, _z, q, s, z: (q.to(s.dtype) - z) * s},
+        bytes=float(n * k // 2 + 4 * n * (k // GROUP) + 2 * n * k), device=device,
+    )
+
+
 @register_suite("quant")
 def quant_suite(device: str, quick: bool) -> list[Case]:
-    """weight_only_linear cases for ``device`` (4-bit, group 128)."""
+    """weight_only_linear and dequantize_weight cases for ``device`` (4-bit, group 128)."""
     kind = torch.device(device).type
     if kind not in _DTYPES:
         return []
     if quick:
-        return [_case(device, n, k, m, torch.bfloat16) for n, k, m in _QUICK[kind]]
+        return [_case(device, n, k, m, torch.bfloat16) for n, k, m in _QUICK[kind]] + [_dequantize_case(device, 4096,
+                                                                                                       4096)]
     shapes, rows = (_CPU_SHAPES, _CPU_ROWS) if kind == "cpu" else (_CUDA_SHAPES, _CUDA_ROWS)
-    return [_case(device, n, k, m, dtype) for dtype in _DTYPES[kind] for n, k in shapes for m in rows]
+    linear = [_case(device, n, k, m, dtype) for dtype in _DTYPES[kind] for n, k in shapes for m in rows]
+    return linear + [_dequantize_case(device, n, k) for n, k in shapes]

@@ -1,5 +1,6 @@
 """W8A8 suite: ``scaled_int8_mm`` against F.linear (fp32 and bf16 on the CPU, bf16 on CUDA) and
-``torch._int_mm``; ``quantize_per_token`` against the same math in torch ops. Shapes from
+``torch._int_mm``; ``quantize_per_token`` against the same math in torch ops; ``int8_linear``
+against F.linear and its decomposition in torch ops; ``scaled_fp8_mm``. Shapes from
 ../shared/reference/shapes.md (Llama-3-8B q/o and gate/up)."""
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _mm_case(device: str, n: int, k: int, m: int) -> Case:
 
 
 def _fp8_case(device: str, n: int, k: int, m: int) -> Case:
-    """scaled_fp8_mm (CUDA, sm_89+) against torch._scaled_mm and F.linear bf16."""
+    """scaled_fp8_mm against F.linear bf16 and torch._scaled_mm (CUDA, sm_89+) or the same math in
+    torch ops (CPU, where ours is a reference-grade fp32 GEMM of the widened values)."""
 
     def make_inputs(seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -59,9 +61,45 @@ def _fp8_case(device: str, n: int, k: int, m: int) -> Case:
         ours=lambda a, b, sa, sb, *_: torch.ops.torch_ext.scaled_fp8_mm(a, b, sa, sb.reshape(-1), None,
                                                                           torch.bfloat16),
         baselines={"F.linear bf16": lambda a, b, sa, sb, xb, wb: F.linear(xb, wb),
-                   "torch._scaled_mm": lambda a, b, sa, sb, *_: torch._scaled_mm(a, b.t(), sa, sb,
-                                                                                 out_dtype=torch.bfloat16)},
+                   **({"torch._scaled_mm": lambda a, b, sa, sb, *_: torch._scaled_mm(a, b.t(), sa, sb,
+                                                                                    out_dtype=torch.bfloat16)}
+                      if torch.device(device).type == "cuda" else
+                      {"torch ops (widen, matmul, scale)": lambda a, b, sa, sb, *_:
+                       ((a.float() @ b.float().t()) * sa * sb).bfloat16()})},
         flops=2.0 * m * n * k, bytes=float(m * k + n * k + 2 * m * n), device=device,
+    )
+
+
+def _int8_linear_case(device: str, n: int, k: int, m: int) -> Case:
+    """int8_linear (LLM.int8() with 4 planted outlier features) against F.linear and the same
+    decomposition written with torch ops."""
+    from torch_ext.ops.w8a8 import quantize_per_token, scaled_int8_mm
+
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+    def make_inputs(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(m, k, generator=gen)
+        x[:, :4] *= 50.0
+        w = torch.randn(n, k, generator=gen)
+        w_q, w_scale = quantize_per_token(w)
+        return tuple(t.to(device) for t in (x.to(dtype), w_q, w_scale.reshape(-1), w.to(dtype)))
+
+    def torch_decomposition(x, w_q, w_scale, w):
+        outliers = (x.abs().amax(0) > 6.0).nonzero().squeeze(1)
+        regular = x.index_fill(1, outliers, 0)
+        x_q, x_scale = quantize_per_token(regular)
+        y = scaled_int8_mm(x_q, w_q, x_scale, w_scale, None, x.dtype)
+        columns = (w_q.index_select(1, outliers).float() * w_scale[:, None]).to(x.dtype)
+        return y + x.index_select(1, outliers) @ columns.t()
+
+    return Case(
+        family="w8a8", op="int8_linear", label=f"M={m} {n}x{k} {str(dtype).split('.')[-1]}, 4 outliers",
+        make_inputs=make_inputs,
+        ours=lambda x, w_q, w_scale, w: torch.ops.torch_ext.int8_linear(x, w_q, w_scale, None, 6.0),
+        baselines={f"F.linear {str(dtype).split('.')[-1]}": lambda x, w_q, w_scale, w: F.linear(x, w),
+                   "the decomposition in torch ops": torch_decomposition},
+        flops=2.0 * m * n * k, bytes=float(n * k + m * k * 5 + m * n * 4), device=device,
     )
 
 
@@ -96,6 +134,7 @@ def w8a8_suite(device: str, quick: bool) -> list[Case]:
         mm = [(n, k, m) for n, k in _MM_SHAPES[kind] for m in _MM_ROWS[kind]]
         quant = [(t, k, dtype) for dtype in (torch.float32, torch.bfloat16) for t in _TOKENS for k in (4096, 14336)]
     cases = [_mm_case(device, n, k, m) for n, k, m in mm] + [_quantize_case(device, t, k, d) for t, k, d in quant]
-    if kind == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+    cases += [_int8_linear_case(device, n, k, m) for n, k, m in mm]
+    if kind == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9):
         cases += [_fp8_case(device, n, k, m) for n, k, m in mm]
     return cases
