@@ -52,4 +52,11 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& router_logits, in
                                              const c10::optional<at::Tensor>& correction_bias,
                                              double routed_scaling_factor);
 
+// moe/fused_moe.cpp
+at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation);
+
 }  // namespace torch_ext

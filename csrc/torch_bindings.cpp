@@ -44,6 +44,12 @@ TORCH_LIBRARY(torch_ext, m) {
   // MoE routing: scores (softmax / sigmoid + correction bias), expert groups, top-k, renormalize, scale.
   m.def("moe_route(Tensor router_logits, int top_k, bool renormalize, str scoring, int num_expert_group, "
         "int topk_group, Tensor? correction_bias, float routed_scaling_factor) -> (Tensor, Tensor)");
+  // MoE experts: out [T, H] = sum_j w[t, j] * W2[e] act(W13[e] h[t]), e = ids[t, j]; act 'silu' or 'gelu' (gated).
+  m.def("fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation) "
+        "-> Tensor");
+  // Gradients (hidden, w13, w2, topk_weights) of fused_moe given grad_out [T, H].
+  m.def("fused_moe_backward(Tensor grad_out, Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, "
+        "Tensor topk_ids, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
   // LLM.int8() linear: x [..., K] @ (w_q * w_scale).T + bias, outlier input features (|x| > threshold) in 16 bits.
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, float outlier_threshold) -> Tensor");
 }
@@ -64,6 +70,8 @@ void register_device_dispatching_ops(torch::Library& m) {
   m.impl("int8_linear", &torch_ext::int8_linear);
   m.impl("scaled_fp8_mm", &torch_ext::scaled_fp8_mm);
   m.impl("moe_route", &torch_ext::moe_route);
+  m.impl("fused_moe", &torch_ext::fused_moe);
+  m.impl("fused_moe_backward", &torch_ext::fused_moe_backward);
 }
 
 }  // namespace

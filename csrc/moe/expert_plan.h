@@ -18,6 +18,7 @@
 
 
 namespace torch_ext::moe {
+inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
 
 // Rows expert segments occupy for `count` pairs padded to `block` rows.
 TORCH_EXT_HOST_DEVICE int64_t padded_rows(int64_t count, int64_t block) {
@@ -48,4 +49,5 @@ inline void build_expert_plan_host(const int32_t* ids, int64_t pairs, int32_t ex
   }
 }
 
+}  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
 }  // namespace torch_ext::moe

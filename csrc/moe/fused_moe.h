@@ -8,6 +8,7 @@
 
 #include "common/cpu/dispatch.h"
 #include "common/dtype.h"
+#include "common/macros.h"
 
 namespace torch_ext::moe {
 
@@ -31,17 +32,38 @@ struct FusedMoeParams {
   void* out;                   // [T, H] contiguous
 };
 
-namespace cpu {
-// Scratch floats the CPU kernel needs: the activated rows act(W13 h) of every (token, slot)
-// pair, [T * k, I] fp32, plus the plan (moe/expert_plan.h).
-int64_t fused_moe_workspace_bytes(const FusedMoeParams& p);
-}  // namespace cpu
+// The CPU kernel's scratch: byte offsets of its areas (each 64-byte aligned) and the total.
+struct FusedMoeCpuWorkspace {
+  int64_t act;           // [T * k, I] fp32: the activated rows act(W13 h) in grouped order
+  int64_t sums;          // [T, H] fp32 output sums (fp16/bf16 output only; fp32 sums in place)
+  int64_t counts;        // the plan (moe/expert_plan.h): [E] int64
+  int64_t offsets;       // [E + 1] int64
+  int64_t sorted_pairs;  // [T * k] int32
+  int64_t active;        // [E] int32: the experts with pairs, increasing
+  int64_t total;
+};
+
+inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
+inline FusedMoeCpuWorkspace fused_moe_cpu_workspace(const FusedMoeParams& p) {
+  const auto aligned = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t pairs = p.tokens * p.top_k;
+  FusedMoeCpuWorkspace w;
+  w.act = 0;
+  w.sums = w.act + aligned(pairs * p.intermediate_size * 4);
+  w.counts = w.sums + (p.dtype == ScalarKind::kFloat32 ? 0 : aligned(p.tokens * p.hidden_size * 4));
+  w.offsets = w.counts + aligned(int64_t(p.experts) * 8);
+  w.sorted_pairs = w.offsets + aligned((int64_t(p.experts) + 1) * 8);
+  w.active = w.sorted_pairs + aligned(pairs * 4);
+  w.total = w.active + aligned(int64_t(p.experts) * 4);
+  return w;
+}
+}  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
 
 }  // namespace torch_ext::moe
 
 namespace torch_ext::cpu {
 // fp32, bf16 and fp16 (fp64 is served by the torch-facing code's ATen path). `workspace` holds
-// moe::cpu::fused_moe_workspace_bytes(p) bytes, 64-byte aligned. Deterministic: each output
+// moe::fused_moe_cpu_workspace(p).total bytes, 64-byte aligned. Deterministic: each output
 // element is summed over its experts in increasing expert id by one thread.
 TORCH_EXT_DECLARE_CPU_KERNEL(void fused_moe(const moe::FusedMoeParams& p, void* workspace))
 }  // namespace torch_ext::cpu

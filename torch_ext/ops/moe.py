@@ -30,3 +30,53 @@ def _moe_route_fake(router_logits, top_k, renormalize, scoring, num_expert_group
     tokens = router_logits.shape[0]
     return (router_logits.new_empty((tokens, top_k), dtype=torch.float32),
             router_logits.new_empty((tokens, top_k), dtype=torch.int32))
+
+
+_FUSED = torch.ops.torch_ext.fused_moe
+_FUSED_BACKWARD = torch.ops.torch_ext.fused_moe_backward
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """The experts of a MoE layer: ``out[t] = sum_j topk_weights[t, j] * W2[e] @ act(W13[e] @ hidden[t])``
+    with ``e = topk_ids[t, j]``.
+
+    ``hidden`` [T, H]; ``w13`` [E, 2I, H] (gate rows first, then up, as vLLM and transformers 5
+    store them); ``w2`` [E, H, I]; ``topk_weights`` fp32 [T, k] and ``topk_ids`` int32 [T, k] as
+    :func:`moe_route` returns them. ``activation`` ``'silu'`` (SwiGLU) or ``'gelu'`` (GeGLU,
+    exact erf GELU). Each expert's weights are read once per call; the gated activation runs in
+    the first GEMM's epilogue and the weighted combine in the second's, summing each token's
+    experts in increasing expert id (deterministic). Differentiable in ``hidden``, ``w13``,
+    ``w2`` and ``topk_weights``.
+    """
+    return _FUSED(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+
+@torch.library.register_fake("torch_ext::fused_moe")
+def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, activation):
+    torch._check(hidden.dim() == 2, lambda: f"hidden must be [T, H], got {tuple(hidden.shape)}")
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("torch_ext::fused_moe_backward")
+def _fused_moe_backward_fake(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(w13, memory_format=torch.contiguous_format),
+            torch.empty_like(w2, memory_format=torch.contiguous_format),
+            torch.empty_like(topk_weights, memory_format=torch.contiguous_format))
+
+
+def _fused_moe_setup_context(ctx, inputs, output) -> None:
+    hidden, w13, w2, topk_weights, topk_ids, activation = inputs
+    ctx.save_for_backward(hidden, w13, w2, topk_weights, topk_ids)
+    ctx.activation = activation
+
+
+def _fused_moe_backward(ctx, grad_out: torch.Tensor):
+    hidden, w13, w2, topk_weights, topk_ids = ctx.saved_tensors
+    grad_hidden, grad_w13, grad_w2, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids,
+                                                                   ctx.activation)
+    return grad_hidden, grad_w13, grad_w2, grad_weights, None, None
+
+
+torch.library.register_autograd("torch_ext::fused_moe", _fused_moe_backward, setup_context=_fused_moe_setup_context)

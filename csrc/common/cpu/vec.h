@@ -67,6 +67,13 @@ inline VecF min(VecF a, VecF b) { return {_mm512_min_ps(a.v, b.v)}; }
 inline VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline VecF abs(VecF a) { return {_mm512_abs_ps(a.v)}; }
 inline float reduce_max(VecF a) { return _mm512_reduce_max_ps(a.v); }
+// (GCC's _mm512_reduce_add_ps trips -Wmaybe-uninitialized in its own header: halve by hand.)
+inline float reduce_add(VecF a) {
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(a.v), _mm512_extractf32x8_ps(a.v, 1));
+  const __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  const __m128 pair = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
 inline VecF round_nearest(VecF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 // 2^n for integral n in [-126, 127] held as floats: build the exponent field directly.
 inline VecF exp2_integral(VecF n) {
@@ -152,6 +159,11 @@ inline float reduce_max(VecF a) {
   const __m128 pair = _mm_max_ps(half, _mm_movehl_ps(half, half));
   return _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
 }
+inline float reduce_add(VecF a) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
 inline VecF round_nearest(VecF a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline VecF exp2_integral(VecF n) {
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
@@ -201,6 +213,7 @@ inline VecF min(VecF a, VecF b) { return {a.v < b.v ? a.v : b.v}; }
 inline VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }
 inline VecF abs(VecF a) { return {a.v < 0.0f ? -a.v : a.v}; }
 inline float reduce_max(VecF a) { return a.v; }
+inline float reduce_add(VecF a) { return a.v; }
 inline VecF round_nearest(VecF a) { return {__builtin_rintf(a.v)}; }
 inline VecF exp2_integral(VecF n) { return {bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
 inline void transpose(VecF (&)[1]) {}
@@ -234,6 +247,31 @@ inline VecF exp(VecF x) {
 
 // 1 / (1 + e^-x)
 inline VecF sigmoid(VecF x) { return broadcast(1.0f) / (broadcast(1.0f) + exp(broadcast(0.0f) - x)); }
+
+// erfc(z) for z >= 0 as t * e^(-z^2 + P(t)), t = 1 / (1 + z / 2), P the degree-9 Chebyshev fit
+// of Numerical Recipes (erfcc): relative error below 1.2e-7 over z >= 0.
+inline VecF erfc_nonnegative(VecF z) {
+  const VecF t = broadcast(1.0f) / fmadd(z, broadcast(0.5f), broadcast(1.0f));
+  VecF p = broadcast(0.17087277f);
+  p = fmadd(p, t, broadcast(-0.82215223f));
+  p = fmadd(p, t, broadcast(1.48851587f));
+  p = fmadd(p, t, broadcast(-1.13520398f));
+  p = fmadd(p, t, broadcast(0.27886807f));
+  p = fmadd(p, t, broadcast(-0.18628806f));
+  p = fmadd(p, t, broadcast(0.09678418f));
+  p = fmadd(p, t, broadcast(0.37409196f));
+  p = fmadd(p, t, broadcast(1.00002368f));
+  p = fmadd(p, t, broadcast(-1.26551223f));
+  return t * exp(p - z * z);
+}
+
+// The exact (erf) GELU, x * (1 + erf(x / sqrt 2)) / 2, written as x/2 + |x|/2 * erf(|x| / sqrt 2)
+// so that only erfc of a non-negative argument is needed.
+inline VecF gelu(VecF x) {
+  const VecF magnitude = abs(x);
+  const VecF erf_part = broadcast(1.0f) - erfc_nonnegative(magnitude * broadcast(0.70710678118654752f));
+  return fmadd(magnitude * broadcast(0.5f), erf_part, x * broadcast(0.5f));
+}
 
 // Tails: the last n % kWidth elements of a row go through a stack buffer, so no load or
 // store ever touches memory past the end of the tensor.

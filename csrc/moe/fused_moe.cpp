@@ -1,0 +1,108 @@
+// fused_moe: checks, allocation, and the kernel for the device (moe/fused_moe_cpu.cpp on the
+// CPU for fp32/fp16/bf16); float64 on any device runs the ATen composition of
+// moe/fused_moe_composite.h, which also serves the backward.
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/logical_or.h>
+
+#include <string>
+
+#include "common/torch_utils.h"
+#include "moe/fused_moe.h"
+#include "moe/fused_moe_composite.h"
+#include "ops.h"
+
+#if defined(TORCH_EXT_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace torch_ext {
+
+namespace {
+
+moe::Activation parse_activation(const char* op, c10::string_view activation) {
+  TORCH_EXT_CHECK(activation == "silu" || activation == "gelu", op, "activation must be 'silu' or 'gelu', got '",
+                  std::string(activation), "'");
+  return activation == "silu" ? moe::Activation::kSilu : moe::Activation::kGelu;
+}
+
+moe::Activation check_fused_moe_args(const char* op, const at::Tensor& hidden, const at::Tensor& w13,
+                                     const at::Tensor& w2, const at::Tensor& topk_weights,
+                                     const at::Tensor& topk_ids, c10::string_view activation) {
+  check_dtype(op, "hidden", hidden, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  check_same_dtype(op, "w13", w13, "hidden", hidden);
+  check_same_dtype(op, "w2", w2, "hidden", hidden);
+  check_same_device(op, "w13", w13, "hidden", hidden);
+  check_same_device(op, "w2", w2, "hidden", hidden);
+  check_same_device(op, "topk_weights", topk_weights, "hidden", hidden);
+  check_same_device(op, "topk_ids", topk_ids, "hidden", hidden);
+  check_dtype(op, "topk_weights", topk_weights, {at::kFloat});
+  check_dtype(op, "topk_ids", topk_ids, {at::kInt});
+  TORCH_EXT_CHECK(hidden.dim() == 2, op, "hidden must be [T, H], got shape ", hidden.sizes());
+  TORCH_EXT_CHECK(w13.dim() == 3, op, "w13 must be [E, 2I, H], got shape ", w13.sizes());
+  const int64_t tokens = hidden.size(0), hidden_size = hidden.size(1), experts = w13.size(0);
+  TORCH_EXT_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == hidden_size, op,
+                  "w13 must be [E, 2I, H] with H = hidden.size(1) = ", hidden_size, ", got shape ", w13.sizes());
+  const int64_t intermediate = w13.size(1) / 2;
+  TORCH_EXT_CHECK(experts >= 1 && intermediate >= 1 && hidden_size >= 1, op,
+                  "E, I and H must be positive, got w13 shape ", w13.sizes());
+  TORCH_EXT_CHECK(w2.dim() == 3 && w2.size(0) == experts && w2.size(1) == hidden_size && w2.size(2) == intermediate,
+                  op, "w2 must be [E, H, I] = [", experts, ", ", hidden_size, ", ", intermediate, "], got shape ",
+                  w2.sizes());
+  TORCH_EXT_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == tokens, op, "topk_ids must be [T, k] with T = ", tokens,
+                  ", got shape ", topk_ids.sizes());
+  TORCH_EXT_CHECK(topk_weights.sizes() == topk_ids.sizes(), op, "topk_weights must have topk_ids' shape ",
+                  topk_ids.sizes(), ", got ", topk_weights.sizes());
+  const int64_t top_k = topk_ids.size(1);
+  TORCH_EXT_CHECK(top_k >= 1 && top_k <= experts, op, "top_k (topk_ids.size(1)) must be in [1, E = ", experts,
+                  "], got ", top_k);
+  if (topk_ids.numel() > 0) {
+    const at::Tensor out_of_range = at::logical_or(topk_ids.lt(0), topk_ids.ge(experts)).any();
+    if (topk_ids.is_cuda()) {
+      // Without a host sync: a device-side assert (reported at the next synchronizing call).
+      at::_assert_async(out_of_range.logical_not(), "torch_ext.fused_moe: topk_ids out of range [0, E)");
+    } else {
+      TORCH_EXT_CHECK(!out_of_range.item<bool>(), op, "every topk_ids entry must be in [0, E = ", experts,
+                      "), got min ", topk_ids.min().item<int32_t>(), " and max ", topk_ids.max().item<int32_t>());
+    }
+  }
+  return parse_activation(op, activation);
+}
+
+}  // namespace
+
+at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation) {
+  const char* op = "fused_moe";
+  const moe::Activation act = check_fused_moe_args(op, hidden, w13, w2, topk_weights, topk_ids, activation);
+  if (hidden.scalar_type() == at::kDouble || hidden.is_cuda()) {
+    return moe::fused_moe_composite(hidden, w13, w2, topk_weights, topk_ids, act);
+  }
+  const at::Tensor h = hidden.contiguous(), a = w13.contiguous(), b = w2.contiguous();
+  const at::Tensor weights = topk_weights.contiguous(), ids = topk_ids.contiguous();
+  at::Tensor out = at::empty_like(h);
+  const moe::FusedMoeParams p{scalar_kind(h),        h.size(0),          h.size(1),
+                              a.size(1) / 2,          int32_t(a.size(0)), int32_t(ids.size(1)),
+                              act,                    h.data_ptr(),       a.data_ptr(),
+                              b.data_ptr(),           weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                              out.data_ptr()};
+  at::Tensor workspace = at::empty({moe::fused_moe_cpu_workspace(p).total + 64}, h.options().dtype(at::kByte));
+  // 64-byte alignment for the scratch areas (the allocator guarantees 64 on CPU; be explicit).
+  void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data_ptr()) + 63) & ~uintptr_t(63));
+  TORCH_EXT_CPU_DISPATCH(fused_moe, p, aligned);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation) {
+  const char* op = "fused_moe_backward";
+  const moe::Activation act = check_fused_moe_args(op, hidden, w13, w2, topk_weights, topk_ids, activation);
+  check_same_device(op, "grad_out", grad_out, "hidden", hidden);
+  TORCH_EXT_CHECK(grad_out.sizes() == hidden.sizes(), op, "grad_out must have hidden's shape ", hidden.sizes(),
+                  ", got ", grad_out.sizes());
+  return moe::fused_moe_backward_composite(grad_out, hidden, w13, w2, topk_weights, topk_ids, act);
+}
+
+}  // namespace torch_ext

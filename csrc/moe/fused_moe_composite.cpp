@@ -1,0 +1,119 @@
+// fused_moe as ATen ops. Pairs (token, slot) are sorted by expert (stable), each expert's rows
+// run through at::mm, and results go back to pair order and are summed over the k slots of a
+// token: a fixed summation order on every device (no index_add, whose CUDA kernel uses atomics).
+#include "moe/fused_moe_composite.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/bincount.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/silu_backward.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <vector>
+
+namespace torch_ext::moe {
+namespace {
+
+struct Grouping {
+  at::Tensor order;             // [P] int64: pair indices t * k + j sorted by expert, stable
+  at::Tensor tokens;            // [P] int64: the token of each grouped row
+  std::vector<int64_t> counts;  // [E] on the host: rows per expert
+};
+
+Grouping group_pairs(const at::Tensor& topk_ids, int64_t experts) {
+  const at::Tensor flat = topk_ids.reshape({-1}).to(at::kLong);
+  Grouping g;
+  g.order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  g.tokens = g.order.div(topk_ids.size(1), "floor");
+  const at::Tensor counts = at::bincount(flat, {}, experts).cpu();
+  g.counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + experts);
+  return g;
+}
+
+at::Tensor activate(const at::Tensor& gate, Activation activation) {
+  return activation == Activation::kSilu ? at::silu(gate) : at::gelu(gate);
+}
+
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& gate, Activation activation) {
+  return activation == Activation::kSilu ? at::silu_backward(grad, gate) : at::gelu_backward(grad, gate);
+}
+
+// Rows in grouped order back to pair order, summed over each token's k slots.
+at::Tensor combine(const at::Tensor& grouped, const Grouping& g, int64_t tokens, int64_t top_k) {
+  at::Tensor by_pair = at::empty_like(grouped);
+  by_pair.index_copy_(0, g.order, grouped);
+  return by_pair.view({tokens, top_k, grouped.size(1)}).sum(1);
+}
+
+}  // namespace
+
+at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                               const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation) {
+  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), intermediate = w2.size(2);
+  const Grouping g = group_pairs(topk_ids, w13.size(0));
+  const at::Tensor x = hidden.index_select(0, g.tokens);
+  const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type());
+  at::Tensor y = at::empty_like(x);
+  int64_t row = 0;
+  for (int64_t e = 0; e < int64_t(g.counts.size()); ++e) {
+    const int64_t count = g.counts[e];
+    if (count == 0) continue;
+    const at::Tensor gate_up = at::mm(x.narrow(0, row, count), w13[e].t());
+    const at::Tensor act = activate(gate_up.narrow(1, 0, intermediate), activation) *
+                           gate_up.narrow(1, intermediate, intermediate);
+    at::Tensor y_e = y.narrow(0, row, count);
+    at::mm_out(y_e, act, w2[e].t());
+    row += count;
+  }
+  y.mul_(weights.unsqueeze(1));
+  return combine(y, g, tokens, top_k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_composite(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation) {
+  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), intermediate = w2.size(2);
+  const Grouping g = group_pairs(topk_ids, w13.size(0));
+  const at::Tensor x = hidden.index_select(0, g.tokens);
+  const at::Tensor dy = grad_out.to(hidden.scalar_type()).index_select(0, g.tokens);
+  const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type());
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weights = at::empty({x.size(0)}, topk_weights.options());
+  at::Tensor grad_w13 = at::zeros_like(w13), grad_w2 = at::zeros_like(w2);
+  int64_t row = 0;
+  for (int64_t e = 0; e < int64_t(g.counts.size()); ++e) {
+    const int64_t count = g.counts[e];
+    if (count == 0) continue;
+    const at::Tensor x_e = x.narrow(0, row, count), dy_e = dy.narrow(0, row, count);
+    const at::Tensor w_e = weights.narrow(0, row, count).unsqueeze(1);
+    const at::Tensor gate_up = at::mm(x_e, w13[e].t());
+    const at::Tensor gate = gate_up.narrow(1, 0, intermediate), up = gate_up.narrow(1, intermediate, intermediate);
+    const at::Tensor act_gate = activate(gate, activation);
+    const at::Tensor act = act_gate * up;
+    // d(act) before the routing weight: its dot with act is the routing weight's gradient
+    // (dy . (W2 act) = (W2^T dy) . act), so the expert output itself is never needed.
+    const at::Tensor d_act_unweighted = at::mm(dy_e, w2[e]);
+    grad_weights.narrow(0, row, count).copy_((d_act_unweighted * act).sum(1));
+    const at::Tensor d_act = d_act_unweighted * w_e;
+    at::Tensor grad_w2_e = grad_w2[e], grad_w13_e = grad_w13[e], grad_x_e = grad_x.narrow(0, row, count);
+    at::mm_out(grad_w2_e, (dy_e * w_e).t(), act);
+    const at::Tensor d_gate_up = at::cat(
+        std::vector<at::Tensor>{activation_backward(d_act * up, gate, activation), d_act * act_gate}, 1);
+    at::mm_out(grad_w13_e, d_gate_up.t(), x_e);
+    at::mm_out(grad_x_e, d_gate_up, w13[e]);
+    row += count;
+  }
+  at::Tensor grad_weights_by_pair = at::empty_like(grad_weights);
+  grad_weights_by_pair.index_copy_(0, g.order, grad_weights);
+  return {combine(grad_x, g, tokens, top_k), grad_w13, grad_w2, grad_weights_by_pair.view({tokens, top_k})};
+}
+
+}  // namespace torch_ext::moe

@@ -1,0 +1,24 @@
+// The MoE layer as a composition of ATen ops (sort by expert, one GEMM pair per expert, a
+// deterministic combine): the float64 forward, and the backward on every device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "moe/fused_moe.h"
+
+namespace torch_ext::moe {
+
+// out [T, H] of fused_moe (arguments already checked).
+at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                               const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation);
+
+// (grad_hidden, grad_w13, grad_w2, grad_topk_weights) of fused_moe given grad_out [T, H]. The
+// first GEMM is recomputed rather than saved from the forward. Reads the per-expert token counts
+// on the host (a device sync on CUDA).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_composite(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation);
+
+}  // namespace torch_ext::moe

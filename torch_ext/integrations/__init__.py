@@ -1,0 +1,1 @@
+"""Drop-in integrations with model libraries: ``torch_ext.integrations.hf`` (transformers)."""

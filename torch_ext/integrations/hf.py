@@ -1,0 +1,11 @@
+"""transformers integration: replace a model's modules by torch_ext's fused ones, weights kept.
+
+- :func:`patch_moe`: every Mixtral, Qwen2-MoE, DeepSeek-V2 or DeepSeek-V3 MoE block becomes a
+  :class:`torch_ext.nn.FusedMoE`.
+
+transformers 4.x and 5.x are both supported.
+"""
+
+from torch_ext.integrations.hf_moe import patch_moe
+
+__all__ = ["patch_moe"]

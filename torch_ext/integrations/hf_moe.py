@@ -1,0 +1,104 @@
+"""Reading transformers' MoE blocks (4.x expert lists and 5.x stacked experts) and swapping them
+for FusedMoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_FAMILIES = ("Mixtral", "Qwen2Moe", "DeepseekV2", "DeepseekV3")
+
+
+def _family(block: nn.Module) -> str | None:
+    name = type(block).__name__
+    if not (name.endswith("SparseMoeBlock") or name.endswith("MoE") or name.endswith("Moe")):
+        return None
+    return next((family for family in _FAMILIES if name.startswith(family)), None)
+
+
+def _activation(act_fn: nn.Module) -> str:
+    name = type(act_fn).__name__
+    if isinstance(act_fn, nn.SiLU) or name in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if name == "GELUActivation" or (isinstance(act_fn, nn.GELU) and act_fn.approximate == "none"):
+        return "gelu"
+    raise ValueError(f"torch_ext: unsupported expert activation {name} (fused_moe has silu and exact gelu)")
+
+
+def _stacked_experts(experts: nn.Module, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(w13 [E, 2I, H], w2 [E, H, I], activation) of a 5.x experts module or a 4.x expert list."""
+    if hasattr(experts, "gate_up_proj"):
+        w13, w2 = experts.gate_up_proj, experts.down_proj
+        if w13.shape[-1] != hidden_size:  # stored transposed ([E, H, 2I] and [E, I, H])
+            w13 = nn.Parameter(w13.detach().transpose(1, 2).contiguous(), requires_grad=w13.requires_grad)
+            w2 = nn.Parameter(w2.detach().transpose(1, 2).contiguous(), requires_grad=w2.requires_grad)
+        return w13, w2, _activation(experts.act_fn)
+    first = experts[0]
+    if hasattr(first, "w1"):  # Mixtral 4.x: w1 gate, w3 up, w2 down
+        gate, up, down = "w1", "w3", "w2"
+    else:
+        gate, up, down = "gate_proj", "up_proj", "down_proj"
+    w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
+    w2 = torch.stack([getattr(e, down).weight for e in experts])
+    return nn.Parameter(w13.detach()), nn.Parameter(w2.detach()), _activation(first.act_fn)
+
+
+def describe_moe_block(block: nn.Module) -> dict:
+    """FusedMoE constructor arguments plus the tensors and submodules to reuse, for a transformers
+    Mixtral / Qwen2-MoE / DeepSeek-V2 / DeepSeek-V3 MoE block."""
+    family = _family(block)
+    if family is None:
+        raise ValueError(f"torch_ext: {type(block).__name__} is not a supported transformers MoE block "
+                         f"({', '.join(_FAMILIES)})")
+    gate = block.gate
+    router_weight = gate.weight
+    num_experts, hidden_size = router_weight.shape
+    w13, w2, activation = _stacked_experts(block.experts, hidden_size)
+    config = getattr(block, "config", None)
+
+    def setting(name, default=None):
+        for source in (gate, block, config):
+            if source is not None and hasattr(source, name):
+                return getattr(source, name)
+        return default
+
+    spec = dict(num_experts=num_experts, top_k=setting("top_k"), hidden_size=hidden_size,
+                intermediate_size=w2.shape[2], activation=activation, w13=w13, w2=w2,
+                router_weight=router_weight, correction_bias=None, shared_expert=None, shared_expert_gate=None,
+                return_router_logits=isinstance(block.experts, nn.ModuleList) and family in ("Mixtral", "Qwen2Moe"))
+    if family == "Mixtral":
+        spec.update(renormalize=True)
+    elif family == "Qwen2Moe":
+        spec.update(renormalize=bool(setting("norm_topk_prob", False)), shared_expert=block.shared_expert,
+                    shared_expert_gate=block.shared_expert_gate)
+    else:
+        groups = setting("n_group", setting("num_group", 1)) or 1
+        group_limited = family == "DeepseekV3" or setting("topk_method", "greedy") == "group_limited_greedy"
+        spec.update(scoring="sigmoid" if family == "DeepseekV3" else "softmax",
+                    renormalize=bool(setting("norm_topk_prob", False)) if family == "DeepseekV3" else False,
+                    num_expert_group=groups if group_limited else 1,
+                    topk_group=(setting("topk_group", 1) or 1) if group_limited else 1,
+                    routed_scaling_factor=float(setting("routed_scaling_factor", 1.0) or 1.0),
+                    router_dtype=torch.float32, shared_expert=block.shared_experts)
+        if family == "DeepseekV3":
+            spec["correction_bias"] = gate.e_score_correction_bias
+    return spec
+
+
+def patch_moe(model: nn.Module) -> nn.Module:
+    """Replace every supported transformers MoE block in ``model`` (in place) by a
+    :class:`torch_ext.nn.FusedMoE` with the same weights; returns the model. Raises if the model
+    has none (a silent no-op would hide a missed speed-up)."""
+    from torch_ext.nn.fused_moe import FusedMoE
+
+    targets = [(name, module) for name, module in model.named_modules() if _family(module) is not None]
+    if not targets:
+        raise ValueError(f"torch_ext.patch_moe: no supported MoE block in {type(model).__name__} "
+                         f"(looked for {', '.join(_FAMILIES)} blocks)")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        fused = FusedMoE.from_hf(module)
+        fused.train(module.training)
+        setattr(parent, child, fused)
+    return model
