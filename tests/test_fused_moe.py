@@ -7,7 +7,7 @@ import torch
 import torch_ext
 from torch_ext import reference
 from torch_ext.ops import fused_moe, moe_route
-from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs, random_tensor
+from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs, random_tensor, relative_error
 
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -148,3 +148,13 @@ def test_bad_inputs(change, message):
     change(args)
     with pytest.raises(RuntimeError, match=message):
         fused_moe(args["hidden"], args["w13"], args["w2"], args["weights"], args["ids"], args["activation"])
+
+
+def test_bench_baseline_computes_the_same():
+    """The benchmark's torch reference (sort + torch._grouped_mm + index_add_) is the same function."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    from torch_ext.bench.suites.moe import _torch_grouped_reference
+
+    args = _problem(10, 5, 2, 16, 8, torch.float32, "cpu", fresh_seed())
+    assert relative_error(_torch_grouped_reference(*args), fused_moe(*args)) < 1e-5
