@@ -59,4 +59,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation);
 
+// moe/fused_moe_quantized.cpp
+at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_qweight, const at::Tensor& w13_scales,
+                               const c10::optional<at::Tensor>& w13_zeros, const at::Tensor& w2_qweight,
+                               const at::Tensor& w2_scales, const c10::optional<at::Tensor>& w2_zeros,
+                               const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                               c10::string_view activation, int64_t bits, int64_t group_size);
+
 }  // namespace torch_ext

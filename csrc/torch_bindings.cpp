@@ -50,6 +50,10 @@ TORCH_LIBRARY(torch_ext, m) {
   // Gradients (hidden, w13, w2, topk_weights) of fused_moe given grad_out [T, H].
   m.def("fused_moe_backward(Tensor grad_out, Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, "
         "Tensor topk_ids, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  // fused_moe with each expert's W13 and W2 weight-only quantized (packed layout, stacked along a leading E).
+  m.def("fused_moe_quantized(Tensor hidden, Tensor w13_qweight, Tensor w13_scales, Tensor? w13_zeros, "
+        "Tensor w2_qweight, Tensor w2_scales, Tensor? w2_zeros, Tensor topk_weights, Tensor topk_ids, "
+        "str activation, int bits, int group_size) -> Tensor");
   // LLM.int8() linear: x [..., K] @ (w_q * w_scale).T + bias, outlier input features (|x| > threshold) in 16 bits.
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, float outlier_threshold) -> Tensor");
 }
@@ -72,6 +76,7 @@ void register_device_dispatching_ops(torch::Library& m) {
   m.impl("moe_route", &torch_ext::moe_route);
   m.impl("fused_moe", &torch_ext::fused_moe);
   m.impl("fused_moe_backward", &torch_ext::fused_moe_backward);
+  m.impl("fused_moe_quantized", &torch_ext::fused_moe_quantized);
 }
 
 }  // namespace

@@ -158,3 +158,58 @@ def test_bench_baseline_computes_the_same():
 
     args = _problem(10, 5, 2, 16, 8, torch.float32, "cpu", fresh_seed())
     assert relative_error(_torch_grouped_reference(*args), fused_moe(*args)) < 1e-5
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, False), (4, 32, True), (8, -1, False)])
+def test_quantized_experts_match_dequantized(device, bits, group_size, symmetric):
+    """fused_moe_quantized equals fused_moe on the dequantized experts (K = 40: a partial group)."""
+    from torch_ext.quant import quantize_experts
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    seed = fresh_seed()
+    h, w13, w2, weights, ids = _problem(9, 6, 2, 40, 24, dtype, device, seed)
+    q13, q2 = (quantize_experts(w, bits, group_size, symmetric) for w in (w13, w2))
+    with poisoned_outputs():
+        out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
+    ref = reference.moe.fused_moe(h.cpu(), q13.dequantize().cpu(), q2.dequantize().cpu(), weights.cpu(), ids.cpu())
+    assert_close_to_reference(out, ref, dtype, f"{bits}-bit g{group_size} (seed {seed})")
+
+
+def test_quantized_experts_gradient_and_module():
+    from torch_ext.quant import quantize_experts
+
+    seed = fresh_seed()
+    h, w13, w2, weights, ids = _problem(7, 5, 2, 32, 16, torch.float32, "cpu", seed)
+    q13, q2 = quantize_experts(w13), quantize_experts(w2)
+    h.requires_grad_()
+    weights.requires_grad_()
+    grad_h, grad_w = torch.autograd.grad(torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids).sum(),
+                                         (h, weights))
+    deq13, deq2 = q13.dequantize(), q2.dequantize()
+    ref_h, ref_w = torch.autograd.grad(fused_moe(h, deq13, deq2, weights, ids).sum(), (h, weights))
+    assert relative_error(grad_h, ref_h) < 1e-5 and relative_error(grad_w, ref_w) < 1e-5
+    layer = torch_ext.nn.FusedMoE(5, 2, 32, 16)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        dense = layer(x)
+        layer.quantize_experts_(bits=8, group_size=-1)
+        quantized = layer(x)
+    assert "w13" not in dict(layer.named_parameters()) and layer.w13_qweight.dtype == torch.int32
+    assert relative_error(quantized, dense) < 2e-2  # 8-bit per-channel rounding of the experts
+
+
+def test_quantized_experts_opcheck_and_bad_inputs():
+    from torch_ext.quant import quantize_experts
+
+    h, w13, w2, weights, ids = _problem(5, 4, 2, 32, 16, torch.float32, "cpu", fresh_seed())
+    q13, q2 = quantize_experts(w13, group_size=32), quantize_experts(w2, group_size=16)
+    args = (h, q13.qweight, q13.scales, q13.zeros, q2.qweight, q2.scales, q2.zeros, weights, ids, "silu", 4, 16)
+    with pytest.raises(ValueError, match="share bits and group_size"):
+        torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
+    q13 = quantize_experts(w13, group_size=16)
+    args = (h, q13.qweight, q13.scales, q13.zeros, q2.qweight, q2.scales, q2.zeros, weights, ids, "silu", 4, 16)
+    torch.library.opcheck(torch.ops.torch_ext.fused_moe_quantized, args)
+    with pytest.raises(RuntimeError, match="topk_ids entry must be in"):
+        torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids + 10)
+    with pytest.raises(RuntimeError, match="w2_scales must be"):
+        torch_ext.ops.fused_moe_quantized(h, q13, quantize_experts(w2[:, :-1], group_size=16), weights, ids)

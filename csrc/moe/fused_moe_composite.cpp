@@ -55,26 +55,34 @@ at::Tensor combine(const at::Tensor& grouped, const Grouping& g, int64_t tokens,
 
 }  // namespace
 
-at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
-                               const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation) {
-  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), intermediate = w2.size(2);
-  const Grouping g = group_pairs(topk_ids, w13.size(0));
+at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation) {
+  const int64_t intermediate = gate_up.size(1) / 2;
+  return activate(gate_up.narrow(1, 0, intermediate), activation) * gate_up.narrow(1, intermediate, intermediate);
+}
+
+at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                               int64_t experts, const ExpertMlp& expert_mlp) {
+  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1);
+  const Grouping g = group_pairs(topk_ids, experts);
   const at::Tensor x = hidden.index_select(0, g.tokens);
   const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type());
   at::Tensor y = at::empty_like(x);
   int64_t row = 0;
-  for (int64_t e = 0; e < int64_t(g.counts.size()); ++e) {
+  for (int64_t e = 0; e < experts; ++e) {
     const int64_t count = g.counts[e];
     if (count == 0) continue;
-    const at::Tensor gate_up = at::mm(x.narrow(0, row, count), w13[e].t());
-    const at::Tensor act = activate(gate_up.narrow(1, 0, intermediate), activation) *
-                           gate_up.narrow(1, intermediate, intermediate);
-    at::Tensor y_e = y.narrow(0, row, count);
-    at::mm_out(y_e, act, w2[e].t());
+    y.narrow(0, row, count).copy_(expert_mlp(e, x.narrow(0, row, count)));
     row += count;
   }
   y.mul_(weights.unsqueeze(1));
   return combine(y, g, tokens, top_k);
+}
+
+at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                               const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation) {
+  return run_grouped_experts(hidden, topk_weights, topk_ids, w13.size(0), [&](int64_t e, const at::Tensor& rows) {
+    return at::mm(gated_activation(at::mm(rows, w13[e].t()), activation), w2[e].t());
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_composite(

@@ -4,11 +4,21 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <tuple>
 
 #include "moe/fused_moe.h"
 
 namespace torch_ext::moe {
+
+// act(gate) * up for gate_up [rows, 2I] (gate columns first).
+at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation);
+
+// The forward skeleton: pairs grouped by expert, expert_mlp(e, rows of hidden routed to e) ->
+// [rows, H] for every expert with tokens, results weighted and summed per token in slot order.
+using ExpertMlp = std::function<at::Tensor(int64_t expert, const at::Tensor& rows)>;
+at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                               int64_t experts, const ExpertMlp& expert_mlp);
 
 // out [T, H] of fused_moe (arguments already checked).
 at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,

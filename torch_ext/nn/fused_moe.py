@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_ext.ops.moe import fused_moe, moe_route
+from torch_ext.ops.moe import fused_moe, fused_moe_quantized, moe_route
+from torch_ext.quant.experts import QuantizedExperts, quantize_experts
 
 
 class FusedMoE(nn.Module):
@@ -21,6 +22,9 @@ class FusedMoE(nn.Module):
     ``shared_expert_gate`` (Qwen2-MoE). ``router_dtype`` computes the router logits in that dtype
     (DeepSeek routes in float32). ``return_router_logits`` makes forward return
     ``(y, router_logits)`` as transformers 4.x Mixtral and Qwen2-MoE blocks do.
+
+    :meth:`quantize_experts_` replaces ``w13`` and ``w2`` by weight-only quantized buffers
+    (4 or 8 bits, fused_moe_quantized).
 
     Training: experts train through fused_moe's backward; the router trains through the routing
     weights, recomputed with differentiable torch ops from the chosen ids when gradients are on
@@ -48,6 +52,7 @@ class FusedMoE(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
         else:
             self.e_score_correction_bias = None
+        self.quantization: tuple[int, int] | None = None  # (bits, group_size) once quantized
         self.shared_expert = shared_expert
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **factory) if shared_expert_gate else None
         self.reset_parameters()
@@ -84,7 +89,10 @@ class FusedMoE(nn.Module):
                                  self.topk_group, self.e_score_correction_bias, self.routed_scaling_factor)
         if torch.is_grad_enabled() and logits.requires_grad:
             weights = self.routing_weights(logits, ids)
-        y = fused_moe(x, self.w13, self.w2, weights, ids, self.activation)
+        if self.quantized_experts is not None:
+            y = fused_moe_quantized(x, *self.quantized_experts, weights, ids, self.activation)
+        else:
+            y = fused_moe(x, self.w13, self.w2, weights, ids, self.activation)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -92,6 +100,29 @@ class FusedMoE(nn.Module):
             y = y + shared
         y = y.view(shape)
         return (y, logits) if self.return_router_logits else y
+
+    @property
+    def quantized_experts(self) -> tuple[QuantizedExperts, QuantizedExperts] | None:
+        if self.quantization is None:
+            return None
+        bits, group_size = self.quantization
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        return (QuantizedExperts(self.w13_qweight, self.w13_scales, self.w13_zeros, bits, group_size, (e, 2 * i, h)),
+                QuantizedExperts(self.w2_qweight, self.w2_scales, self.w2_zeros, bits, group_size, (e, h, i)))
+
+    @torch.no_grad()
+    def quantize_experts_(self, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> "FusedMoE":
+        """Quantize the expert weights in place (round-to-nearest, per group of input channels);
+        ``w13`` and ``w2`` become buffers ``w13_qweight``, ``w13_scales``, ``w13_zeros`` (and w2's).
+        The router and the shared expert stay as they are."""
+        for name in ("w13", "w2"):
+            packed = quantize_experts(getattr(self, name).detach(), bits, group_size, symmetric)
+            delattr(self, name)
+            self.register_buffer(f"{name}_qweight", packed.qweight)
+            self.register_buffer(f"{name}_scales", packed.scales)
+            self.register_buffer(f"{name}_zeros", packed.zeros)
+        self.quantization = (bits, group_size)
+        return self
 
     @classmethod
     def from_hf(cls, block: nn.Module) -> "FusedMoE":

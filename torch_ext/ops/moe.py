@@ -80,3 +80,54 @@ def _fused_moe_backward(ctx, grad_out: torch.Tensor):
 
 
 torch.library.register_autograd("torch_ext::fused_moe", _fused_moe_backward, setup_context=_fused_moe_setup_context)
+
+
+_FUSED_QUANTIZED = torch.ops.torch_ext.fused_moe_quantized
+
+
+def fused_moe_quantized(hidden: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        activation: str = "silu") -> torch.Tensor:
+    """:func:`fused_moe` with weight-only quantized experts: ``w13`` and ``w2`` are
+    :class:`torch_ext.quant.QuantizedExperts` (from :func:`torch_ext.quant.quantize_experts`) with
+    the same bits and group size. Each expert's tokens run through the dequantizing
+    weight_only_linear kernels. Differentiable in ``hidden`` and ``topk_weights`` (frozen experts:
+    the backward dequantizes them once per call)."""
+    if (w13.bits, w13.group_size) != (w2.bits, w2.group_size):
+        raise ValueError(f"w13 and w2 must share bits and group_size, got {(w13.bits, w13.group_size)} and "
+                         f"{(w2.bits, w2.group_size)}")
+    return _FUSED_QUANTIZED(hidden, w13.qweight, w13.scales, w13.zeros, w2.qweight, w2.scales, w2.zeros,
+                            topk_weights, topk_ids, activation, w13.bits, w13.group_size)
+
+
+@torch.library.register_fake("torch_ext::fused_moe_quantized")
+def _fused_moe_quantized_fake(hidden, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
+                              topk_weights, topk_ids, activation, bits, group_size):
+    torch._check(hidden.dim() == 2, lambda: f"hidden must be [T, H], got {tuple(hidden.shape)}")
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+def _fused_moe_quantized_setup_context(ctx, inputs, output) -> None:
+    (hidden, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros, topk_weights, topk_ids,
+     activation, bits, group_size) = inputs
+    ctx.save_for_backward(hidden, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
+                          topk_weights, topk_ids)
+    ctx.config = (activation, bits, group_size)
+
+
+def _dequantize_stacked(qweight, scales, zeros, bits, group_size, in_features, dtype):
+    return torch.stack([torch.ops.torch_ext.dequantize_weight(
+        qweight[e], scales[e], None if zeros is None else zeros[e], bits, group_size, in_features).to(dtype)
+        for e in range(qweight.shape[0])])
+
+
+def _fused_moe_quantized_backward(ctx, grad_out: torch.Tensor):
+    hidden, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, topk_weights, topk_ids = ctx.saved_tensors
+    activation, bits, group_size = ctx.config
+    w13 = _dequantize_stacked(w13_q, w13_s, w13_z, bits, group_size, hidden.shape[1], hidden.dtype)
+    w2 = _dequantize_stacked(w2_q, w2_s, w2_z, bits, group_size, w13.shape[1] // 2, hidden.dtype)
+    grad_hidden, _, _, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation)
+    return grad_hidden, None, None, None, None, None, None, grad_weights, None, None, None, None
+
+
+torch.library.register_autograd("torch_ext::fused_moe_quantized", _fused_moe_quantized_backward,
+                                setup_context=_fused_moe_quantized_setup_context)
