@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "common/cpu/isa.h"
 #include "common/torch_utils.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_composite.h"
@@ -18,6 +19,11 @@
 #endif
 
 namespace torch_ext {
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+namespace cpu::avx512_bf16 {
+void fused_moe_bf16_dot(const moe::FusedMoeParams& p, void* workspace);
+}
+#endif
 
 namespace {
 
@@ -90,6 +96,12 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
   at::Tensor workspace = at::empty({moe::fused_moe_cpu_workspace(p).total + 64}, h.options().dtype(at::kByte));
   // 64-byte alignment for the scratch areas (the allocator guarantees 64 on CPU; be explicit).
   void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data_ptr()) + 63) & ~uintptr_t(63));
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+  if (h.scalar_type() == at::kBFloat16 && cpu::avx512_bf16_active()) {
+    cpu::avx512_bf16::fused_moe_bf16_dot(p, aligned);
+    return out;
+  }
+#endif
   TORCH_EXT_CPU_DISPATCH(fused_moe, p, aligned);
   return out;
 }

@@ -34,7 +34,7 @@ struct FusedMoeParams {
 
 // The CPU kernel's scratch: byte offsets of its areas (each 64-byte aligned) and the total.
 struct FusedMoeCpuWorkspace {
-  int64_t act;           // [T * k, I] fp32: the activated rows act(W13 h) in grouped order
+  int64_t act;           // [T * k, I]: the activated rows act(W13 h) in grouped order (fp32-sized)
   int64_t sums;          // [T, H] fp32 output sums (fp16/bf16 output only; fp32 sums in place)
   int64_t counts;        // the plan (moe/expert_plan.h): [E] int64
   int64_t offsets;       // [E + 1] int64

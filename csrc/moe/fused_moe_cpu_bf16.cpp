@@ -1,0 +1,74 @@
+// fused_moe for bf16 with AVX512_BF16 dot products (vdpbf16ps). The passes: moe/fused_moe_cpu_passes.h.
+//
+// Compiled only at the AVX-512 level with -mavx512bf16, in its own ISA namespace (avx512_bf16),
+// and called only when the CPU has the extension (avx512_bf16_active()). vdpbf16ps multiplies
+// 16 pairs of adjacent bf16 values and adds both products into one fp32 lane: 32 multiply-adds
+// per instruction, twice the fp32 FMA rate, with no widening of the operands. Products of bf16
+// values are exact in fp32, so results match the FMA kernel up to summation order. The
+// activated rows are bf16 (the second GEMM's operand), as in the FMA kernel's bf16 path.
+#include "common/cpu/vec.h"
+#include "moe/fused_moe.h"
+#include "moe/fused_moe_cpu_passes.h"
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
+namespace {
+
+using fused_moe_passes::Accumulators;
+using fused_moe_passes::kRows;
+using fused_moe_passes::kTokens;
+
+// 32 bf16 values (16 pairs) at p, the first `count` of them when count < 32 (the rest zero).
+inline __m512bh load_pairs(const BFloat16* p, int count = 32) {
+  const __mmask32 mask = count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1;
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+template <int R, int NT>
+inline void dot_block(const BFloat16* const* w, const BFloat16* const* x, int64_t K, Accumulators& acc_out) {
+  __m512 acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < NT; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_pairs(w[r] + k);
+    for (int m = 0; m < NT; ++m) {
+      const __m512bh xv = load_pairs(x[m] + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+    }
+  }
+  if (k < K) {
+    const int tail = int(K - k);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_pairs(w[r] + k, tail);
+    for (int m = 0; m < NT; ++m) {
+      const __m512bh xv = load_pairs(x[m] + k, tail);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < NT; ++m) acc_out[r][m] = reduce_add(VecF{acc[r][m]});
+}
+
+struct Bf16DotKernel {
+  template <int R>
+  static void dot(int tokens, const BFloat16* const* w, const BFloat16* const* x, int64_t K, Accumulators& acc) {
+    static_assert(kTokens == 6, "the AVX-512 register tile");
+    switch (tokens) {
+      case 1: return dot_block<R, 1>(w, x, K, acc);
+      case 2: return dot_block<R, 2>(w, x, K, acc);
+      case 3: return dot_block<R, 3>(w, x, K, acc);
+      case 4: return dot_block<R, 4>(w, x, K, acc);
+      case 5: return dot_block<R, 5>(w, x, K, acc);
+      default: return dot_block<R, 6>(w, x, K, acc);
+    }
+  }
+};
+
+}  // namespace
+
+void fused_moe_bf16_dot(const moe::FusedMoeParams& p, void* workspace) {
+  fused_moe_passes::run<Bf16DotKernel, BFloat16, BFloat16>(p, workspace);
+}
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA

@@ -1,0 +1,205 @@
+// The two passes of fused_moe's CPU kernel, shared by the FMA micro-kernel (fused_moe_cpu.cpp,
+// every ISA level) and the AVX512_BF16 one (fused_moe_cpu_bf16.cpp); defined in each file's
+// ISA namespace.
+//
+// Structure (the same as the CUDA kernels'): group the (token, slot) pairs by expert
+// (moe/expert_plan.h), then two passes over the active experts' weights, each weight row read
+// from memory once per call:
+//   pass 1  act[r, j] = act(W13[e][j] . h[t], W13[e][I + j] . h[t]) for every grouped row r of
+//           expert e: gate and up rows side by side, the activation applied in the epilogue, so
+//           no [T, k, 2I] tensor exists (act is [T * k, I] scratch: fp32 for fp32 io, the io
+//           dtype otherwise, as the CUDA kernels round it).
+//   pass 2  out[t, n] = sum over t's experts e, in increasing e, of w[t, j] * (W2[e][n] . act[r]):
+//           each thread owns a slice of output columns n for all tokens, so the combine needs no
+//           [T, k, H] tensor, no atomics, and the sum order does not depend on the thread count.
+//
+// Both passes are weight-streaming GEMMs with few rows per expert (T = 64, k = 2, E = 8 gives
+// 16): the weights ([N, K] row-major, K contiguous) are used as stored, without packing, by a
+// dot-product micro-kernel `Kernel::dot<R>(tokens, w, x, K, acc)`: acc[r][m] = w[r] . x[m] for
+// R <= kRows weight rows and tokens <= kTokens token rows.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cpu/parallel.h"
+#include "common/cpu/vec.h"
+#include "moe/expert_plan.h"
+#include "moe/fused_moe.h"
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_passes {
+
+// Weight rows per micro-kernel call: gate and up rows of two intermediate columns in pass 1,
+// four output columns in pass 2.
+constexpr int kRows = 4;
+// Token rows per micro-kernel call: kRows x kTokens accumulators plus kRows weight vectors and
+// one token vector must fit the register file (32 zmm: 4 x 6 + 4 + 1 = 29; 16 ymm: 4 x 2 + 5;
+// scalar: the compiler's choice).
+constexpr int kTokens = VecF::kWidth == 16 ? 6 : (VecF::kWidth == 8 ? 2 : 4);
+// Intermediate columns per pass-1 work item: 32 columns x 2 rows x H weights (256 KB at
+// H = 1024 fp32, L2-resident while every token block of the expert passes over it) keeps the
+// items many enough to balance two threads over skewed experts and large enough to amortize
+// the scheduling.
+constexpr int64_t kColumnsPerItem = 32;
+// Output columns per pass-2 work item (all active experts' W2 rows for them).
+constexpr int64_t kOutputColumnsPerItem = 16;
+
+using Accumulators = float[kRows][kTokens];
+
+struct Plan {
+  int64_t* counts;        // [E]
+  int64_t* offsets;       // [E + 1]
+  int32_t* sorted_pairs;  // [T * k]
+  int32_t* active;        // [E]: experts with at least one pair, increasing
+  int32_t num_active;
+};
+
+template <typename Act>
+struct Workspace {
+  Act* act;      // [T * k, I] activated rows in grouped order
+  float* sums;   // [T, H] fp32 output sums (16-bit output only)
+  Plan plan;
+};
+
+template <typename Act>
+Workspace<Act> make_workspace(const torch_ext::moe::FusedMoeParams& p, void* memory) {
+  char* base = static_cast<char*>(memory);
+  const torch_ext::moe::FusedMoeCpuWorkspace layout = torch_ext::moe::fused_moe_cpu_workspace(p);
+  Workspace<Act> w;
+  w.act = reinterpret_cast<Act*>(base + layout.act);
+  w.sums = reinterpret_cast<float*>(base + layout.sums);
+  w.plan.counts = reinterpret_cast<int64_t*>(base + layout.counts);
+  w.plan.offsets = reinterpret_cast<int64_t*>(base + layout.offsets);
+  w.plan.sorted_pairs = reinterpret_cast<int32_t*>(base + layout.sorted_pairs);
+  w.plan.active = reinterpret_cast<int32_t*>(base + layout.active);
+  torch_ext::moe::build_expert_plan_host(p.topk_ids, p.tokens * p.top_k, p.experts, 1, w.plan.counts,
+                                         w.plan.offsets, w.plan.sorted_pairs);
+  w.plan.num_active = 0;
+  for (int32_t e = 0; e < p.experts; ++e)
+    if (w.plan.counts[e] > 0) w.plan.active[w.plan.num_active++] = e;
+  return w;
+}
+
+// Pass 1 for one expert and intermediate columns [j_begin, j_end): gate and up dot products for
+// all of the expert's rows, the activated product written to act.
+template <typename Kernel, typename T, typename Act>
+void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Act>& ws, int32_t e,
+                     int64_t j_begin, int64_t j_end) {
+  const int64_t H = p.hidden_size, I = p.intermediate_size;
+  const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * 2 * I * H;
+  const T* hidden = static_cast<const T*>(p.hidden);
+  const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
+  const int columns = int(j_end - j_begin);
+  // Gate and up values of the item's columns for one token block, token-major, until the
+  // epilogue activates them (SIMD along the columns).
+  float gate[kTokens][kColumnsPerItem], up[kTokens][kColumnsPerItem];
+  for (int64_t r0 = 0; r0 < rows; r0 += kTokens) {
+    const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
+    const T* x[kTokens];
+    for (int m = 0; m < tokens; ++m) x[m] = hidden + int64_t(ws.plan.sorted_pairs[row_begin + r0 + m] / p.top_k) * H;
+    for (int c = 0; c < columns; c += 2) {
+      const int64_t j = j_begin + c;
+      Accumulators acc;
+      if (c + 1 < columns) {
+        const T* w[kRows] = {w13 + j * H, w13 + (j + 1) * H, w13 + (I + j) * H, w13 + (I + j + 1) * H};
+        Kernel::template dot<4>(tokens, w, x, H, acc);
+        for (int m = 0; m < tokens; ++m) {
+          gate[m][c] = acc[0][m], gate[m][c + 1] = acc[1][m];
+          up[m][c] = acc[2][m], up[m][c + 1] = acc[3][m];
+        }
+      } else {
+        const T* w[kRows] = {w13 + j * H, w13 + (I + j) * H};
+        Kernel::template dot<2>(tokens, w, x, H, acc);
+        for (int m = 0; m < tokens; ++m) gate[m][c] = acc[0][m], up[m][c] = acc[1][m];
+      }
+    }
+    for (int m = 0; m < tokens; ++m) {
+      Act* a = ws.act + (row_begin + r0 + m) * I + j_begin;
+      for (int c = 0; c < columns; c += VecF::kWidth) {
+        const int n = std::min(VecF::kWidth, columns - c);
+        const VecF g = load_partial(gate[m] + c, n), u = load_partial(up[m] + c, n);
+        const VecF activated = p.activation == torch_ext::moe::Activation::kSilu ? g * sigmoid(g) : gelu(g);
+        store_partial(a + c, activated * u, n);
+      }
+    }
+  }
+}
+
+// Pass 2 for output columns [n_begin, n_end): every active expert's W2 rows against its act
+// rows, weighted and summed into sums[t, n] in increasing expert order.
+template <typename Kernel, typename T, typename Act>
+void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Act>& ws, float* sums, int64_t n_begin,
+                  int64_t n_end) {
+  const int64_t H = p.hidden_size, I = p.intermediate_size;
+  for (int64_t t = 0; t < p.tokens; ++t) std::fill(sums + t * H + n_begin, sums + t * H + n_end, 0.0f);
+  for (int32_t a = 0; a < ws.plan.num_active; ++a) {
+    const int32_t e = ws.plan.active[a];
+    const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
+    const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
+    for (int64_t n = n_begin; n < n_end; n += kRows) {
+      const int row_count = int(std::min<int64_t>(kRows, n_end - n));
+      const T* w[kRows];
+      for (int i = 0; i < row_count; ++i) w[i] = w2 + (n + i) * I;
+      for (int64_t r0 = 0; r0 < rows; r0 += kTokens) {
+        const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
+        const Act* x[kTokens];
+        for (int m = 0; m < tokens; ++m) x[m] = ws.act + (row_begin + r0 + m) * I;
+        Accumulators acc;
+        if (row_count == kRows) {
+          Kernel::template dot<4>(tokens, w, x, I, acc);
+        } else {
+          for (int i = 0; i < row_count; ++i) {
+            Accumulators one;
+            Kernel::template dot<1>(tokens, w + i, x, I, one);
+            for (int m = 0; m < tokens; ++m) acc[i][m] = one[0][m];
+          }
+        }
+        for (int m = 0; m < tokens; ++m) {
+          const int32_t pair = ws.plan.sorted_pairs[row_begin + r0 + m];
+          const float weight = p.topk_weights[pair];
+          float* out_row = sums + int64_t(pair / p.top_k) * H;
+          for (int i = 0; i < row_count; ++i) out_row[n + i] += weight * acc[i][m];
+        }
+      }
+    }
+  }
+}
+
+// Both passes for io type T with the activated rows stored as Act.
+template <typename Kernel, typename T, typename Act>
+void run(const torch_ext::moe::FusedMoeParams& p, void* workspace) {
+  if (p.tokens == 0) return;
+  const Workspace<Act> ws = make_workspace<Act>(p, workspace);
+  const int64_t H = p.hidden_size, I = p.intermediate_size;
+
+  // Pass 1: items column-chunk-major over the active experts, so that torch's contiguous split
+  // of the item range gives every thread a share of every expert (balanced under skew).
+  const int64_t chunks = (I + kColumnsPerItem - 1) / kColumnsPerItem;
+  parallel_for(0, chunks * ws.plan.num_active, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = item / ws.plan.num_active;
+      const int32_t e = ws.plan.active[item % ws.plan.num_active];
+      gate_up_columns<Kernel, T>(p, ws, e, chunk * kColumnsPerItem, std::min(I, (chunk + 1) * kColumnsPerItem));
+    }
+  });
+
+  // Pass 2: fp32 output accumulates in place; fp16/bf16 in the fp32 scratch, rounded once.
+  float* sums = std::is_same_v<T, float> ? reinterpret_cast<float*>(p.out) : ws.sums;
+  const int64_t items = (H + kOutputColumnsPerItem - 1) / kOutputColumnsPerItem;
+  parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n_begin = begin * kOutputColumnsPerItem, n_end = std::min(H, end * kOutputColumnsPerItem);
+    down_columns<Kernel, T>(p, ws, sums, n_begin, n_end);
+    if constexpr (!std::is_same_v<T, float>) {
+      T* out = static_cast<T*>(p.out);
+      for (int64_t t = 0; t < p.tokens; ++t) {
+        for (int64_t n = n_begin; n < n_end; n += VecF::kWidth) {
+          const int count = int(std::min<int64_t>(VecF::kWidth, n_end - n));
+          store_partial(out + t * H + n, load_partial(sums + t * H + n, count), count);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_passes
