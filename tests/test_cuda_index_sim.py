@@ -1,6 +1,6 @@
 """The CUDA kernels' index math, checked on the CPU: compiles the torch-free simulators in
 tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h;
-W8A8: csrc/quant/w8a8_cuda_index.h)
+W8A8: csrc/quant/w8a8_cuda_index.h; fused MoE: csrc/moe/fused_moe_cuda_index.h)
 and runs them on fresh random problems."""
 
 import shutil
@@ -48,3 +48,13 @@ def test_w8a8_cuda_kernels_simulated(tmp_path_factory):
     (csrc/quant/w8a8_cuda_index.h); fp8 within an fp32-summation error bound, bitwise where every
     partial sum is exact, NaN operands propagating."""
     _run_simulator(_build_simulator(tmp_path_factory, "w8a8_cuda_sim"))
+
+
+def test_fused_moe_cuda_kernels_simulated(tmp_path_factory):
+    """The device expert plans (count / scan / scatter, warps emulated) equal
+    moe::build_expert_plan_host; the grouped GEMMs (gate / up + activation, then one launch per
+    combine rank) and the decode kernels run thread by thread on random routings (odd H and I,
+    E = 1, 7, 60, k up to 8, idle experts, one hot expert, T = 1) with the mma.m16n8k16 / ldmatrix
+    fragment maps taken from the PTX ISA: act bit for bit, out within an fp32 bound, every element
+    written once (csrc/moe/fused_moe_cuda_index.h)."""
+    _run_simulator(_build_simulator(tmp_path_factory, "fused_moe_cuda_sim"))

@@ -15,7 +15,11 @@
 #include "ops.h"
 
 #if defined(TORCH_EXT_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "moe/fused_moe_cuda.h"
 #endif
 
 namespace torch_ext {
@@ -82,9 +86,10 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
                      const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation) {
   const char* op = "fused_moe";
   const moe::Activation act = check_fused_moe_args(op, hidden, w13, w2, topk_weights, topk_ids, activation);
-  if (hidden.scalar_type() == at::kDouble || hidden.is_cuda()) {
-    return moe::fused_moe_composite(hidden, w13, w2, topk_weights, topk_ids, act);
-  }
+  // float64 (checks) everywhere and fp32 on CUDA: the ATen composition (cuBLAS on CUDA).
+  const bool kernel_dtype = hidden.scalar_type() != at::kDouble &&
+                            (!hidden.is_cuda() || hidden.scalar_type() != at::kFloat);
+  if (!kernel_dtype) return moe::fused_moe_composite(hidden, w13, w2, topk_weights, topk_ids, act);
   const at::Tensor h = hidden.contiguous(), a = w13.contiguous(), b = w2.contiguous();
   const at::Tensor weights = topk_weights.contiguous(), ids = topk_ids.contiguous();
   at::Tensor out = at::empty_like(h);
@@ -93,6 +98,22 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
                               act,                    h.data_ptr(),       a.data_ptr(),
                               b.data_ptr(),           weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
                               out.data_ptr()};
+  if (h.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(h.device());
+    int num_sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, h.get_device()));
+    // 256 bytes of slack: the launcher wants its scratch 256-byte aligned.
+    at::Tensor workspace =
+        at::empty({cuda::fused_moe_workspace_bytes(p, num_sms) + 256}, h.options().dtype(at::kByte));
+    void* aligned =
+        reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data_ptr()) + 255) & ~uintptr_t(255));
+    C10_CUDA_CHECK(cuda::fused_moe(p, aligned, num_sms, c10::cuda::getCurrentCUDAStream()));
+    return out;
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
   at::Tensor workspace = at::empty({moe::fused_moe_cpu_workspace(p).total + 64}, h.options().dtype(at::kByte));
   // 64-byte alignment for the scratch areas (the allocator guarantees 64 on CPU; be explicit).
   void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data_ptr()) + 63) & ~uintptr_t(63));

@@ -67,12 +67,7 @@ template <typename T>
 __device__ __forceinline__ Pack16<T> load_chunk(const T* row, int64_t c, int64_t k, bool vector) {
   constexpr int V = Pack16<T>::kSize;
   const int len = ix::quant_chunk_len(c, V, k);
-  const T* const src = row + c * V;
-  if (vector && len == V) return load_pack16(src);
-  Pack16<T> pack;
-#pragma unroll
-  for (int e = 0; e < V; ++e) pack.v[e] = e < len ? src[e] : T{0};
-  return pack;
+  return load_pack16_partial(row + c * V, len, vector);
 }
 
 template <typename T>

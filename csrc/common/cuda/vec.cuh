@@ -74,4 +74,16 @@ __device__ __forceinline__ void store_pack16(T* p, const Pack16<T>& pack) {
   *reinterpret_cast<Pack16<T>*>(p) = pack;
 }
 
+// The first `len` (0..kSize) elements at p, zeros after: one 128-bit load when `vector` (p
+// 16-byte aligned) and the pack is whole, else element loads that never touch p[len..]. The
+// tail / unaligned loader of row-chunked kernels.
+template <typename T>
+__device__ __forceinline__ Pack16<T> load_pack16_partial(const T* p, int len, bool vector) {
+  if (vector && len == Pack16<T>::kSize) return load_pack16(p);
+  Pack16<T> pack;
+#pragma unroll
+  for (int e = 0; e < Pack16<T>::kSize; ++e) pack.v[e] = e < len ? p[e] : T{0};
+  return pack;
+}
+
 }  // namespace torch_ext::cuda

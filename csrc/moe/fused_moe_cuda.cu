@@ -1,0 +1,686 @@
+// CUDA kernels of fused_moe (moe/fused_moe_cuda.h). Every index map, the plan's steps, the tile
+// rules and the epilogue arithmetic are host+device functions in moe/fused_moe_cuda_index.h, run
+// thread by thread on the CPU by tests/cpp/fused_moe_cuda_sim.cpp.
+//
+// Launch sequence (one stream, no host synchronization: every grid is sized from the shapes with
+// moe::max_grouped_rows, and CTAs whose tile lies past the device-computed plan exit at once):
+//   1. plan 1 (key = expert): plan_count_kernel, plan_scan_kernel, plan_scatter_kernel build
+//      counts / offsets (segments padded to kBM rows) / sorted_pairs equal to
+//      moe::build_expert_plan_host, plus row_of_pair (inverse) and the list of active experts.
+//   Decode (T k <= 64):
+//   2. decode_gemm1_kernel: per (column block of I, active expert), warps compute gate and up
+//      dots of the expert's pairs, act = act(g, u) rounded to the io dtype, act[pair, j].
+//   3. decode_gemm2_kernel: per (column block of H, token), out[t, n] = sum over the token's
+//      pairs in increasing expert id of w * (W2[e] act[pair])[n], rounded once.
+//   Otherwise:
+//   2. plan 2 (key = rank * E + expert, rank = position among the token's experts by id): the
+//      same three kernels; the rows of rank L are contiguous, every token once.
+//   3. grouped_gemm_kernel<T, true> (GEMM 1): tiles of 64 grouped rows x (64 gate + 64 up weight
+//      rows); the gathered hidden rows and the weights stream through a 4-stage cp.async ring;
+//      mma.m16n8k16 with fp32 accumulators; each thread holds g and u of the same elements, so
+//      the epilogue stores act = act(g, u) in the io dtype: act [grouped rows, I] is the only
+//      intermediate (no [T, k, 2I] tensor).
+//   4. grouped_gemm_kernel<T, false> (GEMM 2), one launch per rank L = 0..k-1 over plan 2's
+//      rank-L rows, A = act rows gathered through row_of_pair: s = w y (L = 0) or s + w y, kept
+//      in an fp32 [T, H] accumulator and rounded into out by the last launch (no [T, k, H]
+//      tensor). Each launch writes each (t, n) exactly once and launches are stream-ordered, so
+//      there are no atomics and the result is bitwise reproducible.
+// H or I not a multiple of 8 (or unaligned pointers): the same kernels with synchronous element
+// loads into the same shared layout (slower, same results).
+#include <type_traits>
+
+#include "common/cuda/cp_async.cuh"
+#include "common/cuda/mma.cuh"
+#include "common/cuda/vec.cuh"
+#include "moe/fused_moe_cuda.h"
+#include "moe/fused_moe_cuda_index.h"
+
+namespace torch_ext::cuda {
+namespace {
+
+namespace ix = ::torch_ext::moe::fused_moe_cuda;
+using moe::Activation;
+using moe::FusedMoeParams;
+
+constexpr int64_t kMaxGrid = 2147483647;
+constexpr uint32_t kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ int32_t warp_inclusive_sum(int32_t v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int32_t up = __shfl_up_sync(kFullMask, v, o);
+    if (lane >= o) v += up;
+  }
+  return v;
+}
+
+// Sum over the warp by a xor butterfly: every lane gets the same, order-fixed result.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan (ix section 1)
+// ---------------------------------------------------------------------------------------------
+
+struct PlanArgs {
+  const int32_t* ids;
+  int64_t pairs;
+  int k;
+  int32_t experts;
+  bool by_rank;
+  int32_t keys;
+  int64_t chunks;
+  int64_t block;
+  int32_t* cells;        // [keys][chunks]
+  int32_t* counts;       // [keys]
+  int32_t* offsets;      // [keys + 1]
+  int32_t* active;       // [experts + 1] or nullptr
+  int32_t* sorted;       // [rows]
+  int32_t* row_of_pair;  // [pairs] or nullptr
+};
+
+// The warp's walk of its chunk in groups of 32 pairs: fn(p, key, peers) for every lane (key -1
+// past the chunk), with a __syncwarp after each group.
+template <typename Fn>
+__device__ __forceinline__ void walk_chunk(const PlanArgs& a, int64_t b, int lane, Fn&& fn) {
+  const int64_t begin = ix::chunk_begin(b, a.pairs, a.chunks), end = ix::chunk_begin(b + 1, a.pairs, a.chunks);
+  for (int64_t base = begin; base < end; base += 32) {
+    const int64_t p = base + lane;
+    const int32_t key = p < end ? ix::plan_key(a.ids, p, a.k, a.experts, a.by_rank) : -1;
+    const uint32_t peers = __match_any_sync(kFullMask, key);
+    fn(p, key, peers);
+    __syncwarp();
+  }
+}
+
+__global__ void __launch_bounds__(32 * ix::kPlanWarps) plan_count_kernel(const PlanArgs a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t b = int64_t(blockIdx.x) * ix::kPlanWarps + threadIdx.x / 32;
+  if (b >= a.chunks) return;  // whole warps; no CTA barrier
+  for (int64_t key = lane; key < a.keys; key += 32) a.cells[key * a.chunks + b] = 0;
+  __syncwarp();
+  walk_chunk(a, b, lane, [&](int64_t, int32_t key, uint32_t peers) {
+    if (key >= 0 && ix::group_leader(peers, lane)) a.cells[int64_t(key) * a.chunks + b] += __popc(peers);
+  });
+}
+
+__global__ void __launch_bounds__(32 * ix::kPlanWarps) plan_scatter_kernel(const PlanArgs a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t b = int64_t(blockIdx.x) * ix::kPlanWarps + threadIdx.x / 32;
+  if (b >= a.chunks) return;
+  walk_chunk(a, b, lane, [&](int64_t p, int32_t key, uint32_t peers) {
+    int32_t* const cursor = key >= 0 ? a.cells + int64_t(key) * a.chunks + b : nullptr;
+    if (key >= 0) {
+      const int32_t row = a.offsets[key] + *cursor + ix::group_rank(peers, lane);
+      a.sorted[row] = int32_t(p);
+      if (a.row_of_pair != nullptr) a.row_of_pair[p] = row;
+    }
+    __syncwarp();  // every lane read the cursor before its leader moves it
+    if (key >= 0 && ix::group_leader(peers, lane)) *cursor += __popc(peers);
+  });
+}
+
+// (a) per key: chunk cells -> exclusive prefixes, counts.
+__device__ __forceinline__ void scan_cells(const PlanArgs& a, int warp, int lane) {
+  const int64_t span = ix::scan_span(a.chunks);
+  const int64_t lo = ix::min64(a.chunks, lane * span), hi = ix::min64(a.chunks, lo + span);
+  for (int64_t key = warp; key < a.keys; key += ix::kScanThreads / 32) {
+    int32_t* const cells = a.cells + key * a.chunks;
+    int32_t sum = 0;
+    for (int64_t c = lo; c < hi; ++c) sum += cells[c];
+    const int32_t inclusive = warp_inclusive_sum(sum, lane);
+    int32_t running = inclusive - sum;
+    for (int64_t c = lo; c < hi; ++c) {
+      const int32_t v = cells[c];
+      cells[c] = running;
+      running += v;
+    }
+    if (lane == 31) a.counts[key] = inclusive;
+  }
+}
+
+// (b) block scan over keys: offsets (padded segments) and the active experts.
+__device__ __forceinline__ void scan_offsets(const PlanArgs& a, int tid, int warp, int lane) {
+  __shared__ int32_t warp_rows[32], warp_active[32];
+  int32_t carry_rows = 0, carry_active = 0;  // identical in every thread
+  for (int64_t base = 0; base < a.keys; base += ix::kScanThreads) {
+    const int64_t key = base + tid;
+    const int32_t count = key < a.keys ? a.counts[key] : 0;
+    const int32_t rows = int32_t(moe::padded_rows(count, a.block));
+    const int32_t is_active = count > 0 ? 1 : 0;
+    const int32_t rows_incl = warp_inclusive_sum(rows, lane), active_incl = warp_inclusive_sum(is_active, lane);
+    if (lane == 31) {
+      warp_rows[warp] = rows_incl;
+      warp_active[warp] = active_incl;
+    }
+    __syncthreads();
+    int32_t rows_before = carry_rows, active_before = carry_active, rows_total = 0, active_total = 0;
+    for (int w = 0; w < ix::kScanThreads / 32; ++w) {
+      if (w < warp) {
+        rows_before += warp_rows[w];
+        active_before += warp_active[w];
+      }
+      rows_total += warp_rows[w];
+      active_total += warp_active[w];
+    }
+    if (key < a.keys) {
+      a.offsets[key] = rows_before + rows_incl - rows;
+      if (a.active != nullptr && is_active) a.active[active_before + active_incl - 1] = int32_t(key);
+    }
+    carry_rows += rows_total;
+    carry_active += active_total;
+    __syncthreads();  // warp_rows is rewritten next round
+  }
+  if (tid == 0) {
+    a.offsets[a.keys] = carry_rows;
+    if (a.active != nullptr) a.active[a.experts] = carry_active;
+  }
+}
+
+__global__ void __launch_bounds__(ix::kScanThreads) plan_scan_kernel(const PlanArgs a) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  scan_cells(a, warp, lane);
+  __syncthreads();
+  scan_offsets(a, tid, warp, lane);
+  __syncthreads();
+  // (c) padding rows
+  if (a.block > 1) {
+    for (int64_t i = tid; i < int64_t(a.keys) * (a.block - 1); i += ix::kScanThreads) {
+      const int64_t r = ix::padding_row(a.counts, a.offsets, i, a.block);
+      if (r >= 0) a.sorted[r] = -1;
+    }
+  }
+}
+
+cudaError_t build_plan(const PlanArgs& a, cudaStream_t stream) {
+  const int64_t blocks = ix::ceil_div(a.chunks, ix::kPlanWarps);
+  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  plan_count_kernel<<<unsigned(blocks), 32 * ix::kPlanWarps, 0, stream>>>(a);
+  plan_scan_kernel<<<1, ix::kScanThreads, 0, stream>>>(a);
+  plan_scatter_kernel<<<unsigned(blocks), 32 * ix::kPlanWarps, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped GEMMs (ix sections 3, 4)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct GemmArgs {
+  const T* a;                // GEMM 1: hidden [T, H]; GEMM 2: act [rows1, act_stride]
+  int64_t a_stride;          // elements between A rows
+  const T* w;                // w13 or w2
+  int64_t w_expert_stride;   // 2 I H or H I
+  int64_t k_total;           // H or I (also the weight row length)
+  int64_t n_total;           // GEMM 1: I (gate columns); GEMM 2: H
+  const int32_t* sorted;     // plan 1 or plan 2 rows
+  const int32_t* offsets;
+  int32_t first_key, keys, experts;
+  const int32_t* row_of_pair;  // GEMM 2: act row of a pair
+  int top_k;
+  int64_t m_blocks, n_blocks, k_iters;
+  bool vector;               // cp.async path
+  // GEMM 1 epilogue
+  T* act;
+  int64_t act_stride;
+  Activation activation;
+  // GEMM 2 epilogue
+  const float* topk_weights;
+  float* acc32;              // [T, H] or nullptr when k = 1
+  T* out;
+  bool first, last;
+};
+
+template <typename T>
+__device__ __forceinline__ void store_chunk_sync(unsigned char* dst, const T* src, int elems) {
+  store_pack16(reinterpret_cast<T*>(dst), load_pack16_partial(src, elems, false));
+}
+
+// Two adjacent io-dtype values (column j even; 4-byte aligned when the row stride is even).
+template <typename T>
+__device__ __forceinline__ void store_two(T* row, int64_t j, int64_t n_total, float v0, float v1, bool paired) {
+  if (paired && j + 1 < n_total) {
+    const T pair[2] = {from_compute<T>(v0), from_compute<T>(v1)};
+    uint32_t word;
+    __builtin_memcpy(&word, pair, 4);
+    *reinterpret_cast<uint32_t*>(row + j) = word;
+    return;
+  }
+  if (j < n_total) row[j] = from_compute<T>(v0);
+  if (j + 1 < n_total) row[j + 1] = from_compute<T>(v1);
+}
+
+template <typename T, bool kGateUp>
+__device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = ix::warp_m_of(warp), warp_n = ix::warp_n_of(warp);
+  const ix::TileCoord tile = ix::tile_of(blockIdx.x, p.m_blocks, p.n_blocks);
+  const int64_t row0 = int64_t(p.offsets[p.first_key]) + tile.mb * ix::kBM;
+  const int32_t key = ix::segment_of_row(p.offsets, p.first_key, p.keys, row0);
+  if (key < 0) return;  // past the plan's rows (uniform over the CTA, before any barrier)
+  const int32_t expert = key % p.experts;
+  const int64_t n0 = tile.nb * (kGateUp ? ix::kGateCols : ix::kBN);
+
+  // Source rows of this thread's chunks (nullptr: zero-filled row).
+  const int crow = ix::chunk_row(tid), ccol = ix::chunk_col(tid);
+  const T* a_src[ix::kAChunksPerThread];
+  const T* b_src[ix::kBChunksPerThread];
+#pragma unroll
+  for (int i = 0; i < ix::kAChunksPerThread; ++i) {
+    const int32_t pair = p.sorted[row0 + crow + i * ix::kRowsPerPass];
+    int64_t a_row = -1;
+    if (pair >= 0) a_row = kGateUp ? pair / p.top_k : p.row_of_pair[pair];
+    a_src[i] = a_row >= 0 ? p.a + a_row * p.a_stride : nullptr;
+  }
+  const T* const w_expert = p.w + int64_t(expert) * p.w_expert_stride;
+#pragma unroll
+  for (int i = 0; i < ix::kBChunksPerThread; ++i) {
+    const int b = crow + i * ix::kRowsPerPass;
+    const int64_t w_row = kGateUp ? ix::gemm1_weight_row(b, n0, p.n_total) : (n0 + b < p.n_total ? n0 + b : -1);
+    b_src[i] = w_row >= 0 ? w_expert + w_row * p.k_total : nullptr;
+  }
+
+  const auto load_operand = [&]<int kChunks>(const T* const (&rows)[kChunks], unsigned char* tile_smem, int iter) {
+    const int64_t k = int64_t(iter) * ix::kBK + ccol * ix::kChunkElems;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int elems = ix::chunk_elems(k, p.k_total, rows[i] != nullptr);
+      unsigned char* const dst = tile_smem + ix::smem_offset(crow + i * ix::kRowsPerPass, ccol);
+      const T* const src = elems > 0 ? rows[i] + k : p.w;
+      if (p.vector) {
+        cp_async_16_partial(dst, src, elems * ix::kElemBytes);
+      } else {
+        store_chunk_sync(dst, src, elems);
+      }
+    }
+  };
+  const auto load_stage = [&](int stage, int iter) {
+    unsigned char* const sa = smem + stage * ix::kStageBytes;
+    load_operand(a_src, sa, iter);
+    load_operand(b_src, sa + ix::kABytes, iter);
+  };
+
+  float acc[ix::kMI][ix::kNI][4];
+#pragma unroll
+  for (int i = 0; i < ix::kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < ix::kNI; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  const auto compute_stage = [&](int stage) {
+    const unsigned char* const sa = smem + stage * ix::kStageBytes;
+    const unsigned char* const sb = sa + ix::kABytes;
+#pragma unroll
+    for (int ks = 0; ks < ix::kKSteps; ++ks) {
+      uint32_t af[ix::kMI][4], bf[ix::kNI][2];
+#pragma unroll
+      for (int i = 0; i < ix::kMI; ++i)
+        ldmatrix_x4(af[i], sa + ix::smem_offset(ix::a_ldsm_row(warp_m, i, lane), ix::a_ldsm_chunk(ks, lane)));
+#pragma unroll
+      for (int j = 0; j < ix::kNI / 2; ++j) {
+        uint32_t r[4];
+        ldmatrix_x4(r, sb + ix::smem_offset(ix::b_ldsm_row(kGateUp, warp_n, j, lane), ix::b_ldsm_chunk(ks, lane)));
+        bf[2 * j][0] = r[0];
+        bf[2 * j][1] = r[1];
+        bf[2 * j + 1][0] = r[2];
+        bf[2 * j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < ix::kMI; ++i)
+#pragma unroll
+        for (int j = 0; j < ix::kNI; ++j) mma_m16n8k16<T>(acc[i][j], af[i], bf[j]);
+    }
+  };
+
+  // Pipeline (as in w8a8_cuda.cu): stages 0..kStages-2 in flight; one commit group per iteration
+  // (empty past the end); iteration it waits for stage it, refills the slot read in it - 1 (the
+  // barrier orders the two), then computes.
+  const int k_iters = int(p.k_iters);
+#pragma unroll
+  for (int s = 0; s < ix::kStages - 1; ++s) {
+    if (s < k_iters) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < k_iters; ++it) {
+    cp_async_wait<ix::kStages - 2>();
+    __syncthreads();
+    const int next = it + ix::kStages - 1;
+    if (next < k_iters) load_stage(next % ix::kStages, next);
+    cp_async_commit();
+    compute_stage(it % ix::kStages);
+  }
+  cp_async_wait_all();  // only empty groups remain
+
+#pragma unroll
+  for (int i = 0; i < ix::kMI; ++i)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t r = row0 + ix::acc_row(warp_m, i, lane, 2 * half);
+      const int32_t pair = p.sorted[r];
+      if (pair < 0) continue;  // padding row
+      if constexpr (kGateUp) {
+        T* const act_row = p.act + r * p.act_stride;
+#pragma unroll
+        for (int j = 0; j < ix::kNI / 2; ++j) {
+          const int64_t col = ix::gate_col(n0, warp_n, j, lane, 0);
+          float v[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            v[e] = ix::act_value(p.activation, acc[i][j][2 * half + e], acc[i][j + ix::kNI / 2][2 * half + e]);
+          store_two(act_row, col, p.n_total, v[0], v[1], true);
+        }
+      } else {
+        const int64_t t = pair / p.top_k;
+        const float w = __ldg(p.topk_weights + pair);
+        T* const out_row = p.out + t * p.n_total;
+        float* const acc_row = p.acc32 != nullptr ? p.acc32 + t * p.n_total : nullptr;
+#pragma unroll
+        for (int j = 0; j < ix::kNI; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int64_t n = ix::out_col(n0, warp_n, j, lane, e);
+            if (n >= p.n_total) continue;
+            const float prev = p.first ? 0.f : acc_row[n];
+            const float s = ix::combine_value(p.first, prev, w, acc[i][j][2 * half + e]);
+            if (p.last) {
+              out_row[n] = from_compute<T>(s);
+            } else {
+              acc_row[n] = s;
+            }
+          }
+      }
+    }
+}
+
+template <typename T, bool kGateUp>
+__global__ void __launch_bounds__(ix::kThreads, ix::kMinCtas) grouped_gemm_kernel(const GemmArgs<T> p) {
+  gemm_cta<T, kGateUp>(p);
+}
+
+template <typename T, bool kGateUp>
+cudaError_t launch_gemm(const GemmArgs<T>& p, cudaStream_t stream) {
+  const int64_t blocks = p.m_blocks * p.n_blocks;
+  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  if (blocks == 0) return cudaSuccess;
+  static_assert(ix::kSmemBytes <= 48 * 1024, "no opt-in for more dynamic shared memory");
+  grouped_gemm_kernel<T, kGateUp><<<unsigned(blocks), ix::kThreads, ix::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode (ix section 5)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct DecodeArgs {
+  const T* hidden;
+  const T* w13;
+  const T* w2;
+  const float* topk_weights;
+  const int32_t* ids;
+  const int32_t* counts;
+  const int32_t* offsets;
+  const int32_t* active;  // [experts] then their number
+  const int32_t* sorted;
+  T* act;                 // [pairs, act_stride]
+  T* out;
+  int64_t hidden_size, inter, act_stride;
+  int32_t experts;
+  int top_k;
+  Activation activation;
+  bool vector1, vector2;  // hidden / w13 rows, w2 rows 16-byte loadable
+};
+
+// fma of the 8 products of two chunks into acc.
+template <typename T>
+__device__ __forceinline__ float dot_chunk(const Pack16<T>& w, const Pack16<T>& x, float acc) {
+#pragma unroll
+  for (int e = 0; e < Pack16<T>::kSize; ++e) acc = fmaf(to_compute(w.v[e]), to_compute(x.v[e]), acc);
+  return acc;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const DecodeArgs<T> p) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (int32_t(blockIdx.y) >= p.active[p.experts]) return;  // no barriers in this kernel
+  const int32_t e = p.active[blockIdx.y];
+  const int64_t j = int64_t(blockIdx.x) * ix::kDecodeWarps + warp;
+  if (j >= p.inter) return;
+  const int64_t H = p.hidden_size;
+  const T* const gate = p.w13 + (int64_t(e) * 2 * p.inter + j) * H;
+  const T* const up = gate + p.inter * H;
+  const int32_t begin = p.offsets[e], count = p.counts[e];
+  const int64_t chunks = ix::ceil_div(H, ix::kChunkElems);
+  for (int32_t b0 = 0; b0 < count; b0 += ix::kDecodeBatch) {
+    int32_t pair[ix::kDecodeBatch];
+    const T* x[ix::kDecodeBatch];
+#pragma unroll
+    for (int q = 0; q < ix::kDecodeBatch; ++q) {
+      pair[q] = b0 + q < count ? p.sorted[begin + b0 + q] : -1;
+      x[q] = pair[q] >= 0 ? p.hidden + int64_t(pair[q] / p.top_k) * H : nullptr;
+    }
+    float g[ix::kDecodeBatch] = {}, u[ix::kDecodeBatch] = {};
+    for (int64_t i = 0;; ++i) {
+      const int64_t c = ix::decode_chunk(lane, i);
+      if (c >= chunks) break;
+      const int64_t k0 = c * ix::kChunkElems;
+      const int len = ix::chunk_elems(k0, H, true);
+      const Pack16<T> wg = load_pack16_partial(gate + k0, len, p.vector1);
+      const Pack16<T> wu = load_pack16_partial(up + k0, len, p.vector1);
+#pragma unroll
+      for (int q = 0; q < ix::kDecodeBatch; ++q) {
+        if (x[q] == nullptr) continue;
+        const Pack16<T> xv = load_pack16_partial(x[q] + k0, len, p.vector1);
+        g[q] = dot_chunk(wg, xv, g[q]);
+        u[q] = dot_chunk(wu, xv, u[q]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < ix::kDecodeBatch; ++q) {
+      const float gs = warp_sum(g[q]), us = warp_sum(u[q]);
+      if (lane == q && pair[q] >= 0)
+        p.act[int64_t(pair[q]) * p.act_stride + j] = from_compute<T>(ix::act_value(p.activation, gs, us));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm2_kernel(const DecodeArgs<T> p) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t t = blockIdx.y;
+  const int64_t n = int64_t(blockIdx.x) * ix::kDecodeWarps + warp;
+  if (n >= p.hidden_size) return;
+  const int32_t* const ids_row = p.ids + t * p.top_k;
+  const int64_t chunks = ix::ceil_div(p.inter, ix::kChunkElems);
+  float s = 0.f;
+  for (int32_t rank = 0; rank < p.top_k; ++rank) {
+    const int j = ix::slot_of_rank(ids_row, p.top_k, rank);
+    const int64_t pair = t * p.top_k + j;
+    const T* const w_row = p.w2 + (int64_t(ids_row[j]) * p.hidden_size + n) * p.inter;
+    const T* const a_row = p.act + pair * p.act_stride;
+    float y = 0.f;
+    for (int64_t i = 0;; ++i) {
+      const int64_t c = ix::decode_chunk(lane, i);
+      if (c >= chunks) break;
+      const int64_t k0 = c * ix::kChunkElems;
+      const int len = ix::chunk_elems(k0, p.inter, true);
+      y = dot_chunk(load_pack16_partial(w_row + k0, len, p.vector2), load_pack16_partial(a_row + k0, len, true), y);
+    }
+    s = ix::combine_value(rank == 0, s, __ldg(p.topk_weights + pair), warp_sum(y));
+  }
+  if (lane == 0) p.out[t * p.hidden_size + n] = from_compute<T>(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch sequence
+// ---------------------------------------------------------------------------------------------
+
+template <typename U>
+U* region(void* workspace, int64_t offset) {
+  return reinterpret_cast<U*>(static_cast<unsigned char*>(workspace) + offset);
+}
+
+template <typename T>
+cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStream_t stream) {
+  const int64_t T_ = p.tokens, H = p.hidden_size, I = p.intermediate_size, E = p.experts;
+  const int k = p.top_k;
+  const T* const hidden = static_cast<const T*>(p.hidden);
+  const T* const w13 = static_cast<const T*>(p.w13);
+  const T* const w2 = static_cast<const T*>(p.w2);
+  T* const out = static_cast<T*>(p.out);
+  T* const act = region<T>(ws, l.act);
+  const int64_t act_stride = ix::act_stride(I);
+
+  PlanArgs plan{};
+  plan.ids = p.topk_ids;
+  plan.pairs = l.pairs;
+  plan.k = k;
+  plan.experts = p.experts;
+  plan.by_rank = false;
+  plan.keys = p.experts;
+  plan.chunks = l.chunks1;
+  plan.block = ix::kBM;
+  plan.cells = region<int32_t>(ws, l.cells1);
+  plan.counts = region<int32_t>(ws, l.counts1);
+  plan.offsets = region<int32_t>(ws, l.offsets1);
+  plan.active = region<int32_t>(ws, l.active1);
+  plan.sorted = region<int32_t>(ws, l.sorted1);
+  plan.row_of_pair = region<int32_t>(ws, l.row_of_pair);
+  cudaError_t status = build_plan(plan, stream);
+  if (status != cudaSuccess) return status;
+
+  if (ix::use_decode(l.pairs)) {
+    DecodeArgs<T> d{};
+    d.hidden = hidden;
+    d.w13 = w13;
+    d.w2 = w2;
+    d.topk_weights = p.topk_weights;
+    d.ids = p.topk_ids;
+    d.counts = plan.counts;
+    d.offsets = plan.offsets;
+    d.active = plan.active;
+    d.sorted = plan.sorted;
+    d.act = act;
+    d.out = out;
+    d.hidden_size = H;
+    d.inter = I;
+    d.act_stride = act_stride;
+    d.experts = p.experts;
+    d.top_k = k;
+    d.activation = p.activation;
+    d.vector1 = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(hidden), H) &&
+                ix::rows_vectorizable(reinterpret_cast<uintptr_t>(w13), H);
+    d.vector2 = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(w2), I);
+    const int64_t grid1_x = ix::ceil_div(I, ix::kDecodeWarps), grid2_x = ix::ceil_div(H, ix::kDecodeWarps);
+    const int64_t active_slots = ix::min64(E, l.pairs);
+    if (grid1_x > kMaxGrid || grid2_x > kMaxGrid) return cudaErrorInvalidValue;
+    decode_gemm1_kernel<T><<<dim3(unsigned(grid1_x), unsigned(active_slots)), ix::kDecodeThreads, 0, stream>>>(d);
+    decode_gemm2_kernel<T><<<dim3(unsigned(grid2_x), unsigned(T_)), ix::kDecodeThreads, 0, stream>>>(d);
+    return cudaGetLastError();
+  }
+
+  PlanArgs plan2 = plan;
+  plan2.by_rank = true;
+  plan2.keys = int32_t(l.keys2);
+  plan2.chunks = l.chunks2;
+  plan2.cells = region<int32_t>(ws, l.cells2);
+  plan2.counts = region<int32_t>(ws, l.counts2);
+  plan2.offsets = region<int32_t>(ws, l.offsets2);
+  plan2.active = nullptr;
+  plan2.sorted = region<int32_t>(ws, l.sorted2);
+  plan2.row_of_pair = nullptr;
+  status = build_plan(plan2, stream);
+  if (status != cudaSuccess) return status;
+
+  GemmArgs<T> g1{};
+  g1.a = hidden;
+  g1.a_stride = H;
+  g1.w = w13;
+  g1.w_expert_stride = 2 * I * H;
+  g1.k_total = H;
+  g1.n_total = I;
+  g1.sorted = plan.sorted;
+  g1.offsets = plan.offsets;
+  g1.first_key = 0;
+  g1.keys = p.experts;
+  g1.experts = p.experts;
+  g1.top_k = k;
+  g1.m_blocks = l.rows1 / ix::kBM;
+  g1.n_blocks = ix::gemm1_n_blocks(I);
+  g1.k_iters = ix::ceil_div(H, ix::kBK);
+  g1.vector = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(hidden), H) &&
+              ix::rows_vectorizable(reinterpret_cast<uintptr_t>(w13), H);
+  g1.act = act;
+  g1.act_stride = act_stride;
+  g1.activation = p.activation;
+  status = launch_gemm<T, true>(g1, stream);
+  if (status != cudaSuccess) return status;
+
+  GemmArgs<T> g2{};
+  g2.a = act;
+  g2.a_stride = act_stride;
+  g2.w = w2;
+  g2.w_expert_stride = H * I;
+  g2.k_total = I;
+  g2.n_total = H;
+  g2.sorted = plan2.sorted;
+  g2.offsets = plan2.offsets;
+  g2.keys = p.experts;
+  g2.experts = p.experts;
+  g2.row_of_pair = plan.row_of_pair;
+  g2.top_k = k;
+  g2.m_blocks = moe::max_grouped_rows(T_, E, ix::kBM) / ix::kBM;  // rank L holds T pairs
+  g2.n_blocks = ix::gemm2_n_blocks(H);
+  g2.k_iters = ix::ceil_div(I, ix::kBK);
+  g2.vector = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(w2), I);
+  g2.topk_weights = p.topk_weights;
+  g2.acc32 = k > 1 ? region<float>(ws, l.acc32) : nullptr;
+  g2.out = out;
+  for (int rank = 0; rank < k; ++rank) {
+    g2.first_key = rank * p.experts;
+    g2.first = rank == 0;
+    g2.last = rank == k - 1;
+    status = launch_gemm<T, false>(g2, stream);
+    if (status != cudaSuccess) return status;
+  }
+  return cudaSuccess;
+}
+
+bool supported_dtype(ScalarKind kind) { return kind == ScalarKind::kFloat16 || kind == ScalarKind::kBFloat16; }
+
+bool valid_shapes(const FusedMoeParams& p) {
+  return p.tokens >= 0 && p.hidden_size >= 1 && p.intermediate_size >= 1 && p.experts >= 1 && p.top_k >= 0 &&
+         p.top_k <= p.experts && p.tokens * int64_t(p.top_k) <= ix::kMaxPairs &&
+         p.hidden_size <= ix::kMaxPairs && p.intermediate_size <= ix::kMaxPairs;
+}
+
+}  // namespace
+
+int64_t fused_moe_workspace_bytes(const moe::FusedMoeParams& p, int num_sms) {
+  if (!valid_shapes(p) || p.tokens == 0 || p.top_k == 0) return 0;
+  return ix::make_layout(p, num_sms, ix::kBM, ix::kElemBytes).bytes;
+}
+
+cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int num_sms, cudaStream_t stream) {
+  if (!supported_dtype(p.dtype) || !valid_shapes(p)) return cudaErrorInvalidValue;
+  if (p.tokens == 0) return cudaSuccess;
+  if (p.out == nullptr) return cudaErrorInvalidValue;
+  if (p.top_k == 0) {  // empty sum
+    return cudaMemsetAsync(p.out, 0, size_t(p.tokens * p.hidden_size) * ix::kElemBytes, stream);
+  }
+  if (workspace == nullptr || p.hidden == nullptr || p.w13 == nullptr || p.w2 == nullptr ||
+      p.topk_weights == nullptr || p.topk_ids == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const ix::Layout l = ix::make_layout(p, num_sms, ix::kBM, ix::kElemBytes);
+  if (l.rows1 > ix::kMaxPairs * 2 - 1 || l.rows2 > ix::kMaxPairs * 2 - 1) return cudaErrorInvalidValue;
+  if (p.dtype == ScalarKind::kFloat16) return run<Half>(p, l, workspace, stream);
+  return run<BFloat16>(p, l, workspace, stream);
+}
+
+}  // namespace torch_ext::cuda
