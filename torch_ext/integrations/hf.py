@@ -2,10 +2,12 @@
 
 - :func:`patch_moe`: every Mixtral, Qwen2-MoE, DeepSeek-V2 or DeepSeek-V3 MoE block becomes a
   :class:`torch_ext.nn.FusedMoE`.
+- :func:`patch_attention`: attention (Llama family) by MoBA or block-sparse kernels (prefill).
 
 transformers 4.x and 5.x are both supported.
 """
 
+from torch_ext.integrations.hf_attention import patch_attention
 from torch_ext.integrations.hf_moe import patch_moe
 
-__all__ = ["patch_moe"]
+__all__ = ["patch_attention", "patch_moe"]
