@@ -67,6 +67,7 @@ inline VecF min(VecF a, VecF b) { return {_mm512_min_ps(a.v, b.v)}; }
 inline VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline VecF abs(VecF a) { return {_mm512_abs_ps(a.v)}; }
 inline float reduce_max(VecF a) { return _mm512_reduce_max_ps(a.v); }
+inline float reduce_add(VecF a) { return _mm512_reduce_add_ps(a.v); }
 inline VecF round_nearest(VecF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 // 2^n for integral n in [-126, 127] held as floats: build the exponent field directly.
 inline VecF exp2_integral(VecF n) {
@@ -152,6 +153,11 @@ inline float reduce_max(VecF a) {
   const __m128 pair = _mm_max_ps(half, _mm_movehl_ps(half, half));
   return _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
 }
+inline float reduce_add(VecF a) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
 inline VecF round_nearest(VecF a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline VecF exp2_integral(VecF n) {
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
@@ -201,6 +207,7 @@ inline VecF min(VecF a, VecF b) { return {a.v < b.v ? a.v : b.v}; }
 inline VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }
 inline VecF abs(VecF a) { return {a.v < 0.0f ? -a.v : a.v}; }
 inline float reduce_max(VecF a) { return a.v; }
+inline float reduce_add(VecF a) { return a.v; }
 inline VecF round_nearest(VecF a) { return {__builtin_rintf(a.v)}; }
 inline VecF exp2_integral(VecF n) { return {bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
 inline void transpose(VecF (&)[1]) {}
