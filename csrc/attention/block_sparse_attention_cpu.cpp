@@ -514,23 +514,19 @@ void grad_kv(const BlockSparseBackwardParams& bp) {
 // ---------------------------------------------------------------------------------------------
 // MoBA gating
 // ---------------------------------------------------------------------------------------------
-// The best `want` of blocks [0, last) by (score desc, block id asc) into ids; returns how many.
+// The best `want` of blocks [0, last) by (score desc, block id asc) into ids, in no particular
+// order; returns how many. A partial selection: linear in `last` on average, whatever `want`.
 template <typename Acc>
-int top_blocks(const Acc* scores, int last, int want, int32_t* ids, Acc* best) {
-  int kept = 0;
+int top_blocks(const Acc* scores, int last, int want, int32_t* ids, int32_t* candidates) {
   if (want <= 0) return 0;
-  for (int j = 0; j < last; ++j) {
-    const Acc s = scores[j];
-    if (kept == want && !(s > best[kept - 1])) continue;  // ties keep the lower id, seen first
-    int pos = kept < want ? kept++ : want - 1;
-    while (pos > 0 && s > best[pos - 1]) {
-      best[pos] = best[pos - 1];
-      ids[pos] = ids[pos - 1];
-      --pos;
-    }
-    best[pos] = s;
-    ids[pos] = j;
+  for (int j = 0; j < last; ++j) candidates[j] = j;
+  if (last > want) {
+    std::nth_element(candidates, candidates + want - 1, candidates + last, [&](int32_t a, int32_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+    });
   }
+  const int kept = std::min(last, want);
+  std::copy(candidates, candidates + kept, ids);
   return kept;
 }
 
@@ -563,7 +559,8 @@ void select(const MobaSelectParams& p) {
   });
   const int64_t tiles = ceil_div(p.seq_q, kRowsPerTask);
   parallel_for(0, p.batch * p.heads_q * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> q(size_t(kRowsPerTask) * dim), scores(size_t(kRowsPerTask) * padded), best(size_t(p.top_k));
+    std::vector<Acc> q(size_t(kRowsPerTask) * dim), scores(size_t(kRowsPerTask) * padded);
+    std::vector<int32_t> candidates(size_t(std::max(nk, 1)));
     std::vector<const Acc*> a_ptr(kRowsPerTask), b_ptr(dim);
     std::vector<Acc*> c_ptr(kRowsPerTask);
     for (int64_t task = begin; task < end; ++task) {
@@ -579,11 +576,11 @@ void select(const MobaSelectParams& p) {
         int32_t* out = p.selected + ((b * p.heads_q + h) * p.seq_q + r0 + r) * p.top_k;
         int chosen = 0;
         if (!p.causal) {
-          chosen = top_blocks(scores.data() + int64_t(r) * padded, nk, p.top_k, out, best.data());
+          chosen = top_blocks(scores.data() + int64_t(r) * padded, nk, p.top_k, out, candidates.data());
         } else if (const int64_t position = r0 + r + p.seq_kv - p.seq_q; position >= 0) {
           // The block holding the token always, then the best earlier ones; never a later one.
           const int current = int(position / bs);
-          chosen = top_blocks(scores.data() + int64_t(r) * padded, current, p.top_k - 1, out, best.data());
+          chosen = top_blocks(scores.data() + int64_t(r) * padded, current, p.top_k - 1, out, candidates.data());
           out[chosen++] = current;
         }
         std::sort(out, out + chosen);
