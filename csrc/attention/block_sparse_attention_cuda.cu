@@ -63,66 +63,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Kernel traits
 // =============================================================================================
 
-// Forward and dQ: kBlockQ / 16 warps, one m16 slab of query rows each.
-template <int kD, int kBlockQ, bool kBackward>
-struct RowTraits {
-  static constexpr int kWarps = kBlockQ / ix::kWarpRows;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kChunks = kD / ix::kChunkElems;  // 16-byte chunks per row
-  static constexpr int kK16 = kD / 16;                  // k16 steps of Q K^T
-  static constexpr int kON = kD / 8;                    // n8 tiles of O / dQ
-  static constexpr int kSN = ix::kTileKv / 8;           // n8 tiles of S per step
-  static constexpr int kRowBytes = kBlockQ * kD * 2;    // Q (and dO)
-  static constexpr int kKvBytes = ix::kTileKv * kD * 2;
-  static constexpr int kStageBytes = 2 * kKvBytes;      // K, V
-  static constexpr int kQOffset = 0;
-  static constexpr int kStageOffset = (kBackward ? 2 : 1) * kRowBytes;  // Q (and dO at kRowBytes)
-  // Per stage: segment bases (first key, -1 empty) and block ids of the step's <= 4 segments.
-  static constexpr int kMaxSegments = 4;
-  static constexpr int kSegOffset = kStageOffset + ix::kStages * kStageBytes;
-  static constexpr int kSelOffset = kSegOffset + ix::kStages * 2 * kMaxSegments * 4;
-  static constexpr int kRowCopies = kBlockQ * kChunks / kThreads;
-  static constexpr int kKvCopies = ix::kTileKv * kChunks / kThreads;
-  static_assert(kBlockQ * kChunks % kThreads == 0 && ix::kTileKv * kChunks % kThreads == 0, "whole copies");
-  static_assert(ix::kTileKv / 16 <= kMaxSegments, "segments of >= 16 keys");
-  static int smem_bytes(int top_k) { return kSelOffset + kBlockQ * top_k * 4; }
-};
-
-// dK / dV: block_kv / 16 key warps x query warps (see ix::dkdv_warps_*).
-template <int kD, int kBlockKv>
-struct DkdvTraits {
-  static constexpr int kWarpsKey = kBlockKv / ix::kWarpRows;
-  static constexpr int kWarpsQ = kWarpsKey >= 4 ? 1 : 4 / kWarpsKey;
-  static constexpr int kWarps = kWarpsKey * kWarpsQ;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kChunks = kD / ix::kChunkElems;
-  static constexpr int kK16 = kD / 16;
-  static constexpr int kON = kD / 8;
-  static constexpr int kQCols = ix::kBwdQTile / kWarpsQ;  // query rows of a step per warp
-  // Query columns per pass (a rolled loop, so K / V fragments are not hoisted across passes): S^T
-  // and dP^T take 2 x kQInner / 2 registers next to the kD of dK and dV: 16 at D = 128, 32 at 64.
-  static constexpr int kQInnerMax = kD == 128 ? 16 : 32;
-  static constexpr int kQInner = kQCols < kQInnerMax ? kQCols : kQInnerMax;
-  static constexpr int kNI = kQInner / 8;
-  static constexpr int kKvBytes = kBlockKv * kD * 2;
-  static constexpr int kTileBytes = ix::kBwdQTile * kD * 2;
-  static constexpr int kKOffset = 0, kVOffset = kKvBytes;
-  static constexpr int kStageOffset = 2 * kKvBytes;
-  // Per stage: Q, dO, lse[64], delta[64], MoBA flag[64], the step's first query position.
-  static constexpr int kLseOffset = 2 * kTileBytes;
-  static constexpr int kDeltaOffset = kLseOffset + ix::kBwdQTile * 4;
-  static constexpr int kFlagOffset = kDeltaOffset + ix::kBwdQTile * 4;
-  static constexpr int kQBaseOffset = kFlagOffset + ix::kBwdQTile * 4;
-  static constexpr int kStageBytes = kQBaseOffset + 16;
-  static constexpr int kSmemBytes = kStageOffset + ix::kStages * kStageBytes;
-  // End: the partial dK, dV (16 x D fp32 each) of query warps 1.. reuse the stage area.
-  static constexpr int kPartialBytes = 2 * ix::kWarpRows * kD * 4;
-  static_assert((kWarpsQ - 1) * kWarpsKey * kPartialBytes <= ix::kStages * kStageBytes, "partials fit");
-  static constexpr int kKvCopies = kBlockKv * kChunks / kThreads;
-  static constexpr int kTileCopies = ix::kBwdQTile * kChunks / kThreads;
-  static_assert(kBlockKv * kChunks % kThreads == 0 && ix::kBwdQTile * kChunks % kThreads == 0, "whole copies");
-  static_assert(kQCols % kQInner == 0 && kQInner % 16 == 0, "k16 steps of P^T");
-};
+// RowTraits (forward, dQ) and DkdvTraits (dK / dV): attention/block_sparse_attention_cuda_index.h
+// section 9, shared with the simulator.
+using ix::DkdvTraits;
+using ix::RowTraits;
 
 // =============================================================================================
 // Small device helpers
@@ -264,9 +208,9 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
   if (tid < ix::segments_per_tile(c.block_kv)) {
     const ix::Segment sg = ix::tile_segment(t, tid, c.block_kv);
     const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
-    int* const seg = reinterpret_cast<int*>(smem + Tr::kSegOffset) + st * 2 * Tr::kMaxSegments;
+    int* const seg = reinterpret_cast<int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
     seg[tid] = int(ix::segment_base(block, sg.offset, c.block_kv));
-    seg[Tr::kMaxSegments + tid] = block;
+    seg[ix::kMaxSegments + tid] = block;
   }
 }
 
@@ -274,7 +218,7 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
 // rows the segments their MoBA choices allow.
 struct StepMask {
   bool full;
-  int seg_base[4];
+  ix::StepSegments seg;
   unsigned allowed[2];  // bit s: segment s is among the row's choices (all bits without selection)
 };
 template <class Tr, typename T>
@@ -282,16 +226,16 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
                                                    int first_q, int warp_row0, int lane, bool causal, int top_k,
                                                    bool selection) {
   StepMask m;
-  const int* const seg = reinterpret_cast<const int*>(smem + Tr::kSegOffset) + st * 2 * Tr::kMaxSegments;
+  const int* const seg = reinterpret_cast<const int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
   const int nseg = ix::segments_per_tile(c.block_kv), seg_len = ix::segment_len(c.block_kv);
   bool all_full = true;
   int64_t last_key = -1;
 #pragma unroll
-  for (int s = 0; s < Tr::kMaxSegments; ++s) {
-    m.seg_base[s] = s < nseg ? seg[s] : -1;
+  for (int s = 0; s < ix::kMaxSegments; ++s) {
+    m.seg.base[s] = s < nseg ? seg[s] : -1;
     if (s < nseg) {
-      all_full = all_full && m.seg_base[s] >= 0 && m.seg_base[s] + seg_len <= c.seq_kv;
-      last_key = max(last_key, int64_t(m.seg_base[s]) + seg_len - 1);
+      all_full = all_full && m.seg.base[s] >= 0 && m.seg.base[s] + seg_len <= c.seq_kv;
+      last_key = max(last_key, int64_t(m.seg.base[s]) + seg_len - 1);
     }
   }
   m.full = ix::tile_fully_visible(first_q, last_key, all_full, selection, c.seq_q, c.seq_kv, causal);
@@ -303,8 +247,8 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
       const int row = warp_row0 + ix::acc_row(lane, 2 * half);
       unsigned bits = 0;
 #pragma unroll
-      for (int s = 0; s < Tr::kMaxSegments; ++s)
-        if (s < nseg && ix::block_selected(table + row * top_k, top_k, seg[Tr::kMaxSegments + s])) bits |= 1u << s;
+      for (int s = 0; s < ix::kMaxSegments; ++s)
+        if (s < nseg && ix::block_selected(table + row * top_k, top_k, seg[ix::kMaxSegments + s])) bits |= 1u << s;
       m.allowed[half] = bits;
     }
   }
@@ -315,11 +259,8 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
 template <typename T>
 __device__ __forceinline__ bool element_visible(const StepMask& m, const RowCta<T>& c, int j, int e, int q_pos,
                                                 bool causal, int lane) {
-  const int col = 8 * j + ix::acc_col(lane, e);
-  const int s = ix::row_segment(col, c.block_kv);
-  const int base = m.seg_base[s];
-  const int64_t k_pos = base < 0 ? -1 : int64_t(base) + ix::row_in_segment(col, c.block_kv);
-  return ((m.allowed[e / 2] >> s) & 1u) && ix::key_visible(q_pos, k_pos, c.seq_q, c.seq_kv, causal);
+  return ix::step_element_visible(m.seg, m.allowed[e / 2], 8 * j + ix::acc_col(lane, e), c.block_kv, q_pos, c.seq_q,
+                                  c.seq_kv, causal);
 }
 
 // Common prologue of the forward / dQ CTAs: their coordinates, lists and the MoBA table.
@@ -358,7 +299,7 @@ __device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParam
 // =============================================================================================
 
 template <typename T, int kD, int kBlockQ>
-__global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads)
+__global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
     fwd_kernel(const BlockSparseForwardParams p) {
   using Tr = RowTraits<kD, kBlockQ, false>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -479,7 +420,7 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const BlockSparseBackwar
 }
 
 template <typename T, int kD, int kBlockQ>
-__global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads)
+__global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
     bwd_dq_kernel(const BlockSparseBackwardParams bp) {
   using Tr = RowTraits<kD, kBlockQ, true>;
   const BlockSparseForwardParams& p = bp.forward;

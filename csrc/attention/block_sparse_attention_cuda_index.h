@@ -179,6 +179,24 @@ TORCH_EXT_HOST_DEVICE bool block_selected(const int32_t* choices, int top_k, int
   for (int k = 0; k < top_k; ++k) hit |= choices[k] == block;
   return hit;
 }
+// The first keys of a step's (at most 4) segments, -1 for an empty one, and a row's MoBA choice
+// bits (bit s: segment s's block is among the row's choices; all set without selection).
+constexpr int kMaxSegments = kTileKv / 16;
+struct StepSegments {
+  int base[kMaxSegments];
+};
+// Selects instead of indexing, so that a kernel keeps the 4 bases in registers.
+TORCH_EXT_HOST_DEVICE int segment_base_of(const StepSegments& g, int s) {
+  return s == 0 ? g.base[0] : (s == 1 ? g.base[1] : (s == 2 ? g.base[2] : g.base[3]));
+}
+// Whether column col (< 64) of a step is visible to query position q_pos with choice bits `allowed`.
+TORCH_EXT_HOST_DEVICE bool step_element_visible(const StepSegments& g, unsigned allowed, int col, int block_kv,
+                                               int64_t q_pos, int64_t seq_q, int64_t seq_kv, bool causal) {
+  const int s = row_segment(col, block_kv);
+  const int base = segment_base_of(g, s);
+  const int64_t k_pos = base < 0 ? -1 : int64_t(base) + row_in_segment(col, block_kv);
+  return ((allowed >> s) & 1u) && key_visible(q_pos, k_pos, seq_q, seq_kv, causal);
+}
 // A whole step needs no per-element mask when every segment is listed and full, no selection
 // applies, and (causal) its last key is visible to the warp's first row.
 TORCH_EXT_HOST_DEVICE bool tile_fully_visible(int64_t first_q, int64_t last_key, bool all_full, bool selection,
@@ -222,14 +240,9 @@ TORCH_EXT_HOST_DEVICE float lse_log2(float lse) { return lse == neg_inf() ? INFI
 
 // =============================================================================================
 // 7. Backward dK / dV: a CTA owns key block kb of kv head hk; its warps split as
-//    kWarpsKey = block_kv / 16 along keys x kWarpsQ along the 64 query rows of a step, and walk
-//    every query head of the group, each listed query block, each 64-row sub-tile.
+//    kWarpsKey = block_kv / 16 along keys x kWarpsQ along the 64 query rows of a step (DkdvTraits),
+//    and walk every query head of the group, each listed query block, each 64-row sub-tile.
 // =============================================================================================
-
-TORCH_EXT_HOST_DEVICE int dkdv_warps_key(int block_kv) { return block_kv / kWarpRows; }
-TORCH_EXT_HOST_DEVICE int dkdv_warps_q(int block_kv) { return max_int(1, 4 / dkdv_warps_key(block_kv)); }
-TORCH_EXT_HOST_DEVICE int dkdv_warps(int block_kv) { return dkdv_warps_key(block_kv) * dkdv_warps_q(block_kv); }
-TORCH_EXT_HOST_DEVICE int dkdv_q_cols(int block_kv) { return kBwdQTile / dkdv_warps_q(block_kv); }
 
 // Cursor over the steps of the transposed walk: group head g (query head hk * group + g), slot of
 // (b, h, kb)'s list, 64-row sub-tile of the listed query block. counts: the group's heads'
@@ -311,6 +324,71 @@ TORCH_EXT_HOST_DEVICE int moba_insert_source(int r, int pos) { return r < pos ? 
 // Output slot of a selected block: its rank among the selected ids (all distinct); the forced
 // block (the largest id) follows them.
 TORCH_EXT_HOST_DEVICE int moba_output_slot(int rank) { return rank; }
+
+// =============================================================================================
+// 9. Kernel traits: warps, fragment counts and the shared-memory layout of each kernel
+// =============================================================================================
+
+// Forward and dQ: kBlockQ / 16 warps, one m16 slab of query rows each.
+template <int kD, int kBlockQ, bool kBackward>
+struct RowTraits {
+  static constexpr int kWarps = kBlockQ / kWarpRows;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kChunks = kD / kChunkElems;   // 16-byte chunks per row
+  static constexpr int kK16 = kD / 16;                 // k16 steps of Q K^T
+  static constexpr int kON = kD / 8;                   // n8 tiles of O / dQ
+  static constexpr int kSN = kTileKv / 8;              // n8 tiles of S per step
+  static constexpr int kRowBytes = kBlockQ * kD * 2;   // Q (and dO)
+  static constexpr int kKvBytes = kTileKv * kD * 2;
+  static constexpr int kStageBytes = 2 * kKvBytes;     // K, V
+  static constexpr int kQOffset = 0;
+  static constexpr int kStageOffset = (kBackward ? 2 : 1) * kRowBytes;  // Q (and dO at kRowBytes)
+  // Per stage: segment bases (first key, -1 empty) and block ids of the step's <= kMaxSegments.
+  static constexpr int kSegOffset = kStageOffset + kStages * kStageBytes;
+  static constexpr int kSelOffset = kSegOffset + kStages * 2 * kMaxSegments * 4;
+  static constexpr int kRowCopies = kBlockQ * kChunks / kThreads;
+  static constexpr int kKvCopies = kTileKv * kChunks / kThreads;
+  static_assert(kBlockQ * kChunks % kThreads == 0 && kTileKv * kChunks % kThreads == 0, "whole copies");
+  static_assert(kTileKv / 16 <= kMaxSegments, "segments of >= 16 keys");
+  static constexpr int smem_bytes(int top_k) { return kSelOffset + kBlockQ * top_k * 4; }
+};
+
+// dK / dV: block_kv / 16 key warps (16 key rows each) x query warps splitting a step's 64 query
+// rows, 4 warps at least: 1 x 4, 2 x 2, 4 x 1, 8 x 1 for block_kv 16, 32, 64, 128.
+template <int kD, int kBlockKv>
+struct DkdvTraits {
+  static constexpr int kWarpsKey = kBlockKv / kWarpRows;
+  static constexpr int kWarpsQ = kWarpsKey >= 4 ? 1 : 4 / kWarpsKey;
+  static constexpr int kWarps = kWarpsKey * kWarpsQ;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kChunks = kD / kChunkElems;
+  static constexpr int kK16 = kD / 16;
+  static constexpr int kON = kD / 8;
+  static constexpr int kQCols = kBwdQTile / kWarpsQ;  // query rows of a step per warp
+  // Query columns per pass (a rolled loop, so K / V fragments are not hoisted across passes): S^T
+  // and dP^T take 2 x kQInner / 2 registers next to the kD of dK and dV: 16 at D = 128, 32 at 64.
+  static constexpr int kQInnerMax = kD == 128 ? 16 : 32;
+  static constexpr int kQInner = kQCols < kQInnerMax ? kQCols : kQInnerMax;
+  static constexpr int kNI = kQInner / 8;
+  static constexpr int kKvBytes = kBlockKv * kD * 2;
+  static constexpr int kTileBytes = kBwdQTile * kD * 2;
+  static constexpr int kKOffset = 0, kVOffset = kKvBytes;
+  static constexpr int kStageOffset = 2 * kKvBytes;
+  // Per stage: Q, dO, lse[64], delta[64], MoBA flag[64], the step's first query position.
+  static constexpr int kLseOffset = 2 * kTileBytes;
+  static constexpr int kDeltaOffset = kLseOffset + kBwdQTile * 4;
+  static constexpr int kFlagOffset = kDeltaOffset + kBwdQTile * 4;
+  static constexpr int kQBaseOffset = kFlagOffset + kBwdQTile * 4;
+  static constexpr int kStageBytes = kQBaseOffset + 16;
+  static constexpr int kSmemBytes = kStageOffset + kStages * kStageBytes;
+  // End: the partial dK, dV (16 x D fp32 each) of query warps 1.. reuse the stage area.
+  static constexpr int kPartialBytes = 2 * kWarpRows * kD * 4;
+  static_assert((kWarpsQ - 1) * kWarpsKey * kPartialBytes <= kStages * kStageBytes, "partials fit");
+  static constexpr int kKvCopies = kBlockKv * kChunks / kThreads;
+  static constexpr int kTileCopies = kBwdQTile * kChunks / kThreads;
+  static_assert(kBlockKv * kChunks % kThreads == 0 && kBwdQTile * kChunks % kThreads == 0, "whole copies");
+  static_assert(kQCols % kQInner == 0 && kQInner % 16 == 0, "k16 steps of P^T");
+};
 
 }  // namespace bsa_cuda
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
