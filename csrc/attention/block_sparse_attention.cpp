@@ -19,8 +19,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#endif
-#if defined(TORCH_EXT_ATTENTION_CUDA)
+
 #include "attention/block_sparse_attention_cuda.h"
 #endif
 
@@ -194,7 +193,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
 }
 
 [[noreturn]] void no_cuda_kernels(const char* op) {
-  TORCH_CHECK(false, "torch_ext.", op, ": this build has no CUDA kernels for block-sparse attention");
+  TORCH_CHECK(false, "torch_ext.", op, ": torch_ext was built without CUDA");
 }
 
 // flags [..., n] (uint8, 1 = listed) to (counts int32 [...], indices int32 [..., max_blocks]): the
@@ -228,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention(const at::Tensor& q, c
   p.out = mutable_bhsd(out);
   p.lse = lse.data_ptr<float>();
   if (q.is_cuda()) {
-#if defined(TORCH_EXT_ATTENTION_CUDA)
+#if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
     C10_CUDA_CHECK(cuda::block_sparse_attention_forward(p, c10::cuda::getCurrentCUDAStream()));
 #else
@@ -284,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
   p.transposed = BlockList{t_counts.data_ptr<int32_t>(), t_indices.data_ptr<int32_t>(), f.heads_q * nk, nk,
                            f.heads_q * nk * nq, nk * nq, int32_t(nq)};
   if (q.is_cuda()) {
-#if defined(TORCH_EXT_ATTENTION_CUDA)
+#if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
     C10_CUDA_CHECK(cuda::block_sparse_attention_backward(p, c10::cuda::getCurrentCUDAStream()));
 #else
@@ -308,7 +307,7 @@ at::Tensor moba_select(const at::Tensor& q, const at::Tensor& k, int64_t block_s
                                       int32_t(top_k), causal,   bhsd(q_u),   bhsd(k_u),
                                       selected.data_ptr<int32_t>()};
   if (q.is_cuda()) {
-#if defined(TORCH_EXT_ATTENTION_CUDA)
+#if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor workspace = at::empty({cuda::moba_select_workspace_bytes(p)}, q.options().dtype(at::kByte));
     C10_CUDA_CHECK(cuda::moba_select(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
