@@ -66,4 +66,20 @@ at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_q
                                const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                                c10::string_view activation, int64_t bits, int64_t group_size);
 
+// attention/block_sparse_attention.cpp (one entry per op serves CPU and CUDA)
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& kv_counts,
+                                                          const at::Tensor& kv_indices, int64_t block_size_q,
+                                                          int64_t block_size_kv, bool causal, double scale,
+                                                          const c10::optional<at::Tensor>& token_blocks);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t block_size_q,
+    int64_t block_size_kv, bool causal, double scale, const c10::optional<at::Tensor>& token_blocks);
+at::Tensor moba_select(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t top_k, bool causal);
+std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_blocks, int64_t num_kv_blocks,
+                                                    int64_t block_size_q);
+std::tuple<at::Tensor, at::Tensor> moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size,
+                                              int64_t top_k, bool causal);
+
 }  // namespace torch_ext

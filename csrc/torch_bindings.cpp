@@ -56,6 +56,24 @@ TORCH_LIBRARY(torch_ext, m) {
         "str activation, int bits, int group_size) -> Tensor");
   // LLM.int8() linear: x [..., K] @ (w_q * w_scale).T + bias, outlier input features (|x| > threshold) in 16 bits.
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, float outlier_threshold) -> Tensor");
+
+  // softmax(q k^T * scale) v [B, Hq, Sq, D], each query block attending only its listed key blocks (MoBA: only
+  // the blocks each token chose), and lse [B, Hq, Sq] fp32; causal bottom-right aligned (docs/attention.md).
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_counts, Tensor kv_indices, "
+        "int block_size_q, int block_size_kv, bool causal, float scale, Tensor? token_blocks=None) "
+        "-> (Tensor out, Tensor lse)");
+  // (grad_q, grad_k, grad_v) of block_sparse_attention, P recomputed from lse; deterministic (no atomics).
+  m.def("block_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor kv_counts, Tensor kv_indices, int block_size_q, int block_size_kv, bool causal, float scale, "
+        "Tensor? token_blocks=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // MoBA gating: per query token its top_k key blocks by q . mean(k_block), int32 [B, Hq, Sq, top_k], -1 padded.
+  m.def("moba_select(Tensor q, Tensor k, int block_size, int top_k, bool causal) -> Tensor");
+  // Per query block of block_size_q rows: the union of its tokens' chosen key blocks as (kv_counts, kv_indices).
+  m.def("moba_block_lists(Tensor token_blocks, int num_kv_blocks, int block_size_q) "
+        "-> (Tensor kv_counts, Tensor kv_indices)");
+  // moba_block_lists(moba_select(q, k, ...), query blocks of 64 rows): the block lists of token-level MoBA.
+  m.def("moba_route(Tensor q, Tensor k, int block_size, int top_k, bool causal) "
+        "-> (Tensor kv_counts, Tensor kv_indices)");
 }
 
 namespace {
@@ -77,6 +95,11 @@ void register_device_dispatching_ops(torch::Library& m) {
   m.impl("fused_moe", &torch_ext::fused_moe);
   m.impl("fused_moe_backward", &torch_ext::fused_moe_backward);
   m.impl("fused_moe_quantized", &torch_ext::fused_moe_quantized);
+  m.impl("block_sparse_attention", &torch_ext::block_sparse_attention);
+  m.impl("block_sparse_attention_backward", &torch_ext::block_sparse_attention_backward);
+  m.impl("moba_select", &torch_ext::moba_select);
+  m.impl("moba_block_lists", &torch_ext::moba_block_lists);
+  m.impl("moba_route", &torch_ext::moba_route);
 }
 
 }  // namespace

@@ -9,8 +9,8 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 
 from torch_ext._version import __version__
 from torch_ext import _C
-from torch_ext import ops, nn
+from torch_ext import attention, ops, nn
 
 build_info = _C.build_info
 
-__all__ = ["__version__", "build_info", "ops", "nn"]
+__all__ = ["__version__", "attention", "build_info", "ops", "nn"]

@@ -61,6 +61,22 @@ def _im2win_conv2d(device: str, dtype: torch.dtype) -> float:
                                    "im2win_conv2d", bound)
 
 
+@register_check("block_sparse_attention", (torch.float16, torch.bfloat16))
+def _block_sparse_attention(device: str, dtype: torch.dtype) -> float:
+    def make(seed):
+        gen = torch.Generator().manual_seed(seed)
+        dense = torch.rand(1, 4, 3, 6, generator=gen) < 0.6
+        counts = dense.sum(-1, dtype=torch.int32)
+        indices = dense.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices.int()
+        return (random_tensor((1, 4, 150, 64), dtype, device, seed), random_tensor((1, 2, 170, 64), dtype, device, seed + 1),
+                random_tensor((1, 2, 170, 64), dtype, device, seed + 2), counts.to(device), indices.to(device),
+                64, 32, True, 0.125)
+
+    return check_against_reference(lambda *a: torch.ops.torch_ext.block_sparse_attention(*a)[0],
+                                   lambda *a: reference.attention.block_sparse_attention(*a)[0], make, dtype,
+                                   "block_sparse_attention")
+
+
 def run_checks(devices: list[str] | None = None) -> int:
     """Run every check on every device; print a table; return the number of failures."""
     failures = 0

@@ -99,3 +99,11 @@ struct MobaSelectParams {
 };
 
 }  // namespace torch_ext::attention
+
+namespace torch_ext::cpu {
+// CPU kernels (block_sparse_attention_cpu.cpp): fp32, bf16 and fp64 (checks); any head dim that is
+// a multiple of 16, any block sizes. The backward writes p.delta first.
+TORCH_EXT_DECLARE_CPU_KERNEL(void block_sparse_attention_forward(const attention::BlockSparseForwardParams& p))
+TORCH_EXT_DECLARE_CPU_KERNEL(void block_sparse_attention_backward(const attention::BlockSparseBackwardParams& p))
+TORCH_EXT_DECLARE_CPU_KERNEL(void moba_select(const attention::MobaSelectParams& p))
+}  // namespace torch_ext::cpu

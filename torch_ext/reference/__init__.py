@@ -2,6 +2,6 @@
 
 from torch_ext.reference.activation import silu_and_mul, silu_and_mul_backward
 from torch_ext.reference.conv import conv2d, im2win_transform
-from torch_ext.reference import moe, quant
+from torch_ext.reference import attention, moe, quant
 
-__all__ = ["conv2d", "im2win_transform", "moe", "quant", "silu_and_mul", "silu_and_mul_backward"]
+__all__ = ["attention", "conv2d", "im2win_transform", "moe", "quant", "silu_and_mul", "silu_and_mul_backward"]

@@ -52,6 +52,21 @@ __device__ __forceinline__ BFloat16 from_compute<BFloat16>(float x) {
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
+// Two fp32 values rounded to T (Half / BFloat16) in one 32-bit register, `lo` in the low half: the
+// element order of an mma.m16n8k16 fragment register (k 2t in the low half, 2t + 1 in the high).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack_pair<Half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack_pair<BFloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
 // kSize elements of T in one 16-byte register group: the unit of a 128-bit load or store.
 template <typename T>
 struct alignas(16) Pack16 {

@@ -1,0 +1,346 @@
+// block_sparse_attention, its backward, moba_select, moba_block_lists and moba_route: checks,
+// allocation, the block lists built with tensor ops (no host synchronization), and the call into
+// the CPU kernels or the CUDA launchers. One entry per op serves both devices.
+#include "attention/block_sparse_attention.h"
+
+#include <ATen/ops/arange.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <string>
+
+#include "common/torch_utils.h"
+#include "ops.h"
+
+#if defined(TORCH_EXT_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "attention/block_sparse_attention_cuda.h"
+#endif
+
+namespace torch_ext {
+namespace {
+
+using attention::Bhsd;
+using attention::BlockList;
+using attention::MutableBhsd;
+using attention::TokenSelection;
+
+constexpr const char* kForward = "block_sparse_attention";
+constexpr const char* kBackward = "block_sparse_attention_backward";
+// moba_route lists key blocks per query block of this many rows (the union of their selections).
+constexpr int64_t kMobaQueryBlock = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Shapes {
+  int64_t batch, heads_q, heads_kv, seq_q, seq_kv, head_dim;
+};
+
+// q [B, Hq, Sq, D] and k (and v) [B, Hk, Sk, D] of one floating dtype on one device.
+Shapes check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v) {
+  if (q.is_cuda()) {
+    check_dtype(op, "q", q, {at::kHalf, at::kBFloat16});
+  } else {
+    check_dtype(op, "q", q, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  }
+  check_same_dtype(op, "k", k, "q", q);
+  check_same_device(op, "k", k, "q", q);
+  TORCH_EXT_CHECK(q.dim() == 4, op, "q must be [B, Hq, Sq, D], got shape ", q.sizes());
+  TORCH_EXT_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(3) == q.size(3), op, "k must be [B, Hk, Sk, D] = [",
+                  q.size(0), ", Hk, Sk, ", q.size(3), "] (batch and head dim of q), got shape ", k.sizes());
+  if (v != nullptr) {
+    check_same_dtype(op, "v", *v, "q", q);
+    check_same_device(op, "v", *v, "q", q);
+    TORCH_EXT_CHECK(v->sizes() == k.sizes(), op, "v must have the shape of k ", k.sizes(), ", got ", v->sizes());
+  }
+  const Shapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_EXT_CHECK(s.heads_kv >= 1 && s.heads_q % s.heads_kv == 0, op, "the query heads Hq = ", s.heads_q,
+                  " must be a multiple of the key/value heads Hk = ", s.heads_kv);
+  if (q.is_cuda()) {
+    TORCH_EXT_CHECK(s.head_dim == 64 || s.head_dim == 128, op, "head dim must be 64 or 128 on CUDA, got ",
+                    s.head_dim);
+  } else {
+    TORCH_EXT_CHECK(s.head_dim > 0 && s.head_dim % 16 == 0 && s.head_dim <= 256, op,
+                    "head dim must be a multiple of 16 up to 256 on the CPU, got ", s.head_dim);
+  }
+  return s;
+}
+
+// The kernels need a unit stride on the head dim only.
+at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+Bhsd bhsd(const at::Tensor& t) { return Bhsd{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+MutableBhsd mutable_bhsd(at::Tensor& t) { return MutableBhsd{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+void check_block_sizes(const char* op, bool cuda, int64_t block_q, int64_t block_kv) {
+  if (cuda) {
+    TORCH_EXT_CHECK(block_q == 64 || block_q == 128, op, "block_size_q must be 64 or 128 on CUDA, got ", block_q);
+    TORCH_EXT_CHECK(block_kv == 16 || block_kv == 32 || block_kv == 64 || block_kv == 128, op,
+                    "block_size_kv must be 16, 32, 64 or 128 on CUDA, got ", block_kv);
+  } else {
+    TORCH_EXT_CHECK(block_q >= 1, op, "block_size_q must be >= 1, got ", block_q);
+    TORCH_EXT_CHECK(block_kv >= 1, op, "block_size_kv must be >= 1, got ", block_kv);
+  }
+}
+
+// kv_counts [B or 1, Hq or 1, nq] and kv_indices [.., .., nq, max_blocks], int32. On the CPU the
+// values are checked too (on CUDA that would need a host synchronization).
+struct Lists {
+  at::Tensor counts, indices;
+  BlockList view;
+};
+Lists check_lists(const char* op, const at::Tensor& counts, const at::Tensor& indices, const at::Tensor& q,
+                  const Shapes& s, int64_t nq, int64_t nk) {
+  check_dtype(op, "kv_counts", counts, {at::kInt});
+  check_dtype(op, "kv_indices", indices, {at::kInt});
+  check_same_device(op, "kv_counts", counts, "q", q);
+  check_same_device(op, "kv_indices", indices, "q", q);
+  TORCH_EXT_CHECK(counts.dim() == 3 && (counts.size(0) == s.batch || counts.size(0) == 1) &&
+                      (counts.size(1) == s.heads_q || counts.size(1) == 1) && counts.size(2) == nq,
+                  op, "kv_counts must be [B, H, nq] = [", s.batch, " or 1, ", s.heads_q, " or 1, ", nq,
+                  "] (nq = ceil(Sq / block_size_q)), got shape ", counts.sizes());
+  TORCH_EXT_CHECK(indices.dim() == 4 && indices.sizes().slice(0, 3) == counts.sizes(), op,
+                  "kv_indices must be [", counts.size(0), ", ", counts.size(1), ", ", nq,
+                  ", max_blocks] (kv_counts' shape, then max_blocks), got shape ", indices.sizes());
+  Lists l{counts.contiguous(), indices.contiguous(), {}};
+  const int64_t max_blocks = indices.size(3);
+  if (!q.is_cuda()) {
+    const int32_t* c = l.counts.data_ptr<int32_t>();
+    const int32_t* idx = l.indices.data_ptr<int32_t>();
+    for (int64_t row = 0; row < l.counts.numel(); ++row) {
+      TORCH_EXT_CHECK(c[row] >= 0 && c[row] <= max_blocks, op, "kv_counts holds ", c[row], " at flat position ", row,
+                      ", outside [0, ", max_blocks, "] (max_blocks = kv_indices.size(3))");
+      for (int32_t t = 0; t < c[row]; ++t) {
+        const int32_t j = idx[row * max_blocks + t];
+        TORCH_EXT_CHECK(j >= 0 && j < nk, op, "kv_indices holds key block ", j, " at list ", row, " slot ", t,
+                        ", out of range [0, ", nk, ") (nk = ceil(Sk / block_size_kv))");
+      }
+    }
+  }
+  l.view = BlockList{l.counts.data_ptr<int32_t>(),
+                     l.indices.data_ptr<int32_t>(),
+                     l.counts.size(0) == 1 ? 0 : l.counts.stride(0),
+                     l.counts.size(1) == 1 ? 0 : l.counts.stride(1),
+                     l.indices.size(0) == 1 ? 0 : l.indices.stride(0),
+                     l.indices.size(1) == 1 ? 0 : l.indices.stride(1),
+                     int32_t(max_blocks)};
+  return l;
+}
+
+// token_blocks [B, Hq, Sq, top_k] int32, -1 or a key block id.
+TokenSelection check_token_blocks(const char* op, const c10::optional<at::Tensor>& token_blocks, at::Tensor& storage,
+                                  const at::Tensor& q, const Shapes& s, int64_t nk) {
+  if (!token_blocks) return TokenSelection{nullptr, 0, 0, 0, 0};
+  check_dtype(op, "token_blocks", *token_blocks, {at::kInt});
+  check_same_device(op, "token_blocks", *token_blocks, "q", q);
+  TORCH_EXT_CHECK(token_blocks->dim() == 4 && token_blocks->size(0) == s.batch && token_blocks->size(1) == s.heads_q &&
+                      token_blocks->size(2) == s.seq_q,
+                  op, "token_blocks must be [B, Hq, Sq, top_k] = [", s.batch, ", ", s.heads_q, ", ", s.seq_q,
+                  ", top_k], got shape ", token_blocks->sizes());
+  storage = token_blocks->contiguous();
+  if (!q.is_cuda()) {
+    const int32_t* sel = storage.data_ptr<int32_t>();
+    for (int64_t i = 0; i < storage.numel(); ++i) {
+      TORCH_EXT_CHECK(sel[i] >= -1 && sel[i] < nk, op, "token_blocks holds ", sel[i], " at flat position ", i,
+                      ", outside [-1, ", nk, ")");
+    }
+  }
+  const int64_t top_k = storage.size(3);
+  return TokenSelection{storage.data_ptr<int32_t>(), s.heads_q * s.seq_q * top_k, s.seq_q * top_k, top_k,
+                        int32_t(top_k)};
+}
+
+// Everything the forward and the backward share: checked inputs and the forward params.
+struct Prepared {
+  at::Tensor q, k, v, token_blocks;
+  Lists lists;
+  attention::BlockSparseForwardParams params;
+};
+Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t block_q, int64_t block_kv,
+                 bool causal, double scale, const c10::optional<at::Tensor>& token_blocks) {
+  const Shapes s = check_qkv(op, q, k, &v);
+  check_block_sizes(op, q.is_cuda(), block_q, block_kv);
+  const int64_t nq = ceil_div(s.seq_q, block_q), nk = ceil_div(s.seq_kv, block_kv);
+  Prepared pr;
+  pr.q = unit_last(q);
+  pr.k = unit_last(k);
+  pr.v = unit_last(v);
+  pr.lists = check_lists(op, kv_counts, kv_indices, q, s, nq, nk);
+  auto& p = pr.params;
+  p.dtype = scalar_kind(q);
+  p.batch = s.batch;
+  p.heads_q = s.heads_q;
+  p.heads_kv = s.heads_kv;
+  p.seq_q = s.seq_q;
+  p.seq_kv = s.seq_kv;
+  p.head_dim = int32_t(s.head_dim);
+  p.block_q = int32_t(block_q);
+  p.block_kv = int32_t(block_kv);
+  p.causal = causal;
+  p.scale = float(scale);
+  p.q = bhsd(pr.q);
+  p.k = bhsd(pr.k);
+  p.v = bhsd(pr.v);
+  p.blocks = pr.lists.view;
+  p.selection = check_token_blocks(op, token_blocks, pr.token_blocks, q, s, nk);
+  return pr;
+}
+
+[[noreturn]] void no_cuda_kernels(const char* op) {
+  TORCH_CHECK(false, "torch_ext.", op, ": torch_ext was built without CUDA");
+}
+
+// flags [..., n] (uint8, 1 = listed) to (counts int32 [...], indices int32 [..., max_blocks]): the
+// flagged positions in increasing order, by a stable descending sort of the flags.
+std::tuple<at::Tensor, at::Tensor> lists_from_flags(const at::Tensor& flags, int64_t max_blocks) {
+  at::Tensor counts = flags.sum(-1, /*keepdim=*/false, at::kInt);
+  at::Tensor order = std::get<1>(flags.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
+  return {counts, order.narrow(-1, 0, max_blocks).to(at::kInt).contiguous()};
+}
+
+// One flag per (list, block id) of [..., rows, n]: slot t of row r sets entries[r, t] where valid.
+at::Tensor flags_of(const at::Tensor& entries, const at::Tensor& valid, int64_t n) {
+  const at::Tensor target = at::where(valid, entries.to(at::kLong), n);
+  std::vector<int64_t> shape(entries.sizes().begin(), entries.sizes().end());
+  shape.back() = n + 1;  // column n collects the unused slots
+  return at::zeros(shape, entries.options().dtype(at::kByte)).scatter_(-1, target, 1).narrow(-1, 0, n);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& kv_counts,
+                                                          const at::Tensor& kv_indices, int64_t block_size_q,
+                                                          int64_t block_size_kv, bool causal, double scale,
+                                                          const c10::optional<at::Tensor>& token_blocks) {
+  Prepared pr = prepare(kForward, q, k, v, kv_counts, kv_indices, block_size_q, block_size_kv, causal, scale,
+                        token_blocks);
+  auto& p = pr.params;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
+  p.out = mutable_bhsd(out);
+  p.lse = lse.data_ptr<float>();
+  if (q.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(q.device());
+    C10_CUDA_CHECK(cuda::block_sparse_attention_forward(p, c10::cuda::getCurrentCUDAStream()));
+#else
+    no_cuda_kernels(kForward);
+#endif
+  } else {
+    TORCH_EXT_CPU_DISPATCH(block_sparse_attention_forward, p);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& kv_counts, const at::Tensor& kv_indices, int64_t block_size_q,
+    int64_t block_size_kv, bool causal, double scale, const c10::optional<at::Tensor>& token_blocks) {
+  Prepared pr = prepare(kBackward, q, k, v, kv_counts, kv_indices, block_size_q, block_size_kv, causal, scale,
+                        token_blocks);
+  const auto& f = pr.params;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
+    check_same_dtype(kBackward, name, t, "q", q);
+    check_same_device(kBackward, name, t, "q", q);
+    TORCH_EXT_CHECK(t.sizes() == q.sizes(), kBackward, name, " must have the shape of q ", q.sizes(), ", got ",
+                    t.sizes());
+  }
+  check_dtype(kBackward, "lse", lse, {at::kFloat});
+  check_same_device(kBackward, "lse", lse, "q", q);
+  TORCH_EXT_CHECK(lse.sizes() == at::IntArrayRef({f.batch, f.heads_q, f.seq_q}), kBackward, "lse must be [B, Hq, Sq] = [",
+                  f.batch, ", ", f.heads_q, ", ", f.seq_q, "], got shape ", lse.sizes());
+  const at::Tensor grad_out_u = unit_last(grad_out), out_u = unit_last(out), lse_c = lse.contiguous();
+
+  // The transposed lists: per (batch, query head, key block) the query blocks listing it.
+  const int64_t nq = ceil_div(f.seq_q, f.block_q), nk = ceil_div(f.seq_kv, f.block_kv);
+  const at::Tensor& counts = pr.lists.counts;
+  const at::Tensor slots = at::arange(pr.lists.indices.size(3), counts.options());
+  const at::Tensor flags = flags_of(pr.lists.indices, slots.lt(counts.unsqueeze(-1)), nk).transpose(-1, -2);
+  auto [t_counts, t_indices] = lists_from_flags(flags, nq);
+  t_counts = t_counts.expand({f.batch, f.heads_q, nk}).contiguous();
+  t_indices = t_indices.expand({f.batch, f.heads_q, nk, nq}).contiguous();
+
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());
+  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  at::Tensor delta = at::empty({f.batch, f.heads_q, f.seq_q}, q.options().dtype(at::kFloat));
+  attention::BlockSparseBackwardParams p;
+  p.forward = f;
+  p.forward.out = MutableBhsd{out_u.data_ptr(), out_u.stride(0), out_u.stride(1), out_u.stride(2)};
+  p.forward.lse = lse_c.data_ptr<float>();
+  p.grad_out = bhsd(grad_out_u);
+  p.grad_q = mutable_bhsd(grad_q);
+  p.grad_k = mutable_bhsd(grad_k);
+  p.grad_v = mutable_bhsd(grad_v);
+  p.delta = delta.data_ptr<float>();
+  p.transposed = BlockList{t_counts.data_ptr<int32_t>(), t_indices.data_ptr<int32_t>(), f.heads_q * nk, nk,
+                           f.heads_q * nk * nq, nk * nq, int32_t(nq)};
+  if (q.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(q.device());
+    C10_CUDA_CHECK(cuda::block_sparse_attention_backward(p, c10::cuda::getCurrentCUDAStream()));
+#else
+    no_cuda_kernels(kBackward);
+#endif
+  } else {
+    TORCH_EXT_CPU_DISPATCH(block_sparse_attention_backward, p);
+  }
+  return {grad_q, grad_k, grad_v};
+}
+
+at::Tensor moba_select(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t top_k, bool causal) {
+  const char* op = "moba_select";
+  const Shapes s = check_qkv(op, q, k, nullptr);
+  TORCH_EXT_CHECK(block_size >= 1, op, "block_size must be >= 1, got ", block_size);
+  TORCH_EXT_CHECK(top_k >= 1, op, "top_k must be >= 1, got ", top_k);
+  const at::Tensor q_u = unit_last(q), k_u = unit_last(k);
+  at::Tensor selected = at::empty({s.batch, s.heads_q, s.seq_q, top_k}, q.options().dtype(at::kInt));
+  const attention::MobaSelectParams p{scalar_kind(q), s.batch,  s.heads_q,   s.heads_kv,
+                                      s.seq_q,        s.seq_kv, int32_t(s.head_dim), int32_t(block_size),
+                                      int32_t(top_k), causal,   bhsd(q_u),   bhsd(k_u),
+                                      selected.data_ptr<int32_t>()};
+  if (q.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor workspace = at::empty({cuda::moba_select_workspace_bytes(p)}, q.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cuda::moba_select(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+#else
+    no_cuda_kernels(op);
+#endif
+  } else {
+    TORCH_EXT_CPU_DISPATCH(moba_select, p);
+  }
+  return selected;
+}
+
+std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_blocks, int64_t num_kv_blocks,
+                                                    int64_t block_size_q) {
+  const char* op = "moba_block_lists";
+  check_dtype(op, "token_blocks", token_blocks, {at::kInt});
+  TORCH_EXT_CHECK(token_blocks.dim() == 4, op, "token_blocks must be [B, H, Sq, top_k], got shape ",
+                  token_blocks.sizes());
+  TORCH_EXT_CHECK(num_kv_blocks >= 0, op, "num_kv_blocks must be >= 0, got ", num_kv_blocks);
+  TORCH_EXT_CHECK(block_size_q >= 1, op, "block_size_q must be >= 1, got ", block_size_q);
+  const int64_t batch = token_blocks.size(0), heads = token_blocks.size(1), seq_q = token_blocks.size(2);
+  const int64_t top_k = token_blocks.size(3), nq = ceil_div(seq_q, block_size_q);
+  // Rows padded to whole query blocks with -1 (no block), then each block's rows as one list.
+  const at::Tensor padded = at::constant_pad_nd(token_blocks, {0, 0, 0, nq * block_size_q - seq_q}, -1)
+                                .reshape({batch, heads, nq, block_size_q * top_k});
+  const at::Tensor flags = flags_of(padded, padded.ge(0), num_kv_blocks);
+  return lists_from_flags(flags, std::min(num_kv_blocks, block_size_q * top_k));
+}
+
+std::tuple<at::Tensor, at::Tensor> moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size,
+                                              int64_t top_k, bool causal) {
+  const at::Tensor selected = moba_select(q, k, block_size, top_k, causal);
+  return moba_block_lists(selected, ceil_div(k.size(2), block_size), kMobaQueryBlock);
+}
+
+}  // namespace torch_ext

@@ -1,0 +1,993 @@
+// CUDA kernels of block-sparse attention and MoBA gating (attention/block_sparse_attention_cuda.h).
+// Every index map, mask predicate, softmax recurrence and walk is a host+device function of
+// attention/block_sparse_attention_cuda_index.h, run thread by thread on the CPU by
+// tests/cpp/block_sparse_attention_cuda_sim.cpp. No torch headers.
+//
+// fwd_kernel<T, D, kBlockQ>: FlashAttention-2 forward. A CTA owns (query block, query head, batch);
+//   warp w owns query rows 16 w .. 16 w + 15 (4 warps for block_q 64, 8 for 128: the 8 warps of a
+//   128-row block share each K / V tile, halving its shared-memory and L2 traffic per query row
+//   against two 64-row CTAs). The Q tile goes global -> shared (cp.async) -> registers (A
+//   fragments, once). The CTA walks its listed key blocks in steps of 64 keys (ix::walk_tiles):
+//   blocks of 16 / 32 keys are gathered 4 / 2 to a step, 128-key blocks take two steps, so every
+//   step is 8 n8 tiles of S per warp whatever block_kv is. K and V of step t + 1 load (cp.async,
+//   zero-filled past the list / Sk) while step t computes: S = Q K^T (mma.m16n8k16, fp32), mask
+//   (listed segment, Sk tail, causal bottom-right, MoBA choices of the row from a shared table),
+//   online softmax in the log2 domain (ix::softmax_rescale), P rounded to T straight from the
+//   accumulators into A fragments, O += P V (V through ldmatrix.trans). Epilogue: O / l through
+//   shared memory (the warp's own Q rows) into 16-byte stores, lse = m ln 2 + ln l (-inf, O = 0
+//   for a row that saw no key).
+// bwd_delta_kernel: delta = rowsum(dO * O) in fp32.
+// bwd_dq_kernel<T, D, kBlockQ>: the forward's walk again; P recomputed from lse, dP = dO V^T,
+//   dS = P (dP - delta), dQ += dS K (K through ldmatrix.trans), dQ * scale at the end.
+// bwd_dkdv_kernel<T, D, kBlockKv>: a CTA owns key block kb of kv head hk; warps split as
+//   block_kv / 16 along keys x (4 / that, at least 1) along the 64 query rows of a step; K and V
+//   stay in shared memory; the CTA walks, for each query head of hk's group, each query block
+//   listing kb (p.transposed) in 64-row sub-tiles, double-buffered (Q, dO, lse, delta and the
+//   per-row MoBA flag). S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. Warps that split
+//   the query rows sum their partial dK / dV through shared memory in warp order: deterministic,
+//   no atomics.
+// moba_pool_kernel / moba_select_kernel: mean-pooled key blocks (fp32, workspace), then per query
+//   token the scores of its eligible blocks 32 at a time (one per lane) and a warp-wide sorted
+//   top-k list (ix::moba_beats order), merged with ballots: no score matrix in memory.
+//
+// Requirements of the attention kernels (else cudaErrorInvalidValue; the torch side falls back or
+// copies): fp16 / bf16, head_dim 64 or 128, block_q 64 / 128, block_kv 16 / 32 / 64 / 128, every
+// [B, H, S, D] tensor 16-byte aligned with strides that are multiples of 8 elements (cp.async and
+// 16-byte stores; contiguous and [B, S, H, D]-transposed layouts qualify), sequence lengths below
+// 2^31 - 256, MoBA top_k <= 64, heads and batch <= 65535 (grid y / z).
+#include <type_traits>
+
+#include "attention/block_sparse_attention_cuda.h"
+#include "attention/block_sparse_attention_cuda_index.h"
+#include "common/cuda/cp_async.cuh"
+#include "common/cuda/mma.cuh"
+#include "common/cuda/vec.cuh"
+
+namespace torch_ext::cuda {
+namespace {
+
+namespace ix = ::torch_ext::attention::bsa_cuda;
+using attention::BlockSparseBackwardParams;
+using attention::BlockSparseForwardParams;
+using attention::MobaSelectParams;
+
+// Dynamic shared memory above this needs cudaFuncAttributeMaxDynamicSharedMemorySize.
+constexpr int kDefaultSharedBytes = 48 * 1024;
+// Key / query positions are int32 inside the kernels, with room for a 128-key block past the end.
+constexpr int64_t kMaxSeq = (int64_t(1) << 31) - 256;
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// =============================================================================================
+// Kernel traits
+// =============================================================================================
+
+// RowTraits (forward, dQ) and DkdvTraits (dK / dV): attention/block_sparse_attention_cuda_index.h
+// section 9, shared with the simulator.
+using ix::DkdvTraits;
+using ix::RowTraits;
+
+// =============================================================================================
+// Small device helpers
+// =============================================================================================
+
+template <typename T>
+__device__ __forceinline__ const T* bhsd_ptr(const attention::Bhsd& t, int64_t b, int64_t h) {
+  return static_cast<const T*>(t.data) + b * t.batch_stride + h * t.head_stride;
+}
+template <typename T>
+__device__ __forceinline__ T* bhsd_ptr(const attention::MutableBhsd& t, int64_t b, int64_t h) {
+  return static_cast<T*>(t.data) + b * t.batch_stride + h * t.head_stride;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullMask, x, 1);
+  return x + __shfl_xor_sync(kFullMask, x, 2);
+}
+
+// Copies rows [0, rows) of a [rows][D] tile starting at sequence position pos0 (zero rows at or
+// past seq) into shared memory (swizzled): copy i of thread tid (ix::copy_row / copy_chunk).
+template <typename T, int kD, int kThreads, int kCopies>
+__device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int64_t seq_stride, int pos0, int seq,
+                                          int tid) {
+#pragma unroll
+  for (int i = 0; i < kCopies; ++i) {
+    const int r = ix::copy_row(tid, i, kThreads, kD), c = ix::copy_chunk(tid, i, kThreads, kD);
+    const int pos = pos0 + r;
+    const bool ok = pos < seq;
+    cp_async_16_zfill(dst + ix::smem_offset(r, c, kD), ok ? src + int64_t(pos) * seq_stride + c * ix::kChunkElems : src,
+                      ok);
+  }
+}
+
+// S += A (16 x D from registers or shared) x B^T where B is a [64][D] shared tile (K or V): the
+// 8 n8 tiles of a 64-key step.
+template <typename T, int kD>
+__device__ __forceinline__ void mma_rows_x_tile(float (&s)[8][4], const uint32_t (&a)[4], const unsigned char* tile,
+                                                int k16, int lane) {
+#pragma unroll
+  for (int nj = 0; nj < 4; ++nj) {
+    uint32_t r[4];
+    ldmatrix_x4(r, tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(lane), ix::ldsm_b_chunk(k16, lane), kD));
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    mma_m16n8k16<T>(s[2 * nj], a, b0);
+    mma_m16n8k16<T>(s[2 * nj + 1], a, b1);
+  }
+}
+
+// acc (16 x D) += P (16 x 64, the accumulators of S rounded to T) x tile, tile a [64][D] shared
+// tile read transposed (V in P V, K in dS K).
+template <typename T, int kD>
+__device__ __forceinline__ void mma_p_x_tile(float (&acc)[kD / 8][4], const float (&p)[8][4], const unsigned char* tile,
+                                             int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      a[r] = pack_pair<T>(p[ix::c2a_tile(kk, r)][ix::c2a_elem(r, 0)], p[ix::c2a_tile(kk, r)][ix::c2a_elem(r, 1)]);
+#pragma unroll
+    for (int nj = 0; nj < kD / 16; ++nj) {
+      uint32_t r[4];
+      ldmatrix_x4_trans(r, tile + ix::smem_offset(16 * kk + ix::ldsm_bt_row(lane), ix::ldsm_bt_chunk(nj, lane), kD));
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      mma_m16n8k16<T>(acc[2 * nj], a, b0);
+      mma_m16n8k16<T>(acc[2 * nj + 1], a, b1);
+    }
+  }
+}
+
+// The warp's 16 x D accumulators, times row_scale[e / 2], rounded to T into its own 16 rows of the
+// shared tile at `stage` (free once the warp stopped reading them), then 16-byte stores of rows
+// below `seq`. No CTA barrier: only this warp touches these rows.
+template <typename T, int kD>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[kD / 8][4], const float (&row_scale)[2],
+                                                unsigned char* stage, int warp_row0, T* dst, int64_t seq_stride,
+                                                int pos0, int seq, int lane) {
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row0 + ix::acc_row(lane, 2 * half), col = 8 * j + ix::acc_col(lane, 0);
+      *reinterpret_cast<uint32_t*>(stage + ix::smem_elem_offset(row, col, kD)) =
+          pack_pair<T>(acc[j][2 * half] * row_scale[half], acc[j][2 * half + 1] * row_scale[half]);
+    }
+  __syncwarp();
+  constexpr int kChunks = kD / ix::kChunkElems;
+#pragma unroll
+  for (int i = 0; i < ix::kWarpRows * kChunks / 32; ++i) {
+    const int r = ix::copy_row(lane, i, 32, kD), c = ix::copy_chunk(lane, i, 32, kD);
+    const int pos = pos0 + warp_row0 + r;
+    if (pos < seq) {
+      const uint4 v = *reinterpret_cast<const uint4*>(stage + ix::smem_offset(warp_row0 + r, c, kD));
+      *reinterpret_cast<uint4*>(dst + int64_t(pos) * seq_stride + c * ix::kChunkElems) = v;
+    }
+  }
+}
+
+// =============================================================================================
+// The query-block walk shared by the forward and dQ kernels
+// =============================================================================================
+
+// Where a CTA of the forward / dQ kernels stands: its lists and the K / V it reads.
+template <typename T>
+struct RowCta {
+  const T* k;
+  const T* v;
+  int64_t k_stride, v_stride;
+  const int32_t* list;  // the query block's listed key blocks
+  int count;
+  int tiles;
+  int block_kv, seq_q, seq_kv;
+};
+
+// Step t's K and V (64 rows, segment by segment) into stage `st`, plus the segment table.
+template <typename T, class Tr>
+__device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T>& c, int t, int st, int tid) {
+  constexpr int kD = Tr::kChunks * ix::kChunkElems;
+  unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
+  unsigned char* const vs = ks + Tr::kKvBytes;
+#pragma unroll
+  for (int i = 0; i < Tr::kKvCopies; ++i) {
+    const int r = ix::copy_row(tid, i, Tr::kThreads, kD), ch = ix::copy_chunk(tid, i, Tr::kThreads, kD);
+    const ix::Segment sg = ix::tile_segment(t, ix::row_segment(r, c.block_kv), c.block_kv);
+    const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
+    const int64_t base = ix::segment_base(block, sg.offset, c.block_kv);
+    const int64_t pos = base + ix::row_in_segment(r, c.block_kv);
+    const bool ok = base >= 0 && pos < c.seq_kv;
+    const int off = ix::smem_offset(r, ch, kD);
+    cp_async_16_zfill(ks + off, ok ? c.k + pos * c.k_stride + ch * ix::kChunkElems : c.k, ok);
+    cp_async_16_zfill(vs + off, ok ? c.v + pos * c.v_stride + ch * ix::kChunkElems : c.v, ok);
+  }
+  if (tid < ix::segments_per_tile(c.block_kv)) {
+    const ix::Segment sg = ix::tile_segment(t, tid, c.block_kv);
+    const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
+    int* const seg = reinterpret_cast<int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
+    seg[tid] = int(ix::segment_base(block, sg.offset, c.block_kv));
+    seg[ix::kMaxSegments + tid] = block;
+  }
+}
+
+// Per-lane mask state of one step: whether any element needs the predicate, and for the lane's two
+// rows the segments their MoBA choices allow.
+struct StepMask {
+  bool full;
+  ix::StepSegments seg;
+  unsigned allowed[2];  // bit s: segment s is among the row's choices (all bits without selection)
+};
+template <class Tr, typename T>
+__device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, const RowCta<T>& c, int st,
+                                                   int first_q, int warp_row0, int lane, bool causal, int top_k,
+                                                   bool selection) {
+  StepMask m;
+  const int* const seg = reinterpret_cast<const int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
+  const int nseg = ix::segments_per_tile(c.block_kv), seg_len = ix::segment_len(c.block_kv);
+  bool all_full = true;
+  int64_t last_key = -1;
+#pragma unroll
+  for (int s = 0; s < ix::kMaxSegments; ++s) {
+    m.seg.base[s] = s < nseg ? seg[s] : -1;
+    if (s < nseg) {
+      all_full = all_full && m.seg.base[s] >= 0 && m.seg.base[s] + seg_len <= c.seq_kv;
+      last_key = max(last_key, int64_t(m.seg.base[s]) + seg_len - 1);
+    }
+  }
+  m.full = ix::tile_fully_visible(first_q, last_key, all_full, selection, c.seq_q, c.seq_kv, causal);
+  m.allowed[0] = m.allowed[1] = 0xfu;
+  if (selection) {
+    const int32_t* const table = reinterpret_cast<const int32_t*>(smem + Tr::kSelOffset);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row0 + ix::acc_row(lane, 2 * half);
+      unsigned bits = 0;
+#pragma unroll
+      for (int s = 0; s < ix::kMaxSegments; ++s)
+        if (s < nseg && ix::block_selected(table + row * top_k, top_k, seg[ix::kMaxSegments + s])) bits |= 1u << s;
+      m.allowed[half] = bits;
+    }
+  }
+  return m;
+}
+
+// Whether element e of n8 tile j of the step is visible to the lane's row.
+template <typename T>
+__device__ __forceinline__ bool element_visible(const StepMask& m, const RowCta<T>& c, int j, int e, int q_pos,
+                                                bool causal, int lane) {
+  return ix::step_element_visible(m.seg, m.allowed[e / 2], 8 * j + ix::acc_col(lane, e), c.block_kv, q_pos, c.seq_q,
+                                  c.seq_kv, causal);
+}
+
+// Common prologue of the forward / dQ CTAs: their coordinates, lists and the MoBA table.
+template <typename T, class Tr>
+__device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParams& p, unsigned char* smem, int qb,
+                                                   int64_t b, int h, int tid) {
+  const int hk = h / int(p.heads_q / p.heads_kv);
+  RowCta<T> c;
+  c.k = bhsd_ptr<T>(p.k, b, hk);
+  c.v = bhsd_ptr<T>(p.v, b, hk);
+  c.k_stride = p.k.seq_stride;
+  c.v_stride = p.v.seq_stride;
+  c.list = p.blocks.indices + b * p.blocks.indices_batch_stride + h * p.blocks.indices_head_stride +
+           int64_t(qb) * p.blocks.max_blocks;
+  const int raw = __ldg(p.blocks.counts + b * p.blocks.counts_batch_stride + h * p.blocks.counts_head_stride + qb);
+  c.count = min(max(raw, 0), p.blocks.max_blocks);
+  c.block_kv = p.block_kv;
+  c.seq_q = int(p.seq_q);
+  c.seq_kv = int(p.seq_kv);
+  c.tiles = c.seq_kv > 0 ? ix::walk_tiles(c.count, c.block_kv) : 0;
+  if (p.selection.blocks != nullptr) {
+    const int top_k = p.selection.top_k;
+    const int32_t* const sel = p.selection.blocks + b * p.selection.batch_stride + h * p.selection.head_stride;
+    int32_t* const table = reinterpret_cast<int32_t*>(smem + Tr::kSelOffset);
+    const int q0 = qb * (Tr::kWarps * ix::kWarpRows);
+    for (int idx = tid; idx < Tr::kWarps * ix::kWarpRows * top_k; idx += Tr::kThreads) {
+      const int r = idx / top_k, k = idx % top_k;
+      table[idx] = q0 + r < c.seq_q ? __ldg(sel + int64_t(q0 + r) * p.selection.seq_stride + k) : -1;
+    }
+  }
+  return c;
+}
+
+// =============================================================================================
+// Forward
+// =============================================================================================
+
+template <typename T, int kD, int kBlockQ>
+__global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
+    fwd_kernel(const BlockSparseForwardParams p) {
+  using Tr = RowTraits<kD, kBlockQ, false>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int qb = int(gridDim.x - 1 - blockIdx.x);  // last (causal: heaviest) query blocks first
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int q0 = qb * kBlockQ, warp_row0 = warp * ix::kWarpRows;
+  const bool causal = p.causal, selection = p.selection.blocks != nullptr;
+  const int top_k = p.selection.top_k;
+  const float scale_log2 = p.scale * ix::kLog2e;
+
+  const RowCta<T> c = row_cta_setup<T, Tr>(p, smem, qb, b, h, tid);
+  // Group 0: Q; group 1: step 0.
+  load_rows<T, kD, Tr::kThreads, Tr::kRowCopies>(smem + Tr::kQOffset, bhsd_ptr<T>(p.q, b, h), p.q.seq_stride, q0,
+                                                 c.seq_q, tid);
+  cp_async_commit();
+  if (c.tiles > 0) load_kv_step<T, Tr>(smem, c, 0, 0, tid);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+  uint32_t qf[Tr::kK16][4];
+#pragma unroll
+  for (int k16 = 0; k16 < Tr::kK16; ++k16)
+    ldmatrix_x4(qf[k16], smem + Tr::kQOffset +
+                             ix::smem_offset(warp_row0 + ix::ldsm_a_row(lane), ix::ldsm_a_chunk(k16, lane), kD));
+
+  float o[Tr::kON][4];
+#pragma unroll
+  for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+  ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};
+  const int q_pos[2] = {q0 + warp_row0 + ix::acc_row(lane, 0), q0 + warp_row0 + ix::acc_row(lane, 2)};
+
+  for (int t = 0; t < c.tiles; ++t) {
+    const int st = t % ix::kStages;
+    cp_async_wait<0>();
+    __syncthreads();  // step t landed for every thread; step t - 1's slot is free
+    if (t + 1 < c.tiles) load_kv_step<T, Tr>(smem, c, t + 1, (t + 1) % ix::kStages, tid);
+    cp_async_commit();
+
+    const unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
+    const unsigned char* const vs = ks + Tr::kKvBytes;
+    float s[Tr::kSN][4];
+#pragma unroll
+    for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+    for (int k16 = 0; k16 < Tr::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane);
+
+    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
+    float tile_max[2] = {ix::neg_inf(), ix::neg_inf()};
+#pragma unroll
+    for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * scale_log2;
+        if (!m.full && !element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) x = ix::neg_inf();
+        s[j][e] = x;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) alpha[half] = ix::softmax_rescale(rs[half], quad_max(tile_max[half]));
+#pragma unroll
+    for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = ix::softmax_prob(s[j][e], rs[e / 2]);
+        rs[e / 2].l += s[j][e];
+      }
+#pragma unroll
+    for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
+    mma_p_x_tile<T, kD>(o, s, vs, lane);
+  }
+  cp_async_wait_all();  // only an empty group remains
+
+  float inv[2];
+  float* const lse = p.lse + (b * p.heads_q + h) * p.seq_q;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = quad_sum(rs[half].l);
+    inv[half] = ix::softmax_out_scale(l);
+    if (lane % 4 == 0 && q_pos[half] < c.seq_q) lse[q_pos[half]] = ix::softmax_lse(rs[half].m, l);
+  }
+  store_warp_rows<T, kD>(o, inv, smem + Tr::kQOffset, warp_row0, bhsd_ptr<T>(p.out, b, h), p.out.seq_stride, q0,
+                         c.seq_q, lane);
+}
+
+// =============================================================================================
+// Backward: delta, dQ, dK / dV
+// =============================================================================================
+
+// delta[b, h, i] = sum_d dO * O (fp32): D / 8 threads per row, 16 bytes each.
+template <typename T, int kD>
+__global__ void __launch_bounds__(256) bwd_delta_kernel(const BlockSparseBackwardParams p) {
+  constexpr int kPer = kD / ix::kChunkElems;
+  const int64_t rows = p.forward.batch * p.forward.heads_q * p.forward.seq_q;
+  const int64_t row = int64_t(blockIdx.x) * (256 / kPer) + threadIdx.x / kPer;
+  const int c = threadIdx.x % kPer;
+  const bool ok = row < rows;  // no early return: the whole warp shuffles below
+  float sum = 0.f;
+  if (ok) {
+    const int64_t i = row % p.forward.seq_q, bh = row / p.forward.seq_q;
+    const int64_t h = bh % p.forward.heads_q, b = bh / p.forward.heads_q;
+    const Pack16<T> o = load_pack16(bhsd_ptr<T>(p.forward.out, b, h) + i * p.forward.out.seq_stride + c * 8);
+    const Pack16<T> d = load_pack16(bhsd_ptr<T>(p.grad_out, b, h) + i * p.grad_out.seq_stride + c * 8);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum = fmaf(to_compute(o.v[e]), to_compute(d.v[e]), sum);
+  }
+#pragma unroll
+  for (int off = kPer / 2; off > 0; off /= 2) sum += __shfl_xor_sync(kFullMask, sum, off);
+  if (ok && c == 0) p.delta[row] = sum;
+}
+
+template <typename T, int kD, int kBlockQ>
+__global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
+    bwd_dq_kernel(const BlockSparseBackwardParams bp) {
+  using Tr = RowTraits<kD, kBlockQ, true>;
+  const BlockSparseForwardParams& p = bp.forward;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int qb = int(gridDim.x - 1 - blockIdx.x);
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int q0 = qb * kBlockQ, warp_row0 = warp * ix::kWarpRows;
+  const bool causal = p.causal, selection = p.selection.blocks != nullptr;
+  const int top_k = p.selection.top_k;
+  const float scale_log2 = p.scale * ix::kLog2e;
+
+  const RowCta<T> c = row_cta_setup<T, Tr>(p, smem, qb, b, h, tid);
+  load_rows<T, kD, Tr::kThreads, Tr::kRowCopies>(smem + Tr::kQOffset, bhsd_ptr<T>(p.q, b, h), p.q.seq_stride, q0,
+                                                 c.seq_q, tid);
+  load_rows<T, kD, Tr::kThreads, Tr::kRowCopies>(smem + (Tr::kQOffset + Tr::kRowBytes), bhsd_ptr<T>(bp.grad_out, b, h),
+                                                 bp.grad_out.seq_stride, q0, c.seq_q, tid);
+  if (c.tiles > 0) load_kv_step<T, Tr>(smem, c, 0, 0, tid);
+  cp_async_commit();
+
+  const int q_pos[2] = {q0 + warp_row0 + ix::acc_row(lane, 0), q0 + warp_row0 + ix::acc_row(lane, 2)};
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t at = (b * p.heads_q + h) * p.seq_q + q_pos[half];
+    const bool ok = q_pos[half] < c.seq_q;
+    lse2[half] = ok ? ix::lse_log2(__ldg(p.lse + at)) : INFINITY;
+    delta[half] = ok ? __ldg(bp.delta + at) : 0.f;
+  }
+  float dq[Tr::kON][4];
+#pragma unroll
+  for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
+
+  for (int t = 0; t < c.tiles; ++t) {
+    const int st = t % ix::kStages;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (t + 1 < c.tiles) load_kv_step<T, Tr>(smem, c, t + 1, (t + 1) % ix::kStages, tid);
+    cp_async_commit();
+
+    const unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
+    const unsigned char* const vs = ks + Tr::kKvBytes;
+    float s[Tr::kSN][4], dp[Tr::kSN][4];
+#pragma unroll
+    for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+    for (int k16 = 0; k16 < Tr::kK16; ++k16) {
+      uint32_t a[4];
+      const int row = warp_row0 + ix::ldsm_a_row(lane), chunk = ix::ldsm_a_chunk(k16, lane);
+      ldmatrix_x4(a, smem + Tr::kQOffset + ix::smem_offset(row, chunk, kD));
+      mma_rows_x_tile<T, kD>(s, a, ks, k16, lane);
+      ldmatrix_x4(a, smem + (Tr::kQOffset + Tr::kRowBytes) + ix::smem_offset(row, chunk, kD));
+      mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane);
+    }
+    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
+#pragma unroll
+    for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool vis = m.full || element_visible(m, c, j, e, q_pos[e / 2], causal, lane);
+        const float prob = vis ? ix::exp2_approx(s[j][e] * scale_log2 - lse2[e / 2]) : 0.f;
+        s[j][e] = prob * (dp[j][e] - delta[e / 2]);  // dS
+      }
+    mma_p_x_tile<T, kD>(dq, s, ks, lane);
+  }
+  cp_async_wait_all();
+  __syncthreads();  // the dO rows are not read any more; Q rows are reused per warp below
+  const float row_scale[2] = {p.scale, p.scale};
+  store_warp_rows<T, kD>(dq, row_scale, smem + Tr::kQOffset, warp_row0, bhsd_ptr<T>(bp.grad_q, b, h),
+                         bp.grad_q.seq_stride, q0, c.seq_q, lane);
+}
+
+template <typename T, int kD, int kBlockKv>
+__global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
+    bwd_dkdv_kernel(const BlockSparseBackwardParams bp) {
+  using Tr = DkdvTraits<kD, kBlockKv>;
+  const BlockSparseForwardParams& p = bp.forward;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wk = warp % Tr::kWarpsKey, wq = warp / Tr::kWarpsKey;
+  const int kb = blockIdx.x, hk = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int group = int(p.heads_q / p.heads_kv);
+  const int seq_q = int(p.seq_q), seq_kv = int(p.seq_kv);
+  const int k0 = kb * kBlockKv;
+  const bool causal = p.causal, selection = p.selection.blocks != nullptr;
+  const int top_k = p.selection.top_k;
+  const float scale_log2 = p.scale * ix::kLog2e;
+  const int subs = p.block_q / ix::kBwdQTile;
+  const int nq = int(ix::ceil_div(p.seq_q, p.block_q));
+
+  const attention::BlockList& tl = bp.transposed;
+  const int32_t* const counts =
+      tl.counts + b * tl.counts_batch_stride + int64_t(hk) * group * tl.counts_head_stride + kb;
+  // Steps of the walk: every listed query block of every head of the group, in 64-row sub-tiles.
+  int steps = 0;
+  if (seq_q > 0)
+    for (int g = 0; g < group; ++g) steps += min(max(__ldg(counts + g * tl.counts_head_stride), 0), tl.max_blocks) * subs;
+
+  // K, V of the block (resident).
+  {
+    const T* const kp = bhsd_ptr<T>(p.k, b, hk);
+    const T* const vp = bhsd_ptr<T>(p.v, b, hk);
+    load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kKOffset, kp, p.k.seq_stride, k0, seq_kv, tid);
+    load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kVOffset, vp, p.v.seq_stride, k0, seq_kv, tid);
+  }
+  // Loader of one step (cursor position) into stage st.
+  const auto load_step = [&](const ix::TransposedCursor& cur, int st) {
+    unsigned char* const stage = smem + Tr::kStageOffset + st * Tr::kStageBytes;
+    const int h = hk * group + cur.g;
+    const int qb = __ldg(tl.indices + b * tl.indices_batch_stride + h * tl.indices_head_stride +
+                         int64_t(kb) * tl.max_blocks + cur.slot);
+    const bool block_ok = qb >= 0 && qb < nq;
+    const int qbase = block_ok ? qb * p.block_q + cur.sub * ix::kBwdQTile : seq_q;  // seq_q: all rows empty
+    load_rows<T, kD, Tr::kThreads, Tr::kTileCopies>(stage, bhsd_ptr<T>(p.q, b, h), p.q.seq_stride, qbase, seq_q, tid);
+    load_rows<T, kD, Tr::kThreads, Tr::kTileCopies>(stage + Tr::kTileBytes, bhsd_ptr<T>(bp.grad_out, b, h),
+                                                    bp.grad_out.seq_stride, qbase, seq_q, tid);
+    const int64_t row0 = (b * p.heads_q + h) * p.seq_q;
+    for (int r = tid; r < ix::kBwdQTile; r += Tr::kThreads) {
+      const int pos = qbase + r;
+      const bool ok = pos < seq_q;
+      cp_async_4_zfill(stage + Tr::kLseOffset + 4 * r, ok ? p.lse + row0 + pos : p.lse, ok);
+      cp_async_4_zfill(stage + Tr::kDeltaOffset + 4 * r, ok ? bp.delta + row0 + pos : bp.delta, ok);
+      bool allowed = ok;
+      if (ok && selection) {
+        const int32_t* const choices = p.selection.blocks + b * p.selection.batch_stride +
+                                       h * p.selection.head_stride + int64_t(pos) * p.selection.seq_stride;
+        allowed = ix::block_selected(choices, top_k, kb);
+      }
+      reinterpret_cast<int*>(stage + Tr::kFlagOffset)[r] = allowed ? 1 : 0;
+    }
+    if (tid == 0) *reinterpret_cast<int*>(stage + Tr::kQBaseOffset) = qbase;
+  };
+
+  ix::TransposedCursor loader = ix::cursor_begin(counts, tl.counts_head_stride, group);
+  if (steps > 0) load_step(loader, 0);
+  cp_async_commit();
+
+  float dk[Tr::kON][4], dv[Tr::kON][4];
+#pragma unroll
+  for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+  const unsigned char* const ksm = smem + Tr::kKOffset;
+  const unsigned char* const vsm = smem + Tr::kVOffset;
+  const int key_row0 = wk * ix::kWarpRows;
+  const int k_pos[2] = {k0 + key_row0 + ix::acc_row(lane, 0), k0 + key_row0 + ix::acc_row(lane, 2)};
+
+  for (int t = 0; t < steps; ++t) {
+    const int st = t % ix::kStages;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (t + 1 < steps) {
+      ix::cursor_advance(loader, counts, tl.counts_head_stride, group, subs);
+      load_step(loader, (t + 1) % ix::kStages);
+    }
+    cp_async_commit();
+
+    const unsigned char* const stage = smem + Tr::kStageOffset + st * Tr::kStageBytes;
+    const unsigned char* const qs = stage;
+    const unsigned char* const dos = stage + Tr::kTileBytes;
+    const float* const lse = reinterpret_cast<const float*>(stage + Tr::kLseOffset);
+    const float* const dlt = reinterpret_cast<const float*>(stage + Tr::kDeltaOffset);
+    const int* const flag = reinterpret_cast<const int*>(stage + Tr::kFlagOffset);
+    const int qbase = *reinterpret_cast<const int*>(stage + Tr::kQBaseOffset);
+#pragma unroll 1
+    for (int inner = 0; inner < Tr::kQCols / Tr::kQInner; ++inner) {
+      const int qc0 = wq * Tr::kQCols + inner * Tr::kQInner;
+      float s[Tr::kNI][4], dp[Tr::kNI][4];
+#pragma unroll
+      for (int j = 0; j < Tr::kNI; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+      for (int k16 = 0; k16 < Tr::kK16; ++k16) {
+        uint32_t ka[4], va[4];
+        const int arow = key_row0 + ix::ldsm_a_row(lane), achunk = ix::ldsm_a_chunk(k16, lane);
+        ldmatrix_x4(ka, ksm + ix::smem_offset(arow, achunk, kD));
+        ldmatrix_x4(va, vsm + ix::smem_offset(arow, achunk, kD));
+#pragma unroll
+        for (int nj = 0; nj < Tr::kNI / 2; ++nj) {
+          uint32_t r[4];
+          const int brow = qc0 + 16 * nj + ix::ldsm_b_row(lane), bchunk = ix::ldsm_b_chunk(k16, lane);
+          ldmatrix_x4(r, qs + ix::smem_offset(brow, bchunk, kD));
+          const uint32_t q0f[2] = {r[0], r[1]}, q1f[2] = {r[2], r[3]};
+          mma_m16n8k16<T>(s[2 * nj], ka, q0f);
+          mma_m16n8k16<T>(s[2 * nj + 1], ka, q1f);
+          ldmatrix_x4(r, dos + ix::smem_offset(brow, bchunk, kD));
+          const uint32_t d0f[2] = {r[0], r[1]}, d1f[2] = {r[2], r[3]};
+          mma_m16n8k16<T>(dp[2 * nj], va, d0f);
+          mma_m16n8k16<T>(dp[2 * nj + 1], va, d1f);
+        }
+      }
+      // P^T and dS^T (s keeps P^T, dp becomes dS^T).
+#pragma unroll
+      for (int j = 0; j < Tr::kNI; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = qc0 + 8 * j + ix::acc_col(lane, e);
+          const int q_pos = qbase + col;
+          const bool vis = flag[col] != 0 && ix::key_visible(q_pos, k_pos[e / 2], seq_q, seq_kv, causal);
+          const float prob = vis ? ix::exp2_approx(s[j][e] * scale_log2 - ix::lse_log2(lse[col])) : 0.f;
+          s[j][e] = prob;
+          dp[j][e] = prob * (dp[j][e] - dlt[col]);
+        }
+      // dV += P^T dO, dK += dS^T Q (dO, Q read transposed: k = query row).
+#pragma unroll
+      for (int kk = 0; kk < Tr::kQInner / 16; ++kk) {
+        uint32_t pa[4], da[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int j = ix::c2a_tile(kk, r);
+          pa[r] = pack_pair<T>(s[j][ix::c2a_elem(r, 0)], s[j][ix::c2a_elem(r, 1)]);
+          da[r] = pack_pair<T>(dp[j][ix::c2a_elem(r, 0)], dp[j][ix::c2a_elem(r, 1)]);
+        }
+#pragma unroll
+        for (int nj = 0; nj < kD / 16; ++nj) {
+          uint32_t r[4];
+          const int trow = qc0 + 16 * kk + ix::ldsm_bt_row(lane), tchunk = ix::ldsm_bt_chunk(nj, lane);
+          ldmatrix_x4_trans(r, dos + ix::smem_offset(trow, tchunk, kD));
+          const uint32_t o0[2] = {r[0], r[1]}, o1[2] = {r[2], r[3]};
+          mma_m16n8k16<T>(dv[2 * nj], pa, o0);
+          mma_m16n8k16<T>(dv[2 * nj + 1], pa, o1);
+          ldmatrix_x4_trans(r, qs + ix::smem_offset(trow, tchunk, kD));
+          const uint32_t g0[2] = {r[0], r[1]}, g1[2] = {r[2], r[3]};
+          mma_m16n8k16<T>(dk[2 * nj], da, g0);
+          mma_m16n8k16<T>(dk[2 * nj + 1], da, g1);
+        }
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  // Query warps 1.. hand their partial sums to query warp 0 of their key rows (fixed order).
+  if constexpr (Tr::kWarpsQ > 1) {
+    __syncthreads();  // every warp is done with the stages
+    float* const partial = reinterpret_cast<float*>(smem + Tr::kStageOffset);
+    const auto slot = [&](int q_warp) { return partial + ((q_warp - 1) * Tr::kWarpsKey + wk) * 2 * 16 * kD; };
+    if (wq > 0) {
+      float* const dst = slot(wq);
+#pragma unroll
+      for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dst[(j * 4 + e) * 32 + lane] = dk[j][e];
+          dst[16 * kD + (j * 4 + e) * 32 + lane] = dv[j][e];
+        }
+    }
+    __syncthreads();
+    if (wq > 0) return;
+    for (int q_warp = 1; q_warp < Tr::kWarpsQ; ++q_warp) {
+      const float* const src = slot(q_warp);
+#pragma unroll
+      for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dk[j][e] += src[(j * 4 + e) * 32 + lane];
+          dv[j][e] += src[16 * kD + (j * 4 + e) * 32 + lane];
+        }
+    }
+  }
+  T* const dkp = bhsd_ptr<T>(bp.grad_k, b, hk);
+  T* const dvp = bhsd_ptr<T>(bp.grad_v, b, hk);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int pos = k_pos[half];
+    if (pos >= seq_kv) continue;
+#pragma unroll
+    for (int j = 0; j < Tr::kON; ++j) {
+      const int col = 8 * j + ix::acc_col(lane, 0);
+      *reinterpret_cast<uint32_t*>(dkp + int64_t(pos) * bp.grad_k.seq_stride + col) =
+          pack_pair<T>(dk[j][2 * half] * p.scale, dk[j][2 * half + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvp + int64_t(pos) * bp.grad_v.seq_stride + col) =
+          pack_pair<T>(dv[j][2 * half], dv[j][2 * half + 1]);
+    }
+  }
+}
+
+// =============================================================================================
+// moba_select
+// =============================================================================================
+
+// pooled[b, hk, blk, d] = mean of k over the block's keys (fp32, in key order).
+template <typename T>
+__global__ void __launch_bounds__(ix::kPoolThreads) moba_pool_kernel(const MobaSelectParams p, float* pooled) {
+  const int blk = blockIdx.x, hk = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
+  const int64_t first = int64_t(blk) * p.block_size;
+  const int n = int(min(int64_t(p.block_size), p.seq_kv - first));
+  const T* const k = bhsd_ptr<T>(p.k, b, hk) + first * p.k.seq_stride;
+  float* const dst = pooled + ((b * p.heads_kv + hk) * blocks + blk) * int64_t(p.head_dim);
+  for (int d = threadIdx.x; d < p.head_dim; d += ix::kPoolThreads) {
+    float sum = 0.f;
+    for (int j = 0; j < n; ++j) sum += to_compute(k[int64_t(j) * p.k.seq_stride + d]);
+    dst[d] = sum / float(n);
+  }
+}
+
+// A CTA: 32 query tokens of one (b, h); 4 warps x 8 tokens. Pooled keys stream through shared
+// memory 32 blocks at a time (rows padded to D + 1 floats: lane j reads row j, conflict-free).
+template <typename T>
+__global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const MobaSelectParams p,
+                                                                         const float* pooled) {
+  extern __shared__ __align__(16) float fsm[];
+  constexpr int kThreads = ix::kMobaWarps * 32;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int D = p.head_dim, top_k = p.top_k;
+  const int hk = h / int(p.heads_q / p.heads_kv);
+  const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
+  const int64_t i0 = int64_t(blockIdx.x) * ix::kMobaRowsPerCta;
+  float* const qs = fsm;                                     // [32][D]
+  float* const ps = fsm + ix::kMobaRowsPerCta * D;            // [32][D + 1]
+  const T* const q = bhsd_ptr<T>(p.q, b, h);
+  for (int idx = tid; idx < ix::kMobaRowsPerCta * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    qs[idx] = i0 + r < p.seq_q ? to_compute(q[(i0 + r) * p.q.seq_stride + d]) : 0.f;
+  }
+  ix::MobaRange range[ix::kMobaRowsPerWarp];
+  float es[ix::kMobaRowsPerWarp];
+  int32_t ei[ix::kMobaRowsPerWarp];
+#pragma unroll
+  for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
+    const int64_t i = i0 + warp * ix::kMobaRowsPerWarp + j;
+    range[j] = i < p.seq_q ? ix::moba_range(i, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal)
+                           : ix::MobaRange{0, -1, 0};
+    es[j] = ix::neg_inf();
+    ei[j] = ix::kMobaEmptyId;
+  }
+  // The CTA's last token has the widest range (monotone in i).
+  const int64_t last = min(i0 + ix::kMobaRowsPerCta, p.seq_q) - 1;
+  const int cta_limit = ix::moba_range(last, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal).limit;
+  const float* const pooled_bh = pooled + (b * p.heads_kv + hk) * int64_t(blocks) * D;
+
+  for (int c0 = 0; c0 < cta_limit; c0 += ix::kMobaChunk) {
+    __syncthreads();  // the previous chunk is consumed (and, first time, q is staged)
+    for (int idx = tid; idx < ix::kMobaChunk * D; idx += kThreads) {
+      const int r = idx / D, d = idx % D;
+      ps[r * (D + 1) + d] = c0 + r < blocks ? pooled_bh[int64_t(c0 + r) * D + d] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
+      const int K = range[j].k;
+      if (K == 0 || c0 >= range[j].limit) continue;  // warp-uniform
+      const int blk = c0 + lane;
+      const bool eligible = blk < range[j].limit;
+      float score = ix::neg_inf();
+      if (eligible) {
+        const float* const qr = qs + (warp * ix::kMobaRowsPerWarp + j) * D;
+        const float* const pr = ps + lane * (D + 1);
+        score = 0.f;
+        for (int d = 0; d < D; ++d) score = fmaf(qr[d], pr[d], score);
+      }
+      const float kth_s = __shfl_sync(kFullMask, es[j], K - 1);
+      const int32_t kth_i = __shfl_sync(kFullMask, ei[j], K - 1);
+      unsigned cand = __ballot_sync(kFullMask, eligible && ix::moba_beats(score, blk, kth_s, kth_i));
+      while (cand != 0) {
+        const int src = __ffs(cand) - 1;
+        cand &= cand - 1;
+        const float cs = __shfl_sync(kFullMask, score, src);
+        const int32_t ci = __shfl_sync(kFullMask, blk, src);
+        const int pos = __popc(__ballot_sync(kFullMask, lane < K && ix::moba_beats(es[j], ei[j], cs, ci)));
+        const float up_s = __shfl_up_sync(kFullMask, es[j], 1);
+        const int32_t up_i = __shfl_up_sync(kFullMask, ei[j], 1);
+        if (pos < K && lane < K) {
+          const int how = ix::moba_insert_source(lane, pos);
+          if (how == 1) {
+            es[j] = cs;
+            ei[j] = ci;
+          } else if (how == 2) {
+            es[j] = up_s;
+            ei[j] = up_i;
+          }
+        }
+      }
+    }
+  }
+  // Output: selected ids in increasing order, the forced block after them, -1 padding.
+#pragma unroll
+  for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
+    const int64_t i = i0 + warp * ix::kMobaRowsPerWarp + j;
+    if (i >= p.seq_q) continue;  // warp-uniform
+    const int32_t id = lane < range[j].k ? ei[j] : ix::kMobaEmptyId;
+    const bool valid = id != ix::kMobaEmptyId;
+    int rank = 0;
+    for (int l = 0; l < 32; ++l) rank += __shfl_sync(kFullMask, id, l) < id ? 1 : 0;
+    const int n_sel = __popc(__ballot_sync(kFullMask, valid));
+    int32_t* const out = p.selected + ((b * p.heads_q + h) * p.seq_q + i) * top_k;
+    if (valid) out[ix::moba_output_slot(rank)] = id;
+    const int n_total = n_sel + (range[j].forced >= 0 ? 1 : 0);
+    if (lane == 0 && range[j].forced >= 0) out[n_sel] = range[j].forced;
+    for (int slot = n_total + lane; slot < top_k; slot += 32) out[slot] = -1;
+  }
+}
+
+// =============================================================================================
+// Launchers
+// =============================================================================================
+
+bool bhsd_ok(const void* data, int64_t bs, int64_t hs, int64_t ss) {
+  return ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(data), bs, hs, ss);
+}
+bool bhsd_ok(const attention::Bhsd& t) { return bhsd_ok(t.data, t.batch_stride, t.head_stride, t.seq_stride); }
+bool bhsd_ok(const attention::MutableBhsd& t) {
+  return bhsd_ok(t.data, t.batch_stride, t.head_stride, t.seq_stride);
+}
+
+// Shape and layout rules of the attention kernels (see the file comment).
+cudaError_t check_forward(const BlockSparseForwardParams& p) {
+  if (p.dtype != ScalarKind::kFloat16 && p.dtype != ScalarKind::kBFloat16) return cudaErrorInvalidValue;
+  if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
+  if (p.block_q != 64 && p.block_q != 128) return cudaErrorInvalidValue;
+  if (p.block_kv != 16 && p.block_kv != 32 && p.block_kv != 64 && p.block_kv != 128) return cudaErrorInvalidValue;
+  if (p.batch < 0 || p.heads_q < 0 || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return cudaErrorInvalidValue;
+  if (p.seq_q < 0 || p.seq_kv < 0 || p.seq_q > kMaxSeq || p.seq_kv > kMaxSeq) return cudaErrorInvalidValue;
+  if (p.batch > kMaxGridYZ || p.heads_q > kMaxGridYZ) return cudaErrorInvalidValue;
+  if (p.blocks.max_blocks < 0) return cudaErrorInvalidValue;
+  if (p.selection.blocks != nullptr && (p.selection.top_k < 0 || p.selection.top_k > ix::kMaxSelectionTopK))
+    return cudaErrorInvalidValue;
+  if (!bhsd_ok(p.q) || !bhsd_ok(p.k) || !bhsd_ok(p.v) || !bhsd_ok(p.out)) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t prepare(Kernel kernel, int smem) {
+  if (smem <= kDefaultSharedBytes) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+}
+
+template <typename T, int kD, int kBlockQ>
+cudaError_t launch_forward(const BlockSparseForwardParams& p, cudaStream_t stream) {
+  using Tr = RowTraits<kD, kBlockQ, false>;
+  const int smem = Tr::smem_bytes(p.selection.blocks != nullptr ? p.selection.top_k : 0);
+  const auto kernel = fwd_kernel<T, kD, kBlockQ>;
+  const cudaError_t status = prepare(kernel, smem);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(unsigned(ix::ceil_div(p.seq_q, kBlockQ)), unsigned(p.heads_q), unsigned(p.batch));
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kD, int kBlockQ>
+cudaError_t launch_dq(const BlockSparseBackwardParams& p, cudaStream_t stream) {
+  using Tr = RowTraits<kD, kBlockQ, true>;
+  const int smem = Tr::smem_bytes(p.forward.selection.blocks != nullptr ? p.forward.selection.top_k : 0);
+  const auto kernel = bwd_dq_kernel<T, kD, kBlockQ>;
+  const cudaError_t status = prepare(kernel, smem);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_q, kBlockQ)), unsigned(p.forward.heads_q),
+                  unsigned(p.forward.batch));
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kD, int kBlockKv>
+cudaError_t launch_dkdv(const BlockSparseBackwardParams& p, cudaStream_t stream) {
+  using Tr = DkdvTraits<kD, kBlockKv>;
+  const auto kernel = bwd_dkdv_kernel<T, kD, kBlockKv>;
+  const cudaError_t status = prepare(kernel, Tr::kSmemBytes);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_kv, kBlockKv)), unsigned(p.forward.heads_kv),
+                  unsigned(p.forward.batch));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Calls fn.template operator()<T, D>() for the (validated) dtype and head dim.
+template <typename Fn>
+cudaError_t dispatch_type_dim(ScalarKind dtype, int head_dim, Fn&& fn) {
+  if (dtype == ScalarKind::kFloat16) {
+    return head_dim == 64 ? fn.template operator()<Half, 64>() : fn.template operator()<Half, 128>();
+  }
+  return head_dim == 64 ? fn.template operator()<BFloat16, 64>() : fn.template operator()<BFloat16, 128>();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+cudaError_t block_sparse_attention_forward(const attention::BlockSparseForwardParams& p, cudaStream_t stream) {
+  cudaError_t status = check_forward(p);
+  if (status != cudaSuccess) return status;
+  if (p.batch == 0 || p.heads_q == 0 || p.seq_q == 0) return cudaSuccess;
+  if (ix::ceil_div(p.seq_q, p.block_q) > kMaxGridX) return cudaErrorInvalidValue;
+  return dispatch_type_dim(p.dtype, p.head_dim, [&]<typename T, int kD>() {
+    return p.block_q == 64 ? launch_forward<T, kD, 64>(p, stream) : launch_forward<T, kD, 128>(p, stream);
+  });
+}
+
+cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackwardParams& p, cudaStream_t stream) {
+  const BlockSparseForwardParams& f = p.forward;
+  cudaError_t status = check_forward(f);
+  if (status != cudaSuccess) return status;
+  if (!bhsd_ok(p.grad_out) || !bhsd_ok(p.grad_q) || !bhsd_ok(p.grad_k) || !bhsd_ok(p.grad_v))
+    return cudaErrorInvalidValue;
+  if (f.heads_kv > kMaxGridYZ || p.transposed.max_blocks < 0) return cudaErrorInvalidValue;
+  if (f.batch == 0 || f.heads_q == 0) return cudaSuccess;
+  return dispatch_type_dim(f.dtype, f.head_dim, [&]<typename T, int kD>() -> cudaError_t {
+    cudaError_t s = cudaSuccess;
+    if (f.seq_q > 0) {
+      const int64_t rows = f.batch * f.heads_q * f.seq_q;
+      const int64_t per_cta = 256 / (kD / ix::kChunkElems);
+      if (ix::ceil_div(rows, per_cta) > kMaxGridX) return cudaErrorInvalidValue;
+      bwd_delta_kernel<T, kD><<<unsigned(ix::ceil_div(rows, per_cta)), 256, 0, stream>>>(p);
+      s = cudaGetLastError();
+      if (s != cudaSuccess) return s;
+      s = f.block_q == 64 ? launch_dq<T, kD, 64>(p, stream) : launch_dq<T, kD, 128>(p, stream);
+      if (s != cudaSuccess) return s;
+    }
+    if (f.seq_kv > 0) {
+      switch (f.block_kv) {
+        case 16: s = launch_dkdv<T, kD, 16>(p, stream); break;
+        case 32: s = launch_dkdv<T, kD, 32>(p, stream); break;
+        case 64: s = launch_dkdv<T, kD, 64>(p, stream); break;
+        default: s = launch_dkdv<T, kD, 128>(p, stream); break;
+      }
+    }
+    return s;
+  });
+}
+
+int64_t moba_select_workspace_bytes(const attention::MobaSelectParams& p) {
+  if (p.block_size <= 0 || p.seq_kv <= 0) return 0;
+  return p.batch * p.heads_kv * int64_t(ix::moba_blocks(p.seq_kv, p.block_size)) * p.head_dim * int64_t(sizeof(float));
+}
+
+cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, cudaStream_t stream) {
+  if (p.batch < 0 || p.heads_q < 0 || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0 || p.seq_q < 0 ||
+      p.seq_kv < 0 || p.seq_q > kMaxSeq || p.seq_kv > kMaxSeq || p.block_size <= 0 || p.top_k < 0 ||
+      p.top_k > ix::kMaxMobaTopK || p.head_dim <= 0 || p.head_dim > 256 || p.batch > kMaxGridYZ ||
+      p.heads_q > kMaxGridYZ || ix::ceil_div(p.seq_kv, p.block_size) > kMaxGridX) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.batch == 0 || p.heads_q == 0 || p.seq_q == 0 || p.top_k == 0) return cudaSuccess;
+  const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
+  float* const pooled = static_cast<float*>(workspace);
+  if (blocks > 0 && pooled == nullptr) return cudaErrorInvalidValue;
+  const int smem = (ix::kMobaRowsPerCta * p.head_dim + ix::kMobaChunk * (p.head_dim + 1)) * int(sizeof(float));
+  cudaError_t status = cudaErrorInvalidValue;
+  visit_storage_type(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) {
+      if (blocks > 0) {
+        moba_pool_kernel<T><<<dim3(unsigned(blocks), unsigned(p.heads_kv), unsigned(p.batch)), ix::kPoolThreads, 0,
+                              stream>>>(p, pooled);
+        status = cudaGetLastError();
+        if (status != cudaSuccess) return;
+      }
+      const auto kernel = moba_select_kernel<T>;
+      status = prepare(kernel, smem);
+      if (status != cudaSuccess) return;
+      const dim3 grid(unsigned(ix::ceil_div(p.seq_q, ix::kMobaRowsPerCta)), unsigned(p.heads_q), unsigned(p.batch));
+      kernel<<<grid, ix::kMobaWarps * 32, smem, stream>>>(p, pooled);
+      status = cudaGetLastError();
+    }
+  });
+  return status;
+}
+
+}  // namespace torch_ext::cuda

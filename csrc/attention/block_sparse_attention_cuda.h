@@ -1,0 +1,27 @@
+// CUDA launchers of block-sparse attention and MoBA gating (implemented in
+// block_sparse_attention_cuda.cu, no torch headers). Semantics and parameters:
+// attention/block_sparse_attention.h.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "attention/block_sparse_attention.h"
+
+namespace torch_ext::cuda {
+
+// Forward: out and lse. fp16/bf16, head_dim 64 or 128 (others: cudaErrorInvalidValue),
+// block_q 64 or 128, block_kv 16, 32, 64 or 128. Enqueues on `stream`.
+cudaError_t block_sparse_attention_forward(const attention::BlockSparseForwardParams& p, cudaStream_t stream);
+
+// Backward: writes delta, then grad_q (per query block) and grad_k / grad_v (per key block,
+// walking p.transposed); deterministic, no float atomics.
+cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackwardParams& p, cudaStream_t stream);
+
+// MoBA gating: mean-pooled key blocks and per-token top-k selection into p.selected.
+// `workspace` holds moba_select_workspace_bytes(p) bytes (the pooled keys), 16-byte aligned.
+int64_t moba_select_workspace_bytes(const attention::MobaSelectParams& p);
+cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace torch_ext::cuda

@@ -1,0 +1,395 @@
+// Index math of the CUDA block-sparse attention and MoBA kernels (attention/
+// block_sparse_attention_cuda.cu), host+device so that tests/cpp/block_sparse_attention_cuda_sim.cpp
+// runs on the CPU exactly what the GPU runs: the key-tile walk (several small key blocks gathered
+// into one 64-key tile), global -> shared chunk maps with the XOR swizzle, ldmatrix addressing and
+// the mma.m16n8k16 fragment maps (S / P / O, the accumulator -> A-operand reuse of P), the masking
+// predicate (listed block, sequence tail, bottom-right causal, MoBA token selection), the fp32
+// online-softmax recurrences and their finalization, the dK/dV kernel's walk over the transposed
+// lists of a GQA group, the dK/dV split of a CTA's warps, and moba_select's eligibility and warp
+// top-k insertion. Plain C++ apart from device intrinsics behind __CUDA_ARCH__.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace torch_ext::attention {
+inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
+namespace bsa_cuda {
+
+TORCH_EXT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+TORCH_EXT_HOST_DEVICE int min_int(int a, int b) { return a < b ? a : b; }
+TORCH_EXT_HOST_DEVICE int max_int(int a, int b) { return a > b ? a : b; }
+
+TORCH_EXT_HOST_DEVICE float neg_inf() { return -INFINITY; }
+TORCH_EXT_HOST_DEVICE float fmax_f(float a, float b) { return a > b ? a : b; }
+// 2^x: the SFU's ex2.approx on the GPU (2^-inf = +0), exp2f on the host.
+TORCH_EXT_HOST_DEVICE float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);
+#endif
+}
+TORCH_EXT_HOST_DEVICE float log_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return __logf(x);
+#else
+  return std::log(x);
+#endif
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// =============================================================================================
+// 1. Tiling constants (16-bit elements: fp16 / bf16)
+// =============================================================================================
+
+// 16-byte chunks: the unit of cp.async, of ldmatrix rows and of the shared swizzle.
+constexpr int kChunkBytes = 16;
+constexpr int kChunkElems = 8;
+// Query rows per warp: one mma m16 tile, so a row's softmax state lives in one lane quad.
+constexpr int kWarpRows = 16;
+// Keys per pipeline step: 8 n8 tiles of S per warp (32 fp32 registers), 4 k16 steps of P V; small
+// key blocks (16, 32) are gathered 4 / 2 to a step so each ldmatrix feeds as many mmas as with
+// 64-key blocks (FlashMoBA's point); 128-key blocks take 2 steps.
+constexpr int kTileKv = 64;
+// Key / value tiles in flight: tile t + 1 loads while tile t computes (one barrier per step).
+constexpr int kStages = 2;
+// Query rows per step of the dK / dV kernel: the 64-row sub-tiles of a listed query block.
+constexpr int kBwdQTile = 64;
+// MoBA token selection in the attention kernels: the CTA's [rows][top_k] choices sit in shared
+// memory (32 KB at 128 rows x 64); larger top_k is refused (cudaErrorInvalidValue).
+constexpr int kMaxSelectionTopK = 64;
+// moba_select keeps a token's top_k candidates one per lane of a warp.
+constexpr int kMaxMobaTopK = 32;
+
+// =============================================================================================
+// 2. The key-tile walk of a query block: its `count` listed blocks of block_kv keys are cut into
+//    segments of seg = min(block_kv, 64) keys; step t covers segments t*nseg .. t*nseg+nseg-1
+//    (nseg = 64 / seg: 4 blocks of 16, 2 of 32, 1 of 64, half of a 128-block).
+// =============================================================================================
+
+TORCH_EXT_HOST_DEVICE int segment_len(int block_kv) { return min_int(block_kv, kTileKv); }
+TORCH_EXT_HOST_DEVICE int segments_per_tile(int block_kv) { return kTileKv / segment_len(block_kv); }
+TORCH_EXT_HOST_DEVICE int segments_per_block(int block_kv) { return block_kv / segment_len(block_kv); }
+TORCH_EXT_HOST_DEVICE int walk_tiles(int count, int block_kv) {
+  return int(ceil_div(int64_t(count) * segments_per_block(block_kv), segments_per_tile(block_kv)));
+}
+// Segment s (< nseg) of step t: which list slot and the first key offset inside the block.
+struct Segment {
+  int slot;    // index into the query block's list (>= count: past the end, empty)
+  int offset;  // first key of the segment relative to the block start
+};
+TORCH_EXT_HOST_DEVICE Segment tile_segment(int tile, int s, int block_kv) {
+  const int gs = tile * segments_per_tile(block_kv) + s;
+  const int spb = segments_per_block(block_kv);
+  return Segment{gs / spb, (gs % spb) * segment_len(block_kv)};
+}
+// First key position of a segment, or -1 when it is empty (slot past the list, negative block id).
+TORCH_EXT_HOST_DEVICE int64_t segment_base(int block, int offset, int block_kv) {
+  return block < 0 ? -1 : int64_t(block) * block_kv + offset;
+}
+// Key row r (< 64) of a step: its segment and the offset inside it.
+TORCH_EXT_HOST_DEVICE int row_segment(int r, int block_kv) { return r / segment_len(block_kv); }
+TORCH_EXT_HOST_DEVICE int row_in_segment(int r, int block_kv) { return r % segment_len(block_kv); }
+
+// =============================================================================================
+// 3. Shared memory: [rows][D] 16-bit tiles, row = D / 8 chunks of 16 bytes, logical chunk c of
+//    row r stored at chunk c ^ (r % 8). ldmatrix reads one logical chunk of 8 consecutive rows
+//    (r % 8 all distinct): physical chunks then differ in their low 3 bits, so the 8 addresses
+//    fall into the 8 distinct 16-byte bank groups of a 128-byte wavefront (conflict-free), for
+//    D = 64 (128-byte rows) and D = 128 (256-byte rows) alike.
+// =============================================================================================
+
+TORCH_EXT_HOST_DEVICE int smem_offset(int row, int chunk, int head_dim) {
+  return row * head_dim * 2 + ((chunk ^ (row & 7)) * kChunkBytes);
+}
+// Byte offset of element (row, col) (the output staging writes pairs of columns).
+TORCH_EXT_HOST_DEVICE int smem_elem_offset(int row, int col, int head_dim) {
+  return smem_offset(row, col / kChunkElems, head_dim) + (col % kChunkElems) * 2;
+}
+// Cooperative copy of a [rows][D] tile by `threads` threads: copy i of thread tid is chunk
+// id = tid + threads * i: row id / (D / 8), chunk id % (D / 8) (consecutive threads read
+// consecutive 16 bytes of a row: coalesced).
+TORCH_EXT_HOST_DEVICE int copy_row(int tid, int i, int threads, int head_dim) {
+  return (tid + threads * i) / (head_dim / kChunkElems);
+}
+TORCH_EXT_HOST_DEVICE int copy_chunk(int tid, int i, int threads, int head_dim) {
+  return (tid + threads * i) % (head_dim / kChunkElems);
+}
+// cp.async needs 16-byte sources: the base 16-byte aligned and every stride a multiple of 8
+// elements (contiguous [B, H, S, D] and the [B, S, H, D] transpose both qualify for D = 64 / 128).
+TORCH_EXT_HOST_DEVICE bool bhsd_vectorizable(uint64_t address, int64_t batch_stride, int64_t head_stride,
+                                            int64_t seq_stride) {
+  return address % kChunkBytes == 0 && batch_stride % kChunkElems == 0 && head_stride % kChunkElems == 0 &&
+         seq_stride % kChunkElems == 0;
+}
+
+// =============================================================================================
+// 4. Fragments (PTX ISA, mma.m16n8k16 .f16 / .bf16, .f32 accumulators; g = lane / 4,
+//    t = lane % 4):
+//    A (16 x 16, row): reg 0: row g, k 2t, 2t+1; reg 1: row g+8; reg 2: row g, k 8+2t..;
+//      reg 3: row g+8, k 8+2t.. (low half = lower k).
+//    B (16 x 8, col): reg 0: column g, k 2t, 2t+1; reg 1: column g, k 8+2t, 8+2t+1.
+//    C (16 x 8): c0, c1: row g, columns 2t, 2t+1; c2, c3: row g+8.
+//    ldmatrix .x4: lane l gives the address of row l % 8 of matrix l / 8; register j of lane l
+//    receives row l / 4, columns 2 (l % 4), +1 of matrix j (.trans: column l / 4, rows 2 (l % 4), +1).
+// =============================================================================================
+
+// A operand from a [m][k] tile (Q, dO, K, V as the left operand): matrices 0..3 = (rows 0-7,
+// k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = registers 0..3.
+// The same addresses, .trans, give the B operands of n8 tiles 2 nj, 2 nj + 1 from a [k][n] tile
+// (V in P V, K in dS K, dO / Q in the dK / dV kernel): registers 0, 1 = tile 2 nj, 2, 3 = 2 nj + 1.
+TORCH_EXT_HOST_DEVICE int ldsm_a_row(int lane) { return (lane % 8) + 8 * ((lane / 8) % 2); }
+TORCH_EXT_HOST_DEVICE int ldsm_a_chunk(int k16, int lane) { return 2 * k16 + lane / 16; }
+TORCH_EXT_HOST_DEVICE int ldsm_bt_row(int lane) { return ldsm_a_row(lane); }
+TORCH_EXT_HOST_DEVICE int ldsm_bt_chunk(int nj, int lane) { return 2 * nj + lane / 16; }
+// B operands of n8 tiles 2 nj, 2 nj + 1 from a [n][k] tile (K in Q K^T, V in dO V^T, Q / dO in
+// the dK / dV kernel), not transposed: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+// (n 8-15, k 8-15): registers 0, 1 = tile 2 nj, 2, 3 = tile 2 nj + 1.
+TORCH_EXT_HOST_DEVICE int ldsm_b_row(int lane) { return (lane % 8) + 8 * (lane / 16); }
+TORCH_EXT_HOST_DEVICE int ldsm_b_chunk(int k16, int lane) { return 2 * k16 + (lane / 8) % 2; }
+
+// Accumulator element e (< 4) of an n8 tile: row inside the m16 tile and column inside the n8 tile.
+TORCH_EXT_HOST_DEVICE int acc_row(int lane, int e) { return lane / 4 + 8 * (e / 2); }
+TORCH_EXT_HOST_DEVICE int acc_col(int lane, int e) { return 2 * (lane % 4) + e % 2; }
+// Accumulator -> A operand (P in P V, dS in dS K): the C tiles 2 kk, 2 kk + 1 of an m16 x 16k
+// slab are exactly the A fragment of k16 step kk: A register r packs (low, high) = elements
+// c2a_elem(r, 0), c2a_elem(r, 1) of C tile c2a_tile(kk, r).
+TORCH_EXT_HOST_DEVICE int c2a_tile(int kk, int r) { return 2 * kk + r / 2; }
+TORCH_EXT_HOST_DEVICE int c2a_elem(int r, int half) { return 2 * (r % 2) + half; }
+
+// =============================================================================================
+// 5. Masking: query position i (< Sq) sees key position j iff j is in a listed block (segment
+//    base >= 0), j < Sk, causal -> j <= i + Sk - Sq, and with MoBA selection the key's block is
+//    among i's choices.
+// =============================================================================================
+
+TORCH_EXT_HOST_DEVICE bool key_visible(int64_t q_pos, int64_t k_pos, int64_t seq_q, int64_t seq_kv, bool causal) {
+  return k_pos >= 0 && k_pos < seq_kv && (!causal || k_pos <= q_pos + seq_kv - seq_q);
+}
+// Whether `block` is among the top_k choices of a token (row of the selection table).
+TORCH_EXT_HOST_DEVICE bool block_selected(const int32_t* choices, int top_k, int block) {
+  bool hit = false;
+  for (int k = 0; k < top_k; ++k) hit |= choices[k] == block;
+  return hit;
+}
+// The first keys of a step's (at most 4) segments, -1 for an empty one, and a row's MoBA choice
+// bits (bit s: segment s's block is among the row's choices; all set without selection).
+constexpr int kMaxSegments = kTileKv / 16;
+struct StepSegments {
+  int base[kMaxSegments];
+};
+// Selects instead of indexing, so that a kernel keeps the 4 bases in registers.
+TORCH_EXT_HOST_DEVICE int segment_base_of(const StepSegments& g, int s) {
+  return s == 0 ? g.base[0] : (s == 1 ? g.base[1] : (s == 2 ? g.base[2] : g.base[3]));
+}
+// Whether column col (< 64) of a step is visible to query position q_pos with choice bits `allowed`.
+TORCH_EXT_HOST_DEVICE bool step_element_visible(const StepSegments& g, unsigned allowed, int col, int block_kv,
+                                               int64_t q_pos, int64_t seq_q, int64_t seq_kv, bool causal) {
+  const int s = row_segment(col, block_kv);
+  const int base = segment_base_of(g, s);
+  const int64_t k_pos = base < 0 ? -1 : int64_t(base) + row_in_segment(col, block_kv);
+  return ((allowed >> s) & 1u) && key_visible(q_pos, k_pos, seq_q, seq_kv, causal);
+}
+// A whole step needs no per-element mask when every segment is listed and full, no selection
+// applies, and (causal) its last key is visible to the warp's first row.
+TORCH_EXT_HOST_DEVICE bool tile_fully_visible(int64_t first_q, int64_t last_key, bool all_full, bool selection,
+                                             int64_t seq_q, int64_t seq_kv, bool causal) {
+  return all_full && !selection && (!causal || last_key <= first_q + seq_kv - seq_q);
+}
+
+// =============================================================================================
+// 6. Online softmax (per query row, log2 domain: x = score * scale * log2(e)). A lane holds two
+//    rows (g, g + 8) and a partial sum over its columns; the row max is reduced over the lane
+//    quad each step, the sum only at the end (the rescale factor is the same for the 4 lanes).
+// =============================================================================================
+
+struct RowState {
+  float m;  // running max of x over visible keys (-inf: none yet)
+  float l;  // this lane's partial sum of 2^(x - m)
+};
+TORCH_EXT_HOST_DEVICE RowState row_state_init() { return RowState{neg_inf(), 0.0f}; }
+// Reference point of the exponentials: the new max, or 0 while the row has seen nothing (so that
+// masked x = -inf gives 2^-inf = 0, never -inf - -inf = NaN).
+TORCH_EXT_HOST_DEVICE float softmax_ref(float m) { return m == neg_inf() ? 0.0f : m; }
+// Step with tile maximum `tile_max` (quad-reduced, -inf when all masked): returns the factor that
+// rescales l and the O accumulators, and moves m. The caller then adds 2^(x - softmax_ref(m)).
+TORCH_EXT_HOST_DEVICE float softmax_rescale(RowState& s, float tile_max) {
+  const float m_new = fmax_f(s.m, tile_max);
+  const float alpha = exp2_approx(s.m - softmax_ref(m_new));  // -inf - ref: 0 (first visible step)
+  s.m = m_new;
+  s.l *= alpha;
+  return alpha;
+}
+TORCH_EXT_HOST_DEVICE float softmax_prob(float x, const RowState& s) { return exp2_approx(x - softmax_ref(s.m)); }
+// End of the walk, l the quad-reduced sum: 1 / l for O (0 when nothing was seen: O is 0) and the
+// natural-log lse (-inf when nothing was seen).
+TORCH_EXT_HOST_DEVICE float softmax_out_scale(float l) { return l > 0.0f ? 1.0f / l : 0.0f; }
+TORCH_EXT_HOST_DEVICE float softmax_lse(float m, float l) {
+  return l > 0.0f ? m * kLn2 + log_f(l) : neg_inf();
+}
+// Backward: P = 2^(x - lse * log2 e); a row whose lse is -inf saw no key (every element masked):
+// +inf makes its P exactly 0 even if a caller's list disagreed.
+TORCH_EXT_HOST_DEVICE float lse_log2(float lse) { return lse == neg_inf() ? INFINITY : lse * kLog2e; }
+
+// =============================================================================================
+// 7. Backward dK / dV: a CTA owns key block kb of kv head hk; its warps split as
+//    kWarpsKey = block_kv / 16 along keys x kWarpsQ along the 64 query rows of a step (DkdvTraits),
+//    and walk every query head of the group, each listed query block, each 64-row sub-tile.
+// =============================================================================================
+
+// Cursor over the steps of the transposed walk: group head g (query head hk * group + g), slot of
+// (b, h, kb)'s list, 64-row sub-tile of the listed query block. counts: the group's heads'
+// counts at (b, ., kb), head stride `head_stride`.
+struct TransposedCursor {
+  int g, slot, sub;
+  int count;  // counts of head g
+};
+TORCH_EXT_HOST_DEVICE void cursor_skip_empty(TransposedCursor& c, const int32_t* counts, int64_t head_stride,
+                                            int group) {
+  while (c.g < group && c.slot >= c.count) {
+    ++c.g;
+    c.slot = 0;
+    c.sub = 0;
+    c.count = c.g < group ? counts[c.g * head_stride] : 0;
+  }
+}
+TORCH_EXT_HOST_DEVICE TransposedCursor cursor_begin(const int32_t* counts, int64_t head_stride, int group) {
+  TransposedCursor c{0, 0, 0, group > 0 ? counts[0] : 0};
+  cursor_skip_empty(c, counts, head_stride, group);
+  return c;
+}
+TORCH_EXT_HOST_DEVICE bool cursor_valid(const TransposedCursor& c, int group) { return c.g < group; }
+TORCH_EXT_HOST_DEVICE void cursor_advance(TransposedCursor& c, const int32_t* counts, int64_t head_stride, int group,
+                                         int subs_per_block) {
+  if (++c.sub == subs_per_block) {
+    c.sub = 0;
+    ++c.slot;
+    cursor_skip_empty(c, counts, head_stride, group);
+  }
+}
+
+// =============================================================================================
+// 8. moba_select. Block b of block_size keys is eligible for query i when it exists and, causal,
+//    b < cur = (i + Sk - Sq) / block_size (cur itself is forced in; no block when i + Sk - Sq < 0).
+//    A warp scores 32 blocks at once (lane j: block c0 + j) and keeps the best K (= top_k, or
+//    top_k - 1 next to the forced block) as a sorted list, entry r in lane r.
+// =============================================================================================
+
+// Blocks a CTA stages per step: one per lane.
+constexpr int kMobaChunk = 32;
+// 4 warps x 8 query tokens per CTA share each staged chunk of pooled keys (32 tokens per CTA).
+constexpr int kMobaWarps = 4;
+constexpr int kMobaRowsPerWarp = 8;
+constexpr int kMobaRowsPerCta = kMobaWarps * kMobaRowsPerWarp;
+// Threads of the mean-pooling kernel (one per head-dim column, looping past 128).
+constexpr int kPoolThreads = 128;
+
+TORCH_EXT_HOST_DEVICE int moba_blocks(int64_t seq_kv, int block_size) { return int(ceil_div(seq_kv, block_size)); }
+// Position of query i in key coordinates, and its current block (-1: none, it sees no key).
+TORCH_EXT_HOST_DEVICE int moba_current_block(int64_t q_pos, int64_t seq_q, int64_t seq_kv, int block_size) {
+  const int64_t pos = q_pos + seq_kv - seq_q;
+  return pos < 0 ? -1 : int(pos / block_size);
+}
+// Blocks [0, limit) compete; `forced` (or -1) is kept besides; K = slots left for the competition.
+struct MobaRange {
+  int limit;
+  int forced;
+  int k;
+};
+TORCH_EXT_HOST_DEVICE MobaRange moba_range(int64_t q_pos, int64_t seq_q, int64_t seq_kv, int block_size,
+                                          int top_k, bool causal) {
+  const int blocks = moba_blocks(seq_kv, block_size);
+  if (!causal) return MobaRange{blocks, -1, min_int(top_k, blocks)};
+  const int cur = moba_current_block(q_pos, seq_q, seq_kv, block_size);
+  if (cur < 0 || top_k <= 0) return MobaRange{0, -1, 0};
+  return MobaRange{cur, cur, min_int(top_k - 1, cur)};
+}
+// Order of the top-k list: higher score first, then lower block id. An empty slot is (-inf,
+// INT32_MAX), beaten by any candidate but a NaN score (never selected).
+constexpr int32_t kMobaEmptyId = 0x7fffffff;
+TORCH_EXT_HOST_DEVICE bool moba_beats(float sa, int32_t ia, float sb, int32_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+// Insertion of a candidate that `pos` entries beat (pos < K): lane r keeps its entry (r < pos),
+// takes the candidate (r == pos) or its upper neighbour's entry (r > pos: shuffle up by 1).
+// Returns 0: keep, 1: candidate, 2: from lane r - 1.
+TORCH_EXT_HOST_DEVICE int moba_insert_source(int r, int pos) { return r < pos ? 0 : (r == pos ? 1 : 2); }
+// Output slot of a selected block: its rank among the selected ids (all distinct); the forced
+// block (the largest id) follows them.
+TORCH_EXT_HOST_DEVICE int moba_output_slot(int rank) { return rank; }
+
+// =============================================================================================
+// 9. Kernel traits: warps, fragment counts and the shared-memory layout of each kernel
+// =============================================================================================
+
+// Forward and dQ: kBlockQ / 16 warps, one m16 slab of query rows each.
+template <int kD, int kBlockQ, bool kBackward>
+struct RowTraits {
+  static constexpr int kWarps = kBlockQ / kWarpRows;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kChunks = kD / kChunkElems;   // 16-byte chunks per row
+  static constexpr int kK16 = kD / 16;                 // k16 steps of Q K^T
+  static constexpr int kON = kD / 8;                   // n8 tiles of O / dQ
+  static constexpr int kSN = kTileKv / 8;              // n8 tiles of S per step
+  static constexpr int kRowBytes = kBlockQ * kD * 2;   // Q (and dO)
+  static constexpr int kKvBytes = kTileKv * kD * 2;
+  static constexpr int kStageBytes = 2 * kKvBytes;     // K, V
+  static constexpr int kQOffset = 0;
+  static constexpr int kStageOffset = (kBackward ? 2 : 1) * kRowBytes;  // Q (and dO at kRowBytes)
+  // Per stage: segment bases (first key, -1 empty) and block ids of the step's <= kMaxSegments.
+  static constexpr int kSegOffset = kStageOffset + kStages * kStageBytes;
+  static constexpr int kSelOffset = kSegOffset + kStages * 2 * kMaxSegments * 4;
+  static constexpr int kRowCopies = kBlockQ * kChunks / kThreads;
+  static constexpr int kKvCopies = kTileKv * kChunks / kThreads;
+  static_assert(kBlockQ * kChunks % kThreads == 0 && kTileKv * kChunks % kThreads == 0, "whole copies");
+  static_assert(kTileKv / 16 <= kMaxSegments, "segments of >= 16 keys");
+  static constexpr int smem_bytes(int top_k) { return kSelOffset + kBlockQ * top_k * 4; }
+};
+
+// dK / dV: block_kv / 16 key warps (16 key rows each) x query warps splitting a step's 64 query
+// rows, 4 warps at least: 1 x 4, 2 x 2, 4 x 1, 8 x 1 for block_kv 16, 32, 64, 128.
+template <int kD, int kBlockKv>
+struct DkdvTraits {
+  static constexpr int kWarpsKey = kBlockKv / kWarpRows;
+  static constexpr int kWarpsQ = kWarpsKey >= 4 ? 1 : 4 / kWarpsKey;
+  static constexpr int kWarps = kWarpsKey * kWarpsQ;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kChunks = kD / kChunkElems;
+  static constexpr int kK16 = kD / 16;
+  static constexpr int kON = kD / 8;
+  static constexpr int kQCols = kBwdQTile / kWarpsQ;  // query rows of a step per warp
+  // Query columns per pass (a rolled loop, so K / V fragments are not hoisted across passes): S^T
+  // and dP^T take 2 x kQInner / 2 registers next to the kD of dK and dV: 16 at D = 128, 32 at 64.
+  static constexpr int kQInnerMax = kD == 128 ? 16 : 32;
+  static constexpr int kQInner = kQCols < kQInnerMax ? kQCols : kQInnerMax;
+  static constexpr int kNI = kQInner / 8;
+  static constexpr int kKvBytes = kBlockKv * kD * 2;
+  static constexpr int kTileBytes = kBwdQTile * kD * 2;
+  static constexpr int kKOffset = 0, kVOffset = kKvBytes;
+  static constexpr int kStageOffset = 2 * kKvBytes;
+  // Per stage: Q, dO, lse[64], delta[64], MoBA flag[64], the step's first query position.
+  static constexpr int kLseOffset = 2 * kTileBytes;
+  static constexpr int kDeltaOffset = kLseOffset + kBwdQTile * 4;
+  static constexpr int kFlagOffset = kDeltaOffset + kBwdQTile * 4;
+  static constexpr int kQBaseOffset = kFlagOffset + kBwdQTile * 4;
+  static constexpr int kStageBytes = kQBaseOffset + 16;
+  static constexpr int kSmemBytes = kStageOffset + kStages * kStageBytes;
+  // End: the partial dK, dV (16 x D fp32 each) of query warps 1.. reuse the stage area.
+  static constexpr int kPartialBytes = 2 * kWarpRows * kD * 4;
+  static_assert((kWarpsQ - 1) * kWarpsKey * kPartialBytes <= kStages * kStageBytes, "partials fit");
+  static constexpr int kKvCopies = kBlockKv * kChunks / kThreads;
+  static constexpr int kTileCopies = kBwdQTile * kChunks / kThreads;
+  static_assert(kBlockKv * kChunks % kThreads == 0 && kBwdQTile * kChunks % kThreads == 0, "whole copies");
+  static_assert(kQCols % kQInner == 0 && kQInner % 16 == 0, "k16 steps of P^T");
+};
+
+}  // namespace bsa_cuda
+}  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
+}  // namespace torch_ext::attention

@@ -1,0 +1,260 @@
+"""block_sparse_attention forward and backward against dense float64 attention under the expanded
+mask: head dims 32-256, causal (bottom-right) or not, GQA/MQA, Sq != Sk, lengths 1000 and 4097, block
+sizes, empty query blocks, every CPU ISA; masks (dense, causal, sliding window, FlexAttention's
+BlockMask), opcheck, torch.compile, gradcheck and bad inputs."""
+
+import pytest
+import torch
+
+import torch_ext  # noqa: F401
+from torch_ext.attention import BlockSparseMask
+from torch_ext.ops import block_sparse_attention
+from torch_ext.reference import attention as ref
+from torch_ext.testing import RELATIVE_ERROR_BOUNDS, assert_close_to_reference, fresh_seed, poisoned_outputs, \
+    random_tensor
+
+_OP = torch.ops.torch_ext.block_sparse_attention
+_BACKWARD = torch.ops.torch_ext.block_sparse_attention_backward
+# lse (and the backward's delta) are fp32 by design, so float64 gradients carry fp32-level error.
+_GRAD_BOUNDS = {torch.float64: 1e-6, torch.float32: 4e-6, torch.bfloat16: 1e-2}
+
+
+def _random_mask(batch, heads, seq_q, seq_kv, block_q, block_kv, density, seed, empty_block=False):
+    nq, nk = -(-seq_q // block_q), -(-seq_kv // block_kv)
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.rand(batch, heads, nq, nk, generator=gen) < density
+    if empty_block:
+        dense[:, :, nq // 2] = False
+    mask = BlockSparseMask.from_dense(dense, block_q, block_kv, seq_q, seq_kv)
+    # Lists in descending order with junk in the unused slots: the op takes any order, reads only counts.
+    listed = torch.arange(nk) < mask.kv_counts.unsqueeze(-1)
+    descending = mask.kv_indices.long().masked_fill(~listed, -1).sort(dim=-1, descending=True).values
+    lists = torch.where(listed, descending, 12345).int()
+    return BlockSparseMask(mask.kv_counts, lists, block_q, block_kv, seq_q, seq_kv)
+
+
+def _inputs(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed, transposed=False):
+    def make(heads, seq, s):
+        if transposed:  # [B, S, H, D] storage, as projections produce it
+            return random_tensor((batch, seq, heads, dim), dtype, "cpu", s).transpose(1, 2)
+        return random_tensor((batch, heads, seq, dim), dtype, "cpu", s)
+    return make(heads_q, seq_q, seed), make(heads_kv, seq_kv, seed + 1), make(heads_kv, seq_kv, seed + 2)
+
+
+def _check(batch, heads_q, heads_kv, seq_q, seq_kv, dim, block_q, block_kv, causal, dtype, density, backward=True,
+           mask_heads=None, transposed=False, empty_block=False):
+    seed = fresh_seed()
+    what = (f"B={batch} H={heads_q}/{heads_kv} Sq={seq_q} Sk={seq_kv} D={dim} blocks={block_q}/{block_kv} "
+            f"causal={causal} {dtype} density={density} seed {seed}")
+    q, k, v = _inputs(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed, transposed)
+    mask = _random_mask(batch, mask_heads or heads_q, seq_q, seq_kv, block_q, block_kv, density, seed, empty_block)
+    scale = float(torch.tensor(dim ** -0.5, dtype=torch.float32))  # the kernels take scale as fp32
+    args = (mask.kv_counts, mask.kv_indices, block_q, block_kv, causal, scale)
+    with poisoned_outputs():
+        out, lse = _OP(q, k, v, *args)
+    q64, k64, v64 = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
+    ref_out, ref_lse = ref.block_sparse_attention(q64, k64, v64, *args)
+    assert_close_to_reference(out, ref_out, dtype, f"out {what}")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"lse -inf rows {what}"
+    finite = torch.isfinite(ref_lse)
+    assert_close_to_reference(lse[finite], ref_lse[finite], torch.float32, f"lse {what}", bound=1e-6)
+    if not backward:
+        return
+    grad_out = random_tensor(out.shape, dtype, "cpu", seed + 3)
+    with poisoned_outputs():
+        grads = _BACKWARD(grad_out, q, k, v, out, lse, *args)
+    ref_out.backward(grad_out.double())
+    for name, got, want in zip(("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad)):
+        assert_close_to_reference(got, want, dtype, f"{name} {what}", bound=_GRAD_BOUNDS[dtype])
+
+
+# (B, Hq, Hk, Sq, Sk, D, block_q, block_kv, causal, dtype, density)
+_ISA_CASES = [
+    (1, 2, 1, 100, 130, 64, 64, 16, False, torch.float32, 0.5),
+    (2, 4, 2, 77, 200, 96, 16, 64, True, torch.bfloat16, 0.6),
+    (1, 2, 2, 130, 100, 32, 128, 32, True, torch.float64, 0.7),
+    (1, 1, 1, 64, 256, 256, 64, 128, False, torch.float32, 0.5),
+]
+
+
+@pytest.mark.parametrize("case", _ISA_CASES, ids=lambda c: f"D{c[5]}-{c[6]}x{c[7]}-{'causal' if c[8] else 'full'}-{str(c[9])[6:]}")
+def test_every_isa(cpu_isa, case):
+    _check(*case)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims(dim, causal):
+    _check(1, 2, 1, 150, 150, dim, 64, 32, causal, torch.float32, 0.6)
+
+
+@pytest.mark.parametrize("block_q,block_kv", [(64, 16), (64, 32), (128, 64), (128, 128), (48, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sizes_gqa_mqa(block_q, block_kv, dtype):
+    _check(1, 4, 2, 200, 333, 64, block_q, block_kv, True, dtype, 0.5)
+    _check(1, 4, 1, 333, 200, 128, block_q, block_kv, False, dtype, 0.4, mask_heads=1)
+
+
+def test_long_sequences():
+    _check(1, 1, 1, 1000, 1000, 64, 64, 32, True, torch.float32, 0.3)
+    _check(1, 1, 1, 4097, 4097, 64, 128, 64, False, torch.bfloat16, 0.1, backward=False)
+    _check(1, 1, 1, 1000, 4097, 128, 64, 16, True, torch.float32, 0.05, backward=False)
+
+
+def test_strided_inputs_and_broadcast_mask():
+    _check(2, 4, 2, 90, 90, 64, 64, 16, True, torch.float32, 0.5, transposed=True, mask_heads=1)
+
+
+def test_empty_query_blocks_give_zero_and_minus_inf():
+    _check(1, 2, 1, 256, 256, 64, 64, 32, False, torch.float32, 0.5, empty_block=True)
+    seed = fresh_seed()
+    q, k, v = _inputs(1, 2, 1, 192, 128, 64, torch.float32, seed)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    # causal with Sq > Sk: the first 64 rows see no key; query block 2 lists nothing.
+    dense = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    dense[:, :, 2] = False
+    mask = BlockSparseMask.from_dense(dense, 64, 32, 192, 128)
+    out, lse = _OP(q, k, v, mask.kv_counts, mask.kv_indices, 64, 32, True, 0.125)
+    assert torch.all(out[:, :, :64] == 0) and torch.all(out[:, :, 128:] == 0), f"seed {seed}"
+    assert torch.all(lse[:, :, :64] == float("-inf")) and torch.all(lse[:, :, 128:] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 64:128]).all()
+    block_sparse_attention(q, k, v, mask, causal=True).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all(), f"seed {seed}"
+    assert torch.all(q.grad[:, :, :64] == 0) and torch.all(q.grad[:, :, 128:] == 0)
+
+
+def test_wrapper_autograd_and_default_scale():
+    seed = fresh_seed()
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 4, 2, 100, 120, 64, torch.float32, seed))
+    mask = BlockSparseMask.causal(100, 120, 64, 16)
+    out = block_sparse_attention(q, k, v, mask, causal=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+        attn_mask=ref.causal_mask(100, 120))
+    assert_close_to_reference(out, expected, torch.float32, f"vs SDPA seed {seed}", bound=1e-5)
+    (out * expected.detach()).sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q2, k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1), attn_mask=ref.causal_mask(100, 120))
+    (dense * expected.detach()).sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert_close_to_reference(a.grad, b.grad, torch.float32, f"grad vs SDPA seed {seed}", bound=1e-5)
+
+
+def test_mask_constructors():
+    dense = torch.rand(2, 3, 5, 7) < 0.5
+    mask = BlockSparseMask.from_dense(dense, 64, 32, 300, 200)
+    assert torch.equal(mask.to_dense(), dense)
+    assert (mask.num_blocks_q, mask.num_blocks_kv) == (5, 7)
+    causal = BlockSparseMask.causal(300, 200, 64, 32).to_dense()[0, 0]
+    token = ref.causal_mask(300, 200)
+    pooled = torch.nn.functional.pad(token, (0, 24, 0, 20)).view(5, 64, 7, 32).any(dim=3).any(dim=1)
+    assert torch.equal(causal, pooled)
+    window = BlockSparseMask.sliding_window(300, 300, 100, 64, 32).to_dense()[0, 0]
+    i, j = torch.arange(300).unsqueeze(1), torch.arange(300).unsqueeze(0)
+    token = (j <= i) & (j > i - 100)
+    pooled = torch.nn.functional.pad(token, (0, 20, 0, 20)).view(5, 64, 10, 32).any(dim=3).any(dim=1)
+    assert torch.equal(window, pooled)
+
+
+def test_flex_block_mask_round_trip():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    seq = 256
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((q_idx // 64 - kv_idx // 64) < 2)  # causal within a 2-block band
+    block_mask = flex.create_block_mask(mask_mod, 1, 1, seq, seq, device="cpu", BLOCK_SIZE=64)
+    mask = BlockSparseMask.from_flex_block_mask(block_mask)
+    assert torch.equal(mask.to_dense(), block_mask.to_dense().bool())
+    # Block-aligned band + causal diagonal: the op with causal=True equals flex_attention's mask.
+    seed = fresh_seed()
+    q, k, v = _inputs(1, 2, 2, seq, seq, 64, torch.float32, seed)
+    i, j = torch.arange(seq).unsqueeze(1), torch.arange(seq).unsqueeze(0)
+    expected = ref.masked_attention(q, k, v, mask_mod(0, 0, i, j), 0.125)[0]
+    assert_close_to_reference(block_sparse_attention(q, k, v, mask, causal=True), expected, torch.float32,
+                              f"flex band seed {seed}")
+
+
+def _small_args(dtype=torch.float32, selection=False):
+    seed = fresh_seed()
+    q, k, v = _inputs(1, 2, 1, 40, 48, 32, dtype, seed)
+    mask = _random_mask(1, 2, 40, 48, 16, 16, 0.7, seed)
+    token_blocks = torch.ops.torch_ext.moba_select(q, k, 16, 2, True) if selection else None
+    return q, k, v, mask, token_blocks
+
+
+@pytest.mark.parametrize("selection", [False, True])
+def test_opcheck(selection):
+    q, k, v, mask, token_blocks = _small_args(selection=selection)
+    args = (q, k, v, mask.kv_counts, mask.kv_indices, 16, 16, True, 0.2, token_blocks)
+    torch.library.opcheck(_OP, args)
+    out, lse = _OP(*args)
+    torch.library.opcheck(_BACKWARD, (torch.randn_like(out), q, k, v, out, lse, *args[3:]))
+
+
+def test_compile_fullgraph_with_backward():
+    q, k, v, mask, _ = _small_args()
+    f = lambda q, k, v: block_sparse_attention(q * 2, k, v, mask, causal=True).sum()  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    compiled(*inputs).backward()
+    f(*eager).backward()
+    for a, b in zip(inputs, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_gradcheck_float64():
+    seed = fresh_seed()
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 20, 24, 16, torch.float64, seed))
+    mask = BlockSparseMask.from_dense(torch.tensor([[[[True, True], [False, True]]]]), 16, 16, 20, 24)
+    token_blocks = torch.ops.torch_ext.moba_select(q.detach(), k.detach(), 16, 1, True)
+    for selection in (None, token_blocks):
+        f = lambda q, k, v: _OP(q, k, v, mask.kv_counts, mask.kv_indices, 16, 16, True, 0.3, selection)[0]  # noqa: E731
+        # lse is fp32 by design: analytic gradients carry ~1e-7 relative error.
+        assert torch.autograd.gradcheck(f, (q, k, v), atol=1e-5, rtol=1e-4, fast_mode=True), f"seed {seed}"
+
+
+def _bad(**changes):
+    q, k, v = torch.randn(1, 4, 40, 32), torch.randn(1, 2, 48, 32), torch.randn(1, 2, 48, 32)
+    counts, indices = torch.full((1, 4, 3), 2, dtype=torch.int32), torch.zeros(1, 4, 3, 3, dtype=torch.int32)
+    indices[..., 1] = 2
+    call = dict(q=q, k=k, v=v, kv_counts=counts, kv_indices=indices, block_size_q=16, block_size_kv=16, causal=False,
+                scale=0.2, token_blocks=None)
+    call.update(changes)
+    return tuple(call.values())
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(kv_indices=torch.full((1, 4, 3, 3), 3, dtype=torch.int32)), r"kv_indices holds key block 3 .* \[0, 3\)"),
+    (dict(kv_indices=torch.full((1, 4, 3, 3), -1, dtype=torch.int32)), r"out of range \[0, 3\)"),
+    (dict(kv_counts=torch.full((1, 4, 3), 4, dtype=torch.int32)), r"kv_counts holds 4 .* outside \[0, 3\]"),
+    (dict(kv_counts=torch.full((1, 4, 2), 1, dtype=torch.int32)), r"kv_counts must be \[B, H, nq\] = \[1 or 1, 4 or 1, 3\]"),
+    (dict(kv_counts=torch.full((1, 4, 3), 1, dtype=torch.int64)), "kv_counts must have dtype torch.int32"),
+    (dict(kv_indices=torch.zeros(1, 4, 2, 3, dtype=torch.int32)), "kv_indices must be"),
+    (dict(k=torch.randn(1, 3, 48, 32), v=torch.randn(1, 3, 48, 32)), "Hq = 4 must be a multiple of .* Hk = 3"),
+    (dict(q=torch.randn(1, 4, 40, 40), k=torch.randn(1, 2, 48, 40), v=torch.randn(1, 2, 48, 40)),
+     "head dim must be a multiple of 16 up to 256 on the CPU, got 40"),
+    (dict(v=torch.randn(1, 2, 48, 32, dtype=torch.bfloat16)), r"v must have the dtype of q \(torch.float32\)"),
+    (dict(q=torch.randn(1, 4, 40, 32).int()), "q must have dtype"),
+    (dict(v=torch.randn(1, 2, 47, 32)), "v must have the shape of k"),
+    (dict(k=torch.randn(1, 2, 48, 16)), r"k must be \[B, Hk, Sk, D\]"),
+    (dict(block_size_kv=0), "block_size_kv must be >= 1"),
+    (dict(token_blocks=torch.zeros(1, 4, 39, 2, dtype=torch.int32)), r"token_blocks must be \[B, Hq, Sq, top_k\]"),
+    (dict(token_blocks=torch.full((1, 4, 40, 2), 3, dtype=torch.int32)), r"token_blocks holds 3 .* \[-1, 3\)"),
+])
+def test_bad_inputs(changes, message):
+    with pytest.raises(RuntimeError, match=message):
+        _OP(*_bad(**changes))
+
+
+def test_bad_backward_inputs():
+    args = _bad()
+    out, lse = _OP(*args)
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of q"):
+        _BACKWARD(out[:, :, :3], *args[:3], out, lse, *args[3:])
+    with pytest.raises(RuntimeError, match=r"lse must be \[B, Hq, Sq\]"):
+        _BACKWARD(out, *args[:3], out, lse[:, :2], *args[3:])
+    with pytest.raises(ValueError, match="the mask is for"):
+        block_sparse_attention(*args[:3], BlockSparseMask.causal(32, 48, 16, 16))

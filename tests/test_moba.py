@@ -1,0 +1,135 @@
+"""MoBA: moba_select against a naive float64 gating (exactly in float64, by score order in fp32/bf16),
+moba_route as the union over query blocks, moba_attention and MoBAAttention against naive token-level
+MoBA (forward and backward), every CPU ISA, opcheck, torch.compile and bad inputs."""
+
+import pytest
+import torch
+
+import torch_ext
+from torch_ext.ops import moba_attention, moba_route, moba_select
+from torch_ext.reference import attention as ref
+from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs, random_tensor
+
+
+def _qk(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed):
+    return (random_tensor((batch, heads_q, seq_q, dim), dtype, "cpu", seed),
+            random_tensor((batch, heads_kv, seq_kv, dim), dtype, "cpu", seed + 1))
+
+
+# (B, Hq, Hk, Sq, Sk, D, block_size, top_k, causal)
+_CASES = [
+    (1, 2, 1, 100, 100, 64, 16, 3, True),
+    (2, 4, 2, 70, 130, 32, 16, 4, True),   # Sq < Sk: bottom-right
+    (1, 2, 2, 130, 70, 64, 32, 2, True),   # Sq > Sk: early rows select nothing
+    (1, 2, 1, 90, 200, 128, 64, 2, False),
+    (1, 1, 1, 50, 60, 32, 16, 8, False),   # top_k > blocks
+    (1, 1, 1, 64, 64, 32, 16, 1, True),    # only the own block
+]
+
+
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: f"S{c[3]}x{c[4]}-b{c[6]}-k{c[7]}-{'causal' if c[8] else 'full'}")
+def test_select_equals_naive_float64(cpu_isa, case):
+    batch, heads_q, heads_kv, seq_q, seq_kv, dim, block_size, top_k, causal = case
+    seed = fresh_seed()
+    q, k = _qk(batch, heads_q, heads_kv, seq_q, seq_kv, dim, torch.float64, seed)
+    with poisoned_outputs():
+        got = moba_select(q, k, block_size, top_k, causal)
+    assert got.dtype == torch.int32 and got.shape == (batch, heads_q, seq_q, top_k)
+    assert torch.equal(got.long(), ref.moba_select(q, k, block_size, top_k, causal)), f"{case} seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_by_score_order(dtype):
+    """fp32 scores may swap near ties with the float64 reference: every chosen block must score at
+    least as well as every eligible block left out, up to fp32 rounding."""
+    seed = fresh_seed()
+    q, k = _qk(1, 4, 2, 300, 300, 64, dtype, seed)
+    got = moba_select(q, k, 16, 5, True).long()
+    want = ref.moba_select(q, k, 16, 5, True)
+    nk = 19
+    pooled = torch.nn.functional.pad(k.double(), (0, 0, 0, nk * 16 - 300)).view(1, 2, nk, 16, 64).sum(3)
+    pooled = pooled / torch.tensor([16.0] * 18 + [300 - 18 * 16]).unsqueeze(-1)
+    scores = q.double() @ pooled.repeat_interleave(2, 1).transpose(-1, -2)
+    own = torch.arange(300) // 16
+    differs = (got != want).any(-1)
+    for b, h, i in differs.nonzero().tolist():
+        chosen = [j for j in got[b, h, i].tolist() if j >= 0 and j != own[i]]
+        left = [j for j in range(own[i]) if j not in chosen]
+        assert min(scores[b, h, i, chosen]) >= max(scores[b, h, i, left]) - 1e-4 * scores[b, h, i].abs().max(), \
+            f"row {i} seed {seed}"
+    assert differs.float().mean() < 0.02, f"seed {seed}"
+    # causal rules hold exactly
+    assert torch.all((got == own.view(1, 1, -1, 1)).any(-1)) and torch.all(got <= own.view(1, 1, -1, 1))
+
+
+def test_route_is_the_union_over_query_blocks():
+    seed = fresh_seed()
+    q, k = _qk(2, 2, 1, 150, 200, 32, torch.float32, seed)
+    selected = moba_select(q, k, 16, 3, True)
+    mask = moba_route(q, k, 16, 3, True)
+    assert (mask.block_size_q, mask.block_size_kv, mask.kv_indices.shape[-1]) == (64, 16, 13)
+    chosen = ref.token_block_mask(selected, 1, 13)  # [B, H, Sq, nk]
+    union = torch.nn.functional.pad(chosen, (0, 0, 0, 192 - 150)).view(2, 2, 3, 64, 13).any(dim=3)
+    assert torch.equal(mask.to_dense(), union), f"seed {seed}"
+    listed = torch.arange(13) < mask.kv_counts.unsqueeze(-1)
+    ids = torch.where(listed, mask.kv_indices, 99)
+    assert torch.equal(ids, ids.sort(dim=-1).values), "lists ascending"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_equals_naive_moba(cpu_isa, causal, dtype):
+    seed = fresh_seed()
+    q, k = _qk(1, 4, 2, 150, 170, 64, dtype, seed)
+    v = random_tensor(k.shape, dtype, "cpu", seed + 2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with poisoned_outputs():
+        out = moba_attention(q, k, v, block_size=16, top_k=3, causal=causal)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    # the reference routes in float64 from the same (rounded) inputs: ties aside, the same choice
+    want = ref.moba_attention(q64, k64, v64, 16, 3, causal, 0.125)
+    what = f"causal={causal} {dtype} seed {seed}"
+    assert_close_to_reference(out, want, dtype, f"out {what}")
+    grad = random_tensor(out.shape, dtype, "cpu", seed + 3)
+    out.backward(grad)
+    want.backward(grad.double())
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close_to_reference(a.grad, b.grad, dtype, f"{name} {what}", bound=4e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_module_long_sequence():
+    seed = fresh_seed()
+    q, k = _qk(1, 2, 1, 1000, 1000, 64, torch.float32, seed)
+    v = random_tensor(k.shape, torch.float32, "cpu", seed + 2)
+    module = torch_ext.nn.MoBAAttention(block_size=32, top_k=4)
+    assert "top_k=4" in repr(module)
+    want = ref.moba_attention(q, k, v, 32, 4, True, 0.125)
+    assert_close_to_reference(module(q, k, v), want, torch.float32, f"seed {seed}")
+
+
+def test_opcheck_and_compile():
+    seed = fresh_seed()
+    q, k = _qk(1, 2, 1, 40, 56, 32, torch.float32, seed)
+    v = random_tensor(k.shape, torch.float32, "cpu", seed + 2)
+    torch.library.opcheck(torch.ops.torch_ext.moba_select, (q, k, 16, 2, True))
+    torch.library.opcheck(torch.ops.torch_ext.moba_route, (q, k, 16, 2, False))
+    selected = moba_select(q, k, 16, 2, True)
+    torch.library.opcheck(torch.ops.torch_ext.moba_block_lists, (selected, 4, 64))
+    f = lambda q, k, v: moba_attention(q * 1.5, k, v, 16, 2, True)  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(block_size=0), "block_size must be >= 1"),
+    (dict(top_k=0), "top_k must be >= 1"),
+    (dict(k=torch.randn(1, 3, 40, 32)), "Hq = 2 must be a multiple of .* Hk = 3"),
+    (dict(k=torch.randn(1, 1, 40, 32, dtype=torch.bfloat16)), "k must have the dtype of q"),
+])
+def test_bad_inputs(args, message):
+    call = dict(q=torch.randn(1, 2, 40, 32), k=torch.randn(1, 1, 40, 32), block_size=16, top_k=2, causal=True)
+    call.update(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torch_ext.moba_select(*call.values())
+    with pytest.raises(RuntimeError, match="token_blocks must be"):
+        torch.ops.torch_ext.moba_block_lists(torch.zeros(2, 3, dtype=torch.int32), 4, 64)

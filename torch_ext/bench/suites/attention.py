@@ -1,0 +1,135 @@
+"""Attention suite: block-sparse attention and MoBA against dense SDPA, FlexAttention with the same
+BlockMask and dense attention under the expanded mask; MoBA routing timed on its own.
+
+Each case's ``flops`` are the executed ones (the listed blocks only), so the reported TFLOP/s and
+% of roofline are the executed rate; ``notes.density`` and ``notes.effective_flops`` (the dense
+equivalent) give the effective rate: executed TFLOP/s / density. CPU cases use Hq=8/Hk=2 (the GPU's Hq=32/Hk=8 takes minutes per
+case on a small CPU); D=128 everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..case import Case, register_suite
+
+_DIM = 128
+_HEADS = {"cpu": (8, 2), "cuda": (32, 8)}
+_SEQS = {"cpu": (1024, 2048, 4096, 8192), "cuda": (1024, 2048, 4096, 8192, 16384)}
+_QUICK_SEQS = {"cpu": (2048,), "cuda": (4096,)}
+_DENSITIES = (1.0, 0.5, 0.1)
+_MOBA = ((64, 8), (16, 32))  # (block_size, top_k)
+_BLOCK = 64
+# Dense attention under an expanded [B, H, S, S] mask stops at this length (memory).
+_MAX_MASKED_SEQ = 4096
+
+
+def _dtype(device: str) -> torch.dtype:
+    return torch.bfloat16
+
+
+def _qkv(device, seq, heads, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((1, heads[0], seq, _DIM), (1, heads[1], seq, _DIM), (1, heads[1], seq, _DIM))
+    return tuple(torch.randn(s, generator=gen).to(device=device, dtype=_dtype(device)) for s in shapes)
+
+
+def _random_mask(seq, heads_q, density, causal, device):
+    """A BlockSparseMask of about `density` of the blocks (of the causal ones under causal), the
+    diagonal block always kept so that no row is empty."""
+    from torch_ext.attention import BlockSparseMask
+
+    n = seq // _BLOCK
+    gen = torch.Generator().manual_seed(n)
+    keep = (torch.rand(1, heads_q, n, n, generator=gen) < density) | torch.eye(n, dtype=torch.bool)
+    if causal:
+        keep &= torch.ones(n, n, dtype=torch.bool).tril()
+    return BlockSparseMask.from_dense(keep, _BLOCK, _BLOCK, seq, seq).to(device)
+
+
+def _flex_block_mask(mask, causal):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    mask_mod = (lambda b, h, q, kv: q >= kv) if causal else None
+    return BlockMask.from_kv_blocks(mask.kv_counts, mask.kv_indices, BLOCK_SIZE=(_BLOCK, _BLOCK), mask_mod=mask_mod,
+                                    seq_lengths=(mask.seq_len_q, mask.seq_len_kv))
+
+
+def _expanded(mask, causal):
+    from torch_ext.reference.attention import causal_mask, expand_block_lists
+
+    dense = expand_block_lists(mask.kv_counts, mask.kv_indices, _BLOCK, _BLOCK, mask.seq_len_q, mask.seq_len_kv)
+    return dense & causal_mask(mask.seq_len_q, mask.seq_len_kv, dense.device) if causal else dense
+
+
+def _gqa(k, v, heads_q):
+    group = heads_q // k.shape[1]
+    return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+
+def _sparse_case(device, seq, density, causal) -> Case:
+    from torch.nn.attention.flex_attention import flex_attention
+    from torch_ext.ops import block_sparse_attention
+
+    heads = _HEADS[device]
+    mask = _random_mask(seq, heads[0], density, causal, device)
+    listed = mask.density()
+    flex_mask = _flex_block_mask(mask, causal)
+    flex = torch.compile(flex_attention) if device == "cuda" else flex_attention
+    baselines = {
+        "SDPA dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True),
+        f"flex_attention ({'compiled' if device == 'cuda' else 'eager'})":
+            lambda q, k, v: flex(q, k, v, block_mask=flex_mask, enable_gqa=True),
+    }
+    if seq <= _MAX_MASKED_SEQ:
+        expanded = _expanded(mask, causal)
+        baselines["SDPA dense-masked"] = lambda q, k, v: F.scaled_dot_product_attention(
+            q, *_gqa(k, v, heads[0]), attn_mask=expanded)
+    dense_flops = 4.0 * heads[0] * seq * seq * _DIM * (0.5 if causal else 1.0)
+    return Case(family="attention", op="block_sparse_attention",
+                label=f"S={seq} {'causal' if causal else 'full'} {round(density * 100)}% bf16",
+                make_inputs=lambda seed: _qkv(device, seq, heads, seed),
+                ours=lambda q, k, v: block_sparse_attention(q, k, v, mask, causal=causal),
+                baselines=baselines, flops=4.0 * heads[0] * seq * seq * _DIM * listed,
+                bytes=float(4 * heads[0] * seq * _DIM * 2), device=device,
+                notes={"density": listed, "effective_flops": dense_flops})
+
+
+def _moba_case(device, seq, block_size, top_k) -> Case:
+    from torch_ext.ops import moba_attention
+
+    heads = _HEADS[device]
+    chosen = min(1.0, top_k * block_size / seq)
+    return Case(family="attention", op="moba_attention", label=f"S={seq} block {block_size} top-{top_k} causal bf16",
+                make_inputs=lambda seed: _qkv(device, seq, heads, seed),
+                ours=lambda q, k, v: moba_attention(q, k, v, block_size, top_k, causal=True),
+                baselines={"SDPA dense causal": lambda q, k, v: F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True)},
+                flops=4.0 * heads[0] * seq * seq * _DIM * chosen, bytes=float(4 * heads[0] * seq * _DIM * 2),
+                device=device, notes={"density": chosen, "effective_flops": 2.0 * heads[0] * seq * seq * _DIM})
+
+
+def _routing_case(device, seq, block_size, top_k) -> Case:
+    from torch_ext.ops import moba_route
+    from torch_ext.reference.attention import moba_select as naive_select
+
+    heads = _HEADS[device]
+    return Case(family="attention", op="moba_route", label=f"S={seq} block {block_size} top-{top_k} causal bf16",
+                make_inputs=lambda seed: _qkv(device, seq, heads, seed)[:2],
+                ours=lambda q, k: moba_route(q, k, block_size, top_k, causal=True),
+                baselines={"naive torch gating (float64)": lambda q, k: naive_select(q, k, block_size, top_k, True)},
+                flops=2.0 * heads[0] * seq * (seq // block_size) * _DIM,
+                bytes=float(2 * (heads[0] + heads[1]) * seq * _DIM), device=device)
+
+
+@register_suite("attention")
+def attention_suite(device: str, quick: bool) -> list[Case]:
+    kind = torch.device(device).type
+    if kind not in _HEADS:
+        return []
+    seqs = (_QUICK_SEQS if quick else _SEQS)[kind]
+    cases = [_sparse_case(kind, s, d, c) for s in seqs for c in (False, True) for d in _DENSITIES]
+    cases += [_moba_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
+    cases += [_routing_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
+    return cases
