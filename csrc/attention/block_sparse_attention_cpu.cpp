@@ -300,6 +300,33 @@ struct Workspace {
   }
 };
 
+// A query-block task's (batch, query head, query block): query blocks in zigzag order, so that
+// torch's contiguous split of the tasks gives each thread early and late (causal: cheap and
+// expensive) blocks alike.
+struct QueryBlockTask {
+  int64_t b, h, qb;
+};
+inline QueryBlockTask query_block_task(const BlockSparseForwardParams& p, int64_t task, int64_t nq) {
+  return {task / nq / p.heads_q, task / nq % p.heads_q, zigzag(task % nq, nq)};
+}
+
+// Calls body(kb, active, keys, padded, c0) for each key block kb listed for query block qb of
+// (b, h) that at least one of its rows attends, after active_rows filled w.rows / w.visible:
+// `keys` in the block, `padded` to whole SIMD vectors, c0 its first key.
+template <typename Acc, typename Body>
+void for_each_listed_block(const BlockSparseForwardParams& p, const Geometry& g, Workspace<Acc>& w, int64_t b,
+                           int64_t h, int64_t qb, const Body& body) {
+  int32_t count;
+  const int32_t* list = list_of(p.blocks, b, h, qb, &count);
+  for (int32_t t = 0; t < count; ++t) {
+    const int32_t kb = list[t];
+    const int active = active_rows(g, p.selection, b, h, qb, kb, w.rows.data(), w.visible.data());
+    if (active == 0) continue;
+    const int keys = g.keys_in(kb);
+    body(kb, active, keys, round_up_to_lanes<Acc>(keys), int64_t(kb) * p.block_kv);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -314,21 +341,14 @@ void forward(const BlockSparseForwardParams& p) {
   parallel_for(0, p.batch * p.heads_q * nq, 1, [&](int64_t begin, int64_t end) {
     Workspace<Acc> w(g);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = zigzag(task % nq, nq), h = task / nq % p.heads_q, b = task / nq / p.heads_q;
+      const auto [b, h, qb] = query_block_task(p, task, nq);
       const int64_t hk = h / group, r0 = qb * p.block_q;
       const int n = g.rows_in(qb);
       pack_rows(row_of<T>(p.q, b, h, r0), p.q.seq_stride, n, n, dim, Acc(p.scale), w.q.data());
       std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
       std::fill(w.m.begin(), w.m.begin() + n, -kInf<Acc>);
       std::fill(w.l.begin(), w.l.begin() + n, Acc(0));
-      int32_t count;
-      const int32_t* list = list_of(p.blocks, b, h, qb, &count);
-      for (int32_t t = 0; t < count; ++t) {
-        const int32_t kb = list[t];
-        const int active = active_rows(g, p.selection, b, h, qb, kb, w.rows.data(), w.visible.data());
-        if (active == 0) continue;
-        const int keys = g.keys_in(kb), padded = round_up_to_lanes<Acc>(keys);
-        const int64_t c0 = int64_t(kb) * p.block_kv;
+      for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
         pack_transposed(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, keys, padded, dim, w.k_t.data());
         pack_rows(row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys, padded, dim, Acc(1), w.v_rows.data());
         // S = Q K^T for the active rows
@@ -345,7 +365,7 @@ void forward(const BlockSparseForwardParams& p) {
         w.point(w.b_ptr.data(), w.v_rows.data(), dim, padded);
         w.point(w.c_ptr.data(), w.acc.data(), dim, active, w.rows.data());
         matmul(w.a_ptr.data(), active, w.b_ptr.data(), padded, w.c_ptr.data(), dim, Init::kScaled, w.scale.data());
-      }
+      });
       for (int r = 0; r < n; ++r) {
         T* out = row_of<T>(p.out, b, h, r0 + r);
         const Acc l = w.l[r];
@@ -409,20 +429,13 @@ void grad_q(const BlockSparseBackwardParams& bp) {
     Workspace<Acc> w(g);
     std::vector<const Acc*> q_ptr(size_t(p.block_q)), d_out_ptr(size_t(p.block_q));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = zigzag(task % nq, nq), h = task / nq % p.heads_q, b = task / nq / p.heads_q;
+      const auto [b, h, qb] = query_block_task(p, task, nq);
       const int64_t hk = h / group, r0 = qb * p.block_q, row0 = (b * p.heads_q + h) * p.seq_q + r0;
       const int n = g.rows_in(qb);
       pack_rows(row_of<T>(p.q, b, h, r0), p.q.seq_stride, n, n, dim, Acc(p.scale), w.q.data());
       pack_rows(row_of<T>(bp.grad_out, b, h, r0), bp.grad_out.seq_stride, n, n, dim, Acc(1), w.d_out.data());
       std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
-      int32_t count;
-      const int32_t* list = list_of(p.blocks, b, h, qb, &count);
-      for (int32_t t = 0; t < count; ++t) {
-        const int32_t kb = list[t];
-        const int active = active_rows(g, p.selection, b, h, qb, kb, w.rows.data(), w.visible.data());
-        if (active == 0) continue;
-        const int keys = g.keys_in(kb), padded = round_up_to_lanes<Acc>(keys);
-        const int64_t c0 = int64_t(kb) * p.block_kv;
+      for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
         pack_transposed(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, keys, padded, dim, w.k_t.data());
         pack_transposed(row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys, padded, dim, w.v_t.data());
         pack_rows(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, keys, padded, dim, Acc(1), w.k_rows.data());
@@ -435,7 +448,7 @@ void grad_q(const BlockSparseBackwardParams& bp) {
         w.point(w.b_ptr.data(), w.k_rows.data(), dim, padded);
         w.point(w.c_ptr.data(), w.acc.data(), dim, active, w.rows.data());
         matmul(w.a_ptr.data(), active, w.b_ptr.data(), padded, w.c_ptr.data(), dim, Init::kAccumulate);
-      }
+      });
       const auto scale = L::splat(Acc(p.scale));
       for (int r = 0; r < n; ++r) {
         T* dq = row_of<T>(bp.grad_q, b, h, r0 + r);
