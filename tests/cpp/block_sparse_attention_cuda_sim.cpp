@@ -264,7 +264,9 @@ struct Problem {
   bool sel;
   int top_k;
   std::vector<int32_t> selb;
-  const int32_t* list(int b, int h, int qb) const { return &indices[size_t(b * ibs + h * ihs + int64_t(qb) * max_blocks)]; }
+  const int32_t* list(int b, int h, int qb) const {
+    return &indices[size_t(b * ibs + h * ihs + int64_t(qb) * max_blocks)];
+  }
   int count(int b, int h, int qb) const { return counts[size_t(b * cbs + h * chs + qb)]; }
   const int32_t* choices(int b, int h, int i) const {
     return &selb[size_t(((int64_t(b) * Hq + h) * Sq + i) * top_k)];
@@ -307,14 +309,16 @@ Problem make_problem(int D, int bq, int bkv) {
         }
         std::shuffle(blocks.begin(), blocks.end(), rng);
         P.counts[size_t(b * P.cbs + h * P.chs + qb)] = int(blocks.size());
-        std::copy(blocks.begin(), blocks.end(), P.indices.begin() + (b * P.ibs + h * P.ihs + int64_t(qb) * P.max_blocks));
+        const int64_t at = b * P.ibs + h * P.ihs + int64_t(qb) * P.max_blocks;
+        std::copy(blocks.begin(), blocks.end(), P.indices.begin() + at);
       }
   // transposed: per (b, h, kb) the query blocks listing kb, in random order
   std::vector<std::vector<int32_t>> t(size_t(P.B * P.Hq * std::max(P.nk, 1)));
   for (int b = 0; b < P.B; ++b)
     for (int h = 0; h < P.Hq; ++h)
       for (int qb = 0; qb < P.nq; ++qb)
-        for (int s = 0; s < P.count(b, h, qb); ++s) t[size_t((b * P.Hq + h) * P.nk + P.list(b, h, qb)[s])].push_back(qb);
+        for (int s = 0; s < P.count(b, h, qb); ++s)
+          t[size_t((b * P.Hq + h) * P.nk + P.list(b, h, qb)[s])].push_back(qb);
   P.tmax = 1;
   for (auto& v : t) {
     std::shuffle(v.begin(), v.end(), rng);
@@ -395,7 +399,7 @@ struct RowSim {
     hk = h / (P.Hq / P.Hk);
     const int hm = P.chs == 0 ? 0 : h;
     list = P.list(b, hm, qb);
-    count = std::min(std::max(P.count(b, hm, qb), 0), P.max_blocks);
+    count = ix::list_count(P.count(b, hm, qb), P.max_blocks);
     tiles = P.Sk > 0 ? ix::walk_tiles(count, P.bkv) : 0;
     q0 = qb * Tr::kWarps * ix::kWarpRows;
     if (P.sel) {
@@ -455,7 +459,8 @@ struct RowSim {
   }
   WA load_a(int base, int row0, int k16) {
     int addr[32];
-    for (int l = 0; l < 32; ++l) addr[l] = base + ix::smem_offset(row0 + ix::ldsm_a_row(l), ix::ldsm_a_chunk(k16, l), kD);
+    for (int l = 0; l < 32; ++l)
+      addr[l] = base + ix::smem_offset(row0 + ix::ldsm_a_row(l), ix::ldsm_a_chunk(k16, l), kD);
     WA a;
     ldmatrix_x4(sm, addr, a, false);
     return a;
@@ -608,7 +613,8 @@ void sim_forward_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
       float alpha[32][2];
       for (int half = 0; half < 2; ++half) {
         quad_reduce(tile_max[half], true);
-        for (int l = 0; l < 32; ++l) alpha[l][half] = ix::softmax_rescale(rs[size_t(w)][size_t(l)][size_t(half)], tile_max[half][l]);
+        for (int l = 0; l < 32; ++l)
+          alpha[l][half] = ix::softmax_rescale(rs[size_t(w)][size_t(l)][size_t(half)], tile_max[half][l]);
       }
       for (int j = 0; j < 8; ++j)
         for (int l = 0; l < 32; ++l)
@@ -763,9 +769,8 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
   const int subs = P.bq / ix::kBwdQTile, nq = P.nq;
   const int32_t* counts = &P.tcounts[size_t((int64_t(b) * P.Hq + int64_t(hk) * group) * P.nk + kb)];
   const int64_t head_stride = P.nk;
-  int steps = 0;
-  if (P.Sq > 0)
-    for (int g = 0; g < group; ++g) steps += std::min(std::max(counts[g * head_stride], 0), P.tmax) * subs;
+  const ix::TransposedLists lists{counts, head_stride, group, P.tmax};
+  const int steps = P.Sq > 0 ? ix::walk_steps(lists, subs) : 0;
   const auto load_rows = [&](int dst, const Tensor16& t, int hh, int pos0, int seq, int copies) {
     for (int tid = 0; tid < Tr::kThreads; ++tid)
       for (int i = 0; i < copies; ++i) {
@@ -801,7 +806,7 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
       if (tid == 0) st_i32(sm, stage + Tr::kQBaseOffset, qbase);
     }
   };
-  ix::TransposedCursor loader = ix::cursor_begin(counts, head_stride, group);
+  ix::TransposedCursor loader = ix::cursor_begin(lists);
   if (steps > 0) load_step(loader, 0);
   sm.commit();
   constexpr int W = Tr::kWarps;
@@ -816,7 +821,8 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
     int addr[32];
     for (int l = 0; l < 32; ++l) {
       const int row = row0 + (a_map ? ix::ldsm_a_row(l) : ix::ldsm_b_row(l));
-      const int chunk = trans ? ix::ldsm_bt_chunk(idx, l) : (a_map ? ix::ldsm_a_chunk(idx, l) : ix::ldsm_b_chunk(idx, l));
+      const int chunk =
+          trans ? ix::ldsm_bt_chunk(idx, l) : (a_map ? ix::ldsm_a_chunk(idx, l) : ix::ldsm_b_chunk(idx, l));
       addr[l] = base + ix::smem_offset(row, chunk, kD);
     }
     WA r;
@@ -828,8 +834,8 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
     sm.wait(0);
     sm.barrier();
     if (t + 1 < steps) {
-      ix::cursor_advance(loader, counts, head_stride, group, subs);
-      CHECK(ix::cursor_valid(loader, group));
+      ix::cursor_advance(loader, lists, subs);
+      CHECK(ix::cursor_valid(loader, lists));
       load_step(loader, (t + 1) % ix::kStages);
     }
     sm.commit();
@@ -894,7 +900,9 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
   sm.wait(0);
   if (Tr::kWarpsQ > 1) {
     sm.barrier();
-    const auto slot = [&](int q_warp, int wk) { return Tr::kStageOffset + 4 * ((q_warp - 1) * Tr::kWarpsKey + wk) * 2 * 16 * kD; };
+    const auto slot = [&](int q_warp, int wk) {
+      return Tr::kStageOffset + 4 * ((q_warp - 1) * Tr::kWarpsKey + wk) * 2 * 16 * kD;
+    };
     for (int w = 0; w < W; ++w) {
       const int wk = w % Tr::kWarpsKey, wq = w / Tr::kWarpsKey;
       if (wq == 0) continue;
@@ -928,7 +936,8 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
           const int col = 8 * j + ix::acc_col(l, 0);
           const uint32_t kv = pack_pair<T>(dk[size_t(w)][size_t(j)].v[l][2 * half] * P.scale,
                                            dk[size_t(w)][size_t(j)].v[l][2 * half + 1] * P.scale);
-          const uint32_t vv = pack_pair<T>(dv[size_t(w)][size_t(j)].v[l][2 * half], dv[size_t(w)][size_t(j)].v[l][2 * half + 1]);
+          const uint32_t vv =
+              pack_pair<T>(dv[size_t(w)][size_t(j)].v[l][2 * half], dv[size_t(w)][size_t(j)].v[l][2 * half + 1]);
           for (int e = 0; e < 2; ++e) {
             const int64_t ak = G.dk.at(b, hk, pos) + col + e, av = G.dv.at(b, hk, pos) + col + e;
             CHECK(e != 0 || (ak % 2 == 0 && av % 2 == 0));  // 4-byte stores
@@ -1197,7 +1206,8 @@ void moba_case(int* stats) {
           const int src = int(rnd(0, j - 1));
           for (int r = 0; r < bs; ++r)
             for (int d = 0; d < D; ++d)
-              k[size_t(((b * Hk + h) * Sk + j * bs + r) * D + d)] = k[size_t(((b * Hk + h) * Sk + src * bs + r) * D + d)];
+              k[size_t(((b * Hk + h) * Sk + j * bs + r) * D + d)] =
+                  k[size_t(((b * Hk + h) * Sk + src * bs + r) * D + d)];
         }
   // moba_pool_kernel (per thread d: key-order sum, one division)
   std::vector<float> pooled(size_t(B * Hk * std::max(blocks, 1) * D));
@@ -1218,7 +1228,8 @@ void moba_case(int* stats) {
     const int hk = h / (Hq / Hk);
     float s = 0.f;
     for (int d = 0; d < D; ++d)
-      s = std::fma(q[size_t(((b * Hq + h) * Sq + i) * D + d)], pooled[size_t(((b * Hk + hk) * blocks + blk) * D + d)], s);
+      s = std::fma(q[size_t(((b * Hq + h) * Sq + i) * D + d)], pooled[size_t(((b * Hk + hk) * blocks + blk) * D + d)],
+                   s);
     return s;
   };
   for (int b = 0; b < B; ++b)
@@ -1339,7 +1350,8 @@ void moba_case(int* stats) {
         for (int s = 0; s < top_k; ++s) {
           const int32_t expect = s < int(ids.size()) ? ids[size_t(s)] : -1;
           if (out[row + size_t(s)] != expect) {
-            fprintf(stderr, "moba mismatch b%d h%d i%d slot %d got %d want %d\n", b, h, i, s, out[row + size_t(s)], expect);
+            fprintf(stderr, "moba mismatch b%d h%d i%d slot %d got %d want %d\n", b, h, i, s, out[row + size_t(s)],
+                    expect);
             CHECK(false);
           }
         }
@@ -1380,7 +1392,13 @@ int main(int argc, char** argv) {
     if (c % 2 == 0) attention_any<Half>(stats); else attention_any<BFloat16>(stats);
   }
   for (int c = 0; c < cases; ++c) {
-    if (c % 3 == 0) moba_case<float>(stats); else if (c % 3 == 1) moba_case<Half>(stats); else moba_case<BFloat16>(stats);
+    if (c % 3 == 0) {
+      moba_case<float>(stats);
+    } else if (c % 3 == 1) {
+      moba_case<Half>(stats);
+    } else {
+      moba_case<BFloat16>(stats);
+    }
   }
   printf("attention rows checked %d (empty %d), moba cases %d (tie-decided rows %d)\n", stats[0], stats[1], stats[3],
          stats[2]);
