@@ -1,6 +1,7 @@
 """The CUDA kernels' index math, checked on the CPU: compiles the torch-free simulators in
 tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h;
-W8A8: csrc/quant/w8a8_cuda_index.h; fused MoE: csrc/moe/fused_moe_cuda_index.h)
+W8A8: csrc/quant/w8a8_cuda_index.h; fused MoE: csrc/moe/fused_moe_cuda_index.h; block-sparse attention /
+MoBA: csrc/attention/block_sparse_attention_cuda_index.h)
 and runs them on fresh random problems."""
 
 import shutil
@@ -58,3 +59,14 @@ def test_fused_moe_cuda_kernels_simulated(tmp_path_factory):
     fragment maps taken from the PTX ISA: act bit for bit, out within an fp32 bound, every element
     written once (csrc/moe/fused_moe_cuda_index.h)."""
     _run_simulator(_build_simulator(tmp_path_factory, "fused_moe_cuda_sim"))
+
+
+def test_block_sparse_attention_cuda_kernels_simulated(tmp_path_factory):
+    """fwd_kernel, bwd_delta / bwd_dq / bwd_dkdv_kernel and moba_pool / moba_select_kernel run warp by
+    warp and lane by lane on random small problems (odd Sq != Sk, causal, GQA, block_kv 16..128,
+    head_dim 64 / 128, shared or per-head lists in any order, empty lists, MoBA token selection,
+    strided layouts) through a pipeline-checking shared-memory model, ldmatrix and mma.m16n8k16
+    models from the PTX maps, against double references; the transposed dK/dV walk visits every
+    listed pair once; moba_select equals a full sort of the same scores, ties and causal forcing
+    included (csrc/attention/block_sparse_attention_cuda_index.h)."""
+    _run_simulator(_build_simulator(tmp_path_factory, "block_sparse_attention_cuda_sim"))

@@ -275,8 +275,8 @@ __device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParam
   c.v_stride = p.v.seq_stride;
   c.list = p.blocks.indices + b * p.blocks.indices_batch_stride + h * p.blocks.indices_head_stride +
            int64_t(qb) * p.blocks.max_blocks;
-  const int raw = __ldg(p.blocks.counts + b * p.blocks.counts_batch_stride + h * p.blocks.counts_head_stride + qb);
-  c.count = min(max(raw, 0), p.blocks.max_blocks);
+  const int32_t* const counts = p.blocks.counts + b * p.blocks.counts_batch_stride + h * p.blocks.counts_head_stride;
+  c.count = ix::list_count(__ldg(counts + qb), p.blocks.max_blocks);
   c.block_kv = p.block_kv;
   c.seq_q = int(p.seq_q);
   c.seq_kv = int(p.seq_kv);
@@ -518,12 +518,10 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   const int nq = int(ix::ceil_div(p.seq_q, p.block_q));
 
   const attention::BlockList& tl = bp.transposed;
-  const int32_t* const counts =
-      tl.counts + b * tl.counts_batch_stride + int64_t(hk) * group * tl.counts_head_stride + kb;
+  const int32_t* const counts = tl.counts + b * tl.counts_batch_stride + int64_t(hk) * group * tl.counts_head_stride;
+  const ix::TransposedLists lists{counts + kb, tl.counts_head_stride, group, tl.max_blocks};
   // Steps of the walk: every listed query block of every head of the group, in 64-row sub-tiles.
-  int steps = 0;
-  if (seq_q > 0)
-    for (int g = 0; g < group; ++g) steps += min(max(__ldg(counts + g * tl.counts_head_stride), 0), tl.max_blocks) * subs;
+  const int steps = seq_q > 0 ? ix::walk_steps(lists, subs) : 0;
 
   // K, V of the block (resident).
   {
@@ -560,7 +558,7 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
     if (tid == 0) *reinterpret_cast<int*>(stage + Tr::kQBaseOffset) = qbase;
   };
 
-  ix::TransposedCursor loader = ix::cursor_begin(counts, tl.counts_head_stride, group);
+  ix::TransposedCursor loader = ix::cursor_begin(lists);
   if (steps > 0) load_step(loader, 0);
   cp_async_commit();
 
@@ -579,7 +577,7 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
     cp_async_wait<0>();
     __syncthreads();
     if (t + 1 < steps) {
-      ix::cursor_advance(loader, counts, tl.counts_head_stride, group, subs);
+      ix::cursor_advance(loader, lists, subs);
       load_step(loader, (t + 1) % ix::kStages);
     }
     cp_async_commit();

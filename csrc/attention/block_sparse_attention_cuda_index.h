@@ -80,6 +80,8 @@ TORCH_EXT_HOST_DEVICE int segments_per_block(int block_kv) { return block_kv / s
 TORCH_EXT_HOST_DEVICE int walk_tiles(int count, int block_kv) {
   return int(ceil_div(int64_t(count) * segments_per_block(block_kv), segments_per_tile(block_kv)));
 }
+// A list's stored count clamped to [0, max_blocks] (the walk never reads past the list).
+TORCH_EXT_HOST_DEVICE int list_count(int raw, int max_blocks) { return raw < 0 ? 0 : min_int(raw, max_blocks); }
 // Segment s (< nseg) of step t: which list slot and the first key offset inside the block.
 struct Segment {
   int slot;    // index into the query block's list (>= count: past the end, empty)
@@ -247,32 +249,45 @@ TORCH_EXT_HOST_DEVICE float lse_log2(float lse) { return lse == neg_inf() ? INFI
 // Cursor over the steps of the transposed walk: group head g (query head hk * group + g), slot of
 // (b, h, kb)'s list, 64-row sub-tile of the listed query block. counts: the group's heads'
 // counts at (b, ., kb), head stride `head_stride`.
+// (Counts clamped by list_count.)
 struct TransposedCursor {
   int g, slot, sub;
-  int count;  // counts of head g
+  int count;  // count of head g
 };
-TORCH_EXT_HOST_DEVICE void cursor_skip_empty(TransposedCursor& c, const int32_t* counts, int64_t head_stride,
-                                            int group) {
-  while (c.g < group && c.slot >= c.count) {
+struct TransposedLists {
+  const int32_t* counts;  // at (b, first head of the group, kb)
+  int64_t head_stride;
+  int group, max_blocks;
+};
+TORCH_EXT_HOST_DEVICE int group_count(const TransposedLists& t, int g) {
+  return list_count(t.counts[g * t.head_stride], t.max_blocks);
+}
+TORCH_EXT_HOST_DEVICE void cursor_skip_empty(TransposedCursor& c, const TransposedLists& t) {
+  while (c.g < t.group && c.slot >= c.count) {
     ++c.g;
     c.slot = 0;
     c.sub = 0;
-    c.count = c.g < group ? counts[c.g * head_stride] : 0;
+    c.count = c.g < t.group ? group_count(t, c.g) : 0;
   }
 }
-TORCH_EXT_HOST_DEVICE TransposedCursor cursor_begin(const int32_t* counts, int64_t head_stride, int group) {
-  TransposedCursor c{0, 0, 0, group > 0 ? counts[0] : 0};
-  cursor_skip_empty(c, counts, head_stride, group);
+TORCH_EXT_HOST_DEVICE TransposedCursor cursor_begin(const TransposedLists& t) {
+  TransposedCursor c{0, 0, 0, t.group > 0 ? group_count(t, 0) : 0};
+  cursor_skip_empty(c, t);
   return c;
 }
-TORCH_EXT_HOST_DEVICE bool cursor_valid(const TransposedCursor& c, int group) { return c.g < group; }
-TORCH_EXT_HOST_DEVICE void cursor_advance(TransposedCursor& c, const int32_t* counts, int64_t head_stride, int group,
-                                         int subs_per_block) {
+TORCH_EXT_HOST_DEVICE bool cursor_valid(const TransposedCursor& c, const TransposedLists& t) { return c.g < t.group; }
+TORCH_EXT_HOST_DEVICE void cursor_advance(TransposedCursor& c, const TransposedLists& t, int subs_per_block) {
   if (++c.sub == subs_per_block) {
     c.sub = 0;
     ++c.slot;
-    cursor_skip_empty(c, counts, head_stride, group);
+    cursor_skip_empty(c, t);
   }
+}
+// Steps of the whole walk.
+TORCH_EXT_HOST_DEVICE int walk_steps(const TransposedLists& t, int subs_per_block) {
+  int steps = 0;
+  for (int g = 0; g < t.group; ++g) steps += group_count(t, g) * subs_per_block;
+  return steps;
 }
 
 // =============================================================================================
