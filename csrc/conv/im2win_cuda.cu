@@ -477,12 +477,7 @@ __global__ void __launch_bounds__(ix::mma::kThreads, ix::mma::kMinBlocksPerSm)
 #pragma unroll
       for (int np = 0; np < kWarpTilesN / 2; ++np) {
         const int row = warp_col0 + np * 2 * kMmaN + ix::ldmatrix_b_row(lane);
-        uint32_t r[4];
-        ldmatrix_x4(r, sb + ix::mma_smem_offset(row, chunk0 + ix::ldmatrix_b_chunk(lane)));
-        bf[2 * np][0] = r[0];
-        bf[2 * np][1] = r[1];
-        bf[2 * np + 1][0] = r[2];
-        bf[2 * np + 1][1] = r[3];
+        ldmatrix_x4_b_pair(bf[2 * np], bf[2 * np + 1], sb + ix::mma_smem_offset(row, chunk0 + ix::ldmatrix_b_chunk(lane)));
       }
 #pragma unroll
       for (int mt = 0; mt < kWarpTilesM; ++mt)

@@ -30,6 +30,7 @@
 
 #include <cstdint>
 
+#include "common/index_math.h"
 #include "common/macros.h"
 #include "conv/im2win.h"
 
@@ -126,8 +127,8 @@ constexpr int64_t kMaxGridYZ = 65535;
 // Geometry of the implicit GEMM and its workspace
 // ---------------------------------------------------------------------------------------------
 
-TORCH_EXT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-TORCH_EXT_HOST_DEVICE int64_t round_up(int64_t x, int64_t multiple) { return ceil_div(x, multiple) * multiple; }
+using index_math::ceil_div;
+using index_math::round_up;
 
 struct GemmLayout {
   int64_t groups;

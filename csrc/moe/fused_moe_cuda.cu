@@ -305,14 +305,9 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
   };
 
   float acc[ix::kMI][ix::kNI][4];
-#pragma unroll
-  for (int i = 0; i < ix::kMI; ++i)
-#pragma unroll
-    for (int j = 0; j < ix::kNI; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  zero_accumulators(acc);
 
-  const auto compute_stage = [&](int stage) {
+  const auto compute_stage = [&](int stage, int) {
     const unsigned char* const sa = smem + stage * ix::kStageBytes;
     const unsigned char* const sb = sa + ix::kABytes;
 #pragma unroll
@@ -322,14 +317,9 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
       for (int i = 0; i < ix::kMI; ++i)
         ldmatrix_x4(af[i], sa + ix::smem_offset(ix::a_ldsm_row(warp_m, i, lane), ix::a_ldsm_chunk(ks, lane)));
 #pragma unroll
-      for (int j = 0; j < ix::kNI / 2; ++j) {
-        uint32_t r[4];
-        ldmatrix_x4(r, sb + ix::smem_offset(ix::b_ldsm_row(kGateUp, warp_n, j, lane), ix::b_ldsm_chunk(ks, lane)));
-        bf[2 * j][0] = r[0];
-        bf[2 * j][1] = r[1];
-        bf[2 * j + 1][0] = r[2];
-        bf[2 * j + 1][1] = r[3];
-      }
+      for (int j = 0; j < ix::kNI / 2; ++j)
+        ldmatrix_x4_b_pair(bf[2 * j], bf[2 * j + 1],
+                           sb + ix::smem_offset(ix::b_ldsm_row(kGateUp, warp_n, j, lane), ix::b_ldsm_chunk(ks, lane)));
 #pragma unroll
       for (int i = 0; i < ix::kMI; ++i)
 #pragma unroll
@@ -337,24 +327,7 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
     }
   };
 
-  // Pipeline (as in w8a8_cuda.cu): stages 0..kStages-2 in flight; one commit group per iteration
-  // (empty past the end); iteration it waits for stage it, refills the slot read in it - 1 (the
-  // barrier orders the two), then computes.
-  const int k_iters = int(p.k_iters);
-#pragma unroll
-  for (int s = 0; s < ix::kStages - 1; ++s) {
-    if (s < k_iters) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < k_iters; ++it) {
-    cp_async_wait<ix::kStages - 2>();
-    __syncthreads();
-    const int next = it + ix::kStages - 1;
-    if (next < k_iters) load_stage(next % ix::kStages, next);
-    cp_async_commit();
-    compute_stage(it % ix::kStages);
-  }
-  cp_async_wait_all();  // only empty groups remain
+  cp_async_pipeline<ix::kStages>(0, int(p.k_iters), load_stage, compute_stage);
 
 #pragma unroll
   for (int i = 0; i < ix::kMI; ++i)

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/exact_float.h"
+#include "common/index_math.h"
 #include "common/macros.h"
 #include "moe/expert_plan.h"
 #include "moe/fused_moe.h"
@@ -18,17 +19,11 @@ namespace torch_ext::moe {
 inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
 namespace fused_moe_cuda {
 
-TORCH_EXT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-TORCH_EXT_HOST_DEVICE int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-TORCH_EXT_HOST_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-TORCH_EXT_HOST_DEVICE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-TORCH_EXT_HOST_DEVICE int popc32(uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __popc(v);
-#else
-  return __builtin_popcount(v);
-#endif
-}
+using index_math::ceil_div;
+using index_math::max64;
+using index_math::min64;
+using index_math::popc32;
+using index_math::round_up;
 
 // 16-byte chunks (8 fp16 / bf16 values): the unit of every vector load, cp.async and shared row
 // segment.
@@ -235,16 +230,9 @@ constexpr int kBChunksPerThread = kBN / kRowsPerPass;   // 4
 // share stay in L2 while the group's A rows are reused across n.
 constexpr int kGroupM = 8;
 
-struct TileCoord {
-  int64_t mb, nb;
-};
+using index_math::TileCoord;
 TORCH_EXT_HOST_DEVICE TileCoord tile_of(int64_t pid, int64_t m_blocks, int64_t n_blocks) {
-  const int64_t per_group = int64_t(kGroupM) * n_blocks;
-  const int64_t group = pid / per_group;
-  const int64_t first_m = group * kGroupM;
-  const int64_t group_m = min64(m_blocks - first_m, kGroupM);
-  const int64_t in_group = pid - group * per_group;
-  return TileCoord{first_m + in_group % group_m, in_group / group_m};
+  return index_math::grouped_tile(pid, m_blocks, n_blocks, kGroupM);
 }
 // n blocks: GEMM 1 over I (64 columns, gate + up), GEMM 2 over H (128 columns).
 TORCH_EXT_HOST_DEVICE int64_t gemm1_n_blocks(int64_t inter) { return ceil_div(inter, kGateCols); }

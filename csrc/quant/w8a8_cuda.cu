@@ -312,14 +312,9 @@ __device__ __forceinline__ void mm_cta(const MmArgs<O, Op>& p) {
   };
 
   Acc acc[kMI][kNI][4];
-#pragma unroll
-  for (int i = 0; i < kMI; ++i)
-#pragma unroll
-    for (int j = 0; j < kNI; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = Acc(0);
+  zero_accumulators(acc);
 
-  const auto compute_stage = [&](int stage) {
+  const auto compute_stage = [&](int stage, int) {
     const unsigned char* const sa = smem + stage * Cfg::kStageBytes;
     const unsigned char* const sb = sa + Cfg::kBOffset;
 #pragma unroll
@@ -329,14 +324,9 @@ __device__ __forceinline__ void mm_cta(const MmArgs<O, Op>& p) {
       for (int i = 0; i < kMI; ++i)
         ldmatrix_x4(af[i], sa + ix::smem_offset(ix::a_ldsm_row(warp_m, i, lane, Cfg::kWM), ix::a_ldsm_chunk(ks, lane)));
 #pragma unroll
-      for (int j = 0; j < kNI / 2; ++j) {
-        uint32_t r[4];
-        ldmatrix_x4(r, sb + ix::smem_offset(ix::b_ldsm_row(warp_n, j, lane, Cfg::kWN), ix::b_ldsm_chunk(ks, lane)));
-        bf[2 * j][0] = r[0];
-        bf[2 * j][1] = r[1];
-        bf[2 * j + 1][0] = r[2];
-        bf[2 * j + 1][1] = r[3];
-      }
+      for (int j = 0; j < kNI / 2; ++j)
+        ldmatrix_x4_b_pair(bf[2 * j], bf[2 * j + 1],
+                           sb + ix::smem_offset(ix::b_ldsm_row(warp_n, j, lane, Cfg::kWN), ix::b_ldsm_chunk(ks, lane)));
 #pragma unroll
       for (int i = 0; i < kMI; ++i)
 #pragma unroll
@@ -344,24 +334,7 @@ __device__ __forceinline__ void mm_cta(const MmArgs<O, Op>& p) {
     }
   };
 
-  // Pipeline (as in weight_only_cuda.cu): stages 0..kStages-2 in flight before the loop; one
-  // commit group per iteration (empty past the end) keeps the wait count uniform. Iteration it
-  // waits for stage it, then refills the slot consumed in iteration it - 1 (the barrier orders
-  // the two), then computes.
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < p.k_iters) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < p.k_iters; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = it + kStages - 1;
-    if (next < p.k_iters) load_stage(next % kStages, next);
-    cp_async_commit();
-    compute_stage(it % kStages);
-  }
-  cp_async_wait_all();  // only empty groups remain
+  cp_async_pipeline<kStages>(0, p.k_iters, load_stage, compute_stage);
 
   // Epilogue: scales and bias of the thread's 2 kNI columns once, then its 2 kMI rows.
   float b_scale[kNI][2], bias[kNI][2];

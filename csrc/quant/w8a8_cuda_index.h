@@ -13,15 +13,16 @@
 #include "common/dtype.h"
 #include "common/float_bits.h"
 #include "common/exact_float.h"
+#include "common/index_math.h"
 #include "common/macros.h"
 
 namespace torch_ext::quant {
 inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
 namespace w8a8_cuda {
 
-TORCH_EXT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-TORCH_EXT_HOST_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-TORCH_EXT_HOST_DEVICE int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+using index_math::ceil_div;
+using index_math::clamp_int;
+using index_math::min64;
 
 // f32_add / f32_mul / f32_div (one rounding each): common/exact_float.h.
 // int32 -> fp32, round to nearest even (exact below 2^24).
@@ -151,16 +152,9 @@ TORCH_EXT_HOST_DEVICE bool use_large_config(int64_t m, int64_t n, int64_t num_sm
 }
 
 // CTA `pid` (1-D grid) -> (m block, n block): groups of kGroupM m blocks, n-major inside a group.
-struct TileCoord {
-  int64_t mb, nb;
-};
+using index_math::TileCoord;
 TORCH_EXT_HOST_DEVICE TileCoord tile_of(int64_t pid, int64_t m_blocks, int64_t n_blocks) {
-  const int64_t per_group = int64_t(kGroupM) * n_blocks;
-  const int64_t group = pid / per_group;
-  const int64_t first_m = group * kGroupM;
-  const int64_t group_m = min64(m_blocks - first_m, kGroupM);
-  const int64_t in_group = pid - group * per_group;
-  return TileCoord{first_m + in_group % group_m, in_group / group_m};
+  return index_math::grouped_tile(pid, m_blocks, n_blocks, kGroupM);
 }
 
 // 16-byte cp.async needs 16-byte aligned sources: base pointers and row strides of A and B.

@@ -180,12 +180,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   };
 
   float acc[ix::kWarpTiles][Cfg::kTokenBlocks][4];
-#pragma unroll
-  for (int i = 0; i < ix::kWarpTiles; ++i)
-#pragma unroll
-    for (int j = 0; j < Cfg::kTokenBlocks; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  zero_accumulators(acc);
 
   // Warp-uniform: 8-token blocks holding real tokens, and whether the warp's tiles exist.
   const int active_blocks = ix::active_token_blocks(a.m, m0, Cfg::kBlockM);
@@ -278,23 +273,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
     }
   };
 
-  // Pipeline: stages 0..kStages-2 in flight before the loop; one commit group per iteration
-  // (empty past the end) keeps cp_async_wait's count uniform. Iteration it waits for stage it,
-  // then refills the stage consumed in iteration it - 1 (the barrier orders the two).
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < range.iters) load_stage(s, range.iter_begin + s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < range.iters; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = it + kStages - 1;
-    if (next < range.iters) load_stage(next % kStages, range.iter_begin + next);
-    cp_async_commit();
-    compute_stage(it % kStages, range.iter_begin + it);
-  }
-  cp_async_wait_all();  // only empty groups remain
+  cp_async_pipeline<kStages>(range.iter_begin, range.iters, load_stage, compute_stage);
 
   // Epilogue: accumulator (lane, e) of block (i, j) is feature n0 + 16 tile_row + acc_row and
   // token m0 + 8 j + acc_token. Split: fp32 partials; else bias in fp32 and one rounding.

@@ -17,6 +17,7 @@
 #include "common/dtype.h"
 #include "common/float_bits.h"
 #include "common/exact_float.h"
+#include "common/index_math.h"
 #include "common/macros.h"
 #include "quant/weight_only_layout.h"
 
@@ -24,8 +25,8 @@ namespace torch_ext::quant {
 inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
 namespace wo_cuda {
 
-TORCH_EXT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-TORCH_EXT_HOST_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+using index_math::ceil_div;
+using index_math::min64;
 
 // =============================================================================================
 // 1. Register arithmetic on 16-bit float pairs (low half = first element), fp32 and bytes.

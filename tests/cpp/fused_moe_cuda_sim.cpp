@@ -37,6 +37,7 @@
 #include "common/float_bits.h"
 #include "moe/expert_plan.h"
 #include "moe/fused_moe_cuda_index.h"
+#include "mma_spec.h"
 #include "sim_common.h"
 
 using namespace torch_ext;
@@ -328,55 +329,18 @@ void check_plan_case() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// PTX mma.m16n8k16 (.f16 / .bf16) and ldmatrix, independent of the index header
+// PTX mma.m16n8k16 (.f16 / .bf16) and ldmatrix, independent of the index header (mma_spec.h)
 // ---------------------------------------------------------------------------------------------
-int spec_a_row(int lane, int i) { return lane / 4 + 8 * ((i / 2) % 2); }
-int spec_a_col(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 4); }
-int spec_b_k(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 2); }
-int spec_b_n(int lane) { return lane / 4; }
-int spec_c_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
-int spec_c_col(int lane, int i) { return 2 * (lane % 4) + i % 2; }
-
-// ldmatrix.x4 (.b16): lane l addresses row l % 8 of matrix l / 8; register j of lane l = the two
-// 16-bit elements 2 (l % 4), +1 of row l / 4 of matrix j. Checks alignment and that every 8-row
-// phase hits 8 distinct 16-byte bank groups.
-void ldmatrix_x4(Smem& smem, const int (&address)[32], uint32_t (&regs)[32][4]) {
-  for (int j = 0; j < 4; ++j) {
-    int seen = 0;
-    for (int r = 0; r < 8; ++r) {
-      const int a = address[8 * j + r];
-      CHECK(a >= 0 && a % 16 == 0);
-      const int group = (a / 16) % 8;
-      CHECK(!(seen & (1 << group)));
-      seen |= 1 << group;
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int j = 0; j < 4; ++j) regs[lane][j] = smem.read_u32(size_t(address[8 * j + lane / 4] + 4 * (lane % 4)));
-}
+using spec = mma_spec::M16n8k16;
+using mma_spec::ldmatrix_x4;
 
 // d = c + sum of the 16 products (exact in double), one fp32 rounding.
 void mma(float (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
   double A[16][16], B[16][8];
-  int setA[16][16] = {}, setB[16][8] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < 8; ++i) {
-      A[spec_a_row(lane, i)][spec_a_col(lane, i)] = to_f(uint16_t(a[lane][i / 2] >> (16 * (i % 2))));
-      ++setA[spec_a_row(lane, i)][spec_a_col(lane, i)];
-    }
-    for (int i = 0; i < 4; ++i) {
-      B[spec_b_k(lane, i)][spec_b_n(lane)] = to_f(uint16_t(b[lane][i / 2] >> (16 * (i % 2))));
-      ++setB[spec_b_k(lane, i)][spec_b_n(lane)];
-    }
-  }
-  for (int r = 0; r < 16; ++r)
-    for (int q = 0; q < 16; ++q) CHECK(setA[r][q] == 1 && (r >= 8 || setB[q][r] == 1));
-  for (int lane = 0; lane < 32; ++lane)
-    for (int i = 0; i < 4; ++i) {
-      double s = c[lane][i];
-      for (int q = 0; q < 16; ++q) s += A[spec_c_row(lane, i)][q] * B[q][spec_c_col(lane, i)];
-      c[lane][i] = float(s);
-    }
+  mma_spec::assemble_operands<spec>(
+      A, B, [&](int lane, int i) { return double(to_f(uint16_t(mma_spec::element_bits<spec>(a[lane], i)))); },
+      [&](int lane, int i) { return double(to_f(uint16_t(mma_spec::element_bits<spec>(b[lane], i)))); });
+  mma_spec::mma_round_once<spec>(c, A, B);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,7 +577,7 @@ void sim_gemm(const GemmSim& p) {
         for (int i = 0; i < ix::kMI; ++i)
           for (int half = 0; half < 2; ++half) {
             const int trow = ix::acc_row(wm, i, lane, 2 * half);
-            CHECK(trow == wm * ix::kWM + 16 * i + spec_c_row(lane, 2 * half));
+            CHECK(trow == wm * ix::kWM + 16 * i + spec::c_row(lane, 2 * half));
             const int64_t r = row0 + trow;
             const int32_t pair = p.plan->sorted[size_t(r)];
             if (pair < 0) continue;
@@ -622,7 +586,7 @@ void sim_gemm(const GemmSim& p) {
                 for (int e = 0; e < 2; ++e) {
                   const int64_t col = ix::gate_col(n0, wn, j, lane, e);
                   // independent: gate tile j and up tile j + 4 hold the same column
-                  CHECK(col == n0 + wn * 32 + 8 * j + spec_c_col(lane, 2 * half + e));
+                  CHECK(col == n0 + wn * 32 + 8 * j + spec::c_col(lane, 2 * half + e));
                   CHECK(ix::b_tile_row(true, wn, j + ix::kNI / 2) == ix::b_tile_row(true, wn, j) + ix::kGateCols);
                   CHECK(col == ix::gate_col(n0, wn, j, lane, 0) + e);
                   if (col >= p.n_total) continue;
@@ -639,7 +603,7 @@ void sim_gemm(const GemmSim& p) {
               for (int j = 0; j < ix::kNI; ++j)
                 for (int e = 0; e < 2; ++e) {
                   const int64_t n = ix::out_col(n0, wn, j, lane, e);
-                  CHECK(n == n0 + wn * ix::kWN + 8 * j + spec_c_col(lane, 2 * half + e));
+                  CHECK(n == n0 + wn * ix::kWN + 8 * j + spec::c_col(lane, 2 * half + e));
                   if (n >= p.n_total) continue;
                   const size_t at = size_t(t * p.n_total + n);
                   const float prev = p.first ? 0.f : (*p.acc32)[at];
@@ -974,16 +938,7 @@ void check_static() {
     }
     CHECK(seen == 15);
   }
-  for (int it = 0; it < 20; ++it) {
-    const int64_t mb = rnd(1, 70), nb = rnd(1, 70);
-    std::vector<int> seen(size_t(mb * nb), 0);
-    for (int64_t pid = 0; pid < mb * nb; ++pid) {
-      const ix::TileCoord t = ix::tile_of(pid, mb, nb);
-      CHECK(t.mb >= 0 && t.mb < mb && t.nb >= 0 && t.nb < nb);
-      ++seen[size_t(t.mb * nb + t.nb)];
-    }
-    for (int s : seen) CHECK(s == 1);
-  }
+  check_tile_order(ix::tile_of, rnd);
   // b tiles: every B row of the tile belongs to exactly one (warp_n, n8 tile, row in tile)
   for (int gu = 0; gu < 2; ++gu) {
     std::vector<int> seen(ix::kBN, 0);

@@ -69,3 +69,20 @@ struct Smem {
   void wait(int pending) { complete = std::max(complete, committed - pending); }
   void barrier() { ++epoch; }
 };
+
+// A CTA order tile_of(pid, m_blocks, n_blocks) -> {mb, nb} is a bijection of [0, m_blocks
+// n_blocks) onto the tiles, on 20 random grids of up to 70 x 70 blocks (rnd(lo, hi): the
+// simulator's generator).
+template <class TileOf, class Rnd>
+void check_tile_order(const TileOf& tile_of, const Rnd& rnd) {
+  for (int it = 0; it < 20; ++it) {
+    const int64_t mb = rnd(1, 70), nb = rnd(1, 70);
+    std::vector<int> seen(size_t(mb * nb), 0);
+    for (int64_t pid = 0; pid < mb * nb; ++pid) {
+      const auto t = tile_of(pid, mb, nb);
+      CHECK(t.mb >= 0 && t.mb < mb && t.nb >= 0 && t.nb < nb);
+      ++seen[size_t(t.mb * nb + t.nb)];
+    }
+    for (int s : seen) CHECK(s == 1);
+  }
+}

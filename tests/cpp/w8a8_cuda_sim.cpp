@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "quant/w8a8_cuda_index.h"
+#include "mma_spec.h"
 #include "sim_common.h"
 
 using namespace torch_ext;
@@ -51,58 +52,22 @@ std::mt19937_64 rng;
 int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 
 // ---------------------------------------------------------------------------------------------
-// Independent definitions: PTX ISA "Matrix Fragments for mma.m16n8k32" (.s8), byte i of a lane's
-// fragment = byte i % 4 of register i / 4; g = lane / 4, t = lane % 4.
+// Independent definitions (mma_spec.h): PTX ISA "Matrix Fragments for mma.m16n8k32" (.s8 and
+// .e4m3), "... for mma.m16n8k16" (.f16, the sm_90 fp8 path) and ldmatrix.
 // ---------------------------------------------------------------------------------------------
-int spec_a_row(int lane, int i) { return lane / 4 + ((i < 4 || (i >= 8 && i < 12)) ? 0 : 8); }
-int spec_a_col(int lane, int i) { return 4 * (lane % 4) + (i & 3) + (i >= 8 ? 16 : 0); }
-int spec_b_k(int lane, int i) { return 4 * (lane % 4) + (i & 3) + (i >= 4 ? 16 : 0); }
-int spec_b_col(int lane) { return lane / 4; }
-int spec_c_row(int lane, int i) { return lane / 4 + (i >= 2 ? 8 : 0); }
-int spec_c_col(int lane, int i) { return 2 * (lane % 4) + (i & 1); }
-
-
-// ldmatrix.sync.aligned.m8n8.x4.b16: lane l gives the row address (byte offset) of row l % 8 of
-// matrix l / 8; register j of lane l = bytes 4 (l % 4)..+3 of row l / 4 of matrix j. Also checks
-// alignment and that each 8-address phase hits 8 distinct 16-byte bank groups (conflict-free).
-void ldmatrix_x4(Smem& smem, const int (&address)[32], uint32_t (&regs)[32][4]) {
-  for (int j = 0; j < 4; ++j) {
-    int seen = 0;
-    for (int r = 0; r < 8; ++r) {
-      const int a = address[8 * j + r];
-      CHECK(a >= 0 && a % 16 == 0);
-      const int group = (a / 16) % 8;
-      CHECK(!(seen & (1 << group)));
-      seen |= 1 << group;
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int j = 0; j < 4; ++j) CHECK(smem.read(size_t(address[8 * j + lane / 4] + 4 * (lane % 4)), &regs[lane][j], 4));
-}
+using spec = mma_spec::M16n8k32;
+using spec16 = mma_spec::M16n8k16;
+using mma_spec::ldmatrix_x4;
 
 // mma.m16n8k32.row.col.s32.s8.s8.s32 on int64 (no overflow in the small problems; checked).
 void mma(int64_t (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
   int A[16][32], B[32][8];
-  int setA[16][32] = {}, setB[32][8] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < 16; ++i) {
-      A[spec_a_row(lane, i)][spec_a_col(lane, i)] = int8_t(a[lane][i / 4] >> (8 * (i % 4)));
-      ++setA[spec_a_row(lane, i)][spec_a_col(lane, i)];
-    }
-    for (int i = 0; i < 8; ++i) {
-      B[spec_b_k(lane, i)][spec_b_col(lane)] = int8_t(b[lane][i / 4] >> (8 * (i % 4)));
-      ++setB[spec_b_k(lane, i)][spec_b_col(lane)];
-    }
-  }
-  for (int r = 0; r < 16; ++r)
-    for (int k = 0; k < 32; ++k) CHECK(setA[r][k] == 1);
-  for (int k = 0; k < 32; ++k)
-    for (int n = 0; n < 8; ++n) CHECK(setB[k][n] == 1);
+  mma_spec::assemble_operands<spec>(
+      A, B, [&](int lane, int i) { return int(int8_t(mma_spec::element_bits<spec>(a[lane], i))); },
+      [&](int lane, int i) { return int(int8_t(mma_spec::element_bits<spec>(b[lane], i))); });
   for (int lane = 0; lane < 32; ++lane)
     for (int i = 0; i < 4; ++i) {
-      int64_t s = 0;
-      for (int k = 0; k < 32; ++k) s += int64_t(A[spec_c_row(lane, i)][k]) * B[k][spec_c_col(lane, i)];
-      c[lane][i] += s;
+      c[lane][i] += mma_spec::accumulator_dot<spec>(A, B, lane, i, int64_t(0));
       CHECK(c[lane][i] >= INT32_MIN && c[lane][i] <= INT32_MAX);
     }
 }
@@ -121,40 +86,23 @@ double spec_e4m3(uint8_t bits) {
 // 0: d = fp32(c + exact sum), one rounding; 1: sequential fp32 adds of c and the 32 products in
 // a random order, as a different summation tree might do; 2: the kernel's sm_90 path (below).
 int g_fp8_model = 0;
-// PTX "Matrix Fragments for mma.m16n8k16" (.f16): element i of a lane's A fragment = half i % 2
-// of register i / 2; B likewise (2 registers).
-int spec16_a_row(int lane, int i) { return lane / 4 + 8 * ((i / 2) % 2); }
-int spec16_a_col(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 4); }
-int spec16_b_k(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 2); }
 // sm_90: each e4m3 register widened to two f16x2 (bytes 0, 1 -> half-register 0 with byte 0 low;
 // exact), registers regrouped by ix::f16_step_* and two mma.m16n8k16 f16 chained into c (one
 // fp32 rounding each). A wrong regrouping pairs different k of A and B: the exact cases catch it.
 void mma_fp8_via_f16(float (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
   for (int h = 0; h < 2; ++h) {
     double A[16][16], B[16][8];
-    int setA[16][16] = {}, setB[16][8] = {};
-    for (int lane = 0; lane < 32; ++lane) {
-      for (int i = 0; i < 8; ++i) {
-        const int r = i / 2, byte = 2 * ix::f16_step_a_half(r) + i % 2;
-        const uint8_t code = uint8_t(a[lane][ix::f16_step_a_reg(h, r)] >> (8 * byte));
-        A[spec16_a_row(lane, i)][spec16_a_col(lane, i)] = spec_e4m3(code);
-        ++setA[spec16_a_row(lane, i)][spec16_a_col(lane, i)];
-      }
-      for (int i = 0; i < 4; ++i) {
-        const int r = i / 2, byte = 2 * ix::f16_step_b_half(r) + i % 2;
-        const uint8_t code = uint8_t(b[lane][ix::f16_step_b_reg(h)] >> (8 * byte));
-        B[spec16_b_k(lane, i)][spec_b_col(lane)] = spec_e4m3(code);
-        ++setB[spec16_b_k(lane, i)][spec_b_col(lane)];
-      }
-    }
-    for (int r = 0; r < 16; ++r)
-      for (int k = 0; k < 16; ++k) CHECK(setA[r][k] == 1 && (r >= 8 || setB[k][r] == 1));
-    for (int lane = 0; lane < 32; ++lane)
-      for (int i = 0; i < 4; ++i) {
-        double sum = c[lane][i];
-        for (int k = 0; k < 16; ++k) sum += A[spec_c_row(lane, i)][k] * B[k][spec_c_col(lane, i)];
-        c[lane][i] = float(sum);
-      }
+    mma_spec::assemble_operands<spec16>(
+        A, B,
+        [&](int lane, int i) {
+          const int r = i / 2, byte = 2 * ix::f16_step_a_half(r) + i % 2;
+          return spec_e4m3(uint8_t(a[lane][ix::f16_step_a_reg(h, r)] >> (8 * byte)));
+        },
+        [&](int lane, int i) {
+          const int r = i / 2, byte = 2 * ix::f16_step_b_half(r) + i % 2;
+          return spec_e4m3(uint8_t(b[lane][ix::f16_step_b_reg(h)] >> (8 * byte)));
+        });
+    mma_spec::mma_round_once<spec16>(c, A, B);
   }
 }
 void mma_fp8(float (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[32][2]) {
@@ -163,25 +111,13 @@ void mma_fp8(float (&c)[32][4], const uint32_t (&a)[32][4], const uint32_t (&b)[
     return;
   }
   double A[16][32], B[32][8];
-  int setA[16][32] = {}, setB[32][8] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < 16; ++i) {
-      A[spec_a_row(lane, i)][spec_a_col(lane, i)] = spec_e4m3(uint8_t(a[lane][i / 4] >> (8 * (i % 4))));
-      ++setA[spec_a_row(lane, i)][spec_a_col(lane, i)];
-    }
-    for (int i = 0; i < 8; ++i) {
-      B[spec_b_k(lane, i)][spec_b_col(lane)] = spec_e4m3(uint8_t(b[lane][i / 4] >> (8 * (i % 4))));
-      ++setB[spec_b_k(lane, i)][spec_b_col(lane)];
-    }
-  }
-  for (int r = 0; r < 16; ++r)
-    for (int k = 0; k < 32; ++k) CHECK(setA[r][k] == 1);
-  for (int k = 0; k < 32; ++k)
-    for (int n = 0; n < 8; ++n) CHECK(setB[k][n] == 1);
+  mma_spec::assemble_operands<spec>(
+      A, B, [&](int lane, int i) { return spec_e4m3(uint8_t(mma_spec::element_bits<spec>(a[lane], i))); },
+      [&](int lane, int i) { return spec_e4m3(uint8_t(mma_spec::element_bits<spec>(b[lane], i))); });
   for (int lane = 0; lane < 32; ++lane)
     for (int i = 0; i < 4; ++i) {
       double prod[32];
-      for (int k = 0; k < 32; ++k) prod[k] = A[spec_c_row(lane, i)][k] * B[k][spec_c_col(lane, i)];
+      for (int k = 0; k < 32; ++k) prod[k] = A[spec::c_row(lane, i)][k] * B[k][spec::c_col(lane, i)];
       if (g_fp8_model == 0) {
         double s = c[lane][i];
         for (int k = 0; k < 32; ++k) s += prod[k];
@@ -628,8 +564,8 @@ void sim_mm(const MmProblem& p) {
           for (int j = 0; j < kNI; ++j)
             for (int e = 0; e < 4; ++e) {
               const int row = ix::acc_row(wm, i, lane, e, Cfg::kWM), col = ix::acc_col(wn, j, lane, e, Cfg::kWN);
-              CHECK(row == wm * Cfg::kWM + 16 * i + spec_c_row(lane, e));
-              CHECK(col == wn * Cfg::kWN + 8 * j + spec_c_col(lane, e));
+              CHECK(row == wm * Cfg::kWM + 16 * i + spec::c_row(lane, e));
+              CHECK(col == wn * Cfg::kWN + 8 * j + spec::c_col(lane, e));
               const int m = m0 + row, n = n0 + col;
               if (!ix::output_in_bounds(m, n, M, N)) continue;
               using KernelAcc = std::conditional_t<kFp8, float, int32_t>;  // the kernel's registers
@@ -769,16 +705,7 @@ void check_static() {
   static_assert(ix::SmallConfig::kThreads == 128 && ix::SmallConfig::kSmemBytes == 48 * 1024, "small config");
   static_assert(ix::LargeConfig::kMinCtas * ix::LargeConfig::kSmemBytes <= 227 * 1024, "smem per SM");
   static_assert(ix::SmallConfig::kMinCtas * ix::SmallConfig::kSmemBytes <= 227 * 1024, "smem per SM");
-  for (int it = 0; it < 20; ++it) {
-    const int64_t mb = rnd(1, 70), nb = rnd(1, 70);
-    std::vector<int> seen(size_t(mb * nb), 0);
-    for (int64_t pid = 0; pid < mb * nb; ++pid) {
-      const ix::TileCoord t = ix::tile_of(pid, mb, nb);
-      CHECK(t.mb >= 0 && t.mb < mb && t.nb >= 0 && t.nb < nb);
-      ++seen[size_t(t.mb * nb + t.nb)];
-    }
-    for (int s : seen) CHECK(s == 1);
-  }
+  check_tile_order(ix::tile_of, rnd);
   CHECK(ix::use_large_config(2048, 8192, 132) && ix::use_large_config(1024, 8192, 132));
   CHECK(!ix::use_large_config(16, 8192, 132) && !ix::use_large_config(128, 4096, 132));
   // smem swizzle: every (row, chunk) of a stage maps to a distinct chunk inside the row

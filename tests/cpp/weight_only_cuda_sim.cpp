@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "quant/weight_only_cuda_index.h"
+#include "mma_spec.h"
 #include "sim_common.h"
 
 using namespace torch_ext;
@@ -40,15 +41,9 @@ std::mt19937_64 rng;
 int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 
 // ---------------------------------------------------------------------------------------------
-// Independent definitions: PTX ISA "Matrix Fragments for mma.m16n8k16" (f16/bf16), element e of
-// a lane = half e % 2 of register e / 2; g = lane / 4, c = 2 (lane % 4).
+// Independent definitions: PTX ISA "Matrix Fragments for mma.m16n8k16" (f16/bf16), mma_spec.h.
 // ---------------------------------------------------------------------------------------------
-int spec_a_row(int lane, int e) { return lane / 4 + ((e == 2 || e == 3 || e == 6 || e == 7) ? 8 : 0); }
-int spec_a_col(int lane, int e) { return 2 * (lane % 4) + (e % 2) + (e >= 4 ? 8 : 0); }
-int spec_b_k(int lane, int e) { return 2 * (lane % 4) + (e % 2) + (e >= 2 ? 8 : 0); }
-int spec_b_col(int lane) { return lane / 4; }
-int spec_c_row(int lane, int e) { return lane / 4 + (e >= 2 ? 8 : 0); }
-int spec_c_col(int lane, int e) { return 2 * (lane % 4) + (e % 2); }
+using spec = mma_spec::M16n8k16;
 
 template <typename T>
 uint16_t round_bits(double v) {  // v must be exact in float (the callers' products are)
@@ -126,7 +121,7 @@ void check_dequantize_tile() {
     uint32_t a[4];
     ix::dequantize_a<T, kBits>(words, params, a);
     for (int e = 0; e < 8; ++e) {
-      const int r = spec_a_row(lane, e), c = spec_a_col(lane, e);
+      const int r = spec::a_row(lane, e), c = spec::a_col(lane, e);
       ++seen[r][c];
       const uint16_t got = uint16_t(a[e / 2] >> (16 * (e % 2)));
       const double exact = double(q[r][c] - int(value_of<T>(zero[r]))) * value_of<T>(scale[r]);
@@ -352,27 +347,13 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
         // mma.m16n8k16 on doubles: A and B assembled from the lanes by the PTX maps.
         const auto mma = [&](int warp, int i, int j, const uint32_t (*a)[4], const uint32_t (*b)[2]) {
           double A[16][16], B[16][8];
-          int setA[16][16] = {}, setB[16][8] = {};
-          for (int lane = 0; lane < 32; ++lane) {
-            for (int e = 0; e < 8; ++e) {
-              A[spec_a_row(lane, e)][spec_a_col(lane, e)] = value_of<T>(uint16_t(a[lane][e / 2] >> (16 * (e % 2))));
-              ++setA[spec_a_row(lane, e)][spec_a_col(lane, e)];
-            }
-            for (int e = 0; e < 4; ++e) {
-              B[spec_b_k(lane, e)][spec_b_col(lane)] = value_of<T>(uint16_t(b[lane][e / 2] >> (16 * (e % 2))));
-              ++setB[spec_b_k(lane, e)][spec_b_col(lane)];
-            }
-          }
-          for (int r = 0; r < 16; ++r)
-            for (int c = 0; c < 16; ++c) CHECK(setA[r][c] == 1);
-          for (int r = 0; r < 16; ++r)
-            for (int c = 0; c < 8; ++c) CHECK(setB[r][c] == 1);
+          mma_spec::assemble_operands<spec>(
+              A, B, [&](int lane, int e) { return value_of<T>(uint16_t(mma_spec::element_bits<spec>(a[lane], e))); },
+              [&](int lane, int e) { return value_of<T>(uint16_t(mma_spec::element_bits<spec>(b[lane], e))); });
           for (int lane = 0; lane < 32; ++lane)
             for (int e = 0; e < 4; ++e) {
-              CHECK(ix::acc_row(lane, e) == spec_c_row(lane, e) && ix::acc_token(lane, e) == spec_c_col(lane, e));
-              double s = 0;
-              for (int kk = 0; kk < 16; ++kk) s += A[spec_c_row(lane, e)][kk] * B[kk][spec_c_col(lane, e)];
-              acc[warp][lane][i][j][e] += s;
+              CHECK(ix::acc_row(lane, e) == spec::c_row(lane, e) && ix::acc_token(lane, e) == spec::c_col(lane, e));
+              acc[warp][lane][i][j][e] += mma_spec::accumulator_dot<spec>(A, B, lane, e, 0.0);
             }
         };
 
@@ -399,7 +380,7 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
             // independent: the fragment is W's tile (tile_row0 + tile_row, kt)
             for (int lane = 0; lane < 32; ++lane)
               for (int e = 0; e < 8; ++e) {
-                const int64_t n = n0 + tile_row * 16 + spec_a_row(lane, e), k = int64_t(kt) * 16 + spec_a_col(lane, e);
+                const int64_t n = n0 + tile_row * 16 + spec::a_row(lane, e), k = int64_t(kt) * 16 + spec::a_col(lane, e);
                 const double got = value_of<T>(uint16_t(frag[i][lane][e / 2] >> (16 * (e % 2))));
                 if (n < N && k < K) {
                   const int64_t g = k / p.group;
@@ -421,14 +402,7 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
               CHECK(offset % 8 == 0 && offset >= 0 && offset + 8 <= kBlockM * Cfg::kBlockK);
               row_address[lane] = base + Cfg::kXOffset + 2 * size_t(offset);
             }
-            for (int j = 0; j < 4; ++j) {  // the 8 rows of a matrix: 8 distinct 16-byte bank groups
-              bool group_used[8] = {};
-              for (int r = 0; r < 8; ++r) {
-                const int group = int((row_address[8 * j + r] / 16) % 8);
-                CHECK(!group_used[group]);
-                group_used[group] = true;
-              }
-            }
+            mma_spec::check_ldmatrix_rows(row_address);  // 8 distinct 16-byte bank groups per matrix
             uint32_t b_even[32][2], b_odd[32][2];
             for (int lane = 0; lane < 32; ++lane)
               for (int j = 0; j < 4; ++j) {
@@ -442,7 +416,7 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
             for (int lane = 0; lane < 32; ++lane)
               for (int e = 0; e < 4; ++e)
                 for (int odd = 0; odd < 2; ++odd) {
-                  const int64_t m = m0 + 16 * pr + 8 * odd + spec_b_col(lane), k = int64_t(kt) * 16 + spec_b_k(lane, e);
+                  const int64_t m = m0 + 16 * pr + 8 * odd + spec::b_n(lane), k = int64_t(kt) * 16 + spec::b_k(lane, e);
                   const double got = value_of<T>(uint16_t((odd ? b_odd : b_even)[lane][e / 2] >> (16 * (e % 2))));
                   if (m < M) CHECK(got == (k < K ? value_of<T>(p.x[p.x_off + m * p.x_stride + k]) : 0.0));
                 }

@@ -67,4 +67,30 @@ __device__ __forceinline__ void cp_async_wait() {
 // Waits for all of this thread's cp.async.
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// The kStages-deep ring over iterations iter_begin .. iter_begin + iters - 1 (iteration i in slot
+// (i - iter_begin) % kStages): slots 0..kStages-2 in flight before the loop; one commit group per
+// iteration (empty past the end) keeps cp_async_wait's count uniform. Local iteration it waits for
+// its slot (this thread's copies, then everyone's through the barrier), refills the slot consumed
+// in it - 1 (the barrier orders the two), then computes. load_stage(slot, iter) issues the copies
+// of iteration iter into the slot, compute_stage(slot, iter) consumes them. Every thread of the
+// CTA calls it (barriers inside).
+template <int kStages, class Load, class Compute>
+__device__ __forceinline__ void cp_async_pipeline(int iter_begin, int iters, Load&& load_stage,
+                                                  Compute&& compute_stage) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < iters) load_stage(s, iter_begin + s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < iters; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = it + kStages - 1;
+    if (next < iters) load_stage(next % kStages, iter_begin + next);
+    cp_async_commit();
+    compute_stage(it % kStages, iter_begin + it);
+  }
+  cp_async_wait_all();  // only empty groups remain
+}
+
 }  // namespace torch_ext::cuda

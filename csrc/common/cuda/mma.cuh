@@ -131,4 +131,26 @@ __device__ __forceinline__ void mma_m16n8k16<BFloat16>(float (&d)[4], const uint
   mma_m16n8k16_bf16(d, a, b);
 }
 
+// The B fragments of two adjacent n8 tiles of an [n][k] shared tile: ldmatrix.x4 matrices 0, 1
+// (rows n 0..7, k chunks 0, 1) are b0, b1 of `lo`; matrices 2, 3 (rows n 8..15) those of `hi`.
+__device__ __forceinline__ void ldmatrix_x4_b_pair(uint32_t (&lo)[2], uint32_t (&hi)[2], const void* smem_row) {
+  uint32_t r[4];
+  ldmatrix_x4(r, smem_row);
+  lo[0] = r[0];
+  lo[1] = r[1];
+  hi[0] = r[2];
+  hi[1] = r[3];
+}
+
+// Zeroes the kMI x kNI accumulator fragments of a warp tile.
+template <typename Acc, int kMI, int kNI>
+__device__ __forceinline__ void zero_accumulators(Acc (&acc)[kMI][kNI][4]) {
+#pragma unroll
+  for (int i = 0; i < kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < kNI; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = Acc(0);
+}
+
 }  // namespace torch_ext::cuda

@@ -1,0 +1,115 @@
+// Independent models of the warp-wide tensor-core instructions, shared by the CUDA-kernel
+// simulators in tests/cpp: the PTX ISA fragment maps of mma.m16n8k16 (.f16 / .bf16) and
+// mma.m16n8k32 (.s8 / .e4m3), ldmatrix.x4 (.b16) on the shared-memory model, and the assembly
+// of a warp's fragments into the operand matrices of one mma. Written from the PTX ISA, not from
+// the kernels' index headers, which the simulators check against them.
+#pragma once
+
+#include <cstdint>
+
+#include "sim_common.h"
+
+namespace mma_spec {
+
+// PTX "Matrix Fragments for mma.m16n8k16" (16-bit A / B elements; g = lane / 4, t = lane % 4):
+// element i of a lane's A fragment (i < 8) is half i % 2 of register i / 2, row g (+ 8 for
+// i = 2, 3, 6, 7), column 2t + i % 2 (+ 8 for i >= 4); element i of B (i < 4) is k 2t + i % 2
+// (+ 8 for i >= 2), column g. C / D (4 fp32 / s32 per lane, the same for both shapes): c0, c1
+// row g columns 2t, 2t + 1; c2, c3 row g + 8.
+struct M16n8k16 {
+  static constexpr int kK = 16, kAElems = 8, kBElems = 4, kElemBits = 16;
+  static int a_row(int lane, int i) { return lane / 4 + 8 * ((i / 2) % 2); }
+  static int a_col(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 4); }
+  static int b_k(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 2); }
+  static int b_n(int lane) { return lane / 4; }
+  static int c_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
+  static int c_col(int lane, int i) { return 2 * (lane % 4) + i % 2; }
+};
+
+// PTX "Matrix Fragments for mma.m16n8k32" (8-bit A / B elements): element i of a lane's A
+// fragment (i < 16) is byte i % 4 of register i / 4, row g (+ 8 for registers 1, 3), k 4t + i % 4
+// (+ 16 for registers 2, 3); element i of B (i < 8) is k 4t + i % 4 (+ 16 for register 1),
+// column g. C / D as for m16n8k16.
+struct M16n8k32 {
+  static constexpr int kK = 32, kAElems = 16, kBElems = 8, kElemBits = 8;
+  static int a_row(int lane, int i) { return lane / 4 + ((i < 4 || (i >= 8 && i < 12)) ? 0 : 8); }
+  static int a_col(int lane, int i) { return 4 * (lane % 4) + (i & 3) + (i >= 8 ? 16 : 0); }
+  static int b_k(int lane, int i) { return 4 * (lane % 4) + (i & 3) + (i >= 4 ? 16 : 0); }
+  static int b_n(int lane) { return lane / 4; }
+  static int c_row(int lane, int i) { return M16n8k16::c_row(lane, i); }
+  static int c_col(int lane, int i) { return M16n8k16::c_col(lane, i); }
+};
+
+// The raw bits of element i of a fragment (Spec::kElemBits wide, packed low first in 32-bit
+// registers).
+template <class Spec, int kRegs>
+uint32_t element_bits(const uint32_t (&regs)[kRegs], int i) {
+  constexpr int kPerReg = 32 / Spec::kElemBits;
+  return (regs[i / kPerReg] >> (Spec::kElemBits * (i % kPerReg))) & ((1u << Spec::kElemBits) - 1u);
+}
+
+// ldmatrix.x4's row addresses (byte offsets): each 8-address phase (matrix) 16-byte aligned rows
+// in 8 distinct 16-byte bank groups of a 128-byte wavefront (conflict-free).
+template <typename Address>
+void check_ldmatrix_rows(const Address (&address)[32]) {
+  for (int j = 0; j < 4; ++j) {
+    int seen = 0;
+    for (int r = 0; r < 8; ++r) {
+      const Address a = address[8 * j + r];
+      CHECK(a >= 0 && a % 16 == 0);
+      const int group = int((a / 16) % 8);
+      CHECK(!(seen & (1 << group)));
+      seen |= 1 << group;
+    }
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.b16: lane l gives the row address of row l % 8 of matrix l / 8;
+// register j of lane l = the 16-bit elements 2 (l % 4), +1 (bytes 4 (l % 4)..+3) of row l / 4
+// of matrix j. Every byte read must have been written and published (Smem's rules).
+inline void ldmatrix_x4(Smem& smem, const int (&address)[32], uint32_t (&regs)[32][4]) {
+  check_ldmatrix_rows(address);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < 4; ++j) regs[lane][j] = smem.read_u32(size_t(address[8 * j + lane / 4] + 4 * (lane % 4)));
+}
+
+// The A (16 x K) and B (K x 8) operands of one mma assembled from the warp's fragments by the
+// Spec maps: a_value(lane, i) / b_value(lane, i) is element i of the lane's A / B fragment. Every
+// operand element must come from exactly one (lane, i).
+template <class Spec, typename V, class AValue, class BValue>
+void assemble_operands(V (&A)[16][Spec::kK], V (&B)[Spec::kK][8], const AValue& a_value, const BValue& b_value) {
+  int setA[16][Spec::kK] = {}, setB[Spec::kK][8] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < Spec::kAElems; ++i) {
+      A[Spec::a_row(lane, i)][Spec::a_col(lane, i)] = a_value(lane, i);
+      ++setA[Spec::a_row(lane, i)][Spec::a_col(lane, i)];
+    }
+    for (int i = 0; i < Spec::kBElems; ++i) {
+      B[Spec::b_k(lane, i)][Spec::b_n(lane)] = b_value(lane, i);
+      ++setB[Spec::b_k(lane, i)][Spec::b_n(lane)];
+    }
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < Spec::kK; ++k) CHECK(setA[r][k] == 1);
+  for (int k = 0; k < Spec::kK; ++k)
+    for (int n = 0; n < 8; ++n) CHECK(setB[k][n] == 1);
+}
+
+// init + the K products of accumulator i of `lane` (row c_row of A, column c_col of B), added in
+// k order in S.
+template <class Spec, typename S, typename V>
+S accumulator_dot(const V (&A)[16][Spec::kK], const V (&B)[Spec::kK][8], int lane, int i, S init) {
+  S s = init;
+  for (int k = 0; k < Spec::kK; ++k) s += S(A[Spec::c_row(lane, i)][k]) * S(B[k][Spec::c_col(lane, i)]);
+  return s;
+}
+
+// d = c + the exact sum of the products (double: exact for the simulators' operands), one fp32
+// rounding per accumulator.
+template <class Spec>
+void mma_round_once(float (&c)[32][4], const double (&A)[16][Spec::kK], const double (&B)[Spec::kK][8]) {
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) c[lane][i] = float(accumulator_dot<Spec>(A, B, lane, i, double(c[lane][i])));
+}
+
+}  // namespace mma_spec
