@@ -42,19 +42,23 @@ def _inputs(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed, transpose
 
 
 def _check(batch, heads_q, heads_kv, seq_q, seq_kv, dim, block_q, block_kv, causal, dtype, density, backward=True,
-           mask_heads=None, transposed=False, empty_block=False):
+           mask_heads=None, transposed=False, empty_block=False, device="cpu", bounds=None):
+    """bounds: (forward, gradients) relative error bounds instead of the dtype's."""
     seed = fresh_seed()
     what = (f"B={batch} H={heads_q}/{heads_kv} Sq={seq_q} Sk={seq_kv} D={dim} blocks={block_q}/{block_kv} "
             f"causal={causal} {dtype} density={density} seed {seed}")
-    q, k, v = _inputs(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed, transposed)
+    q, k, v = (t.to(device) for t in _inputs(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed, transposed))
     mask = _random_mask(batch, mask_heads or heads_q, seq_q, seq_kv, block_q, block_kv, density, seed, empty_block)
     scale = float(torch.tensor(dim ** -0.5, dtype=torch.float32))  # the kernels take scale as fp32
     args = (mask.kv_counts, mask.kv_indices, block_q, block_kv, causal, scale)
+    device_args = (mask.kv_counts.to(device), mask.kv_indices.to(device), *args[2:])
+    forward_bound, grad_bound = bounds or (None, _GRAD_BOUNDS[dtype])
     with poisoned_outputs():
-        out, lse = _OP(q, k, v, *args)
-    q64, k64, v64 = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
+        out, lse = _OP(q, k, v, *device_args)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_(backward) for t in (q, k, v))
     ref_out, ref_lse = ref.block_sparse_attention(q64, k64, v64, *args)
-    assert_close_to_reference(out, ref_out, dtype, f"out {what}")
+    assert_close_to_reference(out, ref_out, dtype, f"out {what}", bound=forward_bound)
+    lse = lse.cpu()
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"lse -inf rows {what}"
     finite = torch.isfinite(ref_lse)
     assert_close_to_reference(lse[finite], ref_lse[finite], torch.float32, f"lse {what}", bound=1e-6)
@@ -62,10 +66,10 @@ def _check(batch, heads_q, heads_kv, seq_q, seq_kv, dim, block_q, block_kv, caus
         return
     grad_out = random_tensor(out.shape, dtype, "cpu", seed + 3)
     with poisoned_outputs():
-        grads = _BACKWARD(grad_out, q, k, v, out, lse, *args)
+        grads = _BACKWARD(grad_out.to(device), q, k, v, out, lse.to(device), *device_args)
     ref_out.backward(grad_out.double())
     for name, got, want in zip(("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad)):
-        assert_close_to_reference(got, want, dtype, f"{name} {what}", bound=_GRAD_BOUNDS[dtype])
+        assert_close_to_reference(got, want, dtype, f"{name} {what}", bound=grad_bound)
 
 
 # (B, Hq, Hk, Sq, Sk, D, block_q, block_kv, causal, dtype, density)
@@ -93,6 +97,25 @@ def test_head_dims(dim, causal):
 def test_block_sizes_gqa_mqa(block_q, block_kv, dtype):
     _check(1, 4, 2, 200, 333, 64, block_q, block_kv, True, dtype, 0.5)
     _check(1, 4, 1, 333, 200, 128, block_q, block_kv, False, dtype, 0.4, mask_heads=1)
+
+
+# fp16 / bf16 on the GPU: P is rounded to the io dtype before P V, as FlashAttention does.
+_CUDA_BOUNDS = {torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.2e-2, 2.5e-2)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim,block_q,block_kv", [(64, 64, 16), (128, 64, 32), (64, 128, 64), (128, 128, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_backward(dtype, dim, block_q, block_kv, causal):
+    """The CUDA kernels against float64 over head dims, block sizes, GQA, Sq != Sk, odd lengths,
+    [B, S, H, D] strides and an empty query block."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _check(1, 4, 2, 200, 333, dim, block_q, block_kv, causal, dtype, 0.5, device="cuda", transposed=causal,
+           empty_block=True, bounds=_CUDA_BOUNDS[dtype])
+    _check(2, 2, 1, 333, 150, dim, block_q, block_kv, causal, dtype, 0.4, device="cuda", mask_heads=1,
+           bounds=_CUDA_BOUNDS[dtype])
 
 
 def test_long_sequences():

@@ -72,8 +72,17 @@ Shapes check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const
   return s;
 }
 
-// The kernels need a unit stride on the head dim only.
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+// The CPU kernels need a unit stride on the head dim only; the CUDA kernels' 16-byte cp.async
+// loads also need a 16-byte aligned base and the other strides multiples of 8 elements. Other
+// layouts are copied to a contiguous tensor.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  bool usable = t.stride(-1) == 1;
+  if (usable && t.is_cuda()) {
+    usable = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) usable = usable && (t.stride(d) % 8 == 0 || t.size(d) == 1);
+  }
+  return usable ? t : t.contiguous();
+}
 Bhsd bhsd(const at::Tensor& t) { return Bhsd{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 MutableBhsd mutable_bhsd(at::Tensor& t) { return MutableBhsd{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -168,9 +177,9 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   check_block_sizes(op, q.is_cuda(), block_q, block_kv);
   const int64_t nq = ceil_div(s.seq_q, block_q), nk = ceil_div(s.seq_kv, block_kv);
   Prepared pr;
-  pr.q = unit_last(q);
-  pr.k = unit_last(k);
-  pr.v = unit_last(v);
+  pr.q = kernel_layout(q);
+  pr.k = kernel_layout(k);
+  pr.v = kernel_layout(v);
   pr.lists = check_lists(op, kv_counts, kv_indices, q, s, nq, nk);
   auto& p = pr.params;
   p.dtype = scalar_kind(q);
@@ -256,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
   check_same_device(kBackward, "lse", lse, "q", q);
   TORCH_EXT_CHECK(lse.sizes() == at::IntArrayRef({f.batch, f.heads_q, f.seq_q}), kBackward, "lse must be [B, Hq, Sq] = [",
                   f.batch, ", ", f.heads_q, ", ", f.seq_q, "], got shape ", lse.sizes());
-  const at::Tensor grad_out_u = unit_last(grad_out), out_u = unit_last(out), lse_c = lse.contiguous();
+  const at::Tensor grad_out_u = kernel_layout(grad_out), out_u = kernel_layout(out), lse_c = lse.contiguous();
 
   // The transposed lists: per (batch, query head, key block) the query blocks listing it.
   const int64_t nq = ceil_div(f.seq_q, f.block_q), nk = ceil_div(f.seq_kv, f.block_kv);
@@ -300,7 +309,7 @@ at::Tensor moba_select(const at::Tensor& q, const at::Tensor& k, int64_t block_s
   const Shapes s = check_qkv(op, q, k, nullptr);
   TORCH_EXT_CHECK(block_size >= 1, op, "block_size must be >= 1, got ", block_size);
   TORCH_EXT_CHECK(top_k >= 1, op, "top_k must be >= 1, got ", top_k);
-  const at::Tensor q_u = unit_last(q), k_u = unit_last(k);
+  const at::Tensor q_u = kernel_layout(q), k_u = kernel_layout(k);
   at::Tensor selected = at::empty({s.batch, s.heads_q, s.seq_q, top_k}, q.options().dtype(at::kInt));
   const attention::MobaSelectParams p{scalar_kind(q), s.batch,  s.heads_q,   s.heads_kv,
                                       s.seq_q,        s.seq_kv, int32_t(s.head_dim), int32_t(block_size),
