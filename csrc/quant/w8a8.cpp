@@ -185,8 +185,10 @@ int64_t max_outlier_features(int64_t k) { return std::min<int64_t>(k, std::max<i
 
 // LLM.int8(): input features whose magnitude exceeds the threshold anywhere in the batch go
 // through a 16-bit GEMM with their weight columns dequantized on the fly; the rest through
-// int8. The candidates are the max_outlier_features(K) largest column maxima (topk: static
-// shapes), masked by the threshold; composed of the ops above and torch ops on either device.
+// int8. At most max_outlier_features(K) features (the largest column maxima) take the 16-bit
+// path. CUDA takes that many candidates always (topk: static shapes, no host sync) and masks
+// them by the threshold; the CPU, where reading the count costs nothing, gathers only the
+// features above the threshold. Composed of the ops above and torch ops.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                        const c10::optional<at::Tensor>& bias, double outlier_threshold) {
   const char* op = "int8_linear";
@@ -200,12 +202,21 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   const bool decompose = outlier_threshold > 0.0 && x_rows.size(0) > 0 && k > 0;
   at::Tensor regular = x_rows, candidates, outlier_x;
   if (decompose) {
-    const auto [column_max, index] = x_rows.abs().amax(0).topk(max_outlier_features(k));
-    const at::Tensor is_outlier = column_max.gt(outlier_threshold).to(x.scalar_type());
-    candidates = index;
-    const at::Tensor selected = x_rows.index_select(1, index);
-    outlier_x = selected.mul(is_outlier);
-    regular = x_rows.clone().index_copy_(1, index, selected.sub(outlier_x));
+    const at::Tensor column_max = x_rows.abs().amax(0);
+    const int64_t most = max_outlier_features(k);
+    if (x_rows.is_cuda()) {
+      const auto [top_max, index] = column_max.topk(most);
+      const at::Tensor is_outlier = top_max.gt(outlier_threshold).to(x.scalar_type());
+      candidates = index;
+      const at::Tensor selected = x_rows.index_select(1, index);
+      outlier_x = selected.mul(is_outlier);
+      regular = x_rows.clone().index_copy_(1, index, selected.sub(outlier_x));
+    } else {
+      candidates = column_max.gt(outlier_threshold).nonzero().squeeze(1);
+      if (candidates.numel() > most) candidates = std::get<1>(column_max.topk(most));
+      outlier_x = x_rows.index_select(1, candidates);
+      regular = x_rows.index_fill(1, candidates, 0);
+    }
   }
   const auto [x_q, x_scale] = quantize_per_token(regular, c10::nullopt);
   at::Tensor y = scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, x.scalar_type());
