@@ -105,19 +105,37 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int6
   }
 }
 
+// d0, d1 += a x the B fragments of two adjacent n8 tiles, one ldmatrix.x4 at smem_row: rows n of an
+// [n][k] shared tile or, kTrans, rows k of a [k][n] tile (ldmatrix_x4_b_pair).
+template <typename T, bool kTrans>
+__device__ __forceinline__ void mma_n16(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                        const unsigned char* smem_row) {
+  uint32_t lo[2], hi[2];
+  ldmatrix_x4_b_pair<kTrans>(lo, hi, smem_row);
+  mma_m16n8k16<T>(d0, a, lo);
+  mma_m16n8k16<T>(d1, a, hi);
+}
+
+// The A fragment of k16 step kk of a 16 x (8 kN) product held in accumulators (P, dS, their
+// transposes), rounded to T: the accumulator -> A reuse map ix::c2a_*.
+template <typename T, int kN>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[kN][4], int kk) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int j = ix::c2a_tile(kk, r);
+    a[r] = pack_pair<T>(acc[j][ix::c2a_elem(r, 0)], acc[j][ix::c2a_elem(r, 1)]);
+  }
+}
+
 // S += A (16 x D from registers or shared) x B^T where B is a [64][D] shared tile (K or V): the
 // 8 n8 tiles of a 64-key step.
 template <typename T, int kD>
 __device__ __forceinline__ void mma_rows_x_tile(float (&s)[8][4], const uint32_t (&a)[4], const unsigned char* tile,
                                                 int k16, int lane) {
 #pragma unroll
-  for (int nj = 0; nj < 4; ++nj) {
-    uint32_t r[4];
-    ldmatrix_x4(r, tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(lane), ix::ldsm_b_chunk(k16, lane), kD));
-    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-    mma_m16n8k16<T>(s[2 * nj], a, b0);
-    mma_m16n8k16<T>(s[2 * nj + 1], a, b1);
-  }
+  for (int nj = 0; nj < 4; ++nj)
+    mma_n16<T, false>(s[2 * nj], s[2 * nj + 1], a,
+                      tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(lane), ix::ldsm_b_chunk(k16, lane), kD));
 }
 
 // acc (16 x D) += P (16 x 64, the accumulators of S rounded to T) x tile, tile a [64][D] shared
@@ -128,17 +146,11 @@ __device__ __forceinline__ void mma_p_x_tile(float (&acc)[kD / 8][4], const floa
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     uint32_t a[4];
+    acc_to_a<T>(a, p, kk);
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-      a[r] = pack_pair<T>(p[ix::c2a_tile(kk, r)][ix::c2a_elem(r, 0)], p[ix::c2a_tile(kk, r)][ix::c2a_elem(r, 1)]);
-#pragma unroll
-    for (int nj = 0; nj < kD / 16; ++nj) {
-      uint32_t r[4];
-      ldmatrix_x4_trans(r, tile + ix::smem_offset(16 * kk + ix::ldsm_bt_row(lane), ix::ldsm_bt_chunk(nj, lane), kD));
-      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-      mma_m16n8k16<T>(acc[2 * nj], a, b0);
-      mma_m16n8k16<T>(acc[2 * nj + 1], a, b1);
-    }
+    for (int nj = 0; nj < kD / 16; ++nj)
+      mma_n16<T, true>(acc[2 * nj], acc[2 * nj + 1], a,
+                       tile + ix::smem_offset(16 * kk + ix::ldsm_bt_row(lane), ix::ldsm_bt_chunk(nj, lane), kD));
   }
 }
 
@@ -328,10 +340,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
                              ix::smem_offset(warp_row0 + ix::ldsm_a_row(lane), ix::ldsm_a_chunk(k16, lane), kD));
 
   float o[Tr::kON][4];
-#pragma unroll
-  for (int j = 0; j < Tr::kON; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+  zero_accumulators(o);
   ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};
   const int q_pos[2] = {q0 + warp_row0 + ix::acc_row(lane, 0), q0 + warp_row0 + ix::acc_row(lane, 2)};
 
@@ -345,10 +354,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
     const unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
     const unsigned char* const vs = ks + Tr::kKvBytes;
     float s[Tr::kSN][4];
-#pragma unroll
-    for (int j = 0; j < Tr::kSN; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    zero_accumulators(s);
 #pragma unroll
     for (int k16 = 0; k16 < Tr::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane);
 
@@ -452,10 +458,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
     delta[half] = ok ? __ldg(bp.delta + at) : 0.f;
   }
   float dq[Tr::kON][4];
-#pragma unroll
-  for (int j = 0; j < Tr::kON; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
+  zero_accumulators(dq);
 
   for (int t = 0; t < c.tiles; ++t) {
     const int st = t % ix::kStages;
@@ -467,10 +470,8 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
     const unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
     const unsigned char* const vs = ks + Tr::kKvBytes;
     float s[Tr::kSN][4], dp[Tr::kSN][4];
-#pragma unroll
-    for (int j = 0; j < Tr::kSN; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+    zero_accumulators(s);
+    zero_accumulators(dp);
 #pragma unroll
     for (int k16 = 0; k16 < Tr::kK16; ++k16) {
       uint32_t a[4];
@@ -563,10 +564,8 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   cp_async_commit();
 
   float dk[Tr::kON][4], dv[Tr::kON][4];
-#pragma unroll
-  for (int j = 0; j < Tr::kON; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+  zero_accumulators(dk);
+  zero_accumulators(dv);
   const unsigned char* const ksm = smem + Tr::kKOffset;
   const unsigned char* const vsm = smem + Tr::kVOffset;
   const int key_row0 = wk * ix::kWarpRows;
@@ -593,10 +592,8 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
     for (int inner = 0; inner < Tr::kQCols / Tr::kQInner; ++inner) {
       const int qc0 = wq * Tr::kQCols + inner * Tr::kQInner;
       float s[Tr::kNI][4], dp[Tr::kNI][4];
-#pragma unroll
-      for (int j = 0; j < Tr::kNI; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+      zero_accumulators(s);
+      zero_accumulators(dp);
 #pragma unroll
       for (int k16 = 0; k16 < Tr::kK16; ++k16) {
         uint32_t ka[4], va[4];
@@ -605,16 +602,9 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
         ldmatrix_x4(va, vsm + ix::smem_offset(arow, achunk, kD));
 #pragma unroll
         for (int nj = 0; nj < Tr::kNI / 2; ++nj) {
-          uint32_t r[4];
           const int brow = qc0 + 16 * nj + ix::ldsm_b_row(lane), bchunk = ix::ldsm_b_chunk(k16, lane);
-          ldmatrix_x4(r, qs + ix::smem_offset(brow, bchunk, kD));
-          const uint32_t q0f[2] = {r[0], r[1]}, q1f[2] = {r[2], r[3]};
-          mma_m16n8k16<T>(s[2 * nj], ka, q0f);
-          mma_m16n8k16<T>(s[2 * nj + 1], ka, q1f);
-          ldmatrix_x4(r, dos + ix::smem_offset(brow, bchunk, kD));
-          const uint32_t d0f[2] = {r[0], r[1]}, d1f[2] = {r[2], r[3]};
-          mma_m16n8k16<T>(dp[2 * nj], va, d0f);
-          mma_m16n8k16<T>(dp[2 * nj + 1], va, d1f);
+          mma_n16<T, false>(s[2 * nj], s[2 * nj + 1], ka, qs + ix::smem_offset(brow, bchunk, kD));
+          mma_n16<T, false>(dp[2 * nj], dp[2 * nj + 1], va, dos + ix::smem_offset(brow, bchunk, kD));
         }
       }
       // P^T and dS^T (s keeps P^T, dp becomes dS^T).
@@ -633,24 +623,13 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < Tr::kQInner / 16; ++kk) {
         uint32_t pa[4], da[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int j = ix::c2a_tile(kk, r);
-          pa[r] = pack_pair<T>(s[j][ix::c2a_elem(r, 0)], s[j][ix::c2a_elem(r, 1)]);
-          da[r] = pack_pair<T>(dp[j][ix::c2a_elem(r, 0)], dp[j][ix::c2a_elem(r, 1)]);
-        }
+        acc_to_a<T>(pa, s, kk);
+        acc_to_a<T>(da, dp, kk);
 #pragma unroll
         for (int nj = 0; nj < kD / 16; ++nj) {
-          uint32_t r[4];
           const int trow = qc0 + 16 * kk + ix::ldsm_bt_row(lane), tchunk = ix::ldsm_bt_chunk(nj, lane);
-          ldmatrix_x4_trans(r, dos + ix::smem_offset(trow, tchunk, kD));
-          const uint32_t o0[2] = {r[0], r[1]}, o1[2] = {r[2], r[3]};
-          mma_m16n8k16<T>(dv[2 * nj], pa, o0);
-          mma_m16n8k16<T>(dv[2 * nj + 1], pa, o1);
-          ldmatrix_x4_trans(r, qs + ix::smem_offset(trow, tchunk, kD));
-          const uint32_t g0[2] = {r[0], r[1]}, g1[2] = {r[2], r[3]};
-          mma_m16n8k16<T>(dk[2 * nj], da, g0);
-          mma_m16n8k16<T>(dk[2 * nj + 1], da, g1);
+          mma_n16<T, true>(dv[2 * nj], dv[2 * nj + 1], pa, dos + ix::smem_offset(trow, tchunk, kD));
+          mma_n16<T, true>(dk[2 * nj], dk[2 * nj + 1], da, qs + ix::smem_offset(trow, tchunk, kD));
         }
       }
     }

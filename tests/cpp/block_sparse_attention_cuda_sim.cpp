@@ -40,6 +40,7 @@
 
 #include "attention/block_sparse_attention_cuda_index.h"
 #include "common/float_bits.h"
+#include "mma_spec.h"
 #include "sim_common.h"
 
 using namespace torch_ext;
@@ -50,16 +51,9 @@ int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64
 double rndu(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
 const double kInf = std::numeric_limits<double>::infinity();
 
-// ---------------------------------------------------------------------------------------------
-// Independent definitions: PTX ISA "Matrix Fragments for mma.m16n8k16" (.f16 / .bf16): element i
-// of a lane's A fragment = half i % 2 of register i / 2, B likewise, C element i.
-// ---------------------------------------------------------------------------------------------
-int spec_a_row(int lane, int i) { return lane / 4 + 8 * ((i / 2) % 2); }
-int spec_a_col(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 4); }
-int spec_b_k(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 2); }
-int spec_b_n(int lane) { return lane / 4; }
-int spec_c_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
-int spec_c_col(int lane, int i) { return 2 * (lane % 4) + (i % 2); }
+// Independent definitions: the PTX ISA fragment maps of mma.m16n8k16 (.f16 / .bf16) and ldmatrix
+// in mma_spec.h.
+using Frag = mma_spec::M16n8k16;
 
 template <typename T>
 float val(uint16_t bits) {
@@ -96,59 +90,44 @@ void zero(WC& c) {
     for (float& x : l) x = 0.f;
 }
 
-// ldmatrix.sync.aligned.m8n8.x4(.trans).b16: lane l gives the address of row l % 8 of matrix l / 8.
-// Non-trans: register j of lane l = row l / 4, columns 2 (l % 4), +1 of matrix j. Trans: column l / 4,
-// rows 2 (l % 4), +1. Checks 16-byte alignment and that each 8-address phase hits 8 distinct
-// 16-byte bank groups (conflict-free).
+// ldmatrix.sync.aligned.m8n8.x4(.trans).b16 (mma_spec.h: addresses 16-byte aligned, each 8-address
+// phase conflict-free).
 void ldmatrix_x4(Smem& sm, const int (&addr)[32], WA& out, bool trans) {
-  for (int j = 0; j < 4; ++j) {
-    int seen = 0;
-    for (int r = 0; r < 8; ++r) {
-      const int a = addr[8 * j + r];
-      CHECK(a >= 0 && a % 16 == 0);
-      const int group = (a / 16) % 8;
-      CHECK(!(seen & (1 << group)));
-      seen |= 1 << group;
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int j = 0; j < 4; ++j) {
-      if (!trans) {
-        out.r[lane][j] = sm.read_u32(size_t(addr[8 * j + lane / 4] + 4 * (lane % 4)));
-      } else {
-        uint16_t lo = 0, hi = 0;
-        CHECK(sm.read(size_t(addr[8 * j + 2 * (lane % 4)] + 2 * (lane / 4)), &lo, 2));
-        CHECK(sm.read(size_t(addr[8 * j + 2 * (lane % 4) + 1] + 2 * (lane / 4)), &hi, 2));
-        out.r[lane][j] = uint32_t(lo) | (uint32_t(hi) << 16);
-      }
-    }
+  if (trans)
+    mma_spec::ldmatrix_x4_trans(sm, addr, out.r);
+  else
+    mma_spec::ldmatrix_x4(sm, addr, out.r);
 }
 
 // mma.m16n8k16.row.col.f32.{f16,bf16}: products exact in double, one fp32 rounding of c + sum.
 template <typename T>
 void mma(WC& c, const WA& a, const WB& b) {
   double A[16][16], B[16][8];
-  int setA[16][16] = {}, setB[16][8] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < 8; ++i) {
-      const uint16_t bits = uint16_t(a.r[lane][i / 2] >> (16 * (i % 2)));
-      A[spec_a_row(lane, i)][spec_a_col(lane, i)] = val<T>(bits);
-      ++setA[spec_a_row(lane, i)][spec_a_col(lane, i)];
+  mma_spec::assemble_operands<Frag>(
+      A, B, [&](int lane, int i) { return double(val<T>(uint16_t(mma_spec::element_bits<Frag>(a.r[lane], i)))); },
+      [&](int lane, int i) { return double(val<T>(uint16_t(mma_spec::element_bits<Frag>(b.r[lane], i)))); });
+  mma_spec::mma_round_once<Frag>(c.v, A, B);
+}
+
+// The kernel's mma_n16: d0, d1 += a x the B fragments of two adjacent n8 tiles, one ldmatrix.x4
+// result r (registers 0, 1 / 2, 3).
+template <typename T>
+void mma_n16(WC& d0, WC& d1, const WA& a, const WA& r) {
+  mma<T>(d0, a, b_half(r, 0));
+  mma<T>(d1, a, b_half(r, 1));
+}
+
+// The kernel's acc_to_a: the A fragment of k16 step kk from the accumulator tiles acc[0..] (ix::c2a_*),
+// rounded to T.
+template <typename T>
+WA acc_to_a(const WC* acc, int kk) {
+  WA a;
+  for (int l = 0; l < 32; ++l)
+    for (int r = 0; r < 4; ++r) {
+      const WC& c = acc[ix::c2a_tile(kk, r)];
+      a.r[l][r] = pack_pair<T>(c.v[l][ix::c2a_elem(r, 0)], c.v[l][ix::c2a_elem(r, 1)]);
     }
-    for (int i = 0; i < 4; ++i) {
-      const uint16_t bits = uint16_t(b.r[lane][i / 2] >> (16 * (i % 2)));
-      B[spec_b_k(lane, i)][spec_b_n(lane)] = val<T>(bits);
-      ++setB[spec_b_k(lane, i)][spec_b_n(lane)];
-    }
-  }
-  for (int r = 0; r < 16; ++r)
-    for (int k = 0; k < 16; ++k) CHECK(setA[r][k] == 1 && (r >= 8 || setB[k][r] == 1));
-  for (int lane = 0; lane < 32; ++lane)
-    for (int i = 0; i < 4; ++i) {
-      double s = c.v[lane][i];
-      for (int k = 0; k < 16; ++k) s += A[spec_c_row(lane, i)][k] * B[k][spec_c_col(lane, i)];
-      c.v[lane][i] = float(s);
-    }
+  return a;
 }
 
 // Warp shuffles of the quad reductions (xor 1, then xor 2), as the kernels do them.
@@ -394,6 +373,26 @@ struct RowSim {
   const int32_t* list = nullptr;
   static constexpr int kD = Tr::kChunks * ix::kChunkElems;
 
+  // Kernel start of CTA (b, h, qb): shared memory sized for the traits, then row_cta_setup.
+  void start(int b_, int h_, int qb_) {
+    sm.reset(size_t(Tr::smem_bytes(P.sel ? P.top_k : 0)));
+    b = b_;
+    h = h_;
+    qb = qb_;
+    sm.barrier();  // kernel start
+    setup();
+  }
+  // The head of step t of the walk (cp_async_wait<0>, barrier, prefetch of step t + 1, commit):
+  // step t's stage slot.
+  int begin_step(int t) {
+    const int st = t % ix::kStages;
+    sm.wait(0);
+    sm.barrier();  // step t landed for every thread; step t - 1's slot is free
+    if (t + 1 < tiles) load_kv(t + 1, (t + 1) % ix::kStages);
+    sm.commit();
+    return st;
+  }
+  static int k_stage(int st) { return Tr::kStageOffset + st * Tr::kStageBytes; }
   // row_cta_setup: coordinates, list, the MoBA table (plain stores)
   void setup() {
     hk = h / (P.Hq / P.Hk);
@@ -453,8 +452,7 @@ struct RowSim {
         addr[l] = tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(l), ix::ldsm_b_chunk(k16, l), kD);
       WA r;
       ldmatrix_x4(sm, addr, r, false);
-      mma<T>(s[2 * nj], a, b_half(r, 0));
-      mma<T>(s[2 * nj + 1], a, b_half(r, 1));
+      mma_n16<T>(s[2 * nj], s[2 * nj + 1], a, r);
     }
   }
   WA load_a(int base, int row0, int k16) {
@@ -469,19 +467,14 @@ struct RowSim {
   template <typename T>
   void p_x_tile(std::vector<WC>& acc, const WC (&p)[8], int tile) {
     for (int kk = 0; kk < 4; ++kk) {
-      WA a;
-      for (int l = 0; l < 32; ++l)
-        for (int r = 0; r < 4; ++r)
-          a.r[l][r] = pack_pair<T>(p[ix::c2a_tile(kk, r)].v[l][ix::c2a_elem(r, 0)],
-                                   p[ix::c2a_tile(kk, r)].v[l][ix::c2a_elem(r, 1)]);
+      const WA a = acc_to_a<T>(p, kk);
       for (int nj = 0; nj < kD / 16; ++nj) {
         int addr[32];
         for (int l = 0; l < 32; ++l)
           addr[l] = tile + ix::smem_offset(16 * kk + ix::ldsm_bt_row(l), ix::ldsm_bt_chunk(nj, l), kD);
         WA r;
         ldmatrix_x4(sm, addr, r, true);
-        mma<T>(acc[size_t(2 * nj)], a, b_half(r, 0));
-        mma<T>(acc[size_t(2 * nj + 1)], a, b_half(r, 1));
+        mma_n16<T>(acc[size_t(2 * nj)], acc[size_t(2 * nj + 1)], a, r);
       }
     }
   }
@@ -563,13 +556,8 @@ template <typename T, int kD, int kBlockQ>
 void sim_forward_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
   using Tr = ix::RowTraits<kD, kBlockQ, false>;
   Smem sm;
-  sm.reset(size_t(Tr::smem_bytes(P.sel ? P.top_k : 0)));
   RowSim<Tr> c{P, G, sm};
-  c.b = b;
-  c.h = h;
-  c.qb = qb;
-  sm.barrier();  // kernel start
-  c.setup();
+  c.start(b, h, qb);
   c.load_rows(Tr::kQOffset, G.q, h, c.q0, P.Sq, Tr::kRowCopies, Tr::kThreads);
   sm.commit();
   if (c.tiles > 0) c.load_kv(0, 0);
@@ -589,12 +577,8 @@ void sim_forward_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
   const float scale_log2 = P.scale * ix::kLog2e;
 
   for (int t = 0; t < c.tiles; ++t) {
-    const int st = t % ix::kStages;
-    sm.wait(0);
-    sm.barrier();
-    if (t + 1 < c.tiles) c.load_kv(t + 1, (t + 1) % ix::kStages);
-    sm.commit();
-    const int ks = Tr::kStageOffset + st * Tr::kStageBytes, vs = ks + Tr::kKvBytes;
+    const int st = c.begin_step(t);
+    const int ks = c.k_stage(st), vs = ks + Tr::kKvBytes;
     for (int w = 0; w < W; ++w) {
       WC s[8];
       for (auto& x : s) zero(x);
@@ -692,13 +676,8 @@ template <typename T, int kD, int kBlockQ>
 void sim_dq_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
   using Tr = ix::RowTraits<kD, kBlockQ, true>;
   Smem sm;
-  sm.reset(size_t(Tr::smem_bytes(P.sel ? P.top_k : 0)));
   RowSim<Tr> c{P, G, sm};
-  c.b = b;
-  c.h = h;
-  c.qb = qb;
-  sm.barrier();
-  c.setup();
+  c.start(b, h, qb);
   const int do_off = Tr::kQOffset + Tr::kRowBytes;
   c.load_rows(Tr::kQOffset, G.q, h, c.q0, P.Sq, Tr::kRowCopies, Tr::kThreads);
   c.load_rows(do_off, G.dout, h, c.q0, P.Sq, Tr::kRowCopies, Tr::kThreads);
@@ -720,12 +699,8 @@ void sim_dq_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
     for (auto& t : x) zero(t);
   const float scale_log2 = P.scale * ix::kLog2e;
   for (int t = 0; t < c.tiles; ++t) {
-    const int st = t % ix::kStages;
-    sm.wait(0);
-    sm.barrier();
-    if (t + 1 < c.tiles) c.load_kv(t + 1, (t + 1) % ix::kStages);
-    sm.commit();
-    const int ks = Tr::kStageOffset + st * Tr::kStageBytes, vs = ks + Tr::kKvBytes;
+    const int st = c.begin_step(t);
+    const int ks = c.k_stage(st), vs = ks + Tr::kKvBytes;
     for (int w = 0; w < W; ++w) {
       WC s[8], dp[8];
       for (int j = 0; j < 8; ++j) {
@@ -855,12 +830,8 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
           const WA ka = ldsm(Tr::kKOffset, key_row0, true, false, k16);
           const WA va = ldsm(Tr::kVOffset, key_row0, true, false, k16);
           for (int nj = 0; nj < Tr::kNI / 2; ++nj) {
-            const WA qr = ldsm(qs, qc0 + 16 * nj, false, false, k16);
-            mma<T>(s[size_t(2 * nj)], ka, b_half(qr, 0));
-            mma<T>(s[size_t(2 * nj + 1)], ka, b_half(qr, 1));
-            const WA dr = ldsm(dos, qc0 + 16 * nj, false, false, k16);
-            mma<T>(dp[size_t(2 * nj)], va, b_half(dr, 0));
-            mma<T>(dp[size_t(2 * nj + 1)], va, b_half(dr, 1));
+            mma_n16<T>(s[size_t(2 * nj)], s[size_t(2 * nj + 1)], ka, ldsm(qs, qc0 + 16 * nj, false, false, k16));
+            mma_n16<T>(dp[size_t(2 * nj)], dp[size_t(2 * nj + 1)], va, ldsm(dos, qc0 + 16 * nj, false, false, k16));
           }
         }
         for (int j = 0; j < Tr::kNI; ++j)
@@ -878,20 +849,12 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
               dp[size_t(j)].v[l][e] = prob * (dp[size_t(j)].v[l][e] - ld_f32(sm, stage + Tr::kDeltaOffset + 4 * col));
             }
         for (int kk = 0; kk < Tr::kQInner / 16; ++kk) {
-          WA pa, da;
-          for (int l = 0; l < 32; ++l)
-            for (int r = 0; r < 4; ++r) {
-              const int j = ix::c2a_tile(kk, r);
-              pa.r[l][r] = pack_pair<T>(s[size_t(j)].v[l][ix::c2a_elem(r, 0)], s[size_t(j)].v[l][ix::c2a_elem(r, 1)]);
-              da.r[l][r] = pack_pair<T>(dp[size_t(j)].v[l][ix::c2a_elem(r, 0)], dp[size_t(j)].v[l][ix::c2a_elem(r, 1)]);
-            }
+          const WA pa = acc_to_a<T>(s.data(), kk), da = acc_to_a<T>(dp.data(), kk);
           for (int nj = 0; nj < kD / 16; ++nj) {
-            const WA o = ldsm(dos, qc0 + 16 * kk, true, true, nj);
-            mma<T>(dv[size_t(w)][size_t(2 * nj)], pa, b_half(o, 0));
-            mma<T>(dv[size_t(w)][size_t(2 * nj + 1)], pa, b_half(o, 1));
-            const WA g = ldsm(qs, qc0 + 16 * kk, true, true, nj);
-            mma<T>(dk[size_t(w)][size_t(2 * nj)], da, b_half(g, 0));
-            mma<T>(dk[size_t(w)][size_t(2 * nj + 1)], da, b_half(g, 1));
+            auto& dvw = dv[size_t(w)];
+            auto& dkw = dk[size_t(w)];
+            mma_n16<T>(dvw[size_t(2 * nj)], dvw[size_t(2 * nj + 1)], pa, ldsm(dos, qc0 + 16 * kk, true, true, nj));
+            mma_n16<T>(dkw[size_t(2 * nj)], dkw[size_t(2 * nj + 1)], da, ldsm(qs, qc0 + 16 * kk, true, true, nj));
           }
         }
       }
@@ -1106,36 +1069,29 @@ void attention_case(int* stats) {
 // (a) fragment maps, (b) online softmax
 // ---------------------------------------------------------------------------------------------
 void check_fragment_maps() {
-  for (int lane = 0; lane < 32; ++lane) {
+  for (int lane = 0; lane < 32; ++lane)
     for (int e = 0; e < 4; ++e) {
-      CHECK(ix::acc_row(lane, e) == spec_c_row(lane, e));
-      CHECK(ix::acc_col(lane, e) == spec_c_col(lane, e));
+      CHECK(ix::acc_row(lane, e) == Frag::c_row(lane, e));
+      CHECK(ix::acc_col(lane, e) == Frag::c_col(lane, e));
     }
-    // accumulator -> A: A element i = 2 r + half of k16 step kk is C element (row, 16 kk + col)
-    for (int kk = 0; kk < 4; ++kk)
-      for (int r = 0; r < 4; ++r)
-        for (int half = 0; half < 2; ++half) {
-          const int i = 2 * r + half, tile = ix::c2a_tile(kk, r), e = ix::c2a_elem(r, half);
-          CHECK(spec_a_row(lane, i) == spec_c_row(lane, e));
-          CHECK(16 * kk + spec_a_col(lane, i) == 8 * tile + spec_c_col(lane, e));
-        }
-  }
+  // accumulator -> A: A element i = 2 r + half of k16 step kk is C element (row, 16 kk + col)
+  mma_spec::check_accumulator_to_a(ix::c2a_tile, ix::c2a_elem);
   // ldmatrix maps: the A map puts (row, k) of a [m][k] tile where the A fragment wants it, the
   // B map (n, k) of a [n][k] tile, the transposed B map (k, n) of a [k][n] tile.
   for (int lane = 0; lane < 32; ++lane)
     for (int j = 0; j < 4; ++j)
       for (int half = 0; half < 2; ++half) {
         const int src = 8 * j + lane / 4;  // lane providing the row address read into (lane, j)
-        // A: register j element half: row spec_a_row(lane, 2j + half), col spec_a_col(...)
-        CHECK(ix::ldsm_a_row(src) == spec_a_row(lane, 2 * j + half));
-        CHECK(8 * (ix::ldsm_a_chunk(0, src) % 2) + 2 * (lane % 4) + half == spec_a_col(lane, 2 * j + half));
+        // A: register j element half: row Frag::a_row(lane, 2j + half), col Frag::a_col(...)
+        CHECK(ix::ldsm_a_row(src) == Frag::a_row(lane, 2 * j + half));
+        CHECK(8 * (ix::ldsm_a_chunk(0, src) % 2) + 2 * (lane % 4) + half == Frag::a_col(lane, 2 * j + half));
         // B (tiles 2 nj + j / 2, register j % 2): n = ldsm row, k = chunk offset + column
-        CHECK(ix::ldsm_b_row(src) == 8 * (j / 2) + spec_b_n(lane));
-        CHECK(8 * (ix::ldsm_b_chunk(0, src) % 2) + 2 * (lane % 4) + half == spec_b_k(lane, 2 * (j % 2) + half));
+        CHECK(ix::ldsm_b_row(src) == 8 * (j / 2) + Frag::b_n(lane));
+        CHECK(8 * (ix::ldsm_b_chunk(0, src) % 2) + 2 * (lane % 4) + half == Frag::b_k(lane, 2 * (j % 2) + half));
         // transposed B: matrix row = k; lane gets column n = lane / 4 of rows 2 (lane % 4) + half
         const int tsrc = 8 * j + 2 * (lane % 4) + half;
-        CHECK(ix::ldsm_bt_row(tsrc) == spec_b_k(lane, 2 * (j % 2) + half));
-        CHECK(8 * (ix::ldsm_bt_chunk(0, tsrc) % 2) + lane / 4 == 8 * (j / 2) + spec_b_n(lane));
+        CHECK(ix::ldsm_bt_row(tsrc) == Frag::b_k(lane, 2 * (j % 2) + half));
+        CHECK(8 * (ix::ldsm_bt_chunk(0, tsrc) % 2) + lane / 4 == 8 * (j / 2) + Frag::b_n(lane));
       }
 }
 

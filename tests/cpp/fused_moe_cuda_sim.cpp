@@ -439,17 +439,12 @@ struct GemmSim {
 };
 
 void sim_gemm(const GemmSim& p) {
-  const int64_t ctas = p.m_blocks * p.n_blocks;
-  std::vector<int> tile_seen(size_t(ctas), 0);
   Smem smem;
   static float acc[ix::kWarps][ix::kMI][ix::kNI][32][4];
-  for (int64_t pid = 0; pid < ctas; ++pid) {
-    const ix::TileCoord tile = ix::tile_of(pid, p.m_blocks, p.n_blocks);
-    CHECK(tile.mb >= 0 && tile.mb < p.m_blocks && tile.nb >= 0 && tile.nb < p.n_blocks);
-    ++tile_seen[size_t(tile.mb * p.n_blocks + tile.nb)];
+  walk_ctas(p.m_blocks, p.n_blocks, ix::tile_of, [&](const ix::TileCoord& tile) {
     const int64_t row0 = int64_t(p.plan->offsets[size_t(p.first_key)]) + tile.mb * ix::kBM;
     const int32_t key = ix::segment_of_row(p.plan->offsets.data(), p.first_key, p.keys, row0);
-    if (key < 0) continue;
+    if (key < 0) return;
     CHECK(row0 + ix::kBM <= p.plan->offsets[size_t(key + 1)]);  // the tile inside one segment
     const int32_t expert = key % p.experts;
     const int64_t n0 = tile.nb * (p.gate_up ? ix::kGateCols : ix::kBN);
@@ -507,11 +502,7 @@ void sim_gemm(const GemmSim& p) {
         }
       }
     };
-    for (auto& w : acc)
-      for (auto& i : w)
-        for (auto& j : i)
-          for (auto& l : j)
-            for (float& e : l) e = 0.f;
+    zero_all(acc);
     const auto compute_stage = [&](int stage) {
       const size_t sa = size_t(stage) * ix::kStageBytes, sb = sa + ix::kABytes;
       for (int warp = 0; warp < ix::kWarps; ++warp) {
@@ -527,10 +518,7 @@ void sim_gemm(const GemmSim& p) {
               CHECK(ix::a_ldsm_chunk(ks, lane) == 2 * ks + j / 2);
               address[lane] = int(sa) + ix::smem_offset(ix::a_ldsm_row(wm, i, lane), ix::a_ldsm_chunk(ks, lane));
             }
-            uint32_t regs[32][4];
-            ldmatrix_x4(smem, address, regs);
-            for (int lane = 0; lane < 32; ++lane)
-              for (int r = 0; r < 4; ++r) af[i][lane][r] = regs[lane][r];
+            ldmatrix_x4(smem, address, af[i]);
           }
           for (int j = 0; j < ix::kNI / 2; ++j) {
             int address[32];
@@ -541,34 +529,14 @@ void sim_gemm(const GemmSim& p) {
               CHECK(ix::b_ldsm_chunk(ks, lane) == 2 * ks + m % 2);
               address[lane] = int(sb) + ix::smem_offset(ix::b_ldsm_row(p.gate_up, wn, j, lane), ix::b_ldsm_chunk(ks, lane));
             }
-            uint32_t regs[32][4];
-            ldmatrix_x4(smem, address, regs);
-            for (int lane = 0; lane < 32; ++lane) {
-              bf[2 * j][lane][0] = regs[lane][0];
-              bf[2 * j][lane][1] = regs[lane][1];
-              bf[2 * j + 1][lane][0] = regs[lane][2];
-              bf[2 * j + 1][lane][1] = regs[lane][3];
-            }
+            mma_spec::ldmatrix_x4_b_pair(smem, address, bf[2 * j], bf[2 * j + 1]);
           }
           for (int i = 0; i < ix::kMI; ++i)
             for (int j = 0; j < ix::kNI; ++j) mma(acc[warp][i][j], af[i], bf[j]);
         }
       }
     };
-    const int k_iters = int(p.k_iters);
-    for (int s = 0; s < ix::kStages - 1; ++s) {
-      if (s < k_iters) load_stage(s, s);
-      smem.commit();
-    }
-    for (int it = 0; it < k_iters; ++it) {
-      smem.wait(ix::kStages - 2);
-      smem.barrier();
-      const int next = it + ix::kStages - 1;
-      if (next < k_iters) load_stage(next % ix::kStages, next);
-      smem.commit();
-      compute_stage(it % ix::kStages);
-    }
-    smem.wait(0);
+    run_pipeline(smem, ix::kStages, int(p.k_iters), load_stage, compute_stage);
 
     // epilogue
     for (int warp = 0; warp < ix::kWarps; ++warp) {
@@ -618,8 +586,18 @@ void sim_gemm(const GemmSim& p) {
             }
           }
     }
-  }
-  for (int c : tile_seen) CHECK(c == 1);
+  });
+}
+
+// The kernels' params of a problem: its sizes (what make_layout reads).
+moe::FusedMoeParams problem_params(const Problem& p) {
+  moe::FusedMoeParams fp{};
+  fp.tokens = p.r.T;
+  fp.hidden_size = p.H;
+  fp.intermediate_size = p.I;
+  fp.experts = p.r.E;
+  fp.top_k = p.r.k;
+  return fp;
 }
 
 void run_gemm_path(const Problem& p, int num_sms) {
@@ -627,12 +605,7 @@ void run_gemm_path(const Problem& p, int num_sms) {
   const int k = p.r.k;
   const int32_t E = p.r.E;
   const int64_t pairs = T * k;
-  moe::FusedMoeParams fp{};
-  fp.tokens = T;
-  fp.hidden_size = H;
-  fp.intermediate_size = I;
-  fp.experts = E;
-  fp.top_k = k;
+  const moe::FusedMoeParams fp = problem_params(p);
   const bool decode = ix::use_decode(pairs);
   const ix::Layout l = ix::make_layout(fp, num_sms, ix::kBM, 2);
   // plans (plan 2 sized here when the layout is the decode one: the GEMM path forced on small
@@ -737,12 +710,7 @@ void run_decode_path(const Problem& p, int num_sms) {
   const int32_t E = p.r.E;
   const int64_t pairs = T * k;
   CHECK(ix::use_decode(pairs));
-  moe::FusedMoeParams fp{};
-  fp.tokens = T;
-  fp.hidden_size = H;
-  fp.intermediate_size = I;
-  fp.experts = E;
-  fp.top_k = k;
+  const moe::FusedMoeParams fp = problem_params(p);
   const ix::Layout l = ix::make_layout(fp, num_sms, ix::kBM, 2);
   DevPlan plan;
   sim_plan(p.r.ids, pairs, k, E, false, ix::kBM, l.chunks1, l.rows1, plan);

@@ -1,6 +1,7 @@
 // Independent models of the warp-wide tensor-core instructions, shared by the CUDA-kernel
 // simulators in tests/cpp: the PTX ISA fragment maps of mma.m16n8k16 (.f16 / .bf16) and
-// mma.m16n8k32 (.s8 / .e4m3), ldmatrix.x4 (.b16) on the shared-memory model, and the assembly
+// mma.m16n8k32 (.s8 / .e4m3), ldmatrix.x4 (.b16, plain and .trans) on the shared-memory model, the
+// accumulator -> A reuse of m16n8k16, and the assembly
 // of a warp's fragments into the operand matrices of one mma. Written from the PTX ISA, not from
 // the kernels' index headers, which the simulators check against them.
 #pragma once
@@ -71,6 +72,49 @@ inline void ldmatrix_x4(Smem& smem, const int (&address)[32], uint32_t (&regs)[3
   check_ldmatrix_rows(address);
   for (int lane = 0; lane < 32; ++lane)
     for (int j = 0; j < 4; ++j) regs[lane][j] = smem.read_u32(size_t(address[8 * j + lane / 4] + 4 * (lane % 4)));
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.b16: the same row addresses; register j of lane l = the
+// 16-bit elements of column l / 4 in rows 2 (l % 4), +1 of matrix j (low half first).
+inline void ldmatrix_x4_trans(Smem& smem, const int (&address)[32], uint32_t (&regs)[32][4]) {
+  check_ldmatrix_rows(address);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < 4; ++j) {
+      uint16_t lo = 0, hi = 0;
+      CHECK(smem.read(size_t(address[8 * j + 2 * (lane % 4)] + 2 * (lane / 4)), &lo, 2));
+      CHECK(smem.read(size_t(address[8 * j + 2 * (lane % 4) + 1] + 2 * (lane / 4)), &hi, 2));
+      regs[lane][j] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+}
+
+// ldmatrix.x4 of the B fragments of two adjacent n8 tiles: registers 0, 1 (matrices 0, 1) of each
+// lane are its fragment of tile `lo`, registers 2, 3 that of tile `hi`.
+inline void ldmatrix_x4_b_pair(Smem& smem, const int (&address)[32], uint32_t (&lo)[32][2], uint32_t (&hi)[32][2]) {
+  uint32_t regs[32][4];
+  ldmatrix_x4(smem, address, regs);
+  for (int lane = 0; lane < 32; ++lane) {
+    lo[lane][0] = regs[lane][0];
+    lo[lane][1] = regs[lane][1];
+    hi[lane][0] = regs[lane][2];
+    hi[lane][1] = regs[lane][3];
+  }
+}
+
+// The accumulator -> A-operand reuse of m16n8k16 (a 16 x 8n product in accumulators, rounded,
+// becomes the A operand of the next mma without leaving registers, as FlashAttention does with P):
+// register r (elements 2 r, 2 r + 1) of k16 step kk's A fragment must be elements
+// elem_of(r, 0), elem_of(r, 1) of n8 tile tile_of(kk, r) of the same lane, for kk < 4.
+template <class TileOf, class ElemOf>
+void check_accumulator_to_a(const TileOf& tile_of, const ElemOf& elem_of) {
+  using F = M16n8k16;
+  for (int lane = 0; lane < 32; ++lane)
+    for (int kk = 0; kk < 4; ++kk)
+      for (int r = 0; r < 4; ++r)
+        for (int half = 0; half < 2; ++half) {
+          const int i = 2 * r + half, tile = tile_of(kk, r), e = elem_of(r, half);
+          CHECK(F::a_row(lane, i) == F::c_row(lane, e));
+          CHECK(16 * kk + F::a_col(lane, i) == 8 * tile + F::c_col(lane, e));
+        }
 }
 
 // The A (16 x K) and B (K x 8) operands of one mma assembled from the warp's fragments by the

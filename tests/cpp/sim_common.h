@@ -1,5 +1,6 @@
-// Pieces shared by the CUDA-kernel simulators in tests/cpp: the CHECK macro and a model of
-// shared memory with the cp.async / barrier ordering rules of a multi-stage pipeline.
+// Pieces shared by the CUDA-kernel simulators in tests/cpp: the CHECK macro, a model of shared
+// memory with the cp.async / barrier ordering rules of a multi-stage pipeline, and the CTA walk and
+// main loop of the tiled GEMM kernels.
 #pragma once
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #define CHECK(c)                                                              \
@@ -85,4 +87,49 @@ void check_tile_order(const TileOf& tile_of, const Rnd& rnd) {
     }
     for (int s : seen) CHECK(s == 1);
   }
+}
+
+// Zeroes every element of a (nested) array: accumulator fragments.
+template <typename T, size_t N>
+void zero_all(T (&a)[N]) {
+  for (auto& x : a) {
+    if constexpr (std::is_array_v<T>)
+      zero_all(x);
+    else
+      x = T(0);
+  }
+}
+
+// The CTA walk of a tiled GEMM kernel: CTA pid of the m_blocks x n_blocks grid computes tile
+// tile_of(pid, m_blocks, n_blocks) (in range, every tile exactly once); cta(tile) simulates it.
+template <class TileOf, class Cta>
+void walk_ctas(int64_t m_blocks, int64_t n_blocks, const TileOf& tile_of, const Cta& cta) {
+  std::vector<int> tile_seen(size_t(m_blocks * n_blocks), 0);
+  for (int64_t pid = 0; pid < m_blocks * n_blocks; ++pid) {
+    const auto tile = tile_of(pid, m_blocks, n_blocks);
+    CHECK(tile.mb >= 0 && tile.mb < m_blocks && tile.nb >= 0 && tile.nb < n_blocks);
+    ++tile_seen[size_t(tile.mb * n_blocks + tile.nb)];
+    cta(tile);
+  }
+  for (int c : tile_seen) CHECK(c == 1);
+}
+
+// The main loop of the multi-stage cp.async GEMM kernels as every thread issues it: stages - 1
+// k-iterations in flight; load_stage(slot, iter) issues iteration iter's copies into stage slot,
+// compute_stage(slot) its mma. Ends with every group complete.
+template <class Load, class Compute>
+void run_pipeline(Smem& smem, int stages, int k_iters, const Load& load_stage, const Compute& compute_stage) {
+  for (int s = 0; s < stages - 1; ++s) {
+    if (s < k_iters) load_stage(s, s);
+    smem.commit();
+  }
+  for (int it = 0; it < k_iters; ++it) {
+    smem.wait(stages - 2);
+    smem.barrier();
+    const int next = it + stages - 1;
+    if (next < k_iters) load_stage(next % stages, next);
+    smem.commit();
+    compute_stage(it % stages);
+  }
+  smem.wait(0);
 }

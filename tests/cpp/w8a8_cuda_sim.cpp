@@ -444,13 +444,9 @@ void sim_mm(const MmProblem& p) {
   std::vector<int> out_count(out.size(), 0);
 
   // the CTA order visits every tile once
-  std::vector<int> tile_seen(size_t(m_blocks) * n_blocks, 0);
   Smem smem;
   static Acc acc[Cfg::kWarps][kMI][kNI][32][4];
-  for (int64_t pid = 0; pid < int64_t(m_blocks) * n_blocks; ++pid) {
-    const ix::TileCoord tile = ix::tile_of(pid, m_blocks, n_blocks);
-    CHECK(tile.mb >= 0 && tile.mb < m_blocks && tile.nb >= 0 && tile.nb < n_blocks);
-    ++tile_seen[size_t(tile.mb * n_blocks + tile.nb)];
+  walk_ctas(m_blocks, n_blocks, ix::tile_of, [&](const ix::TileCoord& tile) {
     const int m0 = int(tile.mb) * Cfg::kBM, n0 = int(tile.nb) * Cfg::kBN;
     smem.reset(Cfg::kSmemBytes);
 
@@ -488,11 +484,7 @@ void sim_mm(const MmProblem& p) {
       }
     };
 
-    for (auto& w : acc)
-      for (auto& i : w)
-        for (auto& j : i)
-          for (auto& l : j)
-            for (Acc& e : l) e = 0;
+    zero_all(acc);
 
     const auto compute_stage = [&](int stage) {
       const size_t sa = size_t(stage) * Cfg::kStageBytes, sb = sa + Cfg::kBOffset;
@@ -511,23 +503,13 @@ void sim_mm(const MmProblem& p) {
               CHECK(ix::a_ldsm_row(wm, i, lane, Cfg::kWM) == wm * Cfg::kWM + 16 * i + 8 * (j % 2) + lane % 8);
               CHECK(ix::a_ldsm_chunk(ks, lane) == 2 * ks + j / 2);
             }
-            uint32_t regs[32][4];
-            ldmatrix_x4(smem, address, regs);
-            for (int lane = 0; lane < 32; ++lane)
-              for (int r = 0; r < 4; ++r) af[i][lane][r] = regs[lane][r];
+            ldmatrix_x4(smem, address, af[i]);
           }
           for (int j = 0; j < kNI / 2; ++j) {
             int address[32];
             for (int lane = 0; lane < 32; ++lane)
               address[lane] = int(sb) + ix::smem_offset(ix::b_ldsm_row(wn, j, lane, Cfg::kWN), ix::b_ldsm_chunk(ks, lane));
-            uint32_t regs[32][4];
-            ldmatrix_x4(smem, address, regs);
-            for (int lane = 0; lane < 32; ++lane) {
-              bf[2 * j][lane][0] = regs[lane][0];
-              bf[2 * j][lane][1] = regs[lane][1];
-              bf[2 * j + 1][lane][0] = regs[lane][2];
-              bf[2 * j + 1][lane][1] = regs[lane][3];
-            }
+            mma_spec::ldmatrix_x4_b_pair(smem, address, bf[2 * j], bf[2 * j + 1]);
           }
           for (int i = 0; i < kMI; ++i)
             for (int j = 0; j < kNI; ++j) {
@@ -542,19 +524,7 @@ void sim_mm(const MmProblem& p) {
     };
 
     // pipeline, as the kernel issues it (every thread alike)
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_iters) load_stage(s, s);
-      smem.commit();
-    }
-    for (int it = 0; it < k_iters; ++it) {
-      smem.wait(kStages - 2);
-      smem.barrier();
-      const int next = it + kStages - 1;
-      if (next < k_iters) load_stage(next % kStages, next);
-      smem.commit();
-      compute_stage(it % kStages);
-    }
-    smem.wait(0);
+    run_pipeline(smem, kStages, k_iters, load_stage, compute_stage);
 
     // epilogue
     for (int warp = 0; warp < Cfg::kWarps; ++warp) {
@@ -578,8 +548,7 @@ void sim_mm(const MmProblem& p) {
               ++out_count[at];
             }
     }
-  }
-  for (int c : tile_seen) CHECK(c == 1);
+  });
 
   // reference: exact int64 dot products, the CPU kernel's epilogue
   for (size_t at = 0; at < out.size(); ++at) {

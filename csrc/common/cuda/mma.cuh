@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
 #include "common/dtype.h"
@@ -133,24 +134,31 @@ __device__ __forceinline__ void mma_m16n8k16<BFloat16>(float (&d)[4], const uint
 
 // The B fragments of two adjacent n8 tiles of an [n][k] shared tile: ldmatrix.x4 matrices 0, 1
 // (rows n 0..7, k chunks 0, 1) are b0, b1 of `lo`; matrices 2, 3 (rows n 8..15) those of `hi`.
+// kTrans: of a [k][n] tile read transposed (ldmatrix_x4_trans; matrices 0, 1: k rows 0..7, 8..15
+// of n columns 0..7; matrices 2, 3: n columns 8..15).
+template <bool kTrans = false>
 __device__ __forceinline__ void ldmatrix_x4_b_pair(uint32_t (&lo)[2], uint32_t (&hi)[2], const void* smem_row) {
   uint32_t r[4];
-  ldmatrix_x4(r, smem_row);
+  if constexpr (kTrans)
+    ldmatrix_x4_trans(r, smem_row);
+  else
+    ldmatrix_x4(r, smem_row);
   lo[0] = r[0];
   lo[1] = r[1];
   hi[0] = r[2];
   hi[1] = r[3];
 }
 
-// Zeroes the kMI x kNI accumulator fragments of a warp tile.
-template <typename Acc, int kMI, int kNI>
-__device__ __forceinline__ void zero_accumulators(Acc (&acc)[kMI][kNI][4]) {
+// Zeroes accumulator fragments of any shape (arrays of arrays of float / int), fully unrolled so
+// they stay in registers.
+template <typename T>
+__device__ __forceinline__ void zero_accumulators(T& acc) {
+  if constexpr (std::is_array_v<T>) {
 #pragma unroll
-  for (int i = 0; i < kMI; ++i)
-#pragma unroll
-    for (int j = 0; j < kNI; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = Acc(0);
+    for (auto& inner : acc) zero_accumulators(inner);
+  } else {
+    acc = T(0);
+  }
 }
 
 }  // namespace torch_ext::cuda
