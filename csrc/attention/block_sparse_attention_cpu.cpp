@@ -12,6 +12,7 @@
 // so there are no atomics and results are deterministic. fp64 (gradcheck, reference checks) runs
 // the same code with one double lane.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -48,6 +49,7 @@ using attention::BlockList;
 using attention::BlockSparseBackwardParams;
 using attention::BlockSparseForwardParams;
 using attention::Bhsd;
+using attention::MobaBlockListsParams;
 using attention::MobaSelectParams;
 using attention::MutableBhsd;
 using attention::TokenSelection;
@@ -196,27 +198,57 @@ struct Geometry {
   int64_t last_key(int64_t i) const { return causal ? i + seq_kv - seq_q : seq_kv - 1; }
 };
 
-inline bool chose(const TokenSelection& sel, int64_t b, int64_t h, int64_t i, int32_t key_block) {
-  if (sel.blocks == nullptr) return true;
-  const int32_t* chosen = sel.blocks + b * sel.batch_stride + h * sel.head_stride + i * sel.seq_stride;
-  for (int t = 0; t < sel.top_k; ++t)
-    if (chosen[t] == key_block) return true;
-  return false;
-}
+// MoBA: which rows of one query block chose which key blocks, as a bitset over the block's rows per
+// key block. Marking costs rows x top_k once per query block; finding the rows that chose a listed
+// block is then a scan of a few words. (Scanning every row's top_k choices for every listed block
+// instead cost as much as the attention itself at block 16 / top-32: 64 x 32 compares per block.)
+class RowChoices {
+ public:
+  RowChoices(int64_t num_kv_blocks, int block_q)
+      : words_((block_q + 63) / 64), bits_(size_t(std::max<int64_t>(num_kv_blocks, 1)) * words_, 0) {}
+  // Marks the choices of rows [r0, r0 + n) of (b, h), or unmarks them (restoring all-zero bits
+  // touching only what was set: the lists may be far shorter than nk).
+  void mark(const TokenSelection& sel, int64_t b, int64_t h, int64_t r0, int n) { visit(sel, b, h, r0, n, true); }
+  void unmark(const TokenSelection& sel, int64_t b, int64_t h, int64_t r0, int n) { visit(sel, b, h, r0, n, false); }
+  int words() const { return words_; }
+  const uint64_t* rows_of(int32_t key_block) const { return bits_.data() + int64_t(key_block) * words_; }
 
-// The rows of query block qb (local indices) that see key block kb, and how many of its keys
-// each sees: always a prefix, as the causal limit and the end of the sequence cut from the right.
-inline int active_rows(const Geometry& g, const TokenSelection& sel, int64_t b, int64_t h, int64_t qb, int32_t kb,
-                       int* rows, int* visible) {
+ private:
+  void visit(const TokenSelection& sel, int64_t b, int64_t h, int64_t r0, int n, bool set) {
+    for (int r = 0; r < n; ++r) {
+      const int32_t* chosen = sel.blocks + b * sel.batch_stride + h * sel.head_stride + (r0 + r) * sel.seq_stride;
+      for (int t = 0; t < sel.top_k; ++t) {
+        if (chosen[t] < 0) continue;
+        uint64_t& word = bits_[size_t(chosen[t]) * words_ + r / 64];
+        word = set ? word | (uint64_t(1) << (r % 64)) : 0;
+      }
+    }
+  }
+  int words_;
+  std::vector<uint64_t> bits_;  // [nk][words_]
+};
+
+// The rows of query block qb (local indices, ascending) that see key block kb, and how many of its
+// keys each sees: always a prefix, as the causal limit and the end of the sequence cut from the
+// right. `choices` (MoBA; nullptr: every row) holds the rows of qb that chose each block.
+inline int active_rows(const Geometry& g, const RowChoices* choices, int64_t qb, int32_t kb, int* rows,
+                       int* visible) {
   const int64_t r0 = qb * g.block_q, c0 = int64_t(kb) * g.block_kv;
-  const int n = g.rows_in(qb), keys = g.keys_in(kb);
+  const int keys = g.keys_in(kb);
   int active = 0;
-  for (int r = 0; r < n; ++r) {
+  const auto take = [&](int r) {
     const int64_t seen = std::min<int64_t>(keys, g.last_key(r0 + r) - c0 + 1);
-    if (seen <= 0 || !chose(sel, b, h, r0 + r, kb)) continue;
+    if (seen <= 0) return;
     rows[active] = r;
     visible[active++] = int(seen);
+  };
+  if (choices == nullptr) {
+    for (int r = 0, n = g.rows_in(qb); r < n; ++r) take(r);
+    return active;
   }
+  const uint64_t* bits = choices->rows_of(kb);
+  for (int word = 0; word < choices->words(); ++word)
+    for (uint64_t m = bits[word]; m != 0; m &= m - 1) take(word * 64 + std::countr_zero(m));
   return active;
 }
 
@@ -276,8 +308,9 @@ struct Workspace {
   std::vector<int> rows, visible;
   std::vector<const Acc*> a_ptr, b_ptr;
   std::vector<Acc*> c_ptr;
+  RowChoices choices;
 
-  explicit Workspace(const Geometry& g) {
+  explicit Workspace(const Geometry& g) : choices(ceil_div(g.seq_kv, g.block_kv), g.block_q) {
     const size_t bq = size_t(g.block_q), d = size_t(g.head_dim);
     const size_t kp = size_t(round_up_to_lanes<Acc>(g.block_kv));
     const size_t pointers = std::max({bq, kp, d});
@@ -310,6 +343,15 @@ inline QueryBlockTask query_block_task(const BlockSparseForwardParams& p, int64_
   return {task / nq / p.heads_q, task / nq % p.heads_q, zigzag(task % nq, nq)};
 }
 
+// Under MoBA, marks the choices of query block qb's rows in `choices` and returns it (unmark it
+// after use); without a token selection nullptr: every row attends every listed block.
+inline const RowChoices* mark_choices(const TokenSelection& sel, const Geometry& g, RowChoices& choices, int64_t b,
+                                      int64_t h, int64_t qb) {
+  if (sel.blocks == nullptr) return nullptr;
+  choices.mark(sel, b, h, qb * g.block_q, g.rows_in(qb));
+  return &choices;
+}
+
 // Calls body(kb, active, keys, padded, c0) for each key block kb listed for query block qb of
 // (b, h) that at least one of its rows attends, after active_rows filled w.rows / w.visible:
 // `keys` in the block, `padded` to whole SIMD vectors, c0 its first key.
@@ -318,13 +360,15 @@ void for_each_listed_block(const BlockSparseForwardParams& p, const Geometry& g,
                            int64_t h, int64_t qb, const Body& body) {
   int32_t count;
   const int32_t* list = list_of(p.blocks, b, h, qb, &count);
+  const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
   for (int32_t t = 0; t < count; ++t) {
     const int32_t kb = list[t];
-    const int active = active_rows(g, p.selection, b, h, qb, kb, w.rows.data(), w.visible.data());
+    const int active = active_rows(g, choices, qb, kb, w.rows.data(), w.visible.data());
     if (active == 0) continue;
     const int keys = g.keys_in(kb);
     body(kb, active, keys, round_up_to_lanes<Acc>(keys), int64_t(kb) * p.block_kv);
   }
+  if (choices) w.choices.unmark(p.selection, b, h, qb * g.block_q, g.rows_in(qb));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,7 +529,9 @@ void grad_kv(const BlockSparseBackwardParams& bp) {
         const int32_t* list = list_of(bp.transposed, b, h, kb, &count);
         for (int32_t t = 0; t < count; ++t) {
           const int64_t qb = list[t], r0 = qb * p.block_q, row0 = (b * p.heads_q + h) * p.seq_q + r0;
-          const int active = active_rows(g, p.selection, b, h, qb, int32_t(kb), w.rows.data(), w.visible.data());
+          const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
+          const int active = active_rows(g, choices, qb, int32_t(kb), w.rows.data(), w.visible.data());
+          if (choices) w.choices.unmark(p.selection, b, h, r0, g.rows_in(qb));
           if (active == 0) continue;
           // Only the active rows are loaded, compacted: row a of q/d_out is query row rows[a].
           for (int a = 0; a < active; ++a) {
@@ -603,6 +649,31 @@ void select(const MobaSelectParams& p) {
   });
 }
 
+// Per query block, a flag per key block set by its rows' choices; the flagged ids ascending, then
+// (the slots past the count, never read) the others ascending: what the tensor-op path (CUDA)
+// gives, one pass over the choices instead of a scatter into and a sort of [.., nq, nk] flags.
+void block_lists(const MobaBlockListsParams& p) {
+  const int64_t nq = ceil_div(p.seq_q, p.block_q);
+  parallel_for(0, p.batch * p.heads * nq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> listed(size_t(p.num_kv_blocks));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nq, bh = task / nq, r0 = qb * p.block_q;
+      const int64_t entries = std::min<int64_t>(p.block_q, p.seq_q - r0) * p.top_k;
+      const int32_t* chosen = p.token_blocks + (bh * p.seq_q + r0) * p.top_k;
+      std::fill(listed.begin(), listed.end(), uint8_t(0));
+      for (int64_t e = 0; e < entries; ++e)
+        if (chosen[e] >= 0) listed[size_t(chosen[e])] = 1;
+      int32_t* ids = p.indices + task * p.max_blocks;
+      int32_t count = 0;
+      for (int32_t j = 0; j < p.num_kv_blocks; ++j)
+        if (listed[size_t(j)]) ids[count++] = j;
+      p.counts[task] = count;
+      for (int32_t j = 0, slot = count; j < p.num_kv_blocks && slot < p.max_blocks; ++j)
+        if (!listed[size_t(j)]) ids[slot++] = j;
+    }
+  });
+}
+
 }  // namespace
 
 void block_sparse_attention_forward(const BlockSparseForwardParams& p) {
@@ -620,5 +691,7 @@ void block_sparse_attention_backward(const BlockSparseBackwardParams& p) {
 void moba_select(const MobaSelectParams& p) {
   visit_storage_type(p.dtype, [&](auto tag) { select<decltype(tag)>(p); });
 }
+
+void moba_block_lists(const MobaBlockListsParams& p) { block_lists(p); }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA
