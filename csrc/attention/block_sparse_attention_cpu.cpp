@@ -573,19 +573,50 @@ void grad_kv(const BlockSparseBackwardParams& bp) {
 // ---------------------------------------------------------------------------------------------
 // MoBA gating
 // ---------------------------------------------------------------------------------------------
-// The best `want` of blocks [0, last) by (score desc, block id asc) into ids, in no particular
-// order; returns how many. A partial selection: linear in `last` on average, whatever `want`.
-template <typename Acc>
-int top_blocks(const Acc* scores, int last, int want, int32_t* ids, int32_t* candidates) {
-  if (want <= 0) return 0;
-  for (int j = 0; j < last; ++j) candidates[j] = j;
-  if (last > want) {
-    std::nth_element(candidates, candidates + want - 1, candidates + last, [&](int32_t a, int32_t b) {
-      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
-    });
+// An unsigned integer of the score's width whose order is the score's order (NaN aside): the sign
+// bit flipped for positives, every bit for negatives.
+inline uint32_t order_key(float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  return u >> 31 ? ~u : u | 0x80000000u;
+}
+inline uint64_t order_key(double x) {
+  const uint64_t u = std::bit_cast<uint64_t>(x);
+  return u >> 63 ? ~u : u | (uint64_t(1) << 63);
+}
+
+// The want-th largest of keys[0, n) (1 <= want <= n), bit by bit from the top: the largest value
+// that at least `want` keys reach. Each step is one branch-free counting pass, which the compiler
+// vectorizes: no data-dependent branches, unlike a comparison-based selection on random scores.
+template <typename Key>
+Key kth_largest(const Key* keys, int n, int want) {
+  Key prefix = 0;
+  for (int bit = int(sizeof(Key)) * 8 - 1; bit >= 0; --bit) {
+    const Key candidate = prefix | (Key(1) << bit);
+    int reaching = 0;
+    for (int j = 0; j < n; ++j) reaching += keys[j] >= candidate;
+    if (reaching >= want) prefix = candidate;
   }
-  const int kept = std::min(last, want);
-  std::copy(candidates, candidates + kept, ids);
+  return prefix;
+}
+
+// The best `want` of blocks [0, last) by (score desc, block id asc), written to ids ascending;
+// returns how many. One ascending pass keeps the blocks above the want-th best score and, of those
+// equal to it, the lowest ids: no sort of indices through a comparator, no sort of the result
+// (selection was most of moba_select's time at block 16 / top-32).
+template <typename Acc, typename Key>
+int top_blocks(const Acc* scores, int last, int want, int32_t* ids, Key* keys) {
+  if (want <= 0) return 0;
+  if (last <= want) {
+    for (int j = 0; j < last; ++j) ids[j] = j;
+    return last;
+  }
+  for (int j = 0; j < last; ++j) keys[j] = order_key(scores[j]);
+  const Key threshold = kth_largest(keys, last, want);
+  int ties = want;  // how many blocks at exactly `threshold` are kept
+  for (int j = 0; j < last; ++j) ties -= keys[j] > threshold;
+  int kept = 0;
+  for (int j = 0; j < last; ++j)
+    if (keys[j] > threshold || (keys[j] == threshold && ties-- > 0)) ids[kept++] = j;
   return kept;
 }
 
@@ -619,7 +650,7 @@ void select(const MobaSelectParams& p) {
   const int64_t tiles = ceil_div(p.seq_q, kRowsPerTask);
   parallel_for(0, p.batch * p.heads_q * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> q(size_t(kRowsPerTask) * dim), scores(size_t(kRowsPerTask) * padded);
-    std::vector<int32_t> candidates(size_t(std::max(nk, 1)));
+    std::vector<decltype(order_key(Acc()))> keys(size_t(std::max(nk, 1)));
     std::vector<const Acc*> a_ptr(kRowsPerTask), b_ptr(dim);
     std::vector<Acc*> c_ptr(kRowsPerTask);
     for (int64_t task = begin; task < end; ++task) {
@@ -635,14 +666,13 @@ void select(const MobaSelectParams& p) {
         int32_t* out = p.selected + ((b * p.heads_q + h) * p.seq_q + r0 + r) * p.top_k;
         int chosen = 0;
         if (!p.causal) {
-          chosen = top_blocks(scores.data() + int64_t(r) * padded, nk, p.top_k, out, candidates.data());
+          chosen = top_blocks(scores.data() + int64_t(r) * padded, nk, p.top_k, out, keys.data());
         } else if (const int64_t position = r0 + r + p.seq_kv - p.seq_q; position >= 0) {
-          // The block holding the token always, then the best earlier ones; never a later one.
+          // The best earlier blocks, then (the largest id) the block holding the token, always; never a later one.
           const int current = int(position / bs);
-          chosen = top_blocks(scores.data() + int64_t(r) * padded, current, p.top_k - 1, out, candidates.data());
+          chosen = top_blocks(scores.data() + int64_t(r) * padded, current, p.top_k - 1, out, keys.data());
           out[chosen++] = current;
         }
-        std::sort(out, out + chosen);
         std::fill(out + chosen, out + p.top_k, -1);
       }
     }
