@@ -24,6 +24,15 @@
 #endif
 
 namespace torch_ext {
+
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+namespace cpu::avx512_bf16 {
+// block_sparse_attention_cpu_bf16.cpp: the forward with vdpbf16ps products, bf16 q/k/v, head dim a
+// multiple of 32 (see uses_bf16_dot).
+void block_sparse_attention_forward_bf16(const attention::BlockSparseForwardParams& p);
+}  // namespace cpu::avx512_bf16
+#endif
+
 namespace {
 
 using attention::Bhsd;
@@ -192,6 +201,14 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   return pr;
 }
 
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+// The AVX512_BF16 forward takes bf16 on a CPU with the extension, at the AVX-512 level, for head
+// dims that are whole 32-value vectors (the value packing interleaves 32 bf16 at a time).
+bool uses_bf16_dot(const attention::BlockSparseForwardParams& p) {
+  return p.dtype == ScalarKind::kBFloat16 && p.head_dim % 32 == 0 && cpu::avx512_bf16_active();
+}
+#endif
+
 [[noreturn]] void no_cuda_kernels(const char* op) {
   TORCH_CHECK(false, "torch_ext.", op, ": torch_ext was built without CUDA");
 }
@@ -234,6 +251,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention(const at::Tensor& q, c
     no_cuda_kernels(kForward);
 #endif
   } else {
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+    if (uses_bf16_dot(p)) {
+      cpu::avx512_bf16::block_sparse_attention_forward_bf16(p);
+      return {out, lse};
+    }
+#endif
     TORCH_EXT_CPU_DISPATCH(block_sparse_attention_forward, p);
   }
   return {out, lse};
