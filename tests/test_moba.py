@@ -133,6 +133,8 @@ def test_bad_inputs(args, message):
         torch.ops.torch_ext.moba_select(*call.values())
     with pytest.raises(RuntimeError, match="token_blocks must be"):
         torch.ops.torch_ext.moba_block_lists(torch.zeros(2, 3, dtype=torch.int32), 4, 64)
+    with pytest.raises(RuntimeError, match="token_blocks holds 4 at flat position 1, not below num_kv_blocks = 4"):
+        torch.ops.torch_ext.moba_block_lists(torch.tensor([[[[0, 4]]]], dtype=torch.int32), 4, 64)
 
 
 @pytest.mark.cuda

@@ -24,6 +24,15 @@
 #endif
 
 namespace torch_ext {
+
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+namespace cpu::avx512_bf16 {
+// block_sparse_attention_cpu_bf16.cpp: the forward with vdpbf16ps products, bf16 q/k/v, head dim a
+// multiple of 32 (see uses_bf16_dot).
+void block_sparse_attention_forward_bf16(const attention::BlockSparseForwardParams& p);
+}  // namespace cpu::avx512_bf16
+#endif
+
 namespace {
 
 using attention::Bhsd;
@@ -201,6 +210,14 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   return pr;
 }
 
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+// The AVX512_BF16 forward takes bf16 on a CPU with the extension, at the AVX-512 level, for head
+// dims that are whole 32-value vectors (the value packing interleaves 32 bf16 at a time).
+bool uses_bf16_dot(const attention::BlockSparseForwardParams& p) {
+  return p.dtype == ScalarKind::kBFloat16 && p.head_dim % 32 == 0 && cpu::avx512_bf16_active();
+}
+#endif
+
 [[noreturn]] void no_cuda_kernels(const char* op) {
   TORCH_CHECK(false, "torch_ext.", op, ": torch_ext was built without CUDA");
 }
@@ -243,6 +260,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention(const at::Tensor& q, c
     no_cuda_kernels(kForward);
 #endif
   } else {
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+    if (uses_bf16_dot(p)) {
+      cpu::avx512_bf16::block_sparse_attention_forward_bf16(p);
+      return {out, lse};
+    }
+#endif
     TORCH_EXT_CPU_DISPATCH(block_sparse_attention_forward, p);
   }
   return {out, lse};
@@ -339,11 +362,28 @@ std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_bloc
   TORCH_EXT_CHECK(block_size_q >= 1, op, "block_size_q must be >= 1, got ", block_size_q);
   const int64_t batch = token_blocks.size(0), heads = token_blocks.size(1), seq_q = token_blocks.size(2);
   const int64_t top_k = token_blocks.size(3), nq = ceil_div(seq_q, block_size_q);
+  const int64_t max_blocks = std::min(num_kv_blocks, block_size_q * top_k);
+  if (!token_blocks.is_cuda()) {
+    const at::Tensor chosen = token_blocks.contiguous();
+    const int32_t* ids = chosen.data_ptr<int32_t>();
+    for (int64_t i = 0; i < chosen.numel(); ++i) {
+      TORCH_EXT_CHECK(ids[i] < num_kv_blocks, op, "token_blocks holds ", ids[i], " at flat position ", i,
+                      ", not below num_kv_blocks = ", num_kv_blocks);
+    }
+    at::Tensor counts = at::empty({batch, heads, nq}, chosen.options());
+    at::Tensor indices = at::empty({batch, heads, nq, max_blocks}, chosen.options());
+    const attention::MobaBlockListsParams p{ids,           batch,           heads,
+                                            seq_q,         int32_t(top_k),  int32_t(num_kv_blocks),
+                                            int32_t(block_size_q), int32_t(max_blocks), counts.data_ptr<int32_t>(),
+                                            indices.data_ptr<int32_t>()};
+    TORCH_EXT_CPU_DISPATCH(moba_block_lists, p);
+    return {counts, indices};
+  }
   // Rows padded to whole query blocks with -1 (no block), then each block's rows as one list.
   const at::Tensor padded = at::constant_pad_nd(token_blocks, {0, 0, 0, nq * block_size_q - seq_q}, -1)
                                 .reshape({batch, heads, nq, block_size_q * top_k});
   const at::Tensor flags = flags_of(padded, padded.ge(0), num_kv_blocks);
-  return lists_from_flags(flags, std::min(num_kv_blocks, block_size_q * top_k));
+  return lists_from_flags(flags, max_blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor> moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size,

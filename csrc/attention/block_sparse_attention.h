@@ -98,6 +98,15 @@ struct MobaSelectParams {
   int32_t* selected;            // [B, Hq, Sq, top_k] contiguous
 };
 
+// moba_block_lists on the CPU: per query block of block_q rows, the union of its rows' choices.
+struct MobaBlockListsParams {
+  const int32_t* token_blocks;  // [B, H, Sq, top_k] contiguous: ids < num_kv_blocks, negative = unused
+  int64_t batch, heads, seq_q;
+  int32_t top_k, num_kv_blocks, block_q, max_blocks;
+  int32_t* counts;              // [B, H, nq] contiguous
+  int32_t* indices;             // [B, H, nq, max_blocks] contiguous
+};
+
 }  // namespace torch_ext::attention
 
 namespace torch_ext::cpu {
@@ -106,4 +115,5 @@ namespace torch_ext::cpu {
 TORCH_EXT_DECLARE_CPU_KERNEL(void block_sparse_attention_forward(const attention::BlockSparseForwardParams& p))
 TORCH_EXT_DECLARE_CPU_KERNEL(void block_sparse_attention_backward(const attention::BlockSparseBackwardParams& p))
 TORCH_EXT_DECLARE_CPU_KERNEL(void moba_select(const attention::MobaSelectParams& p))
+TORCH_EXT_DECLARE_CPU_KERNEL(void moba_block_lists(const attention::MobaBlockListsParams& p))
 }  // namespace torch_ext::cpu

@@ -1,92 +1,20 @@
 // CPU kernels of block-sparse attention and MoBA gating, compiled once per ISA level.
 //
-// FlashAttention-2 on the CPU. A forward task is one query block of one (batch, head): its rows
-// are widened to fp32 and pre-scaled once; for every listed key block the keys are packed
-// transposed and the values row-major (fp32, zero-padded to whole vectors), S = Q K^T comes from
-// a register-blocked micro-kernel, the online softmax turns S into P in place, and
-// O = alpha * O + P V runs through the same micro-kernel. Only the rows that see the key block
-// take part ("active" rows: not wholly above the causal diagonal and, under MoBA, rows that chose
-// the block), addressed through row-pointer arrays, so token-level selection costs only what it
-// computes and no tile is copied to compact it. The backward recomputes P from lse: dq per query
-// block, dk/dv per key block walking the transposed lists; every output element has one writer,
-// so there are no atomics and results are deterministic. fp64 (gradcheck, reference checks) runs
-// the same code with one double lane.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <limits>
-#include <type_traits>
-#include <vector>
-
-#include "attention/block_sparse_attention.h"
-#include "common/cpu/parallel.h"
-#include "common/cpu/vec.h"
+// FlashAttention-2 on the CPU; the forward's walk, masks and online softmax are in
+// block_sparse_attention_cpu_forward.h, shared with the AVX512_BF16 forward. Here: the
+// register-blocked micro-kernel (S = Q K^T, O = alpha * O + P V and the backward's products, over
+// row-pointer arrays so that only the active rows take part and no tile is copied to compact
+// it), the widening forward policy (operands in fp32, the query rows pre-scaled), the backward and
+// MoBA gating. The backward recomputes P from lse: dq per query block, dk/dv per key block walking
+// the transposed lists; every output element has one writer, so there are no atomics and results
+// are deterministic. fp64 (gradcheck, reference checks) runs the same code with one double lane.
+#include "attention/block_sparse_attention_cpu_forward.h"
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
 
-// One double lane with VecF's interface, so the fp64 path runs the same kernels. Beside VecF's
-// overloads (not in the anonymous namespace below, where these names would hide them).
-struct VecD {
-  static constexpr int kWidth = 1;
-  double v;
-};
-inline VecD load(const double* p) { return {*p}; }
-inline void store(double* p, VecD x) { *p = x.v; }
-inline VecD operator-(VecD a, VecD b) { return {a.v - b.v}; }
-inline VecD operator+(VecD a, VecD b) { return {a.v + b.v}; }
-inline VecD operator*(VecD a, VecD b) { return {a.v * b.v}; }
-inline VecD fmadd(VecD a, VecD b, VecD c) { return {a.v * b.v + c.v}; }
-inline VecD max(VecD a, VecD b) { return {a.v > b.v ? a.v : b.v}; }
-inline VecD exp(VecD a) { return {std::exp(a.v)}; }
-inline double reduce_max(VecD a) { return a.v; }
-inline double reduce_add(VecD a) { return a.v; }
-inline void transpose(VecD (&)[1]) {}
-
 namespace {
 
-using attention::BlockList;
-using attention::BlockSparseBackwardParams;
-using attention::BlockSparseForwardParams;
-using attention::Bhsd;
-using attention::MobaSelectParams;
-using attention::MutableBhsd;
-using attention::TokenSelection;
-
-// The arithmetic type of storage type T (fp32 for fp32/bf16/fp16, fp64 for fp64) and its vector.
-template <typename T>
-using AccOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
-template <typename Acc>
-struct Lanes {
-  using Vec = VecF;
-  static VecF splat(float x) { return broadcast(x); }
-};
-template <>
-struct Lanes<double> {
-  using Vec = VecD;
-  static VecD splat(double x) { return {x}; }
-};
-template <typename Acc>
-constexpr int kWidthOf = Lanes<Acc>::Vec::kWidth;
-template <typename Acc>
-constexpr Acc kInf = std::numeric_limits<Acc>::infinity();
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-template <typename Acc>
-int round_up_to_lanes(int n) {
-  return int(ceil_div(n, kWidthOf<Acc>) * kWidthOf<Acc>);
-}
-// Task t of n in the order 0, n-1, 1, n-2, ...: parallel_for hands each thread a contiguous range,
-// and under causal masking late query blocks cost more than early ones.
-inline int64_t zigzag(int64_t t, int64_t n) { return t % 2 == 0 ? t / 2 : n - 1 - t / 2; }
-
-template <typename T>
-const T* row_of(const Bhsd& t, int64_t b, int64_t h, int64_t s) {
-  return static_cast<const T*>(t.data) + b * t.batch_stride + h * t.head_stride + s * t.seq_stride;
-}
-template <typename T>
-T* row_of(const MutableBhsd& t, int64_t b, int64_t h, int64_t s) {
-  return static_cast<T*>(t.data) + b * t.batch_stride + h * t.head_stride + s * t.seq_stride;
-}
+using namespace block_sparse_cpu;
 
 // ---------------------------------------------------------------------------------------------
 // The micro-kernel: c[r][0, cols) = init + sum_k a[r][k] * b[k][0, cols) over row pointers, cols a
@@ -153,106 +81,6 @@ void matmul(const Acc* const* a, int rows, const Acc* const* b, int depth, Acc* 
   for (; n0 + W <= cols; n0 += W) row_tiles<Acc, 8, 1>(a, rows, b, depth, c, n0, init, row_scale);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Packing: a key block as rows [padded x dim] or transposed [dim x padded], widened to Acc, rows
-// past `count` zero (their scores are masked; zero keeps 0 * value finite).
-// ---------------------------------------------------------------------------------------------
-template <typename T, typename Acc>
-void pack_rows(const T* src, int64_t stride, int count, int padded, int dim, Acc scale, Acc* dst) {
-  using L = Lanes<Acc>;
-  constexpr int W = kWidthOf<Acc>;
-  for (int r = 0; r < padded; ++r)
-    for (int d = 0; d < dim; d += W)
-      store(dst + int64_t(r) * dim + d, r < count ? load(src + r * stride + d) * L::splat(scale) : L::splat(Acc(0)));
-}
-
-template <typename T, typename Acc>
-void pack_transposed(const T* src, int64_t stride, int count, int padded, int dim, Acc* dst) {
-  using L = Lanes<Acc>;
-  constexpr int W = kWidthOf<Acc>;
-  typename L::Vec block[W];
-  for (int c = 0; c < padded; c += W)
-    for (int d = 0; d < dim; d += W) {
-      for (int i = 0; i < W; ++i) block[i] = c + i < count ? load(src + (c + i) * stride + d) : L::splat(Acc(0));
-      transpose(block);
-      for (int i = 0; i < W; ++i) store(dst + int64_t(d + i) * padded + c, block[i]);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Which rows of a query block see which keys of a key block.
-// ---------------------------------------------------------------------------------------------
-struct Geometry {
-  int64_t seq_q, seq_kv;
-  int32_t block_q, block_kv, head_dim;
-  bool causal;
-
-  explicit Geometry(const BlockSparseForwardParams& p)
-      : seq_q(p.seq_q), seq_kv(p.seq_kv), block_q(p.block_q), block_kv(p.block_kv), head_dim(p.head_dim),
-        causal(p.causal) {}
-  int rows_in(int64_t query_block) const { return int(std::min<int64_t>(block_q, seq_q - query_block * block_q)); }
-  int keys_in(int64_t key_block) const { return int(std::min<int64_t>(block_kv, seq_kv - key_block * block_kv)); }
-  // The last key query i sees (bottom-right causal alignment); negative: none.
-  int64_t last_key(int64_t i) const { return causal ? i + seq_kv - seq_q : seq_kv - 1; }
-};
-
-inline bool chose(const TokenSelection& sel, int64_t b, int64_t h, int64_t i, int32_t key_block) {
-  if (sel.blocks == nullptr) return true;
-  const int32_t* chosen = sel.blocks + b * sel.batch_stride + h * sel.head_stride + i * sel.seq_stride;
-  for (int t = 0; t < sel.top_k; ++t)
-    if (chosen[t] == key_block) return true;
-  return false;
-}
-
-// The rows of query block qb (local indices) that see key block kb, and how many of its keys
-// each sees: always a prefix, as the causal limit and the end of the sequence cut from the right.
-inline int active_rows(const Geometry& g, const TokenSelection& sel, int64_t b, int64_t h, int64_t qb, int32_t kb,
-                       int* rows, int* visible) {
-  const int64_t r0 = qb * g.block_q, c0 = int64_t(kb) * g.block_kv;
-  const int n = g.rows_in(qb), keys = g.keys_in(kb);
-  int active = 0;
-  for (int r = 0; r < n; ++r) {
-    const int64_t seen = std::min<int64_t>(keys, g.last_key(r0 + r) - c0 + 1);
-    if (seen <= 0 || !chose(sel, b, h, r0 + r, kb)) continue;
-    rows[active] = r;
-    visible[active++] = int(seen);
-  }
-  return active;
-}
-
-inline const int32_t* list_of(const BlockList& l, int64_t b, int64_t h, int64_t block, int32_t* count) {
-  *count = l.counts[b * l.counts_batch_stride + h * l.counts_head_stride + block];
-  return l.indices + b * l.indices_batch_stride + h * l.indices_head_stride + block * l.max_blocks;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Row-wise softmax steps on a score row of `padded` columns, the first `visible` of them real.
-// ---------------------------------------------------------------------------------------------
-// Online softmax: s becomes P = exp(s - m_new) (0 past `visible`); m and l are updated and alpha
-// = exp(m_old - m_new) rescales the row's running output (0 on its first block: m_old = -inf).
-template <typename Acc>
-void online_softmax_row(Acc* s, int visible, int padded, Acc& m, Acc& l, Acc& alpha) {
-  using L = Lanes<Acc>;
-  using V = typename L::Vec;
-  constexpr int W = V::kWidth;
-  for (int c = visible; c < padded; ++c) s[c] = -kInf<Acc>;
-  V row_max = L::splat(-kInf<Acc>);
-  for (int c = 0; c < padded; c += W) row_max = max(row_max, load(s + c));
-  const Acc m_new = std::max(m, Acc(reduce_max(row_max)));
-  alpha = std::exp(m - m_new);
-  const V shift = L::splat(m_new);
-  V sum = L::splat(Acc(0));
-  for (int c = 0; c < padded; c += W) {
-    const V p = exp(load(s + c) - shift);
-    store(s + c, p);
-    sum = sum + p;
-  }
-  // VecF's exp saturates at ~1e-38 instead of 0 for the masked lanes: far below one ulp of l (>= 1)
-  // in the sum, but P itself must be exactly 0 there.
-  for (int c = visible; c < padded; ++c) s[c] = Acc(0);
-  l = l * alpha + Acc(reduce_add(sum));
-  m = m_new;
-}
 
 // Backward: s becomes P = exp(s - lse) and dp becomes dS = P * (dP - delta), both 0 past `visible`.
 template <typename Acc>
@@ -269,113 +97,42 @@ void softmax_grad_row(Acc* s, Acc* dp, int visible, int padded, Acc lse, Acc del
   for (int c = visible; c < padded; ++c) s[c] = dp[c] = Acc(0);
 }
 
-// Thread-local buffers of one parallel_for chunk, sized for the largest block.
-template <typename Acc>
-struct Workspace {
-  std::vector<Acc> q, d_out, acc, k_t, v_t, k_rows, v_rows, s, dp, p_t, ds_t, m, l, scale;
-  std::vector<int> rows, visible;
-  std::vector<const Acc*> a_ptr, b_ptr;
-  std::vector<Acc*> c_ptr;
-
-  explicit Workspace(const Geometry& g) {
-    const size_t bq = size_t(g.block_q), d = size_t(g.head_dim);
-    const size_t kp = size_t(round_up_to_lanes<Acc>(g.block_kv));
-    const size_t pointers = std::max({bq, kp, d});
-    for (auto* v : {&q, &d_out, &acc}) v->resize(bq * d);
-    for (auto* v : {&k_t, &v_t, &k_rows, &v_rows}) v->resize(kp * d);
-    for (auto* v : {&s, &dp, &p_t, &ds_t}) v->resize(bq * kp);
-    for (auto* v : {&m, &l, &scale}) v->resize(bq);
-    rows.resize(bq);
-    visible.resize(bq);
-    a_ptr.resize(pointers);
-    b_ptr.resize(pointers);
-    c_ptr.resize(pointers);
-  }
-  // Pointer arrays: rows of a buffer with row stride ld, optionally through an index list.
-  static void point(const Acc** out, const Acc* base, int64_t ld, int n, const int* index = nullptr) {
-    for (int i = 0; i < n; ++i) out[i] = base + (index ? index[i] : i) * ld;
-  }
-  static void point(Acc** out, Acc* base, int64_t ld, int n, const int* index = nullptr) {
-    for (int i = 0; i < n; ++i) out[i] = base + (index ? index[i] : i) * ld;
-  }
-};
-
-// A query-block task's (batch, query head, query block): query blocks in zigzag order, so that
-// torch's contiguous split of the tasks gives each thread early and late (causal: cheap and
-// expensive) blocks alike.
-struct QueryBlockTask {
-  int64_t b, h, qb;
-};
-inline QueryBlockTask query_block_task(const BlockSparseForwardParams& p, int64_t task, int64_t nq) {
-  return {task / nq / p.heads_q, task / nq % p.heads_q, zigzag(task % nq, nq)};
-}
-
-// Calls body(kb, active, keys, padded, c0) for each key block kb listed for query block qb of
-// (b, h) that at least one of its rows attends, after active_rows filled w.rows / w.visible:
-// `keys` in the block, `padded` to whole SIMD vectors, c0 its first key.
-template <typename Acc, typename Body>
-void for_each_listed_block(const BlockSparseForwardParams& p, const Geometry& g, Workspace<Acc>& w, int64_t b,
-                           int64_t h, int64_t qb, const Body& body) {
-  int32_t count;
-  const int32_t* list = list_of(p.blocks, b, h, qb, &count);
-  for (int32_t t = 0; t < count; ++t) {
-    const int32_t kb = list[t];
-    const int active = active_rows(g, p.selection, b, h, qb, kb, w.rows.data(), w.visible.data());
-    if (active == 0) continue;
-    const int keys = g.keys_in(kb);
-    body(kb, active, keys, round_up_to_lanes<Acc>(keys), int64_t(kb) * p.block_kv);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
-// Forward
+// Forward: the micro-kernel policy of every ISA level (block_sparse_attention_cpu_forward.h):
+// operands widened to Acc, the query rows pre-scaled.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void forward(const BlockSparseForwardParams& p) {
+class WideningKernel {
   using Acc = AccOf<T>;
-  using L = Lanes<Acc>;
-  constexpr int W = kWidthOf<Acc>;
-  const Geometry g(p);
-  const int dim = p.head_dim;
-  const int64_t nq = ceil_div(p.seq_q, p.block_q), group = p.heads_q / p.heads_kv;
-  parallel_for(0, p.batch * p.heads_q * nq, 1, [&](int64_t begin, int64_t end) {
-    Workspace<Acc> w(g);
-    for (int64_t task = begin; task < end; ++task) {
-      const auto [b, h, qb] = query_block_task(p, task, nq);
-      const int64_t hk = h / group, r0 = qb * p.block_q;
-      const int n = g.rows_in(qb);
-      pack_rows(row_of<T>(p.q, b, h, r0), p.q.seq_stride, n, n, dim, Acc(p.scale), w.q.data());
-      std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
-      std::fill(w.m.begin(), w.m.begin() + n, -kInf<Acc>);
-      std::fill(w.l.begin(), w.l.begin() + n, Acc(0));
-      for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
-        pack_transposed(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, keys, padded, dim, w.k_t.data());
-        pack_rows(row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys, padded, dim, Acc(1), w.v_rows.data());
-        // S = Q K^T for the active rows
-        w.point(w.a_ptr.data(), w.q.data(), dim, active, w.rows.data());
-        w.point(w.b_ptr.data(), w.k_t.data(), padded, dim);
-        w.point(w.c_ptr.data(), w.s.data(), padded, active);
-        matmul(w.a_ptr.data(), active, w.b_ptr.data(), dim, w.c_ptr.data(), padded, Init::kZero);
-        for (int a = 0; a < active; ++a) {
-          const int r = w.rows[a];
-          online_softmax_row(w.s.data() + int64_t(a) * padded, w.visible[a], padded, w.m[r], w.l[r], w.scale[a]);
-        }
-        // O = alpha * O + P V
-        w.point(w.a_ptr.data(), w.s.data(), padded, active);
-        w.point(w.b_ptr.data(), w.v_rows.data(), dim, padded);
-        w.point(w.c_ptr.data(), w.acc.data(), dim, active, w.rows.data());
-        matmul(w.a_ptr.data(), active, w.b_ptr.data(), padded, w.c_ptr.data(), dim, Init::kScaled, w.scale.data());
-      });
-      for (int r = 0; r < n; ++r) {
-        T* out = row_of<T>(p.out, b, h, r0 + r);
-        const Acc l = w.l[r];
-        const auto inv = L::splat(l > 0 ? Acc(1) / l : Acc(0));  // a row that saw nothing: out 0
-        for (int d = 0; d < dim; d += W) store(out + d, load(w.acc.data() + int64_t(r) * dim + d) * inv);
-        p.lse[(b * p.heads_q + h) * p.seq_q + r0 + r] = l > 0 ? float(w.m[r] + std::log(l)) : -kInf<float>;
-      }
-    }
-  });
-}
+
+ public:
+  WideningKernel(Workspace<Acc>& w, const Geometry& g) : w_(w), dim_(g.head_dim) {}
+  void load_queries(const T* q, int64_t stride, int n, float scale) {
+    pack_rows(q, stride, n, n, dim_, Acc(scale), w_.q.data());
+  }
+  void load_keys(const T* k, int64_t k_stride, const T* v, int64_t v_stride, int keys, int padded) {
+    pack_transposed(k, k_stride, keys, padded, dim_, w_.k_t.data());
+    pack_rows(v, v_stride, keys, padded, dim_, Acc(1), w_.v_rows.data());
+  }
+  void scores(int active, int padded) {
+    w_.point(w_.a_ptr.data(), w_.q.data(), dim_, active, w_.rows.data());
+    w_.point(w_.b_ptr.data(), w_.k_t.data(), padded, dim_);
+    w_.point(w_.c_ptr.data(), w_.s.data(), padded, active);
+    matmul(w_.a_ptr.data(), active, w_.b_ptr.data(), dim_, w_.c_ptr.data(), padded, Init::kZero);
+  }
+  void accumulate(int active, int padded) {
+    w_.point(w_.a_ptr.data(), w_.s.data(), padded, active);
+    w_.point(w_.b_ptr.data(), w_.v_rows.data(), dim_, padded);
+    w_.point(w_.c_ptr.data(), w_.acc.data(), dim_, active, w_.rows.data());
+    matmul(w_.a_ptr.data(), active, w_.b_ptr.data(), padded, w_.c_ptr.data(), dim_, Init::kScaled, w_.scale.data());
+  }
+
+ private:
+  Workspace<Acc>& w_;
+  int dim_;
+};
+
 
 // ---------------------------------------------------------------------------------------------
 // Backward
@@ -485,7 +242,9 @@ void grad_kv(const BlockSparseBackwardParams& bp) {
         const int32_t* list = list_of(bp.transposed, b, h, kb, &count);
         for (int32_t t = 0; t < count; ++t) {
           const int64_t qb = list[t], r0 = qb * p.block_q, row0 = (b * p.heads_q + h) * p.seq_q + r0;
-          const int active = active_rows(g, p.selection, b, h, qb, int32_t(kb), w.rows.data(), w.visible.data());
+          const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
+          const int active = active_rows(g, choices, qb, int32_t(kb), w.rows.data(), w.visible.data());
+          if (choices) w.choices.unmark(p.selection, b, h, r0, g.rows_in(qb));
           if (active == 0) continue;
           // Only the active rows are loaded, compacted: row a of q/d_out is query row rows[a].
           for (int a = 0; a < active; ++a) {
@@ -527,19 +286,50 @@ void grad_kv(const BlockSparseBackwardParams& bp) {
 // ---------------------------------------------------------------------------------------------
 // MoBA gating
 // ---------------------------------------------------------------------------------------------
-// The best `want` of blocks [0, last) by (score desc, block id asc) into ids, in no particular
-// order; returns how many. A partial selection: linear in `last` on average, whatever `want`.
-template <typename Acc>
-int top_blocks(const Acc* scores, int last, int want, int32_t* ids, int32_t* candidates) {
-  if (want <= 0) return 0;
-  for (int j = 0; j < last; ++j) candidates[j] = j;
-  if (last > want) {
-    std::nth_element(candidates, candidates + want - 1, candidates + last, [&](int32_t a, int32_t b) {
-      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
-    });
+// An unsigned integer of the score's width whose order is the score's order (NaN aside): the sign
+// bit flipped for positives, every bit for negatives.
+inline uint32_t order_key(float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  return u >> 31 ? ~u : u | 0x80000000u;
+}
+inline uint64_t order_key(double x) {
+  const uint64_t u = std::bit_cast<uint64_t>(x);
+  return u >> 63 ? ~u : u | (uint64_t(1) << 63);
+}
+
+// The want-th largest of keys[0, n) (1 <= want <= n), bit by bit from the top: the largest value
+// that at least `want` keys reach. Each step is one branch-free counting pass, which the compiler
+// vectorizes: no data-dependent branches, unlike a comparison-based selection on random scores.
+template <typename Key>
+Key kth_largest(const Key* keys, int n, int want) {
+  Key prefix = 0;
+  for (int bit = int(sizeof(Key)) * 8 - 1; bit >= 0; --bit) {
+    const Key candidate = prefix | (Key(1) << bit);
+    int reaching = 0;
+    for (int j = 0; j < n; ++j) reaching += keys[j] >= candidate;
+    if (reaching >= want) prefix = candidate;
   }
-  const int kept = std::min(last, want);
-  std::copy(candidates, candidates + kept, ids);
+  return prefix;
+}
+
+// The best `want` of blocks [0, last) by (score desc, block id asc), written to ids ascending;
+// returns how many. One ascending pass keeps the blocks above the want-th best score and, of those
+// equal to it, the lowest ids: no sort of indices through a comparator, no sort of the result
+// (selection was most of moba_select's time at block 16 / top-32).
+template <typename Acc, typename Key>
+int top_blocks(const Acc* scores, int last, int want, int32_t* ids, Key* keys) {
+  if (want <= 0) return 0;
+  if (last <= want) {
+    for (int j = 0; j < last; ++j) ids[j] = j;
+    return last;
+  }
+  for (int j = 0; j < last; ++j) keys[j] = order_key(scores[j]);
+  const Key threshold = kth_largest(keys, last, want);
+  int ties = want;  // how many blocks at exactly `threshold` are kept
+  for (int j = 0; j < last; ++j) ties -= keys[j] > threshold;
+  int kept = 0;
+  for (int j = 0; j < last; ++j)
+    if (keys[j] > threshold || (keys[j] == threshold && ties-- > 0)) ids[kept++] = j;
   return kept;
 }
 
@@ -573,7 +363,7 @@ void select(const MobaSelectParams& p) {
   const int64_t tiles = ceil_div(p.seq_q, kRowsPerTask);
   parallel_for(0, p.batch * p.heads_q * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> q(size_t(kRowsPerTask) * dim), scores(size_t(kRowsPerTask) * padded);
-    std::vector<int32_t> candidates(size_t(std::max(nk, 1)));
+    std::vector<decltype(order_key(Acc()))> keys(size_t(std::max(nk, 1)));
     std::vector<const Acc*> a_ptr(kRowsPerTask), b_ptr(dim);
     std::vector<Acc*> c_ptr(kRowsPerTask);
     for (int64_t task = begin; task < end; ++task) {
@@ -589,16 +379,40 @@ void select(const MobaSelectParams& p) {
         int32_t* out = p.selected + ((b * p.heads_q + h) * p.seq_q + r0 + r) * p.top_k;
         int chosen = 0;
         if (!p.causal) {
-          chosen = top_blocks(scores.data() + int64_t(r) * padded, nk, p.top_k, out, candidates.data());
+          chosen = top_blocks(scores.data() + int64_t(r) * padded, nk, p.top_k, out, keys.data());
         } else if (const int64_t position = r0 + r + p.seq_kv - p.seq_q; position >= 0) {
-          // The block holding the token always, then the best earlier ones; never a later one.
+          // The best earlier blocks, then (the largest id) the block holding the token, always; never a later one.
           const int current = int(position / bs);
-          chosen = top_blocks(scores.data() + int64_t(r) * padded, current, p.top_k - 1, out, candidates.data());
+          chosen = top_blocks(scores.data() + int64_t(r) * padded, current, p.top_k - 1, out, keys.data());
           out[chosen++] = current;
         }
-        std::sort(out, out + chosen);
         std::fill(out + chosen, out + p.top_k, -1);
       }
+    }
+  });
+}
+
+// Per query block, a flag per key block set by its rows' choices; the flagged ids ascending, then
+// (the slots past the count, never read) the others ascending: what the tensor-op path (CUDA)
+// gives, one pass over the choices instead of a scatter into and a sort of [.., nq, nk] flags.
+void block_lists(const MobaBlockListsParams& p) {
+  const int64_t nq = ceil_div(p.seq_q, p.block_q);
+  parallel_for(0, p.batch * p.heads * nq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> listed(size_t(p.num_kv_blocks));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nq, bh = task / nq, r0 = qb * p.block_q;
+      const int64_t entries = std::min<int64_t>(p.block_q, p.seq_q - r0) * p.top_k;
+      const int32_t* chosen = p.token_blocks + (bh * p.seq_q + r0) * p.top_k;
+      std::fill(listed.begin(), listed.end(), uint8_t(0));
+      for (int64_t e = 0; e < entries; ++e)
+        if (chosen[e] >= 0) listed[size_t(chosen[e])] = 1;
+      int32_t* ids = p.indices + task * p.max_blocks;
+      int32_t count = 0;
+      for (int32_t j = 0; j < p.num_kv_blocks; ++j)
+        if (listed[size_t(j)]) ids[count++] = j;
+      p.counts[task] = count;
+      for (int32_t j = 0, slot = count; j < p.num_kv_blocks && slot < p.max_blocks; ++j)
+        if (!listed[size_t(j)]) ids[slot++] = j;
     }
   });
 }
@@ -606,7 +420,7 @@ void select(const MobaSelectParams& p) {
 }  // namespace
 
 void block_sparse_attention_forward(const BlockSparseForwardParams& p) {
-  visit_storage_type(p.dtype, [&](auto tag) { forward<decltype(tag)>(p); });
+  visit_storage_type(p.dtype, [&](auto tag) { forward_pass<decltype(tag), WideningKernel<decltype(tag)>>(p); });
 }
 
 void block_sparse_attention_backward(const BlockSparseBackwardParams& p) {
@@ -620,5 +434,7 @@ void block_sparse_attention_backward(const BlockSparseBackwardParams& p) {
 void moba_select(const MobaSelectParams& p) {
   visit_storage_type(p.dtype, [&](auto tag) { select<decltype(tag)>(p); });
 }
+
+void moba_block_lists(const MobaBlockListsParams& p) { block_lists(p); }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA

@@ -1,0 +1,343 @@
+// The forward pass of block-sparse attention on the CPU and what it shares with the backward,
+// included by block_sparse_attention_cpu.cpp (every ISA level; also the backward and MoBA gating)
+// and block_sparse_attention_cpu_bf16.cpp (AVX512_BF16); defined in each file's ISA namespace.
+//
+// The forward is FlashAttention-2: a task is one query block of one (batch, head); per listed key
+// block, S = Q K^T for the rows that see it ("active" rows: not wholly above the causal diagonal
+// and, under MoBA, rows that chose the block), the online softmax turns S into P in place, and
+// O = alpha * O + P V. forward_pass() owns the walk, the masks and the softmax; a micro-kernel
+// policy owns the operand packing and the two products (see forward_pass).
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention/block_sparse_attention.h"
+#include "common/cpu/parallel.h"
+#include "common/cpu/vec.h"
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
+
+
+// One double lane with VecF's interface, so the fp64 path runs the same kernels. Beside VecF's
+// overloads (not in the anonymous namespace below, where these names would hide them).
+struct VecD {
+  static constexpr int kWidth = 1;
+  double v;
+};
+inline VecD load(const double* p) { return {*p}; }
+inline void store(double* p, VecD x) { *p = x.v; }
+inline VecD operator-(VecD a, VecD b) { return {a.v - b.v}; }
+inline VecD operator+(VecD a, VecD b) { return {a.v + b.v}; }
+inline VecD operator*(VecD a, VecD b) { return {a.v * b.v}; }
+inline VecD fmadd(VecD a, VecD b, VecD c) { return {a.v * b.v + c.v}; }
+inline VecD max(VecD a, VecD b) { return {a.v > b.v ? a.v : b.v}; }
+inline VecD exp(VecD a) { return {std::exp(a.v)}; }
+inline double reduce_max(VecD a) { return a.v; }
+inline double reduce_add(VecD a) { return a.v; }
+inline void transpose(VecD (&)[1]) {}
+
+namespace block_sparse_cpu {
+
+using attention::BlockList;
+using attention::BlockSparseBackwardParams;
+using attention::BlockSparseForwardParams;
+using attention::Bhsd;
+using attention::MobaBlockListsParams;
+using attention::MobaSelectParams;
+using attention::MutableBhsd;
+using attention::TokenSelection;
+
+
+// The arithmetic type of storage type T (fp32 for fp32/bf16/fp16, fp64 for fp64) and its vector.
+template <typename T>
+using AccOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
+template <typename Acc>
+struct Lanes {
+  using Vec = VecF;
+  static VecF splat(float x) { return broadcast(x); }
+};
+template <>
+struct Lanes<double> {
+  using Vec = VecD;
+  static VecD splat(double x) { return {x}; }
+};
+template <typename Acc>
+constexpr int kWidthOf = Lanes<Acc>::Vec::kWidth;
+template <typename Acc>
+constexpr Acc kInf = std::numeric_limits<Acc>::infinity();
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+template <typename Acc>
+int round_up_to_lanes(int n) {
+  return int(ceil_div(n, kWidthOf<Acc>) * kWidthOf<Acc>);
+}
+// Task t of n in the order 0, n-1, 1, n-2, ...: parallel_for hands each thread a contiguous range,
+// and under causal masking late query blocks cost more than early ones.
+inline int64_t zigzag(int64_t t, int64_t n) { return t % 2 == 0 ? t / 2 : n - 1 - t / 2; }
+
+template <typename T>
+const T* row_of(const Bhsd& t, int64_t b, int64_t h, int64_t s) {
+  return static_cast<const T*>(t.data) + b * t.batch_stride + h * t.head_stride + s * t.seq_stride;
+}
+template <typename T>
+T* row_of(const MutableBhsd& t, int64_t b, int64_t h, int64_t s) {
+  return static_cast<T*>(t.data) + b * t.batch_stride + h * t.head_stride + s * t.seq_stride;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing: a key block as rows [padded x dim] or transposed [dim x padded], widened to Acc, rows
+// past `count` zero (their scores are masked; zero keeps 0 * value finite).
+// ---------------------------------------------------------------------------------------------
+template <typename T, typename Acc>
+void pack_rows(const T* src, int64_t stride, int count, int padded, int dim, Acc scale, Acc* dst) {
+  using L = Lanes<Acc>;
+  constexpr int W = kWidthOf<Acc>;
+  for (int r = 0; r < padded; ++r)
+    for (int d = 0; d < dim; d += W)
+      store(dst + int64_t(r) * dim + d, r < count ? load(src + r * stride + d) * L::splat(scale) : L::splat(Acc(0)));
+}
+
+template <typename T, typename Acc>
+void pack_transposed(const T* src, int64_t stride, int count, int padded, int dim, Acc* dst) {
+  using L = Lanes<Acc>;
+  constexpr int W = kWidthOf<Acc>;
+  typename L::Vec block[W];
+  for (int c = 0; c < padded; c += W)
+    for (int d = 0; d < dim; d += W) {
+      for (int i = 0; i < W; ++i) block[i] = c + i < count ? load(src + (c + i) * stride + d) : L::splat(Acc(0));
+      transpose(block);
+      for (int i = 0; i < W; ++i) store(dst + int64_t(d + i) * padded + c, block[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which rows of a query block see which keys of a key block.
+// ---------------------------------------------------------------------------------------------
+struct Geometry {
+  int64_t seq_q, seq_kv;
+  int32_t block_q, block_kv, head_dim;
+  bool causal;
+
+  explicit Geometry(const BlockSparseForwardParams& p)
+      : seq_q(p.seq_q), seq_kv(p.seq_kv), block_q(p.block_q), block_kv(p.block_kv), head_dim(p.head_dim),
+        causal(p.causal) {}
+  int rows_in(int64_t query_block) const { return int(std::min<int64_t>(block_q, seq_q - query_block * block_q)); }
+  int keys_in(int64_t key_block) const { return int(std::min<int64_t>(block_kv, seq_kv - key_block * block_kv)); }
+  // The last key query i sees (bottom-right causal alignment); negative: none.
+  int64_t last_key(int64_t i) const { return causal ? i + seq_kv - seq_q : seq_kv - 1; }
+};
+
+// MoBA: which rows of one query block chose which key blocks, as a bitset over the block's rows per
+// key block. Marking costs rows x top_k once per query block; finding the rows that chose a listed
+// block is then a scan of a few words. (Scanning every row's top_k choices for every listed block
+// instead cost as much as the attention itself at block 16 / top-32: 64 x 32 compares per block.)
+class RowChoices {
+ public:
+  RowChoices(int64_t num_kv_blocks, int block_q)
+      : words_((block_q + 63) / 64), bits_(size_t(std::max<int64_t>(num_kv_blocks, 1)) * words_, 0) {}
+  // Marks the choices of rows [r0, r0 + n) of (b, h), or unmarks them (restoring all-zero bits
+  // touching only what was set: the lists may be far shorter than nk).
+  void mark(const TokenSelection& sel, int64_t b, int64_t h, int64_t r0, int n) { visit(sel, b, h, r0, n, true); }
+  void unmark(const TokenSelection& sel, int64_t b, int64_t h, int64_t r0, int n) { visit(sel, b, h, r0, n, false); }
+  int words() const { return words_; }
+  const uint64_t* rows_of(int32_t key_block) const { return bits_.data() + int64_t(key_block) * words_; }
+
+ private:
+  void visit(const TokenSelection& sel, int64_t b, int64_t h, int64_t r0, int n, bool set) {
+    for (int r = 0; r < n; ++r) {
+      const int32_t* chosen = sel.blocks + b * sel.batch_stride + h * sel.head_stride + (r0 + r) * sel.seq_stride;
+      for (int t = 0; t < sel.top_k; ++t) {
+        if (chosen[t] < 0) continue;
+        uint64_t& word = bits_[size_t(chosen[t]) * words_ + r / 64];
+        word = set ? word | (uint64_t(1) << (r % 64)) : 0;
+      }
+    }
+  }
+  int words_;
+  std::vector<uint64_t> bits_;  // [nk][words_]
+};
+
+// The rows of query block qb (local indices, ascending) that see key block kb, and how many of its
+// keys each sees: always a prefix, as the causal limit and the end of the sequence cut from the
+// right. `choices` (MoBA; nullptr: every row) holds the rows of qb that chose each block.
+inline int active_rows(const Geometry& g, const RowChoices* choices, int64_t qb, int32_t kb, int* rows,
+                       int* visible) {
+  const int64_t r0 = qb * g.block_q, c0 = int64_t(kb) * g.block_kv;
+  const int keys = g.keys_in(kb);
+  int active = 0;
+  const auto take = [&](int r) {
+    const int64_t seen = std::min<int64_t>(keys, g.last_key(r0 + r) - c0 + 1);
+    if (seen <= 0) return;
+    rows[active] = r;
+    visible[active++] = int(seen);
+  };
+  if (choices == nullptr) {
+    for (int r = 0, n = g.rows_in(qb); r < n; ++r) take(r);
+    return active;
+  }
+  const uint64_t* bits = choices->rows_of(kb);
+  for (int word = 0; word < choices->words(); ++word)
+    for (uint64_t m = bits[word]; m != 0; m &= m - 1) take(word * 64 + std::countr_zero(m));
+  return active;
+}
+
+inline const int32_t* list_of(const BlockList& l, int64_t b, int64_t h, int64_t block, int32_t* count) {
+  *count = l.counts[b * l.counts_batch_stride + h * l.counts_head_stride + block];
+  return l.indices + b * l.indices_batch_stride + h * l.indices_head_stride + block * l.max_blocks;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row-wise softmax steps on a score row of `padded` columns, the first `visible` of them real.
+// ---------------------------------------------------------------------------------------------
+// Online softmax: s becomes P = exp(s - m_new) (0 past `visible`); m and l are updated and alpha
+// = exp(m_old - m_new) rescales the row's running output (0 on its first block: m_old = -inf).
+template <typename Acc>
+void online_softmax_row(Acc* s, int visible, int padded, Acc& m, Acc& l, Acc& alpha) {
+  using L = Lanes<Acc>;
+  using V = typename L::Vec;
+  constexpr int W = V::kWidth;
+  for (int c = visible; c < padded; ++c) s[c] = -kInf<Acc>;
+  V row_max = L::splat(-kInf<Acc>);
+  for (int c = 0; c < padded; c += W) row_max = max(row_max, load(s + c));
+  const Acc m_new = std::max(m, Acc(reduce_max(row_max)));
+  alpha = std::exp(m - m_new);
+  const V shift = L::splat(m_new);
+  V sum = L::splat(Acc(0));
+  for (int c = 0; c < padded; c += W) {
+    const V p = exp(load(s + c) - shift);
+    store(s + c, p);
+    sum = sum + p;
+  }
+  // VecF's exp saturates at ~1e-38 instead of 0 for the masked lanes: far below one ulp of l (>= 1)
+  // in the sum, but P itself must be exactly 0 there.
+  for (int c = visible; c < padded; ++c) s[c] = Acc(0);
+  l = l * alpha + Acc(reduce_add(sum));
+  m = m_new;
+}
+
+// Thread-local buffers of one parallel_for chunk, sized for the largest block.
+template <typename Acc>
+struct Workspace {
+  std::vector<Acc> q, d_out, acc, k_t, v_t, k_rows, v_rows, s, dp, p_t, ds_t, m, l, scale;
+  std::vector<int> rows, visible;
+  std::vector<const Acc*> a_ptr, b_ptr;
+  std::vector<Acc*> c_ptr;
+  RowChoices choices;
+
+  explicit Workspace(const Geometry& g) : choices(ceil_div(g.seq_kv, g.block_kv), g.block_q) {
+    const size_t bq = size_t(g.block_q), d = size_t(g.head_dim);
+    const size_t kp = size_t(round_up_to_lanes<Acc>(g.block_kv));
+    const size_t pointers = std::max({bq, kp, d});
+    for (auto* v : {&q, &d_out, &acc}) v->resize(bq * d);
+    for (auto* v : {&k_t, &v_t, &k_rows, &v_rows}) v->resize(kp * d);
+    for (auto* v : {&s, &dp, &p_t, &ds_t}) v->resize(bq * kp);
+    for (auto* v : {&m, &l, &scale}) v->resize(bq);
+    rows.resize(bq);
+    visible.resize(bq);
+    a_ptr.resize(pointers);
+    b_ptr.resize(pointers);
+    c_ptr.resize(pointers);
+  }
+  // Pointer arrays: rows of a buffer with row stride ld, optionally through an index list.
+  static void point(const Acc** out, const Acc* base, int64_t ld, int n, const int* index = nullptr) {
+    for (int i = 0; i < n; ++i) out[i] = base + (index ? index[i] : i) * ld;
+  }
+  static void point(Acc** out, Acc* base, int64_t ld, int n, const int* index = nullptr) {
+    for (int i = 0; i < n; ++i) out[i] = base + (index ? index[i] : i) * ld;
+  }
+};
+
+// A query-block task's (batch, query head, query block): query blocks in zigzag order, so that
+// torch's contiguous split of the tasks gives each thread early and late (causal: cheap and
+// expensive) blocks alike.
+struct QueryBlockTask {
+  int64_t b, h, qb;
+};
+inline QueryBlockTask query_block_task(const BlockSparseForwardParams& p, int64_t task, int64_t nq) {
+  return {task / nq / p.heads_q, task / nq % p.heads_q, zigzag(task % nq, nq)};
+}
+
+// Under MoBA, marks the choices of query block qb's rows in `choices` and returns it (unmark it
+// after use); without a token selection nullptr: every row attends every listed block.
+inline const RowChoices* mark_choices(const TokenSelection& sel, const Geometry& g, RowChoices& choices, int64_t b,
+                                      int64_t h, int64_t qb) {
+  if (sel.blocks == nullptr) return nullptr;
+  choices.mark(sel, b, h, qb * g.block_q, g.rows_in(qb));
+  return &choices;
+}
+
+// Calls body(kb, active, keys, padded, c0) for each key block kb listed for query block qb of
+// (b, h) that at least one of its rows attends, after active_rows filled w.rows / w.visible:
+// `keys` in the block, `padded` to whole SIMD vectors, c0 its first key.
+template <typename Acc, typename Body>
+void for_each_listed_block(const BlockSparseForwardParams& p, const Geometry& g, Workspace<Acc>& w, int64_t b,
+                           int64_t h, int64_t qb, const Body& body) {
+  int32_t count;
+  const int32_t* list = list_of(p.blocks, b, h, qb, &count);
+  const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
+  for (int32_t t = 0; t < count; ++t) {
+    const int32_t kb = list[t];
+    const int active = active_rows(g, choices, qb, kb, w.rows.data(), w.visible.data());
+    if (active == 0) continue;
+    const int keys = g.keys_in(kb);
+    body(kb, active, keys, round_up_to_lanes<Acc>(keys), int64_t(kb) * p.block_kv);
+  }
+  if (choices) w.choices.unmark(p.selection, b, h, qb * g.block_q, g.rows_in(qb));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+// Kernel, built per parallel_for chunk as Kernel(workspace, geometry), provides:
+//   load_queries(q, stride, n, scale)  the task's n query rows (T, row stride `stride`)
+//   load_keys(k, k_stride, v, v_stride, keys, padded)  one key block, zero past `keys`
+//   scores(active, padded)     w.s[a][0, padded) = scale * q[w.rows[a]] . k for the active rows
+//   accumulate(active, padded) w.acc[w.rows[a]] = w.scale[a] * w.acc[w.rows[a]] + P[a] V, P in w.s
+template <typename T, typename Kernel>
+void forward_pass(const BlockSparseForwardParams& p) {
+  using Acc = AccOf<T>;
+  using L = Lanes<Acc>;
+  constexpr int W = kWidthOf<Acc>;
+  const Geometry g(p);
+  const int dim = p.head_dim;
+  const int64_t nq = ceil_div(p.seq_q, p.block_q), group = p.heads_q / p.heads_kv;
+  parallel_for(0, p.batch * p.heads_q * nq, 1, [&](int64_t begin, int64_t end) {
+    Workspace<Acc> w(g);
+    Kernel kernel(w, g);
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [b, h, qb] = query_block_task(p, task, nq);
+      const int64_t hk = h / group, r0 = qb * p.block_q;
+      const int n = g.rows_in(qb);
+      kernel.load_queries(row_of<T>(p.q, b, h, r0), p.q.seq_stride, n, p.scale);
+      std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
+      std::fill(w.m.begin(), w.m.begin() + n, -kInf<Acc>);
+      std::fill(w.l.begin(), w.l.begin() + n, Acc(0));
+      for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
+        kernel.load_keys(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys,
+                         padded);
+        kernel.scores(active, padded);
+        for (int a = 0; a < active; ++a) {
+          const int r = w.rows[a];
+          online_softmax_row(w.s.data() + int64_t(a) * padded, w.visible[a], padded, w.m[r], w.l[r], w.scale[a]);
+        }
+        kernel.accumulate(active, padded);
+      });
+      for (int r = 0; r < n; ++r) {
+        T* out = row_of<T>(p.out, b, h, r0 + r);
+        const Acc l = w.l[r];
+        const auto inv = L::splat(l > 0 ? Acc(1) / l : Acc(0));  // a row that saw nothing: out 0
+        for (int d = 0; d < dim; d += W) store(out + d, load(w.acc.data() + int64_t(r) * dim + d) * inv);
+        p.lse[(b * p.heads_q + h) * p.seq_q + r0 + r] = l > 0 ? float(w.m[r] + std::log(l)) : -kInf<float>;
+      }
+    }
+  });
+}
+
+}  // namespace block_sparse_cpu
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA
