@@ -239,3 +239,18 @@ def test_cuda_graph_capture(tokens):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, layer())
+
+
+def test_backward_with_idle_experts():
+    """Experts without tokens get zero weight gradients (their slices are never touched by a GEMM)."""
+    seed = fresh_seed()
+    args = [t.requires_grad_() if t.is_floating_point() else t
+            for t in _problem(2, 8, 2, 16, 12, torch.float32, "cpu", seed)]
+    with poisoned_outputs():
+        grads = torch.autograd.grad(fused_moe(*args).sum(), args[:4])
+    expected = _reference_grads(args, torch.ones(2, 16), "silu")
+    for got, want in zip(grads, expected):
+        assert_close_to_reference(got, want, torch.float32, f"seed {seed}")
+    idle = torch.ones(8, dtype=torch.bool)
+    idle[args[4].long().flatten()] = False
+    assert torch.all(grads[1][idle] == 0) and torch.all(grads[2][idle] == 0)

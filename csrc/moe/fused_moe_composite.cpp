@@ -14,8 +14,6 @@
 #include <ATen/ops/silu.h>
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/sort.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <vector>
 
@@ -95,11 +93,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
   const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type());
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weights = at::empty({x.size(0)}, topk_weights.options());
-  at::Tensor grad_w13 = at::zeros_like(w13), grad_w2 = at::zeros_like(w2);
+  // Every expert's gradient slice is written whole by its GEMMs; only idle experts need zeros
+  // (zero-filling all of dW first would write the expert weights' size once more).
+  at::Tensor grad_w13 = at::empty_like(w13, at::MemoryFormat::Contiguous);
+  at::Tensor grad_w2 = at::empty_like(w2, at::MemoryFormat::Contiguous);
   int64_t row = 0;
   for (int64_t e = 0; e < int64_t(g.counts.size()); ++e) {
     const int64_t count = g.counts[e];
-    if (count == 0) continue;
+    if (count == 0) {
+      grad_w13[e].zero_();
+      grad_w2[e].zero_();
+      continue;
+    }
     const at::Tensor x_e = x.narrow(0, row, count), dy_e = dy.narrow(0, row, count);
     const at::Tensor w_e = weights.narrow(0, row, count).unsqueeze(1);
     const at::Tensor gate_up = at::mm(x_e, w13[e].t());
