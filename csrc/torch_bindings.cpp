@@ -47,9 +47,12 @@ TORCH_LIBRARY(torch_ext, m) {
   // MoE experts: out [T, H] = sum_j w[t, j] * W2[e] act(W13[e] h[t]), e = ids[t, j]; act 'silu' or 'gelu' (gated).
   m.def("fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation) "
         "-> Tensor");
-  // Gradients (hidden, w13, w2, topk_weights) of fused_moe given grad_out [T, H].
+  // fused_moe for training: (out, gate_up [T*k, 2I]) with the pre-activation values the backward reuses.
+  m.def("fused_moe_train(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+        "str activation) -> (Tensor, Tensor)");
+  // Gradients (hidden, w13, w2, topk_weights) of fused_moe given grad_out [T, H] (gate_up: saved, else recomputed).
   m.def("fused_moe_backward(Tensor grad_out, Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, "
-        "Tensor topk_ids, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor topk_ids, str activation, Tensor? gate_up=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // fused_moe with each expert's W13 and W2 weight-only quantized (packed layout, stacked along a leading E).
   m.def("fused_moe_quantized(Tensor hidden, Tensor w13_qweight, Tensor w13_scales, Tensor? w13_zeros, "
         "Tensor w2_qweight, Tensor w2_scales, Tensor? w2_zeros, Tensor topk_weights, Tensor topk_ids, "
@@ -93,6 +96,7 @@ void register_device_dispatching_ops(torch::Library& m) {
   m.impl("scaled_fp8_mm", &torch_ext::scaled_fp8_mm);
   m.impl("moe_route", &torch_ext::moe_route);
   m.impl("fused_moe", &torch_ext::fused_moe);
+  m.impl("fused_moe_train", &torch_ext::fused_moe_train);
   m.impl("fused_moe_backward", &torch_ext::fused_moe_backward);
   m.impl("fused_moe_quantized", &torch_ext::fused_moe_quantized);
   m.impl("block_sparse_attention", &torch_ext::block_sparse_attention);

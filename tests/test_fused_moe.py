@@ -121,8 +121,30 @@ def test_gradcheck():
 def test_opcheck():
     args = _problem(7, 5, 2, 20, 12, torch.float32, "cpu", fresh_seed())
     torch.library.opcheck(torch.ops.torch_ext.fused_moe, (*args, "silu"))
+    torch.library.opcheck(torch.ops.torch_ext.fused_moe_train, (*args, "silu"))
     grad_out = torch.randn(7, 20)
     torch.library.opcheck(torch.ops.torch_ext.fused_moe_backward, (grad_out, *args, "gelu"))
+    gate_up = torch.ops.torch_ext.fused_moe_train(*args, "gelu")[1]
+    torch.library.opcheck(torch.ops.torch_ext.fused_moe_backward, (grad_out, *args, "gelu", gate_up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_train_saves_the_pre_activations(dtype):
+    """fused_moe_train's gate_up is W13[e] h[t] per pair, and the backward with it equals the
+    recomputing backward."""
+    seed = fresh_seed()
+    h, w13, w2, weights, ids = _problem(9, 5, 2, 24, 16, dtype, "cpu", seed)
+    out, gate_up = torch.ops.torch_ext.fused_moe_train(h, w13, w2, weights, ids, "silu")
+    assert torch.equal(out, fused_moe(h, w13, w2, weights, ids))
+    expected = torch.stack([w13[e].double() @ h[t].double() for t in range(9) for e in ids[t].tolist()])
+    assert_close_to_reference(gate_up, expected, dtype, f"gate_up (seed {seed})")
+    grad_out = random_tensor((9, 24), dtype, "cpu", seed + 5)
+    saved = torch.ops.torch_ext.fused_moe_backward(grad_out, h, w13, w2, weights, ids, "silu", gate_up)
+    recomputed = torch.ops.torch_ext.fused_moe_backward(grad_out, h, w13, w2, weights, ids, "silu")
+    for a, b in zip(saved, recomputed):
+        assert relative_error(a, b) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    with pytest.raises(RuntimeError, match="gate_up must be"):
+        torch.ops.torch_ext.fused_moe_backward(grad_out, h, w13, w2, weights, ids, "silu", gate_up[:-1])
 
 
 def test_compile_fullgraph():

@@ -80,24 +80,20 @@ moe::Activation check_fused_moe_args(const char* op, const at::Tensor& hidden, c
   return parse_activation(op, activation);
 }
 
-}  // namespace
-
-at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
-                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation) {
-  const char* op = "fused_moe";
-  const moe::Activation act = check_fused_moe_args(op, hidden, w13, w2, topk_weights, topk_ids, activation);
-  // float64 (checks) everywhere and fp32 on CUDA: the ATen composition (cuBLAS on CUDA).
-  const bool kernel_dtype = hidden.scalar_type() != at::kDouble &&
-                            (!hidden.is_cuda() || hidden.scalar_type() != at::kFloat);
-  if (!kernel_dtype) return moe::fused_moe_composite(hidden, w13, w2, topk_weights, topk_ids, act);
+// The forward on the device's kernel; with `gate_up` defined ([T * k, 2I], CPU kernel dtypes
+// only) the kernel also writes the pre-activation values there.
+at::Tensor run_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                         const at::Tensor& topk_weights, const at::Tensor& topk_ids, moe::Activation act,
+                         const at::Tensor& gate_up) {
   const at::Tensor h = hidden.contiguous(), a = w13.contiguous(), b = w2.contiguous();
   const at::Tensor weights = topk_weights.contiguous(), ids = topk_ids.contiguous();
   at::Tensor out = at::empty_like(h);
-  const moe::FusedMoeParams p{scalar_kind(h),        h.size(0),          h.size(1),
-                              a.size(1) / 2,          int32_t(a.size(0)), int32_t(ids.size(1)),
-                              act,                    h.data_ptr(),       a.data_ptr(),
-                              b.data_ptr(),           weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
-                              out.data_ptr()};
+  moe::FusedMoeParams p{scalar_kind(h),        h.size(0),          h.size(1),
+                        a.size(1) / 2,          int32_t(a.size(0)), int32_t(ids.size(1)),
+                        act,                    h.data_ptr(),       a.data_ptr(),
+                        b.data_ptr(),           weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                        out.data_ptr()};
+  p.gate_up = gate_up.defined() ? gate_up.data_ptr() : nullptr;
   if (h.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(h.device());
@@ -127,15 +123,52 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
   return out;
 }
 
+// float64 (checks) everywhere and fp32 on CUDA run the ATen composition (cuBLAS on CUDA).
+bool kernel_dtype(const at::Tensor& hidden) {
+  return hidden.scalar_type() != at::kDouble && (!hidden.is_cuda() || hidden.scalar_type() != at::kFloat);
+}
+
+}  // namespace
+
+at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation) {
+  const moe::Activation act = check_fused_moe_args("fused_moe", hidden, w13, w2, topk_weights, topk_ids, activation);
+  if (!kernel_dtype(hidden)) return moe::fused_moe_composite(hidden, w13, w2, topk_weights, topk_ids, act);
+  return run_fused_moe(hidden, w13, w2, topk_weights, topk_ids, act, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_moe_train(const at::Tensor& hidden, const at::Tensor& w13,
+                                                   const at::Tensor& w2, const at::Tensor& topk_weights,
+                                                   const at::Tensor& topk_ids, c10::string_view activation) {
+  const moe::Activation act =
+      check_fused_moe_args("fused_moe_train", hidden, w13, w2, topk_weights, topk_ids, activation);
+  // The CPU kernel writes the activations as it goes; elsewhere they come from the composition.
+  if (hidden.is_cuda() || !kernel_dtype(hidden)) {
+    return {moe::fused_moe_composite(hidden, w13, w2, topk_weights, topk_ids, act),
+            moe::gate_up_by_pair(hidden, w13, topk_ids)};
+  }
+  at::Tensor gate_up = at::empty({topk_ids.numel(), w13.size(1)}, hidden.options());
+  return {run_fused_moe(hidden, w13, w2, topk_weights, topk_ids, act, gate_up), gate_up};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
-    const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation) {
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation,
+    const c10::optional<at::Tensor>& gate_up) {
   const char* op = "fused_moe_backward";
   const moe::Activation act = check_fused_moe_args(op, hidden, w13, w2, topk_weights, topk_ids, activation);
   check_same_device(op, "grad_out", grad_out, "hidden", hidden);
   TORCH_EXT_CHECK(grad_out.sizes() == hidden.sizes(), op, "grad_out must have hidden's shape ", hidden.sizes(),
                   ", got ", grad_out.sizes());
-  return moe::fused_moe_backward_composite(grad_out, hidden, w13, w2, topk_weights, topk_ids, act);
+  if (gate_up) {
+    check_same_dtype(op, "gate_up", *gate_up, "hidden", hidden);
+    check_same_device(op, "gate_up", *gate_up, "hidden", hidden);
+    TORCH_EXT_CHECK(gate_up->dim() == 2 && gate_up->size(0) == topk_ids.numel() && gate_up->size(1) == w13.size(1),
+                    op, "gate_up must be [T * k, 2I] = [", topk_ids.numel(), ", ", w13.size(1), "], got shape ",
+                    gate_up->sizes());
+  }
+  return moe::fused_moe_backward_composite(grad_out, hidden, w13, w2, topk_weights, topk_ids, act,
+                                           gate_up ? *gate_up : at::Tensor());
 }
 
 }  // namespace torch_ext

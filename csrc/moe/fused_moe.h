@@ -30,6 +30,9 @@ struct FusedMoeParams {
   const float* topk_weights;   // [T, k]
   const int32_t* topk_ids;     // [T, k], every id in [0, E) (checked by the caller)
   void* out;                   // [T, H] contiguous
+  // Optional (training; CPU kernel only): the pre-activation [gate; up] of every (token, slot)
+  // pair, [T * k, 2I] in pair order (row t * k + j), written for the backward.
+  void* gate_up = nullptr;
 };
 
 // The CPU kernel's scratch: byte offsets of its areas (each 64-byte aligned) and the total.

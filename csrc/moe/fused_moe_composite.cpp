@@ -83,14 +83,31 @@ at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, 
   });
 }
 
+at::Tensor gate_up_by_pair(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& topk_ids) {
+  const Grouping g = group_pairs(topk_ids, w13.size(0));
+  const at::Tensor x = hidden.index_select(0, g.tokens);
+  at::Tensor grouped = at::empty({x.size(0), w13.size(1)}, hidden.options());
+  int64_t row = 0;
+  for (int64_t e = 0; e < int64_t(g.counts.size()); ++e) {
+    const int64_t count = g.counts[e];
+    if (count == 0) continue;
+    at::Tensor rows = grouped.narrow(0, row, count);
+    at::mm_out(rows, x.narrow(0, row, count), w13[e].t());
+    row += count;
+  }
+  at::Tensor by_pair = at::empty_like(grouped);
+  return by_pair.index_copy_(0, g.order, grouped);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_composite(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
-    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation) {
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up) {
   const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), intermediate = w2.size(2);
   const Grouping g = group_pairs(topk_ids, w13.size(0));
   const at::Tensor x = hidden.index_select(0, g.tokens);
   const at::Tensor dy = grad_out.to(hidden.scalar_type()).index_select(0, g.tokens);
   const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type());
+  const at::Tensor saved = gate_up.defined() ? gate_up.index_select(0, g.order) : at::Tensor();
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weights = at::empty({x.size(0)}, topk_weights.options());
   // Every expert's gradient slice is written whole by its GEMMs; only idle experts need zeros
@@ -107,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
     }
     const at::Tensor x_e = x.narrow(0, row, count), dy_e = dy.narrow(0, row, count);
     const at::Tensor w_e = weights.narrow(0, row, count).unsqueeze(1);
-    const at::Tensor gate_up = at::mm(x_e, w13[e].t());
-    const at::Tensor gate = gate_up.narrow(1, 0, intermediate), up = gate_up.narrow(1, intermediate, intermediate);
+    const at::Tensor gate_up_e = saved.defined() ? saved.narrow(0, row, count) : at::mm(x_e, w13[e].t());
+    const at::Tensor gate = gate_up_e.narrow(1, 0, intermediate), up = gate_up_e.narrow(1, intermediate, intermediate);
     const at::Tensor act_gate = activate(gate, activation);
     const at::Tensor act = act_gate * up;
     // d(act) before the routing weight: its dot with act is the routing weight's gradient

@@ -24,11 +24,14 @@ at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_
 at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                                const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation);
 
-// (grad_hidden, grad_w13, grad_w2, grad_topk_weights) of fused_moe given grad_out [T, H]. The
-// first GEMM is recomputed rather than saved from the forward. Reads the per-expert token counts
-// on the host (a device sync on CUDA).
+// The pre-activation [gate; up] = W13[e] h[t] of every (token, slot) pair, [T * k, 2I] in pair order.
+at::Tensor gate_up_by_pair(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& topk_ids);
+
+// (grad_hidden, grad_w13, grad_w2, grad_topk_weights) of fused_moe given grad_out [T, H], with the
+// forward's gate_up (gate_up_by_pair's layout) or, when undefined, the first GEMM recomputed.
+// Reads the per-expert token counts on the host (a device sync on CUDA).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_composite(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
-    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation);
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up);
 
 }  // namespace torch_ext::moe

@@ -116,11 +116,18 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Ac
     }
     for (int m = 0; m < tokens; ++m) {
       Act* a = ws.act + (row_begin + r0 + m) * I + j_begin;
+      // Training: the pre-activation values too, by pair, for the backward.
+      T* saved = p.gate_up == nullptr ? nullptr
+                                      : static_cast<T*>(p.gate_up) + int64_t(ws.plan.sorted_pairs[row_begin + r0 + m]) * 2 * I;
       for (int c = 0; c < columns; c += VecF::kWidth) {
         const int n = std::min(VecF::kWidth, columns - c);
         const VecF g = load_partial(gate[m] + c, n), u = load_partial(up[m] + c, n);
         const VecF activated = p.activation == torch_ext::moe::Activation::kSilu ? g * sigmoid(g) : gelu(g);
         store_partial(a + c, activated * u, n);
+        if (saved != nullptr) {
+          store_partial(saved + j_begin + c, g, n);
+          store_partial(saved + I + j_begin + c, u, n);
+        }
       }
     }
   }

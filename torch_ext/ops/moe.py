@@ -33,6 +33,7 @@ def _moe_route_fake(router_logits, top_k, renormalize, scoring, num_expert_group
 
 
 _FUSED = torch.ops.torch_ext.fused_moe
+_FUSED_TRAIN = torch.ops.torch_ext.fused_moe_train
 _FUSED_BACKWARD = torch.ops.torch_ext.fused_moe_backward
 
 
@@ -47,8 +48,11 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     exact erf GELU). Each expert's weights are read once per call; the gated activation runs in
     the first GEMM's epilogue and the weighted combine in the second's, summing each token's
     experts in increasing expert id (deterministic). Differentiable in ``hidden``, ``w13``,
-    ``w2`` and ``topk_weights``.
+    ``w2`` and ``topk_weights``: when gradients are needed this runs ``fused_moe_train``, which
+    also keeps the pre-activation ``[T * k, 2I]`` for the backward instead of recomputing it.
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, w13, w2, topk_weights)):
+        return _FUSED_TRAIN(hidden, w13, w2, topk_weights, topk_ids, activation)[0]
     return _FUSED(hidden, w13, w2, topk_weights, topk_ids, activation)
 
 
@@ -58,8 +62,14 @@ def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, activation):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("torch_ext::fused_moe_train")
+def _fused_moe_train_fake(hidden, w13, w2, topk_weights, topk_ids, activation):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            hidden.new_empty((topk_ids.numel(), w13.shape[1])))
+
+
 @torch.library.register_fake("torch_ext::fused_moe_backward")
-def _fused_moe_backward_fake(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation):
+def _fused_moe_backward_fake(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation, gate_up=None):
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
             torch.empty_like(w13, memory_format=torch.contiguous_format),
             torch.empty_like(w2, memory_format=torch.contiguous_format),
@@ -80,6 +90,24 @@ def _fused_moe_backward(ctx, grad_out: torch.Tensor):
 
 
 torch.library.register_autograd("torch_ext::fused_moe", _fused_moe_backward, setup_context=_fused_moe_setup_context)
+
+
+def _fused_moe_train_setup_context(ctx, inputs, output) -> None:
+    hidden, w13, w2, topk_weights, topk_ids, activation = inputs
+    ctx.save_for_backward(hidden, w13, w2, topk_weights, topk_ids, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.activation = activation
+
+
+def _fused_moe_train_backward(ctx, grad_out: torch.Tensor, _grad_gate_up):
+    hidden, w13, w2, topk_weights, topk_ids, gate_up = ctx.saved_tensors
+    grad_hidden, grad_w13, grad_w2, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids,
+                                                                   ctx.activation, gate_up)
+    return grad_hidden, grad_w13, grad_w2, grad_weights, None, None
+
+
+torch.library.register_autograd("torch_ext::fused_moe_train", _fused_moe_train_backward,
+                                setup_context=_fused_moe_train_setup_context)
 
 
 _FUSED_QUANTIZED = torch.ops.torch_ext.fused_moe_quantized

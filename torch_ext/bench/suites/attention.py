@@ -96,6 +96,33 @@ def _sparse_case(device, seq, density, causal) -> Case:
                 notes={"density": listed, "effective_flops": dense_flops})
 
 
+def _with_backward(fn):
+    """fn's forward, then the gradients of q, k and v for a grad_out of ones."""
+    def run(q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    return run
+
+
+def _sparse_backward_case(device, seq, density) -> Case:
+    """Forward + backward (non-causal) against SDPA's forward + backward."""
+    from torch_ext.ops import block_sparse_attention
+
+    heads = _HEADS[device]
+    mask = _random_mask(seq, heads[0], density, False, device)
+    listed = mask.density()
+    return Case(family="attention", op="block_sparse_attention fwd+bwd",
+                label=f"S={seq} full {round(density * 100)}% bf16",
+                make_inputs=lambda seed: _qkv(device, seq, heads, seed),
+                ours=_with_backward(lambda q, k, v: block_sparse_attention(q, k, v, mask)),
+                baselines={"SDPA dense fwd+bwd": _with_backward(
+                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))},
+                # forward 2 GEMMs, backward recomputes S and does 4 more: 7 GEMM-equivalents of 2*S*S*D
+                flops=14.0 * heads[0] * seq * seq * _DIM * listed, bytes=float(8 * heads[0] * seq * _DIM * 2),
+                device=device, notes={"density": listed, "effective_flops": 14.0 * heads[0] * seq * seq * _DIM})
+
+
 def _moba_case(device, seq, block_size, top_k) -> Case:
     from torch_ext.ops import moba_attention
 
@@ -132,4 +159,5 @@ def attention_suite(device: str, quick: bool) -> list[Case]:
     cases = [_sparse_case(kind, s, d, c) for s in seqs for c in (False, True) for d in _DENSITIES]
     cases += [_moba_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
     cases += [_routing_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
+    cases += [_sparse_backward_case(kind, seqs[-1], d) for d in (1.0, 0.1)]
     return cases

@@ -126,7 +126,9 @@ def _experts_case(device: str, family: str, tokens: int, dtype: torch.dtype, ske
         return x.to(device), weights.to(device), ids.to(device)
 
     def ours(x, weights, ids):
-        return torch.ops.torch_ext.fused_moe(x, w13, w2, weights, ids, "silu")
+        from torch_ext.ops import fused_moe  # the wrapper: fused_moe_train when gradients are needed
+
+        return fused_moe(x, w13, w2, weights, ids, "silu")
 
     baselines = {"transformers eager experts": lambda x, weights, ids: block.experts(x, ids.long(), weights)}
     if hasattr(torch, "_grouped_mm"):
