@@ -193,6 +193,9 @@ def test_run_selects_by_op_name_and_rejects_unknown(tmp_path):
         assert [c["op"] for c in result["cases"]] == ["selftest_add"]
         with pytest.raises(ValueError, match="no_such_op"):
             run(ops=["no_such_op"], quick=True, out_dir=str(tmp_path), devices=["cpu"])
+        assert run(ops=["selftest"], quick=True, out_dir=str(tmp_path), devices=["cpu"], match="fp16")["cases"] == []
+        assert len(run(ops=["selftest"], quick=True, out_dir=str(tmp_path), devices=["cpu"],
+                       match="256x256")["cases"]) == 1
 
 
 def test_declared_working_set_decides_the_cpu_roofline(tmp_path):

@@ -26,6 +26,7 @@ def run(
     quick: bool = False,
     out_dir: str = "bench_results",
     devices: list[str] | None = None,
+    match: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark the selected cases, print a table, write JSON and plots; return the result dict.
 
@@ -34,6 +35,7 @@ def run(
         quick: small subset of shapes and short measurements.
         out_dir: where ``bench-<UTC timestamp>.json`` and ``<family>-<device>.png`` go.
         devices: devices to run on (default: ``cpu``, plus ``cuda`` when available).
+        match: keep only the cases whose label contains this text (e.g. ``"S=8192"``).
 
     Raises:
         ValueError: unknown device, CUDA requested but unavailable, or a name in
@@ -43,6 +45,8 @@ def run(
     devices = _resolve_devices(devices)
     environment = collect_environment(devices)
     cases, errors = _collect_cases(devices, ops, quick)
+    if match is not None:
+        cases = [c for c in cases if match in c.label]
 
     config = TimerConfig.for_mode(quick)
     rooflines: dict[str, Roofline] = {}
@@ -57,6 +61,7 @@ def run(
         "environment": environment,
         "settings": {
             "quick": quick,
+            "match": match,
             "argv": list(sys.argv),
             "ops": ops,
             "devices": devices,
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         help="op family (e.g. activation) or op name (e.g. silu_and_mul); repeatable; default: all",
     )
     parser.add_argument("--quick", action="store_true", help="few shapes, short measurements")
+    parser.add_argument("--match", metavar="TEXT", help="only the cases whose label contains TEXT")
     parser.add_argument("--out", default="bench_results", metavar="DIR", help="output directory")
     parser.add_argument(
         "--device", dest="devices", action="append", choices=("cpu", "cuda"),
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        result = run(ops=args.ops, quick=args.quick, out_dir=args.out, devices=args.devices)
+        result = run(ops=args.ops, quick=args.quick, out_dir=args.out, devices=args.devices, match=args.match)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
