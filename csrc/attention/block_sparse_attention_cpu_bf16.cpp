@@ -24,17 +24,18 @@ using namespace block_sparse_cpu;
 constexpr int kLanes = 16;  // fp32 lanes of a zmm; pairs of bf16 per dot-product vector
 
 // Pair k of a bf16 row (bf16 2k and 2k + 1) in every 32-bit lane; the row may be 2-byte aligned only.
-inline __m512bh broadcast_pair(const BFloat16* row, int k) {
+inline __m512bh broadcast_pair(const BFloat16* row, int64_t k) {
   int32_t pair;
   std::memcpy(&pair, row + 2 * k, sizeof(pair));
   return (__m512bh)_mm512_set1_epi32(pair);
 }
 
 // c[r][n0, n0 + 16 NV) = out_scale * sum_k a[r].pair(k) . b[k][n0, ...) (row_scale null) or
-// row_scale[r] * c[r][...] + that sum (unscaled); b rows ld_b uint32 apart.
+// row_scale[r] * c[r][...] + that sum (unscaled); b rows ld_b uint32 apart, a row's pairs ld_a
+// pairs apart (1: a bf16 row; more: a column of a [pairs x ld_a] pair matrix).
 template <int R, int NV>
 void dot_tile(const BFloat16* const* a, const uint32_t* b, int64_t ld_b, int pairs, float* const* c, int n0,
-              const float* row_scale, float out_scale) {
+              const float* row_scale, float out_scale, int64_t ld_a) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v)
@@ -44,7 +45,7 @@ void dot_tile(const BFloat16* const* a, const uint32_t* b, int64_t ld_b, int pai
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + k * ld_b + n0 + v * kLanes);
     for (int r = 0; r < R; ++r) {
-      const __m512bh ar = broadcast_pair(a[r], k);
+      const __m512bh ar = broadcast_pair(a[r], k * ld_a);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
     }
   }
@@ -56,27 +57,27 @@ void dot_tile(const BFloat16* const* a, const uint32_t* b, int64_t ld_b, int pai
 // All rows in tiles of R, the remainder in tiles of R/2, R/4, ...
 template <int R, int NV>
 void dot_row_tiles(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
-                   int n0, const float* row_scale, float out_scale) {
+                   int n0, const float* row_scale, float out_scale, int64_t ld_a) {
   int r = 0;
   for (; r + R <= rows; r += R)
-    dot_tile<R, NV>(a + r, b, ld_b, pairs, c + r, n0, row_scale ? row_scale + r : nullptr, out_scale);
+    dot_tile<R, NV>(a + r, b, ld_b, pairs, c + r, n0, row_scale ? row_scale + r : nullptr, out_scale, ld_a);
   if constexpr (R > 1) {
     if (r < rows)
       dot_row_tiles<R / 2, NV>(a + r, rows - r, b, ld_b, pairs, c + r, n0, row_scale ? row_scale + r : nullptr,
-                               out_scale);
+                               out_scale, ld_a);
   }
 }
 
 // The whole [rows x cols] product (cols a multiple of 16): 4 rows x 4 vectors (16 accumulators
 // of 32 zmm), then 4 x 2, then 8 rows x 1 vector (a 16-key block), as the FMA kernel tiles.
 void dot_matmul(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
-                int cols, const float* row_scale, float out_scale) {
+                int cols, const float* row_scale, float out_scale, int64_t ld_a = 1) {
   int n0 = 0;
   for (; n0 + 4 * kLanes <= cols; n0 += 4 * kLanes)
-    dot_row_tiles<4, 4>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale);
+    dot_row_tiles<4, 4>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale, ld_a);
   for (; n0 + 2 * kLanes <= cols; n0 += 2 * kLanes)
-    dot_row_tiles<4, 2>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale);
-  for (; n0 + kLanes <= cols; n0 += kLanes) dot_row_tiles<8, 1>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale);
+    dot_row_tiles<4, 2>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale, ld_a);
+  for (; n0 + kLanes <= cols; n0 += kLanes) dot_row_tiles<8, 1>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale, ld_a);
 }
 
 // pairs[d/2][c] = (k[c][d], k[c][d+1]), pairs along the head dim: each key row is dim/2 32-bit pairs,
@@ -94,7 +95,7 @@ void pack_dim_pairs(const BFloat16* k, int64_t stride, int keys, int padded, int
 }
 
 // pairs[c/2][d] = (row(c)[d], row(c+1)[d]), pairs along the rows: two rows interleaved 16 bits at a
-// time; rows past `count` are zero, `padded` even.
+// time; rows past `count` are zero, `padded` even, dim a multiple of 16.
 template <typename RowOf>
 void pack_row_pairs(const RowOf& row, int count, int padded, int dim, uint32_t* pairs) {
   const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
@@ -103,10 +104,11 @@ void pack_row_pairs(const RowOf& row, int count, int padded, int dim, uint32_t* 
   for (int c = 0; c < padded; c += 2) {
     uint32_t* out = pairs + int64_t(c / 2) * dim;
     for (int d = 0; d < dim; d += 32) {
-      const __m512i first = c < count ? _mm512_loadu_si512(row(c) + d) : _mm512_setzero_si512();
-      const __m512i second = c + 1 < count ? _mm512_loadu_si512(row(c + 1) + d) : _mm512_setzero_si512();
+      const __mmask32 part = dim - d >= 32 ? ~__mmask32(0) : __mmask32(0xFFFF);  // a last 16 values
+      const __m512i first = c < count ? _mm512_maskz_loadu_epi16(part, row(c) + d) : _mm512_setzero_si512();
+      const __m512i second = c + 1 < count ? _mm512_maskz_loadu_epi16(part, row(c + 1) + d) : _mm512_setzero_si512();
       _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(first, low, second));
-      _mm512_storeu_si512(out + d + kLanes, _mm512_permutex2var_epi16(first, high, second));
+      if (dim - d >= 32) _mm512_storeu_si512(out + d + kLanes, _mm512_permutex2var_epi16(first, high, second));
     }
   }
 }
@@ -165,9 +167,10 @@ class DotKernel {
 // The backward's policy (backward_pass): the five products with vdpbf16ps on bf16 operands, fp32
 // accumulators. S = Q K^T and dP = dO V^T pair along the head dim (K and V packed as the forward
 // packs K, the query and output-gradient rows used in place); dQ += dS K pairs along the keys (K
-// packed as the forward packs V); dV += P^T dO and dK += dS^T Q pair along the query rows (dO and Q
-// rows interleaved, P^T and dS^T rows of bf16). P and dS are rounded to bf16 for these products, as
-// FlashAttention's backward does on GPUs; the softmax gradient itself runs in fp32.
+// packed as the forward packs V); dV += P^T dO and dK += dS^T Q pair along the query rows (rows of
+// dO and Q interleaved, and so rows of P and dS, whose columns are then the P^T and dS^T rows). P
+// and dS are rounded to bf16 for these products, as FlashAttention's backward does on GPUs; the
+// softmax gradient itself runs in fp32.
 class BackwardDotKernel {
  public:
   static constexpr bool kScaledKeyGrad = true;  // the queries are not pre-scaled
@@ -176,7 +179,7 @@ class BackwardDotKernel {
       : w_(w), dim_(g.head_dim), rows_max_(g.block_q + 1), padded_max_(round_up_to_lanes<float>(g.block_kv)),
         k_pairs_(size_t(padded_max_) * dim_ / 2), v_pairs_(k_pairs_.size()), k_row_pairs_(k_pairs_.size()),
         q_pairs_(size_t(rows_max_ / 2) * dim_), d_out_pairs_(q_pairs_.size()),
-        p_(size_t(g.block_q) * padded_max_ / 2), ds_(p_.size()), p_t_(size_t(padded_max_) * rows_max_),
+        p_(size_t(g.block_q) * padded_max_ / 2), ds_(p_.size()), p_t_(size_t(rows_max_ / 2) * padded_max_),
         ds_t_(p_t_.size()), q_rows_(size_t(g.block_q)), d_out_rows_(size_t(g.block_q)),
         a_ptr_(size_t(std::max(g.block_q, padded_max_))), ones_(a_ptr_.size(), 1.0f) {}
 
@@ -226,12 +229,14 @@ class BackwardDotKernel {
 
   void accumulate_dkv(int active, int keys, int padded, float* dk, float* dv) {
     const int even = active + (active & 1);
-    transposed(w_.s.data(), p_.data(), p_t_.data(), active, keys, padded);
+    row_pairs(w_.s.data(), p_.data(), p_t_.data(), active, keys, padded);
     w_.point(w_.c_ptr.data(), dv, dim_, keys);
-    dot_matmul(a_ptr_.data(), keys, d_out_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f);
-    transposed(w_.dp.data(), ds_.data(), ds_t_.data(), active, keys, padded);
+    dot_matmul(a_ptr_.data(), keys, d_out_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f,
+               padded);
+    row_pairs(w_.dp.data(), ds_.data(), ds_t_.data(), active, keys, padded);
     w_.point(w_.c_ptr.data(), dk, dim_, keys);
-    dot_matmul(a_ptr_.data(), keys, q_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f);
+    dot_matmul(a_ptr_.data(), keys, q_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f,
+               padded);
   }
 
  private:
@@ -240,25 +245,20 @@ class BackwardDotKernel {
     round_to_bf16(src + int64_t(a) * padded, padded, dst + int64_t(a) * padded / 2);
     return reinterpret_cast<const BFloat16*>(dst + int64_t(a) * padded / 2);
   }
-  // t[c][a] = bf16(src[a][c]) for the first `keys` columns, a zero column when `active` is odd;
-  // a_ptr_ points at t's rows.
-  void transposed(const float* src, uint32_t* bf16, BFloat16* t, int active, int keys, int padded) {
-    const int even = active + (active & 1);
+  // The active rows of src ([.. x padded] fp32) rounded to bf16 (into bf16) and paired along the
+  // rows into pairs ([even/2 x padded]): column c of pairs is row c of src^T as bf16 pairs, which
+  // a_ptr_[c] points at (pair stride padded).
+  void row_pairs(const float* src, uint32_t* bf16, uint32_t* pairs, int active, int keys, int padded) {
     for (int a = 0; a < active; ++a) rounded(src, bf16, a, padded);
     const BFloat16* rows = reinterpret_cast<const BFloat16*>(bf16);
-    for (int c = 0; c < keys; ++c) {
-      BFloat16* out = t + int64_t(c) * even;
-      for (int a = 0; a < active; ++a) out[a] = rows[int64_t(a) * padded + c];
-      if (even != active) out[active] = BFloat16{0};
-      a_ptr_[c] = out;
-    }
+    pack_row_pairs([&](int a) { return rows + int64_t(a) * padded; }, active, active + (active & 1), padded, pairs);
+    for (int c = 0; c < keys; ++c) a_ptr_[c] = reinterpret_cast<const BFloat16*>(pairs + c);
   }
 
   Workspace<float>& w_;
   int dim_, rows_max_, padded_max_;
   float scale_ = 1.0f;
-  std::vector<uint32_t> k_pairs_, v_pairs_, k_row_pairs_, q_pairs_, d_out_pairs_, p_, ds_;  // bf16 pairs
-  std::vector<BFloat16> p_t_, ds_t_;
+  std::vector<uint32_t> k_pairs_, v_pairs_, k_row_pairs_, q_pairs_, d_out_pairs_, p_, ds_, p_t_, ds_t_;  // bf16 pairs
   std::vector<const BFloat16*> q_rows_, d_out_rows_, a_ptr_;
   std::vector<float> ones_;
 };
