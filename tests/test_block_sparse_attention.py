@@ -129,6 +129,17 @@ def test_bf16_head_dims_and_key_blocks(cpu_isa, dim, block_kv):
     _check(1, 2, 2, 97, 150, dim, 32, block_kv, False, torch.bfloat16, 0.7, backward=False, transposed=True)
 
 
+@pytest.mark.parametrize("dim", [32, 48, 128, 256])
+@pytest.mark.parametrize("block_kv", [16, 48, 80])
+def test_bf16_backward_head_dims_and_key_blocks(cpu_isa, dim, block_kv):
+    """The bf16 backward against float64: multiples of 32 take the AVX512_BF16 backward where the
+    CPU has it (all five products with vdpbf16ps, P and dS rounded to bf16), 48 and the lower ISAs
+    the widening kernel; key blocks of 1, 3 and 5 vectors, partial blocks, odd active row counts
+    (97 rows, causal diagonals), GQA, [B, S, H, D] strides and MoBA-free random masks."""
+    _check(1, 2, 1, 131, 203, dim, 64, block_kv, True, torch.bfloat16, 0.7)
+    _check(1, 4, 2, 97, 150, dim, 32, block_kv, False, torch.bfloat16, 0.7, transposed=True)
+
+
 def test_long_sequences():
     _check(1, 1, 1, 1000, 1000, 64, 64, 32, True, torch.float32, 0.3)
     _check(1, 1, 1, 4097, 4097, 64, 128, 64, False, torch.bfloat16, 0.1, backward=False)

@@ -30,6 +30,8 @@ namespace cpu::avx512_bf16 {
 // block_sparse_attention_cpu_bf16.cpp: the forward with vdpbf16ps products, bf16 q/k/v, head dim a
 // multiple of 32 (see uses_bf16_dot).
 void block_sparse_attention_forward_bf16(const attention::BlockSparseForwardParams& p);
+// The backward with vdpbf16ps products (P and dS rounded to bf16), under the same conditions.
+void block_sparse_attention_backward_bf16(const attention::BlockSparseBackwardParams& p);
 }  // namespace cpu::avx512_bf16
 #endif
 
@@ -322,6 +324,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
     no_cuda_kernels(kBackward);
 #endif
   } else {
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+    if (uses_bf16_dot(p.forward)) {
+      cpu::avx512_bf16::block_sparse_attention_backward_bf16(p);
+      return {grad_q, grad_k, grad_v};
+    }
+#endif
     TORCH_EXT_CPU_DISPATCH(block_sparse_attention_backward, p);
   }
   return {grad_q, grad_k, grad_v};

@@ -1,11 +1,11 @@
 // CPU kernels of block-sparse attention and MoBA gating, compiled once per ISA level.
 //
-// FlashAttention-2 on the CPU; the forward's walk, masks and online softmax are in
-// block_sparse_attention_cpu_forward.h, shared with the AVX512_BF16 forward. Here: the
+// FlashAttention-2 on the CPU; the forward's and the backward's walks, masks and softmax steps are
+// in block_sparse_attention_cpu_forward.h, shared with the AVX512_BF16 kernels. Here: the
 // register-blocked micro-kernel (S = Q K^T, O = alpha * O + P V and the backward's products, over
 // row-pointer arrays so that only the active rows take part and no tile is copied to compact
-// it), the widening forward policy (operands in fp32, the query rows pre-scaled), the backward and
-// MoBA gating. The backward recomputes P from lse: dq per query block, dk/dv per key block walking
+// it), the widening forward and backward policies (operands in fp32, the query rows pre-scaled)
+// and MoBA gating. The backward recomputes P from lse: dq per query block, dk/dv per key block walking
 // the transposed lists; every output element has one writer, so there are no atomics and results
 // are deterministic. fp64 (gradcheck, reference checks) runs the same code with one double lane.
 #include "attention/block_sparse_attention_cpu_forward.h"
@@ -82,22 +82,6 @@ void matmul(const Acc* const* a, int rows, const Acc* const* b, int depth, Acc* 
 }
 
 
-// Backward: s becomes P = exp(s - lse) and dp becomes dS = P * (dP - delta), both 0 past `visible`.
-template <typename Acc>
-void softmax_grad_row(Acc* s, Acc* dp, int visible, int padded, Acc lse, Acc delta) {
-  using L = Lanes<Acc>;
-  using V = typename L::Vec;
-  constexpr int W = V::kWidth;
-  const V shift = L::splat(lse), d = L::splat(delta);
-  for (int c = 0; c < padded; c += W) {
-    const V p = exp(load(s + c) - shift);
-    store(s + c, p);
-    store(dp + c, p * (load(dp + c) - d));
-  }
-  for (int c = visible; c < padded; ++c) s[c] = dp[c] = Acc(0);
-}
-
-
 // ---------------------------------------------------------------------------------------------
 // Forward: the micro-kernel policy of every ISA level (block_sparse_attention_cpu_forward.h):
 // operands widened to Acc, the query rows pre-scaled.
@@ -135,153 +119,77 @@ class WideningKernel {
 
 
 // ---------------------------------------------------------------------------------------------
-// Backward
+// Backward: the micro-kernel policy of every ISA level (backward_pass in
+// block_sparse_attention_cpu_forward.h): operands widened to Acc, the query rows pre-scaled.
 // ---------------------------------------------------------------------------------------------
-// delta[i] = rowsum(dO * O), in Acc, stored fp32.
 template <typename T>
-void compute_delta(const BlockSparseBackwardParams& bp) {
+class WideningBackwardKernel {
   using Acc = AccOf<T>;
-  using L = Lanes<Acc>;
-  constexpr int W = kWidthOf<Acc>;
-  const BlockSparseForwardParams& p = bp.forward;
-  const int64_t rows = p.batch * p.heads_q * p.seq_q;
-  parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row % p.seq_q, h = row / p.seq_q % p.heads_q, b = row / p.seq_q / p.heads_q;
-      const T* d_out = row_of<T>(bp.grad_out, b, h, i);
-      const T* out = row_of<T>(Bhsd{p.out.data, p.out.batch_stride, p.out.head_stride, p.out.seq_stride}, b, h, i);
-      auto sum = L::splat(Acc(0));
-      for (int d = 0; d < p.head_dim; d += W) sum = fmadd(load(d_out + d), load(out + d), sum);
-      bp.delta[row] = float(reduce_add(sum));
-    }
-  });
-}
 
-// S and dP for the active rows (q and d_out rows given as pointers), then P and dS in place.
-template <typename Acc>
-void recompute_scores(Workspace<Acc>& w, int active, int dim, int padded, const Acc* const* q_rows,
-                      const Acc* const* d_out_rows, const float* lse, const float* delta, const int* lse_row) {
-  w.point(w.b_ptr.data(), w.k_t.data(), padded, dim);
-  w.point(w.c_ptr.data(), w.s.data(), padded, active);
-  matmul(q_rows, active, w.b_ptr.data(), dim, w.c_ptr.data(), padded, Init::kZero);
-  w.point(w.b_ptr.data(), w.v_t.data(), padded, dim);
-  w.point(w.c_ptr.data(), w.dp.data(), padded, active);
-  matmul(d_out_rows, active, w.b_ptr.data(), dim, w.c_ptr.data(), padded, Init::kZero);
-  for (int a = 0; a < active; ++a) {
-    softmax_grad_row(w.s.data() + int64_t(a) * padded, w.dp.data() + int64_t(a) * padded, w.visible[a], padded,
-                     Acc(lse[lse_row[a]]), Acc(delta[lse_row[a]]));
+ public:
+  WideningBackwardKernel(Workspace<Acc>& w, const Geometry& g)
+      : w_(w), dim_(g.head_dim), q_ptr_(size_t(g.block_q)),
+        d_out_ptr_(size_t(g.block_q)) {}
+  static constexpr bool kScaledKeyGrad = false;  // dK accumulates with the pre-scaled queries
+
+  void load_queries(const T* q, int64_t q_stride, const T* d_out, int64_t d_out_stride, int n, float scale) {
+    pack_rows(q, q_stride, n, n, dim_, Acc(scale), w_.q.data());
+    pack_rows(d_out, d_out_stride, n, n, dim_, Acc(1), w_.d_out.data());
   }
-}
-
-template <typename T>
-void grad_q(const BlockSparseBackwardParams& bp) {
-  using Acc = AccOf<T>;
-  using L = Lanes<Acc>;
-  constexpr int W = kWidthOf<Acc>;
-  const BlockSparseForwardParams& p = bp.forward;
-  const Geometry g(p);
-  const int dim = p.head_dim;
-  const int64_t nq = ceil_div(p.seq_q, p.block_q), group = p.heads_q / p.heads_kv;
-  parallel_for(0, p.batch * p.heads_q * nq, 1, [&](int64_t begin, int64_t end) {
-    Workspace<Acc> w(g);
-    std::vector<const Acc*> q_ptr(size_t(p.block_q)), d_out_ptr(size_t(p.block_q));
-    for (int64_t task = begin; task < end; ++task) {
-      const auto [b, h, qb] = query_block_task(p, task, nq);
-      const int64_t hk = h / group, r0 = qb * p.block_q, row0 = (b * p.heads_q + h) * p.seq_q + r0;
-      const int n = g.rows_in(qb);
-      pack_rows(row_of<T>(p.q, b, h, r0), p.q.seq_stride, n, n, dim, Acc(p.scale), w.q.data());
-      pack_rows(row_of<T>(bp.grad_out, b, h, r0), bp.grad_out.seq_stride, n, n, dim, Acc(1), w.d_out.data());
-      std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
-      for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
-        pack_transposed(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, keys, padded, dim, w.k_t.data());
-        pack_transposed(row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys, padded, dim, w.v_t.data());
-        pack_rows(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, keys, padded, dim, Acc(1), w.k_rows.data());
-        w.point(q_ptr.data(), w.q.data(), dim, active, w.rows.data());
-        w.point(d_out_ptr.data(), w.d_out.data(), dim, active, w.rows.data());
-        recompute_scores(w, active, dim, padded, q_ptr.data(), d_out_ptr.data(), p.lse + row0, bp.delta + row0,
-                         w.rows.data());
-        // dQ += dS K (scaled at the end)
-        w.point(w.a_ptr.data(), w.dp.data(), padded, active);
-        w.point(w.b_ptr.data(), w.k_rows.data(), dim, padded);
-        w.point(w.c_ptr.data(), w.acc.data(), dim, active, w.rows.data());
-        matmul(w.a_ptr.data(), active, w.b_ptr.data(), padded, w.c_ptr.data(), dim, Init::kAccumulate);
-      });
-      const auto scale = L::splat(Acc(p.scale));
-      for (int r = 0; r < n; ++r) {
-        T* dq = row_of<T>(bp.grad_q, b, h, r0 + r);
-        for (int d = 0; d < dim; d += W) store(dq + d, load(w.acc.data() + int64_t(r) * dim + d) * scale);
-      }
+  // Rows rows[a] (of the block at q / d_out) compacted: row a of q / d_out.
+  void load_active_queries(const T* q, int64_t q_stride, const T* d_out, int64_t d_out_stride, const int* rows,
+                           int active, float scale) {
+    for (int a = 0; a < active; ++a) {
+      pack_rows(q + rows[a] * q_stride, 0, 1, 1, dim_, Acc(scale), w_.q.data() + int64_t(a) * dim_);
+      pack_rows(d_out + rows[a] * d_out_stride, 0, 1, 1, dim_, Acc(1), w_.d_out.data() + int64_t(a) * dim_);
     }
-  });
-}
-
-template <typename T>
-void grad_kv(const BlockSparseBackwardParams& bp) {
-  using Acc = AccOf<T>;
-  constexpr int W = kWidthOf<Acc>;
-  const BlockSparseForwardParams& p = bp.forward;
-  const Geometry g(p);
-  const int dim = p.head_dim;
-  const int64_t nk = ceil_div(p.seq_kv, p.block_kv), group = p.heads_q / p.heads_kv;
-  const int kp = round_up_to_lanes<Acc>(p.block_kv);
-  parallel_for(0, p.batch * p.heads_kv * nk, 1, [&](int64_t begin, int64_t end) {
-    Workspace<Acc> w(g);
-    std::vector<Acc> dk(size_t(kp) * dim), dv(size_t(kp) * dim);
-    std::vector<const Acc*> q_ptr(size_t(p.block_q)), d_out_ptr(size_t(p.block_q));
-    std::vector<int> lse_row(size_t(p.block_q));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t kb = zigzag(task % nk, nk), hk = task / nk % p.heads_kv, b = task / nk / p.heads_kv;
-      const int keys = g.keys_in(kb), padded = round_up_to_lanes<Acc>(keys);
-      const int64_t c0 = kb * p.block_kv;
-      pack_transposed(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, keys, padded, dim, w.k_t.data());
-      pack_transposed(row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys, padded, dim, w.v_t.data());
-      std::fill(dk.begin(), dk.end(), Acc(0));
-      std::fill(dv.begin(), dv.end(), Acc(0));
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        int32_t count;
-        const int32_t* list = list_of(bp.transposed, b, h, kb, &count);
-        for (int32_t t = 0; t < count; ++t) {
-          const int64_t qb = list[t], r0 = qb * p.block_q, row0 = (b * p.heads_q + h) * p.seq_q + r0;
-          const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
-          const int active = active_rows(g, choices, qb, int32_t(kb), w.rows.data(), w.visible.data());
-          if (choices) w.choices.unmark(p.selection, b, h, r0, g.rows_in(qb));
-          if (active == 0) continue;
-          // Only the active rows are loaded, compacted: row a of q/d_out is query row rows[a].
-          for (int a = 0; a < active; ++a) {
-            const int r = w.rows[a];
-            pack_rows(row_of<T>(p.q, b, h, r0 + r), 0, 1, 1, dim, Acc(p.scale), w.q.data() + int64_t(a) * dim);
-            pack_rows(row_of<T>(bp.grad_out, b, h, r0 + r), 0, 1, 1, dim, Acc(1), w.d_out.data() + int64_t(a) * dim);
-          }
-          w.point(q_ptr.data(), w.q.data(), dim, active);
-          w.point(d_out_ptr.data(), w.d_out.data(), dim, active);
-          recompute_scores(w, active, dim, padded, q_ptr.data(), d_out_ptr.data(), p.lse + row0, bp.delta + row0,
-                           w.rows.data());
-          // P^T and dS^T: [keys x active]
-          for (int a = 0; a < active; ++a)
-            for (int c = 0; c < keys; ++c) {
-              w.p_t[int64_t(c) * active + a] = w.s[int64_t(a) * padded + c];
-              w.ds_t[int64_t(c) * active + a] = w.dp[int64_t(a) * padded + c];
-            }
-          // dV += P^T dO, dK += dS^T (scale Q)
-          w.point(w.a_ptr.data(), w.p_t.data(), active, keys);
-          w.point(w.c_ptr.data(), dv.data(), dim, keys);
-          matmul(w.a_ptr.data(), keys, d_out_ptr.data(), active, w.c_ptr.data(), dim, Init::kAccumulate);
-          w.point(w.a_ptr.data(), w.ds_t.data(), active, keys);
-          w.point(w.c_ptr.data(), dk.data(), dim, keys);
-          matmul(w.a_ptr.data(), keys, q_ptr.data(), active, w.c_ptr.data(), dim, Init::kAccumulate);
-        }
-      }
+  }
+  // with_rows: also K as rows, for dQ += dS K.
+  void load_keys(const T* k, int64_t k_stride, const T* v, int64_t v_stride, int keys, int padded, bool with_rows) {
+    pack_transposed(k, k_stride, keys, padded, dim_, w_.k_t.data());
+    pack_transposed(v, v_stride, keys, padded, dim_, w_.v_t.data());
+    if (with_rows) pack_rows(k, k_stride, keys, padded, dim_, Acc(1), w_.k_rows.data());
+  }
+  // S and dP of the active rows into w.s / w.dp; query row a is loaded row index[a] (null: a).
+  void scores(int active, int padded, const int* index) {
+    w_.point(q_ptr_.data(), w_.q.data(), dim_, active, index);
+    w_.point(d_out_ptr_.data(), w_.d_out.data(), dim_, active, index);
+    w_.point(w_.b_ptr.data(), w_.k_t.data(), padded, dim_);
+    w_.point(w_.c_ptr.data(), w_.s.data(), padded, active);
+    matmul(q_ptr_.data(), active, w_.b_ptr.data(), dim_, w_.c_ptr.data(), padded, Init::kZero);
+    w_.point(w_.b_ptr.data(), w_.v_t.data(), padded, dim_);
+    w_.point(w_.c_ptr.data(), w_.dp.data(), padded, active);
+    matmul(d_out_ptr_.data(), active, w_.b_ptr.data(), dim_, w_.c_ptr.data(), padded, Init::kZero);
+  }
+  // w.acc[w.rows[a]] += dS[a] K
+  void accumulate_dq(int active, int padded) {
+    w_.point(w_.a_ptr.data(), w_.dp.data(), padded, active);
+    w_.point(w_.b_ptr.data(), w_.k_rows.data(), dim_, padded);
+    w_.point(w_.c_ptr.data(), w_.acc.data(), dim_, active, w_.rows.data());
+    matmul(w_.a_ptr.data(), active, w_.b_ptr.data(), padded, w_.c_ptr.data(), dim_, Init::kAccumulate);
+  }
+  // dv += P^T dO, dk += dS^T Q over the compacted active rows ([keys x dim] each).
+  void accumulate_dkv(int active, int keys, int padded, Acc* dk, Acc* dv) {
+    for (int a = 0; a < active; ++a)
       for (int c = 0; c < keys; ++c) {
-        T* dk_row = row_of<T>(bp.grad_k, b, hk, c0 + c);
-        T* dv_row = row_of<T>(bp.grad_v, b, hk, c0 + c);
-        for (int d = 0; d < dim; d += W) {
-          store(dk_row + d, load(dk.data() + int64_t(c) * dim + d));
-          store(dv_row + d, load(dv.data() + int64_t(c) * dim + d));
-        }
+        w_.p_t[int64_t(c) * active + a] = w_.s[int64_t(a) * padded + c];
+        w_.ds_t[int64_t(c) * active + a] = w_.dp[int64_t(a) * padded + c];
       }
-    }
-  });
-}
+    w_.point(q_ptr_.data(), w_.q.data(), dim_, active);
+    w_.point(d_out_ptr_.data(), w_.d_out.data(), dim_, active);
+    w_.point(w_.a_ptr.data(), w_.p_t.data(), active, keys);
+    w_.point(w_.c_ptr.data(), dv, dim_, keys);
+    matmul(w_.a_ptr.data(), keys, d_out_ptr_.data(), active, w_.c_ptr.data(), dim_, Init::kAccumulate);
+    w_.point(w_.a_ptr.data(), w_.ds_t.data(), active, keys);
+    w_.point(w_.c_ptr.data(), dk, dim_, keys);
+    matmul(w_.a_ptr.data(), keys, q_ptr_.data(), active, w_.c_ptr.data(), dim_, Init::kAccumulate);
+  }
+
+ private:
+  Workspace<Acc>& w_;
+  int dim_;
+  std::vector<const Acc*> q_ptr_, d_out_ptr_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // MoBA gating
@@ -425,9 +333,7 @@ void block_sparse_attention_forward(const BlockSparseForwardParams& p) {
 
 void block_sparse_attention_backward(const BlockSparseBackwardParams& p) {
   visit_storage_type(p.forward.dtype, [&](auto tag) {
-    compute_delta<decltype(tag)>(p);
-    grad_q<decltype(tag)>(p);
-    grad_kv<decltype(tag)>(p);
+    backward_pass<decltype(tag), WideningBackwardKernel<decltype(tag)>>(p);
   });
 }
 

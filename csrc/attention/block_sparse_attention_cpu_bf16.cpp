@@ -1,5 +1,5 @@
-// block_sparse_attention's forward for bf16 with AVX512_BF16 dot products (vdpbf16ps); the walk,
-// masks and online softmax: attention/block_sparse_attention_cpu_forward.h.
+// block_sparse_attention's forward and backward for bf16 with AVX512_BF16 dot products
+// (vdpbf16ps); the walks, masks and softmax steps: attention/block_sparse_attention_cpu_forward.h.
 //
 // Compiled only at the AVX-512 level with -mavx512bf16, in its own ISA namespace (avx512_bf16),
 // and called only when the CPU has the extension (avx512_bf16_active()) and head_dim % 32 == 0.
@@ -24,17 +24,18 @@ using namespace block_sparse_cpu;
 constexpr int kLanes = 16;  // fp32 lanes of a zmm; pairs of bf16 per dot-product vector
 
 // Pair k of a bf16 row (bf16 2k and 2k + 1) in every 32-bit lane; the row may be 2-byte aligned only.
-inline __m512bh broadcast_pair(const BFloat16* row, int k) {
+inline __m512bh broadcast_pair(const BFloat16* row, int64_t k) {
   int32_t pair;
   std::memcpy(&pair, row + 2 * k, sizeof(pair));
   return (__m512bh)_mm512_set1_epi32(pair);
 }
 
 // c[r][n0, n0 + 16 NV) = out_scale * sum_k a[r].pair(k) . b[k][n0, ...) (row_scale null) or
-// row_scale[r] * c[r][...] + that sum (unscaled); b rows ld_b uint32 apart.
+// row_scale[r] * c[r][...] + that sum (unscaled); b rows ld_b uint32 apart, a row's pairs ld_a
+// pairs apart (1: a bf16 row; more: a column of a [pairs x ld_a] pair matrix).
 template <int R, int NV>
 void dot_tile(const BFloat16* const* a, const uint32_t* b, int64_t ld_b, int pairs, float* const* c, int n0,
-              const float* row_scale, float out_scale) {
+              const float* row_scale, float out_scale, int64_t ld_a) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v)
@@ -44,7 +45,7 @@ void dot_tile(const BFloat16* const* a, const uint32_t* b, int64_t ld_b, int pai
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + k * ld_b + n0 + v * kLanes);
     for (int r = 0; r < R; ++r) {
-      const __m512bh ar = broadcast_pair(a[r], k);
+      const __m512bh ar = broadcast_pair(a[r], k * ld_a);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
     }
   }
@@ -56,27 +57,71 @@ void dot_tile(const BFloat16* const* a, const uint32_t* b, int64_t ld_b, int pai
 // All rows in tiles of R, the remainder in tiles of R/2, R/4, ...
 template <int R, int NV>
 void dot_row_tiles(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
-                   int n0, const float* row_scale, float out_scale) {
+                   int n0, const float* row_scale, float out_scale, int64_t ld_a) {
   int r = 0;
   for (; r + R <= rows; r += R)
-    dot_tile<R, NV>(a + r, b, ld_b, pairs, c + r, n0, row_scale ? row_scale + r : nullptr, out_scale);
+    dot_tile<R, NV>(a + r, b, ld_b, pairs, c + r, n0, row_scale ? row_scale + r : nullptr, out_scale, ld_a);
   if constexpr (R > 1) {
     if (r < rows)
       dot_row_tiles<R / 2, NV>(a + r, rows - r, b, ld_b, pairs, c + r, n0, row_scale ? row_scale + r : nullptr,
-                               out_scale);
+                               out_scale, ld_a);
   }
 }
 
 // The whole [rows x cols] product (cols a multiple of 16): 4 rows x 4 vectors (16 accumulators
 // of 32 zmm), then 4 x 2, then 8 rows x 1 vector (a 16-key block), as the FMA kernel tiles.
 void dot_matmul(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
-                int cols, const float* row_scale, float out_scale) {
+                int cols, const float* row_scale, float out_scale, int64_t ld_a = 1) {
   int n0 = 0;
   for (; n0 + 4 * kLanes <= cols; n0 += 4 * kLanes)
-    dot_row_tiles<4, 4>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale);
+    dot_row_tiles<4, 4>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale, ld_a);
   for (; n0 + 2 * kLanes <= cols; n0 += 2 * kLanes)
-    dot_row_tiles<4, 2>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale);
-  for (; n0 + kLanes <= cols; n0 += kLanes) dot_row_tiles<8, 1>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale);
+    dot_row_tiles<4, 2>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale, ld_a);
+  for (; n0 + kLanes <= cols; n0 += kLanes) dot_row_tiles<8, 1>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale, ld_a);
+}
+
+// pairs[d/2][c] = (k[c][d], k[c][d+1]), pairs along the head dim: each key row is dim/2 32-bit pairs,
+// transposed 16 x 16 pairs at a time in registers; keys past `keys` are zero.
+void pack_dim_pairs(const BFloat16* k, int64_t stride, int keys, int padded, int dim, uint32_t* pairs) {
+  VecF block[kLanes];
+  for (int c = 0; c < padded; c += kLanes)
+    for (int d2 = 0; d2 < dim / 2; d2 += kLanes) {
+      for (int i = 0; i < kLanes; ++i)
+        block[i] = c + i < keys ? VecF{_mm512_loadu_ps(k + (c + i) * stride + 2 * d2)} : broadcast(0.0f);
+      transpose(block);
+      for (int i = 0; i < kLanes; ++i)
+        _mm512_storeu_ps(reinterpret_cast<float*>(pairs + int64_t(d2 + i) * padded + c), block[i].v);
+    }
+}
+
+// pairs[c/2][d] = (row(c)[d], row(c+1)[d]), pairs along the rows: two rows interleaved 16 bits at a
+// time; rows past `count` are zero, `padded` even, dim a multiple of 16.
+template <typename RowOf>
+void pack_row_pairs(const RowOf& row, int count, int padded, int dim, uint32_t* pairs) {
+  const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                       5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int c = 0; c < padded; c += 2) {
+    uint32_t* out = pairs + int64_t(c / 2) * dim;
+    for (int d = 0; d < dim; d += 32) {
+      const __mmask32 part = dim - d >= 32 ? ~__mmask32(0) : __mmask32(0xFFFF);  // a last 16 values
+      const __m512i first = c < count ? _mm512_maskz_loadu_epi16(part, row(c) + d) : _mm512_setzero_si512();
+      const __m512i second = c + 1 < count ? _mm512_maskz_loadu_epi16(part, row(c + 1) + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(first, low, second));
+      if (dim - d >= 32) _mm512_storeu_si512(out + d + kLanes, _mm512_permutex2var_epi16(first, high, second));
+    }
+  }
+}
+
+// n (a multiple of 16) fp32 values to bf16 pairs, round to nearest even.
+void round_to_bf16(const float* src, int n, uint32_t* dst) {
+  int c = 0;
+  for (; c + 2 * kLanes <= n; c += 2 * kLanes) {
+    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + c + kLanes), _mm512_loadu_ps(src + c));
+    _mm512_storeu_si512(dst + c / 2, (__m512i)pair);
+  }
+  if (c < n)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + c)));
 }
 
 class DotKernel {
@@ -92,8 +137,8 @@ class DotKernel {
   }
 
   void load_keys(const BFloat16* k, int64_t k_stride, const BFloat16* v, int64_t v_stride, int keys, int padded) {
-    pack_key_pairs(k, k_stride, keys, padded);
-    pack_value_pairs(v, v_stride, keys, padded);
+    pack_dim_pairs(k, k_stride, keys, padded, dim_, k_pairs_.data());
+    pack_row_pairs([&](int c) { return v + c * v_stride; }, keys, padded, dim_, v_pairs_.data());
   }
 
   void scores(int active, int padded) {
@@ -112,47 +157,6 @@ class DotKernel {
   }
 
  private:
-  // k_pairs_[d/2][c] = (k[c][d], k[c][d+1]): each key row is dim/2 32-bit pairs, transposed 16 x 16
-  // pairs at a time in registers; keys past `keys` are zero.
-  void pack_key_pairs(const BFloat16* k, int64_t stride, int keys, int padded) {
-    VecF block[kLanes];
-    for (int c = 0; c < padded; c += kLanes)
-      for (int d2 = 0; d2 < dim_ / 2; d2 += kLanes) {
-        for (int i = 0; i < kLanes; ++i)
-          block[i] = c + i < keys ? VecF{_mm512_loadu_ps(k + (c + i) * stride + 2 * d2)} : broadcast(0.0f);
-        transpose(block);
-        for (int i = 0; i < kLanes; ++i)
-          _mm512_storeu_ps(reinterpret_cast<float*>(k_pairs_.data() + int64_t(d2 + i) * padded + c), block[i].v);
-      }
-  }
-
-  // v_pairs_[c/2][d] = (v[c][d], v[c+1][d]): two value rows interleaved 16 bits at a time; a row
-  // past `keys` is zero.
-  void pack_value_pairs(const BFloat16* v, int64_t stride, int keys, int padded) {
-    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-    for (int c = 0; c < padded; c += 2) {
-      uint32_t* out = v_pairs_.data() + int64_t(c / 2) * dim_;
-      for (int d = 0; d < dim_; d += 32) {
-        const __m512i first = c < keys ? _mm512_loadu_si512(v + c * stride + d) : _mm512_setzero_si512();
-        const __m512i second = c + 1 < keys ? _mm512_loadu_si512(v + (c + 1) * stride + d) : _mm512_setzero_si512();
-        _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(first, low, second));
-        _mm512_storeu_si512(out + d + kLanes, _mm512_permutex2var_epi16(first, high, second));
-      }
-    }
-  }
-
-  // n (a multiple of 16) fp32 values to bf16 pairs, round to nearest even.
-  static void round_to_bf16(const float* src, int n, uint32_t* dst) {
-    int c = 0;
-    for (; c + 2 * kLanes <= n; c += 2 * kLanes) {
-      const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + c + kLanes), _mm512_loadu_ps(src + c));
-      _mm512_storeu_si512(dst + c / 2, (__m512i)pair);
-    }
-    if (c < n) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + c)));
-  }
-
   Workspace<float>& w_;
   int dim_, padded_max_;
   float scale_ = 1.0f;
@@ -160,10 +164,113 @@ class DotKernel {
   std::vector<const BFloat16*> q_rows_, a_ptr_;
 };
 
+// The backward's policy (backward_pass): the five products with vdpbf16ps on bf16 operands, fp32
+// accumulators. S = Q K^T and dP = dO V^T pair along the head dim (K and V packed as the forward
+// packs K, the query and output-gradient rows used in place); dQ += dS K pairs along the keys (K
+// packed as the forward packs V); dV += P^T dO and dK += dS^T Q pair along the query rows (rows of
+// dO and Q interleaved, and so rows of P and dS, whose columns are then the P^T and dS^T rows). P
+// and dS are rounded to bf16 for these products, as FlashAttention's backward does on GPUs; the
+// softmax gradient itself runs in fp32.
+class BackwardDotKernel {
+ public:
+  static constexpr bool kScaledKeyGrad = true;  // the queries are not pre-scaled
+
+  BackwardDotKernel(Workspace<float>& w, const Geometry& g)
+      : w_(w), dim_(g.head_dim), rows_max_(g.block_q + 1), padded_max_(round_up_to_lanes<float>(g.block_kv)),
+        k_pairs_(size_t(padded_max_) * dim_ / 2), v_pairs_(k_pairs_.size()), k_row_pairs_(k_pairs_.size()),
+        q_pairs_(size_t(rows_max_ / 2) * dim_), d_out_pairs_(q_pairs_.size()),
+        p_(size_t(g.block_q) * padded_max_ / 2), ds_(p_.size()), p_t_(size_t(rows_max_ / 2) * padded_max_),
+        ds_t_(p_t_.size()), q_rows_(size_t(g.block_q)), d_out_rows_(size_t(g.block_q)),
+        a_ptr_(size_t(std::max(g.block_q, padded_max_))), ones_(a_ptr_.size(), 1.0f) {}
+
+  void load_queries(const BFloat16* q, int64_t q_stride, const BFloat16* d_out, int64_t d_out_stride, int n,
+                    float scale) {
+    scale_ = scale;
+    for (int r = 0; r < n; ++r) {
+      q_rows_[r] = q + r * q_stride;
+      d_out_rows_[r] = d_out + r * d_out_stride;
+    }
+  }
+
+  void load_active_queries(const BFloat16* q, int64_t q_stride, const BFloat16* d_out, int64_t d_out_stride,
+                           const int* rows, int active, float scale) {
+    load_queries(q, q_stride, d_out, d_out_stride, 0, scale);
+    for (int a = 0; a < active; ++a) {
+      q_rows_[a] = q + rows[a] * q_stride;
+      d_out_rows_[a] = d_out + rows[a] * d_out_stride;
+    }
+    const int even = active + (active & 1);
+    pack_row_pairs([&](int a) { return q_rows_[a]; }, active, even, dim_, q_pairs_.data());
+    pack_row_pairs([&](int a) { return d_out_rows_[a]; }, active, even, dim_, d_out_pairs_.data());
+  }
+
+  void load_keys(const BFloat16* k, int64_t k_stride, const BFloat16* v, int64_t v_stride, int keys, int padded,
+                 bool with_rows) {
+    pack_dim_pairs(k, k_stride, keys, padded, dim_, k_pairs_.data());
+    pack_dim_pairs(v, v_stride, keys, padded, dim_, v_pairs_.data());
+    if (with_rows) pack_row_pairs([&](int c) { return k + c * k_stride; }, keys, padded, dim_, k_row_pairs_.data());
+  }
+
+  void scores(int active, int padded, const int* index) {
+    w_.point(w_.c_ptr.data(), w_.s.data(), padded, active);
+    for (int a = 0; a < active; ++a) a_ptr_[a] = q_rows_[index ? index[a] : a];
+    dot_matmul(a_ptr_.data(), active, k_pairs_.data(), padded, dim_ / 2, w_.c_ptr.data(), padded, nullptr, scale_);
+    w_.point(w_.c_ptr.data(), w_.dp.data(), padded, active);
+    for (int a = 0; a < active; ++a) a_ptr_[a] = d_out_rows_[index ? index[a] : a];
+    dot_matmul(a_ptr_.data(), active, v_pairs_.data(), padded, dim_ / 2, w_.c_ptr.data(), padded, nullptr, 1.0f);
+  }
+
+  void accumulate_dq(int active, int padded) {
+    for (int a = 0; a < active; ++a) a_ptr_[a] = rounded(w_.dp.data(), ds_.data(), a, padded);
+    w_.point(w_.c_ptr.data(), w_.acc.data(), dim_, active, w_.rows.data());
+    dot_matmul(a_ptr_.data(), active, k_row_pairs_.data(), dim_, padded / 2, w_.c_ptr.data(), dim_, ones_.data(),
+               1.0f);
+  }
+
+  void accumulate_dkv(int active, int keys, int padded, float* dk, float* dv) {
+    const int even = active + (active & 1);
+    row_pairs(w_.s.data(), p_.data(), p_t_.data(), active, keys, padded);
+    w_.point(w_.c_ptr.data(), dv, dim_, keys);
+    dot_matmul(a_ptr_.data(), keys, d_out_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f,
+               padded);
+    row_pairs(w_.dp.data(), ds_.data(), ds_t_.data(), active, keys, padded);
+    w_.point(w_.c_ptr.data(), dk, dim_, keys);
+    dot_matmul(a_ptr_.data(), keys, q_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f,
+               padded);
+  }
+
+ private:
+  // Row a of src ([.. x padded] fp32) rounded to bf16 into the same row of dst.
+  static const BFloat16* rounded(const float* src, uint32_t* dst, int a, int padded) {
+    round_to_bf16(src + int64_t(a) * padded, padded, dst + int64_t(a) * padded / 2);
+    return reinterpret_cast<const BFloat16*>(dst + int64_t(a) * padded / 2);
+  }
+  // The active rows of src ([.. x padded] fp32) rounded to bf16 (into bf16) and paired along the
+  // rows into pairs ([even/2 x padded]): column c of pairs is row c of src^T as bf16 pairs, which
+  // a_ptr_[c] points at (pair stride padded).
+  void row_pairs(const float* src, uint32_t* bf16, uint32_t* pairs, int active, int keys, int padded) {
+    for (int a = 0; a < active; ++a) rounded(src, bf16, a, padded);
+    const BFloat16* rows = reinterpret_cast<const BFloat16*>(bf16);
+    pack_row_pairs([&](int a) { return rows + int64_t(a) * padded; }, active, active + (active & 1), padded, pairs);
+    for (int c = 0; c < keys; ++c) a_ptr_[c] = reinterpret_cast<const BFloat16*>(pairs + c);
+  }
+
+  Workspace<float>& w_;
+  int dim_, rows_max_, padded_max_;
+  float scale_ = 1.0f;
+  std::vector<uint32_t> k_pairs_, v_pairs_, k_row_pairs_, q_pairs_, d_out_pairs_, p_, ds_, p_t_, ds_t_;  // bf16 pairs
+  std::vector<const BFloat16*> q_rows_, d_out_rows_, a_ptr_;
+  std::vector<float> ones_;
+};
+
 }  // namespace
 
 void block_sparse_attention_forward_bf16(const attention::BlockSparseForwardParams& p) {
   forward_pass<BFloat16, DotKernel>(p);
+}
+
+void block_sparse_attention_backward_bf16(const attention::BlockSparseBackwardParams& p) {
+  backward_pass<BFloat16, BackwardDotKernel>(p);
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA

@@ -339,5 +339,155 @@ void forward_pass(const BlockSparseForwardParams& p) {
   });
 }
 
+// Backward: s becomes P = exp(s - lse) and dp becomes dS = P * (dP - delta), both 0 past `visible`.
+template <typename Acc>
+void softmax_grad_row(Acc* s, Acc* dp, int visible, int padded, Acc lse, Acc delta) {
+  using L = Lanes<Acc>;
+  using V = typename L::Vec;
+  constexpr int W = V::kWidth;
+  const V shift = L::splat(lse), d = L::splat(delta);
+  for (int c = 0; c < padded; c += W) {
+    const V p = exp(load(s + c) - shift);
+    store(s + c, p);
+    store(dp + c, p * (load(dp + c) - d));
+  }
+  for (int c = visible; c < padded; ++c) s[c] = dp[c] = Acc(0);
+}
+
+
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+// delta[i] = rowsum(dO * O), in Acc, stored fp32.
+template <typename T>
+void compute_delta(const BlockSparseBackwardParams& bp) {
+  using Acc = AccOf<T>;
+  using L = Lanes<Acc>;
+  constexpr int W = kWidthOf<Acc>;
+  const BlockSparseForwardParams& p = bp.forward;
+  const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % p.seq_q, h = row / p.seq_q % p.heads_q, b = row / p.seq_q / p.heads_q;
+      const T* d_out = row_of<T>(bp.grad_out, b, h, i);
+      const T* out = row_of<T>(Bhsd{p.out.data, p.out.batch_stride, p.out.head_stride, p.out.seq_stride}, b, h, i);
+      auto sum = L::splat(Acc(0));
+      for (int d = 0; d < p.head_dim; d += W) sum = fmadd(load(d_out + d), load(out + d), sum);
+      bp.delta[row] = float(reduce_add(sum));
+    }
+  });
+}
+
+// P and dS in place of the S and dP of the active rows (row a: lse / delta row lse_row[a]).
+template <typename Acc>
+void softmax_grad_rows(Workspace<Acc>& w, int active, int padded, const float* lse, const float* delta,
+                       const int* lse_row) {
+  for (int a = 0; a < active; ++a)
+    softmax_grad_row(w.s.data() + int64_t(a) * padded, w.dp.data() + int64_t(a) * padded, w.visible[a], padded,
+                     Acc(lse[lse_row[a]]), Acc(delta[lse_row[a]]));
+}
+
+// Kernel, built per parallel_for chunk as Kernel(workspace, geometry), provides:
+//   load_queries(q, q_stride, d_out, d_out_stride, n, scale)   a query block's n rows (dq pass)
+//   load_active_queries(q, q_stride, d_out, d_out_stride, rows, active, scale)  rows[a] as row a
+//   load_keys(k, k_stride, v, v_stride, keys, padded, with_rows)  one key block, zero past `keys`
+//   scores(active, padded, index)  S (scaled) and dP of the active rows into w.s / w.dp, query row
+//                                  a the loaded row index[a] (null: a)
+//   accumulate_dq(active, padded)  w.acc[w.rows[a]] += dS[a] K, dS in w.dp
+//   accumulate_dkv(active, keys, padded, dk, dv)  dv += P^T dO, dk += dS^T Q (compacted rows)
+//   kScaledKeyGrad                 dk still needs the softmax scale (the queries were not scaled)
+// Runs body(w, kernel, task) for tasks [0, tasks) across threads, each parallel_for chunk with its
+// own workspace and kernel.
+template <typename Acc, typename Kernel, typename Body>
+void for_each_task(const Geometry& g, int64_t tasks, const Body& body) {
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Workspace<Acc> w(g);
+    Kernel kernel(w, g);
+    for (int64_t task = begin; task < end; ++task) body(w, kernel, task);
+  });
+}
+
+// dst[0, dim) = scale * src[0, dim), rounded to T.
+template <typename T, typename Acc>
+void store_scaled(T* dst, const Acc* src, int dim, Acc scale) {
+  constexpr int W = kWidthOf<Acc>;
+  const auto s = Lanes<Acc>::splat(scale);
+  for (int d = 0; d < dim; d += W) store(dst + d, load(src + d) * s);
+}
+
+template <typename T, typename Kernel>
+void grad_q(const BlockSparseBackwardParams& bp, const Geometry& g) {
+  using Acc = AccOf<T>;
+  const BlockSparseForwardParams& p = bp.forward;
+  const int dim = p.head_dim;
+  const int64_t nq = ceil_div(p.seq_q, p.block_q), group = p.heads_q / p.heads_kv;
+  for_each_task<Acc, Kernel>(g, p.batch * p.heads_q * nq, [&](Workspace<Acc>& w, Kernel& kernel, int64_t task) {
+    const auto [b, h, qb] = query_block_task(p, task, nq);
+    const int64_t hk = h / group, r0 = qb * p.block_q, row0 = (b * p.heads_q + h) * p.seq_q + r0;
+    const int n = g.rows_in(qb);
+    kernel.load_queries(row_of<T>(p.q, b, h, r0), p.q.seq_stride, row_of<T>(bp.grad_out, b, h, r0),
+                        bp.grad_out.seq_stride, n, p.scale);
+    std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
+    for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
+      kernel.load_keys(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys,
+                       padded, true);
+      kernel.scores(active, padded, w.rows.data());
+      softmax_grad_rows(w, active, padded, p.lse + row0, bp.delta + row0, w.rows.data());
+      kernel.accumulate_dq(active, padded);  // scaled at the end
+    });
+    for (int r = 0; r < n; ++r)
+      store_scaled(row_of<T>(bp.grad_q, b, h, r0 + r), w.acc.data() + int64_t(r) * dim, dim, Acc(p.scale));
+  });
+}
+
+template <typename T, typename Kernel>
+void grad_kv(const BlockSparseBackwardParams& bp, const Geometry& g) {
+  using Acc = AccOf<T>;
+  const BlockSparseForwardParams& p = bp.forward;
+  const int dim = p.head_dim;
+  const int64_t nk = ceil_div(p.seq_kv, p.block_kv), group = p.heads_q / p.heads_kv;
+  for_each_task<Acc, Kernel>(g, p.batch * p.heads_kv * nk, [&](Workspace<Acc>& w, Kernel& kernel, int64_t task) {
+    const int64_t kb = zigzag(task % nk, nk), hk = task / nk % p.heads_kv, b = task / nk / p.heads_kv;
+    const int keys = g.keys_in(kb), padded = round_up_to_lanes<Acc>(keys);
+    const int64_t c0 = kb * p.block_kv;
+    kernel.load_keys(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys,
+                     padded, false);
+    std::vector<Acc> dk_rows(size_t(keys) * dim, Acc(0)), dv_rows(size_t(keys) * dim, Acc(0));  // a task: many blocks
+    Acc* dk = dk_rows.data();
+    Acc* dv = dv_rows.data();
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      int32_t count;
+      const int32_t* list = list_of(bp.transposed, b, h, kb, &count);
+      for (int32_t t = 0; t < count; ++t) {
+        const int64_t qb = list[t], r0 = qb * p.block_q, row0 = (b * p.heads_q + h) * p.seq_q + r0;
+        const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
+        const int active = active_rows(g, choices, qb, int32_t(kb), w.rows.data(), w.visible.data());
+        if (choices) w.choices.unmark(p.selection, b, h, r0, g.rows_in(qb));
+        if (active == 0) continue;
+        // Only the active rows are loaded, compacted: row a of q/d_out is query row rows[a].
+        kernel.load_active_queries(row_of<T>(p.q, b, h, r0), p.q.seq_stride, row_of<T>(bp.grad_out, b, h, r0),
+                                   bp.grad_out.seq_stride, w.rows.data(), active, p.scale);
+        kernel.scores(active, padded, nullptr);
+        softmax_grad_rows(w, active, padded, p.lse + row0, bp.delta + row0, w.rows.data());
+        kernel.accumulate_dkv(active, keys, padded, dk, dv);
+      }
+    }
+    const Acc dk_scale = Kernel::kScaledKeyGrad ? Acc(p.scale) : Acc(1);
+    for (int c = 0; c < keys; ++c) {
+      store_scaled(row_of<T>(bp.grad_k, b, hk, c0 + c), dk + int64_t(c) * dim, dim, dk_scale);
+      store_scaled(row_of<T>(bp.grad_v, b, hk, c0 + c), dv + int64_t(c) * dim, dim, Acc(1));
+    }
+  });
+}
+
+template <typename T, typename Kernel>
+void backward_pass(const BlockSparseBackwardParams& p) {
+  const Geometry g(p.forward);
+  compute_delta<T>(p);
+  grad_q<T, Kernel>(p, g);
+  grad_kv<T, Kernel>(p, g);
+}
+
 }  // namespace block_sparse_cpu
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA
