@@ -130,9 +130,10 @@ def _by_expert(weights, ids):
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_equals_transformers_router_modules(family):
-    """Against the router modules themselves (transformers 5.x has them as modules that return
-    (logits, weights, ids); 4.x computes routing inline in the MoE block: covered there by the
-    reference-formula tests above)."""
+    """Against the router modules themselves (transformers 5.x returns (logits, weights, ids);
+    4.x's DeepSeek-V3 router returns (ids, weights) and masks dropped groups with 0 instead of
+    -inf, the same choice while kept scores are positive; 4.x Mixtral routes inline in the block:
+    covered by the reference-formula tests above and by test_hf_moe's patched models)."""
     transformers = pytest.importorskip("transformers")
     seed = fresh_seed()
     torch.manual_seed(seed % 2**31)
@@ -157,7 +158,12 @@ def test_equals_transformers_router_modules(family):
     with torch.no_grad():
         router.weight.normal_()
         x = random_tensor((17, 32), torch.float32, "cpu", seed)
-        logits, ref_weights, ref_ids = router(x)
+        routed = router(x)
+        if len(routed) == 3:  # transformers 5.x: (logits, weights, ids)
+            logits, ref_weights, ref_ids = routed
+        else:  # 4.x DeepSeek-V3: (ids, weights), logits not returned
+            ref_ids, ref_weights = routed
+            logits = torch.nn.functional.linear(x, router.weight)
     weights, ids = moe_route(logits.float(), **route)
     got, want = _by_expert(weights, ids), _by_expert(ref_weights, ref_ids)
     assert torch.equal(got[1], want[1]), f"{family} seed {seed}"
