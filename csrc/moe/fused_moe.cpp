@@ -1,10 +1,8 @@
 // fused_moe: checks, allocation, and the kernel for the device (moe/fused_moe_cpu.cpp on the
 // CPU for fp32/fp16/bf16); float64 on any device runs the ATen composition of
 // moe/fused_moe_composite.h, which also serves the backward.
-#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/logical_or.h>
 
 #include <string>
 
@@ -12,6 +10,7 @@
 #include "common/torch_utils.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_composite.h"
+#include "moe/expert_op_checks.h"
 #include "ops.h"
 
 #if defined(TORCH_EXT_WITH_CUDA)
@@ -31,12 +30,6 @@ void fused_moe_bf16_dot(const moe::FusedMoeParams& p, void* workspace);
 
 namespace {
 
-moe::Activation parse_activation(const char* op, c10::string_view activation) {
-  TORCH_EXT_CHECK(activation == "silu" || activation == "gelu", op, "activation must be 'silu' or 'gelu', got '",
-                  std::string(activation), "'");
-  return activation == "silu" ? moe::Activation::kSilu : moe::Activation::kGelu;
-}
-
 moe::Activation check_fused_moe_args(const char* op, const at::Tensor& hidden, const at::Tensor& w13,
                                      const at::Tensor& w2, const at::Tensor& topk_weights,
                                      const at::Tensor& topk_ids, c10::string_view activation) {
@@ -47,8 +40,6 @@ moe::Activation check_fused_moe_args(const char* op, const at::Tensor& hidden, c
   check_same_device(op, "w2", w2, "hidden", hidden);
   check_same_device(op, "topk_weights", topk_weights, "hidden", hidden);
   check_same_device(op, "topk_ids", topk_ids, "hidden", hidden);
-  check_dtype(op, "topk_weights", topk_weights, {at::kFloat});
-  check_dtype(op, "topk_ids", topk_ids, {at::kInt});
   TORCH_EXT_CHECK(hidden.dim() == 2, op, "hidden must be [T, H], got shape ", hidden.sizes());
   TORCH_EXT_CHECK(w13.dim() == 3, op, "w13 must be [E, 2I, H], got shape ", w13.sizes());
   const int64_t tokens = hidden.size(0), hidden_size = hidden.size(1), experts = w13.size(0);
@@ -60,25 +51,19 @@ moe::Activation check_fused_moe_args(const char* op, const at::Tensor& hidden, c
   TORCH_EXT_CHECK(w2.dim() == 3 && w2.size(0) == experts && w2.size(1) == hidden_size && w2.size(2) == intermediate,
                   op, "w2 must be [E, H, I] = [", experts, ", ", hidden_size, ", ", intermediate, "], got shape ",
                   w2.sizes());
-  TORCH_EXT_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == tokens, op, "topk_ids must be [T, k] with T = ", tokens,
-                  ", got shape ", topk_ids.sizes());
-  TORCH_EXT_CHECK(topk_weights.sizes() == topk_ids.sizes(), op, "topk_weights must have topk_ids' shape ",
-                  topk_ids.sizes(), ", got ", topk_weights.sizes());
-  const int64_t top_k = topk_ids.size(1);
-  TORCH_EXT_CHECK(top_k >= 1 && top_k <= experts, op, "top_k (topk_ids.size(1)) must be in [1, E = ", experts,
-                  "], got ", top_k);
-  if (topk_ids.numel() > 0) {
-    const at::Tensor out_of_range = at::logical_or(topk_ids.lt(0), topk_ids.ge(experts)).any();
-    if (topk_ids.is_cuda()) {
-      // Without a host sync: a device-side assert (reported at the next synchronizing call).
-      at::_assert_async(out_of_range.logical_not(), "torch_ext.fused_moe: topk_ids out of range [0, E)");
-    } else {
-      TORCH_EXT_CHECK(!out_of_range.item<bool>(), op, "every topk_ids entry must be in [0, E = ", experts,
-                      "), got min ", topk_ids.min().item<int32_t>(), " and max ", topk_ids.max().item<int32_t>());
-    }
-  }
-  return parse_activation(op, activation);
+  moe::check_routing(op, topk_weights, topk_ids, tokens, experts);
+  return moe::parse_activation(op, activation);
 }
+
+// Uninitialized bytes on the tensor's device, `data` aligned to `alignment` (a power of two).
+struct Scratch {
+  Scratch(int64_t bytes, int64_t alignment, const at::TensorOptions& options)
+      : storage(at::empty({bytes + alignment}, options.dtype(at::kByte))),
+        data(reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(storage.data_ptr()) + alignment - 1) &
+                                     ~uintptr_t(alignment - 1))) {}
+  at::Tensor storage;
+  void* data;
+};
 
 // The forward on the device's kernel; with `gate_up` defined ([T * k, 2I], CPU kernel dtypes
 // only) the kernel also writes the pre-activation values there.
@@ -99,20 +84,15 @@ at::Tensor run_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const 
     const c10::cuda::CUDAGuard guard(h.device());
     int num_sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, h.get_device()));
-    // 256 bytes of slack: the launcher wants its scratch 256-byte aligned.
-    at::Tensor workspace =
-        at::empty({cuda::fused_moe_workspace_bytes(p, num_sms) + 256}, h.options().dtype(at::kByte));
-    void* aligned =
-        reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data_ptr()) + 255) & ~uintptr_t(255));
-    C10_CUDA_CHECK(cuda::fused_moe(p, aligned, num_sms, c10::cuda::getCurrentCUDAStream()));
+    const Scratch scratch(cuda::fused_moe_workspace_bytes(p, num_sms), 256, h.options());  // the launcher's alignment
+    C10_CUDA_CHECK(cuda::fused_moe(p, scratch.data, num_sms, c10::cuda::getCurrentCUDAStream()));
     return out;
 #else
     TORCH_CHECK(false, "torch_ext was built without CUDA");
 #endif
   }
-  at::Tensor workspace = at::empty({moe::fused_moe_cpu_workspace(p).total + 64}, h.options().dtype(at::kByte));
-  // 64-byte alignment for the scratch areas (the allocator guarantees 64 on CPU; be explicit).
-  void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data_ptr()) + 63) & ~uintptr_t(63));
+  const Scratch scratch(moe::fused_moe_cpu_workspace(p).total, 64, h.options());  // cache-line aligned areas
+  void* aligned = scratch.data;
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
   if (h.scalar_type() == at::kBFloat16 && cpu::avx512_bf16_active()) {
     cpu::avx512_bf16::fused_moe_bf16_dot(p, aligned);

@@ -8,6 +8,7 @@
 
 #include "common/torch_utils.h"
 #include "moe/fused_moe_composite.h"
+#include "moe/expert_op_checks.h"
 #include "ops.h"
 
 namespace torch_ext {
@@ -40,27 +41,13 @@ at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_q
                                c10::string_view activation, int64_t bits, int64_t group_size) {
   const char* op = "fused_moe_quantized";
   TORCH_EXT_CHECK(hidden.dim() == 2, op, "hidden must be [T, H], got shape ", hidden.sizes());
-  TORCH_EXT_CHECK(activation == "silu" || activation == "gelu", op, "activation must be 'silu' or 'gelu', got '",
-                  std::string(activation), "'");
-  check_dtype(op, "topk_weights", topk_weights, {at::kFloat});
-  check_dtype(op, "topk_ids", topk_ids, {at::kInt});
-  TORCH_EXT_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == hidden.size(0) &&
-                      topk_weights.sizes() == topk_ids.sizes(),
-                  op, "topk_weights and topk_ids must both be [T, k] with T = ", hidden.size(0), ", got ",
-                  topk_weights.sizes(), " and ", topk_ids.sizes());
   TORCH_EXT_CHECK(w13_scales.dim() == 3 && w13_scales.size(2) % 2 == 0, op,
                   "w13_scales must be [E, groups, 2I], got shape ", w13_scales.sizes());
   const int64_t experts = w13_scales.size(0), hidden_size = hidden.size(1);
   check_stacked(op, "w13", w13_qweight, w13_scales, w13_zeros, experts, w13_scales.size(2));
   check_stacked(op, "w2", w2_qweight, w2_scales, w2_zeros, experts, hidden_size);
-  TORCH_EXT_CHECK(topk_ids.size(1) >= 1 && topk_ids.size(1) <= experts, op, "top_k must be in [1, E = ", experts,
-                  "], got ", topk_ids.size(1));
-  if (topk_ids.numel() > 0) {
-    const int64_t low = topk_ids.min().item<int32_t>(), high = topk_ids.max().item<int32_t>();
-    TORCH_EXT_CHECK(low >= 0 && high < experts, op, "every topk_ids entry must be in [0, E = ", experts,
-                    "), got min ", low, " and max ", high);
-  }
-  const moe::Activation act = activation == "silu" ? moe::Activation::kSilu : moe::Activation::kGelu;
+  moe::check_routing(op, topk_weights, topk_ids, hidden.size(0), experts);
+  const moe::Activation act = moe::parse_activation(op, activation);
   return moe::run_grouped_experts(hidden, topk_weights, topk_ids, experts, [&](int64_t e, const at::Tensor& rows) {
     const at::Tensor gate_up = weight_only_linear(rows, w13_qweight[e], w13_scales[e], expert_slice(w13_zeros, e),
                                                   c10::nullopt, bits, group_size);

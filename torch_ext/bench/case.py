@@ -11,6 +11,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import torch
+
 SuiteFn = Callable[[str, bool], "list[Case]"]
 
 _SUITES: dict[str, SuiteFn] = {}
@@ -62,6 +64,19 @@ class Case:
             raise ValueError(
                 f"primary_baseline {self.primary_baseline!r} is not one of {list(self.baselines)}"
             )
+
+
+def with_backward(fn: Callable[..., Any], extra_leaves: tuple = ()) -> Callable[..., Any]:
+    """``fn``'s forward, then the gradients of its floating-point tensor arguments and of
+    ``extra_leaves`` (e.g. weights held in a closure) for a grad_out of ones: the method timed by
+    forward+backward cases."""
+    def run(*args):
+        args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+        out = fn(*args)
+        leaves = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad) + tuple(extra_leaves)
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return run
 
 
 def register_suite(family: str) -> Callable[[SuiteFn], SuiteFn]:

@@ -142,17 +142,16 @@ def _fused_moe_quantized_setup_context(ctx, inputs, output) -> None:
     ctx.config = (activation, bits, group_size)
 
 
-def _dequantize_stacked(qweight, scales, zeros, bits, group_size, in_features, dtype):
-    return torch.stack([torch.ops.torch_ext.dequantize_weight(
-        qweight[e], scales[e], None if zeros is None else zeros[e], bits, group_size, in_features).to(dtype)
-        for e in range(qweight.shape[0])])
-
-
 def _fused_moe_quantized_backward(ctx, grad_out: torch.Tensor):
     hidden, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, topk_weights, topk_ids = ctx.saved_tensors
     activation, bits, group_size = ctx.config
-    w13 = _dequantize_stacked(w13_q, w13_s, w13_z, bits, group_size, hidden.shape[1], hidden.dtype)
-    w2 = _dequantize_stacked(w2_q, w2_s, w2_z, bits, group_size, w13.shape[1] // 2, hidden.dtype)
+    from torch_ext.quant.experts import QuantizedExperts
+
+    experts, hidden_size, intermediate = w13_s.shape[0], hidden.shape[1], w13_s.shape[2] // 2
+    w13 = QuantizedExperts(w13_q, w13_s, w13_z, bits, group_size, (experts, 2 * intermediate, hidden_size)).dequantize(
+        hidden.dtype)
+    w2 = QuantizedExperts(w2_q, w2_s, w2_z, bits, group_size, (experts, hidden_size, intermediate)).dequantize(
+        hidden.dtype)
     grad_hidden, _, _, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation)
     return grad_hidden, None, None, None, None, None, None, grad_weights, None, None, None, None
 

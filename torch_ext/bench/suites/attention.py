@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..case import Case, register_suite
+from ..case import Case, register_suite, with_backward
 
 _DIM = 128
 _HEADS = {"cpu": (8, 2), "cuda": (32, 8)}
@@ -96,15 +96,6 @@ def _sparse_case(device, seq, density, causal) -> Case:
                 notes={"density": listed, "effective_flops": dense_flops})
 
 
-def _with_backward(fn):
-    """fn's forward, then the gradients of q, k and v for a grad_out of ones."""
-    def run(q, k, v):
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        out = fn(q, k, v)
-        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    return run
-
-
 def _sparse_backward_case(device, seq, density) -> Case:
     """Forward + backward (non-causal) against SDPA's forward + backward."""
     from torch_ext.ops import block_sparse_attention
@@ -115,8 +106,8 @@ def _sparse_backward_case(device, seq, density) -> Case:
     return Case(family="attention", op="block_sparse_attention fwd+bwd",
                 label=f"S={seq} full {round(density * 100)}% bf16",
                 make_inputs=lambda seed: _qkv(device, seq, heads, seed),
-                ours=_with_backward(lambda q, k, v: block_sparse_attention(q, k, v, mask)),
-                baselines={"SDPA dense fwd+bwd": _with_backward(
+                ours=with_backward(lambda q, k, v: block_sparse_attention(q, k, v, mask)),
+                baselines={"SDPA dense fwd+bwd": with_backward(
                     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))},
                 # forward 2 GEMMs, backward recomputes S and does 4 more: 7 GEMM-equivalents of 2*S*S*D
                 flops=14.0 * heads[0] * seq * seq * _DIM * listed, bytes=float(8 * heads[0] * seq * _DIM * 2),
