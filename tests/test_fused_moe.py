@@ -227,6 +227,16 @@ def test_quantized_experts_gradient_and_module():
     assert relative_error(quantized, dense) < 2e-2  # 8-bit per-channel rounding of the experts
 
 
+def test_quantized_experts_compile_fullgraph():
+    from torch_ext.quant import quantize_experts
+
+    h, w13, w2, weights, ids = _problem(6, 4, 2, 32, 16, torch.float32, "cpu", fresh_seed())
+    q13, q2 = quantize_experts(w13, group_size=16), quantize_experts(w2, group_size=16)
+    compiled = torch.compile(lambda x: torch_ext.ops.fused_moe_quantized(x, q13, q2, weights, ids) + 1.0,
+                             fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(h), torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids) + 1.0)
+
+
 def test_quantized_experts_opcheck_and_bad_inputs():
     from torch_ext.quant import quantize_experts
 

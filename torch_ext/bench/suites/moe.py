@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..case import Case, register_suite
+from ..case import Case, register_suite, with_backward
 
 _TOKENS = (1, 64, 512, 4096)
 _QUICK_TOKENS = (512,)
@@ -135,8 +135,8 @@ def _experts_case(device: str, family: str, tokens: int, dtype: torch.dtype, ske
         baselines["torch sort + _grouped_mm"] = lambda x, weights, ids: _torch_grouped_reference(x, w13, w2,
                                                                                                  weights, ids)
     if backward:
-        ours, baselines = _with_backward(ours, (w13, w2)), {
-            name: _with_backward(fn, (w13, w2)) for name, fn in baselines.items()}
+        ours, baselines = with_backward(ours, (w13, w2)), {
+            name: with_backward(fn, (w13, w2)) for name, fn in baselines.items()}
     used = 1 if tokens == 0 else len(torch.unique(_routing(tokens, experts, top_k, skewed, 0)[1]))
     element = torch.empty((), dtype=dtype).element_size()
     expert_bytes = 3 * hidden * intermediate * element
@@ -152,14 +152,46 @@ def _experts_case(device: str, family: str, tokens: int, dtype: torch.dtype, ske
         working_set_bytes=experts * expert_bytes)
 
 
-def _with_backward(fn, weights):
-    """fn's forward and the gradients of x, the expert weights and the routing weights."""
-    def run(x, routing_weights, ids):
-        x = x.detach().requires_grad_()
-        routing_weights = routing_weights.detach().requires_grad_()
-        out = fn(x, routing_weights, ids)
-        return torch.autograd.grad(out, (x, *weights, routing_weights), torch.ones_like(out))
-    return run
+@functools.lru_cache(maxsize=None)
+def _quantized_experts(device: str, family: str, dtype: torch.dtype):
+    from torch_ext.quant import quantize_experts
+
+    block = _hf_block(device, family, dtype)
+    return (quantize_experts(block.experts.gate_up_proj.detach(), 4, 128),
+            quantize_experts(block.experts.down_proj.detach(), 4, 128))
+
+
+def _quantized_case(device: str, family: str, tokens: int, dtype: torch.dtype) -> Case:
+    """fused_moe_quantized (4-bit, group 128) against the unquantized layer: fused_moe on the same
+    (dense) weights and transformers' eager experts. bytes: the packed weights of the experts
+    that receive tokens."""
+    from torch_ext.ops import fused_moe_quantized
+
+    block = _hf_block(device, family, dtype)
+    experts, top_k = _MOE_CONFIGS[family][:2]
+    hidden, intermediate = block.experts.gate_up_proj.shape[2], block.experts.down_proj.shape[2]
+
+    def make_inputs(seed: int):
+        weights, ids = _routing(tokens, experts, top_k, False, seed)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+        return x.to(device), weights.to(device), ids.to(device)
+
+    used = len(torch.unique(_routing(tokens, experts, top_k, False, 0)[1]))
+    # 4-bit values plus bf16 scales and zeros per group of 128, for W13 [2I, H] and W2 [H, I]
+    packed_bytes = experts * sum(n * k // 2 + 2 * 2 * n * -(-k // 128)
+                                 for n, k in ((2 * intermediate, hidden), (hidden, intermediate)))
+    return Case(
+        family="moe", op="fused_moe_quantized",
+        label=f"{family} T={tokens} E={experts} k={top_k} H={hidden} I={intermediate} int4 g128 {_SHORT[dtype]}",
+        make_inputs=make_inputs,
+        # quantized on first use (a few seconds), not when the suite is listed
+        ours=lambda x, weights, ids: fused_moe_quantized(x, *_quantized_experts(device, family, dtype), weights, ids),
+        baselines={
+            "fused_moe (dense weights)": lambda x, weights, ids: torch.ops.torch_ext.fused_moe(
+                x, block.experts.gate_up_proj, block.experts.down_proj, weights, ids, "silu"),
+            "transformers eager experts": lambda x, weights, ids: block.experts(x, ids.long(), weights)},
+        flops=2.0 * 3 * tokens * top_k * hidden * intermediate, bytes=float(packed_bytes * used / experts),
+        device=device, working_set_bytes=packed_bytes)
 
 
 def _layer_case(device: str, family: str, tokens: int, dtype: torch.dtype) -> Case:
@@ -194,6 +226,7 @@ def _fused_cases(device: str, quick: bool) -> list[Case]:
                       for t in _MOE_TOKENS[kind] for skewed in (False, True)]
             cases.append(_experts_case(device, family, 64, dtype, False, True))
             cases.append(_layer_case(device, family, 64, dtype))
+        cases += [_quantized_case(device, family, t, torch.bfloat16) for t in (1, 16, 64)]
     return cases
 
 
