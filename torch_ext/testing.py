@@ -97,15 +97,15 @@ def check_against_reference(op: Callable[..., torch.Tensor], reference: Callable
                             bound: float | None = None) -> float:
     """Draw inputs with a fresh seed, run `op` with poisoned outputs, compare to `reference`.
 
-    `reference` receives the same inputs upcast to float64 on the CPU.
+    `reference` receives the same inputs on the CPU, floating-point ones upcast to float64.
     """
     seed = fresh_seed()
     inputs = make_inputs(seed)
     with poisoned_outputs():
         out = op(*inputs)
     ref_inputs = tuple(
-        t.detach().to(device="cpu", dtype=torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point()
-        else t
+        (t.detach().to(device="cpu", dtype=torch.float64) if t.is_floating_point() else t.detach().cpu())
+        if isinstance(t, torch.Tensor) else t
         for t in inputs
     )
     ref = reference(*ref_inputs)

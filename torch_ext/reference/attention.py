@@ -69,16 +69,17 @@ def moba_select(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, c
     seq_kv = k.shape[2]
     nk = -(-seq_kv // block_size)
     padded = torch.nn.functional.pad(k.double(), (0, 0, 0, nk * block_size - seq_kv))
-    sizes = torch.full((nk,), block_size, dtype=torch.float64)
+    device = q.device
+    sizes = torch.full((nk,), block_size, dtype=torch.float64, device=device)
     sizes[-1] = seq_kv - (nk - 1) * block_size
     pooled = padded.view(batch, k.shape[1], nk, block_size, dim).sum(dim=3) / sizes.unsqueeze(-1)
     scores = q.double() @ _per_query_head(pooled, heads_q).transpose(-1, -2)  # [B, Hq, Sq, nk]
-    eligible = torch.ones(seq_q, nk, dtype=torch.bool)
-    forced = torch.zeros(seq_q, nk, dtype=torch.bool)
+    eligible = torch.ones(seq_q, nk, dtype=torch.bool, device=device)
+    forced = torch.zeros(seq_q, nk, dtype=torch.bool, device=device)
     if causal:
-        position = torch.arange(seq_q) + seq_kv - seq_q
+        position = torch.arange(seq_q, device=device) + seq_kv - seq_q
         current = torch.div(position, block_size, rounding_mode="floor")
-        blocks = torch.arange(nk)
+        blocks = torch.arange(nk, device=device)
         eligible = (blocks.unsqueeze(0) < current.unsqueeze(1)) & (position >= 0).unsqueeze(1)
         forced = (blocks.unsqueeze(0) == current.unsqueeze(1)) & (position >= 0).unsqueeze(1)
     # Rank: forced first, then eligible by score (ties: the lower block id, by the stable sort).
