@@ -219,6 +219,19 @@ def test_main_exit_codes(tmp_path):
         assert main(["--op", "no_such_op", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 2
 
 
+def test_profile_once_runs_only_cuda_cases(capsys):
+    with isolated_registry():
+        register_suite("selftest")(_selftest_suite())
+        assert main(["--op", "selftest", "--quick", "--device", "cpu", "--profile-once"]) == 0
+        assert "profiled" not in capsys.readouterr().out
+        if not torch.cuda.is_available():
+            assert main(["--op", "selftest", "--quick", "--profile-once"]) == 2
+            assert "CUDA is not available" in capsys.readouterr().err
+        else:
+            assert main(["--op", "selftest", "--quick", "--profile-once"]) == 0
+            assert "selftest_add" in capsys.readouterr().out
+
+
 def test_activation_suite_cases():
     quick = [c for c in activation_suite("cpu", quick=True) if c.op == "silu_and_mul"]
     full_all = activation_suite("cpu", quick=False)

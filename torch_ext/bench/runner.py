@@ -41,12 +41,9 @@ def run(
         ValueError: unknown device, CUDA requested but unavailable, or a name in
             ``ops`` that matches no family and no op.
     """
-    importlib.import_module(f"{__package__}.suites")  # registers the built-in suites
     devices = _resolve_devices(devices)
     environment = collect_environment(devices)
-    cases, errors = _collect_cases(devices, ops, quick)
-    if match is not None:
-        cases = [c for c in cases if match in c.label]
+    cases, errors = _select_cases(devices, ops, quick, match)
 
     config = TimerConfig.for_mode(quick)
     rooflines: dict[str, Roofline] = {}
@@ -99,17 +96,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few shapes, short measurements")
     parser.add_argument("--match", metavar="TEXT", help="only the cases whose label contains TEXT")
     parser.add_argument("--out", default="bench_results", metavar="DIR", help="output directory")
+    parser.add_argument("--profile-once", action="store_true",
+                        help="no timing: run our op once per CUDA case inside the profiler window (under ncu)")
     parser.add_argument(
         "--device", dest="devices", action="append", choices=("cpu", "cuda"),
         help="repeatable; default: cpu, plus cuda when available",
     )
     args = parser.parse_args(argv)
     try:
+        if args.profile_once:
+            return _profile_once(args)
         result = run(ops=args.ops, quick=args.quick, out_dir=args.out, devices=args.devices, match=args.match)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1 if format_errors(result) else 0
+
+
+def _profile_once(args: argparse.Namespace) -> int:
+    from .profile_once import profile_once
+
+    cases, errors = _select_cases(_resolve_devices(args.devices or ["cuda"]), args.ops, args.quick, args.match)
+    for error in errors:
+        print(f"error: {error['where']}: {error['error']}", file=sys.stderr)
+    return profile_once(cases) or int(bool(errors))
+
+
+def _select_cases(devices: list[str], ops: list[str] | None, quick: bool,
+                  match: str | None) -> tuple[list[Case], list[dict[str, str]]]:
+    importlib.import_module(f"{__package__}.suites")  # registers the built-in suites
+    cases, errors = _collect_cases(devices, ops, quick)
+    return [c for c in cases if match is None or match in c.label], errors
 
 
 def speedup(baseline_s: float, ours_s: float) -> float:
