@@ -42,6 +42,9 @@ class Case:
             rotates data itself (the quant suite's weight copies live in closures, not in
             the input sets); decides whether the CPU roofline is the cache's or DRAM's.
             Default: the rotated input sets.
+        compute_dtype: the dtype of the case's arithmetic, whose measured matmul peak its
+            %-of-roofline uses, where that is not the first floating-point input's (the int8
+            and fp8 GEMMs, whose first float inputs are their fp32 scales).
     """
 
     family: str
@@ -56,6 +59,7 @@ class Case:
     primary_baseline: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     working_set_bytes: int | None = None
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.primary_baseline is None and self.baselines:

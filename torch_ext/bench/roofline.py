@@ -23,8 +23,8 @@ _COPY_BYTES_CPU = {True: 128 * 2**20, False: 512 * 2**20}
 # Square matmul size per (device type, quick).
 _MM_SIZE = {("cuda", True): 4096, ("cuda", False): 8192, ("cpu", True): 1024, ("cpu", False): 2048}
 _MM_DTYPES = {
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn),
+    "cpu": (torch.float32, torch.bfloat16, torch.int8),
 }
 
 
@@ -109,10 +109,24 @@ def _copy_bandwidth_gbs(dev: torch.device, quick: bool, config: TimerConfig,
 
 
 def _matmul_tflops(dev: torch.device, dtype: torch.dtype, n: int, config: TimerConfig) -> float:
-    a = torch.randn(n, n, device=dev).to(dtype)
-    b = torch.randn(n, n, device=dev).to(dtype)
+    """The best dense n x n x n product torch offers for dtype: torch.mm, torch._int_mm for int8
+    (int32 sums), torch._scaled_mm for fp8 (CUDA sm_89+; it raises elsewhere and the peak is
+    left out). Random data: zeros run faster on some GPUs."""
+    if dtype == torch.int8:
+        a = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=dev)
+        b = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=dev).t()  # column-major, as _int_mm wants
+        fn = torch._int_mm
+    elif dtype == torch.float8_e4m3fn:
+        a = torch.randn(n, n, device=dev).to(dtype)
+        b = torch.randn(n, n, device=dev).to(dtype).t()
+        one = torch.ones((), device=dev)
+        fn = lambda a, b: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)  # noqa: E731
+    else:
+        a = torch.randn(n, n, device=dev).to(dtype)
+        b = torch.randn(n, n, device=dev).to(dtype)
+        fn = torch.mm
     with _ieee_fp32_matmul(dev):
-        stats = measure(torch.mm, InputSets([(a, b)], dev), config)
+        stats = measure(fn, InputSets([(a, b)], dev), config)
     return 2 * n**3 / stats.median_s / 1e12
 
 

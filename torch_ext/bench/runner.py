@@ -152,7 +152,7 @@ def measure_case(case: Case, roof: Roofline, config: TimerConfig) -> dict[str, A
         record["error"] = f"make_inputs failed: {_describe(exc)}"
         return record
     try:
-        dtype = inputs_dtype(inputs.sets[0])
+        dtype = case.compute_dtype or inputs_dtype(inputs.sets[0])
         record["dtype"] = dtype_name(dtype) if dtype is not None else None
         record["input_sets"] = len(inputs.sets)
         record["cache_flush"] = inputs.flush is not None
