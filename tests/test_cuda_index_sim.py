@@ -1,6 +1,6 @@
 """The CUDA kernels' index math, checked on the CPU: compiles the torch-free simulators in
 tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h;
-W8A8: csrc/quant/w8a8_cuda_index.h; fused MoE: csrc/moe/fused_moe_cuda_index.h; block-sparse attention /
+W8A8: csrc/quant/w8a8_cuda_index.h; MoE routing: csrc/moe/routing_warp.h; fused MoE: csrc/moe/fused_moe_cuda_index.h; block-sparse attention /
 MoBA: csrc/attention/block_sparse_attention_cuda_index.h)
 and runs them on fresh random problems."""
 
@@ -49,6 +49,13 @@ def test_w8a8_cuda_kernels_simulated(tmp_path_factory):
     (csrc/quant/w8a8_cuda_index.h); fp8 within an fp32-summation error bound, bitwise where every
     partial sum is exact, NaN operands propagating."""
     _run_simulator(_build_simulator(tmp_path_factory, "w8a8_cuda_sim"))
+
+
+def test_moe_route_warp_kernel_simulated(tmp_path_factory):
+    """route_warp_kernel's lane-parallel routing (csrc/moe/routing_warp.h) with 32 emulated lanes
+    and the device's xor butterfly, against the serial moe::route_token on random problems (E up to
+    512, up to 32 groups, planted ties): the same experts in order, weights to rounding."""
+    _run_simulator(_build_simulator(tmp_path_factory, "moe_route_cuda_sim"))
 
 
 def test_fused_moe_cuda_kernels_simulated(tmp_path_factory):

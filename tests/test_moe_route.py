@@ -2,6 +2,8 @@
 Qwen2-MoE and DeepSeek-V3 MoE blocks; any E (60, 128, 257), groups, T = 1, opcheck, compile,
 bad inputs."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -108,17 +110,20 @@ def test_bad_inputs(kwargs, message):
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    """E <= 512 with at most 32 groups: a warp per token (DeepSeek-V3's 256 / 8 / 4 / 8 among
+    them); E = 640: the thread-per-token kernel."""
     seed = fresh_seed()
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        logits = random_tensor((300, 64), dtype, "cpu", seed, scale=2.0)
-        bias = random_tensor((64,), torch.float32, "cpu", seed + 1, scale=0.1)
-        for args in ((8, True, "softmax", 1, 1, None, 1.0), (6, True, "sigmoid", 8, 4, bias, 2.5)):
+    for dtype, experts in itertools.product((torch.float32, torch.float16, torch.bfloat16), (64, 256, 640)):
+        logits = random_tensor((300, experts), dtype, "cpu", seed, scale=2.0)
+        bias = random_tensor((experts,), torch.float32, "cpu", seed + 1, scale=0.1)
+        for args in ((8, True, "softmax", 1, 1, None, 1.0), (6, True, "sigmoid", 8, 4, bias, 2.5),
+                     (8, False, "sigmoid", 8, 4, bias, 2.5)):
             cpu = moe_route(logits, *args)
             gpu_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
             gpu = moe_route(logits.cuda(), *gpu_args)
             # Device expf may differ from the CPU's in the last bit: weights to rounding; ids equal
             # (random logits leave no near ties at that scale).
-            assert torch.equal(gpu[1].cpu(), cpu[1]), f"{dtype} {args[2]} seed {seed}"
+            assert torch.equal(gpu[1].cpu(), cpu[1]), f"{dtype} E={experts} {args[:5]} seed {seed}"
             torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-5, atol=1e-6)
 
 

@@ -3,8 +3,11 @@
 
 #if defined(__CUDACC__)
 #define TORCH_EXT_HOST_DEVICE __host__ __device__ __forceinline__
+// Full unrolling of a constant-trip loop in shared code: keeps small arrays in registers on the GPU.
+#define TORCH_EXT_UNROLL _Pragma("unroll")
 #else
 #define TORCH_EXT_HOST_DEVICE inline
+#define TORCH_EXT_UNROLL
 #endif
 
 // Inline code in headers that CPU kernel files include goes inside this namespace. A CPU

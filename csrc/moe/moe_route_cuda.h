@@ -20,11 +20,13 @@ struct MoeRouteParams {
   int32_t* topk_ids;            // [tokens, k]
 };
 
-// Bytes of device scratch moe_route needs: per token 2 E floats and E flags.
+// Bytes of device scratch moe_route needs: 0 where a warp routes each token (up to 512 experts
+// and 32 groups), else per token 2 E floats and E flags.
 int64_t moe_route_workspace_bytes(const MoeRouteParams& p);
 
-// One thread per token runs moe::route_token (the function the CPU op runs). Enqueues on
-// `stream`; `workspace` holds moe_route_workspace_bytes(p) bytes, 4-byte aligned.
+// A warp per token runs moe::route_token_warp, or beyond its limits a thread per token runs
+// moe::route_token (the function the CPU op runs). Enqueues on `stream`; `workspace` holds
+// moe_route_workspace_bytes(p) bytes, 4-byte aligned (may be null when that is 0).
 cudaError_t moe_route(const MoeRouteParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace torch_ext::cuda
