@@ -703,7 +703,8 @@ __global__ void __launch_bounds__(ix::kPoolThreads) moba_pool_kernel(const MobaS
 }
 
 // A CTA: 32 query tokens of one (b, h); 4 warps x 8 tokens. Pooled keys stream through shared
-// memory 32 blocks at a time (rows padded to D + 1 floats: lane j reads row j, conflict-free).
+// memory 32 blocks at a time; lane j scores block c0 + j against its warp's 8 tokens at once,
+// 16-byte loads of padded rows (ix::moba_q_row_floats / moba_pooled_row_floats: why).
 template <typename T>
 __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const MobaSelectParams p,
                                                                          const float* pooled) {
@@ -716,12 +717,13 @@ __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const 
   const int hk = h / int(p.heads_q / p.heads_kv);
   const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
   const int64_t i0 = int64_t(blockIdx.x) * ix::kMobaRowsPerCta;
-  float* const qs = fsm;                                     // [32][D]
-  float* const ps = fsm + ix::kMobaRowsPerCta * D;            // [32][D + 1]
+  const int q_row = ix::moba_q_row_floats(D), p_row = ix::moba_pooled_row_floats(D);
+  float* const qs = fsm;                                   // [32][q_row]
+  float* const ps = fsm + ix::kMobaRowsPerCta * q_row;     // [32][p_row]
   const T* const q = bhsd_ptr<T>(p.q, b, h);
-  for (int idx = tid; idx < ix::kMobaRowsPerCta * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
-    qs[idx] = i0 + r < p.seq_q ? to_compute(q[(i0 + r) * p.q.seq_stride + d]) : 0.f;
+  for (int idx = tid; idx < ix::kMobaRowsPerCta * q_row; idx += kThreads) {
+    const int r = idx / q_row, d = idx % q_row;
+    qs[idx] = i0 + r < p.seq_q && d < D ? to_compute(q[(i0 + r) * p.q.seq_stride + d]) : 0.f;
   }
   ix::MobaRange range[ix::kMobaRowsPerWarp];
   float es[ix::kMobaRowsPerWarp];
@@ -741,24 +743,32 @@ __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const 
 
   for (int c0 = 0; c0 < cta_limit; c0 += ix::kMobaChunk) {
     __syncthreads();  // the previous chunk is consumed (and, first time, q is staged)
-    for (int idx = tid; idx < ix::kMobaChunk * D; idx += kThreads) {
-      const int r = idx / D, d = idx % D;
-      ps[r * (D + 1) + d] = c0 + r < blocks ? pooled_bh[int64_t(c0 + r) * D + d] : 0.f;
+    for (int idx = tid; idx < ix::kMobaChunk * q_row; idx += kThreads) {
+      const int r = idx / q_row, d = idx % q_row;
+      ps[r * p_row + d] = c0 + r < blocks && d < D ? pooled_bh[int64_t(c0 + r) * D + d] : 0.f;
     }
     __syncthreads();
+    // Block c0 + lane against the warp's 8 tokens: one accumulator per token, d ascending.
+    float acc[ix::kMobaRowsPerWarp];
+#pragma unroll
+    for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) acc[j] = 0.f;
+    const float* const pr = ps + lane * p_row;
+    const float* const qw = qs + warp * ix::kMobaRowsPerWarp * q_row;
+    for (int d = 0; d < q_row; d += 4) {
+      const float4 pv = *reinterpret_cast<const float4*>(pr + d);
+#pragma unroll
+      for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
+        const float4 qv = *reinterpret_cast<const float4*>(qw + j * q_row + d);
+        acc[j] = fmaf(qv.w, pv.w, fmaf(qv.z, pv.z, fmaf(qv.y, pv.y, fmaf(qv.x, pv.x, acc[j]))));
+      }
+    }
 #pragma unroll
     for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
       const int K = range[j].k;
       if (K == 0 || c0 >= range[j].limit) continue;  // warp-uniform
       const int blk = c0 + lane;
       const bool eligible = blk < range[j].limit;
-      float score = ix::neg_inf();
-      if (eligible) {
-        const float* const qr = qs + (warp * ix::kMobaRowsPerWarp + j) * D;
-        const float* const pr = ps + lane * (D + 1);
-        score = 0.f;
-        for (int d = 0; d < D; ++d) score = fmaf(qr[d], pr[d], score);
-      }
+      const float score = eligible ? acc[j] : ix::neg_inf();
       const float kth_s = __shfl_sync(kFullMask, es[j], K - 1);
       const int32_t kth_i = __shfl_sync(kFullMask, ei[j], K - 1);
       unsigned cand = __ballot_sync(kFullMask, eligible && ix::moba_beats(score, blk, kth_s, kth_i));
@@ -945,7 +955,7 @@ cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, c
   const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
   float* const pooled = static_cast<float*>(workspace);
   if (blocks > 0 && pooled == nullptr) return cudaErrorInvalidValue;
-  const int smem = (ix::kMobaRowsPerCta * p.head_dim + ix::kMobaChunk * (p.head_dim + 1)) * int(sizeof(float));
+  const int smem = ix::moba_select_smem_bytes(p.head_dim);
   cudaError_t status = cudaErrorInvalidValue;
   visit_storage_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);

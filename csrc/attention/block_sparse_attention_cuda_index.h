@@ -339,6 +339,20 @@ TORCH_EXT_HOST_DEVICE int moba_insert_source(int r, int pos) { return r < pos ? 
 // Output slot of a selected block: its rank among the selected ids (all distinct); the forced
 // block (the largest id) follows them.
 TORCH_EXT_HOST_DEVICE int moba_output_slot(int rank) { return rank; }
+// Shared-memory rows of moba_select_kernel, in floats. A lane scores its block against the
+// warp's 8 tokens with 16-byte loads: one of its pooled row, one (a broadcast) of each token's
+// q row per 4 head-dim columns, 9 loads per 32 FMAs where word loads took 64. So q rows are D
+// rounded up to 4 (zero tail: fma(0, 0, s) leaves s, the scores keep the CPU's d-order sums),
+// and pooled rows an odd number of 16-byte quads long: the 8 lanes of a quarter warp then start
+// 16 bytes apart modulo 128 and read distinct banks.
+TORCH_EXT_HOST_DEVICE int moba_q_row_floats(int head_dim) { return int(ceil_div(head_dim, 4)) * 4; }
+TORCH_EXT_HOST_DEVICE int moba_pooled_row_floats(int head_dim) {
+  const int q_row = moba_q_row_floats(head_dim);
+  return q_row + ((q_row / 4) % 2 == 0 ? 4 : 8);
+}
+TORCH_EXT_HOST_DEVICE int moba_select_smem_bytes(int head_dim) {
+  return (kMobaRowsPerCta * moba_q_row_floats(head_dim) + kMobaChunk * moba_pooled_row_floats(head_dim)) * 4;
+}
 
 // =============================================================================================
 // 9. Kernel traits: warps, fragment counts and the shared-memory layout of each kernel

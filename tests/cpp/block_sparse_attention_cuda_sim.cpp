@@ -1095,6 +1095,23 @@ void check_fragment_maps() {
       }
 }
 
+// moba_select_kernel's padded shared rows: q rows hold D in whole 16-byte quads; pooled rows are
+// quad-aligned and an odd number of quads long, so the float4 loads of a quarter warp (lanes
+// 8 g .. 8 g + 7, rows lane) start in 8 distinct 16-byte bank groups.
+void check_moba_smem_rows() {
+  for (int D = 1; D <= 256; ++D) {
+    const int q_row = ix::moba_q_row_floats(D), p_row = ix::moba_pooled_row_floats(D);
+    CHECK(q_row % 4 == 0 && q_row >= D && q_row - D < 4);
+    CHECK(p_row % 4 == 0 && p_row >= q_row && (p_row / 4) % 2 == 1);
+    for (int g = 0; g < 4; ++g) {
+      unsigned groups = 0;
+      for (int lane = 8 * g; lane < 8 * g + 8; ++lane) groups |= 1u << ((lane * p_row * 4 / 16) % 8);
+      CHECK(groups == 0xffu);
+    }
+    CHECK(ix::moba_select_smem_bytes(D) == (ix::kMobaRowsPerCta * q_row + ix::kMobaChunk * p_row) * 4);
+  }
+}
+
 void check_online_softmax() {
   for (int trial = 0; trial < 200; ++trial) {
     const int n = int(rnd(1, 300));
@@ -1180,13 +1197,20 @@ void moba_case(int* stats) {
   // moba_select_kernel: CTA of 32 tokens, 4 warps x 8 tokens, lanes as arrays
   std::vector<int32_t> out(size_t(B * Hq * Sq * top_k), -77);
   std::vector<int> writes(out.size(), 0);
+  // A lane's score as the kernel forms it: rows zero-padded to ix::moba_q_row_floats, 4 columns
+  // per step; it must equal the plain d-order sum the reference (and the CPU op) computes.
+  const int q_row = ix::moba_q_row_floats(D);
   const auto score_of = [&](int b, int h, int i, int blk) {
     const int hk = h / (Hq / Hk);
-    float s = 0.f;
-    for (int d = 0; d < D; ++d)
-      s = std::fma(q[size_t(((b * Hq + h) * Sq + i) * D + d)], pooled[size_t(((b * Hk + hk) * blocks + blk) * D + d)],
-                   s);
-    return s;
+    const auto q_at = [&](int d) { return d < D ? q[size_t(((b * Hq + h) * Sq + i) * D + d)] : 0.f; };
+    const auto p_at = [&](int d) { return d < D ? pooled[size_t(((b * Hk + hk) * blocks + blk) * D + d)] : 0.f; };
+    float plain = 0.f, padded = 0.f;
+    for (int d = 0; d < D; ++d) plain = std::fma(q_at(d), p_at(d), plain);
+    for (int d = 0; d < q_row; d += 4)
+      padded = std::fma(q_at(d + 3), p_at(d + 3),
+                        std::fma(q_at(d + 2), p_at(d + 2), std::fma(q_at(d + 1), p_at(d + 1), std::fma(q_at(d), p_at(d), padded))));
+    CHECK(padded == plain || (std::isnan(padded) && std::isnan(plain)));
+    return padded;
   };
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hq; ++h)
@@ -1341,6 +1365,7 @@ int main(int argc, char** argv) {
   check_online_softmax();
   CHECK(!ix::bhsd_vectorizable(16, 64, 64, 12));  // seq stride not a multiple of 8
   CHECK(!ix::bhsd_vectorizable(8, 0, 0, 64));     // base not 16-byte aligned
+  check_moba_smem_rows();
   int stats[4] = {0, 0, 0, 0};
   // attention cases are costly (mma models): one in 4 of the requested cases, at least 6
   const int attention_cases = std::max(6, cases / 4);
