@@ -187,6 +187,27 @@ def test_int8_linear_outlier_decomposition_beats_plain_int8():
     assert decomposed * 5 < plain, f"decomposed {decomposed:.4f} vs plain {plain:.4f}, seed {seed}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_int8_linear_equals_its_definition(dtype):
+    """The decomposition step by step in torch ops: features whose |x| exceeds the threshold in
+    any row (one in the CPU kernels' vector chunks, one in the tail past 256 columns) go through
+    a 16-bit product with their dequantized weight columns, the rest (zeroed there) through
+    quantize_per_token and scaled_int8_mm."""
+    seed = fresh_seed()
+    k = 300
+    x = _outlier_batch(seed, m=5, k=k, columns=(7, 290), magnitude=40.0).to(dtype)
+    w_q, w_scale, _ = _int8_weight(33, k, seed + 1)
+    outliers = (x.abs().amax(0) > 6.0).nonzero().squeeze(1)
+    assert set(outliers.tolist()) >= {7, 290}
+    xq, xs = quantize_per_token(x.index_fill(1, outliers, 0))
+    expected = (scaled_int8_mm(xq, w_q, xs, w_scale, None, torch.float32).double()
+                + x[:, outliers].double() @ (w_q[:, outliers].double() * w_scale.double()[:, None]).t())
+    with poisoned_outputs():
+        got = int8_linear(x, w_q, w_scale, None, 6.0)
+    assert got.dtype == dtype
+    assert_close_to_reference(got, expected, dtype, f"int8_linear (seed {seed})")
+
+
 def test_int8_linear_gradients_straight_through():
     seed = fresh_seed()
     x = _outlier_batch(seed, m=4, k=64, columns=(5,)).requires_grad_()

@@ -70,21 +70,23 @@ ScaledMmOperands check_scaled_mm(const char* op, at::ScalarType operand_dtype, b
                           a_per_row && m > 1, b_scale.numel() == n && n > 1};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::optional<double> clip) {
-  const char* op = kQuantizeOp;
-  check_dim_at_least(op, "x", x, 1);
-  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
-  TORCH_EXT_CHECK(!clip || *clip > 0.0, op, "clip must be positive, got ", clip ? *clip : 0.0);
+// quantize_per_token of checked x; on the CPU, the columns listed in zero_columns (int64, or
+// undefined) count as 0.
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, c10::optional<double> clip,
+                                                 const at::Tensor& zero_columns) {
   const at::Tensor rows = as_rows(x);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end());
   scale_shape.back() = 1;
   at::Tensor scale = at::empty(scale_shape, x.options().dtype(at::kFloat));
   if (x.numel() == 0 && scale.numel() == 0) return {q, scale};
-  const QuantizePerTokenParams p{scalar_kind(x), rows.size(0), rows.size(1), rows.data_ptr(), rows.stride(0),
-                                 clip ? float(*clip) : 0.0f, q.data_ptr<int8_t>(), scale.data_ptr<float>()};
+  QuantizePerTokenParams p{scalar_kind(x), rows.size(0), rows.size(1), rows.data_ptr(), rows.stride(0),
+                           clip ? float(*clip) : 0.0f, q.data_ptr<int8_t>(), scale.data_ptr<float>()};
+  if (zero_columns.defined()) {
+    TORCH_INTERNAL_ASSERT(!x.is_cuda() && zero_columns.is_contiguous() && zero_columns.scalar_type() == at::kLong);
+    p.zero_columns = zero_columns.data_ptr<int64_t>();
+    p.zero_count = zero_columns.numel();
+  }
   if (x.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(x.device());
@@ -96,6 +98,25 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::
   }
   TORCH_EXT_CPU_DISPATCH(quantize_per_token, p);
   return {q, scale};
+}
+
+// max over rows of |rows[r, c]| (fp32 [K]) on the CPU.
+at::Tensor column_abs_max_cpu(const at::Tensor& rows) {
+  at::Tensor out = at::empty({rows.size(1)}, rows.options().dtype(at::kFloat));
+  const ColumnAbsMaxParams p{scalar_kind(rows), rows.size(0), rows.size(1), rows.data_ptr(), rows.stride(0),
+                             out.data_ptr<float>()};
+  TORCH_EXT_CPU_DISPATCH(column_abs_max, p);
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::optional<double> clip) {
+  const char* op = kQuantizeOp;
+  check_dim_at_least(op, "x", x, 1);
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_EXT_CHECK(!clip || *clip > 0.0, op, "clip must be positive, got ", clip ? *clip : 0.0);
+  return quantize_rows(x, clip, at::Tensor());
 }
 
 at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
@@ -178,6 +199,29 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
   return y.to(out_dtype);
 }
 
+// y += outlier_x [M, C] x (the C columns of w_q, dequantized) ^T, on the CPU (see
+// OutlierProductParams). y is scaled_int8_mm's fresh contiguous output.
+void add_outlier_product_cpu(at::Tensor& y, const at::Tensor& outlier_x, const at::Tensor& columns,
+                             const at::Tensor& w_q, const at::Tensor& w_scale) {
+  const at::Tensor x = outlier_x.to(at::kFloat).contiguous();
+  const at::Tensor index = columns.to(at::kLong).contiguous();
+  const at::Tensor scale = w_scale.contiguous();
+  const at::Tensor w = w_q.stride(1) == 1 ? w_q : w_q.contiguous();
+  OutlierProductParams p{};
+  p.m = y.size(0);
+  p.n = y.size(1);
+  p.columns_count = index.numel();
+  p.x = x.data_ptr<float>();
+  p.columns = index.data_ptr<int64_t>();
+  p.w = w.data_ptr<int8_t>();
+  p.w_row_stride = w.stride(0);
+  p.w_scale = scale.data_ptr<float>();
+  p.out_dtype = scalar_kind(y);
+  p.out = y.data_ptr();
+  p.out_row_stride = y.stride(0);
+  TORCH_EXT_CPU_DISPATCH(add_outlier_product, p);
+}
+
 // Outlier features int8_linear routes through 16 bits at most: LLM.int8() reports a handful to
 // a few dozen per layer; a fixed count keeps every shape static, so finding them needs no
 // device-to-host synchronization (and features beyond the count stay in int8).
@@ -200,30 +244,33 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   const at::Tensor x_rows = as_rows(x);
   const int64_t k = x_rows.size(1);
   const bool decompose = outlier_threshold > 0.0 && x_rows.size(0) > 0 && k > 0;
-  at::Tensor regular = x_rows, candidates, outlier_x;
+  at::Tensor regular = x_rows, candidates, outlier_x, zero_columns;
   if (decompose) {
-    const at::Tensor column_max = x_rows.abs().amax(0);
     const int64_t most = max_outlier_features(k);
     if (x_rows.is_cuda()) {
-      const auto [top_max, index] = column_max.topk(most);
+      const auto [top_max, index] = x_rows.abs().amax(0).topk(most);
       const at::Tensor is_outlier = top_max.gt(outlier_threshold).to(x.scalar_type());
       candidates = index;
       const at::Tensor selected = x_rows.index_select(1, index);
       outlier_x = selected.mul(is_outlier);
       regular = x_rows.clone().index_copy_(1, index, selected.sub(outlier_x));
     } else {
+      // No copies of x: the quantizer skips the outlier columns itself.
+      const at::Tensor column_max = column_abs_max_cpu(unit_column_stride(x_rows));
       candidates = column_max.gt(outlier_threshold).nonzero().squeeze(1);
       if (candidates.numel() > most) candidates = std::get<1>(column_max.topk(most));
       outlier_x = x_rows.index_select(1, candidates);
-      regular = x_rows.index_fill(1, candidates, 0);
+      zero_columns = candidates.contiguous();
     }
   }
-  const auto [x_q, x_scale] = quantize_per_token(regular, c10::nullopt);
+  const auto [x_q, x_scale] = quantize_rows(regular, c10::nullopt, zero_columns);
   at::Tensor y = scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, x.scalar_type());
-  if (decompose) {
+  if (decompose && x_rows.is_cuda()) {
     const at::Tensor columns =
         w_q.index_select(1, candidates).to(at::kFloat).mul(w_scale.reshape({-1, 1})).to(x.scalar_type());
     y.add_(at::matmul(outlier_x, columns.t()));
+  } else if (decompose && candidates.numel() > 0) {
+    add_outlier_product_cpu(y, outlier_x, candidates, w_q, w_scale.reshape({-1}));
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w_q.size(0);

@@ -24,6 +24,19 @@ struct QuantizePerTokenParams {
   float clip;       // <= 0: no clipping
   int8_t* q;        // [rows, k] contiguous
   float* scale;     // [rows]
+  // CPU only (int8_linear): these columns of x count as 0, their features taking the 16-bit path.
+  const int64_t* zero_columns = nullptr;
+  int64_t zero_count = 0;
+};
+
+// max over rows of |x[r, c]| per column c (fp32 [k]): int8_linear's outlier search, without
+// the |x| temporary torch would allocate.
+struct ColumnAbsMaxParams {
+  ScalarKind x_dtype;  // fp32, fp16 or bf16
+  int64_t rows, k;
+  const void* x;       // [rows, k], unit column stride
+  int64_t x_row_stride;
+  float* out;          // [k]
 };
 
 struct ScaledInt8MmParams {
@@ -69,8 +82,26 @@ struct ScaledFp8MmParams {
   int64_t out_row_stride;
 };
 
+//   add_outlier_product: out[m, n] += sum_c x[m, c] * w[n, columns[c]] * w_scale[n], in fp32
+//     with one rounding into out: int8_linear's 16-bit path for its few outlier features, with
+//     the weight columns gathered and dequantized in place (a [m, C] x [C, n] product with C a
+//     handful is a poor GEMM: torch's took 300-1000 us at 256 x 4 x 4096 on the project VM).
+struct OutlierProductParams {
+  int64_t m, n, columns_count;
+  const float* x;           // [m, C] contiguous: the outlier features of the rows
+  const int64_t* columns;   // [C]: their indices in w's rows
+  const int8_t* w;          // [n, k], unit column stride
+  int64_t w_row_stride;
+  const float* w_scale;     // [n]
+  ScalarKind out_dtype;     // fp32, fp16 or bf16
+  void* out;                // [m, n], unit column stride
+  int64_t out_row_stride;
+};
+
 namespace cpu {
 TORCH_EXT_DECLARE_CPU_KERNEL(void quantize_per_token(const QuantizePerTokenParams& p))
+TORCH_EXT_DECLARE_CPU_KERNEL(void add_outlier_product(const OutlierProductParams& p))
+TORCH_EXT_DECLARE_CPU_KERNEL(void column_abs_max(const ColumnAbsMaxParams& p))
 // B (p.b, p.n, p.k) into the packed layout, packed_int8_b_bytes(n, k) bytes.
 TORCH_EXT_DECLARE_CPU_KERNEL(void pack_int8_b(const ScaledInt8MmParams& p, uint8_t* packed))
 // out from A (p.a) and packed B; p.b is not read.

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "common/cpu/parallel.h"
 #include "common/cpu/vec.h"
@@ -36,26 +37,67 @@ inline void store_rounded_int8(int8_t* q, VecF v) {
 #endif
 }
 
+// Row r of x [k] into q (p.q + r k) and p.scale[r].
+template <typename T>
+void quantize_row(const QuantizePerTokenParams& p, int64_t r, const T* x) {
+  constexpr int kW = VecF::kWidth;
+  VecF amax = broadcast(0.0f);
+  int64_t k = 0;
+  for (; k + kW <= p.k; k += kW) amax = max(amax, abs(load(x + k)));
+  if (k < p.k) amax = max(amax, abs(load_partial(x + k, int(p.k - k))));
+  float row_max = reduce_max(amax);
+  if (p.clip > 0.0f) row_max = std::min(row_max, p.clip);
+  const float scale = row_max > 0.0f ? row_max / 127.0f : 1.0f;
+  p.scale[r] = scale;
+  int8_t* q = p.q + r * p.k;
+  // x / scale, not x * (1 / scale): the reference divides, and the two can differ in the
+  // last bit, which moves values that sit on a rounding boundary.
+  const VecF divisor = broadcast(scale);
+  for (k = 0; k + kW <= p.k; k += kW) store_rounded_int8(q + k, load(x + k) / divisor);
+  for (; k < p.k; ++k) q[k] = round_to_int8(to_float(x[k]) / scale);
+}
+
 template <typename T>
 void quantize_rows(const QuantizePerTokenParams& p) {
-  constexpr int kW = VecF::kWidth;
   parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.k)), [&](int64_t begin, int64_t end) {
+    std::vector<float> masked(p.zero_count > 0 ? size_t(p.k) : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
-      VecF amax = broadcast(0.0f);
-      int64_t k = 0;
-      for (; k + kW <= p.k; k += kW) amax = max(amax, abs(load(x + k)));
-      if (k < p.k) amax = max(amax, abs(load_partial(x + k, int(p.k - k))));
-      float row_max = reduce_max(amax);
-      if (p.clip > 0.0f) row_max = std::min(row_max, p.clip);
-      const float scale = row_max > 0.0f ? row_max / 127.0f : 1.0f;
-      p.scale[r] = scale;
-      int8_t* q = p.q + r * p.k;
-      // x / scale, not x * (1 / scale): the reference divides, and the two can differ in the
-      // last bit, which moves values that sit on a rounding boundary.
-      const VecF divisor = broadcast(scale);
-      for (k = 0; k + kW <= p.k; k += kW) store_rounded_int8(q + k, load(x + k) / divisor);
-      for (; k < p.k; ++k) q[k] = round_to_int8(to_float(x[k]) / scale);
+      if (p.zero_count == 0) {
+        quantize_row(p, r, x);
+        continue;
+      }
+      // The row in fp32 with the outlier columns zeroed (exact: every input dtype widens exactly).
+      for (int64_t k = 0; k < p.k; ++k) masked[size_t(k)] = to_float(x[k]);
+      for (int64_t c = 0; c < p.zero_count; ++c) masked[size_t(p.zero_columns[c])] = 0.0f;
+      quantize_row(p, r, masked.data());
+    }
+  });
+}
+
+template <typename T>
+void column_abs_max_of(const ColumnAbsMaxParams& p) {
+  constexpr int kW = VecF::kWidth;
+  constexpr int64_t kColumns = 16 * kW;  // a chunk's running maxima stay in registers
+  parallel_for(0, (p.k + kColumns - 1) / kColumns, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t c0 = chunk * kColumns, width = std::min(kColumns, p.k - c0);
+      if (width < kColumns) {  // the tail chunk: scalar
+        for (int64_t c = c0; c < p.k; ++c) {
+          float m = 0.0f;
+          for (int64_t r = 0; r < p.rows; ++r)
+            m = std::max(m, std::fabs(to_float(static_cast<const T*>(p.x)[r * p.x_row_stride + c])));
+          p.out[c] = m;
+        }
+        continue;
+      }
+      VecF m[16];
+      for (auto& v : m) v = broadcast(0.0f);
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride + c0;
+        for (int v = 0; v < 16; ++v) m[v] = max(m[v], abs(load(x + v * kW)));
+      }
+      for (int v = 0; v < 16; ++v) store(p.out + c0 + v * kW, m[v]);
     }
   });
 }
@@ -66,6 +108,47 @@ void quantize_per_token(const QuantizePerTokenParams& p) {
   visit_storage_type(p.x_dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) quantize_rows<T>(p);
+  });
+}
+
+void add_outlier_product(const OutlierProductParams& p) {
+  constexpr int kW = VecF::kWidth;
+  // The dequantized weight columns, transposed: C rows of n floats, so a row of out takes C
+  // contiguous fmadd passes. Gathered row by row of w: one visit to each weight row's page.
+  std::vector<float> columns(size_t(p.columns_count * p.n));
+  parallel_for(0, p.n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t c = 0; c < p.columns_count; ++c)
+        columns[size_t(c * p.n + j)] = float(p.w[j * p.w_row_stride + p.columns[c]]) * p.w_scale[j];
+  });
+  visit_storage_type(p.out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) {
+      parallel_for(0, p.m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.n)), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T* out = static_cast<T*>(p.out) + i * p.out_row_stride;
+          const float* x = p.x + i * p.columns_count;
+          int64_t j = 0;
+          for (; j + kW <= p.n; j += kW) {
+            VecF acc = load(out + j);
+            for (int64_t c = 0; c < p.columns_count; ++c) acc = fmadd(broadcast(x[c]), load(&columns[size_t(c * p.n + j)]), acc);
+            store(out + j, acc);
+          }
+          for (; j < p.n; ++j) {
+            float acc = to_float(out[j]);
+            for (int64_t c = 0; c < p.columns_count; ++c) acc = std::fma(x[c], columns[size_t(c * p.n + j)], acc);
+            out[j] = from_float<T>(acc);
+          }
+        }
+      });
+    }
+  });
+}
+
+void column_abs_max(const ColumnAbsMaxParams& p) {
+  visit_storage_type(p.x_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) column_abs_max_of<T>(p);
   });
 }
 
