@@ -196,6 +196,8 @@ def test_run_selects_by_op_name_and_rejects_unknown(tmp_path):
         assert run(ops=["selftest"], quick=True, out_dir=str(tmp_path), devices=["cpu"], match="fp16")["cases"] == []
         assert len(run(ops=["selftest"], quick=True, out_dir=str(tmp_path), devices=["cpu"],
                        match="256x256")["cases"]) == 1
+        assert len(run(ops=["selftest"], quick=True, out_dir=str(tmp_path), devices=["cpu"],
+                       match=["fp16", "256x256"])["cases"]) == 1
 
 
 def test_declared_working_set_decides_the_cpu_roofline(tmp_path):

@@ -26,7 +26,7 @@ def run(
     quick: bool = False,
     out_dir: str = "bench_results",
     devices: list[str] | None = None,
-    match: str | None = None,
+    match: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Benchmark the selected cases, print a table, write JSON and plots; return the result dict.
 
@@ -35,7 +35,8 @@ def run(
         quick: small subset of shapes and short measurements.
         out_dir: where ``bench-<UTC timestamp>.json`` and ``<family>-<device>.png`` go.
         devices: devices to run on (default: ``cpu``, plus ``cuda`` when available).
-        match: keep only the cases whose label contains this text (e.g. ``"S=8192"``).
+        match: keep only the cases whose label contains this text (e.g. ``"S=8192"``), or any
+            of these texts.
 
     Raises:
         ValueError: unknown device, CUDA requested but unavailable, or a name in
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         help="op family (e.g. activation) or op name (e.g. silu_and_mul); repeatable; default: all",
     )
     parser.add_argument("--quick", action="store_true", help="few shapes, short measurements")
-    parser.add_argument("--match", metavar="TEXT", help="only the cases whose label contains TEXT")
+    parser.add_argument("--match", metavar="TEXT", action="append",
+                        help="only the cases whose label contains TEXT; repeatable (any of them)")
     parser.add_argument("--out", default="bench_results", metavar="DIR", help="output directory")
     parser.add_argument("--profile-once", action="store_true",
                         help="no timing: run our op once per CUDA case inside the profiler window (under ncu)")
@@ -123,10 +125,11 @@ def _profile_once(args: argparse.Namespace) -> int:
 
 
 def _select_cases(devices: list[str], ops: list[str] | None, quick: bool,
-                  match: str | None) -> tuple[list[Case], list[dict[str, str]]]:
+                  match: str | list[str] | None) -> tuple[list[Case], list[dict[str, str]]]:
     importlib.import_module(f"{__package__}.suites")  # registers the built-in suites
     cases, errors = _collect_cases(devices, ops, quick)
-    return [c for c in cases if match is None or match in c.label], errors
+    patterns = [match] if isinstance(match, str) else match
+    return [c for c in cases if patterns is None or any(p in c.label for p in patterns)], errors
 
 
 def speedup(baseline_s: float, ours_s: float) -> float:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The second command for a lent GPU machine, after scripts/gpu_check.sh on the same warm machine
+# (it reuses that build):
+#   bash scripts/gpu_perf.sh /tmp/gp; tar czf $OUT/gpu_perf.tgz -C /tmp gp
+# 1. targets: the cases that decide the open issues' GPU targets, ours and the baselines in one
+#    run (weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1..4096; W8A8/fp8 at M = 4096; fused
+#    MoE Mixtral T = 1 and 4096; block-sparse attention dense and 10% at S = 4096 and 32K, with
+#    compiled flex, forward and forward+backward; MoBA 64/top-8 and 16/top-32 at 32K).
+# 2. profile: ncu's speed-of-light, launch, occupancy, memory and warp-stall sections of our
+#    kernels, one call per quick case (bench --profile-once prints the order).
+# Not measured yet as a whole; each step has its own limit, 9 minutes together at most.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?usage: scripts/gpu_perf.sh OUTDIR}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+# One bench run per family, each with its own limit and JSON (a run killed at its limit writes none).
+bench() {  # bench NAME LIMIT_SECONDS ARGS...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$PY" -m torch_ext bench --device cuda "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1
+  echo "$name rc=$?"
+}
+bench quant 90 --op quant w8a8 --match "8192x8192"
+bench moe 120 --op moe --match "mixtral T=1 " --match "mixtral T=4096"
+bench attention 200 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" --match "S=32768 full" \
+  --match "S=32768 block"
+timeout 120 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
+  --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
+  "$PY" -m torch_ext bench --profile-once --quick --device cuda >"$OUT/profile.log" 2>&1
+echo "profile rc=$?"
+for name in quant moe attention; do grep -v "^ \\|InputBuffer" "$OUT/$name.log" | tail -30; done
+grep -E "^\\[|Duration|Memory Throughput|DRAM Throughput|Compute \\(SM\\) Throughput|Achieved Occupancy|Registers Per" \
+  "$OUT/profile.log" | head -150
