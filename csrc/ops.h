@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> fused_moe_train(const at::Tensor& hidden, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation,
-    const c10::optional<at::Tensor>& gate_up);
+    const c10::optional<at::Tensor>& gate_up, bool weight_grads);
 
 // moe/fused_moe_quantized.cpp
 at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_qweight, const at::Tensor& w13_scales,

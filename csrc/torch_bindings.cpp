@@ -50,9 +50,11 @@ TORCH_LIBRARY(torch_ext, m) {
   // fused_moe for training: (out, gate_up [T*k, 2I]) with the pre-activation values the backward reuses.
   m.def("fused_moe_train(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
         "str activation) -> (Tensor, Tensor)");
-  // Gradients (hidden, w13, w2, topk_weights) of fused_moe given grad_out [T, H] (gate_up: saved, else recomputed).
+  // Gradients (hidden, w13, w2, topk_weights) of fused_moe given grad_out [T, H] (gate_up: saved, else recomputed;
+  // weight_grads=False: frozen experts, grad_w13 and grad_w2 are empty and their GEMMs skipped).
   m.def("fused_moe_backward(Tensor grad_out, Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, "
-        "Tensor topk_ids, str activation, Tensor? gate_up=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor topk_ids, str activation, Tensor? gate_up=None, bool weight_grads=True) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   // fused_moe with each expert's W13 and W2 weight-only quantized (packed layout, stacked along a leading E).
   m.def("fused_moe_quantized(Tensor hidden, Tensor w13_qweight, Tensor w13_scales, Tensor? w13_zeros, "
         "Tensor w2_qweight, Tensor w2_scales, Tensor? w2_zeros, Tensor topk_weights, Tensor topk_ids, "

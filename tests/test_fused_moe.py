@@ -126,6 +126,24 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.torch_ext.fused_moe_backward, (grad_out, *args, "gelu"))
     gate_up = torch.ops.torch_ext.fused_moe_train(*args, "gelu")[1]
     torch.library.opcheck(torch.ops.torch_ext.fused_moe_backward, (grad_out, *args, "gelu", gate_up))
+    torch.library.opcheck(torch.ops.torch_ext.fused_moe_backward, (grad_out, *args, "gelu", None, False))
+
+
+def test_frozen_experts_skip_the_weight_gradients():
+    """weight_grads=False: the same hidden and routing-weight gradients, no weight gradients; the
+    autograd of fused_moe asks for them only when w13 or w2 requires grad."""
+    seed = fresh_seed()
+    h, w13, w2, weights, ids = _problem(11, 6, 2, 24, 16, torch.float32, "cpu", seed)
+    grad_out = random_tensor((11, 24), torch.float32, "cpu", seed + 5)
+    full = torch.ops.torch_ext.fused_moe_backward(grad_out, h, w13, w2, weights, ids, "silu")
+    frozen = torch.ops.torch_ext.fused_moe_backward(grad_out, h, w13, w2, weights, ids, "silu", None, False)
+    assert torch.equal(frozen[0], full[0]) and torch.equal(frozen[3], full[3])
+    assert frozen[1].numel() == 0 and frozen[2].numel() == 0
+    h_leaf, weights_leaf = h.clone().requires_grad_(), weights.clone().requires_grad_()
+    fused_moe(h_leaf, w13, w2, weights_leaf, ids).backward(grad_out)
+    # (through fused_moe_train: the kernel's saved gate_up, equal to the recomputed one to rounding)
+    assert relative_error(h_leaf.grad, full[0]) < 1e-6 and relative_error(weights_leaf.grad, full[3]) < 1e-6
+    assert w13.grad is None and w2.grad is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> fused_moe_train(const at::Tensor& hidden, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation,
-    const c10::optional<at::Tensor>& gate_up) {
+    const c10::optional<at::Tensor>& gate_up, bool weight_grads) {
   const char* op = "fused_moe_backward";
   const moe::Activation act = check_fused_moe_args(op, hidden, w13, w2, topk_weights, topk_ids, activation);
   check_same_device(op, "grad_out", grad_out, "hidden", hidden);
@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
                     gate_up->sizes());
   }
   return moe::fused_moe_backward_composite(grad_out, hidden, w13, w2, topk_weights, topk_ids, act,
-                                           gate_up ? *gate_up : at::Tensor());
+                                           gate_up ? *gate_up : at::Tensor(), weight_grads);
 }
 
 }  // namespace torch_ext

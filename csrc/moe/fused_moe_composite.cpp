@@ -101,7 +101,8 @@ at::Tensor gate_up_by_pair(const at::Tensor& hidden, const at::Tensor& w13, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_composite(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
-    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up) {
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up,
+    bool weight_grads) {
   const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), intermediate = w2.size(2);
   const Grouping g = group_pairs(topk_ids, w13.size(0));
   const at::Tensor x = hidden.index_select(0, g.tokens);
@@ -112,14 +113,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
   at::Tensor grad_weights = at::empty({x.size(0)}, topk_weights.options());
   // Every expert's gradient slice is written whole by its GEMMs; only idle experts need zeros
   // (zero-filling all of dW first would write the expert weights' size once more).
-  at::Tensor grad_w13 = at::empty_like(w13, at::MemoryFormat::Contiguous);
-  at::Tensor grad_w2 = at::empty_like(w2, at::MemoryFormat::Contiguous);
+  at::Tensor grad_w13 = weight_grads ? at::empty_like(w13, at::MemoryFormat::Contiguous) : w13.new_empty({0});
+  at::Tensor grad_w2 = weight_grads ? at::empty_like(w2, at::MemoryFormat::Contiguous) : w2.new_empty({0});
   int64_t row = 0;
   for (int64_t e = 0; e < int64_t(g.counts.size()); ++e) {
     const int64_t count = g.counts[e];
     if (count == 0) {
-      grad_w13[e].zero_();
-      grad_w2[e].zero_();
+      if (weight_grads) {
+        grad_w13[e].zero_();
+        grad_w2[e].zero_();
+      }
       continue;
     }
     const at::Tensor x_e = x.narrow(0, row, count), dy_e = dy.narrow(0, row, count);
@@ -133,11 +136,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
     const at::Tensor d_act_unweighted = at::mm(dy_e, w2[e]);
     grad_weights.narrow(0, row, count).copy_((d_act_unweighted * act).sum(1));
     const at::Tensor d_act = d_act_unweighted * w_e;
-    at::Tensor grad_w2_e = grad_w2[e], grad_w13_e = grad_w13[e], grad_x_e = grad_x.narrow(0, row, count);
-    at::mm_out(grad_w2_e, (dy_e * w_e).t(), act);
+    at::Tensor grad_x_e = grad_x.narrow(0, row, count);
     const at::Tensor d_gate_up = at::cat(
         std::vector<at::Tensor>{activation_backward(d_act * up, gate, activation), d_act * act_gate}, 1);
-    at::mm_out(grad_w13_e, d_gate_up.t(), x_e);
+    if (weight_grads) {
+      at::Tensor grad_w2_e = grad_w2[e], grad_w13_e = grad_w13[e];
+      at::mm_out(grad_w2_e, (dy_e * w_e).t(), act);
+      at::mm_out(grad_w13_e, d_gate_up.t(), x_e);
+    }
     at::mm_out(grad_x_e, d_gate_up, w13[e]);
     row += count;
   }

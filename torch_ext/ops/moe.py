@@ -69,10 +69,12 @@ def _fused_moe_train_fake(hidden, w13, w2, topk_weights, topk_ids, activation):
 
 
 @torch.library.register_fake("torch_ext::fused_moe_backward")
-def _fused_moe_backward_fake(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation, gate_up=None):
-    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(w13, memory_format=torch.contiguous_format),
-            torch.empty_like(w2, memory_format=torch.contiguous_format),
+def _fused_moe_backward_fake(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation, gate_up=None,
+                             weight_grads=True):
+    def weight_grad(w):
+        return torch.empty_like(w, memory_format=torch.contiguous_format) if weight_grads else w.new_empty((0,))
+
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format), weight_grad(w13), weight_grad(w2),
             torch.empty_like(topk_weights, memory_format=torch.contiguous_format))
 
 
@@ -84,8 +86,11 @@ def _fused_moe_setup_context(ctx, inputs, output) -> None:
 
 def _fused_moe_backward(ctx, grad_out: torch.Tensor):
     hidden, w13, w2, topk_weights, topk_ids = ctx.saved_tensors
+    weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_hidden, grad_w13, grad_w2, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids,
-                                                                   ctx.activation)
+                                                                   ctx.activation, None, weight_grads)
+    if not weight_grads:
+        grad_w13 = grad_w2 = None
     return grad_hidden, grad_w13, grad_w2, grad_weights, None, None
 
 
@@ -101,8 +106,11 @@ def _fused_moe_train_setup_context(ctx, inputs, output) -> None:
 
 def _fused_moe_train_backward(ctx, grad_out: torch.Tensor, _grad_gate_up):
     hidden, w13, w2, topk_weights, topk_ids, gate_up = ctx.saved_tensors
+    weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_hidden, grad_w13, grad_w2, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids,
-                                                                   ctx.activation, gate_up)
+                                                                   ctx.activation, gate_up, weight_grads)
+    if not weight_grads:
+        grad_w13 = grad_w2 = None
     return grad_hidden, grad_w13, grad_w2, grad_weights, None, None
 
 
@@ -152,7 +160,8 @@ def _fused_moe_quantized_backward(ctx, grad_out: torch.Tensor):
         hidden.dtype)
     w2 = QuantizedExperts(w2_q, w2_s, w2_z, bits, group_size, (experts, hidden_size, intermediate)).dequantize(
         hidden.dtype)
-    grad_hidden, _, _, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation)
+    grad_hidden, _, _, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids, activation,
+                                                      None, False)
     return grad_hidden, None, None, None, None, None, None, grad_weights, None, None, None, None
 
 
