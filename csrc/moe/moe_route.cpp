@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& router_logits, in
     if constexpr (!std::is_same_v<T, double>) {
       const T* data = static_cast<const T*>(logits.data_ptr());
       cpu::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / experts), [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(size_t(2 * experts));
+        std::vector<float> scores(size_t(moe::route_scratch_floats(config)));
         std::unique_ptr<bool[]> eligible(new bool[size_t(experts)]);
         for (int64_t t = begin; t < end; ++t) {
           moe::route_token(config, data + t * experts, bias_data, [](T v) { return to_float(v); }, scores.data(),

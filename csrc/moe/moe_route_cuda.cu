@@ -68,7 +68,7 @@ __global__ void route_thread_kernel(MoeRouteParams p, float* scratch, bool* flag
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= p.tokens) return;
   const int64_t e = p.config.num_experts, k = p.config.top_k;
-  float* scores = scratch + t * 2 * e;
+  float* scores = scratch + t * moe::route_scratch_floats(p.config);
   moe::route_token(p.config, static_cast<const T*>(p.logits) + t * e, p.correction_bias,
                    [](T v) { return to_float(v); }, scores, scores + e, flags + t * e, p.topk_weights + t * k,
                    p.topk_ids + t * k);
@@ -82,7 +82,7 @@ void launch(const MoeRouteParams& p, void* workspace, cudaStream_t stream) {
     return;
   }
   float* scratch = static_cast<float*>(workspace);
-  bool* flags = reinterpret_cast<bool*>(scratch + p.tokens * 2 * p.config.num_experts);
+  bool* flags = reinterpret_cast<bool*>(scratch + p.tokens * moe::route_scratch_floats(p.config));
   const unsigned blocks = unsigned((p.tokens + kThreads - 1) / kThreads);
   route_thread_kernel<T><<<blocks, kThreads, 0, stream>>>(p, scratch, flags);
 }
@@ -91,7 +91,7 @@ void launch(const MoeRouteParams& p, void* workspace, cudaStream_t stream) {
 
 int64_t moe_route_workspace_bytes(const MoeRouteParams& p) {
   if (moe::warp_routing_supported(p.config)) return 0;
-  return p.tokens * p.config.num_experts * int64_t(2 * sizeof(float) + sizeof(bool));
+  return p.tokens * (moe::route_scratch_floats(p.config) * int64_t(sizeof(float)) + p.config.num_experts);
 }
 
 cudaError_t moe_route(const MoeRouteParams& p, void* workspace, cudaStream_t stream) {

@@ -21,7 +21,7 @@ struct MoeRouteParams {
 };
 
 // Bytes of device scratch moe_route needs: 0 where a warp routes each token (up to 512 experts
-// and 32 groups), else per token 2 E floats and E flags.
+// and 32 groups), else per token moe::route_scratch_floats floats and E flags.
 int64_t moe_route_workspace_bytes(const MoeRouteParams& p);
 
 // A warp per token runs moe::route_token_warp, or beyond its limits a thread per token runs

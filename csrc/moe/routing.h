@@ -32,14 +32,6 @@ struct RouteConfig {
   float routed_scaling_factor;
 };
 
-// Index of the largest value among `count` values with eligible[i], lowest index on ties; -1 if none.
-TORCH_EXT_HOST_DEVICE int32_t argmax_eligible(const float* values, const bool* eligible, int32_t count) {
-  int32_t best = -1;
-  for (int32_t i = 0; i < count; ++i)
-    if (eligible[i] && (best < 0 || values[i] > values[best])) best = i;
-  return best;
-}
-
 // Group score: max of the group's values (softmax), or the sum of its two largest (sigmoid).
 TORCH_EXT_HOST_DEVICE float group_score(const float* values, int32_t size, Scoring scoring) {
   float first = -INFINITY, second = -INFINITY;
@@ -55,8 +47,33 @@ TORCH_EXT_HOST_DEVICE float group_score(const float* values, int32_t size, Scori
   return first + second;
 }
 
-// Routes one token. scratch: 3 * num_experts floats-or-flags worth of caller memory:
-// scores[E], biased[E] (floats) and eligible[E] (bools). logits may be any float type T.
+// Bytes of the floats route_token needs per token: scores[E] and biased[E + num_expert_group]
+// (the groups' scores after the experts'); plus E bools of eligibility.
+TORCH_EXT_HOST_DEVICE int64_t route_scratch_floats(const RouteConfig& c) {
+  return 2 * int64_t(c.num_experts) + (c.num_expert_group > 1 ? c.num_expert_group : 0);
+}
+
+// Appends expert `id` with selection value `value` to the ranking ids[0..count) / values[0..count),
+// kept in descending value (ties: the lower id first, as experts arrive in increasing id) and
+// capped at k entries. Returns the new count.
+TORCH_EXT_HOST_DEVICE int32_t rank_insert(int32_t* ids, float* values, int32_t count, int32_t k, int32_t id,
+                                          float value) {
+  if (count == k && !(value > values[k - 1])) return count;
+  int32_t pos = count < k ? count : k - 1;
+  while (pos > 0 && value > values[pos - 1]) {
+    ids[pos] = ids[pos - 1];
+    values[pos] = values[pos - 1];
+    --pos;
+  }
+  ids[pos] = id;
+  values[pos] = value;
+  return count < k ? count + 1 : count;
+}
+
+// Routes one token. scratch: scores (E floats), biased (E + num_expert_group floats, see
+// route_scratch_floats) and eligible (E bools) of caller memory. logits may be any float type T.
+// One pass scores the experts, one scores the groups, one ranks the eligible experts (the top-k
+// list is built in place in topk_ids / topk_weights, then the weights are read from scores).
 template <typename T, typename ToFloat>
 TORCH_EXT_HOST_DEVICE void route_token(const RouteConfig& c, const T* logits, const float* correction_bias,
                                        ToFloat to_f32, float* scores, float* biased, bool* eligible,
@@ -76,32 +93,32 @@ TORCH_EXT_HOST_DEVICE void route_token(const RouteConfig& c, const T* logits, co
     eligible[i] = true;
   }
   if (c.num_expert_group > 1) {
-    const int32_t size = e / c.num_expert_group;
-    // Groups are ranked by score; the best topk_group stay. group_kept marks them, using the
-    // eligibility flags of each group's first expert as scratch for "not yet ranked".
-    for (int32_t g = 0; g < c.num_expert_group; ++g) eligible[g * size] = false;  // false: not kept (yet)
+    // Groups are ranked by score; the best topk_group stay (ties: the lower group). The
+    // eligibility flag of each group's first expert marks "kept" while ranking.
+    const int32_t groups = c.num_expert_group, size = e / groups;
+    float* const group_scores = biased + e;
+    for (int32_t g = 0; g < groups; ++g) {
+      group_scores[g] = group_score(biased + g * size, size, c.scoring);
+      eligible[g * size] = false;
+    }
     for (int32_t round = 0; round < c.topk_group; ++round) {
       int32_t best = -1;
-      float best_score = -INFINITY;
-      for (int32_t g = 0; g < c.num_expert_group; ++g) {
-        if (eligible[g * size]) continue;
-        const float s = group_score(biased + g * size, size, c.scoring);
-        if (best < 0 || s > best_score) best = g, best_score = s;
-      }
+      for (int32_t g = 0; g < groups; ++g)
+        if (!eligible[g * size] && (best < 0 || group_scores[g] > group_scores[best])) best = g;
       eligible[best * size] = true;
     }
-    for (int32_t g = 0; g < c.num_expert_group; ++g) {
+    for (int32_t g = 0; g < groups; ++g) {
       const bool kept = eligible[g * size];
       for (int32_t i = 0; i < size; ++i) eligible[g * size + i] = kept;
     }
   }
+  int32_t count = 0;
+  for (int32_t i = 0; i < e; ++i)
+    if (eligible[i]) count = rank_insert(topk_ids, topk_weights, count, c.top_k, i, biased[i]);
   float chosen_sum = 0.0f;
   for (int32_t j = 0; j < c.top_k; ++j) {
-    const int32_t best = argmax_eligible(biased, eligible, e);
-    eligible[best] = false;
-    topk_ids[j] = best;
-    topk_weights[j] = scores[best];
-    chosen_sum += scores[best];
+    topk_weights[j] = scores[topk_ids[j]];
+    chosen_sum += topk_weights[j];
   }
   const float scale = (c.renormalize && chosen_sum > 0.0f ? 1.0f / chosen_sum : 1.0f) * c.routed_scaling_factor;
   for (int32_t j = 0; j < c.top_k; ++j) topk_weights[j] *= scale;

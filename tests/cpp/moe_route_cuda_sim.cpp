@@ -89,7 +89,7 @@ void check_case() {
   const float* bias = p.with_bias ? p.bias.data() : nullptr;
   const int e = c.num_experts, k = c.top_k;
 
-  std::vector<float> scratch(2 * e), weights(k, NAN), warp_weights(k, NAN);
+  std::vector<float> scratch(size_t(moe::route_scratch_floats(c))), weights(k, NAN), warp_weights(k, NAN);
   std::vector<int32_t> ids(k, -7), warp_ids(k, -7);
   std::vector<uint8_t> flags(e);
   bool* eligible = reinterpret_cast<bool*>(flags.data());
