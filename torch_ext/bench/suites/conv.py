@@ -1,6 +1,6 @@
 """Convolution suite: im2win conv2d on the 12 layers of the im2win paper and a ResNet-50
-forward, against F.conv2d (oneDNN on CPU, cuDNN with benchmark=True on GPU) and
-im2col (unfold) + matmul."""
+forward, against F.conv2d (oneDNN on CPU, cuDNN with benchmark=True on GPU; in fp32 on the GPU
+also with TF32 off, the precision of our fp32 kernels) and im2col (unfold) + matmul."""
 
 from __future__ import annotations
 
@@ -34,6 +34,22 @@ def im2col_conv(x, w, stride):
     return (w.reshape(k, -1) @ cols).view(n, k, ho, wo)
 
 
+def conv2d_ieee_fp32(x, w, stride):
+    """F.conv2d with cuDNN's TF32 off: the precision our fp32 kernels compute at (torch's default
+    lets cuDNN run fp32 convolutions in TF32 on tensor cores). Only that flag changes: the
+    algorithm search (cudnn.benchmark) stays as the suite set it."""
+    cudnn = torch.backends.cudnn
+    # Newer torch raises if the legacy allow_tf32 flag is mixed with fp32_precision.
+    owner, attr, value = ((cudnn.conv, "fp32_precision", "ieee") if hasattr(getattr(cudnn, "conv", None), "fp32_precision")
+                          else (cudnn, "allow_tf32", False))
+    saved = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        return F.conv2d(x, w, None, stride)
+    finally:
+        setattr(owner, attr, saved)
+
+
 def _layer_case(device: str, number: int, dtype: torch.dtype) -> Case:
     c, hw, k, r, stride = PAPER_LAYERS[number - 1]
     n = _BATCH[torch.device(device).type]
@@ -50,7 +66,9 @@ def _layer_case(device: str, number: int, dtype: torch.dtype) -> Case:
     return Case(
         family="conv2d", op="im2win_conv2d", label=f"conv{number} N={n} {_SHORT[dtype]}",
         make_inputs=make_inputs, ours=im2win_conv,
-        baselines={"F.conv2d": lambda x, w, s: F.conv2d(x, w, None, s), "im2col+matmul": im2col_conv},
+        baselines={"F.conv2d": lambda x, w, s: F.conv2d(x, w, None, s), "im2col+matmul": im2col_conv,
+                   **({"F.conv2d (TF32 off)": conv2d_ieee_fp32}
+                      if torch.device(device).type == "cuda" and dtype == torch.float32 else {})},
         flops=2.0 * n * k * ho * ho * c * r * r,
         bytes=float((n * c * hw * hw + k * c * r * r + n * k * ho * ho) * element),
         device=device,
