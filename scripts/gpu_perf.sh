@@ -3,7 +3,8 @@
 # (it reuses that build):
 #   bash scripts/gpu_perf.sh /tmp/gp; tar czf $OUT/gpu_perf.tgz -C /tmp gp
 # 1. targets: the cases that decide the open issues' GPU targets, ours and the baselines in one
-#    run (weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1..4096; W8A8/fp8 at M = 4096; fused
+#    run (weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096; W8A8/fp8 at M = 1, 16,
+#    4096; fused
 #    MoE Mixtral T = 1 and 4096; block-sparse attention dense and 10% at S = 4096 and 32K, with
 #    compiled flex, forward and forward+backward; MoBA 64/top-8 and 16/top-32 at 32K).
 # 2. profile: ncu's speed-of-light, launch, occupancy, memory and warp-stall sections of our
@@ -21,9 +22,10 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
   timeout "$limit" "$PY" -m torch_ext bench --device cuda "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1
   echo "$name rc=$?"
 }
-bench quant 90 --op quant w8a8 --match "8192x8192"
-bench moe 120 --op moe --match "mixtral T=1 " --match "mixtral T=4096"
-bench attention 200 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" --match "S=32768 full" \
+bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" --match "M=64 8192x8192" \
+  --match "M=4096 8192x8192"
+bench moe 110 --op moe --match "mixtral T=1 " --match "mixtral T=4096"
+bench attention 170 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" --match "S=32768 full" \
   --match "S=32768 block"
 timeout 120 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
   --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
