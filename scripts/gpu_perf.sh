@@ -4,8 +4,7 @@
 #   bash scripts/gpu_perf.sh /tmp/gp; tar czf $OUT/gpu_perf.tgz -C /tmp gp
 # 1. targets: the cases that decide the open issues' GPU targets, ours and the baselines in one
 #    run (weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096; W8A8/fp8 at M = 1, 16,
-#    4096; fused
-#    MoE Mixtral T = 1 and 4096; block-sparse attention dense and 10% at S = 4096 and 32K, with
+#    4096; fused MoE Mixtral T = 1 and 4096; block-sparse attention dense and 10% at S = 4096 and 32K, with
 #    compiled flex, forward and forward+backward; MoBA 64/top-8 and 16/top-32 at 32K).
 # 2. profile: ncu's speed-of-light, launch, occupancy, memory and warp-stall sections of our
 #    kernels, one call per quick case (bench --profile-once prints the order).
