@@ -310,19 +310,31 @@ __device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParam
 // Forward
 // =============================================================================================
 
+// Where a CTA that walks a query block's key list (forward, dQ) works, and the call's flags:
+// the grid's last query blocks run first (under causal masking they are the heaviest).
+struct RowPlace {
+  int tid, lane, warp;
+  int qb, h;
+  int64_t b;
+  int q0, warp_row0;
+  bool causal, selection;
+  int top_k;
+  float scale_log2;
+};
+template <int kBlockQ>
+__device__ __forceinline__ RowPlace row_place(const BlockSparseForwardParams& p) {
+  const int tid = threadIdx.x, warp = tid / 32, qb = int(gridDim.x - 1 - blockIdx.x);
+  return RowPlace{tid, tid % 32, warp, qb, int(blockIdx.y), int64_t(blockIdx.z), qb * kBlockQ, warp * ix::kWarpRows,
+                  p.causal, p.selection.blocks != nullptr, p.selection.top_k, p.scale * ix::kLog2e};
+}
+
 template <typename T, int kD, int kBlockQ>
 __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
     fwd_kernel(const BlockSparseForwardParams p) {
   using Tr = RowTraits<kD, kBlockQ, false>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int qb = int(gridDim.x - 1 - blockIdx.x);  // last (causal: heaviest) query blocks first
-  const int h = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int q0 = qb * kBlockQ, warp_row0 = warp * ix::kWarpRows;
-  const bool causal = p.causal, selection = p.selection.blocks != nullptr;
-  const int top_k = p.selection.top_k;
-  const float scale_log2 = p.scale * ix::kLog2e;
+  const auto [tid, lane, warp, qb, h, b, q0, warp_row0, causal, selection, top_k, scale_log2] =
+      row_place<kBlockQ>(p);
 
   const RowCta<T> c = row_cta_setup<T, Tr>(p, smem, qb, b, h, tid);
   // Group 0: Q; group 1: step 0.
@@ -431,14 +443,8 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
   using Tr = RowTraits<kD, kBlockQ, true>;
   const BlockSparseForwardParams& p = bp.forward;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int qb = int(gridDim.x - 1 - blockIdx.x);
-  const int h = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int q0 = qb * kBlockQ, warp_row0 = warp * ix::kWarpRows;
-  const bool causal = p.causal, selection = p.selection.blocks != nullptr;
-  const int top_k = p.selection.top_k;
-  const float scale_log2 = p.scale * ix::kLog2e;
+  const auto [tid, lane, warp, qb, h, b, q0, warp_row0, causal, selection, top_k, scale_log2] =
+      row_place<kBlockQ>(p);
 
   const RowCta<T> c = row_cta_setup<T, Tr>(p, smem, qb, b, h, tid);
   load_rows<T, kD, Tr::kThreads, Tr::kRowCopies>(smem + Tr::kQOffset, bhsd_ptr<T>(p.q, b, h), p.q.seq_stride, q0,
