@@ -84,14 +84,20 @@ def _fused_moe_setup_context(ctx, inputs, output) -> None:
     ctx.activation = activation
 
 
-def _fused_moe_backward(ctx, grad_out: torch.Tensor):
-    hidden, w13, w2, topk_weights, topk_ids = ctx.saved_tensors
+def _experts_backward(ctx, grad_out: torch.Tensor, gate_up: torch.Tensor | None):
+    """Gradients of (hidden, w13, w2, topk_weights, topk_ids, activation); the weights' only when
+    autograd asks for them (frozen experts skip those GEMMs)."""
+    hidden, w13, w2, topk_weights, topk_ids = ctx.saved_tensors[:5]
     weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_hidden, grad_w13, grad_w2, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids,
-                                                                   ctx.activation, None, weight_grads)
+                                                                   ctx.activation, gate_up, weight_grads)
     if not weight_grads:
         grad_w13 = grad_w2 = None
     return grad_hidden, grad_w13, grad_w2, grad_weights, None, None
+
+
+def _fused_moe_backward(ctx, grad_out: torch.Tensor):
+    return _experts_backward(ctx, grad_out, None)
 
 
 torch.library.register_autograd("torch_ext::fused_moe", _fused_moe_backward, setup_context=_fused_moe_setup_context)
@@ -105,13 +111,7 @@ def _fused_moe_train_setup_context(ctx, inputs, output) -> None:
 
 
 def _fused_moe_train_backward(ctx, grad_out: torch.Tensor, _grad_gate_up):
-    hidden, w13, w2, topk_weights, topk_ids, gate_up = ctx.saved_tensors
-    weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    grad_hidden, grad_w13, grad_w2, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids,
-                                                                   ctx.activation, gate_up, weight_grads)
-    if not weight_grads:
-        grad_w13 = grad_w2 = None
-    return grad_hidden, grad_w13, grad_w2, grad_weights, None, None
+    return _experts_backward(ctx, grad_out, ctx.saved_tensors[5])
 
 
 torch.library.register_autograd("torch_ext::fused_moe_train", _fused_moe_train_backward,
