@@ -2,6 +2,8 @@
 
 import torch
 
+from torch_ext.ops._dispatch import call_differentiable
+
 _OP = torch.ops.torch_ext.silu_and_mul
 _BACKWARD_OP = torch.ops.torch_ext.silu_and_mul_backward
 
@@ -16,7 +18,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     Raises:
         RuntimeError: if ``x`` has another dtype or an odd last dimension.
     """
-    return _OP(x)
+    return call_differentiable(_OP, x)
 
 
 @torch.library.register_fake("torch_ext::silu_and_mul")

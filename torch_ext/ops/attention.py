@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_ext.ops._dispatch import call_differentiable
+
 from torch_ext.attention.mask import BlockSparseMask
 
 _FORWARD = torch.ops.torch_ext.block_sparse_attention
@@ -33,8 +35,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         raise ValueError(f"torch_ext.block_sparse_attention: the mask is for (Sq, Sk) = "
                          f"({mask.seq_len_q}, {mask.seq_len_kv}), q and k have ({q.shape[2]}, {k.shape[2]})")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _FORWARD(q, k, v, mask.kv_counts, mask.kv_indices, mask.block_size_q, mask.block_size_kv, causal, scale,
-                    None)[0]
+    return call_differentiable(_FORWARD, q, k, v, mask.kv_counts, mask.kv_indices, mask.block_size_q,
+                               mask.block_size_kv, causal, scale, None)[0]
 
 
 def moba_select(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, top_k: int = 8,
@@ -65,7 +67,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     selected = _SELECT(q, k, block_size, top_k, causal)
     counts, indices = _BLOCK_LISTS(selected, _ceil_div(k.shape[2], block_size), MOBA_QUERY_BLOCK)
-    return _FORWARD(q, k, v, counts, indices, MOBA_QUERY_BLOCK, block_size, causal, scale, selected)[0]
+    return call_differentiable(_FORWARD, q, k, v, counts, indices, MOBA_QUERY_BLOCK, block_size, causal, scale,
+                               selected)[0]
 
 
 @torch.library.register_fake("torch_ext::block_sparse_attention")

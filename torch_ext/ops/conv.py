@@ -6,6 +6,8 @@ from typing import Sequence, Union
 
 import torch
 
+from torch_ext.ops._dispatch import call_differentiable
+
 IntOrPair = Union[int, Sequence[int]]
 
 _CONV = torch.ops.torch_ext.im2win_conv2d
@@ -51,7 +53,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             raise ValueError(f"torch_ext.conv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
     else:
         padding_hw = _pair(padding, "padding")
-    return _CONV(input, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
+    return call_differentiable(_CONV, input, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
 
 
 def _output_size(size: int, pad: int, dilation: int, kernel: int, stride: int) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_ext.ops._dispatch import call_differentiable
+
 _ROUTE = torch.ops.torch_ext.moe_route
 
 
@@ -53,7 +55,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, w13, w2, topk_weights)):
         return _FUSED_TRAIN(hidden, w13, w2, topk_weights, topk_ids, activation)[0]
-    return _FUSED(hidden, w13, w2, topk_weights, topk_ids, activation)
+    return call_differentiable(_FUSED, hidden, w13, w2, topk_weights, topk_ids, activation)
 
 
 @torch.library.register_fake("torch_ext::fused_moe")
@@ -131,8 +133,8 @@ def fused_moe_quantized(hidden: torch.Tensor, w13, w2, topk_weights: torch.Tenso
     if (w13.bits, w13.group_size) != (w2.bits, w2.group_size):
         raise ValueError(f"w13 and w2 must share bits and group_size, got {(w13.bits, w13.group_size)} and "
                          f"{(w2.bits, w2.group_size)}")
-    return _FUSED_QUANTIZED(hidden, w13.qweight, w13.scales, w13.zeros, w2.qweight, w2.scales, w2.zeros,
-                            topk_weights, topk_ids, activation, w13.bits, w13.group_size)
+    return call_differentiable(_FUSED_QUANTIZED, hidden, w13.qweight, w13.scales, w13.zeros, w2.qweight, w2.scales,
+                               w2.zeros, topk_weights, topk_ids, activation, w13.bits, w13.group_size)
 
 
 @torch.library.register_fake("torch_ext::fused_moe_quantized")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_ext.ops._dispatch import call_differentiable
+
 _LINEAR = torch.ops.torch_ext.weight_only_linear
 _DEQUANTIZE = torch.ops.torch_ext.dequantize_weight
 
@@ -20,7 +22,7 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     [..., N] has x's dtype. ``group_size`` is the group along K (-1: per output channel).
     Differentiable in ``x`` and ``bias``.
     """
-    return _LINEAR(x, qweight, scales, zeros, bias, bits, group_size)
+    return call_differentiable(_LINEAR, x, qweight, scales, zeros, bias, bits, group_size)
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,

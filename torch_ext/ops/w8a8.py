@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_ext.ops._dispatch import call_differentiable
+
 _QUANTIZE = torch.ops.torch_ext.quantize_per_token
 _MM = torch.ops.torch_ext.scaled_int8_mm
 
@@ -57,7 +59,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     synchronization is needed on CUDA. ``outlier_threshold <= 0`` disables the decomposition. Differentiable in ``x`` (straight-through: the gradient uses
     the dequantized weight) and ``bias``.
     """
-    return _INT8_LINEAR(x, w_q, w_scale, bias, outlier_threshold)
+    return call_differentiable(_INT8_LINEAR, x, w_q, w_scale, bias, outlier_threshold)
 
 
 @torch.library.register_fake("torch_ext::int8_linear")
