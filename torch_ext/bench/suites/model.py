@@ -1,0 +1,84 @@
+"""Model suite: the one-line promise measured end to end. A transformers Llama decoder with
+Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 query / 8 KV heads; a few layers, a small
+vocabulary, random init) runs one token (``use_cache=False``, under ``no_grad`` as generation
+does) stock, against the same model after ``torch_ext.quant.quantize_model(model, bits=4)``
+(lm_head kept dense). One token is a decode step's linear work: each weight read once."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from ..case import Case, register_suite
+
+_LAYERS = {"cpu": 2, "cuda": 4}
+_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
+_VOCAB = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _models(device: str):
+    """(stock, quantized) Llama models of the suite's config, or None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from torch_ext.quant import quantize_model
+
+    kind = torch.device(device).type
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=_LAYERS[kind],
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=_VOCAB,
+                                      max_position_embeddings=8192)
+    torch.manual_seed(0)
+    with torch.device(device):
+        stock = transformers.LlamaForCausalLM(config).to(_DTYPE[kind]).eval()
+    quantized = quantize_model(copy.deepcopy(stock), bits=4, group_size=128, skip=lambda name: name == "lm_head")
+    return stock, quantized
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one token's forward reads: every parameter and buffer but the embedding table
+    (one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t is not embedding]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _decode_case(device: str) -> Case | None:
+    models = _models(device)
+    if models is None:
+        return None
+    stock, quantized = models
+    kind = torch.device(device).type
+
+    def make_inputs(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randint(0, _VOCAB, (1, 1), generator=gen).to(device),)
+
+    def forward(model):
+        def run(input_ids):
+            with torch.no_grad():
+                return model(input_ids, use_cache=False).logits
+        return run
+
+    short = "bf16" if _DTYPE[kind] == torch.bfloat16 else "fp16"
+    return Case(
+        family="model", op="quantize_model (Llama decode)",
+        label=f"Llama-3-8B layers x{_LAYERS[kind]} one token {short} 4-bit g128",
+        make_inputs=make_inputs, ours=forward(quantized), baselines={f"stock transformers {short}": forward(stock)},
+        bytes=float(_weight_bytes(quantized)), device=device,
+        notes={"stock_weight_bytes": _weight_bytes(stock), "layers": _LAYERS[kind]},
+        working_set_bytes=_weight_bytes(stock) + _weight_bytes(quantized),
+    )
+
+
+@register_suite("model")
+def model_suite(device: str, quick: bool) -> list[Case]:
+    """One decode-shaped forward of a Llama-3-8B-shaped decoder, stock vs quantize_model (not in
+    quick runs: building and quantizing the model takes tens of seconds)."""
+    if quick or torch.device(device).type not in _LAYERS:
+        return []
+    case = _decode_case(device)
+    return [case] if case is not None else []
