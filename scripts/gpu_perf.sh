@@ -5,7 +5,8 @@
 # 1. targets: the cases that decide the open issues' GPU targets, ours and the baselines in one
 #    run (weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096; W8A8/fp8 at M = 1, 16,
 #    4096; fused MoE Mixtral T = 1 and 4096; block-sparse attention dense and 10% at S = 4096 and 32K, with
-#    compiled flex, forward and forward+backward; MoBA 64/top-8 and 16/top-32 at 32K).
+#    compiled flex, forward and forward+backward; MoBA 64/top-8 and 16/top-32 at 32K; one token
+#    through a 4-layer Llama-3-8B-shaped decoder, stock vs quantize_model).
 # 2. profile: ncu's speed-of-light, launch, occupancy, memory and warp-stall sections of our
 #    kernels, one call per quick case (bench --profile-once prints the order).
 # Not measured yet as a whole; each step has its own limit, 9 minutes together at most.
@@ -24,12 +25,13 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
 bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" --match "M=64 8192x8192" \
   --match "M=4096 8192x8192"
 bench moe 110 --op moe --match "mixtral T=1 " --match "mixtral T=4096"
-bench attention 170 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" --match "S=32768 full" \
+bench model 90 --op model
+bench attention 160 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" --match "S=32768 full" \
   --match "S=32768 block"
-timeout 120 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
+timeout 100 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
   --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
   "$PY" -m torch_ext bench --profile-once --quick --device cuda >"$OUT/profile.log" 2>&1
 echo "profile rc=$?"
-for name in quant moe attention; do grep -v "^ \\|InputBuffer" "$OUT/$name.log" | tail -30; done
+for name in quant moe model attention; do grep -v "^ \\|InputBuffer" "$OUT/$name.log" | tail -30; done
 grep -E "^\\[|Duration|Memory Throughput|DRAM Throughput|Compute \\(SM\\) Throughput|Achieved Occupancy|Registers Per" \
   "$OUT/profile.log" | head -150
