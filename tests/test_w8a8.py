@@ -1,6 +1,8 @@
 """quantize_per_token and scaled_int8_mm: exact against references (integer sums, rounding),
 tails, every CPU ISA, scale forms, out dtypes, opcheck, torch.compile, bad inputs."""
 
+import os
+
 import pytest
 import torch
 
@@ -60,6 +62,11 @@ def test_scaled_int8_mm_sums_exactly(cpu_isa):
             out = scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32)
         exact = (a.long() @ b.long().t()).float()
         assert torch.equal(out, exact), f"{m}x{n}x{k} seed {seed}"
+    # Rows of A and B further apart than K (slices of wider tensors), on both paths (M <= 16: B unpacked).
+    for m in (2, 16, 17):
+        a, b = _int8((m, 100), seed + 2)[:, 3:70], _int8((45, 90), seed + 3)[:, 10:77]
+        out = scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(45), None, torch.float32)
+        assert torch.equal(out, (a.long() @ b.long().t()).float()), f"strided m={m} seed {seed}"
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -82,10 +89,11 @@ def test_scaled_int8_mm_matches_reference(cpu_isa, out_dtype):
 
 
 def test_scaled_int8_mm_cached_packing_follows_writes():
-    """B's packed form is cached per tensor version: an in-place write must be seen."""
+    """B's packed form is cached per tensor version: an in-place write must be seen. (M = 20:
+    at most 16 rows read B unpacked, without the cache.)"""
     seed = fresh_seed()
-    a, b = _int8((3, 40), seed), _int8((20, 40), seed + 1)
-    ones_a, ones_b = torch.ones(3, 1), torch.ones(20)
+    a, b = _int8((20, 40), seed), _int8((20, 40), seed + 1)
+    ones_a, ones_b = torch.ones(20, 1), torch.ones(20)
     for _ in range(3):  # the second call caches
         scaled_int8_mm(a, b, ones_a, ones_b)
     b.copy_(_int8((20, 40), seed + 2))
@@ -294,3 +302,26 @@ def test_int8_linear_bad_inputs(args, message):
     call.update(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.torch_ext.int8_linear(*call.values())
+
+
+def test_kernels_without_avx512_extensions():
+    """TORCH_EXT_CPU_AVX512_EXTENSIONS=0: the AVX-512 level without VNNI (the unpacked path's
+    vpmaddwd kernel and the packed portable one), as on a CPU that lacks it; exact sums."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch_ext
+from torch_ext.ops import scaled_int8_mm
+g = torch.Generator().manual_seed(%d)
+for m, n, k in ((1, 7, 100), (5, 33, 64), (16, 9, 130), (20, 17, 70)):
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    out = scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32)
+    assert torch.equal(out, (a.long() @ b.long().t()).float()), (m, n, k)
+print("ok", torch_ext._C.cpu_isa())
+""" % fresh_seed()
+    env = {**os.environ, "TORCH_EXT_CPU_AVX512_EXTENSIONS": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok")

@@ -139,6 +139,16 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
     TORCH_CHECK(false, "torch_ext was built without CUDA");
 #endif
   }
+  if (m <= kUnpackedInt8MaxRows) {
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
+    if (cpu::avx512_vnni_active()) {
+      cpu::avx512_vnni::scaled_int8_mm_unpacked_vnni(p);
+      return out;
+    }
+#endif
+    TORCH_EXT_CPU_DISPATCH(scaled_int8_mm_unpacked, p);
+    return out;
+  }
   const auto pack = [&] {
     at::Tensor packed = at::empty({packed_int8_b_bytes(n, k)}, b.options().dtype(at::kByte));
     TORCH_EXT_CPU_DISPATCH(pack_int8_b, p, packed.data_ptr<uint8_t>());

@@ -98,6 +98,12 @@ struct OutlierProductParams {
   int64_t out_row_stride;
 };
 
+// Up to this many rows of A (decode), the CPU scaled_int8_mm reads B as it is: B is read once
+// either way, so packing it would only add a pass over it (or, cached, a second copy of every
+// weight: the packed-weight cache's 256 MB budget is far below an LLM's int8 weights, and a
+// two-layer Llama-3-8B-shaped model repacked every weight on every token, 3x slower than bf16).
+constexpr int64_t kUnpackedInt8MaxRows = 16;
+
 namespace cpu {
 TORCH_EXT_DECLARE_CPU_KERNEL(void quantize_per_token(const QuantizePerTokenParams& p))
 TORCH_EXT_DECLARE_CPU_KERNEL(void add_outlier_product(const OutlierProductParams& p))
@@ -106,9 +112,12 @@ TORCH_EXT_DECLARE_CPU_KERNEL(void column_abs_max(const ColumnAbsMaxParams& p))
 TORCH_EXT_DECLARE_CPU_KERNEL(void pack_int8_b(const ScaledInt8MmParams& p, uint8_t* packed))
 // out from A (p.a) and packed B; p.b is not read.
 TORCH_EXT_DECLARE_CPU_KERNEL(void scaled_int8_mm_packed(const ScaledInt8MmParams& p, const uint8_t* packed_b))
+// out from A and B as they are (row-major [N, K]), for at most kUnpackedInt8MaxRows rows of A.
+TORCH_EXT_DECLARE_CPU_KERNEL(void scaled_int8_mm_unpacked(const ScaledInt8MmParams& p))
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
 namespace avx512_vnni {
 void scaled_int8_mm_vnni(const ScaledInt8MmParams& p, const uint8_t* packed_b);
+void scaled_int8_mm_unpacked_vnni(const ScaledInt8MmParams& p);
 }
 #endif
 }  // namespace cpu

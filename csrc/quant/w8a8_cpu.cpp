@@ -154,6 +154,67 @@ void column_abs_max(const ColumnAbsMaxParams& p) {
 
 void pack_int8_b(const ScaledInt8MmParams& p, uint8_t* packed) { w8a8::pack_b(p, packed); }
 
+namespace {
+
+// The unpacked path's dot products without VNNI: products widened to int16 and summed in pairs
+// (vpmaddwd, exact in int32 for K < 2^17), 4 rows of B against the m rows of A, which are
+// widened once per call into rows of a multiple of 32 values (zero tail).
+constexpr int kRowsB = 4;
+
+struct WideningDot {
+  const ScaledInt8MmParams* p;
+  int64_t k32;
+  std::vector<int16_t> a;
+
+  explicit WideningDot(const ScaledInt8MmParams& params)
+      : p(&params), k32((params.k + 31) / 32 * 32), a(size_t(params.m * k32), 0) {
+    for (int64_t i = 0; i < params.m; ++i)
+      for (int64_t j = 0; j < params.k; ++j) a[size_t(i * k32 + j)] = params.a[i * params.a_row_stride + j];
+  }
+
+  void operator()(const int8_t* const (&b)[kRowsB], int count,
+                  int32_t (&acc)[kUnpackedInt8MaxRows][kRowsB]) const {
+    const int64_t m = p->m, k = p->k;
+    int64_t j = 0;
+#if defined(__AVX512BW__)
+    __m512i vacc[kUnpackedInt8MaxRows][kRowsB];
+    for (int64_t i = 0; i < m; ++i)
+      for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm512_setzero_si512();
+    for (; j + 32 <= k; j += 32) {
+      __m512i b16[kRowsB];
+      for (int r = 0; r < kRowsB; ++r)
+        b16[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + j)));
+      for (int64_t i = 0; i < m; ++i) {
+        const __m512i a16 = _mm512_loadu_si512(a.data() + i * k32 + j);
+        for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm512_add_epi32(vacc[i][r], _mm512_madd_epi16(a16, b16[r]));
+      }
+    }
+    for (int64_t i = 0; i < m; ++i)
+      for (int r = 0; r < kRowsB; ++r) acc[i][r] = reduce_add_epi32(vacc[i][r]);
+#elif defined(__AVX2__)
+    __m256i vacc[kUnpackedInt8MaxRows][kRowsB];
+    for (int64_t i = 0; i < m; ++i)
+      for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm256_setzero_si256();
+    for (; j + 16 <= k; j += 16) {
+      __m256i b16[kRowsB];
+      for (int r = 0; r < kRowsB; ++r)
+        b16[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[r] + j)));
+      for (int64_t i = 0; i < m; ++i) {
+        const __m256i a16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.data() + i * k32 + j));
+        for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm256_add_epi32(vacc[i][r], _mm256_madd_epi16(a16, b16[r]));
+      }
+    }
+    for (int64_t i = 0; i < m; ++i)
+      for (int r = 0; r < kRowsB; ++r) acc[i][r] = reduce_add_epi32(vacc[i][r]);
+#endif
+    for (; j < k; ++j)  // the tail (everything, on the scalar level)
+      for (int r = 0; r < count; ++r)
+        for (int64_t i = 0; i < m; ++i) acc[i][r] += int32_t(a[size_t(i * k32 + j)]) * int32_t(b[r][j]);
+  }
+};
+
+}  // namespace
+
 void scaled_int8_mm_packed(const ScaledInt8MmParams& p, const uint8_t* packed_b) {
   using namespace w8a8;
   // Portable: plain int32 loops over the packed layout (the compiler vectorizes the lanes).
@@ -170,6 +231,10 @@ void scaled_int8_mm_packed(const ScaledInt8MmParams& p, const uint8_t* packed_b)
           }
     }
   });
+}
+
+void scaled_int8_mm_unpacked(const ScaledInt8MmParams& p) {
+  w8a8::unpacked_gemm<kRowsB>(p, [](const ScaledInt8MmParams& rows) { return WideningDot(rows); });
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA

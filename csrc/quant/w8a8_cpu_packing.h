@@ -94,6 +94,51 @@ void gemm_typed(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micr
   });
 }
 
+// The unpacked path (m <= kUnpackedInt8MaxRows, B read as it is): tasks of `rows_b` rows of B
+// over the threads; dot(b_rows, count, acc) sets acc[i][r] = sum_k a[i, k] * b_rows[r][k]
+// exactly for the m rows of A (the Dot prepared A its own way), r < count; the epilogue is the
+// packed path's, term for term (its acc - 128 colsum is this acc).
+template <typename T, int kRowsPerTask, typename Dot>
+void unpacked_gemm_typed(const ScaledInt8MmParams& p, const Dot& dot) {
+  const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(0, tasks, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.k)), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task * kRowsPerTask;
+      const int count = int(std::min<int64_t>(kRowsPerTask, p.n - n0));
+      const int8_t* b_rows[kRowsPerTask];
+      for (int r = 0; r < kRowsPerTask; ++r) b_rows[r] = p.b + (n0 + (r < count ? r : 0)) * p.b_row_stride;
+      int32_t acc[kUnpackedInt8MaxRows][kRowsPerTask] = {};
+      dot(b_rows, count, acc);
+      for (int64_t i = 0; i < p.m; ++i)
+        for (int r = 0; r < count; ++r) {
+          const int64_t n = n0 + r;
+          float value = float(acc[i][r]) * p.a_scale[i] * p.b_scale[p.b_scale_per_channel ? n : 0];
+          if (p.bias) value += p.bias[n];
+          static_cast<T*>(p.out)[i * p.out_row_stride + n] = from_float<T>(value);
+        }
+    }
+  });
+}
+
+// unpacked_gemm_typed for every output type, in chunks of kUnpackedInt8MaxRows rows of A;
+// make_dot(chunk) returns the Dot for a chunk's params.
+template <int kRowsPerTask, typename MakeDot>
+void unpacked_gemm(const ScaledInt8MmParams& p, const MakeDot& make_dot) {
+  const int64_t element = p.out_dtype == ScalarKind::kFloat32 ? 4 : 2;
+  for (int64_t i0 = 0; i0 < p.m; i0 += kUnpackedInt8MaxRows) {
+    ScaledInt8MmParams rows = p;
+    rows.m = std::min<int64_t>(kUnpackedInt8MaxRows, p.m - i0);
+    rows.a = p.a + i0 * p.a_row_stride;
+    rows.a_scale = p.a_scale + i0;
+    rows.out = static_cast<uint8_t*>(p.out) + i0 * p.out_row_stride * element;
+    const auto dot = make_dot(rows);
+    visit_storage_type(p.out_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same_v<T, double>) unpacked_gemm_typed<T, kRowsPerTask>(rows, dot);
+    });
+  }
+}
+
 template <typename Micro>
 void gemm(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micro& micro) {
   visit_storage_type(p.out_dtype, [&](auto tag) {

@@ -8,6 +8,7 @@
 // chains hide vpdpbusd's latency.
 #include <immintrin.h>
 
+#include "common/cpu/vec.h"
 #include "quant/w8a8_cpu_packing.h"
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
@@ -39,6 +40,63 @@ void scaled_int8_mm_vnni(const ScaledInt8MmParams& p, const uint8_t* packed_b) {
     for (int i = 0; i < kRows; ++i)
       for (int j = 0; j < kBlocks; ++j) _mm512_storeu_si512(out[i] + j * kBlockN, acc[i][j]);
   });
+}
+
+namespace {
+
+// The unpacked path with VNNI: 4 rows of B x 4 rows of A per pass (16 accumulators of 16 lanes,
+// 64 k per step), so each 64-byte load of A or B feeds 4 vpdpbusd; passes over further rows of
+// A re-read the 4 rows of B from L1. vpdpbusd multiplies u8 x s8, so A is stored as a + 128 and
+// 128 * sum_k b[n, k] (summed by vpdpbusd against ones in the first pass) is taken back off; B's
+// tail past K is loaded masked (zeros), so neither sum sees it.
+constexpr int kVnniRowsB = 4;
+constexpr int kVnniRowsA = 4;
+
+struct VnniDot {
+  const ScaledInt8MmParams* p;
+  int64_t k64;
+  std::vector<uint8_t> a;
+
+  explicit VnniDot(const ScaledInt8MmParams& params)
+      : p(&params), k64((params.k + 63) / 64 * 64), a(size_t(params.m * k64), 0) {
+    for (int64_t i = 0; i < params.m; ++i)
+      for (int64_t j = 0; j < params.k; ++j) a[size_t(i * k64 + j)] = uint8_t(int(params.a[i * params.a_row_stride + j]) + 128);
+  }
+
+  void operator()(const int8_t* const (&b)[kVnniRowsB], int, int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
+    const int64_t m = p->m, k = p->k;
+    const __m512i ones = _mm512_set1_epi8(1);
+    int32_t b_sum[kVnniRowsB] = {};
+    for (int64_t i0 = 0; i0 < m; i0 += kVnniRowsA) {
+      const int rows_a = int(std::min<int64_t>(kVnniRowsA, m - i0));
+      __m512i vacc[kVnniRowsA][kVnniRowsB], vsum[kVnniRowsB];
+      for (int r = 0; r < kVnniRowsB; ++r) {
+        vsum[r] = _mm512_setzero_si512();
+        for (int i = 0; i < kVnniRowsA; ++i) vacc[i][r] = _mm512_setzero_si512();
+      }
+      for (int64_t j = 0; j < k; j += 64) {
+        const __mmask64 live = k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
+        __m512i bv[kVnniRowsB];
+        for (int r = 0; r < kVnniRowsB; ++r) bv[r] = _mm512_maskz_loadu_epi8(live, b[r] + j);
+        if (i0 == 0)
+          for (int r = 0; r < kVnniRowsB; ++r) vsum[r] = _mm512_dpbusd_epi32(vsum[r], ones, bv[r]);
+        for (int i = 0; i < rows_a; ++i) {
+          const __m512i av = _mm512_loadu_si512(a.data() + (i0 + i) * k64 + j);
+          for (int r = 0; r < kVnniRowsB; ++r) vacc[i][r] = _mm512_dpbusd_epi32(vacc[i][r], av, bv[r]);
+        }
+      }
+      if (i0 == 0)
+        for (int r = 0; r < kVnniRowsB; ++r) b_sum[r] = reduce_add_epi32(vsum[r]);
+      for (int i = 0; i < rows_a; ++i)
+        for (int r = 0; r < kVnniRowsB; ++r) acc[i0 + i][r] = reduce_add_epi32(vacc[i][r]) - 128 * b_sum[r];
+    }
+  }
+};
+
+}  // namespace
+
+void scaled_int8_mm_unpacked_vnni(const ScaledInt8MmParams& p) {
+  w8a8::unpacked_gemm<kVnniRowsB>(p, [](const ScaledInt8MmParams& rows) { return VnniDot(rows); });
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA

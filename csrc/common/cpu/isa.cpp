@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 namespace torch_ext::cpu {
 namespace {
@@ -101,8 +102,19 @@ CpuIsa set_cpu_isa_limit(CpuIsa limit) {
 }
 
 namespace {
+// TORCH_EXT_CPU_AVX512_EXTENSIONS=0 keeps the AVX-512 level's kernels off VNNI and BF16: what a
+// CPU without them runs (the tests run it in a subprocess; a user can rule out an extension).
+bool avx512_extensions_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("TORCH_EXT_CPU_AVX512_EXTENSIONS");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return allowed;
+}
 // Whether the CPU has `feature` (a __builtin_cpu_supports name) and AVX-512 kernels run.
-bool avx512_extension_active(bool has_feature) { return has_feature && active_cpu_isa() == CpuIsa::kAvx512; }
+bool avx512_extension_active(bool has_feature) {
+  return has_feature && avx512_extensions_allowed() && active_cpu_isa() == CpuIsa::kAvx512;
+}
 }  // namespace
 
 bool avx512_bf16_active() {

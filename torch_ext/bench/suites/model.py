@@ -1,8 +1,9 @@
 """Model suite: the one-line promise measured end to end. A transformers Llama decoder with
 Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 query / 8 KV heads; a few layers, a small
 vocabulary, random init) runs one token (``use_cache=False``, under ``no_grad`` as generation
-does) stock, against the same model after ``torch_ext.quant.quantize_model(model, bits=4)``
-(lm_head kept dense). One token is a decode step's linear work: each weight read once."""
+does) stock, against the same model after ``torch_ext.quant.quantize_model`` (4-bit weight-only
+g128, or int8 W8A8 with LLM.int8() outliers; lm_head kept dense). One token is a decode step's
+linear work: each weight read once."""
 
 from __future__ import annotations
 
@@ -16,26 +17,30 @@ from ..case import Case, register_suite
 _LAYERS = {"cpu": 2, "cuda": 4}
 _DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
 _VOCAB = 4096
+_METHODS = {"4-bit g128": dict(method="weight_only", bits=4, group_size=128), "int8 W8A8": dict(method="int8")}
 
 
 @functools.lru_cache(maxsize=None)
-def _models(device: str):
-    """(stock, quantized) Llama models of the suite's config, or None without transformers."""
+def _stock(device: str):
+    """The stock Llama model of the suite's config, or None without transformers."""
     try:
         import transformers
     except ImportError:
         return None
-    from torch_ext.quant import quantize_model
-
     kind = torch.device(device).type
     config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=_LAYERS[kind],
                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=_VOCAB,
                                       max_position_embeddings=8192)
     torch.manual_seed(0)
     with torch.device(device):
-        stock = transformers.LlamaForCausalLM(config).to(_DTYPE[kind]).eval()
-    quantized = quantize_model(copy.deepcopy(stock), bits=4, group_size=128, skip=lambda name: name == "lm_head")
-    return stock, quantized
+        return transformers.LlamaForCausalLM(config).to(_DTYPE[kind]).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized(device: str, method: str):
+    from torch_ext.quant import quantize_model
+
+    return quantize_model(copy.deepcopy(_stock(device)), skip=lambda name: name == "lm_head", **_METHODS[method])
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -46,11 +51,11 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _decode_case(device: str) -> Case | None:
-    models = _models(device)
-    if models is None:
+def _decode_case(device: str, method: str) -> Case | None:
+    stock = _stock(device)
+    if stock is None:
         return None
-    stock, quantized = models
+    quantized = _quantized(device, method)
     kind = torch.device(device).type
 
     def make_inputs(seed: int):
@@ -66,7 +71,7 @@ def _decode_case(device: str) -> Case | None:
     short = "bf16" if _DTYPE[kind] == torch.bfloat16 else "fp16"
     return Case(
         family="model", op="quantize_model (Llama decode)",
-        label=f"Llama-3-8B layers x{_LAYERS[kind]} one token {short} 4-bit g128",
+        label=f"Llama-3-8B layers x{_LAYERS[kind]} one token {short} {method}",
         make_inputs=make_inputs, ours=forward(quantized), baselines={f"stock transformers {short}": forward(stock)},
         bytes=float(_weight_bytes(quantized)), device=device,
         notes={"stock_weight_bytes": _weight_bytes(stock), "layers": _LAYERS[kind]},
@@ -80,5 +85,5 @@ def model_suite(device: str, quick: bool) -> list[Case]:
     quick runs: building and quantizing the model takes tens of seconds)."""
     if quick or torch.device(device).type not in _LAYERS:
         return []
-    case = _decode_case(device)
-    return [case] if case is not None else []
+    cases = [_decode_case(device, method) for method in _METHODS]
+    return [case for case in cases if case is not None]
