@@ -161,16 +161,8 @@ namespace {
 // widened once per call into rows of a multiple of 32 values (zero tail).
 constexpr int kRowsB = 4;
 
-struct WideningDot {
-  const ScaledInt8MmParams* p;
-  int64_t k32;
-  std::vector<int16_t> a;
-
-  explicit WideningDot(const ScaledInt8MmParams& params)
-      : p(&params), k32((params.k + 31) / 32 * 32), a(size_t(params.m * k32), 0) {
-    for (int64_t i = 0; i < params.m; ++i)
-      for (int64_t j = 0; j < params.k; ++j) a[size_t(i * k32 + j)] = params.a[i * params.a_row_stride + j];
-  }
+struct WideningDot : w8a8::PreparedA<int16_t, 32> {
+  explicit WideningDot(const ScaledInt8MmParams& params) : PreparedA(params, [](int8_t v) { return int16_t(v); }) {}
 
   void operator()(const int8_t* const (&b)[kRowsB], int count,
                   int32_t (&acc)[kUnpackedInt8MaxRows][kRowsB]) const {
@@ -185,7 +177,7 @@ struct WideningDot {
       for (int r = 0; r < kRowsB; ++r)
         b16[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + j)));
       for (int64_t i = 0; i < m; ++i) {
-        const __m512i a16 = _mm512_loadu_si512(a.data() + i * k32 + j);
+        const __m512i a16 = _mm512_loadu_si512(a.data() + i * stride + j);
         for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm512_add_epi32(vacc[i][r], _mm512_madd_epi16(a16, b16[r]));
       }
     }
@@ -200,7 +192,7 @@ struct WideningDot {
       for (int r = 0; r < kRowsB; ++r)
         b16[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[r] + j)));
       for (int64_t i = 0; i < m; ++i) {
-        const __m256i a16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.data() + i * k32 + j));
+        const __m256i a16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.data() + i * stride + j));
         for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm256_add_epi32(vacc[i][r], _mm256_madd_epi16(a16, b16[r]));
       }
     }
@@ -209,7 +201,7 @@ struct WideningDot {
 #endif
     for (; j < k; ++j)  // the tail (everything, on the scalar level)
       for (int r = 0; r < count; ++r)
-        for (int64_t i = 0; i < m; ++i) acc[i][r] += int32_t(a[size_t(i * k32 + j)]) * int32_t(b[r][j]);
+        for (int64_t i = 0; i < m; ++i) acc[i][r] += int32_t(a[size_t(i * stride + j)]) * int32_t(b[r][j]);
   }
 };
 

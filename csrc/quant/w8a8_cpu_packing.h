@@ -94,6 +94,22 @@ void gemm_typed(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micr
   });
 }
 
+// A's m rows for an unpacked path's dot products: each value converted (to int16, or to u8 as
+// a + 128), rows of `stride` (K rounded up to kAlign) values with a zero tail.
+template <typename E, int kAlign>
+struct PreparedA {
+  const ScaledInt8MmParams* p;
+  int64_t stride;
+  std::vector<E> a;
+
+  template <typename Convert>
+  PreparedA(const ScaledInt8MmParams& params, Convert convert)
+      : p(&params), stride((params.k + kAlign - 1) / kAlign * kAlign), a(size_t(params.m * stride), E(0)) {
+    for (int64_t i = 0; i < params.m; ++i)
+      for (int64_t j = 0; j < params.k; ++j) a[size_t(i * stride + j)] = convert(params.a[i * params.a_row_stride + j]);
+  }
+};
+
 // The unpacked path (m <= kUnpackedInt8MaxRows, B read as it is): tasks of `rows_b` rows of B
 // over the threads; dot(b_rows, count, acc) sets acc[i][r] = sum_k a[i, k] * b_rows[r][k]
 // exactly for the m rows of A (the Dot prepared A its own way), r < count; the epilogue is the

@@ -52,16 +52,9 @@ namespace {
 constexpr int kVnniRowsB = 4;
 constexpr int kVnniRowsA = 4;
 
-struct VnniDot {
-  const ScaledInt8MmParams* p;
-  int64_t k64;
-  std::vector<uint8_t> a;
-
+struct VnniDot : w8a8::PreparedA<uint8_t, 64> {
   explicit VnniDot(const ScaledInt8MmParams& params)
-      : p(&params), k64((params.k + 63) / 64 * 64), a(size_t(params.m * k64), 0) {
-    for (int64_t i = 0; i < params.m; ++i)
-      for (int64_t j = 0; j < params.k; ++j) a[size_t(i * k64 + j)] = uint8_t(int(params.a[i * params.a_row_stride + j]) + 128);
-  }
+      : PreparedA(params, [](int8_t v) { return uint8_t(int(v) + 128); }) {}
 
   void operator()(const int8_t* const (&b)[kVnniRowsB], int, int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
     const int64_t m = p->m, k = p->k;
@@ -81,7 +74,7 @@ struct VnniDot {
         if (i0 == 0)
           for (int r = 0; r < kVnniRowsB; ++r) vsum[r] = _mm512_dpbusd_epi32(vsum[r], ones, bv[r]);
         for (int i = 0; i < rows_a; ++i) {
-          const __m512i av = _mm512_loadu_si512(a.data() + (i0 + i) * k64 + j);
+          const __m512i av = _mm512_loadu_si512(a.data() + (i0 + i) * stride + j);
           for (int r = 0; r < kVnniRowsB; ++r) vacc[i][r] = _mm512_dpbusd_epi32(vacc[i][r], av, bv[r]);
         }
       }
