@@ -89,15 +89,19 @@ def test_scaled_int8_mm_matches_reference(cpu_isa, out_dtype):
 
 
 def test_scaled_int8_mm_cached_packing_follows_writes():
-    """B's packed form is cached per tensor version: an in-place write must be seen. (M = 20:
-    at most 16 rows read B unpacked, without the cache.)"""
+    """B's packed form is cached per tensor version: an in-place write must be seen. M = 20 packs
+    (and caches from the second call); M = 3 uses the cached form when there is one, else reads
+    B unpacked."""
     seed = fresh_seed()
     a, b = _int8((20, 40), seed), _int8((20, 40), seed + 1)
     ones_a, ones_b = torch.ones(20, 1), torch.ones(20)
+    exact = lambda rows: (a[:rows].long() @ b.long().t()).float()  # noqa: E731
     for _ in range(3):  # the second call caches
-        scaled_int8_mm(a, b, ones_a, ones_b)
+        assert torch.equal(scaled_int8_mm(a, b, ones_a, ones_b), exact(20))
+    assert torch.equal(scaled_int8_mm(a[:3], b, ones_a[:3], ones_b), exact(3))  # the cached form
     b.copy_(_int8((20, 40), seed + 2))
-    assert torch.equal(scaled_int8_mm(a, b, ones_a, ones_b), (a.long() @ b.long().t()).float())
+    assert torch.equal(scaled_int8_mm(a[:3], b, ones_a[:3], ones_b), exact(3))  # stale: unpacked
+    assert torch.equal(scaled_int8_mm(a, b, ones_a, ones_b), exact(20))
 
 
 def test_w8a8_round_trip_approximates_float_linear():

@@ -84,6 +84,17 @@ at::Tensor cached_packed_weight(const at::Tensor& weight, int isa, const std::fu
   return at::Tensor();
 }
 
+at::Tensor find_packed_weight(const at::Tensor& weight, int isa) {
+  Cache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
+    if (!it->matches(weight, isa) || !it->packed.defined()) continue;
+    c.entries.splice(c.entries.begin(), c.entries, it);
+    return c.entries.front().packed;
+  }
+  return at::Tensor();
+}
+
 int64_t clear_packed_weight_cache() {
   Cache& c = cache();
   const std::lock_guard<std::mutex> lock(c.mutex);

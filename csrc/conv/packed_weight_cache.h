@@ -23,6 +23,9 @@ namespace torch_ext {
 // (the caller packs into scratch memory).
 at::Tensor cached_packed_weight(const at::Tensor& weight, int isa, const std::function<at::Tensor()>& pack);
 
+// The packed panels of `weight` if the cache holds them (same version, `isa`), else an undefined
+// tensor; records no sighting and packs nothing (for callers with a path that needs no panels).
+at::Tensor find_packed_weight(const at::Tensor& weight, int isa);
 // Drops every entry; returns the bytes released.
 int64_t clear_packed_weight_cache();
 
