@@ -125,29 +125,26 @@ def _matmul_tflops(dev: torch.device, dtype: torch.dtype, n: int, config: TimerC
         a = torch.randn(n, n, device=dev).to(dtype)
         b = torch.randn(n, n, device=dev).to(dtype)
         fn = torch.mm
-    with _ieee_fp32_matmul(dev):
+    with ieee_fp32(torch.backends.cuda.matmul, torch.backends.cuda.matmul) if dev.type == "cuda" \
+            else contextlib.nullcontext():
         stats = measure(fn, InputSets([(a, b)], dev), config)
     return 2 * n**3 / stats.median_s / 1e12
 
 
 @contextlib.contextmanager
-def _ieee_fp32_matmul(dev: torch.device) -> Iterator[None]:
-    """Disable TF32 for CUDA fp32 matmuls so the fp32 peak is a true fp32 peak."""
-    if dev.type != "cuda":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    # Newer torch raises if the legacy allow_tf32 flag is mixed with fp32_precision.
-    if hasattr(matmul, "fp32_precision"):
-        attr, value = "fp32_precision", "ieee"
-    else:
-        attr, value = "allow_tf32", False
-    saved = getattr(matmul, attr)
-    setattr(matmul, attr, value)
+def ieee_fp32(backend: Any, legacy: Any) -> Iterator[None]:
+    """TF32 off for a torch backend while the block runs (IEEE fp32 products and sums): its
+    ``fp32_precision = "ieee"`` where torch has it, else ``legacy.allow_tf32 = False`` (newer
+    torch raises if the two flags are mixed). E.g. (cuda.matmul, cuda.matmul): the fp32 peak is
+    a true fp32 peak; (cudnn.conv, cudnn): F.conv2d at our fp32 kernels' precision."""
+    owner, attr, value = (backend, "fp32_precision", "ieee") if hasattr(backend, "fp32_precision") \
+        else (legacy, "allow_tf32", False)
+    saved = getattr(owner, attr)
+    setattr(owner, attr, value)
     try:
         yield
     finally:
-        setattr(matmul, attr, saved)
+        setattr(owner, attr, saved)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

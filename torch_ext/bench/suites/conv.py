@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..case import Case, register_suite
+from ..roofline import ieee_fp32
 
 # (C, H=W, K, R=S, stride) of the paper's benchmark layers, padding 0 (im2win.md).
 PAPER_LAYERS = (
@@ -39,15 +40,8 @@ def conv2d_ieee_fp32(x, w, stride):
     lets cuDNN run fp32 convolutions in TF32 on tensor cores). Only that flag changes: the
     algorithm search (cudnn.benchmark) stays as the suite set it."""
     cudnn = torch.backends.cudnn
-    # Newer torch raises if the legacy allow_tf32 flag is mixed with fp32_precision.
-    owner, attr, value = ((cudnn.conv, "fp32_precision", "ieee") if hasattr(getattr(cudnn, "conv", None), "fp32_precision")
-                          else (cudnn, "allow_tf32", False))
-    saved = getattr(owner, attr)
-    setattr(owner, attr, value)
-    try:
+    with ieee_fp32(getattr(cudnn, "conv", None), cudnn):
         return F.conv2d(x, w, None, stride)
-    finally:
-        setattr(owner, attr, saved)
 
 
 def _layer_case(device: str, number: int, dtype: torch.dtype) -> Case:
