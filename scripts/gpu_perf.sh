@@ -7,6 +7,7 @@
 #    4096; fused MoE Mixtral T = 1 and 4096; block-sparse attention dense and 10% at S = 4096 and 32K, with
 #    compiled flex, forward and forward+backward; MoBA 64/top-8 and 16/top-32 at 32K; one token
 #    through a 4-layer Llama-3-8B-shaped decoder, stock vs quantize_model).
+#    The W8A8 cases again with TORCH_EXT_WGMMA=0 (mma.sync), and the GMMA instructions in SASS.
 # 2. profile: ncu's speed-of-light, launch, occupancy, memory and warp-stall sections of our
 #    kernels, one call per quick case (bench --profile-once prints the order).
 # Not measured yet as a whole; each step has its own limit, 9 minutes together at most.
@@ -24,6 +25,12 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
 }
 bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" --match "M=64 8192x8192" \
   --match "M=4096 8192x8192"
+# The same W8A8 cases on the mma.sync kernels (the wgmma kernel off), and the warpgroup MMAs in
+# the build's SASS (IGMMA int8, QGMMA fp8): the A/B of csrc/quant/w8a8_wgmma.cu.
+TORCH_EXT_WGMMA=0 timeout 60 "$PY" -m torch_ext bench --device cuda --op w8a8 --match "M=4096 8192x8192" \
+  --out "$OUT/w8a8_mma_sync" >"$OUT/w8a8_mma_sync.log" 2>&1
+echo "w8a8_mma_sync rc=$?"
+cuobjdump -sass torch_ext/_C*.so 2>/dev/null | grep -oE "[HIQ]GMMA\.[A-Z0-9.]*" | sort | uniq -c >"$OUT/gmma_sass.txt"
 bench moe 110 --op moe --match "mixtral T=1 " --match "mixtral T=4096"
 bench model 90 --op model
 bench attention 160 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" --match "S=32768 full" \
@@ -32,6 +39,7 @@ timeout 100 ncu --profile-from-start off --clock-control none --section SpeedOfL
   --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
   "$PY" -m torch_ext bench --profile-once --quick --device cuda >"$OUT/profile.log" 2>&1
 echo "profile rc=$?"
-for name in quant moe model attention; do grep -v "^ \\|InputBuffer" "$OUT/$name.log" | tail -30; done
+cat "$OUT/gmma_sass.txt"
+for name in quant w8a8_mma_sync moe model attention; do grep -v "^ \\|InputBuffer" "$OUT/$name.log" | tail -30; done
 grep -E "^\\[|Duration|Memory Throughput|DRAM Throughput|Compute \\(SM\\) Throughput|Achieved Occupancy|Registers Per" \
   "$OUT/profile.log" | head -150

@@ -1,6 +1,6 @@
 """The CUDA kernels' index math, checked on the CPU: compiles the torch-free simulators in
 tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h;
-W8A8: csrc/quant/w8a8_cuda_index.h; MoE routing: csrc/moe/routing_warp.h; fused MoE: csrc/moe/fused_moe_cuda_index.h; block-sparse attention /
+W8A8: csrc/quant/w8a8_cuda_index.h and the Hopper w8a8_wgmma_index.h; MoE routing: csrc/moe/routing_warp.h; fused MoE: csrc/moe/fused_moe_cuda_index.h; block-sparse attention /
 MoBA: csrc/attention/block_sparse_attention_cuda_index.h)
 and runs them on fresh random problems."""
 
@@ -47,7 +47,9 @@ def test_w8a8_cuda_kernels_simulated(tmp_path_factory):
     random problems (odd sizes, unaligned operands, both tile configs) against exact references,
     with the mma.m16n8k32 / m16n8k16 / ldmatrix fragment maps taken from the PTX ISA
     (csrc/quant/w8a8_cuda_index.h); fp8 within an fp32-summation error bound, bitwise where every
-    partial sum is exact, NaN operands propagating."""
+    partial sum is exact, NaN operands propagating; and the Hopper wgmma kernel on the same
+    problems, its operands read through its shared-memory descriptors with a model of the PTX
+    descriptor and 128-byte swizzle (csrc/quant/w8a8_wgmma_index.h)."""
     _run_simulator(_build_simulator(tmp_path_factory, "w8a8_cuda_sim"))
 
 

@@ -28,7 +28,11 @@
 //   - fp8 on archs without mma .e4m3 (the sm_80 build): the kernel body is a trap; the launcher
 //     refuses devices below compute capability 8.9 before that. sm_89 runs mma .e4m3 natively
 //     (QMMA); sm_90 has no fp8 mma.sync, so Fp8Mma widens the fragments to fp16 itself and chains
-//     two mma.m16n8k16 (ix::f16_step_a_reg): fp16 tensor-core rate, not fp8 (that takes wgmma).
+//     two mma.m16n8k16 (ix::f16_step_a_reg): fp16 tensor-core rate, not fp8.
+//   - On a compute capability 9.0 device, problems whose 128 x 256 tiles fill every SM go to the
+//     wgmma kernel of quant/w8a8_wgmma.cu instead (sm_90a builds; runs_wgmma below).
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
@@ -36,6 +40,11 @@
 #include "common/cuda/vec.cuh"
 #include "quant/w8a8_cuda.h"
 #include "quant/w8a8_cuda_index.h"
+#include "quant/w8a8_mm_operands.h"
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+#include "quant/w8a8_wgmma.h"
+#include "quant/w8a8_wgmma_index.h"
+#endif
 
 namespace torch_ext::cuda {
 namespace {
@@ -184,6 +193,9 @@ struct Int8Mma {
   using Elem = int8_t;
   using Acc = int32_t;
   using Params = ScaledInt8MmParams;
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  static cudaError_t sm90(const Params& p, cudaStream_t stream) { return scaled_int8_mm_sm90(p, stream); }
+#endif
   static __host__ __device__ constexpr bool available() { return true; }
   static constexpr int kMinArch = 80;  // the project's minimum
   static __device__ __forceinline__ void mma(Acc (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -195,6 +207,9 @@ struct Fp8Mma {
   using Elem = uint8_t;  // float8_e4m3fn bits
   using Acc = float;
   using Params = ScaledFp8MmParams;
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  static cudaError_t sm90(const Params& p, cudaStream_t stream) { return scaled_fp8_mm_sm90(p, stream); }
+#endif
   static __host__ __device__ constexpr bool available() { return fp8_mma_available(); }
   // mma .e4m3: compute capability 8.9 (Ada) and later, and the kernel the driver picked must
   // come from compute_89+ code (a build without an sm_89+ target runs the sm_80 trap body even
@@ -231,22 +246,11 @@ namespace {
 using w8a8_mma::Fp8Mma;
 using w8a8_mma::Int8Mma;
 
+// The operands, then the grid and the copy path.
 template <typename O, class Op>
-struct MmArgs {
-  using Elem = typename Op::Elem;
-  const Elem* a;
-  const Elem* b;
-  int64_t a_row_stride, b_row_stride;
-  const float* a_scale;
-  const float* b_scale;
-  const float* bias;  // nullptr: none
-  O* out;
-  int64_t out_row_stride;
-  int m, n, k;
+struct MmArgs : MmOperands<typename Op::Elem, O> {
   int m_blocks, n_blocks, k_iters;
-  bool a_per_row;    // a_scale[m] (else a_scale[0])
-  bool per_channel;  // b_scale[n] (else b_scale[0])
-  bool vector;       // cp.async path (ix::mm_vectorizable)
+  bool vector;  // cp.async path (ix::mm_vectorizable)
 };
 
 // `bytes` (0..16) bytes from src, zeros after, as one 16-byte shared store: the unaligned path.
@@ -380,23 +384,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinCtas) mm_kernel(const 
 template <typename O, class Cfg, class Op>
 cudaError_t launch_mm(const typename Op::Params& p, cudaStream_t stream) {
   MmArgs<O, Op> a{};
-  a.a = p.a;
-  a.b = p.b;
-  a.a_row_stride = p.a_row_stride;
-  a.b_row_stride = p.b_row_stride;
-  a.a_scale = p.a_scale;
-  a.b_scale = p.b_scale;
-  a.bias = p.bias;
-  a.out = static_cast<O*>(p.out);
-  a.out_row_stride = p.out_row_stride;
-  a.m = int(p.m);
-  a.n = int(p.n);
-  a.k = int(p.k);
+  fill_mm_operands(a, p, Op::a_per_row(p));
   a.m_blocks = int(ix::ceil_div(p.m, Cfg::kBM));
   a.n_blocks = int(ix::ceil_div(p.n, Cfg::kBN));
   a.k_iters = int(ix::ceil_div(p.k, ix::kBK));
-  a.a_per_row = Op::a_per_row(p);
-  a.per_channel = p.b_scale_per_channel;
   a.vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride, reinterpret_cast<uintptr_t>(p.b),
                                  p.b_row_stride);
   const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
@@ -419,6 +410,28 @@ cudaError_t launch_mm(const typename Op::Params& p, cudaStream_t stream) {
 
 bool is_float_kind(ScalarKind kind) {
   return kind == ScalarKind::kFloat32 || kind == ScalarKind::kFloat16 || kind == ScalarKind::kBFloat16;
+}
+
+// The Hopper wgmma GEMM (quant/w8a8_wgmma.cu) for problems that fill the device, when this build
+// has it and the device is compute capability 9.0; TORCH_EXT_WGMMA=0 in the environment turns it
+// off (read at every call: A/B comparisons in one process, and a way around it should it ever
+// misbehave on a driver).
+template <class Op>
+bool runs_wgmma(const typename Op::Params& p, int device, int num_sms) {
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  const char* const env = std::getenv("TORCH_EXT_WGMMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return false;
+  }
+  const bool vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride,
+                                          reinterpret_cast<uintptr_t>(p.b), p.b_row_stride);
+  return major == 9 && minor == 0 && ::torch_ext::quant::w8a8_wgmma::use_wgmma(p.m, p.n, num_sms, vector);
+#else
+  return false;
+#endif
 }
 
 // Validation and dispatch shared by scaled_int8_mm and scaled_fp8_mm. Order: invalid parameters,
@@ -449,6 +462,9 @@ cudaError_t scaled_mm(const typename Op::Params& p, cudaStream_t stream) {
   status = cudaGetDevice(&device);
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
   if (status != cudaSuccess) return status;
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  if (runs_wgmma<Op>(p, device, num_sms)) return Op::sm90(p, stream);
+#endif
   const bool large = ix::use_large_config(p.m, p.n, num_sms);
   status = cudaErrorInvalidValue;
   visit_storage_type(p.out_dtype, [&](auto tag) {

@@ -156,4 +156,27 @@ void mma_round_once(float (&c)[32][4], const double (&A)[16][Spec::kK], const do
     for (int i = 0; i < 4; ++i) c[lane][i] = float(accumulator_dot<Spec>(A, B, lane, i, double(c[lane][i])));
 }
 
+// PTX ISA, wgmma "Matrix Descriptor Format": bits 0-13 start address >> 4, 16-29 leading byte
+// offset >> 4, 32-45 stride byte offset >> 4, 49-51 base offset, 62-63 swizzle (1 = 128-byte).
+// "Shared Memory Matrix Layout", K-major operand with 128-byte swizzling: row r of the operand
+// (M or N) and byte k (< 32) of the instruction's K slice lie at start + (r / 8) SBO +
+// (r % 8) 128 + k before swizzling; the swizzle XORs address bits 4-6 with bits 7-9 (so rows of
+// an 8-row, 1024-byte-aligned atom see their 16-byte chunks permuted). Shared-memory address.
+inline uint32_t wgmma_sw128_address(uint64_t desc, int r, int k) {
+  CHECK((desc >> 62) == 1 && ((desc >> 49) & 7) == 0);
+  CHECK(r >= 0 && k >= 0 && k < 32);
+  const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
+  const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
+  const uint32_t linear = start + uint32_t(r / 8) * stride + uint32_t(r % 8) * 128 + uint32_t(k);
+  return linear ^ (((linear >> 7) & 7) << 4);
+}
+
+// PTX ISA, wgmma "Register Fragments" of the m64nN accumulator D (128 threads): warp w of the
+// warpgroup holds rows 16 w .. 16 w + 15; lane l's register i lies in row 16 w + l / 4 + 8 for
+// i % 4 in {2, 3}, column 8 (i / 4) + 2 (l % 4) + i % 2.
+struct Wgmma64 {
+  static int d_row(int warp, int lane, int i) { return 16 * warp + lane / 4 + ((i % 4) >= 2 ? 8 : 0); }
+  static int d_col(int lane, int i) { return 8 * (i / 4) + 2 * (lane % 4) + (i % 2); }
+};
+
 }  // namespace mma_spec

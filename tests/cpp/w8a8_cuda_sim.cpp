@@ -28,7 +28,12 @@
 //      operands); NaN operands (0x7F / 0xFF) must give NaN in their row / column and only
 //      there; per-row or per-tensor a_scale;
 //  (d) the CTA order (a bijection onto the tiles), the config rule, e4m3 decoding of all 256
-//      codes against an independent definition.
+//      codes against an independent definition;
+//  (e) the Hopper wgmma_mm_kernel (csrc/quant/w8a8_wgmma_index.h) on every aligned problem of
+//      (b) and (c): its copies into 128-byte-swizzled stages, its ring (a slot refilled only
+//      after the wgmma batch that read it completed), each wgmma's operands read through the
+//      descriptors it builds with a model of the PTX descriptor and swizzle, its epilogue walk
+//      against the PTX accumulator layout of m64nN; the same output checks as (b) / (c).
 // Usage: w8a8_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
 #include <algorithm>
 #include <array>
@@ -42,6 +47,7 @@
 #include <vector>
 
 #include "quant/w8a8_cuda_index.h"
+#include "quant/w8a8_wgmma_index.h"
 #include "mma_spec.h"
 #include "sim_common.h"
 
@@ -429,6 +435,39 @@ void check_fp8_output(const MmProblem& p, int64_t m, int64_t n, float got, float
   }
 }
 
+// The outputs of a simulated GEMM run (out, with the number of writes of each element) against
+// the references: exact int64 dot products and the CPU kernel's epilogue (int8), the fp8 bound
+// or bits; every output written once, nothing else touched.
+template <typename O, bool kFp8>
+void check_mm_output(const MmProblem& p, const std::vector<O>& out, const std::vector<int>& out_count) {
+  for (size_t at = 0; at < out.size(); ++at) {
+    const int64_t rel = int64_t(at) - p.out_off;
+    const int64_t m = rel >= 0 ? rel / p.out_stride : -1, n = rel >= 0 ? rel % p.out_stride : -1;
+    if (m < 0 || m >= p.m || n >= p.n) {
+      CHECK(out_count[at] == 0 && bits_of(out[at]) == bits_of(store_of<O>(-7.25f)));
+      continue;
+    }
+    CHECK(out_count[at] == 1);
+    const float a_scale = p.a_scale[size_t(p.a_per_row ? m : 0)], b_scale = p.b_scale[size_t(p.per_channel ? n : 0)];
+    if constexpr (kFp8) {
+      check_fp8_output(p, m, n, to_float(out[at]), a_scale, b_scale, p.out_kind);
+      continue;
+    }
+    int64_t dot = 0;
+    for (int64_t k = 0; k < p.k; ++k)
+      dot += int64_t(int8_t(p.a[size_t(p.a_off + m * p.a_stride + k)])) *
+             int8_t(p.b[size_t(p.b_off + n * p.b_stride + k)]);
+    CHECK(dot >= INT32_MIN && dot <= INT32_MAX);
+    float want = float(int32_t(dot)) * a_scale * b_scale;
+    if (p.has_bias) want += p.bias[size_t(n)];
+    if (bits_of(out[at]) != bits_of(store_of<O>(want))) {
+      fprintf(stderr, "mm %s m %lld n %lld: got 0x%x want 0x%x (dot %lld)\n", name_of(p.out_kind), (long long)m,
+              (long long)n, bits_of(out[at]), bits_of(store_of<O>(want)), (long long)dot);
+      abort();
+    }
+  }
+}
+
 template <typename O, class Cfg, bool kFp8>
 void sim_mm(const MmProblem& p) {
   using Acc = std::conditional_t<kFp8, float, int64_t>;
@@ -550,33 +589,154 @@ void sim_mm(const MmProblem& p) {
     }
   });
 
-  // reference: exact int64 dot products, the CPU kernel's epilogue
-  for (size_t at = 0; at < out.size(); ++at) {
-    const int64_t rel = int64_t(at) - p.out_off;
-    const int64_t m = rel >= 0 ? rel / p.out_stride : -1, n = rel >= 0 ? rel % p.out_stride : -1;
-    if (m < 0 || m >= p.m || n >= p.n) {
-      CHECK(out_count[at] == 0 && bits_of(out[at]) == bits_of(store_of<O>(-7.25f)));
-      continue;
+  check_mm_output<O, kFp8>(p, out, out_count);
+}
+
+// (e) wgmma_mm_kernel (quant/w8a8_wgmma.cu, sm_90a) on the same problem: every thread's copies
+// into the 128-byte-swizzled stages (bounds, alignment, zero fill), the pipeline order (the
+// shared-memory model, plus: a slot is refilled only after the wgmma batch that read it has
+// completed under wgmma.wait_group 1), each wgmma's operands read back through the descriptor
+// the kernel builds and the PTX descriptor / swizzle model (mma_spec::wgmma_sw128_address), and
+// the epilogue's register walk checked against the PTX accumulator layout.
+template <typename O, bool kFp8>
+void sim_wgmma_mm(const MmProblem& p) {
+  namespace wx = torch_ext::quant::w8a8_wgmma;
+  using Acc = std::conditional_t<kFp8, double, int64_t>;
+  using KernelAcc = std::conditional_t<kFp8, float, int32_t>;
+  const int M = int(p.m), N = int(p.n), K = int(p.k);
+  CHECK(ix::mm_vectorizable(uint64_t(p.a_off), p.a_stride, uint64_t(p.b_off), p.b_stride));
+  const int m_blocks = int(wx::ceil_div(p.m, wx::kBM)), n_blocks = int(wx::ceil_div(p.n, wx::kBN));
+  const int k_iters = int(wx::ceil_div(p.k, wx::kBK));
+  // The dynamic shared memory's address as the kernel sees it, then aligned up to an atom.
+  const uint32_t raw = uint32_t(16 * rnd(0, 200));
+  const uint32_t base = (raw + wx::kSwizzleAtomBytes - 1) & ~uint32_t(wx::kSwizzleAtomBytes - 1);
+  CHECK(base - raw < uint32_t(wx::kSwizzleAtomBytes) && base - raw + wx::kStages * wx::kStageBytes <= uint32_t(wx::kSmemBytes));
+  const bool pair_stores = p.out_off % 2 == 0 && p.out_stride % 2 == 0;  // out_off counts elements of O
+
+  std::vector<O> out(size_t(p.out_off + (p.m - 1) * p.out_stride + p.n + 4), store_of<O>(-7.25f));
+  std::vector<int> out_count(out.size(), 0);
+  Smem smem;
+  static Acc acc[wx::kBM][wx::kBN];
+  walk_ctas(m_blocks, n_blocks, ix::tile_of, [&](const ix::TileCoord& tile) {
+    const int m0 = int(tile.mb) * wx::kBM, n0 = int(tile.nb) * wx::kBN;
+    smem.reset(size_t(wx::kStages) * wx::kStageBytes);
+    std::vector<int> slot_reader(wx::kStages, -1);  // the iteration whose wgmma last read a slot
+    int wgmma_complete = -1;                          // every batch up to this iteration is done
+
+    const auto load_stage = [&](int iter) {
+      const int stage = wx::stage_of(iter);
+      CHECK(slot_reader[size_t(stage)] <= wgmma_complete);
+      for (int tid = 0; tid < wx::kThreads; ++tid) {
+        const int col = wx::chunk_col(tid);
+        const int k = iter * wx::kBK + col * ix::kChunkBytes;
+        for (int operand = 0; operand < 2; ++operand) {
+          const int per_thread = operand == 0 ? wx::kAChunksPerThread : wx::kBChunksPerThread;
+          const int first = operand == 0 ? m0 : n0, limit = operand == 0 ? M : N;
+          const std::vector<uint8_t>& src_buf = operand == 0 ? p.a : p.b;
+          const int64_t off = operand == 0 ? p.a_off : p.b_off, stride = operand == 0 ? p.a_stride : p.b_stride;
+          for (int i = 0; i < per_thread; ++i) {
+            const int row = wx::chunk_row(tid, i);
+            CHECK(row < (operand == 0 ? wx::kBM : wx::kBN));
+            const int bytes = ix::chunk_bytes(k, K, first + row < limit);
+            uint8_t chunk[16] = {};
+            if (bytes > 0) {
+              const int64_t src = off + int64_t(first + row) * stride + k;
+              CHECK(src % 16 == 0);
+              for (int e = 0; e < bytes; ++e) {
+                CHECK(k + e < K && src + e < int64_t(src_buf.size()));
+                chunk[e] = src_buf[size_t(src + e)];
+              }
+            }
+            const int dst = (operand == 0 ? wx::a_tile_offset(stage) : wx::b_tile_offset(stage)) +
+                            wx::swizzled_offset(row, col);
+            CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? wx::b_tile_offset(stage) : (stage + 1) * wx::kStageBytes));
+            smem.write(size_t(dst), chunk, 16, true);
+          }
+        }
+      }
+    };
+
+    for (auto& row : acc)
+      for (Acc& v : row) v = Acc(0);
+    for (int s = 0; s < wx::kLoadAhead; ++s) {
+      if (s < k_iters) load_stage(s);
+      smem.commit();
     }
-    CHECK(out_count[at] == 1);
-    const float a_scale = p.a_scale[size_t(p.a_per_row ? m : 0)], b_scale = p.b_scale[size_t(p.per_channel ? n : 0)];
-    if constexpr (kFp8) {
-      check_fp8_output(p, m, n, to_float(out[at]), a_scale, b_scale, p.out_kind);
-      continue;
+    for (int iter = 0; iter < k_iters; ++iter) {
+      smem.wait(wx::kLoadAhead - 1);
+      smem.barrier();
+      if (wx::refill_iter(iter) < k_iters) load_stage(wx::refill_iter(iter));
+      smem.commit();
+      const int stage = wx::stage_of(iter);
+      for (int g = 0; g < wx::kWarpgroups; ++g) {
+        const uint64_t desc_a = wx::make_smem_desc(base + uint32_t(wx::a_warpgroup_offset(stage, g)));
+        const uint64_t desc_b = wx::make_smem_desc(base + uint32_t(wx::b_tile_offset(stage)));
+        for (int ks = 0; ks < wx::kKSteps; ++ks) {
+          static uint8_t A[64][32], B[wx::kBN][32];
+          const uint64_t da = wx::desc_at_k_step(desc_a, ks), db = wx::desc_at_k_step(desc_b, ks);
+          for (int r = 0; r < 64; ++r)
+            for (int k = 0; k < 32; ++k) CHECK(smem.read(mma_spec::wgmma_sw128_address(da, r, k) - base, &A[r][k], 1));
+          for (int r = 0; r < wx::kBN; ++r)
+            for (int k = 0; k < 32; ++k) CHECK(smem.read(mma_spec::wgmma_sw128_address(db, r, k) - base, &B[r][k], 1));
+          // the operands are the tiles' rows and k bytes iter * 128 + 32 ks ..
+          const int kb = iter * wx::kBK + ks * wx::kWgmmaK;
+          for (int r = 0; r < 64 && m0 + 64 * g + r < M; ++r)
+            for (int n = 0; n < wx::kBN && n0 + n < N; ++n) {
+              Acc sum = 0;
+              for (int k = 0; k < 32; ++k) {
+                if constexpr (kFp8) {
+                  sum += spec_e4m3(A[r][k]) * spec_e4m3(B[n][k]);
+                } else {
+                  sum += int64_t(int8_t(A[r][k])) * int8_t(B[n][k]);
+                }
+              }
+              acc[64 * g + r][n] += sum;
+            }
+          for (int k = 0; k < 32; ++k) {  // spot-check the operand bytes against the problem
+            const int r = int(rnd(0, 63)), n = int(rnd(0, wx::kBN - 1));
+            const int64_t m = m0 + 64 * g + r, c = n0 + n;
+            CHECK(A[r][k] == (m < M && kb + k < K ? p.a[size_t(p.a_off + m * p.a_stride + kb + k)] : 0));
+            CHECK(B[n][k] == (c < N && kb + k < K ? p.b[size_t(p.b_off + c * p.b_stride + kb + k)] : 0));
+          }
+        }
+      }
+      slot_reader[size_t(stage)] = iter;
+      wgmma_complete = iter - 1;  // wgmma.wait_group 1
     }
-    int64_t dot = 0;
-    for (int64_t k = 0; k < p.k; ++k)
-      dot += int64_t(int8_t(p.a[size_t(p.a_off + m * p.a_stride + k)])) *
-             int8_t(p.b[size_t(p.b_off + n * p.b_stride + k)]);
-    CHECK(dot >= INT32_MIN && dot <= INT32_MAX);
-    float want = float(int32_t(dot)) * a_scale * b_scale;
-    if (p.has_bias) want += p.bias[size_t(n)];
-    if (bits_of(out[at]) != bits_of(store_of<O>(want))) {
-      fprintf(stderr, "mm %s m %lld n %lld: got 0x%x want 0x%x (dot %lld)\n", name_of(p.out_kind), (long long)m,
-              (long long)n, bits_of(out[at]), bits_of(store_of<O>(want)), (long long)dot);
-      abort();
+    smem.wait(0);
+
+    // epilogue, register by register as the kernel walks them
+    for (int warp = 0; warp < wx::kThreads / 32; ++warp) {
+      const int g = warp / 4, w = warp % 4;
+      for (int lane = 0; lane < 32; ++lane) {
+        for (int i = 0; i < wx::kAccRegs; ++i) {
+          CHECK(wx::acc_row(g, w, lane, i) == 64 * g + mma_spec::Wgmma64::d_row(w, lane, i));
+          CHECK(wx::acc_col(lane, i) == mma_spec::Wgmma64::d_col(lane, i));
+        }
+        for (int j = 0; j < wx::kBN / 8; ++j) {
+          const int n = n0 + wx::acc_col(lane, 4 * j);
+          if (n >= N) continue;
+          const bool second = n + 1 < N;
+          for (int h = 0; h < 2; ++h) {
+            const int row = wx::acc_row(g, w, lane, 2 * h), m = m0 + row;
+            if (m >= M) continue;
+            const size_t at = size_t(p.out_off + int64_t(m) * p.out_stride + n);
+            if (second && pair_stores) CHECK(at % 2 == 0);
+            for (int e = 0; e < (second ? 2 : 1); ++e) {
+              CHECK(wx::acc_row(g, w, lane, 2 * h + e) == row && wx::acc_col(lane, 4 * j + 2 * h + e) == n - n0 + e);
+              const KernelAcc v = KernelAcc(acc[row][n - n0 + e]);
+              out[at + size_t(e)] = store_of<O>(ix::epilogue_value(
+                  v, p.a_scale[size_t(ix::scale_index(m, p.a_per_row))],
+                  p.b_scale[size_t(ix::scale_index(n + e, p.per_channel))], p.has_bias,
+                  p.has_bias ? p.bias[size_t(n + e)] : 0.f));
+              ++out_count[at + size_t(e)];
+            }
+          }
+        }
+      }
     }
-  }
+  });
+  check_mm_output<O, kFp8>(p, out, out_count);
 }
 
 float random_scale() { return std::ldexp(float(std::uniform_real_distribution<double>(0.5, 1.0)(rng)), int(rnd(-12, 2))); }
@@ -600,7 +760,8 @@ void check_mm_case(bool large, bool fp8) {
   const int64_t max_mn = large ? 200 : 100;
   p.m = rnd(0, 3) == 0 ? rnd(1, 8) : rnd(1, max_mn);
   p.n = rnd(1, max_mn);
-  p.k = rnd(0, 5) == 0 ? rnd(0, 3) : rnd(1, 260);
+  // Now and then a K long enough for the wgmma kernel's 4-slot ring of 128-byte stages to wrap.
+  p.k = rnd(0, 5) == 0 ? rnd(0, 3) : (rnd(0, 4) == 0 ? rnd(513, 1100) : rnd(1, 260));
   const bool aligned = rnd(0, 2) != 0;
   p.a_off = aligned ? 16 * rnd(0, 2) : rnd(0, 15);
   p.b_off = aligned ? 16 * rnd(0, 2) : rnd(0, 15);
@@ -653,6 +814,7 @@ void check_mm_case(bool large, bool fp8) {
     } else {
       sim_mm<O, ix::SmallConfig, kFp8>(p);
     }
+    if (ix::mm_vectorizable(uint64_t(p.a_off), p.a_stride, uint64_t(p.b_off), p.b_stride)) sim_wgmma_mm<O, kFp8>(p);
   };
   const auto run_kind = [&](auto fp8_tag) {
     if (p.out_kind == 0) run(float{}, fp8_tag);
@@ -675,6 +837,19 @@ void check_static() {
   static_assert(ix::LargeConfig::kMinCtas * ix::LargeConfig::kSmemBytes <= 227 * 1024, "smem per SM");
   static_assert(ix::SmallConfig::kMinCtas * ix::SmallConfig::kSmemBytes <= 227 * 1024, "smem per SM");
   check_tile_order(ix::tile_of, rnd);
+  {  // the wgmma kernel: shared-memory budget, the dispatch rule, descriptor fields
+    namespace wx = torch_ext::quant::w8a8_wgmma;
+    static_assert(wx::kSmemBytes <= 227 * 1024 && wx::kThreads == 256 && wx::kAccRegs == 128, "wgmma config");
+    CHECK(wx::use_wgmma(4096, 8192, 132, true) && wx::use_wgmma(1100, 3901, 132, true));
+    CHECK(!wx::use_wgmma(4096, 8192, 132, false) && !wx::use_wgmma(256, 8192, 132, true));
+    for (uint32_t address = 0; address < 228 * 1024; address += 16) {
+      const uint64_t desc = wx::make_smem_desc(address);
+      CHECK(uint32_t(desc & 0x3FFF) << 4 == address && ((desc >> 32) & 0x3FFF) << 4 == 1024);
+      CHECK((desc >> 62) == 1 && ((desc >> 49) & 7) == 0);
+      if (address % 1024 == 0)
+        for (int s = 0; s < wx::kKSteps; ++s) CHECK(mma_spec::wgmma_sw128_address(wx::desc_at_k_step(desc, s), 0, 0) == address + 32 * s);
+    }
+  }
   CHECK(ix::use_large_config(2048, 8192, 132) && ix::use_large_config(1024, 8192, 132));
   CHECK(!ix::use_large_config(16, 8192, 132) && !ix::use_large_config(128, 4096, 132));
   // smem swizzle: every (row, chunk) of a stage maps to a distinct chunk inside the row

@@ -1,0 +1,227 @@
+// Hopper GEMM of scaled_int8_mm and scaled_fp8_mm (quant/w8a8_wgmma.h), sm_90a only: wgmma with
+// both operands in shared memory. Index maps, descriptors and the pipeline's slot rule are
+// host+device functions in quant/w8a8_wgmma_index.h, run on the CPU by
+// tests/cpp/w8a8_wgmma_sim.cpp (with a model of the descriptor's swizzled addressing written
+// from the PTX ISA).
+//
+// wgmma_mm_kernel<O, Op>: out = (A B^T) * a_scale * b_scale (+ bias), A [M, K] and B [N, K] 8-bit.
+//   - A CTA (2 warpgroups) owns a 128 x 256 tile (ix::kBM x ix::kBN, reasoning in the index
+//     header); CTAs in scaled_int8_mm's grouped order (8 m blocks per group) for L2 reuse.
+//   - K streams through a 4-slot ring of 128-byte stages (48 KB: A 16 KB, B 32 KB). Every thread
+//     copies 12 chunks of 16 bytes per stage with cp.async (zero-filled past M, N and K: tails
+//     multiply zeros) into the 128-byte-swizzled K-major layout; no producer warp, so nothing
+//     can wait on a barrier phase that never comes.
+//   - Per stage: wait for the slot's copies, fence them into the async proxy, CTA barrier; issue
+//     the copies of the stage 2 ahead (its slot was last read by the wgmma batch 2 stages back,
+//     finished before the barrier); then 4 wgmma.m64n256k32 per warpgroup (descriptor start
+//     moved 32 bytes per k step), commit, and wait until only this batch is in flight, so the
+//     tensor cores always hold the next batch while the warps loop.
+//   - Epilogue: float(acc) * a_scale (* b_scale) (+ bias) with scaled_int8_mm's rounding steps,
+//     two adjacent columns per store where the output allows it.
+#include <type_traits>
+
+#include "common/cuda/cp_async.cuh"
+#include "common/cuda/mma.cuh"
+#include "common/cuda/vec.cuh"
+#include "common/cuda/wgmma.cuh"
+#include "quant/w8a8_mm_operands.h"
+#include "quant/w8a8_wgmma.h"
+#include "quant/w8a8_wgmma_index.h"
+
+namespace torch_ext::cuda {
+namespace {
+
+namespace ix = ::torch_ext::quant::w8a8_wgmma;
+namespace mm_ix = ::torch_ext::quant::w8a8_cuda;
+
+struct Int8Wgmma {
+  using Elem = int8_t;
+  using Acc = int32_t;
+  using Params = ScaledInt8MmParams;
+  static __device__ __forceinline__ void mma(Acc (&d)[ix::kAccRegs], uint64_t a, uint64_t b) {
+    wgmma_m64n256k32_s8(d, a, b);
+  }
+  static bool a_per_row(const Params&) { return true; }
+};
+
+struct Fp8Wgmma {
+  using Elem = uint8_t;  // float8_e4m3fn bits
+  using Acc = float;
+  using Params = ScaledFp8MmParams;
+  static __device__ __forceinline__ void mma(Acc (&d)[ix::kAccRegs], uint64_t a, uint64_t b) {
+    wgmma_m64n256k32_e4m3(d, a, b);
+  }
+  static bool a_per_row(const Params& p) { return p.a_scale_per_row; }
+};
+
+// The operands, then the grid and the store width.
+template <typename O, class Op>
+struct WgmmaArgs : MmOperands<typename Op::Elem, O> {
+  int m_blocks, n_blocks, k_iters;
+  bool pair_stores;  // out and its row stride allow 2-element stores
+};
+
+// Two adjacent outputs as one store (the address is 2-element aligned).
+template <typename O>
+struct alignas(2 * sizeof(O)) OutPair {
+  O v[2];
+};
+
+template <typename O, class Op>
+__device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
+  using Elem = typename Op::Elem;
+  extern __shared__ unsigned char smem_raw[];
+  // Swizzle atoms must be 1024-byte aligned (kSmemBytes has the slack).
+  const uint32_t raw_address = shared_address(smem_raw);
+  const uint32_t smem_base = (raw_address + ix::kSwizzleAtomBytes - 1) & ~uint32_t(ix::kSwizzleAtomBytes - 1);
+  unsigned char* const smem = smem_raw + (smem_base - raw_address);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warpgroup = warp / 4, warp_in_group = warp % 4;
+  const mm_ix::TileCoord tile = mm_ix::tile_of(blockIdx.x, p.m_blocks, p.n_blocks);
+  const int m0 = int(tile.mb) * ix::kBM, n0 = int(tile.nb) * ix::kBN;
+
+  // This thread's copies: chunk `col` of rows chunk_row(tid, i); one source pointer per operand
+  // (rows kRowsPerPass apart), rows past M / N as bits of a mask.
+  const int col = ix::chunk_col(tid), row0 = ix::chunk_row(tid, 0);
+  const Elem* const a_src = p.a + int64_t(m0 + row0) * p.a_row_stride + col * mm_ix::kChunkBytes;
+  const Elem* const b_src = p.b + int64_t(n0 + row0) * p.b_row_stride + col * mm_ix::kChunkBytes;
+  const int64_t a_pass = int64_t(ix::kRowsPerPass) * p.a_row_stride;
+  const int64_t b_pass = int64_t(ix::kRowsPerPass) * p.b_row_stride;
+  uint32_t a_rows = 0, b_rows = 0;
+#pragma unroll
+  for (int i = 0; i < ix::kAChunksPerThread; ++i) a_rows |= uint32_t(m0 + ix::chunk_row(tid, i) < p.m) << i;
+#pragma unroll
+  for (int i = 0; i < ix::kBChunksPerThread; ++i) b_rows |= uint32_t(n0 + ix::chunk_row(tid, i) < p.n) << i;
+
+  const auto load_stage = [&](int iter) {
+    const int stage = ix::stage_of(iter);
+    const int k = iter * ix::kBK + col * mm_ix::kChunkBytes;
+#pragma unroll
+    for (int i = 0; i < ix::kAChunksPerThread; ++i) {
+      const int bytes = mm_ix::chunk_bytes(k, p.k, (a_rows >> i) & 1);
+      const Elem* const src = bytes > 0 ? a_src + i * a_pass + iter * ix::kBK : p.a;
+      cp_async_16_partial(smem + ix::a_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
+                          bytes);
+    }
+#pragma unroll
+    for (int i = 0; i < ix::kBChunksPerThread; ++i) {
+      const int bytes = mm_ix::chunk_bytes(k, p.k, (b_rows >> i) & 1);
+      const Elem* const src = bytes > 0 ? b_src + i * b_pass + iter * ix::kBK : p.b;
+      cp_async_16_partial(smem + ix::b_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
+                          bytes);
+    }
+  };
+
+  typename Op::Acc acc[ix::kAccRegs];
+  zero_accumulators(acc);
+
+#pragma unroll
+  for (int s = 0; s < ix::kLoadAhead; ++s) {
+    if (s < p.k_iters) load_stage(s);
+    cp_async_commit();
+  }
+  for (int iter = 0; iter < p.k_iters; ++iter) {
+    cp_async_wait<ix::kLoadAhead - 1>();
+    fence_proxy_async_shared();
+    __syncthreads();
+    if (ix::refill_iter(iter) < p.k_iters) load_stage(ix::refill_iter(iter));
+    cp_async_commit();
+
+    const int stage = ix::stage_of(iter);
+    const uint64_t desc_a = ix::make_smem_desc(smem_base + ix::a_warpgroup_offset(stage, warpgroup));
+    const uint64_t desc_b = ix::make_smem_desc(smem_base + ix::b_tile_offset(stage));
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < ix::kKSteps; ++s) Op::mma(acc, ix::desc_at_k_step(desc_a, s), ix::desc_at_k_step(desc_b, s));
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+
+  // Epilogue: per n8 block the two columns' scales and biases once, then the thread's two rows.
+  float a_scale[2];
+  int rows[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    rows[h] = m0 + ix::acc_row(warpgroup, warp_in_group, lane, 2 * h);
+    a_scale[h] = rows[h] < p.m ? __ldg(p.a_scale + mm_ix::scale_index(rows[h], p.a_per_row)) : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < ix::kBN / 8; ++j) {
+    const int n = n0 + ix::acc_col(lane, 4 * j);
+    if (n >= p.n) continue;
+    const bool second = n + 1 < p.n;
+    const float b_scale0 = __ldg(p.b_scale + mm_ix::scale_index(n, p.per_channel));
+    const float b_scale1 = second ? __ldg(p.b_scale + mm_ix::scale_index(n + 1, p.per_channel)) : 0.f;
+    const float bias0 = p.bias != nullptr ? __ldg(p.bias + n) : 0.f;
+    const float bias1 = p.bias != nullptr && second ? __ldg(p.bias + n + 1) : 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (rows[h] >= p.m) continue;
+      O* const dst = p.out + int64_t(rows[h]) * p.out_row_stride + n;
+      const O v0 = from_compute<O>(mm_ix::epilogue_value(acc[4 * j + 2 * h], a_scale[h], b_scale0, p.bias != nullptr, bias0));
+      if (!second) {
+        dst[0] = v0;
+        continue;
+      }
+      const O v1 =
+          from_compute<O>(mm_ix::epilogue_value(acc[4 * j + 2 * h + 1], a_scale[h], b_scale1, p.bias != nullptr, bias1));
+      if (p.pair_stores) {
+        *reinterpret_cast<OutPair<O>*>(dst) = OutPair<O>{{v0, v1}};
+      } else {
+        dst[0] = v0;
+        dst[1] = v1;
+      }
+    }
+  }
+}
+
+// One CTA per SM (192 KB of shared memory): the bound lets ptxas use up to 255 registers for
+// the 128 accumulators, copy addresses and epilogue.
+template <typename O, class Op>
+__global__ void __launch_bounds__(ix::kThreads, 1) wgmma_mm_kernel(const WgmmaArgs<O, Op> p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wgmma_mm_cta<O, Op>(p);
+#else
+  __trap();  // only compiled for sm_90a; the launchers run it on compute capability 9.0 only
+#endif
+}
+
+template <typename O, class Op>
+cudaError_t launch(const typename Op::Params& p, cudaStream_t stream) {
+  WgmmaArgs<O, Op> a{};
+  fill_mm_operands(a, p, Op::a_per_row(p));
+  a.m_blocks = int(ix::ceil_div(p.m, ix::kBM));
+  a.n_blocks = int(ix::ceil_div(p.n, ix::kBN));
+  a.k_iters = int(ix::ceil_div(p.k, ix::kBK));
+  a.pair_stores = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(O)) == 0 && p.out_row_stride % 2 == 0;
+  const auto kernel = wgmma_mm_kernel<O, Op>;
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ix::kSmemBytes);
+  if (status != cudaSuccess) return status;
+  const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
+  kernel<<<unsigned(blocks), ix::kThreads, ix::kSmemBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <class Op>
+cudaError_t scaled_mm_sm90(const typename Op::Params& p, cudaStream_t stream) {
+  cudaError_t status = cudaErrorInvalidValue;
+  visit_storage_type(p.out_dtype, [&](auto tag) {
+    using O = decltype(tag);
+    if constexpr (!std::is_same_v<O, double>) status = launch<O, Op>(p, stream);
+  });
+  return status;
+}
+
+}  // namespace
+
+cudaError_t scaled_int8_mm_sm90(const ScaledInt8MmParams& p, cudaStream_t stream) {
+  return scaled_mm_sm90<Int8Wgmma>(p, stream);
+}
+
+cudaError_t scaled_fp8_mm_sm90(const ScaledFp8MmParams& p, cudaStream_t stream) {
+  return scaled_mm_sm90<Fp8Wgmma>(p, stream);
+}
+
+}  // namespace torch_ext::cuda

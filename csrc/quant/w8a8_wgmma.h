@@ -1,0 +1,19 @@
+// The Hopper (sm_90a) GEMMs behind scaled_int8_mm and scaled_fp8_mm (quant/w8a8_wgmma.cu: wgmma
+// from shared memory). Built only when the arch list holds 9.0a (TORCH_EXT_HAVE_SM90A_KERNELS);
+// quant/w8a8_cuda.cu's launchers call them for problems that fill the GPU
+// (w8a8_wgmma::use_wgmma) on a compute capability 9.0 device. No torch headers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "quant/w8a8.h"
+
+namespace torch_ext::cuda {
+
+// The semantics of scaled_int8_mm / scaled_fp8_mm (quant/w8a8_cuda.h); bitwise the same results
+// for int8, fp8 within the fp32 summation bound. The caller has validated the parameters and
+// checked use_wgmma (16-byte aligned operands and row strides) and the device (9.0).
+cudaError_t scaled_int8_mm_sm90(const ScaledInt8MmParams& p, cudaStream_t stream);
+cudaError_t scaled_fp8_mm_sm90(const ScaledFp8MmParams& p, cudaStream_t stream);
+
+}  // namespace torch_ext::cuda

@@ -1,0 +1,132 @@
+// Index math of the Hopper W8A8 GEMM (quant/w8a8_wgmma.cu, sm_90a: wgmma), host+device so that
+// tests/cpp/w8a8_wgmma_sim.cpp runs on the CPU what the GPU runs: the tile shape and the choice
+// of this kernel, the global -> shared chunk map into the 128-byte-swizzled K-major layout that
+// wgmma reads, the shared-memory matrix descriptors and their per-k-step advance, the
+// accumulator -> output map, and the pipeline's slot rule. Tail predicates, the CTA order, the
+// scale indexing and the epilogue rounding are scaled_int8_mm's (quant/w8a8_cuda_index.h), so
+// both GEMMs give the same bits for int8.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+#include "quant/w8a8_cuda_index.h"
+
+namespace torch_ext::quant {
+inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
+namespace w8a8_wgmma {
+
+using w8a8_cuda::ceil_div;
+using w8a8_cuda::kChunkBytes;
+
+// =============================================================================================
+// 1. Tiles. A CTA = 2 warpgroups (8 warps) owns a 128 x 256 output tile; warpgroup g owns rows
+//    64 g .. 64 g + 63 and all 256 columns: one wgmma.m64n256k32 per k32 step, 128 fp32 / s32
+//    accumulators per thread. Why this shape:
+//    - n256 is wgmma's widest: A's 64 x 32 bytes from shared memory feed 64 x 256 x 32 MACs, the
+//      least shared-memory traffic per MAC the instruction allows.
+//    - 128 x 256 per CTA moves (1/256 + 1/128) bytes from L2 per MAC, 1.5x less than 128 x 128;
+//      at H100's ~1000 TMAC/s of int8 / fp8 that is still ~12 TB/s from L2 over all SMs, so the
+//      CTA order keeps strips L2-resident (w8a8_cuda::tile_of, groups of 8 m blocks).
+//    - K streams in 128-byte stages (128 int8 / e4m3 values): a row of a stage is exactly one
+//      128-byte swizzle row, the layout wgmma reads without bank conflicts.
+// =============================================================================================
+
+constexpr int kBM = 128, kBN = 256, kBK = 128;
+constexpr int kWarpgroupThreads = 128;
+constexpr int kWarpgroups = kBM / 64;
+constexpr int kThreads = kWarpgroups * kWarpgroupThreads;  // 256
+constexpr int kWgmmaK = 32;                                 // bytes (8-bit operands) per wgmma
+constexpr int kKSteps = kBK / kWgmmaK;                      // 4
+constexpr int kAccRegs = kBN / 2;                           // 64 x 256 / 128 threads
+constexpr int kChunksPerRow = kBK / kChunkBytes;            // 8
+constexpr int kRowsPerPass = kThreads / kChunksPerRow;      // 32
+constexpr int kAChunksPerThread = kBM / kRowsPerPass;       // 4
+constexpr int kBChunksPerThread = kBN / kRowsPerPass;       // 8
+constexpr int kATileBytes = kBM * kBK;                      // 16 KB
+constexpr int kBTileBytes = kBN * kBK;                      // 32 KB
+constexpr int kStageBytes = kATileBytes + kBTileBytes;      // 48 KB
+// 4 stages (192 KB, one CTA per SM). All threads both copy and compute (no producer warp: a
+// cp.async pipeline cannot hang on a barrier phase). One wgmma batch stays in flight while the
+// next is issued (wgmma.wait_group 1), so the stage it reads cannot be refilled yet: copies run
+// kLoadAhead = kStages - 2 stages ahead, 96 KB in flight per SM, about 2 us of L2 latency at
+// the tile's consumption rate.
+constexpr int kStages = 4;
+constexpr int kLoadAhead = kStages - 2;
+// The swizzle repeats every 8 rows of 128 bytes; atoms must start 1024-byte aligned in shared
+// memory (the hardware swizzles on address bits), so the kernel aligns its dynamic shared
+// memory up and asks for one atom more.
+constexpr int kSwizzleRowBytes = 128;
+constexpr int kSwizzleAtomBytes = 8 * kSwizzleRowBytes;
+constexpr int kSmemBytes = kStages * kStageBytes + kSwizzleAtomBytes;
+
+static_assert(kBK == kSwizzleRowBytes, "a stage row is one swizzle row");
+static_assert(kStageBytes % kSwizzleAtomBytes == 0 && kATileBytes % kSwizzleAtomBytes == 0,
+              "every operand tile starts on a swizzle atom");
+
+// This kernel when the device runs sm_90a code, the operands take 16-byte copies, and the grid
+// of 128 x 256 tiles gives every SM at least one CTA; smaller problems (decode) keep
+// scaled_int8_mm's tiles, which spread B's stream over more SMs.
+TORCH_EXT_HOST_DEVICE bool use_wgmma(int64_t m, int64_t n, int64_t num_sms, bool vectorizable) {
+  return vectorizable && ceil_div(m, kBM) * ceil_div(n, kBN) >= num_sms;
+}
+
+// =============================================================================================
+// 2. Global -> shared. Thread t copies 16-byte chunk t % 8 of rows t / 8 + 32 i of each operand
+//    tile (A: i < 4, B: i < 8): a warp reads 4 whole 128-byte row segments per copy. Chunk c of
+//    tile row r lands at r * 128 + 16 (c ^ (r % 8)): the 128-byte swizzle ("SWIZZLE_128B": address
+//    bits 4-6 XOR bits 7-9) that the descriptors below declare.
+// =============================================================================================
+
+TORCH_EXT_HOST_DEVICE int chunk_row(int tid, int i) { return tid / kChunksPerRow + kRowsPerPass * i; }
+TORCH_EXT_HOST_DEVICE int chunk_col(int tid) { return tid % kChunksPerRow; }
+TORCH_EXT_HOST_DEVICE int swizzled_offset(int row, int chunk) {
+  return row * kSwizzleRowBytes + ((chunk ^ (row % 8)) * kChunkBytes);
+}
+// Stage slot of k iteration `iter`, and the iteration whose copies are issued while `iter`
+// computes (beyond the last: none, an empty commit group keeps the wait count uniform).
+TORCH_EXT_HOST_DEVICE int stage_of(int iter) { return iter % kStages; }
+TORCH_EXT_HOST_DEVICE int refill_iter(int iter) { return iter + kLoadAhead; }
+TORCH_EXT_HOST_DEVICE int a_tile_offset(int stage) { return stage * kStageBytes; }
+TORCH_EXT_HOST_DEVICE int b_tile_offset(int stage) { return stage * kStageBytes + kATileBytes; }
+// Warpgroup g's A operand: rows 64 g.. of the stage's A tile (8 KB further per warpgroup).
+TORCH_EXT_HOST_DEVICE int a_warpgroup_offset(int stage, int warpgroup) {
+  return a_tile_offset(stage) + warpgroup * 64 * kSwizzleRowBytes;
+}
+
+// =============================================================================================
+// 3. Shared-memory matrix descriptors (PTX ISA, "Matrix Descriptor Format" of wgmma): bits 0-13
+//    start address >> 4, 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte
+//    offset >> 4, 49-51 base offset, 62-63 swizzle mode (1 = 128-byte). For K-major operands
+//    with the 128-byte swizzle, the 8-row core-matrix groups are 1024 bytes apart (SBO) and one
+//    wgmma's 32 bytes of K lie inside a swizzle row, so the leading offset is unused (1, as
+//    CUTLASS encodes it). k step s starts 32 s bytes into the row: the start address moves by
+//    2 units of 16 bytes, the swizzle stays on the absolute address bits.
+// =============================================================================================
+
+constexpr uint64_t kDescSwizzle128 = 1;
+constexpr int kDescStrideBytes = kSwizzleAtomBytes;
+
+TORCH_EXT_HOST_DEVICE uint64_t make_smem_desc(uint32_t shared_address) {
+  return uint64_t((shared_address & 0x3FFFF) >> 4) | (uint64_t(1) << 16) |
+         (uint64_t(kDescStrideBytes >> 4) << 32) | (kDescSwizzle128 << 62);
+}
+TORCH_EXT_HOST_DEVICE uint64_t desc_at_k_step(uint64_t desc, int k_step) {
+  return desc + uint64_t((k_step * kWgmmaK) >> 4);
+}
+
+// =============================================================================================
+// 4. Accumulators (PTX ISA, wgmma "Matrix fragments for accumulator D", m64nN): warp w of the
+//    warpgroup holds rows 16 w .. 16 w + 15; register i of a lane lies in n8 block i / 4, row
+//    lane / 4 (+ 8 for i % 4 >= 2), column 2 (lane % 4) + i % 2 of the block: the mma.m16n8
+//    C layout repeated along N. Rows / columns inside the CTA tile.
+// =============================================================================================
+
+TORCH_EXT_HOST_DEVICE int acc_row(int warpgroup, int warp_in_group, int lane, int i) {
+  return 64 * warpgroup + 16 * warp_in_group + lane / 4 + 8 * ((i / 2) % 2);
+}
+TORCH_EXT_HOST_DEVICE int acc_col(int lane, int i) { return 8 * (i / 4) + 2 * (lane % 4) + i % 2; }
+
+}  // namespace w8a8_wgmma
+}  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
+}  // namespace torch_ext::quant

@@ -1,0 +1,129 @@
+"""The Hopper wgmma GEMM behind scaled_int8_mm and scaled_fp8_mm (csrc/quant/w8a8_wgmma.cu): on a
+compute capability 9.0 GPU with an sm_90a build, problems that fill the GPU with 128 x 256 tiles
+run it (checked through the profiler's kernel names); TORCH_EXT_WGMMA=0 selects the mma.sync
+kernels. int8 must give the same bits as they do (exact int32 sums, the same epilogue); e4m3
+the same bits on small integers (every partial sum exact) and the fp32-summation bound on random
+values. Shapes with M, N and K tails. The index math runs on the CPU in test_cuda_index_sim.py."""
+
+import pytest
+import torch
+
+import torch_ext
+from torch_ext.ops import scaled_fp8_mm, scaled_int8_mm
+from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs
+
+pytestmark = pytest.mark.cuda
+
+# ceil(M / 128) x ceil(N / 256) tiles >= 132 SMs; K a multiple of 16 (16-byte rows) but not of
+# 128; N odd: an odd output row stride, no paired stores.
+SHAPES = ((1100, 3901, 1008), (2048, 4096, 4096))
+
+
+def _hopper_build():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("not a compute capability 9.0 GPU")
+    if "sm_90a" not in torch_ext.build_info()["cuda_archs"]:
+        pytest.skip("this build has no sm_90a code")
+
+
+def _kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(event.name for event in prof.events())
+
+
+def _both_paths(monkeypatch, fn):
+    """fn() through the wgmma kernel (asserted from the kernel names), then through mma.sync."""
+    with poisoned_outputs():
+        names = _kernel_names(fn)
+        assert "wgmma_mm_kernel" in names, names
+        wgmma = fn()
+    monkeypatch.setenv("TORCH_EXT_WGMMA", "0")
+    try:
+        assert "wgmma_mm_kernel" not in _kernel_names(fn)
+        plain = fn()
+    finally:
+        monkeypatch.delenv("TORCH_EXT_WGMMA")
+    return wgmma, plain
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_wgmma_equals_mma_sync(monkeypatch, out_dtype):
+    _hopper_build()
+    seed = fresh_seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for m, n, k in SHAPES:
+        a = torch.randint(-128, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+        a_scale = torch.rand(m, 1, generator=gen, device="cuda") + 0.1
+        b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
+        bias = torch.randn(n, generator=gen, device="cuda")
+        for scale, add in ((b_scale, bias), (b_scale[:1], None)):
+            wgmma, plain = _both_paths(monkeypatch, lambda: scaled_int8_mm(a, b, a_scale, scale, add, out_dtype))
+            assert torch.equal(wgmma, plain), f"{m}x{n}x{k} -> {out_dtype} seed {seed}"
+        exact = (a.double() @ b.double().t()) * a_scale.double() * b_scale.double() + bias.double()
+        assert_close_to_reference(wgmma, exact, out_dtype, f"{m}x{n}x{k} seed {seed}",
+                                  {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[out_dtype])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_wgmma(monkeypatch, out_dtype):
+    _hopper_build()
+    seed = fresh_seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for m, n, k in SHAPES:
+        a_scale = torch.rand(m, 1, generator=gen, device="cuda") + 0.1
+        b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
+        bias = torch.randn(n, generator=gen, device="cuda")
+        # Integers -8..8: products <= 64 and sums below 2^24, exact in any order.
+        small = lambda shape: torch.randint(-8, 9, shape, generator=gen, device="cuda").float()  # noqa: E731
+        a, b = small((m, k)).to(torch.float8_e4m3fn), small((n, k)).to(torch.float8_e4m3fn)
+        wgmma, plain = _both_paths(monkeypatch, lambda: scaled_fp8_mm(a, b, a_scale, b_scale, bias, out_dtype))
+        assert torch.equal(wgmma, plain), f"{m}x{n}x{k} -> {out_dtype} seed {seed}"
+        a = (torch.randn(m, k, generator=gen, device="cuda") * 8).to(torch.float8_e4m3fn)
+        b = (torch.randn(n, k, generator=gen, device="cuda") * 8).to(torch.float8_e4m3fn)
+        with poisoned_outputs():
+            out = scaled_fp8_mm(a, b, a_scale[:1, :1].reshape(1), b_scale, None, out_dtype)
+        ref = (a.double() @ b.double().t()) * a_scale[0, 0].double() * b_scale.double()
+        bound = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[out_dtype]
+        assert_close_to_reference(out, ref, out_dtype, f"{m}x{n}x{k} seed {seed}", bound)
+
+
+def test_strided_operands(monkeypatch):
+    """Row strides other than K (views into wider buffers): the same bits as the mma.sync kernel."""
+    _hopper_build()
+    seed = fresh_seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    m, n, k = 1100, 3900, 1008
+    a = torch.randint(-128, 128, (m, k + 32), generator=gen, device="cuda", dtype=torch.int8)[:, 16:16 + k]
+    b = torch.randint(-128, 128, (n, k + 16), generator=gen, device="cuda", dtype=torch.int8)[:, :k]
+    a_scale = torch.rand(m, 1, generator=gen, device="cuda") + 0.1
+    b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
+    wgmma, plain = _both_paths(monkeypatch, lambda: scaled_int8_mm(a, b, a_scale, b_scale, None, torch.bfloat16))
+    assert torch.equal(wgmma, plain), f"seed {seed}"
+
+
+def test_wgmma_tails_for_sanitizers(monkeypatch):
+    """M, N, K tails through the wgmma kernel without the profiler (scripts/gpu_check.sh runs this
+    one under compute-sanitizer memcheck and racecheck): the same bits as the mma.sync kernel."""
+    _hopper_build()
+    seed = fresh_seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    m, n, k = SHAPES[0]
+    a = torch.randint(-128, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    a_scale = torch.rand(m, 1, generator=gen, device="cuda") + 0.1
+    b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TORCH_EXT_WGMMA", flag)
+        with poisoned_outputs():
+            results.append(scaled_int8_mm(a, b, a_scale, b_scale, None, torch.float16))
+            results.append(scaled_fp8_mm((a // 16).float().to(torch.float8_e4m3fn),
+                                         (b // 16).float().to(torch.float8_e4m3fn), a_scale, b_scale, None,
+                                         torch.float32))
+    for wgmma, plain in zip(results[:2], results[2:]):
+        assert torch.equal(wgmma, plain), f"seed {seed}"
