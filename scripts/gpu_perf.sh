@@ -7,7 +7,8 @@
 #    4096; fused MoE Mixtral T = 1 and 4096; block-sparse attention dense and 10% at S = 4096 and 32K, with
 #    compiled flex, forward and forward+backward; MoBA 64/top-8 and 16/top-32 at 32K; one token
 #    through a 4-layer Llama-3-8B-shaped decoder, stock vs quantize_model).
-#    The W8A8 cases again with TORCH_EXT_WGMMA=0 (mma.sync), and the GMMA instructions in SASS.
+#    W8A8 with the opt-in wgmma kernel (TORCH_EXT_WGMMA=1), then again on mma.sync, and the GMMA
+#    instructions in SASS.
 # 2. profile: ncu's speed-of-light, launch, occupancy, memory and warp-stall sections of our
 #    kernels, one call per quick case (bench --profile-once prints the order).
 # Not measured yet as a whole; each step has its own limit, 9 minutes together at most.
@@ -23,9 +24,9 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
   timeout "$limit" "$PY" -m torch_ext bench --device cuda "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1
   echo "$name rc=$?"
 }
-bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" --match "M=64 8192x8192" \
+TORCH_EXT_WGMMA=1 bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" --match "M=64 8192x8192" \
   --match "M=4096 8192x8192"
-# The same W8A8 cases on the mma.sync kernels (the wgmma kernel off), and the warpgroup MMAs in
+# The same W8A8 cases on the mma.sync kernels, and the warpgroup MMAs in
 # the build's SASS (IGMMA int8, QGMMA fp8): the A/B of csrc/quant/w8a8_wgmma.cu.
 TORCH_EXT_WGMMA=0 timeout 60 "$PY" -m torch_ext bench --device cuda --op w8a8 --match "M=4096 8192x8192" \
   --out "$OUT/w8a8_mma_sync" >"$OUT/w8a8_mma_sync.log" 2>&1

@@ -1,7 +1,7 @@
 """The Hopper wgmma GEMM behind scaled_int8_mm and scaled_fp8_mm (csrc/quant/w8a8_wgmma.cu): on a
-compute capability 9.0 GPU with an sm_90a build, problems that fill the GPU with 128 x 256 tiles
-run it (checked through the profiler's kernel names); TORCH_EXT_WGMMA=0 selects the mma.sync
-kernels. int8 must give the same bits as they do (exact int32 sums, the same epilogue); e4m3
+compute capability 9.0 GPU with an sm_90a build and TORCH_EXT_WGMMA=1, problems that fill the GPU
+with 128 x 256 tiles run it (checked through the profiler's kernel names); otherwise the mma.sync
+kernels do. int8 must give the same bits as they do (exact int32 sums, the same epilogue); e4m3
 the same bits on small integers (every partial sum exact) and the fp32-summation bound on random
 values. Shapes with M, N and K tails. The index math runs on the CPU in test_cuda_index_sim.py."""
 
@@ -37,16 +37,15 @@ def _kernel_names(fn):
 
 def _both_paths(monkeypatch, fn):
     """fn() through the wgmma kernel (asserted from the kernel names), then through mma.sync."""
+    monkeypatch.setenv("TORCH_EXT_WGMMA", "1")
     with poisoned_outputs():
         names = _kernel_names(fn)
         assert "wgmma_mm_kernel" in names, names
         wgmma = fn()
     monkeypatch.setenv("TORCH_EXT_WGMMA", "0")
-    try:
-        assert "wgmma_mm_kernel" not in _kernel_names(fn)
+    assert "wgmma_mm_kernel" not in _kernel_names(fn)
+    with poisoned_outputs():
         plain = fn()
-    finally:
-        monkeypatch.delenv("TORCH_EXT_WGMMA")
     return wgmma, plain
 
 

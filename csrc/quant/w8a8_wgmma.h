@@ -1,7 +1,8 @@
 // The Hopper (sm_90a) GEMMs behind scaled_int8_mm and scaled_fp8_mm (quant/w8a8_wgmma.cu: wgmma
 // from shared memory). Built only when the arch list holds 9.0a (TORCH_EXT_HAVE_SM90A_KERNELS);
 // quant/w8a8_cuda.cu's launchers call them for problems that fill the GPU
-// (w8a8_wgmma::use_wgmma) on a compute capability 9.0 device. No torch headers.
+// (w8a8_wgmma::use_wgmma) on a compute capability 9.0 device when TORCH_EXT_WGMMA=1 (opt-in
+// until verified on a GPU). No torch headers.
 #pragma once
 
 #include <cuda_runtime_api.h>
