@@ -1,9 +1,12 @@
 """The Hopper wgmma GEMM behind scaled_int8_mm and scaled_fp8_mm (csrc/quant/w8a8_wgmma.cu): on a
 compute capability 9.0 GPU with an sm_90a build and TORCH_EXT_WGMMA=1, problems that fill the GPU
-with 128 x 256 tiles run it (checked through the profiler's kernel names); otherwise the mma.sync
-kernels do. int8 must give the same bits as they do (exact int32 sums, the same epilogue); e4m3
-the same bits on small integers (every partial sum exact) and the fp32-summation bound on random
-values. Shapes with M, N and K tails. The index math runs on the CPU in test_cuda_index_sim.py."""
+with its tiles (128 x 256 int8, 128 x 128 fp8) run it (checked through the profiler's kernel
+names); otherwise the mma.sync kernels do. int8 must give the same bits as they do (exact int32
+sums, the same epilogue); e4m3 the same bits on small integers (every partial sum exact, even in
+the about 14 significant bits Hopper's fp8 tensor cores keep while they sum a k block, DeepSeek-V3
+report 3.3.2) and, on random values, a bound that allows that: each 128-deep k block is promoted
+to fp32, so the error is that of 14-bit sums of 128 products, about 2^-14 relative per block.
+Shapes with M, N and K tails. The index math runs on the CPU in test_cuda_index_sim.py."""
 
 import pytest
 import torch
@@ -77,8 +80,8 @@ def test_fp8_wgmma(monkeypatch, out_dtype):
         a_scale = torch.rand(m, 1, generator=gen, device="cuda") + 0.1
         b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
         bias = torch.randn(n, generator=gen, device="cuda")
-        # Integers -8..8: products <= 64 and sums below 2^24, exact in any order.
-        small = lambda shape: torch.randint(-8, 9, shape, generator=gen, device="cuda").float()  # noqa: E731
+        # Integers -4..4: products <= 16, a k block's sum below 2^11: exact at 14 bits too.
+        small = lambda shape: torch.randint(-4, 5, shape, generator=gen, device="cuda").float()  # noqa: E731
         a, b = small((m, k)).to(torch.float8_e4m3fn), small((n, k)).to(torch.float8_e4m3fn)
         wgmma, plain = _both_paths(monkeypatch, lambda: scaled_fp8_mm(a, b, a_scale, b_scale, bias, out_dtype))
         assert torch.equal(wgmma, plain), f"{m}x{n}x{k} -> {out_dtype} seed {seed}"
@@ -87,7 +90,7 @@ def test_fp8_wgmma(monkeypatch, out_dtype):
         with poisoned_outputs():
             out = scaled_fp8_mm(a, b, a_scale[:1, :1].reshape(1), b_scale, None, out_dtype)
         ref = (a.double() @ b.double().t()) * a_scale[0, 0].double() * b_scale.double()
-        bound = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[out_dtype]
+        bound = {torch.float32: 2e-4, torch.bfloat16: 8e-3}[out_dtype]  # 14-bit block sums (module doc)
         assert_close_to_reference(out, ref, out_dtype, f"{m}x{n}x{k} seed {seed}", bound)
 
 
@@ -121,8 +124,8 @@ def test_wgmma_tails_for_sanitizers(monkeypatch):
         monkeypatch.setenv("TORCH_EXT_WGMMA", flag)
         with poisoned_outputs():
             results.append(scaled_int8_mm(a, b, a_scale, b_scale, None, torch.float16))
-            results.append(scaled_fp8_mm((a // 16).float().to(torch.float8_e4m3fn),
-                                         (b // 16).float().to(torch.float8_e4m3fn), a_scale, b_scale, None,
-                                         torch.float32))
+            results.append(scaled_fp8_mm((a // 32).float().to(torch.float8_e4m3fn),
+                                         (b // 32).float().to(torch.float8_e4m3fn), a_scale, b_scale, None,
+                                         torch.float32))  # -4..3: exact sums (see test_fp8_wgmma)
     for wgmma, plain in zip(results[:2], results[2:]):
         assert torch.equal(wgmma, plain), f"seed {seed}"

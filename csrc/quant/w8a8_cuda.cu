@@ -29,7 +29,7 @@
 //     refuses devices below compute capability 8.9 before that. sm_89 runs mma .e4m3 natively
 //     (QMMA); sm_90 has no fp8 mma.sync, so Fp8Mma widens the fragments to fp16 itself and chains
 //     two mma.m16n8k16 (ix::f16_step_a_reg): fp16 tensor-core rate, not fp8.
-//   - On a compute capability 9.0 device, problems whose 128 x 256 tiles fill every SM can go to
+//   - On a compute capability 9.0 device, problems whose wgmma tiles (128 x 256 int8, 128 x 128 fp8) fill every SM can go to
 //     the wgmma kernel of quant/w8a8_wgmma.cu instead (sm_90a builds, opt-in: runs_wgmma below).
 #include <cstdlib>
 #include <cstring>
@@ -194,6 +194,7 @@ struct Int8Mma {
   using Acc = int32_t;
   using Params = ScaledInt8MmParams;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  using WgmmaTile = ::torch_ext::quant::w8a8_wgmma::Int8Tile;
   static cudaError_t sm90(const Params& p, cudaStream_t stream) { return scaled_int8_mm_sm90(p, stream); }
 #endif
   static __host__ __device__ constexpr bool available() { return true; }
@@ -208,6 +209,7 @@ struct Fp8Mma {
   using Acc = float;
   using Params = ScaledFp8MmParams;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  using WgmmaTile = ::torch_ext::quant::w8a8_wgmma::Fp8Tile;
   static cudaError_t sm90(const Params& p, cudaStream_t stream) { return scaled_fp8_mm_sm90(p, stream); }
 #endif
   static __host__ __device__ constexpr bool available() { return fp8_mma_available(); }
@@ -428,7 +430,7 @@ bool runs_wgmma(const typename Op::Params& p, int device, int num_sms) {
   }
   const bool vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride,
                                           reinterpret_cast<uintptr_t>(p.b), p.b_row_stride);
-  return major == 9 && minor == 0 && ::torch_ext::quant::w8a8_wgmma::use_wgmma(p.m, p.n, num_sms, vector);
+  return major == 9 && minor == 0 && Op::WgmmaTile::use(p.m, p.n, num_sms, vector);
 #else
   return false;
 #endif

@@ -1,21 +1,23 @@
 // Hopper GEMM of scaled_int8_mm and scaled_fp8_mm (quant/w8a8_wgmma.h), sm_90a only: wgmma with
-// both operands in shared memory. Index maps, descriptors and the pipeline's slot rule are
-// host+device functions in quant/w8a8_wgmma_index.h, run on the CPU by
-// tests/cpp/w8a8_wgmma_sim.cpp (with a model of the descriptor's swizzled addressing written
-// from the PTX ISA).
+// both operands in shared memory. Index maps, descriptors, tile configurations and the
+// pipeline's slot rule are host+device functions in quant/w8a8_wgmma_index.h, run on the CPU by
+// tests/cpp/w8a8_cuda_sim.cpp (section e, with a model of the descriptor's swizzled addressing
+// written from the PTX ISA).
 //
 // wgmma_mm_kernel<O, Op>: out = (A B^T) * a_scale * b_scale (+ bias), A [M, K] and B [N, K] 8-bit.
-//   - A CTA (2 warpgroups) owns a 128 x 256 tile (ix::kBM x ix::kBN, reasoning in the index
+//   - A CTA (2 warpgroups) owns a 128 x Tile::kBN tile (int8 256, fp8 128: reasoning in the index
 //     header); CTAs in scaled_int8_mm's grouped order (8 m blocks per group) for L2 reuse.
-//   - K streams through a 4-slot ring of 128-byte stages (48 KB: A 16 KB, B 32 KB). Every thread
-//     copies 12 chunks of 16 bytes per stage with cp.async (zero-filled past M, N and K: tails
-//     multiply zeros) into the 128-byte-swizzled K-major layout; no producer warp, so nothing
-//     can wait on a barrier phase that never comes.
+//   - K streams through a ring of 128-byte stages (int8 4 x 48 KB, fp8 6 x 32 KB). Every thread
+//     copies its 16-byte chunks with cp.async (zero-filled past M, N and K: tails multiply zeros)
+//     into the 128-byte-swizzled K-major layout; no producer warp, so nothing can wait on a
+//     barrier phase that never comes.
 //   - Per stage: wait for the slot's copies, fence them into the async proxy, CTA barrier; issue
-//     the copies of the stage 2 ahead (its slot was last read by the wgmma batch 2 stages back,
-//     finished before the barrier); then 4 wgmma.m64n256k32 per warpgroup (descriptor start
-//     moved 32 bytes per k step), commit, and wait until only this batch is in flight, so the
-//     tensor cores always hold the next batch while the warps loop.
+//     the copies of the stage kStages - 2 ahead (its slot was last read by the wgmma batch 2
+//     stages back, finished before the barrier); then 4 wgmma k32 steps per warpgroup
+//     (descriptor start moved 32 bytes per step) and commit. int8 waits until only this batch
+//     is in flight, so the tensor cores hold the next batch while the warps loop; fp8 waits for
+//     the batch, which went into a fresh accumulator, and adds it into the fp32 one (promotion:
+//     the two warpgroups interleave, one promoting while the other's batch runs).
 //   - Epilogue: float(acc) * a_scale (* b_scale) (+ bias) with scaled_int8_mm's rounding steps,
 //     two adjacent columns per store where the output allows it.
 #include <type_traits>
@@ -34,12 +36,18 @@ namespace {
 namespace ix = ::torch_ext::quant::w8a8_wgmma;
 namespace mm_ix = ::torch_ext::quant::w8a8_cuda;
 
+constexpr int64_t kMaxGrid = 2147483647;
+
+// Op: the element and accumulator types, the tile, and one k block (kKSteps wgmma k32 steps) of
+// a warpgroup from its A and B descriptors.
 struct Int8Wgmma {
   using Elem = int8_t;
   using Acc = int32_t;
+  using Tile = ix::Int8Tile;
   using Params = ScaledInt8MmParams;
-  static __device__ __forceinline__ void mma(Acc (&d)[ix::kAccRegs], uint64_t a, uint64_t b) {
-    wgmma_m64n256k32_s8(d, a, b);
+  static __device__ __forceinline__ void k_block(Acc (&d)[Tile::kAccRegs], uint64_t a, uint64_t b) {
+#pragma unroll
+    for (int s = 0; s < ix::kKSteps; ++s) wgmma_m64n256k32_s8(d, ix::desc_at_k_step(a, s), ix::desc_at_k_step(b, s));
   }
   static bool a_per_row(const Params&) { return true; }
 };
@@ -47,9 +55,13 @@ struct Int8Wgmma {
 struct Fp8Wgmma {
   using Elem = uint8_t;  // float8_e4m3fn bits
   using Acc = float;
+  using Tile = ix::Fp8Tile;
   using Params = ScaledFp8MmParams;
-  static __device__ __forceinline__ void mma(Acc (&d)[ix::kAccRegs], uint64_t a, uint64_t b) {
-    wgmma_m64n256k32_e4m3(d, a, b);
+  // d = the k block's products alone (the first step does not accumulate): promoted by the caller.
+  static __device__ __forceinline__ void k_block(Acc (&d)[Tile::kAccRegs], uint64_t a, uint64_t b) {
+#pragma unroll
+    for (int s = 0; s < ix::kKSteps; ++s)
+      wgmma_m64n128k32_e4m3(d, ix::desc_at_k_step(a, s), ix::desc_at_k_step(b, s), s > 0);
   }
   static bool a_per_row(const Params& p) { return p.a_scale_per_row; }
 };
@@ -70,6 +82,7 @@ struct alignas(2 * sizeof(O)) OutPair {
 template <typename O, class Op>
 __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
   using Elem = typename Op::Elem;
+  using Tile = typename Op::Tile;
   extern __shared__ unsigned char smem_raw[];
   // Swizzle atoms must be 1024-byte aligned (kSmemBytes has the slack).
   const uint32_t raw_address = shared_address(smem_raw);
@@ -79,7 +92,7 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warpgroup = warp / 4, warp_in_group = warp % 4;
   const mm_ix::TileCoord tile = mm_ix::tile_of(blockIdx.x, p.m_blocks, p.n_blocks);
-  const int m0 = int(tile.mb) * ix::kBM, n0 = int(tile.nb) * ix::kBN;
+  const int m0 = int(tile.mb) * ix::kBM, n0 = int(tile.nb) * Tile::kBN;
 
   // This thread's copies: chunk `col` of rows chunk_row(tid, i); one source pointer per operand
   // (rows kRowsPerPass apart), rows past M / N as bits of a mask.
@@ -92,50 +105,58 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
 #pragma unroll
   for (int i = 0; i < ix::kAChunksPerThread; ++i) a_rows |= uint32_t(m0 + ix::chunk_row(tid, i) < p.m) << i;
 #pragma unroll
-  for (int i = 0; i < ix::kBChunksPerThread; ++i) b_rows |= uint32_t(n0 + ix::chunk_row(tid, i) < p.n) << i;
+  for (int i = 0; i < Tile::kBChunksPerThread; ++i) b_rows |= uint32_t(n0 + ix::chunk_row(tid, i) < p.n) << i;
 
   const auto load_stage = [&](int iter) {
-    const int stage = ix::stage_of(iter);
+    const int stage = Tile::stage_of(iter);
     const int k = iter * ix::kBK + col * mm_ix::kChunkBytes;
 #pragma unroll
     for (int i = 0; i < ix::kAChunksPerThread; ++i) {
       const int bytes = mm_ix::chunk_bytes(k, p.k, (a_rows >> i) & 1);
       const Elem* const src = bytes > 0 ? a_src + i * a_pass + iter * ix::kBK : p.a;
-      cp_async_16_partial(smem + ix::a_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
+      cp_async_16_partial(smem + Tile::a_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
                           bytes);
     }
 #pragma unroll
-    for (int i = 0; i < ix::kBChunksPerThread; ++i) {
+    for (int i = 0; i < Tile::kBChunksPerThread; ++i) {
       const int bytes = mm_ix::chunk_bytes(k, p.k, (b_rows >> i) & 1);
       const Elem* const src = bytes > 0 ? b_src + i * b_pass + iter * ix::kBK : p.b;
-      cp_async_16_partial(smem + ix::b_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
+      cp_async_16_partial(smem + Tile::b_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
                           bytes);
     }
   };
 
-  typename Op::Acc acc[ix::kAccRegs];
+  typename Op::Acc acc[Tile::kAccRegs];
   zero_accumulators(acc);
+  [[maybe_unused]] typename Op::Acc block[Tile::kPromote ? Tile::kAccRegs : 1];
 
 #pragma unroll
-  for (int s = 0; s < ix::kLoadAhead; ++s) {
+  for (int s = 0; s < Tile::kLoadAhead; ++s) {
     if (s < p.k_iters) load_stage(s);
     cp_async_commit();
   }
   for (int iter = 0; iter < p.k_iters; ++iter) {
-    cp_async_wait<ix::kLoadAhead - 1>();
+    cp_async_wait<Tile::kLoadAhead - 1>();
     fence_proxy_async_shared();
     __syncthreads();
-    if (ix::refill_iter(iter) < p.k_iters) load_stage(ix::refill_iter(iter));
+    if (Tile::refill_iter(iter) < p.k_iters) load_stage(Tile::refill_iter(iter));
     cp_async_commit();
 
-    const int stage = ix::stage_of(iter);
-    const uint64_t desc_a = ix::make_smem_desc(smem_base + ix::a_warpgroup_offset(stage, warpgroup));
-    const uint64_t desc_b = ix::make_smem_desc(smem_base + ix::b_tile_offset(stage));
+    const int stage = Tile::stage_of(iter);
+    const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
+    const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
     wgmma_fence();
+    if constexpr (Tile::kPromote) {
+      Op::k_block(block, desc_a, desc_b);
+      wgmma_commit();
+      wgmma_wait<0>();
 #pragma unroll
-    for (int s = 0; s < ix::kKSteps; ++s) Op::mma(acc, ix::desc_at_k_step(desc_a, s), ix::desc_at_k_step(desc_b, s));
-    wgmma_commit();
-    wgmma_wait<1>();
+      for (int i = 0; i < Tile::kAccRegs; ++i) acc[i] += block[i];
+    } else {
+      Op::k_block(acc, desc_a, desc_b);
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
   }
   wgmma_wait<0>();
 
@@ -148,7 +169,7 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
     a_scale[h] = rows[h] < p.m ? __ldg(p.a_scale + mm_ix::scale_index(rows[h], p.a_per_row)) : 0.f;
   }
 #pragma unroll
-  for (int j = 0; j < ix::kBN / 8; ++j) {
+  for (int j = 0; j < Tile::kBN / 8; ++j) {
     const int n = n0 + ix::acc_col(lane, 4 * j);
     if (n >= p.n) continue;
     const bool second = n + 1 < p.n;
@@ -178,7 +199,7 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
 }
 
 // One CTA per SM (192 KB of shared memory): the bound lets ptxas use up to 255 registers for
-// the 128 accumulators, copy addresses and epilogue.
+// the accumulators (int8 128, fp8 64 + 64 being promoted), copy addresses and epilogue.
 template <typename O, class Op>
 __global__ void __launch_bounds__(ix::kThreads, 1) wgmma_mm_kernel(const WgmmaArgs<O, Op> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -193,14 +214,16 @@ cudaError_t launch(const typename Op::Params& p, cudaStream_t stream) {
   WgmmaArgs<O, Op> a{};
   fill_mm_operands(a, p, Op::a_per_row(p));
   a.m_blocks = int(ix::ceil_div(p.m, ix::kBM));
-  a.n_blocks = int(ix::ceil_div(p.n, ix::kBN));
+  a.n_blocks = int(ix::ceil_div(p.n, Op::Tile::kBN));
   a.k_iters = int(ix::ceil_div(p.k, ix::kBK));
   a.pair_stores = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(O)) == 0 && p.out_row_stride % 2 == 0;
-  const auto kernel = wgmma_mm_kernel<O, Op>;
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ix::kSmemBytes);
-  if (status != cudaSuccess) return status;
   const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
-  kernel<<<unsigned(blocks), ix::kThreads, ix::kSmemBytes, stream>>>(a);
+  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  constexpr int kSmemBytes = Op::Tile::kSmemBytes;
+  const auto kernel = wgmma_mm_kernel<O, Op>;
+  const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (status != cudaSuccess) return status;
+  kernel<<<unsigned(blocks), ix::kThreads, kSmemBytes, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -20,78 +20,93 @@ using w8a8_cuda::ceil_div;
 using w8a8_cuda::kChunkBytes;
 
 // =============================================================================================
-// 1. Tiles. A CTA = 2 warpgroups (8 warps) owns a 128 x 256 output tile; warpgroup g owns rows
-//    64 g .. 64 g + 63 and all 256 columns: one wgmma.m64n256k32 per k32 step, 128 fp32 / s32
-//    accumulators per thread. Why this shape:
-//    - n256 is wgmma's widest: A's 64 x 32 bytes from shared memory feed 64 x 256 x 32 MACs, the
-//      least shared-memory traffic per MAC the instruction allows.
-//    - 128 x 256 per CTA moves (1/256 + 1/128) bytes from L2 per MAC, 1.5x less than 128 x 128;
-//      at H100's ~1000 TMAC/s of int8 / fp8 that is still ~12 TB/s from L2 over all SMs, so the
-//      CTA order keeps strips L2-resident (w8a8_cuda::tile_of, groups of 8 m blocks).
+// 1. Tiles. A CTA = 2 warpgroups (8 warps) owns a 128 x kBN output tile; warpgroup g owns rows
+//    64 g .. 64 g + 63 and all kBN columns: one wgmma.m64n<kBN>k32 per k32 step. Why:
+//    - int8 (Int8Tile, kBN = 256): n256 is wgmma's widest, so A's 64 x 32 bytes from shared
+//      memory feed the most MACs, and 128 x 256 per CTA moves (1/256 + 1/128) bytes from L2 per
+//      MAC, 1.5x less than 128 x 128 (at H100's ~1000 TMAC/s still ~12 TB/s from L2 over all
+//      SMs, so the CTA order keeps strips L2-resident: w8a8_cuda::tile_of, 8 m blocks per
+//      group). 128 s32 accumulators per thread, exact.
+//    - e4m3 (Fp8Tile, kBN = 128): Hopper's fp8 wgmma keeps only about 14 mantissa bits while
+//      it accumulates (DeepSeek-V3 report, section 3.3.2), so each 128-deep k block goes into a
+//      fresh accumulator that is then added into fp32 registers ("promotion"): 64 + 64 registers
+//      per thread at n128, where n256 would need 256.
 //    - K streams in 128-byte stages (128 int8 / e4m3 values): a row of a stage is exactly one
 //      128-byte swizzle row, the layout wgmma reads without bank conflicts.
+//    All threads both copy and compute (no producer warp: a cp.async pipeline cannot hang on a
+//    barrier phase). The stage a wgmma batch reads is refilled only once that batch is known
+//    complete: int8 keeps one batch in flight while it issues the next (wgmma.wait_group 1), so
+//    copies run kStages - 2 stages ahead; fp8 waits for each batch before promoting it, but uses
+//    the same rule (two batches of distance). 192 KB of stages, one CTA per SM: int8 4 x 48 KB,
+//    fp8 6 x 32 KB.
 // =============================================================================================
 
-constexpr int kBM = 128, kBN = 256, kBK = 128;
+constexpr int kBM = 128, kBK = 128;
 constexpr int kWarpgroupThreads = 128;
 constexpr int kWarpgroups = kBM / 64;
 constexpr int kThreads = kWarpgroups * kWarpgroupThreads;  // 256
 constexpr int kWgmmaK = 32;                                 // bytes (8-bit operands) per wgmma
 constexpr int kKSteps = kBK / kWgmmaK;                      // 4
-constexpr int kAccRegs = kBN / 2;                           // 64 x 256 / 128 threads
 constexpr int kChunksPerRow = kBK / kChunkBytes;            // 8
 constexpr int kRowsPerPass = kThreads / kChunksPerRow;      // 32
 constexpr int kAChunksPerThread = kBM / kRowsPerPass;       // 4
-constexpr int kBChunksPerThread = kBN / kRowsPerPass;       // 8
 constexpr int kATileBytes = kBM * kBK;                      // 16 KB
-constexpr int kBTileBytes = kBN * kBK;                      // 32 KB
-constexpr int kStageBytes = kATileBytes + kBTileBytes;      // 48 KB
-// 4 stages (192 KB, one CTA per SM). All threads both copy and compute (no producer warp: a
-// cp.async pipeline cannot hang on a barrier phase). One wgmma batch stays in flight while the
-// next is issued (wgmma.wait_group 1), so the stage it reads cannot be refilled yet: copies run
-// kLoadAhead = kStages - 2 stages ahead, 96 KB in flight per SM, about 2 us of L2 latency at
-// the tile's consumption rate.
-constexpr int kStages = 4;
-constexpr int kLoadAhead = kStages - 2;
 // The swizzle repeats every 8 rows of 128 bytes; atoms must start 1024-byte aligned in shared
 // memory (the hardware swizzles on address bits), so the kernel aligns its dynamic shared
 // memory up and asks for one atom more.
 constexpr int kSwizzleRowBytes = 128;
 constexpr int kSwizzleAtomBytes = 8 * kSwizzleRowBytes;
-constexpr int kSmemBytes = kStages * kStageBytes + kSwizzleAtomBytes;
+constexpr int kStageBudget = 192 * 1024;
+
+template <int kBN_, bool kPromote_>
+struct WgmmaTile {
+  static constexpr int kBN = kBN_;
+  static constexpr bool kPromote = kPromote_;  // per-k-block fp32 promotion (fp8)
+  static constexpr int kAccRegs = kBN / 2;     // 64 x kBN / 128 threads
+  static constexpr int kBChunksPerThread = kBN / kRowsPerPass;
+  static constexpr int kBTileBytes = kBN * kBK;
+  static constexpr int kStageBytes = kATileBytes + kBTileBytes;
+  static constexpr int kStages = kStageBudget / kStageBytes;
+  static constexpr int kLoadAhead = kStages - 2;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kSwizzleAtomBytes;
+
+  // Stage slot of k iteration `iter`, and the iteration whose copies are issued while `iter`
+  // computes (beyond the last: none, an empty commit group keeps the wait count uniform).
+  static TORCH_EXT_HOST_DEVICE int stage_of(int iter) { return iter % kStages; }
+  static TORCH_EXT_HOST_DEVICE int refill_iter(int iter) { return iter + kLoadAhead; }
+  static TORCH_EXT_HOST_DEVICE int a_tile_offset(int stage) { return stage * kStageBytes; }
+  static TORCH_EXT_HOST_DEVICE int b_tile_offset(int stage) { return stage * kStageBytes + kATileBytes; }
+  // Warpgroup g's A operand: rows 64 g.. of the stage's A tile (8 KB further per warpgroup).
+  static TORCH_EXT_HOST_DEVICE int a_warpgroup_offset(int stage, int warpgroup) {
+    return a_tile_offset(stage) + warpgroup * 64 * kSwizzleRowBytes;
+  }
+  // This kernel when the operands take 16-byte copies and the grid of 128 x kBN tiles gives
+  // every SM at least one CTA; smaller problems (decode) keep scaled_int8_mm's tiles, which
+  // spread B's stream over more SMs.
+  static TORCH_EXT_HOST_DEVICE bool use(int64_t m, int64_t n, int64_t num_sms, bool vectorizable) {
+    return vectorizable && ceil_div(m, kBM) * ceil_div(n, kBN) >= num_sms;
+  }
+
+  static_assert(kStages >= 3 && kSmemBytes <= 227 * 1024, "at least one stage between copies and reads");
+  static_assert(kStageBytes % kSwizzleAtomBytes == 0 && kATileBytes % kSwizzleAtomBytes == 0,
+                "every operand tile starts on a swizzle atom");
+};
+using Int8Tile = WgmmaTile<256, false>;
+using Fp8Tile = WgmmaTile<128, true>;
 
 static_assert(kBK == kSwizzleRowBytes, "a stage row is one swizzle row");
-static_assert(kStageBytes % kSwizzleAtomBytes == 0 && kATileBytes % kSwizzleAtomBytes == 0,
-              "every operand tile starts on a swizzle atom");
-
-// This kernel when the device runs sm_90a code, the operands take 16-byte copies, and the grid
-// of 128 x 256 tiles gives every SM at least one CTA; smaller problems (decode) keep
-// scaled_int8_mm's tiles, which spread B's stream over more SMs.
-TORCH_EXT_HOST_DEVICE bool use_wgmma(int64_t m, int64_t n, int64_t num_sms, bool vectorizable) {
-  return vectorizable && ceil_div(m, kBM) * ceil_div(n, kBN) >= num_sms;
-}
 
 // =============================================================================================
 // 2. Global -> shared. Thread t copies 16-byte chunk t % 8 of rows t / 8 + 32 i of each operand
-//    tile (A: i < 4, B: i < 8): a warp reads 4 whole 128-byte row segments per copy. Chunk c of
-//    tile row r lands at r * 128 + 16 (c ^ (r % 8)): the 128-byte swizzle ("SWIZZLE_128B": address
-//    bits 4-6 XOR bits 7-9) that the descriptors below declare.
+//    tile (A: i < 4, B: i < kBN / 32): a warp reads 4 whole 128-byte row segments per copy.
+//    Chunk c of tile row r lands at r * 128 + 16 (c ^ (r % 8)): the 128-byte swizzle
+//    ("SWIZZLE_128B": address bits 4-6 XOR bits 7-9) that the descriptors below declare.
 // =============================================================================================
 
 TORCH_EXT_HOST_DEVICE int chunk_row(int tid, int i) { return tid / kChunksPerRow + kRowsPerPass * i; }
 TORCH_EXT_HOST_DEVICE int chunk_col(int tid) { return tid % kChunksPerRow; }
 TORCH_EXT_HOST_DEVICE int swizzled_offset(int row, int chunk) {
   return row * kSwizzleRowBytes + ((chunk ^ (row % 8)) * kChunkBytes);
-}
-// Stage slot of k iteration `iter`, and the iteration whose copies are issued while `iter`
-// computes (beyond the last: none, an empty commit group keeps the wait count uniform).
-TORCH_EXT_HOST_DEVICE int stage_of(int iter) { return iter % kStages; }
-TORCH_EXT_HOST_DEVICE int refill_iter(int iter) { return iter + kLoadAhead; }
-TORCH_EXT_HOST_DEVICE int a_tile_offset(int stage) { return stage * kStageBytes; }
-TORCH_EXT_HOST_DEVICE int b_tile_offset(int stage) { return stage * kStageBytes + kATileBytes; }
-// Warpgroup g's A operand: rows 64 g.. of the stage's A tile (8 KB further per warpgroup).
-TORCH_EXT_HOST_DEVICE int a_warpgroup_offset(int stage, int warpgroup) {
-  return a_tile_offset(stage) + warpgroup * 64 * kSwizzleRowBytes;
 }
 
 // =============================================================================================

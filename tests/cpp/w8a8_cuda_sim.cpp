@@ -601,42 +601,48 @@ void sim_mm(const MmProblem& p) {
 template <typename O, bool kFp8>
 void sim_wgmma_mm(const MmProblem& p) {
   namespace wx = torch_ext::quant::w8a8_wgmma;
-  using Acc = std::conditional_t<kFp8, double, int64_t>;
+  using Tile = std::conditional_t<kFp8, wx::Fp8Tile, wx::Int8Tile>;
+  static_assert(Tile::kPromote == kFp8, "fp8 promotes every k block");
+  // int8: exact int64 sums (the kernel's int32 wraps the same way below 2^31); fp8: the kernel's
+  // fp32 accumulator, each k block's exact sum rounded to fp32 and added (promotion).
+  using Acc = std::conditional_t<kFp8, float, int64_t>;
+  using BlockAcc = std::conditional_t<kFp8, double, int64_t>;
   using KernelAcc = std::conditional_t<kFp8, float, int32_t>;
   const int M = int(p.m), N = int(p.n), K = int(p.k);
   CHECK(ix::mm_vectorizable(uint64_t(p.a_off), p.a_stride, uint64_t(p.b_off), p.b_stride));
-  const int m_blocks = int(wx::ceil_div(p.m, wx::kBM)), n_blocks = int(wx::ceil_div(p.n, wx::kBN));
+  const int m_blocks = int(wx::ceil_div(p.m, wx::kBM)), n_blocks = int(wx::ceil_div(p.n, Tile::kBN));
   const int k_iters = int(wx::ceil_div(p.k, wx::kBK));
   // The dynamic shared memory's address as the kernel sees it, then aligned up to an atom.
   const uint32_t raw = uint32_t(16 * rnd(0, 200));
   const uint32_t base = (raw + wx::kSwizzleAtomBytes - 1) & ~uint32_t(wx::kSwizzleAtomBytes - 1);
-  CHECK(base - raw < uint32_t(wx::kSwizzleAtomBytes) && base - raw + wx::kStages * wx::kStageBytes <= uint32_t(wx::kSmemBytes));
+  CHECK(base - raw < uint32_t(wx::kSwizzleAtomBytes) && base - raw + Tile::kStages * Tile::kStageBytes <= uint32_t(Tile::kSmemBytes));
   const bool pair_stores = p.out_off % 2 == 0 && p.out_stride % 2 == 0;  // out_off counts elements of O
 
   std::vector<O> out(size_t(p.out_off + (p.m - 1) * p.out_stride + p.n + 4), store_of<O>(-7.25f));
   std::vector<int> out_count(out.size(), 0);
   Smem smem;
-  static Acc acc[wx::kBM][wx::kBN];
+  static Acc acc[wx::kBM][Tile::kBN];
+  static BlockAcc block[wx::kBM][Tile::kBN];
   walk_ctas(m_blocks, n_blocks, ix::tile_of, [&](const ix::TileCoord& tile) {
-    const int m0 = int(tile.mb) * wx::kBM, n0 = int(tile.nb) * wx::kBN;
-    smem.reset(size_t(wx::kStages) * wx::kStageBytes);
-    std::vector<int> slot_reader(wx::kStages, -1);  // the iteration whose wgmma last read a slot
+    const int m0 = int(tile.mb) * wx::kBM, n0 = int(tile.nb) * Tile::kBN;
+    smem.reset(size_t(Tile::kStages) * Tile::kStageBytes);
+    std::vector<int> slot_reader(Tile::kStages, -1);  // the iteration whose wgmma last read a slot
     int wgmma_complete = -1;                          // every batch up to this iteration is done
 
     const auto load_stage = [&](int iter) {
-      const int stage = wx::stage_of(iter);
+      const int stage = Tile::stage_of(iter);
       CHECK(slot_reader[size_t(stage)] <= wgmma_complete);
       for (int tid = 0; tid < wx::kThreads; ++tid) {
         const int col = wx::chunk_col(tid);
         const int k = iter * wx::kBK + col * ix::kChunkBytes;
         for (int operand = 0; operand < 2; ++operand) {
-          const int per_thread = operand == 0 ? wx::kAChunksPerThread : wx::kBChunksPerThread;
+          const int per_thread = operand == 0 ? wx::kAChunksPerThread : Tile::kBChunksPerThread;
           const int first = operand == 0 ? m0 : n0, limit = operand == 0 ? M : N;
           const std::vector<uint8_t>& src_buf = operand == 0 ? p.a : p.b;
           const int64_t off = operand == 0 ? p.a_off : p.b_off, stride = operand == 0 ? p.a_stride : p.b_stride;
           for (int i = 0; i < per_thread; ++i) {
             const int row = wx::chunk_row(tid, i);
-            CHECK(row < (operand == 0 ? wx::kBM : wx::kBN));
+            CHECK(row < (operand == 0 ? wx::kBM : Tile::kBN));
             const int bytes = ix::chunk_bytes(k, K, first + row < limit);
             uint8_t chunk[16] = {};
             if (bytes > 0) {
@@ -647,9 +653,9 @@ void sim_wgmma_mm(const MmProblem& p) {
                 chunk[e] = src_buf[size_t(src + e)];
               }
             }
-            const int dst = (operand == 0 ? wx::a_tile_offset(stage) : wx::b_tile_offset(stage)) +
+            const int dst = (operand == 0 ? Tile::a_tile_offset(stage) : Tile::b_tile_offset(stage)) +
                             wx::swizzled_offset(row, col);
-            CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? wx::b_tile_offset(stage) : (stage + 1) * wx::kStageBytes));
+            CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? Tile::b_tile_offset(stage) : (stage + 1) * Tile::kStageBytes));
             smem.write(size_t(dst), chunk, 16, true);
           }
         }
@@ -658,30 +664,32 @@ void sim_wgmma_mm(const MmProblem& p) {
 
     for (auto& row : acc)
       for (Acc& v : row) v = Acc(0);
-    for (int s = 0; s < wx::kLoadAhead; ++s) {
+    for (int s = 0; s < Tile::kLoadAhead; ++s) {
       if (s < k_iters) load_stage(s);
       smem.commit();
     }
     for (int iter = 0; iter < k_iters; ++iter) {
-      smem.wait(wx::kLoadAhead - 1);
+      smem.wait(Tile::kLoadAhead - 1);
       smem.barrier();
-      if (wx::refill_iter(iter) < k_iters) load_stage(wx::refill_iter(iter));
+      if (Tile::refill_iter(iter) < k_iters) load_stage(Tile::refill_iter(iter));
       smem.commit();
-      const int stage = wx::stage_of(iter);
+      const int stage = Tile::stage_of(iter);
+      for (auto& row : block)
+        for (BlockAcc& v : row) v = BlockAcc(0);
       for (int g = 0; g < wx::kWarpgroups; ++g) {
-        const uint64_t desc_a = wx::make_smem_desc(base + uint32_t(wx::a_warpgroup_offset(stage, g)));
-        const uint64_t desc_b = wx::make_smem_desc(base + uint32_t(wx::b_tile_offset(stage)));
+        const uint64_t desc_a = wx::make_smem_desc(base + uint32_t(Tile::a_warpgroup_offset(stage, g)));
+        const uint64_t desc_b = wx::make_smem_desc(base + uint32_t(Tile::b_tile_offset(stage)));
         for (int ks = 0; ks < wx::kKSteps; ++ks) {
-          static uint8_t A[64][32], B[wx::kBN][32];
+          static uint8_t A[64][32], B[Tile::kBN][32];
           const uint64_t da = wx::desc_at_k_step(desc_a, ks), db = wx::desc_at_k_step(desc_b, ks);
           for (int r = 0; r < 64; ++r)
             for (int k = 0; k < 32; ++k) CHECK(smem.read(mma_spec::wgmma_sw128_address(da, r, k) - base, &A[r][k], 1));
-          for (int r = 0; r < wx::kBN; ++r)
+          for (int r = 0; r < Tile::kBN; ++r)
             for (int k = 0; k < 32; ++k) CHECK(smem.read(mma_spec::wgmma_sw128_address(db, r, k) - base, &B[r][k], 1));
           // the operands are the tiles' rows and k bytes iter * 128 + 32 ks ..
           const int kb = iter * wx::kBK + ks * wx::kWgmmaK;
           for (int r = 0; r < 64 && m0 + 64 * g + r < M; ++r)
-            for (int n = 0; n < wx::kBN && n0 + n < N; ++n) {
+            for (int n = 0; n < Tile::kBN && n0 + n < N; ++n) {
               Acc sum = 0;
               for (int k = 0; k < 32; ++k) {
                 if constexpr (kFp8) {
@@ -690,18 +698,20 @@ void sim_wgmma_mm(const MmProblem& p) {
                   sum += int64_t(int8_t(A[r][k])) * int8_t(B[n][k]);
                 }
               }
-              acc[64 * g + r][n] += sum;
+              block[64 * g + r][n] += sum;
             }
           for (int k = 0; k < 32; ++k) {  // spot-check the operand bytes against the problem
-            const int r = int(rnd(0, 63)), n = int(rnd(0, wx::kBN - 1));
+            const int r = int(rnd(0, 63)), n = int(rnd(0, Tile::kBN - 1));
             const int64_t m = m0 + 64 * g + r, c = n0 + n;
             CHECK(A[r][k] == (m < M && kb + k < K ? p.a[size_t(p.a_off + m * p.a_stride + kb + k)] : 0));
             CHECK(B[n][k] == (c < N && kb + k < K ? p.b[size_t(p.b_off + c * p.b_stride + kb + k)] : 0));
           }
         }
       }
+      for (int r = 0; r < wx::kBM; ++r)
+        for (int n = 0; n < Tile::kBN; ++n) acc[r][n] += Acc(block[r][n]);  // int8: exact either way
       slot_reader[size_t(stage)] = iter;
-      wgmma_complete = iter - 1;  // wgmma.wait_group 1
+      wgmma_complete = Tile::kPromote ? iter : iter - 1;  // wgmma.wait_group 0 / 1
     }
     smem.wait(0);
 
@@ -709,11 +719,11 @@ void sim_wgmma_mm(const MmProblem& p) {
     for (int warp = 0; warp < wx::kThreads / 32; ++warp) {
       const int g = warp / 4, w = warp % 4;
       for (int lane = 0; lane < 32; ++lane) {
-        for (int i = 0; i < wx::kAccRegs; ++i) {
+        for (int i = 0; i < Tile::kAccRegs; ++i) {
           CHECK(wx::acc_row(g, w, lane, i) == 64 * g + mma_spec::Wgmma64::d_row(w, lane, i));
           CHECK(wx::acc_col(lane, i) == mma_spec::Wgmma64::d_col(lane, i));
         }
-        for (int j = 0; j < wx::kBN / 8; ++j) {
+        for (int j = 0; j < Tile::kBN / 8; ++j) {
           const int n = n0 + wx::acc_col(lane, 4 * j);
           if (n >= N) continue;
           const bool second = n + 1 < N;
@@ -839,9 +849,12 @@ void check_static() {
   check_tile_order(ix::tile_of, rnd);
   {  // the wgmma kernel: shared-memory budget, the dispatch rule, descriptor fields
     namespace wx = torch_ext::quant::w8a8_wgmma;
-    static_assert(wx::kSmemBytes <= 227 * 1024 && wx::kThreads == 256 && wx::kAccRegs == 128, "wgmma config");
-    CHECK(wx::use_wgmma(4096, 8192, 132, true) && wx::use_wgmma(1100, 3901, 132, true));
-    CHECK(!wx::use_wgmma(4096, 8192, 132, false) && !wx::use_wgmma(256, 8192, 132, true));
+    static_assert(wx::kThreads == 256 && wx::Int8Tile::kAccRegs == 128 && wx::Fp8Tile::kAccRegs == 64, "wgmma config");
+    static_assert(wx::Int8Tile::kStages == 4 && wx::Fp8Tile::kStages == 6, "192 KB of stages");
+    static_assert(wx::Int8Tile::kSmemBytes <= 227 * 1024 && wx::Fp8Tile::kSmemBytes <= 227 * 1024, "smem per SM");
+    CHECK(wx::Int8Tile::use(4096, 8192, 132, true) && wx::Int8Tile::use(1100, 3901, 132, true));
+    CHECK(!wx::Int8Tile::use(4096, 8192, 132, false) && !wx::Int8Tile::use(256, 8192, 132, true));
+    CHECK(wx::Fp8Tile::use(1100, 3901, 132, true) && !wx::Fp8Tile::use(512, 4096, 132, true));
     for (uint32_t address = 0; address < 228 * 1024; address += 16) {
       const uint64_t desc = wx::make_smem_desc(address);
       CHECK(uint32_t(desc & 0x3FFF) << 4 == address && ((desc >> 32) & 0x3FFF) << 4 == 1024);
