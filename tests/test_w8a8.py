@@ -56,7 +56,9 @@ def test_quantize_per_token_zero_rows_and_strides():
 def test_scaled_int8_mm_sums_exactly(cpu_isa):
     """Unit scales and small enough sums: the fp32 result is the exact integer dot product."""
     seed = fresh_seed()
-    for m, n, k in ((1, 1, 1), (5, 17, 33), (7, 70, 130), (13, 64, 256), (3, 100, 7), (37, 33, 1000)):
+    # M <= 16 runs B unpacked in passes of 4 (AVX-512) or 2 (AVX2) rows of A: whole passes and tails.
+    for m, n, k in ((1, 1, 1), (5, 17, 33), (7, 70, 130), (8, 40, 100), (12, 9, 64), (13, 64, 256), (3, 100, 7),
+                    (37, 33, 1000)):
         a, b = _int8((m, k), seed), _int8((n, k), seed + 1)
         with poisoned_outputs():
             out = scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32)

@@ -157,52 +157,73 @@ void pack_int8_b(const ScaledInt8MmParams& p, uint8_t* packed) { w8a8::pack_b(p,
 namespace {
 
 // The unpacked path's dot products without VNNI: products widened to int16 and summed in pairs
-// (vpmaddwd, exact in int32 for K < 2^17), 4 rows of B against the m rows of A, which are
-// widened once per call into rows of a multiple of 32 values (zero tail).
+// (vpmaddwd, exact in int32 for K < 2^17), 4 rows of B against the m rows of A (widened once per
+// call into rows of a multiple of 32 values, zero tail) in passes of kPassRows rows, whose
+// accumulators fit the register file (AVX-512: 16 of 32 zmm; AVX2: 8 of 16 ymm).
 constexpr int kRowsB = 4;
 
 struct WideningDot : w8a8::PreparedA<int16_t, 32> {
   explicit WideningDot(const ScaledInt8MmParams& params) : PreparedA(params, [](int8_t v) { return int16_t(v); }) {}
 
+#if defined(__AVX512BW__)
+  using Vec = __m512i;
+  static constexpr int kStep = 32, kPassRows = 4;
+  static Vec zero() { return _mm512_setzero_si512(); }
+  static Vec widen_b(const int8_t* b) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  }
+  static Vec load_a(const int16_t* a) { return _mm512_loadu_si512(a); }
+  static Vec madd_add(Vec acc, Vec a, Vec b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+#elif defined(__AVX2__)
+  using Vec = __m256i;
+  static constexpr int kStep = 16, kPassRows = 2;
+  static Vec zero() { return _mm256_setzero_si256(); }
+  static Vec widen_b(const int8_t* b) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))); }
+  static Vec load_a(const int16_t* a) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)); }
+  static Vec madd_add(Vec acc, Vec a, Vec b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+#endif
+
   void operator()(const int8_t* const (&b)[kRowsB], int count,
                   int32_t (&acc)[kUnpackedInt8MaxRows][kRowsB]) const {
     const int64_t m = p->m, k = p->k;
     int64_t j = 0;
-#if defined(__AVX512BW__)
-    __m512i vacc[kUnpackedInt8MaxRows][kRowsB];
-    for (int64_t i = 0; i < m; ++i)
-      for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm512_setzero_si512();
-    for (; j + 32 <= k; j += 32) {
-      __m512i b16[kRowsB];
-      for (int r = 0; r < kRowsB; ++r)
-        b16[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + j)));
-      for (int64_t i = 0; i < m; ++i) {
-        const __m512i a16 = _mm512_loadu_si512(a.data() + i * stride + j);
-        for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm512_add_epi32(vacc[i][r], _mm512_madd_epi16(a16, b16[r]));
-      }
-    }
-    for (int64_t i = 0; i < m; ++i)
-      for (int r = 0; r < kRowsB; ++r) acc[i][r] = reduce_add_epi32(vacc[i][r]);
-#elif defined(__AVX2__)
-    __m256i vacc[kUnpackedInt8MaxRows][kRowsB];
-    for (int64_t i = 0; i < m; ++i)
-      for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm256_setzero_si256();
-    for (; j + 16 <= k; j += 16) {
-      __m256i b16[kRowsB];
-      for (int r = 0; r < kRowsB; ++r)
-        b16[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[r] + j)));
-      for (int64_t i = 0; i < m; ++i) {
-        const __m256i a16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.data() + i * stride + j));
-        for (int r = 0; r < kRowsB; ++r) vacc[i][r] = _mm256_add_epi32(vacc[i][r], _mm256_madd_epi16(a16, b16[r]));
-      }
-    }
-    for (int64_t i = 0; i < m; ++i)
-      for (int r = 0; r < kRowsB; ++r) acc[i][r] = reduce_add_epi32(vacc[i][r]);
+#if defined(__AVX512BW__) || defined(__AVX2__)
+    j = k / kStep * kStep;
+    w8a8::for_row_passes<kPassRows>(m, [&](auto rows, auto, int64_t i0) { pass<decltype(rows)::value>(b, i0, j, acc); });
 #endif
     for (; j < k; ++j)  // the tail (everything, on the scalar level)
       for (int r = 0; r < count; ++r)
         for (int64_t i = 0; i < m; ++i) acc[i][r] += int32_t(a[size_t(i * stride + j)]) * int32_t(b[r][j]);
   }
+
+#if defined(__AVX512BW__) || defined(__AVX2__)
+  // Rows i0 .. i0 + kRows - 1 of A, k < k_vec (whole vectors).
+  template <int kRows>
+  void pass(const int8_t* const (&b)[kRowsB], int64_t i0, int64_t k_vec,
+            int32_t (&acc)[kUnpackedInt8MaxRows][kRowsB]) const {
+    Vec vacc[kRows][kRowsB];
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 16
+      for (int r = 0; r < kRowsB; ++r) vacc[i][r] = zero();
+    const int16_t* const a_rows = a.data() + i0 * stride;
+    for (int64_t j = 0; j < k_vec; j += kStep) {
+      Vec b16[kRowsB];
+#pragma GCC unroll 16
+      for (int r = 0; r < kRowsB; ++r) b16[r] = widen_b(b[r] + j);
+#pragma GCC unroll 16
+      for (int i = 0; i < kRows; ++i) {
+        const Vec a16 = load_a(a_rows + i * stride + j);
+#pragma GCC unroll 16
+        for (int r = 0; r < kRowsB; ++r) vacc[i][r] = madd_add(vacc[i][r], a16, b16[r]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 16
+      for (int r = 0; r < kRowsB; ++r) acc[i0 + i][r] = reduce_add_epi32(vacc[i][r]);
+  }
+#endif
 };
 
 }  // namespace

@@ -110,6 +110,37 @@ struct PreparedA {
   }
 };
 
+// Calls f(std::integral_constant<int, rows>{}) for 1 <= rows <= kMax.
+template <int kMax, typename F>
+void with_row_count(int rows, const F& f) {
+  if constexpr (kMax >= 1) {
+    if (rows == kMax) {
+      f(std::integral_constant<int, kMax>{});
+    } else {
+      with_row_count<kMax - 1>(rows, f);
+    }
+  }
+}
+
+// The m rows of A in passes of kPass rows (the last one shorter): pass(rows, first, i0) with
+// `rows` and `first` (the pass at i0 == 0) as compile-time constants, so that a pass's
+// accumulator array is indexed by constants only and stays in registers (with a run-time row
+// bound GCC kept it on the stack: a load and a store around every vpdpbusd).
+template <int kPass, typename Pass>
+void for_row_passes(int64_t m, const Pass& pass) {
+  const auto tail = [&](int64_t i0, auto first) {
+    with_row_count<kPass - 1>(int(m - i0), [&](auto rows) { pass(rows, first, i0); });
+  };
+  if (m < kPass) {
+    if (m > 0) tail(0, std::true_type{});
+    return;
+  }
+  pass(std::integral_constant<int, kPass>{}, std::true_type{}, int64_t(0));
+  int64_t i0 = kPass;
+  for (; i0 + kPass <= m; i0 += kPass) pass(std::integral_constant<int, kPass>{}, std::false_type{}, i0);
+  if (i0 < m) tail(i0, std::false_type{});
+}
+
 // The unpacked path (m <= kUnpackedInt8MaxRows, B read as it is): tasks of `rows_b` rows of B
 // over the threads; dot(b_rows, count, acc) sets acc[i][r] = sum_k a[i, k] * b_rows[r][k]
 // exactly for the m rows of A (the Dot prepared A its own way), r < count; the epilogue is the

@@ -57,32 +57,50 @@ struct VnniDot : w8a8::PreparedA<uint8_t, 64> {
       : PreparedA(params, [](int8_t v) { return uint8_t(int(v) + 128); }) {}
 
   void operator()(const int8_t* const (&b)[kVnniRowsB], int, int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
-    const int64_t m = p->m, k = p->k;
-    const __m512i ones = _mm512_set1_epi8(1);
     int32_t b_sum[kVnniRowsB] = {};
-    for (int64_t i0 = 0; i0 < m; i0 += kVnniRowsA) {
-      const int rows_a = int(std::min<int64_t>(kVnniRowsA, m - i0));
-      __m512i vacc[kVnniRowsA][kVnniRowsB], vsum[kVnniRowsB];
-      for (int r = 0; r < kVnniRowsB; ++r) {
-        vsum[r] = _mm512_setzero_si512();
-        for (int i = 0; i < kVnniRowsA; ++i) vacc[i][r] = _mm512_setzero_si512();
-      }
-      for (int64_t j = 0; j < k; j += 64) {
-        const __mmask64 live = k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
-        __m512i bv[kVnniRowsB];
-        for (int r = 0; r < kVnniRowsB; ++r) bv[r] = _mm512_maskz_loadu_epi8(live, b[r] + j);
-        if (i0 == 0)
-          for (int r = 0; r < kVnniRowsB; ++r) vsum[r] = _mm512_dpbusd_epi32(vsum[r], ones, bv[r]);
-        for (int i = 0; i < rows_a; ++i) {
-          const __m512i av = _mm512_loadu_si512(a.data() + (i0 + i) * stride + j);
-          for (int r = 0; r < kVnniRowsB; ++r) vacc[i][r] = _mm512_dpbusd_epi32(vacc[i][r], av, bv[r]);
-        }
-      }
-      if (i0 == 0)
-        for (int r = 0; r < kVnniRowsB; ++r) b_sum[r] = reduce_add_epi32(vsum[r]);
-      for (int i = 0; i < rows_a; ++i)
-        for (int r = 0; r < kVnniRowsB; ++r) acc[i0 + i][r] = reduce_add_epi32(vacc[i][r]) - 128 * b_sum[r];
+    w8a8::for_row_passes<kVnniRowsA>(p->m, [&](auto rows, auto first, int64_t i0) {
+      pass<decltype(rows)::value, decltype(first)::value>(b, i0, b_sum, acc);
+    });
+  }
+
+  // Rows i0 .. i0 + kRows - 1 of A against the 4 rows of B; the first pass also sums B.
+  template <int kRows, bool kFirst>
+  void pass(const int8_t* const (&b)[kVnniRowsB], int64_t i0, int32_t (&b_sum)[kVnniRowsB],
+            int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
+    const int64_t k = p->k;
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i vacc[kRows][kVnniRowsB], vsum[kVnniRowsB];
+#pragma GCC unroll 16
+    for (int r = 0; r < kVnniRowsB; ++r) {
+      vsum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+      for (int i = 0; i < kRows; ++i) vacc[i][r] = _mm512_setzero_si512();
     }
+    const uint8_t* const a_rows = a.data() + i0 * stride;
+    for (int64_t j = 0; j < k; j += 64) {
+      const __mmask64 live = k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
+      __m512i bv[kVnniRowsB];
+#pragma GCC unroll 16
+      for (int r = 0; r < kVnniRowsB; ++r) bv[r] = _mm512_maskz_loadu_epi8(live, b[r] + j);
+      if constexpr (kFirst) {
+#pragma GCC unroll 16
+        for (int r = 0; r < kVnniRowsB; ++r) vsum[r] = _mm512_dpbusd_epi32(vsum[r], ones, bv[r]);
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < kRows; ++i) {
+        const __m512i av = _mm512_loadu_si512(a_rows + i * stride + j);
+#pragma GCC unroll 16
+        for (int r = 0; r < kVnniRowsB; ++r) vacc[i][r] = _mm512_dpbusd_epi32(vacc[i][r], av, bv[r]);
+      }
+    }
+    if constexpr (kFirst) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kVnniRowsB; ++r) b_sum[r] = reduce_add_epi32(vsum[r]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 16
+      for (int r = 0; r < kVnniRowsB; ++r) acc[i0 + i][r] = reduce_add_epi32(vacc[i][r]) - 128 * b_sum[r];
   }
 };
 
