@@ -30,6 +30,7 @@
 //
 // dequantize_kernel<S, O, C>: out[n, k] = (q - zero) * scale in compute type C, one rounding to
 // O; a CTA expands 16 tiles of one tile row through shared memory and writes coalesced rows.
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/alignment.h"
@@ -473,6 +474,18 @@ bool is_float_kind(ScalarKind kind) {
   return kind == ScalarKind::kFloat32 || kind == ScalarKind::kFloat16 || kind == ScalarKind::kBFloat16;
 }
 
+// TORCH_EXT_WO_SPLITS=<count> forces the split-K count of every weight-only GEMM (clamped to what
+// the shape allows; read at every call): a tuning knob for benchmarks (scripts/gpu_perf.sh sweeps
+// it at M = 1 and 64), not a setting for production.
+int64_t forced_splits() {
+  const char* const env = std::getenv("TORCH_EXT_WO_SPLITS");
+  return env != nullptr ? std::strtoll(env, nullptr, 10) : 0;
+}
+
+ix::LinearPlan plan_for(const WeightOnlyLinearParams& p, int num_sms, bool allow_split) {
+  return ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split, forced_splits());
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -481,7 +494,7 @@ bool is_float_kind(ScalarKind kind) {
 
 int64_t weight_only_linear_workspace_bytes(const WeightOnlyLinearParams& p, int num_sms) {
   if (!linear_params_valid(p) || p.m == 0 || p.w.n == 0) return 0;
-  const ix::LinearPlan plan = ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, true);
+  const ix::LinearPlan plan = plan_for(p, num_sms, true);
   return ix::partial_bytes(plan, p.m, p.w.n);
 }
 
@@ -490,7 +503,7 @@ cudaError_t weight_only_linear(const WeightOnlyLinearParams& p, void* workspace,
   if (p.m == 0 || p.w.n == 0) return cudaSuccess;
   // Without a usable workspace the GEMM runs unsplit (correct, fewer CTAs).
   const bool allow_split = workspace != nullptr && is_aligned(workspace, 16);
-  const ix::LinearPlan plan = ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split);
+  const ix::LinearPlan plan = plan_for(p, num_sms, allow_split);
   cudaError_t status = cudaSuccess;
   visit_storage_type(p.x_dtype, [&](auto tag) {
     using T = decltype(tag);

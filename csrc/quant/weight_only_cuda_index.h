@@ -403,9 +403,11 @@ TORCH_EXT_HOST_DEVICE int64_t split_cost(int64_t ctas, int64_t k_iters, int64_t 
   return cost;
 }
 
-// `allow_split` = false when the caller has no workspace.
+// `allow_split` = false when the caller has no workspace. forced_splits > 0 replaces the cost
+// rule's choice (clamped to 1..k_iters, normalized to the count its ranges give): the tuning knob
+// TORCH_EXT_WO_SPLITS of the benchmarks.
 TORCH_EXT_HOST_DEVICE LinearPlan plan_linear(int64_t m, int64_t n, int64_t k, int bits, int64_t num_sms,
-                                             bool allow_split) {
+                                             bool allow_split, int64_t forced_splits = 0) {
   LinearPlan p{};
   p.block_m = block_m_for(m);
   const ConfigFacts config = config_facts(bits, p.block_m);
@@ -418,7 +420,13 @@ TORCH_EXT_HOST_DEVICE LinearPlan plan_linear(int64_t m, int64_t n, int64_t k, in
   p.iters_per_split = p.k_iters;
   if (num_sms < 1) num_sms = 1;
   const int64_t ctas = p.m_blocks * p.n_blocks, slots = num_sms * config.ctas_per_sm;
-  if (!allow_split || p.k_iters < 2 || ctas >= slots) return p;
+  if (!allow_split || p.k_iters < 2) return p;
+  if (forced_splits > 0) {
+    p.iters_per_split = ceil_div(p.k_iters, min64(min64(forced_splits, p.k_iters), kMaxGridYZ));
+    p.splits = ceil_div(p.k_iters, p.iters_per_split);
+    return p;
+  }
+  if (ctas >= slots) return p;
   const int64_t rows = min64(m, p.block_m);  // x rows and partial rows a CTA really moves
   const int64_t stage_bytes =
       int64_t(kBlockTiles) * p.stage_tiles * words_per_tile(bits) * 4 + rows * p.stage_tiles * kMmaK * 2;

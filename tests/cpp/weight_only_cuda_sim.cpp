@@ -182,6 +182,7 @@ struct Problem {
   int64_t y_off, y_stride;
   int num_sms;
   bool allow_split;
+  int64_t forced_splits;  // TORCH_EXT_WO_SPLITS (0: the cost rule)
 };
 
 int64_t groups_of(const Problem& p) { return ix::ceil_div(p.k, p.group); }
@@ -195,7 +196,7 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
   constexpr int kStageTiles = Cfg::kStageTiles;
   static_assert(Cfg::kSmemBytes <= ix::kSmemBudget, "budget");
   // make_linear_args
-  const ix::LinearPlan plan = ix::plan_linear(p.m, p.n, p.k, p.bits, p.num_sms, p.allow_split);
+  const ix::LinearPlan plan = ix::plan_linear(p.m, p.n, p.k, p.bits, p.num_sms, p.allow_split, p.forced_splits);
   CHECK(plan.block_m == kBlockM && plan.stage_tiles == kStageTiles);
   *splits_used = int(plan.splits);
   const int M = int(p.m), N = int(p.n), K = int(p.k);
@@ -560,6 +561,7 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   p.has_bias = rnd(0, 1);
   p.num_sms = rnd(0, 2) == 0 ? int(rnd(1, 8)) : int(rnd(8, 200));
   p.allow_split = rnd(0, 5) != 0;
+  p.forced_splits = rnd(0, 4) == 0 ? rnd(1, 12) : 0;
   const int64_t groups = groups_of(p);
   // weights, scales (powers of two: every product and sum is exact, so y compares exactly)
   p.q.resize(p.n * p.k);
@@ -735,6 +737,16 @@ void check_split_rule() {
       CHECK(r.kt_end == std::min<int64_t>((r.iter_begin + r.iters) * int64_t(p.stage_tiles), p.k_tiles));
     }
     CHECK(covered == p.k_iters);
+    // a forced count (the TORCH_EXT_WO_SPLITS knob): clamped and normalized, ranges still partition
+    const int64_t forced = rnd(1, 40);
+    const ix::LinearPlan f = ix::plan_linear(m, n, k, bits, sms, allow, forced);
+    if (!allow || f.k_iters < 2) {
+      CHECK(f.splits == 1);
+    } else {
+      CHECK(f.splits >= 1 && f.splits <= std::min<int64_t>(forced, f.k_iters));
+      CHECK(f.iters_per_split == ix::ceil_div(f.k_iters, std::min<int64_t>(forced, f.k_iters)));
+      CHECK((f.splits - 1) * f.iters_per_split < f.k_iters && f.splits * f.iters_per_split >= f.k_iters);
+    }
   }
 }
 
