@@ -71,6 +71,24 @@ def test_scaled_int8_mm_sums_exactly(cpu_isa):
         assert torch.equal(out, (a.long() @ b.long().t()).float()), f"strided m={m} seed {seed}"
 
 
+def test_scaled_int8_mm_epilogue_rounds_each_step(cpu_isa):
+    """float(acc) * a_scale, * b_scale, + bias, each rounded in fp32 (no fused multiply-add), on
+    the few-row path (B unpacked) and the packed one alike: bit for bit the same float32 steps
+    done with torch ops (exact integer sums, K small)."""
+    seed = fresh_seed()
+    for m in (5, 37):
+        a, b = _int8((m, 200), seed), _int8((70, 200), seed + 1)
+        a_scale = random_tensor((m, 1), torch.float32, "cpu", seed + 2).abs() + 0.01
+        b_scale = random_tensor((70,), torch.float32, "cpu", seed + 3).abs() + 0.01
+        bias = random_tensor((70,), torch.float32, "cpu", seed + 4)
+        with poisoned_outputs():
+            out = scaled_int8_mm(a, b, a_scale, b_scale, bias, torch.float32)
+        steps = (a.long() @ b.long().t()).float() * a_scale
+        steps = steps * b_scale
+        steps = steps + bias
+        assert torch.equal(out, steps), f"m={m} seed {seed}"
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_scaled_int8_mm_matches_reference(cpu_isa, out_dtype):
     seed = fresh_seed()
