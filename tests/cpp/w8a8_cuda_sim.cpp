@@ -435,6 +435,25 @@ void check_fp8_output(const MmProblem& p, int64_t m, int64_t n, float got, float
   }
 }
 
+// The 16-byte chunk a thread copies: operand 0 (A) or 1 (B), tile row `row` of the tile starting
+// at row `first`, columns k.. : the bytes that exist (ix::chunk_bytes: rows past M / N and
+// columns past K zero-filled), every read in bounds and, where `aligned`, 16-byte aligned.
+void read_operand_chunk(const MmProblem& p, int operand, int first, int row, int k, bool aligned,
+                        uint8_t (&chunk)[16]) {
+  const std::vector<uint8_t>& buf = operand == 0 ? p.a : p.b;
+  const int64_t off = operand == 0 ? p.a_off : p.b_off, stride = operand == 0 ? p.a_stride : p.b_stride;
+  const int64_t limit = operand == 0 ? p.m : p.n;
+  const int bytes = ix::chunk_bytes(k, p.k, first + row < limit);
+  std::memset(chunk, 0, 16);
+  if (bytes == 0) return;
+  const int64_t src = off + int64_t(first + row) * stride + k;
+  if (aligned) CHECK(src % 16 == 0);
+  for (int e = 0; e < bytes; ++e) {
+    CHECK(k + e < p.k && first + row < limit && src + e < int64_t(buf.size()));
+    chunk[e] = buf[size_t(src + e)];
+  }
+}
+
 // The outputs of a simulated GEMM run (out, with the number of writes of each element) against
 // the references: exact int64 dot products and the CPU kernel's epilogue (int8), the fp8 bound
 // or bits; every output written once, nothing else touched.
@@ -474,7 +493,7 @@ void sim_mm(const MmProblem& p) {
   constexpr int kStages = Cfg::kStages, kMI = Cfg::kMI, kNI = Cfg::kNI;
   constexpr int kRowsPerPass = Cfg::kThreads / ix::kChunksPerRow;
   static_assert(kNI % 2 == 0, "B ldmatrix.x4 covers two n8 tiles");
-  const int M = int(p.m), N = int(p.n), K = int(p.k);
+  const int M = int(p.m), N = int(p.n);
   const int m_blocks = int(ix::ceil_div(p.m, Cfg::kBM)), n_blocks = int(ix::ceil_div(p.n, Cfg::kBN));
   const int k_iters = int(ix::ceil_div(p.k, ix::kBK));
   const bool vector = ix::mm_vectorizable(uint64_t(p.a_off), p.a_stride, uint64_t(p.b_off), p.b_stride);
@@ -496,25 +515,13 @@ void sim_mm(const MmProblem& p) {
         const int k = iter * ix::kBK + col * ix::kChunkBytes;
         for (int operand = 0; operand < 2; ++operand) {
           const int per_thread = operand == 0 ? Cfg::kAChunksPerThread : Cfg::kBChunksPerThread;
-          const int base_index = operand == 0 ? m0 : n0, limit = operand == 0 ? M : N;
-          const std::vector<uint8_t>& src_buf = operand == 0 ? p.a : p.b;
-          const int64_t off = operand == 0 ? p.a_off : p.b_off, stride = operand == 0 ? p.a_stride : p.b_stride;
           for (int i = 0; i < per_thread; ++i) {
             const int id = tid + i * Cfg::kThreads;
             const int row = row0 + i * kRowsPerPass;
             CHECK(ix::chunk_row(id) == row && ix::chunk_col(id) == col);
             CHECK(row < (operand == 0 ? Cfg::kBM : Cfg::kBN));
-            const bool exists = base_index + row < limit;
-            const int bytes = ix::chunk_bytes(k, K, exists);
-            uint8_t chunk[16] = {};
-            if (bytes > 0) {
-              const int64_t src = off + int64_t(base_index + row) * stride + k;
-              if (vector) CHECK(src % 16 == 0);
-              for (int e = 0; e < bytes; ++e) {
-                CHECK(k + e < K && base_index + row < limit && src + e < int64_t(src_buf.size()));
-                chunk[e] = uint8_t(src_buf[size_t(src + e)]);
-              }
-            }
+            uint8_t chunk[16];
+            read_operand_chunk(p, operand, operand == 0 ? m0 : n0, row, k, vector, chunk);
             const int dst = ix::smem_offset(row, col);
             CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? Cfg::kABytes : Cfg::kBBytes));
             smem.write((operand == 0 ? sa : sb) + size_t(dst), chunk, 16, vector);
@@ -608,7 +615,7 @@ void sim_wgmma_mm(const MmProblem& p) {
   using Acc = std::conditional_t<kFp8, float, int64_t>;
   using BlockAcc = std::conditional_t<kFp8, double, int64_t>;
   using KernelAcc = std::conditional_t<kFp8, float, int32_t>;
-  const int M = int(p.m), N = int(p.n), K = int(p.k);
+  const int M = int(p.m), N = int(p.n);
   CHECK(ix::mm_vectorizable(uint64_t(p.a_off), p.a_stride, uint64_t(p.b_off), p.b_stride));
   const int m_blocks = int(wx::ceil_div(p.m, wx::kBM)), n_blocks = int(wx::ceil_div(p.n, Tile::kBN));
   const int k_iters = int(wx::ceil_div(p.k, wx::kBK));
@@ -637,22 +644,11 @@ void sim_wgmma_mm(const MmProblem& p) {
         const int k = iter * wx::kBK + col * ix::kChunkBytes;
         for (int operand = 0; operand < 2; ++operand) {
           const int per_thread = operand == 0 ? wx::kAChunksPerThread : Tile::kBChunksPerThread;
-          const int first = operand == 0 ? m0 : n0, limit = operand == 0 ? M : N;
-          const std::vector<uint8_t>& src_buf = operand == 0 ? p.a : p.b;
-          const int64_t off = operand == 0 ? p.a_off : p.b_off, stride = operand == 0 ? p.a_stride : p.b_stride;
           for (int i = 0; i < per_thread; ++i) {
             const int row = wx::chunk_row(tid, i);
             CHECK(row < (operand == 0 ? wx::kBM : Tile::kBN));
-            const int bytes = ix::chunk_bytes(k, K, first + row < limit);
-            uint8_t chunk[16] = {};
-            if (bytes > 0) {
-              const int64_t src = off + int64_t(first + row) * stride + k;
-              CHECK(src % 16 == 0);
-              for (int e = 0; e < bytes; ++e) {
-                CHECK(k + e < K && src + e < int64_t(src_buf.size()));
-                chunk[e] = src_buf[size_t(src + e)];
-              }
-            }
+            uint8_t chunk[16];
+            read_operand_chunk(p, operand, operand == 0 ? m0 : n0, row, k, true, chunk);
             const int dst = (operand == 0 ? Tile::a_tile_offset(stage) : Tile::b_tile_offset(stage)) +
                             wx::swizzled_offset(row, col);
             CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? Tile::b_tile_offset(stage) : (stage + 1) * Tile::kStageBytes));
@@ -703,8 +699,8 @@ void sim_wgmma_mm(const MmProblem& p) {
           for (int k = 0; k < 32; ++k) {  // spot-check the operand bytes against the problem
             const int r = int(rnd(0, 63)), n = int(rnd(0, Tile::kBN - 1));
             const int64_t m = m0 + 64 * g + r, c = n0 + n;
-            CHECK(A[r][k] == (m < M && kb + k < K ? p.a[size_t(p.a_off + m * p.a_stride + kb + k)] : 0));
-            CHECK(B[n][k] == (c < N && kb + k < K ? p.b[size_t(p.b_off + c * p.b_stride + kb + k)] : 0));
+            CHECK(A[r][k] == (m < M && kb + k < p.k ? p.a[size_t(p.a_off + m * p.a_stride + kb + k)] : 0));
+            CHECK(B[n][k] == (c < N && kb + k < p.k ? p.b[size_t(p.b_off + c * p.b_stride + kb + k)] : 0));
           }
         }
       }
