@@ -66,7 +66,8 @@ void epilogue_row(const ScaledInt8MmParams& p, const int32_t* acc, const int32_t
   constexpr int kCols = kBlocks * kBlockN;
   float v[kCols];
   const float a_scale = p.a_scale[m];
-  for (int c = 0; c < kCols; ++c) v[c] = float(acc[c] - 128 * colsum[c]) * a_scale;
+  // Only the real columns: colsum (and b_scale, bias) end with the last real block.
+  for (int c = 0; c < cols; ++c) v[c] = float(acc[c] - 128 * colsum[c]) * a_scale;
   if (p.b_scale_per_channel) {
     for (int c = 0; c < cols; ++c) v[c] *= p.b_scale[n0 + c];
   } else {
