@@ -55,11 +55,15 @@ inline void pack_b(const ScaledInt8MmParams& p, uint8_t* packed) {
   });
 }
 
-// Row m, columns n0 .. n0 + cols - 1 of the output from the micro-kernel's sums (acc, against
-// A + 128) and B's column sums: float(acc - 128 colsum) * a_scale * b_scale (+ bias), each step
-// rounded in fp32, then to T. One step per loop over the columns: the loops vectorize (the
-// scalar form with its branches per element took 15% of the GEMM at M = 256, K = 4096), and no
-// multiply meets an add in one loop, so nothing contracts into an FMA (which would round once).
+// a as the uint8 a + 128 that vpdpbusd multiplies: a's bits with the sign bit flipped.
+inline uint8_t biased_u8(int8_t a) { return uint8_t(uint8_t(a) ^ 0x80u); }
+
+// Row m, columns n0 .. n0 + cols - 1 (cols <= kBlocks * kBlockN) of the output from exact int32
+// sums: acc - 128 colsum when the sums were taken against A + 128 (colsum: B's column sums; null
+// when acc is the plain dot product), then * a_scale, * b_scale (+ bias), each step rounded in
+// fp32, then to T. Shared by the packed and the few-row paths. One step per loop over the
+// columns: the loops vectorize (the scalar form with its branches per element took 15% of the
+// GEMM at M = 256, K = 4096), and no multiply meets an add in one loop.
 template <typename T>
 void epilogue_row(const ScaledInt8MmParams& p, const int32_t* acc, const int32_t* colsum, int64_t m, int64_t n0,
                   int cols) {
@@ -67,7 +71,11 @@ void epilogue_row(const ScaledInt8MmParams& p, const int32_t* acc, const int32_t
   float v[kCols];
   const float a_scale = p.a_scale[m];
   // Only the real columns: colsum (and b_scale, bias) end with the last real block.
-  for (int c = 0; c < cols; ++c) v[c] = float(acc[c] - 128 * colsum[c]) * a_scale;
+  if (colsum != nullptr) {
+    for (int c = 0; c < cols; ++c) v[c] = float(acc[c] - 128 * colsum[c]) * a_scale;
+  } else {
+    for (int c = 0; c < cols; ++c) v[c] = float(acc[c]) * a_scale;
+  }
   if (p.b_scale_per_channel) {
     for (int c = 0; c < cols; ++c) v[c] *= p.b_scale[n0 + c];
   } else {
@@ -96,9 +104,8 @@ void gemm_typed(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micr
     for (int64_t m = begin; m < end; ++m) {
       uint8_t* const dst = a + m * k4 * 4;
       const int64_t real = m < p.m ? p.k : 0;
-      // a + 128 as uint8 is a's bits with the sign bit flipped: a loop the compiler vectorizes.
-      const uint8_t* const src = reinterpret_cast<const uint8_t*>(p.a + (m < p.m ? m : 0) * p.a_row_stride);
-      for (int64_t k = 0; k < real; ++k) dst[k] = uint8_t(src[k] ^ 0x80u);
+      const int8_t* const src = p.a + (m < p.m ? m : 0) * p.a_row_stride;
+      for (int64_t k = 0; k < real; ++k) dst[k] = biased_u8(src[k]);  // vectorizes
       std::memset(dst + real, 0, size_t(k4 * 4 - real));
     }
   });
@@ -174,6 +181,7 @@ void for_row_passes(int64_t m, const Pass& pass) {
 // packed path's, term for term (its acc - 128 colsum is this acc).
 template <typename T, int kRowsPerTask, typename Dot>
 void unpacked_gemm_typed(const ScaledInt8MmParams& p, const Dot& dot) {
+  static_assert(kRowsPerTask <= kBlocks * kBlockN, "a task's columns fit epilogue_row");
   const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
   parallel_for(0, tasks, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.k)), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -183,13 +191,7 @@ void unpacked_gemm_typed(const ScaledInt8MmParams& p, const Dot& dot) {
       for (int r = 0; r < kRowsPerTask; ++r) b_rows[r] = p.b + (n0 + (r < count ? r : 0)) * p.b_row_stride;
       int32_t acc[kUnpackedInt8MaxRows][kRowsPerTask] = {};
       dot(b_rows, count, acc);
-      for (int64_t i = 0; i < p.m; ++i)
-        for (int r = 0; r < count; ++r) {
-          const int64_t n = n0 + r;
-          float value = float(acc[i][r]) * p.a_scale[i] * p.b_scale[p.b_scale_per_channel ? n : 0];
-          if (p.bias) value += p.bias[n];
-          static_cast<T*>(p.out)[i * p.out_row_stride + n] = from_float<T>(value);
-        }
+      for (int64_t i = 0; i < p.m; ++i) epilogue_row<T>(p, acc[i], nullptr, i, n0, count);
     }
   });
 }

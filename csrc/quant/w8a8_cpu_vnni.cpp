@@ -54,7 +54,7 @@ constexpr int kVnniRowsA = 4;
 
 struct VnniDot : w8a8::PreparedA<uint8_t, 64> {
   explicit VnniDot(const ScaledInt8MmParams& params)
-      : PreparedA(params, [](int8_t v) { return uint8_t(int(v) + 128); }) {}
+      : PreparedA(params, w8a8::biased_u8) {}
 
   void operator()(const int8_t* const (&b)[kVnniRowsB], int, int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
     int32_t b_sum[kVnniRowsB] = {};

@@ -418,9 +418,9 @@ bool is_float_kind(ScalarKind kind) {
 // has it, the device is compute capability 9.0 and TORCH_EXT_WGMMA=1 is in the environment (read
 // at every call, so one process can compare both kernels). Opt-in until the kernel has passed
 // the GPU tests (tests/test_w8a8_hopper.py): it was written and simulated without a GPU.
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
 template <class Op>
 bool runs_wgmma(const typename Op::Params& p, int device, int num_sms) {
-#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
   const char* const env = std::getenv("TORCH_EXT_WGMMA");
   if (env == nullptr || std::strcmp(env, "1") != 0) return false;
   int major = 0, minor = 0;
@@ -431,10 +431,8 @@ bool runs_wgmma(const typename Op::Params& p, int device, int num_sms) {
   const bool vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride,
                                           reinterpret_cast<uintptr_t>(p.b), p.b_row_stride);
   return major == 9 && minor == 0 && Op::WgmmaTile::use(p.m, p.n, num_sms, vector);
-#else
-  return false;
-#endif
 }
+#endif
 
 // Validation and dispatch shared by scaled_int8_mm and scaled_fp8_mm. Order: invalid parameters,
 // then (fp8) the device's compute capability, then empty outputs (no launch).

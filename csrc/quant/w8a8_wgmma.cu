@@ -107,23 +107,24 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
 #pragma unroll
   for (int i = 0; i < Tile::kBChunksPerThread; ++i) b_rows |= uint32_t(n0 + ix::chunk_row(tid, i) < p.n) << i;
 
-  const auto load_stage = [&](int iter) {
-    const int stage = Tile::stage_of(iter);
+  // One operand's chunks of iteration `iter` into its tile: rows `pass` apart from `src`, the
+  // rows in `rows` real, zero-filled past them and past K (`base`: any valid address).
+  const auto load_operand = [&](auto chunks, unsigned char* tile, const Elem* src, const Elem* base, int64_t pass,
+                                uint32_t rows, int iter) {
     const int k = iter * ix::kBK + col * mm_ix::kChunkBytes;
 #pragma unroll
-    for (int i = 0; i < ix::kAChunksPerThread; ++i) {
-      const int bytes = mm_ix::chunk_bytes(k, p.k, (a_rows >> i) & 1);
-      const Elem* const src = bytes > 0 ? a_src + i * a_pass + iter * ix::kBK : p.a;
-      cp_async_16_partial(smem + Tile::a_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
-                          bytes);
+    for (int i = 0; i < decltype(chunks)::value; ++i) {
+      const int bytes = mm_ix::chunk_bytes(k, p.k, (rows >> i) & 1);
+      cp_async_16_partial(tile + ix::swizzled_offset(ix::chunk_row(tid, i), col),
+                          bytes > 0 ? src + i * pass + iter * ix::kBK : base, bytes);
     }
-#pragma unroll
-    for (int i = 0; i < Tile::kBChunksPerThread; ++i) {
-      const int bytes = mm_ix::chunk_bytes(k, p.k, (b_rows >> i) & 1);
-      const Elem* const src = bytes > 0 ? b_src + i * b_pass + iter * ix::kBK : p.b;
-      cp_async_16_partial(smem + Tile::b_tile_offset(stage) + ix::swizzled_offset(ix::chunk_row(tid, i), col), src,
-                          bytes);
-    }
+  };
+  const auto load_stage = [&](int iter) {
+    const int stage = Tile::stage_of(iter);
+    load_operand(std::integral_constant<int, ix::kAChunksPerThread>{}, smem + Tile::a_tile_offset(stage), a_src, p.a,
+                 a_pass, a_rows, iter);
+    load_operand(std::integral_constant<int, Tile::kBChunksPerThread>{}, smem + Tile::b_tile_offset(stage), b_src, p.b,
+                 b_pass, b_rows, iter);
   };
 
   typename Op::Acc acc[Tile::kAccRegs];
