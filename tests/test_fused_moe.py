@@ -165,6 +165,53 @@ def test_train_saves_the_pre_activations(dtype):
         torch.ops.torch_ext.fused_moe_backward(grad_out, h, w13, w2, weights, ids, "silu", gate_up[:-1])
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(11, 6, 3, 32, 24), (2, 8, 2, 16, 8)], ids=["T11E6k3", "idle-experts"])
+def test_grouped_backward_matches_reference(device, dtype, shape, monkeypatch):
+    """The backward on torch._grouped_mm (forced here; by default CUDA bf16 on sm_90 only), with the
+    forward's gate_up and recomputing it, with and without weight gradients; experts without rows
+    get zero weight gradients (outputs poisoned)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_BACKWARD", "1")
+    seed = fresh_seed()
+    tokens, hidden = shape[0], shape[3]
+    args = _problem(*shape, dtype, device, seed)
+    grad_out = random_tensor((tokens, hidden), dtype, device, seed + 7)
+    expected = _reference_grads(args, grad_out, "silu")
+    gate_up = torch.ops.torch_ext.fused_moe_train(*args, "silu")[1]
+    bound = 2e-2 if dtype == torch.bfloat16 else (5e-3 if dtype == torch.float16 else None)
+    for saved in (gate_up, None):
+        with poisoned_outputs():
+            grads = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "silu", saved)
+            frozen = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "silu", saved, False)
+        for name, got, ref in zip(["hidden", "w13", "w2", "topk_weights"], grads, expected):
+            got_dtype = torch.float32 if name == "topk_weights" else dtype
+            assert_close_to_reference(got, ref, got_dtype, f"grad {name} saved={saved is not None} (seed {seed})",
+                                      bound=bound)
+        assert torch.equal(frozen[0], grads[0]) and torch.equal(frozen[3], grads[3])
+        assert frozen[1].numel() == 0 and frozen[2].numel() == 0
+
+
+def test_grouped_backward_switch(monkeypatch):
+    """TORCH_EXT_MOE_GROUPED_BACKWARD=0 and unaligned sizes keep the per-expert form, which agrees."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    seed = fresh_seed()
+    args = _problem(9, 5, 2, 24, 16, torch.float32, "cpu", seed)
+    grad_out = random_tensor((9, 24), torch.float32, "cpu", seed + 5)
+    results = {}
+    for choice in ("0", "1"):
+        monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_BACKWARD", choice)
+        results[choice] = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "gelu")
+    for a, b in zip(results["0"], results["1"]):
+        assert relative_error(a, b) < 1e-5
+    unaligned = _problem(4, 3, 2, 20, 12, torch.float32, "cpu", seed)  # H = 20: not a multiple of 8
+    grads = torch.ops.torch_ext.fused_moe_backward(random_tensor((4, 20), torch.float32, "cpu", seed), *unaligned,
+                                                   "silu")
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_compile_fullgraph():
     args = _problem(9, 6, 2, 24, 16, torch.float32, "cpu", fresh_seed())
     compiled = torch.compile(lambda *a: fused_moe(*a, "silu") * 2.0, fullgraph=True, backend="aot_eager")
@@ -296,6 +343,39 @@ def test_cuda_graph_capture(tokens):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, layer())
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_training():
+    """bf16 on sm_90: the fused forward and the grouped-GEMM backward have no host sync, so a whole
+    training step (forward, backward to hidden and the expert weights) captures in a CUDA graph."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if torch.cuda.get_device_capability()[0] != 9 or not hasattr(torch, "_grouped_mm"):
+        pytest.skip("the sync-free backward needs sm_90 and torch._grouped_mm")
+    h, w13, w2, weights, ids = _problem(200, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
+    leaves = [t.requires_grad_() for t in (h, w13, w2)]
+    grad_out = torch.randn_like(h)
+
+    def step():
+        return torch.autograd.grad(fused_moe(*leaves, weights, ids), leaves, grad_out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up (allocations, lazy inits) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t in (h, grad_out):
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, step()):
+        assert torch.equal(got, want)
 
 
 def test_backward_with_idle_experts():

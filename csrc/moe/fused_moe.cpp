@@ -10,6 +10,7 @@
 #include "common/torch_utils.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_composite.h"
+#include "moe/fused_moe_grouped_backward.h"
 #include "moe/expert_op_checks.h"
 #include "ops.h"
 
@@ -103,6 +104,23 @@ at::Tensor run_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const 
   return out;
 }
 
+// Whether the backward runs on grouped GEMMs (moe/fused_moe_grouped_backward.h): by default only
+// where torch's _grouped_mm keeps the group offsets on the device (bf16 on sm_90), since the
+// per-expert composite is as fast elsewhere and syncs either way.
+bool use_grouped_backward(const at::Tensor& hidden, const at::Tensor& w13) {
+  const moe::GroupedBackwardChoice choice = moe::grouped_backward_choice();
+  if (choice == moe::GroupedBackwardChoice::kNever || !moe::grouped_backward_supported(hidden, w13)) return false;
+  if (choice == moe::GroupedBackwardChoice::kAlways) return true;
+  if (!hidden.is_cuda() || hidden.scalar_type() != at::kBFloat16) return false;
+#if defined(TORCH_EXT_WITH_CUDA)
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, hidden.get_device()));
+  return major == 9;
+#else
+  return false;
+#endif
+}
+
 // float64 (checks) everywhere and fp32 on CUDA run the ATen composition (cuBLAS on CUDA).
 bool kernel_dtype(const at::Tensor& hidden) {
   return hidden.scalar_type() != at::kDouble && (!hidden.is_cuda() || hidden.scalar_type() != at::kFloat);
@@ -147,8 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
                     op, "gate_up must be [T * k, 2I] = [", topk_ids.numel(), ", ", w13.size(1), "], got shape ",
                     gate_up->sizes());
   }
-  return moe::fused_moe_backward_composite(grad_out, hidden, w13, w2, topk_weights, topk_ids, act,
-                                           gate_up ? *gate_up : at::Tensor(), weight_grads);
+  const at::Tensor saved = gate_up ? *gate_up : at::Tensor();
+  if (use_grouped_backward(hidden, w13)) {
+    return moe::fused_moe_backward_grouped(grad_out, hidden, w13, w2, topk_weights, topk_ids, act, saved,
+                                           weight_grads);
+  }
+  return moe::fused_moe_backward_composite(grad_out, hidden, w13, w2, topk_weights, topk_ids, act, saved,
+                                           weight_grads);
 }
 
 }  // namespace torch_ext

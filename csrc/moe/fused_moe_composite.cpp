@@ -36,6 +36,8 @@ Grouping group_pairs(const at::Tensor& topk_ids, int64_t experts) {
   return g;
 }
 
+}  // namespace
+
 at::Tensor activate(const at::Tensor& gate, Activation activation) {
   return activation == Activation::kSilu ? at::silu(gate) : at::gelu(gate);
 }
@@ -44,14 +46,27 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& gate, A
   return activation == Activation::kSilu ? at::silu_backward(grad, gate) : at::gelu_backward(grad, gate);
 }
 
-// Rows in grouped order back to pair order, summed over each token's k slots.
-at::Tensor combine(const at::Tensor& grouped, const Grouping& g, int64_t tokens, int64_t top_k) {
-  at::Tensor by_pair = at::empty_like(grouped);
-  by_pair.index_copy_(0, g.order, grouped);
-  return by_pair.view({tokens, top_k, grouped.size(1)}).sum(1);
+GatedBackward gated_activation_backward(const at::Tensor& gate_up, const at::Tensor& d_act_unweighted,
+                                        const at::Tensor& weights, Activation activation) {
+  const int64_t intermediate = gate_up.size(1) / 2;
+  const at::Tensor gate = gate_up.narrow(1, 0, intermediate), up = gate_up.narrow(1, intermediate, intermediate);
+  const at::Tensor act_gate = activate(gate, activation);
+  GatedBackward gb;
+  gb.act = act_gate * up;
+  // d(act) before the routing weight dotted with act is the routing weight's gradient
+  // (dy . (W2 act) = (W2^T dy) . act), so the expert output itself is never needed.
+  gb.grad_weights = (d_act_unweighted * gb.act).sum(1);
+  const at::Tensor d_act = d_act_unweighted * weights;
+  gb.d_gate_up =
+      at::cat(std::vector<at::Tensor>{activation_backward(d_act * up, gate, activation), d_act * act_gate}, 1);
+  return gb;
 }
 
-}  // namespace
+at::Tensor combine(const at::Tensor& grouped, const at::Tensor& order, int64_t tokens, int64_t top_k) {
+  at::Tensor by_pair = at::empty_like(grouped);
+  by_pair.index_copy_(0, order, grouped);
+  return by_pair.view({tokens, top_k, grouped.size(1)}).sum(1);
+}
 
 at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation) {
   const int64_t intermediate = gate_up.size(1) / 2;
@@ -73,7 +88,7 @@ at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_
     row += count;
   }
   y.mul_(weights.unsqueeze(1));
-  return combine(y, g, tokens, top_k);
+  return combine(y, g.order, tokens, top_k);
 }
 
 at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
@@ -103,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up,
     bool weight_grads) {
-  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), intermediate = w2.size(2);
+  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1);
   const Grouping g = group_pairs(topk_ids, w13.size(0));
   const at::Tensor x = hidden.index_select(0, g.tokens);
   const at::Tensor dy = grad_out.to(hidden.scalar_type()).index_select(0, g.tokens);
@@ -128,28 +143,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
     const at::Tensor x_e = x.narrow(0, row, count), dy_e = dy.narrow(0, row, count);
     const at::Tensor w_e = weights.narrow(0, row, count).unsqueeze(1);
     const at::Tensor gate_up_e = saved.defined() ? saved.narrow(0, row, count) : at::mm(x_e, w13[e].t());
-    const at::Tensor gate = gate_up_e.narrow(1, 0, intermediate), up = gate_up_e.narrow(1, intermediate, intermediate);
-    const at::Tensor act_gate = activate(gate, activation);
-    const at::Tensor act = act_gate * up;
-    // d(act) before the routing weight: its dot with act is the routing weight's gradient
-    // (dy . (W2 act) = (W2^T dy) . act), so the expert output itself is never needed.
-    const at::Tensor d_act_unweighted = at::mm(dy_e, w2[e]);
-    grad_weights.narrow(0, row, count).copy_((d_act_unweighted * act).sum(1));
-    const at::Tensor d_act = d_act_unweighted * w_e;
+    const GatedBackward gb = gated_activation_backward(gate_up_e, at::mm(dy_e, w2[e]), w_e, activation);
+    grad_weights.narrow(0, row, count).copy_(gb.grad_weights);
     at::Tensor grad_x_e = grad_x.narrow(0, row, count);
-    const at::Tensor d_gate_up = at::cat(
-        std::vector<at::Tensor>{activation_backward(d_act * up, gate, activation), d_act * act_gate}, 1);
     if (weight_grads) {
       at::Tensor grad_w2_e = grad_w2[e], grad_w13_e = grad_w13[e];
-      at::mm_out(grad_w2_e, (dy_e * w_e).t(), act);
-      at::mm_out(grad_w13_e, d_gate_up.t(), x_e);
+      at::mm_out(grad_w2_e, (dy_e * w_e).t(), gb.act);
+      at::mm_out(grad_w13_e, gb.d_gate_up.t(), x_e);
     }
-    at::mm_out(grad_x_e, d_gate_up, w13[e]);
+    at::mm_out(grad_x_e, gb.d_gate_up, w13[e]);
     row += count;
   }
   at::Tensor grad_weights_by_pair = at::empty_like(grad_weights);
   grad_weights_by_pair.index_copy_(0, g.order, grad_weights);
-  return {combine(grad_x, g, tokens, top_k), grad_w13, grad_w2, grad_weights_by_pair.view({tokens, top_k})};
+  return {combine(grad_x, g.order, tokens, top_k), grad_w13, grad_w2, grad_weights_by_pair.view({tokens, top_k})};
 }
 
 }  // namespace torch_ext::moe

@@ -13,6 +13,21 @@ namespace torch_ext::moe {
 
 // act(gate) * up for gate_up [rows, 2I] (gate columns first).
 at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation);
+// act(gate), and d act / d gate applied to grad.
+at::Tensor activate(const at::Tensor& gate, Activation activation);
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& gate, Activation activation);
+// The elementwise middle of the backward for rows of one or many experts, given their
+// pre-activation gate_up [rows, 2I], d_act_unweighted = dy W2[e] [rows, I] (before the routing
+// weight) and their routing weights [rows, 1]: act(gate) * up, d gate_up [rows, 2I] and the
+// routing weights' gradient [rows] (in gate_up's dtype).
+struct GatedBackward {
+  at::Tensor act, d_gate_up, grad_weights;
+};
+GatedBackward gated_activation_backward(const at::Tensor& gate_up, const at::Tensor& d_act_unweighted,
+                                        const at::Tensor& weights, Activation activation);
+// Rows [P, C] in grouped order (row i is pair order[i]) back to pair order, summed over each
+// token's k slots in slot order: [T, C], the same summation order on every device.
+at::Tensor combine(const at::Tensor& grouped, const at::Tensor& order, int64_t tokens, int64_t top_k);
 
 // The forward skeleton: pairs grouped by expert, expert_mlp(e, rows of hidden routed to e) ->
 // [rows, H] for every expert with tokens, results weighted and summed per token in slot order.

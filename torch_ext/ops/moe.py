@@ -50,10 +50,13 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     exact erf GELU). Each expert's weights are read once per call; the gated activation runs in
     the first GEMM's epilogue and the weighted combine in the second's, summing each token's
     experts in increasing expert id (deterministic). Differentiable in ``hidden``, ``w13``,
-    ``w2`` and ``topk_weights``: when gradients are needed this runs ``fused_moe_train``, which
-    also keeps the pre-activation ``[T * k, 2I]`` for the backward instead of recomputing it.
+    ``w2`` and ``topk_weights``. On the CPU, when gradients are needed, this runs
+    ``fused_moe_train``, whose kernel also keeps the pre-activation ``[T * k, 2I]`` for the
+    backward as it goes; on CUDA the forward stays the fused kernel (no host sync) and the
+    backward recomputes the first GEMM.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, w13, w2, topk_weights)):
+    if (hidden.device.type == "cpu" and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (hidden, w13, w2, topk_weights))):
         return _FUSED_TRAIN(hidden, w13, w2, topk_weights, topk_ids, activation)[0]
     return call_differentiable(_FUSED, hidden, w13, w2, topk_weights, topk_ids, activation)
 

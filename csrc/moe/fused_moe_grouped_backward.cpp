@@ -1,0 +1,92 @@
+// fused_moe's backward on torch's grouped GEMM: the composite's math (moe/fused_moe_composite.cpp)
+// with its loop over experts replaced by three to five at::_grouped_mm calls whose group offsets
+// never leave the device. Pairs (token, slot) are sorted by expert (stable) as in the composite;
+// the offsets are the running sums of a per-expert count made with an integer scatter-add
+// (at::bincount reads the input's maximum on the host on CUDA).
+#include "moe/fused_moe_grouped_backward.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#if __has_include(<ATen/ops/_grouped_mm.h>)
+#define TORCH_EXT_HAVE_GROUPED_MM 1
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/_grouped_mm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+
+#include "moe/fused_moe_composite.h"
+#endif
+
+namespace torch_ext::moe {
+
+GroupedBackwardChoice grouped_backward_choice() {
+  const char* value = std::getenv("TORCH_EXT_MOE_GROUPED_BACKWARD");
+  if (value == nullptr || *value == '\0') return GroupedBackwardChoice::kAuto;
+  return std::strcmp(value, "0") == 0 ? GroupedBackwardChoice::kNever : GroupedBackwardChoice::kAlways;
+}
+
+bool grouped_backward_supported(const at::Tensor& hidden, const at::Tensor& w13) {
+#if defined(TORCH_EXT_HAVE_GROUPED_MM)
+  const at::ScalarType dtype = hidden.scalar_type();
+  const int64_t hidden_size = hidden.size(1), intermediate = w13.size(1) / 2;
+  // _grouped_mm takes fp32 / fp16 / bf16 with every stride a multiple of 16 bytes: H and I
+  // multiples of 8 cover all three dtypes (and every real MoE config).
+  return (dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat) && hidden.size(0) > 0 &&
+         hidden_size % 8 == 0 && intermediate % 8 == 0;
+#else
+  (void)hidden;
+  (void)w13;
+  return false;
+#endif
+}
+
+#if defined(TORCH_EXT_HAVE_GROUPED_MM)
+// at::_grouped_mm(a, b, offsets): group e is rows [offsets[e - 1], offsets[e]) of a 2D `a` times
+// b[e] (b 3D), or, with both 2D, columns of a times rows of b over that range (output [E, m, n]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_grouped(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up,
+    bool weight_grads) {
+  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), experts = w13.size(0);
+  const at::Tensor flat = topk_ids.reshape({-1}).to(at::kLong);
+  const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor token_of_row = order.div(top_k, "floor");
+  const at::Tensor counts =
+      at::zeros({experts}, flat.options()).scatter_add_(0, flat, at::ones_like(flat));  // integer: exact
+  const at::Tensor offsets = counts.cumsum(0).to(at::kInt);
+
+  const at::Tensor w1 = w13.contiguous(), w2c = w2.contiguous();
+  const at::Tensor x = hidden.contiguous().index_select(0, token_of_row);
+  const at::Tensor dy = grad_out.to(hidden.scalar_type()).contiguous().index_select(0, token_of_row);
+  const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, order).to(hidden.scalar_type()).unsqueeze(1);
+  // [P, 2I]: saved by the forward or recomputed (x W13[e]^T, W13 read as its transpose).
+  const at::Tensor pre =
+      gate_up.defined() ? gate_up.index_select(0, order) : at::_grouped_mm(x, w1.transpose(1, 2), offsets);
+  const GatedBackward gb = gated_activation_backward(pre, at::_grouped_mm(dy, w2c, offsets), weights, activation);
+  const at::Tensor grad_x = at::_grouped_mm(gb.d_gate_up, w1, offsets);
+
+  at::Tensor grad_w13 = w13.new_empty({0}), grad_w2 = w2.new_empty({0});
+  if (weight_grads) {
+    // [E, H, I] and [E, 2I, H]: each expert's rows summed over its group (K-grouped GEMMs; an
+    // expert without rows gets zeros).
+    grad_w2 = at::_grouped_mm((dy * weights).t(), gb.act, offsets);
+    grad_w13 = at::_grouped_mm(gb.d_gate_up.t(), x, offsets);
+  }
+  at::Tensor grad_weights_by_pair = at::empty(gb.grad_weights.sizes(), topk_weights.options());
+  grad_weights_by_pair.index_copy_(0, order, gb.grad_weights.to(topk_weights.scalar_type()));
+  return {combine(grad_x, order, tokens, top_k), grad_w13, grad_w2, grad_weights_by_pair.view({tokens, top_k})};
+}
+#else
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_grouped(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    Activation, const at::Tensor&, bool) {
+  TORCH_CHECK(false, "fused_moe_backward_grouped needs torch's _grouped_mm (torch >= 2.8)");
+}
+#endif
+
+}  // namespace torch_ext::moe
