@@ -118,9 +118,7 @@ void dequantize_rows(const DequantizeWeightParams& p) {
               for (int c = 0; c < cols; ++c) out[r * w.k + c] = tile[r][c];
             } else {
               for (int c = 0; c < cols; c += VecF::kWidth) {
-                const int n = std::min(VecF::kWidth, cols - c);
-                if (n == VecF::kWidth) store(out + r * w.k + c, load(tile[r] + c));
-                else store_partial(out + r * w.k + c, load(tile[r] + c), n);
+                store_partial(out + r * w.k + c, load(tile[r] + c), std::min(VecF::kWidth, cols - c));
               }
             }
           }

@@ -67,7 +67,7 @@ inline void load_group_params(const QuantizedWeightView& w, int64_t g, int64_t n
       const S* zeros = w.zeros ? static_cast<const S*>(w.zeros) + g * w.n + n0 : nullptr;
       for (int i = 0; i < kTileN; i += VecF::kWidth) {
         const int count = std::max(0, std::min(VecF::kWidth, valid - i));
-        const auto read = [&](const S* p) { return count == VecF::kWidth ? load(p + i) : load_partial(p + i, count); };
+        const auto read = [&](const S* p) { return load_partial(p + i, count); };
         store(scale + i, count > 0 ? read(scales) : broadcast(0.0f));
         store(zero + i, (zeros && count > 0 ? read(zeros) : broadcast(symmetric)) + broadcast(zero_bias));
       }

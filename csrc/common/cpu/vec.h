@@ -30,34 +30,47 @@ struct VecF {
   __m512 v;
 };
 inline VecF broadcast(float x) { return {_mm512_set1_ps(x)}; }
-inline VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline VecF load(const BFloat16* p) {
-  const __m512i widened = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(widened, 16))};
+// 16 bf16 / fp16 bit patterns <-> fp32 lanes.
+inline VecF from_bf16_bits(__m256i bits) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))};
 }
-inline VecF load(const Half* p) {
-  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
-}
-inline void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
-// Stores the first `count` lanes only.
-inline void store_first(float* p, VecF x, int count) { _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), x.v); }
-// Lanes base[0], base[stride], ..., base[15 * stride]; 15 * stride must fit in int32.
-inline VecF gather(const float* base, int64_t stride) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return {_mm512_i32gather_ps(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(int32_t(stride))), base, 4)};
-}
-inline void store(BFloat16* p, VecF x) {
+inline __m256i to_bf16_bits(VecF x) {  // round to nearest even, NaN kept quiet
   const __m512i bits = _mm512_castps_si512(x.v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   const __mmask16 is_nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
   rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC00000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
-inline void store(Half* p, VecF x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+inline __m256i to_half_bits(VecF x) { return _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline VecF load(const BFloat16* p) { return from_bf16_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline VecF load(const Half* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
+inline void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
+// The first `count` lanes (0 <= count <= 16) only: masked loads (the other lanes read as 0) and
+// stores, which touch no memory past p + count.
+inline __mmask16 first_lanes(int count) { return __mmask16((1u << count) - 1); }
+inline VecF load_first(const float* p, int count) { return {_mm512_maskz_loadu_ps(first_lanes(count), p)}; }
+inline VecF load_first(const BFloat16* p, int count) {
+  return from_bf16_bits(_mm256_maskz_loadu_epi16(first_lanes(count), p));
+}
+inline VecF load_first(const Half* p, int count) {
+  return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(count), p))};
+}
+inline void store_first(float* p, VecF x, int count) { _mm512_mask_storeu_ps(p, first_lanes(count), x.v); }
+inline void store_first(BFloat16* p, VecF x, int count) {
+  _mm256_mask_storeu_epi16(p, first_lanes(count), to_bf16_bits(x));
+}
+inline void store_first(Half* p, VecF x, int count) { _mm256_mask_storeu_epi16(p, first_lanes(count), to_half_bits(x)); }
+// Lanes base[0], base[stride], ..., base[15 * stride]; 15 * stride must fit in int32.
+inline VecF gather(const float* base, int64_t stride) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return {_mm512_i32gather_ps(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(int32_t(stride))), base, 4)};
+}
+inline void store(BFloat16* p, VecF x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(x)); }
+inline void store(Half* p, VecF x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_half_bits(x)); }
 inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
@@ -288,18 +301,33 @@ inline VecF gelu(VecF x) {
 
 // Tails: the last n % kWidth elements of a row go through a stack buffer, so no load or
 // store ever touches memory past the end of the tensor.
+// The first `count` (0 <= count <= kWidth) elements at p, the rest of the lanes zero / not stored.
+// Kernels call these for every vector of a row whose length is not a multiple of kWidth, so the
+// whole vector takes the plain path; partial ones are masked on AVX-512 and go through a small
+// buffer elsewhere (AVX2 has no 16-bit masked moves, and valgrind, which runs the AVX2 level in
+// tests/test_cpu_memcheck.py, checks the buffer copies exactly).
 template <typename T>
 inline VecF load_partial(const T* p, int count) {
+  if (count == VecF::kWidth) return load(p);
+#if defined(__AVX512F__)
+  return load_first(p, count);
+#else
   T buffer[VecF::kWidth];
   std::memset(buffer, 0, sizeof(buffer));
   std::memcpy(buffer, p, sizeof(T) * count);
   return load(buffer);
+#endif
 }
 template <typename T>
 inline void store_partial(T* p, VecF x, int count) {
+  if (count == VecF::kWidth) return store(p, x);
+#if defined(__AVX512F__)
+  store_first(p, x, count);
+#else
   T buffer[VecF::kWidth];
   store(buffer, x);
   std::memcpy(p, buffer, sizeof(T) * count);
+#endif
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA
