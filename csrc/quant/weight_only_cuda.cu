@@ -209,11 +209,13 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   };
 
   // One k16 step t of a stage: the warp's two tiles -> A registers, then per 16 tokens one
-  // ldmatrix.x4 of x fragments feeding 2 tiles x 2 token blocks of mma. all_blocks
-  // (std::true_type) compiles the step for a CTA full of tokens without a branch, so ptxas can
-  // overlap consecutive steps; pair 0 always holds a token, and the odd block's mma is predicated.
-  const auto mma_step = [&](const unsigned char* base, int t, auto all_blocks) {
-    constexpr bool kAllBlocks = decltype(all_blocks)::value;
+  // ldmatrix.x4 of x fragments feeding 2 tiles x 2 token blocks of mma. `blocks` (an
+  // integral_constant) is the number of 8-token blocks holding tokens when known at compile time
+  // (a full CTA, or one block: decode with M <= 8), so that the step has no branch and ptxas can
+  // overlap consecutive steps; 0 reads active_blocks at run time (pair 0 always holds a token,
+  // the other pairs and the odd block's mma are behind branches).
+  const auto mma_step = [&](const unsigned char* base, int t, auto blocks) {
+    constexpr int kKnownBlocks = decltype(blocks)::value;
     const uint32_t* const sq = reinterpret_cast<const uint32_t*>(base);
     const T* const sx = reinterpret_cast<const T*>(base + Cfg::kXOffset);
     uint32_t frag[ix::kWarpTiles][4];
@@ -227,18 +229,22 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
     }
 #pragma unroll
     for (int p = 0; p < Cfg::kTokenPairs; ++p) {
-      if (kAllBlocks || p == 0 || p < active_pairs) {
+      if (kKnownBlocks > 0 ? 2 * p < kKnownBlocks : (p == 0 || p < active_pairs)) {
         uint32_t r[4];
         ldmatrix_x4(r, sx + ix::x_fragment_offset<Cfg>(p, t, lane));
         const uint32_t b_even[2] = {r[0], r[1]}, b_odd[2] = {r[2], r[3]};
 #pragma unroll
         for (int i = 0; i < ix::kWarpTiles; ++i) {
           mma_m16n8k16<T>(acc[i][2 * p], frag[i], b_even);
-          if (kAllBlocks || 2 * p + 1 < active_blocks) mma_m16n8k16<T>(acc[i][2 * p + 1], frag[i], b_odd);
+          if (kKnownBlocks > 0 ? 2 * p + 1 < kKnownBlocks : 2 * p + 1 < active_blocks)
+            mma_m16n8k16<T>(acc[i][2 * p + 1], frag[i], b_odd);
         }
       }
     }
   };
+  using AllBlocks = std::integral_constant<int, Cfg::kTokenBlocks>;
+  using OneBlock = std::integral_constant<int, 1>;
+  using BlocksAtRunTime = std::integral_constant<int, 0>;
 
   ix::StageWalker compute_walker = ix::stage_walker(range.iter_begin, kStageTiles, a.group_tiles);
   const auto compute_stage = [&](int stage, int iter) {
@@ -252,10 +258,13 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
       }
       if (active_blocks == Cfg::kTokenBlocks) {
 #pragma unroll
-        for (int t = 0; t < kStageTiles; ++t) mma_step(base, t, std::true_type{});
+        for (int t = 0; t < kStageTiles; ++t) mma_step(base, t, AllBlocks{});
+      } else if (active_blocks == 1) {
+#pragma unroll
+        for (int t = 0; t < kStageTiles; ++t) mma_step(base, t, OneBlock{});
       } else {
 #pragma unroll
-        for (int t = 0; t < kStageTiles; ++t) mma_step(base, t, std::false_type{});
+        for (int t = 0; t < kStageTiles; ++t) mma_step(base, t, BlocksAtRunTime{});
       }
     } else {  // the stage crosses groups or ends K
       ix::GroupCursor cursor = ix::group_cursor(span, a.group_tiles);
@@ -268,7 +277,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
             load_params(base, cursor.slot);
             params_group = span.first_group + cursor.slot;
           }
-          mma_step(base, t, std::false_type{});
+          mma_step(base, t, BlocksAtRunTime{});
         }
       }
     }
