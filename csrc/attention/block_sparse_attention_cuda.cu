@@ -372,15 +372,25 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
 
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     float tile_max[2] = {ix::neg_inf(), ix::neg_inf()};
+    const auto scale_scores = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < Tr::kSN; ++j)
+      for (int j = 0; j < Tr::kSN; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e] * scale_log2;
-        if (!m.full && !element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) x = ix::neg_inf();
-        s[j][e] = x;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
-      }
+        for (int e = 0; e < 4; ++e) {
+          float x = s[j][e] * scale_log2;
+          if constexpr (decltype(masked)::value) {
+            if (!element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) x = ix::neg_inf();
+          }
+          s[j][e] = x;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+        }
+    };
+    // Two copies, so that a step without masked elements (most of them) has no per-element branch.
+    if (m.full) {
+      scale_scores(std::false_type{});
+    } else {
+      scale_scores(std::true_type{});
+    }
     float alpha[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) alpha[half] = ix::softmax_rescale(rs[half], quad_max(tile_max[half]));
@@ -488,14 +498,23 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
       mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane);
     }
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
+    const auto make_ds = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < Tr::kSN; ++j)
+      for (int j = 0; j < Tr::kSN; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool vis = m.full || element_visible(m, c, j, e, q_pos[e / 2], causal, lane);
-        const float prob = vis ? ix::exp2_approx(s[j][e] * scale_log2 - lse2[e / 2]) : 0.f;
-        s[j][e] = prob * (dp[j][e] - delta[e / 2]);  // dS
-      }
+        for (int e = 0; e < 4; ++e) {
+          float prob = ix::exp2_approx(s[j][e] * scale_log2 - lse2[e / 2]);
+          if constexpr (decltype(masked)::value) {
+            if (!element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) prob = 0.f;
+          }
+          s[j][e] = prob * (dp[j][e] - delta[e / 2]);  // dS
+        }
+    };
+    if (m.full) {  // as in the forward: no per-element branch in the common case
+      make_ds(std::false_type{});
+    } else {
+      make_ds(std::true_type{});
+    }
     mma_p_x_tile<T, kD>(dq, s, ks, lane);
   }
   cp_async_wait_all();

@@ -12,13 +12,15 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/index_math.h"
 #include "common/macros.h"
 
 namespace torch_ext::attention {
 inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
 namespace bsa_cuda {
 
-TORCH_EXT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using ::torch_ext::index_math::ceil_div;
+using ::torch_ext::index_math::log2_pow2;
 TORCH_EXT_HOST_DEVICE int min_int(int a, int b) { return a < b ? a : b; }
 TORCH_EXT_HOST_DEVICE int max_int(int a, int b) { return a > b ? a : b; }
 
@@ -71,12 +73,16 @@ constexpr int kMaxMobaTopK = 32;
 // =============================================================================================
 // 2. The key-tile walk of a query block: its `count` listed blocks of block_kv keys are cut into
 //    segments of seg = min(block_kv, 64) keys; step t covers segments t*nseg .. t*nseg+nseg-1
-//    (nseg = 64 / seg: 4 blocks of 16, 2 of 32, 1 of 64, half of a 128-block).
+//    (nseg = 64 / seg: 4 blocks of 16, 2 of 32, 1 of 64, half of a 128-block). block_kv is a
+//    power of two (16 ... 128, checked on the host), so every split below is a shift or a mask:
+//    the load of each step evaluates them per copy, where integer divisions by the run-time
+//    block size cost ~20 instructions each.
 // =============================================================================================
 
-TORCH_EXT_HOST_DEVICE int segment_len(int block_kv) { return min_int(block_kv, kTileKv); }
-TORCH_EXT_HOST_DEVICE int segments_per_tile(int block_kv) { return kTileKv / segment_len(block_kv); }
-TORCH_EXT_HOST_DEVICE int segments_per_block(int block_kv) { return block_kv / segment_len(block_kv); }
+TORCH_EXT_HOST_DEVICE int segment_shift(int block_kv) { return log2_pow2(uint32_t(min_int(block_kv, kTileKv))); }
+TORCH_EXT_HOST_DEVICE int segment_len(int block_kv) { return 1 << segment_shift(block_kv); }
+TORCH_EXT_HOST_DEVICE int segments_per_tile(int block_kv) { return kTileKv >> segment_shift(block_kv); }
+TORCH_EXT_HOST_DEVICE int segments_per_block(int block_kv) { return block_kv >> segment_shift(block_kv); }
 TORCH_EXT_HOST_DEVICE int walk_tiles(int count, int block_kv) {
   return int(ceil_div(int64_t(count) * segments_per_block(block_kv), segments_per_tile(block_kv)));
 }
@@ -89,16 +95,16 @@ struct Segment {
 };
 TORCH_EXT_HOST_DEVICE Segment tile_segment(int tile, int s, int block_kv) {
   const int gs = tile * segments_per_tile(block_kv) + s;
-  const int spb = segments_per_block(block_kv);
-  return Segment{gs / spb, (gs % spb) * segment_len(block_kv)};
+  const int spb_shift = log2_pow2(uint32_t(segments_per_block(block_kv)));
+  return Segment{gs >> spb_shift, (gs & ((1 << spb_shift) - 1)) << segment_shift(block_kv)};
 }
 // First key position of a segment, or -1 when it is empty (slot past the list, negative block id).
 TORCH_EXT_HOST_DEVICE int64_t segment_base(int block, int offset, int block_kv) {
   return block < 0 ? -1 : int64_t(block) * block_kv + offset;
 }
 // Key row r (< 64) of a step: its segment and the offset inside it.
-TORCH_EXT_HOST_DEVICE int row_segment(int r, int block_kv) { return r / segment_len(block_kv); }
-TORCH_EXT_HOST_DEVICE int row_in_segment(int r, int block_kv) { return r % segment_len(block_kv); }
+TORCH_EXT_HOST_DEVICE int row_segment(int r, int block_kv) { return r >> segment_shift(block_kv); }
+TORCH_EXT_HOST_DEVICE int row_in_segment(int r, int block_kv) { return r & (segment_len(block_kv) - 1); }
 
 // =============================================================================================
 // 3. Shared memory: [rows][D] 16-bit tiles, row = D / 8 chunks of 16 bytes, logical chunk c of
