@@ -285,13 +285,33 @@ def _bad(**changes):
     (dict(q=torch.randn(1, 4, 40, 32).int()), "q must have dtype"),
     (dict(v=torch.randn(1, 2, 47, 32)), "v must have the shape of k"),
     (dict(k=torch.randn(1, 2, 48, 16)), r"k must be \[B, Hk, Sk, D\]"),
-    (dict(block_size_kv=0), "block_size_kv must be >= 1"),
+    (dict(block_size_kv=0), r"block_size_kv must be in \[1, 2147483647\]"),
+    (dict(block_size_q=2**32 + 16), r"block_size_q must be in \[1, 2147483647\], got 4294967312"),
+    (dict(kv_counts=torch.full((1, 4, 3), 3, dtype=torch.int32),
+          kv_indices=torch.tensor([[[[0, 2, 0]]]], dtype=torch.int32).expand(1, 4, 3, 3).contiguous()),
+     r"kv_indices names key block 0 twice in list 0 \(slot 2\)"),
     (dict(token_blocks=torch.zeros(1, 4, 39, 2, dtype=torch.int32)), r"token_blocks must be \[B, Hq, Sq, top_k\]"),
     (dict(token_blocks=torch.full((1, 4, 40, 2), 3, dtype=torch.int32)), r"token_blocks holds 3 .* \[-1, 3\)"),
 ])
 def test_bad_inputs(changes, message):
     with pytest.raises(RuntimeError, match=message):
         _OP(*_bad(**changes))
+
+
+def test_blocks_longer_than_the_sequence():
+    """A block size beyond the sequence (up to int32) is one block holding all of it: the same
+    result as the block size equal to the sequence, without scratch sized by the argument."""
+    seed = fresh_seed()
+    q = random_tensor((1, 2, 8, 16), torch.float32, "cpu", seed)
+    k = random_tensor((1, 2, 5, 16), torch.float32, "cpu", seed + 1)
+    v = random_tensor((1, 2, 5, 16), torch.float32, "cpu", seed + 2)
+    one = torch.ones(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    expected = _OP(q, k, v, *one, 8, 5, True, 0.25, None)
+    for huge in (2**20, 2**31 - 1):
+        got = _OP(q, k, v, *one, huge, huge, True, 0.25, None)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), huge
+    chosen = torch.ops.torch_ext.moba_select(q, k, 2**31 - 1, 1, True)
+    assert torch.equal(chosen, torch.ops.torch_ext.moba_select(q, k, 5, 1, True))
 
 
 def test_bad_backward_inputs():

@@ -117,6 +117,29 @@ def test_every_cpu_isa_path(cpu_isa):
         _check_forward_and_backward(dict(LAYERS[name], channels_last=False, bias=True), torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("what", ["no input channels", "empty batch", "no filters"])
+def test_empty_reductions(device, what):
+    """Sizes that leave a sum empty: the forward with C = 0 gives the bias, the weight gradient
+    of an empty batch and the input gradient with no filters are zeros (outputs poisoned)."""
+    seed = fresh_seed()
+    n, c, k = {"no input channels": (2, 0, 4), "empty batch": (0, 3, 4), "no filters": (2, 3, 0)}[what]
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    x = random_tensor((n, c, 6, 6), dtype, device, seed).requires_grad_()
+    w = random_tensor((k, c, 3, 3), dtype, device, seed + 1).requires_grad_()
+    b = random_tensor((k,), dtype, device, seed + 2).requires_grad_()
+    with poisoned_outputs():
+        y = torch_ext.ops.conv2d(x, w, b, 1, 1)
+        grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y), allow_unused=True)
+    # (F.conv2d itself rejects K = 0 and returns no channels for C = 0: the definition instead.)
+    assert y.shape == (n, k, 6, 6) and torch.equal(y, b.detach()[None, :, None, None].expand(n, k, 6, 6))
+    for got, leaf in zip(grads, (x, w, b)):
+        assert got is None or (got.shape == leaf.shape and torch.isfinite(got).all())
+    if what == "empty batch":
+        assert torch.equal(grads[1], torch.zeros_like(w))
+    if what == "no filters":
+        assert torch.equal(grads[0], torch.zeros_like(x))
+
+
 def test_gradcheck(device):
     seed = fresh_seed()
     x = random_tensor((2, 4, 6, 7), torch.float64, device, seed).requires_grad_()
@@ -316,6 +339,31 @@ def test_inference_weight_cache_follows_weight_changes():
                                       F.conv2d(x.double(), w2.double(), None, 1, 1), torch.float32, "new tensor",
                                       CONV_BOUNDS[torch.float32])
     assert torch_ext._C.clear_conv_weight_cache() > 0
+    assert torch_ext._C.conv_weight_cache_bytes() == 0
+
+
+def test_weight_cache_keys_groups_and_skips_inference_tensors():
+    """The same weight tensor under another `groups` has another panel layout; weights made under
+    torch.inference_mode have no version counter, so they are packed on every call (correct
+    after in-place writes there) and never cached."""
+    seed = fresh_seed()
+    w = random_tensor((8, 4, 3, 3), torch.float32, "cpu", seed)
+    torch_ext._C.clear_conv_weight_cache()
+    with torch.no_grad():
+        for groups in (2, 2, 2, 1, 1):  # the groups=2 panels are cached before groups=1 comes
+            x = random_tensor((1, 4 * groups, 7, 7), torch.float32, "cpu", seed + groups)
+            assert_close_to_reference(torch_ext.ops.conv2d(x, w, None, 1, 1, 1, groups),
+                                      F.conv2d(x.double(), w.double(), None, 1, 1, 1, groups), torch.float32,
+                                      f"groups={groups}", CONV_BOUNDS[torch.float32])
+    torch_ext._C.clear_conv_weight_cache()
+    x = random_tensor((1, 4, 7, 7), torch.float32, "cpu", seed + 3)
+    with torch.inference_mode():
+        w_inf = w.clone()
+        for scale in (1.0, 1.0, 1.0, -3.0):
+            w_inf.mul_(scale)  # no version bump on inference tensors
+            assert_close_to_reference(torch_ext.ops.conv2d(x, w_inf, None, 1, 1),
+                                      F.conv2d(x.double(), w_inf.double(), None, 1, 1), torch.float32,
+                                      f"inference tensor, scale {scale}", CONV_BOUNDS[torch.float32])
     assert torch_ext._C.conv_weight_cache_bytes() == 0
 
 

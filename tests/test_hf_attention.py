@@ -47,6 +47,22 @@ def test_moba_sparsity_changes_the_result_and_decode_falls_back():
     assert generated.shape == (1, 23)  # min_new_tokens: a random model may otherwise emit EOS first
 
 
+@pytest.mark.parametrize("mode,options", [("block_sparse", dict(block_size=32)),
+                                          ("moba", dict(block_size=16, top_k=64))])
+def test_the_models_scaling_is_used(mode, options):
+    """Both modes take the attention module's `scaling` (here not 1/sqrt(D)): equal to SDPA with it."""
+    from torch_ext.integrations.hf_attention import _attention_function
+
+    seed = fresh_seed()
+    attention = _attention_function(mode, options["block_size"], options.get("top_k", 8), None)
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=torch.Generator().manual_seed(seed + i)) for i in range(3))
+    module = torch.nn.Module()
+    module.is_causal = True
+    out = attention(module, q, k, v, None, scaling=0.5)[0]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2)
+    assert relative_error(out, expected) < 1e-5, mode
+
+
 def test_padding_falls_back_to_dense():
     seed = fresh_seed()
     stock = _llama(seed)

@@ -121,8 +121,9 @@ def test_opcheck_and_compile():
 
 
 @pytest.mark.parametrize("args,message", [
-    (dict(block_size=0), "block_size must be >= 1"),
-    (dict(top_k=0), "top_k must be >= 1"),
+    (dict(block_size=0), r"block_size must be in \[1, 2147483647\]"),
+    (dict(block_size=2**32), r"block_size must be in \[1, 2147483647\], got 4294967296"),
+    (dict(top_k=0), r"top_k must be in \[1, 2147483647\]"),
     (dict(k=torch.randn(1, 3, 40, 32)), "Hq = 2 must be a multiple of .* Hk = 3"),
     (dict(k=torch.randn(1, 1, 40, 32, dtype=torch.bfloat16)), "k must have the dtype of q"),
 ])

@@ -335,3 +335,38 @@ def test_quantize_model_shared_and_bare_linears():
     assert isinstance(quantize_model(nn.Linear(32, 8)), QuantLinear)
     kept = quantize_model(nn.Sequential(nn.Linear(32, 8)), skip=lambda name: name == "0")
     assert type(kept[0]) is nn.Linear
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.feed_forward = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+
+    def forward(self, x):
+        return self.feed_forward(self.attention(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("method", ["weight_only", "int8", "fp8"])
+def test_quantize_model_keeps_multihead_attention_working(method):
+    """nn.MultiheadAttention reads out_proj.weight itself, nn.TransformerEncoderLayer's fast path
+    linear1/linear2.weight: those stay nn.Linear; the other layers are converted and all run."""
+    x = random_tensor((2, 5, 64), torch.float32, "cpu", fresh_seed())
+    block = _AttentionBlock().eval()
+    expected = block(x).detach()
+    quantize_model(block, group_size=32, method=method)
+    assert type(block.attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(block.feed_forward[0]) is not nn.Linear
+    assert_close_to_reference(block(x), expected.double(), torch.float32, method, 0.1)
+    layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True).eval()
+    expected = layer(x).detach()
+    quantize_model(layer, group_size=32, method=method)
+    assert type(layer.linear1) is nn.Linear and type(layer.linear2) is nn.Linear
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_bias_follows_the_input_dtype():
+    """A module kept in fp32 serves bf16 inputs (its bias converted per call, like the scales)."""
+    module = QuantLinear.from_linear(nn.Linear(IN_FEATURES, OUT_FEATURES), group_size=32)
+    x = random_tensor((3, IN_FEATURES), torch.bfloat16, "cpu", fresh_seed())
+    assert_close_to_reference(module(x), module(x.float()).double(), torch.bfloat16, "bf16 x")

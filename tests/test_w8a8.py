@@ -124,6 +124,21 @@ def test_scaled_int8_mm_cached_packing_follows_writes():
     assert torch.equal(scaled_int8_mm(a, b, ones_a, ones_b), exact(20))
 
 
+def test_scaled_int8_mm_with_inference_tensors():
+    """B made under torch.inference_mode (no version counter): never cached, packed per call."""
+    seed = fresh_seed()
+    a = _int8((20, 40), seed)
+    ones_a, ones_b = torch.ones(20, 1), torch.ones(20)
+    with torch.inference_mode():
+        b = _int8((20, 40), seed + 1)
+        for step in range(4):
+            if step == 3:
+                b.copy_(_int8((20, 40), seed + 2))
+            for rows in (20, 3):
+                assert torch.equal(scaled_int8_mm(a[:rows], b, ones_a[:rows], ones_b),
+                                   (a[:rows].long() @ b.long().t()).float()), f"step {step}, {rows} rows"
+
+
 def test_w8a8_round_trip_approximates_float_linear():
     seed = fresh_seed()
     x = random_tensor((16, 256), torch.float32, "cpu", seed)
@@ -220,20 +235,24 @@ def test_int8_linear_outlier_decomposition_beats_plain_int8():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_int8_linear_equals_its_definition(dtype):
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["per-channel", "per-tensor"])
+def test_int8_linear_equals_its_definition(dtype, per_tensor):
     """The decomposition step by step in torch ops: features whose |x| exceeds the threshold in
     any row (one in the CPU kernels' vector chunks, one in the tail past 256 columns) go through
     a 16-bit product with their dequantized weight columns, the rest (zeroed there) through
-    quantize_per_token and scaled_int8_mm."""
+    quantize_per_token and scaled_int8_mm; the two parts summed before the one rounding to x's
+    dtype. A per-tensor weight scale ([1]) serves every column of the outlier product too."""
     seed = fresh_seed()
     k = 300
     x = _outlier_batch(seed, m=5, k=k, columns=(7, 290), magnitude=40.0).to(dtype)
     w_q, w_scale, _ = _int8_weight(33, k, seed + 1)
+    if per_tensor:
+        w_scale = w_scale[:1].clone()
     outliers = (x.abs().amax(0) > 6.0).nonzero().squeeze(1)
     assert set(outliers.tolist()) >= {7, 290}
     xq, xs = quantize_per_token(x.index_fill(1, outliers, 0))
     expected = (scaled_int8_mm(xq, w_q, xs, w_scale, None, torch.float32).double()
-                + x[:, outliers].double() @ (w_q[:, outliers].double() * w_scale.double()[:, None]).t())
+                + x[:, outliers].double() @ (w_q[:, outliers].double() * w_scale.double().expand(33)[:, None]).t())
     with poisoned_outputs():
         got = int8_linear(x, w_q, w_scale, None, 6.0)
     assert got.dtype == dtype
@@ -317,7 +336,8 @@ def test_quantize_model_int8_method():
     (dict(x=torch.zeros(2, 8, dtype=torch.int8)), "x must have dtype"),
     (dict(w_q=torch.zeros(3, 8)), "w_q must have dtype torch.int8"),
     (dict(w_q=torch.zeros(3, 9, dtype=torch.int8)), r"w_q must be \[N, K\] with K = x.size\(-1\) = 8"),
-    (dict(w_scale=torch.ones(2)), r"b_scale must be \[N\] = \[3\] or \[1\]"),
+    (dict(w_scale=torch.ones(2)), "w_scale must hold N = 3 per-channel scales or one per-tensor scale"),
+    (dict(w_scale=torch.ones(3, dtype=torch.float16)), "w_scale must have dtype torch.float32, got torch.float16"),
     (dict(bias=torch.ones(4)), r"bias must be \[N\] = \[3\]"),
 ])
 def test_int8_linear_bad_inputs(args, message):

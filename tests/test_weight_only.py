@@ -97,6 +97,29 @@ def test_empty_inputs(device):
     y = weight_only_linear(torch.empty(0, 32, dtype=dtype, device=device), qw.qweight, qw.scales, qw.zeros, None, 4,
                            16)
     assert y.shape == (0, 20)
+    # K = 0: an empty sum, the bias or zeros (as F.linear), on the direct and the panel paths.
+    bias = random_tensor((20,), dtype, device, fresh_seed())
+    qweight = torch.zeros(2, 0, 32, dtype=torch.int32, device=device)  # [ceil(20 / 16), ceil(0 / 16), words]
+    scales = torch.ones(1, 20, dtype=dtype, device=device)  # one (empty) group
+    for group_size in (32, -1):
+        for rows in (3, 100):
+            x = torch.empty(rows, 0, dtype=dtype, device=device)
+            with poisoned_outputs():
+                got = weight_only_linear(x, qweight, scales, scales, bias, 4, group_size)
+                no_bias = weight_only_linear(x, qweight, scales, scales, None, 4, group_size)
+            assert torch.equal(got, bias.expand(rows, 20)) and torch.equal(no_bias, torch.zeros(rows, 20, dtype=dtype,
+                                                                                                 device=device))
+
+
+def test_tiny_fp16_groups_quantize_without_nan():
+    """A group whose scale underflows in fp16 (values ~1e-7) dequantizes to zeros, not NaN."""
+    seed = fresh_seed()
+    w = random_tensor((4, 64), torch.float16, "cpu", seed)
+    w[1, 32:] = w[1, 32:] * 1e-7
+    qw = quantize_weight(w, bits=4, group_size=32)
+    assert torch.isfinite(qw.zeros.float()).all() and (qw.scales.float() > 0).all()
+    dense = torch.ops.torch_ext.dequantize_weight(qw.qweight, qw.scales, qw.zeros, 4, 32)
+    assert torch.isfinite(dense.float()).all() and dense[1, 32:].abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("bits", [4, 8])

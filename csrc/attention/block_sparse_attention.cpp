@@ -10,7 +10,9 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
+#include <vector>
 
 #include "common/torch_utils.h"
 #include "ops.h"
@@ -46,6 +48,8 @@ constexpr const char* kForward = "block_sparse_attention";
 constexpr const char* kBackward = "block_sparse_attention_backward";
 // moba_route lists key blocks per query block of this many rows (the union of their selections).
 constexpr int64_t kMobaQueryBlock = 64;
+// Block sizes and top_k reach the kernels as int32.
+constexpr int64_t kMaxBlockSize = std::numeric_limits<int32_t>::max();
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -103,10 +107,17 @@ void check_block_sizes(const char* op, bool cuda, int64_t block_q, int64_t block
     TORCH_EXT_CHECK(block_kv == 16 || block_kv == 32 || block_kv == 64 || block_kv == 128, op,
                     "block_size_kv must be 16, 32, 64 or 128 on CUDA, got ", block_kv);
   } else {
-    TORCH_EXT_CHECK(block_q >= 1, op, "block_size_q must be >= 1, got ", block_q);
-    TORCH_EXT_CHECK(block_kv >= 1, op, "block_size_kv must be >= 1, got ", block_kv);
+    TORCH_EXT_CHECK(block_q >= 1 && block_q <= kMaxBlockSize, op, "block_size_q must be in [1, ", kMaxBlockSize,
+                    "], got ", block_q);
+    TORCH_EXT_CHECK(block_kv >= 1 && block_kv <= kMaxBlockSize, op, "block_size_kv must be in [1, ", kMaxBlockSize,
+                    "], got ", block_kv);
   }
 }
+
+// The block size the kernels get (CUDA attention: the checked size itself): a block longer than
+// the sequence holds all of it, so the same lists mean the same thing with the size clamped, and
+// the CPU kernels' per-block scratch is bounded by the sequence, not by the argument.
+int32_t effective_block_size(int64_t block, int64_t seq) { return int32_t(std::min(block, std::max<int64_t>(seq, 1))); }
 
 // kv_counts [B or 1, Hq or 1, nq] and kv_indices [.., .., nq, max_blocks], int32. On the CPU the
 // values are checked too (on CUDA that would need a host synchronization).
@@ -132,6 +143,9 @@ Lists check_lists(const char* op, const at::Tensor& counts, const at::Tensor& in
   if (!q.is_cuda()) {
     const int32_t* c = l.counts.data_ptr<int32_t>();
     const int32_t* idx = l.indices.data_ptr<int32_t>();
+    // seen[j] = 1 + the last list that named key block j: a repeat within a list is refused (the
+    // forward would count the block twice, the dK / dV pass, which walks lists transposed, once).
+    std::vector<int64_t> seen(size_t(nk), 0);
     for (int64_t row = 0; row < l.counts.numel(); ++row) {
       TORCH_EXT_CHECK(c[row] >= 0 && c[row] <= max_blocks, op, "kv_counts holds ", c[row], " at flat position ", row,
                       ", outside [0, ", max_blocks, "] (max_blocks = kv_indices.size(3))");
@@ -139,6 +153,9 @@ Lists check_lists(const char* op, const at::Tensor& counts, const at::Tensor& in
         const int32_t j = idx[row * max_blocks + t];
         TORCH_EXT_CHECK(j >= 0 && j < nk, op, "kv_indices holds key block ", j, " at list ", row, " slot ", t,
                         ", out of range [0, ", nk, ") (nk = ceil(Sk / block_size_kv))");
+        TORCH_EXT_CHECK(seen[size_t(j)] != row + 1, op, "kv_indices names key block ", j, " twice in list ", row,
+                        " (slot ", t, "); the ids of a list must be distinct");
+        seen[size_t(j)] = row + 1;
       }
     }
   }
@@ -200,8 +217,8 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   p.seq_q = s.seq_q;
   p.seq_kv = s.seq_kv;
   p.head_dim = int32_t(s.head_dim);
-  p.block_q = int32_t(block_q);
-  p.block_kv = int32_t(block_kv);
+  p.block_q = q.is_cuda() ? int32_t(block_q) : effective_block_size(block_q, s.seq_q);
+  p.block_kv = q.is_cuda() ? int32_t(block_kv) : effective_block_size(block_kv, s.seq_kv);
   p.causal = causal;
   p.scale = float(scale);
   p.q = bhsd(pr.q);
@@ -338,12 +355,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
 at::Tensor moba_select(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t top_k, bool causal) {
   const char* op = "moba_select";
   const Shapes s = check_qkv(op, q, k, nullptr);
-  TORCH_EXT_CHECK(block_size >= 1, op, "block_size must be >= 1, got ", block_size);
-  TORCH_EXT_CHECK(top_k >= 1, op, "top_k must be >= 1, got ", top_k);
+  TORCH_EXT_CHECK(block_size >= 1 && block_size <= kMaxBlockSize, op, "block_size must be in [1, ", kMaxBlockSize,
+                  "], got ", block_size);
+  TORCH_EXT_CHECK(top_k >= 1 && top_k <= kMaxBlockSize, op, "top_k must be in [1, ", kMaxBlockSize, "], got ", top_k);
   const at::Tensor q_u = kernel_layout(q), k_u = kernel_layout(k);
   at::Tensor selected = at::empty({s.batch, s.heads_q, s.seq_q, top_k}, q.options().dtype(at::kInt));
   const attention::MobaSelectParams p{scalar_kind(q), s.batch,  s.heads_q,   s.heads_kv,
-                                      s.seq_q,        s.seq_kv, int32_t(s.head_dim), int32_t(block_size),
+                                      s.seq_q,        s.seq_kv, int32_t(s.head_dim), effective_block_size(block_size, s.seq_kv),
                                       int32_t(top_k), causal,   bhsd(q_u),   bhsd(k_u),
                                       selected.data_ptr<int32_t>()};
   if (q.is_cuda()) {
@@ -367,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_bloc
   TORCH_EXT_CHECK(token_blocks.dim() == 4, op, "token_blocks must be [B, H, Sq, top_k], got shape ",
                   token_blocks.sizes());
   TORCH_EXT_CHECK(num_kv_blocks >= 0, op, "num_kv_blocks must be >= 0, got ", num_kv_blocks);
-  TORCH_EXT_CHECK(block_size_q >= 1, op, "block_size_q must be >= 1, got ", block_size_q);
+  TORCH_EXT_CHECK(block_size_q >= 1 && block_size_q <= kMaxBlockSize, op, "block_size_q must be in [1, ",
+                  kMaxBlockSize, "], got ", block_size_q);
   const int64_t batch = token_blocks.size(0), heads = token_blocks.size(1), seq_q = token_blocks.size(2);
   const int64_t top_k = token_blocks.size(3), nq = ceil_div(seq_q, block_size_q);
   const int64_t max_blocks = std::min(num_kv_blocks, block_size_q * top_k);

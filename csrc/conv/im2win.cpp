@@ -100,6 +100,14 @@ void check_grad_output_shape(const char* op, const at::Tensor& grad_output, cons
 void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, at::Tensor& out, bool cache_weight = false) {
   if (out.numel() == 0) return;
+  if (g.C == 0) {  // an empty sum (no input channels; in the gradients: an empty batch or no filters)
+    if (bias.has_value()) {
+      out.copy_(bias->view({1, -1, 1, 1}).expand_as(out));
+    } else {
+      out.zero_();
+    }
+    return;
+  }
   const Im2winConvParams p{scalar_kind(input), g,
                            input.data_ptr(), strides4(input),
                            weight.data_ptr(), strides4(weight),
@@ -115,7 +123,7 @@ void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::T
   }
   at::Tensor packed;
   if (cache_weight && p.dtype != ScalarKind::kFloat64) {
-    packed = cached_packed_weight(weight, int(cpu::active_cpu_isa()), [&] {
+    packed = cached_packed_weight(weight, int(cpu::active_cpu_isa()), p.geometry.groups, [&] {
       const int64_t floats = TORCH_EXT_CPU_DISPATCH(im2win_packed_weight_size, p);
       at::Tensor panels = at::empty({floats}, weight.options().dtype(at::kFloat));
       TORCH_EXT_CPU_DISPATCH(im2win_pack_weight, p, panels.data_ptr<float>());

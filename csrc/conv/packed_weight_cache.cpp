@@ -23,12 +23,13 @@ struct Entry {
   std::vector<int64_t> sizes, strides;
   at::ScalarType dtype;
   int isa;
+  int64_t variant;
   at::Tensor packed;  // undefined until the second call
 
-  bool matches(const at::Tensor& w, int want_isa) const {
+  bool matches(const at::Tensor& w, int want_isa, int64_t want_variant) const {
     return !impl.expired() && impl._unsafe_get_target() == w.unsafeGetTensorImpl() &&
-           version == int64_t(w._version()) && data == w.data_ptr() && isa == want_isa && dtype == w.scalar_type() &&
-           w.sizes() == at::IntArrayRef(sizes) && w.strides() == at::IntArrayRef(strides);
+           version == int64_t(w._version()) && data == w.data_ptr() && isa == want_isa && variant == want_variant &&
+           dtype == w.scalar_type() && w.sizes() == at::IntArrayRef(sizes) && w.strides() == at::IntArrayRef(strides);
   }
   int64_t bytes() const { return packed.defined() ? int64_t(packed.nbytes()) : 0; }
 };
@@ -46,11 +47,13 @@ Cache& cache() {
 
 }  // namespace
 
-at::Tensor cached_packed_weight(const at::Tensor& weight, int isa, const std::function<at::Tensor()>& pack) {
+at::Tensor cached_packed_weight(const at::Tensor& weight, int isa, int64_t variant,
+                                const std::function<at::Tensor()>& pack) {
+  if (weight.is_inference()) return at::Tensor();  // no version counter: in-place writes would go unseen
   Cache& c = cache();
   const std::lock_guard<std::mutex> lock(c.mutex);
   for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
-    if (!it->matches(weight, isa)) continue;
+    if (!it->matches(weight, isa, variant)) continue;
     c.entries.splice(c.entries.begin(), c.entries, it);
     Entry& hit = c.entries.front();
     if (!hit.packed.defined()) {  // second sighting at this version: keep the panels
@@ -76,7 +79,7 @@ at::Tensor cached_packed_weight(const at::Tensor& weight, int isa, const std::fu
   c.entries.push_front(Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
                                  weight.getIntrusivePtr()),
                              int64_t(weight._version()), weight.data_ptr(), weight.sizes().vec(),
-                             weight.strides().vec(), weight.scalar_type(), isa, at::Tensor()});
+                             weight.strides().vec(), weight.scalar_type(), isa, variant, at::Tensor()});
   if (c.entries.size() > kMaxEntries) {
     c.bytes -= c.entries.back().bytes();
     c.entries.pop_back();
@@ -84,11 +87,12 @@ at::Tensor cached_packed_weight(const at::Tensor& weight, int isa, const std::fu
   return at::Tensor();
 }
 
-at::Tensor find_packed_weight(const at::Tensor& weight, int isa) {
+at::Tensor find_packed_weight(const at::Tensor& weight, int isa, int64_t variant) {
+  if (weight.is_inference()) return at::Tensor();
   Cache& c = cache();
   const std::lock_guard<std::mutex> lock(c.mutex);
   for (auto it = c.entries.begin(); it != c.entries.end(); ++it) {
-    if (!it->matches(weight, isa) || !it->packed.defined()) continue;
+    if (!it->matches(weight, isa, variant) || !it->packed.defined()) continue;
     c.entries.splice(c.entries.begin(), c.entries, it);
     return c.entries.front().packed;
   }

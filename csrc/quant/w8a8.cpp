@@ -141,7 +141,7 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   }
   // Few rows read B as it is, unless its packed form is already cached (a weight the cache
   // holds, packed by an earlier call with more rows: faster at 5-16 rows, as fast at 1).
-  at::Tensor packed = m <= kUnpackedInt8MaxRows ? find_packed_weight(b, kPackedInt8Tag) : at::Tensor();
+  at::Tensor packed = m <= kUnpackedInt8MaxRows ? find_packed_weight(b, kPackedInt8Tag, 0) : at::Tensor();
   if (m <= kUnpackedInt8MaxRows && !packed.defined()) {
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
     if (cpu::avx512_vnni_active()) {
@@ -158,7 +158,7 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
     return packed;
   };
   // B is usually a frozen weight: its packed form is cached like the conv weights' panels.
-  if (!packed.defined()) packed = cached_packed_weight(b, kPackedInt8Tag, pack);
+  if (!packed.defined()) packed = cached_packed_weight(b, kPackedInt8Tag, 0, pack);
   if (!packed.defined()) packed = pack();
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
   if (cpu::avx512_vnni_active()) {
@@ -254,6 +254,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   check_dtype(op, "w_q", w_q, {at::kChar});
   TORCH_EXT_CHECK(w_q.dim() == 2 && w_q.size(1) == x.size(-1), op, "w_q must be [N, K] with K = x.size(-1) = ",
                   x.size(-1), ", got shape ", w_q.sizes());
+  const int64_t n = w_q.size(0);
+  check_dtype(op, "w_scale", w_scale, {at::kFloat});
+  TORCH_EXT_CHECK(w_scale.numel() == n || w_scale.numel() == 1, op, "w_scale must hold N = ", n,
+                  " per-channel scales or one per-tensor scale, got shape ", w_scale.sizes());
   const at::Tensor x_rows = as_rows(x);
   const int64_t k = x_rows.size(1);
   const bool decompose = outlier_threshold > 0.0 && x_rows.size(0) > 0 && k > 0;
@@ -277,17 +281,20 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
     }
   }
   const auto [x_q, x_scale] = quantize_rows(regular, c10::nullopt, zero_columns);
-  at::Tensor y = scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, x.scalar_type());
+  // With outliers, the two parts are summed in fp32 and rounded once (where they cancel, a
+  // rounding of the int8 part to 16 bits first would be a large error relative to the result).
+  const at::ScalarType sum_dtype = decompose ? at::kFloat : x.scalar_type();
+  at::Tensor y = scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, sum_dtype);
   if (decompose && x_rows.is_cuda()) {
     const at::Tensor columns =
         w_q.index_select(1, candidates).to(at::kFloat).mul(w_scale.reshape({-1, 1})).to(x.scalar_type());
     y.add_(at::matmul(outlier_x, columns.t()));
   } else if (decompose && candidates.numel() > 0) {
-    add_outlier_product_cpu(y, outlier_x, candidates, w_q, w_scale.reshape({-1}));
+    add_outlier_product_cpu(y, outlier_x, candidates, w_q, w_scale.reshape({-1}).expand({n}).contiguous());
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = w_q.size(0);
-  return y.view(shape);
+  shape.back() = n;
+  return y.to(x.scalar_type()).view(shape);
 }
 
 }  // namespace torch_ext

@@ -70,7 +70,8 @@ Layout check_weight(const char* op, const at::Tensor& qweight, const at::Tensor&
   const int64_t n = scales.size(1);
   TORCH_EXT_CHECK(qweight.size(0) == quant::tiles_for(n), op, "qweight holds ", qweight.size(0),
                   " tiles of 16 output features, but scales has N = ", n, " columns (needs ", quant::tiles_for(n), ")");
-  const int64_t group = group_size > 0 ? group_size : quant::tiles_for(k) * quant::kTileK;
+  // (Per channel with K = 0: one empty group; no division by a zero group below.)
+  const int64_t group = group_size > 0 ? group_size : std::max<int64_t>(1, quant::tiles_for(k)) * quant::kTileK;
   const int64_t groups = std::max<int64_t>(1, (k + group - 1) / group);
   TORCH_EXT_CHECK(scales.size(0) == groups, op, "scales must be [ceil(K / group_size), N] = [", groups, ", ", n,
                   "] for K = ", k, " and group_size = ", group_size, ", got shape ", scales.sizes());
@@ -151,6 +152,14 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
   if (y.numel() == 0) return y;
   at::Tensor y_rows = y.view({m, layout.n});
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  if (layout.k == 0) {  // an empty sum: the bias or zeros, as F.linear gives
+    if (bias) {
+      y_rows.copy_(bias_c.expand_as(y_rows));
+    } else {
+      y_rows.zero_();
+    }
+    return y;
+  }
 
   if (x.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)

@@ -36,7 +36,8 @@ def _attention_function(mode: str, block_size: int, top_k: int, mask_fn: Callabl
         if attention_mask is not None or query.shape[2] == 1:
             out = _dense_fallback(query, key, value, attention_mask, scaling, causal)
         elif mode == "moba":
-            out = moba_attention(query, key, value, block_size=block_size, top_k=top_k, causal=causal)
+            out = moba_attention(query, key, value, block_size=block_size, top_k=top_k, causal=causal,
+                                 scale=scaling)
         else:
             seq_q, seq_kv = query.shape[2], key.shape[2]
             mask = (mask_fn(seq_q, seq_kv, query.device) if mask_fn is not None else

@@ -97,7 +97,8 @@ class QuantLinear(nn.Module):
         # module kept in another dtype still works, at one small conversion per call.
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        return weight_only_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return weight_only_linear(x, self.qweight, self.scales, self.zeros, bias, self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -42,6 +42,8 @@ def quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, symme
     if scale_dtype is None:
         scale_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32
     n, k = w.shape
+    if k == 0:
+        raise ValueError(f"w must have at least one input feature, got shape {tuple(w.shape)}")
     group = k if group_size == -1 else group_size
     w64 = w.detach().to(torch.float64)
     max_q = 2**bits - 1
@@ -52,7 +54,11 @@ def quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, symme
     else:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / max_q
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
+    # A group of zeros, or one whose scale underflows in scale_dtype (fp16 below ~6e-8), takes
+    # scale 1, so that its values (all tinier than one fp16 step) dequantize to 0 rather than a
+    # division by the zero scale making NaN zero points.
+    scale = scale.to(scale_dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale64 = scale.to(torch.float64)
     if not symmetric:
         zero = torch.round(-lo / scale64).clamp(0, max_q)
