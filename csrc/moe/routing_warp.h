@@ -72,6 +72,7 @@ TORCH_EXT_HOST_DEVICE Candidate better_candidate(Candidate a, Candidate b) {
 struct LaneRoute {
   float score[kMaxExpertsPerLane];   // softmax / sigmoid score of expert lane + 32 j
   float biased[kMaxExpertsPerLane];  // score + correction bias: what selection compares
+  uint8_t group[kMaxExpertsPerLane];  // expert lane + 32 j's group (grouped selection only)
   uint32_t eligible;                 // bit j: expert lane + 32 j exists and may still be chosen
   float group_score;                 // of group `lane` (lane < num_expert_group)
   bool group_kept;
@@ -132,6 +133,13 @@ TORCH_EXT_UNROLL
   // Expert groups: score each, keep the best topk_group, drop the experts of the others.
   if (c.num_expert_group > 1) {
     const int32_t groups = c.num_expert_group, size = e / groups;
+    // Each expert's group, divided out once: the loops below ask groups x experts times, and an
+    // integer division by a run-time value is a ~20-instruction sequence on the GPU.
+    w.each(lanes, [&](int32_t lane, LaneRoute& s) {
+TORCH_EXT_UNROLL
+      for (int32_t j = 0; j < kMaxExpertsPerLane; ++j)
+        s.group[j] = (s.eligible >> j & 1u) ? uint8_t(expert_of(lane, j) / size) : uint8_t(0);
+    });
     for (int32_t g = 0; g < groups; ++g) {
       const Top2 top = w.reduce(
           lanes,
@@ -139,7 +147,7 @@ TORCH_EXT_UNROLL
             Top2 t{-INFINITY, -INFINITY};
 TORCH_EXT_UNROLL
             for (int32_t j = 0; j < kMaxExpertsPerLane; ++j)
-              if ((s.eligible >> j & 1u) && expert_of(lane, j) / size == g) t = merge_top2(t, Top2{s.biased[j], -INFINITY});
+              if ((s.eligible >> j & 1u) && s.group[j] == g) t = merge_top2(t, Top2{s.biased[j], -INFINITY});
             return t;
           },
           merge_top2);
@@ -165,7 +173,7 @@ TORCH_EXT_UNROLL
     w.each(lanes, [&](int32_t lane, LaneRoute& s) {
 TORCH_EXT_UNROLL
       for (int32_t j = 0; j < kMaxExpertsPerLane; ++j)
-        if ((s.eligible >> j & 1u) && !(kept_groups >> (expert_of(lane, j) / size) & 1u)) s.eligible &= ~(1u << j);
+        if ((s.eligible >> j & 1u) && !(kept_groups >> s.group[j] & 1u)) s.eligible &= ~(1u << j);
     });
   }
 
