@@ -140,6 +140,16 @@ def test_empty_reductions(device, what):
         assert torch.equal(grads[0], torch.zeros_like(x))
 
 
+def test_unbatched_input_like_f_conv2d():
+    seed = fresh_seed()
+    x = random_tensor((3, 9, 8), torch.float32, "cpu", seed)
+    w = random_tensor((5, 3, 3, 2), torch.float32, "cpu", seed + 1)
+    y = torch_ext.nn.Im2winConv2d(3, 5, (3, 2), padding=1).requires_grad_(False)
+    y.weight.copy_(w)
+    expected = F.conv2d(x.double(), w.double(), y.bias.double(), 1, 1)
+    assert_close_to_reference(y(x), expected, torch.float32, "unbatched", CONV_BOUNDS[torch.float32])
+
+
 def test_gradcheck(device):
     seed = fresh_seed()
     x = random_tensor((2, 4, 6, 7), torch.float64, device, seed).requires_grad_()

@@ -63,6 +63,19 @@ def test_the_models_scaling_is_used(mode, options):
     assert relative_error(out, expected) < 1e-5, mode
 
 
+def test_attention_dropout_and_softcap_are_refused():
+    """Training with attention dropout, or soft-capping, would silently compute another function."""
+    from torch_ext.integrations.hf_attention import _attention_function
+
+    attention = _attention_function("block_sparse", 32, 8, None)
+    q = torch.randn(1, 2, 40, 32)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="no attention dropout, got dropout=0.1"):
+        attention(module, q, q, q, None, dropout=0.1)
+    with pytest.raises(ValueError, match="does not support softcap"):
+        attention(module, q, q, q, None, softcap=30.0)
+
+
 def test_padding_falls_back_to_dense():
     seed = fresh_seed()
     stock = _llama(seed)

@@ -124,3 +124,68 @@ def test_fused_moe_module_standalone():
     y.square().sum().backward()
     for parameter in (layer.gate.weight, layer.w13, layer.w2, shared.weight, layer.shared_expert_gate.weight):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_router_logits_and_aux_loss(family):
+    """output_router_logits after patch_moe: the same router logits and load-balancing loss as the
+    stock model (transformers finds them through its recorders, which patch_moe points at
+    FusedMoE's router), with labels too."""
+    seed = fresh_seed()
+    stock = _randomized(family, seed).eval()
+    patched = patch_moe(copy.deepcopy(stock))
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = stock(ids, labels=ids, output_router_logits=True)
+        got = patched(ids, labels=ids, output_router_logits=True)
+    assert len(got.router_logits) == len(want.router_logits) > 0
+    for a, b in zip(got.router_logits, want.router_logits):
+        assert relative_error(a, b) < 1e-5
+    assert relative_error(got.aux_loss, want.aux_loss) < 1e-5 and relative_error(got.loss, want.loss) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_non_reentrant_checkpointing(family):
+    """transformers 5's gradient_checkpointing_enable() is non-reentrant: each saved tensor may be
+    unpacked once; the patched model trains under it with the stock gradients."""
+    seed = fresh_seed()
+    stock = _randomized(family, seed).train()
+    patched = patch_moe(copy.deepcopy(stock))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(seed))
+    for model in (stock, patched):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(ids, labels=ids).loss.backward()
+    stock_grads = dict(stock.named_parameters())
+    embed = "model.embed_tokens.weight"
+    assert relative_error(dict(patched.named_parameters())[embed].grad, stock_grads[embed].grad) < 1e-4
+
+
+def test_frozen_experts_stay_frozen_and_quantize_model_keeps_routers():
+    """A frozen model stays frozen after patch_moe (4.x expert lists are stacked into new
+    parameters); quantize_model after patch_moe leaves the routers (DeepSeek reads them in fp32)."""
+    seed = fresh_seed()
+    model = _randomized("deepseek_v3", seed).eval().requires_grad_(False)
+    patch_moe(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch_ext.quant.quantize_model(model, group_size=16, skip=lambda name: name == "lm_head")
+        assert all(type(m.gate) is torch_ext.nn.fused_moe.MoeRouter
+                   for m in model.modules() if isinstance(m, torch_ext.nn.FusedMoE))
+        assert relative_error(model(ids).logits, expected) < 0.2
+
+
+def test_mixtral_router_jitter():
+    """router_jitter_noise: the input is jittered in training (two calls differ), not in eval."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(**_ATTENTION, intermediate_size=80, num_key_value_heads=2, num_local_experts=6,
+                                        num_experts_per_tok=2, router_jitter_noise=0.5)
+    model = patch_moe(transformers.MixtralForCausalLM(config))
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+        model.eval()
+        assert torch.equal(model(ids).logits, model(ids).logits)

@@ -297,6 +297,23 @@ def test_int8_linear_module_and_state_dict():
     assert torch.equal(fresh(x), module(x))
 
 
+@pytest.mark.parametrize("module_class", ["Int8Linear", "FP8Linear"])
+def test_module_dtype_casts_keep_the_quantized_weight(module_class):
+    """.to(bfloat16) / .half() cast the bias only: the 8-bit weight (fp8 counts as floating) and its
+    float32 scales keep their dtypes, and the module still runs."""
+    linear = torch.nn.Linear(64, 24)
+    module = getattr(torch_ext.nn, module_class).from_linear(linear)
+    weight_dtype = module.w_q.dtype
+    x = random_tensor((3, 64), torch.bfloat16, "cpu", fresh_seed())
+    expected = module(x.float())
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        module = cast(module)
+        assert module.w_q.dtype == weight_dtype and module.w_scale.dtype == torch.float32
+    module = module.to(torch.bfloat16)
+    assert module.bias.dtype == torch.bfloat16
+    assert_close_to_reference(module(x), expected.double(), torch.bfloat16, module_class, 2e-2)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu_bitwise(dtype):

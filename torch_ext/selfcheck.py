@@ -77,6 +77,48 @@ def _block_sparse_attention(device: str, dtype: torch.dtype) -> float:
                                    "block_sparse_attention")
 
 
+@register_check("weight_only_linear", (torch.float16, torch.bfloat16))
+def _weight_only_linear(device: str, dtype: torch.dtype) -> float:
+    from torch_ext.quant import quantize_weight
+
+    def make(seed):
+        qw = quantize_weight(random_tensor((72, 200), torch.float32, device, seed), bits=4, group_size=64)
+        return (random_tensor((5, 200), dtype, device, seed + 1), qw.qweight, qw.scales.to(dtype), qw.zeros.to(dtype),
+                random_tensor((72,), dtype, device, seed + 2), 4, 64)
+
+    return check_against_reference(torch.ops.torch_ext.weight_only_linear, reference.quant.weight_only_linear, make,
+                                   dtype, "weight_only_linear")
+
+
+@register_check("scaled_int8_mm", (torch.float32, torch.bfloat16))
+def _scaled_int8_mm(device: str, dtype: torch.dtype) -> float:
+    def make(seed):
+        gen = torch.Generator().manual_seed(seed)
+        a, b = (torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8).to(device)
+                for shape in ((37, 300), (70, 300)))
+        return (a, b, torch.rand(37, 1, generator=gen).to(device) + 0.1, torch.rand(70, generator=gen).to(device) + 0.1,
+                random_tensor((70,), torch.float32, device, seed), dtype)
+
+    def expected(a, b, a_scale, b_scale, bias, out_dtype):
+        return (a.double() @ b.double().t()) * a_scale * b_scale + bias
+
+    return check_against_reference(torch.ops.torch_ext.scaled_int8_mm, expected, make, dtype, "scaled_int8_mm")
+
+
+@register_check("fused_moe", (torch.float32, torch.bfloat16))
+def _fused_moe(device: str, dtype: torch.dtype) -> float:
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.float16  # CUDA's fp32 is the ATen composition; fp16 checks the kernels
+    def make(seed):
+        weights, ids = torch.ops.torch_ext.moe_route(random_tensor((9, 6), torch.float32, device, seed), 2, True,
+                                                      "softmax", 1, 1, None, 1.0)
+        return (random_tensor((9, 64), dtype, device, seed + 1),
+                random_tensor((6, 96, 64), dtype, device, seed + 2, scale=0.125),
+                random_tensor((6, 64, 48), dtype, device, seed + 3, scale=0.15), weights, ids, "silu")
+
+    return check_against_reference(torch.ops.torch_ext.fused_moe, reference.moe.fused_moe, make, dtype, "fused_moe")
+
+
 def run_checks(devices: list[str] | None = None) -> int:
     """Run every check on every device; print a table; return the number of failures."""
     failures = 0

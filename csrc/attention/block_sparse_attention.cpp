@@ -23,6 +23,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "attention/block_sparse_attention_cuda.h"
+#include "attention/block_sparse_attention_cuda_index.h"
 #endif
 
 namespace torch_ext {
@@ -241,6 +242,28 @@ bool uses_bf16_dot(const attention::BlockSparseForwardParams& p) {
   TORCH_CHECK(false, "torch_ext.", op, ": torch_ext was built without CUDA");
 }
 
+#if defined(TORCH_EXT_WITH_CUDA)
+// The CUDA kernels' own limits, as clear errors (a launch past them fails with "invalid
+// argument"): grid y / z, the MoBA table in shared memory, and the dynamic shared memory per
+// block (99 KB on sm_86 / sm_89: D = 128 with 128-blocks in the backward, or a large top_k).
+void check_cuda_limits(const char* op, const attention::BlockSparseForwardParams& p, bool backward, int device) {
+  namespace ix = attention::bsa_cuda;
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_EXT_CHECK(p.batch <= kMaxGridYZ && p.heads_q <= kMaxGridYZ, op, "batch and query heads must be <= ",
+                  kMaxGridYZ, " on CUDA, got ", p.batch, " and ", p.heads_q);
+  const int top_k = p.selection.blocks != nullptr ? int(p.selection.top_k) : 0;
+  TORCH_EXT_CHECK(top_k <= ix::kMaxSelectionTopK, op, "token_blocks' top_k must be <= ", ix::kMaxSelectionTopK,
+                  " on CUDA, got ", top_k);
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int need = ix::attention_smem_bytes(int(p.head_dim), p.block_q, p.block_kv, top_k, backward);
+  TORCH_EXT_CHECK(need <= limit, op, backward ? "the backward" : "the forward", " with head dim ", p.head_dim,
+                  ", block_size_q ", p.block_q, ", block_size_kv ", p.block_kv, " and top_k ", top_k, " needs ", need,
+                  " bytes of shared memory per block, this GPU allows ", limit,
+                  " (smaller blocks or top_k fit, or run on the CPU)");
+}
+#endif
+
 // flags [..., n] (uint8, 1 = listed) to (counts int32 [...], indices int32 [..., max_blocks]): the
 // flagged positions in increasing order, by a stable descending sort of the flags.
 std::tuple<at::Tensor, at::Tensor> lists_from_flags(const at::Tensor& flags, int64_t max_blocks) {
@@ -274,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention(const at::Tensor& q, c
   if (q.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
+    check_cuda_limits(kForward, p, false, q.get_device());
     C10_CUDA_CHECK(cuda::block_sparse_attention_forward(p, c10::cuda::getCurrentCUDAStream()));
 #else
     no_cuda_kernels(kForward);
@@ -336,6 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
   if (q.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
+    check_cuda_limits(kBackward, p.forward, true, q.get_device());
     C10_CUDA_CHECK(cuda::block_sparse_attention_backward(p, c10::cuda::getCurrentCUDAStream()));
 #else
     no_cuda_kernels(kBackward);
@@ -366,6 +391,10 @@ at::Tensor moba_select(const at::Tensor& q, const at::Tensor& k, int64_t block_s
                                       selected.data_ptr<int32_t>()};
   if (q.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
+    TORCH_EXT_CHECK(top_k <= attention::bsa_cuda::kMaxMobaTopK, op, "top_k must be <= ",
+                    attention::bsa_cuda::kMaxMobaTopK, " on CUDA (one candidate per lane of a warp), got ", top_k);
+    TORCH_EXT_CHECK(s.batch <= 65535 && s.heads_q <= 65535, op, "batch and query heads must be <= 65535 on CUDA, got ",
+                    s.batch, " and ", s.heads_q);
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor workspace = at::empty({cuda::moba_select_workspace_bytes(p)}, q.options().dtype(at::kByte));
     C10_CUDA_CHECK(cuda::moba_select(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));

@@ -425,6 +425,28 @@ struct DkdvTraits {
   static_assert(kQCols % kQInner == 0 && kQInner % 16 == 0, "k16 steps of P^T");
 };
 
+// The most dynamic shared memory one launch of the forward (or of the backward's dQ and dK / dV
+// kernels) asks for: head_dim 64 / 128, block_q 64 / 128, block_kv 16 ... 128, MoBA top_k (0:
+// none). The host checks it against the device's opt-in limit (99 KB on sm_86 / sm_89, 227 KB
+// on sm_80 / sm_90) before launching.
+template <int kD>
+constexpr int attention_smem_bytes_for(int block_q, int block_kv, int top_k, bool backward) {
+  const int rows = block_q == 64 ? (backward ? RowTraits<kD, 64, true>::smem_bytes(top_k)
+                                             : RowTraits<kD, 64, false>::smem_bytes(top_k))
+                                 : (backward ? RowTraits<kD, 128, true>::smem_bytes(top_k)
+                                             : RowTraits<kD, 128, false>::smem_bytes(top_k));
+  if (!backward) return rows;
+  const int keys = block_kv == 16   ? DkdvTraits<kD, 16>::kSmemBytes
+                   : block_kv == 32 ? DkdvTraits<kD, 32>::kSmemBytes
+                   : block_kv == 64 ? DkdvTraits<kD, 64>::kSmemBytes
+                                    : DkdvTraits<kD, 128>::kSmemBytes;
+  return rows > keys ? rows : keys;
+}
+constexpr int attention_smem_bytes(int head_dim, int block_q, int block_kv, int top_k, bool backward) {
+  return head_dim == 64 ? attention_smem_bytes_for<64>(block_q, block_kv, top_k, backward)
+                        : attention_smem_bytes_for<128>(block_q, block_kv, top_k, backward);
+}
+
 }  // namespace bsa_cuda
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
 }  // namespace torch_ext::attention

@@ -8,6 +8,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
+#include <cstdint>
+
 #include "common/cpu/isa.h"
 #include "common/torch_utils.h"
 #include "ops.h"
@@ -82,6 +84,13 @@ Layout check_weight(const char* op, const at::Tensor& qweight, const at::Tensor&
                     ", got ", zeros->sizes());
   }
   return Layout{n, k, group};
+}
+
+// qweight as the CUDA kernels read it: 16-byte cp.async / uint4 loads need a 16-byte aligned base,
+// which a contiguous view into a larger buffer need not have (then a copy, freshly aligned).
+at::Tensor aligned_qweight(const at::Tensor& qweight) {
+  const bool aligned = reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0;
+  return !qweight.is_cuda() || aligned ? qweight : qweight.clone();
 }
 
 QuantizedWeightView weight_view(const Layout& l, int64_t bits, const at::Tensor& qweight, const at::Tensor& scales,
@@ -165,7 +174,8 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
 #if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(x.device());
     const auto [s, z] = group_params(scales, zeros, x.scalar_type());
-    const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
+    const at::Tensor qw = aligned_qweight(qweight);
+    const QuantizedWeightView w = weight_view(layout, bits, qw, s, z);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     if (m > kDirectRowsCuda) {
       at::Tensor dense = at::empty({layout.n, layout.k}, x.options());
@@ -217,7 +227,8 @@ at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales
   TORCH_EXT_CHECK(k > 0, op, "in_features must be positive, got ", k);
   const Layout layout = check_weight(op, qweight, scales, zeros, bits, group_size, k);
   const auto [s, z] = group_params(scales, zeros);
-  const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
+  const at::Tensor qw = aligned_qweight(qweight);
+  const QuantizedWeightView w = weight_view(layout, bits, qw, s, z);
   at::Tensor out = at::empty({layout.n, layout.k}, scales.options());
   if (out.numel() == 0) return out;
   if (qweight.is_cuda()) {

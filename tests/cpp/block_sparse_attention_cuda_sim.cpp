@@ -1357,6 +1357,21 @@ void attention_any(int* stats) {
 #undef CASE
 }
 
+// attention_smem_bytes (what the host checks against the device's opt-in limit) is the largest
+// request of the launches: the traits' sizes, and the known cases past sm_86 / sm_89's 99 KB.
+void check_attention_smem_bytes() {
+  constexpr int kSm86Limit = 101376;
+  for (int top_k : {0, 8, 64}) {
+    const int forward = ix::RowTraits<128, 64, false>::smem_bytes(top_k);
+    CHECK(ix::attention_smem_bytes(128, 64, 32, top_k, false) == forward);
+    const int dq = ix::RowTraits<64, 128, true>::smem_bytes(top_k), dkdv = ix::DkdvTraits<64, 16>::kSmemBytes;
+    CHECK(ix::attention_smem_bytes(64, 128, 16, top_k, true) == std::max(dq, dkdv));
+  }
+  CHECK(ix::attention_smem_bytes(128, 128, 128, 0, true) > kSm86Limit);  // hence the host check
+  CHECK(ix::attention_smem_bytes(128, 64, 64, 0, true) <= kSm86Limit);
+  CHECK(ix::attention_smem_bytes(64, 128, 128, 8, false) <= kSm86Limit);
+}
+
 int main(int argc, char** argv) {
   const int cases = argc > 1 ? atoi(argv[1]) : 20;
   const uint64_t seed = argc > 2 ? strtoull(argv[2], nullptr, 10) : 1;
@@ -1366,6 +1381,7 @@ int main(int argc, char** argv) {
   CHECK(!ix::bhsd_vectorizable(16, 64, 64, 12));  // seq stride not a multiple of 8
   CHECK(!ix::bhsd_vectorizable(8, 0, 0, 64));     // base not 16-byte aligned
   check_moba_smem_rows();
+  check_attention_smem_bytes();
   int stats[4] = {0, 0, 0, 0};
   // attention cases are costly (mma models): one in 4 of the requested cases, at least 6
   const int attention_cases = std::max(6, cases / 4);

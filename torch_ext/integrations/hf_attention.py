@@ -30,6 +30,12 @@ def _attention_function(mode: str, block_size: int, top_k: int, mask_fn: Callabl
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                   is_causal: bool | None = None, **kwargs):
+        if dropout > 0.0:
+            raise ValueError(f"torch_ext attention ({mode}) has no attention dropout, got dropout={dropout} "
+                             "(set the config's attention_dropout to 0 to train with it)")
+        for name in ("softcap", "s_aux"):  # logit soft-capping, attention sinks
+            if kwargs.get(name) is not None:
+                raise ValueError(f"torch_ext attention ({mode}) does not support {name}")
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         if scaling is None:
             scaling = query.shape[-1] ** -0.5

@@ -38,9 +38,15 @@ def _stacked_experts(experts: nn.Module, hidden_size: int) -> tuple[torch.Tensor
         gate, up, down = "w1", "w3", "w2"
     else:
         gate, up, down = "gate_proj", "up_proj", "down_proj"
+    projections = [getattr(e, name) for e in experts for name in (gate, up, down)]
+    if any(p.bias is not None for p in projections):
+        raise ValueError("torch_ext: experts with biased projections (e.g. DeepSeek-V2 with mlp_bias) are not "
+                         "supported (fused_moe has no expert biases)")
     w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
     w2 = torch.stack([getattr(e, down).weight for e in experts])
-    return nn.Parameter(w13.detach()), nn.Parameter(w2.detach()), _activation(first.act_fn)
+    trainable = any(p.weight.requires_grad for p in projections)  # frozen experts stay frozen
+    return (nn.Parameter(w13.detach(), requires_grad=trainable), nn.Parameter(w2.detach(), requires_grad=trainable),
+            _activation(first.act_fn))
 
 
 def describe_moe_block(block: nn.Module) -> dict:
@@ -67,7 +73,7 @@ def describe_moe_block(block: nn.Module) -> dict:
                 router_weight=router_weight, correction_bias=None, shared_expert=None, shared_expert_gate=None,
                 return_router_logits=isinstance(block.experts, nn.ModuleList) and family in ("Mixtral", "Qwen2Moe"))
     if family == "Mixtral":
-        spec.update(renormalize=True)
+        spec.update(renormalize=True, jitter_noise=float(setting("jitter_noise", 0.0) or 0.0))
     elif family == "Qwen2Moe":
         spec.update(renormalize=bool(setting("norm_topk_prob", False)), shared_expert=block.shared_expert,
                     shared_expert_gate=block.shared_expert_gate)
@@ -101,4 +107,40 @@ def patch_moe(model: nn.Module) -> nn.Module:
         fused = FusedMoE.from_hf(module)
         fused.train(module.training)
         setattr(parent, child, fused)
+    _record_router_logits(model)
     return model
+
+
+def _record_router_logits(model: nn.Module) -> None:
+    """transformers collects ``router_logits`` (``output_router_logits``, the load-balancing loss)
+    with recorders that find the stock router (5.x) or MoE block (4.x) by class; after patching
+    they must find FusedMoE's MoeRouter, whose output is the [T, E] logits. The recorder table is
+    a class attribute that each model's __init__ copies into a registry keyed by class, so both
+    get a MoeRouter entry (it finds nothing in unpatched models of the class). 5.x installs its
+    hooks once per model: an already hooked model gets the hook on its new routers here."""
+    from torch_ext.nn.fused_moe import MoeRouter
+
+    try:
+        from transformers.utils.output_capturing import OutputRecorder, _CAN_RECORD_REGISTRY, install_output_capuring_hook
+    except ImportError:
+        try:
+            from transformers.utils.generic import OutputRecorder, _CAN_RECORD_REGISTRY
+        except ImportError:  # a transformers without recorders: the blocks return their logits themselves
+            return
+        install_output_capuring_hook = None
+    for module in model.modules():
+        table = getattr(type(module), "_can_record_outputs", None)
+        if not isinstance(table, dict) or "router_logits" not in table:
+            continue
+        specs = table["router_logits"] if isinstance(table["router_logits"], list) else [table["router_logits"]]
+        if not any(isinstance(s, OutputRecorder) and s.target_class is MoeRouter for s in specs):
+            table = {**table, "router_logits": [*specs, OutputRecorder(MoeRouter, index=0)]}
+            type(module)._can_record_outputs = table
+            if install_output_capuring_hook is None:  # 4.x: keyed by the class name
+                _CAN_RECORD_REGISTRY[str(type(module))] = table
+            else:  # 5.x: its __setitem__ keys by the model's class name
+                _CAN_RECORD_REGISTRY[module] = table
+        if install_output_capuring_hook is not None and getattr(module, "_output_capturing_hooks_installed", False):
+            for router in module.modules():
+                if isinstance(router, MoeRouter):
+                    install_output_capuring_hook(router, "router_logits", 0)

@@ -11,6 +11,23 @@ from torch_ext.ops.moe import fused_moe, fused_moe_quantized, moe_route
 from torch_ext.quant.experts import QuantizedExperts, quantize_experts
 
 
+class MoeRouter(nn.Linear):
+    """The router of a FusedMoE: ``logits = x W^T`` ([T, E]), computed in ``router_dtype`` when
+    set (DeepSeek routes in float32). A class of its own so that transformers' output recorders
+    (``output_router_logits``, the load-balancing loss) find the logits by class
+    (integrations.hf.patch_moe registers it), and so that ``quantize_model`` leaves it as it is."""
+
+    def __init__(self, hidden_size: int, num_experts: int, router_dtype: torch.dtype | None = None, device=None,
+                 dtype=None) -> None:
+        super().__init__(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
+        self.router_dtype = router_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router_dtype is None:
+            return super().forward(x)
+        return F.linear(x.to(self.router_dtype), self.weight.to(self.router_dtype))
+
+
 class FusedMoE(nn.Module):
     """``y = sum_j w_j * Expert_{e_j}(x) [+ shared(x)]`` over the top-k experts of each token.
 
@@ -21,7 +38,9 @@ class FusedMoE(nn.Module):
     [..., H] -> [..., H] added to the output, scaled by ``sigmoid(shared_expert_gate(x))`` when
     ``shared_expert_gate`` (Qwen2-MoE). ``router_dtype`` computes the router logits in that dtype
     (DeepSeek routes in float32). ``return_router_logits`` makes forward return
-    ``(y, router_logits)`` as transformers 4.x Mixtral and Qwen2-MoE blocks do.
+    ``(y, router_logits)`` as transformers 4.x Mixtral and Qwen2-MoE blocks do. ``jitter_noise``
+    (Mixtral's ``router_jitter_noise``) multiplies the input by uniform noise in [1 - j, 1 + j]
+    in training, before the router and the experts, as Mixtral does.
 
     :meth:`quantize_experts_` replaces ``w13`` and ``w2`` by weight-only quantized buffers
     (4 or 8 bits, fused_moe_quantized).
@@ -36,7 +55,7 @@ class FusedMoE(nn.Module):
                  num_expert_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0,
                  score_correction_bias: bool = False, shared_expert: nn.Module | None = None,
                  shared_expert_gate: bool = False, router_dtype: torch.dtype | None = None,
-                 return_router_logits: bool = False, device=None, dtype=None) -> None:
+                 return_router_logits: bool = False, jitter_noise: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_experts, self.top_k = num_experts, top_k
@@ -44,8 +63,8 @@ class FusedMoE(nn.Module):
         self.activation, self.renormalize, self.scoring = activation, renormalize, scoring
         self.num_expert_group, self.topk_group = num_expert_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
-        self.router_dtype, self.return_router_logits = router_dtype, return_router_logits
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+        self.return_router_logits, self.jitter_noise = return_router_logits, jitter_noise
+        self.gate = MoeRouter(hidden_size, num_experts, router_dtype, **factory)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
         if score_correction_bias:
@@ -67,10 +86,12 @@ class FusedMoE(nn.Module):
                 f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "
                 f"scoring={self.scoring!r}, renormalize={self.renormalize}")
 
+    @property
+    def router_dtype(self) -> torch.dtype | None:
+        return self.gate.router_dtype
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.router_dtype is None:
-            return self.gate(x)
-        return F.linear(x.to(self.router_dtype), self.gate.weight.to(self.router_dtype))
+        return self.gate(x)
 
     def routing_weights(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weights of the chosen experts as a differentiable function of the logits (the same
@@ -83,6 +104,9 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise,
+                                                                                     1.0 + self.jitter_noise)
         x = hidden_states.reshape(-1, self.hidden_size)
         logits = self.router_logits(x)
         weights, ids = moe_route(logits, self.top_k, self.renormalize, self.scoring, self.num_expert_group,
@@ -139,7 +163,6 @@ class FusedMoE(nn.Module):
         shared_expert, shared_gate = spec.pop("shared_expert"), spec.pop("shared_expert_gate")
         module = cls(**spec, score_correction_bias=bias is not None, shared_expert=shared_expert,
                      shared_expert_gate=shared_gate is not None, device="meta")
-        module.gate = nn.Linear(module.hidden_size, module.num_experts, bias=False, device="meta")
         module.gate.weight = router_weight
         module.w13, module.w2 = w13, w2
         if bias is not None:

@@ -41,6 +41,19 @@ class PerChannelQuantizedLinear(nn.Module, abc.ABC):
             module.bias.data.copy_(linear.bias.detach())
         return module
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()`` and the like cast every floating buffer; the 8-bit weight
+        (fp8 counts as floating) and its float32 scales only follow the module's device."""
+        kept = {name: self._buffers.pop(name) for name in ("w_q", "w_scale")}
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for name, tensor in kept.items():
+                device = fn(torch.empty(0, device=tensor.device)).device
+                self._buffers[name] = (torch.empty_like(tensor, device=device) if tensor.is_meta
+                                       else tensor.to(device))
+        return result
+
     def bias_for(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
 

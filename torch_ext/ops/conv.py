@@ -34,9 +34,12 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     field for one kernel column becomes one contiguous run) and a register-blocked kernel
     computes the dot products. ``padding`` is an int, a pair, ``'valid'`` or ``'same'``
     (``'same'`` needs stride 1; an even kernel pads one more on the bottom/right, as PyTorch
-    does). The output keeps the input's memory format (NCHW or channels_last).
+    does). The output keeps the input's memory format (NCHW or channels_last). An unbatched
+    ``[C, H, W]`` input gives a ``[K, Ho, Wo]`` output, as with F.conv2d.
     Differentiable in input, weight and bias.
     """
+    if input.dim() == 3:
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
     stride_hw, dilation_hw = _pair(stride, "stride"), _pair(dilation, "dilation")
     if isinstance(padding, str):
         if padding == "valid":

@@ -89,10 +89,13 @@ def _fused_moe_setup_context(ctx, inputs, output) -> None:
     ctx.activation = activation
 
 
-def _experts_backward(ctx, grad_out: torch.Tensor, gate_up: torch.Tensor | None):
+def _experts_backward(ctx, grad_out: torch.Tensor):
     """Gradients of (hidden, w13, w2, topk_weights, topk_ids, activation); the weights' only when
-    autograd asks for them (frozen experts skip those GEMMs)."""
-    hidden, w13, w2, topk_weights, topk_ids = ctx.saved_tensors[:5]
+    autograd asks for them (frozen experts skip those GEMMs). ``ctx.saved_tensors`` is read once:
+    non-reentrant activation checkpointing allows a saved tensor to be unpacked only once."""
+    saved = ctx.saved_tensors
+    hidden, w13, w2, topk_weights, topk_ids = saved[:5]
+    gate_up = saved[5] if len(saved) > 5 else None
     weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_hidden, grad_w13, grad_w2, grad_weights = _FUSED_BACKWARD(grad_out, hidden, w13, w2, topk_weights, topk_ids,
                                                                    ctx.activation, gate_up, weight_grads)
@@ -101,11 +104,7 @@ def _experts_backward(ctx, grad_out: torch.Tensor, gate_up: torch.Tensor | None)
     return grad_hidden, grad_w13, grad_w2, grad_weights, None, None
 
 
-def _fused_moe_backward(ctx, grad_out: torch.Tensor):
-    return _experts_backward(ctx, grad_out, None)
-
-
-torch.library.register_autograd("torch_ext::fused_moe", _fused_moe_backward, setup_context=_fused_moe_setup_context)
+torch.library.register_autograd("torch_ext::fused_moe", _experts_backward, setup_context=_fused_moe_setup_context)
 
 
 def _fused_moe_train_setup_context(ctx, inputs, output) -> None:
@@ -116,7 +115,7 @@ def _fused_moe_train_setup_context(ctx, inputs, output) -> None:
 
 
 def _fused_moe_train_backward(ctx, grad_out: torch.Tensor, _grad_gate_up):
-    return _experts_backward(ctx, grad_out, ctx.saved_tensors[5])
+    return _experts_backward(ctx, grad_out)
 
 
 torch.library.register_autograd("torch_ext::fused_moe_train", _fused_moe_train_backward,

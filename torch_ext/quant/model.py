@@ -21,7 +21,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
     `skip` accepts, and the layers torch modules read the weight of directly: the output
     projections of ``nn.MultiheadAttention`` (torch's dynamic quantization leaves them too) and
     ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
-    (their inference fast path). ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits,
+    (their inference fast path); and the routers of ``FusedMoE`` (small, and computed in float
+    where ``router_dtype`` asks). ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits,
     group_size, symmetric)``; ``method="int8"``: ``Int8Linear.from_linear(linear,
     outlier_threshold)`` (W8A8 with LLM.int8() outliers); ``method="fp8"``:
     ``FP8Linear.from_linear(linear)`` (bits/group_size/symmetric unused by both).
@@ -40,13 +41,16 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
             return fp8_linear.FP8Linear.from_linear(linear)
         return quant_linear.QuantLinear.from_linear(linear, bits, group_size, symmetric)
 
-    read_directly = {id(child) for layer in model.modules()
-                     if isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
-                     for child in (layer.linear1, layer.linear2)}
+    from torch_ext.nn.fused_moe import MoeRouter  # here: torch_ext.nn imports this package
+
+    kept = {id(child) for layer in model.modules()
+            if isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+            for child in (layer.linear1, layer.linear2)}
     quantized: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if (not isinstance(module, nn.Linear) or isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
-                or id(module) in read_directly or (skip is not None and skip(name))):
+        if (not isinstance(module, nn.Linear) or id(module) in kept
+                or isinstance(module, (nn.modules.linear.NonDynamicallyQuantizableLinear, MoeRouter))
+                or (skip is not None and skip(name))):
             continue
         if id(module) not in quantized:
             quantized[id(module)] = convert(module)
