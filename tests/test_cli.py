@@ -25,3 +25,9 @@ def test_check_passes():
 
 def test_unknown_command_fails():
     assert _run("frobnicate").returncode != 0
+
+
+def test_unknown_options_fail():
+    """A mistyped option is an error, not silently ignored (only bench takes further options)."""
+    out = _run("check", "--device", "cuda")
+    assert out.returncode != 0 and "unrecognized arguments for check: --device cuda" in out.stderr

@@ -189,3 +189,13 @@ def test_mixtral_router_jitter():
         assert not torch.equal(model(ids).logits, model(ids).logits)
         model.eval()
         assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_float64_module_routes():
+    """A float64 FusedMoE (for checks) routes on fp32 logits and matches its float32 self."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    module = torch_ext.nn.FusedMoE(6, 2, 32, 24)
+    x = torch.randn(5, 32)
+    expected = module(x)
+    assert relative_error(module.double()(x.double()), expected) < 1e-5

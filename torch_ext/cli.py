@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build info, devices, and every op with its kernels")
     sub.add_parser("bench", help="benchmarks against the named baselines (see `bench --help`)", add_help=False)
-    sub.add_parser("check", help="self-test of every op against its float64 reference; non-zero exit on failure")
+    sub.add_parser("check", help="self-test of each op family against its float64 reference; non-zero exit on "
+                                 "failure")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if rest and args.command != "bench":  # only bench takes further options (its own parser)
+        parser.error(f"unrecognized arguments for {args.command}: {' '.join(rest)}")
     if args.command == "info":
         return info()
     if args.command == "bench":

@@ -109,7 +109,8 @@ class FusedMoE(nn.Module):
                                                                                      1.0 + self.jitter_noise)
         x = hidden_states.reshape(-1, self.hidden_size)
         logits = self.router_logits(x)
-        weights, ids = moe_route(logits, self.top_k, self.renormalize, self.scoring, self.num_expert_group,
+        # (moe_route takes 16- and 32-bit logits; a float64 module, for checks, routes on fp32.)
+        weights, ids = moe_route(logits.float() if logits.dtype == torch.float64 else logits, self.top_k, self.renormalize, self.scoring, self.num_expert_group,
                                  self.topk_group, self.e_score_correction_bias, self.routed_scaling_factor)
         if torch.is_grad_enabled() and logits.requires_grad:
             weights = self.routing_weights(logits, ids)
