@@ -287,7 +287,7 @@ def test_resnet18_logits_and_gradients():
      r"weight must have input channels / groups = 4 channels"),
     (lambda: (torch.randn(1, 4, 8, 8), torch.randn(3, 2, 3, 3), {"groups": 3}),
      r"input channels \(4\) must be divisible by groups \(3\)"),
-    (lambda: (torch.randn(4, 8, 8), torch.randn(3, 4, 3, 3), {}), r"input must be a 4-D tensor, got shape \[4, 8, 8\]"),
+    (lambda: (torch.randn(4, 8), torch.randn(3, 4, 3, 3), {}), r"input must be a 4-D tensor, got shape \[4, 8\]"),
     (lambda: (torch.randn(1, 2, 4, 4), torch.randn(3, 2, 7, 7), {}),
      r"the kernel \(7x7, dilation \[1, 1\]\) is larger than the padded input \(4x4\)"),
     (lambda: (torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3, dtype=torch.float64), {}),
