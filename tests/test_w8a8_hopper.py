@@ -89,8 +89,11 @@ def test_fp8_wgmma(monkeypatch, out_dtype):
         assert torch.equal(wgmma, plain), f"{m}x{n}x{k} -> {out_dtype} seed {seed}"
         a = (torch.randn(m, k, generator=gen, device="cuda") * 8).to(torch.float8_e4m3fn)
         b = (torch.randn(n, k, generator=gen, device="cuda") * 8).to(torch.float8_e4m3fn)
+        monkeypatch.setenv("TORCH_EXT_WGMMA", "1")  # (_both_paths left the mma.sync path on)
+        run = lambda: scaled_fp8_mm(a, b, a_scale[:1, :1].reshape(1), b_scale, None, out_dtype)  # noqa: E731
+        assert "wgmma_mm_kernel" in _kernel_names(run)
         with poisoned_outputs():
-            out = scaled_fp8_mm(a, b, a_scale[:1, :1].reshape(1), b_scale, None, out_dtype)
+            out = run()
         ref = (a.double() @ b.double().t()) * a_scale[0, 0].double() * b_scale.double()
         bound = {torch.float32: 2e-4, torch.bfloat16: 8e-3}[out_dtype]  # 14-bit block sums (module doc)
         assert_close_to_reference(out, ref, out_dtype, f"{m}x{n}x{k} seed {seed}", bound)

@@ -92,12 +92,13 @@ def format_errors(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_json(result: dict[str, Any], out_dir: Path, stamp: str) -> Path:
-    """Write ``out_dir/bench-<stamp>.json`` (suffixing ``-2``, ``-3``, ... if it exists)."""
+def write_json(result: dict[str, Any], out_dir: Path, stamp: str, replace: bool = False) -> Path:
+    """Write ``out_dir/bench-<stamp>.json`` (suffixing ``-2``, ``-3``, ... if it exists, unless
+    `replace`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{stamp}.json"
     suffix = 2
-    while path.exists():
+    while path.exists() and not replace:
         path = out_dir / f"bench-{stamp}-{suffix}.json"
         suffix += 1
     path.write_text(json.dumps(_finite(result), indent=2) + "\n")

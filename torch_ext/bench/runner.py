@@ -49,12 +49,15 @@ def run(
     config = TimerConfig.for_mode(quick)
     rooflines: dict[str, Roofline] = {}
     records = []
+    out = Path(out_dir)
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr, disable=None, leave=False):
         if case.device not in rooflines:
             rooflines[case.device] = measure_roofline(case.device, quick)
         records.append(measure_case(case, rooflines[case.device], config))
+        # As it goes: a run stopped at a time limit (the lent GPU's) keeps what it measured.
+        print(_progress_line(records[-1]), flush=True)
+        write_json({"environment": environment, "cases": records, "errors": errors}, out, "partial", replace=True)
 
-    out = Path(out_dir)
     result: dict[str, Any] = {
         "environment": environment,
         "settings": {
@@ -76,12 +79,26 @@ def run(
         errors.append({"where": "plots", "error": _describe(exc)})
     stamp = environment["timestamp_utc"].replace("-", "").replace(":", "")
     json_path = write_json(result, out, stamp)
+    (out / "bench-partial.json").unlink(missing_ok=True)  # superseded by the complete file
 
     print(format_table(records) if records else "no cases selected")
     for line in format_errors(result):
         print(line)
     print(f"bench: results written to {json_path}")
     return result
+
+
+def _progress_line(record: dict[str, Any]) -> str:
+    """``label: ours 123.4 us | baseline 456.7 us (3.70x) | ...`` (medians)."""
+    def median(res: dict[str, Any] | None) -> float | None:
+        return None if not res or "error" in res else res.get("median_us")
+
+    ours = median(record.get("ours"))
+    parts = [f"{record['label']}: ours " + (f"{ours:.1f} us" if ours else "error")]
+    for name, res in record.get("baselines", {}).items():
+        base = median(res)
+        parts.append(f"{name} " + (f"{base:.1f} us" + (f" ({base / ours:.2f}x)" if ours else "") if base else "error"))
+    return "  " + " | ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

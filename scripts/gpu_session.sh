@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine (15 minutes of device time in all, start-up included,
+# 600 s per command; at most 8 files come back):
+#   bash scripts/gpu_session.sh $OUT      (run with timeout_s 600)
+# Everything in priority order under one deadline (GPU_SECONDS, default 560 s after the start):
+# build, the whole test suite, the GPU targets' benchmarks (scripts/gpu_perf.sh targets), the
+# sanitizers, the ncu profile, the quick benchmark. The work happens in /tmp/gpu (scratch space
+# beside the repo copy); after every step it is re-archived into $OUT/gpu.tgz, so a call cut
+# short returns all that finished. $OUT/summary.txt has the status table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST="${1:?usage: scripts/gpu_session.sh OUTDIR}"
+export GPU_DEADLINE=$(( $(date +%s) + ${GPU_SECONDS:-560} ))
+export OUT=/tmp/gpu GPU_ARCHIVE="$DEST/gpu.tgz" GPU_ARCHIVE_ROOT=/tmp/gpu
+mkdir -p "$OUT" "$DEST"
+bash scripts/gpu_check.sh "$OUT/check" build tests
+bash scripts/gpu_perf.sh "$OUT/perf" targets
+bash scripts/gpu_check.sh "$OUT/check" sanitize
+bash scripts/gpu_perf.sh "$OUT/perf" profile
+bash scripts/gpu_check.sh "$OUT/check" bench
+{ echo "check:"; cat "$OUT"/check/*.status; echo "perf:"; cat "$OUT"/perf/*.status; } 2>/dev/null | tee "$DEST/summary.txt"
