@@ -13,8 +13,12 @@ gpu_deadline_init() {  # gpu_deadline_init SECONDS: the deadline, unless an oute
 
 gpu_archive() {  # refresh GPU_ARCHIVE from GPU_ARCHIVE_ROOT (written aside, then renamed: never half a file)
   [ -n "${GPU_ARCHIVE:-}" ] || return 0
-  local root=${GPU_ARCHIVE_ROOT:-$OUT} part="$GPU_ARCHIVE.part$BASHPID"
-  tar czf "$part" -C "$(dirname "$root")" "$(basename "$root")" 2>/dev/null && mv "$part" "$GPU_ARCHIVE"
+  local root=${GPU_ARCHIVE_ROOT:-$OUT} part="$GPU_ARCHIVE.part"
+  (  # one refresh at a time (the two sanitizer steps end together); a log still growing is fine
+    flock 9
+    tar --warning=no-file-changed -czf "$part" -C "$(dirname "$root")" "$(basename "$root")" 2>/dev/null
+    if [ $? -le 1 ]; then mv "$part" "$GPU_ARCHIVE"; else rm -f "$part"; fi
+  ) 9>/tmp/gpu_archive.lock
 }
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...  (output to OUT/NAME.log, status line to OUT/NAME.status)
@@ -23,13 +27,14 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...  (output to OUT/NAME.log, status 
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$left" -lt 15 ]; then
     printf '%-14s %-14s %5ss  %s\n' "$name" "SKIPPED(time)" 0 "-" >"$OUT/$name.status"
+    gpu_archive
     return 125
   fi
   local start=$SECONDS
   timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   local status=ok
-  [ $rc -eq 124 ] && status="TIMEOUT(${limit}s)" || { [ $rc -ne 0 ] && status="FAIL(rc=$rc)"; }
+  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && status="TIMEOUT(${limit}s)" || { [ $rc -ne 0 ] && status="FAIL(rc=$rc)"; }
   printf '%-14s %-14s %5ss  %s\n' "$name" "$status" $((SECONDS - start)) "$OUT/$name.log" >"$OUT/$name.status"
   gpu_archive
   return $rc

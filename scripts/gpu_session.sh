@@ -13,9 +13,11 @@ DEST="${1:?usage: scripts/gpu_session.sh OUTDIR}"
 export GPU_DEADLINE=$(( $(date +%s) + ${GPU_SECONDS:-560} ))
 export OUT=/tmp/gpu GPU_ARCHIVE="$DEST/gpu.tgz" GPU_ARCHIVE_ROOT=/tmp/gpu
 mkdir -p "$OUT" "$DEST"
-bash scripts/gpu_check.sh "$OUT/check" build tests
+summary() { { echo "check:"; cat "$OUT"/check/*.status; echo "perf:"; cat "$OUT"/perf/*.status; } 2>/dev/null | tee "$DEST/summary.txt"; }
+# (gpu_check.sh fails only when the build does: then nothing else can run.)
+bash scripts/gpu_check.sh "$OUT/check" build tests || { summary; exit 1; }
 bash scripts/gpu_perf.sh "$OUT/perf" targets
 bash scripts/gpu_check.sh "$OUT/check" sanitize
 bash scripts/gpu_perf.sh "$OUT/perf" profile
 bash scripts/gpu_check.sh "$OUT/check" bench
-{ echo "check:"; cat "$OUT"/check/*.status; echo "perf:"; cat "$OUT"/perf/*.status; } 2>/dev/null | tee "$DEST/summary.txt"
+summary

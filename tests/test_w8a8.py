@@ -312,6 +312,8 @@ def test_module_dtype_casts_keep_the_quantized_weight(module_class):
     module = module.to(torch.bfloat16)
     assert module.bias.dtype == torch.bfloat16
     assert_close_to_reference(module(x), expected.double(), torch.bfloat16, module_class, 2e-2)
+    module.share_memory()  # the kept buffers take the rest of what _apply does
+    assert module.w_q.is_shared() and module.w_scale.is_shared()
 
 
 @pytest.mark.cuda

@@ -427,8 +427,8 @@ struct DkdvTraits {
 
 // The most dynamic shared memory one launch of the forward (or of the backward's dQ and dK / dV
 // kernels) asks for: head_dim 64 / 128, block_q 64 / 128, block_kv 16 ... 128, MoBA top_k (0:
-// none). The host checks it against the device's opt-in limit (99 KB on sm_86 / sm_89, 227 KB
-// on sm_80 / sm_90) before launching.
+// none). The host checks it against the device's opt-in limit (99 KB on sm_86 / sm_89, 163 KB on
+// sm_80, 227 KB on sm_90) before launching.
 template <int kD>
 constexpr int attention_smem_bytes_for(int block_q, int block_kv, int top_k, bool backward) {
   const int rows = block_q == 64 ? (backward ? RowTraits<kD, 64, true>::smem_bytes(top_k)

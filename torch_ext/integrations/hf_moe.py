@@ -120,14 +120,18 @@ def _record_router_logits(model: nn.Module) -> None:
     hooks once per model: an already hooked model gets the hook on its new routers here."""
     from torch_ext.nn.fused_moe import MoeRouter
 
-    try:
-        from transformers.utils.output_capturing import OutputRecorder, _CAN_RECORD_REGISTRY, install_output_capuring_hook
+    try:  # 5.x
+        from transformers.utils import output_capturing as capturing
+        from transformers.utils.output_capturing import OutputRecorder, _CAN_RECORD_REGISTRY
+        keyed_by_class_name = False
+        install_hook = (getattr(capturing, "install_output_capuring_hook", None)  # (sic, 5.x)
+                        or getattr(capturing, "install_output_capturing_hook", None))
     except ImportError:
-        try:
+        try:  # 4.x
             from transformers.utils.generic import OutputRecorder, _CAN_RECORD_REGISTRY
         except ImportError:  # a transformers without recorders: the blocks return their logits themselves
             return
-        install_output_capuring_hook = None
+        keyed_by_class_name, install_hook = True, None
     for module in model.modules():
         table = getattr(type(module), "_can_record_outputs", None)
         if not isinstance(table, dict) or "router_logits" not in table:
@@ -136,11 +140,11 @@ def _record_router_logits(model: nn.Module) -> None:
         if not any(isinstance(s, OutputRecorder) and s.target_class is MoeRouter for s in specs):
             table = {**table, "router_logits": [*specs, OutputRecorder(MoeRouter, index=0)]}
             type(module)._can_record_outputs = table
-            if install_output_capuring_hook is None:  # 4.x: keyed by the class name
+            if keyed_by_class_name:  # 4.x: a plain dict keyed by the class name
                 _CAN_RECORD_REGISTRY[str(type(module))] = table
             else:  # 5.x: its __setitem__ keys by the model's class name
                 _CAN_RECORD_REGISTRY[module] = table
-        if install_output_capuring_hook is not None and getattr(module, "_output_capturing_hooks_installed", False):
+        if install_hook is not None and getattr(module, "_output_capturing_hooks_installed", False):
             for router in module.modules():
                 if isinstance(router, MoeRouter):
-                    install_output_capuring_hook(router, "router_logits", 0)
+                    install_hook(router, "router_logits", 0)

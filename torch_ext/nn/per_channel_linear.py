@@ -43,15 +43,15 @@ class PerChannelQuantizedLinear(nn.Module, abc.ABC):
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.half()`` and the like cast every floating buffer; the 8-bit weight
-        (fp8 counts as floating) and its float32 scales only follow the module's device."""
+        (fp8 counts as floating) and its float32 scales keep their dtypes, and take everything
+        else ``fn`` does (device moves, ``share_memory_``, ``to_empty``)."""
         kept = {name: self._buffers.pop(name) for name in ("w_q", "w_scale")}
         try:
             result = super()._apply(fn, recurse)
         finally:
             for name, tensor in kept.items():
-                device = fn(torch.empty(0, device=tensor.device)).device
-                self._buffers[name] = (torch.empty_like(tensor, device=device) if tensor.is_meta
-                                       else tensor.to(device))
+                applied = fn(tensor)
+                self._buffers[name] = applied if applied.dtype == tensor.dtype else tensor.to(applied.device)
         return result
 
     def bias_for(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -20,9 +20,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
     layer, except those whose qualified name (``"model.layers.0.mlp.up_proj"``, ``"lm_head"``)
     `skip` accepts, and the layers torch modules read the weight of directly: the output
     projections of ``nn.MultiheadAttention`` (torch's dynamic quantization leaves them too) and
-    ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
-    (their inference fast path); and the routers of ``FusedMoE`` (small, and computed in float
-    where ``router_dtype`` asks). ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits,
+    ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` (its inference fast path); and the
+    routers of ``FusedMoE`` (small, and computed in float where ``router_dtype`` asks). ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits,
     group_size, symmetric)``; ``method="int8"``: ``Int8Linear.from_linear(linear,
     outlier_threshold)`` (W8A8 with LLM.int8() outliers); ``method="fp8"``:
     ``FP8Linear.from_linear(linear)`` (bits/group_size/symmetric unused by both).
@@ -44,7 +43,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
     from torch_ext.nn.fused_moe import MoeRouter  # here: torch_ext.nn imports this package
 
     kept = {id(child) for layer in model.modules()
-            if isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+            if isinstance(layer, nn.TransformerEncoderLayer)
             for child in (layer.linear1, layer.linear2)}
     quantized: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
