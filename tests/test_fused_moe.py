@@ -97,12 +97,13 @@ def test_backward_matches_reference(device, dtype, activation):
     args = [t.requires_grad_() if t.is_floating_point() else t
             for t in _problem(11, 6, 3, 24, 20, dtype, device, seed)]
     grad_out = random_tensor((11, 24), dtype, device, seed + 7)
-    out = fused_moe(*args, activation)
-    grads = torch.autograd.grad(out, args[:4], grad_out)
+    with poisoned_outputs():
+        out = fused_moe(*args, activation)
+        grads = torch.autograd.grad(out, args[:4], grad_out)
     expected = _reference_grads(args, grad_out, activation)
     # bf16: the backward's GEMM inputs (recomputed activations, weighted gradients) are rounded to
-    # bf16, several roundings deep.
-    bound = 2e-2 if dtype == torch.bfloat16 else None
+    # bf16, several roundings deep (CPU: worst of 20 seeds 7.9e-3; CUDA not yet measured).
+    bound = (1.2e-2 if device == "cpu" else 2e-2) if dtype == torch.bfloat16 else None
     for name, got, ref in zip(["hidden", "w13", "w2", "topk_weights"], grads, expected):
         got_dtype = torch.float32 if name == "topk_weights" and dtype == torch.float64 else dtype  # fp32 weights
         assert_close_to_reference(got, ref, got_dtype, f"grad {name} (seed {seed})", bound=bound)
@@ -200,18 +201,16 @@ def test_grouped_backward_switch(monkeypatch):
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch without _grouped_mm")
     seed = fresh_seed()
-    args = _problem(9, 5, 2, 24, 16, torch.float32, "cpu", seed)
-    grad_out = random_tensor((9, 24), torch.float32, "cpu", seed + 5)
-    results = {}
     for choice in ("0", "1"):
         monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_BACKWARD", choice)
-        results[choice] = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "gelu")
-    for a, b in zip(results["0"], results["1"]):
-        assert relative_error(a, b) < 1e-5
-    unaligned = _problem(4, 3, 2, 20, 12, torch.float32, "cpu", seed)  # H = 20: not a multiple of 8
-    grads = torch.ops.torch_ext.fused_moe_backward(random_tensor((4, 20), torch.float32, "cpu", seed), *unaligned,
-                                                   "silu")
-    assert all(torch.isfinite(g).all() for g in grads)
+        # H = 20: not a multiple of 8, so the grouped form does not apply even when forced.
+        for shape in ((9, 5, 2, 24, 16), (4, 3, 2, 20, 12)):
+            args = _problem(*shape, torch.float32, "cpu", seed)
+            grad_out = random_tensor((shape[0], shape[3]), torch.float32, "cpu", seed + 5)
+            with poisoned_outputs():
+                grads = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "gelu")
+            for got, want in zip(grads, _reference_grads(args, grad_out, "gelu")):
+                assert_close_to_reference(got, want, torch.float32, f"choice {choice} {shape} seed {seed}")
 
 
 def test_compile_fullgraph():
