@@ -68,11 +68,25 @@ def test_deepseek_v3_routing(experts, k, groups, topk_group):
            f"E={experts} k={k} groups={groups}/{topk_group} seed {seed}")
 
 
-def test_grouped_routing_only_picks_kept_groups():
+def _grouped_softmax_reference(logits, k, n_group, topk_group, renormalize, scaling):
+    """DeepSeek-V2's group-limited greedy: softmax scores, groups by their best score, top-k
+    within the kept groups."""
+    scores = logits.double().softmax(-1)
+    t, e = scores.shape
+    group_scores = scores.view(t, n_group, e // n_group).amax(dim=-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(topk_group).indices, True)
+    ids = _top(scores.masked_fill(~kept.repeat_interleave(e // n_group, dim=1), float("-inf")), k)[1]
+    weights = scores.gather(1, ids)
+    return (weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights) * scaling, ids
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_grouped_softmax_routing(renormalize):
     seed = fresh_seed()
-    logits = random_tensor((50, 64), torch.float32, "cpu", seed)
-    _, ids = moe_route(logits, 4, False, "softmax", 8, 2)
+    logits = random_tensor((50, 64), torch.float32, "cpu", seed, scale=2.0)
+    weights, ids = moe_route(logits, 4, renormalize, "softmax", 8, 2, None, 1.5)
     assert all(len(set((row // 8).tolist())) <= 2 for row in ids), f"seed {seed}"
+    _check(weights, ids, *_grouped_softmax_reference(logits, 4, 8, 2, renormalize, 1.5), f"seed {seed}")
 
 
 def test_opcheck_and_compile():
