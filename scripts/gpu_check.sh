@@ -12,10 +12,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [build tests sanitize bench]}"
 shift
-PHASES=("${@:-build tests sanitize bench}")
-PHASES=(${PHASES[*]})
-mkdir -p "$OUT"
 source scripts/gpu_lib.sh
+gpu_phases build tests sanitize bench -- "$@"
+mkdir -p "$OUT"
 gpu_deadline_init 560
 PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
@@ -38,7 +37,6 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 # sanitizers got through 410 tests in 170 s; 14 one-thread workers alone ran all 936 in 98 s.
 WORKERS=()
 "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))")
-has() { [[ " ${PHASES[*]} " == *" $1 "* ]]; }
 
 ok=0
 if has build; then

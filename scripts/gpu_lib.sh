@@ -7,6 +7,14 @@
 # time is recorded as SKIPPED, and after every step the whole output folder is re-archived into
 # GPU_ARCHIVE (when set): a command killed at its limit still returns everything done before.
 
+gpu_phases() {  # gpu_phases DEFAULT... -- ARG...: PHASES = the arguments, else the defaults
+  local defaults=()
+  while [ "$1" != "--" ]; do defaults+=("$1"); shift; done
+  shift
+  if [ $# -gt 0 ]; then PHASES=("$@"); else PHASES=("${defaults[@]}"); fi
+}
+has() { [[ " ${PHASES[*]} " == *" $1 "* ]]; }  # whether phase $1 was asked for
+
 gpu_deadline_init() {  # gpu_deadline_init SECONDS: the deadline, unless an outer script set one
   if [ -z "${GPU_DEADLINE:-}" ]; then export GPU_DEADLINE=$(( $(date +%s) + $1 )); fi
 }

@@ -17,14 +17,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: scripts/gpu_perf.sh OUTDIR [targets] [profile]}"
 shift
-PHASES=("${@:-targets profile}")
-PHASES=(${PHASES[*]})
-mkdir -p "$OUT"
 source scripts/gpu_lib.sh
+gpu_phases targets profile -- "$@"
+mkdir -p "$OUT"
 gpu_deadline_init 560
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-has() { [[ " ${PHASES[*]} " == *" $1 "* ]]; }
 if ! "$PY" -c "import torch_ext._C" 2>/dev/null; then
   bash scripts/gpu_check.sh "$OUT/check" build || exit 1
 fi

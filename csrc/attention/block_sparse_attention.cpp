@@ -246,11 +246,16 @@ bool uses_bf16_dot(const attention::BlockSparseForwardParams& p) {
 // The CUDA kernels' own limits, as clear errors (a launch past them fails with "invalid
 // argument"): grid y / z, the MoBA table in shared memory, and the dynamic shared memory per
 // block (99 KB on sm_86 / sm_89: D = 128 with 128-blocks in the backward, or a large top_k).
+// The attention and MoBA grids put query heads and batch on y and z.
+void check_cuda_grid(const char* op, int64_t batch, int64_t heads_q) {
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_EXT_CHECK(batch <= kMaxGridYZ && heads_q <= kMaxGridYZ, op, "batch and query heads must be <= ", kMaxGridYZ,
+                  " on CUDA, got ", batch, " and ", heads_q);
+}
+
 void check_cuda_limits(const char* op, const attention::BlockSparseForwardParams& p, bool backward, int device) {
   namespace ix = attention::bsa_cuda;
-  constexpr int64_t kMaxGridYZ = 65535;
-  TORCH_EXT_CHECK(p.batch <= kMaxGridYZ && p.heads_q <= kMaxGridYZ, op, "batch and query heads must be <= ",
-                  kMaxGridYZ, " on CUDA, got ", p.batch, " and ", p.heads_q);
+  check_cuda_grid(op, p.batch, p.heads_q);
   const int top_k = p.selection.blocks != nullptr ? int(p.selection.top_k) : 0;
   TORCH_EXT_CHECK(top_k <= ix::kMaxSelectionTopK, op, "token_blocks' top_k must be <= ", ix::kMaxSelectionTopK,
                   " on CUDA, got ", top_k);
@@ -385,16 +390,16 @@ at::Tensor moba_select(const at::Tensor& q, const at::Tensor& k, int64_t block_s
   TORCH_EXT_CHECK(top_k >= 1 && top_k <= kMaxBlockSize, op, "top_k must be in [1, ", kMaxBlockSize, "], got ", top_k);
   const at::Tensor q_u = kernel_layout(q), k_u = kernel_layout(k);
   at::Tensor selected = at::empty({s.batch, s.heads_q, s.seq_q, top_k}, q.options().dtype(at::kInt));
+  const int32_t block = effective_block_size(block_size, s.seq_kv);
   const attention::MobaSelectParams p{scalar_kind(q), s.batch,  s.heads_q,   s.heads_kv,
-                                      s.seq_q,        s.seq_kv, int32_t(s.head_dim), effective_block_size(block_size, s.seq_kv),
+                                      s.seq_q,        s.seq_kv, int32_t(s.head_dim), block,
                                       int32_t(top_k), causal,   bhsd(q_u),   bhsd(k_u),
                                       selected.data_ptr<int32_t>()};
   if (q.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     TORCH_EXT_CHECK(top_k <= attention::bsa_cuda::kMaxMobaTopK, op, "top_k must be <= ",
                     attention::bsa_cuda::kMaxMobaTopK, " on CUDA (one candidate per lane of a warp), got ", top_k);
-    TORCH_EXT_CHECK(s.batch <= 65535 && s.heads_q <= 65535, op, "batch and query heads must be <= 65535 on CUDA, got ",
-                    s.batch, " and ", s.heads_q);
+    check_cuda_grid(op, s.batch, s.heads_q);
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor workspace = at::empty({cuda::moba_select_workspace_bytes(p)}, q.options().dtype(at::kByte));
     C10_CUDA_CHECK(cuda::moba_select(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()));

@@ -267,6 +267,17 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
   return m;
 }
 
+// f(std::false_type) for a step without masked elements, else f(std::true_type): two unrolled
+// copies, so that the common case has no per-element branch.
+template <typename F>
+__device__ __forceinline__ void with_step_masking(const StepMask& m, F&& f) {
+  if (m.full) {
+    f(std::false_type{});
+  } else {
+    f(std::true_type{});
+  }
+}
+
 // Whether element e of n8 tile j of the step is visible to the lane's row.
 template <typename T>
 __device__ __forceinline__ bool element_visible(const StepMask& m, const RowCta<T>& c, int j, int e, int q_pos,
@@ -372,7 +383,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
 
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     float tile_max[2] = {ix::neg_inf(), ix::neg_inf()};
-    const auto scale_scores = [&](auto masked) {
+    with_step_masking(m, [&](auto masked) {
 #pragma unroll
       for (int j = 0; j < Tr::kSN; ++j)
 #pragma unroll
@@ -384,13 +395,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
           s[j][e] = x;
           tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
         }
-    };
-    // Two copies, so that a step without masked elements (most of them) has no per-element branch.
-    if (m.full) {
-      scale_scores(std::false_type{});
-    } else {
-      scale_scores(std::true_type{});
-    }
+    });
     float alpha[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) alpha[half] = ix::softmax_rescale(rs[half], quad_max(tile_max[half]));
@@ -498,7 +503,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
       mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane);
     }
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
-    const auto make_ds = [&](auto masked) {
+    with_step_masking(m, [&](auto masked) {
 #pragma unroll
       for (int j = 0; j < Tr::kSN; ++j)
 #pragma unroll
@@ -509,12 +514,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
           }
           s[j][e] = prob * (dp[j][e] - delta[e / 2]);  // dS
         }
-    };
-    if (m.full) {  // as in the forward: no per-element branch in the common case
-      make_ds(std::false_type{});
-    } else {
-      make_ds(std::true_type{});
-    }
+    });
     mma_p_x_tile<T, kD>(dq, s, ks, lane);
   }
   cp_async_wait_all();

@@ -20,23 +20,26 @@
 namespace torch_ext::moe {
 namespace {
 
-struct Grouping {
-  at::Tensor order;             // [P] int64: pair indices t * k + j sorted by expert, stable
-  at::Tensor tokens;            // [P] int64: the token of each grouped row
+struct Grouping : PairOrder {
   std::vector<int64_t> counts;  // [E] on the host: rows per expert
 };
 
 Grouping group_pairs(const at::Tensor& topk_ids, int64_t experts) {
-  const at::Tensor flat = topk_ids.reshape({-1}).to(at::kLong);
-  Grouping g;
-  g.order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  g.tokens = g.order.div(topk_ids.size(1), "floor");
-  const at::Tensor counts = at::bincount(flat, {}, experts).cpu();
+  Grouping g{sort_pairs_by_expert(topk_ids), {}};
+  const at::Tensor counts = at::bincount(g.expert, {}, experts).cpu();
   g.counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + experts);
   return g;
 }
 
 }  // namespace
+
+PairOrder sort_pairs_by_expert(const at::Tensor& topk_ids) {
+  PairOrder p;
+  p.expert = topk_ids.reshape({-1}).to(at::kLong);
+  p.order = std::get<1>(at::sort(p.expert, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  p.tokens = p.order.div(topk_ids.size(1), "floor");
+  return p;
+}
 
 at::Tensor activate(const at::Tensor& gate, Activation activation) {
   return activation == Activation::kSilu ? at::silu(gate) : at::gelu(gate);

@@ -11,6 +11,15 @@
 
 namespace torch_ext::moe {
 
+// The (token, slot) pairs grouped by expert: pair t * k + j of topk_ids [T, k], in a stable sort
+// by expert id (the grouping every path shares).
+struct PairOrder {
+  at::Tensor expert;  // [P] int64: each pair's expert, in pair order
+  at::Tensor order;   // [P] int64: pair indices sorted by expert
+  at::Tensor tokens;  // [P] int64: the token of each grouped row
+};
+PairOrder sort_pairs_by_expert(const at::Tensor& topk_ids);
+
 // act(gate) * up for gate_up [rows, 2I] (gate columns first).
 at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation);
 // act(gate), and d act / d gate applied to grad.

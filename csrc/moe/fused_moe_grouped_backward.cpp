@@ -14,9 +14,7 @@
 #include <ATen/ops/_grouped_mm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/ones_like.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 
 #include "moe/fused_moe_composite.h"
@@ -53,16 +51,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_gr
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up,
     bool weight_grads) {
   const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), experts = w13.size(0);
-  const at::Tensor flat = topk_ids.reshape({-1}).to(at::kLong);
-  const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  const at::Tensor token_of_row = order.div(top_k, "floor");
-  const at::Tensor counts =
-      at::zeros({experts}, flat.options()).scatter_add_(0, flat, at::ones_like(flat));  // integer: exact
+  const PairOrder pairs = sort_pairs_by_expert(topk_ids);
+  const at::Tensor& order = pairs.order;
+  const at::Tensor counts =  // integer: exact
+      at::zeros({experts}, pairs.expert.options()).scatter_add_(0, pairs.expert, at::ones_like(pairs.expert));
   const at::Tensor offsets = counts.cumsum(0).to(at::kInt);
 
   const at::Tensor w1 = w13.contiguous(), w2c = w2.contiguous();
-  const at::Tensor x = hidden.contiguous().index_select(0, token_of_row);
-  const at::Tensor dy = grad_out.to(hidden.scalar_type()).contiguous().index_select(0, token_of_row);
+  const at::Tensor x = hidden.contiguous().index_select(0, pairs.tokens);
+  const at::Tensor dy = grad_out.to(hidden.scalar_type()).contiguous().index_select(0, pairs.tokens);
   const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, order).to(hidden.scalar_type()).unsqueeze(1);
   // [P, 2I]: saved by the forward or recomputed (x W13[e]^T, W13 read as its transpose).
   const at::Tensor pre =

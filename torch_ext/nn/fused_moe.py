@@ -86,13 +86,6 @@ class FusedMoE(nn.Module):
                 f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "
                 f"scoring={self.scoring!r}, renormalize={self.renormalize}")
 
-    @property
-    def router_dtype(self) -> torch.dtype | None:
-        return self.gate.router_dtype
-
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate(x)
-
     def routing_weights(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weights of the chosen experts as a differentiable function of the logits (the same
         values moe_route returns)."""
@@ -108,10 +101,11 @@ class FusedMoE(nn.Module):
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise,
                                                                                      1.0 + self.jitter_noise)
         x = hidden_states.reshape(-1, self.hidden_size)
-        logits = self.router_logits(x)
+        logits = self.gate(x)
         # (moe_route takes 16- and 32-bit logits; a float64 module, for checks, routes on fp32.)
-        weights, ids = moe_route(logits.float() if logits.dtype == torch.float64 else logits, self.top_k, self.renormalize, self.scoring, self.num_expert_group,
-                                 self.topk_group, self.e_score_correction_bias, self.routed_scaling_factor)
+        weights, ids = moe_route(logits.float() if logits.dtype == torch.float64 else logits, self.top_k,
+                                 self.renormalize, self.scoring, self.num_expert_group, self.topk_group,
+                                 self.e_score_correction_bias, self.routed_scaling_factor)
         if torch.is_grad_enabled() and logits.requires_grad:
             weights = self.routing_weights(logits, ids)
         if self.quantized_experts is not None:

@@ -63,7 +63,9 @@ inline void store_first(float* p, VecF x, int count) { _mm512_mask_storeu_ps(p, 
 inline void store_first(BFloat16* p, VecF x, int count) {
   _mm256_mask_storeu_epi16(p, first_lanes(count), to_bf16_bits(x));
 }
-inline void store_first(Half* p, VecF x, int count) { _mm256_mask_storeu_epi16(p, first_lanes(count), to_half_bits(x)); }
+inline void store_first(Half* p, VecF x, int count) {
+  _mm256_mask_storeu_epi16(p, first_lanes(count), to_half_bits(x));
+}
 // Lanes base[0], base[stride], ..., base[15 * stride]; 15 * stride must fit in int32.
 inline VecF gather(const float* base, int64_t stride) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
