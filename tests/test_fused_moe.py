@@ -31,9 +31,10 @@ def _check_forward(args, activation, dtype, what):
 
 
 # (T, E, k, H, I): odd sizes (vector tails), E = 60 with k = 4 and E = 128 with k = 8, one token,
-# more experts than pairs (most idle), a decode-sized batch.
+# more experts than pairs (most idle), a decode-sized batch, ~100 rows per expert (the fp32 CPU
+# kernel's panel path with its row tail).
 SHAPES = [(1, 8, 2, 64, 96), (5, 4, 2, 33, 17), (13, 60, 4, 40, 24), (9, 128, 8, 48, 20), (64, 8, 2, 128, 96),
-          (3, 7, 7, 17, 5)]
+          (3, 7, 7, 17, 5), (150, 3, 2, 37, 45)]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -53,6 +54,22 @@ def test_every_cpu_isa_path(cpu_isa, dtype):
         _check_forward(_problem(*shape, dtype, "cpu", seed), "silu", dtype, f"{cpu_isa} {shape} (seed {seed})")
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_panel_path_row_counts(cpu_isa, activation):
+    """Experts with rows just above and below the fp32 CPU kernel's panel thresholds (64 rows on
+    AVX-512, 24 on AVX2), several uneven panel blocks (149 rows) and one row; training's saved
+    pre-activations from both paths."""
+    counts = [64, 63, 24, 23, 149, 0, 1]
+    ids = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
+    seed = fresh_seed()
+    h, w13, w2, weights, ids = _problem(sum(counts), len(counts), 1, 41, 37, torch.float32, "cpu", seed, ids=ids)
+    _check_forward((h, w13, w2, weights, ids), activation, torch.float32, f"{cpu_isa} (seed {seed})")
+    out, gate_up = torch.ops.torch_ext.fused_moe_train(h, w13, w2, weights, ids, activation)
+    assert torch.equal(out, fused_moe(h, w13, w2, weights, ids, activation))
+    expected = torch.stack([w13[e].double() @ h[t].double() for t, e in enumerate(ids[:, 0].tolist())])
+    assert_close_to_reference(gate_up, expected, torch.float32, f"{cpu_isa} gate_up (seed {seed})")
+
+
 def test_all_tokens_on_one_expert_and_idle_experts(device):
     seed = fresh_seed()
     tokens, experts = 20, 6
@@ -68,8 +85,9 @@ def test_no_tokens(device):
     assert fused_moe(h, w13, w2, weights, ids).shape == (0, 16)
 
 
-def test_deterministic_and_independent_of_thread_count():
-    args = _problem(40, 8, 2, 96, 64, torch.float32, "cpu", fresh_seed())
+@pytest.mark.parametrize("tokens", [40, 300])  # the dot-product kernel only; with panels
+def test_deterministic_and_independent_of_thread_count(tokens):
+    args = _problem(tokens, 8, 2, 96, 64, torch.float32, "cpu", fresh_seed())
     threads = torch.get_num_threads()
     first = fused_moe(*args)
     assert torch.equal(first, fused_moe(*args))

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "common/alignment.h"
 #include "common/cpu/dispatch.h"
 #include "common/dtype.h"
 #include "common/macros.h"
@@ -36,13 +37,19 @@ struct FusedMoeParams {
 };
 
 // The CPU kernel's scratch: byte offsets of its areas (each 64-byte aligned) and the total.
+// Rows that the micro-kernels read several of at once are stored with
+// conflict_free_row_stride (common/alignment.h), not packed: H = 1024 fp32 rows 4 KiB apart
+// would share one L1 set.
 struct FusedMoeCpuWorkspace {
-  int64_t act;           // [T * k, I]: the activated rows act(W13 h) in grouped order (fp32-sized)
-  int64_t sums;          // [T, H] fp32 output sums (fp16/bf16 output only; fp32 sums in place)
-  int64_t counts;        // the plan (moe/expert_plan.h): [E] int64
-  int64_t offsets;       // [E + 1] int64
-  int64_t sorted_pairs;  // [T * k] int32
-  int64_t active;        // [E] int32: the experts with pairs, increasing
+  int64_t hidden_stride;  // elements between gathered hidden rows
+  int64_t act_stride;     // elements between act rows
+  int64_t gathered;       // [T * k, hidden_stride] io dtype: hidden[token of the pair] in grouped order
+  int64_t act;            // [T * k, act_stride] io dtype: the activated rows act(W13 h), grouped order
+  int64_t sums;           // [T, H] fp32 output sums (fp16/bf16 output only; fp32 sums in place)
+  int64_t counts;         // the plan (moe/expert_plan.h): [E] int64
+  int64_t offsets;        // [E + 1] int64
+  int64_t sorted_pairs;   // [T * k] int32
+  int64_t active;         // [E] int32: the experts with pairs, increasing
   int64_t total;
 };
 
@@ -50,9 +57,13 @@ inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
 inline FusedMoeCpuWorkspace fused_moe_cpu_workspace(const FusedMoeParams& p) {
   const auto aligned = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
   const int64_t pairs = p.tokens * p.top_k;
+  const int64_t io_bytes = p.dtype == ScalarKind::kFloat32 ? 4 : 2;  // fp64 never reaches the kernel
   FusedMoeCpuWorkspace w;
-  w.act = 0;
-  w.sums = w.act + aligned(pairs * p.intermediate_size * 4);
+  w.hidden_stride = conflict_free_row_stride(p.hidden_size, io_bytes);
+  w.act_stride = conflict_free_row_stride(p.intermediate_size, io_bytes);
+  w.gathered = 0;
+  w.act = w.gathered + aligned(pairs * w.hidden_stride * io_bytes);
+  w.sums = w.act + aligned(pairs * w.act_stride * io_bytes);
   w.counts = w.sums + (p.dtype == ScalarKind::kFloat32 ? 0 : aligned(p.tokens * p.hidden_size * 4));
   w.offsets = w.counts + aligned(int64_t(p.experts) * 8);
   w.sorted_pairs = w.offsets + aligned((int64_t(p.experts) + 1) * 8);

@@ -3,11 +3,12 @@
 // ISA namespace.
 //
 // Structure (the same as the CUDA kernels'): group the (token, slot) pairs by expert
-// (moe/expert_plan.h), then two passes over the active experts' weights, each weight row read
+// (moe/expert_plan.h) and copy each pair's hidden row into grouped order (`gathered`, rows at an
+// L1-friendly stride), then two passes over the active experts' weights, each weight row read
 // from memory once per call:
 //   pass 1  act[r, j] = act(W13[e][j] . h[t], W13[e][I + j] . h[t]) for every grouped row r of
 //           expert e: gate and up rows side by side, the activation applied in the epilogue, so
-//           no [T, k, 2I] tensor exists (act is [T * k, I] scratch: fp32 for fp32 io, the io
+//           no [T, k, 2I] tensor exists (act is [T * k, I] scratch, strided like gathered: fp32 for fp32 io, the io
 //           dtype otherwise, as the CUDA kernels round it).
 //   pass 2  out[t, n] = sum over t's experts e, in increasing e, of w[t, j] * (W2[e][n] . act[r]):
 //           each thread owns a slice of output columns n for all tokens, so the combine needs no
@@ -27,6 +28,7 @@
 #include "common/cpu/vec.h"
 #include "moe/expert_plan.h"
 #include "moe/fused_moe.h"
+#include "moe/fused_moe_cpu_panels.h"
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_passes {
 
@@ -37,15 +39,28 @@ constexpr int kRows = 4;
 // one token vector must fit the register file (32 zmm: 4 x 6 + 4 + 1 = 29; 16 ymm: 4 x 2 + 5;
 // scalar: the compiler's choice).
 constexpr int kTokens = VecF::kWidth == 16 ? 6 : (VecF::kWidth == 8 ? 2 : 4);
-// Intermediate columns per pass-1 work item: 32 columns x 2 rows x H weights (256 KB at
+// Intermediate columns per pass-1 work item: 36 columns x 2 rows x H weights (288 KB at
 // H = 1024 fp32, L2-resident while every token block of the expert passes over it) keeps the
 // items many enough to balance two threads over skewed experts and large enough to amortize
-// the scheduling.
-constexpr int64_t kColumnsPerItem = 32;
-// Output columns per pass-2 work item (all active experts' W2 rows for them).
-constexpr int64_t kOutputColumnsPerItem = 16;
+// the scheduling; 72 rows are whole groups of the panel kernel's 6 (AVX-512) or 4 (AVX2) rows.
+constexpr int64_t kColumnsPerItem = 36;
+// Output columns per pass-2 work item (all active experts' W2 rows for them): 24, whole groups
+// of 6 or 4 panel rows, and of the dot-product kernel's kRows.
+constexpr int64_t kOutputColumnsPerItem = 24;
 
 using Accumulators = float[kRows][kTokens];
+
+// The expert's rows [0, panel_rows) that go through the panel GEMM (fp32 only; see
+// moe/fused_moe_cpu_panels.h); the dot-product kernel takes the rest.
+template <typename T>
+int64_t panel_rows(int64_t rows) {
+  if constexpr (std::is_same_v<T, float>) return fused_moe_panels::panel_rows(rows);
+  return 0;
+}
+
+inline VecF activate(torch_ext::moe::Activation activation, VecF gate) {
+  return activation == torch_ext::moe::Activation::kSilu ? gate * sigmoid(gate) : gelu(gate);
+}
 
 struct Plan {
   int64_t* counts;        // [E]
@@ -55,19 +70,25 @@ struct Plan {
   int32_t num_active;
 };
 
-template <typename Act>
+template <typename T, typename Act>
 struct Workspace {
-  Act* act;      // [T * k, I] activated rows in grouped order
-  float* sums;   // [T, H] fp32 output sums (16-bit output only)
+  T* gathered;            // [T * k, hidden_stride] hidden rows in grouped order
+  Act* act;               // [T * k, act_stride] activated rows in grouped order
+  int64_t hidden_stride;  // both strides from moe::fused_moe_cpu_workspace (L1-set friendly)
+  int64_t act_stride;
+  float* sums;            // [T, H] fp32 output sums (16-bit output only)
   Plan plan;
 };
 
-template <typename Act>
-Workspace<Act> make_workspace(const torch_ext::moe::FusedMoeParams& p, void* memory) {
+template <typename T, typename Act>
+Workspace<T, Act> make_workspace(const torch_ext::moe::FusedMoeParams& p, void* memory) {
   char* base = static_cast<char*>(memory);
   const torch_ext::moe::FusedMoeCpuWorkspace layout = torch_ext::moe::fused_moe_cpu_workspace(p);
-  Workspace<Act> w;
+  Workspace<T, Act> w;
+  w.gathered = reinterpret_cast<T*>(base + layout.gathered);
   w.act = reinterpret_cast<Act*>(base + layout.act);
+  w.hidden_stride = layout.hidden_stride;
+  w.act_stride = layout.act_stride;
   w.sums = reinterpret_cast<float*>(base + layout.sums);
   w.plan.counts = reinterpret_cast<int64_t*>(base + layout.counts);
   w.plan.offsets = reinterpret_cast<int64_t*>(base + layout.offsets);
@@ -81,23 +102,113 @@ Workspace<Act> make_workspace(const torch_ext::moe::FusedMoeParams& p, void* mem
   return w;
 }
 
+// Copies hidden[token of the pair] for grouped rows [begin, end) into ws.gathered: panel rows
+// transposed into their expert's panel blocks, the others as rows, so that a token block's rows
+// are contiguous and conflict-free in L1 (hidden's own rows may be 4 KiB apart).
+template <typename T, typename Act>
+void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Act>& ws, int64_t begin,
+                        int64_t end) {
+  namespace panels = fused_moe_panels;
+  const T* hidden = static_cast<const T*>(p.hidden);
+  const int64_t H = p.hidden_size, *offsets = ws.plan.offsets;
+  int32_t e = int32_t(std::upper_bound(offsets, offsets + p.experts + 1, begin) - offsets) - 1;
+  for (int64_t r = begin; r < end; ++r) {
+    while (r >= offsets[e + 1]) ++e;
+    const T* row = hidden + int64_t(ws.plan.sorted_pairs[r] / p.top_k) * H;
+    const int64_t index = r - offsets[e], panel = panel_rows<T>(ws.plan.counts[e]);
+    if constexpr (std::is_same_v<T, float>) {
+      if (index < panel) {
+        const panels::PanelBlocks blocks(panel);
+        const int64_t block = blocks.block_of(index);
+        panels::transpose_into_block(row, H, ws.gathered + offsets[e] * ws.hidden_stride + blocks.start(block) * H,
+                                     blocks.width(block), int(index - blocks.start(block)));
+        continue;
+      }
+    }
+    std::copy_n(row, H, ws.gathered + r * ws.hidden_stride);
+  }
+}
+
+// Pass 1 through panels for the expert's panel rows (fp32): the gate and up rows of columns
+// [j_begin, j_end) against each token block, activated along the tokens into the act panel.
+inline void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<float, float>& ws, int32_t e,
+                           int64_t j_begin, int64_t j_end) {
+  namespace panels = fused_moe_panels;
+  const int64_t panel = panel_rows<float>(ws.plan.counts[e]);
+  if (panel == 0) return;
+  const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e];
+  const float* w13 = static_cast<const float*>(p.w13) + int64_t(e) * 2 * I * H;
+  const int columns = int(j_end - j_begin);
+  const float* w[2 * kColumnsPerItem];  // gate rows, then up rows
+  for (int c = 0; c < columns; ++c) w[c] = w13 + (j_begin + c) * H, w[columns + c] = w13 + (I + j_begin + c) * H;
+  alignas(64) float gate_up[2 * kColumnsPerItem * panels::kBlockTokens];
+  const panels::PanelBlocks blocks(panel);
+  for (int64_t b = 0; b < blocks.count; ++b) {
+    const int width = blocks.width(b);
+    panels::panel_gemm(w, 2 * columns, ws.gathered + row_begin * ws.hidden_stride + blocks.start(b) * H, width, H,
+                       gate_up);
+    float* act_block = ws.act + row_begin * ws.act_stride + blocks.start(b) * I;
+    for (int c = 0; c < columns; ++c) {
+      const float *gate = gate_up + c * width, *up = gate_up + (columns + c) * width;
+      for (int m = 0; m < width; m += VecF::kWidth)
+        store(act_block + (j_begin + c) * width + m, activate(p.activation, load(gate + m)) * load(up + m));
+      if (p.gate_up == nullptr) continue;
+      // Training: the pre-activation values too, by pair, for the backward.
+      for (int m = 0; m < width; ++m) {
+        const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
+        float* saved = static_cast<float*>(p.gate_up) + int64_t(pair) * 2 * I;
+        saved[j_begin + c] = gate[m], saved[I + j_begin + c] = up[m];
+      }
+    }
+  }
+}
+
+// Pass 2 through panels for the expert's panel rows (fp32): W2 rows [n_begin, n_end) against
+// each act block, weighted and added to sums.
+inline void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<float, float>& ws, float* sums,
+                        int32_t e, int64_t n_begin, int64_t n_end) {
+  namespace panels = fused_moe_panels;
+  const int64_t panel = panel_rows<float>(ws.plan.counts[e]);
+  if (panel == 0) return;
+  const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e];
+  const float* w2 = static_cast<const float*>(p.w2) + int64_t(e) * H * I;
+  alignas(64) float partial[kOutputColumnsPerItem * panels::kBlockTokens];
+  const panels::PanelBlocks blocks(panel);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kOutputColumnsPerItem) {
+    const int rows = int(std::min(kOutputColumnsPerItem, n_end - n0));
+    const float* w[kOutputColumnsPerItem];
+    for (int i = 0; i < rows; ++i) w[i] = w2 + (n0 + i) * I;
+    for (int64_t b = 0; b < blocks.count; ++b) {
+      const int width = blocks.width(b);
+      panels::panel_gemm(w, rows, ws.act + row_begin * ws.act_stride + blocks.start(b) * I, width, I, partial);
+      for (int m = 0; m < width; ++m) {
+        const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
+        const float weight = p.topk_weights[pair];
+        float* out_row = sums + int64_t(pair / p.top_k) * H + n0;
+        for (int i = 0; i < rows; ++i) out_row[i] += weight * partial[i * width + m];
+      }
+    }
+  }
+}
+
 // Pass 1 for one expert and intermediate columns [j_begin, j_end): gate and up dot products for
-// all of the expert's rows, the activated product written to act.
+// all of the expert's rows (panel rows through gate_up_panels), the activated product written
+// to act.
 template <typename Kernel, typename T, typename Act>
-void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Act>& ws, int32_t e,
+void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Act>& ws, int32_t e,
                      int64_t j_begin, int64_t j_end) {
   const int64_t H = p.hidden_size, I = p.intermediate_size;
   const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * 2 * I * H;
-  const T* hidden = static_cast<const T*>(p.hidden);
   const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
   const int columns = int(j_end - j_begin);
   // Gate and up values of the item's columns for one token block, token-major, until the
   // epilogue activates them (SIMD along the columns).
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<Act, float>) gate_up_panels(p, ws, e, j_begin, j_end);
   float gate[kTokens][kColumnsPerItem], up[kTokens][kColumnsPerItem];
-  for (int64_t r0 = 0; r0 < rows; r0 += kTokens) {
+  for (int64_t r0 = panel_rows<T>(rows); r0 < rows; r0 += kTokens) {
     const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
     const T* x[kTokens];
-    for (int m = 0; m < tokens; ++m) x[m] = hidden + int64_t(ws.plan.sorted_pairs[row_begin + r0 + m] / p.top_k) * H;
+    for (int m = 0; m < tokens; ++m) x[m] = ws.gathered + (row_begin + r0 + m) * ws.hidden_stride;
     for (int c = 0; c < columns; c += 2) {
       const int64_t j = j_begin + c;
       Accumulators acc;
@@ -115,15 +226,14 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Ac
       }
     }
     for (int m = 0; m < tokens; ++m) {
-      Act* a = ws.act + (row_begin + r0 + m) * I + j_begin;
+      Act* a = ws.act + (row_begin + r0 + m) * ws.act_stride + j_begin;
       // Training: the pre-activation values too, by pair, for the backward.
       T* saved = p.gate_up == nullptr ? nullptr
                                       : static_cast<T*>(p.gate_up) + int64_t(ws.plan.sorted_pairs[row_begin + r0 + m]) * 2 * I;
       for (int c = 0; c < columns; c += VecF::kWidth) {
         const int n = std::min(VecF::kWidth, columns - c);
         const VecF g = load_partial(gate[m] + c, n), u = load_partial(up[m] + c, n);
-        const VecF activated = p.activation == torch_ext::moe::Activation::kSilu ? g * sigmoid(g) : gelu(g);
-        store_partial(a + c, activated * u, n);
+        store_partial(a + c, activate(p.activation, g) * u, n);
         if (saved != nullptr) {
           store_partial(saved + j_begin + c, g, n);
           store_partial(saved + I + j_begin + c, u, n);
@@ -136,7 +246,7 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Ac
 // Pass 2 for output columns [n_begin, n_end): every active expert's W2 rows against its act
 // rows, weighted and summed into sums[t, n] in increasing expert order.
 template <typename Kernel, typename T, typename Act>
-void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Act>& ws, float* sums, int64_t n_begin,
+void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Act>& ws, float* sums, int64_t n_begin,
                   int64_t n_end) {
   const int64_t H = p.hidden_size, I = p.intermediate_size;
   for (int64_t t = 0; t < p.tokens; ++t) std::fill(sums + t * H + n_begin, sums + t * H + n_end, 0.0f);
@@ -144,14 +254,15 @@ void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Act>&
     const int32_t e = ws.plan.active[a];
     const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
     const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<Act, float>) down_panels(p, ws, sums, e, n_begin, n_end);
     for (int64_t n = n_begin; n < n_end; n += kRows) {
       const int row_count = int(std::min<int64_t>(kRows, n_end - n));
       const T* w[kRows];
       for (int i = 0; i < row_count; ++i) w[i] = w2 + (n + i) * I;
-      for (int64_t r0 = 0; r0 < rows; r0 += kTokens) {
+      for (int64_t r0 = panel_rows<T>(rows); r0 < rows; r0 += kTokens) {
         const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
         const Act* x[kTokens];
-        for (int m = 0; m < tokens; ++m) x[m] = ws.act + (row_begin + r0 + m) * I;
+        for (int m = 0; m < tokens; ++m) x[m] = ws.act + (row_begin + r0 + m) * ws.act_stride;
         Accumulators acc;
         if (row_count == kRows) {
           Kernel::template dot<4>(tokens, w, x, I, acc);
@@ -177,8 +288,9 @@ void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<Act>&
 template <typename Kernel, typename T, typename Act>
 void run(const torch_ext::moe::FusedMoeParams& p, void* workspace) {
   if (p.tokens == 0) return;
-  const Workspace<Act> ws = make_workspace<Act>(p, workspace);
+  const Workspace<T, Act> ws = make_workspace<T, Act>(p, workspace);
   const int64_t H = p.hidden_size, I = p.intermediate_size;
+  parallel_for(0, p.tokens * p.top_k, 16, [&](int64_t begin, int64_t end) { gather_hidden_rows(p, ws, begin, end); });
 
   // Pass 1: items column-chunk-major over the active experts, so that torch's contiguous split
   // of the item range gives every thread a share of every expert (balanced under skew).

@@ -137,6 +137,8 @@ def _experts_case(device: str, family: str, tokens: int, dtype: torch.dtype, ske
     if backward:
         ours, baselines = with_backward(ours, (w13, w2)), {
             name: with_backward(fn, (w13, w2)) for name, fn in baselines.items()}
+    else:  # inference: no autograd bookkeeping on either side (ours would run its training kernel)
+        ours, baselines = torch.no_grad()(ours), {name: torch.no_grad()(fn) for name, fn in baselines.items()}
     used = 1 if tokens == 0 else len(torch.unique(_routing(tokens, experts, top_k, skewed, 0)[1]))
     element = torch.empty((), dtype=dtype).element_size()
     expert_bytes = 3 * hidden * intermediate * element
@@ -185,11 +187,13 @@ def _quantized_case(device: str, family: str, tokens: int, dtype: torch.dtype) -
         label=f"{family} T={tokens} E={experts} k={top_k} H={hidden} I={intermediate} int4 g128 {_SHORT[dtype]}",
         make_inputs=make_inputs,
         # quantized on first use (a few seconds), not when the suite is listed
-        ours=lambda x, weights, ids: fused_moe_quantized(x, *_quantized_experts(device, family, dtype), weights, ids),
+        ours=torch.no_grad()(lambda x, weights, ids: fused_moe_quantized(
+            x, *_quantized_experts(device, family, dtype), weights, ids)),
         baselines={
-            "fused_moe (dense weights)": lambda x, weights, ids: torch.ops.torch_ext.fused_moe(
-                x, block.experts.gate_up_proj, block.experts.down_proj, weights, ids, "silu"),
-            "transformers eager experts": lambda x, weights, ids: block.experts(x, ids.long(), weights)},
+            "fused_moe (dense weights)": torch.no_grad()(lambda x, weights, ids: torch.ops.torch_ext.fused_moe(
+                x, block.experts.gate_up_proj, block.experts.down_proj, weights, ids, "silu")),
+            "transformers eager experts": torch.no_grad()(lambda x, weights, ids: block.experts(
+                x, ids.long(), weights))},
         flops=2.0 * 3 * tokens * top_k * hidden * intermediate, bytes=float(packed_bytes * used / experts),
         device=device, working_set_bytes=packed_bytes)
 

@@ -1,0 +1,109 @@
+// The "panel" GEMM of fused_moe's fp32 CPU passes (moe/fused_moe_cpu_passes.h), for experts
+// with many rows; defined in the including file's ISA namespace.
+//
+// The dot-product micro-kernel of the passes (weights and tokens both K-contiguous) ends every
+// call with horizontal sums and needs ten row streams per call; measured on the project VM
+// (Zen 4, one core, fp32, K = 1024) it runs at 84-102 GFLOP/s depending on the rows' L1 sets.
+// Here the tokens are transposed instead, into panels [K][width] (token fastest), so that a
+// weight scalar broadcast against kVectors token vectors gives kPanelRows x kVectors
+// independent accumulators and no reduction: 123 GFLOP/s in the same measurement, the core's
+// FMA peak. The transposed copy only pays off for whole token vectors, so an expert's rows
+// [0, panel_rows(rows)) go through panels and the rest through the dot-product kernel.
+//
+// Panel layout of an expert's area (its rows' space in the gathered / act scratch, which has
+// room since the stride is >= K): the panel rows split into blocks of at most kVectors token
+// vectors, as even as possible (100 rows: 48 + 48 panel rows and 4 left, not 64 + 32: a
+// two-vector block runs well below the FMA peak), block b at element start(b) * K, laid out
+// [K][width(b)].
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/cpu/vec.h"
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_panels {
+
+constexpr int kLanes = VecF::kWidth;
+// Accumulators kPanelRows x kVectors, plus kVectors token vectors and one broadcast, fit the
+// register file: 6 x 4 + 4 + 1 = 29 of 32 zmm; 4 x 3 + 3 + 1 = 16 ymm.
+constexpr int kVectors = kLanes == 16 ? 4 : 3;
+constexpr int kPanelRows = kLanes == 16 ? 6 : 4;
+constexpr int kBlockTokens = kLanes * kVectors;
+// K per pass of the row groups over a block: a [512][64] fp32 chunk (128 KB) stays in L2 while
+// every row group of the work item reads it, instead of streaming the whole block from L3 per
+// group (GEMM 2's K = I = 3584 gives 917 KB blocks). Measured at T = 512 (Mixtral / 4, fp32):
+// 128 ran 5% slower than 512; 256, 512 and 1024 within the VM's noise.
+constexpr int64_t kKChunk = 512;
+
+// Rows of an expert that go through panels: whole token vectors, once the expert fills a block
+// (below that the dot-product kernel is as fast and pads nothing). Scalar builds: none.
+inline int64_t panel_rows(int64_t rows) { return kLanes > 1 && rows >= kBlockTokens ? rows / kLanes * kLanes : 0; }
+
+// The blocks of an expert's `panel` rows (a multiple of kLanes).
+struct PanelBlocks {
+  int64_t count, vectors_each, wider;  // blocks [0, wider) hold vectors_each + 1 vectors
+  explicit PanelBlocks(int64_t panel) {
+    const int64_t vectors = panel / kLanes;
+    count = (vectors + kVectors - 1) / kVectors;
+    vectors_each = count == 0 ? 0 : vectors / count;
+    wider = count == 0 ? 0 : vectors % count;
+  }
+  int64_t start(int64_t block) const { return (block * vectors_each + std::min(block, wider)) * kLanes; }
+  int width(int64_t block) const { return int((vectors_each + (block < wider)) * kLanes); }
+  int64_t block_of(int64_t row) const {
+    const int64_t vector = row / kLanes, in_wider = wider * (vectors_each + 1);
+    return vector < in_wider ? vector / (vectors_each + 1) : wider + (vector - in_wider) / vectors_each;
+  }
+};
+
+// out[r][v * kLanes + lane] (+)= sum_k w[r][k] * x[k * width + v * kLanes + lane] for k < K.
+template <int R, int V>
+inline void panel_block(const float* const* w, const float* x, int64_t width, int64_t K, bool accumulate, float* out) {
+  VecF acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? load(out + r * width + v * kLanes) : broadcast(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    VecF xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = load(x + k * width + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const VecF weight = broadcast(w[r][k]);
+      for (int v = 0; v < V; ++v) acc[r][v] = fmadd(weight, xv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store(out + r * width + v * kLanes, acc[r][v]);
+}
+
+// panel_block with rows <= R and vectors <= V chosen at run time.
+template <int R, int V>
+inline void panel_block_upto(int rows, int vectors, const float* const* w, const float* x, int64_t width, int64_t K,
+                             bool accumulate, float* out) {
+  if constexpr (R > 1)
+    if (rows < R) return panel_block_upto<R - 1, V>(rows, vectors, w, x, width, K, accumulate, out);
+  if constexpr (V > 1)
+    if (vectors < V) return panel_block_upto<R, V - 1>(rows, vectors, w, x, width, K, accumulate, out);
+  panel_block<R, V>(w, x, width, K, accumulate, out);
+}
+
+// out[r][m] = w[r] . block[:, m] for `rows` weight rows (K-contiguous) and one panel block
+// [K][width]; out is [rows][width].
+inline void panel_gemm(const float* const* w, int rows, const float* block, int width, int64_t K, float* out) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
+    const int64_t chunk = std::min(kKChunk, K - k0);
+    for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
+      const int group = std::min(kPanelRows, rows - r0);
+      const float* rows_at_k0[kPanelRows];
+      for (int i = 0; i < group; ++i) rows_at_k0[i] = w[r0 + i] + k0;
+      panel_block_upto<kPanelRows, kVectors>(group, width / kLanes, rows_at_k0, block + k0 * width, width, chunk,
+                                             k0 > 0, out + int64_t(r0) * width);
+    }
+  }
+}
+
+// Writes one token's row (K values) as column `token` of its panel block.
+inline void transpose_into_block(const float* row, int64_t K, float* block, int width, int token) {
+  for (int64_t k = 0; k < K; ++k) block[k * width + token] = row[k];
+}
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_panels
