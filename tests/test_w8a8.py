@@ -237,10 +237,11 @@ def test_int8_linear_outlier_decomposition_beats_plain_int8():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["per-channel", "per-tensor"])
 def test_int8_linear_equals_its_definition(dtype, per_tensor):
-    """The decomposition step by step in torch ops: features whose |x| exceeds the threshold in
-    any row (one in the CPU kernels' vector chunks, one in the tail past 256 columns) go through
-    a 16-bit product with their dequantized weight columns, the rest (zeroed there) through
-    quantize_per_token and scaled_int8_mm; the two parts summed before the one rounding to x's
+    """The decomposition step by step in float64, none of our kernels involved: features whose
+    |x| exceeds the threshold in any row (one in the CPU kernels' vector chunks, one in the tail
+    past 256 columns) go through a 16-bit product with their dequantized weight columns, the
+    rest (zeroed there) through per-token int8 quantization (the reference above) and an exact
+    integer product scaled by both scales; the two parts summed before the one rounding to x's
     dtype. A per-tensor weight scale ([1]) serves every column of the outlier product too."""
     seed = fresh_seed()
     k = 300
@@ -250,9 +251,10 @@ def test_int8_linear_equals_its_definition(dtype, per_tensor):
         w_scale = w_scale[:1].clone()
     outliers = (x.abs().amax(0) > 6.0).nonzero().squeeze(1)
     assert set(outliers.tolist()) >= {7, 290}
-    xq, xs = quantize_per_token(x.index_fill(1, outliers, 0))
-    expected = (scaled_int8_mm(xq, w_q, xs, w_scale, None, torch.float32).double()
-                + x[:, outliers].double() @ (w_q[:, outliers].double() * w_scale.double().expand(33)[:, None]).t())
+    xq, xs = _reference_quantize(x.index_fill(1, outliers, 0))
+    w_columns = w_scale.double().expand(33)
+    expected = ((xq.double() @ w_q.double().t()) * xs.double() * w_columns
+                + x[:, outliers].double() @ (w_q[:, outliers].double() * w_columns[:, None]).t())
     with poisoned_outputs():
         got = int8_linear(x, w_q, w_scale, None, 6.0)
     assert got.dtype == dtype
