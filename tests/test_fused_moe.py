@@ -68,6 +68,11 @@ def test_panel_path_row_counts(cpu_isa, activation):
     assert torch.equal(out, fused_moe(h, w13, w2, weights, ids, activation))
     expected = torch.stack([w13[e].double() @ h[t].double() for t, e in enumerate(ids[:, 0].tolist())])
     assert_close_to_reference(gate_up, expected, torch.float32, f"{cpu_isa} gate_up (seed {seed})")
+    # H and I past the panel kernel's 512-deep K chunks (accumulated across chunks); k = 2 with
+    # both slots of some tokens on the same expert.
+    ids = torch.stack([torch.arange(70) % 2, torch.where(torch.arange(70) % 5 == 0, torch.arange(70) % 2, 1 - torch.arange(70) % 2)], 1)
+    args = _problem(70, 2, 2, 1030, 530, torch.float32, "cpu", seed + 10, ids=ids)
+    _check_forward(args, activation, torch.float32, f"{cpu_isa} K chunks (seed {seed})")
 
 
 def test_all_tokens_on_one_expert_and_idle_experts(device):
