@@ -56,10 +56,10 @@ def test_every_cpu_isa_path(cpu_isa, dtype):
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_panel_path_row_counts(cpu_isa, activation):
-    """Experts with rows just above and below the fp32 CPU kernel's panel thresholds (64 rows on
-    AVX-512, 24 on AVX2), several uneven panel blocks (149 rows) and one row; training's saved
-    pre-activations from both paths."""
-    counts = [64, 63, 24, 23, 149, 0, 1]
+    """Experts with rows at and around the fp32 CPU kernel's panel sizes (whole vectors of 16
+    rows on AVX-512, 8 on AVX2; blocks of up to 64 / 24), several uneven panel blocks (149 rows)
+    and one row; training's saved pre-activations from both paths."""
+    counts = [64, 63, 16, 15, 8, 7, 24, 23, 149, 0, 1]
     ids = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
     seed = fresh_seed()
     h, w13, w2, weights, ids = _problem(sum(counts), len(counts), 1, 41, 37, torch.float32, "cpu", seed, ids=ids)
