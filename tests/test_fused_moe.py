@@ -54,25 +54,27 @@ def test_every_cpu_isa_path(cpu_isa, dtype):
         _check_forward(_problem(*shape, dtype, "cpu", seed), "silu", dtype, f"{cpu_isa} {shape} (seed {seed})")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_panel_path_row_counts(cpu_isa, activation):
-    """Experts with rows at and around the fp32 CPU kernel's panel sizes (whole vectors of 16
-    rows on AVX-512, 8 on AVX2; blocks of up to 64 / 24), several uneven panel blocks (149 rows)
-    and one row; training's saved pre-activations from both paths."""
+def test_panel_path_row_counts(cpu_isa, activation, dtype):
+    """Experts with rows at and around the CPU kernel's panel sizes (whole vectors of 16 rows on
+    AVX-512, 8 on AVX2; blocks of up to 64 / 24; fp32, and bf16 pairs with AVX512_BF16), several
+    uneven panel blocks (149 rows) and one row, odd H and I (bf16: a last pair with a zero);
+    training's saved pre-activations from both paths."""
     counts = [64, 63, 16, 15, 8, 7, 24, 23, 149, 0, 1]
     ids = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
     seed = fresh_seed()
-    h, w13, w2, weights, ids = _problem(sum(counts), len(counts), 1, 41, 37, torch.float32, "cpu", seed, ids=ids)
-    _check_forward((h, w13, w2, weights, ids), activation, torch.float32, f"{cpu_isa} (seed {seed})")
+    h, w13, w2, weights, ids = _problem(sum(counts), len(counts), 1, 41, 37, dtype, "cpu", seed, ids=ids)
+    _check_forward((h, w13, w2, weights, ids), activation, dtype, f"{cpu_isa} (seed {seed})")
     out, gate_up = torch.ops.torch_ext.fused_moe_train(h, w13, w2, weights, ids, activation)
     assert torch.equal(out, fused_moe(h, w13, w2, weights, ids, activation))
     expected = torch.stack([w13[e].double() @ h[t].double() for t, e in enumerate(ids[:, 0].tolist())])
-    assert_close_to_reference(gate_up, expected, torch.float32, f"{cpu_isa} gate_up (seed {seed})")
+    assert_close_to_reference(gate_up, expected, dtype, f"{cpu_isa} gate_up (seed {seed})")
     # H and I past the panel kernel's 512-deep K chunks (accumulated across chunks); k = 2 with
     # both slots of some tokens on the same expert.
     ids = torch.stack([torch.arange(70) % 2, torch.where(torch.arange(70) % 5 == 0, torch.arange(70) % 2, 1 - torch.arange(70) % 2)], 1)
-    args = _problem(70, 2, 2, 1030, 530, torch.float32, "cpu", seed + 10, ids=ids)
-    _check_forward(args, activation, torch.float32, f"{cpu_isa} K chunks (seed {seed})")
+    args = _problem(70, 2, 2, 1031, 531, dtype, "cpu", seed + 10, ids=ids)
+    _check_forward(args, activation, dtype, f"{cpu_isa} K chunks (seed {seed})")
 
 
 def test_all_tokens_on_one_expert_and_idle_experts(device):

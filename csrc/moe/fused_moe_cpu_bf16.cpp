@@ -6,6 +6,8 @@
 // per instruction, twice the fp32 FMA rate, with no widening of the operands. Products of bf16
 // values are exact in fp32, so results match the FMA kernel up to summation order. The
 // activated rows are bf16 (the second GEMM's operand), as in the FMA kernel's bf16 path.
+#include <cstring>
+
 #include "common/cpu/vec.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_cpu_passes.h"
@@ -50,7 +52,31 @@ inline void dot_block(const BFloat16* const* w, const BFloat16* const* x, int64_
     for (int m = 0; m < NT; ++m) acc_out[r][m] = reduce_add(VecF{acc[r][m]});
 }
 
+// Panels of bf16 pairs (layout: moe/fused_moe_cpu_panels.h): vdpbf16ps of a broadcast weight
+// pair (w[k], w[k + 1]) with 16 tokens' pairs (x[k], x[k + 1]).
+struct Bf16PairMath {
+  using T = BFloat16;
+  using Operand = __m512bh;
+  static constexpr int kKPerStep = 2;
+  static Operand load_tokens(const BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static Operand broadcast_weights(const BFloat16* w) {
+    uint32_t pair;
+    std::memcpy(&pair, w, sizeof(pair));
+    return (__m512bh)_mm512_set1_epi32(int(pair));
+  }
+  // (w[k], 0) for an odd K's last pair.
+  static Operand broadcast_last_weight(const BFloat16* w) { return (__m512bh)_mm512_set1_epi32(w->bits); }
+  static VecF multiply_add(Operand w, Operand x, VecF acc) { return {_mm512_dpbf16_ps(acc.v, w, x)}; }
+  // 16 tokens' values of columns j (even) and j + 1, rounded to bf16, as their 16 pairs.
+  static void store_column_pair(BFloat16* at, VecF first, VecF second) {
+    const __m512i low = _mm512_cvtepu16_epi32(to_bf16_bits(first)), high = _mm512_cvtepu16_epi32(to_bf16_bits(second));
+    _mm512_storeu_si512(at, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+  }
+};
+
 struct Bf16DotKernel {
+  template <typename T>
+  using PanelMath = Bf16PairMath;
   template <int R>
   static void dot(int tokens, const BFloat16* const* w, const BFloat16* const* x, int64_t K, Accumulators& acc) {
     static_assert(kTokens == 6, "the AVX-512 register tile");

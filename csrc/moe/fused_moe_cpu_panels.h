@@ -11,10 +11,12 @@
 // through panels and the rest (fewer than kLanes) through the dot-product kernel.
 //
 // Panel layout of an expert's area (its rows' space in the gathered / act scratch, which has
-// room since the stride is >= K): the panel rows split into blocks of at most kVectors token
-// vectors, as even as possible (100 rows: 48 + 48 panel rows and 4 left, not 64 + 32: a
-// two-vector block runs well below the FMA peak), block b at element start(b) * K, laid out
-// [K][width(b)].
+// room since the stride is >= K rounded up to even): the panel rows split into blocks of at most
+// kVectors token vectors, as even as possible (100 rows: 48 + 48 panel rows and 4 left, not
+// 64 + 32: a two-vector block runs well below the FMA peak), block b at element start(b) * K.
+// fp32 blocks are [K][width]; bf16 blocks (AVX512_BF16, Bf16PairMath) are [K / 2][width][2]:
+// each 32-bit lane holds one token's values at k and k + 1, the pair vdpbf16ps multiplies with
+// a broadcast weight pair; an odd K ends in a pair with a zero.
 #pragma once
 
 #include <algorithm>
@@ -36,11 +38,6 @@ constexpr int kBlockTokens = kLanes * kVectors;
 // 128 ran 5% slower than 512; 256, 512 and 1024 within the VM's noise.
 constexpr int64_t kKChunk = 512;
 
-// Rows of an expert that go through panels: whole token vectors, from one on. Measured against
-// the dot-product kernel for those rows (fp32, Mixtral / 4 and DeepSeek-V2-Lite / 4, medians of
-// alternating builds): 16 rows per expert (Mixtral T = 64) 23.4 vs 25.4 ms, 32 rows (T = 128)
-// 34.2 vs 36.4 ms, 48 rows (DeepSeek T = 512) 21.1 vs 27.9 ms. Scalar builds: none.
-inline int64_t panel_rows(int64_t rows) { return kLanes > 1 ? rows / kLanes * kLanes : 0; }
 
 // The blocks of an expert's `panel` rows (a multiple of kLanes).
 struct PanelBlocks {
@@ -59,53 +56,110 @@ struct PanelBlocks {
   }
 };
 
-// out[r][v * kLanes + lane] (+)= sum_k w[r][k] * x[k * width + v * kLanes + lane] for k < K.
-template <int R, int V>
-inline void panel_block(const float* const* w, const float* x, int64_t width, int64_t K, bool accumulate, float* out) {
+// The arithmetic of a panel type: fp32 with FMA, one k per step.
+struct Fp32Math {
+  using T = float;
+  using Operand = VecF;
+  static constexpr int kKPerStep = 1;
+  static Operand load_tokens(const float* p) { return load(p); }
+  static Operand broadcast_weights(const float* w) { return broadcast(*w); }
+  static Operand broadcast_last_weight(const float* w) { return broadcast(*w); }
+  static VecF multiply_add(Operand w, Operand x, VecF acc) { return fmadd(w, x, acc); }
+};
+
+// Where a passes instantiation has no panels (fp16, the scalar build).
+struct NoPanels {
+  static constexpr int kKPerStep = 0;
+};
+
+template <class Math>
+constexpr bool has_panels = Math::kKPerStep > 0 && kLanes > 1;
+
+// K rounded up to whole steps: a block's length is padded_k(K) * width.
+template <class Math>
+inline int64_t padded_k(int64_t K) {
+  return (K + Math::kKPerStep - 1) / Math::kKPerStep * Math::kKPerStep;
+}
+
+// The expert's rows [0, panel_rows) that go through panels: whole token vectors, from one on.
+// Measured against the dot-product kernel for those rows (fp32, Mixtral / 4 and DeepSeek-V2-Lite
+// / 4, medians of alternating builds): 16 rows per expert (Mixtral T = 64) 23.4 vs 25.4 ms, 32
+// rows (T = 128) 34.2 vs 36.4 ms, 48 rows (DeepSeek T = 512) 21.1 vs 27.9 ms.
+template <class Math>
+inline int64_t panel_rows(int64_t rows) {
+  if constexpr (has_panels<Math>) return rows / kLanes * kLanes;
+  return 0;
+}
+
+// Element offset of (k, token) in a block of `width` tokens.
+template <class Math>
+inline int64_t panel_offset(int64_t k, int64_t token, int64_t width) {
+  constexpr int step = Math::kKPerStep;
+  return (k / step * width + token) * step + k % step;
+}
+
+// out[r][v * kLanes + lane] (+)= sum_k w[r][k] * x(k, v * kLanes + lane) for k < K (K even for
+// pairs, except at the end of a row).
+template <class Math, int R, int V>
+inline void panel_block(const typename Math::T* const* w, const typename Math::T* x, int64_t width, int64_t K,
+                        bool accumulate, float* out) {
+  using Operand = typename Math::Operand;
+  constexpr int step = Math::kKPerStep;
   VecF acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? load(out + r * width + v * kLanes) : broadcast(0.0f);
-  for (int64_t k = 0; k < K; ++k) {
-    VecF xv[V];
-    for (int v = 0; v < V; ++v) xv[v] = load(x + k * width + v * kLanes);
+  const auto step_at = [&](int64_t k, bool last) {
+    Operand xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = Math::load_tokens(x + k * width + v * kLanes * step);
     for (int r = 0; r < R; ++r) {
-      const VecF weight = broadcast(w[r][k]);
-      for (int v = 0; v < V; ++v) acc[r][v] = fmadd(weight, xv[v], acc[r][v]);
+      // A pair past the row's end would read the next row's first value (or past the tensor).
+      const Operand weight = last ? Math::broadcast_last_weight(w[r] + k) : Math::broadcast_weights(w[r] + k);
+      for (int v = 0; v < V; ++v) acc[r][v] = Math::multiply_add(weight, xv[v], acc[r][v]);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + step <= K; k += step) step_at(k, false);
+  if (k < K) step_at(k, true);
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) store(out + r * width + v * kLanes, acc[r][v]);
 }
 
 // panel_block with rows <= R and vectors <= V chosen at run time.
-template <int R, int V>
-inline void panel_block_upto(int rows, int vectors, const float* const* w, const float* x, int64_t width, int64_t K,
-                             bool accumulate, float* out) {
+template <class Math, int R, int V>
+inline void panel_block_upto(int rows, int vectors, const typename Math::T* const* w, const typename Math::T* x,
+                             int64_t width, int64_t K, bool accumulate, float* out) {
   if constexpr (R > 1)
-    if (rows < R) return panel_block_upto<R - 1, V>(rows, vectors, w, x, width, K, accumulate, out);
+    if (rows < R) return panel_block_upto<Math, R - 1, V>(rows, vectors, w, x, width, K, accumulate, out);
   if constexpr (V > 1)
-    if (vectors < V) return panel_block_upto<R, V - 1>(rows, vectors, w, x, width, K, accumulate, out);
-  panel_block<R, V>(w, x, width, K, accumulate, out);
+    if (vectors < V) return panel_block_upto<Math, R, V - 1>(rows, vectors, w, x, width, K, accumulate, out);
+  panel_block<Math, R, V>(w, x, width, K, accumulate, out);
 }
 
-// out[r][m] = w[r] . block[:, m] for `rows` weight rows (K-contiguous) and one panel block
-// [K][width]; out is [rows][width].
-inline void panel_gemm(const float* const* w, int rows, const float* block, int width, int64_t K, float* out) {
+// out[r][m] = w[r] . block(:, m) for `rows` weight rows (K-contiguous) and one panel block;
+// out is [rows][width] fp32.
+template <class Math>
+void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* block, int width, int64_t K,
+                float* out) {
+  static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
   for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
     const int64_t chunk = std::min(kKChunk, K - k0);
     for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
       const int group = std::min(kPanelRows, rows - r0);
-      const float* rows_at_k0[kPanelRows];
+      const typename Math::T* rows_at_k0[kPanelRows];
       for (int i = 0; i < group; ++i) rows_at_k0[i] = w[r0 + i] + k0;
-      panel_block_upto<kPanelRows, kVectors>(group, width / kLanes, rows_at_k0, block + k0 * width, width, chunk,
-                                             k0 > 0, out + int64_t(r0) * width);
+      panel_block_upto<Math, kPanelRows, kVectors>(group, width / kLanes, rows_at_k0,
+                                                   block + panel_offset<Math>(k0, 0, width), width, chunk, k0 > 0,
+                                                   out + int64_t(r0) * width);
     }
   }
 }
 
-// Writes one token's row (K values) as column `token` of its panel block.
-inline void transpose_into_block(const float* row, int64_t K, float* block, int width, int token) {
-  for (int64_t k = 0; k < K; ++k) block[k * width + token] = row[k];
+// Writes one token's row (K values) as column `token` of its panel block (and the zero that
+// completes an odd K's last pair).
+template <class Math>
+void transpose_into_block(const typename Math::T* row, int64_t K, typename Math::T* block, int width, int token) {
+  for (int64_t k = 0; k < K; ++k) block[panel_offset<Math>(k, token, width)] = row[k];
+  if (K % Math::kKPerStep != 0) block[panel_offset<Math>(K, token, width)] = typename Math::T{};
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_panels

@@ -51,13 +51,9 @@ constexpr int64_t kOutputColumnsPerItem = 24;
 
 using Accumulators = float[kRows][kTokens];
 
-// The expert's rows [0, panel_rows) that go through the panel GEMM (fp32 only; see
-// moe/fused_moe_cpu_panels.h); the dot-product kernel takes the rest.
-template <typename T>
-int64_t panel_rows(int64_t rows) {
-  if constexpr (std::is_same_v<T, float>) return fused_moe_panels::panel_rows(rows);
-  return 0;
-}
+// The panel arithmetic of a Kernel for io type T (fused_moe_panels::NoPanels where it has none).
+template <typename Kernel, typename T>
+using PanelMath = typename Kernel::template PanelMath<T>;
 
 inline VecF activate(torch_ext::moe::Activation activation, VecF gate) {
   return activation == torch_ext::moe::Activation::kSilu ? gate * sigmoid(gate) : gelu(gate);
@@ -106,23 +102,25 @@ Workspace<T, Act> make_workspace(const torch_ext::moe::FusedMoeParams& p, void* 
 // Copies hidden[token of the pair] for grouped rows [begin, end) into ws.gathered: panel rows
 // transposed into their expert's panel blocks, the others as rows, so that a token block's rows
 // are contiguous and conflict-free in L1 (hidden's own rows may be 4 KiB apart).
-template <typename T, typename Act>
+template <typename Kernel, typename T, typename Act>
 void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Act>& ws, int64_t begin,
                         int64_t end) {
   namespace panels = fused_moe_panels;
+  using Math = PanelMath<Kernel, T>;
   const T* hidden = static_cast<const T*>(p.hidden);
   const int64_t H = p.hidden_size, *offsets = ws.plan.offsets;
   int32_t e = int32_t(std::upper_bound(offsets, offsets + p.experts + 1, begin) - offsets) - 1;
   for (int64_t r = begin; r < end; ++r) {
     while (r >= offsets[e + 1]) ++e;
     const T* row = hidden + int64_t(ws.plan.sorted_pairs[r] / p.top_k) * H;
-    const int64_t index = r - offsets[e], panel = panel_rows<T>(ws.plan.counts[e]);
-    if constexpr (std::is_same_v<T, float>) {
+    const int64_t index = r - offsets[e], panel = panels::panel_rows<Math>(ws.plan.counts[e]);
+    if constexpr (panels::has_panels<Math>) {
       if (index < panel) {
         const panels::PanelBlocks blocks(panel);
         const int64_t block = blocks.block_of(index);
-        panels::transpose_into_block(row, H, ws.gathered + offsets[e] * ws.hidden_stride + blocks.start(block) * H,
-                                     blocks.width(block), int(index - blocks.start(block)));
+        panels::transpose_into_block<Math>(
+            row, H, ws.gathered + offsets[e] * ws.hidden_stride + blocks.start(block) * panels::padded_k<Math>(H),
+            blocks.width(block), int(index - blocks.start(block)));
         continue;
       }
     }
@@ -130,58 +128,74 @@ void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace
   }
 }
 
-// Pass 1 through panels for the expert's panel rows (fp32): the gate and up rows of columns
+// Pass 1 through panels for the expert's panel rows: the gate and up rows of columns
 // [j_begin, j_end) against each token block, activated along the tokens into the act panel.
-inline void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<float, float>& ws, int32_t e,
-                           int64_t j_begin, int64_t j_end) {
+template <class Math>
+void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typename Math::T, typename Math::T>& ws,
+                    int32_t e, int64_t j_begin, int64_t j_end) {
   namespace panels = fused_moe_panels;
-  const int64_t panel = panel_rows<float>(ws.plan.counts[e]);
+  using T = typename Math::T;
+  const int64_t panel = panels::panel_rows<Math>(ws.plan.counts[e]);
   if (panel == 0) return;
   const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e];
-  const float* w13 = static_cast<const float*>(p.w13) + int64_t(e) * 2 * I * H;
+  const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * 2 * I * H;
   const int columns = int(j_end - j_begin);
-  const float* w[2 * kColumnsPerItem];  // gate rows, then up rows
+  const T* w[2 * kColumnsPerItem];  // gate rows, then up rows
   for (int c = 0; c < columns; ++c) w[c] = w13 + (j_begin + c) * H, w[columns + c] = w13 + (I + j_begin + c) * H;
   alignas(64) float gate_up[2 * kColumnsPerItem * panels::kBlockTokens];
   const panels::PanelBlocks blocks(panel);
   for (int64_t b = 0; b < blocks.count; ++b) {
     const int width = blocks.width(b);
-    panels::panel_gemm(w, 2 * columns, ws.gathered + row_begin * ws.hidden_stride + blocks.start(b) * H, width, H,
-                       gate_up);
-    float* act_block = ws.act + row_begin * ws.act_stride + blocks.start(b) * I;
-    for (int c = 0; c < columns; ++c) {
-      const float *gate = gate_up + c * width, *up = gate_up + (columns + c) * width;
-      for (int m = 0; m < width; m += VecF::kWidth)
-        store(act_block + (j_begin + c) * width + m, activate(p.activation, load(gate + m)) * load(up + m));
-      if (p.gate_up == nullptr) continue;
-      // Training: the pre-activation values too, by pair, for the backward.
-      for (int m = 0; m < width; ++m) {
-        const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
-        float* saved = static_cast<float*>(p.gate_up) + int64_t(pair) * 2 * I;
-        saved[j_begin + c] = gate[m], saved[I + j_begin + c] = up[m];
+    panels::panel_gemm<Math>(
+        w, 2 * columns, ws.gathered + row_begin * ws.hidden_stride + blocks.start(b) * panels::padded_k<Math>(H), width,
+        H, gate_up);
+    T* act_block = ws.act + row_begin * ws.act_stride + blocks.start(b) * panels::padded_k<Math>(I);
+    const auto activated = [&](int c, int m) {
+      return activate(p.activation, load(gate_up + c * width + m)) * load(gate_up + (columns + c) * width + m);
+    };
+    for (int m = 0; m < width; m += VecF::kWidth) {
+      if constexpr (Math::kKPerStep == 1) {
+        for (int c = 0; c < columns; ++c) store(act_block + panels::panel_offset<Math>(j_begin + c, m, width), activated(c, m));
+      } else {  // column pairs; an odd I's last column pairs with the zero of the padding
+        static_assert(kColumnsPerItem % 2 == 0, "items start on a column pair");
+        for (int c = 0; c < columns; c += 2)
+          Math::store_column_pair(act_block + panels::panel_offset<Math>(j_begin + c, m, width), activated(c, m),
+                                  c + 1 < columns ? activated(c + 1, m) : broadcast(0.0f));
+      }
+    }
+    if (p.gate_up == nullptr) continue;
+    // Training: the pre-activation values too, by pair, for the backward.
+    for (int m = 0; m < width; ++m) {
+      T* saved = static_cast<T*>(p.gate_up) + int64_t(ws.plan.sorted_pairs[row_begin + blocks.start(b) + m]) * 2 * I;
+      for (int c = 0; c < columns; ++c) {
+        saved[j_begin + c] = from_float<T>(gate_up[c * width + m]);
+        saved[I + j_begin + c] = from_float<T>(gate_up[(columns + c) * width + m]);
       }
     }
   }
 }
 
-// Pass 2 through panels for the expert's panel rows (fp32): W2 rows [n_begin, n_end) against
-// each act block, weighted and added to sums.
-inline void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<float, float>& ws, float* sums,
-                        int32_t e, int64_t n_begin, int64_t n_end) {
+// Pass 2 through panels for the expert's panel rows: W2 rows [n_begin, n_end) against each act
+// block, weighted and added to sums.
+template <class Math>
+void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typename Math::T, typename Math::T>& ws,
+                 float* sums, int32_t e, int64_t n_begin, int64_t n_end) {
   namespace panels = fused_moe_panels;
-  const int64_t panel = panel_rows<float>(ws.plan.counts[e]);
+  using T = typename Math::T;
+  const int64_t panel = panels::panel_rows<Math>(ws.plan.counts[e]);
   if (panel == 0) return;
   const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e];
-  const float* w2 = static_cast<const float*>(p.w2) + int64_t(e) * H * I;
+  const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
   alignas(64) float partial[kOutputColumnsPerItem * panels::kBlockTokens];
   const panels::PanelBlocks blocks(panel);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kOutputColumnsPerItem) {
     const int rows = int(std::min(kOutputColumnsPerItem, n_end - n0));
-    const float* w[kOutputColumnsPerItem];
+    const T* w[kOutputColumnsPerItem];
     for (int i = 0; i < rows; ++i) w[i] = w2 + (n0 + i) * I;
     for (int64_t b = 0; b < blocks.count; ++b) {
       const int width = blocks.width(b);
-      panels::panel_gemm(w, rows, ws.act + row_begin * ws.act_stride + blocks.start(b) * I, width, I, partial);
+      panels::panel_gemm<Math>(w, rows, ws.act + row_begin * ws.act_stride + blocks.start(b) * panels::padded_k<Math>(I),
+                               width, I, partial);
       for (int m = 0; m < width; ++m) {
         const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
         const float weight = p.topk_weights[pair];
@@ -204,9 +218,10 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T,
   const int columns = int(j_end - j_begin);
   // Gate and up values of the item's columns for one token block, token-major, until the
   // epilogue activates them (SIMD along the columns).
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<Act, float>) gate_up_panels(p, ws, e, j_begin, j_end);
+  using Math = PanelMath<Kernel, T>;
+  if constexpr (fused_moe_panels::has_panels<Math>) gate_up_panels<Math>(p, ws, e, j_begin, j_end);
   float gate[kTokens][kColumnsPerItem], up[kTokens][kColumnsPerItem];
-  for (int64_t r0 = panel_rows<T>(rows); r0 < rows; r0 += kTokens) {
+  for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows); r0 < rows; r0 += kTokens) {
     const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
     const T* x[kTokens];
     for (int m = 0; m < tokens; ++m) x[m] = ws.gathered + (row_begin + r0 + m) * ws.hidden_stride;
@@ -255,12 +270,13 @@ void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Ac
     const int32_t e = ws.plan.active[a];
     const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
     const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<Act, float>) down_panels(p, ws, sums, e, n_begin, n_end);
+    using Math = PanelMath<Kernel, T>;
+    if constexpr (fused_moe_panels::has_panels<Math>) down_panels<Math>(p, ws, sums, e, n_begin, n_end);
     for (int64_t n = n_begin; n < n_end; n += kRows) {
       const int row_count = int(std::min<int64_t>(kRows, n_end - n));
       const T* w[kRows];
       for (int i = 0; i < row_count; ++i) w[i] = w2 + (n + i) * I;
-      for (int64_t r0 = panel_rows<T>(rows); r0 < rows; r0 += kTokens) {
+      for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows); r0 < rows; r0 += kTokens) {
         const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
         const Act* x[kTokens];
         for (int m = 0; m < tokens; ++m) x[m] = ws.act + (row_begin + r0 + m) * ws.act_stride;
@@ -291,7 +307,7 @@ void run(const torch_ext::moe::FusedMoeParams& p, void* workspace) {
   if (p.tokens == 0) return;
   const Workspace<T, Act> ws = make_workspace<T, Act>(p, workspace);
   const int64_t H = p.hidden_size, I = p.intermediate_size;
-  parallel_for(0, p.tokens * p.top_k, 16, [&](int64_t begin, int64_t end) { gather_hidden_rows(p, ws, begin, end); });
+  parallel_for(0, p.tokens * p.top_k, 16, [&](int64_t begin, int64_t end) { gather_hidden_rows<Kernel>(p, ws, begin, end); });
 
   // Pass 1: items column-chunk-major over the active experts, so that torch's contiguous split
   // of the item range gives every thread a share of every expert (balanced under skew).
