@@ -1,5 +1,6 @@
-// The "panel" GEMM of fused_moe's fp32 CPU passes (moe/fused_moe_cpu_passes.h), for the whole
-// token vectors of each expert's rows; defined in the including file's ISA namespace.
+// The "panel" GEMM of fused_moe's CPU passes (moe/fused_moe_cpu_passes.h), fp32 and bf16 pairs,
+// for the whole token vectors of each expert's rows; defined in the including file's ISA
+// namespace.
 //
 // The dot-product micro-kernel of the passes (weights and tokens both K-contiguous) ends every
 // call with horizontal sums and needs ten row streams per call; measured on the project VM
@@ -13,8 +14,8 @@
 // Panel layout of an expert's area (its rows' space in the gathered / act scratch, which has
 // room since the stride is >= K rounded up to even): the panel rows split into blocks of at most
 // kVectors token vectors, as even as possible (100 rows: 48 + 48 panel rows and 4 left, not
-// 64 + 32: a two-vector block runs well below the FMA peak), block b at element start(b) * K.
-// fp32 blocks are [K][width]; bf16 blocks (AVX512_BF16, Bf16PairMath) are [K / 2][width][2]:
+// 64 + 32: a two-vector block runs well below the FMA peak), block b at element
+// start(b) * padded_k(K). fp32 blocks are [K][width]; bf16 blocks (AVX512_BF16, Bf16PairMath) are [K / 2][width][2]:
 // each 32-bit lane holds one token's values at k and k + 1, the pair vdpbf16ps multiplies with
 // a broadcast weight pair; an odd K ends in a pair with a zero.
 #pragma once
