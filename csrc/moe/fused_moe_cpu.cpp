@@ -43,9 +43,8 @@ inline void dot_block(const TW* const* w, const TX* const* x, int64_t K, Accumul
 }
 
 struct FmaKernel {
-  // Panels for fp32 only: 16-bit weights would need a widening per broadcast.
   template <typename T>
-  using PanelMath = std::conditional_t<std::is_same_v<T, float>, fused_moe_panels::Fp32Math, fused_moe_panels::NoPanels>;
+  using PanelMath = fused_moe_panels::WidenMath<T>;
   // dot_block with the token count chosen at run time (1..kTokens).
   template <int R, typename TW, typename TX>
   static void dot(int tokens, const TW* const* w, const TX* const* x, int64_t K, Accumulators& acc) {

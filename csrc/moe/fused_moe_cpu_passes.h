@@ -51,7 +51,7 @@ constexpr int64_t kOutputColumnsPerItem = 24;
 
 using Accumulators = float[kRows][kTokens];
 
-// The panel arithmetic of a Kernel for io type T (fused_moe_panels::NoPanels where it has none).
+// The panel arithmetic of a Kernel for io type T (moe/fused_moe_cpu_panels.h).
 template <typename Kernel, typename T>
 using PanelMath = typename Kernel::template PanelMath<T>;
 
@@ -114,7 +114,7 @@ void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace
     while (r >= offsets[e + 1]) ++e;
     const T* row = hidden + int64_t(ws.plan.sorted_pairs[r] / p.top_k) * H;
     const int64_t index = r - offsets[e], panel = panels::panel_rows<Math>(ws.plan.counts[e]);
-    if constexpr (panels::has_panels<Math>) {
+    if constexpr (panels::kHasPanels) {
       if (index < panel) {
         const panels::PanelBlocks blocks(panel);
         const int64_t block = blocks.block_of(index);
@@ -219,7 +219,7 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T,
   // Gate and up values of the item's columns for one token block, token-major, until the
   // epilogue activates them (SIMD along the columns).
   using Math = PanelMath<Kernel, T>;
-  if constexpr (fused_moe_panels::has_panels<Math>) gate_up_panels<Math>(p, ws, e, j_begin, j_end);
+  if constexpr (fused_moe_panels::kHasPanels) gate_up_panels<Math>(p, ws, e, j_begin, j_end);
   float gate[kTokens][kColumnsPerItem], up[kTokens][kColumnsPerItem];
   for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows); r0 < rows; r0 += kTokens) {
     const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
@@ -271,7 +271,7 @@ void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Ac
     const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
     const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
     using Math = PanelMath<Kernel, T>;
-    if constexpr (fused_moe_panels::has_panels<Math>) down_panels<Math>(p, ws, sums, e, n_begin, n_end);
+    if constexpr (fused_moe_panels::kHasPanels) down_panels<Math>(p, ws, sums, e, n_begin, n_end);
     for (int64_t n = n_begin; n < n_end; n += kRows) {
       const int row_count = int(std::min<int64_t>(kRows, n_end - n));
       const T* w[kRows];
