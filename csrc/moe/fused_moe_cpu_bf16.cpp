@@ -58,6 +58,7 @@ struct Bf16PairMath {
   using T = BFloat16;
   using Operand = __m512bh;
   static constexpr int kKPerStep = 2;
+  static constexpr int kMinVectors = 1;  // T = 64 unchanged, T = 128 and 512 faster (docs/perf/moe.md)
   static Operand load_tokens(const BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static Operand broadcast_weights(const BFloat16* w) {
     uint32_t pair;

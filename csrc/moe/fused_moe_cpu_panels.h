@@ -67,12 +67,18 @@ inline float widen(T value) {
 }
 
 // The arithmetic of a panel type: fp32 FMA on values of type T widened as they are loaded
-// (fp32; fp16 and bf16 where vdpbf16ps is missing), one k per step.
+// (fp32; fp16 and bf16 where vdpbf16ps is missing), one k per step. kMinVectors: the token
+// vectors an expert needs before its rows take panels. 16-bit weights pay a conversion per
+// broadcast, which few token vectors do not amortize (measured against the dot-product kernel,
+// Mixtral / 4, two alternating rounds: bf16 on AVX2 at T = 512 160-166 vs 183-195 ms, but at
+// T = 64, 2 vectors per expert, 37-38 vs 31-35 ms; fp16 on AVX-512 at T = 64 26-27 vs 20-22 ms,
+// at T = 512 127 vs 125-135 ms), so they start at one full block.
 template <typename ValueType>
 struct WidenMath {
   using T = ValueType;
   using Operand = VecF;
   static constexpr int kKPerStep = 1;
+  static constexpr int kMinVectors = std::is_same_v<T, float> ? 1 : kVectors;
   static Operand load_tokens(const T* p) { return load(p); }
   static Operand broadcast_weights(const T* w) { return broadcast(widen(*w)); }
   static Operand broadcast_last_weight(const T* w) { return broadcast(widen(*w)); }
@@ -88,13 +94,14 @@ inline int64_t padded_k(int64_t K) {
   return (K + Math::kKPerStep - 1) / Math::kKPerStep * Math::kKPerStep;
 }
 
-// The expert's rows [0, panel_rows) that go through panels: whole token vectors, from one on.
-// Measured against the dot-product kernel for those rows (fp32, Mixtral / 4 and DeepSeek-V2-Lite
-// / 4, medians of alternating builds): 16 rows per expert (Mixtral T = 64) 23.4 vs 25.4 ms, 32
-// rows (T = 128) 34.2 vs 36.4 ms, 48 rows (DeepSeek T = 512) 21.1 vs 27.9 ms.
+// The expert's rows [0, panel_rows) that go through panels: whole token vectors, once it has
+// Math::kMinVectors. fp32 from one on, measured against the dot-product kernel for those rows
+// (Mixtral / 4 and DeepSeek-V2-Lite / 4, medians of alternating builds): 16 rows per expert
+// (Mixtral T = 64) 23.4 vs 25.4 ms, 32 rows (T = 128) 34.2 vs 36.4 ms, 48 rows (DeepSeek
+// T = 512) 21.1 vs 27.9 ms.
 template <class Math>
 inline int64_t panel_rows(int64_t rows) {
-  if constexpr (kHasPanels) return rows / kLanes * kLanes;
+  if constexpr (kHasPanels) return rows >= Math::kMinVectors * kLanes ? rows / kLanes * kLanes : 0;
   return 0;
 }
 
