@@ -9,7 +9,8 @@
 // weight scalar broadcast against kVectors token vectors gives kPanelRows x kVectors
 // independent accumulators and no reduction: 123 GFLOP/s in the same measurement, the core's
 // FMA peak. Panels hold whole token vectors only, so an expert's rows [0, panel_rows(rows)) go
-// through panels and the rest (fewer than kLanes) through the dot-product kernel.
+// through panels and the rest (fewer than kLanes; all of them for an expert below the type's
+// kMinVectors) through the dot-product kernel.
 //
 // Panel layout of an expert's area (its rows' space in the gathered / act scratch, which has
 // room since the stride is >= K rounded up to even): the panel rows split into blocks of at most
@@ -39,7 +40,6 @@ constexpr int kBlockTokens = kLanes * kVectors;
 // group (GEMM 2's K = I = 3584 gives 917 KB blocks). Measured at T = 512 (Mixtral / 4, fp32):
 // 128 ran 5% slower than 512; 256, 512 and 1024 within the VM's noise.
 constexpr int64_t kKChunk = 512;
-
 
 // The blocks of an expert's `panel` rows (a multiple of kLanes).
 struct PanelBlocks {
