@@ -73,7 +73,8 @@ def test_panel_path_row_counts(cpu_isa, activation, dtype):
     assert_close_to_reference(gate_up, expected, dtype, f"{cpu_isa} gate_up (seed {seed})")
     # H and I past the panel kernel's 512-deep K chunks (accumulated across chunks); k = 2 with
     # both slots of some tokens on the same expert.
-    ids = torch.stack([torch.arange(70) % 2, torch.where(torch.arange(70) % 5 == 0, torch.arange(70) % 2, 1 - torch.arange(70) % 2)], 1)
+    slot0 = torch.arange(70) % 2
+    ids = torch.stack([slot0, torch.where(torch.arange(70) % 5 == 0, slot0, 1 - slot0)], 1)
     args = _problem(70, 2, 2, 1031, 531, dtype, "cpu", seed + 10, ids=ids)
     _check_forward(args, activation, dtype, f"{cpu_isa} K chunks (seed {seed})")
 

@@ -109,6 +109,7 @@ def _scaled_int8_mm(device: str, dtype: torch.dtype) -> float:
 def _fused_moe(device: str, dtype: torch.dtype) -> float:
     if device == "cuda" and dtype == torch.float32:
         dtype = torch.float16  # CUDA's fp32 is the ATen composition; fp16 checks the kernels
+
     def make(seed):
         weights, ids = torch.ops.torch_ext.moe_route(random_tensor((9, 6), torch.float32, device, seed), 2, True,
                                                       "softmax", 1, 1, None, 1.0)

@@ -11,10 +11,6 @@ TORCH_EXT_HOST_DEVICE bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % uint64_t(bytes) == 0;
 }
 
-}  // namespace torch_ext
-
-namespace torch_ext {
-
 // Row stride (in elements) for scratch matrices that a CPU kernel reads several rows of at a
 // time: whole 64-byte lines, and an odd number of them. A stride that is a multiple of 4 KiB
 // (H = 1024 fp32) puts every row's k-th line in the same L1 set, and ten such streams overflow

@@ -10,9 +10,9 @@
 // sizes, strides and dtype, the CPU ISA level and a caller's `variant` (what else the panel
 // layout depends on: the convolution's groups). Inference tensors (made under
 // torch.inference_mode) have no version counter and are never cached. A weight is packed into
-// the cache on its SECOND call at the same version, so training,
-// where every optimizer step writes the weight in place, never pays for a cache copy. Entries
-// are evicted least-recently-used beyond a byte budget.
+// the cache on its SECOND call at the same version, so training, where every optimizer step
+// writes the weight in place, never pays for a cache copy. Entries are evicted
+// least-recently-used beyond a byte budget.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -105,6 +105,13 @@ inline int64_t panel_rows(int64_t rows) {
   return 0;
 }
 
+// Where block b of an expert's panel starts in a scratch area of rows `stride` apart whose
+// expert rows begin at `row_begin` (K values per token).
+template <class Math, typename T>
+inline T* block_start(T* area, int64_t row_begin, int64_t stride, const PanelBlocks& blocks, int64_t b, int64_t K) {
+  return area + row_begin * stride + blocks.start(b) * padded_k<Math>(K);
+}
+
 // Element offset of (k, token) in a block of `width` tokens.
 template <class Math>
 inline int64_t panel_offset(int64_t k, int64_t token, int64_t width) {

@@ -8,8 +8,8 @@
 // from memory once per call:
 //   pass 1  act[r, j] = act(W13[e][j] . h[t], W13[e][I + j] . h[t]) for every grouped row r of
 //           expert e: gate and up rows side by side, the activation applied in the epilogue, so
-//           no [T, k, 2I] tensor exists (act is [T * k, I] scratch, strided like gathered: fp32 for fp32 io, the io
-//           dtype otherwise, as the CUDA kernels round it).
+//           no [T, k, 2I] tensor exists (act is [T * k, I] scratch, strided like gathered: fp32
+//           for fp32 io, the io dtype otherwise, as the CUDA kernels round it).
 //   pass 2  out[t, n] = sum over t's experts e, in increasing e, of w[t, j] * (W2[e][n] . act[r]):
 //           each thread owns a slice of output columns n for all tokens, so the combine needs no
 //           [T, k, H] tensor, no atomics, and the sum order does not depend on the thread count.
@@ -119,7 +119,7 @@ void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace
         const panels::PanelBlocks blocks(panel);
         const int64_t block = blocks.block_of(index);
         panels::transpose_into_block<Math>(
-            row, H, ws.gathered + offsets[e] * ws.hidden_stride + blocks.start(block) * panels::padded_k<Math>(H),
+            row, H, panels::block_start<Math>(ws.gathered, offsets[e], ws.hidden_stride, blocks, block, H),
             blocks.width(block), int(index - blocks.start(block)));
         continue;
       }
@@ -146,16 +146,17 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
   const panels::PanelBlocks blocks(panel);
   for (int64_t b = 0; b < blocks.count; ++b) {
     const int width = blocks.width(b);
-    panels::panel_gemm<Math>(
-        w, 2 * columns, ws.gathered + row_begin * ws.hidden_stride + blocks.start(b) * panels::padded_k<Math>(H), width,
-        H, gate_up);
-    T* act_block = ws.act + row_begin * ws.act_stride + blocks.start(b) * panels::padded_k<Math>(I);
+    panels::panel_gemm<Math>(w, 2 * columns,
+                             panels::block_start<Math>(ws.gathered, row_begin, ws.hidden_stride, blocks, b, H), width,
+                             H, gate_up);
+    T* act_block = panels::block_start<Math>(ws.act, row_begin, ws.act_stride, blocks, b, I);
     const auto activated = [&](int c, int m) {
       return activate(p.activation, load(gate_up + c * width + m)) * load(gate_up + (columns + c) * width + m);
     };
     for (int m = 0; m < width; m += VecF::kWidth) {
       if constexpr (Math::kKPerStep == 1) {
-        for (int c = 0; c < columns; ++c) store(act_block + panels::panel_offset<Math>(j_begin + c, m, width), activated(c, m));
+        for (int c = 0; c < columns; ++c)
+          store(act_block + panels::panel_offset<Math>(j_begin + c, m, width), activated(c, m));
       } else {  // column pairs; an odd I's last column pairs with the zero of the padding
         static_assert(kColumnsPerItem % 2 == 0, "items start on a column pair");
         for (int c = 0; c < columns; c += 2)
@@ -194,7 +195,7 @@ void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typena
     for (int i = 0; i < rows; ++i) w[i] = w2 + (n0 + i) * I;
     for (int64_t b = 0; b < blocks.count; ++b) {
       const int width = blocks.width(b);
-      panels::panel_gemm<Math>(w, rows, ws.act + row_begin * ws.act_stride + blocks.start(b) * panels::padded_k<Math>(I),
+      panels::panel_gemm<Math>(w, rows, panels::block_start<Math>(ws.act, row_begin, ws.act_stride, blocks, b, I),
                                width, I, partial);
       for (int m = 0; m < width; ++m) {
         const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
@@ -216,10 +217,10 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T,
   const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * 2 * I * H;
   const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
   const int columns = int(j_end - j_begin);
-  // Gate and up values of the item's columns for one token block, token-major, until the
-  // epilogue activates them (SIMD along the columns).
   using Math = PanelMath<Kernel, T>;
   if constexpr (fused_moe_panels::kHasPanels) gate_up_panels<Math>(p, ws, e, j_begin, j_end);
+  // Gate and up values of the item's columns for one token block, token-major, until the
+  // epilogue activates them (SIMD along the columns).
   float gate[kTokens][kColumnsPerItem], up[kTokens][kColumnsPerItem];
   for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows); r0 < rows; r0 += kTokens) {
     const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
@@ -307,7 +308,8 @@ void run(const torch_ext::moe::FusedMoeParams& p, void* workspace) {
   if (p.tokens == 0) return;
   const Workspace<T, Act> ws = make_workspace<T, Act>(p, workspace);
   const int64_t H = p.hidden_size, I = p.intermediate_size;
-  parallel_for(0, p.tokens * p.top_k, 16, [&](int64_t begin, int64_t end) { gather_hidden_rows<Kernel>(p, ws, begin, end); });
+  parallel_for(0, p.tokens * p.top_k, 16,
+               [&](int64_t begin, int64_t end) { gather_hidden_rows<Kernel>(p, ws, begin, end); });
 
   // Pass 1: items column-chunk-major over the active experts, so that torch's contiguous split
   // of the item range gives every thread a share of every expert (balanced under skew).

@@ -8,8 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
-#include <cstdint>
-
+#include "common/alignment.h"
 #include "common/cpu/isa.h"
 #include "common/torch_utils.h"
 #include "ops.h"
@@ -89,8 +88,7 @@ Layout check_weight(const char* op, const at::Tensor& qweight, const at::Tensor&
 // qweight as the CUDA kernels read it: 16-byte cp.async / uint4 loads need a 16-byte aligned base,
 // which a contiguous view into a larger buffer need not have (then a copy, freshly aligned).
 at::Tensor aligned_qweight(const at::Tensor& qweight) {
-  const bool aligned = reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0;
-  return !qweight.is_cuda() || aligned ? qweight : qweight.clone();
+  return !qweight.is_cuda() || is_aligned(qweight.data_ptr(), 16) ? qweight : qweight.clone();
 }
 
 QuantizedWeightView weight_view(const Layout& l, int64_t bits, const at::Tensor& qweight, const at::Tensor& scales,

@@ -21,10 +21,11 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
     `skip` accepts, and the layers torch modules read the weight of directly: the output
     projections of ``nn.MultiheadAttention`` (torch's dynamic quantization leaves them too) and
     ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` (its inference fast path); and the
-    routers of ``FusedMoE`` (small, and computed in float where ``router_dtype`` asks). ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits,
-    group_size, symmetric)``; ``method="int8"``: ``Int8Linear.from_linear(linear,
-    outlier_threshold)`` (W8A8 with LLM.int8() outliers); ``method="fp8"``:
-    ``FP8Linear.from_linear(linear)`` (bits/group_size/symmetric unused by both).
+    routers of ``FusedMoE`` (small, and computed in float where ``router_dtype`` asks).
+    ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits, group_size, symmetric)``;
+    ``method="int8"``: ``Int8Linear.from_linear(linear, outlier_threshold)`` (W8A8 with LLM.int8()
+    outliers); ``method="fp8"``: ``FP8Linear.from_linear(linear)`` (bits/group_size/symmetric
+    unused by both).
 
     A layer reachable under several names (shared) becomes one QuantLinear at all of them,
     unless one of its names is skipped, where it stays. Returns `model`, or the new module
