@@ -123,7 +123,6 @@ def _record_router_logits(model: nn.Module) -> None:
     try:  # 5.x
         from transformers.utils import output_capturing as capturing
         from transformers.utils.output_capturing import OutputRecorder, _CAN_RECORD_REGISTRY
-        keyed_by_class_name = False
         install_hook = (getattr(capturing, "install_output_capuring_hook", None)  # (sic, 5.x)
                         or getattr(capturing, "install_output_capturing_hook", None))
     except ImportError:
@@ -131,7 +130,10 @@ def _record_router_logits(model: nn.Module) -> None:
             from transformers.utils.generic import OutputRecorder, _CAN_RECORD_REGISTRY
         except ImportError:  # a transformers without recorders: the blocks return their logits themselves
             return
-        keyed_by_class_name, install_hook = True, None
+        install_hook = None
+    # 4.x and 5.x to at least 5.18 key a plain dict by the class name; later 5.x (5.24) has a dict
+    # subclass whose __setitem__ takes the model and keys by its class itself.
+    keyed_by_class_name = type(_CAN_RECORD_REGISTRY) is dict
     for module in model.modules():
         table = getattr(type(module), "_can_record_outputs", None)
         if not isinstance(table, dict) or "router_logits" not in table:
@@ -140,9 +142,9 @@ def _record_router_logits(model: nn.Module) -> None:
         if not any(isinstance(s, OutputRecorder) and s.target_class is MoeRouter for s in specs):
             table = {**table, "router_logits": [*specs, OutputRecorder(MoeRouter, index=0)]}
             type(module)._can_record_outputs = table
-            if keyed_by_class_name:  # 4.x: a plain dict keyed by the class name
+            if keyed_by_class_name:
                 _CAN_RECORD_REGISTRY[str(type(module))] = table
-            else:  # 5.x: its __setitem__ keys by the model's class name
+            else:
                 _CAN_RECORD_REGISTRY[module] = table
         if install_hook is not None and getattr(module, "_output_capturing_hooks_installed", False):
             for router in module.modules():
