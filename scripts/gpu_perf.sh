@@ -4,7 +4,7 @@
 # is not importable, e.g. on a fresh machine).
 # targets: the cases that decide the open issues' GPU targets, ours and the baselines in one run,
 #   in priority order: weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096 and
-#   W8A8/fp8 at M = 1, 16, 64, 4096 with the opt-in wgmma kernel (TORCH_EXT_WGMMA=1); the
+#   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M); the
 #   weight-only split-K sweep (scripts/wo_split_sweep.py); block-sparse attention dense and 10% at
 #   S = 4096 and 32K with compiled flex, forward and forward+backward, MoBA at 32K; fused MoE
 #   Mixtral T = 1 and 4096; W8A8 again on mma.sync and the GMMA instructions in the SASS; one token
@@ -32,7 +32,7 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
 }
 
 if has targets; then
-  TORCH_EXT_WGMMA=1 bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" \
+  bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" \
     --match "M=64 8192x8192" --match "M=4096 8192x8192"
   # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"

@@ -1,7 +1,7 @@
 """The Hopper wgmma GEMM behind scaled_int8_mm and scaled_fp8_mm (csrc/quant/w8a8_wgmma.cu): on a
-compute capability 9.0 GPU with an sm_90a build and TORCH_EXT_WGMMA=1, problems that fill the GPU
-with its tiles (128 x 256 int8, 128 x 128 fp8) run it (checked through the profiler's kernel
-names); otherwise the mma.sync kernels do. int8 must give the same bits as they do (exact int32
+compute capability 9.0 GPU with an sm_90a build (unless TORCH_EXT_WGMMA=0), problems that fill
+the GPU with its tiles (128 x 256 int8, 128 x 128 fp8) run it (checked through the profiler's
+kernel names); otherwise the mma.sync kernels do. int8 must give the same bits as they do (exact int32
 sums, the same epilogue); e4m3 the same bits on small integers (every partial sum exact, even in
 the about 14 significant bits Hopper's fp8 tensor cores keep while they sum a k block, DeepSeek-V3
 report 3.3.2) and, on random values, a bound that allows that: each 128-deep k block is promoted
@@ -39,8 +39,9 @@ def _kernel_names(fn):
 
 
 def _both_paths(monkeypatch, fn):
-    """fn() through the wgmma kernel (asserted from the kernel names), then through mma.sync."""
-    monkeypatch.setenv("TORCH_EXT_WGMMA", "1")
+    """fn() through the wgmma kernel (the default: asserted from the kernel names), then through
+    mma.sync (TORCH_EXT_WGMMA=0)."""
+    monkeypatch.delenv("TORCH_EXT_WGMMA", raising=False)
     with poisoned_outputs():
         names = _kernel_names(fn)
         assert "wgmma_mm_kernel" in names, names

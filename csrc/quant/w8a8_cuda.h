@@ -44,7 +44,8 @@ cudaError_t scaled_int8_mm(const ScaledInt8MmParams& p, cudaStream_t stream);
 // also cudaErrorNotSupported when the build holds no code for compute_89+ that the device can
 // run (the sm_80 build of the kernel is a trap). sm_90 runs it on the fp16 tensor cores (Hopper
 // has no fp8 mma.sync): correct, not fp8 speed; problems that fill the GPU can take the wgmma
-// kernel of quant/w8a8_wgmma.h instead (sm_90a builds, TORCH_EXT_WGMMA=1), as scaled_int8_mm's.
+// kernel of quant/w8a8_wgmma.h instead (sm_90a builds; TORCH_EXT_WGMMA=0 turns it off), as
+// scaled_int8_mm's.
 cudaError_t scaled_fp8_mm(const ScaledFp8MmParams& p, cudaStream_t stream);
 
 }  // namespace torch_ext::cuda

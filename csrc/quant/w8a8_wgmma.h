@@ -1,8 +1,8 @@
 // The Hopper (sm_90a) GEMMs behind scaled_int8_mm and scaled_fp8_mm (quant/w8a8_wgmma.cu: wgmma
 // from shared memory). Built only when the arch list holds 9.0a (TORCH_EXT_HAVE_SM90A_KERNELS);
 // quant/w8a8_cuda.cu's launchers call them for problems that fill the GPU
-// (WgmmaTile::use in quant/w8a8_wgmma_index.h) on a compute capability 9.0 device when TORCH_EXT_WGMMA=1 (opt-in
-// until verified on a GPU). No torch headers.
+// (WgmmaTile::use in quant/w8a8_wgmma_index.h) on a compute capability 9.0 device unless
+// TORCH_EXT_WGMMA=0. No torch headers.
 #pragma once
 
 #include <cuda_runtime_api.h>
