@@ -5,7 +5,8 @@
 # targets: the cases that decide the open issues' GPU targets, ours and the baselines in one run,
 #   in priority order: weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096 and
 #   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M); the
-#   weight-only split-K sweep (scripts/wo_split_sweep.py); block-sparse attention dense and 10% at
+#   weight-only split-K sweep (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token
+#   count (scripts/moe_grouped_sweep.py); block-sparse attention dense and 10% at
 #   S = 4096 and 32K with compiled flex, forward and forward+backward, MoBA at 32K; fused MoE
 #   Mixtral T = 1 and 4096; W8A8 again on mma.sync and the GMMA instructions in the SASS; one token
 #   through a Llama-3-8B-shaped decoder, stock vs quantize_model.
@@ -36,6 +37,8 @@ if has targets; then
     --match "M=64 8192x8192" --match "M=4096 8192x8192"
   # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
+  # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
+  PYTHONPATH=. step moe_grouped 70 "$PY" scripts/moe_grouped_sweep.py --out "$OUT/moe_grouped"
   bench attention 130 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
     --match "S=32768 full 100%" --match "S=32768 full 10%" --match "S=32768 block"
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=4096"
@@ -51,7 +54,7 @@ if has profile; then
     "$PY" -m torch_ext bench --profile-once --quick --device cuda
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant wo_splits attention moe w8a8_mma_sync model; do
+for name in quant wo_splits moe_grouped attention moe w8a8_mma_sync model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 [ -e "$OUT/profile.log" ] && grep -E "^\\[|Duration|Memory Throughput|DRAM Throughput|Compute \\(SM\\) Throughput|Achieved Occupancy|Registers Per" \

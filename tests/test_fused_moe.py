@@ -240,6 +240,41 @@ def test_grouped_backward_switch(monkeypatch):
                 assert_close_to_reference(got, want, torch.float32, f"choice {choice} {shape} seed {seed}")
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(11, 6, 3, 32, 24), (2, 8, 2, 16, 8), (1, 4, 2, 8, 16), (40, 60, 4, 40, 24)],
+                         ids=["T11E6k3", "idle-experts", "one-token", "E60k4"])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_grouped_forward_matches_reference(device, dtype, shape, activation, monkeypatch):
+    """The forward on torch._grouped_mm (forced here; by default CUDA bf16 on sm_90 from 8 rows
+    per expert on), idle experts included."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", "1")
+    seed = fresh_seed()
+    args = _problem(*shape, dtype, device, seed)
+    _check_forward(args, activation, dtype, f"grouped {shape} {activation} (seed {seed})")
+    assert torch.equal(fused_moe(*args, activation), fused_moe(*args, activation))  # deterministic
+
+
+def test_grouped_forward_switch(monkeypatch):
+    """On the CPU the automatic choice keeps the fused kernel (bit for bit what =0 gives);
+    TORCH_EXT_MOE_GROUPED_FORWARD=1 takes the grouped GEMMs, which agree, except where H or I is
+    not a multiple of 8 (the fused kernel even when forced)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    seed = fresh_seed()
+    for shape in ((64, 4, 2, 24, 16), (4, 3, 2, 20, 12)):
+        args = _problem(*shape, torch.float32, "cpu", seed)
+        results = {}
+        for choice in ("", "0", "1"):
+            monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", choice)
+            _check_forward(args, "silu", torch.float32, f"choice {choice!r} {shape} seed {seed}")
+            results[choice] = fused_moe(*args, "silu")
+        assert torch.equal(results[""], results["0"])
+        if shape[3] % 8 != 0:
+            assert torch.equal(results["1"], results["0"])
+
+
 def test_compile_fullgraph():
     args = _problem(9, 6, 2, 24, 16, torch.float32, "cpu", fresh_seed())
     compiled = torch.compile(lambda *a: fused_moe(*a, "silu") * 2.0, fullgraph=True, backend="aot_eager")

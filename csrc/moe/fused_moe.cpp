@@ -10,7 +10,7 @@
 #include "common/torch_utils.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_composite.h"
-#include "moe/fused_moe_grouped_backward.h"
+#include "moe/fused_moe_grouped.h"
 #include "moe/expert_op_checks.h"
 #include "ops.h"
 
@@ -104,13 +104,13 @@ at::Tensor run_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const 
   return out;
 }
 
-// Whether the backward runs on grouped GEMMs (moe/fused_moe_grouped_backward.h): by default only
-// where torch's _grouped_mm keeps the group offsets on the device (bf16 on sm_90), since the
-// per-expert composite is as fast elsewhere and syncs either way.
-bool use_grouped_backward(const at::Tensor& hidden, const at::Tensor& w13) {
-  const moe::GroupedBackwardChoice choice = moe::grouped_backward_choice();
-  if (choice == moe::GroupedBackwardChoice::kNever || !moe::grouped_backward_supported(hidden, w13)) return false;
-  if (choice == moe::GroupedBackwardChoice::kAlways) return true;
+// Whether a pass runs on grouped GEMMs (moe/fused_moe_grouped.h): forced by `choice`, else only
+// where torch's _grouped_mm keeps the group offsets on the device (bf16 on sm_90): elsewhere the
+// per-expert composite is as fast for the backward and syncs either way, and the fused kernel
+// needs no sync.
+bool use_grouped(moe::GroupedChoice choice, const at::Tensor& hidden, const at::Tensor& w13) {
+  if (choice == moe::GroupedChoice::kNever || !moe::grouped_supported(hidden, w13)) return false;
+  if (choice == moe::GroupedChoice::kAlways) return true;
   if (!hidden.is_cuda() || hidden.scalar_type() != at::kBFloat16) return false;
 #if defined(TORCH_EXT_WITH_CUDA)
   int major = 0;
@@ -132,6 +132,12 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
                      const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation) {
   const moe::Activation act = check_fused_moe_args("fused_moe", hidden, w13, w2, topk_weights, topk_ids, activation);
   if (!kernel_dtype(hidden)) return moe::fused_moe_composite(hidden, w13, w2, topk_weights, topk_ids, act);
+  // The grouped GEMMs for prefill-sized batches (kAuto: moe/fused_moe_grouped.h's threshold).
+  const moe::GroupedChoice grouped = moe::grouped_forward_choice();
+  const bool enough_rows = topk_ids.numel() >= moe::kGroupedForwardMinRowsPerExpert * w13.size(0);
+  if ((grouped != moe::GroupedChoice::kAuto || enough_rows) && use_grouped(grouped, hidden, w13)) {
+    return moe::fused_moe_forward_grouped(hidden, w13, w2, topk_weights, topk_ids, act);
+  }
   return run_fused_moe(hidden, w13, w2, topk_weights, topk_ids, act, at::Tensor());
 }
 
@@ -166,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward(
                     gate_up->sizes());
   }
   const at::Tensor saved = gate_up ? *gate_up : at::Tensor();
-  if (use_grouped_backward(hidden, w13)) {
+  if (use_grouped(moe::grouped_backward_choice(), hidden, w13)) {
     return moe::fused_moe_backward_grouped(grad_out, hidden, w13, w2, topk_weights, topk_ids, act, saved,
                                            weight_grads);
   }

@@ -52,8 +52,10 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     experts in increasing expert id (deterministic). Differentiable in ``hidden``, ``w13``,
     ``w2`` and ``topk_weights``. On the CPU, when gradients are needed, this runs
     ``fused_moe_train``, whose kernel also keeps the pre-activation ``[T * k, 2I]`` for the
-    backward as it goes; on CUDA the forward stays the fused kernel (no host sync) and the
-    backward recomputes the first GEMM.
+    backward as it goes; on CUDA the forward is the same as without gradients (no host sync)
+    and the backward recomputes the first GEMM. bf16 on Hopper (sm_90) runs batches of 8 or
+    more (token, slot) pairs per expert on ``torch._grouped_mm`` instead of the fused kernel
+    (faster there; docs/moe.md "Which path runs"), summing each token's slots in slot order.
     """
     if (hidden.device.type == "cpu" and torch.is_grad_enabled()
             and any(t.requires_grad for t in (hidden, w13, w2, topk_weights))):

@@ -1,0 +1,75 @@
+"""Where fused_moe's forward should switch from the fused CUDA kernel to torch._grouped_mm: times
+fused_moe on Mixtral-8x7B and DeepSeek-V2-Lite experts (bf16, uniform routing) for several token
+counts with TORCH_EXT_MOE_GROUPED_FORWARD=0 (fused kernel), =1 (grouped GEMMs) and unset (the
+automatic choice), all in one process with the bench harness's timer (L2 flushed before each
+repetition). The variable is read at every call.
+
+    python scripts/moe_grouped_sweep.py [--tokens 1 8 16 32 64 128 512] [--out DIR]
+
+Prints a table of microseconds and writes it as JSON to DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import torch_ext  # noqa: F401  (registers the ops)
+from torch_ext.bench.timer import TimerConfig, measure, prepare_inputs
+
+# (experts, top_k, hidden, intermediate), as in the bench's MoE suite.
+CONFIGS = {"mixtral": (8, 2, 4096, 14336), "deepseek_v2_lite": (64, 6, 2048, 1408)}
+CHOICES = {"fused": "0", "grouped": "1", "auto": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 512])
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script)")
+    parser.add_argument("--scale", type=int, default=1, help="divide H and I by this (smoke tests)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+    args = parser.parse_args()
+    config = TimerConfig.for_mode(quick=False)
+    rows = []
+    for family, (experts, top_k, hidden, intermediate) in CONFIGS.items():
+        hidden, intermediate = hidden // args.scale, intermediate // args.scale
+        gen = torch.Generator().manual_seed(0)
+        w13 = (torch.randn(experts, 2 * intermediate, hidden, generator=gen) * hidden ** -0.5).to(args.device,
+                                                                                                  torch.bfloat16)
+        w2 = (torch.randn(experts, hidden, intermediate, generator=gen) * intermediate ** -0.5).to(args.device,
+                                                                                                  torch.bfloat16)
+        for tokens in args.tokens:
+            def make_inputs(seed: int):
+                g = torch.Generator().manual_seed(seed)
+                weights, ids = torch.ops.torch_ext.moe_route(torch.randn(tokens, experts, generator=g), top_k, True,
+                                                             "softmax", 1, 1, None, 1.0)
+                x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+                return x.to(args.device), weights.to(args.device), ids.to(args.device)
+
+            inputs = prepare_inputs(make_inputs, args.device)
+            row = {"family": family, "tokens": tokens}
+            for name, value in CHOICES.items():
+                os.environ.pop("TORCH_EXT_MOE_GROUPED_FORWARD", None)
+                if value is not None:
+                    os.environ["TORCH_EXT_MOE_GROUPED_FORWARD"] = value
+                with torch.no_grad():
+                    row[f"{name}_us"] = measure(
+                        lambda x, w, i: torch.ops.torch_ext.fused_moe(x, w13, w2, w, i, "silu"), inputs,
+                        config).median_s * 1e6
+            os.environ.pop("TORCH_EXT_MOE_GROUPED_FORWARD", None)
+            rows.append(row)
+            print(f"{family:17s} T={tokens:<5d} fused {row['fused_us']:9.1f} us  grouped {row['grouped_us']:9.1f} us"
+                  f"  auto {row['auto_us']:9.1f} us  (fused / grouped {row['fused_us'] / row['grouped_us']:.2f})",
+                  flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    record = {"device": name, "torch": torch.__version__, "dtype": "bfloat16", "rows": rows}
+    (args.out / "moe_grouped_sweep.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
