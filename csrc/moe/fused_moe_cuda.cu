@@ -7,7 +7,8 @@
 //   1. plan 1 (key = expert): plan_count_kernel, plan_scan_kernel, plan_scatter_kernel build
 //      counts / offsets (segments padded to kBM rows) / sorted_pairs equal to
 //      moe::build_expert_plan_host, plus row_of_pair (inverse) and the list of active experts.
-//   Decode (T k <= 64):
+//   Decode (T k <= 64), the three plan kernels and these two chained as programmatic dependent
+//   launches on sm_90 (no launch gaps; chained_kernel_start):
 //   2. decode_gemm1_kernel: per (column block of I, active expert), warps compute gate and up
 //      dots of the expert's pairs, act = act(g, u) rounded to the io dtype, act[pair, j].
 //   3. decode_gemm2_kernel: per (column block of H, token), out[t, n] = sum over the token's
@@ -31,6 +32,7 @@
 
 #include "common/cuda/cp_async.cuh"
 #include "common/cuda/mma.cuh"
+#include "common/cuda/pdl.cuh"
 #include "common/cuda/vec.cuh"
 #include "moe/fused_moe_cuda.h"
 #include "moe/fused_moe_cuda_index.h"
@@ -96,7 +98,17 @@ __device__ __forceinline__ void walk_chunk(const PlanArgs& a, int64_t b, int lan
   }
 }
 
+// The plan kernels and the decode GEMMs run as one chain of programmatic dependent launches
+// (common/cuda/pdl.cuh): each waits for the kernel before it first thing (the workspace it
+// writes may still be read by an earlier kernel) and lets the next one launch right away, so
+// that a decode step (five kernels) pays no launch gaps on sm_90.
+__device__ __forceinline__ void chained_kernel_start() {
+  wait_for_prior_grid();
+  allow_dependent_launch();
+}
+
 __global__ void __launch_bounds__(32 * ix::kPlanWarps) plan_count_kernel(const PlanArgs a) {
+  chained_kernel_start();
   const int lane = threadIdx.x % 32;
   const int64_t b = int64_t(blockIdx.x) * ix::kPlanWarps + threadIdx.x / 32;
   if (b >= a.chunks) return;  // whole warps; no CTA barrier
@@ -108,6 +120,7 @@ __global__ void __launch_bounds__(32 * ix::kPlanWarps) plan_count_kernel(const P
 }
 
 __global__ void __launch_bounds__(32 * ix::kPlanWarps) plan_scatter_kernel(const PlanArgs a) {
+  chained_kernel_start();
   const int lane = threadIdx.x % 32;
   const int64_t b = int64_t(blockIdx.x) * ix::kPlanWarps + threadIdx.x / 32;
   if (b >= a.chunks) return;
@@ -181,6 +194,7 @@ __device__ __forceinline__ void scan_offsets(const PlanArgs& a, int tid, int war
 }
 
 __global__ void __launch_bounds__(ix::kScanThreads) plan_scan_kernel(const PlanArgs a) {
+  chained_kernel_start();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   scan_cells(a, warp, lane);
   __syncthreads();
@@ -198,10 +212,11 @@ __global__ void __launch_bounds__(ix::kScanThreads) plan_scan_kernel(const PlanA
 cudaError_t build_plan(const PlanArgs& a, cudaStream_t stream) {
   const int64_t blocks = ix::ceil_div(a.chunks, ix::kPlanWarps);
   if (blocks > kMaxGrid) return cudaErrorInvalidValue;
-  plan_count_kernel<<<unsigned(blocks), 32 * ix::kPlanWarps, 0, stream>>>(a);
-  plan_scan_kernel<<<1, ix::kScanThreads, 0, stream>>>(a);
-  plan_scatter_kernel<<<unsigned(blocks), 32 * ix::kPlanWarps, 0, stream>>>(a);
-  return cudaGetLastError();
+  const dim3 grid{unsigned(blocks)}, warps{32 * ix::kPlanWarps};
+  cudaError_t status = launch_dependent(plan_count_kernel, grid, warps, 0, stream, a);
+  if (status == cudaSuccess) status = launch_dependent(plan_scan_kernel, dim3(1), dim3(ix::kScanThreads), 0, stream, a);
+  if (status == cudaSuccess) status = launch_dependent(plan_scatter_kernel, grid, warps, 0, stream, a);
+  return status;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -419,6 +434,7 @@ __device__ __forceinline__ float dot_chunk(const Pack16<T>& w, const Pack16<T>& 
 
 template <typename T>
 __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const DecodeArgs<T> p) {
+  chained_kernel_start();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (int32_t(blockIdx.y) >= p.active[p.experts]) return;  // no barriers in this kernel
   const int32_t e = p.active[blockIdx.y];
@@ -464,6 +480,7 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const 
 
 template <typename T>
 __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm2_kernel(const DecodeArgs<T> p) {
+  chained_kernel_start();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t t = blockIdx.y;
   const int64_t n = int64_t(blockIdx.x) * ix::kDecodeWarps + warp;
@@ -552,9 +569,11 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStre
     const int64_t grid1_x = ix::ceil_div(I, ix::kDecodeWarps), grid2_x = ix::ceil_div(H, ix::kDecodeWarps);
     const int64_t active_slots = ix::min64(E, l.pairs);
     if (grid1_x > kMaxGrid || grid2_x > kMaxGrid) return cudaErrorInvalidValue;
-    decode_gemm1_kernel<T><<<dim3(unsigned(grid1_x), unsigned(active_slots)), ix::kDecodeThreads, 0, stream>>>(d);
-    decode_gemm2_kernel<T><<<dim3(unsigned(grid2_x), unsigned(T_)), ix::kDecodeThreads, 0, stream>>>(d);
-    return cudaGetLastError();
+    status = launch_dependent(decode_gemm1_kernel<T>, dim3(unsigned(grid1_x), unsigned(active_slots)),
+                              dim3(ix::kDecodeThreads), 0, stream, d);
+    if (status != cudaSuccess) return status;
+    return launch_dependent(decode_gemm2_kernel<T>, dim3(unsigned(grid2_x), unsigned(T_)), dim3(ix::kDecodeThreads),
+                            0, stream, d);
   }
 
   PlanArgs plan2 = plan;

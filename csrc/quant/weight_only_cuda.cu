@@ -22,7 +22,9 @@
 //   - Small M cannot fill 132 SMs with column blocks alone (8192 features = 32 CTAs), so the
 //     host splits K (ix::plan_linear): each split writes fp32 partial sums to the workspace
 //     [splits][M][N] and split_reduce_kernel adds them in split order (deterministic), adds the
-//     bias and rounds once. Without a split the GEMM's epilogue does the same directly.
+//     bias and rounds once. Without a split the GEMM's epilogue does the same directly. On sm_90
+//     the reduction is a programmatic dependent launch (common/cuda/pdl.cuh): its CTAs wait
+//     beside the GEMM's last ones instead of being launched after it.
 //   - Tails: tile rows past N and k tiles past the split are zero-filled and never reach y; x is
 //     read only for rows < M and columns < K (zero-filled chunk tails). x / its row stride not
 //     16-byte aligned, or scales whose rows are not (N % 8 != 0), take synchronous element loads
@@ -36,6 +38,7 @@
 #include "common/alignment.h"
 #include "common/cuda/cp_async.cuh"
 #include "common/cuda/mma.cuh"
+#include "common/cuda/pdl.cuh"
 #include "common/cuda/vec.cuh"
 #include "quant/weight_only_cuda.h"
 #include "quant/weight_only_cuda_index.h"
@@ -108,6 +111,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   constexpr int kTileWords = Cfg::kTileWords;
   using Params = ix::GroupParams<T, kBits>;
   extern __shared__ __align__(16) unsigned char smem[];
+  allow_dependent_launch();  // the split reduction (when there is one) waits for the whole grid
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int m0 = int(blockIdx.x) * Cfg::kBlockM;
@@ -312,17 +316,30 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
 
 // Split-K reduction: one thread per output (m, n): partial sums in split order, then the bias
 // (as the unsplit epilogue: sum + bias), one rounding. Only small problems split (at most
-// 2 * num_sms CTA tiles of 64 x 256), so this is a few microseconds at most.
+// 2 * num_sms CTA tiles of 64 x 256), so this is a few microseconds at most. The loads of
+// kReduceBatch splits are issued before their sums so that their latencies overlap (the sums
+// keep split order).
+constexpr int kReduceBatch = 8;
+
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
     split_reduce_kernel(const float* partial, const T* bias, T* y, int64_t y_row_stride, int64_t m, int64_t n,
                         int splits) {
+  wait_for_prior_grid();  // the GEMM's partial sums
   const int64_t total = m * n;
   for (int64_t idx = int64_t(blockIdx.x) * kReduceThreads + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * kReduceThreads) {
     const int64_t row = idx / n, col = idx - row * n;
     float sum = 0.f;
-    for (int s = 0; s < splits; ++s) sum += partial[ix::partial_offset(s, row, col, m, n)];
+    int s = 0;
+    for (; s + kReduceBatch <= splits; s += kReduceBatch) {
+      float values[kReduceBatch];
+#pragma unroll
+      for (int j = 0; j < kReduceBatch; ++j) values[j] = partial[ix::partial_offset(s + j, row, col, m, n)];
+#pragma unroll
+      for (int j = 0; j < kReduceBatch; ++j) sum += values[j];
+    }
+    for (; s < splits; ++s) sum += partial[ix::partial_offset(s, row, col, m, n)];
     const float b = bias != nullptr ? to_compute(bias[col]) : 0.f;
     y[row * y_row_stride + col] = from_compute<T>(sum + b);
   }
@@ -342,9 +359,8 @@ cudaError_t launch_linear(const LinearArgs<T>& a, const ix::LinearPlan& plan, cu
   if (status != cudaSuccess || plan.splits == 1) return status;
   const int64_t total = int64_t(a.m) * a.n;
   const int64_t blocks = ix::min64(ix::ceil_div(total, kReduceThreads), kReduceMaxBlocks);
-  split_reduce_kernel<T><<<unsigned(blocks), kReduceThreads, 0, stream>>>(a.partial, a.bias, a.y, a.y_row_stride,
-                                                                         a.m, a.n, a.splits);
-  return cudaGetLastError();
+  return launch_dependent(split_reduce_kernel<T>, dim3(unsigned(blocks)), dim3(kReduceThreads), 0, stream, a.partial,
+                          a.bias, a.y, a.y_row_stride, int64_t(a.m), int64_t(a.n), a.splits);
 }
 
 // Sizes, dtypes and limits the GEMM supports (weight_only_cuda.h).
