@@ -454,13 +454,8 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const 
       x[q] = pair[q] >= 0 ? p.hidden + int64_t(pair[q] / p.top_k) * H : nullptr;
     }
     float g[ix::kDecodeBatch] = {}, u[ix::kDecodeBatch] = {};
-    for (int64_t i = 0;; ++i) {
-      const int64_t c = ix::decode_chunk(lane, i);
-      if (c >= chunks) break;
-      const int64_t k0 = c * ix::kChunkElems;
-      const int len = ix::chunk_elems(k0, H, true);
-      const Pack16<T> wg = load_pack16_partial(gate + k0, len, p.vector1);
-      const Pack16<T> wu = load_pack16_partial(up + k0, len, p.vector1);
+    // One chunk of both weight rows against the batch's hidden rows (L1-resident).
+    const auto accumulate = [&](const Pack16<T>& wg, const Pack16<T>& wu, int64_t k0, int len) {
 #pragma unroll
       for (int q = 0; q < ix::kDecodeBatch; ++q) {
         if (x[q] == nullptr) continue;
@@ -468,6 +463,27 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const 
         g[q] = dot_chunk(wg, xv, g[q]);
         u[q] = dot_chunk(wu, xv, u[q]);
       }
+    };
+    const int64_t unrolled = ix::decode_unrolled_iters(H);
+    for (int64_t i = 0; i < unrolled; i += ix::kDecodeUnroll) {
+      Pack16<T> wg[ix::kDecodeUnroll], wu[ix::kDecodeUnroll];
+#pragma unroll
+      for (int v = 0; v < ix::kDecodeUnroll; ++v) {
+        const int64_t k0 = ix::decode_chunk(lane, i + v) * ix::kChunkElems;
+        wg[v] = load_pack16_partial(gate + k0, ix::kChunkElems, p.vector1);
+        wu[v] = load_pack16_partial(up + k0, ix::kChunkElems, p.vector1);
+      }
+#pragma unroll
+      for (int v = 0; v < ix::kDecodeUnroll; ++v)
+        accumulate(wg[v], wu[v], ix::decode_chunk(lane, i + v) * ix::kChunkElems, ix::kChunkElems);
+    }
+    for (int64_t i = unrolled;; ++i) {
+      const int64_t c = ix::decode_chunk(lane, i);
+      if (c >= chunks) break;
+      const int64_t k0 = c * ix::kChunkElems;
+      const int len = ix::chunk_elems(k0, H, true);
+      accumulate(load_pack16_partial(gate + k0, len, p.vector1), load_pack16_partial(up + k0, len, p.vector1), k0,
+                 len);
     }
 #pragma unroll
     for (int q = 0; q < ix::kDecodeBatch; ++q) {
@@ -494,7 +510,19 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm2_kernel(const 
     const T* const w_row = p.w2 + (int64_t(ids_row[j]) * p.hidden_size + n) * p.inter;
     const T* const a_row = p.act + pair * p.act_stride;
     float y = 0.f;
-    for (int64_t i = 0;; ++i) {
+    const int64_t unrolled = ix::decode_unrolled_iters(p.inter);
+    for (int64_t i = 0; i < unrolled; i += ix::kDecodeUnroll) {
+      Pack16<T> w[ix::kDecodeUnroll], a[ix::kDecodeUnroll];
+#pragma unroll
+      for (int v = 0; v < ix::kDecodeUnroll; ++v) {
+        const int64_t k0 = ix::decode_chunk(lane, i + v) * ix::kChunkElems;
+        w[v] = load_pack16_partial(w_row + k0, ix::kChunkElems, p.vector2);
+        a[v] = load_pack16(a_row + k0);  // act rows: 16-byte aligned (act_stride)
+      }
+#pragma unroll
+      for (int v = 0; v < ix::kDecodeUnroll; ++v) y = dot_chunk(w[v], a[v], y);
+    }
+    for (int64_t i = unrolled;; ++i) {
       const int64_t c = ix::decode_chunk(lane, i);
       if (c >= chunks) break;
       const int64_t k0 = c * ix::kChunkElems;

@@ -361,6 +361,18 @@ constexpr int kDecodeThreads = 32 * kDecodeWarps;
 constexpr int kDecodeBatch = 4;
 // Chunk i of lane: elements [8 c, 8 c + 8) with c = lane + 32 i.
 TORCH_EXT_HOST_DEVICE int64_t decode_chunk(int lane, int64_t i) { return lane + 32 * i; }
+// A warp streams its weight rows with kDecodeUnroll 16-byte loads per lane in flight: a loop of
+// one load and its FMAs leaves one load per lane outstanding (1 KB per warp), too little to keep
+// HBM busy when a decode grid has few warps (GEMM 2 at T = 1: H / 8 CTAs, a third of the SMs'
+// warp slots on an H100). The first decode_unrolled_iters(row_elems) iterations, in which every
+// lane's chunk is a whole one (8 elements), go kDecodeUnroll at a time (loads first, then the
+// FMAs in chunk order); the rest one by one. Each lane still sums its chunks in increasing
+// order: the same results. Cost on sm_90a: GEMM 1 122 registers (was 64; two 8-warp CTAs per SM,
+// eight 16-byte weight loads per lane in flight), GEMM 2 39 (was 32), no spills.
+constexpr int kDecodeUnroll = 4;
+TORCH_EXT_HOST_DEVICE int64_t decode_unrolled_iters(int64_t row_elems) {
+  return row_elems / kChunkElems / 32 / kDecodeUnroll * kDecodeUnroll;
+}
 
 }  // namespace fused_moe_cuda
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE

@@ -704,6 +704,26 @@ void run_gemm_path(const Problem& p, int num_sms) {
 // ---------------------------------------------------------------------------------------------
 // (c) decode kernels
 // ---------------------------------------------------------------------------------------------
+// The decode kernels' walk over lane's chunks of a row of row_elems: decode_unrolled_iters
+// iterations (kDecodeUnroll at a time in the kernels, every chunk there whole), then the rest
+// until one is past the end.
+template <class Fn>
+void decode_walk(int lane, int64_t row_elems, Fn&& fn) {
+  const int64_t chunks = ix::ceil_div(row_elems, ix::kChunkElems);
+  const int64_t unrolled = ix::decode_unrolled_iters(row_elems);
+  CHECK(unrolled % ix::kDecodeUnroll == 0 && unrolled >= 0);
+  for (int64_t i = 0; i < unrolled; ++i) {
+    const int64_t c = ix::decode_chunk(lane, i);
+    CHECK(ix::chunk_elems(c * ix::kChunkElems, row_elems, true) == ix::kChunkElems);
+    fn(c);
+  }
+  for (int64_t i = unrolled;; ++i) {
+    const int64_t c = ix::decode_chunk(lane, i);
+    if (c >= chunks) break;
+    fn(c);
+  }
+}
+
 void run_decode_path(const Problem& p, int num_sms) {
   const int64_t T = p.r.T, H = p.H, I = p.I;
   const int k = p.r.k;
@@ -747,9 +767,7 @@ void run_decode_path(const Problem& p, int num_sms) {
           float g[ix::kDecodeBatch][32] = {}, u[ix::kDecodeBatch][32] = {};
           std::vector<int> seen(size_t(chunks_h), 0);
           for (int lane = 0; lane < 32; ++lane)
-            for (int64_t i = 0;; ++i) {
-              const int64_t c = ix::decode_chunk(lane, i);
-              if (c >= chunks_h) break;
+            decode_walk(lane, H, [&](int64_t c) {
               ++seen[size_t(c)];
               const int64_t k0 = c * ix::kChunkElems;
               const int len = ix::chunk_elems(k0, H, true);
@@ -765,7 +783,7 @@ void run_decode_path(const Problem& p, int num_sms) {
                   u[q][lane] = std::fma(wu[e2], xv[e2], u[q][lane]);
                 }
               }
-            }
+            });
           for (int s : seen) CHECK(s == 1);
           for (int q = 0; q < ix::kDecodeBatch; ++q) {
             if (pair[q] < 0) continue;
@@ -805,17 +823,18 @@ void run_decode_path(const Problem& p, int num_sms) {
           CHECK(j < k);
           const int64_t pair = t * k + j;
           float y[32] = {};
+          std::vector<int> seen(size_t(chunks_i), 0);
           for (int lane = 0; lane < 32; ++lane)
-            for (int64_t i = 0;; ++i) {
-              const int64_t c = ix::decode_chunk(lane, i);
-              if (c >= chunks_i) break;
+            decode_walk(lane, I, [&](int64_t c) {
+              ++seen[size_t(c)];
               const int64_t k0 = c * ix::kChunkElems;
               const int len = ix::chunk_elems(k0, I, true);
               float wv[8], av[8];
               load(p.w2, (int64_t(ids_row[j]) * H + n) * I, k0, len, I, vector2, wv);
               load(act, pair * act_stride, k0, len, I, true, av);
               for (int e2 = 0; e2 < 8; ++e2) y[lane] = std::fma(wv[e2], av[e2], y[lane]);
-            }
+            });
+          for (int s : seen) CHECK(s == 1);
           for (int o = 16; o > 0; o /= 2) {  // xor butterfly
             float next[32];
             for (int lane = 0; lane < 32; ++lane) next[lane] = y[lane] + y[lane ^ o];
@@ -839,7 +858,10 @@ void check_fused_case(bool decode) {
   const int64_t max_t = decode ? ix::kDecodeMaxPairs / k : 40;
   int64_t T = rnd(0, 3) == 0 ? 1 : rnd(1, std::max<int64_t>(1, max_t));
   if (!decode && rnd(0, 2) == 0) T = ix::kDecodeMaxPairs / k + rnd(1, 6);  // the real GEMM path
-  const int64_t H = rnd(0, 1) ? 8 * rnd(1, 12) : rnd(1, 100), I = rnd(0, 1) ? 8 * rnd(1, 12) : rnd(1, 90);
+  int64_t H = rnd(0, 1) ? 8 * rnd(1, 12) : rnd(1, 100), I = rnd(0, 1) ? 8 * rnd(1, 12) : rnd(1, 90);
+  if (decode && rnd(0, 3) == 0) {  // past 32 x kDecodeUnroll chunks: the unrolled walk
+    (rnd(0, 1) ? H : I) = rnd(0, 1) ? 8 * rnd(128, 170) : rnd(1020, 1400);
+  }
   const Problem p = random_problem(T, k, E, H, I);
   const int num_sms = int(rnd(1, 132));
   if (decode) {
@@ -929,6 +951,21 @@ void check_static() {
   CHECK(ix::act_value(Activation::kGelu, -200.f, 1.f) == 0.f && ix::act_value(Activation::kGelu, 200.f, 1.f) == 200.f);
   CHECK(ix::combine_value(true, 123.f, 0.5f, 3.f) == 1.5f && ix::combine_value(false, 1.f, 0.5f, 3.f) == 2.5f);
   CHECK(ix::use_decode(ix::kDecodeMaxPairs) && !ix::use_decode(ix::kDecodeMaxPairs + 1));
+  // The decode walk visits every chunk once, each lane's in increasing order.
+  for (int64_t elems = 0; elems <= 9000; elems += rnd(1, 9)) {
+    std::vector<int> seen(size_t(ix::ceil_div(elems, ix::kChunkElems)), 0);
+    for (int lane = 0; lane < 32; ++lane) {
+      int64_t last = -1;
+      decode_walk(lane, elems, [&](int64_t c) {
+        CHECK(c > last && c % 32 == lane);
+        last = c;
+        ++seen[size_t(c)];
+      });
+    }
+    for (int s : seen) CHECK(s == 1);
+  }
+  const int64_t group = 32 * ix::kDecodeUnroll * ix::kChunkElems;  // elements of one unrolled step
+  CHECK(ix::decode_unrolled_iters(group - 1) == 0 && ix::decode_unrolled_iters(group) == ix::kDecodeUnroll);
 }
 
 int main(int argc, char** argv) {
