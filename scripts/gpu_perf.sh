@@ -4,14 +4,15 @@
 # is not importable, e.g. on a fresh machine).
 # targets: the cases that decide the open issues' GPU targets, ours and the baselines in one run,
 #   in priority order: weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096 and
-#   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M); the
-#   weight-only split-K sweep (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token
-#   count (scripts/moe_grouped_sweep.py); block-sparse attention dense and 10% at
-#   S = 4096 and 32K with compiled flex, forward and forward+backward, MoBA at 32K; fused MoE
-#   Mixtral T = 1 and 4096; W8A8 again on mma.sync and the GMMA instructions in the SASS; one token
-#   through a Llama-3-8B-shaped decoder, stock vs quantize_model.
-# profile: ncu's speed-of-light, launch, occupancy, memory and warp-stall sections of our
-#   kernels, one call per quick case (bench --profile-once prints the order).
+#   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M); the weight-only split-K sweep
+#   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
+#   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
+#   block-sparse attention dense and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at
+#   4096; the GMMA instructions in the SASS. (The H100 run of 2026-11-26, docs/perf/gpu-h100.md,
+#   measured the rest: 32K dense and MoBA, W8A8 on mma.sync, the host-bound Llama decode.)
+# profile: ncu on the target cases' kernels only (weight-only decode GEMM and its reduction, the
+#   W8A8 wgmma GEMM, the MoE decode chain, the attention forward): speed of light, occupancy,
+#   memory, and the warp-stall metrics as raw values (--page raw), one call per case.
 # Every bench prints each case as it is measured and rewrites OUTDIR/NAME/bench-partial.json, so
 # a step stopped at its limit keeps the cases it finished.
 set -uo pipefail
@@ -27,6 +28,7 @@ export PYTHONUNBUFFERED=1
 if ! "$PY" -c "import torch_ext._C" 2>/dev/null; then
   bash scripts/gpu_check.sh "$OUT/check" build || exit 1
 fi
+
 bench() {  # bench NAME LIMIT_SECONDS ARGS...
   local name=$1 limit=$2; shift 2
   step "$name" "$limit" "$PY" -m torch_ext bench --device cuda "$@" --out "$OUT/$name"
@@ -39,25 +41,27 @@ if has targets; then
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
   PYTHONPATH=. step moe_grouped 70 "$PY" scripts/moe_grouped_sweep.py --out "$OUT/moe_grouped"
-  bench attention 130 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
-    --match "S=32768 full 100%" --match "S=32768 full 10%" --match "S=32768 block"
-  bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=4096"
-  # The W8A8 cases on the mma.sync kernels, and the warpgroup MMAs in the build's SASS (IGMMA int8,
-  # QGMMA fp8): the A/B of csrc/quant/w8a8_wgmma.cu.
-  TORCH_EXT_WGMMA=0 bench w8a8_mma_sync 45 --op w8a8 --match "M=4096 8192x8192"
+  bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
+    --match "moe_route"
+  bench attention 90 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
+    --match "S=32768 full 10%" --match "S=4096 block"
+  # The warpgroup MMAs in the build's SASS (IGMMA int8, QGMMA fp8).
   cuobjdump -sass torch_ext/_C*.so 2>/dev/null | grep -oE "[HIQ]GMMA\.[A-Z0-9.]*" | sort | uniq -c >"$OUT/gmma_sass.txt"
-  bench model 60 --op model
 fi
 if has profile; then
-  step profile 90 ncu --profile-from-start off --clock-control none --section SpeedOfLight --section LaunchStats \
-    --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
-    "$PY" -m torch_ext bench --profile-once --quick --device cuda
+  step profile 90 ncu --profile-from-start off --clock-control none \
+    -k "regex:linear_kernel|split_reduce|wgmma_mm|decode_gemm|plan_|fwd_kernel" \
+    --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --page raw \
+    "$PY" -m torch_ext bench --profile-once --device cuda --op quant w8a8 moe attention \
+    --match "M=1 8192x8192 int4 g128 bf16" --match "M=4096 8192x8192 -> bf16" --match "M=4096 8192x8192 e4m3" \
+    --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "S=4096 full 100%"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant wo_splits moe_grouped attention moe w8a8_mma_sync model; do
+for name in quant wo_splits moe_grouped moe attention; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
-[ -e "$OUT/profile.log" ] && grep -E "^\\[|Duration|Memory Throughput|DRAM Throughput|Compute \\(SM\\) Throughput|Achieved Occupancy|Registers Per" \
-  "$OUT/profile.log" | head -150
+# The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.
+[ -e "$OUT/profile.log" ] && grep -E "^\[|^  [a-zA-Z_]|gpu__time_duration.sum|dram__throughput.avg.pct_of_peak|sm__throughput.avg.pct_of_peak|achieved_occupancy|issue_stalled_(long_scoreboard|short_scoreboard|barrier|wait|mio_throttle|math_pipe|lg_throttle|not_selected|no_instruction)" \
+  "$OUT/profile.log" | head -200
 echo "step           status         time   log"
 cat "$OUT"/*.status 2>/dev/null

@@ -3,10 +3,10 @@
 # 600 s per command; at most 8 files come back):
 #   bash scripts/gpu_session.sh $OUT      (run with timeout_s 600)
 # Everything in priority order under one deadline (GPU_SECONDS, default 560 s after the start):
-# build, the whole test suite, the GPU targets' benchmarks (scripts/gpu_perf.sh targets), the
-# sanitizers, the ncu profile, the quick benchmark. The work happens in /tmp/gpu (scratch space
-# beside the repo copy); after every step it is re-archived into $OUT/gpu.tgz, so a call cut
-# short returns all that finished. $OUT/summary.txt has the status table.
+# build, the CUDA tests, the GPU targets' benchmarks (scripts/gpu_perf.sh targets), the
+# sanitizers, the ncu profile of the target kernels, the quick benchmark. The work happens in
+# /tmp/gpu (scratch space beside the repo copy); after every step it is re-archived into
+# $OUT/gpu.tgz, so a call cut short returns all that finished. $OUT/summary.txt has the status table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${1:?usage: scripts/gpu_session.sh OUTDIR}"

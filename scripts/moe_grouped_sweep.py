@@ -4,7 +4,7 @@ counts with TORCH_EXT_MOE_GROUPED_FORWARD=0 (fused kernel), =1 (grouped GEMMs) a
 automatic choice), all in one process with the bench harness's timer (L2 flushed before each
 repetition). The variable is read at every call.
 
-    python scripts/moe_grouped_sweep.py [--tokens 1 8 16 32 64 128 512] [--out DIR]
+    python scripts/moe_grouped_sweep.py [--tokens 1 8 16 32 64 256] [--out DIR]
 
 Prints a table of microseconds and writes it as JSON to DIR.
 """
@@ -28,7 +28,7 @@ CHOICES = {"fused": "0", "grouped": "1", "auto": None}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 512])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 256])
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script)")
     parser.add_argument("--scale", type=int, default=1, help="divide H and I by this (smoke tests)")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
