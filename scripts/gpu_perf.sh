@@ -8,8 +8,9 @@
 #   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
 #   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
 #   block-sparse attention dense and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at
-#   4096; the GMMA instructions in the SASS. (The H100 run of 2026-11-26, docs/perf/gpu-h100.md,
-#   measured the rest: 32K dense and MoBA, W8A8 on mma.sync, the host-bound Llama decode.)
+#   4096; one token through Llama-3-8B-shaped layers as CUDA graphs, stock vs quantize_model; the
+#   GMMA instructions in the SASS. (The H100 run of 2026-11-26, docs/perf/gpu-h100.md, measured
+#   the rest: 32K dense and MoBA, W8A8 on mma.sync, the host-bound eager Llama decode.)
 # profile: ncu on the target cases' kernels only (weight-only decode GEMM and its reduction, the
 #   W8A8 wgmma GEMM, the MoE decode chain, the attention forward): speed of light, occupancy,
 #   memory, and the warp-stall metrics as raw values (--page raw), one call per case.
@@ -45,6 +46,8 @@ if has targets; then
     --match "moe_route"
   bench attention 90 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
     --match "S=32768 full 10%" --match "S=4096 block"
+  # Four Llama-3-8B-shaped layers, one token, stock vs quantize_model, both as CUDA graph replays.
+  bench model 60 --op model --match "CUDA graphs"
   # The warpgroup MMAs in the build's SASS (IGMMA int8, QGMMA fp8).
   cuobjdump -sass torch_ext/_C*.so 2>/dev/null | grep -oE "[HIQ]GMMA\.[A-Z0-9.]*" | sort | uniq -c >"$OUT/gmma_sass.txt"
 fi
@@ -57,7 +60,7 @@ if has profile; then
     --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "S=4096 full 100%"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant wo_splits moe_grouped moe attention; do
+for name in quant wo_splits moe_grouped moe attention model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.

@@ -3,7 +3,10 @@ Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 query / 8 KV heads; a few 
 vocabulary, random init) runs one token (``use_cache=False``, under ``no_grad`` as generation
 does) stock, against the same model after ``torch_ext.quant.quantize_model`` (4-bit weight-only
 g128, or int8 W8A8 with LLM.int8() outliers; lm_head kept dense). One token is a decode step's
-linear work: each weight read once."""
+linear work: each weight read once. On CUDA each pair also runs as a CUDA graph replay on both
+sides: eager, one token through transformers costs about 1 ms of host time per layer on the
+H100 machine (docs/perf/gpu-h100.md), more than the layer's kernels, so only the graphed rows
+measure the GPU."""
 
 from __future__ import annotations
 
@@ -51,7 +54,39 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _decode_case(device: str, method: str) -> Case | None:
+def _forward(model):
+    def run(input_ids):
+        with torch.no_grad():
+            return model(input_ids, use_cache=False).logits
+    return run
+
+
+def _graphed(run):
+    """``run`` captured in a CUDA graph at its first call (after two warm-up calls on a side
+    stream: lazy initializations, allocations); later calls copy the input into the captured
+    buffer and replay."""
+    state = {}
+
+    def replay(input_ids):
+        if not state:
+            static_input = input_ids.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run(static_input)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = run(static_input)
+            state.update(graph=graph, input=static_input, output=output)
+        state["input"].copy_(input_ids)
+        state["graph"].replay()
+        return state["output"]
+    return replay
+
+
+def _decode_case(device: str, method: str, graphs: bool = False) -> Case | None:
     stock = _stock(device)
     if stock is None:
         return None
@@ -62,17 +97,13 @@ def _decode_case(device: str, method: str) -> Case | None:
         gen = torch.Generator().manual_seed(seed)
         return (torch.randint(0, _VOCAB, (1, 1), generator=gen).to(device),)
 
-    def forward(model):
-        def run(input_ids):
-            with torch.no_grad():
-                return model(input_ids, use_cache=False).logits
-        return run
-
+    wrap = _graphed if graphs else (lambda run: run)
     short = "bf16" if _DTYPE[kind] == torch.bfloat16 else "fp16"
     return Case(
         family="model", op="quantize_model (Llama decode)",
-        label=f"Llama-3-8B layers x{_LAYERS[kind]} one token {short} {method}",
-        make_inputs=make_inputs, ours=forward(quantized), baselines={f"stock transformers {short}": forward(stock)},
+        label=f"Llama-3-8B layers x{_LAYERS[kind]} one token {short} {method}" + (" CUDA graphs" if graphs else ""),
+        make_inputs=make_inputs, ours=wrap(_forward(quantized)),
+        baselines={f"stock transformers {short}": wrap(_forward(stock))},
         bytes=float(_weight_bytes(quantized)), device=device,
         notes={"stock_weight_bytes": _weight_bytes(stock), "layers": _LAYERS[kind]},
         working_set_bytes=_weight_bytes(stock) + _weight_bytes(quantized),
@@ -83,7 +114,10 @@ def _decode_case(device: str, method: str) -> Case | None:
 def model_suite(device: str, quick: bool) -> list[Case]:
     """One decode-shaped forward of a Llama-3-8B-shaped decoder, stock vs quantize_model (not in
     quick runs: building and quantizing the model takes tens of seconds)."""
-    if quick or torch.device(device).type not in _LAYERS:
+    kind = torch.device(device).type
+    if quick or kind not in _LAYERS:
         return []
     cases = [_decode_case(device, method) for method in _METHODS]
+    if kind == "cuda":
+        cases += [_decode_case(device, method, graphs=True) for method in _METHODS]
     return [case for case in cases if case is not None]
