@@ -7,7 +7,8 @@ import torch
 import torch_ext
 from torch_ext import reference
 from torch_ext.ops import fused_moe, moe_route
-from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs, random_tensor, relative_error
+from torch_ext.testing import (RELATIVE_ERROR_BOUNDS, assert_close_to_reference, fresh_seed, poisoned_outputs,
+                               random_tensor, relative_error)
 
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -241,18 +242,25 @@ def test_grouped_backward_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(11, 6, 3, 32, 24), (2, 8, 2, 16, 8), (1, 4, 2, 8, 16), (40, 60, 4, 40, 24)],
+@pytest.mark.parametrize("shape", [(11, 6, 3, 32, 24), (2, 8, 2, 16, 8), (1, 4, 2, 64, 48), (40, 60, 4, 40, 24)],
                          ids=["T11E6k3", "idle-experts", "one-token", "E60k4"])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_grouped_forward_matches_reference(device, dtype, shape, activation, monkeypatch):
     """The forward on torch._grouped_mm (forced here; by default CUDA bf16 on sm_90 from 8 rows
-    per expert on), idle experts included."""
+    per expert on), idle experts included. Its first GEMM rounds gate / up to the io dtype before
+    the activation (the fused kernels keep them in fp32): the worst of 300 seeded runs per shape
+    on the CPU was 1.02x the dtype's usual bound at these small sizes, hence 1.5x."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch without _grouped_mm")
     monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", "1")
     seed = fresh_seed()
     args = _problem(*shape, dtype, device, seed)
-    _check_forward(args, activation, dtype, f"grouped {shape} {activation} (seed {seed})")
+    with poisoned_outputs():
+        out = fused_moe(*args, activation)
+    h, w13, w2, weights, ids = args
+    ref = reference.moe.fused_moe(h.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu(), activation)
+    bound = None if dtype == torch.float32 else 1.5 * RELATIVE_ERROR_BOUNDS[dtype]
+    assert_close_to_reference(out, ref, dtype, f"grouped {shape} {activation} (seed {seed})", bound=bound)
     assert torch.equal(fused_moe(*args, activation), fused_moe(*args, activation))  # deterministic
 
 
@@ -318,13 +326,14 @@ def test_bench_baseline_computes_the_same():
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, False), (4, 32, True), (8, -1, False)])
-def test_quantized_experts_match_dequantized(device, bits, group_size, symmetric):
+@pytest.mark.parametrize("tokens", [1, 8, 9])  # CUDA: row-expert GEMMs up to 16 pairs, then per expert
+def test_quantized_experts_match_dequantized(device, bits, group_size, symmetric, tokens):
     """fused_moe_quantized equals fused_moe on the dequantized experts (K = 40: a partial group)."""
     from torch_ext.quant import quantize_experts
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     seed = fresh_seed()
-    h, w13, w2, weights, ids = _problem(9, 6, 2, 40, 24, dtype, device, seed)
+    h, w13, w2, weights, ids = _problem(tokens, 6, 2, 40, 24, dtype, device, seed)
     q13, q2 = (quantize_experts(w, bits, group_size, symmetric) for w in (w13, w2))
     with poisoned_outputs():
         out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
@@ -395,6 +404,34 @@ def test_cuda_graph_capture(tokens):
     def layer():
         weights, ids = moe_route(logits, 2)
         return fused_moe(h, w13, w2, weights, ids)
+
+    layer()  # warm-up (allocations) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer()
+    logits.copy_(torch.randn_like(logits))
+    h.copy_(torch.randn_like(h))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, layer())
+
+
+@pytest.mark.cuda
+def test_quantized_decode_cuda_graph_capture():
+    """fused_moe_quantized at decode sizes (the row-expert GEMMs) has no host sync: it captures in
+    a CUDA graph and replays to the eager result on new inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch_ext.quant import quantize_experts
+
+    h, w13, w2, _, _ = _problem(3, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
+    q13, q2 = quantize_experts(w13, 4, 32), quantize_experts(w2, 4, 32)
+    logits = torch.randn(3, 8, device="cuda")
+
+    def layer():
+        weights, ids = moe_route(logits, 2)
+        return torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
 
     layer()  # warm-up (allocations) outside the capture
     torch.cuda.synchronize()

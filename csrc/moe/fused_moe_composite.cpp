@@ -4,6 +4,7 @@
 #include "moe/fused_moe_composite.h"
 
 #include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/bincount.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -74,6 +75,14 @@ at::Tensor combine(const at::Tensor& grouped, const at::Tensor& order, int64_t t
 at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation) {
   const int64_t intermediate = gate_up.size(1) / 2;
   return activate(gate_up.narrow(1, 0, intermediate), activation) * gate_up.narrow(1, intermediate, intermediate);
+}
+
+at::Tensor gated_activation_kernel(const at::Tensor& gate_up, Activation activation) {
+  if (activation != Activation::kSilu || gate_up.scalar_type() == at::kDouble) return gated_activation(gate_up, activation);
+  static const auto silu_and_mul = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("torch_ext::silu_and_mul", "")
+                                       .typed<at::Tensor(const at::Tensor&)>();
+  return silu_and_mul.call(gate_up);
 }
 
 at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,

@@ -22,6 +22,9 @@ PairOrder sort_pairs_by_expert(const at::Tensor& topk_ids);
 
 // act(gate) * up for gate_up [rows, 2I] (gate columns first).
 at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation);
+// The same through torch_ext's silu_and_mul kernel for silu (one pass over gate_up; fp32, fp16 or
+// bf16), gated_activation otherwise: the middle step of the grouped and row-expert forwards.
+at::Tensor gated_activation_kernel(const at::Tensor& gate_up, Activation activation);
 // act(gate), and d act / d gate applied to grad.
 at::Tensor activate(const at::Tensor& gate, Activation activation);
 at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& gate, Activation activation);

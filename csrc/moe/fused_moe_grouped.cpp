@@ -11,7 +11,6 @@
 #if __has_include(<ATen/ops/_grouped_mm.h>)
 #define TORCH_EXT_HAVE_GROUPED_MM 1
 #include <ATen/TensorOperators.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_grouped_mm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -32,14 +31,6 @@ GroupedChoice choice_from(const char* variable) {
 }
 
 #if defined(TORCH_EXT_HAVE_GROUPED_MM)
-// torch_ext::silu_and_mul through the dispatcher (its CPU or CUDA kernel): one pass over gate_up.
-at::Tensor silu_and_mul(const at::Tensor& gate_up) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torch_ext::silu_and_mul", "")
-                             .typed<at::Tensor(const at::Tensor&)>();
-  return op.call(gate_up);
-}
-
 // The pairs grouped by expert and the int32 end offset of each expert's rows, both on the device.
 struct GroupedPairs : PairOrder {
   at::Tensor offsets;  // [E] int32
@@ -83,10 +74,12 @@ at::Tensor fused_moe_forward_grouped(const at::Tensor& hidden, const at::Tensor&
   const GroupedPairs g = group_on_device(topk_ids, w13.size(0));
   const at::Tensor x = hidden.contiguous().index_select(0, g.tokens);
   const at::Tensor gate_up = at::_grouped_mm(x, w13.contiguous().transpose(1, 2), g.offsets);
-  const at::Tensor act = activation == Activation::kSilu ? silu_and_mul(gate_up) : gated_activation(gate_up, activation);
-  at::Tensor y = at::_grouped_mm(act, w2.contiguous().transpose(1, 2), g.offsets);
-  y.mul_(topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type()).unsqueeze(1));
-  return combine(y, g.order, hidden.size(0), topk_ids.size(1));
+  const at::Tensor act = gated_activation_kernel(gate_up, activation);
+  // The routing weights and the sum over slots in fp32, rounded once (as the fused kernel's epilogue).
+  const at::Tensor y = at::_grouped_mm(act, w2.contiguous().transpose(1, 2), g.offsets)
+                           .to(at::kFloat)
+                           .mul_(topk_weights.reshape({-1}).index_select(0, g.order).unsqueeze(1));
+  return combine(y, g.order, hidden.size(0), topk_ids.size(1)).to(hidden.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_grouped(

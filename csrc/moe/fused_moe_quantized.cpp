@@ -1,9 +1,17 @@
 // fused_moe_quantized: the MoE experts with weights in the weight-only packed layout
-// (docs/quant-layout.md), one packed matrix per expert stacked along a leading E dimension. Each
-// expert's rows run through weight_only_linear (the fused dequantizing kernels of
-// quant/weight_only.cpp), so the 4-bit weights are streamed as stored; grouping and combine are
-// those of fused_moe's composite (moe/fused_moe_composite.h): the per-expert row counts are read
-// on the host (a device sync on CUDA, unlike fused_moe).
+// (docs/quant-layout.md), one packed matrix per expert stacked along a leading E dimension.
+//   - CUDA decode (at most kRowExpertMaxPairs (token, slot) pairs): each GEMM is one launch of
+//     the weight-only kernel in row-expert mode (a CTA per pair and column block, its expert's
+//     weights found on the device): gate/up [pairs, 2I], the gated activation, down [pairs, H],
+//     the slots weighted and summed in fp32. No host sync (CUDA-graph capturable); an expert
+//     chosen by several pairs is streamed once per pair, which is why larger batches take:
+//   - otherwise each expert's rows run through weight_only_linear, with grouping and combine
+//     those of fused_moe's composite (moe/fused_moe_composite.h): the per-expert row counts are
+//     read on the host (a device sync on CUDA).
+// Both stream the 4-bit weights as stored (the fused dequantizing kernels of
+// quant/weight_only.cpp) and sum a token's slots in slot order.
+#include <ATen/TensorOperators.h>
+
 #include <string>
 
 #include "common/torch_utils.h"
@@ -14,6 +22,10 @@
 namespace torch_ext {
 
 namespace {
+
+// Pairs up to which CUDA runs the row-expert GEMMs: a decode batch (Mixtral k = 2: 8 tokens;
+// DeepSeek k = 6: 2). A first choice, not yet measured against the per-expert path.
+constexpr int64_t kRowExpertMaxPairs = 16;
 
 c10::optional<at::Tensor> expert_slice(const c10::optional<at::Tensor>& t, int64_t e) {
   return t ? c10::optional<at::Tensor>((*t)[e]) : c10::nullopt;
@@ -48,6 +60,17 @@ at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_q
   check_stacked(op, "w2", w2_qweight, w2_scales, w2_zeros, experts, hidden_size);
   moe::check_routing(op, topk_weights, topk_ids, hidden.size(0), experts);
   const moe::Activation act = moe::parse_activation(op, activation);
+  if (hidden.is_cuda() && topk_ids.numel() <= kRowExpertMaxPairs) {
+    const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1);
+    const at::Tensor ids = topk_ids.reshape({-1}).contiguous();
+    const at::Tensor gate_up = weight_only_linear_row_experts(op, hidden, w13_qweight, w13_scales, w13_zeros, ids,
+                                                              top_k, bits, group_size);
+    const at::Tensor y = weight_only_linear_row_experts(op, moe::gated_activation_kernel(gate_up, act), w2_qweight,
+                                                        w2_scales, w2_zeros, ids, 1, bits, group_size);
+    return (y.view({tokens, top_k, hidden_size}).to(at::kFloat) * topk_weights.unsqueeze(2))
+        .sum(1)
+        .to(hidden.scalar_type());
+  }
   return moe::run_grouped_experts(hidden, topk_weights, topk_ids, experts, [&](int64_t e, const at::Tensor& rows) {
     const at::Tensor gate_up = weight_only_linear(rows, w13_qweight[e], w13_scales[e], expert_slice(w13_zeros, e),
                                                   c10::nullopt, bits, group_size);

@@ -215,6 +215,49 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
   return y;
 }
 
+at::Tensor weight_only_linear_row_experts(const char* op, const at::Tensor& x, const at::Tensor& qweight,
+                                          const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                                          const at::Tensor& row_experts, int64_t x_row_divisor, int64_t bits,
+                                          int64_t group_size) {
+  TORCH_EXT_CHECK(x.is_cuda() && x.dim() == 2, op, "row experts need a CUDA x [rows, K], got ", x.sizes(), " on ",
+                  x.device());
+  check_dtype(op, "x", x, {at::kHalf, at::kBFloat16});
+  check_dtype(op, "row_experts", row_experts, {at::kInt});
+  TORCH_EXT_CHECK(qweight.dim() == 4 && scales.dim() == 3 && x_row_divisor >= 1, op,
+                  "expects stacked qweight [E, N/16, K/16, words] and scales [E, groups, N], got ", qweight.sizes(),
+                  " and ", scales.sizes());
+  const Layout layout = check_weight(op, qweight[0], scales[0], zeros ? c10::optional<at::Tensor>((*zeros)[0]) : zeros,
+                                     bits, group_size, x.size(1));
+  const int64_t rows = row_experts.numel(), x_rows_needed = (rows + x_row_divisor - 1) / x_row_divisor;
+  TORCH_EXT_CHECK(x_rows_needed <= x.size(0), op, "row_experts' ", rows, " rows at ", x_row_divisor,
+                  " per x row need ", x_rows_needed, " rows of x, got ", x.size(0));
+  at::Tensor y = at::empty({rows, layout.n}, x.options());
+  if (y.numel() == 0) return y;
+  if (layout.k == 0) return y.zero_();
+#if defined(TORCH_EXT_WITH_CUDA)
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
+  const auto [s, z] = group_params(scales, zeros, x.scalar_type());
+  const at::Tensor qw = aligned_qweight(qweight.contiguous());
+  const at::Tensor ids = row_experts.reshape({-1}).contiguous();
+  WeightOnlyLinearParams p{weight_view(layout, bits, qw, s, z), scalar_kind(x), rows, x_rows.data_ptr(),
+                           x_rows.stride(0), nullptr, y.data_ptr(), y.stride(0)};
+  p.row_experts = ids.data_ptr<int32_t>();
+  p.x_row_divisor = x_row_divisor;
+  p.expert_qweight_words = qw.stride(0);
+  p.expert_scale_elems = s.stride(0);
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  at::Tensor workspace =
+      at::empty({cuda::weight_only_linear_workspace_bytes(p, num_sms)}, x.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::weight_only_linear(p, workspace.numel() ? workspace.data_ptr() : nullptr, num_sms,
+                                          c10::cuda::getCurrentCUDAStream()));
+  return y;
+#else
+  TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+}
+
 at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
                              c10::optional<int64_t> in_features) {

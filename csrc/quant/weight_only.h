@@ -32,6 +32,13 @@ struct WeightOnlyLinearParams {
   const void* bias;  // [n] or nullptr
   void* y;           // [m, n], unit column stride
   int64_t y_row_stride;
+  // Row experts (CUDA only; fused_moe_quantized's decode path): when set, `w` is expert 0 of a
+  // stack of same-shaped weights and y row r = x row (r / x_row_divisor) times the weight of
+  // expert row_experts[r] (device memory, ids the caller has checked), which starts
+  // expert_qweight_words words / expert_scale_elems scales (and zeros) after expert 0's.
+  const int32_t* row_experts = nullptr;
+  int64_t x_row_divisor = 1;
+  int64_t expert_qweight_words = 0, expert_scale_elems = 0;
 };
 
 struct DequantizeWeightParams {

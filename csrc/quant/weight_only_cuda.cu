@@ -25,6 +25,9 @@
 //     bias and rounds once. Without a split the GEMM's epilogue does the same directly. On sm_90
 //     the reduction is a programmatic dependent launch (common/cuda/pdl.cuh): its CTAs wait
 //     beside the GEMM's last ones instead of being launched after it.
+//   - Row experts (fused_moe_quantized's decode: each (token, slot) pair with its own expert,
+//     picked on the device): one row per CTA in the decode config, its expert's weights found
+//     from the id the CTA reads first (ix::block_rows); everything else as above.
 //   - Tails: tile rows past N and k tiles past the split are zero-filled and never reach y; x is
 //     read only for rows < M and columns < K (zero-filled chunk tails). x / its row stride not
 //     16-byte aligned, or scales whose rows are not (N % 8 != 0), take synchronous element loads
@@ -74,6 +77,12 @@ struct LinearArgs {
   const T* bias;  // nullptr: none
   T* y;
   float* partial;  // [splits][m][n] when splits > 1
+  // Row-expert mode (row_experts != nullptr): y row r = x row r / x_row_divisor times the weight
+  // of expert row_experts[r], whose packed words, scales and zeros start expert_q_words and
+  // expert_s_elems after expert 0's; one row per CTA.
+  const int32_t* row_experts;
+  int64_t x_row_divisor;
+  int64_t expert_q_words, expert_s_elems;
   int64_t x_row_stride;
   int64_t y_row_stride;
   int m, n, k;
@@ -114,7 +123,13 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   allow_dependent_launch();  // the split reduction (when there is one) waits for the whole grid
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int m0 = int(blockIdx.x) * Cfg::kBlockM;
+  const bool row_mode = a.row_experts != nullptr;
+  const ix::BlockRows rows = ix::block_rows(int(blockIdx.x), Cfg::kBlockM, a.m, row_mode, a.x_row_divisor);
+  const int m0 = rows.m0, m_end = rows.m_end;
+  const int64_t expert = row_mode ? a.row_experts[m0] : 0;
+  const uint32_t* const qweight = a.qweight + expert * a.expert_q_words;
+  const T* const scales = a.scales + expert * a.expert_s_elems;
+  const T* const zeros = a.zeros != nullptr ? a.zeros + expert * a.expert_s_elems : nullptr;
   const int tile_row0 = int(blockIdx.y) * ix::kBlockTiles;
   const int n0 = tile_row0 * ix::kTileRows;
   constexpr int kStageTiles = Cfg::kStageTiles;
@@ -127,14 +142,15 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   const int q_tile = ix::q_chunk_tile<Cfg>(tid);
   const int64_t q_pass_words = int64_t(Cfg::kQRowsPerPass) * a.k_tiles * kTileWords;
   const uint32_t* const q_src =
-      a.qweight + (tile_row0 + q_row < a.n_tiles
-                       ? tile_offset_words(kBits, a.k_tiles, tile_row0 + q_row, 0) + ix::q_chunk_word<Cfg>(tid)
-                       : 0);
+      qweight + (tile_row0 + q_row < a.n_tiles
+                     ? tile_offset_words(kBits, a.k_tiles, tile_row0 + q_row, 0) + ix::q_chunk_word<Cfg>(tid)
+                     : 0);
   const int x_row = ix::x_chunk_row<Cfg>(tid);
   const int x_col = ix::x_chunk_col<Cfg>(tid);
   const int x_dst = ix::x_smem_offset<Cfg>(x_row, x_col);
   const int64_t x_pass_stride = int64_t(Cfg::kXRowsPerPass) * a.x_row_stride;
-  const T* const x_src = a.x + (m0 + x_row < a.m ? int64_t(m0 + x_row) * a.x_row_stride + x_col * ix::kChunkValues : 0);
+  const T* const x_src =
+      a.x + (m0 + x_row < m_end ? (rows.x_row0 + x_row) * a.x_row_stride + x_col * ix::kChunkValues : 0);
 
   ix::StageWalker load_walker = ix::stage_walker(range.iter_begin, kStageTiles, a.group_tiles);
   const auto load_stage = [&](int stage, int iter) {
@@ -149,7 +165,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
       const bool ok =
           ix::q_chunk_valid(tile_row0 + q_row + i * Cfg::kQRowsPerPass, a.n_tiles, span.kt0 + q_tile, span.kt_stop);
       const uint32_t* const src = q_src + i * q_pass_words + int64_t(span.kt0) * kTileWords;
-      cp_async_16_zfill(sq + 4 * id, ok ? src : a.qweight, ok);
+      cp_async_16_zfill(sq + 4 * id, ok ? src : qweight, ok);
     }
     // x: rows < M only, columns clipped at K and at the split's last tile.
     const int k = span.kt0 * ix::kMmaK + x_col * ix::kChunkValues;
@@ -157,7 +173,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
 #pragma unroll
     for (int i = 0; i < Cfg::kXChunksPerThread; ++i) {
       const int row = x_row + i * Cfg::kXRowsPerPass;
-      if (row >= Cfg::kBlockM || !ix::x_row_exists(m0, row, a.m)) continue;
+      if (row >= Cfg::kBlockM || !ix::x_row_exists(m0, row, m_end)) continue;
       T* const dst = sx + x_dst + i * Cfg::kXRowsPerPass * Cfg::kBlockK;
       const T* const src = x_src + i * x_pass_stride + span.kt0 * ix::kMmaK;
       if (a.x_vector) {
@@ -168,10 +184,10 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
     }
     // Scales (and zero points) of the stage's groups, one slot per group: usually 32 or 64
     // chunks, up to 2 per thread when small groups put several in a stage.
-    const int scale_chunks = span.groups * Cfg::kSlotChunks * (a.zeros != nullptr ? 2 : 1);
+    const int scale_chunks = span.groups * Cfg::kSlotChunks * (zeros != nullptr ? 2 : 1);
     for (int id = tid; id < scale_chunks; id += ix::kThreads) {
       const ix::ScaleChunk c = ix::scale_chunk(id, span.groups);
-      const T* const source = c.tensor == 0 ? a.scales : a.zeros;
+      const T* const source = c.tensor == 0 ? scales : zeros;
       T* const dst = reinterpret_cast<T*>(base + (c.tensor == 0 ? Cfg::kScaleOffset : Cfg::kZeroOffset)) +
                      ix::scale_smem_index(c.slot, c.chunk * ix::kChunkValues);
       const int n = n0 + c.chunk * ix::kChunkValues;
@@ -188,7 +204,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   zero_accumulators(acc);
 
   // Warp-uniform: 8-token blocks holding real tokens, and whether the warp's tiles exist.
-  const int active_blocks = ix::active_token_blocks(a.m, m0, Cfg::kBlockM);
+  const int active_blocks = ix::active_token_blocks(m_end, m0, Cfg::kBlockM);
   const int active_pairs = (active_blocks + 1) / 2;
   const bool warp_active = tile_row0 + ix::warp_tile_row(warp, 0) < a.n_tiles;
   const uint16_t symmetric_zero_bits = ix::symmetric_zero_bits<T>(kBits);
@@ -206,7 +222,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
         const int nl = ix::warp_tile_row(warp, i) * ix::kTileRows + ix::lane_row(lane, h);
         const int index = ix::scale_smem_index(slot, nl);
         scale[h] = ss[index].bits;
-        zero[h] = a.zeros != nullptr ? sz[index].bits : symmetric_zero_bits;
+        zero[h] = zeros != nullptr ? sz[index].bits : symmetric_zero_bits;
       }
       params[i] = ix::make_group_params<T, kBits>(scale, zero);
     }
@@ -304,7 +320,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
           const int m = m0 + j * ix::kMmaTokens + ix::acc_token(lane, e);
-          if (!ix::output_in_bounds(m, n, a.m, a.n)) continue;
+          if (!ix::output_in_bounds(m, n, m_end, a.n)) continue;
           if (a.splits > 1) {
             a.partial[ix::partial_offset(blockIdx.z, m, n, a.m, a.n)] = acc[i][j][e];
           } else {
@@ -368,8 +384,10 @@ bool linear_params_valid(const WeightOnlyLinearParams& p) {
   const QuantizedWeightView& w = p.w;
   const bool dtype_ok = (p.x_dtype == ScalarKind::kFloat16 || p.x_dtype == ScalarKind::kBFloat16) &&
                         w.scale_dtype == p.x_dtype;
-  return dtype_ok && (w.bits == 4 || w.bits == 8) && w.group_size > 0 && w.group_size % 16 == 0 && p.m >= 0 &&
-         p.m <= kMaxTokens && w.n >= 0 && ix::ceil_div(w.n, ix::kBlockN) <= ix::kMaxGridYZ && w.k >= 0 &&
+  const bool rows_ok = p.row_experts == nullptr ||
+                       (p.x_row_divisor >= 1 && p.expert_qweight_words >= 0 && p.expert_scale_elems >= 0);
+  return dtype_ok && rows_ok && (w.bits == 4 || w.bits == 8) && w.group_size > 0 && w.group_size % 16 == 0 &&
+         p.m >= 0 && p.m <= kMaxTokens && w.n >= 0 && ix::ceil_div(w.n, ix::kBlockN) <= ix::kMaxGridYZ && w.k >= 0 &&
          w.k < kMaxK;
 }
 
@@ -384,6 +402,10 @@ LinearArgs<T> make_linear_args(const WeightOnlyLinearParams& p, const ix::Linear
   a.bias = static_cast<const T*>(p.bias);
   a.y = static_cast<T*>(p.y);
   a.partial = static_cast<float*>(workspace);
+  a.row_experts = p.row_experts;
+  a.x_row_divisor = p.x_row_divisor;
+  a.expert_q_words = p.expert_qweight_words;
+  a.expert_s_elems = p.expert_scale_elems;
   a.x_row_stride = p.x_row_stride;
   a.y_row_stride = p.y_row_stride;
   a.m = int(p.m);
@@ -508,7 +530,7 @@ int64_t forced_splits() {
 }
 
 ix::LinearPlan plan_for(const WeightOnlyLinearParams& p, int num_sms, bool allow_split) {
-  return ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split, forced_splits());
+  return ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split, forced_splits(), p.row_experts != nullptr);
 }
 
 }  // namespace

@@ -405,14 +405,16 @@ TORCH_EXT_HOST_DEVICE int64_t split_cost(int64_t ctas, int64_t k_iters, int64_t 
 
 // `allow_split` = false when the caller has no workspace. forced_splits > 0 replaces the cost
 // rule's choice (clamped to 1..k_iters, normalized to the count its ranges give): the tuning knob
-// TORCH_EXT_WO_SPLITS of the benchmarks.
+// TORCH_EXT_WO_SPLITS of the benchmarks. `row_per_block`: one row of x per CTA (in the decode
+// config), as rows that each have their own weight (row_experts) need.
 TORCH_EXT_HOST_DEVICE LinearPlan plan_linear(int64_t m, int64_t n, int64_t k, int bits, int64_t num_sms,
-                                             bool allow_split, int64_t forced_splits = 0) {
+                                             bool allow_split, int64_t forced_splits = 0,
+                                             bool row_per_block = false) {
   LinearPlan p{};
-  p.block_m = block_m_for(m);
+  p.block_m = row_per_block ? kDecodeBlockM : block_m_for(m);
   const ConfigFacts config = config_facts(bits, p.block_m);
   p.stage_tiles = config.stage_tiles;
-  p.m_blocks = ceil_div(m, p.block_m);
+  p.m_blocks = row_per_block ? m : ceil_div(m, p.block_m);
   p.n_blocks = ceil_div(n, kBlockN);
   p.k_tiles = tiles_for(k);
   p.k_iters = ceil_div(p.k_tiles, p.stage_tiles);
@@ -427,7 +429,7 @@ TORCH_EXT_HOST_DEVICE LinearPlan plan_linear(int64_t m, int64_t n, int64_t k, in
     return p;
   }
   if (ctas >= slots) return p;
-  const int64_t rows = min64(m, p.block_m);  // x rows and partial rows a CTA really moves
+  const int64_t rows = row_per_block ? 1 : min64(m, p.block_m);  // x rows and partial rows a CTA really moves
   const int64_t stage_bytes =
       int64_t(kBlockTiles) * p.stage_tiles * words_per_tile(bits) * 4 + rows * p.stage_tiles * kMmaK * 2;
   const int64_t partial_bytes = rows * kBlockN * int64_t(sizeof(float));
@@ -608,6 +610,21 @@ TORCH_EXT_HOST_DEVICE int x_chunk_bytes(int k, int k_limit) {
 // Token rows past M are not copied at all: what stays in shared memory only reaches accumulator
 // columns (tokens) the epilogue never writes (an mma's column t depends on B's column t only).
 TORCH_EXT_HOST_DEVICE bool x_row_exists(int64_t m0, int row, int64_t m) { return m0 + row < m; }
+
+// The rows of y (and of x, through x_row) CTA `block_x` computes: [m0, m_end). Row-expert mode
+// (each row with its own weight: MoE experts picked on the device) gives every CTA one row, and
+// y row r reads x row r / x_row_divisor (the token of a (token, slot) pair); otherwise the
+// CTA's block_m rows, y row r reading x row r.
+struct BlockRows {
+  int m0, m_end;
+  int64_t x_row0;  // x row of y row m0
+};
+TORCH_EXT_HOST_DEVICE BlockRows block_rows(int block_x, int block_m, int64_t m, bool row_per_block,
+                                           int64_t x_row_divisor) {
+  if (row_per_block) return {block_x, block_x + 1, int64_t(block_x) / x_row_divisor};
+  const int m0 = block_x * block_m;
+  return {m0, int(m), int64_t(m0)};
+}
 
 // Scale and zero slots: chunk id < groups * kSlotChunks * tensors (tensor 0 = scales, 1 = zeros).
 struct ScaleChunk {

@@ -183,7 +183,16 @@ struct Problem {
   int num_sms;
   bool allow_split;
   int64_t forced_splits;  // TORCH_EXT_WO_SPLITS (0: the cost rule)
+  // Row-expert mode (fused_moe_quantized's decode): q, qweight, scales and zeros hold `experts`
+  // stacked weights (q_words packed words, s_elems scales each); y row r uses expert
+  // row_experts[r] and x row r / divisor; x has x_rows rows.
+  bool row_mode = false;
+  int64_t experts = 1, divisor = 1, x_rows = 0, q_words = 0, s_elems = 0;
+  std::vector<int32_t> row_experts;
 };
+
+int64_t expert_of(const Problem& p, int64_t m) { return p.row_mode ? p.row_experts[size_t(m)] : 0; }
+int64_t x_row_of(const Problem& p, int64_t m) { return p.row_mode ? m / p.divisor : m; }
 
 int64_t groups_of(const Problem& p) { return ix::ceil_div(p.k, p.group); }
 
@@ -196,7 +205,9 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
   constexpr int kStageTiles = Cfg::kStageTiles;
   static_assert(Cfg::kSmemBytes <= ix::kSmemBudget, "budget");
   // make_linear_args
-  const ix::LinearPlan plan = ix::plan_linear(p.m, p.n, p.k, p.bits, p.num_sms, p.allow_split, p.forced_splits);
+  const ix::LinearPlan plan =
+      ix::plan_linear(p.m, p.n, p.k, p.bits, p.num_sms, p.allow_split, p.forced_splits, p.row_mode);
+  if (p.row_mode) CHECK(plan.m_blocks == p.m);
   CHECK(plan.block_m == kBlockM && plan.stage_tiles == kStageTiles);
   *splits_used = int(plan.splits);
   const int M = int(p.m), N = int(p.n), K = int(p.k);
@@ -215,7 +226,16 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
     for (int64_t by = 0; by < plan.n_blocks; ++by)
       for (int64_t bx = 0; bx < plan.m_blocks; ++bx) {
         smem.reset(Cfg::kSmemBytes);
-        const int m0 = int(bx) * kBlockM;
+        const ix::BlockRows rows = ix::block_rows(int(bx), kBlockM, p.m, p.row_mode, p.divisor);
+        const int m0 = rows.m0, m_end = rows.m_end;
+        if (p.row_mode) {
+          CHECK(m0 == int(bx) && m_end == m0 + 1 && rows.x_row0 == x_row_of(p, m0) && rows.x_row0 < p.x_rows);
+        } else {
+          CHECK(m0 == int(bx) * kBlockM && m_end == M && rows.x_row0 == m0);
+        }
+        const int64_t expert = expert_of(p, m0);
+        const int64_t q_base = expert * p.q_words, s_base = expert * p.s_elems;
+        const int64_t q_end = p.row_mode ? q_base + p.q_words : int64_t(p.qweight.size());
         const int tile_row0 = int(by) * ix::kBlockTiles;
         const int n0 = tile_row0 * ix::kTileRows;
         const ix::SplitRange range = ix::split_range(int(bz), int(plan.iters_per_split), int(plan.k_iters), k_tiles, kStageTiles);
@@ -238,9 +258,9 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
             const int q_row = ix::q_chunk_row<Cfg>(tid);
             const int q_tile = ix::q_chunk_tile<Cfg>(tid);
             const int64_t q_pass_words = int64_t(Cfg::kQRowsPerPass) * k_tiles * kTileWords;
-            const int64_t q_src = tile_row0 + q_row < n_tiles
-                                      ? wq::tile_offset_words(kBits, k_tiles, tile_row0 + q_row, 0) + ix::q_chunk_word<Cfg>(tid)
-                                      : 0;
+            const int64_t q_src = q_base + (tile_row0 + q_row < n_tiles ? wq::tile_offset_words(kBits, k_tiles, tile_row0 + q_row, 0) +
+                                                                                ix::q_chunk_word<Cfg>(tid)
+                                                                          : 0);
             for (int i = 0; i < Cfg::kQChunksPerThread; ++i) {
               const int id = tid + i * ix::kThreads;
               CHECK(ix::q_chunk_row<Cfg>(id) == q_row + i * Cfg::kQRowsPerPass && ix::q_chunk_tile<Cfg>(id) == q_tile &&
@@ -249,9 +269,10 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
               uint32_t chunk[4] = {0, 0, 0, 0};
               if (ok) {
                 const int64_t src = q_src + i * q_pass_words + int64_t(span.kt0) * kTileWords;
-                CHECK(src % 4 == 0 && src >= 0 && src + 4 <= int64_t(p.qweight.size()));
+                CHECK(src % 4 == 0 && src >= q_base && src + 4 <= q_end);  // inside this row's expert
                 // the chunk is part of tile (row, kt0 + q_tile) of the weight
-                const int64_t tile_base = wq::tile_offset_words(kBits, k_tiles, tile_row0 + ix::q_chunk_row<Cfg>(id), span.kt0 + q_tile);
+                const int64_t tile_base =
+                    q_base + wq::tile_offset_words(kBits, k_tiles, tile_row0 + ix::q_chunk_row<Cfg>(id), span.kt0 + q_tile);
                 CHECK(src >= tile_base && src + 4 <= tile_base + kTileWords);
                 memcpy(chunk, &p.qweight[src], 16);
               }
@@ -264,23 +285,24 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
             const int x_row = ix::x_chunk_row<Cfg>(tid), x_col = ix::x_chunk_col<Cfg>(tid);
             const int x_dst = ix::x_smem_offset<Cfg>(x_row, x_col);
             const int64_t x_pass_stride = int64_t(Cfg::kXRowsPerPass) * p.x_stride;
-            const int64_t x_src = p.x_off + (m0 + x_row < M ? int64_t(m0 + x_row) * p.x_stride + x_col * ix::kChunkValues : 0);
+            const int64_t x_src =
+                p.x_off + (m0 + x_row < m_end ? (rows.x_row0 + x_row) * p.x_stride + x_col * ix::kChunkValues : 0);
             const int k = span.kt0 * ix::kMmaK + x_col * ix::kChunkValues;
             const int bytes = ix::x_chunk_bytes(k, std::min(K, span.kt_stop * ix::kMmaK));
             for (int i = 0; i < Cfg::kXChunksPerThread; ++i) {
               const int row = x_row + i * Cfg::kXRowsPerPass;
-              if (row >= kBlockM || !ix::x_row_exists(m0, row, p.m)) continue;
+              if (row >= kBlockM || !ix::x_row_exists(m0, row, m_end)) continue;
               const int id = tid + i * ix::kThreads;
               CHECK(id < Cfg::kXChunks && ix::x_chunk_row<Cfg>(id) == row && ix::x_chunk_col<Cfg>(id) == x_col);
               const int dst = x_dst + i * Cfg::kXRowsPerPass * Cfg::kBlockK;
               CHECK(dst == ix::x_smem_offset<Cfg>(row, x_col));
               const int64_t src = x_src + i * x_pass_stride + span.kt0 * ix::kMmaK;
-              CHECK(src == p.x_off + int64_t(m0 + row) * p.x_stride + k);
+              CHECK(src == p.x_off + (rows.x_row0 + row) * p.x_stride + k && rows.x_row0 + row < p.x_rows);
               uint16_t chunk[8] = {0, 0, 0, 0, 0, 0, 0, 0};
               CHECK(bytes % 2 == 0 && bytes >= 0 && bytes <= 16);
               if (x_vector && bytes > 0) CHECK((src * 2) % 16 == 0);  // cp.async source alignment
               for (int e = 0; e < bytes / 2; ++e) {
-                CHECK(k + e < K && m0 + row < M);  // never read past K or M
+                CHECK(k + e < K && m0 + row < m_end);  // never read past K or the CTA's rows
                 chunk[e] = p.x[src + e];
               }
               CHECK(dst % 8 == 0);
@@ -297,7 +319,7 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
               const size_t dst = base + (c.tensor == 0 ? Cfg::kScaleOffset : Cfg::kZeroOffset) +
                                  2 * size_t(ix::scale_smem_index(c.slot, c.chunk * ix::kChunkValues));
               const int n = n0 + c.chunk * ix::kChunkValues;
-              const int64_t src = p.scale_off + ix::scale_offset(span.first_group + c.slot, n, p.n);
+              const int64_t src = p.scale_off + s_base + ix::scale_offset(span.first_group + c.slot, n, p.n);
               const int count = scale_vector ? (n < N ? 8 : 0) : std::max(0, std::min(ix::kChunkValues, N - n));
               if (scale_vector && count > 0) CHECK((src * 2) % 16 == 0);
               uint16_t chunk[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -316,9 +338,9 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
             for (auto& i : l)
               for (auto& j : i)
                 for (double& e : j) e = 0;
-        const int active_blocks = ix::active_token_blocks(p.m, m0, kBlockM);
+        const int active_blocks = ix::active_token_blocks(m_end, m0, kBlockM);
         const int active_pairs = (active_blocks + 1) / 2;
-        CHECK(active_blocks >= 1 && active_blocks <= kBlocks && (active_blocks - 1) * 8 < M - m0);
+        CHECK(active_blocks >= 1 && active_blocks <= kBlocks && (active_blocks - 1) * 8 < m_end - m0);
         const uint16_t symmetric_zero_bits = ix::symmetric_zero_bits<T>(kBits);
         int params_group[ix::kWarps];
         std::fill(params_group, params_group + ix::kWarps, -1);
@@ -337,8 +359,8 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
                   zero[h] = symmetric_zero_bits;
                 }
                 if (n0 + nl < N) {  // the slot holds this group's values
-                  CHECK(scale[h] == p.scales[p.scale_off + group * p.n + n0 + nl]);
-                  if (p.has_zeros) CHECK(zero[h] == p.zeros[p.scale_off + group * p.n + n0 + nl]);
+                  CHECK(scale[h] == p.scales[p.scale_off + s_base + group * p.n + n0 + nl]);
+                  if (p.has_zeros) CHECK(zero[h] == p.zeros[p.scale_off + s_base + group * p.n + n0 + nl]);
                 }
               }
               params[warp][lane][i] = ix::make_group_params<T, kBits>(scale, zero);
@@ -385,8 +407,9 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
                 const double got = value_of<T>(uint16_t(frag[i][lane][e / 2] >> (16 * (e % 2))));
                 if (n < N && k < K) {
                   const int64_t g = k / p.group;
-                  const double zero = p.has_zeros ? value_of<T>(p.zeros[p.scale_off + g * p.n + n]) : (1 << (kBits - 1));
-                  CHECK(got == (p.q[n * K + k] - zero) * value_of<T>(p.scales[p.scale_off + g * p.n + n]));
+                  const int64_t s = p.scale_off + s_base + g * p.n + n;
+                  const double zero = p.has_zeros ? value_of<T>(p.zeros[s]) : (1 << (kBits - 1));
+                  CHECK(got == (p.q[(expert * N + n) * K + k] - zero) * value_of<T>(p.scales[s]));
                 } else {
                   CHECK(std::isfinite(got));  // padding: finite, meets zero x or a discarded row
                 }
@@ -419,7 +442,8 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
                 for (int odd = 0; odd < 2; ++odd) {
                   const int64_t m = m0 + 16 * pr + 8 * odd + spec::b_n(lane), k = int64_t(kt) * 16 + spec::b_k(lane, e);
                   const double got = value_of<T>(uint16_t((odd ? b_odd : b_even)[lane][e / 2] >> (16 * (e % 2))));
-                  if (m < M) CHECK(got == (k < K ? value_of<T>(p.x[p.x_off + m * p.x_stride + k]) : 0.0));
+                  if (m < m_end)
+                    CHECK(got == (k < K ? value_of<T>(p.x[p.x_off + (rows.x_row0 + m - m0) * p.x_stride + k]) : 0.0));
                 }
             for (int i = 0; i < ix::kWarpTiles; ++i) {
               mma(warp, i, 2 * pr, frag[i], b_even);
@@ -497,7 +521,7 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
                 for (int j = 0; j < kBlocks; ++j)
                   for (int e = 2 * half; e < 2 * half + 2; ++e) {
                     const int m = m0 + j * ix::kMmaTokens + ix::acc_token(lane, e);
-                    if (!ix::output_in_bounds(m, n, p.m, p.n)) continue;
+                    if (!ix::output_in_bounds(m, n, m_end, p.n)) continue;
                     CHECK(j < active_blocks);
                     const double v = acc[warp][lane][i][j][e];
                     if (plan.splits > 1) {
@@ -562,17 +586,32 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   p.num_sms = rnd(0, 2) == 0 ? int(rnd(1, 8)) : int(rnd(8, 200));
   p.allow_split = rnd(0, 5) != 0;
   p.forced_splits = rnd(0, 4) == 0 ? rnd(1, 12) : 0;
+  p.row_mode = rnd(0, 4) == 0;
+  if (p.row_mode) {  // (token, slot) pairs of a MoE decode step, each with its own expert
+    p.experts = rnd(1, 5);
+    p.divisor = rnd(1, 3);
+    p.m = rnd(1, 20);
+    p.row_experts.resize(size_t(p.m));
+    for (int32_t& e : p.row_experts) e = int32_t(rnd(0, p.experts - 1));
+  }
+  p.x_rows = p.row_mode ? ix::ceil_div(p.m, p.divisor) : p.m;
   const int64_t groups = groups_of(p);
   // weights, scales (powers of two: every product and sum is exact, so y compares exactly)
-  p.q.resize(p.n * p.k);
+  p.q.resize(p.experts * p.n * p.k);
   for (int& v : p.q) v = int(rnd(0, (1 << p.bits) - 1));
-  p.qweight = pack(p.q, p.n, p.k, p.bits);
+  for (int64_t e = 0; e < p.experts; ++e) {
+    const std::vector<int> one(p.q.begin() + e * p.n * p.k, p.q.begin() + (e + 1) * p.n * p.k);
+    const std::vector<uint32_t> packed = pack(one, p.n, p.k, p.bits);
+    p.q_words = int64_t(packed.size());
+    p.qweight.insert(p.qweight.end(), packed.begin(), packed.end());
+  }
   const bool scales_aligned = rnd(0, 3) != 0;
   p.scale_off = scales_aligned ? 8 * rnd(0, 2) : rnd(1, 7);
-  p.scales.assign(p.scale_off + groups * p.n + 9, nan_bits<T>());
-  p.zeros.assign(p.scale_off + groups * p.n + 9, nan_bits<T>());
+  p.s_elems = groups * p.n;
+  p.scales.assign(p.scale_off + p.experts * groups * p.n + 9, nan_bits<T>());
+  p.zeros.assign(p.scale_off + p.experts * groups * p.n + 9, nan_bits<T>());
   static const double kScales[] = {0.25, 0.5, 1, 2, -0.5, -1};
-  for (int64_t e = 0; e < groups * p.n; ++e) {
+  for (int64_t e = 0; e < p.experts * groups * p.n; ++e) {
     p.scales[p.scale_off + e] = round_bits<T>(kScales[rnd(0, 5)]);
     p.zeros[p.scale_off + e] = round_bits<T>(double(rnd(0, (1 << p.bits) - 1)));
   }
@@ -581,8 +620,8 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   p.x_stride = p.k + (x_aligned ? 0 : rnd(0, 3));
   if (x_aligned) p.x_stride = 8 * ix::ceil_div(std::max<int64_t>(p.x_stride, 1), 8) + 8 * rnd(0, 1);
   p.x_off = x_aligned ? 8 * rnd(0, 2) : rnd(0, 9);
-  p.x.assign(p.x_off + (p.m - 1) * p.x_stride + p.k + 9, nan_bits<T>());  // NaN around x: reads outside show
-  for (int64_t m = 0; m < p.m; ++m)
+  p.x.assign(p.x_off + (p.x_rows - 1) * p.x_stride + p.k + 9, nan_bits<T>());  // NaN around x: reads outside show
+  for (int64_t m = 0; m < p.x_rows; ++m)
     for (int64_t k = 0; k < p.k; ++k) p.x[p.x_off + m * p.x_stride + k] = round_bits<T>(double(rnd(-3, 3)));
   p.bias.resize(p.n);
   for (auto& b : p.bias) b = round_bits<T>(double(rnd(-4, 4)));
@@ -592,7 +631,7 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   std::vector<int> y_count(y.size(), 0);
 
   int splits = 0;
-  const int block_m = ix::block_m_for(p.m);
+  const int block_m = p.row_mode ? ix::kDecodeBlockM : ix::block_m_for(p.m);
   if (p.bits == 4) {
     block_m == ix::kDecodeBlockM ? sim_linear<T, 4, ix::kDecodeBlockM>(p, y, y_count, &splits)
                                  : sim_linear<T, 4, ix::kBatchBlockM>(p, y, y_count, &splits);
@@ -605,11 +644,12 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   for (int64_t m = 0; m < p.m; ++m)
     for (int64_t n = 0; n < p.n; ++n) {
       double s = 0;
+      const int64_t e = expert_of(p, m), xm = x_row_of(p, m);
       for (int64_t k = 0; k < p.k; ++k) {
-        const int64_t g = k / p.group;
-        const double zero = p.has_zeros ? value_of<T>(p.zeros[p.scale_off + g * p.n + n]) : (1 << (p.bits - 1));
-        const double w = (p.q[n * p.k + k] - zero) * value_of<T>(p.scales[p.scale_off + g * p.n + n]);
-        s += value_of<T>(p.x[p.x_off + m * p.x_stride + k]) * w;
+        const int64_t at = p.scale_off + e * p.s_elems + k / p.group * p.n + n;
+        const double zero = p.has_zeros ? value_of<T>(p.zeros[at]) : (1 << (p.bits - 1));
+        const double w = (p.q[(e * p.n + n) * p.k + k] - zero) * value_of<T>(p.scales[at]);
+        s += value_of<T>(p.x[p.x_off + xm * p.x_stride + k]) * w;
       }
       const uint16_t want = round_bits<T>(double(float(s + (p.has_bias ? value_of<T>(p.bias[n]) : 0.0))));
       const int64_t off = p.y_off + m * p.y_stride + n;
@@ -623,9 +663,9 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   for (size_t e = 0; e < y.size(); ++e)
     if (y_count[e] != -1) CHECK(y_count[e] == 0 && y[e] == 0xABCD);  // nothing outside y's [M, N]
   if (verbose)
-    printf("case %d ok: %s %d-bit M%ld N%ld K%ld G%ld zeros %d bias %d sms %d splits %d x%s scales%s\n", it,
-           std::is_same_v<T, Half> ? "fp16" : "bf16", p.bits, p.m, p.n, p.k, p.group, p.has_zeros, p.has_bias,
-           p.num_sms, splits, ix::x_vectorizable(uint64_t(p.x_off) * 2, p.x_stride, 2) ? " vec" : " sync",
+    printf("case %d ok: %s %d-bit M%ld N%ld K%ld G%ld zeros %d bias %d sms %d splits %d experts %ld x%s scales%s\n",
+           it, std::is_same_v<T, Half> ? "fp16" : "bf16", p.bits, p.m, p.n, p.k, p.group, p.has_zeros, p.has_bias,
+           p.num_sms, splits, p.row_mode ? p.experts : 0, ix::x_vectorizable(uint64_t(p.x_off) * 2, p.x_stride, 2) ? " vec" : " sync",
            ix::scales_vectorizable(p.n, uint64_t(p.scale_off) * 2, 0) ? " vec" : " sync");
 }
 
