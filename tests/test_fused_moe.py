@@ -399,11 +399,16 @@ def test_cuda_graph_capture(tokens):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     h, w13, w2, _, _ = _problem(tokens, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
-    logits = torch.randn(tokens, 8, device="cuda")
+    _check_graph_replay(h, lambda weights, ids: fused_moe(h, w13, w2, weights, ids))
+
+
+def _check_graph_replay(h, experts):
+    """Routing from logits and experts(weights, ids) captured in a CUDA graph replay to the eager
+    result after the logits and `h` (the hidden rows the experts read) change in place."""
+    logits = torch.randn(h.shape[0], 8, device="cuda")
 
     def layer():
-        weights, ids = moe_route(logits, 2)
-        return fused_moe(h, w13, w2, weights, ids)
+        return experts(*moe_route(logits, 2))
 
     layer()  # warm-up (allocations) outside the capture
     torch.cuda.synchronize()
@@ -427,22 +432,7 @@ def test_quantized_decode_cuda_graph_capture():
 
     h, w13, w2, _, _ = _problem(3, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
     q13, q2 = quantize_experts(w13, 4, 32), quantize_experts(w2, 4, 32)
-    logits = torch.randn(3, 8, device="cuda")
-
-    def layer():
-        weights, ids = moe_route(logits, 2)
-        return torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
-
-    layer()  # warm-up (allocations) outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = layer()
-    logits.copy_(torch.randn_like(logits))
-    h.copy_(torch.randn_like(h))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, layer())
+    _check_graph_replay(h, lambda weights, ids: torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids))
 
 
 @pytest.mark.cuda

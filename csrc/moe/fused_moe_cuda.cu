@@ -432,6 +432,36 @@ __device__ __forceinline__ float dot_chunk(const Pack16<T>& w, const Pack16<T>& 
   return acc;
 }
 
+// The two 16-byte chunks of a decode step: gate and up weights, or a W2 row and an act row.
+template <typename T>
+struct ChunkPair {
+  Pack16<T> first, second;
+};
+
+// A lane's walk over the chunks of a row of row_elems elements (ix::decode_unrolled_iters):
+// load(k0, len) returns a chunk's operands and use(operands, k0, len) consumes them, in chunk
+// order; the unrolled iterations issue kDecodeUnroll loads before their uses.
+template <class Load, class Use>
+__device__ __forceinline__ void walk_row_chunks(int lane, int64_t row_elems, const Load& load, const Use& use) {
+  const int64_t chunks = ix::ceil_div(row_elems, ix::kChunkElems), unrolled = ix::decode_unrolled_iters(row_elems);
+  for (int64_t i = 0; i < unrolled; i += ix::kDecodeUnroll) {
+    decltype(load(int64_t(0), 0)) operands[ix::kDecodeUnroll];
+#pragma unroll
+    for (int v = 0; v < ix::kDecodeUnroll; ++v)
+      operands[v] = load(ix::decode_chunk(lane, i + v) * ix::kChunkElems, ix::kChunkElems);
+#pragma unroll
+    for (int v = 0; v < ix::kDecodeUnroll; ++v)
+      use(operands[v], ix::decode_chunk(lane, i + v) * ix::kChunkElems, ix::kChunkElems);
+  }
+  for (int64_t i = unrolled;; ++i) {
+    const int64_t c = ix::decode_chunk(lane, i);
+    if (c >= chunks) break;
+    const int64_t k0 = c * ix::kChunkElems;
+    const int len = ix::chunk_elems(k0, row_elems, true);
+    use(load(k0, len), k0, len);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const DecodeArgs<T> p) {
   chained_kernel_start();
@@ -444,7 +474,6 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const 
   const T* const gate = p.w13 + (int64_t(e) * 2 * p.inter + j) * H;
   const T* const up = gate + p.inter * H;
   const int32_t begin = p.offsets[e], count = p.counts[e];
-  const int64_t chunks = ix::ceil_div(H, ix::kChunkElems);
   for (int32_t b0 = 0; b0 < count; b0 += ix::kDecodeBatch) {
     int32_t pair[ix::kDecodeBatch];
     const T* x[ix::kDecodeBatch];
@@ -454,37 +483,21 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm1_kernel(const 
       x[q] = pair[q] >= 0 ? p.hidden + int64_t(pair[q] / p.top_k) * H : nullptr;
     }
     float g[ix::kDecodeBatch] = {}, u[ix::kDecodeBatch] = {};
-    // One chunk of both weight rows against the batch's hidden rows (L1-resident).
-    const auto accumulate = [&](const Pack16<T>& wg, const Pack16<T>& wu, int64_t k0, int len) {
+    walk_row_chunks(
+        lane, H,
+        [&](int64_t k0, int len) {
+          return ChunkPair<T>{load_pack16_partial(gate + k0, len, p.vector1),
+                              load_pack16_partial(up + k0, len, p.vector1)};
+        },
+        [&](const ChunkPair<T>& w, int64_t k0, int len) {  // against the batch's hidden rows (L1-resident)
 #pragma unroll
-      for (int q = 0; q < ix::kDecodeBatch; ++q) {
-        if (x[q] == nullptr) continue;
-        const Pack16<T> xv = load_pack16_partial(x[q] + k0, len, p.vector1);
-        g[q] = dot_chunk(wg, xv, g[q]);
-        u[q] = dot_chunk(wu, xv, u[q]);
-      }
-    };
-    const int64_t unrolled = ix::decode_unrolled_iters(H);
-    for (int64_t i = 0; i < unrolled; i += ix::kDecodeUnroll) {
-      Pack16<T> wg[ix::kDecodeUnroll], wu[ix::kDecodeUnroll];
-#pragma unroll
-      for (int v = 0; v < ix::kDecodeUnroll; ++v) {
-        const int64_t k0 = ix::decode_chunk(lane, i + v) * ix::kChunkElems;
-        wg[v] = load_pack16_partial(gate + k0, ix::kChunkElems, p.vector1);
-        wu[v] = load_pack16_partial(up + k0, ix::kChunkElems, p.vector1);
-      }
-#pragma unroll
-      for (int v = 0; v < ix::kDecodeUnroll; ++v)
-        accumulate(wg[v], wu[v], ix::decode_chunk(lane, i + v) * ix::kChunkElems, ix::kChunkElems);
-    }
-    for (int64_t i = unrolled;; ++i) {
-      const int64_t c = ix::decode_chunk(lane, i);
-      if (c >= chunks) break;
-      const int64_t k0 = c * ix::kChunkElems;
-      const int len = ix::chunk_elems(k0, H, true);
-      accumulate(load_pack16_partial(gate + k0, len, p.vector1), load_pack16_partial(up + k0, len, p.vector1), k0,
-                 len);
-    }
+          for (int q = 0; q < ix::kDecodeBatch; ++q) {
+            if (x[q] == nullptr) continue;
+            const Pack16<T> xv = load_pack16_partial(x[q] + k0, len, p.vector1);
+            g[q] = dot_chunk(w.first, xv, g[q]);
+            u[q] = dot_chunk(w.second, xv, u[q]);
+          }
+        });
 #pragma unroll
     for (int q = 0; q < ix::kDecodeBatch; ++q) {
       const float gs = warp_sum(g[q]), us = warp_sum(u[q]);
@@ -502,7 +515,6 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm2_kernel(const 
   const int64_t n = int64_t(blockIdx.x) * ix::kDecodeWarps + warp;
   if (n >= p.hidden_size) return;
   const int32_t* const ids_row = p.ids + t * p.top_k;
-  const int64_t chunks = ix::ceil_div(p.inter, ix::kChunkElems);
   float s = 0.f;
   for (int32_t rank = 0; rank < p.top_k; ++rank) {
     const int j = ix::slot_of_rank(ids_row, p.top_k, rank);
@@ -510,25 +522,12 @@ __global__ void __launch_bounds__(ix::kDecodeThreads) decode_gemm2_kernel(const 
     const T* const w_row = p.w2 + (int64_t(ids_row[j]) * p.hidden_size + n) * p.inter;
     const T* const a_row = p.act + pair * p.act_stride;
     float y = 0.f;
-    const int64_t unrolled = ix::decode_unrolled_iters(p.inter);
-    for (int64_t i = 0; i < unrolled; i += ix::kDecodeUnroll) {
-      Pack16<T> w[ix::kDecodeUnroll], a[ix::kDecodeUnroll];
-#pragma unroll
-      for (int v = 0; v < ix::kDecodeUnroll; ++v) {
-        const int64_t k0 = ix::decode_chunk(lane, i + v) * ix::kChunkElems;
-        w[v] = load_pack16_partial(w_row + k0, ix::kChunkElems, p.vector2);
-        a[v] = load_pack16(a_row + k0);  // act rows: 16-byte aligned (act_stride)
-      }
-#pragma unroll
-      for (int v = 0; v < ix::kDecodeUnroll; ++v) y = dot_chunk(w[v], a[v], y);
-    }
-    for (int64_t i = unrolled;; ++i) {
-      const int64_t c = ix::decode_chunk(lane, i);
-      if (c >= chunks) break;
-      const int64_t k0 = c * ix::kChunkElems;
-      const int len = ix::chunk_elems(k0, p.inter, true);
-      y = dot_chunk(load_pack16_partial(w_row + k0, len, p.vector2), load_pack16_partial(a_row + k0, len, true), y);
-    }
+    walk_row_chunks(
+        lane, p.inter,
+        [&](int64_t k0, int len) {  // act rows are 16-byte aligned (act_stride)
+          return ChunkPair<T>{load_pack16_partial(w_row + k0, len, p.vector2), load_pack16_partial(a_row + k0, len, true)};
+        },
+        [&](const ChunkPair<T>& c, int64_t, int) { y = dot_chunk(c.first, c.second, y); });
     s = ix::combine_value(rank == 0, s, __ldg(p.topk_weights + pair), warp_sum(y));
   }
   if (lane == 0) p.out[t * p.hidden_size + n] = from_compute<T>(s);
