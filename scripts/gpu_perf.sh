@@ -4,7 +4,8 @@
 # is not importable, e.g. on a fresh machine).
 # targets: the cases that decide the open issues' GPU targets, ours and the baselines in one run,
 #   in priority order: weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096 and
-#   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M); the weight-only split-K sweep
+#   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M), quantize_per_token on 4096 x
+#   14336 (issue 5's bandwidth target); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
 #   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
 #   block-sparse attention dense and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at
@@ -37,7 +38,7 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
 
 if has targets; then
   bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" \
-    --match "M=64 8192x8192" --match "M=4096 8192x8192"
+    --match "M=64 8192x8192" --match "M=4096 8192x8192" --match "T=4096 K=14336"
   # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
