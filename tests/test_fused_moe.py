@@ -423,6 +423,22 @@ def _check_graph_replay(h, experts):
 
 
 @pytest.mark.cuda
+def test_quantized_decode_device_mismatch():
+    """Routing or experts on another device than hidden: a clear error, not a kernel fault."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch_ext.quant import quantize_experts
+
+    h, w13, w2, weights, ids = _problem(2, 4, 2, 32, 16, torch.bfloat16, "cuda", fresh_seed())
+    q13, q2 = quantize_experts(w13, 4, 32), quantize_experts(w2, 4, 32)
+    with pytest.raises(RuntimeError, match="topk_ids must be on the device"):
+        torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids.cpu())
+    q13_cpu = quantize_experts(w13.cpu(), 4, 32)
+    with pytest.raises(RuntimeError, match="must be on the device"):
+        torch_ext.ops.fused_moe_quantized(h, q13_cpu, q2, weights, ids)
+
+
+@pytest.mark.cuda
 def test_quantized_decode_cuda_graph_capture():
     """fused_moe_quantized at decode sizes (the row-expert GEMMs) has no host sync: it captures in
     a CUDA graph and replays to the eager result on new inputs."""

@@ -58,6 +58,8 @@ at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_q
   const int64_t experts = w13_scales.size(0), hidden_size = hidden.size(1);
   check_stacked(op, "w13", w13_qweight, w13_scales, w13_zeros, experts, w13_scales.size(2));
   check_stacked(op, "w2", w2_qweight, w2_scales, w2_zeros, experts, hidden_size);
+  check_same_device(op, "topk_weights", topk_weights, "hidden", hidden);
+  check_same_device(op, "topk_ids", topk_ids, "hidden", hidden);
   moe::check_routing(op, topk_weights, topk_ids, hidden.size(0), experts);
   const moe::Activation act = moe::parse_activation(op, activation);
   if (hidden.is_cuda() && topk_ids.numel() <= kRowExpertMaxPairs) {

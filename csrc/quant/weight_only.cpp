@@ -223,6 +223,10 @@ at::Tensor weight_only_linear_row_experts(const char* op, const at::Tensor& x, c
                   x.device());
   check_dtype(op, "x", x, {at::kHalf, at::kBFloat16});
   check_dtype(op, "row_experts", row_experts, {at::kInt});
+  check_same_device(op, "qweight", qweight, "x", x);
+  check_same_device(op, "scales", scales, "x", x);
+  if (zeros) check_same_device(op, "zeros", *zeros, "x", x);
+  check_same_device(op, "row_experts", row_experts, "x", x);
   TORCH_EXT_CHECK(qweight.dim() == 4 && scales.dim() == 3 && x_row_divisor >= 1, op,
                   "expects stacked qweight [E, N/16, K/16, words] and scales [E, groups, N], got ", qweight.sizes(),
                   " and ", scales.sizes());
