@@ -265,7 +265,7 @@ def test_grouped_forward_matches_reference(device, dtype, shape, activation, mon
 
 
 def test_grouped_forward_switch(monkeypatch):
-    """On the CPU the automatic choice keeps the fused kernel (bit for bit what =0 gives);
+    """On the CPU the automatic choice keeps the fused kernel (bit for bit what =0 and =off give);
     TORCH_EXT_MOE_GROUPED_FORWARD=1 takes the grouped GEMMs, which agree, except where H or I is
     not a multiple of 8 (the fused kernel even when forced)."""
     if not hasattr(torch, "_grouped_mm"):
@@ -274,13 +274,15 @@ def test_grouped_forward_switch(monkeypatch):
     for shape in ((64, 4, 2, 24, 16), (4, 3, 2, 20, 12)):
         args = _problem(*shape, torch.float32, "cpu", seed)
         results = {}
-        for choice in ("", "0", "1"):
+        for choice in ("", "0", "1", "off"):
             monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", choice)
             _check_forward(args, "silu", torch.float32, f"choice {choice!r} {shape} seed {seed}")
             results[choice] = fused_moe(*args, "silu")
-        assert torch.equal(results[""], results["0"])
+        assert torch.equal(results[""], results["0"]) and torch.equal(results["off"], results["0"])
         if shape[3] % 8 != 0:
             assert torch.equal(results["1"], results["0"])
+        else:  # the other path ran: another summation order
+            assert not torch.equal(results["1"], results["0"])
 
 
 def test_compile_fullgraph():

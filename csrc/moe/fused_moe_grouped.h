@@ -20,9 +20,10 @@
 
 namespace torch_ext::moe {
 
-// TORCH_EXT_MOE_GROUPED_FORWARD / TORCH_EXT_MOE_GROUPED_BACKWARD: unset or empty = kAuto (CUDA
-// bf16 on sm_90; the forward from kGroupedForwardMinRowsPerExpert on), "0" = kNever, anything
-// else = kAlways where supported (the CPU tests use it to run these paths).
+// TORCH_EXT_MOE_GROUPED_FORWARD / TORCH_EXT_MOE_GROUPED_BACKWARD: unset, empty or "auto" = kAuto
+// (CUDA bf16 on sm_90; the forward from kGroupedForwardMinRowsPerExpert on), "0" / "false" /
+// "off" / "no" = kNever, anything else = kAlways where supported (the CPU tests use it to run
+// these paths).
 enum class GroupedChoice { kAuto, kNever, kAlways };
 GroupedChoice grouped_forward_choice();
 GroupedChoice grouped_backward_choice();
