@@ -58,6 +58,7 @@ def test_linear_odd_shapes(device, n, k, group_size):
                 _check_linear(x, qw, None, f"{n}x{k} g{group_size} {bits}-bit m={m} {dtype} seed {seed}")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bits", [4, 8])
 def test_linear_cuda(bits):
     if not torch.cuda.is_available():
