@@ -65,7 +65,7 @@ for name in quant wo_splits moe_grouped moe attention model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.
-[ -e "$OUT/profile.log" ] && grep -E "^\[|^  [a-zA-Z_]|gpu__time_duration.sum|dram__throughput.avg.pct_of_peak|sm__throughput.avg.pct_of_peak|achieved_occupancy|issue_stalled_(long_scoreboard|short_scoreboard|barrier|wait|mio_throttle|math_pipe|lg_throttle|not_selected|no_instruction)" \
+[ -e "$OUT/profile.log" ] && grep -E "^\[|^  [a-zA-Z_]|gpu__time_duration.sum|dram__throughput.avg.pct_of_peak|sm__throughput.avg.pct_of_peak|sm__warps_active.avg.pct_of_peak|launch__registers_per_thread|issue_stalled_(long_scoreboard|short_scoreboard|barrier|wait|mio_throttle|math_pipe|lg_throttle|not_selected|no_instruction)" \
   "$OUT/profile.log" | head -200
 echo "step           status         time   log"
 cat "$OUT"/*.status 2>/dev/null
