@@ -1,6 +1,8 @@
 """Attention suite: block-sparse attention and MoBA against dense SDPA, FlexAttention with the same
 BlockMask (compiled on every device) and dense attention under the expanded mask; MoBA routing
-timed on its own.
+timed on its own. On CUDA the dense (100%) cases also run SDPA forced onto its flash backend,
+the baseline issue 7's dense target names (SDPA's default on Hopper can pick cuDNN), and
+S = 4096 dense runs once more with 128-row query blocks (our 8-warp forward kernel).
 
 Each case's ``flops`` are the executed ones (the listed blocks only), so the reported TFLOP/s and
 % of roofline are the executed rate; ``notes.density`` and ``notes.effective_flops`` (the dense
@@ -37,17 +39,32 @@ def _qkv(device, seq, heads, seed):
     return tuple(torch.randn(s, generator=gen).to(device=device, dtype=_dtype(device)) for s in shapes)
 
 
-def _random_mask(seq, heads_q, density, causal, device):
+def _random_mask(seq, heads_q, density, causal, device, block_q=_BLOCK):
     """A BlockSparseMask of about `density` of the blocks (of the causal ones under causal), the
-    diagonal block always kept so that no row is empty."""
+    diagonal block always kept so that no row is empty; query blocks of block_q rows (dense only
+    when not 64: the random pattern is drawn on 64 x 64 blocks)."""
     from torch_ext.attention import BlockSparseMask
 
+    if block_q != _BLOCK:
+        assert density == 1.0 and not causal, "other query blocks: dense masks only"
+        keep = torch.ones(1, heads_q, seq // block_q, seq // _BLOCK, dtype=torch.bool)
+        return BlockSparseMask.from_dense(keep, block_q, _BLOCK, seq, seq).to(device)
     n = seq // _BLOCK
     gen = torch.Generator().manual_seed(n)
     keep = (torch.rand(1, heads_q, n, n, generator=gen) < density) | torch.eye(n, dtype=torch.bool)
     if causal:
         keep &= torch.ones(n, n, dtype=torch.bool).tril()
     return BlockSparseMask.from_dense(keep, _BLOCK, _BLOCK, seq, seq).to(device)
+
+
+def _sdpa_flash(causal, backward=False):
+    """Dense SDPA on its flash backend alone (CUDA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    return with_backward(run) if backward else run
 
 
 def _flex_block_mask(mask, causal):
@@ -70,12 +87,12 @@ def _gqa(k, v, heads_q):
     return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
 
-def _sparse_case(device, seq, density, causal) -> Case:
+def _sparse_case(device, seq, density, causal, block_q=_BLOCK) -> Case:
     from torch.nn.attention.flex_attention import flex_attention
     from torch_ext.ops import block_sparse_attention
 
     heads = _HEADS[device]
-    mask = _random_mask(seq, heads[0], density, causal, device)
+    mask = _random_mask(seq, heads[0], density, causal, device, block_q)
     listed = mask.density()
     flex_mask = _flex_block_mask(mask, causal)
     flex = torch.compile(flex_attention)  # eager flex materializes the score matrix: not a fair baseline
@@ -84,16 +101,20 @@ def _sparse_case(device, seq, density, causal) -> Case:
     flex_options = {"BLOCK_M": _BLOCK, "BLOCK_N": _BLOCK} if torch.device(device).type == "cuda" else None
     baselines = {
         "SDPA dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True),
-        "flex_attention (compiled)": lambda q, k, v: flex(q, k, v, block_mask=flex_mask, enable_gqa=True,
-                                                          kernel_options=flex_options),
     }
-    if seq <= _MAX_MASKED_SEQ:
+    if block_q == _BLOCK:
+        baselines["flex_attention (compiled)"] = lambda q, k, v: flex(q, k, v, block_mask=flex_mask, enable_gqa=True,
+                                                                      kernel_options=flex_options)
+    if density == 1.0 and device == "cuda":
+        baselines["SDPA flash backend"] = _sdpa_flash(causal)
+    if seq <= _MAX_MASKED_SEQ and block_q == _BLOCK:
         expanded = _expanded(mask, causal)
         baselines["SDPA dense-masked"] = lambda q, k, v: F.scaled_dot_product_attention(
             q, *_gqa(k, v, heads[0]), attn_mask=expanded)
     dense_flops = 4.0 * heads[0] * seq * seq * _DIM * (0.5 if causal else 1.0)
     return Case(family="attention", op="block_sparse_attention",
-                label=f"S={seq} {'causal' if causal else 'full'} {round(density * 100)}% bf16",
+                label=f"S={seq} {'causal' if causal else 'full'} {round(density * 100)}%"
+                      + (f" q{block_q}" if block_q != _BLOCK else "") + " bf16",
                 make_inputs=lambda seed: _qkv(device, seq, heads, seed),
                 ours=lambda q, k, v: block_sparse_attention(q, k, v, mask, causal=causal),
                 baselines=baselines, flops=4.0 * heads[0] * seq * seq * _DIM * listed,
@@ -108,12 +129,15 @@ def _sparse_backward_case(device, seq, density) -> Case:
     heads = _HEADS[device]
     mask = _random_mask(seq, heads[0], density, False, device)
     listed = mask.density()
+    baselines = {"SDPA dense fwd+bwd": with_backward(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))}
+    if density == 1.0 and device == "cuda":
+        baselines["SDPA flash backend fwd+bwd"] = _sdpa_flash(False, backward=True)
     return Case(family="attention", op="block_sparse_attention fwd+bwd",
                 label=f"S={seq} full {round(density * 100)}% bf16",
                 make_inputs=lambda seed: _qkv(device, seq, heads, seed),
                 ours=with_backward(lambda q, k, v: block_sparse_attention(q, k, v, mask)),
-                baselines={"SDPA dense fwd+bwd": with_backward(
-                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))},
+                baselines=baselines,
                 # forward 2 GEMMs, backward recomputes S and does 4 more: 7 GEMM-equivalents of 2*S*S*D
                 flops=14.0 * heads[0] * seq * seq * _DIM * listed, bytes=float(8 * heads[0] * seq * _DIM * 2),
                 device=device, notes={"density": listed, "effective_flops": 14.0 * heads[0] * seq * seq * _DIM})
@@ -155,6 +179,8 @@ def attention_suite(device: str, quick: bool) -> list[Case]:
         return []
     seqs = (_QUICK_SEQS if quick else _SEQS)[kind]
     cases = [_sparse_case(kind, s, d, c) for s in seqs for c in (False, True) for d in _DENSITIES]
+    if kind == "cuda" and 4096 in seqs:
+        cases.append(_sparse_case(kind, 4096, 1.0, False, block_q=128))
     cases += [_moba_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
     cases += [_routing_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
     cases += [_sparse_backward_case(kind, seqs[-1], d) for d in (1.0, 0.1)]
