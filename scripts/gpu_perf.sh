@@ -8,9 +8,8 @@
 #   14336 (issue 5's bandwidth target); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
 #   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
-#   block-sparse attention dense (64- and 128-row query blocks, against SDPA's default and its
-#   flash backend, forward and forward+backward) and 10% at S = 4096, 10% at 32K (with compiled
-#   flex), MoBA at 4096; one token through Llama-3-8B-shaped layers as CUDA graphs, stock vs quantize_model; the
+#   block-sparse attention forward dense (64- and 128-row query blocks, against SDPA's default
+#   and its flash backend) and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at 4096; one token through Llama-3-8B-shaped layers as CUDA graphs, stock vs quantize_model; the
 #   GMMA instructions in the SASS. (The H100 run of 2026-11-26, docs/perf/gpu-h100.md, measured
 #   the rest: 32K dense and MoBA, W8A8 on mma.sync, the host-bound eager Llama decode.)
 # profile: ncu on the target cases' kernels only (weight-only decode GEMM and its reduction, the
