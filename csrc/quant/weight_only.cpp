@@ -127,6 +127,18 @@ void linear_by_panels_cpu(const QuantizedWeightView& w, const at::Tensor& x_rows
   }
 }
 
+#if defined(TORCH_EXT_WITH_CUDA)
+// The CUDA GEMM with its split-K workspace, on the current stream of x's device.
+void run_linear_cuda(const WeightOnlyLinearParams& p, const at::Tensor& x) {
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  at::Tensor workspace =
+      at::empty({cuda::weight_only_linear_workspace_bytes(p, num_sms)}, x.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::weight_only_linear(p, workspace.numel() ? workspace.data_ptr() : nullptr, num_sms,
+                                          c10::cuda::getCurrentCUDAStream()));
+}
+#endif
+
 at::Tensor output_for(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -183,13 +195,9 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
       if (bias) y_rows.add_(bias_c);
       return y;
     }
-    int num_sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-    const WeightOnlyLinearParams p{w, scalar_kind(x), m, x_rows.data_ptr(), x_rows.stride(0),
-                                   bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)};
-    at::Tensor workspace = at::empty({cuda::weight_only_linear_workspace_bytes(p, num_sms)},
-                                     x.options().dtype(at::kByte));
-    C10_CUDA_CHECK(cuda::weight_only_linear(p, workspace.numel() ? workspace.data_ptr() : nullptr, num_sms, stream));
+    run_linear_cuda(WeightOnlyLinearParams{w, scalar_kind(x), m, x_rows.data_ptr(), x_rows.stride(0),
+                                           bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)},
+                    x);
     return y;
 #else
     TORCH_CHECK(false, "torch_ext was built without CUDA");
@@ -250,12 +258,7 @@ at::Tensor weight_only_linear_row_experts(const char* op, const at::Tensor& x, c
   p.x_row_divisor = x_row_divisor;
   p.expert_qweight_words = qw.stride(0);
   p.expert_scale_elems = s.stride(0);
-  int num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  at::Tensor workspace =
-      at::empty({cuda::weight_only_linear_workspace_bytes(p, num_sms)}, x.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cuda::weight_only_linear(p, workspace.numel() ? workspace.data_ptr() : nullptr, num_sms,
-                                          c10::cuda::getCurrentCUDAStream()));
+  run_linear_cuda(p, x);
   return y;
 #else
   TORCH_CHECK(false, "torch_ext was built without CUDA");
