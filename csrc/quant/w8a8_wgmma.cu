@@ -14,10 +14,12 @@
 //   - Per stage: wait for the slot's copies, fence them into the async proxy, CTA barrier; issue
 //     the copies of the stage kStages - 2 ahead (its slot was last read by the wgmma batch 2
 //     stages back, finished before the barrier); then 4 wgmma k32 steps per warpgroup
-//     (descriptor start moved 32 bytes per step) and commit. int8 waits until only this batch
-//     is in flight, so the tensor cores hold the next batch while the warps loop; fp8 waits for
-//     the batch, which went into a fresh accumulator, and adds it into the fp32 one (promotion:
-//     the two warpgroups interleave, one promoting while the other's batch runs).
+//     (descriptor start moved 32 bytes per step) and commit, and wait until only this batch is
+//     in flight, so the tensor cores hold the next batch while the warps loop. fp8 issues each
+//     batch into a fresh accumulator, two of them in turn: once the wait says the previous batch
+//     is done, that one is added into the fp32 accumulator (promotion) while the new one runs.
+//     (The H100 run of 2026-11-26 promoted after wgmma.wait_group 0, the tensor cores idle
+//     meanwhile: 642 TFLOP/s against int8's 1008 on the same tiles' pipeline.)
 //   - Epilogue: float(acc) * a_scale (* b_scale) (+ bias) with scaled_int8_mm's rounding steps,
 //     two adjacent columns per store where the output allows it.
 #include <type_traits>
@@ -127,16 +129,20 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
                  b_pass, b_rows, iter);
   };
 
-  typename Op::Acc acc[Tile::kAccRegs];
+  using Acc = typename Op::Acc;
+  Acc acc[Tile::kAccRegs];
   zero_accumulators(acc);
-  [[maybe_unused]] typename Op::Acc block[Tile::kPromote ? Tile::kAccRegs : 1];
 
 #pragma unroll
   for (int s = 0; s < Tile::kLoadAhead; ++s) {
     if (s < p.k_iters) load_stage(s);
     cp_async_commit();
   }
-  for (int iter = 0; iter < p.k_iters; ++iter) {
+  // Issue k iteration `iter` into the accumulators `into`: its stage's copies landed, the
+  // copies kLoadAhead ahead issued (that slot's last reader, iteration iter - 2, is complete:
+  // every issue is followed by a wait that leaves at most that batch in flight), then the
+  // warpgroup's wgmma batch committed.
+  const auto issue = [&](int iter, auto& into) {
     cp_async_wait<Tile::kLoadAhead - 1>();
     fence_proxy_async_shared();
     __syncthreads();
@@ -147,19 +153,50 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
     const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
     const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
     wgmma_fence();
-    if constexpr (Tile::kPromote) {
-      Op::k_block(block, desc_a, desc_b);
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < Tile::kAccRegs; ++i) acc[i] += block[i];
-    } else {
-      Op::k_block(acc, desc_a, desc_b);
-      wgmma_commit();
+    wgmma_fence_operands(into);
+    Op::k_block(into, desc_a, desc_b);
+    wgmma_commit();
+  };
+  if constexpr (!Tile::kPromote) {
+    // int8: one batch stays in flight while the next iteration's copies and batch are issued.
+    for (int iter = 0; iter < p.k_iters; ++iter) {
+      issue(iter, acc);
       wgmma_wait<1>();
     }
+    wgmma_wait<0>();
+  } else {
+    // fp8: each batch into a fresh accumulator, two in turn; once the wait leaves only the newest
+    // batch in flight, the one before it is added into acc (promotion) while the newest runs.
+    // ptxas tracks wgmma batches within a loop body only (a batch still in flight at the
+    // back-edge serializes every wgmma of the kernel, warning C7514), so the body is two
+    // iterations ending with nothing in flight: half the promotions overlap a batch. (Four per
+    // body, 3 of 4 overlapped, took 255 registers and spilled 352 bytes inside the loop; two
+    // take 234 and spill nothing: CUDA 13.0, sm_90a.)
+    Acc block0[Tile::kAccRegs], block1[Tile::kAccRegs];
+    const auto promote = [&](Acc(&done)[Tile::kAccRegs]) {
+      wgmma_fence_operands(done);
+#pragma unroll
+      for (int i = 0; i < Tile::kAccRegs; ++i) acc[i] += done[i];
+    };
+    int iter = 0;
+    for (; iter + 2 <= p.k_iters; iter += 2) {
+      issue(iter, block0);
+      issue(iter + 1, block1);
+      wgmma_wait<1>();
+      promote(block0);
+      wgmma_wait<0>();
+      promote(block1);
+    }
+    if (iter < p.k_iters) {  // an odd number of k blocks: the last one alone
+      issue(iter, block0);
+      wgmma_wait<0>();
+      promote(block0);
+      issue(iter, block0);
+      wgmma_wait<0>();
+      promote(block0);
+    }
   }
-  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
 
   // Epilogue: per n8 block the two columns' scales and biases once, then the thread's two rows.
   float a_scale[2];
@@ -200,7 +237,7 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
 }
 
 // One CTA per SM (192 KB of shared memory): the bound lets ptxas use up to 255 registers for
-// the accumulators (int8 128, fp8 64 + 64 being promoted), copy addresses and epilogue.
+// the accumulators (int8 128, fp8 64 + 2 x 64 k-block ones), copy addresses and epilogue.
 template <typename O, class Op>
 __global__ void __launch_bounds__(ix::kThreads, 1) wgmma_mm_kernel(const WgmmaArgs<O, Op> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -29,15 +29,15 @@ using w8a8_cuda::kChunkBytes;
 //      group). 128 s32 accumulators per thread, exact.
 //    - e4m3 (Fp8Tile, kBN = 128): Hopper's fp8 wgmma keeps only about 14 mantissa bits while
 //      it accumulates (DeepSeek-V3 report, section 3.3.2), so each 128-deep k block goes into a
-//      fresh accumulator that is then added into fp32 registers ("promotion"): 64 + 64 registers
-//      per thread at n128, where n256 would need 256.
+//      fresh accumulator that is then added into fp32 registers ("promotion"), two such
+//      accumulators in turn so that one batch runs while the other is added: 64 + 2 x 64
+//      registers per thread at n128, where n256 would need 384.
 //    - K streams in 128-byte stages (128 int8 / e4m3 values): a row of a stage is exactly one
 //      128-byte swizzle row, the layout wgmma reads without bank conflicts.
 //    All threads both copy and compute (no producer warp: a cp.async pipeline cannot hang on a
 //    barrier phase). The stage a wgmma batch reads is refilled only once that batch is known
-//    complete: int8 keeps one batch in flight while it issues the next (wgmma.wait_group 1), so
-//    copies run kStages - 2 stages ahead; fp8 waits for each batch before promoting it, but uses
-//    the same rule (two batches of distance). 192 KB of stages, one CTA per SM: int8 4 x 48 KB,
+//    complete: every batch is followed by a wait that leaves at most it in flight
+//    (wgmma.wait_group 1, or 0), so copies run kStages - 2 stages ahead. 192 KB of stages, one CTA per SM: int8 4 x 48 KB,
 //    fp8 6 x 32 KB.
 // =============================================================================================
 

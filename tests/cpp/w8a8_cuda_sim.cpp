@@ -602,8 +602,8 @@ void sim_mm(const MmProblem& p) {
 // (e) wgmma_mm_kernel (quant/w8a8_wgmma.cu, sm_90a) on the same problem: every thread's copies
 // into the 128-byte-swizzled stages (bounds, alignment, zero fill), the pipeline order (the
 // shared-memory model, plus: a slot is refilled only after the wgmma batch that read it has
-// completed under wgmma.wait_group 1), each wgmma's operands read back through the descriptor
-// the kernel builds and the PTX descriptor / swizzle model (mma_spec::wgmma_sw128_address), and
+// completed; every batch is followed by a wait that leaves at most that batch in flight), each
+// wgmma's operands read back through the descriptor the kernel builds and the PTX descriptor / swizzle model (mma_spec::wgmma_sw128_address), and
 // the epilogue's register walk checked against the PTX accumulator layout.
 template <typename O, bool kFp8>
 void sim_wgmma_mm(const MmProblem& p) {
@@ -707,7 +707,7 @@ void sim_wgmma_mm(const MmProblem& p) {
       for (int r = 0; r < wx::kBM; ++r)
         for (int n = 0; n < Tile::kBN; ++n) acc[r][n] += Acc(block[r][n]);  // int8: exact either way
       slot_reader[size_t(stage)] = iter;
-      wgmma_complete = Tile::kPromote ? iter : iter - 1;  // wgmma.wait_group 0 / 1
+      wgmma_complete = iter - 1;  // each batch is followed by a wait that leaves at most it in flight
     }
     smem.wait(0);
 

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace torch_ext::cuda {
 
@@ -26,6 +27,22 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Pins an accumulator array at this point of the program: the compiler may not move reads or
+// writes of its registers across this statement. wgmma writes its accumulators asynchronously
+// and the compiler does not know it, so a read of a batch's results goes after the
+// wgmma_wait<> that completes the batch and a fence on that array (CUTLASS does the same).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_fence_operands(T (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      asm volatile("" : "+f"(d[i])::"memory");
+    } else {
+      asm volatile("" : "+r"(d[i])::"memory");
+    }
+  }
 }
 
 // Accumulator operand lists: %0..%63 and %64..%127 (the descriptors follow them).
