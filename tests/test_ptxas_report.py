@@ -1,0 +1,32 @@
+"""What ptxas reports for the Hopper wgmma kernels, checked without a GPU (needs nvcc).
+
+wgmma runs asynchronously only where ptxas can prove that no other instruction touches the
+accumulators of a batch in flight; where it cannot, it serializes every wgmma of the kernel and
+says so with warning C7514 (performance, not correctness: the tests on the GPU still pass).
+Spills inside the pipelined main loop cost as much. Both are easy to cause by reordering the
+loop, so the build's report is checked here."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+_NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", ["csrc/quant/w8a8_wgmma.cu"])
+def test_wgmma_kernels_stay_asynchronous_without_spills(source, tmp_path):
+    result = subprocess.run(
+        [_NVCC, "-std=c++17", "-O3", f"-I{_ROOT / 'csrc'}", "-gencode", "arch=compute_90a,code=sm_90a",
+         "-Xptxas", "-v", "-c", str(_ROOT / source), "-o", str(tmp_path / "kernel.o")],
+        capture_output=True, text=True, timeout=600)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    assert "C7514" not in report, "ptxas serialized wgmma:\n" + report
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills, report
+    assert all(stores == "0" and loads == "0" for stores, loads in spills), report
