@@ -11,7 +11,8 @@
 //   blocks of 16 / 32 keys are gathered 4 / 2 to a step, 128-key blocks take two steps, so every
 //   step is 8 n8 tiles of S per warp whatever block_kv is. K and V of step t + 1 load (cp.async,
 //   zero-filled past the list / Sk) while step t computes: S = Q K^T (mma.m16n8k16, fp32), mask
-//   (listed segment, Sk tail, causal bottom-right, MoBA choices of the row from a shared table),
+//   (listed segment, Sk tail, causal bottom-right, MoBA choices of the row from a shared table
+//   sorted per row, looked up by binary search),
 //   online softmax in the log2 domain (ix::softmax_rescale), P rounded to T straight from the
 //   accumulators into A fragments, O += P V (V through ldmatrix.trans). Epilogue: O / l through
 //   shared memory (the warp's own Q rows) into 16-byte stores, lse = m ln 2 + ln l (-inf, O = 0
@@ -258,9 +259,9 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
     for (int half = 0; half < 2; ++half) {
       const int row = warp_row0 + ix::acc_row(lane, 2 * half);
       unsigned bits = 0;
-#pragma unroll
-      for (int s = 0; s < ix::kMaxSegments; ++s)
-        if (s < nseg && ix::block_selected(table + row * top_k, top_k, seg[ix::kMaxSegments + s])) bits |= 1u << s;
+#pragma unroll 1  // a rolled loop: the binary searches unrolled 8 times cost the dQ kernel spills
+      for (int s = 0; s < nseg; ++s)
+        if (ix::sorted_choices_hold(table + row * top_k, top_k, seg[ix::kMaxSegments + s])) bits |= 1u << s;
       m.allowed[half] = bits;
     }
   }
@@ -309,9 +310,14 @@ __device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParam
     const int32_t* const sel = p.selection.blocks + b * p.selection.batch_stride + h * p.selection.head_stride;
     int32_t* const table = reinterpret_cast<int32_t*>(smem + Tr::kSelOffset);
     const int q0 = qb * (Tr::kWarps * ix::kWarpRows);
-    for (int idx = tid; idx < Tr::kWarps * ix::kWarpRows * top_k; idx += Tr::kThreads) {
-      const int r = idx / top_k, k = idx % top_k;
-      table[idx] = q0 + r < c.seq_q ? __ldg(sel + int64_t(q0 + r) * p.selection.seq_stride + k) : -1;
+    // Thread r fills and sorts row r (ix::sort_choices: one pass over moba_select's sorted
+    // lists); the kernels' first barrier comes before any lookup.
+    static_assert(Tr::kWarps * ix::kWarpRows <= Tr::kThreads, "a thread per row");
+    if (tid < Tr::kWarps * ix::kWarpRows) {
+      int32_t* const row = table + tid * top_k;
+      const bool ok = q0 + tid < c.seq_q;
+      for (int k = 0; k < top_k; ++k) row[k] = ok ? __ldg(sel + int64_t(q0 + tid) * p.selection.seq_stride + k) : -1;
+      ix::sort_choices(row, top_k);
     }
   }
   return c;

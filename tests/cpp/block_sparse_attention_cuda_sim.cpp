@@ -402,11 +402,16 @@ struct RowSim {
     tiles = P.Sk > 0 ? ix::walk_tiles(count, P.bkv) : 0;
     q0 = qb * Tr::kWarps * ix::kWarpRows;
     if (P.sel) {
-      for (int tid = 0; tid < Tr::kThreads; ++tid)
-        for (int idx = tid; idx < Tr::kWarps * ix::kWarpRows * P.top_k; idx += Tr::kThreads) {
-          const int r = idx / P.top_k, kk = idx % P.top_k;
-          st_i32(sm, Tr::kSelOffset + 4 * idx, q0 + r < P.Sq ? P.choices(b, h, q0 + r)[kk] : -1);
-        }
+      CHECK(Tr::kWarps * ix::kWarpRows <= Tr::kThreads);
+      for (int r = 0; r < Tr::kWarps * ix::kWarpRows; ++r) {  // thread r: row r, filled then sorted
+        std::vector<int32_t> row(size_t(P.top_k));
+        for (int kk = 0; kk < P.top_k; ++kk) row[size_t(kk)] = q0 + r < P.Sq ? P.choices(b, h, q0 + r)[kk] : -1;
+        std::vector<int32_t> expect = row;
+        std::sort(expect.begin(), expect.end());
+        ix::sort_choices(row.data(), P.top_k);
+        CHECK(row == expect);
+        for (int kk = 0; kk < P.top_k; ++kk) st_i32(sm, Tr::kSelOffset + 4 * (r * P.top_k + kk), row[size_t(kk)]);
+      }
     }
   }
   // load_rows: a [rows][D] tile from positions pos0.. (zero past Sq)
@@ -509,7 +514,12 @@ struct RowSim {
         for (int k = 0; k < P.top_k; ++k) table[size_t(k)] = ld_i32(sm, Tr::kSelOffset + 4 * (row * P.top_k + k));
         unsigned bits = 0;
         for (int s = 0; s < ix::kMaxSegments; ++s)
-          if (s < nseg && ix::block_selected(table.data(), P.top_k, blocks[s])) bits |= 1u << s;
+          if (s < nseg && ix::sorted_choices_hold(table.data(), P.top_k, blocks[s])) {
+            CHECK(ix::block_selected(table.data(), P.top_k, blocks[s]));
+            bits |= 1u << s;
+          } else {
+            CHECK(s >= nseg || !ix::block_selected(table.data(), P.top_k, blocks[s]));
+          }
         m.allowed[l][half] = bits;
       }
     return m;
@@ -1372,12 +1382,30 @@ void check_attention_smem_bytes() {
   CHECK(ix::attention_smem_bytes(64, 128, 128, 8, false) <= kSm86Limit);
 }
 
+// sort_choices + sorted_choices_hold against the linear scan, on lists of every length up to the
+// limit with duplicates, -1 padding and any order.
+void check_sorted_choice_lookup() {
+  for (int top_k = 0; top_k <= ix::kMaxSelectionTopK; ++top_k)
+    for (int rep = 0; rep < 20; ++rep) {
+      const int blocks = int(rnd(1, 3 * ix::kMaxSelectionTopK));
+      std::vector<int32_t> list(static_cast<size_t>(top_k));
+      for (int32_t& v : list) v = int32_t(rnd(0, 4) == 0 ? -1 : rnd(0, blocks - 1));
+      if (rep % 2 == 0) std::sort(list.begin(), list.end());  // as moba_select returns them
+      std::vector<int32_t> sorted = list;
+      ix::sort_choices(sorted.data(), top_k);
+      CHECK(std::is_sorted(sorted.begin(), sorted.end()));
+      for (int block = -1; block <= blocks; ++block)
+        CHECK(ix::sorted_choices_hold(sorted.data(), top_k, block) == ix::block_selected(list.data(), top_k, block));
+    }
+}
+
 int main(int argc, char** argv) {
   const int cases = argc > 1 ? atoi(argv[1]) : 20;
   const uint64_t seed = argc > 2 ? strtoull(argv[2], nullptr, 10) : 1;
   rng.seed(seed);
   check_fragment_maps();
   check_online_softmax();
+  check_sorted_choice_lookup();
   CHECK(!ix::bhsd_vectorizable(16, 64, 64, 12));  // seq stride not a multiple of 8
   CHECK(!ix::bhsd_vectorizable(8, 0, 0, 64));     // base not 16-byte aligned
   check_moba_smem_rows();
