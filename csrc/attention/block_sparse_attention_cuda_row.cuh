@@ -1,0 +1,310 @@
+// Device code shared by the forward and dQ kernels of block-sparse attention
+// (attention/block_sparse_attention_cuda.cu, mma.sync) and the Hopper forward
+// (attention/block_sparse_attention_wgmma.cu, wgmma): kernel traits, tile loads (in the layout
+// their reader wants: ldmatrix's swizzle or wgmma's), mma helpers, the query-block walk with its
+// masks and MoBA table, the epilogue store. Index math lives in
+// attention/block_sparse_attention_cuda_index.h. No torch headers.
+#pragma once
+
+#include <type_traits>
+
+#include "attention/block_sparse_attention_cuda.h"
+#include "attention/block_sparse_attention_cuda_index.h"
+#include "common/cuda/cp_async.cuh"
+#include "common/cuda/mma.cuh"
+#include "common/cuda/vec.cuh"
+
+namespace torch_ext::cuda {
+namespace {
+
+
+namespace ix = ::torch_ext::attention::bsa_cuda;
+using attention::BlockSparseBackwardParams;
+using attention::BlockSparseForwardParams;
+using attention::MobaSelectParams;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// =============================================================================================
+// Kernel traits
+// =============================================================================================
+
+// RowTraits (forward, dQ) and DkdvTraits (dK / dV): attention/block_sparse_attention_cuda_index.h
+// section 9, shared with the simulator.
+using ix::DkdvTraits;
+using ix::RowTraits;
+
+// =============================================================================================
+// Small device helpers
+// =============================================================================================
+
+template <typename T>
+__device__ __forceinline__ const T* bhsd_ptr(const attention::Bhsd& t, int64_t b, int64_t h) {
+  return static_cast<const T*>(t.data) + b * t.batch_stride + h * t.head_stride;
+}
+template <typename T>
+__device__ __forceinline__ T* bhsd_ptr(const attention::MutableBhsd& t, int64_t b, int64_t h) {
+  return static_cast<T*>(t.data) + b * t.batch_stride + h * t.head_stride;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullMask, x, 1);
+  return x + __shfl_xor_sync(kFullMask, x, 2);
+}
+
+// Copies rows [0, rows) of a [rows][D] tile starting at sequence position pos0 (zero rows at or
+// past seq) into shared memory (swizzled): copy i of thread tid (ix::copy_row / copy_chunk).
+template <typename T, int kD, int kThreads, int kCopies>
+__device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int64_t seq_stride, int pos0, int seq,
+                                          int tid) {
+#pragma unroll
+  for (int i = 0; i < kCopies; ++i) {
+    const int r = ix::copy_row(tid, i, kThreads, kD), c = ix::copy_chunk(tid, i, kThreads, kD);
+    const int pos = pos0 + r;
+    const bool ok = pos < seq;
+    cp_async_16_zfill(dst + ix::smem_offset(r, c, kD), ok ? src + int64_t(pos) * seq_stride + c * ix::kChunkElems : src,
+                      ok);
+  }
+}
+
+// d0, d1 += a x the B fragments of two adjacent n8 tiles, one ldmatrix.x4 at smem_row: rows n of an
+// [n][k] shared tile or, kTrans, rows k of a [k][n] tile (ldmatrix_x4_b_pair).
+template <typename T, bool kTrans>
+__device__ __forceinline__ void mma_n16(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                        const unsigned char* smem_row) {
+  uint32_t lo[2], hi[2];
+  ldmatrix_x4_b_pair<kTrans>(lo, hi, smem_row);
+  mma_m16n8k16<T>(d0, a, lo);
+  mma_m16n8k16<T>(d1, a, hi);
+}
+
+// The A fragment of k16 step kk of a 16 x (8 kN) product held in accumulators (P, dS, their
+// transposes), rounded to T: the accumulator -> A reuse map ix::c2a_*.
+template <typename T, int kN>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[kN][4], int kk) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int j = ix::c2a_tile(kk, r);
+    a[r] = pack_pair<T>(acc[j][ix::c2a_elem(r, 0)], acc[j][ix::c2a_elem(r, 1)]);
+  }
+}
+
+// S += A (16 x D from registers or shared) x B^T where B is a [64][D] shared tile (K or V): the
+// 8 n8 tiles of a 64-key step.
+template <typename T, int kD>
+__device__ __forceinline__ void mma_rows_x_tile(float (&s)[8][4], const uint32_t (&a)[4], const unsigned char* tile,
+                                                int k16, int lane) {
+#pragma unroll
+  for (int nj = 0; nj < 4; ++nj)
+    mma_n16<T, false>(s[2 * nj], s[2 * nj + 1], a,
+                      tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(lane), ix::ldsm_b_chunk(k16, lane), kD));
+}
+
+// acc (16 x D) += P (16 x 64, the accumulators of S rounded to T) x tile, tile a [64][D] shared
+// tile read transposed (V in P V, K in dS K).
+template <typename T, int kD>
+__device__ __forceinline__ void mma_p_x_tile(float (&acc)[kD / 8][4], const float (&p)[8][4], const unsigned char* tile,
+                                             int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    acc_to_a<T>(a, p, kk);
+#pragma unroll
+    for (int nj = 0; nj < kD / 16; ++nj)
+      mma_n16<T, true>(acc[2 * nj], acc[2 * nj + 1], a,
+                       tile + ix::smem_offset(16 * kk + ix::ldsm_bt_row(lane), ix::ldsm_bt_chunk(nj, lane), kD));
+  }
+}
+
+// The warp's 16 x D accumulators, times row_scale[e / 2], rounded to T into its own 16 rows of the
+// shared tile at `stage` (free once the warp stopped reading them), then 16-byte stores of rows
+// below `seq`. No CTA barrier: only this warp touches these rows.
+template <typename T, int kD>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[kD / 8][4], const float (&row_scale)[2],
+                                                unsigned char* stage, int warp_row0, T* dst, int64_t seq_stride,
+                                                int pos0, int seq, int lane) {
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row0 + ix::acc_row(lane, 2 * half), col = 8 * j + ix::acc_col(lane, 0);
+      *reinterpret_cast<uint32_t*>(stage + ix::smem_elem_offset(row, col, kD)) =
+          pack_pair<T>(acc[j][2 * half] * row_scale[half], acc[j][2 * half + 1] * row_scale[half]);
+    }
+  __syncwarp();
+  constexpr int kChunks = kD / ix::kChunkElems;
+#pragma unroll
+  for (int i = 0; i < ix::kWarpRows * kChunks / 32; ++i) {
+    const int r = ix::copy_row(lane, i, 32, kD), c = ix::copy_chunk(lane, i, 32, kD);
+    const int pos = pos0 + warp_row0 + r;
+    if (pos < seq) {
+      const uint4 v = *reinterpret_cast<const uint4*>(stage + ix::smem_offset(warp_row0 + r, c, kD));
+      *reinterpret_cast<uint4*>(dst + int64_t(pos) * seq_stride + c * ix::kChunkElems) = v;
+    }
+  }
+}
+
+// =============================================================================================
+// The query-block walk shared by the forward and dQ kernels
+// =============================================================================================
+
+// Where a CTA of the forward / dQ kernels stands: its lists and the K / V it reads.
+template <typename T>
+struct RowCta {
+  const T* k;
+  const T* v;
+  int64_t k_stride, v_stride;
+  const int32_t* list;  // the query block's listed key blocks
+  int count;
+  int tiles;
+  int block_kv, seq_q, seq_kv;
+};
+
+// Step t's K and V (64 rows, segment by segment) into stage `st`, plus the segment table.
+template <typename T, class Tr>
+__device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T>& c, int t, int st, int tid) {
+  constexpr int kD = Tr::kChunks * ix::kChunkElems;
+  unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
+  unsigned char* const vs = ks + Tr::kKvBytes;
+#pragma unroll
+  for (int i = 0; i < Tr::kKvCopies; ++i) {
+    const int r = ix::copy_row(tid, i, Tr::kThreads, kD), ch = ix::copy_chunk(tid, i, Tr::kThreads, kD);
+    const ix::Segment sg = ix::tile_segment(t, ix::row_segment(r, c.block_kv), c.block_kv);
+    const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
+    const int64_t base = ix::segment_base(block, sg.offset, c.block_kv);
+    const int64_t pos = base + ix::row_in_segment(r, c.block_kv);
+    const bool ok = base >= 0 && pos < c.seq_kv;
+    const int off = ix::smem_offset(r, ch, kD);
+    cp_async_16_zfill(ks + off, ok ? c.k + pos * c.k_stride + ch * ix::kChunkElems : c.k, ok);
+    cp_async_16_zfill(vs + off, ok ? c.v + pos * c.v_stride + ch * ix::kChunkElems : c.v, ok);
+  }
+  if (tid < ix::segments_per_tile(c.block_kv)) {
+    const ix::Segment sg = ix::tile_segment(t, tid, c.block_kv);
+    const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
+    int* const seg = reinterpret_cast<int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
+    seg[tid] = int(ix::segment_base(block, sg.offset, c.block_kv));
+    seg[ix::kMaxSegments + tid] = block;
+  }
+}
+
+// Per-lane mask state of one step: whether any element needs the predicate, and for the lane's two
+// rows the segments their MoBA choices allow.
+struct StepMask {
+  bool full;
+  ix::StepSegments seg;
+  unsigned allowed[2];  // bit s: segment s is among the row's choices (all bits without selection)
+};
+template <class Tr, typename T>
+__device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, const RowCta<T>& c, int st,
+                                                   int first_q, int warp_row0, int lane, bool causal, int top_k,
+                                                   bool selection) {
+  StepMask m;
+  const int* const seg = reinterpret_cast<const int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
+  const int nseg = ix::segments_per_tile(c.block_kv), seg_len = ix::segment_len(c.block_kv);
+  bool all_full = true;
+  int64_t last_key = -1;
+#pragma unroll
+  for (int s = 0; s < ix::kMaxSegments; ++s) {
+    m.seg.base[s] = s < nseg ? seg[s] : -1;
+    if (s < nseg) {
+      all_full = all_full && m.seg.base[s] >= 0 && m.seg.base[s] + seg_len <= c.seq_kv;
+      last_key = max(last_key, int64_t(m.seg.base[s]) + seg_len - 1);
+    }
+  }
+  m.full = ix::tile_fully_visible(first_q, last_key, all_full, selection, c.seq_q, c.seq_kv, causal);
+  m.allowed[0] = m.allowed[1] = 0xfu;
+  if (selection) {
+    const int32_t* const table = reinterpret_cast<const int32_t*>(smem + Tr::kSelOffset);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row0 + ix::acc_row(lane, 2 * half);
+      unsigned bits = 0;
+#pragma unroll 1  // a rolled loop: the binary searches unrolled 8 times cost the dQ kernel spills
+      for (int s = 0; s < nseg; ++s)
+        if (ix::sorted_choices_hold(table + row * top_k, top_k, seg[ix::kMaxSegments + s])) bits |= 1u << s;
+      m.allowed[half] = bits;
+    }
+  }
+  return m;
+}
+
+// f(std::false_type) for a step without masked elements, else f(std::true_type): two unrolled
+// copies, so that the common case has no per-element branch.
+template <typename F>
+__device__ __forceinline__ void with_step_masking(const StepMask& m, F&& f) {
+  if (m.full) {
+    f(std::false_type{});
+  } else {
+    f(std::true_type{});
+  }
+}
+
+// Whether element e of n8 tile j of the step is visible to the lane's row.
+template <typename T>
+__device__ __forceinline__ bool element_visible(const StepMask& m, const RowCta<T>& c, int j, int e, int q_pos,
+                                                bool causal, int lane) {
+  return ix::step_element_visible(m.seg, m.allowed[e / 2], 8 * j + ix::acc_col(lane, e), c.block_kv, q_pos, c.seq_q,
+                                  c.seq_kv, causal);
+}
+
+// Common prologue of the forward / dQ CTAs: their coordinates, lists and the MoBA table.
+template <typename T, class Tr>
+__device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParams& p, unsigned char* smem, int qb,
+                                                   int64_t b, int h, int tid) {
+  const int hk = h / int(p.heads_q / p.heads_kv);
+  RowCta<T> c;
+  c.k = bhsd_ptr<T>(p.k, b, hk);
+  c.v = bhsd_ptr<T>(p.v, b, hk);
+  c.k_stride = p.k.seq_stride;
+  c.v_stride = p.v.seq_stride;
+  c.list = p.blocks.indices + b * p.blocks.indices_batch_stride + h * p.blocks.indices_head_stride +
+           int64_t(qb) * p.blocks.max_blocks;
+  const int32_t* const counts = p.blocks.counts + b * p.blocks.counts_batch_stride + h * p.blocks.counts_head_stride;
+  c.count = ix::list_count(__ldg(counts + qb), p.blocks.max_blocks);
+  c.block_kv = p.block_kv;
+  c.seq_q = int(p.seq_q);
+  c.seq_kv = int(p.seq_kv);
+  c.tiles = c.seq_kv > 0 ? ix::walk_tiles(c.count, c.block_kv) : 0;
+  if (p.selection.blocks != nullptr) {
+    const int top_k = p.selection.top_k;
+    const int32_t* const sel = p.selection.blocks + b * p.selection.batch_stride + h * p.selection.head_stride;
+    int32_t* const table = reinterpret_cast<int32_t*>(smem + Tr::kSelOffset);
+    const int q0 = qb * (Tr::kWarps * ix::kWarpRows);
+    // Thread r fills and sorts row r (ix::sort_choices: one pass over moba_select's sorted
+    // lists); the kernels' first barrier comes before any lookup.
+    static_assert(Tr::kWarps * ix::kWarpRows <= Tr::kThreads, "a thread per row");
+    if (tid < Tr::kWarps * ix::kWarpRows) {
+      int32_t* const row = table + tid * top_k;
+      const bool ok = q0 + tid < c.seq_q;
+      for (int k = 0; k < top_k; ++k) row[k] = ok ? __ldg(sel + int64_t(q0 + tid) * p.selection.seq_stride + k) : -1;
+      ix::sort_choices(row, top_k);
+    }
+  }
+  return c;
+}
+
+// Where a CTA that walks a query block's key list (forward, dQ) works, and the call's flags:
+// the grid's last query blocks run first (under causal masking they are the heaviest).
+struct RowPlace {
+  int tid, lane, warp;
+  int qb, h;
+  int64_t b;
+  int q0, warp_row0;
+  bool causal, selection;
+  int top_k;
+  float scale_log2;
+};
+template <int kBlockQ>
+__device__ __forceinline__ RowPlace row_place(const BlockSparseForwardParams& p) {
+  const int tid = threadIdx.x, warp = tid / 32, qb = int(gridDim.x - 1 - blockIdx.x);
+  return RowPlace{tid, tid % 32, warp, qb, int(blockIdx.y), int64_t(blockIdx.z), qb * kBlockQ, warp * ix::kWarpRows,
+                  p.causal, p.selection.blocks != nullptr, p.selection.top_k, p.scale * ix::kLog2e};
+}
+
+}  // namespace
+}  // namespace torch_ext::cuda
