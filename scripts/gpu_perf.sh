@@ -9,7 +9,9 @@
 #   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
 #   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
 #   block-sparse attention forward dense (64- and 128-row query blocks, against SDPA's default
-#   and its flash backend) and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at 4096; one token through Llama-3-8B-shaped layers as CUDA graphs, stock vs quantize_model; the
+#   and its flash backend) and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at 4096,
+#   then the same on the Hopper wgmma forward (TORCH_EXT_ATTENTION_WGMMA=1); one token through
+#   Llama-3-8B-shaped layers as CUDA graphs, stock vs quantize_model; the
 #   GMMA instructions in the SASS. (The H100 run of 2026-11-26, docs/perf/gpu-h100.md, measured
 #   the rest: 32K dense and MoBA, W8A8 on mma.sync, the host-bound eager Llama decode.)
 # profile: ncu on the target cases' kernels only (weight-only decode GEMM and its reduction, the
@@ -47,6 +49,11 @@ if has targets; then
     --match "moe_route"
   bench attention 90 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
     --match "S=32768 full 10%" --match "S=4096 block"
+  # The same forward cases on the Hopper wgmma forward (opt-in until it has run: its tests are in
+  # the check step, test_hopper_forward).
+  step attention_wgmma 70 env TORCH_EXT_ATTENTION_WGMMA=1 "$PY" -m torch_ext bench --device cuda --op attention \
+    --match "S=4096 full 100%" --match "S=4096 full 10%" --match "S=32768 full 10%" --match "S=4096 block" \
+    --out "$OUT/attention_wgmma"
   # Four Llama-3-8B-shaped layers, one token, stock vs quantize_model, both as CUDA graph replays.
   bench model 60 --op model --match "CUDA graphs"
   # The warpgroup MMAs in the build's SASS (IGMMA int8, QGMMA fp8).
@@ -54,14 +61,14 @@ if has targets; then
 fi
 if has profile; then
   step profile 90 ncu --profile-from-start off --clock-control none \
-    -k "regex:linear_kernel|split_reduce|wgmma_mm|decode_gemm|plan_|fwd_kernel" \
+    -k "regex:linear_kernel|split_reduce|wgmma_mm|decode_gemm|plan_|fwd_kernel|fwd_wgmma" \
     --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --page raw \
     "$PY" -m torch_ext bench --profile-once --device cuda --op quant w8a8 moe attention \
     --match "M=1 8192x8192 int4 g128 bf16" --match "M=4096 8192x8192 -> bf16" --match "M=4096 8192x8192 e4m3" \
     --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "S=4096 full 100%"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant wo_splits moe_grouped moe attention model; do
+for name in quant wo_splits moe_grouped moe attention attention_wgmma model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.

@@ -2,7 +2,9 @@
 
 `device` runs a test on the CPU always and on CUDA when a GPU is present (skipped, never
 failed, without one). `cpu_isa` runs it once per CPU ISA level this machine supports, so
-the AVX2 and scalar paths are proven on an AVX-512 CI machine too.
+the AVX2 and scalar paths are proven on an AVX-512 CI machine too. `hopper_build` skips a test
+of the Hopper-only (sm_90a, wgmma) kernels unless a compute capability 9.0 GPU and a build with
+sm_90a code are there.
 """
 
 import pytest
@@ -33,3 +35,13 @@ def cpu_isa(request):
     torch_ext._C.set_cpu_isa(request.param)
     yield request.param
     torch_ext._C.set_cpu_isa(default)
+
+
+@pytest.fixture
+def hopper_build():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("not a compute capability 9.0 GPU")
+    if "sm_90a" not in torch_ext.build_info()["cuda_archs"]:
+        pytest.skip("this build has no sm_90a code")

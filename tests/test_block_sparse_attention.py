@@ -118,6 +118,26 @@ def test_cuda_forward_backward(dtype, dim, block_q, block_kv, causal):
            bounds=_CUDA_BOUNDS[dtype])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim,block_q,block_kv", [(64, 64, 16), (128, 64, 32), (64, 128, 64), (128, 128, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_forward(monkeypatch, hopper_build, dtype, dim, block_q, block_kv, causal):
+    """The wgmma forward (TORCH_EXT_ATTENTION_WGMMA=1, asserted from the kernel names) against float64
+    over the CUDA test's cases, its lse feeding the mma.sync backward."""
+    monkeypatch.setenv("TORCH_EXT_ATTENTION_WGMMA", "1")
+    q = torch.randn(1, 2, 100, dim, device="cuda", dtype=dtype)
+    mask = BlockSparseMask.causal(100, 100, block_q, block_kv, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        block_sparse_attention(q, q, q, mask, causal=True)
+        torch.cuda.synchronize()
+    assert "fwd_wgmma_kernel" in " ".join(event.name for event in prof.events())
+    _check(1, 4, 2, 200, 333, dim, block_q, block_kv, causal, dtype, 0.5, device="cuda", transposed=causal,
+           empty_block=True, bounds=_CUDA_BOUNDS[dtype])
+    _check(2, 2, 1, 333, 150, dim, block_q, block_kv, causal, dtype, 0.4, device="cuda", mask_heads=1,
+           bounds=_CUDA_BOUNDS[dtype])
+
+
 @pytest.mark.parametrize("dim", [32, 48, 128, 256])
 @pytest.mark.parametrize("block_kv", [16, 48, 80])
 def test_bf16_head_dims_and_key_blocks(cpu_isa, dim, block_kv):

@@ -141,11 +141,16 @@ def test_bad_inputs(args, message):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size,top_k", [(16, 4), (64, 2)])
-def test_cuda_select_and_attention(dtype, block_size, top_k):
+@pytest.mark.parametrize("forward", ["default", "wgmma"])
+def test_cuda_select_and_attention(request, monkeypatch, dtype, block_size, top_k, forward):
     """CUDA moba_select picks what the CPU picks (up to near ties) under the causal rules, and the
-    token-level attention with the CUDA selection equals float64 attention under that mask."""
+    token-level attention with the CUDA selection equals float64 attention under that mask; also
+    through the Hopper forward (TORCH_EXT_ATTENTION_WGMMA=1) where it can run."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if forward == "wgmma":
+        request.getfixturevalue("hopper_build")
+        monkeypatch.setenv("TORCH_EXT_ATTENTION_WGMMA", "1")
     seed = fresh_seed()
     q, k = _qk(1, 4, 2, 300, 300, 64, dtype, seed)
     v = random_tensor(k.shape, dtype, "cpu", seed + 2)

@@ -11,24 +11,14 @@ Shapes with M, N and K tails. The index math runs on the CPU in test_cuda_index_
 import pytest
 import torch
 
-import torch_ext
 from torch_ext.ops import scaled_fp8_mm, scaled_int8_mm
 from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_outputs
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("hopper_build")]
 
 # ceil(M / 128) x ceil(N / 256) tiles >= 132 SMs; K a multiple of 16 (16-byte rows) but not of
 # 128; N odd: an odd output row stride, no paired stores.
 SHAPES = ((1100, 3901, 1008), (2048, 4096, 4096))
-
-
-def _hopper_build():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("not a compute capability 9.0 GPU")
-    if "sm_90a" not in torch_ext.build_info()["cuda_archs"]:
-        pytest.skip("this build has no sm_90a code")
 
 
 def _kernel_names(fn):
@@ -55,7 +45,6 @@ def _both_paths(monkeypatch, fn):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_wgmma_equals_mma_sync(monkeypatch, out_dtype):
-    _hopper_build()
     seed = fresh_seed()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for m, n, k in SHAPES:
@@ -76,7 +65,6 @@ def test_int8_wgmma_equals_mma_sync(monkeypatch, out_dtype):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_fp8_wgmma(monkeypatch, out_dtype):
-    _hopper_build()
     seed = fresh_seed()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for m, n, k in SHAPES:
@@ -102,7 +90,6 @@ def test_fp8_wgmma(monkeypatch, out_dtype):
 
 def test_strided_operands(monkeypatch):
     """Row strides other than K (views into wider buffers): the same bits as the mma.sync kernel."""
-    _hopper_build()
     seed = fresh_seed()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     m, n, k = 1100, 3900, 1008
@@ -117,7 +104,6 @@ def test_strided_operands(monkeypatch):
 def test_wgmma_tails_for_sanitizers(monkeypatch):
     """M, N, K tails through the wgmma kernel without the profiler (scripts/gpu_check.sh runs this
     one under compute-sanitizer memcheck and racecheck): the same bits as the mma.sync kernel."""
-    _hopper_build()
     seed = fresh_seed()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     m, n, k = SHAPES[0]

@@ -36,10 +36,13 @@
 // [B, H, S, D] tensor 16-byte aligned with strides that are multiples of 8 elements (cp.async and
 // 16-byte stores; contiguous and [B, S, H, D]-transposed layouts qualify), sequence lengths below
 // 2^31 - 256, MoBA top_k <= 64, heads and batch <= 65535 (grid y / z).
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "attention/block_sparse_attention_cuda.h"
 #include "attention/block_sparse_attention_cuda_row.cuh"
+#include "attention/block_sparse_attention_wgmma.h"
 
 namespace torch_ext::cuda {
 namespace {
@@ -98,48 +101,12 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
     for (int k16 = 0; k16 < Tr::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane);
 
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
-    float tile_max[2] = {ix::neg_inf(), ix::neg_inf()};
-    with_step_masking(m, [&](auto masked) {
-#pragma unroll
-      for (int j = 0; j < Tr::kSN; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[j][e] * scale_log2;
-          if constexpr (decltype(masked)::value) {
-            if (!element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) x = ix::neg_inf();
-          }
-          s[j][e] = x;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
-        }
-    });
-    float alpha[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) alpha[half] = ix::softmax_rescale(rs[half], quad_max(tile_max[half]));
-#pragma unroll
-    for (int j = 0; j < Tr::kSN; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = ix::softmax_prob(s[j][e], rs[e / 2]);
-        rs[e / 2].l += s[j][e];
-      }
-#pragma unroll
-    for (int j = 0; j < Tr::kON; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
+    online_softmax_step<Tr>(s, o, rs, m, c, q_pos, causal, scale_log2, lane);
     mma_p_x_tile<T, kD>(o, s, vs, lane);
   }
   cp_async_wait_all();  // only an empty group remains
 
-  float inv[2];
-  float* const lse = p.lse + (b * p.heads_q + h) * p.seq_q;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float l = quad_sum(rs[half].l);
-    inv[half] = ix::softmax_out_scale(l);
-    if (lane % 4 == 0 && q_pos[half] < c.seq_q) lse[q_pos[half]] = ix::softmax_lse(rs[half].m, l);
-  }
-  store_warp_rows<T, kD>(o, inv, smem + Tr::kQOffset, warp_row0, bhsd_ptr<T>(p.out, b, h), p.out.seq_stride, q0,
-                         c.seq_q, lane);
+  store_forward_rows<T, kD>(p, o, rs, smem + Tr::kQOffset, c, b, h, q0, warp_row0, q_pos, lane);
 }
 
 // =============================================================================================
@@ -586,6 +553,23 @@ cudaError_t prepare(Kernel kernel, int smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
 }
 
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+// The Hopper forward (attention/block_sparse_attention_wgmma.cu) when the device is compute
+// capability 9.0 and TORCH_EXT_ATTENTION_WGMMA=1 is in the environment (read at every call).
+// Opt-in: written and simulated without a GPU, it has not run yet.
+bool runs_wgmma_forward() {
+  const char* const env = std::getenv("TORCH_EXT_ATTENTION_WGMMA");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+#endif
+
 template <typename T, int kD, int kBlockQ>
 cudaError_t launch_forward(const BlockSparseForwardParams& p, cudaStream_t stream) {
   using Tr = RowTraits<kD, kBlockQ, false>;
@@ -643,6 +627,9 @@ cudaError_t block_sparse_attention_forward(const attention::BlockSparseForwardPa
   if (status != cudaSuccess) return status;
   if (p.batch == 0 || p.heads_q == 0 || p.seq_q == 0) return cudaSuccess;
   if (ix::ceil_div(p.seq_q, p.block_q) > kMaxGridX) return cudaErrorInvalidValue;
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  if (runs_wgmma_forward()) return block_sparse_attention_forward_sm90(p, stream);
+#endif
   return dispatch_type_dim(p.dtype, p.head_dim, [&]<typename T, int kD>() {
     return p.block_q == 64 ? launch_forward<T, kD, 64>(p, stream) : launch_forward<T, kD, 128>(p, stream);
   });

@@ -465,6 +465,57 @@ constexpr int attention_smem_bytes(int head_dim, int block_q, int block_kv, int 
                         : attention_smem_bytes_for<128>(block_q, block_kv, top_k, backward);
 }
 
+// =============================================================================================
+// 10. The Hopper forward (attention/block_sparse_attention_wgmma.cu, sm_90a: wgmma). Same CTA,
+//     walk, masks and softmax as the mma.sync forward (RowTraits' sizes and offsets); warpgroup g
+//     (warps 4 g .. 4 g + 3) owns query rows 64 g .. 64 g + 63, and the tensor cores read Q, K and
+//     V from shared memory, so the tiles take wgmma's 128-byte-swizzled layout:
+//     [D / 64 column blocks][rows][128 bytes], 16-byte chunk c of row r at
+//     (c / 8) rows 128 + r 128 + 16 ((c % 8) ^ (r % 8)) (for D = 64 this is smem_offset's layout).
+//     S = Q K^T, m64n64k16: Q (A) and K (B) K-major, 8-row groups 1024 bytes apart (SBO), the
+//       leading offset unused; k16 step s starts 32 (s % 4) bytes into the rows of column block
+//       s / 4.
+//     O += P V, m64n<D>k16: P from registers (S's accumulators rounded to T: for 16-bit types
+//       wgmma's register A fragment of a warp's 16 rows is mma.m16n8k16's, so acc_to_a serves
+//       both), V (B) MN-major, read transposed: N = D in column blocks 64 rows x 128 bytes apart
+//       (LBO), K = keys in 8-row groups 1024 bytes apart (SBO); k16 step kk starts 2048 kk bytes
+//       into the tile.
+//     Descriptor fields as in quant/w8a8_wgmma_index.h (PTX ISA "Matrix Descriptor Format").
+// =============================================================================================
+
+constexpr int kWgmmaRows = 64;                // query rows per warpgroup
+constexpr int kWgmmaSwizzleBytes = 128;       // a tile row of one column block
+constexpr int kWgmmaAtomBytes = 8 * kWgmmaSwizzleBytes;  // 8 rows: the swizzle's period, SBO
+constexpr int kWgmmaVBlockBytes = kTileKv * kWgmmaSwizzleBytes;  // V's LBO
+
+template <int kRows>
+TORCH_EXT_HOST_DEVICE int wgmma_tile_offset(int row, int chunk) {
+  return (chunk / 8) * kRows * kWgmmaSwizzleBytes + row * kWgmmaSwizzleBytes + ((chunk % 8) ^ (row % 8)) * kChunkBytes;
+}
+TORCH_EXT_HOST_DEVICE uint64_t wgmma_desc(uint32_t shared_address, uint32_t leading_bytes, uint32_t stride_bytes) {
+  return uint64_t((shared_address & 0x3FFFF) >> 4) | (uint64_t(leading_bytes >> 4) << 16) |
+         (uint64_t(stride_bytes >> 4) << 32) | (uint64_t(1) << 62);
+}
+// K-major operand (Q, K) of a tile with kRows rows: descriptor of k16 step s.
+template <int kRows>
+TORCH_EXT_HOST_DEVICE uint64_t wgmma_kmajor_desc(uint32_t tile_address, int k16) {
+  return wgmma_desc(tile_address + uint32_t((k16 / 4) * kRows * kWgmmaSwizzleBytes + (k16 % 4) * 32), 16,
+                    kWgmmaAtomBytes);
+}
+// V (MN-major) of a 64-key tile: descriptor of k16 step kk (keys 16 kk .. 16 kk + 15).
+TORCH_EXT_HOST_DEVICE uint64_t wgmma_v_desc(uint32_t tile_address, int kk) {
+  return wgmma_desc(tile_address + uint32_t(kk * 16 * kWgmmaSwizzleBytes), kWgmmaVBlockBytes, kWgmmaAtomBytes);
+}
+// Dynamic shared memory of the Hopper forward: RowTraits' layout plus one atom, since the kernel
+// aligns its base up to 1024 bytes (the swizzle works on absolute address bits).
+template <int kD, int kBlockQ>
+constexpr int wgmma_forward_smem_bytes(int top_k) {
+  return RowTraits<kD, kBlockQ, false>::smem_bytes(top_k) + kWgmmaAtomBytes;
+}
+static_assert(RowTraits<128, 64, false>::kStageOffset % kWgmmaAtomBytes == 0 &&
+                  RowTraits<64, 64, false>::kKvBytes % kWgmmaAtomBytes == 0,
+              "Q, K and V tiles start on swizzle atoms");
+
 }  // namespace bsa_cuda
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
 }  // namespace torch_ext::attention

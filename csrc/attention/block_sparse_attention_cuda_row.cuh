@@ -56,9 +56,20 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullMask, x, 2);
 }
 
+// Where chunk c of tile row r goes in shared memory: ldmatrix's layout (the mma.sync kernels) or
+// wgmma's for a tile of kRows rows (the Hopper forward; ix section 10).
+template <int kD>
+struct LdsmLayout {
+  static __device__ __forceinline__ int offset(int r, int c) { return ix::smem_offset(r, c, kD); }
+};
+template <int kRows>
+struct WgmmaLayout {
+  static __device__ __forceinline__ int offset(int r, int c) { return ix::wgmma_tile_offset<kRows>(r, c); }
+};
+
 // Copies rows [0, rows) of a [rows][D] tile starting at sequence position pos0 (zero rows at or
 // past seq) into shared memory (swizzled): copy i of thread tid (ix::copy_row / copy_chunk).
-template <typename T, int kD, int kThreads, int kCopies>
+template <typename T, int kD, int kThreads, int kCopies, class Layout = LdsmLayout<kD>>
 __device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int64_t seq_stride, int pos0, int seq,
                                           int tid) {
 #pragma unroll
@@ -66,8 +77,7 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int6
     const int r = ix::copy_row(tid, i, kThreads, kD), c = ix::copy_chunk(tid, i, kThreads, kD);
     const int pos = pos0 + r;
     const bool ok = pos < seq;
-    cp_async_16_zfill(dst + ix::smem_offset(r, c, kD), ok ? src + int64_t(pos) * seq_stride + c * ix::kChunkElems : src,
-                      ok);
+    cp_async_16_zfill(dst + Layout::offset(r, c), ok ? src + int64_t(pos) * seq_stride + c * ix::kChunkElems : src, ok);
   }
 }
 
@@ -166,7 +176,7 @@ struct RowCta {
 };
 
 // Step t's K and V (64 rows, segment by segment) into stage `st`, plus the segment table.
-template <typename T, class Tr>
+template <typename T, class Tr, class Layout = LdsmLayout<Tr::kChunks * ix::kChunkElems>>
 __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T>& c, int t, int st, int tid) {
   constexpr int kD = Tr::kChunks * ix::kChunkElems;
   unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
@@ -179,7 +189,7 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
     const int64_t base = ix::segment_base(block, sg.offset, c.block_kv);
     const int64_t pos = base + ix::row_in_segment(r, c.block_kv);
     const bool ok = base >= 0 && pos < c.seq_kv;
-    const int off = ix::smem_offset(r, ch, kD);
+    const int off = Layout::offset(r, ch);
     cp_async_16_zfill(ks + off, ok ? c.k + pos * c.k_stride + ch * ix::kChunkElems : c.k, ok);
     cp_async_16_zfill(vs + off, ok ? c.v + pos * c.v_stride + ch * ix::kChunkElems : c.v, ok);
   }
@@ -250,6 +260,61 @@ __device__ __forceinline__ bool element_visible(const StepMask& m, const RowCta<
                                                 bool causal, int lane) {
   return ix::step_element_visible(m.seg, m.allowed[e / 2], 8 * j + ix::acc_col(lane, e), c.block_kv, q_pos, c.seq_q,
                                   c.seq_kv, causal);
+}
+
+// One step of the forward's online softmax on the lane's S accumulators (any producer with the
+// mma.m16n8 C layout per warp: mma.sync or wgmma): scale to the log2 domain, mask, row max over
+// the quad, rescale of the running state and of O, then P = 2^(x - m) in place and its row sums.
+template <class Tr, typename T>
+__device__ __forceinline__ void online_softmax_step(float (&s)[Tr::kSN][4], float (&o)[Tr::kON][4],
+                                                    ix::RowState (&rs)[2], const StepMask& m, const RowCta<T>& c,
+                                                    const int (&q_pos)[2], bool causal, float scale_log2, int lane) {
+  float tile_max[2] = {ix::neg_inf(), ix::neg_inf()};
+  with_step_masking(m, [&](auto masked) {
+#pragma unroll
+    for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * scale_log2;
+        if constexpr (decltype(masked)::value) {
+          if (!element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) x = ix::neg_inf();
+        }
+        s[j][e] = x;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+      }
+  });
+  float alpha[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) alpha[half] = ix::softmax_rescale(rs[half], quad_max(tile_max[half]));
+#pragma unroll
+  for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = ix::softmax_prob(s[j][e], rs[e / 2]);
+      rs[e / 2].l += s[j][e];
+    }
+#pragma unroll
+  for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
+}
+
+// The forward's epilogue: each row's lse (natural log; -inf for a row that saw no key) and O / l
+// through the warp's own rows of `stage` (store_warp_rows).
+template <typename T, int kD>
+__device__ __forceinline__ void store_forward_rows(const BlockSparseForwardParams& p, const float (&o)[kD / 8][4],
+                                                   const ix::RowState (&rs)[2], unsigned char* stage,
+                                                   const RowCta<T>& c, int64_t b, int h, int q0, int warp_row0,
+                                                   const int (&q_pos)[2], int lane) {
+  float inv[2];
+  float* const lse = p.lse + (b * p.heads_q + h) * p.seq_q;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = quad_sum(rs[half].l);
+    inv[half] = ix::softmax_out_scale(l);
+    if (lane % 4 == 0 && q_pos[half] < c.seq_q) lse[q_pos[half]] = ix::softmax_lse(rs[half].m, l);
+  }
+  store_warp_rows<T, kD>(o, inv, stage, warp_row0, bhsd_ptr<T>(p.out, b, h), p.out.seq_stride, q0, c.seq_q, lane);
 }
 
 // Common prologue of the forward / dQ CTAs: their coordinates, lists and the MoBA table.

@@ -1382,6 +1382,72 @@ void check_attention_smem_bytes() {
   CHECK(ix::attention_smem_bytes(64, 128, 128, 8, false) <= kSm86Limit);
 }
 
+// The Hopper forward's operands (ix section 10): the tile layout is a bijection onto whole 16-byte
+// chunks of the tile, and every element each wgmma reads through the kernel's descriptors (the
+// PTX addressing model of mma_spec) is the element the loads put there: Q rows of the warpgroup
+// and K keys along D (K-major, k16 steps), V keys x D (MN-major); P's A registers are acc_to_a's.
+template <int kD, int kBlockQ>
+void check_wgmma_forward_operands() {
+  using Tr = ix::RowTraits<kD, kBlockQ, false>;
+  constexpr int kChunks = kD / 8;
+  const auto tile_check = [&](auto rows_tag) {
+    constexpr int kRows = decltype(rows_tag)::value;
+    std::vector<int> hits(size_t(kRows * kD * 2 / 16), 0);
+    for (int r = 0; r < kRows; ++r)
+      for (int c = 0; c < kChunks; ++c) {
+        const int off = ix::wgmma_tile_offset<kRows>(r, c);
+        CHECK(off % 16 == 0 && off >= 0 && off < kRows * kD * 2);
+        ++hits[size_t(off / 16)];
+      }
+    for (int h : hits) CHECK(h == 1);
+  };
+  tile_check(std::integral_constant<int, kBlockQ>{});
+  tile_check(std::integral_constant<int, ix::kTileKv>{});
+  // where element (row, col) of a tile with kRows rows lies (base 1024-aligned, as the kernel's)
+  const uint32_t base = 1024u * uint32_t(rnd(1, 40));
+  const auto elem = [&](uint32_t tile, int rows, int row, int col) {
+    const int chunk_off = rows == kBlockQ ? ix::wgmma_tile_offset<kBlockQ>(row, col / 8)
+                                          : ix::wgmma_tile_offset<ix::kTileKv>(row, col / 8);
+    return tile + uint32_t(chunk_off + (col % 8) * 2);
+  };
+  const uint32_t q_tile = base + Tr::kQOffset, k_tile = base + Tr::kStageOffset + Tr::kStageBytes;
+  const uint32_t v_tile = k_tile + Tr::kKvBytes;
+  CHECK(q_tile % 1024 == 0 && k_tile % 1024 == 0 && v_tile % 1024 == 0);
+  for (int g = 0; g < kBlockQ / ix::kWgmmaRows; ++g) {
+    const uint32_t q_group = q_tile + uint32_t(g * ix::kWgmmaRows * ix::kWgmmaSwizzleBytes);
+    for (int k16 = 0; k16 < kD / 16; ++k16) {
+      const uint64_t da = ix::wgmma_kmajor_desc<kBlockQ>(q_group, k16);
+      const uint64_t db = ix::wgmma_kmajor_desc<ix::kTileKv>(k_tile, k16);
+      for (int r = 0; r < 64; ++r)
+        for (int kb = 0; kb < 32; ++kb) {  // byte kb of the k16 slice: column 16 k16 + kb / 2
+          const int col = 16 * k16 + kb / 2;
+          CHECK(mma_spec::wgmma_sw128_address(da, r, kb) == elem(q_tile, kBlockQ, 64 * g + r, col) + uint32_t(kb % 2));
+          CHECK(mma_spec::wgmma_sw128_address(db, r, kb) == elem(k_tile, ix::kTileKv, r, col) + uint32_t(kb % 2));
+        }
+    }
+  }
+  for (int kk = 0; kk < ix::kTileKv / 16; ++kk) {
+    const uint64_t dv = ix::wgmma_v_desc(v_tile, kk);
+    for (int kr = 0; kr < 16; ++kr)
+      for (int nb = 0; nb < 2 * kD; ++nb)  // byte nb of the N = D extent: column nb / 2
+        CHECK(mma_spec::wgmma_sw128_mn_address(dv, kr, nb) == elem(v_tile, ix::kTileKv, 16 * kk + kr, nb / 2) +
+                                                                 uint32_t(nb % 2));
+  }
+  // P: register r of k16 step kk (acc_to_a: C tile c2a_tile, elements c2a_elem) holds the A
+  // elements 2 r, 2 r + 1 of the wgmma register fragment, i.e. the S accumulators of the same
+  // row and of key columns 16 kk + a_col.
+  for (int w = 0; w < 4; ++w)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int kk = 0; kk < ix::kTileKv / 16; ++kk)
+        for (int i = 0; i < 8; ++i) {
+          const int r = i / 2, j = ix::c2a_tile(kk, r), e = ix::c2a_elem(r, i % 2);
+          CHECK(16 * w + ix::acc_row(lane, e) == mma_spec::WgmmaA16::a_row(w, lane, i));
+          CHECK(8 * j + ix::acc_col(lane, e) == 16 * kk + mma_spec::WgmmaA16::a_col(lane, i));
+          CHECK(16 * w + ix::acc_row(lane, e) == mma_spec::Wgmma64::d_row(w, lane, 4 * j + e));
+        }
+  CHECK((ix::wgmma_forward_smem_bytes<kD, kBlockQ>(8) == Tr::smem_bytes(8) + 1024));
+}
+
 // sort_choices + sorted_choices_hold against the linear scan, on lists of every length up to the
 // limit with duplicates, -1 padding and any order.
 void check_sorted_choice_lookup() {
@@ -1406,6 +1472,10 @@ int main(int argc, char** argv) {
   check_fragment_maps();
   check_online_softmax();
   check_sorted_choice_lookup();
+  check_wgmma_forward_operands<64, 64>();
+  check_wgmma_forward_operands<128, 64>();
+  check_wgmma_forward_operands<64, 128>();
+  check_wgmma_forward_operands<128, 128>();
   CHECK(!ix::bhsd_vectorizable(16, 64, 64, 12));  // seq stride not a multiple of 8
   CHECK(!ix::bhsd_vectorizable(8, 0, 0, 64));     // base not 16-byte aligned
   check_moba_smem_rows();

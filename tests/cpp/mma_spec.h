@@ -171,6 +171,31 @@ inline uint32_t wgmma_sw128_address(uint64_t desc, int r, int k) {
   return linear ^ (((linear >> 7) & 7) << 4);
 }
 
+// The same for an MN-major operand (16-bit B of wgmma read transposed, imm-trans-b = 1) with the
+// 128-byte swizzle, from the canonical layout ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO)) in
+// 16-byte units (T elements each): byte n_byte of the N extent (< 2 N) lies in 64-element column
+// block n_byte / 128, LBO apart; k row kr (< 16) of the instruction's K slice in 8-row group
+// kr / 8, SBO apart, row kr % 8 of it 128 bytes apart; then the same swizzle.
+inline uint32_t wgmma_sw128_mn_address(uint64_t desc, int kr, int n_byte) {
+  CHECK((desc >> 62) == 1 && ((desc >> 49) & 7) == 0);
+  CHECK(kr >= 0 && kr < 16 && n_byte >= 0);
+  const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
+  const uint32_t leading = uint32_t((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t stride = uint32_t((desc >> 32) & 0x3FFF) << 4;
+  const uint32_t linear =
+      start + uint32_t(n_byte / 128) * leading + uint32_t(kr / 8) * stride + uint32_t(kr % 8) * 128 + uint32_t(n_byte % 128);
+  return linear ^ (((linear >> 7) & 7) << 4);
+}
+
+// PTX ISA, wgmma "Register Fragments" of a 16-bit A operand in registers (m64nNk16, 4 registers
+// of 2 elements per thread): warp w of the warpgroup holds rows 16 w .. 16 w + 15, element i
+// (< 8) of lane l in row l / 4 (+ 8 for i = 2, 3, 6, 7), column 2 (l % 4) + i % 2 (+ 8 for
+// i >= 4): per warp, mma.m16n8k16's A fragment.
+struct WgmmaA16 {
+  static int a_row(int warp, int lane, int i) { return 16 * warp + lane / 4 + 8 * ((i / 2) % 2); }
+  static int a_col(int lane, int i) { return 2 * (lane % 4) + (i % 2) + 8 * (i / 4); }
+};
+
 // PTX ISA, wgmma "Register Fragments" of the m64nN accumulator D (128 threads): warp w of the
 // warpgroup holds rows 16 w .. 16 w + 15; lane l's register i lies in row 16 w + l / 4 + 8 for
 // i % 4 in {2, 3}, column 8 (i / 4) + 2 (l % 4) + i % 2.

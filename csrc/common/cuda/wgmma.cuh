@@ -1,7 +1,10 @@
 // Hopper warpgroup tensor-core helpers (sm_90a only: wgmma needs the arch-specific target):
-// the fences and group waits of wgmma.mma_async, and the 8-bit shapes of the W8A8 GEMM (int8
-// m64n256k32 -> s32, e4m3 m64n128k32 -> f32), operands in shared memory. Descriptor encoding and
-// the accumulator map are host-testable in quant/w8a8_wgmma_index.h. Include only from sources compiled for sm_90a. No torch headers.
+// the fences and group waits of wgmma.mma_async, the 8-bit shapes of the W8A8 GEMM (int8
+// m64n256k32 -> s32, e4m3 m64n128k32 -> f32, operands in shared memory) and the 16-bit ones of
+// the attention forward (S = Q K^T from shared memory, O += P V with P in registers).
+// Descriptor encodings and the accumulator map are host-testable in quant/w8a8_wgmma_index.h and
+// attention/block_sparse_attention_cuda_index.h. Include only from sources compiled for sm_90a.
+// No torch headers.
 //
 // Order of a k step (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 //   shared operands written by cp.async / st.shared: wait for them, fence_proxy_async_shared() in
@@ -43,6 +46,11 @@ __device__ __forceinline__ void wgmma_fence_operands(T (&d)[N]) {
       asm volatile("" : "+r"(d[i])::"memory");
     }
   }
+}
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) wgmma_fence_operands(d[j]);
 }
 
 // Accumulator operand lists: %0..%63 and %64..%127 (the descriptors follow them).
@@ -95,6 +103,77 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
       : "memory");
 }
 
+// 16-bit accumulators as [n8 tile][4] (the mma.m16n8 C layout of each warp's 16 rows, PTX
+// "Register Fragments" of wgmma D): operand lists of 8 and 16 tiles.
+#define TORCH_EXT_WGMMA_TILE(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define TORCH_EXT_WGMMA_TILES8(d, j)                                                              \
+  TORCH_EXT_WGMMA_TILE(d, j), TORCH_EXT_WGMMA_TILE(d, j + 1), TORCH_EXT_WGMMA_TILE(d, j + 2),     \
+      TORCH_EXT_WGMMA_TILE(d, j + 3), TORCH_EXT_WGMMA_TILE(d, j + 4), TORCH_EXT_WGMMA_TILE(d, j + 5), \
+      TORCH_EXT_WGMMA_TILE(d, j + 6), TORCH_EXT_WGMMA_TILE(d, j + 7)
+#define TORCH_EXT_WGMMA_REGS_0_31 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, " \
+  "%8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31"
+
+// d (64 x 64, fp32) = (accumulate ? d : 0) + A B^T for 16-bit A (64 x 16) and B (64 x 16), both
+// K-major in shared memory (the trailing 1, 1, 0, 0: unscaled, untransposed). kBf16: bf16, else
+// fp16 (ty: the PTX type of both operands).
+#define TORCH_EXT_WGMMA_M64N64K16_SS(ty)                                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                             \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_31       \
+               "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                         \
+               : TORCH_EXT_WGMMA_TILES8(d, 0)                                                              \
+               : "l"(desc_a), "l"(desc_b), "r"(int(accumulate))                                            \
+               : "memory")
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
+                                                   bool accumulate) {
+  if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N64K16_SS("bf16");
+  } else {
+    TORCH_EXT_WGMMA_M64N64K16_SS("f16");
+  }
+}
+
+// d (64 x N, fp32) += A B for a 16-bit A (64 x 16) from registers (each warp's 16 rows in the
+// mma.m16n8k16 A fragment) and B (16 x N) MN-major in shared memory, read transposed (the
+// trailing 1: imm-trans-b). N = 64 and 128.
+#define TORCH_EXT_WGMMA_M64N64K16_RS_TB(ty)                                                          \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_31 \
+               "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"                                          \
+               : TORCH_EXT_WGMMA_TILES8(d, 0)                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)                              \
+               : "memory")
+#define TORCH_EXT_WGMMA_M64N128K16_RS_TB(ty)                                                          \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_63 \
+               "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"                                           \
+               : TORCH_EXT_WGMMA_TILES8(d, 0), TORCH_EXT_WGMMA_TILES8(d, 8)                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)                               \
+               : "memory")
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N64K16_RS_TB("bf16");
+  } else {
+    TORCH_EXT_WGMMA_M64N64K16_RS_TB("f16");
+  }
+}
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N128K16_RS_TB("bf16");
+  } else {
+    TORCH_EXT_WGMMA_M64N128K16_RS_TB("f16");
+  }
+}
+
+#undef TORCH_EXT_WGMMA_M64N128K16_RS_TB
+#undef TORCH_EXT_WGMMA_M64N64K16_RS_TB
+#undef TORCH_EXT_WGMMA_M64N64K16_SS
+#undef TORCH_EXT_WGMMA_REGS_0_31
+#undef TORCH_EXT_WGMMA_TILES8
+#undef TORCH_EXT_WGMMA_TILE
 #undef TORCH_EXT_WGMMA_ACC64
 #undef TORCH_EXT_WGMMA_ACC8
 #undef TORCH_EXT_WGMMA_REGS_64_127
