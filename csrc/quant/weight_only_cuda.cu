@@ -34,7 +34,8 @@
 //     into the same shared layout (correct, slower); y is stored element by element.
 //
 // dequantize_kernel<S, O, C>: out[n, k] = (q - zero) * scale in compute type C, one rounding to
-// O; a CTA expands 16 tiles of one tile row through shared memory and writes coalesced rows.
+// O; a CTA expands 16 tiles of one tile row through shared memory, each thread 8 consecutive
+// values of a row per pass (one scale, one 16-byte store).
 #include <cstdlib>
 #include <type_traits>
 
@@ -436,6 +437,7 @@ struct DequantArgs {
   int bits;
   int64_t n, k, group_size;
   int64_t n_tiles, k_tiles;
+  bool vector_stores;  // out 16-byte aligned and K % 8 == 0: whole chunks as 16-byte stores
 };
 
 template <typename T>
@@ -462,32 +464,42 @@ __device__ __forceinline__ BFloat16 from_double<BFloat16>(double v) {
 
 // C: float, or double when fp32 scales meet a 16-bit output (ix::dequant_needs_fp64).
 template <typename S, typename O, typename C>
-__global__ void __launch_bounds__(ix::kDqThreads) dequantize_kernel(const DequantArgs<S, O> a) {
+__global__ void __launch_bounds__(ix::kDqThreads, ix::kDqMinCtas) dequantize_kernel(const DequantArgs<S, O> a) {
   __shared__ __align__(16) uint32_t tiles[ix::kDqTiles * words_per_tile(8)];
   const int tid = threadIdx.x;
   const int words = words_per_tile(a.bits);
   const int64_t kt0 = int64_t(blockIdx.x) * ix::kDqTiles;
   const int tiles_here = int(ix::min64(ix::kDqTiles, a.k_tiles - kt0));
-  const int64_t k = kt0 * ix::kMmaK + tid;
-  const int tile = tid / ix::kMmaK, col = tid % ix::kMmaK;
-  const int64_t group = k / a.group_size;
   for (int64_t nt = blockIdx.y; nt < a.n_tiles; nt += gridDim.y) {
     const uint4* const src = reinterpret_cast<const uint4*>(a.qweight + tile_offset_words(a.bits, a.k_tiles, nt, kt0));
     for (int c = tid; c < tiles_here * words / 4; c += ix::kDqThreads) reinterpret_cast<uint4*>(tiles)[c] = src[c];
     __syncthreads();
-    if (k < a.k) {
-      for (int i = 0; i < ix::kTileRows; ++i) {
-        const int64_t n = nt * ix::kTileRows + i;
-        if (n >= a.n) break;
-        const int64_t offset = ix::scale_offset(group, n, a.n);
-        const C q = C(ix::tile_value(tiles + tile * words, a.bits, i, col));
-        const C zero = a.zeros != nullptr ? C(to_compute(a.zeros[offset])) : C(symmetric_zero(a.bits));
-        const C value = (q - zero) * C(to_compute(a.scales[offset]));
+#pragma unroll 1
+    for (int pass = 0; pass < ix::kDqPasses; ++pass) {
+      const int i = ix::dq_chunk_row(tid, pass), col = ix::dq_chunk_col(tid, pass);
+      const int64_t n = nt * ix::kTileRows + i, k = kt0 * ix::kMmaK + col;
+      if (n >= a.n || k >= a.k) continue;
+      const int64_t offset = ix::scale_offset(k / a.group_size, n, a.n);
+      const C zero = a.zeros != nullptr ? C(to_compute(a.zeros[offset])) : C(symmetric_zero(a.bits));
+      const C scale = C(to_compute(a.scales[offset]));
+      const uint32_t* const tile = tiles + (col / ix::kMmaK) * words;
+      alignas(16) O values[ix::kDqChunkValues];
+#pragma unroll
+      for (int e = 0; e < ix::kDqChunkValues; ++e) {
+        const C value = (C(ix::tile_value(tile, a.bits, i, col % ix::kMmaK + e)) - zero) * scale;
         if constexpr (std::is_same_v<C, double>) {
-          a.out[n * a.k + k] = from_double<O>(value);
+          values[e] = from_double<O>(value);
         } else {
-          a.out[n * a.k + k] = from_compute<O>(value);
+          values[e] = from_compute<O>(value);
         }
+      }
+      O* const dst = a.out + n * a.k + k;
+      if (a.vector_stores && k + ix::kDqChunkValues <= a.k) {
+#pragma unroll
+        for (int v = 0; v < int(sizeof(values) / 16); ++v)
+          reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(values)[v];
+      } else {
+        for (int e = 0; e < ix::kDqChunkValues && k + e < a.k; ++e) dst[e] = values[e];
       }
     }
     __syncthreads();  // the tiles are overwritten for the next tile row
@@ -508,6 +520,7 @@ cudaError_t launch_dequantize(const DequantizeWeightParams& p, cudaStream_t stre
   a.group_size = w.group_size;
   a.n_tiles = tiles_for(w.n);
   a.k_tiles = tiles_for(w.k);
+  a.vector_stores = reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && w.k % ix::kDqChunkValues == 0;
   const dim3 grid(unsigned(ix::ceil_div(a.k_tiles, ix::kDqTiles)), unsigned(ix::min64(a.n_tiles, ix::kMaxGridYZ)));
   if constexpr (ix::dequant_needs_fp64(kind_of<S>(), kind_of<O>())) {
     dequantize_kernel<S, O, double><<<grid, ix::kDqThreads, 0, stream>>>(a);

@@ -725,23 +725,25 @@ void sim_dequantize_case() {
           CHECK(src % 4 == 0 && src + 4 * c + 4 <= int64_t(qweight.size()));
           for (int e = 0; e < 4; ++e) tiles[4 * c + e] = qweight[src + 4 * c + e];
         }
-        for (int tid = 0; tid < ix::kDqThreads; ++tid) {
-          const int64_t kk = kt0 * ix::kMmaK + tid;
-          const int tile = tid / ix::kMmaK, col = tid % ix::kMmaK;
-          const int64_t g = kk / group;
-          if (kk >= k) continue;
-          CHECK(tile < tiles_here);
-          for (int i = 0; i < ix::kTileRows; ++i) {
-            const int64_t nn = nt * ix::kTileRows + i;
-            if (nn >= n) break;
-            const int64_t offset = ix::scale_offset(g, nn, n);
-            const uint32_t value = ix::tile_value(tiles.data() + tile * words, bits, i, col);
-            CHECK(int(value) == q[nn * k + kk]);
+        for (int tid = 0; tid < ix::kDqThreads; ++tid)
+          for (int pass = 0; pass < ix::kDqPasses; ++pass) {
+            const int i = ix::dq_chunk_row(tid, pass), col = ix::dq_chunk_col(tid, pass);
+            CHECK(i < ix::kTileRows && col % ix::kDqChunkValues == 0 && col < ix::kDqTiles * ix::kMmaK);
+            const int64_t nn = nt * ix::kTileRows + i, k0 = kt0 * ix::kMmaK + col;
+            if (nn >= n || k0 >= k) continue;
+            CHECK(col / ix::kMmaK < tiles_here);
+            const int64_t offset = ix::scale_offset(k0 / group, nn, n);  // one group for the 8 values
             const double zero = has_zeros ? zeros[offset] : wq::symmetric_zero(bits);
-            CHECK(std::isnan(out[nn * k + kk]));
-            out[nn * k + kk] = (value - zero) * scales[offset];
+            for (int e = 0; e < ix::kDqChunkValues && k0 + e < k; ++e) {
+              const int64_t kk = k0 + e;
+              CHECK(kk / group == k0 / group);
+              const uint32_t value =
+                  ix::tile_value(tiles.data() + (col / ix::kMmaK) * words, bits, i, col % ix::kMmaK + e);
+              CHECK(int(value) == q[nn * k + kk]);
+              CHECK(std::isnan(out[nn * k + kk]));
+              out[nn * k + kk] = (value - zero) * scales[offset];
+            }
           }
-        }
       }
     }
   for (int64_t nn = 0; nn < n; ++nn)
