@@ -40,7 +40,7 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
 
 if has targets; then
   bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" \
-    --match "M=64 8192x8192" --match "M=4096 8192x8192" --match "T=4096 K=14336"
+    --match "M=64 8192x8192" --match "M=4096 8192x8192" --match "T=4096 K=14336" --match "8192x8192 int4 g128 -> bf16"
   # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
