@@ -14,6 +14,7 @@
 
 #include "common/index_math.h"
 #include "common/macros.h"
+#include "common/wgmma_desc.h"
 
 namespace torch_ext::attention {
 inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
@@ -480,31 +481,24 @@ constexpr int attention_smem_bytes(int head_dim, int block_q, int block_kv, int 
 //       both), V (B) MN-major, read transposed: N = D in column blocks 64 rows x 128 bytes apart
 //       (LBO), K = keys in 8-row groups 1024 bytes apart (SBO); k16 step kk starts 2048 kk bytes
 //       into the tile.
-//     Descriptor fields as in quant/w8a8_wgmma_index.h (PTX ISA "Matrix Descriptor Format").
+//     Descriptors: common/wgmma_desc.h.
 // =============================================================================================
 
-constexpr int kWgmmaRows = 64;                // query rows per warpgroup
-constexpr int kWgmmaSwizzleBytes = 128;       // a tile row of one column block
-constexpr int kWgmmaAtomBytes = 8 * kWgmmaSwizzleBytes;  // 8 rows: the swizzle's period, SBO
-constexpr int kWgmmaVBlockBytes = kTileKv * kWgmmaSwizzleBytes;  // V's LBO
+constexpr int kWgmmaRows = 64;                                      // query rows per warpgroup
+constexpr int kWgmmaVBlockBytes = kTileKv * kWgmmaSwizzleRowBytes;  // V's LBO
 
 template <int kRows>
 TORCH_EXT_HOST_DEVICE int wgmma_tile_offset(int row, int chunk) {
-  return (chunk / 8) * kRows * kWgmmaSwizzleBytes + row * kWgmmaSwizzleBytes + ((chunk % 8) ^ (row % 8)) * kChunkBytes;
-}
-TORCH_EXT_HOST_DEVICE uint64_t wgmma_desc(uint32_t shared_address, uint32_t leading_bytes, uint32_t stride_bytes) {
-  return uint64_t((shared_address & 0x3FFFF) >> 4) | (uint64_t(leading_bytes >> 4) << 16) |
-         (uint64_t(stride_bytes >> 4) << 32) | (uint64_t(1) << 62);
+  return (chunk / 8) * kRows * kWgmmaSwizzleRowBytes + row * kWgmmaSwizzleRowBytes + ((chunk % 8) ^ (row % 8)) * kChunkBytes;
 }
 // K-major operand (Q, K) of a tile with kRows rows: descriptor of k16 step s.
 template <int kRows>
 TORCH_EXT_HOST_DEVICE uint64_t wgmma_kmajor_desc(uint32_t tile_address, int k16) {
-  return wgmma_desc(tile_address + uint32_t((k16 / 4) * kRows * kWgmmaSwizzleBytes + (k16 % 4) * 32), 16,
-                    kWgmmaAtomBytes);
+  return wgmma_kmajor_sw128_desc(tile_address + uint32_t((k16 / 4) * kRows * kWgmmaSwizzleRowBytes + (k16 % 4) * 32));
 }
 // V (MN-major) of a 64-key tile: descriptor of k16 step kk (keys 16 kk .. 16 kk + 15).
 TORCH_EXT_HOST_DEVICE uint64_t wgmma_v_desc(uint32_t tile_address, int kk) {
-  return wgmma_desc(tile_address + uint32_t(kk * 16 * kWgmmaSwizzleBytes), kWgmmaVBlockBytes, kWgmmaAtomBytes);
+  return wgmma_sw128_desc(tile_address + uint32_t(kk * 16 * kWgmmaSwizzleRowBytes), kWgmmaVBlockBytes, kWgmmaAtomBytes);
 }
 // Dynamic shared memory of the Hopper forward: RowTraits' layout plus one atom, since the kernel
 // aligns its base up to 1024 bytes (the swizzle works on absolute address bits).

@@ -36,7 +36,7 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
   // The swizzle works on absolute address bits: tiles start on 1024-byte atoms (the launcher
   // asks for one atom more).
   const uint32_t raw_address = shared_address(smem_raw);
-  const uint32_t base = (raw_address + ix::kWgmmaAtomBytes - 1) & ~uint32_t(ix::kWgmmaAtomBytes - 1);
+  const uint32_t base = (raw_address + kWgmmaAtomBytes - 1) & ~uint32_t(kWgmmaAtomBytes - 1);
   unsigned char* const smem = smem_raw + (base - raw_address);
 
   const auto [tid, lane, warp, qb, h, b, q0, warp_row0, causal, selection, top_k, scale_log2] =
@@ -51,7 +51,7 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
   if (c.tiles > 0) load_kv_step<T, Tr, WgmmaLayout<ix::kTileKv>>(smem, c, 0, 0, tid);
   cp_async_commit();
   // This warpgroup's 64 Q rows: rows 64 g.. of each column block.
-  const uint32_t q_tile = base + Tr::kQOffset + warpgroup * ix::kWgmmaRows * ix::kWgmmaSwizzleBytes;
+  const uint32_t q_tile = base + Tr::kQOffset + warpgroup * ix::kWgmmaRows * kWgmmaSwizzleRowBytes;
 
   float o[Tr::kON][4];
   zero_accumulators(o);

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/wgmma_desc.h"
 #include "quant/w8a8_cuda_index.h"
 
 namespace torch_ext::quant {
@@ -54,8 +55,8 @@ constexpr int kATileBytes = kBM * kBK;                      // 16 KB
 // The swizzle repeats every 8 rows of 128 bytes; atoms must start 1024-byte aligned in shared
 // memory (the hardware swizzles on address bits), so the kernel aligns its dynamic shared
 // memory up and asks for one atom more.
-constexpr int kSwizzleRowBytes = 128;
-constexpr int kSwizzleAtomBytes = 8 * kSwizzleRowBytes;
+constexpr int kSwizzleRowBytes = kWgmmaSwizzleRowBytes;
+constexpr int kSwizzleAtomBytes = kWgmmaAtomBytes;
 constexpr int kStageBudget = 192 * 1024;
 
 template <int kBN_, bool kPromote_>
@@ -110,21 +111,14 @@ TORCH_EXT_HOST_DEVICE int swizzled_offset(int row, int chunk) {
 }
 
 // =============================================================================================
-// 3. Shared-memory matrix descriptors (PTX ISA, "Matrix Descriptor Format" of wgmma): bits 0-13
-//    start address >> 4, 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte
-//    offset >> 4, 49-51 base offset, 62-63 swizzle mode (1 = 128-byte). For K-major operands
-//    with the 128-byte swizzle, the 8-row core-matrix groups are 1024 bytes apart (SBO) and one
-//    wgmma's 32 bytes of K lie inside a swizzle row, so the leading offset is unused (1, as
-//    CUTLASS encodes it). k step s starts 32 s bytes into the row: the start address moves by
-//    2 units of 16 bytes, the swizzle stays on the absolute address bits.
+// 3. Shared-memory matrix descriptors (common/wgmma_desc.h): K-major with the 128-byte swizzle,
+//    8-row core-matrix groups 1024 bytes apart; one wgmma's 32 bytes of K lie inside a swizzle
+//    row. k step s starts 32 s bytes into the row: the start address moves by 2 units of 16
+//    bytes, the swizzle stays on the absolute address bits.
 // =============================================================================================
 
-constexpr uint64_t kDescSwizzle128 = 1;
-constexpr int kDescStrideBytes = kSwizzleAtomBytes;
-
 TORCH_EXT_HOST_DEVICE uint64_t make_smem_desc(uint32_t shared_address) {
-  return uint64_t((shared_address & 0x3FFFF) >> 4) | (uint64_t(1) << 16) |
-         (uint64_t(kDescStrideBytes >> 4) << 32) | (kDescSwizzle128 << 62);
+  return wgmma_kmajor_sw128_desc(shared_address);
 }
 TORCH_EXT_HOST_DEVICE uint64_t desc_at_k_step(uint64_t desc, int k_step) {
   return desc + uint64_t((k_step * kWgmmaK) >> 4);

@@ -1414,7 +1414,7 @@ void check_wgmma_forward_operands() {
   const uint32_t v_tile = k_tile + Tr::kKvBytes;
   CHECK(q_tile % 1024 == 0 && k_tile % 1024 == 0 && v_tile % 1024 == 0);
   for (int g = 0; g < kBlockQ / ix::kWgmmaRows; ++g) {
-    const uint32_t q_group = q_tile + uint32_t(g * ix::kWgmmaRows * ix::kWgmmaSwizzleBytes);
+    const uint32_t q_group = q_tile + uint32_t(g * ix::kWgmmaRows * kWgmmaSwizzleRowBytes);
     for (int k16 = 0; k16 < kD / 16; ++k16) {
       const uint64_t da = ix::wgmma_kmajor_desc<kBlockQ>(q_group, k16);
       const uint64_t db = ix::wgmma_kmajor_desc<ix::kTileKv>(k_tile, k16);
