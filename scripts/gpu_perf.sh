@@ -5,7 +5,8 @@
 # targets: the cases that decide the open issues' GPU targets, ours and the baselines in one run,
 #   in priority order: weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096 and
 #   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M), quantize_per_token on 4096 x
-#   14336 (issue 5's bandwidth target); the weight-only split-K sweep
+#   14336 (issue 5's bandwidth target), dequantize_weight; weight-only M = 64 and 4096 on the
+#   opt-in wgmma batch GEMM (TORCH_EXT_WO_WGMMA=1); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
 #   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
 #   block-sparse attention forward dense (64- and 128-row query blocks, against SDPA's default
@@ -41,6 +42,9 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
 if has targets; then
   bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" \
     --match "M=64 8192x8192" --match "M=4096 8192x8192" --match "T=4096 K=14336" --match "8192x8192 int4 g128 -> bf16"
+  # The weight-only batch GEMM on wgmma (opt-in until it has run: test_linear_hopper_batch).
+  step quant_wgmma 50 env TORCH_EXT_WO_WGMMA=1 "$PY" -m torch_ext bench --device cuda --op quant \
+    --match "M=64 8192x8192 int4" --match "M=4096 8192x8192 int4" --out "$OUT/quant_wgmma"
   # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
@@ -67,7 +71,7 @@ if has profile; then
     --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "S=4096 full 100%"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant wo_splits moe_grouped moe attention attention_wgmma model; do
+for name in quant quant_wgmma wo_splits moe_grouped moe attention attention_wgmma model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.

@@ -74,6 +74,33 @@ def test_linear_cuda(bits):
                     _check_linear(x, qw, bias, f"cuda {bits}-bit g{group_size} sym={symmetric} m={m} {dtype}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_hopper_batch(monkeypatch, hopper_build, bits):
+    """The batch GEMM on wgmma (TORCH_EXT_WO_WGMMA=1, asserted from the kernel's template name)
+    over the same groups and tails as test_linear_cuda, plus N past a CTA's 256 features and an
+    unaligned x; M > 16 (decode sizes keep the mma.sync kernel)."""
+    monkeypatch.setenv("TORCH_EXT_WO_WGMMA", "1")
+    seed = fresh_seed()
+    x = random_tensor((64, 4096 + 48), torch.bfloat16, "cuda", seed)
+    qw = _quantized(100, 4096 + 48, bits, 128, False, seed, "cuda", torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.torch_ext.weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, 128)
+        torch.cuda.synchronize()
+    assert "true>" in " ".join(e.name for e in prof.events() if "linear_kernel" in e.name)
+    for group_size in (32, 128, -1):
+        for symmetric in (False, True):
+            qw = _quantized(300, 4096 + 48, bits, group_size, symmetric, seed, "cuda", torch.float16)
+            for dtype in CUDA_DTYPES:
+                for m in (17, 64, 300, 600):
+                    x = random_tensor((m, 4096 + 48), dtype, "cuda", seed + m)
+                    bias = random_tensor((300,), dtype, "cuda", seed + 3)
+                    _check_linear(x, qw, bias, f"hopper {bits}-bit g{group_size} sym={symmetric} m={m} {dtype}")
+    wide = random_tensor((40, 4096 + 56), torch.bfloat16, "cuda", seed)
+    qw = _quantized(300, 4096 + 48, bits, 128, False, seed, "cuda", torch.bfloat16)
+    _check_linear(wide[:, 3:4096 + 51], qw, None, f"hopper unaligned x seed {seed}")
+
+
 def test_linear_strided_and_batched_x(device):
     seed = fresh_seed()
     qw = _quantized(48, 96, 4, 32, False, seed, device)

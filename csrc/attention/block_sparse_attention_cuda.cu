@@ -36,13 +36,12 @@
 // [B, H, S, D] tensor 16-byte aligned with strides that are multiples of 8 elements (cp.async and
 // 16-byte stores; contiguous and [B, S, H, D]-transposed layouts qualify), sequence lengths below
 // 2^31 - 256, MoBA top_k <= 64, heads and batch <= 65535 (grid y / z).
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "attention/block_sparse_attention_cuda.h"
 #include "attention/block_sparse_attention_cuda_row.cuh"
 #include "attention/block_sparse_attention_wgmma.h"
+#include "common/cuda/hopper_switch.h"
 
 namespace torch_ext::cuda {
 namespace {
@@ -553,23 +552,6 @@ cudaError_t prepare(Kernel kernel, int smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
 }
 
-#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
-// The Hopper forward (attention/block_sparse_attention_wgmma.cu) when the device is compute
-// capability 9.0 and TORCH_EXT_ATTENTION_WGMMA=1 is in the environment (read at every call).
-// Opt-in: written and simulated without a GPU, it has not run yet.
-bool runs_wgmma_forward() {
-  const char* const env = std::getenv("TORCH_EXT_ATTENTION_WGMMA");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    return false;
-  }
-  return major == 9 && minor == 0;
-}
-#endif
-
 template <typename T, int kD, int kBlockQ>
 cudaError_t launch_forward(const BlockSparseForwardParams& p, cudaStream_t stream) {
   using Tr = RowTraits<kD, kBlockQ, false>;
@@ -628,7 +610,9 @@ cudaError_t block_sparse_attention_forward(const attention::BlockSparseForwardPa
   if (p.batch == 0 || p.heads_q == 0 || p.seq_q == 0) return cudaSuccess;
   if (ix::ceil_div(p.seq_q, p.block_q) > kMaxGridX) return cudaErrorInvalidValue;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
-  if (runs_wgmma_forward()) return block_sparse_attention_forward_sm90(p, stream);
+  // The Hopper forward (attention/block_sparse_attention_wgmma.cu): opt-in until it has run on a
+  // GPU (written and simulated without one).
+  if (hopper_kernel_enabled("TORCH_EXT_ATTENTION_WGMMA", false)) return block_sparse_attention_forward_sm90(p, stream);
 #endif
   return dispatch_type_dim(p.dtype, p.head_dim, [&]<typename T, int kD>() {
     return p.block_q == 64 ? launch_forward<T, kD, 64>(p, stream) : launch_forward<T, kD, 128>(p, stream);

@@ -91,9 +91,9 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
 #pragma unroll
     for (int kk = 0; kk < ix::kTileKv / 16; ++kk) {
       if constexpr (kD == 128) {
-        wgmma_m64n128k16_rs_tb<kBf16>(o, pa[kk], ix::wgmma_v_desc(v_tile, kk));
+        wgmma_m64n128k16_rs<kBf16, true>(o, pa[kk], ix::wgmma_v_desc(v_tile, kk));
       } else {
-        wgmma_m64n64k16_rs_tb<kBf16>(o, pa[kk], ix::wgmma_v_desc(v_tile, kk));
+        wgmma_m64n64k16_rs<kBf16, true>(o, pa[kk], ix::wgmma_v_desc(v_tile, kk));
       }
     }
     wgmma_commit();

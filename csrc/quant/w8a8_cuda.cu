@@ -31,8 +31,6 @@
 //     two mma.m16n8k16 (ix::f16_step_a_reg): fp16 tensor-core rate, not fp8.
 //   - On a compute capability 9.0 device, problems whose wgmma tiles (128 x 256 int8, 128 x 128 fp8) fill every SM can go to
 //     the wgmma kernel of quant/w8a8_wgmma.cu instead (sm_90a builds; runs_wgmma below).
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
@@ -42,6 +40,7 @@
 #include "quant/w8a8_cuda_index.h"
 #include "quant/w8a8_mm_operands.h"
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+#include "common/cuda/hopper_switch.h"
 #include "quant/w8a8_wgmma.h"
 #include "quant/w8a8_wgmma_index.h"
 #endif
@@ -421,17 +420,10 @@ bool is_float_kind(ScalarKind kind) {
 // 856 us against 1694 us; it passed tests/test_w8a8_hopper.py and the sanitizers there.
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
 template <class Op>
-bool runs_wgmma(const typename Op::Params& p, int device, int num_sms) {
-  const char* const env = std::getenv("TORCH_EXT_WGMMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    return false;
-  }
+bool runs_wgmma(const typename Op::Params& p, int num_sms) {
   const bool vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride,
                                           reinterpret_cast<uintptr_t>(p.b), p.b_row_stride);
-  return major == 9 && minor == 0 && Op::WgmmaTile::use(p.m, p.n, num_sms, vector);
+  return Op::WgmmaTile::use(p.m, p.n, num_sms, vector) && hopper_kernel_enabled("TORCH_EXT_WGMMA", true);
 }
 #endif
 
@@ -464,7 +456,7 @@ cudaError_t scaled_mm(const typename Op::Params& p, cudaStream_t stream) {
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
   if (status != cudaSuccess) return status;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
-  if (runs_wgmma<Op>(p, device, num_sms)) return Op::sm90(p, stream);
+  if (runs_wgmma<Op>(p, num_sms)) return Op::sm90(p, stream);
 #endif
   const bool large = ix::use_large_config(p.m, p.n, num_sms);
   status = cudaErrorInvalidValue;

@@ -25,6 +25,11 @@
 //     bias and rounds once. Without a split the GEMM's epilogue does the same directly. On sm_90
 //     the reduction is a programmatic dependent launch (common/cuda/pdl.cuh): its CTAs wait
 //     beside the GEMM's last ones instead of being launched after it.
+//   - Hopper (opt-in, TORCH_EXT_WO_WGMMA=1, linear_kernel<..., kWgmma = true>): the batch config's
+//     k16 steps as wgmma.m64n64k16 with the warps' dequantized fragments as A (registers) and
+//     the x tile, already in wgmma's swizzled K-major layout, as B (ix::x_wgmma_desc): 4 warps'
+//     tiles per instruction instead of 16 mma.sync and 4 ldmatrix per warp. Compiled for sm_90a,
+//     simulated, not yet run.
 //   - Row experts (fused_moe_quantized's decode: each (token, slot) pair with its own expert,
 //     picked on the device): one row per CTA in the decode config, its expert's weights found
 //     from the id the CTA reads first (ix::block_rows); everything else as above.
@@ -41,9 +46,11 @@
 
 #include "common/alignment.h"
 #include "common/cuda/cp_async.cuh"
+#include "common/cuda/hopper_switch.h"
 #include "common/cuda/mma.cuh"
 #include "common/cuda/pdl.cuh"
 #include "common/cuda/vec.cuh"
+#include "common/cuda/wgmma.cuh"
 #include "quant/weight_only_cuda.h"
 #include "quant/weight_only_cuda_index.h"
 
@@ -114,13 +121,18 @@ constexpr int kLaunchMinCtas =
     Cfg::kCtasPerSm;
 #endif
 
-template <typename T, class Cfg>
+template <typename T, class Cfg, bool kWgmma>
 __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kernel(const LinearArgs<T> a) {
   constexpr int kBits = Cfg::kBits;
   constexpr int kStages = Cfg::kStages;
   constexpr int kTileWords = Cfg::kTileWords;
   using Params = ix::GroupParams<T, kBits>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // wgmma reads x through the 128-byte swizzle, which works on absolute address bits: its x
+  // tiles start on 1024-byte atoms (the launcher adds one atom of slack).
+  unsigned char* const smem =
+      kWgmma ? smem_raw + ((kWgmmaAtomBytes - shared_address(smem_raw) % kWgmmaAtomBytes) % kWgmmaAtomBytes)
+             : smem_raw;
   allow_dependent_launch();  // the split reduction (when there is one) waits for the whole grid
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -235,11 +247,9 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   // (a full CTA, or one block: decode with M <= 8), so that the step has no branch and ptxas can
   // overlap consecutive steps; 0 reads active_blocks at run time (pair 0 always holds a token,
   // the other pairs and the odd block's mma are behind branches).
-  const auto mma_step = [&](const unsigned char* base, int t, auto blocks) {
-    constexpr int kKnownBlocks = decltype(blocks)::value;
+  // The warp's two tiles of k16 step t of the stage at `base`, dequantized into A fragments.
+  const auto dequantize_step = [&](const unsigned char* base, int t, uint32_t(&frag)[ix::kWarpTiles][4]) {
     const uint32_t* const sq = reinterpret_cast<const uint32_t*>(base);
-    const T* const sx = reinterpret_cast<const T*>(base + Cfg::kXOffset);
-    uint32_t frag[ix::kWarpTiles][4];
 #pragma unroll
     for (int i = 0; i < ix::kWarpTiles; ++i) {
       uint32_t words[Cfg::kLaneWords];
@@ -248,6 +258,23 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
         words[h] = sq[ix::q_smem_word<Cfg>(ix::warp_tile_row(warp, i), t, lane + 32 * h)];
       ix::dequantize_a<T, kBits>(words, params[i], frag[i]);
     }
+  };
+  // In a stage that crosses groups: the group of k tile kt (inside the split), its parameters
+  // loaded from the stage's slot when they change.
+  const auto params_for_tile = [&](const unsigned char* base, ix::GroupCursor& cursor, const ix::StageSpan& span,
+                                   int kt) {
+    ix::advance(cursor, kt, a.group_tiles);
+    if (span.first_group + cursor.slot != params_group) {
+      load_params(base, cursor.slot);
+      params_group = span.first_group + cursor.slot;
+    }
+  };
+
+  const auto mma_step = [&](const unsigned char* base, int t, auto blocks) {
+    constexpr int kKnownBlocks = decltype(blocks)::value;
+    const T* const sx = reinterpret_cast<const T*>(base + Cfg::kXOffset);
+    uint32_t frag[ix::kWarpTiles][4];
+    dequantize_step(base, t, frag);
 #pragma unroll
     for (int p = 0; p < Cfg::kTokenPairs; ++p) {
       if (kKnownBlocks > 0 ? 2 * p < kKnownBlocks : (p == 0 || p < active_pairs)) {
@@ -267,9 +294,47 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   using OneBlock = std::integral_constant<int, 1>;
   using BlocksAtRunTime = std::integral_constant<int, 0>;
 
+  // Hopper (kWgmma, batch config): a stage's k16 steps as wgmma.m64n64k16 per warp tile, A = the
+  // warp's dequantized fragments, B = the x tile (ix::x_wgmma_desc). Every warp takes part (wgmma
+  // is warpgroup-wide): tiles past N and k16 steps past the split are zero-filled words meeting
+  // zero-filled x, so they add nothing and need no branch. Each step waits until only its own
+  // batch is in flight (the previous step's fragments may then be overwritten), the stage ends
+  // with nothing in flight (ptxas serializes wgmma batches that cross a loop back-edge).
+  const auto wgmma_stage = [&](const unsigned char* base, const ix::StageSpan& span) {
+    if constexpr (kWgmma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(ix::wgmma_config_ok<Cfg>(), "the batch config");
+    constexpr bool kBf16 = std::is_same_v<T, BFloat16>;
+    const uint32_t x_tile = shared_address(base + Cfg::kXOffset);
+    ix::GroupCursor cursor = ix::group_cursor(span, a.group_tiles);
+#pragma unroll
+    for (int t = 0; t < kStageTiles; ++t) {
+      if (span.kt0 + t < span.kt_stop) params_for_tile(base, cursor, span, span.kt0 + t);
+      uint32_t frag[ix::kWarpTiles][4];
+      dequantize_step(base, t, frag);
+      wgmma_fence();
+#pragma unroll
+      for (int i = 0; i < ix::kWarpTiles; ++i)
+        wgmma_m64n64k16_rs<kBf16, false>(acc[i], frag[i], ix::x_wgmma_desc<Cfg>(x_tile, t));
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < ix::kWarpTiles; ++i) wgmma_fence_operands(acc[i]);
+#else
+    __trap();  // launched only on compute capability 9.0 from sm_90a code
+#endif
+    }
+  };
+
   ix::StageWalker compute_walker = ix::stage_walker(range.iter_begin, kStageTiles, a.group_tiles);
   const auto compute_stage = [&](int stage, int iter) {
     const ix::StageSpan span = ix::next_stage(compute_walker, iter, kStageTiles, range.kt_end, a.group_tiles);
+    if constexpr (kWgmma) {
+      wgmma_stage(smem + stage * Cfg::kStageBytes, span);
+      return;
+    }
     if (!warp_active) return;
     const unsigned char* const base = smem + stage * Cfg::kStageBytes;
     if (ix::stage_is_uniform(span, kStageTiles)) {  // the common case (groups of a multiple of the stage)
@@ -291,20 +356,15 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
       ix::GroupCursor cursor = ix::group_cursor(span, a.group_tiles);
 #pragma unroll
       for (int t = 0; t < kStageTiles; ++t) {
-        const int kt = span.kt0 + t;
-        if (kt < span.kt_stop) {
-          ix::advance(cursor, kt, a.group_tiles);
-          if (span.first_group + cursor.slot != params_group) {
-            load_params(base, cursor.slot);
-            params_group = span.first_group + cursor.slot;
-          }
+        if (span.kt0 + t < span.kt_stop) {
+          params_for_tile(base, cursor, span, span.kt0 + t);
           mma_step(base, t, BlocksAtRunTime{});
         }
       }
     }
   };
 
-  cp_async_pipeline<kStages>(range.iter_begin, range.iters, load_stage, compute_stage);
+  cp_async_pipeline<kStages, kWgmma>(range.iter_begin, range.iters, load_stage, compute_stage);
 
   // Epilogue: accumulator (lane, e) of block (i, j) is feature n0 + 16 tile_row + acc_row and
   // token m0 + 8 j + acc_token. Split: fp32 partials; else bias in fp32 and one rounding.
@@ -362,16 +422,16 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
-template <typename T, class Cfg>
+template <typename T, class Cfg, bool kWgmma = false>
 cudaError_t launch_linear(const LinearArgs<T>& a, const ix::LinearPlan& plan, cudaStream_t stream) {
-  const auto kernel = linear_kernel<T, Cfg>;
-  if constexpr (Cfg::kSmemBytes > kDefaultSharedBytes) {
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  const auto kernel = linear_kernel<T, Cfg, kWgmma>;
+  constexpr int kSmemBytes = Cfg::kSmemBytes + (kWgmma ? kWgmmaAtomBytes : 0);
+  if constexpr (kSmemBytes > kDefaultSharedBytes) {
+    const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (status != cudaSuccess) return status;
   }
   const dim3 grid(unsigned(plan.m_blocks), unsigned(plan.n_blocks), unsigned(plan.splits));
-  kernel<<<grid, ix::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  kernel<<<grid, ix::kThreads, kSmemBytes, stream>>>(a);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess || plan.splits == 1) return status;
   const int64_t total = int64_t(a.m) * a.n;
@@ -542,6 +602,16 @@ int64_t forced_splits() {
   return env != nullptr ? std::strtoll(env, nullptr, 10) : 0;
 }
 
+// The batch GEMM on wgmma (linear_kernel<..., true>): opt-in (TORCH_EXT_WO_WGMMA=1) until it has
+// run on a GPU (written and simulated without one).
+bool runs_wgmma_batch() {
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  return hopper_kernel_enabled("TORCH_EXT_WO_WGMMA", false);
+#else
+  return false;
+#endif
+}
+
 ix::LinearPlan plan_for(const WeightOnlyLinearParams& p, int num_sms, bool allow_split) {
   return ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split, forced_splits(), p.row_experts != nullptr);
 }
@@ -570,7 +640,10 @@ cudaError_t weight_only_linear(const WeightOnlyLinearParams& p, void* workspace,
     if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) {
       const LinearArgs<T> a = make_linear_args<T>(p, plan, workspace);
       const bool batch = plan.block_m == ix::kBatchBlockM;
-      if (p.w.bits == 4) {
+      if (batch && runs_wgmma_batch()) {
+        status = p.w.bits == 4 ? launch_linear<T, ix::TileConfig<4, ix::kBatchBlockM>, true>(a, plan, stream)
+                               : launch_linear<T, ix::TileConfig<8, ix::kBatchBlockM>, true>(a, plan, stream);
+      } else if (p.w.bits == 4) {
         status = batch ? launch_linear<T, ix::TileConfig<4, ix::kBatchBlockM>>(a, plan, stream)
                        : launch_linear<T, ix::TileConfig<4, ix::kDecodeBlockM>>(a, plan, stream);
       } else {

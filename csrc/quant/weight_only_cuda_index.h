@@ -19,6 +19,7 @@
 #include "common/exact_float.h"
 #include "common/index_math.h"
 #include "common/macros.h"
+#include "common/wgmma_desc.h"
 #include "quant/weight_only_layout.h"
 
 namespace torch_ext::quant {
@@ -344,6 +345,25 @@ struct TileConfig {
   static_assert(kStages >= 3, "at least two stages in flight");
   static_assert(kSmemBytes <= kSmemBudget, "shared memory budget");
 };
+
+// Hopper batch GEMM (quant/weight_only_cuda.cu, linear_kernel<..., kWgmma = true>, sm_90a, opt-in):
+// the batch config's x tile ([64 tokens][64 k], 128-byte rows, chunk c at c ^ (row % 8)) is
+// wgmma's 128-byte-swizzled K-major layout, so wgmma.m64n64k16 reads it as the B operand
+// (tokens = N) while each warp's dequantized A fragments of its tile i (16 features: the
+// mma.m16n8k16 A fragment is wgmma's register A fragment of that warp's 16 rows) are the A
+// operand: one wgmma per warp tile and k16 step, 4 warps' tiles at once. The x tiles start on
+// 1024-byte atoms (the kernel aligns its shared memory up; stage and x offsets are atom multiples).
+template <class Cfg>
+TORCH_EXT_HOST_DEVICE uint64_t x_wgmma_desc(uint32_t x_tile_address, int t) {
+  return wgmma_kmajor_sw128_desc(x_tile_address + uint32_t(t * kMmaK * 2));
+}
+template <class Cfg>
+constexpr bool wgmma_config_ok() {
+  return Cfg::kBlockM == 64 && Cfg::kBlockK * 2 == kWgmmaSwizzleRowBytes && Cfg::kXOffset % kWgmmaAtomBytes == 0 &&
+         Cfg::kStageBytes % kWgmmaAtomBytes == 0;
+}
+static_assert(wgmma_config_ok<TileConfig<4, kBatchBlockM>>() && wgmma_config_ok<TileConfig<8, kBatchBlockM>>(),
+              "batch x tiles in wgmma's layout, on atoms");
 
 TORCH_EXT_HOST_DEVICE int block_m_for(int64_t m) { return m <= kDecodeBlockM ? kDecodeBlockM : kBatchBlockM; }
 

@@ -16,7 +16,8 @@
 //      mma.m16n8k16 assembled from the PTX fragment maps, the epilogue, the split-K partials and
 //      the reduce kernel. y must equal the exactly rounded reference, every output written once;
 //  (c) dequantize_kernel's maps (inverse tile map, groups, tails), and the split rule's
-//      invariants on random and on the benchmark shapes.
+//      invariants on random and on the benchmark shapes;
+//  (d) the Hopper batch GEMM's wgmma operands (x through its descriptors, A and D fragments).
 // When a kernel's structure changes, its mirror here changes with it.
 // Usage: weight_only_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
 #include <algorithm>
@@ -802,6 +803,42 @@ void print_benchmark_plans() {
     }
 }
 
+// (d) The Hopper batch GEMM's B operand: every byte wgmma reads of x (token n, k byte kb of k16
+// step t) through ix::x_wgmma_desc and the PTX descriptor / swizzle model is where the loads put
+// x value (n, 16 t + kb / 2) (x_smem_offset), in every stage slot of both batch configs.
+template <class Cfg>
+void check_x_wgmma_operand() {
+  static_assert(ix::wgmma_config_ok<Cfg>());
+  const uint32_t base = 1024u * uint32_t(rnd(1, 60));
+  for (int stage = 0; stage < Cfg::kStages; ++stage) {
+    const uint32_t x_tile = base + uint32_t(stage * Cfg::kStageBytes + Cfg::kXOffset);
+    CHECK(x_tile % 1024 == 0);
+    for (int t = 0; t < Cfg::kStageTiles; ++t) {
+      const uint64_t desc = ix::x_wgmma_desc<Cfg>(x_tile, t);
+      for (int n = 0; n < Cfg::kBlockM; ++n)
+        for (int kb = 0; kb < 32; ++kb) {
+          const int col = ix::kMmaK * t + kb / 2;
+          const uint32_t want = x_tile + uint32_t(2 * ix::x_smem_offset<Cfg>(n, col / ix::kChunkValues) +
+                                                  2 * (col % ix::kChunkValues) + kb % 2);
+          CHECK(mma_spec::wgmma_sw128_address(desc, n, kb) == want);
+        }
+    }
+  }
+  // A: each warp's mma.m16n8k16 A fragment is wgmma's register A fragment of the warp's 16 rows
+  // (the features of its tile), and the accumulators keep the epilogue's (feature, token) map.
+  for (int w = 0; w < 4; ++w)
+    for (int lane = 0; lane < 32; ++lane) {
+      for (int i = 0; i < 8; ++i) {
+        CHECK(mma_spec::WgmmaA16::a_row(w, lane, i) == 16 * w + mma_spec::M16n8k16::a_row(lane, i));
+        CHECK(mma_spec::WgmmaA16::a_col(lane, i) == mma_spec::M16n8k16::a_col(lane, i));
+      }
+      for (int r = 0; r < 4 * Cfg::kTokenBlocks; ++r) {
+        CHECK(mma_spec::Wgmma64::d_row(w, lane, r) == 16 * w + ix::acc_row(lane, r % 4));
+        CHECK(mma_spec::Wgmma64::d_col(lane, r) == ix::kMmaTokens * (r / 4) + ix::acc_token(lane, r % 4));
+      }
+    }
+}
+
 int main(int argc, char** argv) {
   const int cases = argc > 1 ? atoi(argv[1]) : 200;
   rng.seed(argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 12345);
@@ -816,6 +853,8 @@ int main(int argc, char** argv) {
   check_tile_inverse();
   check_split_rule();
   for (int it = 0; it < 50; ++it) sim_dequantize_case();
+  check_x_wgmma_operand<ix::TileConfig<4, ix::kBatchBlockM>>();
+  check_x_wgmma_operand<ix::TileConfig<8, ix::kBatchBlockM>>();
   printf("dequantize_kernel maps and split rule ok\n");
   print_benchmark_plans();
   int64_t split_hist[64] = {};

@@ -73,8 +73,10 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // its slot (this thread's copies, then everyone's through the barrier), refills the slot consumed
 // in it - 1 (the barrier orders the two), then computes. load_stage(slot, iter) issues the copies
 // of iteration iter into the slot, compute_stage(slot, iter) consumes them. Every thread of the
-// CTA calls it (barriers inside).
-template <int kStages, class Load, class Compute>
+// CTA calls it (barriers inside). kAsyncProxyReader: the stages are read by wgmma (the async
+// proxy), so each thread fences its landed copies into it before the barrier; compute_stage must
+// then finish its wgmma before returning (the slot is refilled after the next barrier).
+template <int kStages, bool kAsyncProxyReader = false, class Load, class Compute>
 __device__ __forceinline__ void cp_async_pipeline(int iter_begin, int iters, Load&& load_stage,
                                                   Compute&& compute_stage) {
 #pragma unroll
@@ -84,6 +86,11 @@ __device__ __forceinline__ void cp_async_pipeline(int iter_begin, int iters, Loa
   }
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<kStages - 2>();
+    if constexpr (kAsyncProxyReader) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+    }
     __syncthreads();
     const int next = it + kStages - 1;
     if (next < iters) load_stage(next % kStages, iter_begin + next);

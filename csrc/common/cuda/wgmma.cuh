@@ -3,8 +3,8 @@
 // m64n256k32 -> s32, e4m3 m64n128k32 -> f32, operands in shared memory) and the 16-bit ones of
 // the attention forward (S = Q K^T from shared memory, O += P V with P in registers).
 // Descriptor encodings and the accumulator map are host-testable in quant/w8a8_wgmma_index.h and
-// attention/block_sparse_attention_cuda_index.h. Include only from sources compiled for sm_90a.
-// No torch headers.
+// attention/block_sparse_attention_cuda_index.h. Call only from code compiled for sm_90a (sources
+// built for other archs too guard the calls with __CUDA_ARCH_FEAT_SM90_ALL). No torch headers.
 //
 // Order of a k step (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 //   shared operands written by cp.async / st.shared: wait for them, fence_proxy_async_shared() in
@@ -137,39 +137,47 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t de
 }
 
 // d (64 x N, fp32) += A B for a 16-bit A (64 x 16) from registers (each warp's 16 rows in the
-// mma.m16n8k16 A fragment) and B (16 x N) MN-major in shared memory, read transposed (the
-// trailing 1: imm-trans-b). N = 64 and 128.
-#define TORCH_EXT_WGMMA_M64N64K16_RS_TB(ty)                                                          \
+// mma.m16n8k16 A fragment) and B (16 x N) in shared memory: K-major, or MN-major read transposed
+// (kTransB: the last immediate, imm-trans-b). N = 64 and 128.
+#define TORCH_EXT_WGMMA_M64N64K16_RS(ty, trans)                                                      \
   asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_31 \
-               "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"                                          \
+               "}, {%32, %33, %34, %35}, %36, 1, 1, 1, " trans ";\n"                                  \
                : TORCH_EXT_WGMMA_TILES8(d, 0)                                                         \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)                              \
                : "memory")
-#define TORCH_EXT_WGMMA_M64N128K16_RS_TB(ty)                                                          \
+#define TORCH_EXT_WGMMA_M64N128K16_RS(ty, trans)                                                      \
   asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_63 \
-               "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"                                           \
+               "}, {%64, %65, %66, %67}, %68, 1, 1, 1, " trans ";\n"                                   \
                : TORCH_EXT_WGMMA_TILES8(d, 0), TORCH_EXT_WGMMA_TILES8(d, 8)                            \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)                               \
                : "memory")
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (kBf16) {
-    TORCH_EXT_WGMMA_M64N64K16_RS_TB("bf16");
+template <bool kBf16, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (kBf16 && kTransB) {
+    TORCH_EXT_WGMMA_M64N64K16_RS("bf16", "1");
+  } else if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N64K16_RS("bf16", "0");
+  } else if constexpr (kTransB) {
+    TORCH_EXT_WGMMA_M64N64K16_RS("f16", "1");
   } else {
-    TORCH_EXT_WGMMA_M64N64K16_RS_TB("f16");
+    TORCH_EXT_WGMMA_M64N64K16_RS("f16", "0");
   }
 }
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (kBf16) {
-    TORCH_EXT_WGMMA_M64N128K16_RS_TB("bf16");
+template <bool kBf16, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (kBf16 && kTransB) {
+    TORCH_EXT_WGMMA_M64N128K16_RS("bf16", "1");
+  } else if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N128K16_RS("bf16", "0");
+  } else if constexpr (kTransB) {
+    TORCH_EXT_WGMMA_M64N128K16_RS("f16", "1");
   } else {
-    TORCH_EXT_WGMMA_M64N128K16_RS_TB("f16");
+    TORCH_EXT_WGMMA_M64N128K16_RS("f16", "0");
   }
 }
 
-#undef TORCH_EXT_WGMMA_M64N128K16_RS_TB
-#undef TORCH_EXT_WGMMA_M64N64K16_RS_TB
+#undef TORCH_EXT_WGMMA_M64N128K16_RS
+#undef TORCH_EXT_WGMMA_M64N64K16_RS
 #undef TORCH_EXT_WGMMA_M64N64K16_SS
 #undef TORCH_EXT_WGMMA_REGS_0_31
 #undef TORCH_EXT_WGMMA_TILES8
