@@ -17,11 +17,18 @@ _ROOT = Path(__file__).resolve().parents[1]
 _NVCC = shutil.which("nvcc")
 
 
+# (source, whether spills are allowed): the weight-only file's 4-bit Hopper batch kernel sits at
+# its 128-register bound (2 CTAs per SM) and keeps 8 bytes outside its hot loop.
+_SOURCES = [("csrc/quant/w8a8_wgmma.cu", False), ("csrc/attention/block_sparse_attention_wgmma.cu", False),
+            ("csrc/quant/weight_only_cuda.cu", True)]
+
+
 @pytest.mark.skipif(_NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("source", ["csrc/quant/w8a8_wgmma.cu", "csrc/attention/block_sparse_attention_wgmma.cu"])
-def test_wgmma_kernels_stay_asynchronous_without_spills(source, tmp_path):
+@pytest.mark.parametrize("source,spills_allowed", _SOURCES, ids=[s for s, _ in _SOURCES])
+def test_wgmma_kernels_stay_asynchronous_without_spills(source, spills_allowed, tmp_path):
     result = subprocess.run(
-        [_NVCC, "-std=c++20", "--expt-relaxed-constexpr", "-O3", f"-I{_ROOT / 'csrc'}", "-gencode", "arch=compute_90a,code=sm_90a",
+        [_NVCC, "-std=c++20", "--expt-relaxed-constexpr", "-O3", f"-I{_ROOT / 'csrc'}",
+         "-DTORCH_EXT_HAVE_SM90A_KERNELS=1", "-gencode", "arch=compute_90a,code=sm_90a",
          "-Xptxas", "-v", "-c", str(_ROOT / source), "-o", str(tmp_path / "kernel.o")],
         capture_output=True, text=True, timeout=600)
     report = result.stdout + result.stderr
@@ -30,4 +37,4 @@ def test_wgmma_kernels_stay_asynchronous_without_spills(source, tmp_path):
     assert "C7519" not in report, "ptxas fenced wgmma operands written inside a batch:\n" + report
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills, report
-    assert all(stores == "0" and loads == "0" for stores, loads in spills), report
+    assert spills_allowed or all(stores == "0" and loads == "0" for stores, loads in spills), report
