@@ -191,9 +191,6 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
       issue(iter, block0);
       wgmma_wait<0>();
       promote(block0);
-      issue(iter, block0);
-      wgmma_wait<0>();
-      promote(block0);
     }
   }
   wgmma_fence_operands(acc);
