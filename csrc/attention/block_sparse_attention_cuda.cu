@@ -94,12 +94,12 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
 
     const unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
     const unsigned char* const vs = ks + Tr::kKvBytes;
+    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
+    if (m.hidden) continue;  // adds nothing to this warp's rows (MoBA: most steps at long S)
     float s[Tr::kSN][4];
     zero_accumulators(s);
 #pragma unroll
     for (int k16 = 0; k16 < Tr::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane);
-
-    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     online_softmax_step<Tr>(s, o, rs, m, c, q_pos, causal, scale_log2, lane);
     mma_p_x_tile<T, kD>(o, s, vs, lane);
   }
@@ -172,6 +172,8 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
 
     const unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
     const unsigned char* const vs = ks + Tr::kKvBytes;
+    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
+    if (m.hidden) continue;  // dS is 0 on every element of this warp's rows
     float s[Tr::kSN][4], dp[Tr::kSN][4];
     zero_accumulators(s);
     zero_accumulators(dp);
@@ -184,7 +186,6 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
       ldmatrix_x4(a, smem + (Tr::kQOffset + Tr::kRowBytes) + ix::smem_offset(row, chunk, kD));
       mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane);
     }
-    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     with_step_masking(m, [&](auto masked) {
 #pragma unroll
       for (int j = 0; j < Tr::kSN; ++j)

@@ -224,6 +224,17 @@ TORCH_EXT_HOST_DEVICE bool step_element_visible(const StepSegments& g, unsigned 
   const int64_t k_pos = base < 0 ? -1 : int64_t(base) + row_in_segment(col, block_kv);
   return ((allowed >> s) & 1u) && key_visible(q_pos, k_pos, seq_q, seq_kv, causal);
 }
+// A step none of whose keys a warp's 16 rows can see, MoBA choices aside: no listed segment
+// (first_key, the smallest listed segment base, is -1) or only keys past Sk, the rows all past Sq,
+// or (causal) the first key past the horizon of the warp's last row. The forward and dQ kernels
+// skip such a step for the warp (it would add exactly nothing: a rescale by 1, P = 0), as they do
+// when no row of the warp chose any of the step's blocks (a vote over the lanes' choice bits).
+TORCH_EXT_HOST_DEVICE bool step_hidden_from_rows(int64_t first_key, int64_t first_q, int64_t seq_q, int64_t seq_kv,
+                                                bool causal) {
+  if (first_key < 0 || first_key >= seq_kv || first_q >= seq_q) return true;
+  const int64_t last_q = first_q + kWarpRows - 1 < seq_q ? first_q + kWarpRows - 1 : seq_q - 1;
+  return causal && first_key > last_q + seq_kv - seq_q;
+}
 // A whole step needs no per-element mask when every segment is listed and full, no selection
 // applies, and (causal) its last key is visible to the warp's first row.
 TORCH_EXT_HOST_DEVICE bool tile_fully_visible(int64_t first_q, int64_t last_key, bool all_full, bool selection,

@@ -206,6 +206,7 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
 // rows the segments their MoBA choices allow.
 struct StepMask {
   bool full;
+  bool hidden;  // no row of the warp sees any key of the step (warp-uniform): the warp skips it
   ix::StepSegments seg;
   unsigned allowed[2];  // bit s: segment s is among the row's choices (all bits without selection)
 };
@@ -217,16 +218,18 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
   const int* const seg = reinterpret_cast<const int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
   const int nseg = ix::segments_per_tile(c.block_kv), seg_len = ix::segment_len(c.block_kv);
   bool all_full = true;
-  int64_t last_key = -1;
+  int64_t last_key = -1, first_key = -1;
 #pragma unroll
   for (int s = 0; s < ix::kMaxSegments; ++s) {
     m.seg.base[s] = s < nseg ? seg[s] : -1;
     if (s < nseg) {
       all_full = all_full && m.seg.base[s] >= 0 && m.seg.base[s] + seg_len <= c.seq_kv;
       last_key = max(last_key, int64_t(m.seg.base[s]) + seg_len - 1);
+      if (m.seg.base[s] >= 0 && (first_key < 0 || m.seg.base[s] < first_key)) first_key = m.seg.base[s];
     }
   }
   m.full = ix::tile_fully_visible(first_q, last_key, all_full, selection, c.seq_q, c.seq_kv, causal);
+  m.hidden = ix::step_hidden_from_rows(first_key, first_q, c.seq_q, c.seq_kv, causal);
   m.allowed[0] = m.allowed[1] = 0xfu;
   if (selection) {
     const int32_t* const table = reinterpret_cast<const int32_t*>(smem + Tr::kSelOffset);
@@ -239,6 +242,7 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
         if (ix::sorted_choices_hold(table + row * top_k, top_k, seg[ix::kMaxSegments + s])) bits |= 1u << s;
       m.allowed[half] = bits;
     }
+    m.hidden = m.hidden || !__any_sync(kFullMask, (m.allowed[0] | m.allowed[1]) != 0);
   }
   return m;
 }

@@ -364,6 +364,8 @@ struct Tensors {
 // ---------------------------------------------------------------------------------------------
 // (c) forward / dQ CTAs (they share the walk)
 // ---------------------------------------------------------------------------------------------
+int64_t g_hidden_steps = 0;  // warp steps the forward / dQ kernels skip (MoBA, causal, empty)
+
 template <class Tr>
 struct RowSim {
   const Problem& P;
@@ -486,6 +488,7 @@ struct RowSim {
   // make_step_mask, per lane
   struct Mask {
     bool full;
+    bool hidden;  // the kernel's warp skips the step (checked below: then no element is visible)
     ix::StepSegments seg;
     unsigned allowed[32][2];
   };
@@ -494,7 +497,7 @@ struct RowSim {
     const int seg = Tr::kSegOffset + 4 * st * 2 * ix::kMaxSegments;
     const int nseg = ix::segments_per_tile(P.bkv), seg_len = ix::segment_len(P.bkv);
     bool all_full = true;
-    int64_t last_key = -1;
+    int64_t last_key = -1, first_key = -1;
     int blocks[ix::kMaxSegments];
     for (int s = 0; s < ix::kMaxSegments; ++s) {
       m.seg.base[s] = s < nseg ? ld_i32(sm, seg + 4 * s) : -1;
@@ -502,9 +505,11 @@ struct RowSim {
       if (s < nseg) {
         all_full = all_full && m.seg.base[s] >= 0 && m.seg.base[s] + seg_len <= P.Sk;
         last_key = std::max(last_key, int64_t(m.seg.base[s]) + seg_len - 1);
+        if (m.seg.base[s] >= 0 && (first_key < 0 || m.seg.base[s] < first_key)) first_key = m.seg.base[s];
       }
     }
     m.full = ix::tile_fully_visible(q0 + warp * 16, last_key, all_full, P.sel, P.Sq, P.Sk, P.causal);
+    m.hidden = ix::step_hidden_from_rows(first_key, q0 + warp * 16, P.Sq, P.Sk, P.causal);
     for (int l = 0; l < 32; ++l)
       for (int half = 0; half < 2; ++half) {
         m.allowed[l][half] = 0xfu;
@@ -522,7 +527,23 @@ struct RowSim {
           }
         m.allowed[l][half] = bits;
       }
+    if (P.sel) {  // the kernel's vote: no lane's rows chose any of the step's blocks
+      bool any = false;
+      for (int l = 0; l < 32; ++l) any = any || (m.allowed[l][0] | m.allowed[l][1]) != 0;
+      m.hidden = m.hidden || !any;
+    }
     return m;
+  }
+  // A step the warp skips must hold no element visible to any of its rows inside Sq (rows past
+  // Sq are computed but never stored).
+  bool skipped(const Mask& m, int warp) {
+    if (!m.hidden) return false;
+    for (int j = 0; j < 8; ++j)
+      for (int l = 0; l < 32; ++l)
+        for (int e = 0; e < 4; ++e)
+          if (q_pos(warp, l, e / 2) < P.Sq) CHECK(!visible(m, j, e, l, q_pos(warp, l, e / 2)));
+    ++g_hidden_steps;
+    return true;
   }
   bool visible(const Mask& m, int j, int e, int lane, int q_pos) {
     const bool v = ix::step_element_visible(m.seg, m.allowed[lane][e / 2], 8 * j + ix::acc_col(lane, e), P.bkv, q_pos,
@@ -590,10 +611,11 @@ void sim_forward_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
     const int st = c.begin_step(t);
     const int ks = c.k_stage(st), vs = ks + Tr::kKvBytes;
     for (int w = 0; w < W; ++w) {
+      const auto m = c.step_mask(st, w);
+      if (c.skipped(m, w)) continue;
       WC s[8];
       for (auto& x : s) zero(x);
       for (int k16 = 0; k16 < Tr::kK16; ++k16) c.template rows_x_tile<T>(s, qf[size_t(w)][size_t(k16)], ks, k16);
-      const auto m = c.step_mask(st, w);
       float tile_max[2][32];
       for (int l = 0; l < 32; ++l) tile_max[0][l] = tile_max[1][l] = -INFINITY;
       for (int j = 0; j < 8; ++j)
@@ -712,6 +734,8 @@ void sim_dq_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
     const int st = c.begin_step(t);
     const int ks = c.k_stage(st), vs = ks + Tr::kKvBytes;
     for (int w = 0; w < W; ++w) {
+      const auto m = c.step_mask(st, w);
+      if (c.skipped(m, w)) continue;
       WC s[8], dp[8];
       for (int j = 0; j < 8; ++j) {
         zero(s[j]);
@@ -721,7 +745,6 @@ void sim_dq_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
         c.template rows_x_tile<T>(s, c.load_a(Tr::kQOffset, w * 16, k16), ks, k16);
         c.template rows_x_tile<T>(dp, c.load_a(do_off, w * 16, k16), vs, k16);
       }
-      const auto m = c.step_mask(st, w);
       for (int j = 0; j < 8; ++j)
         for (int l = 0; l < 32; ++l)
           for (int e = 0; e < 4; ++e) {
@@ -1495,8 +1518,8 @@ int main(int argc, char** argv) {
       moba_case<BFloat16>(stats);
     }
   }
-  printf("attention rows checked %d (empty %d), moba cases %d (tie-decided rows %d)\n", stats[0], stats[1], stats[3],
-         stats[2]);
+  printf("attention rows checked %d (empty %d), skipped warp steps %lld, moba cases %d (tie-decided rows %d)\n",
+         stats[0], stats[1], static_cast<long long>(g_hidden_steps), stats[3], stats[2]);
   printf("all ok\n");
   return 0;
 }
