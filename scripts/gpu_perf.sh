@@ -10,7 +10,7 @@
 #   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
 #   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
 #   block-sparse attention forward dense (64- and 128-row query blocks, against SDPA's default
-#   and its flash backend) and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at 4096,
+#   and its flash backend) and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at 4K and 32K,
 #   then the same on the Hopper wgmma forward (TORCH_EXT_ATTENTION_WGMMA=1); one token through
 #   Llama-3-8B-shaped layers as CUDA graphs, stock vs quantize_model; the
 #   GMMA instructions in the SASS. (The H100 run of 2026-11-26, docs/perf/gpu-h100.md, measured
@@ -52,7 +52,7 @@ if has targets; then
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
     --match "moe_route"
   bench attention 90 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
-    --match "S=32768 full 10%" --match "S=4096 block"
+    --match "S=32768 full 10%" --match "S=4096 block" --match "S=32768 block"
   # The same forward cases on the Hopper wgmma forward (opt-in until it has run: its tests are in
   # the check step, test_hopper_forward).
   step attention_wgmma 60 env TORCH_EXT_ATTENTION_WGMMA=1 "$PY" -m torch_ext bench --device cuda --op attention \
