@@ -194,6 +194,22 @@ def test_train_saves_the_pre_activations(dtype):
         torch.ops.torch_ext.fused_moe_backward(grad_out, h, w13, w2, weights, ids, "silu", gate_up[:-1])
 
 
+def _check_routing_weight_grad(got, ref, args, grad_out, bound, what):
+    """The routing weights' gradient: each entry is grad_out . (its expert's output), a dot product
+    whose terms the kernel takes in the io dtype. Where they cancel, the entry's relative error is
+    unbounded (idle-experts bf16 measured 2.7e-2 and 7.2e-2 on 2 of 300 seeds: 4 entries), so the
+    error is measured against the size of the terms, sum |grad_out * output|, per entry."""
+    h, w13, w2, weights, ids = (t.detach().cpu() for t in args)
+    magnitude = torch.empty(ids.shape, dtype=torch.float64)
+    for slot in range(ids.shape[1]):
+        one_hot = torch.zeros_like(weights, dtype=torch.float64)
+        one_hot[:, slot] = 1.0
+        output = reference.moe.fused_moe(h.double(), w13.double(), w2.double(), one_hot, ids, "silu")
+        magnitude[:, slot] = (grad_out.cpu().double() * output).abs().sum(-1)
+    error = (got.cpu().double() - ref).norm() / magnitude.norm()
+    assert error <= bound, f"grad topk_weights {what}: error {error:.3e} of the terms' size exceeds {bound:.1e}"
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(11, 6, 3, 32, 24), (2, 8, 2, 16, 8)], ids=["T11E6k3", "idle-experts"])
 def test_grouped_backward_matches_reference(device, dtype, shape, monkeypatch):
@@ -216,10 +232,11 @@ def test_grouped_backward_matches_reference(device, dtype, shape, monkeypatch):
         with poisoned_outputs():
             grads = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "silu", saved)
             frozen = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "silu", saved, False)
-        for name, got, ref in zip(["hidden", "w13", "w2", "topk_weights"], grads, expected):
-            got_dtype = torch.float32 if name == "topk_weights" else dtype
-            assert_close_to_reference(got, ref, got_dtype, f"grad {name} saved={saved is not None} (seed {seed})",
+        for name, got, ref in zip(["hidden", "w13", "w2"], grads, expected):
+            assert_close_to_reference(got, ref, dtype, f"grad {name} saved={saved is not None} (seed {seed})",
                                       bound=bound)
+        _check_routing_weight_grad(grads[3], expected[3], args, grad_out, bound or 2e-6,
+                                   f"saved={saved is not None} (seed {seed})")
         assert torch.equal(frozen[0], grads[0]) and torch.equal(frozen[3], grads[3])
         assert frozen[1].numel() == 0 and frozen[2].numel() == 0
 

@@ -17,9 +17,9 @@ from torch_ext.testing import assert_close_to_reference, fresh_seed, poisoned_ou
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("hopper_build")]
 
 # ceil(M / 128) x ceil(N / 256) tiles >= 132 SMs; K a multiple of 16 (16-byte rows) but not of
-# 128, in 8 and in 9 k blocks (fp8 promotes k blocks in pairs, an odd one alone); N odd: an odd
+# 128, in 8, 9 and 1 k blocks (fp8 promotes k blocks in pairs, an odd one alone); N odd: an odd
 # output row stride, no paired stores.
-SHAPES = ((1100, 3901, 1008), (1100, 3901, 1136), (2048, 4096, 4096))
+SHAPES = ((1100, 3901, 1008), (1100, 3901, 1136), (1100, 3901, 112), (2048, 4096, 4096))
 
 
 def _kernel_names(fn):

@@ -65,13 +65,14 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
   const auto [tid, lane, warp, qb, h, b, q0, warp_row0, causal, selection, top_k, scale_log2] =
       row_place<kBlockQ>(p);
 
-  const RowCta<T> c = row_cta_setup<T, Tr>(p, smem, qb, b, h, tid);
+  const RowCta<T> c = row_cta_setup<T, Tr>(p, qb, b, h);
   // Group 0: Q; group 1: step 0.
   load_rows<T, kD, Tr::kThreads, Tr::kRowCopies>(smem + Tr::kQOffset, bhsd_ptr<T>(p.q, b, h), p.q.seq_stride, q0,
                                                  c.seq_q, tid);
   cp_async_commit();
   if (c.tiles > 0) load_kv_step<T, Tr>(smem, c, 0, 0, tid);
   cp_async_commit();
+  load_selection_table<Tr>(p, smem, qb, b, h, tid);
   cp_async_wait<1>();
   __syncthreads();
   uint32_t qf[Tr::kK16][4];
@@ -143,13 +144,14 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
   const auto [tid, lane, warp, qb, h, b, q0, warp_row0, causal, selection, top_k, scale_log2] =
       row_place<kBlockQ>(p);
 
-  const RowCta<T> c = row_cta_setup<T, Tr>(p, smem, qb, b, h, tid);
+  const RowCta<T> c = row_cta_setup<T, Tr>(p, qb, b, h);
   load_rows<T, kD, Tr::kThreads, Tr::kRowCopies>(smem + Tr::kQOffset, bhsd_ptr<T>(p.q, b, h), p.q.seq_stride, q0,
                                                  c.seq_q, tid);
   load_rows<T, kD, Tr::kThreads, Tr::kRowCopies>(smem + (Tr::kQOffset + Tr::kRowBytes), bhsd_ptr<T>(bp.grad_out, b, h),
                                                  bp.grad_out.seq_stride, q0, c.seq_q, tid);
   if (c.tiles > 0) load_kv_step<T, Tr>(smem, c, 0, 0, tid);
   cp_async_commit();
+  load_selection_table<Tr>(p, smem, qb, b, h, tid);
 
   const int q_pos[2] = {q0 + warp_row0 + ix::acc_row(lane, 0), q0 + warp_row0 + ix::acc_row(lane, 2)};
   float lse2[2], delta[2];

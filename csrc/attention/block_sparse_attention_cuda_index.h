@@ -66,7 +66,8 @@ constexpr int kStages = 2;
 // Query rows per step of the dK / dV kernel: the 64-row sub-tiles of a listed query block.
 constexpr int kBwdQTile = 64;
 // MoBA token selection in the attention kernels: the CTA's [rows][top_k] choices sit in shared
-// memory (32 KB at 128 rows x 64); larger top_k is refused (cudaErrorInvalidValue).
+// memory (33 KB at 128 rows x 64, rows padded to an odd stride); larger top_k is refused
+// (cudaErrorInvalidValue).
 constexpr int kMaxSelectionTopK = 64;
 // moba_select keeps a token's top_k candidates one per lane of a warp.
 constexpr int kMaxMobaTopK = 32;
@@ -192,6 +193,9 @@ TORCH_EXT_HOST_DEVICE bool block_selected(const int32_t* choices, int top_k, int
 // once per CTA: moba_select's lists already are, so the sort is one pass), and look a step's
 // blocks up by binary search: ceil(log2 top_k) + 1 shared loads per (row, block) instead of
 // top_k (block 16 / top-k 32: 4 blocks a step, 2 rows a lane: 48 loads instead of 256).
+// Words between two rows of that table: top_k rounded up to odd, so that the rows a warp looks
+// up at once (8, one per lane quad) fall in distinct shared-memory banks.
+TORCH_EXT_HOST_DEVICE constexpr int selection_row_stride(int top_k) { return top_k == 0 ? 0 : (top_k | 1); }
 TORCH_EXT_HOST_DEVICE void sort_choices(int32_t* choices, int top_k) {
   for (int i = 1; i < top_k; ++i) {
     const int32_t v = choices[i];
@@ -415,7 +419,7 @@ struct RowTraits {
   static constexpr int kKvCopies = kTileKv * kChunks / kThreads;
   static_assert(kBlockQ * kChunks % kThreads == 0 && kTileKv * kChunks % kThreads == 0, "whole copies");
   static_assert(kTileKv / 16 <= kMaxSegments, "segments of >= 16 keys");
-  static constexpr int smem_bytes(int top_k) { return kSelOffset + kBlockQ * top_k * 4; }
+  static constexpr int smem_bytes(int top_k) { return kSelOffset + kBlockQ * selection_row_stride(top_k) * 4; }
 };
 
 // dK / dV: block_kv / 16 key warps (16 key rows each) x query warps splitting a step's 64 query
@@ -517,8 +521,14 @@ template <int kD, int kBlockQ>
 constexpr int wgmma_forward_smem_bytes(int top_k) {
   return RowTraits<kD, kBlockQ, false>::smem_bytes(top_k) + kWgmmaAtomBytes;
 }
-static_assert(RowTraits<128, 64, false>::kStageOffset % kWgmmaAtomBytes == 0 &&
-                  RowTraits<64, 64, false>::kKvBytes % kWgmmaAtomBytes == 0,
+template <int kD, int kBlockQ>
+constexpr bool wgmma_tiles_on_atoms() {
+  using Tr = RowTraits<kD, kBlockQ, false>;
+  return Tr::kQOffset % kWgmmaAtomBytes == 0 && Tr::kStageOffset % kWgmmaAtomBytes == 0 &&
+         Tr::kStageBytes % kWgmmaAtomBytes == 0 && Tr::kKvBytes % kWgmmaAtomBytes == 0;
+}
+static_assert(wgmma_tiles_on_atoms<64, 64>() && wgmma_tiles_on_atoms<128, 64>() && wgmma_tiles_on_atoms<64, 128>() &&
+                  wgmma_tiles_on_atoms<128, 128>(),
               "Q, K and V tiles start on swizzle atoms");
 
 }  // namespace bsa_cuda

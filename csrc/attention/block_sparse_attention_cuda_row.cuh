@@ -239,7 +239,8 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
       unsigned bits = 0;
 #pragma unroll 1  // a rolled loop: the binary searches unrolled 8 times cost the dQ kernel spills
       for (int s = 0; s < nseg; ++s)
-        if (ix::sorted_choices_hold(table + row * top_k, top_k, seg[ix::kMaxSegments + s])) bits |= 1u << s;
+        if (ix::sorted_choices_hold(table + row * ix::selection_row_stride(top_k), top_k, seg[ix::kMaxSegments + s]))
+          bits |= 1u << s;
       m.allowed[half] = bits;
     }
     m.hidden = m.hidden || !__any_sync(kFullMask, (m.allowed[0] | m.allowed[1]) != 0);
@@ -321,10 +322,9 @@ __device__ __forceinline__ void store_forward_rows(const BlockSparseForwardParam
   store_warp_rows<T, kD>(o, inv, stage, warp_row0, bhsd_ptr<T>(p.out, b, h), p.out.seq_stride, q0, c.seq_q, lane);
 }
 
-// Common prologue of the forward / dQ CTAs: their coordinates, lists and the MoBA table.
+// Common prologue of the forward / dQ CTAs: their coordinates and lists.
 template <typename T, class Tr>
-__device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParams& p, unsigned char* smem, int qb,
-                                                   int64_t b, int h, int tid) {
+__device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParams& p, int qb, int64_t b, int h) {
   const int hk = h / int(p.heads_q / p.heads_kv);
   RowCta<T> c;
   c.k = bhsd_ptr<T>(p.k, b, hk);
@@ -339,22 +339,27 @@ __device__ __forceinline__ RowCta<T> row_cta_setup(const BlockSparseForwardParam
   c.seq_q = int(p.seq_q);
   c.seq_kv = int(p.seq_kv);
   c.tiles = c.seq_kv > 0 ? ix::walk_tiles(c.count, c.block_kv) : 0;
-  if (p.selection.blocks != nullptr) {
-    const int top_k = p.selection.top_k;
-    const int32_t* const sel = p.selection.blocks + b * p.selection.batch_stride + h * p.selection.head_stride;
-    int32_t* const table = reinterpret_cast<int32_t*>(smem + Tr::kSelOffset);
-    const int q0 = qb * (Tr::kWarps * ix::kWarpRows);
-    // Thread r fills and sorts row r (ix::sort_choices: one pass over moba_select's sorted
-    // lists); the kernels' first barrier comes before any lookup.
-    static_assert(Tr::kWarps * ix::kWarpRows <= Tr::kThreads, "a thread per row");
-    if (tid < Tr::kWarps * ix::kWarpRows) {
-      int32_t* const row = table + tid * top_k;
-      const bool ok = q0 + tid < c.seq_q;
-      for (int k = 0; k < top_k; ++k) row[k] = ok ? __ldg(sel + int64_t(q0 + tid) * p.selection.seq_stride + k) : -1;
-      ix::sort_choices(row, top_k);
-    }
-  }
   return c;
+}
+
+// The MoBA table of the CTA's rows (when the call has token choices), called once the first
+// tiles' copies are in flight: thread r fills and sorts row r (ix::sort_choices: one pass over
+// moba_select's sorted lists), rows selection_row_stride words apart; the kernels' first
+// barrier comes before any lookup.
+template <class Tr>
+__device__ __forceinline__ void load_selection_table(const BlockSparseForwardParams& p, unsigned char* smem, int qb,
+                                                     int64_t b, int h, int tid) {
+  if (p.selection.blocks == nullptr) return;
+  const int top_k = p.selection.top_k;
+  const int32_t* const sel = p.selection.blocks + b * p.selection.batch_stride + h * p.selection.head_stride;
+  const int q0 = qb * (Tr::kWarps * ix::kWarpRows);
+  static_assert(Tr::kWarps * ix::kWarpRows <= Tr::kThreads, "a thread per row");
+  if (tid < Tr::kWarps * ix::kWarpRows) {
+    int32_t* const row = reinterpret_cast<int32_t*>(smem + Tr::kSelOffset) + tid * ix::selection_row_stride(top_k);
+    const bool ok = q0 + tid < p.seq_q;
+    for (int k = 0; k < top_k; ++k) row[k] = ok ? __ldg(sel + int64_t(q0 + tid) * p.selection.seq_stride + k) : -1;
+    ix::sort_choices(row, top_k);
+  }
 }
 
 // Where a CTA that walks a query block's key list (forward, dQ) works, and the call's flags:

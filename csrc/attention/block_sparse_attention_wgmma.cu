@@ -16,7 +16,8 @@
 //     O += P V as 4 wgmma.m64n<D>k16 with P straight from S's registers (acc_to_a) and V read
 //     transposed from shared memory; waited. Nothing stays in flight across the loop's back-edge
 //     (ptxas would serialize every wgmma, see quant/w8a8_wgmma.cu). Overlap comes from the other
-//     warpgroups on the SM (2 CTAs per SM at D = 128), not from within one.
+//     warpgroups on the SM (block_q 64 at D = 128: 2 CTAs of one warpgroup per SM; block_q 128:
+//     one CTA of two), not from within one.
 //   - K / V of step t + 1 load (cp.async, zero-filled past the list / Sk) while step t computes;
 //     copies land, are fenced into the async proxy, then a CTA barrier, as in the W8A8 kernel.
 //   - Epilogue: a CTA barrier (the other warpgroup may still read its Q rows, whose bytes the
@@ -43,13 +44,14 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
       row_place<kBlockQ>(p);
   const int warpgroup = warp / 4;
 
-  const RowCta<T> c = row_cta_setup<T, Tr>(p, smem, qb, b, h, tid);
+  const RowCta<T> c = row_cta_setup<T, Tr>(p, qb, b, h);
   // Group 0: Q; group 1: step 0.
   load_rows<T, kD, Tr::kThreads, Tr::kRowCopies, WgmmaLayout<kBlockQ>>(smem + Tr::kQOffset, bhsd_ptr<T>(p.q, b, h),
                                                                        p.q.seq_stride, q0, c.seq_q, tid);
   cp_async_commit();
   if (c.tiles > 0) load_kv_step<T, Tr, WgmmaLayout<ix::kTileKv>>(smem, c, 0, 0, tid);
   cp_async_commit();
+  load_selection_table<Tr>(p, smem, qb, b, h, tid);
   // This warpgroup's 64 Q rows: rows 64 g.. of each column block.
   const uint32_t q_tile = base + Tr::kQOffset + warpgroup * ix::kWgmmaRows * kWgmmaSwizzleRowBytes;
 
@@ -86,8 +88,12 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
     uint32_t pa[ix::kTileKv / 16][4];
 #pragma unroll
     for (int kk = 0; kk < ix::kTileKv / 16; ++kk) acc_to_a<T>(pa[kk], s, kk);
-    wgmma_fence();  // O was rescaled and P written by ordinary instructions
+    // O was rescaled and P written by ordinary instructions: pin both, then the wgmma fence
+    // (CUTLASS's order), so the compiler cannot sink those writes past the fence.
     wgmma_fence_operands(o);
+#pragma unroll
+    for (int kk = 0; kk < ix::kTileKv / 16; ++kk) wgmma_fence_operands(pa[kk]);
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < ix::kTileKv / 16; ++kk) {
       if constexpr (kD == 128) {

@@ -296,10 +296,10 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
 
   // Hopper (kWgmma, batch config): a stage's k16 steps as wgmma.m64n64k16 per warp tile, A = the
   // warp's dequantized fragments, B = the x tile (ix::x_wgmma_desc). Every warp takes part (wgmma
-  // is warpgroup-wide): tiles past N and k16 steps past the split are zero-filled words meeting
-  // zero-filled x, so they add nothing and need no branch. Each step waits until only its own
-  // batch is in flight (the previous step's fragments may then be overwritten), the stage ends
-  // with nothing in flight (ptxas serializes wgmma batches that cross a loop back-edge).
+  // is warpgroup-wide): tiles past N have zero scales, k16 steps past the split get zero A
+  // fragments and meet zero-filled x, so no branch goes around a wgmma. Each step waits until
+  // only its own batch is in flight (the previous step's fragments may then be overwritten), the
+  // stage ends with nothing in flight (ptxas serializes wgmma batches that cross a loop back-edge).
   const auto wgmma_stage = [&](const unsigned char* base, const ix::StageSpan& span) {
     if constexpr (kWgmma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -309,9 +309,11 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
     ix::GroupCursor cursor = ix::group_cursor(span, a.group_tiles);
 #pragma unroll
     for (int t = 0; t < kStageTiles; ++t) {
-      if (span.kt0 + t < span.kt_stop) params_for_tile(base, cursor, span, span.kt0 + t);
+      const bool inside = span.kt0 + t < span.kt_stop;  // the same for the whole CTA
+      if (inside) params_for_tile(base, cursor, span, span.kt0 + t);
       uint32_t frag[ix::kWarpTiles][4];
       dequantize_step(base, t, frag);
+      if (!inside) zero_accumulators(frag);  // (0 - zero) * scale is not 0; x is, but keep it exact
       wgmma_fence();
 #pragma unroll
       for (int i = 0; i < ix::kWarpTiles; ++i)

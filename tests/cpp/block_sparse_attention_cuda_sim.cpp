@@ -395,7 +395,7 @@ struct RowSim {
     return st;
   }
   static int k_stage(int st) { return Tr::kStageOffset + st * Tr::kStageBytes; }
-  // row_cta_setup: coordinates, list, the MoBA table (plain stores)
+  // row_cta_setup: coordinates, list; load_selection_table: the MoBA table (plain stores)
   void setup() {
     hk = h / (P.Hq / P.Hk);
     const int hm = P.chs == 0 ? 0 : h;
@@ -412,7 +412,9 @@ struct RowSim {
         std::sort(expect.begin(), expect.end());
         ix::sort_choices(row.data(), P.top_k);
         CHECK(row == expect);
-        for (int kk = 0; kk < P.top_k; ++kk) st_i32(sm, Tr::kSelOffset + 4 * (r * P.top_k + kk), row[size_t(kk)]);
+        const int stride = ix::selection_row_stride(P.top_k);
+        CHECK(stride >= P.top_k && (P.top_k == 0 || stride % 2 == 1));
+        for (int kk = 0; kk < P.top_k; ++kk) st_i32(sm, Tr::kSelOffset + 4 * (r * stride + kk), row[size_t(kk)]);
       }
     }
   }
@@ -516,7 +518,8 @@ struct RowSim {
         if (!P.sel) continue;
         const int row = warp * 16 + ix::acc_row(l, 2 * half);
         std::vector<int32_t> table(size_t(std::max(P.top_k, 1)));
-        for (int k = 0; k < P.top_k; ++k) table[size_t(k)] = ld_i32(sm, Tr::kSelOffset + 4 * (row * P.top_k + k));
+        for (int k = 0; k < P.top_k; ++k)
+          table[size_t(k)] = ld_i32(sm, Tr::kSelOffset + 4 * (row * ix::selection_row_stride(P.top_k) + k));
         unsigned bits = 0;
         for (int s = 0; s < ix::kMaxSegments; ++s)
           if (s < nseg && ix::sorted_choices_hold(table.data(), P.top_k, blocks[s])) {
@@ -1467,6 +1470,7 @@ void check_wgmma_forward_operands() {
           CHECK(16 * w + ix::acc_row(lane, e) == mma_spec::WgmmaA16::a_row(w, lane, i));
           CHECK(8 * j + ix::acc_col(lane, e) == 16 * kk + mma_spec::WgmmaA16::a_col(lane, i));
           CHECK(16 * w + ix::acc_row(lane, e) == mma_spec::Wgmma64::d_row(w, lane, 4 * j + e));
+          CHECK(8 * j + ix::acc_col(lane, e) == mma_spec::Wgmma64::d_col(lane, 4 * j + e));
         }
   CHECK((ix::wgmma_forward_smem_bytes<kD, kBlockQ>(8) == Tr::smem_bytes(8) + 1024));
 }

@@ -664,7 +664,54 @@ void sim_wgmma_mm(const MmProblem& p) {
       if (s < k_iters) load_stage(s);
       smem.commit();
     }
-    for (int iter = 0; iter < k_iters; ++iter) {
+    // The kernel's k loop as events, in its order: int8 issues each iteration into acc and waits
+    // until one batch is in flight; fp8 issues pairs of iterations into block buffers 0 and 1,
+    // waits (1 pending) and promotes buffer 0, waits (0) and promotes buffer 1, and an odd last
+    // iteration alone (issue, wait 0, promote). Each iteration must be issued once, read only
+    // slots whose copies landed, be promoted once in order after its batch completed, and its
+    // slot refilled only after that.
+    struct Event {
+      char kind;  // 'i' issue, 'w' wait, 'p' promote
+      int iter;   // the k iteration (a wait: the batches it leaves in flight)
+      int buf;    // fp8's block buffer
+    };
+    std::vector<Event> events;
+    if (!Tile::kPromote) {
+      for (int iter = 0; iter < k_iters; ++iter) events.insert(events.end(), {{'i', iter, 0}, {'w', 1, 0}});
+    } else {
+      int iter = 0;
+      for (; iter + 2 <= k_iters; iter += 2)
+        events.insert(events.end(), {{'i', iter, 0}, {'i', iter + 1, 1}, {'w', 1, 0}, {'p', iter, 0}, {'w', 0, 0},
+                                     {'p', iter + 1, 1}});
+      if (iter < k_iters) events.insert(events.end(), {{'i', iter, 0}, {'w', 0, 0}, {'p', iter, 0}});
+    }
+    std::vector<int> issued_batches;  // in issue order; complete up to wgmma_complete's index
+    std::vector<int> issue_count(size_t(k_iters), 0), promoted(size_t(k_iters), 0);
+    int buffer_iter[2] = {-1, -1};
+    int completed = 0;  // issued_batches[0, completed) are complete
+    int next_promote = 0;
+    static BlockAcc buffers[2][wx::kBM][Tile::kBN];
+    for (const Event& ev : events) {
+      if (ev.kind == 'w') {
+        completed = std::max(completed, int(issued_batches.size()) - ev.iter);  // ev.iter: batches left pending
+        wgmma_complete = completed > 0 ? issued_batches[size_t(completed - 1)] : -1;
+        continue;
+      }
+      if (ev.kind == 'p') {
+        CHECK(buffer_iter[ev.buf] == ev.iter && ev.iter == next_promote && promoted[size_t(ev.iter)] == 0);
+        CHECK(ev.iter <= wgmma_complete);  // its batch completed
+        for (int r = 0; r < wx::kBM; ++r)
+          for (int n = 0; n < Tile::kBN; ++n) acc[r][n] += Acc(buffers[ev.buf][r][n]);
+        ++promoted[size_t(ev.iter)];
+        ++next_promote;
+        continue;
+      }
+      const int iter = ev.iter;
+      CHECK(issue_count[size_t(iter)]++ == 0);
+      if (Tile::kPromote) {
+        CHECK(buffer_iter[ev.buf] < 0 || promoted[size_t(buffer_iter[ev.buf])] == 1);  // not overwritten unpromoted
+        buffer_iter[ev.buf] = iter;
+      }
       smem.wait(Tile::kLoadAhead - 1);
       smem.barrier();
       if (Tile::refill_iter(iter) < k_iters) load_stage(Tile::refill_iter(iter));
@@ -704,11 +751,18 @@ void sim_wgmma_mm(const MmProblem& p) {
           }
         }
       }
-      for (int r = 0; r < wx::kBM; ++r)
-        for (int n = 0; n < Tile::kBN; ++n) acc[r][n] += Acc(block[r][n]);  // int8: exact either way
+      if (Tile::kPromote) {
+        for (int r = 0; r < wx::kBM; ++r)
+          for (int n = 0; n < Tile::kBN; ++n) buffers[ev.buf][r][n] = block[r][n];  // a fresh k-block sum
+      } else {
+        for (int r = 0; r < wx::kBM; ++r)
+          for (int n = 0; n < Tile::kBN; ++n) acc[r][n] += Acc(block[r][n]);  // int8: exact either way
+      }
       slot_reader[size_t(stage)] = iter;
-      wgmma_complete = iter - 1;  // each batch is followed by a wait that leaves at most it in flight
+      issued_batches.push_back(iter);
     }
+    for (int iter = 0; iter < k_iters; ++iter)
+      CHECK(issue_count[size_t(iter)] == 1 && (!Tile::kPromote || promoted[size_t(iter)] == 1));
     smem.wait(0);
 
     // epilogue, register by register as the kernel walks them
