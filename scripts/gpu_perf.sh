@@ -6,15 +6,15 @@
 #   in priority order: weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096 and
 #   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M), quantize_per_token on 4096 x
 #   14336 (issue 5's bandwidth target), dequantize_weight; weight-only M = 64 and 4096 on the
-#   opt-in wgmma batch GEMM (TORCH_EXT_WO_WGMMA=1); the weight-only split-K sweep
-#   (scripts/wo_split_sweep.py); fused_moe fused vs grouped by token count
-#   (scripts/moe_grouped_sweep.py); fused MoE Mixtral T = 1, 64 and 4096 and moe_route;
-#   block-sparse attention forward dense (64- and 128-row query blocks, against SDPA's default
-#   and its flash backend) and 10% at S = 4096, 10% at 32K (with compiled flex), MoBA at 4K and 32K,
-#   then the same on the Hopper wgmma forward (TORCH_EXT_ATTENTION_WGMMA=1); one token through
-#   Llama-3-8B-shaped layers as CUDA graphs, stock vs quantize_model; the
-#   GMMA instructions in the SASS. (The H100 run of 2026-11-26, docs/perf/gpu-h100.md, measured
-#   the rest: 32K dense and MoBA, W8A8 on mma.sync, the host-bound eager Llama decode.)
+#   opt-in wgmma batch GEMM (TORCH_EXT_WO_WGMMA=1); block-sparse attention forward dense (64- and
+#   128-row query blocks, against SDPA's default and its flash backend) and 10% at S = 4096, 10%
+#   at 32K (with compiled flex), MoBA at 4K and 32K, then the same on the Hopper wgmma forward
+#   (TORCH_EXT_ATTENTION_WGMMA=1); fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
+#   fused vs grouped by token count (scripts/moe_grouped_sweep.py); the weight-only split-K sweep
+#   (scripts/wo_split_sweep.py); one token through Llama-3-8B-shaped layers as CUDA graphs, stock
+#   vs quantize_model; the GMMA instructions in the SASS. (The H100 run of 2026-11-26,
+#   docs/perf/gpu-h100.md, measured the rest: 32K dense, W8A8 on mma.sync, the host-bound eager
+#   Llama decode.)
 # profile: ncu on the target cases' kernels only (weight-only decode GEMM and its reduction, the
 #   W8A8 wgmma GEMM, the MoE decode chain, the attention forward): speed of light, occupancy,
 #   memory, and the warp-stall metrics as raw values (--page raw), one call per case.
@@ -40,23 +40,25 @@ bench() {  # bench NAME LIMIT_SECONDS ARGS...
 }
 
 if has targets; then
+  # In priority order (a step that cannot start before the deadline is skipped): the kernels
+  # changed since the last GPU run first.
   bench quant 120 --op quant w8a8 --match "M=1 8192x8192" --match "M=16 8192x8192" \
     --match "M=64 8192x8192" --match "M=4096 8192x8192" --match "T=4096 K=14336" --match "8192x8192 int4 g128 -> bf16"
   # The weight-only batch GEMM on wgmma (opt-in until it has run: test_linear_hopper_batch).
   step quant_wgmma 50 env TORCH_EXT_WO_WGMMA=1 "$PY" -m torch_ext bench --device cuda --op quant \
     --match "M=64 8192x8192 int4" --match "M=4096 8192x8192 int4" --out "$OUT/quant_wgmma"
-  # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
-  PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
-  # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
-  PYTHONPATH=. step moe_grouped 70 "$PY" scripts/moe_grouped_sweep.py --out "$OUT/moe_grouped"
-  bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
-    --match "moe_route"
   bench attention 90 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
     --match "S=32768 full 10%" --match "S=4096 block" --match "S=32768 block"
   # The same forward cases on the Hopper wgmma forward (opt-in until it has run: its tests are in
   # the check step, test_hopper_forward).
   step attention_wgmma 60 env TORCH_EXT_ATTENTION_WGMMA=1 "$PY" -m torch_ext bench --device cuda --op attention \
     --match "S=4096 full 100%" --match "S=32768 full 10%" --match "S=4096 block 16" --out "$OUT/attention_wgmma"
+  bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
+    --match "moe_route"
+  # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
+  PYTHONPATH=. step moe_grouped 70 "$PY" scripts/moe_grouped_sweep.py --out "$OUT/moe_grouped"
+  # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
+  PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # Four Llama-3-8B-shaped layers, one token, stock vs quantize_model, both as CUDA graph replays.
   bench model 60 --op model --match "CUDA graphs"
   # The warpgroup MMAs in the build's SASS (IGMMA int8, QGMMA fp8).
