@@ -76,6 +76,25 @@ def test_route_is_the_union_over_query_blocks():
     assert torch.equal(ids, ids.sort(dim=-1).values), "lists ascending"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("block_size_q,top_k,num_kv_blocks", [(64, 3, 13), (64, 32, 2048), (128, 8, 5000)])
+def test_cuda_block_lists_equal_cpu(block_size_q, top_k, num_kv_blocks):
+    """The CUDA union kernel (a shared bitmask per query block) lists what the CPU lists: the same
+    counts, ids in ascending order and the unlisted ids after them, over -1 slots, duplicates and
+    a partial last query block."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randint(-1, num_kv_blocks, (2, 3, 301, top_k), generator=gen, dtype=torch.int32)
+    chosen[:, :, ::7] = chosen[:, :, ::7, :1]  # duplicates within a row
+    want_counts, want_ids = torch.ops.torch_ext.moba_block_lists(chosen, num_kv_blocks, block_size_q)
+    with poisoned_outputs():
+        counts, ids = torch.ops.torch_ext.moba_block_lists(chosen.cuda(), num_kv_blocks, block_size_q)
+    assert torch.equal(counts.cpu(), want_counts), f"seed {seed}"
+    assert torch.equal(ids.cpu(), want_ids), f"seed {seed}"  # the unlisted ids after them, ascending
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_equals_naive_moba(cpu_isa, causal, dtype):

@@ -440,6 +440,21 @@ std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_bloc
     TORCH_EXT_CPU_DISPATCH(moba_block_lists, p);
     return {counts, indices};
   }
+#if defined(TORCH_EXT_WITH_CUDA)
+  // The union through a shared bitmask per query block (one kernel); very many key blocks take
+  // the tensor ops below.
+  if (attention::bsa_cuda::list_smem_bytes(num_kv_blocks) <= attention::bsa_cuda::kMaxListSmemBytes) {
+    const c10::cuda::CUDAGuard guard(token_blocks.device());
+    const at::Tensor chosen = token_blocks.contiguous();
+    at::Tensor counts = at::empty({batch, heads, nq}, chosen.options());
+    at::Tensor indices = at::empty({batch, heads, nq, max_blocks}, chosen.options());
+    const attention::MobaBlockListsParams p{chosen.data_ptr<int32_t>(), batch, heads, seq_q, int32_t(top_k),
+                                            int32_t(num_kv_blocks), int32_t(block_size_q), int32_t(max_blocks),
+                                            counts.data_ptr<int32_t>(), indices.data_ptr<int32_t>()};
+    C10_CUDA_CHECK(cuda::moba_block_lists(p, c10::cuda::getCurrentCUDAStream()));
+    return {counts, indices};
+  }
+#endif
   // Rows padded to whole query blocks with -1 (no block), then each block's rows as one list.
   const at::Tensor padded = at::constant_pad_nd(token_blocks, {0, 0, 0, nq * block_size_q - seq_q}, -1)
                                 .reshape({batch, heads, nq, block_size_q * top_k});

@@ -30,6 +30,8 @@
 // moba_pool_kernel / moba_select_kernel: mean-pooled key blocks (fp32, workspace), then per query
 //   token the scores of its eligible blocks 32 at a time (one per lane) and a warp-wide sorted
 //   top-k list (ix::moba_beats order), merged with ballots: no score matrix in memory.
+// moba_block_lists_kernel: per query block the union of its rows' choices through a shared
+//   bitmask, written in ascending order.
 //
 // Requirements of the attention kernels (else cudaErrorInvalidValue; the torch side falls back or
 // copies): fp16 / bf16, head_dim 64 or 128, block_q 64 / 128, block_kv 16 / 32 / 64 / 128, every
@@ -522,6 +524,68 @@ __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const 
 }
 
 // =============================================================================================
+// moba_block_lists
+// =============================================================================================
+
+// A CTA per (query block, head, batch): its rows' choices into a bitmask over key blocks, then the
+// set bits in ascending order (ix::list_* : each thread's run of words, a scan of their counts).
+__global__ void __launch_bounds__(ix::kListThreads) moba_block_lists_kernel(const attention::MobaBlockListsParams p) {
+  extern __shared__ uint32_t words[];  // [list_mask_words], then the scan's [kListThreads]
+  const int nwords = ix::list_mask_words(p.num_kv_blocks);
+  uint32_t* const scan = words + nwords;
+  const int tid = threadIdx.x;
+  const int64_t nq = ix::ceil_div(p.seq_q, p.block_q);
+  const int64_t list = (int64_t(blockIdx.z) * p.heads + blockIdx.y) * nq + blockIdx.x;
+  for (int w = tid; w < nwords; w += ix::kListThreads) words[w] = 0u;
+  __syncthreads();
+  const int64_t row0 = int64_t(blockIdx.x) * p.block_q;
+  const int64_t entries = min(int64_t(p.block_q), p.seq_q - row0) * p.top_k;
+  const int32_t* const choices = p.token_blocks + ((int64_t(blockIdx.z) * p.heads + blockIdx.y) * p.seq_q + row0) * p.top_k;
+  for (int64_t i = tid; i < entries; i += ix::kListThreads) {
+    const int32_t id = __ldg(choices + i);
+    if (id >= 0 && id < p.num_kv_blocks) atomicOr(&words[id / 32], 1u << (id % 32));
+  }
+  __syncthreads();
+  const int per = ix::list_words_per_thread(p.num_kv_blocks);
+  const int w0 = min(tid * per, nwords), w1 = min(w0 + per, nwords);
+  // Inclusive scan of one value per thread over the CTA (scan[] holds the results; all threads
+  // read what they need before the next call overwrites it).
+  const auto scan_counts = [&](uint32_t value) {
+    __syncthreads();
+    scan[tid] = value;
+    __syncthreads();
+    for (int offset = 1; offset < ix::kListThreads; offset *= 2) {
+      const uint32_t add = tid >= offset ? scan[tid - offset] : 0u;
+      __syncthreads();
+      scan[tid] += add;
+      __syncthreads();
+    }
+    return scan[tid];
+  };
+  int32_t* const dst = p.indices + list * p.max_blocks;
+  // The chosen ids (set bits) first, then the others (clear bits below num_kv_blocks), each in
+  // ascending order, as the CPU kernel and the tensor ops leave them; slots past max_blocks are
+  // not written.
+  uint32_t ones = 0, zeros = 0;
+  for (int w = w0; w < w1; ++w) {
+    ones += __popc(words[w]);
+    zeros += __popc(~words[w] & ix::list_word_valid_bits(w, p.num_kv_blocks));
+  }
+  const uint32_t ones_through = scan_counts(ones);
+  const uint32_t total = scan[ix::kListThreads - 1];
+  const uint32_t zeros_through = scan_counts(zeros);
+  int64_t slot = ones_through - ones;
+  for (int w = w0; w < w1; ++w)
+    for (uint32_t bits = words[w]; bits != 0u; bits &= bits - 1u, ++slot)
+      if (slot < p.max_blocks) dst[slot] = 32 * w + __ffs(int(bits)) - 1;
+  slot = int64_t(total) + zeros_through - zeros;
+  for (int w = w0; w < w1 && slot < p.max_blocks; ++w)
+    for (uint32_t bits = ~words[w] & ix::list_word_valid_bits(w, p.num_kv_blocks); bits != 0u; bits &= bits - 1u, ++slot)
+      if (slot < p.max_blocks) dst[slot] = 32 * w + __ffs(int(bits)) - 1;
+  if (tid == 0) p.counts[list] = int32_t(min(int64_t(total), int64_t(p.max_blocks)));
+}
+
+// =============================================================================================
 // Launchers
 // =============================================================================================
 
@@ -652,6 +716,18 @@ cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackward
     }
     return s;
   });
+}
+
+cudaError_t moba_block_lists(const attention::MobaBlockListsParams& p, cudaStream_t stream) {
+  if (p.batch < 0 || p.heads < 0 || p.seq_q < 0 || p.top_k < 0 || p.num_kv_blocks < 0 || p.block_q <= 0 ||
+      p.max_blocks < 0 || p.batch > kMaxGridYZ || p.heads > kMaxGridYZ ||
+      ix::ceil_div(p.seq_q, p.block_q) > kMaxGridX || ix::list_smem_bytes(p.num_kv_blocks) > ix::kMaxListSmemBytes) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.batch == 0 || p.heads == 0 || p.seq_q == 0) return cudaSuccess;
+  const dim3 grid(unsigned(ix::ceil_div(p.seq_q, p.block_q)), unsigned(p.heads), unsigned(p.batch));
+  moba_block_lists_kernel<<<grid, ix::kListThreads, size_t(ix::list_smem_bytes(p.num_kv_blocks)), stream>>>(p);
+  return cudaGetLastError();
 }
 
 int64_t moba_select_workspace_bytes(const attention::MobaSelectParams& p) {

@@ -22,6 +22,12 @@ cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackward
 // MoBA gating: mean-pooled key blocks and per-token top-k selection into p.selected.
 // `workspace` holds moba_select_workspace_bytes(p) bytes (the pooled keys), 16-byte aligned.
 int64_t moba_select_workspace_bytes(const attention::MobaSelectParams& p);
+
+// moba_block_lists on the GPU (p.counts, p.indices: device pointers): per query block the union
+// of its rows' choices in ascending order; ids outside [0, num_kv_blocks) are ignored. Refuses
+// (cudaErrorInvalidValue) key-block counts whose bitmask exceeds bsa_cuda::kMaxListSmemBytes of
+// shared memory; the caller then builds the lists with tensor ops.
+cudaError_t moba_block_lists(const attention::MobaBlockListsParams& p, cudaStream_t stream);
 cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace torch_ext::cuda

@@ -385,6 +385,25 @@ TORCH_EXT_HOST_DEVICE int moba_output_slot(int rank) { return rank; }
 // rounded up to 4 (zero tail: fma(0, 0, s) leaves s, the scores keep the CPU's d-order sums),
 // and pooled rows an odd number of 16-byte quads long: the 8 lanes of a quarter warp then start
 // 16 bytes apart modulo 128 and read distinct banks.
+// moba_block_lists on the GPU: a CTA per (query block, head, batch) marks its rows' choices in a
+// bitmask over key blocks in shared memory, then writes the set bits in ascending order: thread t
+// owns words [t per, (t + 1) per) and a block-wide scan of their bit counts gives its first slot.
+constexpr int kListThreads = 256;
+// Shared memory above this takes the tensor-op path (a bitmask for ~370K key blocks).
+constexpr int kMaxListSmemBytes = 48 * 1024;
+TORCH_EXT_HOST_DEVICE int list_mask_words(int num_kv_blocks) { return int(ceil_div(num_kv_blocks, 32)); }
+TORCH_EXT_HOST_DEVICE int list_words_per_thread(int num_kv_blocks) {
+  return int(ceil_div(list_mask_words(num_kv_blocks), kListThreads));
+}
+// The bits of mask word w that stand for key blocks (all but past num_kv_blocks in the last).
+TORCH_EXT_HOST_DEVICE uint32_t list_word_valid_bits(int w, int num_kv_blocks) {
+  const int left = num_kv_blocks - 32 * w;
+  return left >= 32 ? 0xffffffffu : (left <= 0 ? 0u : (1u << left) - 1u);
+}
+TORCH_EXT_HOST_DEVICE int64_t list_smem_bytes(int64_t num_kv_blocks) {
+  return (ceil_div(num_kv_blocks, 32) + kListThreads) * 4;
+}
+
 TORCH_EXT_HOST_DEVICE int moba_q_row_floats(int head_dim) { return int(ceil_div(head_dim, 4)) * 4; }
 TORCH_EXT_HOST_DEVICE int moba_pooled_row_floats(int head_dim) {
   const int q_row = moba_q_row_floats(head_dim);

@@ -1475,6 +1475,69 @@ void check_wgmma_forward_operands() {
   CHECK((ix::wgmma_forward_smem_bytes<kD, kBlockQ>(8) == Tr::smem_bytes(8) + 1024));
 }
 
+// moba_block_lists_kernel thread by thread: the bitmask, each thread's run of words, the scan of
+// their counts and the writes give every query block's union in ascending order, each slot once.
+void check_block_lists_kernel() {
+  for (int rep = 0; rep < 40; ++rep) {
+    const int nk = int(rnd(0, 3)) == 0 ? int(rnd(0, 40)) : int(rnd(1, 9000));
+    const int block_q = rnd(0, 1) ? 64 : 128, top_k = int(rnd(1, 32)), seq_q = int(rnd(1, 300));
+    const int max_blocks = std::min(nk, block_q * top_k);
+    CHECK(ix::list_smem_bytes(nk) <= ix::kMaxListSmemBytes);
+    std::vector<int32_t> chosen(size_t(seq_q * top_k));
+    for (int32_t& id : chosen) id = int32_t(rnd(-1, nk + 2));  // ids past nk are ignored
+    const int nq = int(ix::ceil_div(seq_q, block_q));
+    for (int qb = 0; qb < nq; ++qb) {
+      const int nwords = ix::list_mask_words(nk), per = ix::list_words_per_thread(nk);
+      std::vector<uint32_t> words(size_t(nwords), 0u);
+      std::set<int> want;
+      const int rows = std::min(block_q, seq_q - qb * block_q);
+      for (int i = 0; i < rows * top_k; ++i) {
+        const int32_t id = chosen[size_t(qb * block_q * top_k + i)];
+        if (id >= 0 && id < nk) {
+          words[size_t(id / 32)] |= 1u << (id % 32);
+          want.insert(id);
+        }
+      }
+      // per thread: its run of words, the chosen (set) and other (clear, valid) bits in it
+      std::vector<uint32_t> ones(ix::kListThreads, 0u), zeros(ix::kListThreads, 0u);
+      const auto run = [&](int t) { return std::pair<int, int>{std::min(t * per, nwords), std::min(std::min(t * per, nwords) + per, nwords)}; };
+      for (int t = 0; t < ix::kListThreads; ++t)
+        for (int w = run(t).first; w < run(t).second; ++w) {
+          ones[size_t(t)] += uint32_t(__builtin_popcount(words[size_t(w)]));
+          zeros[size_t(t)] += uint32_t(__builtin_popcount(~words[size_t(w)] & ix::list_word_valid_bits(w, nk)));
+        }
+      uint32_t total = 0;
+      for (uint32_t c : ones) total += c;
+      std::vector<int32_t> out(size_t(max_blocks), -5);
+      uint32_t ones_before = 0, zeros_before = 0;
+      for (int t = 0; t < ix::kListThreads; ++t) {
+        int64_t slot = ones_before;
+        for (int w = run(t).first; w < run(t).second; ++w)
+          for (uint32_t bits = words[size_t(w)]; bits != 0u; bits &= bits - 1u, ++slot) {
+            CHECK(slot < max_blocks && out[size_t(slot)] == -5);
+            out[size_t(slot)] = 32 * w + __builtin_ctz(bits);
+          }
+        slot = int64_t(total) + zeros_before;
+        for (int w = run(t).first; w < run(t).second && slot < max_blocks; ++w)
+          for (uint32_t bits = ~words[size_t(w)] & ix::list_word_valid_bits(w, nk); bits != 0u; bits &= bits - 1u, ++slot)
+            if (slot < max_blocks) {
+              CHECK(out[size_t(slot)] == -5);
+              out[size_t(slot)] = 32 * w + __builtin_ctz(bits);
+            }
+        ones_before += ones[size_t(t)];
+        zeros_before += zeros[size_t(t)];
+      }
+      CHECK(total == want.size() && int(total) <= max_blocks);
+      // the CPU's contract: the chosen ids ascending, then the others ascending, max_blocks slots
+      std::vector<int32_t> expect(want.begin(), want.end());
+      for (int id = 0; id < nk && int(expect.size()) < max_blocks; ++id)
+        if (!want.count(id)) expect.push_back(id);
+      expect.resize(size_t(max_blocks));
+      CHECK(out == expect);
+    }
+  }
+}
+
 // sort_choices + sorted_choices_hold against the linear scan, on lists of every length up to the
 // limit with duplicates, -1 padding and any order.
 void check_sorted_choice_lookup() {
@@ -1499,6 +1562,7 @@ int main(int argc, char** argv) {
   check_fragment_maps();
   check_online_softmax();
   check_sorted_choice_lookup();
+  check_block_lists_kernel();
   check_wgmma_forward_operands<64, 64>();
   check_wgmma_forward_operands<128, 64>();
   check_wgmma_forward_operands<64, 128>();
