@@ -36,9 +36,8 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // The swizzle works on absolute address bits: tiles start on 1024-byte atoms (the launcher
   // asks for one atom more).
-  const uint32_t raw_address = shared_address(smem_raw);
-  const uint32_t base = (raw_address + kWgmmaAtomBytes - 1) & ~uint32_t(kWgmmaAtomBytes - 1);
-  unsigned char* const smem = smem_raw + (base - raw_address);
+  const uint32_t base = aligned_shared_address(smem_raw, kWgmmaAtomBytes);
+  unsigned char* const smem = align_shared_up(smem_raw, kWgmmaAtomBytes);
 
   const auto [tid, lane, warp, qb, h, b, q0, warp_row0, causal, selection, top_k, scale_log2] =
       row_place<kBlockQ>(p);

@@ -87,9 +87,8 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
   using Tile = typename Op::Tile;
   extern __shared__ unsigned char smem_raw[];
   // Swizzle atoms must be 1024-byte aligned (kSmemBytes has the slack).
-  const uint32_t raw_address = shared_address(smem_raw);
-  const uint32_t smem_base = (raw_address + ix::kSwizzleAtomBytes - 1) & ~uint32_t(ix::kSwizzleAtomBytes - 1);
-  unsigned char* const smem = smem_raw + (smem_base - raw_address);
+  const uint32_t smem_base = aligned_shared_address(smem_raw, ix::kSwizzleAtomBytes);
+  unsigned char* const smem = align_shared_up(smem_raw, ix::kSwizzleAtomBytes);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warpgroup = warp / 4, warp_in_group = warp % 4;

@@ -130,9 +130,7 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // wgmma reads x through the 128-byte swizzle, which works on absolute address bits: its x
   // tiles start on 1024-byte atoms (the launcher adds one atom of slack).
-  unsigned char* const smem =
-      kWgmma ? smem_raw + ((kWgmmaAtomBytes - shared_address(smem_raw) % kWgmmaAtomBytes) % kWgmmaAtomBytes)
-             : smem_raw;
+  unsigned char* const smem = kWgmma ? align_shared_up(smem_raw, kWgmmaAtomBytes) : smem_raw;
   allow_dependent_launch();  // the split reduction (when there is one) waits for the whole grid
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -241,12 +239,6 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
     }
   };
 
-  // One k16 step t of a stage: the warp's two tiles -> A registers, then per 16 tokens one
-  // ldmatrix.x4 of x fragments feeding 2 tiles x 2 token blocks of mma. `blocks` (an
-  // integral_constant) is the number of 8-token blocks holding tokens when known at compile time
-  // (a full CTA, or one block: decode with M <= 8), so that the step has no branch and ptxas can
-  // overlap consecutive steps; 0 reads active_blocks at run time (pair 0 always holds a token,
-  // the other pairs and the odd block's mma are behind branches).
   // The warp's two tiles of k16 step t of the stage at `base`, dequantized into A fragments.
   const auto dequantize_step = [&](const unsigned char* base, int t, uint32_t(&frag)[ix::kWarpTiles][4]) {
     const uint32_t* const sq = reinterpret_cast<const uint32_t*>(base);
@@ -270,6 +262,12 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
     }
   };
 
+  // One k16 step t of a stage: the warp's two tiles -> A registers, then per 16 tokens one
+  // ldmatrix.x4 of x fragments feeding 2 tiles x 2 token blocks of mma. `blocks` (an
+  // integral_constant) is the number of 8-token blocks holding tokens when known at compile time
+  // (a full CTA, or one block: decode with M <= 8), so that the step has no branch and ptxas can
+  // overlap consecutive steps; 0 reads active_blocks at run time (pair 0 always holds a token,
+  // the other pairs and the odd block's mma are behind branches).
   const auto mma_step = [&](const unsigned char* base, int t, auto blocks) {
     constexpr int kKnownBlocks = decltype(blocks)::value;
     const T* const sx = reinterpret_cast<const T*>(base + Cfg::kXOffset);
@@ -303,29 +301,29 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   const auto wgmma_stage = [&](const unsigned char* base, const ix::StageSpan& span) {
     if constexpr (kWgmma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    static_assert(ix::wgmma_config_ok<Cfg>(), "the batch config");
-    constexpr bool kBf16 = std::is_same_v<T, BFloat16>;
-    const uint32_t x_tile = shared_address(base + Cfg::kXOffset);
-    ix::GroupCursor cursor = ix::group_cursor(span, a.group_tiles);
+      static_assert(ix::wgmma_config_ok<Cfg>(), "the batch config");
+      constexpr bool kBf16 = std::is_same_v<T, BFloat16>;
+      const uint32_t x_tile = shared_address(base + Cfg::kXOffset);
+      ix::GroupCursor cursor = ix::group_cursor(span, a.group_tiles);
 #pragma unroll
-    for (int t = 0; t < kStageTiles; ++t) {
-      const bool inside = span.kt0 + t < span.kt_stop;  // the same for the whole CTA
-      if (inside) params_for_tile(base, cursor, span, span.kt0 + t);
-      uint32_t frag[ix::kWarpTiles][4];
-      dequantize_step(base, t, frag);
-      if (!inside) zero_accumulators(frag);  // (0 - zero) * scale is not 0; x is, but keep it exact
-      wgmma_fence();
+      for (int t = 0; t < kStageTiles; ++t) {
+        const bool inside = span.kt0 + t < span.kt_stop;  // the same for the whole CTA
+        if (inside) params_for_tile(base, cursor, span, span.kt0 + t);
+        uint32_t frag[ix::kWarpTiles][4];
+        dequantize_step(base, t, frag);
+        if (!inside) zero_accumulators(frag);  // (0 - zero) * scale is not 0; x is, but keep it exact
+        wgmma_fence();
 #pragma unroll
-      for (int i = 0; i < ix::kWarpTiles; ++i)
-        wgmma_m64n64k16_rs<kBf16, false>(acc[i], frag[i], ix::x_wgmma_desc<Cfg>(x_tile, t));
-      wgmma_commit();
-      wgmma_wait<1>();
-    }
-    wgmma_wait<0>();
+        for (int i = 0; i < ix::kWarpTiles; ++i)
+          wgmma_m64n64k16_rs<kBf16, false>(acc[i], frag[i], ix::x_wgmma_desc<Cfg>(x_tile, t));
+        wgmma_commit();
+        wgmma_wait<1>();
+      }
+      wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < ix::kWarpTiles; ++i) wgmma_fence_operands(acc[i]);
+      for (int i = 0; i < ix::kWarpTiles; ++i) wgmma_fence_operands(acc[i]);
 #else
-    __trap();  // launched only on compute capability 9.0 from sm_90a code
+      __trap();  // launched only on compute capability 9.0 from sm_90a code
 #endif
     }
   };

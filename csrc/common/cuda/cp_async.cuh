@@ -16,6 +16,16 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// p's shared address rounded up to a multiple of `alignment` (a power of two), and p moved there:
+// kernels whose operands must start on swizzle atoms (wgmma's 1024 bytes) align their dynamic
+// shared memory with these and ask for `alignment` bytes more.
+__device__ __forceinline__ uint32_t aligned_shared_address(const void* p, uint32_t alignment) {
+  return (shared_address(p) + alignment - 1) & ~(alignment - 1);
+}
+__device__ __forceinline__ unsigned char* align_shared_up(unsigned char* p, uint32_t alignment) {
+  return p + (aligned_shared_address(p, alignment) - shared_address(p));
+}
+
 // 16 bytes global -> shared, cached in L2 only (.cg); both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem)), "l"(gmem) : "memory");

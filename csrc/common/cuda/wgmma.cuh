@@ -139,40 +139,32 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t de
 // d (64 x N, fp32) += A B for a 16-bit A (64 x 16) from registers (each warp's 16 rows in the
 // mma.m16n8k16 A fragment) and B (16 x N) in shared memory: K-major, or MN-major read transposed
 // (kTransB: the last immediate, imm-trans-b). N = 64 and 128.
-#define TORCH_EXT_WGMMA_M64N64K16_RS(ty, trans)                                                      \
+#define TORCH_EXT_WGMMA_M64N64K16_RS(ty)                                                             \
   asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_31 \
-               "}, {%32, %33, %34, %35}, %36, 1, 1, 1, " trans ";\n"                                  \
+               "}, {%32, %33, %34, %35}, %36, 1, 1, 1, %37;\n"                                        \
                : TORCH_EXT_WGMMA_TILES8(d, 0)                                                         \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(int(kTransB))           \
                : "memory")
-#define TORCH_EXT_WGMMA_M64N128K16_RS(ty, trans)                                                      \
+#define TORCH_EXT_WGMMA_M64N128K16_RS(ty)                                                             \
   asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_63 \
-               "}, {%64, %65, %66, %67}, %68, 1, 1, 1, " trans ";\n"                                   \
+               "}, {%64, %65, %66, %67}, %68, 1, 1, 1, %69;\n"                                         \
                : TORCH_EXT_WGMMA_TILES8(d, 0), TORCH_EXT_WGMMA_TILES8(d, 8)                            \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(int(kTransB))            \
                : "memory")
 template <bool kBf16, bool kTransB>
 __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (kBf16 && kTransB) {
-    TORCH_EXT_WGMMA_M64N64K16_RS("bf16", "1");
-  } else if constexpr (kBf16) {
-    TORCH_EXT_WGMMA_M64N64K16_RS("bf16", "0");
-  } else if constexpr (kTransB) {
-    TORCH_EXT_WGMMA_M64N64K16_RS("f16", "1");
+  if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N64K16_RS("bf16");
   } else {
-    TORCH_EXT_WGMMA_M64N64K16_RS("f16", "0");
+    TORCH_EXT_WGMMA_M64N64K16_RS("f16");
   }
 }
 template <bool kBf16, bool kTransB>
 __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (kBf16 && kTransB) {
-    TORCH_EXT_WGMMA_M64N128K16_RS("bf16", "1");
-  } else if constexpr (kBf16) {
-    TORCH_EXT_WGMMA_M64N128K16_RS("bf16", "0");
-  } else if constexpr (kTransB) {
-    TORCH_EXT_WGMMA_M64N128K16_RS("f16", "1");
+  if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N128K16_RS("bf16");
   } else {
-    TORCH_EXT_WGMMA_M64N128K16_RS("f16", "0");
+    TORCH_EXT_WGMMA_M64N128K16_RS("f16");
   }
 }
 
