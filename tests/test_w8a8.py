@@ -251,14 +251,69 @@ def test_int8_linear_equals_its_definition(dtype, per_tensor):
         w_scale = w_scale[:1].clone()
     outliers = (x.abs().amax(0) > 6.0).nonzero().squeeze(1)
     assert set(outliers.tolist()) >= {7, 290}
-    xq, xs = _reference_quantize(x.index_fill(1, outliers, 0))
-    w_columns = w_scale.double().expand(33)
-    expected = ((xq.double() @ w_q.double().t()) * xs.double() * w_columns
-                + x[:, outliers].double() @ (w_q[:, outliers].double() * w_columns[:, None]).t())
+    expected = _int8_linear_definition(x, w_q, w_scale, outliers)
     with poisoned_outputs():
         got = int8_linear(x, w_q, w_scale, None, 6.0)
     assert got.dtype == dtype
     assert_close_to_reference(got, expected, dtype, f"int8_linear (seed {seed})")
+
+
+def _int8_linear_definition(x, w_q, w_scale, outliers):
+    """int8_linear in float64 for a given outlier set (ascending columns)."""
+    xq, xs = _reference_quantize(x.index_fill(1, outliers, 0))
+    w_columns = w_scale.double().expand(w_q.shape[0])
+    return ((xq.double() @ w_q.double().t()) * xs.double() * w_columns
+            + x[:, outliers].double() @ (w_q[:, outliers].double() * w_columns[:, None]).t())
+
+
+def test_int8_linear_caps_the_outlier_features():
+    """More features above the threshold than max_outlier_features(K) = 64 (K = 100): the 64
+    largest column maxima take the 16-bit path, equal maxima the lower column first (the rule the
+    CUDA selection kernel follows too); the rest stay in int8."""
+    seed = fresh_seed()
+    k, n = 100, 24
+    x = random_tensor((6, k), torch.float32, "cpu", seed)
+    big = torch.randperm(k, generator=torch.Generator().manual_seed(seed % 2**31))[:80]
+    levels = torch.tensor([20.0, 30.0, 40.0, 50.0])[torch.arange(80) % 4]  # 20 columns per level: ties
+    x[0, big] = levels
+    x[1:, big] = x[1:, big].clamp(-1, 1)
+    w_q, w_scale, _ = _int8_weight(n, k, seed + 1)
+    column_max = x.abs().amax(0)
+    order = torch.sort(column_max, stable=True, descending=True).indices[:64]
+    outliers = order.sort().values
+    assert (column_max[outliers] >= 20).all() and int((column_max[outliers] == 20).sum()) == 4
+    with poisoned_outputs():
+        got = int8_linear(x, w_q, w_scale, None, 6.0)
+    assert_close_to_reference(got, _int8_linear_definition(x, w_q, w_scale, outliers), torch.float32,
+                              f"int8_linear cap (seed {seed})")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_int8_linear_cuda_matches_cpu_bitwise(dtype):
+    """The CUDA decomposition (column maxima over row splits, selection into fixed slots with no
+    host sync, masked quantization, the GEMM, the outlier product) computes the CPU's result bit
+    for bit: no outliers, a few, more than the cap (ties at its boundary), per-tensor scale,
+    unaligned K, one row and many (several row splits)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    for m, n, k, columns, per_tensor in ((1, 70, 300, (), False), (1, 64, 4096, (5, 4000), False),
+                                         (5, 33, 130, tuple(range(0, 130, 2)), True),
+                                         (300, 48, 1000, (7, 290, 999), False), (2048, 40, 520, (1, 2, 3), True)):
+        x = _outlier_batch(seed, m=m, k=k, columns=columns, magnitude=40.0) if columns else \
+            random_tensor((m, k), torch.float32, "cpu", seed)
+        if len(columns) > 64:  # ties at the cap
+            x[0, list(columns)] = torch.tensor([50.0, 60.0])[torch.arange(len(columns)) % 2]
+        x = x.to(dtype)
+        w_q, w_scale, _ = _int8_weight(n, k, seed + 1)
+        if per_tensor:
+            w_scale = w_scale[:1].clone()
+        bias = random_tensor((n,), torch.float32, "cpu", seed + 2)
+        cpu = int8_linear(x, w_q, w_scale, bias, 6.0)
+        with poisoned_outputs():
+            gpu = int8_linear(x.cuda(), w_q.cuda(), w_scale.cuda(), bias.cuda(), 6.0)
+        assert torch.equal(gpu.cpu(), cpu), f"{m}x{n}x{k} {len(columns)} outliers {dtype} seed {seed}"
 
 
 def test_int8_linear_gradients_straight_through():

@@ -27,9 +27,10 @@
 //   per-row MoBA flag). S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. Warps that split
 //   the query rows sum their partial dK / dV through shared memory in warp order: deterministic,
 //   no atomics.
-// moba_pool_kernel / moba_select_kernel: mean-pooled key blocks (fp32, workspace), then per query
-//   token the scores of its eligible blocks 32 at a time (one per lane) and a warp-wide sorted
-//   top-k list (ix::moba_beats order), merged with ballots: no score matrix in memory.
+// moba_pool_kernel / moba_select_kernel: mean-pooled key blocks (fp32 means split into two 16-bit
+//   terms, workspace), then per 16 query tokens the scores of 32 blocks at a time on tensor cores
+//   (mma.m16n8k16), handed one block per lane to a warp-wide sorted top-k list per token
+//   (ix::moba_beats order), merged with ballots: no score matrix in memory.
 // moba_block_lists_kernel: per query block the union of its rows' choices through a shared
 //   bitmask, written in ascending order.
 //
@@ -43,6 +44,7 @@
 #include "attention/block_sparse_attention_cuda.h"
 #include "attention/block_sparse_attention_cuda_row.cuh"
 #include "attention/block_sparse_attention_wgmma.h"
+#include "common/cuda/block_scan.cuh"
 #include "common/cuda/hopper_switch.h"
 
 namespace torch_ext::cuda {
@@ -397,90 +399,138 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
 // moba_select
 // =============================================================================================
 
-// pooled[b, hk, blk, d] = mean of k over the block's keys (fp32, in key order).
+// pooled[b, hk, part, blk, d] = the hi / lo split (ix::moba_split) of the fp32 mean of k over the
+// block's keys (key order), zero for head_dim <= d < the padded dim.
 template <typename T>
-__global__ void __launch_bounds__(ix::kPoolThreads) moba_pool_kernel(const MobaSelectParams p, float* pooled) {
+__global__ void __launch_bounds__(ix::kPoolThreads) moba_pool_kernel(const MobaSelectParams p, ix::MobaMma<T>* pooled) {
   const int blk = blockIdx.x, hk = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
   const int64_t first = int64_t(blk) * p.block_size;
   const int n = int(min(int64_t(p.block_size), p.seq_kv - first));
   const T* const k = bhsd_ptr<T>(p.k, b, hk) + first * p.k.seq_stride;
-  float* const dst = pooled + ((b * p.heads_kv + hk) * blocks + blk) * int64_t(p.head_dim);
-  for (int d = threadIdx.x; d < p.head_dim; d += ix::kPoolThreads) {
-    float sum = 0.f;
-    for (int j = 0; j < n; ++j) sum += to_compute(k[int64_t(j) * p.k.seq_stride + d]);
-    dst[d] = sum / float(n);
+  ix::MobaMma<T>* const hi = pooled + ix::moba_pooled_row(b, hk, 0, blk, p.heads_kv, blocks, p.head_dim);
+  ix::MobaMma<T>* const lo = pooled + ix::moba_pooled_row(b, hk, 1, blk, p.heads_kv, blocks, p.head_dim);
+  for (int d = threadIdx.x; d < ix::moba_dim_padded(p.head_dim); d += ix::kPoolThreads) {
+    float mean = 0.f;
+    if (d < p.head_dim) {
+      for (int j = 0; j < n; ++j) mean += to_compute(k[int64_t(j) * p.k.seq_stride + d]);
+      mean /= float(n);
+    }
+    const auto split = ix::moba_split<ix::MobaMma<T>>(mean);
+    hi[d] = split.hi;
+    lo[d] = split.lo;
   }
 }
 
-// A CTA: 32 query tokens of one (b, h); 4 warps x 8 tokens. Pooled keys stream through shared
-// memory 32 blocks at a time; lane j scores block c0 + j against its warp's 8 tokens at once,
-// 16-byte loads of padded rows (ix::moba_q_row_floats / moba_pooled_row_floats: why).
+// A CTA: 64 query tokens of one (b, h); warp w owns tokens 16 w .. 16 w + 15 as one m16 tile. The
+// query rows sit in shared memory as 16-bit operands (hi, and lo for fp32 inputs); chunks of 32
+// pooled blocks (hi and lo rows) stream through kMobaStages stages. Per chunk a warp with an
+// eligible block left computes its 16 x 32 scores with ldmatrix + mma.m16n8k16 (q hi x p hi, q hi x
+// p lo, and q lo x p hi when split, all into the same fp32 accumulators), parks them in its shared
+// score tile, and merges row by row: lane j offers block c0 + j to the row's top-k list with
+// ballots (ix::moba_beats order). The merge is the CUDA-core part; the scoring, ~35 ms on FMA
+// units at 32K / block 16 on the H100, is the part the tensor cores take.
 template <typename T>
 __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const MobaSelectParams p,
-                                                                         const float* pooled) {
-  extern __shared__ __align__(16) float fsm[];
+                                                                         const ix::MobaMma<T>* pooled) {
+  using M = ix::MobaMma<T>;
+  constexpr bool kSplitQ = ix::kMobaSplitQ<T>;
   constexpr int kThreads = ix::kMobaWarps * 32;
+  extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int D = p.head_dim, top_k = p.top_k;
+  const int D = p.head_dim, Dp = ix::moba_dim_padded(D), top_k = p.top_k;
   const int hk = h / int(p.heads_q / p.heads_kv);
   const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
   const int64_t i0 = int64_t(blockIdx.x) * ix::kMobaRowsPerCta;
-  const int q_row = ix::moba_q_row_floats(D), p_row = ix::moba_pooled_row_floats(D);
-  float* const qs = fsm;                                   // [32][q_row]
-  float* const ps = fsm + ix::kMobaRowsPerCta * q_row;     // [32][p_row]
+  const ix::MobaSmemLayout L = ix::moba_smem_layout(D, kSplitQ);
+  const int row_bytes = ix::moba_row_bytes(D);
+
   const T* const q = bhsd_ptr<T>(p.q, b, h);
-  for (int idx = tid; idx < ix::kMobaRowsPerCta * q_row; idx += kThreads) {
-    const int r = idx / q_row, d = idx % q_row;
-    qs[idx] = i0 + r < p.seq_q && d < D ? to_compute(q[(i0 + r) * p.q.seq_stride + d]) : 0.f;
+  for (int idx = tid; idx < ix::kMobaRowsPerCta * Dp; idx += kThreads) {
+    const int r = idx / Dp, d = idx % Dp;
+    const float x = i0 + r < p.seq_q && d < D ? to_compute(q[(i0 + r) * p.q.seq_stride + d]) : 0.f;
+    const auto split = ix::moba_split<M>(x);
+    *reinterpret_cast<M*>(smem + L.q_hi + r * row_bytes + 2 * d) = split.hi;
+    if constexpr (kSplitQ) *reinterpret_cast<M*>(smem + L.q_lo + r * row_bytes + 2 * d) = split.lo;
   }
-  ix::MobaRange range[ix::kMobaRowsPerWarp];
+
+  int limit[ix::kMobaRowsPerWarp], kept[ix::kMobaRowsPerWarp];
   float es[ix::kMobaRowsPerWarp];
   int32_t ei[ix::kMobaRowsPerWarp];
+  int warp_limit = 0;  // blocks [0, warp_limit) hold a candidate of some row of the warp
 #pragma unroll
   for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
     const int64_t i = i0 + warp * ix::kMobaRowsPerWarp + j;
-    range[j] = i < p.seq_q ? ix::moba_range(i, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal)
-                           : ix::MobaRange{0, -1, 0};
+    const ix::MobaRange range =
+        i < p.seq_q ? ix::moba_range(i, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal) : ix::MobaRange{0, -1, 0};
+    limit[j] = range.limit;
+    kept[j] = range.k;
+    if (range.k > 0) warp_limit = max(warp_limit, range.limit);
     es[j] = ix::neg_inf();
     ei[j] = ix::kMobaEmptyId;
   }
   // The CTA's last token has the widest range (monotone in i).
   const int64_t last = min(i0 + ix::kMobaRowsPerCta, p.seq_q) - 1;
   const int cta_limit = ix::moba_range(last, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal).limit;
-  const float* const pooled_bh = pooled + (b * p.heads_kv + hk) * int64_t(blocks) * D;
+  const M* const pooled_bh = pooled + ix::moba_pooled_row(b, hk, 0, 0, p.heads_kv, blocks, D);
+  const int64_t part_stride = int64_t(blocks) * Dp;  // hi rows -> lo rows
+  float* const tile = reinterpret_cast<float*>(smem + L.scores) + warp * ix::kMobaRowsPerWarp * ix::kMobaScoreStride;
 
-  for (int c0 = 0; c0 < cta_limit; c0 += ix::kMobaChunk) {
-    __syncthreads();  // the previous chunk is consumed (and, first time, q is staged)
-    for (int idx = tid; idx < ix::kMobaChunk * q_row; idx += kThreads) {
-      const int r = idx / q_row, d = idx % q_row;
-      ps[r * p_row + d] = c0 + r < blocks && d < D ? pooled_bh[int64_t(c0 + r) * D + d] : 0.f;
+  const auto load_stage = [&](int slot, int chunk) {
+    const int c0 = chunk * ix::kMobaChunk;
+    unsigned char* const stage = smem + L.stages + slot * L.stage_bytes;
+    for (int id = tid; id < ix::moba_stage_copies(D); id += kThreads) {
+      const ix::MobaCopy c = ix::moba_copy(id, D);
+      const bool ok = c0 + c.row < blocks;
+      const M* const src = ok ? pooled_bh + c.part * part_stride + int64_t(c0 + c.row) * Dp + 8 * c.chunk : pooled;
+      cp_async_16_zfill(stage + ix::moba_smem_offset(c.part * ix::kMobaChunk + c.row, c.chunk, D), src, ok);
     }
-    __syncthreads();
-    // Block c0 + lane against the warp's 8 tokens: one accumulator per token, d ascending.
-    float acc[ix::kMobaRowsPerWarp];
+  };
+  const auto merge_chunk = [&](int slot, int chunk) {
+    const int c0 = chunk * ix::kMobaChunk;
+    if (c0 >= warp_limit) return;  // warp-uniform: no row of the warp has a candidate left
+    const unsigned char* const stage = smem + L.stages + slot * L.stage_bytes;
+    float acc[ix::kMobaChunk / 8][4];
+    zero_accumulators(acc);
+    const int a_row = warp * ix::kMobaRowsPerWarp + ix::ldsm_a_row(lane);
+    for (int ks = 0; ks < Dp / 16; ++ks) {
+      uint32_t a[4], b_hi[ix::kMobaChunk / 8][2], b_lo[ix::kMobaChunk / 8][2];
+      ldmatrix_x4(a, smem + L.q_hi + ix::moba_smem_offset(a_row, ix::ldsm_a_chunk(ks, lane), D));
 #pragma unroll
-    for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) acc[j] = 0.f;
-    const float* const pr = ps + lane * p_row;
-    const float* const qw = qs + warp * ix::kMobaRowsPerWarp * q_row;
-    for (int d = 0; d < q_row; d += 4) {
-      const float4 pv = *reinterpret_cast<const float4*>(pr + d);
+      for (int nj = 0; nj < ix::kMobaChunk / 16; ++nj) {
+        const int b_row = 16 * nj + ix::ldsm_b_row(lane), b_chunk = ix::ldsm_b_chunk(ks, lane);
+        ldmatrix_x4_b_pair(b_hi[2 * nj], b_hi[2 * nj + 1], stage + ix::moba_smem_offset(b_row, b_chunk, D));
+        ldmatrix_x4_b_pair(b_lo[2 * nj], b_lo[2 * nj + 1],
+                           stage + ix::moba_smem_offset(ix::kMobaChunk + b_row, b_chunk, D));
+      }
 #pragma unroll
-      for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
-        const float4 qv = *reinterpret_cast<const float4*>(qw + j * q_row + d);
-        acc[j] = fmaf(qv.w, pv.w, fmaf(qv.z, pv.z, fmaf(qv.y, pv.y, fmaf(qv.x, pv.x, acc[j]))));
+      for (int nt = 0; nt < ix::kMobaChunk / 8; ++nt) {
+        mma_m16n8k16<M>(acc[nt], a, b_hi[nt]);
+        mma_m16n8k16<M>(acc[nt], a, b_lo[nt]);
+      }
+      if constexpr (kSplitQ) {
+        ldmatrix_x4(a, smem + L.q_lo + ix::moba_smem_offset(a_row, ix::ldsm_a_chunk(ks, lane), D));
+#pragma unroll
+        for (int nt = 0; nt < ix::kMobaChunk / 8; ++nt) mma_m16n8k16<M>(acc[nt], a, b_hi[nt]);
       }
     }
 #pragma unroll
+    for (int nt = 0; nt < ix::kMobaChunk / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; e += 2)
+        *reinterpret_cast<float2*>(tile + ix::moba_score_index(ix::acc_row(lane, e), 8 * nt + ix::acc_col(lane, e))) =
+            make_float2(acc[nt][e], acc[nt][e + 1]);
+    __syncwarp();
+#pragma unroll
     for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
-      const int K = range[j].k;
-      if (K == 0 || c0 >= range[j].limit) continue;  // warp-uniform
+      const int K = kept[j];
+      if (K == 0 || c0 >= limit[j]) continue;  // warp-uniform
       const int blk = c0 + lane;
-      const bool eligible = blk < range[j].limit;
-      const float score = eligible ? acc[j] : ix::neg_inf();
+      const bool eligible = blk < limit[j];
+      const float score = eligible ? tile[ix::moba_score_index(j, lane)] : ix::neg_inf();
       const float kth_s = __shfl_sync(kFullMask, es[j], K - 1);
       const int32_t kth_i = __shfl_sync(kFullMask, ei[j], K - 1);
       unsigned cand = __ballot_sync(kFullMask, eligible && ix::moba_beats(score, blk, kth_s, kth_i));
@@ -504,21 +554,26 @@ __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const 
         }
       }
     }
-  }
+    __syncwarp();  // the tile is read before the next chunk overwrites it
+  };
+  __syncthreads();  // the query rows are staged (the pipeline's first barrier comes after its loads)
+  cp_async_pipeline<ix::kMobaStages>(0, int(ix::ceil_div(cta_limit, ix::kMobaChunk)), load_stage, merge_chunk);
+
   // Output: selected ids in increasing order, the forced block after them, -1 padding.
 #pragma unroll
   for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
     const int64_t i = i0 + warp * ix::kMobaRowsPerWarp + j;
     if (i >= p.seq_q) continue;  // warp-uniform
-    const int32_t id = lane < range[j].k ? ei[j] : ix::kMobaEmptyId;
+    const int forced = ix::moba_range(i, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal).forced;
+    const int32_t id = lane < kept[j] ? ei[j] : ix::kMobaEmptyId;
     const bool valid = id != ix::kMobaEmptyId;
     int rank = 0;
     for (int l = 0; l < 32; ++l) rank += __shfl_sync(kFullMask, id, l) < id ? 1 : 0;
     const int n_sel = __popc(__ballot_sync(kFullMask, valid));
     int32_t* const out = p.selected + ((b * p.heads_q + h) * p.seq_q + i) * top_k;
     if (valid) out[ix::moba_output_slot(rank)] = id;
-    const int n_total = n_sel + (range[j].forced >= 0 ? 1 : 0);
-    if (lane == 0 && range[j].forced >= 0) out[n_sel] = range[j].forced;
+    const int n_total = n_sel + (forced >= 0 ? 1 : 0);
+    if (lane == 0 && forced >= 0) out[n_sel] = forced;
     for (int slot = n_total + lane; slot < top_k; slot += 32) out[slot] = -1;
   }
 }
@@ -530,7 +585,7 @@ __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const 
 // A CTA per (query block, head, batch): its rows' choices into a bitmask over key blocks, then the
 // set bits in ascending order (ix::list_* : each thread's run of words, a scan of their counts).
 __global__ void __launch_bounds__(ix::kListThreads) moba_block_lists_kernel(const attention::MobaBlockListsParams p) {
-  extern __shared__ uint32_t words[];  // [list_mask_words], then the scan's [kListThreads]
+  extern __shared__ uint32_t words[];  // [list_mask_words], then the scan's words
   const int nwords = ix::list_mask_words(p.num_kv_blocks);
   uint32_t* const scan = words + nwords;
   const int tid = threadIdx.x;
@@ -548,20 +603,6 @@ __global__ void __launch_bounds__(ix::kListThreads) moba_block_lists_kernel(cons
   __syncthreads();
   const int per = ix::list_words_per_thread(p.num_kv_blocks);
   const int w0 = min(tid * per, nwords), w1 = min(w0 + per, nwords);
-  // Inclusive scan of one value per thread over the CTA (scan[] holds the results; all threads
-  // read what they need before the next call overwrites it).
-  const auto scan_counts = [&](uint32_t value) {
-    __syncthreads();
-    scan[tid] = value;
-    __syncthreads();
-    for (int offset = 1; offset < ix::kListThreads; offset *= 2) {
-      const uint32_t add = tid >= offset ? scan[tid - offset] : 0u;
-      __syncthreads();
-      scan[tid] += add;
-      __syncthreads();
-    }
-    return scan[tid];
-  };
   int32_t* const dst = p.indices + list * p.max_blocks;
   // The chosen ids (set bits) first, then the others (clear bits below num_kv_blocks), each in
   // ascending order, as the CPU kernel and the tensor ops leave them; slots past max_blocks are
@@ -571,9 +612,9 @@ __global__ void __launch_bounds__(ix::kListThreads) moba_block_lists_kernel(cons
     ones += __popc(words[w]);
     zeros += __popc(~words[w] & ix::list_word_valid_bits(w, p.num_kv_blocks));
   }
-  const uint32_t ones_through = scan_counts(ones);
-  const uint32_t total = scan[ix::kListThreads - 1];
-  const uint32_t zeros_through = scan_counts(zeros);
+  uint32_t total = 0, zeros_total = 0;
+  const uint32_t ones_through = block_inclusive_scan<ix::kListThreads>(ones, scan, total);
+  const uint32_t zeros_through = block_inclusive_scan<ix::kListThreads>(zeros, scan, zeros_total);
   int64_t slot = ones_through - ones;
   for (int w = w0; w < w1; ++w)
     for (uint32_t bits = words[w]; bits != 0u; bits &= bits - 1u, ++slot)
@@ -732,7 +773,9 @@ cudaError_t moba_block_lists(const attention::MobaBlockListsParams& p, cudaStrea
 
 int64_t moba_select_workspace_bytes(const attention::MobaSelectParams& p) {
   if (p.block_size <= 0 || p.seq_kv <= 0) return 0;
-  return p.batch * p.heads_kv * int64_t(ix::moba_blocks(p.seq_kv, p.block_size)) * p.head_dim * int64_t(sizeof(float));
+  // hi and lo rows of 16-bit elements (ix::moba_pooled_row)
+  return p.batch * p.heads_kv * 2 * int64_t(ix::moba_blocks(p.seq_kv, p.block_size)) *
+         ix::moba_dim_padded(p.head_dim) * 2;
 }
 
 cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, cudaStream_t stream) {
@@ -744,13 +787,12 @@ cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, c
   }
   if (p.batch == 0 || p.heads_q == 0 || p.seq_q == 0 || p.top_k == 0) return cudaSuccess;
   const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
-  float* const pooled = static_cast<float*>(workspace);
-  if (blocks > 0 && pooled == nullptr) return cudaErrorInvalidValue;
-  const int smem = ix::moba_select_smem_bytes(p.head_dim);
+  if (blocks > 0 && workspace == nullptr) return cudaErrorInvalidValue;
   cudaError_t status = cudaErrorInvalidValue;
   visit_storage_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {
+      auto* const pooled = static_cast<ix::MobaMma<T>*>(workspace);
       if (blocks > 0) {
         moba_pool_kernel<T><<<dim3(unsigned(blocks), unsigned(p.heads_kv), unsigned(p.batch)), ix::kPoolThreads, 0,
                               stream>>>(p, pooled);
@@ -758,6 +800,7 @@ cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, c
         if (status != cudaSuccess) return;
       }
       const auto kernel = moba_select_kernel<T>;
+      const int smem = ix::moba_smem_layout(p.head_dim, ix::kMobaSplitQ<T>).total;
       status = prepare(kernel, smem);
       if (status != cudaSuccess) return;
       const dim3 grid(unsigned(ix::ceil_div(p.seq_q, ix::kMobaRowsPerCta)), unsigned(p.heads_q), unsigned(p.batch));

@@ -11,7 +11,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
+#include "common/dtype.h"
+#include "common/float_bits.h"
 #include "common/index_math.h"
 #include "common/macros.h"
 #include "common/wgmma_desc.h"
@@ -333,16 +336,20 @@ TORCH_EXT_HOST_DEVICE int walk_steps(const TransposedLists& t, int subs_per_bloc
 // =============================================================================================
 // 8. moba_select. Block b of block_size keys is eligible for query i when it exists and, causal,
 //    b < cur = (i + Sk - Sq) / block_size (cur itself is forced in; no block when i + Sk - Sq < 0).
-//    A warp scores 32 blocks at once (lane j: block c0 + j) and keeps the best K (= top_k, or
-//    top_k - 1 next to the forced block) as a sorted list, entry r in lane r.
+//    Scores on tensor cores: a warp owns 16 query tokens (one m16 tile) and scores a staged chunk
+//    of 32 pooled blocks (4 n8 tiles) with mma.m16n8k16, then hands block c0 + j of each row to
+//    lane j through a shared score tile and keeps the best K (= top_k, or top_k - 1 next to the
+//    forced block) as a sorted list, entry r in lane r.
 // =============================================================================================
 
-// Blocks a CTA stages per step: one per lane.
+// Blocks a CTA stages per step: 4 n8 tiles of a warp's scores, one block per lane in the merge.
 constexpr int kMobaChunk = 32;
-// 4 warps x 8 query tokens per CTA share each staged chunk of pooled keys (32 tokens per CTA).
+// 4 warps x 16 query tokens per CTA share each staged chunk of pooled keys.
 constexpr int kMobaWarps = 4;
-constexpr int kMobaRowsPerWarp = 8;
+constexpr int kMobaRowsPerWarp = 16;
 constexpr int kMobaRowsPerCta = kMobaWarps * kMobaRowsPerWarp;
+// Pooled chunks in flight: chunk c + 1 loads while chunk c is scored and merged.
+constexpr int kMobaStages = 2;
 // Threads of the mean-pooling kernel (one per head-dim column, looping past 128).
 constexpr int kPoolThreads = 128;
 
@@ -379,12 +386,6 @@ TORCH_EXT_HOST_DEVICE int moba_insert_source(int r, int pos) { return r < pos ? 
 // Output slot of a selected block: its rank among the selected ids (all distinct); the forced
 // block (the largest id) follows them.
 TORCH_EXT_HOST_DEVICE int moba_output_slot(int rank) { return rank; }
-// Shared-memory rows of moba_select_kernel, in floats. A lane scores its block against the
-// warp's 8 tokens with 16-byte loads: one of its pooled row, one (a broadcast) of each token's
-// q row per 4 head-dim columns, 9 loads per 32 FMAs where word loads took 64. So q rows are D
-// rounded up to 4 (zero tail: fma(0, 0, s) leaves s, the scores keep the CPU's d-order sums),
-// and pooled rows an odd number of 16-byte quads long: the 8 lanes of a quarter warp then start
-// 16 bytes apart modulo 128 and read distinct banks.
 // moba_block_lists on the GPU: a CTA per (query block, head, batch) marks its rows' choices in a
 // bitmask over key blocks in shared memory, then writes the set bits in ascending order: thread t
 // owns words [t per, (t + 1) per) and a block-wide scan of their bit counts gives its first slot.
@@ -401,16 +402,79 @@ TORCH_EXT_HOST_DEVICE uint32_t list_word_valid_bits(int w, int num_kv_blocks) {
   return left >= 32 ? 0xffffffffu : (left <= 0 ? 0u : (1u << left) - 1u);
 }
 TORCH_EXT_HOST_DEVICE int64_t list_smem_bytes(int64_t num_kv_blocks) {
-  return (ceil_div(num_kv_blocks, 32) + kListThreads) * 4;
+  return (ceil_div(num_kv_blocks, 32) + kListThreads / 32) * 4;  // the mask, the block scan's warp sums
 }
 
-TORCH_EXT_HOST_DEVICE int moba_q_row_floats(int head_dim) { return int(ceil_div(head_dim, 4)) * 4; }
-TORCH_EXT_HOST_DEVICE int moba_pooled_row_floats(int head_dim) {
-  const int q_row = moba_q_row_floats(head_dim);
-  return q_row + ((q_row / 4) % 2 == 0 ? 4 : 8);
+// The 16-bit type the tensor cores score in: fp16 inputs in fp16, bf16 and fp32 inputs in bf16.
+// Scores must rank blocks as fp32 dot products do (near ties aside), so the pooled means (fp32)
+// go in as two 16-bit terms, hi = round(p) and lo = round(p - hi) (p - hi is exact in fp32):
+// 22 significant bits in fp16, 16 in bf16, against 11 / 8 for hi alone. fp16 / bf16 queries are
+// exact in their own type; fp32 queries are split the same way (kMobaSplitQ) and their lo term
+// multiplies hi of the keys (the lo x lo product, below 2^-16 of the score, is left out).
+template <typename T>
+using MobaMma = std::conditional_t<std::is_same_v<T, Half>, Half, BFloat16>;
+template <typename T>
+constexpr bool kMobaSplitQ = std::is_same_v<T, float>;
+template <typename M>
+struct MobaSplit {
+  M hi, lo;
+};
+template <typename M>
+TORCH_EXT_HOST_DEVICE MobaSplit<M> moba_split(float x) {
+  const M hi = from_float<M>(x);
+  return MobaSplit<M>{hi, from_float<M>(x - to_float(hi))};
 }
-TORCH_EXT_HOST_DEVICE int moba_select_smem_bytes(int head_dim) {
-  return (kMobaRowsPerCta * moba_q_row_floats(head_dim) + kMobaChunk * moba_pooled_row_floats(head_dim)) * 4;
+
+// Head dim padded to whole k16 steps (zero columns add nothing to a score).
+TORCH_EXT_HOST_DEVICE int moba_dim_padded(int head_dim) { return int(ceil_div(head_dim, 16)) * 16; }
+// Shared rows of 16-bit elements are the padded dim + 8: an odd number of 16-byte chunks, so the 8
+// row addresses of each ldmatrix matrix (8 consecutive rows) fall into 8 distinct bank groups.
+TORCH_EXT_HOST_DEVICE int moba_row_bytes(int head_dim) { return (moba_dim_padded(head_dim) + 8) * 2; }
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][moba_row_bytes] tile.
+TORCH_EXT_HOST_DEVICE int moba_smem_offset(int row, int chunk, int head_dim) {
+  return row * moba_row_bytes(head_dim) + chunk * 16;
+}
+// A warp's scores pass through shared memory as [16][kMobaScoreStride] fp32 (row r, block c0 + j
+// at r * stride + j): the accumulators go in as float2 (c0, c1 / c2, c3 of each n8 tile), and
+// with a stride of 40 words the 16 lanes of each half-warp phase cover the 32 banks once; lane j
+// then reads column j of a row (conflict-free).
+constexpr int kMobaScoreStride = 40;
+TORCH_EXT_HOST_DEVICE int moba_score_index(int row, int block) { return row * kMobaScoreStride + block; }
+
+// moba_select_kernel's shared memory (bytes): the CTA's query rows (hi, then lo when split), then
+// kMobaStages stages of pooled chunks (hi rows, then lo rows), then the warps' score tiles.
+struct MobaSmemLayout {
+  int q_hi, q_lo, stages, stage_bytes, lo_in_stage, scores, total;
+};
+TORCH_EXT_HOST_DEVICE MobaSmemLayout moba_smem_layout(int head_dim, bool split_q) {
+  const int row = moba_row_bytes(head_dim);
+  MobaSmemLayout l{};
+  l.q_hi = 0;
+  l.q_lo = kMobaRowsPerCta * row;
+  l.stages = l.q_lo + (split_q ? kMobaRowsPerCta * row : 0);
+  l.lo_in_stage = kMobaChunk * row;
+  l.stage_bytes = 2 * kMobaChunk * row;
+  l.scores = l.stages + kMobaStages * l.stage_bytes;
+  l.total = l.scores + kMobaWarps * kMobaRowsPerWarp * kMobaScoreStride * 4;
+  return l;
+}
+// Pooled keys in the workspace: [B, Hk, 2 (hi, lo), blocks, padded dim] of MobaMma<T>, zero past
+// head_dim. Element offset of row (b, hk, part, block).
+TORCH_EXT_HOST_DEVICE int64_t moba_pooled_row(int64_t b, int64_t hk, int part, int64_t block, int64_t heads_kv,
+                                              int64_t blocks, int head_dim) {
+  return (((b * heads_kv + hk) * 2 + part) * blocks + block) * moba_dim_padded(head_dim);
+}
+// Pooled-chunk copy i of thread tid (16 bytes): part (hi / lo), row (block c0 + row) and chunk of
+// the row; consecutive threads take consecutive chunks of a row (coalesced).
+struct MobaCopy {
+  int part, row, chunk;
+};
+TORCH_EXT_HOST_DEVICE int moba_chunks_per_row(int head_dim) { return moba_dim_padded(head_dim) / 8; }
+TORCH_EXT_HOST_DEVICE int moba_stage_copies(int head_dim) { return 2 * kMobaChunk * moba_chunks_per_row(head_dim); }
+TORCH_EXT_HOST_DEVICE MobaCopy moba_copy(int id, int head_dim) {
+  const int per_row = moba_chunks_per_row(head_dim);
+  const int row = id / per_row;
+  return MobaCopy{row / kMobaChunk, row % kMobaChunk, id % per_row};
 }
 
 // =============================================================================================

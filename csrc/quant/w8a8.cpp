@@ -4,11 +4,13 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros.h>
 
 #include "common/cpu/isa.h"
 #include "common/torch_utils.h"
 #include "conv/packed_weight_cache.h"
 #include "ops.h"
+#include "quant/int8_outliers_index.h"
 
 #if defined(TORCH_EXT_WITH_CUDA)
 #include <c10/cuda/CUDAException.h>
@@ -70,10 +72,10 @@ ScaledMmOperands check_scaled_mm(const char* op, at::ScalarType operand_dtype, b
                           a_per_row && m > 1, b_scale.numel() == n && n > 1};
 }
 
-// quantize_per_token of checked x; on the CPU, the columns listed in zero_columns (int64, or
-// undefined) count as 0.
+// quantize_per_token of checked x; the columns whose bits are set in zero_mask (int32
+// [ceil(K / 32)] on x's device, or undefined) count as 0.
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, c10::optional<double> clip,
-                                                 const at::Tensor& zero_columns) {
+                                                 const at::Tensor& zero_mask) {
   const at::Tensor rows = as_rows(x);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end());
@@ -82,10 +84,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, c10::optio
   if (x.numel() == 0 && scale.numel() == 0) return {q, scale};
   QuantizePerTokenParams p{scalar_kind(x), rows.size(0), rows.size(1), rows.data_ptr(), rows.stride(0),
                            clip ? float(*clip) : 0.0f, q.data_ptr<int8_t>(), scale.data_ptr<float>()};
-  if (zero_columns.defined()) {
-    TORCH_INTERNAL_ASSERT(!x.is_cuda() && zero_columns.is_contiguous() && zero_columns.scalar_type() == at::kLong);
-    p.zero_columns = zero_columns.data_ptr<int64_t>();
-    p.zero_count = zero_columns.numel();
+  if (zero_mask.defined()) {
+    TORCH_INTERNAL_ASSERT(zero_mask.is_contiguous() && zero_mask.scalar_type() == at::kInt &&
+                          zero_mask.numel() == quant::int8_outliers::mask_words(rows.size(1)));
+    p.zero_mask = reinterpret_cast<const uint32_t*>(zero_mask.data_ptr<int32_t>());
   }
   if (x.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
@@ -240,12 +242,22 @@ void add_outlier_product_cpu(at::Tensor& y, const at::Tensor& outlier_x, const a
 // device-to-host synchronization (and features beyond the count stay in int8).
 int64_t max_outlier_features(int64_t k) { return std::min<int64_t>(k, std::max<int64_t>(64, k / 64)); }
 
+// quantize_per_token (the masked columns as 0, when zero_mask is defined) and scaled_int8_mm of
+// x's rows against the int8 weight.
+at::Tensor scaled_int8_mm_of_rows(const at::Tensor& rows, const at::Tensor& w_q, const at::Tensor& w_scale,
+                                  const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                                  const at::Tensor& zero_mask) {
+  const auto [x_q, x_scale] = quantize_rows(rows, c10::nullopt, zero_mask);
+  return scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, out_dtype);
+}
+
 // LLM.int8(): input features whose magnitude exceeds the threshold anywhere in the batch go
 // through a 16-bit GEMM with their weight columns dequantized on the fly; the rest through
 // int8. At most max_outlier_features(K) features (the largest column maxima) take the 16-bit
-// path. CUDA takes that many candidates always (topk: static shapes, no host sync) and masks
-// them by the threshold; the CPU, where reading the count costs nothing, gathers only the
-// features above the threshold. Composed of the ops above and torch ops.
+// path. The quantizer zeroes them through a column bitmask; the 16-bit product is added to the
+// fp32 int8 result and rounded once. CUDA: five launches, no host synchronization (column maxima
+// and selection into a fixed number of slots, masked quantization, the GEMM, the outlier product
+// with the cast); the CPU gathers the chosen features' x columns instead.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                        const c10::optional<at::Tensor>& bias, double outlier_threshold) {
   const char* op = "int8_linear";
@@ -261,39 +273,52 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   const at::Tensor x_rows = as_rows(x);
   const int64_t k = x_rows.size(1);
   const bool decompose = outlier_threshold > 0.0 && x_rows.size(0) > 0 && k > 0;
-  at::Tensor regular = x_rows, candidates, outlier_x, zero_columns;
-  if (decompose) {
-    const int64_t most = max_outlier_features(k);
-    if (x_rows.is_cuda()) {
-      const auto [top_max, index] = x_rows.abs().amax(0).topk(most);
-      const at::Tensor is_outlier = top_max.gt(outlier_threshold).to(x.scalar_type());
-      candidates = index;
-      const at::Tensor selected = x_rows.index_select(1, index);
-      outlier_x = selected.mul(is_outlier);
-      regular = x_rows.clone().index_copy_(1, index, selected.sub(outlier_x));
-    } else {
-      // No copies of x: the quantizer skips the outlier columns itself.
-      const at::Tensor column_max = column_abs_max_cpu(unit_column_stride(x_rows));
-      candidates = column_max.gt(outlier_threshold).nonzero().squeeze(1);
-      if (candidates.numel() > most) candidates = std::get<1>(column_max.topk(most));
-      outlier_x = x_rows.index_select(1, candidates);
-      zero_columns = candidates.contiguous();
-    }
-  }
-  const auto [x_q, x_scale] = quantize_rows(regular, c10::nullopt, zero_columns);
-  // With outliers, the two parts are summed in fp32 and rounded once (where they cancel, a
-  // rounding of the int8 part to 16 bits first would be a large error relative to the result).
-  const at::ScalarType sum_dtype = decompose ? at::kFloat : x.scalar_type();
-  at::Tensor y = scaled_int8_mm(x_q, w_q, x_scale, w_scale.reshape({-1}), bias, sum_dtype);
-  if (decompose && x_rows.is_cuda()) {
-    const at::Tensor columns =
-        w_q.index_select(1, candidates).to(at::kFloat).mul(w_scale.reshape({-1, 1})).to(x.scalar_type());
-    y.add_(at::matmul(outlier_x, columns.t()));
-  } else if (decompose && candidates.numel() > 0) {
-    add_outlier_product_cpu(y, outlier_x, candidates, w_q, w_scale.reshape({-1}).expand({n}).contiguous());
-  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
+  if (!decompose) return scaled_int8_mm_of_rows(x_rows, w_q, w_scale, bias, x.scalar_type(), at::Tensor()).view(shape);
+  const int64_t most = max_outlier_features(k);
+  // With outliers, the two parts are summed in fp32 and rounded once (where they cancel, a
+  // rounding of the int8 part to 16 bits first would be a large error relative to the result).
+  if (x_rows.is_cuda()) {
+#if defined(TORCH_EXT_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const at::Tensor rows = unit_column_stride(x_rows);
+    const at::Tensor partial = at::empty({quant::int8_outliers::search_splits(rows.size(0)), k}, x.options().dtype(at::kFloat));
+    const at::Tensor columns = at::empty({most}, x.options().dtype(at::kInt));
+    const at::Tensor zero_mask = at::empty({quant::int8_outliers::mask_words(k)}, x.options().dtype(at::kInt));
+    const OutlierSearchParams search{scalar_kind(rows), rows.size(0), k, rows.data_ptr(), rows.stride(0),
+                                     float(outlier_threshold), int32_t(most), partial.data_ptr<float>(),
+                                     columns.data_ptr<int32_t>(), reinterpret_cast<uint32_t*>(zero_mask.data_ptr<int32_t>())};
+    C10_CUDA_CHECK(cuda::find_outlier_columns(search, stream));
+    const at::Tensor y = scaled_int8_mm_of_rows(rows, w_q, w_scale, bias, at::kFloat, zero_mask);
+    at::Tensor out = at::empty({rows.size(0), n}, x.options());
+    const at::Tensor w = unit_column_stride(w_q), scale = w_scale.reshape({-1}).contiguous();
+    const OutlierAddParams add{rows.size(0), n, int32_t(most), columns.data_ptr<int32_t>(),
+                               scalar_kind(rows), rows.data_ptr(), rows.stride(0),
+                               w.data_ptr<int8_t>(), w.stride(0), scale.data_ptr<float>(), scale.numel() == n && n > 1,
+                               y.data_ptr<float>(), scalar_kind(out), out.data_ptr()};
+    C10_CUDA_CHECK(cuda::add_outlier_product(add, stream));
+    return out.view(shape);
+#else
+    TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
+  }
+  // CPU: reading the count costs nothing, so only the columns above the threshold are gathered;
+  // more than `most`: the largest maxima, equal ones lower column first (as on CUDA); ascending.
+  const at::Tensor column_max = column_abs_max_cpu(unit_column_stride(x_rows));
+  at::Tensor candidates = column_max.gt(outlier_threshold).nonzero().squeeze(1);
+  if (candidates.numel() > most)
+    candidates = std::get<0>(std::get<1>(column_max.sort(/*stable=*/true, 0, /*descending=*/true)).narrow(0, 0, most).sort());
+  // No copies of x: the quantizer skips the outlier columns itself.
+  at::Tensor zero_mask = at::zeros({quant::int8_outliers::mask_words(k)}, x.options().dtype(at::kInt));
+  uint32_t* const mask = reinterpret_cast<uint32_t*>(zero_mask.data_ptr<int32_t>());
+  const int64_t* const listed = candidates.data_ptr<int64_t>();
+  for (int64_t i = 0; i < candidates.numel(); ++i) mask[listed[i] / 32] |= 1u << (listed[i] % 32);
+  at::Tensor y = scaled_int8_mm_of_rows(x_rows, w_q, w_scale, bias, at::kFloat, zero_mask);
+  if (candidates.numel() > 0)
+    add_outlier_product_cpu(y, x_rows.index_select(1, candidates), candidates, w_q,
+                            w_scale.reshape({-1}).expand({n}).contiguous());
   return y.to(x.scalar_type()).view(shape);
 }
 

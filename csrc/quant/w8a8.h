@@ -24,9 +24,9 @@ struct QuantizePerTokenParams {
   float clip;       // <= 0: no clipping
   int8_t* q;        // [rows, k] contiguous
   float* scale;     // [rows]
-  // CPU only (int8_linear): these columns of x count as 0, their features taking the 16-bit path.
-  const int64_t* zero_columns = nullptr;
-  int64_t zero_count = 0;
+  // int8_linear: bit c % 32 of word c / 32 set = column c of x counts as 0 (its feature takes the
+  // 16-bit path); [ceil(k / 32)] words, or null.
+  const uint32_t* zero_mask = nullptr;
 };
 
 // max over rows of |x[r, c]| per column c (fp32 [k]): int8_linear's outlier search, without
@@ -96,6 +96,40 @@ struct OutlierProductParams {
   ScalarKind out_dtype;     // fp32, fp16 or bf16
   void* out;                // [m, n], unit column stride
   int64_t out_row_stride;
+};
+
+// int8_linear's outlier features on CUDA, found without a host synchronization: the column
+// maxima of |x|, then the columns whose maximum exceeds `threshold`, or, when more than `slots`
+// do, the `slots` largest maxima (equal maxima: lower columns first).
+struct OutlierSearchParams {
+  ScalarKind x_dtype;  // fp32, fp16 or bf16
+  int64_t rows, k;     // rows >= 1
+  const void* x;       // [rows, k], unit column stride
+  int64_t x_row_stride;
+  float threshold;     // > 0
+  int32_t slots;       // 1 <= slots <= k
+  float* partial;      // workspace [int8_outliers::search_splits(rows), k]
+  int32_t* columns;    // [slots]: the outlier columns ascending, then -1
+  uint32_t* zero_mask; // [ceil(k / 32)]: their bits (QuantizePerTokenParams::zero_mask)
+};
+
+// int8_linear's last pass on CUDA: out[m, n] = y[m, n] + sum over the listed columns c in
+// ascending order of x[m, c] * (float(w[n, c]) * w_scale[n]), fp32 fused multiply-adds as the
+// CPU's add_outlier_product, one rounding to out's dtype.
+struct OutlierAddParams {
+  int64_t m, n;
+  int32_t slots;
+  const int32_t* columns;  // [slots]: ascending, then -1
+  ScalarKind x_dtype;      // fp32, fp16 or bf16
+  const void* x;           // [m, k], unit column stride
+  int64_t x_row_stride;
+  const int8_t* w;         // [n, k], unit column stride
+  int64_t w_row_stride;
+  const float* w_scale;    // [n] or [1]
+  bool w_scale_per_channel;
+  const float* y;          // [m, n] contiguous
+  ScalarKind out_dtype;    // fp32, fp16 or bf16
+  void* out;               // [m, n] contiguous
 };
 
 // Up to this many rows of A (decode), the CPU scaled_int8_mm reads B as it is: B is read once

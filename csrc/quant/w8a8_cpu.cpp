@@ -60,16 +60,16 @@ void quantize_row(const QuantizePerTokenParams& p, int64_t r, const T* x) {
 template <typename T>
 void quantize_rows(const QuantizePerTokenParams& p) {
   parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.k)), [&](int64_t begin, int64_t end) {
-    std::vector<float> masked(p.zero_count > 0 ? size_t(p.k) : 0);
+    std::vector<float> masked(p.zero_mask != nullptr ? size_t(p.k) : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
-      if (p.zero_count == 0) {
+      if (p.zero_mask == nullptr) {
         quantize_row(p, r, x);
         continue;
       }
       // The row in fp32 with the outlier columns zeroed (exact: every input dtype widens exactly).
-      for (int64_t k = 0; k < p.k; ++k) masked[size_t(k)] = to_float(x[k]);
-      for (int64_t c = 0; c < p.zero_count; ++c) masked[size_t(p.zero_columns[c])] = 0.0f;
+      for (int64_t k = 0; k < p.k; ++k)
+        masked[size_t(k)] = (p.zero_mask[k / 32] >> (k % 32)) & 1u ? 0.0f : to_float(x[k]);
       quantize_row(p, r, masked.data());
     }
   });

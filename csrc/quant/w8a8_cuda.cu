@@ -36,6 +36,7 @@
 #include "common/cuda/cp_async.cuh"
 #include "common/cuda/mma.cuh"
 #include "common/cuda/vec.cuh"
+#include "quant/int8_outliers_index.h"
 #include "quant/w8a8_cuda.h"
 #include "quant/w8a8_cuda_index.h"
 #include "quant/w8a8_mm_operands.h"
@@ -69,13 +70,22 @@ struct QuantArgs {
   int8_t* q;
   float* scale;
   bool vector;  // x and its row stride 16-byte aligned
+  const uint32_t* zero_mask;  // int8_linear's outlier columns (count as 0), or null
 };
 
+// Chunk c of a row, with the masked columns zeroed.
 template <typename T>
-__device__ __forceinline__ Pack16<T> load_chunk(const T* row, int64_t c, int64_t k, bool vector) {
+__device__ __forceinline__ Pack16<T> load_chunk(const QuantArgs<T>& a, const T* row, int64_t c) {
   constexpr int V = Pack16<T>::kSize;
-  const int len = ix::quant_chunk_len(c, V, k);
-  return load_pack16_partial(row + c * V, len, vector);
+  const int len = ix::quant_chunk_len(c, V, a.k);
+  Pack16<T> pack = load_pack16_partial(row + c * V, len, a.vector);
+  if (a.zero_mask != nullptr) {
+    const uint32_t zero = ::torch_ext::quant::int8_outliers::chunk_zero_bits(a.zero_mask, c * V, V);
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      if ((zero >> e) & 1u) pack.v[e] = T{0};
+  }
+  return pack;
 }
 
 template <typename T>
@@ -129,12 +139,12 @@ __global__ void __launch_bounds__(ix::kQuantThreads) quantize_kernel(const Quant
   for (int i = 0; i < ix::kQuantPacks; ++i) {
     const int64_t c = ix::quant_chunk(j, i, kGroup);
     if (c < chunks) {
-      cache[i] = load_chunk(x, c, a.k, a.vector);
+      cache[i] = load_chunk(a, x, c);
       amax = pack_absmax(cache[i], amax);
     }
   }
   for (int64_t c = ix::quant_chunk(j, ix::kQuantPacks, kGroup); c < chunks; c += kGroup)
-    amax = pack_absmax(load_chunk(x, c, a.k, a.vector), amax);
+    amax = pack_absmax(load_chunk(a, x, c), amax);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
   if constexpr (kGroup > 32) {
@@ -154,7 +164,7 @@ __global__ void __launch_bounds__(ix::kQuantThreads) quantize_kernel(const Quant
     if (c < chunks) quantize_chunk(cache[i], scale, q + c * V, ix::quant_chunk_len(c, V, a.k));
   }
   for (int64_t c = ix::quant_chunk(j, ix::kQuantPacks, kGroup); c < chunks; c += kGroup)
-    quantize_chunk(load_chunk(x, c, a.k, a.vector), scale, q + c * V, ix::quant_chunk_len(c, V, a.k));
+    quantize_chunk(load_chunk(a, x, c), scale, q + c * V, ix::quant_chunk_len(c, V, a.k));
 }
 
 template <typename T>
@@ -168,6 +178,7 @@ cudaError_t launch_quantize(const QuantizePerTokenParams& p, cudaStream_t stream
   a.q = p.q;
   a.scale = p.scale;
   a.vector = ix::quant_x_vectorizable(reinterpret_cast<uintptr_t>(p.x), p.x_row_stride, int(sizeof(T)));
+  a.zero_mask = p.zero_mask;
   const int group = ix::quant_group_threads(p.k, int(sizeof(T)));
   const int64_t blocks = ix::ceil_div(p.rows, ix::quant_rows_per_cta(group));
   if (blocks > kMaxGrid) return cudaErrorInvalidValue;

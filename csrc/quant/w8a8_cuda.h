@@ -17,7 +17,18 @@ namespace torch_ext::cuda {
 // (any alignment), scale [rows]. rows == 0 is a no-op; k == 0 writes scale = 1 for every row.
 // Enqueues on `stream` and returns the launch status; cudaErrorInvalidValue for unsupported
 // parameters (also rows > 2^31 - 1 CTAs' worth or null pointers that would be accessed).
+// With p.zero_mask (int8_linear), the masked columns count as 0 (absmax and q), as on the CPU.
 cudaError_t quantize_per_token(const QuantizePerTokenParams& p, cudaStream_t stream);
+
+// int8_linear's outlier search (OutlierSearchParams, quant/int8_outliers_cuda.cu): two launches,
+// no host synchronization; the chosen columns, ascending with -1 padding, and their zero mask,
+// the same as the CPU's choice (the columns above the threshold, or the `slots` largest maxima,
+// equal maxima lower column first). cudaErrorInvalidValue for unsupported parameters.
+cudaError_t find_outlier_columns(const OutlierSearchParams& p, cudaStream_t stream);
+
+// int8_linear's last pass (OutlierAddParams): out = y + the outlier features' 16-bit product, in
+// the CPU kernel's order of operations (bitwise the CPU's add_outlier_product for the same y).
+cudaError_t add_outlier_product(const OutlierAddParams& p, cudaStream_t stream);
 
 // out[m, n] = float(sum_k a[m, k] b[n, k]) * a_scale[m] * b_scale[n or 0] (+ bias[n]), int32
 // accumulation on the int8 tensor cores (mma.m16n8k32, sm_80+), fp32 epilogue, one rounding to

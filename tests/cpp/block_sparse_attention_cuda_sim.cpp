@@ -1131,21 +1131,44 @@ void check_fragment_maps() {
       }
 }
 
-// moba_select_kernel's padded shared rows: q rows hold D in whole 16-byte quads; pooled rows are
-// quad-aligned and an odd number of quads long, so the float4 loads of a quarter warp (lanes
-// 8 g .. 8 g + 7, rows lane) start in 8 distinct 16-byte bank groups.
-void check_moba_smem_rows() {
+// moba_select_kernel's shared memory: rows an odd number of 16-byte chunks long (ldmatrix reads
+// 8 consecutive rows of a chunk: 8 distinct bank groups; ldmatrix_x4 below checks each use), the
+// regions in order without overlap, the stage copies a bijection onto the stage's chunks, and the
+// score tile's float2 writes (16 lanes per phase) on 32 distinct banks.
+void check_moba_smem_layout() {
   for (int D = 1; D <= 256; ++D) {
-    const int q_row = ix::moba_q_row_floats(D), p_row = ix::moba_pooled_row_floats(D);
-    CHECK(q_row % 4 == 0 && q_row >= D && q_row - D < 4);
-    CHECK(p_row % 4 == 0 && p_row >= q_row && (p_row / 4) % 2 == 1);
-    for (int g = 0; g < 4; ++g) {
-      unsigned groups = 0;
-      for (int lane = 8 * g; lane < 8 * g + 8; ++lane) groups |= 1u << ((lane * p_row * 4 / 16) % 8);
-      CHECK(groups == 0xffu);
+    const int Dp = ix::moba_dim_padded(D), row = ix::moba_row_bytes(D);
+    CHECK(Dp % 16 == 0 && Dp >= D && Dp - D < 16);
+    CHECK(row % 16 == 0 && (row / 16) % 2 == 1 && row >= 2 * Dp);
+    for (int split = 0; split < 2; ++split) {
+      const ix::MobaSmemLayout L = ix::moba_smem_layout(D, split == 1);
+      CHECK(L.q_hi == 0 && L.q_lo == ix::kMobaRowsPerCta * row);
+      CHECK(L.stages == L.q_lo + split * ix::kMobaRowsPerCta * row && L.stages % 16 == 0);
+      CHECK(L.lo_in_stage == ix::kMobaChunk * row && L.stage_bytes == 2 * L.lo_in_stage);
+      CHECK(L.scores == L.stages + ix::kMobaStages * L.stage_bytes && L.scores % 16 == 0);
+      CHECK(L.total == L.scores + ix::kMobaWarps * ix::kMobaRowsPerWarp * ix::kMobaScoreStride * 4);
+      CHECK(L.total <= 163 * 1024);  // sm_80's opt-in limit
     }
-    CHECK(ix::moba_select_smem_bytes(D) == (ix::kMobaRowsPerCta * q_row + ix::kMobaChunk * p_row) * 4);
+    std::vector<int> seen(size_t(2 * ix::kMobaChunk * (Dp / 8)), 0);
+    for (int id = 0; id < ix::moba_stage_copies(D); ++id) {
+      const ix::MobaCopy c = ix::moba_copy(id, D);
+      CHECK(c.part >= 0 && c.part < 2 && c.row >= 0 && c.row < ix::kMobaChunk && c.chunk >= 0 && c.chunk < Dp / 8);
+      ++seen[size_t((c.part * ix::kMobaChunk + c.row) * (Dp / 8) + c.chunk)];
+    }
+    for (int v : seen) CHECK(v == 1);
   }
+  for (int nt = 0; nt < ix::kMobaChunk / 8; ++nt)
+    for (int e = 0; e < 4; e += 2)
+      for (int phase = 0; phase < 2; ++phase) {
+        unsigned banks = 0;
+        for (int lane = 16 * phase; lane < 16 * phase + 16; ++lane) {
+          const int w = ix::moba_score_index(ix::acc_row(lane, e), 8 * nt + ix::acc_col(lane, e));
+          CHECK(w % 2 == 0 && w + 1 == ix::moba_score_index(ix::acc_row(lane, e + 1), 8 * nt + ix::acc_col(lane, e + 1)));
+          CHECK(!(banks & (3u << (w % 32))));
+          banks |= 3u << (w % 32);
+        }
+        CHECK(banks == 0xffffffffu);
+      }
 }
 
 void check_online_softmax() {
@@ -1198,6 +1221,8 @@ void check_online_softmax() {
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 void moba_case(int* stats) {
+  using M = ix::MobaMma<T>;
+  constexpr bool kSplitQ = ix::kMobaSplitQ<T>;
   const int B = int(rnd(1, 2)), Hk = int(rnd(1, 2)), Hq = Hk * int(rnd(1, 3));
   const int D = int(rnd(1, 3)) * 8 * int(rnd(1, 4)) + (rnd(0, 3) == 0 ? int(rnd(1, 7)) : 0);
   const int Sq = int(rnd(1, 150)), Sk = int(rnd(0, 300));
@@ -1206,7 +1231,8 @@ void moba_case(int* stats) {
   const int blocks = ix::moba_blocks(Sk, bs);
   // keys: small integers / 4 (exact sums); some blocks copies of others (exact score ties)
   std::vector<float> k(size_t(B * Hk * std::max(Sk, 1) * D)), q(size_t(B * Hq * Sq * D));
-  for (float& x : q) x = to_float(from_float<T>(float(rnd(-8, 8)) / 4));
+  // fp32 queries with bits below bf16's 8 (the kernel's q lo term)
+  for (float& x : q) x = to_float(from_float<T>(float(rnd(-8, 8)) / 4 + (kSplitQ ? float(rnd(-255, 255)) / 4096 : 0.f)));
   for (float& x : k) x = to_float(from_float<T>(float(rnd(-8, 8)) / 4));
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hk; ++h)
@@ -1218,63 +1244,159 @@ void moba_case(int* stats) {
               k[size_t(((b * Hk + h) * Sk + j * bs + r) * D + d)] =
                   k[size_t(((b * Hk + h) * Sk + src * bs + r) * D + d)];
         }
-  // moba_pool_kernel (per thread d: key-order sum, one division)
-  std::vector<float> pooled(size_t(B * Hk * std::max(blocks, 1) * D));
+  // moba_pool_kernel (per thread d: key-order fp32 sum, one division, the hi / lo split)
+  const int Dp = ix::moba_dim_padded(D);
+  std::vector<uint16_t> pooled(size_t(B * Hk * 2 * std::max(blocks, 1) * Dp), 0xBEEF);
+  std::vector<double> pooled_exact(size_t(B * Hk * std::max(blocks, 1) * D));
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hk; ++h)
       for (int blk = 0; blk < blocks; ++blk) {
         const int n = std::min(bs, Sk - blk * bs);
-        for (int d = 0; d < D; ++d) {
-          float sum = 0.f;
-          for (int j = 0; j < n; ++j) sum += k[size_t(((b * Hk + h) * Sk + blk * bs + j) * D + d)];
-          pooled[size_t(((b * Hk + h) * blocks + blk) * D + d)] = sum / float(n);
+        for (int d = 0; d < Dp; ++d) {
+          float mean = 0.f;
+          double exact = 0;
+          if (d < D) {
+            for (int j = 0; j < n; ++j) {
+              mean += k[size_t(((b * Hk + h) * Sk + blk * bs + j) * D + d)];
+              exact += k[size_t(((b * Hk + h) * Sk + blk * bs + j) * D + d)];
+            }
+            mean /= float(n);
+            pooled_exact[size_t(((b * Hk + h) * blocks + blk) * D + d)] = exact / n;
+          }
+          const auto split = ix::moba_split<M>(mean);
+          CHECK(std::fabs(double(to_float(split.hi)) + double(to_float(split.lo)) - mean) <= std::ldexp(std::fabs(mean), -16));
+          pooled[size_t(ix::moba_pooled_row(b, h, 0, blk, Hk, blocks, D) + d)] = split.hi.bits;
+          pooled[size_t(ix::moba_pooled_row(b, h, 1, blk, Hk, blocks, D) + d)] = split.lo.bits;
         }
       }
-  // moba_select_kernel: CTA of 32 tokens, 4 warps x 8 tokens, lanes as arrays
+  // moba_select_kernel: a CTA of 64 tokens, 4 warps x 16 (one m16 tile), lanes as arrays; shared
+  // memory through the Smem model (cp.async groups, barriers), ldmatrix / mma from the PTX maps.
   std::vector<int32_t> out(size_t(B * Hq * Sq * top_k), -77);
   std::vector<int> writes(out.size(), 0);
-  // A lane's score as the kernel forms it: rows zero-padded to ix::moba_q_row_floats, 4 columns
-  // per step; it must equal the plain d-order sum the reference (and the CPU op) computes.
-  const int q_row = ix::moba_q_row_floats(D);
-  const auto score_of = [&](int b, int h, int i, int blk) {
-    const int hk = h / (Hq / Hk);
-    const auto q_at = [&](int d) { return d < D ? q[size_t(((b * Hq + h) * Sq + i) * D + d)] : 0.f; };
-    const auto p_at = [&](int d) { return d < D ? pooled[size_t(((b * Hk + hk) * blocks + blk) * D + d)] : 0.f; };
-    float plain = 0.f, padded = 0.f;
-    for (int d = 0; d < D; ++d) plain = std::fma(q_at(d), p_at(d), plain);
-    for (int d = 0; d < q_row; d += 4)
-      padded = std::fma(q_at(d + 3), p_at(d + 3),
-                        std::fma(q_at(d + 2), p_at(d + 2), std::fma(q_at(d + 1), p_at(d + 1), std::fma(q_at(d), p_at(d), padded))));
-    CHECK(padded == plain || (std::isnan(padded) && std::isnan(plain)));
-    return padded;
-  };
+  std::vector<float> kernel_score(size_t(B * Hq * Sq * std::max(blocks, 1)), NAN);
+  std::vector<int> scored(kernel_score.size(), 0);
+  const ix::MobaSmemLayout L = ix::moba_smem_layout(D, kSplitQ);
+  const int row_bytes = ix::moba_row_bytes(D);
+  Smem sm;
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hq; ++h)
       for (int64_t i0 = 0; i0 < Sq; i0 += ix::kMobaRowsPerCta) {
+        const int hk = h / (Hq / Hk);
+        sm.reset(size_t(L.total));
+        sm.barrier();  // kernel start
+        for (int r = 0; r < ix::kMobaRowsPerCta; ++r)
+          for (int d = 0; d < Dp; ++d) {
+            const float x = i0 + r < Sq && d < D ? q[size_t(((b * Hq + h) * Sq + i0 + r) * D + d)] : 0.f;
+            const auto split = ix::moba_split<M>(x);
+            sm.write(size_t(L.q_hi + r * row_bytes + 2 * d), reinterpret_cast<const uint8_t*>(&split.hi.bits), 2, false);
+            if (kSplitQ) sm.write(size_t(L.q_lo + r * row_bytes + 2 * d), reinterpret_cast<const uint8_t*>(&split.lo.bits), 2, false);
+          }
+        float es[ix::kMobaRowsPerCta][32];
+        int32_t ei[ix::kMobaRowsPerCta][32];
+        ix::MobaRange range[ix::kMobaRowsPerCta];
+        int warp_limit[ix::kMobaWarps] = {};
+        for (int r = 0; r < ix::kMobaRowsPerCta; ++r) {
+          const int64_t i = i0 + r;
+          range[r] = i < Sq ? ix::moba_range(i, Sq, Sk, bs, top_k, causal) : ix::MobaRange{0, -1, 0};
+          if (range[r].k > 0) warp_limit[r / ix::kMobaRowsPerWarp] = std::max(warp_limit[r / ix::kMobaRowsPerWarp], range[r].limit);
+          for (int l = 0; l < 32; ++l) {
+            es[r][l] = -INFINITY;
+            ei[r][l] = ix::kMobaEmptyId;
+          }
+        }
         const int64_t last = std::min<int64_t>(i0 + ix::kMobaRowsPerCta, Sq) - 1;
         const int cta_limit = ix::moba_range(last, Sq, Sk, bs, top_k, causal).limit;
-        for (int warp = 0; warp < ix::kMobaWarps; ++warp)
-          for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
-            const int64_t i = i0 + warp * ix::kMobaRowsPerWarp + j;
-            const ix::MobaRange range = i < Sq ? ix::moba_range(i, Sq, Sk, bs, top_k, causal) : ix::MobaRange{0, -1, 0};
-            CHECK(range.limit <= cta_limit);
-            float es[32];
-            int32_t ei[32];
-            for (int l = 0; l < 32; ++l) {
-              es[l] = -INFINITY;
-              ei[l] = ix::kMobaEmptyId;
+        for (int r = 0; r < ix::kMobaRowsPerCta; ++r) CHECK(range[r].limit <= cta_limit || range[r].k == 0);
+        sm.barrier();  // the query rows are staged
+        const int64_t pooled_base = ix::moba_pooled_row(b, hk, 0, 0, Hk, blocks, D);
+        const int64_t part_stride = int64_t(blocks) * Dp;
+        const auto load_stage = [&](int slot, int chunk) {
+          const int c0 = chunk * ix::kMobaChunk;
+          const int stage = L.stages + slot * L.stage_bytes;
+          for (int id = 0; id < ix::moba_stage_copies(D); ++id) {
+            const ix::MobaCopy c = ix::moba_copy(id, D);
+            const bool ok = c0 + c.row < blocks;
+            uint8_t buf[16] = {};
+            if (ok) {
+              const int64_t src = pooled_base + c.part * part_stride + int64_t(c0 + c.row) * Dp + 8 * c.chunk;
+              CHECK(src % 8 == 0 && src + 8 <= int64_t(pooled.size()));
+              CHECK(src + 8 <= ix::moba_pooled_row(b, hk, c.part, c0 + c.row, Hk, blocks, D) + Dp);
+              memcpy(buf, &pooled[size_t(src)], 16);
             }
-            const int K = range.k;
-            for (int c0 = 0; c0 < cta_limit; c0 += ix::kMobaChunk) {
-              if (K == 0 || c0 >= range.limit) continue;
+            sm.write(size_t(stage + ix::moba_smem_offset(c.part * ix::kMobaChunk + c.row, c.chunk, D)), buf, 16, true);
+          }
+        };
+        const auto load_a = [&](int base, int warp, int ks) {
+          int addr[32];
+          for (int l = 0; l < 32; ++l)
+            addr[l] = base + ix::moba_smem_offset(warp * ix::kMobaRowsPerWarp + ix::ldsm_a_row(l), ix::ldsm_a_chunk(ks, l), D);
+          WA a;
+          ldmatrix_x4(sm, addr, a, false);
+          return a;
+        };
+        const auto merge_chunk = [&](int slot, int chunk) {
+          const int c0 = chunk * ix::kMobaChunk;
+          const int stage = L.stages + slot * L.stage_bytes;
+          for (int warp = 0; warp < ix::kMobaWarps; ++warp) {
+            if (c0 >= warp_limit[warp]) continue;
+            WC acc[ix::kMobaChunk / 8];
+            for (WC& c : acc) zero(c);
+            for (int ks = 0; ks < Dp / 16; ++ks) {
+              const WA a = load_a(L.q_hi, warp, ks);
+              WB b_hi[ix::kMobaChunk / 8], b_lo[ix::kMobaChunk / 8];
+              for (int nj = 0; nj < ix::kMobaChunk / 16; ++nj)
+                for (int part = 0; part < 2; ++part) {
+                  int addr[32];
+                  for (int l = 0; l < 32; ++l)
+                    addr[l] = stage + ix::moba_smem_offset(part * ix::kMobaChunk + 16 * nj + ix::ldsm_b_row(l),
+                                                           ix::ldsm_b_chunk(ks, l), D);
+                  WA r;
+                  ldmatrix_x4(sm, addr, r, false);
+                  (part == 0 ? b_hi : b_lo)[2 * nj] = b_half(r, 0);
+                  (part == 0 ? b_hi : b_lo)[2 * nj + 1] = b_half(r, 1);
+                }
+              for (int nt = 0; nt < ix::kMobaChunk / 8; ++nt) {
+                mma<M>(acc[nt], a, b_hi[nt]);
+                mma<M>(acc[nt], a, b_lo[nt]);
+              }
+              if (kSplitQ) {
+                const WA a_lo = load_a(L.q_lo, warp, ks);
+                for (int nt = 0; nt < ix::kMobaChunk / 8; ++nt) mma<M>(acc[nt], a_lo, b_hi[nt]);
+              }
+            }
+            // the score tile: float2 stores of (c0, c1) / (c2, c3), then lane j reads column j
+            float tile[ix::kMobaRowsPerWarp * ix::kMobaScoreStride];
+            int tile_writes[ix::kMobaRowsPerWarp * ix::kMobaScoreStride] = {};
+            for (int nt = 0; nt < ix::kMobaChunk / 8; ++nt)
+              for (int lane = 0; lane < 32; ++lane)
+                for (int e = 0; e < 4; ++e) {
+                  const int w = ix::moba_score_index(ix::acc_row(lane, e), 8 * nt + ix::acc_col(lane, e));
+                  CHECK(w >= 0 && w < ix::kMobaRowsPerWarp * ix::kMobaScoreStride);
+                  tile[w] = acc[nt].v[lane][e];
+                  ++tile_writes[w];
+                }
+            for (int jr = 0; jr < ix::kMobaRowsPerWarp; ++jr) {
+              const int r = warp * ix::kMobaRowsPerWarp + jr;
+              const int64_t i = i0 + r;
+              const int K = range[r].k;
+              if (K == 0 || c0 >= range[r].limit) continue;
               float score[32];
               bool eligible[32];
               for (int l = 0; l < 32; ++l) {
-                eligible[l] = c0 + l < range.limit;
-                score[l] = eligible[l] ? score_of(b, h, int(i), c0 + l) : -INFINITY;
+                eligible[l] = c0 + l < range[r].limit;
+                if (!eligible[l]) {
+                  score[l] = -INFINITY;
+                  continue;
+                }
+                const int w = ix::moba_score_index(jr, l);
+                CHECK(tile_writes[w] == 1);
+                score[l] = tile[w];
+                const size_t at = size_t(((b * Hq + h) * Sq + i) * blocks + c0 + l);
+                kernel_score[at] = score[l];
+                ++scored[at];
               }
-              const float kth_s = es[K - 1];
-              const int32_t kth_i = ei[K - 1];
+              const float kth_s = es[r][K - 1];
+              const int32_t kth_i = ei[r][K - 1];
               uint32_t cand = 0;
               for (int l = 0; l < 32; ++l)
                 if (eligible[l] && ix::moba_beats(score[l], c0 + l, kth_s, kth_i)) cand |= 1u << l;
@@ -1284,14 +1406,14 @@ void moba_case(int* stats) {
                 const float cs = score[src];
                 const int32_t ci = c0 + src;
                 int pos = 0;
-                for (int l = 0; l < 32; ++l) pos += l < K && ix::moba_beats(es[l], ei[l], cs, ci) ? 1 : 0;
+                for (int l = 0; l < 32; ++l) pos += l < K && ix::moba_beats(es[r][l], ei[r][l], cs, ci) ? 1 : 0;
                 float ns[32];
                 int32_t ni[32];
                 for (int l = 0; l < 32; ++l) {
-                  const float up_s = l > 0 ? es[l - 1] : es[l];  // shfl_up keeps lane 0's own value
-                  const int32_t up_i = l > 0 ? ei[l - 1] : ei[l];
-                  ns[l] = es[l];
-                  ni[l] = ei[l];
+                  const float up_s = l > 0 ? es[r][l - 1] : es[r][l];  // shfl_up keeps lane 0's own value
+                  const int32_t up_i = l > 0 ? ei[r][l - 1] : ei[r][l];
+                  ns[l] = es[r][l];
+                  ni[l] = ei[r][l];
                   if (pos < K && l < K) {
                     const int how = ix::moba_insert_source(l, pos);
                     if (how == 1) {
@@ -1304,37 +1426,69 @@ void moba_case(int* stats) {
                     }
                   }
                 }
-                std::copy(ns, ns + 32, es);
-                std::copy(ni, ni + 32, ei);
+                std::copy(ns, ns + 32, es[r]);
+                std::copy(ni, ni + 32, ei[r]);
               }
             }
-            if (i >= Sq) continue;
-            int32_t id[32];
-            for (int l = 0; l < 32; ++l) id[l] = l < K ? ei[l] : ix::kMobaEmptyId;
-            int n_sel = 0;
-            for (int l = 0; l < 32; ++l) n_sel += id[l] != ix::kMobaEmptyId ? 1 : 0;
-            const size_t row = size_t(((b * Hq + h) * Sq + i) * top_k);
-            for (int l = 0; l < 32; ++l) {
-              if (id[l] == ix::kMobaEmptyId) continue;
-              int rank = 0;
-              for (int m = 0; m < 32; ++m) rank += id[m] < id[l] ? 1 : 0;
-              const int slot = ix::moba_output_slot(rank);
-              CHECK(slot < top_k);
-              out[row + size_t(slot)] = id[l];
+          }
+        };
+        // cp_async_pipeline<kMobaStages = 2>
+        const int iters = int(ix::ceil_div(cta_limit, ix::kMobaChunk));
+        CHECK(ix::kMobaStages == 2);
+        if (iters > 0) load_stage(0, 0);
+        sm.commit();
+        for (int it = 0; it < iters; ++it) {
+          sm.wait(0);
+          sm.barrier();
+          if (it + 1 < iters) load_stage((it + 1) % 2, it + 1);
+          sm.commit();
+          merge_chunk(it % 2, it);
+        }
+        // output
+        for (int r = 0; r < ix::kMobaRowsPerCta; ++r) {
+          const int64_t i = i0 + r;
+          if (i >= Sq) continue;
+          const int K = range[r].k;
+          int32_t id[32];
+          for (int l = 0; l < 32; ++l) id[l] = l < K ? ei[r][l] : ix::kMobaEmptyId;
+          int n_sel = 0;
+          for (int l = 0; l < 32; ++l) n_sel += id[l] != ix::kMobaEmptyId ? 1 : 0;
+          const size_t row = size_t(((b * Hq + h) * Sq + i) * top_k);
+          for (int l = 0; l < 32; ++l) {
+            if (id[l] == ix::kMobaEmptyId) continue;
+            int rank = 0;
+            for (int m = 0; m < 32; ++m) rank += id[m] < id[l] ? 1 : 0;
+            const int slot = ix::moba_output_slot(rank);
+            CHECK(slot < top_k);
+            out[row + size_t(slot)] = id[l];
+            ++writes[row + size_t(slot)];
+          }
+          const int n_total = n_sel + (range[r].forced >= 0 ? 1 : 0);
+          if (range[r].forced >= 0) {
+            out[row + size_t(n_sel)] = range[r].forced;
+            ++writes[row + size_t(n_sel)];
+          }
+          for (int l = 0; l < 32; ++l)
+            for (int slot = n_total + l; slot < top_k; slot += 32) {
+              out[row + size_t(slot)] = -1;
               ++writes[row + size_t(slot)];
             }
-            const int n_total = n_sel + (range.forced >= 0 ? 1 : 0);
-            if (range.forced >= 0) {
-              out[row + size_t(n_sel)] = range.forced;
-              ++writes[row + size_t(n_sel)];
-            }
-            for (int l = 0; l < 32; ++l)
-              for (int slot = n_total + l; slot < top_k; slot += 32) {
-                out[row + size_t(slot)] = -1;
-                ++writes[row + size_t(slot)];
-              }
-          }
+        }
       }
+  // Each eligible (token, block) scored once, within the split's bound of the exact dot product.
+  const auto score_of = [&](int b, int h, int i, int blk) {
+    const size_t at = size_t(((b * Hq + h) * Sq + i) * blocks + blk);
+    CHECK(scored[at] == 1);
+    const int hk = h / (Hq / Hk);
+    double exact = 0, magnitude = 0;
+    for (int d = 0; d < D; ++d) {
+      const double qd = q[size_t(((b * Hq + h) * Sq + i) * D + d)], pd = pooled_exact[size_t(((b * Hk + hk) * blocks + blk) * D + d)];
+      exact += qd * pd;
+      magnitude += std::fabs(qd * pd);
+    }
+    CHECK(std::fabs(kernel_score[at] - exact) <= std::ldexp(magnitude, -13) + 1e-30);
+    return kernel_score[at];
+  };
   for (int w : writes) CHECK(w == 1);
   // reference: full sort of the eligible blocks' scores (desc, ties lower id), forced block added
   for (int b = 0; b < B; ++b)
@@ -1355,7 +1509,7 @@ void moba_case(int* stats) {
           }
         }
         std::vector<std::pair<float, int>> cand;
-        for (int blk = 0; blk < limit; ++blk) cand.push_back({score_of(b, h, i, blk), blk});
+        for (int blk = 0; blk < (want > 0 ? limit : 0); ++blk) cand.push_back({score_of(b, h, i, blk), blk});  // K = 0: none scored
         std::sort(cand.begin(), cand.end(), [](const auto& x, const auto& y) {
           return x.first > y.first || (x.first == y.first && x.second < y.second);
         });
@@ -1569,7 +1723,7 @@ int main(int argc, char** argv) {
   check_wgmma_forward_operands<128, 128>();
   CHECK(!ix::bhsd_vectorizable(16, 64, 64, 12));  // seq stride not a multiple of 8
   CHECK(!ix::bhsd_vectorizable(8, 0, 0, 64));     // base not 16-byte aligned
-  check_moba_smem_rows();
+  check_moba_smem_layout();
   check_attention_smem_bytes();
   int stats[4] = {0, 0, 0, 0};
   // attention cases are costly (mma models): one in 4 of the requested cases, at least 6

@@ -46,6 +46,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "quant/int8_outliers_index.h"
 #include "quant/w8a8_cuda_index.h"
 #include "quant/w8a8_wgmma_index.h"
 #include "mma_spec.h"
@@ -53,6 +54,7 @@
 
 using namespace torch_ext;
 namespace ix = torch_ext::quant::w8a8_cuda;
+namespace ox = torch_ext::quant::int8_outliers;
 
 std::mt19937_64 rng;
 int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
@@ -197,17 +199,25 @@ void sim_quantize(int64_t rows, int64_t k, int64_t x_off, int64_t x_stride, int6
       xf[at] = to_float(x[at]);
     }
   }
+  // int8_linear's zero mask (half the cases): random columns count as 0
+  std::vector<uint32_t> mask;
+  if (rnd(0, 1) == 1) {
+    mask.assign(size_t(ox::mask_words(k)), 0u);
+    for (int64_t c = 0; c < k; ++c)
+      if (rnd(0, 4) == 0) mask[size_t(c / 32)] |= 1u << (c % 32);
+  }
+  const auto masked = [&](int64_t c) { return !mask.empty() && ((mask[size_t(c / 32)] >> (c % 32)) & 1u); };
   // reference (the CPU kernel's formula)
   std::vector<int8_t> q_ref(size_t(rows * k));
   std::vector<float> scale_ref(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     float amax = 0.f;
-    for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(xf[size_t(x_off + r * x_stride + c)]));
+    for (int64_t c = 0; c < k; ++c) amax = std::max(amax, masked(c) ? 0.f : std::fabs(xf[size_t(x_off + r * x_stride + c)]));
     if (clip > 0.f) amax = std::min(amax, clip);
     const float scale = amax > 0.f ? amax / 127.0f : 1.0f;
     scale_ref[size_t(r)] = scale;
     for (int64_t c = 0; c < k; ++c) {
-      const float v = std::nearbyint(xf[size_t(x_off + r * x_stride + c)] / scale);
+      const float v = masked(c) ? 0.f : std::nearbyint(xf[size_t(x_off + r * x_stride + c)] / scale);
       q_ref[size_t(r * k + c)] = int8_t(std::clamp(v, -128.0f, 127.0f));
     }
   }
@@ -230,10 +240,12 @@ void sim_quantize(int64_t rows, int64_t k, int64_t x_off, int64_t x_stride, int6
     CHECK(len >= 1 && len <= V);
     const int64_t src = x_off + row * x_stride + c * V;
     if (vector && len == V) CHECK((uint64_t(src) * kBytes) % 16 == 0);
+    const uint32_t zero = mask.empty() ? 0u : ox::chunk_zero_bits(mask.data(), c * V, V);
     for (int e = 0; e < V; ++e) {
+      CHECK(((zero >> e) & 1u) == (e < len && masked(c * V + e) ? 1u : 0u));
       if (e < len) {
         CHECK(c * V + e < k && row < rows && src + e >= 0 && src + e < int64_t(x.size()));
-        v[e] = to_float(x[size_t(src + e)]);
+        v[e] = (zero >> e) & 1u ? 0.f : to_float(x[size_t(src + e)]);
       } else {
         v[e] = 0.f;
       }
@@ -963,6 +975,174 @@ void check_static() {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// (f) int8_linear's outlier kernels: column_max_kernel over its row splits, select_kernel thread
+// by thread (runs of whole mask words, the block scans as prefix sums, the radix rounds'
+// histograms and picks), against the CPU's rule (the columns above the threshold, or the `slots`
+// largest maxima, equal ones lower column first; ascending, -1 padding); add_outliers_kernel's
+// tiles cover every output once, columns in ascending order.
+// ---------------------------------------------------------------------------------------------
+void check_outlier_case() {
+  const int64_t rows = rnd(0, 3) == 0 ? rnd(1, 3000) : rnd(1, 70);
+  const int64_t k = rnd(0, 2) == 0 ? rnd(1, 40) : rnd(1, 40000);
+  const int V = rnd(0, 1) ? 4 : 8;  // fp32 / 16-bit chunks
+  const int slots = int(rnd(1, std::min<int64_t>(k, rnd(0, 1) ? 8 : 500)));
+  const int levels = int(rnd(1, 12));  // few distinct magnitudes: ties at the pivot
+  const float threshold = float(rnd(1, levels + 1));
+  // column c's values: row r of a few; the column maximum is what matters
+  std::vector<float> col_max_ref(size_t(k), 0.f);
+  const auto value = [&](int64_t r, int64_t c) {  // deterministic per (r, c): levels and noise
+    const uint64_t h = (uint64_t(r) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(c) * 0xC2B2AE3D27D4EB4Full);
+    const float level = float((h >> 20) % uint64_t(levels + 1));
+    return ((h >> 7) & 1) ? -level : level;
+  };
+  // column_max_kernel
+  const int splits = ox::search_splits(rows);
+  CHECK(splits >= 1 && splits <= ox::kMaxSplits && (rows <= ox::kRowsPerSplit) == (splits == 1));
+  const int64_t per = ox::split_rows(rows, splits);
+  CHECK(per * splits >= rows);
+  std::vector<float> partial(size_t(splits * k), NAN);
+  std::vector<int> partial_writes(partial.size(), 0);
+  const int64_t chunks = ix::ceil_div(k, V);
+  for (int s = 0; s < splits; ++s)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = s * per, r1 = std::min(rows, r0 + per);
+      const int len = ix::quant_chunk_len(c, V, k);
+      for (int e = 0; e < len; ++e) {
+        float m = 0.f;
+        for (int64_t r = r0; r < r1; ++r) m = std::fmax(m, std::fabs(value(r, c * V + e)));
+        partial[size_t(s * k + c * V + e)] = m;
+        ++partial_writes[size_t(s * k + c * V + e)];
+      }
+    }
+  for (int w : partial_writes) CHECK(w == 1);
+  for (int64_t c = 0; c < k; ++c)
+    for (int64_t r = 0; r < rows; ++r) col_max_ref[size_t(c)] = std::fmax(col_max_ref[size_t(c)], std::fabs(value(r, c)));
+  // select_kernel, phase 0: maxima into row 0
+  for (int64_t c = 0; c < k; ++c) {
+    float m = partial[size_t(c)];
+    for (int s = 1; s < splits; ++s) m = std::fmax(m, partial[size_t(s * k + c)]);
+    partial[size_t(c)] = m;
+    CHECK(m == col_max_ref[size_t(c)]);
+  }
+  const int T = ox::kSelectThreads;
+  std::vector<ox::ColumnRun> run(T);
+  std::vector<int> owner(size_t(k), 0), word_owner(size_t(ox::mask_words(k)), 0);
+  for (int t = 0; t < T; ++t) {
+    run[size_t(t)] = ox::column_run(t, k);
+    CHECK(run[size_t(t)].begin <= run[size_t(t)].end && (run[size_t(t)].begin == run[size_t(t)].end || run[size_t(t)].begin % 32 == 0));
+    for (int64_t c = run[size_t(t)].begin; c < run[size_t(t)].end; ++c) ++owner[size_t(c)];
+    if (t > 0 && run[size_t(t)].begin < run[size_t(t)].end) CHECK(run[size_t(t)].begin == run[size_t(t - 1)].end);
+  }
+  for (int o : owner) CHECK(o == 1);
+  const auto key_of = [&](int64_t c) { return ox::outlier_key(partial[size_t(c)]); };
+  const auto count_run = [&](int t, auto&& pred) {
+    int64_t n = 0;
+    for (int64_t c = run[size_t(t)].begin; c < run[size_t(t)].end; ++c) n += pred(key_of(c)) ? 1 : 0;
+    return n;
+  };
+  uint32_t pivot = ox::outlier_key(threshold);
+  int64_t ties = 0, above_total = 0;
+  for (int t = 0; t < T; ++t) above_total += count_run(t, [&](uint32_t key) { return key > pivot; });
+  if (above_total > slots) {
+    uint32_t prefix = 0;
+    int64_t need = slots;
+    for (int round = 0; round < 32 / ox::kRadixBits; ++round) {
+      uint32_t histogram[ox::kRadixBins] = {};
+      for (int64_t c = 0; c < k; ++c)
+        if ((key_of(c) & ox::radix_high_mask(round)) == prefix)
+          ++histogram[(key_of(c) >> ox::radix_shift(round)) & (ox::kRadixBins - 1)];
+      const ox::RadixPick pick = ox::radix_pick(histogram, need);
+      CHECK(pick.need >= 1 && pick.need <= int64_t(histogram[pick.digit]));
+      prefix |= uint32_t(pick.digit) << ox::radix_shift(round);
+      need = pick.need;
+    }
+    pivot = prefix;
+    ties = need;
+  }
+  std::vector<int64_t> greater(T), equal(T);
+  int64_t greater_total = 0, equal_total = 0;
+  for (int t = 0; t < T; ++t) {
+    greater[size_t(t)] = count_run(t, [&](uint32_t key) { return key > pivot; });
+    equal[size_t(t)] = count_run(t, [&](uint32_t key) { return key == pivot; });
+    greater_total += greater[size_t(t)];
+    equal_total += equal[size_t(t)];
+  }
+  const int64_t kept_total = greater_total + std::min(ties, equal_total);
+  CHECK(kept_total <= slots);
+  std::vector<int32_t> columns(size_t(slots), -77);
+  std::vector<int> column_writes(size_t(slots), 0);
+  std::vector<uint32_t> mask(size_t(ox::mask_words(k)), 0xDEADBEEFu);
+  int64_t greater_prefix = 0, equal_prefix = 0;
+  for (int t = 0; t < T; ++t) {
+    int64_t greater_before = greater_prefix, equal_before = equal_prefix;
+    greater_prefix += greater[size_t(t)];
+    equal_prefix += equal[size_t(t)];
+    const ox::ColumnRun r = run[size_t(t)];
+    for (int64_t w = r.begin / 32; r.begin < r.end && 32 * w < r.end; ++w) {
+      uint32_t word = 0;
+      for (int64_t c = 32 * w; c < std::min(32 * w + 32, r.end); ++c) {
+        const uint32_t key = key_of(c);
+        if (ox::column_kept(key, pivot, equal_before, ties)) {
+          const int64_t slot = ox::column_slot(greater_before, equal_before, ties);
+          CHECK(slot >= 0 && slot < slots);
+          columns[size_t(slot)] = int32_t(c);
+          ++column_writes[size_t(slot)];
+          word |= 1u << (c % 32);
+        }
+        greater_before += key > pivot ? 1 : 0;
+        equal_before += key == pivot ? 1 : 0;
+      }
+      mask[size_t(w)] = word;
+      ++word_owner[size_t(w)];
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t s = kept_total + t; s < slots; s += T) {
+      columns[size_t(s)] = -1;
+      ++column_writes[size_t(s)];
+    }
+  for (int w : column_writes) CHECK(w == 1);
+  for (int w : word_owner) CHECK(w == 1);
+  // the CPU's rule
+  std::vector<int64_t> want;
+  for (int64_t c = 0; c < k; ++c)
+    if (col_max_ref[size_t(c)] > threshold) want.push_back(c);
+  if (int64_t(want.size()) > slots) {
+    std::vector<int64_t> order(static_cast<size_t>(k));
+    for (int64_t c = 0; c < k; ++c) order[size_t(c)] = c;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return col_max_ref[size_t(a)] > col_max_ref[size_t(b)]; });
+    want.assign(order.begin(), order.begin() + slots);
+    std::sort(want.begin(), want.end());
+  }
+  for (int s = 0; s < slots; ++s) CHECK(columns[size_t(s)] == (s < int(want.size()) ? int32_t(want[size_t(s)]) : -1));
+  std::vector<uint32_t> want_mask(size_t(ox::mask_words(k)), 0u);
+  for (int64_t c : want) want_mask[size_t(c / 32)] |= 1u << (c % 32);
+  CHECK(mask == want_mask);
+
+  // add_outliers_kernel: grid (n / kAddColumns, m / kAddRows), thread = column n, rows of the tile;
+  // the list walked in chunks, stopping at the first -1
+  const int64_t n = rnd(1, 700), m = std::min<int64_t>(rows, 100);
+  std::vector<int> out_writes(size_t(m * n), 0);
+  for (int64_t bx = 0; bx < ix::ceil_div(n, ox::kAddColumns); ++bx)
+    for (int64_t by = 0; by < ix::ceil_div(m, ox::kAddRows); ++by)
+      for (int tid = 0; tid < ox::kAddColumns; ++tid) {
+        const int64_t col = bx * ox::kAddColumns + tid;
+        std::vector<int32_t> walked;
+        for (int base = 0; base < slots; base += ox::kAddChunk) {
+          int32_t chunk[ox::kAddChunk];
+          for (int j = 0; j < ox::kAddChunk; ++j) chunk[j] = base + j < slots ? columns[size_t(base + j)] : -1;
+          if (chunk[0] < 0) break;
+          for (int j = 0; j < ox::kAddChunk && chunk[j] >= 0; ++j) walked.push_back(chunk[j]);
+        }
+        CHECK(walked.size() == want.size() && std::equal(walked.begin(), walked.end(), want.begin()));
+        if (col >= n) continue;
+        for (int r = 0; r < ox::kAddRows; ++r)
+          if (by * ox::kAddRows + r < m) ++out_writes[size_t((by * ox::kAddRows + r) * n + col)];
+      }
+  for (int w : out_writes) CHECK(w == 1);
+}
+
 int main(int argc, char** argv) {
   const int cases = argc > 1 ? atoi(argv[1]) : 100;
   const uint64_t seed = argc > 2 ? strtoull(argv[2], nullptr, 10) : 1;
@@ -974,6 +1154,8 @@ int main(int argc, char** argv) {
   printf("mm ok\n");
   for (int c = 0; c < cases; ++c) check_mm_case(c % 4 == 0, true);
   printf("fp8 mm ok\n");
+  for (int c = 0; c < cases; ++c) check_outlier_case();
+  printf("outliers ok\n");
   printf("all ok\n");
   return 0;
 }
