@@ -104,9 +104,9 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, false>::kThreads, 1)
     float s[Tr::kSN][4];
     zero_accumulators(s);
 #pragma unroll
-    for (int k16 = 0; k16 < Tr::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane);
+    for (int k16 = 0; k16 < Tr::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane, m.live);
     online_softmax_step<Tr>(s, o, rs, m, c, q_pos, causal, scale_log2, lane);
-    mma_p_x_tile<T, kD>(o, s, vs, lane);
+    mma_p_x_tile<T, kD>(o, s, vs, lane, m.live);
   }
   cp_async_wait_all();  // only an empty group remains
 
@@ -188,9 +188,9 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
       uint32_t a[4];
       const int row = warp_row0 + ix::ldsm_a_row(lane), chunk = ix::ldsm_a_chunk(k16, lane);
       ldmatrix_x4(a, smem + Tr::kQOffset + ix::smem_offset(row, chunk, kD));
-      mma_rows_x_tile<T, kD>(s, a, ks, k16, lane);
+      mma_rows_x_tile<T, kD>(s, a, ks, k16, lane, m.live);
       ldmatrix_x4(a, smem + (Tr::kQOffset + Tr::kRowBytes) + ix::smem_offset(row, chunk, kD));
-      mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane);
+      mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane, m.live);
     }
     with_step_masking(m, [&](auto masked) {
 #pragma unroll
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
           s[j][e] = prob * (dp[j][e] - delta[e / 2]);  // dS
         }
     });
-    mma_p_x_tile<T, kD>(dq, s, ks, lane);
+    mma_p_x_tile<T, kD>(dq, s, ks, lane, m.live);
   }
   cp_async_wait_all();
   __syncthreads();  // the dO rows are not read any more; Q rows are reused per warp below

@@ -242,6 +242,18 @@ TORCH_EXT_HOST_DEVICE bool step_hidden_from_rows(int64_t first_key, int64_t firs
   const int64_t last_q = first_q + kWarpRows - 1 < seq_q ? first_q + kWarpRows - 1 : seq_q - 1;
   return causal && first_key > last_q + seq_kv - seq_q;
 }
+// The 16-key slices of a step a warp computes (bit j: keys 16 j .. 16 j + 15, an n8 pair of S and a
+// k16 step of P V / dS K), from its live segments (bit s: segment s is listed and, with MoBA, some
+// row of the warp chose its block). A slice of a dead segment holds no element visible to the
+// warp's rows: S there would be masked to -inf and P be 0, so the mma.sync kernels skip its mmas.
+// Slices are 16 keys and segments at least 16, so slice j lies in segment 16 j / segment length.
+constexpr int kSlices = kTileKv / 16;
+TORCH_EXT_HOST_DEVICE unsigned live_slices(unsigned live_segments, int block_kv) {
+  unsigned bits = 0;
+  for (int j = 0; j < kSlices; ++j)
+    if ((live_segments >> ((16 * j) >> segment_shift(block_kv))) & 1u) bits |= 1u << j;
+  return bits;
+}
 // A whole step needs no per-element mask when every segment is listed and full, no selection
 // applies, and (causal) its last key is visible to the warp's first row.
 TORCH_EXT_HOST_DEVICE bool tile_fully_visible(int64_t first_q, int64_t last_key, bool all_full, bool selection,

@@ -107,20 +107,22 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[kN
 // 8 n8 tiles of a 64-key step.
 template <typename T, int kD>
 __device__ __forceinline__ void mma_rows_x_tile(float (&s)[8][4], const uint32_t (&a)[4], const unsigned char* tile,
-                                                int k16, int lane) {
+                                                int k16, int lane, unsigned live) {
 #pragma unroll
   for (int nj = 0; nj < 4; ++nj)
-    mma_n16<T, false>(s[2 * nj], s[2 * nj + 1], a,
-                      tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(lane), ix::ldsm_b_chunk(k16, lane), kD));
+    if ((live >> nj) & 1u)  // warp-uniform (StepMask::live)
+      mma_n16<T, false>(s[2 * nj], s[2 * nj + 1], a,
+                        tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(lane), ix::ldsm_b_chunk(k16, lane), kD));
 }
 
 // acc (16 x D) += P (16 x 64, the accumulators of S rounded to T) x tile, tile a [64][D] shared
 // tile read transposed (V in P V, K in dS K).
 template <typename T, int kD>
 __device__ __forceinline__ void mma_p_x_tile(float (&acc)[kD / 8][4], const float (&p)[8][4], const unsigned char* tile,
-                                             int lane) {
+                                             int lane, unsigned live) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
+    if (!((live >> kk) & 1u)) continue;  // P is 0 on this slice (warp-uniform)
     uint32_t a[4];
     acc_to_a<T>(a, p, kk);
 #pragma unroll
@@ -206,7 +208,8 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
 // rows the segments their MoBA choices allow.
 struct StepMask {
   bool full;
-  bool hidden;  // no row of the warp sees any key of the step (warp-uniform): the warp skips it
+  bool hidden;    // no row of the warp sees any key of the step (warp-uniform): the warp skips it
+  unsigned live;  // warp-uniform: the 16-key slices with a key some row of the warp may see
   ix::StepSegments seg;
   unsigned allowed[2];  // bit s: segment s is among the row's choices (all bits without selection)
 };
@@ -219,9 +222,11 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
   const int nseg = ix::segments_per_tile(c.block_kv), seg_len = ix::segment_len(c.block_kv);
   bool all_full = true;
   int64_t last_key = -1, first_key = -1;
+  unsigned live_segments = 0;
 #pragma unroll
   for (int s = 0; s < ix::kMaxSegments; ++s) {
     m.seg.base[s] = s < nseg ? seg[s] : -1;
+    if (s < nseg && m.seg.base[s] >= 0) live_segments |= 1u << s;
     if (s < nseg) {
       all_full = all_full && m.seg.base[s] >= 0 && m.seg.base[s] + seg_len <= c.seq_kv;
       last_key = max(last_key, int64_t(m.seg.base[s]) + seg_len - 1);
@@ -243,8 +248,10 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
           bits |= 1u << s;
       m.allowed[half] = bits;
     }
-    m.hidden = m.hidden || !__any_sync(kFullMask, (m.allowed[0] | m.allowed[1]) != 0);
+    live_segments &= __reduce_or_sync(kFullMask, m.allowed[0] | m.allowed[1]);
   }
+  m.live = ix::live_slices(live_segments, c.block_kv);
+  m.hidden = m.hidden || m.live == 0u;
   return m;
 }
 

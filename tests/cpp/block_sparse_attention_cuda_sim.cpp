@@ -365,6 +365,7 @@ struct Tensors {
 // (c) forward / dQ CTAs (they share the walk)
 // ---------------------------------------------------------------------------------------------
 int64_t g_hidden_steps = 0;  // warp steps the forward / dQ kernels skip (MoBA, causal, empty)
+int64_t g_dead_slices = 0;   // n8 tiles of computed steps whose mmas they skip (dead 16-key slices)
 
 template <class Tr>
 struct RowSim {
@@ -454,8 +455,9 @@ struct RowSim {
   }
   // S (+)= rows x tile^T: A per k16 step from `a`, B = the [64][D] tile at `tile`
   template <typename T>
-  void rows_x_tile(WC (&s)[8], const WA& a, int tile, int k16) {
+  void rows_x_tile(WC (&s)[8], const WA& a, int tile, int k16, unsigned live) {
     for (int nj = 0; nj < 4; ++nj) {
+      if (!((live >> nj) & 1u)) continue;  // a dead slice (checked in skipped(): nothing visible)
       int addr[32];
       for (int l = 0; l < 32; ++l)
         addr[l] = tile + ix::smem_offset(16 * nj + ix::ldsm_b_row(l), ix::ldsm_b_chunk(k16, l), kD);
@@ -474,8 +476,9 @@ struct RowSim {
   }
   // acc += P x tile (tile read transposed), P from the accumulators
   template <typename T>
-  void p_x_tile(std::vector<WC>& acc, const WC (&p)[8], int tile) {
+  void p_x_tile(std::vector<WC>& acc, const WC (&p)[8], int tile, unsigned live) {
     for (int kk = 0; kk < 4; ++kk) {
+      if (!((live >> kk) & 1u)) continue;
       const WA a = acc_to_a<T>(p, kk);
       for (int nj = 0; nj < kD / 16; ++nj) {
         int addr[32];
@@ -491,6 +494,7 @@ struct RowSim {
   struct Mask {
     bool full;
     bool hidden;  // the kernel's warp skips the step (checked below: then no element is visible)
+    unsigned live;  // the 16-key slices it computes (the others: no element visible, checked below)
     ix::StepSegments seg;
     unsigned allowed[32][2];
   };
@@ -530,21 +534,30 @@ struct RowSim {
           }
         m.allowed[l][half] = bits;
       }
-    if (P.sel) {  // the kernel's vote: no lane's rows chose any of the step's blocks
-      bool any = false;
-      for (int l = 0; l < 32; ++l) any = any || (m.allowed[l][0] | m.allowed[l][1]) != 0;
-      m.hidden = m.hidden || !any;
+    unsigned live_segments = 0;
+    for (int s = 0; s < nseg; ++s) live_segments |= m.seg.base[s] >= 0 ? 1u << s : 0u;
+    if (P.sel) {  // the kernel's vote (__reduce_or_sync): segments some lane's rows chose
+      unsigned any = 0;
+      for (int l = 0; l < 32; ++l) any |= m.allowed[l][0] | m.allowed[l][1];
+      live_segments &= any;
     }
+    m.live = ix::live_slices(live_segments, P.bkv);
+    for (int j = 0; j < ix::kSlices; ++j)  // slice j of the step: segment 16 j / segment length
+      CHECK(((m.live >> j) & 1u) == ((live_segments >> ix::row_segment(16 * j, P.bkv)) & 1u));
+    m.hidden = m.hidden || m.live == 0u;
     return m;
   }
-  // A step the warp skips must hold no element visible to any of its rows inside Sq (rows past
-  // Sq are computed but never stored).
+  // A step the warp skips, and a slice of a step it computes no mma for, must hold no element
+  // visible to any of its rows inside Sq (rows past Sq are computed but never stored).
   bool skipped(const Mask& m, int warp) {
-    if (!m.hidden) return false;
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < 8; ++j) {
+      if (!m.hidden && ((m.live >> (j / 2)) & 1u)) continue;
       for (int l = 0; l < 32; ++l)
         for (int e = 0; e < 4; ++e)
           if (q_pos(warp, l, e / 2) < P.Sq) CHECK(!visible(m, j, e, l, q_pos(warp, l, e / 2)));
+      if (!m.hidden) ++g_dead_slices;
+    }
+    if (!m.hidden) return false;
     ++g_hidden_steps;
     return true;
   }
@@ -618,7 +631,7 @@ void sim_forward_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
       if (c.skipped(m, w)) continue;
       WC s[8];
       for (auto& x : s) zero(x);
-      for (int k16 = 0; k16 < Tr::kK16; ++k16) c.template rows_x_tile<T>(s, qf[size_t(w)][size_t(k16)], ks, k16);
+      for (int k16 = 0; k16 < Tr::kK16; ++k16) c.template rows_x_tile<T>(s, qf[size_t(w)][size_t(k16)], ks, k16, m.live);
       float tile_max[2][32];
       for (int l = 0; l < 32; ++l) tile_max[0][l] = tile_max[1][l] = -INFINITY;
       for (int j = 0; j < 8; ++j)
@@ -646,7 +659,7 @@ void sim_forward_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
       for (auto& ot : o[size_t(w)])
         for (int l = 0; l < 32; ++l)
           for (int e = 0; e < 4; ++e) ot.v[l][e] *= alpha[l][e / 2];
-      c.template p_x_tile<T>(o[size_t(w)], s, vs);
+      c.template p_x_tile<T>(o[size_t(w)], s, vs, m.live);
     }
   }
   sm.wait(0);
@@ -745,8 +758,8 @@ void sim_dq_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
         zero(dp[j]);
       }
       for (int k16 = 0; k16 < Tr::kK16; ++k16) {
-        c.template rows_x_tile<T>(s, c.load_a(Tr::kQOffset, w * 16, k16), ks, k16);
-        c.template rows_x_tile<T>(dp, c.load_a(do_off, w * 16, k16), vs, k16);
+        c.template rows_x_tile<T>(s, c.load_a(Tr::kQOffset, w * 16, k16), ks, k16, m.live);
+        c.template rows_x_tile<T>(dp, c.load_a(do_off, w * 16, k16), vs, k16, m.live);
       }
       for (int j = 0; j < 8; ++j)
         for (int l = 0; l < 32; ++l)
@@ -756,7 +769,7 @@ void sim_dq_cta(const Problem& P, Tensors& G, int b, int h, int qb) {
             CHECK(!std::isnan(prob));
             s[j].v[l][e] = prob * (dp[j].v[l][e] - delta[w][l][e / 2]);
           }
-      c.template p_x_tile<T>(dq[size_t(w)], s, ks);
+      c.template p_x_tile<T>(dq[size_t(w)], s, ks, m.live);
     }
   }
   sm.wait(0);
@@ -1740,8 +1753,10 @@ int main(int argc, char** argv) {
       moba_case<BFloat16>(stats);
     }
   }
-  printf("attention rows checked %d (empty %d), skipped warp steps %lld, moba cases %d (tie-decided rows %d)\n",
-         stats[0], stats[1], static_cast<long long>(g_hidden_steps), stats[3], stats[2]);
+  printf("attention rows checked %d (empty %d), skipped warp steps %lld, dead n8 tiles %lld, moba cases %d "
+         "(tie-decided rows %d)\n",
+         stats[0], stats[1], static_cast<long long>(g_hidden_steps), static_cast<long long>(g_dead_slices), stats[3],
+         stats[2]);
   printf("all ok\n");
   return 0;
 }
