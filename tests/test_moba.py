@@ -158,6 +158,22 @@ def test_bad_inputs(args, message):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim", [96, 256])
+def test_cuda_select_large_head_dim(dtype, dim):
+    """CUDA moba_select (tensor-core scores from hi / lo operand splits; 4, 2 or 1 warps per CTA as
+    the device's shared memory allows) picks what the CPU picks up to near ties, fp32 included."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    q, k = _qk(1, 2, 1, 400, 400, dim, dtype, seed)
+    with poisoned_outputs():
+        selected = moba_select(q.cuda(), k.cuda(), 16, 6, True).cpu()
+    cpu_selected = moba_select(q, k, 16, 6, True)
+    assert (selected != cpu_selected).any(-1).float().mean() < 0.02, f"seed {seed}"
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size,top_k", [(16, 4), (64, 2)])
 @pytest.mark.parametrize("forward", ["default", "wgmma"])

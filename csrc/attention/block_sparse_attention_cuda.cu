@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(ix::kPoolThreads) moba_pool_kernel(const MobaS
   }
 }
 
-// A CTA: 64 query tokens of one (b, h); warp w owns tokens 16 w .. 16 w + 15 as one m16 tile. The
+// A CTA: 16 kWarps query tokens of one (b, h); warp w owns tokens 16 w .. 16 w + 15 as one m16 tile. The
 // query rows sit in shared memory as 16-bit operands (hi, and lo for fp32 inputs); chunks of 32
 // pooled blocks (hi and lo rows) stream through kMobaStages stages. Per chunk a warp with an
 // eligible block left computes its 16 x 32 scores with ldmatrix + mma.m16n8k16 (q hi x p hi, q hi x
@@ -431,12 +431,11 @@ __global__ void __launch_bounds__(ix::kPoolThreads) moba_pool_kernel(const MobaS
 // score tile, and merges row by row: lane j offers block c0 + j to the row's top-k list with
 // ballots (ix::moba_beats order). The merge is the CUDA-core part; the scoring, ~35 ms on FMA
 // units at 32K / block 16 on the H100, is the part the tensor cores take.
-template <typename T>
-__global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const MobaSelectParams p,
-                                                                         const ix::MobaMma<T>* pooled) {
+template <typename T, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) moba_select_kernel(const MobaSelectParams p, const ix::MobaMma<T>* pooled) {
   using M = ix::MobaMma<T>;
   constexpr bool kSplitQ = ix::kMobaSplitQ<T>;
-  constexpr int kThreads = ix::kMobaWarps * 32;
+  constexpr int kThreads = kWarps * 32, kRowsPerCta = kWarps * ix::kMobaRowsPerWarp;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int h = blockIdx.y;
@@ -444,12 +443,12 @@ __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const 
   const int D = p.head_dim, Dp = ix::moba_dim_padded(D), top_k = p.top_k;
   const int hk = h / int(p.heads_q / p.heads_kv);
   const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
-  const int64_t i0 = int64_t(blockIdx.x) * ix::kMobaRowsPerCta;
-  const ix::MobaSmemLayout L = ix::moba_smem_layout(D, kSplitQ);
+  const int64_t i0 = int64_t(blockIdx.x) * kRowsPerCta;
+  const ix::MobaSmemLayout L = ix::moba_smem_layout(D, kSplitQ, kWarps);
   const int row_bytes = ix::moba_row_bytes(D);
 
   const T* const q = bhsd_ptr<T>(p.q, b, h);
-  for (int idx = tid; idx < ix::kMobaRowsPerCta * Dp; idx += kThreads) {
+  for (int idx = tid; idx < kRowsPerCta * Dp; idx += kThreads) {
     const int r = idx / Dp, d = idx % Dp;
     const float x = i0 + r < p.seq_q && d < D ? to_compute(q[(i0 + r) * p.q.seq_stride + d]) : 0.f;
     const auto split = ix::moba_split<M>(x);
@@ -473,7 +472,7 @@ __global__ void __launch_bounds__(ix::kMobaWarps * 32) moba_select_kernel(const 
     ei[j] = ix::kMobaEmptyId;
   }
   // The CTA's last token has the widest range (monotone in i).
-  const int64_t last = min(i0 + ix::kMobaRowsPerCta, p.seq_q) - 1;
+  const int64_t last = min(i0 + kRowsPerCta, p.seq_q) - 1;
   const int cta_limit = ix::moba_range(last, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal).limit;
   const M* const pooled_bh = pooled + ix::moba_pooled_row(b, hk, 0, 0, p.heads_kv, blocks, D);
   const int64_t part_stride = int64_t(blocks) * Dp;  // hi rows -> lo rows
@@ -788,7 +787,12 @@ cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, c
   if (p.batch == 0 || p.heads_q == 0 || p.seq_q == 0 || p.top_k == 0) return cudaSuccess;
   const int blocks = ix::moba_blocks(p.seq_kv, p.block_size);
   if (blocks > 0 && workspace == nullptr) return cudaErrorInvalidValue;
-  cudaError_t status = cudaErrorInvalidValue;
+  int device = 0, max_shared_per_block = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess)
+    status = cudaDeviceGetAttribute(&max_shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status != cudaSuccess) return status;
+  status = cudaErrorInvalidValue;
   visit_storage_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {
@@ -799,13 +803,27 @@ cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, c
         status = cudaGetLastError();
         if (status != cudaSuccess) return;
       }
-      const auto kernel = moba_select_kernel<T>;
-      const int smem = ix::moba_smem_layout(p.head_dim, ix::kMobaSplitQ<T>).total;
-      status = prepare(kernel, smem);
-      if (status != cudaSuccess) return;
-      const dim3 grid(unsigned(ix::ceil_div(p.seq_q, ix::kMobaRowsPerCta)), unsigned(p.heads_q), unsigned(p.batch));
-      kernel<<<grid, ix::kMobaWarps * 32, smem, stream>>>(p, pooled);
-      status = cudaGetLastError();
+      const auto launch = [&](auto warps_tag) {
+        constexpr int kWarps = decltype(warps_tag)::value;
+        const auto kernel = moba_select_kernel<T, kWarps>;
+        const int smem = ix::moba_smem_layout(p.head_dim, ix::kMobaSplitQ<T>, kWarps).total;
+        status = prepare(kernel, smem);
+        if (status != cudaSuccess) return;
+        const dim3 grid(unsigned(ix::ceil_div(p.seq_q, kWarps * ix::kMobaRowsPerWarp)), unsigned(p.heads_q),
+                        unsigned(p.batch));
+        kernel<<<grid, kWarps * 32, smem, stream>>>(p, pooled);
+        status = cudaGetLastError();
+      };
+      const int warps = ix::moba_warps_for(p.head_dim, ix::kMobaSplitQ<T>, max_shared_per_block);
+      if (warps == 4) {
+        launch(std::integral_constant<int, 4>{});
+      } else if (warps == 2) {
+        launch(std::integral_constant<int, 2>{});
+      } else if (warps == 1) {
+        launch(std::integral_constant<int, 1>{});
+      } else {
+        status = cudaErrorNotSupported;
+      }
     }
   });
   return status;

@@ -356,10 +356,10 @@ TORCH_EXT_HOST_DEVICE int walk_steps(const TransposedLists& t, int subs_per_bloc
 
 // Blocks a CTA stages per step: 4 n8 tiles of a warp's scores, one block per lane in the merge.
 constexpr int kMobaChunk = 32;
-// 4 warps x 16 query tokens per CTA share each staged chunk of pooled keys.
-constexpr int kMobaWarps = 4;
+// Warps of 16 query tokens per CTA share each staged chunk of pooled keys: 4 (64 tokens), or 2 / 1
+// where the layout of 4 exceeds the device's shared memory per CTA (moba_warps_for).
+constexpr int kMobaMaxWarps = 4;
 constexpr int kMobaRowsPerWarp = 16;
-constexpr int kMobaRowsPerCta = kMobaWarps * kMobaRowsPerWarp;
 // Pooled chunks in flight: chunk c + 1 loads while chunk c is scored and merged.
 constexpr int kMobaStages = 2;
 // Threads of the mean-pooling kernel (one per head-dim column, looping past 128).
@@ -453,22 +453,31 @@ TORCH_EXT_HOST_DEVICE int moba_smem_offset(int row, int chunk, int head_dim) {
 constexpr int kMobaScoreStride = 40;
 TORCH_EXT_HOST_DEVICE int moba_score_index(int row, int block) { return row * kMobaScoreStride + block; }
 
-// moba_select_kernel's shared memory (bytes): the CTA's query rows (hi, then lo when split), then
-// kMobaStages stages of pooled chunks (hi rows, then lo rows), then the warps' score tiles.
+// moba_select_kernel's shared memory (bytes) for `warps` warps: the CTA's query rows (hi, then lo
+// when split), then kMobaStages stages of pooled chunks (hi rows, then lo rows), then the warps'
+// score tiles.
 struct MobaSmemLayout {
   int q_hi, q_lo, stages, stage_bytes, lo_in_stage, scores, total;
 };
-TORCH_EXT_HOST_DEVICE MobaSmemLayout moba_smem_layout(int head_dim, bool split_q) {
-  const int row = moba_row_bytes(head_dim);
+TORCH_EXT_HOST_DEVICE MobaSmemLayout moba_smem_layout(int head_dim, bool split_q, int warps) {
+  const int row = moba_row_bytes(head_dim), rows = warps * kMobaRowsPerWarp;
   MobaSmemLayout l{};
   l.q_hi = 0;
-  l.q_lo = kMobaRowsPerCta * row;
-  l.stages = l.q_lo + (split_q ? kMobaRowsPerCta * row : 0);
+  l.q_lo = rows * row;
+  l.stages = l.q_lo + (split_q ? rows * row : 0);
   l.lo_in_stage = kMobaChunk * row;
   l.stage_bytes = 2 * kMobaChunk * row;
   l.scores = l.stages + kMobaStages * l.stage_bytes;
-  l.total = l.scores + kMobaWarps * kMobaRowsPerWarp * kMobaScoreStride * 4;
+  l.total = l.scores + warps * kMobaRowsPerWarp * kMobaScoreStride * 4;
   return l;
+}
+// The most warps (4, 2, 1) whose layout fits `smem_limit` bytes per CTA, 0 if none does. At
+// head_dim 256 four warps take 112 KB (fp16 / bf16) or 146 KB (fp32, split queries): fine on
+// sm_80 / sm_90 (163 / 227 KB), two or one on sm_86 / sm_89 (99 KB); one warp needs at most 87 KB.
+TORCH_EXT_HOST_DEVICE int moba_warps_for(int head_dim, bool split_q, int64_t smem_limit) {
+  for (int warps = kMobaMaxWarps; warps >= 1; warps /= 2)
+    if (moba_smem_layout(head_dim, split_q, warps).total <= smem_limit) return warps;
+  return 0;
 }
 // Pooled keys in the workspace: [B, Hk, 2 (hi, lo), blocks, padded dim] of MobaMma<T>, zero past
 // head_dim. Element offset of row (b, hk, part, block).

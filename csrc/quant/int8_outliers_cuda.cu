@@ -130,8 +130,8 @@ __global__ void __launch_bounds__(ox::kAddColumns) add_outliers_kernel(const Out
   __shared__ int32_t columns[ox::kAddChunk];
   __shared__ float xs[ox::kAddRows][ox::kAddChunk];
   const int tid = threadIdx.x;
-  const int64_t n = int64_t(blockIdx.x) * ox::kAddColumns + tid;
-  const int64_t m0 = int64_t(blockIdx.y) * ox::kAddRows;
+  const int64_t n = int64_t(blockIdx.y) * ox::kAddColumns + tid;
+  const int64_t m0 = int64_t(blockIdx.x) * ox::kAddRows;  // rows on x: any count (y stops at 65535)
   const bool column_ok = n < p.n;
   float acc[ox::kAddRows];
 #pragma unroll
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(ox::kAddColumns) add_outliers_kernel(const Out
 }  // namespace
 
 cudaError_t find_outlier_columns(const OutlierSearchParams& p, cudaStream_t stream) {
-  if (p.rows < 1 || p.k < 1 || p.slots < 1 || p.slots > p.k || !(p.threshold > 0.f) || p.x == nullptr ||
+  if (p.rows < 1 || p.k < 1 || p.slots < 1 || p.slots > p.k || !(p.threshold >= 0.f) || p.x == nullptr ||
       p.partial == nullptr || p.columns == nullptr || p.zero_mask == nullptr ||
       ix::ceil_div(p.k, 4) > int64_t(ox::kColumnThreads) * 2147483647)
     return cudaErrorInvalidValue;
@@ -186,7 +186,7 @@ cudaError_t find_outlier_columns(const OutlierSearchParams& p, cudaStream_t stre
 
 cudaError_t add_outlier_product(const OutlierAddParams& p, cudaStream_t stream) {
   if (p.m < 0 || p.n < 0 || p.slots < 0 || (p.slots > 0 && p.columns == nullptr) ||
-      ix::ceil_div(p.m, ox::kAddRows) > 65535 || ix::ceil_div(p.n, ox::kAddColumns) > 2147483647)
+      ix::ceil_div(p.m, ox::kAddRows) > 2147483647 || ix::ceil_div(p.n, ox::kAddColumns) > 65535)
     return cudaErrorInvalidValue;
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   cudaError_t status = cudaErrorInvalidValue;
@@ -195,7 +195,7 @@ cudaError_t add_outlier_product(const OutlierAddParams& p, cudaStream_t stream) 
     visit_storage_type(p.out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
       if constexpr (!std::is_same_v<T, double> && !std::is_same_v<O, double>) {
-        const dim3 grid(unsigned(ix::ceil_div(p.n, ox::kAddColumns)), unsigned(ix::ceil_div(p.m, ox::kAddRows)));
+        const dim3 grid(unsigned(ix::ceil_div(p.m, ox::kAddRows)), unsigned(ix::ceil_div(p.n, ox::kAddColumns)));
         add_outliers_kernel<T, O><<<grid, ox::kAddColumns, 0, stream>>>(p);
         status = cudaGetLastError();
       }

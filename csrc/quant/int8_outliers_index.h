@@ -36,7 +36,7 @@ TORCH_EXT_HOST_DEVICE int64_t split_rows(int64_t rows, int splits) { return ceil
 // ---------------------------------------------------------------------------------------------
 // 2. Selection (one CTA of kSelectThreads): thread t owns a run of whole 32-column words, so it
 //    writes its words of the zero mask alone. A column's key is the bit pattern of its max |x|
-//    (non-negative floats order as their bits; NaN above +inf). With at most `slots` keys above
+//    (non-negative floats order as their bits; the maxima skip NaN). With at most `slots` keys above
 //    the threshold's, those are the outliers; otherwise the `slots` largest: a radix select
 //    (4 rounds of 8 bits, most significant first) finds the `slots`-th largest key (the pivot)
 //    and how many keys equal to it are taken (the lowest columns first). Either way a column is
@@ -93,8 +93,8 @@ TORCH_EXT_HOST_DEVICE uint32_t chunk_zero_bits(const uint32_t* mask, int64_t fir
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. out = y + x[:, kept] (w[:, kept] * w_scale)^T in fp32, one rounding: a CTA per kAddColumns
-//    output columns (a thread each) x kAddRows rows, the kept columns walked kAddChunk at a time
+// 3. out = y + x[:, kept] (w[:, kept] * w_scale)^T in fp32, one rounding: a CTA per kAddRows rows
+//    (grid x) x kAddColumns output columns (grid y, a thread each), the kept columns walked kAddChunk at a time
 //    (their x values staged in shared memory), in ascending order like the CPU kernel.
 // ---------------------------------------------------------------------------------------------
 constexpr int kAddColumns = 256;

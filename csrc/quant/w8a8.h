@@ -100,13 +100,14 @@ struct OutlierProductParams {
 
 // int8_linear's outlier features on CUDA, found without a host synchronization: the column
 // maxima of |x|, then the columns whose maximum exceeds `threshold`, or, when more than `slots`
-// do, the `slots` largest maxima (equal maxima: lower columns first).
+// do, the `slots` largest maxima (equal maxima: lower columns first). NaN in x: the maxima skip
+// it (fmax), where the CPU's vector max may not, so the choice may differ from the CPU's.
 struct OutlierSearchParams {
   ScalarKind x_dtype;  // fp32, fp16 or bf16
   int64_t rows, k;     // rows >= 1
   const void* x;       // [rows, k], unit column stride
   int64_t x_row_stride;
-  float threshold;     // > 0
+  float threshold;     // >= 0 (a positive double threshold may round to 0 in fp32, as on the CPU)
   int32_t slots;       // 1 <= slots <= k
   float* partial;      // workspace [int8_outliers::search_splits(rows), k]
   int32_t* columns;    // [slots]: the outlier columns ascending, then -1

@@ -1154,13 +1154,22 @@ void check_moba_smem_layout() {
     CHECK(Dp % 16 == 0 && Dp >= D && Dp - D < 16);
     CHECK(row % 16 == 0 && (row / 16) % 2 == 1 && row >= 2 * Dp);
     for (int split = 0; split < 2; ++split) {
-      const ix::MobaSmemLayout L = ix::moba_smem_layout(D, split == 1);
-      CHECK(L.q_hi == 0 && L.q_lo == ix::kMobaRowsPerCta * row);
-      CHECK(L.stages == L.q_lo + split * ix::kMobaRowsPerCta * row && L.stages % 16 == 0);
-      CHECK(L.lo_in_stage == ix::kMobaChunk * row && L.stage_bytes == 2 * L.lo_in_stage);
-      CHECK(L.scores == L.stages + ix::kMobaStages * L.stage_bytes && L.scores % 16 == 0);
-      CHECK(L.total == L.scores + ix::kMobaWarps * ix::kMobaRowsPerWarp * ix::kMobaScoreStride * 4);
-      CHECK(L.total <= 163 * 1024);  // sm_80's opt-in limit
+      for (int warps = 1; warps <= ix::kMobaMaxWarps; warps *= 2) {
+        const int rows = warps * ix::kMobaRowsPerWarp;
+        const ix::MobaSmemLayout L = ix::moba_smem_layout(D, split == 1, warps);
+        CHECK(L.q_hi == 0 && L.q_lo == rows * row);
+        CHECK(L.stages == L.q_lo + split * rows * row && L.stages % 16 == 0);
+        CHECK(L.lo_in_stage == ix::kMobaChunk * row && L.stage_bytes == 2 * L.lo_in_stage);
+        CHECK(L.scores == L.stages + ix::kMobaStages * L.stage_bytes && L.scores % 16 == 0);
+        CHECK(L.total == L.scores + rows * ix::kMobaScoreStride * 4);
+      }
+      // opt-in shared memory per CTA: sm_86 / sm_89 / sm_120 99 KB, sm_80 163 KB, sm_90 227 KB
+      CHECK(ix::moba_warps_for(D, split == 1, 101376) >= 1);
+      CHECK(ix::moba_warps_for(D, split == 1, 232448) == ix::kMobaMaxWarps);
+      CHECK(D > 128 || ix::moba_warps_for(D, split == 1, 101376) == ix::kMobaMaxWarps);
+      const int w = ix::moba_warps_for(D, split == 1, 101376);
+      CHECK(ix::moba_smem_layout(D, split == 1, w).total <= 101376 &&
+            (w == ix::kMobaMaxWarps || ix::moba_smem_layout(D, split == 1, 2 * w).total > 101376));
     }
     std::vector<int> seen(size_t(2 * ix::kMobaChunk * (Dp / 8)), 0);
     for (int id = 0; id < ix::moba_stage_copies(D); ++id) {
@@ -1237,7 +1246,8 @@ void moba_case(int* stats) {
   using M = ix::MobaMma<T>;
   constexpr bool kSplitQ = ix::kMobaSplitQ<T>;
   const int B = int(rnd(1, 2)), Hk = int(rnd(1, 2)), Hq = Hk * int(rnd(1, 3));
-  const int D = int(rnd(1, 3)) * 8 * int(rnd(1, 4)) + (rnd(0, 3) == 0 ? int(rnd(1, 7)) : 0);
+  const int D = rnd(0, 5) == 0 ? int(rnd(129, 256))
+                               : int(rnd(1, 3)) * 8 * int(rnd(1, 4)) + (rnd(0, 3) == 0 ? int(rnd(1, 7)) : 0);
   const int Sq = int(rnd(1, 150)), Sk = int(rnd(0, 300));
   const int bs = int(rnd(1, 40)), top_k = int(rnd(1, ix::kMaxMobaTopK));
   const bool causal = rnd(0, 1) == 1;
@@ -1288,27 +1298,30 @@ void moba_case(int* stats) {
   std::vector<int> writes(out.size(), 0);
   std::vector<float> kernel_score(size_t(B * Hq * Sq * std::max(blocks, 1)), NAN);
   std::vector<int> scored(kernel_score.size(), 0);
-  const ix::MobaSmemLayout L = ix::moba_smem_layout(D, kSplitQ);
+  const int warps = 1 << int(rnd(0, 2));  // the launcher's choice by the device's shared memory
+  const int rows_per_cta = warps * ix::kMobaRowsPerWarp;
+  const ix::MobaSmemLayout L = ix::moba_smem_layout(D, kSplitQ, warps);
   const int row_bytes = ix::moba_row_bytes(D);
   Smem sm;
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hq; ++h)
-      for (int64_t i0 = 0; i0 < Sq; i0 += ix::kMobaRowsPerCta) {
+      for (int64_t i0 = 0; i0 < Sq; i0 += rows_per_cta) {
         const int hk = h / (Hq / Hk);
         sm.reset(size_t(L.total));
         sm.barrier();  // kernel start
-        for (int r = 0; r < ix::kMobaRowsPerCta; ++r)
+        for (int r = 0; r < rows_per_cta; ++r)
           for (int d = 0; d < Dp; ++d) {
             const float x = i0 + r < Sq && d < D ? q[size_t(((b * Hq + h) * Sq + i0 + r) * D + d)] : 0.f;
             const auto split = ix::moba_split<M>(x);
             sm.write(size_t(L.q_hi + r * row_bytes + 2 * d), reinterpret_cast<const uint8_t*>(&split.hi.bits), 2, false);
             if (kSplitQ) sm.write(size_t(L.q_lo + r * row_bytes + 2 * d), reinterpret_cast<const uint8_t*>(&split.lo.bits), 2, false);
           }
-        float es[ix::kMobaRowsPerCta][32];
-        int32_t ei[ix::kMobaRowsPerCta][32];
-        ix::MobaRange range[ix::kMobaRowsPerCta];
-        int warp_limit[ix::kMobaWarps] = {};
-        for (int r = 0; r < ix::kMobaRowsPerCta; ++r) {
+        constexpr int kMaxRows = ix::kMobaMaxWarps * ix::kMobaRowsPerWarp;
+        float es[kMaxRows][32];
+        int32_t ei[kMaxRows][32];
+        ix::MobaRange range[kMaxRows];
+        int warp_limit[ix::kMobaMaxWarps] = {};
+        for (int r = 0; r < rows_per_cta; ++r) {
           const int64_t i = i0 + r;
           range[r] = i < Sq ? ix::moba_range(i, Sq, Sk, bs, top_k, causal) : ix::MobaRange{0, -1, 0};
           if (range[r].k > 0) warp_limit[r / ix::kMobaRowsPerWarp] = std::max(warp_limit[r / ix::kMobaRowsPerWarp], range[r].limit);
@@ -1317,9 +1330,9 @@ void moba_case(int* stats) {
             ei[r][l] = ix::kMobaEmptyId;
           }
         }
-        const int64_t last = std::min<int64_t>(i0 + ix::kMobaRowsPerCta, Sq) - 1;
+        const int64_t last = std::min<int64_t>(i0 + rows_per_cta, Sq) - 1;
         const int cta_limit = ix::moba_range(last, Sq, Sk, bs, top_k, causal).limit;
-        for (int r = 0; r < ix::kMobaRowsPerCta; ++r) CHECK(range[r].limit <= cta_limit || range[r].k == 0);
+        for (int r = 0; r < rows_per_cta; ++r) CHECK(range[r].limit <= cta_limit || range[r].k == 0);
         sm.barrier();  // the query rows are staged
         const int64_t pooled_base = ix::moba_pooled_row(b, hk, 0, 0, Hk, blocks, D);
         const int64_t part_stride = int64_t(blocks) * Dp;
@@ -1350,7 +1363,7 @@ void moba_case(int* stats) {
         const auto merge_chunk = [&](int slot, int chunk) {
           const int c0 = chunk * ix::kMobaChunk;
           const int stage = L.stages + slot * L.stage_bytes;
-          for (int warp = 0; warp < ix::kMobaWarps; ++warp) {
+          for (int warp = 0; warp < warps; ++warp) {
             if (c0 >= warp_limit[warp]) continue;
             WC acc[ix::kMobaChunk / 8];
             for (WC& c : acc) zero(c);
@@ -1458,7 +1471,7 @@ void moba_case(int* stats) {
           merge_chunk(it % 2, it);
         }
         // output
-        for (int r = 0; r < ix::kMobaRowsPerCta; ++r) {
+        for (int r = 0; r < rows_per_cta; ++r) {
           const int64_t i = i0 + r;
           if (i >= Sq) continue;
           const int K = range[r].k;

@@ -1124,10 +1124,10 @@ void check_outlier_case() {
   // the list walked in chunks, stopping at the first -1
   const int64_t n = rnd(1, 700), m = std::min<int64_t>(rows, 100);
   std::vector<int> out_writes(size_t(m * n), 0);
-  for (int64_t bx = 0; bx < ix::ceil_div(n, ox::kAddColumns); ++bx)
-    for (int64_t by = 0; by < ix::ceil_div(m, ox::kAddRows); ++by)
+  for (int64_t by = 0; by < ix::ceil_div(n, ox::kAddColumns); ++by)
+    for (int64_t bx = 0; bx < ix::ceil_div(m, ox::kAddRows); ++bx)
       for (int tid = 0; tid < ox::kAddColumns; ++tid) {
-        const int64_t col = bx * ox::kAddColumns + tid;
+        const int64_t col = by * ox::kAddColumns + tid;
         std::vector<int32_t> walked;
         for (int base = 0; base < slots; base += ox::kAddChunk) {
           int32_t chunk[ox::kAddChunk];
@@ -1138,7 +1138,7 @@ void check_outlier_case() {
         CHECK(walked.size() == want.size() && std::equal(walked.begin(), walked.end(), want.begin()));
         if (col >= n) continue;
         for (int r = 0; r < ox::kAddRows; ++r)
-          if (by * ox::kAddRows + r < m) ++out_writes[size_t((by * ox::kAddRows + r) * n + col)];
+          if (bx * ox::kAddRows + r < m) ++out_writes[size_t((bx * ox::kAddRows + r) * n + col)];
       }
   for (int w : out_writes) CHECK(w == 1);
 }
