@@ -310,11 +310,15 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   at::Tensor candidates = column_max.gt(outlier_threshold).nonzero().squeeze(1);
   if (candidates.numel() > most)
     candidates = std::get<0>(std::get<1>(column_max.sort(/*stable=*/true, 0, /*descending=*/true)).narrow(0, 0, most).sort());
-  // No copies of x: the quantizer skips the outlier columns itself.
-  at::Tensor zero_mask = at::zeros({quant::int8_outliers::mask_words(k)}, x.options().dtype(at::kInt));
-  uint32_t* const mask = reinterpret_cast<uint32_t*>(zero_mask.data_ptr<int32_t>());
-  const int64_t* const listed = candidates.data_ptr<int64_t>();
-  for (int64_t i = 0; i < candidates.numel(); ++i) mask[listed[i] / 32] |= 1u << (listed[i] % 32);
+  // No copies of x: the quantizer skips the outlier columns itself (without outliers it takes
+  // its plain path: no mask).
+  at::Tensor zero_mask;
+  if (candidates.numel() > 0) {
+    zero_mask = at::zeros({quant::int8_outliers::mask_words(k)}, x.options().dtype(at::kInt));
+    uint32_t* const mask = reinterpret_cast<uint32_t*>(zero_mask.data_ptr<int32_t>());
+    const int64_t* const listed = candidates.data_ptr<int64_t>();
+    for (int64_t i = 0; i < candidates.numel(); ++i) mask[listed[i] / 32] |= 1u << (listed[i] % 32);
+  }
   at::Tensor y = scaled_int8_mm_of_rows(x_rows, w_q, w_scale, bias, at::kFloat, zero_mask);
   if (candidates.numel() > 0)
     add_outlier_product_cpu(y, x_rows.index_select(1, candidates), candidates, w_q,
