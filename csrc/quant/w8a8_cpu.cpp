@@ -68,8 +68,9 @@ void quantize_rows(const QuantizePerTokenParams& p) {
         continue;
       }
       // The row in fp32 with the outlier columns zeroed (exact: every input dtype widens exactly).
-      for (int64_t k = 0; k < p.k; ++k)
-        masked[size_t(k)] = (p.zero_mask[k / 32] >> (k % 32)) & 1u ? 0.0f : to_float(x[k]);
+      for (int64_t k = 0; k < p.k; ++k) masked[size_t(k)] = to_float(x[k]);
+      for (int64_t w = 0; w < (p.k + 31) / 32; ++w)  // the set bits only: a handful per row
+        for (uint32_t bits = p.zero_mask[w]; bits != 0u; bits &= bits - 1u) masked[size_t(32 * w + __builtin_ctz(bits))] = 0.0f;
       quantize_row(p, r, masked.data());
     }
   });
