@@ -423,6 +423,17 @@ __global__ void __launch_bounds__(ix::kPoolThreads) moba_pool_kernel(const MobaS
   }
 }
 
+// One compare-exchange of moba_select's bitonic merge (ix::moba_keep_better): this lane's entry
+// (s, i) against lane ^ stride's.
+__device__ __forceinline__ void moba_exchange(float& s, int32_t& i, int lane, int size, int stride) {
+  const float ps = __shfl_xor_sync(kFullMask, s, stride);
+  const int32_t pi = __shfl_xor_sync(kFullMask, i, stride);
+  if (ix::moba_beats(ps, pi, s, i) == ix::moba_keep_better(lane, size, stride)) {
+    s = ps;
+    i = pi;
+  }
+}
+
 // A CTA: 16 kWarps query tokens of one (b, h); warp w owns tokens 16 w .. 16 w + 15 as one m16 tile. The
 // query rows sit in shared memory as 16-bit operands (hi, and lo for fp32 inputs); chunks of 32
 // pooled blocks (hi and lo rows) stream through kMobaStages stages. Per chunk a warp with an
@@ -436,7 +447,7 @@ __global__ void __launch_bounds__(kWarps * 32) moba_select_kernel(const MobaSele
   using M = ix::MobaMma<T>;
   constexpr bool kSplitQ = ix::kMobaSplitQ<T>;
   constexpr int kThreads = kWarps * 32, kRowsPerCta = kWarps * ix::kMobaRowsPerWarp;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -456,21 +467,27 @@ __global__ void __launch_bounds__(kWarps * 32) moba_select_kernel(const MobaSele
     if constexpr (kSplitQ) *reinterpret_cast<M*>(smem + L.q_lo + r * row_bytes + 2 * d) = split.lo;
   }
 
-  int limit[ix::kMobaRowsPerWarp], kept[ix::kMobaRowsPerWarp];
-  float es[ix::kMobaRowsPerWarp];
-  int32_t ei[ix::kMobaRowsPerWarp];
-  int warp_limit = 0;  // blocks [0, warp_limit) hold a candidate of some row of the warp
-#pragma unroll
-  for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
-    const int64_t i = i0 + warp * ix::kMobaRowsPerWarp + j;
+  // The warp's rows: lane j < 16 sets up row j's range; every lane empties its list entries.
+  float* const list_s = reinterpret_cast<float*>(smem + L.list_scores);
+  int32_t* const list_i = reinterpret_cast<int32_t*>(smem + L.list_ids);
+  int* const ranges = reinterpret_cast<int*>(smem + L.ranges);
+  const int row0 = warp * ix::kMobaRowsPerWarp;
+  int my_limit = 0;
+  if (lane < ix::kMobaRowsPerWarp) {
+    const int64_t i = i0 + row0 + lane;
     const ix::MobaRange range =
         i < p.seq_q ? ix::moba_range(i, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal) : ix::MobaRange{0, -1, 0};
-    limit[j] = range.limit;
-    kept[j] = range.k;
-    if (range.k > 0) warp_limit = max(warp_limit, range.limit);
-    es[j] = ix::neg_inf();
-    ei[j] = ix::kMobaEmptyId;
+    ranges[ix::moba_range_index(row0 + lane, 0)] = range.limit;
+    ranges[ix::moba_range_index(row0 + lane, 1)] = range.k;
+    my_limit = range.k > 0 ? range.limit : 0;
   }
+  // blocks [0, warp_limit) hold a candidate of some row of the warp
+  const int warp_limit = int(__reduce_max_sync(kFullMask, unsigned(my_limit)));
+  for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
+    list_s[ix::moba_list_index(row0 + j, lane)] = ix::neg_inf();
+    list_i[ix::moba_list_index(row0 + j, lane)] = ix::kMobaEmptyId;
+  }
+  __syncwarp();
   // The CTA's last token has the widest range (monotone in i).
   const int64_t last = min(i0 + kRowsPerCta, p.seq_q) - 1;
   const int cta_limit = ix::moba_range(last, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal).limit;
@@ -523,35 +540,58 @@ __global__ void __launch_bounds__(kWarps * 32) moba_select_kernel(const MobaSele
         *reinterpret_cast<float2*>(tile + ix::moba_score_index(ix::acc_row(lane, e), 8 * nt + ix::acc_col(lane, e))) =
             make_float2(acc[nt][e], acc[nt][e + 1]);
     __syncwarp();
-#pragma unroll
+#pragma unroll 1  // one copy of the merge (the instruction cache), the row's list from shared memory
     for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
-      const int K = kept[j];
-      if (K == 0 || c0 >= limit[j]) continue;  // warp-uniform
+      const int limit = ranges[ix::moba_range_index(row0 + j, 0)], K = ranges[ix::moba_range_index(row0 + j, 1)];
+      if (K == 0 || c0 >= limit) continue;  // warp-uniform
       const int blk = c0 + lane;
-      const bool eligible = blk < limit[j];
+      const bool eligible = blk < limit;
       const float score = eligible ? tile[ix::moba_score_index(j, lane)] : ix::neg_inf();
-      const float kth_s = __shfl_sync(kFullMask, es[j], K - 1);
-      const int32_t kth_i = __shfl_sync(kFullMask, ei[j], K - 1);
+      float es = list_s[ix::moba_list_index(row0 + j, lane)];
+      int32_t ei = list_i[ix::moba_list_index(row0 + j, lane)];
+      const float kth_s = __shfl_sync(kFullMask, es, K - 1);
+      const int32_t kth_i = __shfl_sync(kFullMask, ei, K - 1);
       unsigned cand = __ballot_sync(kFullMask, eligible && ix::moba_beats(score, blk, kth_s, kth_i));
+      if (cand == 0u) continue;  // warp-uniform: the list stands
+      if (__popc(cand) > ix::kMobaBatchMerge) {  // warp-uniform
+        const bool mine = (cand >> lane) & 1u;
+        float cs = mine ? score : ix::neg_inf();
+        int32_t ci = mine ? blk : ix::kMobaEmptyId;
+#pragma unroll
+        for (int size = 2; size <= 32; size *= 2)
+#pragma unroll
+          for (int stride = size / 2; stride > 0; stride /= 2) moba_exchange(cs, ci, lane, size, stride);
+        const float rs = __shfl_sync(kFullMask, cs, 31 - lane);
+        const int32_t ri = __shfl_sync(kFullMask, ci, 31 - lane);
+        if (ix::moba_beats(rs, ri, es, ei)) {
+          es = rs;
+          ei = ri;
+        }
+#pragma unroll
+        for (int stride = 16; stride > 0; stride /= 2) moba_exchange(es, ei, lane, 32, stride);
+        cand = 0;
+      }
       while (cand != 0) {
         const int src = __ffs(cand) - 1;
         cand &= cand - 1;
         const float cs = __shfl_sync(kFullMask, score, src);
         const int32_t ci = __shfl_sync(kFullMask, blk, src);
-        const int pos = __popc(__ballot_sync(kFullMask, lane < K && ix::moba_beats(es[j], ei[j], cs, ci)));
-        const float up_s = __shfl_up_sync(kFullMask, es[j], 1);
-        const int32_t up_i = __shfl_up_sync(kFullMask, ei[j], 1);
+        const int pos = __popc(__ballot_sync(kFullMask, lane < K && ix::moba_beats(es, ei, cs, ci)));
+        const float up_s = __shfl_up_sync(kFullMask, es, 1);
+        const int32_t up_i = __shfl_up_sync(kFullMask, ei, 1);
         if (pos < K && lane < K) {
           const int how = ix::moba_insert_source(lane, pos);
           if (how == 1) {
-            es[j] = cs;
-            ei[j] = ci;
+            es = cs;
+            ei = ci;
           } else if (how == 2) {
-            es[j] = up_s;
-            ei[j] = up_i;
+            es = up_s;
+            ei = up_i;
           }
         }
       }
+      list_s[ix::moba_list_index(row0 + j, lane)] = es;
+      list_i[ix::moba_list_index(row0 + j, lane)] = ei;
     }
     __syncwarp();  // the tile is read before the next chunk overwrites it
   };
@@ -559,12 +599,13 @@ __global__ void __launch_bounds__(kWarps * 32) moba_select_kernel(const MobaSele
   cp_async_pipeline<ix::kMobaStages>(0, int(ix::ceil_div(cta_limit, ix::kMobaChunk)), load_stage, merge_chunk);
 
   // Output: selected ids in increasing order, the forced block after them, -1 padding.
-#pragma unroll
+#pragma unroll 1
   for (int j = 0; j < ix::kMobaRowsPerWarp; ++j) {
-    const int64_t i = i0 + warp * ix::kMobaRowsPerWarp + j;
+    const int64_t i = i0 + row0 + j;
     if (i >= p.seq_q) continue;  // warp-uniform
     const int forced = ix::moba_range(i, p.seq_q, p.seq_kv, p.block_size, top_k, p.causal).forced;
-    const int32_t id = lane < kept[j] ? ei[j] : ix::kMobaEmptyId;
+    const int K = ranges[ix::moba_range_index(row0 + j, 1)];
+    const int32_t id = lane < K ? list_i[ix::moba_list_index(row0 + j, lane)] : ix::kMobaEmptyId;
     const bool valid = id != ix::kMobaEmptyId;
     int rank = 0;
     for (int l = 0; l < 32; ++l) rank += __shfl_sync(kFullMask, id, l) < id ? 1 : 0;

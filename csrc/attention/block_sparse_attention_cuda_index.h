@@ -395,6 +395,20 @@ TORCH_EXT_HOST_DEVICE bool moba_beats(float sa, int32_t ia, float sb, int32_t ib
 // takes the candidate (r == pos) or its upper neighbour's entry (r > pos: shuffle up by 1).
 // Returns 0: keep, 1: candidate, 2: from lane r - 1.
 TORCH_EXT_HOST_DEVICE int moba_insert_source(int r, int pos) { return r < pos ? 0 : (r == pos ? 1 : 2); }
+// Many candidates at once (the first chunks of a long row: with top_k = 32 about 32, 31, 16, 11
+// ... in chunks 1, 2, 3, 4, K (1 + ln(n / K)) insertions over n blocks, ~20 instructions each)
+// are merged instead: a bitonic sort of the chunk's candidates across the 32 lanes (best first),
+// then each lane keeps the better of its list entry and the sorted candidates' entry 31 - lane
+// (a bitonic sequence holding the best 32 of both), then a bitonic clean-up (~230 instructions
+// in all). Lanes >= K then hold the next best entries, which no one reads: they rank below the
+// K-th, which only improves, so later merges keep the best K. Above this many candidates.
+constexpr int kMobaBatchMerge = 12;
+// Compare-exchange of the bitonic network at (size, stride): the lane keeps the better of its
+// entry and lane ^ stride's when this is true, else the worse; blocks of `size` lanes alternate
+// best-first / worst-first, and size 32 leaves all 32 best-first.
+TORCH_EXT_HOST_DEVICE bool moba_keep_better(int lane, int size, int stride) {
+  return ((lane & size) == 0) == ((lane & stride) == 0);
+}
 // Output slot of a selected block: its rank among the selected ids (all distinct); the forced
 // block (the largest id) follows them.
 TORCH_EXT_HOST_DEVICE int moba_output_slot(int rank) { return rank; }
@@ -456,8 +470,12 @@ TORCH_EXT_HOST_DEVICE int moba_score_index(int row, int block) { return row * kM
 // moba_select_kernel's shared memory (bytes) for `warps` warps: the CTA's query rows (hi, then lo
 // when split), then kMobaStages stages of pooled chunks (hi rows, then lo rows), then the warps'
 // score tiles.
+// Then the warps' top-k lists (per row of the warp, one fp32 score and one int32 id per lane) and
+// the rows' competition ranges (limit, K): shared, not registers, so the kernel walks a warp's 16
+// rows in a rolled loop (unrolled over 16 register lists it was 15-24K instructions, far more
+// than the instruction cache holds, and the merge runs that code once per chunk).
 struct MobaSmemLayout {
-  int q_hi, q_lo, stages, stage_bytes, lo_in_stage, scores, total;
+  int q_hi, q_lo, stages, stage_bytes, lo_in_stage, scores, list_scores, list_ids, ranges, total;
 };
 TORCH_EXT_HOST_DEVICE MobaSmemLayout moba_smem_layout(int head_dim, bool split_q, int warps) {
   const int row = moba_row_bytes(head_dim), rows = warps * kMobaRowsPerWarp;
@@ -468,12 +486,19 @@ TORCH_EXT_HOST_DEVICE MobaSmemLayout moba_smem_layout(int head_dim, bool split_q
   l.lo_in_stage = kMobaChunk * row;
   l.stage_bytes = 2 * kMobaChunk * row;
   l.scores = l.stages + kMobaStages * l.stage_bytes;
-  l.total = l.scores + warps * kMobaRowsPerWarp * kMobaScoreStride * 4;
+  l.list_scores = l.scores + rows * kMobaScoreStride * 4;
+  l.list_ids = l.list_scores + rows * 32 * 4;
+  l.ranges = l.list_ids + rows * 32 * 4;
+  l.total = l.ranges + rows * 2 * 4;
   return l;
 }
+// Word offsets inside those regions: row r of the CTA (warp r / 16), lane `lane`'s list entry; the
+// row's limit and K.
+TORCH_EXT_HOST_DEVICE int moba_list_index(int row, int lane) { return row * 32 + lane; }
+TORCH_EXT_HOST_DEVICE int moba_range_index(int row, int field) { return row * 2 + field; }
 // The most warps (4, 2, 1) whose layout fits `smem_limit` bytes per CTA, 0 if none does. At
-// head_dim 256 four warps take 112 KB (fp16 / bf16) or 146 KB (fp32, split queries): fine on
-// sm_80 / sm_90 (163 / 227 KB), two or one on sm_86 / sm_89 (99 KB); one warp needs at most 87 KB.
+// head_dim 256 four warps take 129 KB (fp16 / bf16) or 162 KB (fp32, split queries): fine on
+// sm_80 / sm_90 (163 / 227 KB), two or one on sm_86 / sm_89 (99 KB); one warp needs at most 92 KB.
 TORCH_EXT_HOST_DEVICE int moba_warps_for(int head_dim, bool split_q, int64_t smem_limit) {
   for (int warps = kMobaMaxWarps; warps >= 1; warps /= 2)
     if (moba_smem_layout(head_dim, split_q, warps).total <= smem_limit) return warps;

@@ -365,6 +365,7 @@ struct Tensors {
 // (c) forward / dQ CTAs (they share the walk)
 // ---------------------------------------------------------------------------------------------
 int64_t g_hidden_steps = 0;  // warp steps the forward / dQ kernels skip (MoBA, causal, empty)
+int64_t g_batch_merges = 0;  // moba_select chunks merged by the bitonic network
 int64_t g_dead_slices = 0;   // n8 tiles of computed steps whose mmas they skip (dead 16-key slices)
 
 template <class Tr>
@@ -1161,7 +1162,12 @@ void check_moba_smem_layout() {
         CHECK(L.stages == L.q_lo + split * rows * row && L.stages % 16 == 0);
         CHECK(L.lo_in_stage == ix::kMobaChunk * row && L.stage_bytes == 2 * L.lo_in_stage);
         CHECK(L.scores == L.stages + ix::kMobaStages * L.stage_bytes && L.scores % 16 == 0);
-        CHECK(L.total == L.scores + rows * ix::kMobaScoreStride * 4);
+        CHECK(L.list_scores == L.scores + rows * ix::kMobaScoreStride * 4);
+        CHECK(L.list_ids == L.list_scores + 4 * (ix::moba_list_index(rows - 1, 31) + 1));
+        CHECK(L.ranges == L.list_ids + 4 * (ix::moba_list_index(rows - 1, 31) + 1));
+        CHECK(L.total == L.ranges + 4 * (ix::moba_range_index(rows - 1, 1) + 1));
+        for (int r = 0; r < rows; ++r)  // each (row, lane) entry and (row, field) its own word
+          for (int f = 0; f < 2; ++f) CHECK(ix::moba_range_index(r, f) == 2 * r + f);
       }
       // opt-in shared memory per CTA: sm_86 / sm_89 / sm_120 99 KB, sm_80 163 KB, sm_90 227 KB
       CHECK(ix::moba_warps_for(D, split == 1, 101376) >= 1);
@@ -1426,6 +1432,39 @@ void moba_case(int* stats) {
               uint32_t cand = 0;
               for (int l = 0; l < 32; ++l)
                 if (eligible[l] && ix::moba_beats(score[l], c0 + l, kth_s, kth_i)) cand |= 1u << l;
+              if (__builtin_popcount(cand) > ix::kMobaBatchMerge) {  // moba_exchange's network, lane by lane
+                const auto exchange = [&](float* vs, int32_t* vi, int size, int stride) {
+                  float ns[32];
+                  int32_t ni[32];
+                  for (int l = 0; l < 32; ++l) {
+                    const int q = l ^ stride;
+                    const bool take = ix::moba_beats(vs[q], vi[q], vs[l], vi[l]) == ix::moba_keep_better(l, size, stride);
+                    ns[l] = take ? vs[q] : vs[l];
+                    ni[l] = take ? vi[q] : vi[l];
+                  }
+                  std::copy(ns, ns + 32, vs);
+                  std::copy(ni, ni + 32, vi);
+                };
+                float cs[32];
+                int32_t ci[32];
+                for (int l = 0; l < 32; ++l) {
+                  const bool mine = (cand >> l) & 1u;
+                  cs[l] = mine ? score[l] : -INFINITY;
+                  ci[l] = mine ? c0 + l : ix::kMobaEmptyId;
+                }
+                for (int size = 2; size <= 32; size *= 2)
+                  for (int stride = size / 2; stride > 0; stride /= 2) exchange(cs, ci, size, stride);
+                for (int l = 1; l < 32; ++l) CHECK(!ix::moba_beats(cs[l], ci[l], cs[l - 1], ci[l - 1]));  // best first
+                for (int l = 0; l < 32; ++l)
+                  if (ix::moba_beats(cs[31 - l], ci[31 - l], es[r][l], ei[r][l])) {
+                    es[r][l] = cs[31 - l];
+                    ei[r][l] = ci[31 - l];
+                  }
+                for (int stride = 16; stride > 0; stride /= 2) exchange(es[r], ei[r], 32, stride);
+                for (int l = 1; l < 32; ++l) CHECK(!ix::moba_beats(es[r][l], ei[r][l], es[r][l - 1], ei[r][l - 1]));
+                ++g_batch_merges;
+                cand = 0;
+              }
               while (cand != 0) {
                 const int src = __builtin_ctz(cand);
                 cand &= cand - 1;
@@ -1767,9 +1806,9 @@ int main(int argc, char** argv) {
     }
   }
   printf("attention rows checked %d (empty %d), skipped warp steps %lld, dead n8 tiles %lld, moba cases %d "
-         "(tie-decided rows %d)\n",
+         "(tie-decided rows %d, batch merges %lld)\n",
          stats[0], stats[1], static_cast<long long>(g_hidden_steps), static_cast<long long>(g_dead_slices), stats[3],
-         stats[2]);
+         stats[2], static_cast<long long>(g_batch_merges));
   printf("all ok\n");
   return 0;
 }
