@@ -316,6 +316,27 @@ def test_int8_linear_cuda_matches_cpu_bitwise(dtype):
         assert torch.equal(gpu.cpu(), cpu), f"{m}x{n}x{k} {len(columns)} outliers {dtype} seed {seed}"
 
 
+@pytest.mark.cuda
+def test_int8_linear_cuda_graph_capture():
+    """The CUDA decomposition finds its outlier features on the device (no host sync): it captures
+    in a CUDA graph, and a replay on new x (other outlier columns) equals the eager result."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    w_q, w_scale, _ = _int8_weight(48, 320, seed + 1)
+    w_q, w_scale = w_q.cuda(), w_scale.cuda()
+    x = _outlier_batch(seed, m=4, k=320, columns=(5, 100), magnitude=40.0).to(torch.bfloat16).cuda()
+    int8_linear(x, w_q, w_scale, None, 6.0)  # warm-up: allocations outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = int8_linear(x, w_q, w_scale, None, 6.0)
+    x.copy_(_outlier_batch(seed + 3, m=4, k=320, columns=(7, 300, 301), magnitude=50.0).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, int8_linear(x, w_q, w_scale, None, 6.0)), f"seed {seed}"
+
+
 def test_int8_linear_gradients_straight_through():
     seed = fresh_seed()
     x = _outlier_batch(seed, m=4, k=64, columns=(5,)).requires_grad_()
