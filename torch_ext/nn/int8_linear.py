@@ -31,7 +31,8 @@ class Int8Linear(PerChannelQuantizedLinear):
         return quantize_per_token(weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.w_q, self.w_scale, self.bias_for(x), self.outlier_threshold)
+        buffers = self._buffers
+        return int8_linear(x, buffers["w_q"], buffers["w_scale"], self.bias_for(x), self.outlier_threshold)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, outlier_threshold={self.outlier_threshold}"

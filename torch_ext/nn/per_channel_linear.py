@@ -8,6 +8,8 @@ import abc
 import torch
 from torch import nn
 
+from torch_ext.nn._attributes import bias_in
+
 
 class PerChannelQuantizedLinear(nn.Module, abc.ABC):
     """Base of Int8Linear and FP8Linear. Subclasses set ``weight_dtype`` and implement
@@ -55,7 +57,7 @@ class PerChannelQuantizedLinear(nn.Module, abc.ABC):
         return result
 
     def bias_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.to(x.dtype)
+        return bias_in(self, x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

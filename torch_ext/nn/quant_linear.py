@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torch_ext.nn._attributes import bias_in
 from torch_ext.ops.quant import weight_only_linear
 from torch_ext.quant import awq, gptq, layout
 from torch_ext.quant.quantize import check_quant_config, quantize_weight
@@ -95,10 +96,15 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op converts scales/zeros to x's dtype where its kernels need it (CUDA), so a
         # module kept in another dtype still works, at one small conversion per call.
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return weight_only_linear(x, self.qweight, self.scales, self.zeros, bias, self.bits, self.group_size)
+        # Buffers straight from the module's dict (nn/_attributes.py: project VM, 64 x 64 layer,
+        # no_grad: 12.4 us per call through attribute lookups and an unconditional bias.to, 7.5
+        # this way; the functional op alone 5.4, nn.Linear 5.8).
+        buffers = self._buffers
+        perm = buffers["perm"]
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        return weight_only_linear(x, buffers["qweight"], buffers["scales"], buffers["zeros"], bias_in(self, x.dtype),
+                                  self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
