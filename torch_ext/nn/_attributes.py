@@ -7,14 +7,9 @@ import torch
 from torch import nn
 
 
-def bias_of(module: nn.Module) -> torch.Tensor | None:
-    """``module.bias``: the registered Parameter, else a plain attribute (a layer built without
-    bias holds None there)."""
-    parameters = module._parameters
-    return parameters["bias"] if "bias" in parameters else module.__dict__.get("bias")
-
-
 def bias_in(module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-    """``module.bias`` in ``dtype`` (no call when it already is)."""
-    bias = bias_of(module)
+    """``module.bias`` (the registered Parameter, else the plain attribute a layer built without
+    bias holds: None) in ``dtype``, with no call when it already is."""
+    parameters = module._parameters
+    bias = parameters["bias"] if "bias" in parameters else module.__dict__.get("bias")
     return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
