@@ -93,5 +93,8 @@ std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_bloc
                                                     int64_t block_size_q);
 std::tuple<at::Tensor, at::Tensor> moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size,
                                               int64_t top_k, bool causal);
+std::tuple<at::Tensor, at::Tensor> moba_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& token_blocks, int64_t block_size, bool causal,
+                                                  double scale);
 
 }  // namespace torch_ext

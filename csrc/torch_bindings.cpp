@@ -79,6 +79,10 @@ TORCH_LIBRARY(torch_ext, m) {
   // moba_block_lists(moba_select(q, k, ...), query blocks of 64 rows): the block lists of token-level MoBA.
   m.def("moba_route(Tensor q, Tensor k, int block_size, int top_k, bool causal) "
         "-> (Tensor kv_counts, Tensor kv_indices)");
+  // Token-level MoBA attention given moba_select's choices: (out, lse) of block_sparse_attention over the union
+  // lists; on CUDA computed key block by key block over the pairs that chose it (docs/attention.md).
+  m.def("moba_attention(Tensor q, Tensor k, Tensor v, Tensor token_blocks, int block_size, bool causal, "
+        "float scale) -> (Tensor out, Tensor lse)");
 }
 
 namespace {
@@ -106,6 +110,7 @@ void register_device_dispatching_ops(torch::Library& m) {
   m.impl("moba_select", &torch_ext::moba_select);
   m.impl("moba_block_lists", &torch_ext::moba_block_lists);
   m.impl("moba_route", &torch_ext::moba_route);
+  m.impl("moba_attention", &torch_ext::moba_attention);
 }
 
 }  // namespace

@@ -79,3 +79,11 @@ def test_block_sparse_attention_cuda_kernels_simulated(tmp_path_factory):
     listed pair once; moba_select equals a full sort of the same scores, ties and causal forcing
     included (csrc/attention/block_sparse_attention_cuda_index.h)."""
     _run_simulator(_build_simulator(tmp_path_factory, "block_sparse_attention_cuda_sim"))
+
+
+def test_moba_gather_cuda_plan_simulated(tmp_path_factory):
+    """MoBA's key-block-major forward: the device plan (pair ranks with the atomics' order shuffled,
+    chunked scans into list offsets and tile records, the fill), each tile's gathered rows, one-block
+    key walk, live slices and masked online softmax, and the merge of a token's partials in slot
+    order, against token-level MoBA in double (csrc/attention/moba_gather_index.h)."""
+    _run_simulator(_build_simulator(tmp_path_factory, "moba_gather_cuda_sim"))

@@ -134,6 +134,7 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.torch_ext.moba_route, (q, k, 16, 2, False))
     selected = moba_select(q, k, 16, 2, True)
     torch.library.opcheck(torch.ops.torch_ext.moba_block_lists, (selected, 4, 64))
+    torch.library.opcheck(torch.ops.torch_ext.moba_attention, (q, k, v, selected, 16, True, 0.2))
     f = lambda q, k, v: moba_attention(q * 1.5, k, v, 16, 2, True)  # noqa: E731
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
@@ -176,13 +177,15 @@ def test_cuda_select_large_head_dim(dtype, dim):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size,top_k", [(16, 4), (64, 2)])
-@pytest.mark.parametrize("forward", ["default", "wgmma"])
+@pytest.mark.parametrize("forward", ["gather", "union", "wgmma"])
 def test_cuda_select_and_attention(request, monkeypatch, dtype, block_size, top_k, forward):
     """CUDA moba_select picks what the CPU picks (up to near ties) under the causal rules, and the
-    token-level attention with the CUDA selection equals float64 attention under that mask; also
-    through the Hopper forward (TORCH_EXT_ATTENTION_WGMMA=1) where it can run."""
+    token-level attention with the CUDA selection equals float64 attention under that mask: through
+    the key-block-major forward (the default), the union lists (TORCH_EXT_MOBA_GATHER=0), and the
+    union lists on the Hopper forward (TORCH_EXT_ATTENTION_WGMMA=1) where it can run."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER", "1" if forward == "gather" else "0")
     if forward == "wgmma":
         request.getfixturevalue("hopper_build")
         monkeypatch.setenv("TORCH_EXT_ATTENTION_WGMMA", "1")
@@ -200,3 +203,85 @@ def test_cuda_select_and_attention(request, monkeypatch, dtype, block_size, top_
     want = ref.masked_attention(q.double(), k.double(), v.double(), mask, 0.125)[0]
     # The CUDA output uses its own selection, so rows whose choice differs from the CPU's still match `want`.
     assert_close_to_reference(out, want, dtype, f"seed {seed}", bound=2e-3 if dtype == torch.float16 else 1.2e-2)
+
+
+# (B, Hq, Hk, Sq, Sk, D, block_size, top_k, causal)
+_GATHER_CASES = [
+    (1, 4, 2, 300, 300, 64, 16, 5, True),
+    (2, 2, 1, 257, 300, 128, 32, 3, True),    # Sq < Sk: bottom-right
+    (1, 2, 2, 300, 190, 64, 64, 2, True),     # Sq > Sk: early rows see nothing
+    (1, 2, 1, 200, 333, 128, 128, 2, True),   # two 64-key steps per block
+    (1, 4, 1, 150, 270, 64, 16, 40, False),   # top_k above the blocks: unused slots
+    (1, 1, 1, 1, 100, 128, 64, 1, False),     # one query
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", _GATHER_CASES, ids=lambda c: f"S{c[3]}x{c[4]}-D{c[5]}-b{c[6]}-k{c[7]}-{c[8]}")
+def test_cuda_gather_forward(monkeypatch, dtype, case):
+    """The key-block-major forward (per key block, the tokens that chose it; partials merged per
+    token) equals float64 attention under the token mask and the union forward's lse, in one chunk of
+    heads and in chunks of one head (a tiny workspace budget); deterministic across calls."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    batch, heads_q, heads_kv, seq_q, seq_kv, dim, block_size, top_k, causal = case
+    seed = fresh_seed()
+    q, k = (t.cuda() for t in _qk(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed))
+    v = random_tensor(k.shape, dtype, "cuda", seed + 2)
+    scale = dim ** -0.5
+    selected = moba_select(q, k, block_size, top_k, causal)
+    op = torch.ops.torch_ext.moba_attention
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER", "0")
+    union_out, union_lse = op(q, k, v, selected, block_size, causal, scale)
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER", "1")
+    with poisoned_outputs():
+        out, lse = op(q, k, v, selected, block_size, causal, scale)
+    mask = ref.token_block_mask(selected.cpu(), block_size, seq_kv)
+    if causal:
+        mask = mask & ref.causal_mask(seq_q, seq_kv)
+    want, want_lse = ref.masked_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), mask, scale)
+    what = f"{case} {dtype} seed {seed}"
+    assert_close_to_reference(out, want, dtype, what, bound=2e-3 if dtype == torch.float16 else 1.2e-2)
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), seen) and torch.all(out.cpu()[~seen] == 0), what
+    torch.testing.assert_close(lse[seen.cuda()], union_lse[seen.cuda()], rtol=0, atol=2e-4, msg=what)
+    torch.testing.assert_close(out, union_out, rtol=0, atol=2e-2, msg=what)
+    again, again_lse = op(q, k, v, selected, block_size, causal, scale)
+    assert torch.equal(again, out) and torch.equal(again_lse, lse), f"not deterministic: {what}"
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER_BUDGET_BYTES", "1")
+    chunked, chunked_lse = op(q, k, v, selected, block_size, causal, scale)
+    assert torch.equal(chunked, out) and torch.equal(chunked_lse, lse), f"head chunks differ: {what}"
+
+
+@pytest.mark.cuda
+def test_cuda_gather_forward_graph_capture_and_backward():
+    """moba_attention's CUDA forward has no host sync (it captures in a CUDA graph and replays to the
+    eager result on new inputs); its gradients are the union backward's."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    q, k = (t.cuda() for t in _qk(1, 4, 2, 500, 500, 128, torch.bfloat16, seed))
+    v = random_tensor(k.shape, torch.bfloat16, "cuda", seed + 2)
+    static = [t.clone() for t in (q, k, v)]
+    moba_attention(*static, block_size=32, top_k=4)  # warm-up: kernels loaded, allocator primed
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moba_attention(*static, block_size=32, top_k=4)
+    fresh = [random_tensor(t.shape, torch.bfloat16, "cuda", seed + 10 + i) for i, t in enumerate(static)]
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    graph.replay()
+    assert torch.equal(captured, moba_attention(*fresh, block_size=32, top_k=4)), f"seed {seed}"
+
+    q, k, v = (t.detach().requires_grad_() for t in fresh)
+    out = moba_attention(q, k, v, block_size=32, top_k=4)
+    grad = random_tensor(out.shape, torch.bfloat16, "cuda", seed + 20)
+    out.backward(grad)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    selected = moba_select(q.detach(), k.detach(), 32, 4, True).cpu()
+    mask = ref.token_block_mask(selected, 32, 500) & ref.causal_mask(500, 500)
+    want = ref.masked_attention(q64, k64, v64, mask, 128 ** -0.5)[0]
+    want.backward(grad.cpu().double())
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close_to_reference(a.grad, b.grad, torch.bfloat16, f"{name} seed {seed}", bound=2e-2)

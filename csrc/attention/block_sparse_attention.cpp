@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -24,6 +25,9 @@
 
 #include "attention/block_sparse_attention_cuda.h"
 #include "attention/block_sparse_attention_cuda_index.h"
+#include "attention/moba_gather_cuda.h"
+#include "attention/moba_gather_index.h"
+#include "common/cuda/hopper_switch.h"
 #endif
 
 namespace torch_ext {
@@ -193,6 +197,29 @@ TokenSelection check_token_blocks(const char* op, const c10::optional<at::Tensor
                         int32_t(top_k)};
 }
 
+// The forward params' shapes, flags and inputs (q, k, v in a kernel layout); lists, selection and
+// outputs left empty.
+attention::BlockSparseForwardParams shape_params(const Shapes& s, const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, int32_t block_q, int32_t block_kv, bool causal,
+                                                 double scale) {
+  attention::BlockSparseForwardParams p{};
+  p.dtype = scalar_kind(q);
+  p.batch = s.batch;
+  p.heads_q = s.heads_q;
+  p.heads_kv = s.heads_kv;
+  p.seq_q = s.seq_q;
+  p.seq_kv = s.seq_kv;
+  p.head_dim = int32_t(s.head_dim);
+  p.block_q = block_q;
+  p.block_kv = block_kv;
+  p.causal = causal;
+  p.scale = float(scale);
+  p.q = bhsd(q);
+  p.k = bhsd(k);
+  p.v = bhsd(v);
+  return p;
+}
+
 // Everything the forward and the backward share: checked inputs and the forward params.
 struct Prepared {
   at::Tensor q, k, v, token_blocks;
@@ -211,20 +238,8 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   pr.v = kernel_layout(v);
   pr.lists = check_lists(op, kv_counts, kv_indices, q, s, nq, nk);
   auto& p = pr.params;
-  p.dtype = scalar_kind(q);
-  p.batch = s.batch;
-  p.heads_q = s.heads_q;
-  p.heads_kv = s.heads_kv;
-  p.seq_q = s.seq_q;
-  p.seq_kv = s.seq_kv;
-  p.head_dim = int32_t(s.head_dim);
-  p.block_q = q.is_cuda() ? int32_t(block_q) : effective_block_size(block_q, s.seq_q);
-  p.block_kv = q.is_cuda() ? int32_t(block_kv) : effective_block_size(block_kv, s.seq_kv);
-  p.causal = causal;
-  p.scale = float(scale);
-  p.q = bhsd(pr.q);
-  p.k = bhsd(pr.k);
-  p.v = bhsd(pr.v);
+  p = shape_params(s, pr.q, pr.k, pr.v, q.is_cuda() ? int32_t(block_q) : effective_block_size(block_q, s.seq_q),
+                   q.is_cuda() ? int32_t(block_kv) : effective_block_size(block_kv, s.seq_kv), causal, scale);
   p.blocks = pr.lists.view;
   p.selection = check_token_blocks(op, token_blocks, pr.token_blocks, q, s, nk);
   return pr;
@@ -460,6 +475,69 @@ std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_bloc
                                 .reshape({batch, heads, nq, block_size_q * top_k});
   const at::Tensor flags = flags_of(padded, padded.ge(0), num_kv_blocks);
   return lists_from_flags(flags, max_blocks);
+}
+
+#if defined(TORCH_EXT_WITH_CUDA)
+namespace {
+// Workspace the key-block-major forward may hold at once (partials: 2 D + 4 bytes per (token,
+// slot) pair, plus the plan's lists); larger calls run their query heads in chunks that fit, one
+// after the other on the stream. TORCH_EXT_MOBA_GATHER_BUDGET_BYTES overrides it (tests force
+// one-head chunks with it).
+int64_t moba_gather_workspace_budget() {
+  const char* const value = std::getenv("TORCH_EXT_MOBA_GATHER_BUDGET_BYTES");
+  return value != nullptr ? std::max<int64_t>(std::atoll(value), 1) : int64_t(1) << 30;
+}
+
+// moba_attention's key-block-major forward (attention/moba_gather_index.h), or false when the
+// kernels do not take these inputs (the caller runs the union forward).
+bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& token_blocks, const Shapes& s, int64_t block_size, bool causal,
+                         double scale, at::Tensor& out, at::Tensor& lse) {
+  if (!cuda::kernel_switch_on("TORCH_EXT_MOBA_GATHER", true)) return false;
+  const int64_t nk = ceil_div(s.seq_kv, block_size);
+  const at::Tensor qu = kernel_layout(q), ku = kernel_layout(k), vu = kernel_layout(v);
+  attention::BlockSparseForwardParams p =
+      shape_params(s, qu, ku, vu, int32_t(kMobaQueryBlock), int32_t(block_size), causal, scale);
+  at::Tensor choices;
+  p.selection = check_token_blocks(op, token_blocks, choices, q, s, nk);
+  if (!cuda::moba_gather_supported(p)) return false;
+  out = at::empty(q.sizes(), q.options());
+  lse = at::empty({s.batch, s.heads_q, s.seq_q}, q.options().dtype(at::kFloat));
+  p.out = mutable_bhsd(out);
+  p.lse = lse.data_ptr<float>();
+  const int top_k = p.selection.top_k;
+  const auto layout = [&](int64_t heads) {
+    return attention::moba_gather::workspace_layout(s.batch * heads, s.seq_q, top_k, nk, p.head_dim);
+  };
+  const int64_t per_head = layout(1).bytes;
+  const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(per_head, 1);
+  const int64_t heads = std::clamp<int64_t>(fitting, 1, std::min<int64_t>(s.heads_q, 65535));  // grid y
+  at::Tensor workspace = at::empty({layout(heads).bytes}, q.options().dtype(at::kByte));
+  const c10::cuda::CUDAGuard guard(q.device());
+  for (int64_t h0 = 0; h0 < s.heads_q; h0 += heads) {
+    const attention::MobaGatherParams g{p, h0, std::min(heads, s.heads_q - h0), workspace.data_ptr()};
+    C10_CUDA_CHECK(cuda::moba_gather_forward(g, c10::cuda::getCurrentCUDAStream()));
+  }
+  return true;
+}
+}  // namespace
+#endif
+
+std::tuple<at::Tensor, at::Tensor> moba_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& token_blocks, int64_t block_size, bool causal,
+                                                  double scale) {
+  const char* op = "moba_attention";
+  const Shapes s = check_qkv(op, q, k, &v);
+  TORCH_EXT_CHECK(block_size >= 1 && block_size <= kMaxBlockSize, op, "block_size must be in [1, ", kMaxBlockSize,
+                  "], got ", block_size);
+#if defined(TORCH_EXT_WITH_CUDA)
+  if (q.is_cuda()) {
+    at::Tensor out, lse;
+    if (moba_gather_forward(op, q, k, v, token_blocks, s, block_size, causal, scale, out, lse)) return {out, lse};
+  }
+#endif
+  const auto [counts, indices] = moba_block_lists(token_blocks, ceil_div(s.seq_kv, block_size), kMobaQueryBlock);
+  return block_sparse_attention(q, k, v, counts, indices, kMobaQueryBlock, block_size, causal, scale, token_blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor> moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size,

@@ -84,6 +84,16 @@ struct BlockSparseBackwardParams {
   BlockList transposed;
 };
 
+// MoBA's key-block-major forward on CUDA (attention/moba_gather_index.h): `forward` as for
+// block_sparse_attention with selection = the token choices and block_kv = MoBA's block size (its
+// block lists unused), run for query heads [head_begin, head_begin + heads) of every batch with a
+// workspace of moba_gather::workspace_layout(batch * heads, ...).bytes bytes.
+struct MobaGatherParams {
+  BlockSparseForwardParams forward;
+  int64_t head_begin, heads;
+  void* workspace;
+};
+
 // moba_select: MoBA gating. Key blocks of block_size tokens are mean-pooled; query token i scores
 // block b by q_i . mean(k_b) and keeps its top_k blocks (ties: lower block id first). Causal:
 // the block holding position i + Sk - Sq is always kept (and attended causally), later blocks

@@ -133,12 +133,12 @@ __device__ __forceinline__ void mma_p_x_tile(float (&acc)[kD / 8][4], const floa
 }
 
 // The warp's 16 x D accumulators, times row_scale[e / 2], rounded to T into its own 16 rows of the
-// shared tile at `stage` (free once the warp stopped reading them), then 16-byte stores of rows
-// below `seq`. No CTA barrier: only this warp touches these rows.
-template <typename T, int kD>
-__device__ __forceinline__ void store_warp_rows(const float (&acc)[kD / 8][4], const float (&row_scale)[2],
-                                                unsigned char* stage, int warp_row0, T* dst, int64_t seq_stride,
-                                                int pos0, int seq, int lane) {
+// shared tile at `stage` (free once the warp stopped reading them), then 16-byte stores of each
+// row r (< 16) to row_dst(r) (nullptr: not stored). No CTA barrier: only this warp touches these
+// rows.
+template <typename T, int kD, class RowDst>
+__device__ __forceinline__ void store_warp_rows_to(const float (&acc)[kD / 8][4], const float (&row_scale)[2],
+                                                   unsigned char* stage, int warp_row0, int lane, RowDst&& row_dst) {
   __syncwarp();
 #pragma unroll
   for (int j = 0; j < kD / 8; ++j)
@@ -153,12 +153,22 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[kD / 8][4], c
 #pragma unroll
   for (int i = 0; i < ix::kWarpRows * kChunks / 32; ++i) {
     const int r = ix::copy_row(lane, i, 32, kD), c = ix::copy_chunk(lane, i, 32, kD);
-    const int pos = pos0 + warp_row0 + r;
-    if (pos < seq) {
+    T* const dst = row_dst(r);
+    if (dst != nullptr) {
       const uint4 v = *reinterpret_cast<const uint4*>(stage + ix::smem_offset(warp_row0 + r, c, kD));
-      *reinterpret_cast<uint4*>(dst + int64_t(pos) * seq_stride + c * ix::kChunkElems) = v;
+      *reinterpret_cast<uint4*>(dst + c * ix::kChunkElems) = v;
     }
   }
+}
+// The same into rows pos0 + warp_row0 + r (below `seq`) of a [seq][D] tensor.
+template <typename T, int kD>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[kD / 8][4], const float (&row_scale)[2],
+                                                unsigned char* stage, int warp_row0, T* dst, int64_t seq_stride,
+                                                int pos0, int seq, int lane) {
+  store_warp_rows_to<T, kD>(acc, row_scale, stage, warp_row0, lane, [&](int r) -> T* {
+    const int pos = pos0 + warp_row0 + r;
+    return pos < seq ? dst + int64_t(pos) * seq_stride : nullptr;
+  });
 }
 
 // =============================================================================================

@@ -13,6 +13,7 @@ _BACKWARD = torch.ops.torch_ext.block_sparse_attention_backward
 _SELECT = torch.ops.torch_ext.moba_select
 _BLOCK_LISTS = torch.ops.torch_ext.moba_block_lists
 _ROUTE = torch.ops.torch_ext.moba_route
+_MOBA = torch.ops.torch_ext.moba_attention
 
 # moba_route / moba_attention list key blocks per query block of this many rows.
 MOBA_QUERY_BLOCK = 64
@@ -61,14 +62,13 @@ def moba_route(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, top_k: in
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 64, top_k: int = 8,
                    causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Token-level MoBA: every query token attends only the key blocks it chose (``moba_select``),
-    its own block causally under ``causal``. Equal to dense attention under that mask; computed by
+    its own block causally under ``causal``. Equal to dense attention under that mask. On CUDA
+    computed key block by key block over the tokens that chose it (no union lists); on the CPU by
     block-sparse attention over the union lists with the token selection applied inside.
     Differentiable in q, k and v (the routing is not)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     selected = _SELECT(q, k, block_size, top_k, causal)
-    counts, indices = _BLOCK_LISTS(selected, _ceil_div(k.shape[2], block_size), MOBA_QUERY_BLOCK)
-    return call_differentiable(_FORWARD, q, k, v, counts, indices, MOBA_QUERY_BLOCK, block_size, causal, scale,
-                               selected)[0]
+    return call_differentiable(_MOBA, q, k, v, selected, block_size, causal, scale)[0]
 
 
 @torch.library.register_fake("torch_ext::block_sparse_attention")
@@ -80,6 +80,11 @@ def _forward_fake(q, k, v, kv_counts, kv_indices, block_size_q, block_size_kv, c
 def _backward_fake(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size_q, block_size_kv, causal, scale,
                    token_blocks=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+@torch.library.register_fake("torch_ext::moba_attention")
+def _moba_fake(q, k, v, token_blocks, block_size, causal, scale):
+    return _forward_fake(q, k, v, None, None, None, block_size, causal, scale)
 
 
 @torch.library.register_fake("torch_ext::moba_select")
@@ -122,3 +127,24 @@ def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):
 
 
 torch.library.register_autograd("torch_ext::block_sparse_attention", _backward, setup_context=_setup_context)
+
+
+def _moba_setup_context(ctx, inputs, output) -> None:
+    q, k, v, token_blocks, block_size, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, token_blocks)
+    ctx.args = (block_size, causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _moba_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):
+    """The backward of block_sparse_attention over the union lists (lse's gradient is ignored)."""
+    q, k, v, out, lse, token_blocks = ctx.saved_tensors
+    block_size, causal, scale = ctx.args
+    counts, indices = _BLOCK_LISTS(token_blocks, _ceil_div(k.shape[2], block_size), MOBA_QUERY_BLOCK)
+    grads = _BACKWARD(grad_out, q, k, v, out, lse, counts, indices, MOBA_QUERY_BLOCK, block_size, causal, scale,
+                      token_blocks)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("torch_ext::moba_attention", _moba_backward, setup_context=_moba_setup_context)

@@ -12,13 +12,17 @@
 
 namespace torch_ext::cuda {
 
-inline bool hopper_kernel_enabled(const char* env_switch, bool default_on) {
+// The environment switch alone (for a kernel choice that is not Hopper-specific).
+inline bool kernel_switch_on(const char* env_switch, bool default_on) {
   const char* const value = std::getenv(env_switch);
-  const bool on = value == nullptr ? default_on
-                  : std::strcmp(value, "1") == 0 ? true
-                  : std::strcmp(value, "0") == 0 ? false
-                                                 : default_on;
-  if (!on) return false;
+  return value == nullptr ? default_on
+         : std::strcmp(value, "1") == 0 ? true
+         : std::strcmp(value, "0") == 0 ? false
+                                        : default_on;
+}
+
+inline bool hopper_kernel_enabled(const char* env_switch, bool default_on) {
+  if (!kernel_switch_on(env_switch, default_on)) return false;
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||

@@ -143,16 +143,31 @@ def _sparse_backward_case(device, seq, density) -> Case:
                 device=device, notes={"density": listed, "effective_flops": 14.0 * heads[0] * seq * seq * _DIM})
 
 
+def _moba_union(q, k, v, block_size, top_k):
+    """MoBA through the union lists (per 64-row query block, every block one of its tokens chose,
+    with the token mask inside): the CPU's design, and CUDA's before the key-block-major forward."""
+    from torch_ext.ops import moba_select
+    from torch_ext.ops.attention import MOBA_QUERY_BLOCK
+
+    selected = moba_select(q, k, block_size, top_k, True)
+    counts, indices = torch.ops.torch_ext.moba_block_lists(selected, -(-k.shape[2] // block_size), MOBA_QUERY_BLOCK)
+    return torch.ops.torch_ext.block_sparse_attention(q, k, v, counts, indices, MOBA_QUERY_BLOCK, block_size, True,
+                                                      q.shape[-1] ** -0.5, selected)[0]
+
+
 def _moba_case(device, seq, block_size, top_k) -> Case:
     from torch_ext.ops import moba_attention
 
     heads = _HEADS[device]
     chosen = min(1.0, top_k * block_size / seq)
+    baselines = {"SDPA dense causal": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True)}
+    if device == "cuda":
+        baselines["union lists"] = lambda q, k, v: _moba_union(q, k, v, block_size, top_k)
     return Case(family="attention", op="moba_attention", label=f"S={seq} block {block_size} top-{top_k} causal bf16",
                 make_inputs=lambda seed: _qkv(device, seq, heads, seed),
                 ours=lambda q, k, v: moba_attention(q, k, v, block_size, top_k, causal=True),
-                baselines={"SDPA dense causal": lambda q, k, v: F.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, enable_gqa=True)},
+                baselines=baselines,
                 flops=4.0 * heads[0] * seq * seq * _DIM * chosen, bytes=float(4 * heads[0] * seq * _DIM * 2),
                 device=device, notes={"density": chosen, "effective_flops": 2.0 * heads[0] * seq * seq * _DIM})
 

@@ -1,0 +1,368 @@
+// MoBA's key-block-major forward on CUDA (attention/moba_gather_cuda.h): why and the plan in
+// attention/moba_gather_index.h. No torch headers. Kernels, in launch order per chunk of heads:
+//   pair_count_kernel: rank of every valid (token, slot) pair in its key block's list (atomics);
+//   plan_kernel: a CTA per lane scans its key blocks' counts into list offsets and tile records;
+//   pair_fill_kernel: the pair ids into the lists;
+//   gather_attention_kernel<T, D, kKvStages>: a CTA per tile record (grid x: the lane's bound,
+//     records past the lane's tiles exit). The tile's rows are the queries of its pairs (cp.async
+//     gathers rows of Q), its key list is the one block: the mma.sync forward's step (load_kv_step,
+//     make_step_mask, online_softmax_step and the mma helpers of
+//     attention/block_sparse_attention_cuda_row.cuh) on a 64-row block whose rows are not
+//     consecutive positions. Blocks of 16 / 32 keys fill one or two 16-key slices of the 64-key
+//     step and the dead slices' mmas are skipped (StepMask::live); 128-key blocks take 2 steps.
+//     Epilogue: O / l as T and the lse of each pair into the partials;
+//   merge_kernel: D / 8 lanes per token combine its valid slots' partials in slot order (fp32)
+//     into out and lse.
+#include "attention/block_sparse_attention_cuda_row.cuh"
+#include "attention/moba_gather_cuda.h"
+#include "attention/moba_gather_index.h"
+#include "common/cuda/block_scan.cuh"
+
+namespace torch_ext::cuda {
+namespace {
+
+namespace mg = ::torch_ext::attention::moba_gather;
+using attention::MobaGatherParams;
+using mg::TileRecord;
+
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+
+// Where a kernel of the chunk stands: lane = b * heads + (h - head_begin) indexes the workspace.
+struct Lane {
+  int64_t b;
+  int h;
+  int64_t lane;
+};
+__device__ __forceinline__ Lane lane_of(const MobaGatherParams& p) {
+  const int64_t b = blockIdx.z;
+  const int hc = int(blockIdx.y);
+  return Lane{b, int(p.head_begin) + hc, b * p.heads + hc};
+}
+
+struct WorkspacePtrs {
+  int32_t* counts;
+  int32_t* offsets;
+  int32_t* rank;
+  int32_t* entries;
+  TileRecord* tiles;
+  unsigned char* part_o;
+  float* part_lse;
+  int64_t lane_tiles;
+};
+__host__ __device__ inline WorkspacePtrs workspace_ptrs(const MobaGatherParams& p) {
+  const auto& f = p.forward;
+  const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv);
+  const mg::Workspace w = mg::workspace_layout(f.batch * p.heads, f.seq_q, f.selection.top_k, nk, f.head_dim);
+  unsigned char* const base = static_cast<unsigned char*>(p.workspace);
+  return WorkspacePtrs{reinterpret_cast<int32_t*>(base + w.counts), reinterpret_cast<int32_t*>(base + w.offsets),
+                       reinterpret_cast<int32_t*>(base + w.rank),   reinterpret_cast<int32_t*>(base + w.entries),
+                       reinterpret_cast<TileRecord*>(base + w.tiles), base + w.part_o,
+                       reinterpret_cast<float*>(base + w.part_lse), w.lane_tiles};
+}
+
+__device__ __forceinline__ const int32_t* lane_choices(const MobaGatherParams& p, const Lane& l) {
+  const auto& s = p.forward.selection;
+  return s.blocks + l.b * s.batch_stride + int64_t(l.h) * s.head_stride;
+}
+
+// =============================================================================================
+// Plan
+// =============================================================================================
+
+// The pair of a thread of the count / fill kernels (grid (ceil(Sq * top_k / kPairThreads), heads,
+// batch)): pair e of the lane and the key block it names (block < 0: none, or past the pairs).
+struct PairRef {
+  int64_t lane, e, pairs, nk;
+  int32_t block;
+};
+__device__ __forceinline__ PairRef pair_of_thread(const MobaGatherParams& p) {
+  const Lane l = lane_of(p);
+  const int top_k = p.forward.selection.top_k;
+  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
+  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
+  int32_t block = -1;
+  if (e < pairs) {
+    const int64_t token = e / top_k, slot = e % top_k;
+    block = __ldg(lane_choices(p, l) + token * p.forward.selection.seq_stride + slot);
+    if (!mg::slot_valid(block, nk)) block = -1;
+  }
+  return PairRef{l.lane, e, pairs, nk, block};
+}
+
+__global__ void __launch_bounds__(mg::kPairThreads) pair_count_kernel(const MobaGatherParams p, WorkspacePtrs w) {
+  const PairRef r = pair_of_thread(p);
+  if (r.e >= r.pairs) return;
+  w.rank[r.lane * r.pairs + r.e] = r.block >= 0 ? atomicAdd(w.counts + r.lane * r.nk + r.block, 1) : -1;
+}
+
+// Grid (heads, batch): one CTA per lane walks its key blocks kPlanThreads at a time.
+__global__ void __launch_bounds__(mg::kPlanThreads) plan_kernel(const MobaGatherParams p, WorkspacePtrs w) {
+  __shared__ uint32_t scratch[block_scan_words<mg::kPlanThreads>()];
+  const Lane l{int64_t(blockIdx.y), int(p.head_begin) + int(blockIdx.x), int64_t(blockIdx.y) * p.heads + blockIdx.x};
+  const int64_t nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
+  const int32_t* const counts = w.counts + l.lane * nk;
+  int32_t* const offsets = w.offsets + l.lane * nk;
+  TileRecord* const tiles = w.tiles + l.lane * w.lane_tiles;
+  uint32_t pair_base = 0, tile_base = 0;
+  for (int64_t j0 = 0; j0 < nk; j0 += mg::kPlanThreads) {
+    const int64_t j = j0 + threadIdx.x;
+    const int32_t count = j < nk ? counts[j] : 0;
+    const int32_t ntiles = mg::block_tiles(count);
+    uint32_t pair_total, tile_total;
+    const uint32_t pair_end = block_inclusive_scan<mg::kPlanThreads>(uint32_t(count), scratch, pair_total);
+    const uint32_t tile_end = block_inclusive_scan<mg::kPlanThreads>(uint32_t(ntiles), scratch, tile_total);
+    if (j < nk) {
+      const int32_t offset = int32_t(pair_base + pair_end - uint32_t(count));
+      offsets[j] = offset;
+      const uint32_t first_tile = tile_base + tile_end - uint32_t(ntiles);
+      for (int32_t q = 0; q < ntiles; ++q) tiles[first_tile + q] = mg::tile_record(int32_t(j), offset, count, q);
+    }
+    pair_base += pair_total;
+    tile_base += tile_total;
+  }
+  for (int64_t t = tile_base + threadIdx.x; t < w.lane_tiles; t += mg::kPlanThreads) tiles[t] = TileRecord{-1, 0, 0, 0};
+}
+
+// Pair e into its block's list at the rank it drew.
+__global__ void __launch_bounds__(mg::kPairThreads) pair_fill_kernel(const MobaGatherParams p, WorkspacePtrs w) {
+  const PairRef r = pair_of_thread(p);
+  if (r.block < 0) return;
+  const int32_t rank = w.rank[r.lane * r.pairs + r.e];
+  w.entries[r.lane * r.pairs + w.offsets[r.lane * r.nk + r.block] + rank] = int32_t(r.e);
+}
+
+// =============================================================================================
+// Attention of one tile: gathered query rows x one key block
+// =============================================================================================
+
+template <typename T, int kD, int kKvStages>
+__global__ void __launch_bounds__(mg::kTileRows * 2, 1)
+    gather_attention_kernel(const MobaGatherParams p, WorkspacePtrs w) {
+  using G = mg::GatherTraits<kD, kKvStages>;
+  static_assert(G::kThreads == mg::kTileRows * 2, "4 warps of 16 rows");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const auto& f = p.forward;
+  const Lane l = lane_of(p);
+  const TileRecord* const record = w.tiles + l.lane * w.lane_tiles + blockIdx.x;
+  const TileRecord tile = *record;
+  if (tile.block < 0) return;  // past the lane's tiles (CTA-uniform)
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warp_row0 = warp * ix::kWarpRows;
+  const int top_k = f.selection.top_k;
+  const int64_t pairs = f.seq_q * top_k;
+
+  // The tile's pair ids and query positions (padding rows: no pair, the last position, so that a
+  // padded row sees every key a real row may and stays finite; it is never stored).
+  int32_t* const row_pair = reinterpret_cast<int32_t*>(smem + G::kPairOffset);
+  int32_t* const row_pos = reinterpret_cast<int32_t*>(smem + G::kPosOffset);
+  if (tid < mg::kTileRows) {
+    const int32_t e = tid < tile.rows ? w.entries[l.lane * pairs + tile.first + tid] : -1;
+    row_pair[tid] = e;
+    row_pos[tid] = e >= 0 ? mg::pair_token(e, top_k) : int32_t(f.seq_q - 1);
+  }
+  __syncthreads();
+
+  const int hk = l.h / int(f.heads_q / f.heads_kv);
+  RowCta<T> c;
+  c.k = bhsd_ptr<T>(f.k, l.b, hk);
+  c.v = bhsd_ptr<T>(f.v, l.b, hk);
+  c.k_stride = f.k.seq_stride;
+  c.v_stride = f.v.seq_stride;
+  c.list = &record->block;  // a one-block list
+  c.count = 1;
+  c.block_kv = f.block_kv;
+  c.seq_q = int(f.seq_q);
+  c.seq_kv = int(f.seq_kv);
+  c.tiles = ix::walk_tiles(1, c.block_kv);
+
+  // Group 0: the gathered Q rows; group 1: step 0.
+  const T* const q = bhsd_ptr<T>(f.q, l.b, l.h);
+#pragma unroll
+  for (int i = 0; i < G::kRowCopies; ++i) {
+    const int r = ix::copy_row(tid, i, G::kThreads, kD), ch = ix::copy_chunk(tid, i, G::kThreads, kD);
+    const bool ok = r < tile.rows;
+    cp_async_16_zfill(smem + G::kQOffset + ix::smem_offset(r, ch, kD),
+                      ok ? q + int64_t(row_pos[r]) * f.q.seq_stride + ch * ix::kChunkElems : q, ok);
+  }
+  cp_async_commit();
+  load_kv_step<T, G>(smem, c, 0, 0, tid);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+  uint32_t qf[G::kK16][4];
+#pragma unroll
+  for (int k16 = 0; k16 < G::kK16; ++k16)
+    ldmatrix_x4(qf[k16], smem + G::kQOffset +
+                             ix::smem_offset(warp_row0 + ix::ldsm_a_row(lane), ix::ldsm_a_chunk(k16, lane), kD));
+
+  // A warp without real rows only keeps the CTA's barriers.
+  const bool idle = warp_row0 >= tile.rows;
+  // The warp's first position bounds its rows from below: make_step_mask's test for a step without
+  // masked elements (causal: the step's last key visible to every row) takes the smallest.
+  const int first_q = __reduce_min_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
+  const int q_pos[2] = {row_pos[warp_row0 + ix::acc_row(lane, 0)], row_pos[warp_row0 + ix::acc_row(lane, 2)]};
+  float o[G::kON][4];
+  zero_accumulators(o);
+  ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};
+  const float scale_log2 = f.scale * ix::kLog2e;
+
+  for (int t = 0; t < c.tiles; ++t) {
+    const int st = t % kKvStages;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (t + 1 < c.tiles) load_kv_step<T, G>(smem, c, t + 1, (t + 1) % kKvStages, tid);
+    cp_async_commit();
+    if (idle) continue;
+    const unsigned char* const ks = smem + G::kStageOffset + st * G::kStageBytes;
+    const unsigned char* const vs = ks + G::kKvBytes;
+    StepMask m = make_step_mask<G>(smem, c, st, first_q, warp_row0, lane, f.causal, 0, false);
+    // The rows are not consecutive positions, so step_hidden_from_rows' bound on the warp's last
+    // row does not hold; every real row chose this block and sees its first key, and the element
+    // mask hides the rest (a 128-key block's second half from rows in its first half).
+    m.hidden = m.live == 0u;
+    if (m.hidden) continue;
+    float s[G::kSN][4];
+    zero_accumulators(s);
+#pragma unroll
+    for (int k16 = 0; k16 < G::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane, m.live);
+    online_softmax_step<G>(s, o, rs, m, c, q_pos, f.causal, scale_log2, lane);
+    mma_p_x_tile<T, kD>(o, s, vs, lane, m.live);
+  }
+  cp_async_wait_all();
+  if (idle) return;
+
+  // Partials: O / l (T) and lse per pair, through the warp's own rows of the Q tile.
+  T* const part_o = reinterpret_cast<T*>(w.part_o) + l.lane * pairs * kD;
+  float* const part_lse = w.part_lse + l.lane * pairs;
+  float inv[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float sum = quad_sum(rs[half].l);
+    inv[half] = ix::softmax_out_scale(sum);
+    const int32_t e = row_pair[warp_row0 + ix::acc_row(lane, 2 * half)];
+    if (lane % 4 == 0 && e >= 0) part_lse[e] = ix::softmax_lse(rs[half].m, sum);
+  }
+  store_warp_rows_to<T, kD>(o, inv, smem + G::kQOffset, warp_row0, lane, [&](int r) -> T* {
+    const int32_t e = row_pair[warp_row0 + r];
+    return e >= 0 ? part_o + int64_t(e) * kD : nullptr;
+  });
+}
+
+// =============================================================================================
+// Merge
+// =============================================================================================
+
+// D / 8 lanes per token, 8 columns (one 16-byte load per partial row) each: grid
+// (ceil(Sq / kTokens), heads, batch).
+template <int kD>
+struct MergeShape {
+  static constexpr int kLanes = kD / 8;
+  static constexpr int kTokens = mg::kMergeThreads / kLanes;
+};
+template <typename T, int kD>
+__global__ void __launch_bounds__(mg::kMergeThreads) merge_kernel(const MobaGatherParams p, WorkspacePtrs w) {
+  using Shape = MergeShape<kD>;
+  static_assert(Pack16<T>::kSize == 8, "8 columns a lane");
+  const auto& f = p.forward;
+  const Lane l = lane_of(p);
+  const int part = threadIdx.x % Shape::kLanes;
+  const int64_t token = int64_t(blockIdx.x) * Shape::kTokens + threadIdx.x / Shape::kLanes;
+  if (token >= f.seq_q) return;
+  const int top_k = f.selection.top_k;
+  const int64_t pairs = f.seq_q * top_k, nk = ix::ceil_div(f.seq_kv, f.block_kv);
+  const int32_t* const choices = lane_choices(p, l) + token * f.selection.seq_stride;
+  const float* const part_lse = w.part_lse + l.lane * pairs + token * top_k;
+  const T* const part_o = reinterpret_cast<const T*>(w.part_o) + (l.lane * pairs + token * top_k) * kD + 8 * part;
+
+  float lse_max = ix::neg_inf();
+  for (int s = 0; s < top_k; ++s)
+    if (mg::slot_valid(__ldg(choices + s), nk)) lse_max = ix::fmax_f(lse_max, part_lse[s]);
+  float acc[8] = {};
+  float weight_sum = 0.0f;
+  for (int s = 0; s < top_k; ++s) {
+    if (!mg::slot_valid(__ldg(choices + s), nk)) continue;
+    const float weight = mg::merge_weight(part_lse[s], lse_max);
+    weight_sum += weight;
+    const Pack16<T> row = load_pack16(part_o + int64_t(s) * kD);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] += weight * to_compute(row.v[i]);
+  }
+  const float inv = mg::merge_out_scale(weight_sum);
+  Pack16<T> out;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out.v[i] = from_compute<T>(acc[i] * inv);
+  store_pack16(bhsd_ptr<T>(f.out, l.b, l.h) + token * f.out.seq_stride + 8 * part, out);
+  if (part == 0) f.lse[(l.b * f.heads_q + l.h) * f.seq_q + token] = mg::merge_lse(lse_max, weight_sum);
+}
+
+// =============================================================================================
+// Launch
+// =============================================================================================
+
+template <typename T, int kD, int kKvStages>
+cudaError_t launch_attention(const MobaGatherParams& p, const WorkspacePtrs& w, cudaStream_t stream) {
+  using G = mg::GatherTraits<kD, kKvStages>;
+  const auto kernel = gather_attention_kernel<T, kD, kKvStages>;
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(unsigned(w.lane_tiles), unsigned(p.heads), unsigned(p.forward.batch));
+  kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p, w);
+  return cudaGetLastError();
+}
+
+template <typename T, int kD>
+cudaError_t launch_typed(const MobaGatherParams& p, const WorkspacePtrs& w, cudaStream_t stream) {
+  const cudaError_t status = p.forward.block_kv <= ix::kTileKv ? launch_attention<T, kD, 1>(p, w, stream)
+                                                               : launch_attention<T, kD, 2>(p, w, stream);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_q, MergeShape<kD>::kTokens)), unsigned(p.heads),
+                  unsigned(p.forward.batch));
+  merge_kernel<T, kD><<<grid, mg::kMergeThreads, 0, stream>>>(p, w);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool moba_gather_supported(const attention::BlockSparseForwardParams& p) {
+  const auto vectorizable = [](const void* data, int64_t bs, int64_t hs, int64_t ss) {
+    return ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(data), bs, hs, ss);
+  };
+  const int64_t nk = p.block_kv > 0 ? ix::ceil_div(p.seq_kv, p.block_kv) : 0;
+  return (p.dtype == ScalarKind::kFloat16 || p.dtype == ScalarKind::kBFloat16) &&
+         (p.head_dim == 64 || p.head_dim == 128) &&
+         (p.block_kv == 16 || p.block_kv == 32 || p.block_kv == 64 || p.block_kv == 128) &&
+         p.selection.blocks != nullptr && p.selection.top_k >= 1 && p.heads_kv >= 1 &&
+         p.heads_q % p.heads_kv == 0 && p.seq_q * p.selection.top_k < (int64_t(1) << 31) &&
+         p.seq_kv < (int64_t(1) << 31) - 256 && p.batch <= kMaxGridYZ &&
+         mg::max_lane_tiles(p.seq_q, p.selection.top_k, nk) <= kMaxGridX &&
+         vectorizable(p.q.data, p.q.batch_stride, p.q.head_stride, p.q.seq_stride) &&
+         vectorizable(p.k.data, p.k.batch_stride, p.k.head_stride, p.k.seq_stride) &&
+         vectorizable(p.v.data, p.v.batch_stride, p.v.head_stride, p.v.seq_stride);
+}
+
+cudaError_t moba_gather_forward(const MobaGatherParams& p, cudaStream_t stream) {
+  const auto& f = p.forward;
+  if (!moba_gather_supported(f) || p.heads < 0 || p.heads > kMaxGridYZ || p.head_begin < 0 ||
+      p.head_begin + p.heads > f.heads_q ||
+      !ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(f.out.data), f.out.batch_stride, f.out.head_stride,
+                             f.out.seq_stride))
+    return cudaErrorInvalidValue;
+  if (f.batch == 0 || p.heads == 0 || f.seq_q == 0) return cudaSuccess;
+  const WorkspacePtrs w = workspace_ptrs(p);
+  const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv), lanes = f.batch * p.heads;
+  cudaError_t status = cudaMemsetAsync(w.counts, 0, size_t(lanes * nk) * sizeof(int32_t), stream);
+  if (status != cudaSuccess) return status;
+  const dim3 pair_grid(unsigned(ix::ceil_div(f.seq_q * f.selection.top_k, mg::kPairThreads)), unsigned(p.heads),
+                       unsigned(f.batch));
+  pair_count_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
+  plan_kernel<<<dim3(unsigned(p.heads), unsigned(f.batch)), mg::kPlanThreads, 0, stream>>>(p, w);
+  pair_fill_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  if (f.dtype == ScalarKind::kFloat16) {
+    return f.head_dim == 64 ? launch_typed<Half, 64>(p, w, stream) : launch_typed<Half, 128>(p, w, stream);
+  }
+  return f.head_dim == 64 ? launch_typed<BFloat16, 64>(p, w, stream) : launch_typed<BFloat16, 128>(p, w, stream);
+}
+
+}  // namespace torch_ext::cuda

@@ -1,0 +1,129 @@
+// Index math of MoBA's key-block-major forward on CUDA (attention/moba_gather_cuda.cu),
+// host+device so that tests/cpp/block_sparse_attention_cuda_sim.cpp runs the same plan on the CPU.
+//
+// Why key-block-major: the union design (block_sparse_attention over moba_block_lists) gives a
+// 64-row query block the union of its tokens' choices, and a warp computes every listed step some
+// row of its 16 chose. With random queries at 32K a 16-row warp's union is ~12x the keys a token
+// attends (H100: 71.6 / 186.7 ms for block 64 / 16 at 32K against causal SDPA's 14.1). Here the
+// work is exactly the chosen pairs: for every key block, the (token, slot) pairs that chose it are
+// listed and cut into tiles of 64 rows; a CTA attends one tile's gathered query rows to that one
+// block and writes a partial result per pair (O / l in the input dtype and its lse); a merge pass
+// combines each token's top_k partials in slot order. Cost beyond the union kernel's: the partials
+// (2 D + 4 bytes per pair, written once and read once).
+//
+// Plan per (batch, head) of a chunk of heads ("lane" below), all on the device, no host sync:
+//   count:  pair e = token * top_k + slot with a valid block j takes rank[e] = atomicAdd(count[j]);
+//   plan:   offsets[j] = exclusive sum of counts; key block j gets ceil(count[j] / 64) tile records
+//           {j, first pair slot, rows}; records past the lane's total hold block -1;
+//   fill:   entries[offsets[j] + rank[e]] = e.
+// The order of pairs inside a block's list follows the atomics and varies between runs; the results
+// do not: a row's products, mask and softmax depend on that row alone.
+#pragma once
+
+#include <cstdint>
+
+#include "attention/block_sparse_attention_cuda_index.h"
+#include "common/index_math.h"
+#include "common/macros.h"
+
+namespace torch_ext::attention {
+inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
+namespace moba_gather {
+
+using ::torch_ext::index_math::ceil_div;
+using ::torch_ext::index_math::round_up;
+
+// Gathered query rows per tile: one CTA of 4 warps, 16 rows each (the forward's 64-row CTA).
+constexpr int kTileRows = 64;
+// Threads of the plan kernel (one CTA per lane scans the lane's key blocks in chunks of this many).
+constexpr int kPlanThreads = 1024;
+// Threads of the count / fill kernels (one pair each) and of the merge kernel (a warp per token).
+constexpr int kPairThreads = 256;
+constexpr int kMergeThreads = 128;
+
+// A tile: `rows` (1..64) pairs entries[first ..] of key block `block`; block -1: past the lane's
+// tiles (the CTA exits).
+struct TileRecord {
+  int32_t block;
+  int32_t first;
+  int32_t rows;
+  int32_t unused;  // 16 bytes: one vector load
+};
+
+// A slot of token_blocks names a key block the token attends (ids outside [0, nk) are ignored,
+// as moba_block_lists does on CUDA).
+TORCH_EXT_HOST_DEVICE bool slot_valid(int32_t block, int64_t num_kv_blocks) {
+  return block >= 0 && block < num_kv_blocks;
+}
+// Pair id of (token, slot) and back: it indexes entries' values, rank and the partials.
+TORCH_EXT_HOST_DEVICE int32_t pair_id(int32_t token, int slot, int top_k) { return token * top_k + slot; }
+TORCH_EXT_HOST_DEVICE int32_t pair_token(int32_t pair, int top_k) { return pair / top_k; }
+
+// Tiles of a key block with `count` pairs, and an upper bound on a lane's tiles: sum_j
+// ceil(c_j / 64) <= sum_j (c_j + 63) / 64 over the (at most min(nk, pairs)) non-empty blocks.
+TORCH_EXT_HOST_DEVICE int32_t block_tiles(int32_t count) { return int32_t(ceil_div(count, kTileRows)); }
+TORCH_EXT_HOST_DEVICE int64_t max_lane_tiles(int64_t seq_q, int top_k, int64_t num_kv_blocks) {
+  const int64_t pairs = seq_q * top_k;
+  const int64_t nonempty = pairs < num_kv_blocks ? pairs : num_kv_blocks;
+  return nonempty + ceil_div(pairs, kTileRows);
+}
+// Tile q (< block_tiles(count)) of a block whose list starts at `offset`.
+TORCH_EXT_HOST_DEVICE TileRecord tile_record(int32_t block, int32_t offset, int32_t count, int32_t q) {
+  const int32_t rows = count - q * kTileRows;
+  return TileRecord{block, offset + q * kTileRows, rows < kTileRows ? rows : kTileRows, 0};
+}
+
+// Merge of a token's partials (o_s = O_s / l_s, lse_s natural log): with M = max lse_s,
+// w_s = e^(lse_s - M): out = sum w_s o_s / sum w_s, lse = M + ln sum w_s; no valid slot (or all
+// lse -inf): out 0, lse -inf (the attention convention for a row that sees no key).
+TORCH_EXT_HOST_DEVICE float merge_weight(float lse_s, float lse_max) {
+  return lse_s == bsa_cuda::neg_inf() ? 0.0f : bsa_cuda::exp2_approx((lse_s - lse_max) * bsa_cuda::kLog2e);
+}
+TORCH_EXT_HOST_DEVICE float merge_out_scale(float weight_sum) { return weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f; }
+TORCH_EXT_HOST_DEVICE float merge_lse(float lse_max, float weight_sum) {
+  return weight_sum > 0.0f ? lse_max + bsa_cuda::log_f(weight_sum) : bsa_cuda::neg_inf();
+}
+
+// Shared memory of the attention CTA: the forward's Q tile and K / V stages (RowTraits of a 64-row
+// block), with one stage when a block fits one 64-key step (block_kv <= 64: the CTA walks one
+// step, and 48 KB instead of 80 at D = 128 lets 4 CTAs share an SM), then the step's segment
+// table, then the tile's pair ids and query positions.
+template <int kD, int kKvStages>
+struct GatherTraits : bsa_cuda::RowTraits<kD, kTileRows, false> {
+  using Base = bsa_cuda::RowTraits<kD, kTileRows, false>;
+  static constexpr int kSegOffset = Base::kStageOffset + kKvStages * Base::kStageBytes;
+  static constexpr int kPairOffset = kSegOffset + kKvStages * 2 * bsa_cuda::kMaxSegments * 4;
+  static constexpr int kPosOffset = kPairOffset + kTileRows * 4;
+  static constexpr int kSmemBytes = kPosOffset + kTileRows * 4;
+};
+
+// Workspace of one chunk of `lanes` (batch x heads of the chunk), byte offsets 256-aligned.
+struct Workspace {
+  int64_t counts, offsets, rank, entries, tiles, part_o, part_lse, bytes;
+  int64_t lane_tiles;  // tile records per lane
+};
+TORCH_EXT_HOST_DEVICE Workspace workspace_layout(int64_t lanes, int64_t seq_q, int top_k, int64_t num_kv_blocks,
+                                                 int head_dim) {
+  const int64_t pairs = lanes * seq_q * top_k;
+  Workspace w{};
+  w.lane_tiles = max_lane_tiles(seq_q, top_k, num_kv_blocks);
+  int64_t at = 0;
+  const auto take = [&at](int64_t bytes) {
+    const int64_t start = at;
+    at = round_up(at + bytes, 256);
+    return start;
+  };
+  w.counts = take(lanes * num_kv_blocks * 4);
+  w.offsets = take(lanes * num_kv_blocks * 4);
+  w.rank = take(pairs * 4);
+  w.entries = take(pairs * 4);
+  w.tiles = take(lanes * w.lane_tiles * int64_t(sizeof(TileRecord)));
+  w.part_o = take(pairs * head_dim * 2);
+  w.part_lse = take(pairs * 4);
+  w.bytes = at;
+  return w;
+}
+
+}  // namespace moba_gather
+}  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
+}  // namespace torch_ext::attention

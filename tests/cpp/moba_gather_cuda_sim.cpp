@@ -1,0 +1,317 @@
+// CPU simulation of MoBA's key-block-major forward (csrc/attention/moba_gather_cuda.cu) with the
+// host+device functions it uses (csrc/attention/moba_gather_index.h and the segment / mask /
+// softmax functions of block_sparse_attention_cuda_index.h).
+//
+// On random problems (odd Sq / Sk, Sq != Sk, causal or not, block_kv 16..128, top_k 1..40 with
+// unused and out-of-range slots, several lanes in one workspace):
+//  (a) the plan: pair_count_kernel with the atomics' arrival order shuffled, plan_kernel's chunked
+//      scans (a small CTA, so that several chunks carry), pair_fill_kernel: every valid pair lands
+//      in exactly one tile of its block, tiles stay within max_lane_tiles, records past the total
+//      are -1, the workspace regions do not overlap;
+//  (b) each tile as gather_attention_kernel walks it: the gathered positions, the one-block key
+//      walk (load_kv_step's segments from a one-entry list), the live 16-key slices (a skipped
+//      slice must hold no key visible to a real row), the element mask and the online softmax
+//      per row in the log2 domain, the partials (O / l rounded to 16 bits, lse);
+//  (c) merge_kernel's combination in slot order, against token-level MoBA attention in double
+//      (out within the 16-bit rounding of the partials, lse within fp32 bounds; a token without a
+//      valid slot: out 0, lse -inf).
+// Usage: moba_gather_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "attention/moba_gather_index.h"
+#include "sim_common.h"
+
+namespace ix = ::torch_ext::attention::bsa_cuda;
+namespace mg = ::torch_ext::attention::moba_gather;
+
+namespace {
+
+std::mt19937_64 rng;
+int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+double rndu(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
+
+// bf16-like rounding of the partials (8 significant bits: the coarser of the two 16-bit types).
+float round16(float x) {
+  if (!std::isfinite(x) || x == 0.0f) return x;
+  int e;
+  const double m = std::frexp(double(x), &e);
+  return float(std::ldexp(std::nearbyint(m * 256.0) / 256.0, e));
+}
+
+struct Problem {
+  int lanes, seq_q, seq_kv, block_kv, top_k, head_dim;
+  bool causal;
+  float scale;
+  int64_t nk;
+};
+
+// plan_kernel on one lane with a CTA of `threads` threads: chunked inclusive scans with carries.
+void plan_lane(const Problem& P, const int32_t* counts, int32_t* offsets, mg::TileRecord* tiles, int64_t lane_tiles,
+               int threads) {
+  uint32_t pair_base = 0, tile_base = 0;
+  for (int64_t j0 = 0; j0 < P.nk; j0 += threads) {
+    std::vector<uint32_t> c(static_cast<size_t>(threads)), t(static_cast<size_t>(threads));
+    for (int i = 0; i < threads; ++i) {
+      const int64_t j = j0 + i;
+      c[size_t(i)] = j < P.nk ? uint32_t(counts[j]) : 0u;
+      t[size_t(i)] = uint32_t(mg::block_tiles(int32_t(c[size_t(i)])));
+    }
+    std::vector<uint32_t> ci(c), ti(t);
+    std::partial_sum(ci.begin(), ci.end(), ci.begin());
+    std::partial_sum(ti.begin(), ti.end(), ti.begin());
+    for (int i = 0; i < threads; ++i) {
+      const int64_t j = j0 + i;
+      if (j >= P.nk) continue;
+      const int32_t offset = int32_t(pair_base + ci[size_t(i)] - c[size_t(i)]);
+      offsets[j] = offset;
+      const uint32_t first_tile = tile_base + ti[size_t(i)] - t[size_t(i)];
+      for (int32_t q = 0; q < int32_t(t[size_t(i)]); ++q) {
+        CHECK(int64_t(first_tile) + q < lane_tiles);
+        tiles[first_tile + q] = mg::tile_record(int32_t(j), offset, int32_t(c[size_t(i)]), q);
+      }
+    }
+    pair_base += ci.back();
+    tile_base += ti.back();
+  }
+  CHECK(int64_t(tile_base) <= lane_tiles);
+  for (int64_t t = tile_base; t < lane_tiles; ++t) tiles[t] = mg::TileRecord{-1, 0, 0, 0};
+}
+
+// The keys a tile's step t covers, as load_kv_step computes them from the one-entry list {block}.
+ix::StepSegments step_segments(const Problem& P, int block, int t) {
+  ix::StepSegments g{};
+  const int nseg = ix::segments_per_tile(P.block_kv);
+  for (int s = 0; s < ix::kMaxSegments; ++s) {
+    if (s >= nseg) {
+      g.base[s] = -1;
+      continue;
+    }
+    const ix::Segment sg = ix::tile_segment(t, s, P.block_kv);
+    g.base[s] = int(ix::segment_base(sg.slot < 1 ? block : -1, sg.offset, P.block_kv));
+  }
+  return g;
+}
+
+void gather_case(int* stats) {
+  Problem P;
+  P.lanes = int(rnd(1, 3));
+  P.seq_q = int(rnd(1, 300));
+  P.seq_kv = rnd(0, 3) == 0 ? P.seq_q : int(rnd(1, 300));
+  P.block_kv = 16 << rnd(0, 3);
+  P.top_k = int(rnd(1, 40));
+  P.head_dim = 16;  // the math per row does not depend on D; small keeps the reference cheap
+  P.causal = rnd(0, 1) == 1;
+  P.scale = float(rndu(0.05, 0.5));
+  P.nk = mg::ceil_div(P.seq_kv, P.block_kv);
+  const int64_t pairs = int64_t(P.seq_q) * P.top_k;
+
+  // Workspace layout: regions in order, disjoint, 256-aligned.
+  const mg::Workspace w = mg::workspace_layout(P.lanes, P.seq_q, P.top_k, P.nk, 128);
+  const int64_t starts[] = {w.counts, w.offsets, w.rank, w.entries, w.tiles, w.part_o, w.part_lse, w.bytes};
+  for (int i = 0; i + 1 < 8; ++i) CHECK(starts[i] % 256 == 0 && starts[i] <= starts[i + 1]);
+  CHECK(w.offsets - w.counts >= P.lanes * P.nk * 4 && w.part_o - w.tiles >= P.lanes * w.lane_tiles * 16);
+  CHECK(w.part_lse - w.part_o >= P.lanes * pairs * 128 * 2 && w.bytes - w.part_lse >= P.lanes * pairs * 4);
+
+  // Token choices as moba_select would give them (causal: the own block always, later never), then
+  // some slots unused (-1) or out of range (ignored by every kernel).
+  std::vector<int32_t> choices(size_t(P.lanes * pairs), -1);
+  for (int l = 0; l < P.lanes; ++l)
+    for (int i = 0; i < P.seq_q; ++i) {
+      const int64_t horizon = int64_t(i) + P.seq_kv - P.seq_q;  // last visible key (causal)
+      if (P.causal && horizon < 0) continue;                    // sees nothing: all slots -1
+      const int64_t last = P.causal ? horizon / P.block_kv : P.nk - 1;
+      std::vector<int32_t> ids(size_t(last + 1));
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      if (P.causal) std::swap(*std::find(ids.begin(), ids.end(), int32_t(last)), ids[0]);
+      const int n = int(std::min<int64_t>(P.top_k, last + 1));
+      std::sort(ids.begin(), ids.begin() + n);
+      for (int s = 0; s < n; ++s) choices[size_t(l * pairs + int64_t(i) * P.top_k + s)] = ids[size_t(s)];
+      if (rnd(0, 7) == 0) choices[size_t(l * pairs + int64_t(i) * P.top_k + rnd(0, P.top_k - 1))] = int32_t(P.nk + rnd(0, 3));
+    }
+
+  // Q, K, V per lane in double.
+  const int D = P.head_dim;
+  std::vector<double> q(size_t(P.lanes) * P.seq_q * D), k(size_t(P.lanes) * P.seq_kv * D), v(k.size());
+  for (auto* t : {&q, &k, &v})
+    for (double& x : *t) x = rndu(-1.0, 1.0);
+
+  // (a) the plan, lane by lane; the atomics' arrival order shuffled.
+  std::vector<int32_t> counts(size_t(P.lanes * P.nk), 0), offsets(counts.size()), rank(size_t(P.lanes * pairs), -7);
+  std::vector<int32_t> entries(size_t(P.lanes * pairs), -7);
+  std::vector<mg::TileRecord> tiles(size_t(P.lanes * w.lane_tiles), mg::TileRecord{-9, 0, 0, 0});
+  for (int l = 0; l < P.lanes; ++l) {
+    std::vector<int64_t> order(static_cast<size_t>(pairs));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int64_t e : order) {
+      const int32_t block = choices[size_t(l * pairs + e)];
+      rank[size_t(l * pairs + e)] = mg::slot_valid(block, P.nk) ? counts[size_t(l * P.nk + block)]++ : -1;
+    }
+    plan_lane(P, &counts[size_t(l * P.nk)], &offsets[size_t(l * P.nk)], &tiles[size_t(l * w.lane_tiles)], w.lane_tiles,
+              int(32 << rnd(0, 2)));
+    for (int64_t e = 0; e < pairs; ++e) {
+      const int32_t r = rank[size_t(l * pairs + e)];
+      if (r < 0) continue;
+      const int32_t block = choices[size_t(l * pairs + e)];
+      const int64_t at = l * pairs + offsets[size_t(l * P.nk + block)] + r;
+      CHECK(entries[size_t(at)] == -7);
+      entries[size_t(at)] = int32_t(e);
+    }
+  }
+
+  // (b) every tile as its CTA walks it; partials per pair.
+  std::vector<float> part_o(size_t(P.lanes * pairs * D), NAN), part_lse(size_t(P.lanes * pairs), NAN);
+  std::vector<int> written(size_t(P.lanes * pairs), 0);
+  for (int l = 0; l < P.lanes; ++l)
+    for (int64_t x = 0; x < w.lane_tiles; ++x) {
+      const mg::TileRecord tile = tiles[size_t(l * w.lane_tiles + x)];
+      CHECK(tile.block != -9);
+      if (tile.block < 0) continue;
+      CHECK(tile.rows >= 1 && tile.rows <= mg::kTileRows && tile.block < P.nk);
+      const int steps = ix::walk_tiles(1, P.block_kv);
+      for (int warp = 0; warp < mg::kTileRows / ix::kWarpRows; ++warp) {
+        const int warp_row0 = warp * ix::kWarpRows;
+        if (warp_row0 >= tile.rows) continue;  // idle warp
+        int pos[ix::kWarpRows], pair[ix::kWarpRows], first_q = INT32_MAX;
+        for (int r = 0; r < ix::kWarpRows; ++r) {
+          const int row = warp_row0 + r;
+          pair[r] = row < tile.rows ? entries[size_t(l * pairs + tile.first + row)] : -1;
+          CHECK(row >= tile.rows || (pair[r] >= 0 && choices[size_t(l * pairs + pair[r])] == tile.block));
+          pos[r] = pair[r] >= 0 ? mg::pair_token(pair[r], P.top_k) : P.seq_q - 1;
+          first_q = std::min(first_q, pos[r]);
+        }
+        ix::RowState rs[ix::kWarpRows];
+        std::vector<double> o(size_t(ix::kWarpRows * D), 0.0);
+        for (int r = 0; r < ix::kWarpRows; ++r) rs[r] = ix::row_state_init();
+        for (int t = 0; t < steps; ++t) {
+          const ix::StepSegments g = step_segments(P, tile.block, t);
+          unsigned live_segments = 0;
+          bool all_full = true;
+          int64_t last_key = -1;
+          for (int s = 0; s < ix::segments_per_tile(P.block_kv); ++s) {
+            if (g.base[s] >= 0) live_segments |= 1u << s;
+            all_full = all_full && g.base[s] >= 0 && g.base[s] + ix::segment_len(P.block_kv) <= P.seq_kv;
+            last_key = std::max<int64_t>(last_key, int64_t(g.base[s]) + ix::segment_len(P.block_kv) - 1);
+          }
+          const unsigned live = ix::live_slices(live_segments, P.block_kv);
+          const bool full = ix::tile_fully_visible(first_q, last_key, all_full, false, P.seq_q, P.seq_kv, P.causal);
+          if (live == 0u) continue;
+          for (int r = 0; r < ix::kWarpRows; ++r) {
+            float x[ix::kTileKv];
+            float tile_max = ix::neg_inf();
+            for (int col = 0; col < ix::kTileKv; ++col) {
+              const bool visible = ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal);
+              if (full) CHECK(visible);
+              if (!((live >> (col / 16)) & 1u)) {
+                CHECK(!visible);  // a skipped slice must hide every key from every row
+                x[col] = ix::neg_inf();
+                continue;
+              }
+              const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
+              double dot = 0.0;
+              if (visible)
+                for (int d = 0; d < D; ++d)
+                  dot += q[size_t((int64_t(l) * P.seq_q + pos[r]) * D + d)] * k[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
+              x[col] = visible ? float(dot) * P.scale * ix::kLog2e : ix::neg_inf();
+              tile_max = std::max(tile_max, x[col]);
+            }
+            const float alpha = ix::softmax_rescale(rs[r], tile_max);
+            for (int d = 0; d < D; ++d) o[size_t(r * D + d)] *= alpha;
+            for (int col = 0; col < ix::kTileKv; ++col) {
+              const float p = ix::softmax_prob(x[col], rs[r]);
+              rs[r].l += p;
+              if (p == 0.0f) continue;
+              const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
+              for (int d = 0; d < D; ++d) o[size_t(r * D + d)] += p * v[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
+            }
+          }
+        }
+        for (int r = 0; r < ix::kWarpRows; ++r) {
+          if (pair[r] < 0) continue;
+          const int64_t at = l * pairs + pair[r];
+          ++written[size_t(at)];
+          const float inv = ix::softmax_out_scale(rs[r].l);
+          part_lse[size_t(at)] = ix::softmax_lse(rs[r].m, rs[r].l);
+          CHECK(std::isfinite(part_lse[size_t(at)]));  // a chosen block shows the token at least one key
+          for (int d = 0; d < D; ++d) part_o[size_t(at * D + d)] = round16(float(o[size_t(r * D + d)]) * inv);
+        }
+      }
+    }
+  for (int l = 0; l < P.lanes; ++l)
+    for (int64_t e = 0; e < pairs; ++e)
+      CHECK(written[size_t(l * pairs + e)] == (mg::slot_valid(choices[size_t(l * pairs + e)], P.nk) ? 1 : 0));
+
+  // (c) the merge against token-level MoBA in double.
+  for (int l = 0; l < P.lanes; ++l)
+    for (int i = 0; i < P.seq_q; ++i) {
+      const int64_t base = l * pairs + int64_t(i) * P.top_k;
+      float lse_max = ix::neg_inf();
+      for (int s = 0; s < P.top_k; ++s)
+        if (mg::slot_valid(choices[size_t(base + s)], P.nk)) lse_max = std::max(lse_max, part_lse[size_t(base + s)]);
+      std::vector<float> acc(size_t(D), 0.0f);
+      float weight_sum = 0.0f;
+      for (int s = 0; s < P.top_k; ++s) {
+        if (!mg::slot_valid(choices[size_t(base + s)], P.nk)) continue;
+        const float weight = mg::merge_weight(part_lse[size_t(base + s)], lse_max);
+        weight_sum += weight;
+        for (int d = 0; d < D; ++d) acc[size_t(d)] += weight * part_o[size_t((base + s) * D + d)];
+      }
+      const float inv = mg::merge_out_scale(weight_sum), lse = mg::merge_lse(lse_max, weight_sum);
+
+      // Reference: softmax over the keys of the token's valid chosen blocks (causal-masked).
+      std::vector<double> scores;
+      std::vector<int> keys;
+      for (int s = 0; s < P.top_k; ++s) {
+        const int32_t block = choices[size_t(base + s)];
+        if (!mg::slot_valid(block, P.nk)) continue;
+        for (int key = block * P.block_kv; key < std::min<int64_t>(int64_t(block + 1) * P.block_kv, P.seq_kv); ++key) {
+          if (!ix::key_visible(i, key, P.seq_q, P.seq_kv, P.causal)) continue;
+          double dot = 0.0;
+          for (int d = 0; d < D; ++d)
+            dot += q[size_t((int64_t(l) * P.seq_q + i) * D + d)] * k[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
+          scores.push_back(dot * P.scale);
+          keys.push_back(key);
+        }
+      }
+      if (scores.empty()) {
+        CHECK(lse == ix::neg_inf());
+        for (int d = 0; d < D; ++d) CHECK(acc[size_t(d)] * inv == 0.0f);
+        ++stats[1];
+        continue;
+      }
+      const double m = *std::max_element(scores.begin(), scores.end());
+      double sum = 0.0;
+      for (double sc : scores) sum += std::exp(sc - m);
+      CHECK(std::fabs(double(lse) - (m + std::log(sum))) <= 1e-4 * (1.0 + std::fabs(m)));
+      for (int d = 0; d < D; ++d) {
+        double ref = 0.0;
+        for (size_t n = 0; n < scores.size(); ++n)
+          ref += std::exp(scores[n] - m) / sum * v[size_t((int64_t(l) * P.seq_kv + keys[n]) * D + d)];
+        CHECK(std::fabs(double(acc[size_t(d)] * inv) - ref) <= 1.0 / 128);  // 16-bit partials of |v| <= 1
+      }
+      ++stats[0];
+    }
+  ++stats[2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int cases = argc > 1 ? atoi(argv[1]) : 20;
+  const uint64_t seed = argc > 2 ? strtoull(argv[2], nullptr, 10) : 1;
+  rng.seed(seed);
+  // The tile bound: one record per non-empty block plus a full tile per 64 pairs.
+  CHECK(mg::max_lane_tiles(1, 1, 100) == 2 && mg::max_lane_tiles(100, 8, 3) == 3 + 13);
+  CHECK(sizeof(mg::TileRecord) == 16);
+  int stats[3] = {0, 0, 0};
+  for (int c = 0; c < cases; ++c) gather_case(stats);
+  printf("moba gather cases %d, tokens checked %d (seeing nothing %d)\n", stats[2], stats[0], stats[1]);
+  printf("all ok\n");
+  return 0;
+}
