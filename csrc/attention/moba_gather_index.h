@@ -4,12 +4,13 @@
 // Why key-block-major: the union design (block_sparse_attention over moba_block_lists) gives a
 // 64-row query block the union of its tokens' choices, and a warp computes every listed step some
 // row of its 16 chose. With random queries at 32K a 16-row warp's union is ~12x the keys a token
-// attends (H100: 71.6 / 186.7 ms for block 64 / 16 at 32K against causal SDPA's 14.1). Here the
-// work is exactly the chosen pairs: for every key block, the (token, slot) pairs that chose it are
-// listed and cut into tiles of 64 rows; a CTA attends one tile's gathered query rows to that one
-// block and writes a partial result per pair (O / l in the input dtype and its lse); a merge pass
-// combines each token's top_k partials in slot order. Cost beyond the union kernel's: the partials
-// (2 D + 4 bytes per pair, written once and read once).
+// attends (an estimate; measured on the H100: 71.6 / 186.7 ms for block 64 / 16 at 32K against
+// causal SDPA's 14.1). Here the work is exactly the chosen pairs: for every key block, the
+// (token, slot) pairs that chose it are listed and cut into tiles of 64 rows; a CTA attends one
+// tile's gathered query rows to that one block and writes a partial result per pair (O / l in
+// the input dtype and its lse); a merge pass combines each token's top_k partials in slot order.
+// Cost beyond the union kernel's: the partials (2 D + 4 bytes per pair, written once and read
+// once).
 //
 // Plan per (batch, head) of a chunk of heads ("lane" below), all on the device, no host sync:
 //   count:  pair e = token * top_k + slot with a valid block j takes rank[e] = atomicAdd(count[j]);
