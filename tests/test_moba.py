@@ -211,8 +211,9 @@ _GATHER_CASES = [
     (2, 2, 1, 257, 300, 128, 32, 3, True),    # Sq < Sk: bottom-right
     (1, 2, 2, 300, 190, 64, 64, 2, True),     # Sq > Sk: early rows see nothing
     (1, 2, 1, 200, 333, 128, 128, 2, True),   # two 64-key steps per block
-    (1, 4, 1, 150, 270, 64, 16, 40, False),   # top_k above the blocks: unused slots
+    (1, 4, 1, 150, 270, 64, 16, 24, False),   # top_k above the 17 blocks: unused slots
     (1, 1, 1, 1, 100, 128, 64, 1, False),     # one query
+    (1, 2, 1, 64, 20000, 64, 16, 8, True),    # 1250 key blocks: the plan scans them in 2 chunks
 ]
 
 
@@ -246,7 +247,7 @@ def test_cuda_gather_forward(monkeypatch, dtype, case):
     seen = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), seen) and torch.all(out.cpu()[~seen] == 0), what
     torch.testing.assert_close(lse[seen.cuda()], union_lse[seen.cuda()], rtol=0, atol=2e-4, msg=what)
-    torch.testing.assert_close(out, union_out, rtol=0, atol=2e-2, msg=what)
+    torch.testing.assert_close(out.float(), union_out.float(), rtol=1.6e-2, atol=1e-2, msg=what)
     again, again_lse = op(q, k, v, selected, block_size, causal, scale)
     assert torch.equal(again, out) and torch.equal(again_lse, lse), f"not deterministic: {what}"
     monkeypatch.setenv("TORCH_EXT_MOBA_GATHER_BUDGET_BYTES", "1")
@@ -284,4 +285,30 @@ def test_cuda_gather_forward_graph_capture_and_backward():
     want = ref.masked_attention(q64, k64, v64, mask, 128 ** -0.5)[0]
     want.backward(grad.cpu().double())
     for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
-        assert_close_to_reference(a.grad, b.grad, torch.bfloat16, f"{name} seed {seed}", bound=2e-2)
+        assert_close_to_reference(a.grad, b.grad, torch.bfloat16, f"{name} seed {seed}", bound=2.5e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_gather_forward_choice_sets_and_strides(monkeypatch):
+    """token_blocks with repeated ids (a token's choices are a set) and ids past the key blocks
+    (ignored on CUDA) give the union forward's result; [B, S, H, D]-strided q, k, v and a
+    non-contiguous token_blocks take the key-block-major forward as they are."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seed = fresh_seed()
+    q, k = (t.cuda() for t in _qk(2, 4, 2, 200, 200, 64, torch.float16, seed))
+    v = random_tensor(k.shape, torch.float16, "cuda", seed + 2)
+    selected = moba_select(q, k, 16, 5, True)
+    selected[..., 3] = selected[..., 0]            # a repeat
+    selected[:, :, ::7, 4] = 20                    # past the 13 key blocks: ignored
+    op = torch.ops.torch_ext.moba_attention
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER", "0")
+    union_out, union_lse = op(q, k, v, selected, 16, True, 0.125)
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER", "1")
+    out, lse = op(q, k, v, selected, 16, True, 0.125)
+    torch.testing.assert_close(lse, union_lse, rtol=0, atol=2e-4, msg=f"seed {seed}")
+    torch.testing.assert_close(out.float(), union_out.float(), rtol=4e-3, atol=2e-3, msg=f"seed {seed}")
+    bshd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    choices = selected.transpose(2, 3).contiguous().transpose(2, 3)
+    strided, strided_lse = op(*bshd, choices, 16, True, 0.125)
+    assert torch.equal(strided, out) and torch.equal(strided_lse, lse), f"seed {seed}"

@@ -480,12 +480,16 @@ std::tuple<at::Tensor, at::Tensor> moba_block_lists(const at::Tensor& token_bloc
 #if defined(TORCH_EXT_WITH_CUDA)
 namespace {
 // Workspace the key-block-major forward may hold at once (partials: 2 D + 4 bytes per (token,
-// slot) pair, plus the plan's lists); larger calls run their query heads in chunks that fit, one
-// after the other on the stream. TORCH_EXT_MOBA_GATHER_BUDGET_BYTES overrides it (tests force
-// one-head chunks with it).
+// slot) pair, plus the plan's lists); larger calls run their (batch, head) lanes in chunks that
+// fit (one lane at least), one after the other on the stream. TORCH_EXT_MOBA_GATHER_BUDGET_BYTES
+// overrides it (tests force one-lane chunks with it).
 int64_t moba_gather_workspace_budget() {
+  constexpr int64_t kDefault = int64_t(1) << 30;
   const char* const value = std::getenv("TORCH_EXT_MOBA_GATHER_BUDGET_BYTES");
-  return value != nullptr ? std::max<int64_t>(std::atoll(value), 1) : int64_t(1) << 30;
+  if (value == nullptr) return kDefault;
+  char* end = nullptr;
+  const double bytes = std::strtod(value, &end);  // "1e9" as well as "1000000000"
+  return end != value && bytes >= 1.0 && bytes < 9.0e18 ? int64_t(bytes) : kDefault;
 }
 
 // moba_attention's key-block-major forward (attention/moba_gather_index.h), or false when the
@@ -505,18 +509,24 @@ bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& 
   lse = at::empty({s.batch, s.heads_q, s.seq_q}, q.options().dtype(at::kFloat));
   p.out = mutable_bhsd(out);
   p.lse = lse.data_ptr<float>();
+  // Chunks of (batch, head) lanes: as many heads as fit (all of them: then as many batches).
   const int top_k = p.selection.top_k;
-  const auto layout = [&](int64_t heads) {
-    return attention::moba_gather::workspace_layout(s.batch * heads, s.seq_q, top_k, nk, p.head_dim);
+  const auto bytes = [&](int64_t lanes) {
+    return attention::moba_gather::workspace_layout(lanes, s.seq_q, top_k, nk, p.head_dim).bytes;
   };
-  const int64_t per_head = layout(1).bytes;
-  const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(per_head, 1);
-  const int64_t heads = std::clamp<int64_t>(fitting, 1, std::min<int64_t>(s.heads_q, 65535));  // grid y
-  at::Tensor workspace = at::empty({layout(heads).bytes}, q.options().dtype(at::kByte));
+  constexpr int64_t kMaxGridYZ = 65535;
+  const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(bytes(1), 1);
+  const int64_t heads = std::clamp<int64_t>(fitting, 1, std::min(s.heads_q, kMaxGridYZ));
+  const int64_t batches =
+      heads < s.heads_q ? 1 : std::clamp<int64_t>(fitting / heads, 1, std::min(s.batch, kMaxGridYZ));
+  at::Tensor workspace = at::empty({bytes(batches * heads)}, q.options().dtype(at::kByte));
   const c10::cuda::CUDAGuard guard(q.device());
-  for (int64_t h0 = 0; h0 < s.heads_q; h0 += heads) {
-    const attention::MobaGatherParams g{p, h0, std::min(heads, s.heads_q - h0), workspace.data_ptr()};
-    C10_CUDA_CHECK(cuda::moba_gather_forward(g, c10::cuda::getCurrentCUDAStream()));
+  for (int64_t b0 = 0; b0 < s.batch; b0 += batches) {
+    for (int64_t h0 = 0; h0 < s.heads_q; h0 += heads) {
+      const attention::MobaGatherParams g{p, b0, std::min(batches, s.batch - b0), h0, std::min(heads, s.heads_q - h0),
+                                          workspace.data_ptr()};
+      C10_CUDA_CHECK(cuda::moba_gather_forward(g, c10::cuda::getCurrentCUDAStream()));
+    }
   }
   return true;
 }

@@ -86,10 +86,12 @@ struct BlockSparseBackwardParams {
 
 // MoBA's key-block-major forward on CUDA (attention/moba_gather_index.h): `forward` as for
 // block_sparse_attention with selection = the token choices and block_kv = MoBA's block size (its
-// block lists unused), run for query heads [head_begin, head_begin + heads) of every batch with a
-// workspace of moba_gather::workspace_layout(batch * heads, ...).bytes bytes.
+// block lists unused), run for query heads [head_begin, head_begin + heads) of batches
+// [batch_begin, batch_begin + batches) with a workspace of
+// moba_gather::workspace_layout(batches * heads, ...).bytes bytes.
 struct MobaGatherParams {
   BlockSparseForwardParams forward;
+  int64_t batch_begin, batches;
   int64_t head_begin, heads;
   void* workspace;
 };

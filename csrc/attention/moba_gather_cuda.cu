@@ -28,17 +28,17 @@ using mg::TileRecord;
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridYZ = 65535;
 
-// Where a kernel of the chunk stands: lane = b * heads + (h - head_begin) indexes the workspace.
+// Where a kernel of the chunk stands: the chunk's batch z and head y; lane = z * heads + y indexes
+// the workspace.
 struct Lane {
   int64_t b;
   int h;
   int64_t lane;
 };
-__device__ __forceinline__ Lane lane_of(const MobaGatherParams& p) {
-  const int64_t b = blockIdx.z;
-  const int hc = int(blockIdx.y);
-  return Lane{b, int(p.head_begin) + hc, b * p.heads + hc};
+__device__ __forceinline__ Lane chunk_lane(const MobaGatherParams& p, unsigned z, unsigned y) {
+  return Lane{p.batch_begin + z, int(p.head_begin + y), int64_t(z) * p.heads + y};
 }
+__device__ __forceinline__ Lane lane_of(const MobaGatherParams& p) { return chunk_lane(p, blockIdx.z, blockIdx.y); }
 
 struct WorkspacePtrs {
   int32_t* counts;
@@ -53,7 +53,7 @@ struct WorkspacePtrs {
 __host__ __device__ inline WorkspacePtrs workspace_ptrs(const MobaGatherParams& p) {
   const auto& f = p.forward;
   const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv);
-  const mg::Workspace w = mg::workspace_layout(f.batch * p.heads, f.seq_q, f.selection.top_k, nk, f.head_dim);
+  const mg::Workspace w = mg::workspace_layout(p.batches * p.heads, f.seq_q, f.selection.top_k, nk, f.head_dim);
   unsigned char* const base = static_cast<unsigned char*>(p.workspace);
   return WorkspacePtrs{reinterpret_cast<int32_t*>(base + w.counts), reinterpret_cast<int32_t*>(base + w.offsets),
                        reinterpret_cast<int32_t*>(base + w.rank),   reinterpret_cast<int32_t*>(base + w.entries),
@@ -71,7 +71,8 @@ __device__ __forceinline__ const int32_t* lane_choices(const MobaGatherParams& p
 // =============================================================================================
 
 // The pair of a thread of the count / fill kernels (grid (ceil(Sq * top_k / kPairThreads), heads,
-// batch)): pair e of the lane and the key block it names (block < 0: none, or past the pairs).
+// batches)): slot e of the lane and the key block it names, block -1 when the slot is no pair
+// (mg::slot_is_pair) or past the lane's slots.
 struct PairRef {
   int64_t lane, e, pairs, nk;
   int32_t block;
@@ -83,9 +84,9 @@ __device__ __forceinline__ PairRef pair_of_thread(const MobaGatherParams& p) {
   const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
   int32_t block = -1;
   if (e < pairs) {
-    const int64_t token = e / top_k, slot = e % top_k;
-    block = __ldg(lane_choices(p, l) + token * p.forward.selection.seq_stride + slot);
-    if (!mg::slot_valid(block, nk)) block = -1;
+    const int32_t* const choices = lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride;
+    const int slot = int(e % top_k);
+    if (mg::slot_is_pair(choices, slot, nk)) block = choices[slot];
   }
   return PairRef{l.lane, e, pairs, nk, block};
 }
@@ -96,10 +97,10 @@ __global__ void __launch_bounds__(mg::kPairThreads) pair_count_kernel(const Moba
   w.rank[r.lane * r.pairs + r.e] = r.block >= 0 ? atomicAdd(w.counts + r.lane * r.nk + r.block, 1) : -1;
 }
 
-// Grid (heads, batch): one CTA per lane walks its key blocks kPlanThreads at a time.
+// Grid (heads, batches): one CTA per lane walks its key blocks kPlanThreads at a time.
 __global__ void __launch_bounds__(mg::kPlanThreads) plan_kernel(const MobaGatherParams p, WorkspacePtrs w) {
   __shared__ uint32_t scratch[block_scan_words<mg::kPlanThreads>()];
-  const Lane l{int64_t(blockIdx.y), int(p.head_begin) + int(blockIdx.x), int64_t(blockIdx.y) * p.heads + blockIdx.x};
+  const Lane l = chunk_lane(p, blockIdx.y, blockIdx.x);
   const int64_t nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
   const int32_t* const counts = w.counts + l.lane * nk;
   int32_t* const offsets = w.offsets + l.lane * nk;
@@ -197,9 +198,11 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, 1)
 
   // A warp without real rows only keeps the CTA's barriers.
   const bool idle = warp_row0 >= tile.rows;
-  // The warp's first position bounds its rows from below: make_step_mask's test for a step without
-  // masked elements (causal: the step's last key visible to every row) takes the smallest.
+  // The rows' positions are not consecutive: make_step_mask's test for a step without masked
+  // elements (causal: the step's last key visible to every row) takes the smallest, the test for a
+  // step no row sees (causal: its first key past the largest row's horizon) the largest.
   const int first_q = __reduce_min_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
+  const int last_q = __reduce_max_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
   const int q_pos[2] = {row_pos[warp_row0 + ix::acc_row(lane, 0)], row_pos[warp_row0 + ix::acc_row(lane, 2)]};
   float o[G::kON][4];
   zero_accumulators(o);
@@ -216,10 +219,12 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, 1)
     const unsigned char* const ks = smem + G::kStageOffset + st * G::kStageBytes;
     const unsigned char* const vs = ks + G::kKvBytes;
     StepMask m = make_step_mask<G>(smem, c, st, first_q, warp_row0, lane, f.causal, 0, false);
-    // The rows are not consecutive positions, so step_hidden_from_rows' bound on the warp's last
-    // row does not hold; every real row chose this block and sees its first key, and the element
-    // mask hides the rest (a 128-key block's second half from rows in its first half).
-    m.hidden = m.live == 0u;
+    // make_step_mask's `hidden` assumes 16 consecutive rows from first_q; here: the step's keys
+    // start at segment 0 (a one-block list), hidden past Sk or past every row's horizon (a 128-key
+    // block's second half for rows in its first half).
+    const int first_key = m.seg.base[0];
+    m.hidden = m.live == 0u || first_key >= c.seq_kv ||
+               (f.causal && int64_t(first_key) > int64_t(last_q) + c.seq_kv - c.seq_q);
     if (m.hidden) continue;
     float s[G::kSN][4];
     zero_accumulators(s);
@@ -269,18 +274,19 @@ __global__ void __launch_bounds__(mg::kMergeThreads) merge_kernel(const MobaGath
   const int64_t token = int64_t(blockIdx.x) * Shape::kTokens + threadIdx.x / Shape::kLanes;
   if (token >= f.seq_q) return;
   const int top_k = f.selection.top_k;
-  const int64_t pairs = f.seq_q * top_k, nk = ix::ceil_div(f.seq_kv, f.block_kv);
-  const int32_t* const choices = lane_choices(p, l) + token * f.selection.seq_stride;
+  const int64_t pairs = f.seq_q * top_k;
+  // The count kernel's verdict per slot: rank -1 is no pair (mg::slot_is_pair).
+  const int32_t* const rank = w.rank + l.lane * pairs + token * top_k;
   const float* const part_lse = w.part_lse + l.lane * pairs + token * top_k;
   const T* const part_o = reinterpret_cast<const T*>(w.part_o) + (l.lane * pairs + token * top_k) * kD + 8 * part;
 
   float lse_max = ix::neg_inf();
   for (int s = 0; s < top_k; ++s)
-    if (mg::slot_valid(__ldg(choices + s), nk)) lse_max = ix::fmax_f(lse_max, part_lse[s]);
+    if (rank[s] >= 0) lse_max = ix::fmax_f(lse_max, part_lse[s]);
   float acc[8] = {};
   float weight_sum = 0.0f;
   for (int s = 0; s < top_k; ++s) {
-    if (!mg::slot_valid(__ldg(choices + s), nk)) continue;
+    if (rank[s] < 0) continue;
     const float weight = mg::merge_weight(part_lse[s], lse_max);
     weight_sum += weight;
     const Pack16<T> row = load_pack16(part_o + int64_t(s) * kD);
@@ -305,7 +311,7 @@ cudaError_t launch_attention(const MobaGatherParams& p, const WorkspacePtrs& w, 
   const auto kernel = gather_attention_kernel<T, kD, kKvStages>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes);
   if (status != cudaSuccess) return status;
-  const dim3 grid(unsigned(w.lane_tiles), unsigned(p.heads), unsigned(p.forward.batch));
+  const dim3 grid(unsigned(w.lane_tiles), unsigned(p.heads), unsigned(p.batches));
   kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p, w);
   return cudaGetLastError();
 }
@@ -316,7 +322,7 @@ cudaError_t launch_typed(const MobaGatherParams& p, const WorkspacePtrs& w, cuda
                                                                : launch_attention<T, kD, 2>(p, w, stream);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_q, MergeShape<kD>::kTokens)), unsigned(p.heads),
-                  unsigned(p.forward.batch));
+                  unsigned(p.batches));
   merge_kernel<T, kD><<<grid, mg::kMergeThreads, 0, stream>>>(p, w);
   return cudaGetLastError();
 }
@@ -331,9 +337,11 @@ bool moba_gather_supported(const attention::BlockSparseForwardParams& p) {
   return (p.dtype == ScalarKind::kFloat16 || p.dtype == ScalarKind::kBFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128) &&
          (p.block_kv == 16 || p.block_kv == 32 || p.block_kv == 64 || p.block_kv == 128) &&
-         p.selection.blocks != nullptr && p.selection.top_k >= 1 && p.heads_kv >= 1 &&
+         p.selection.blocks != nullptr && p.selection.top_k >= 1 &&
+         p.selection.top_k <= ix::kMaxSelectionTopK &&  // the union backward's limit
+         p.heads_kv >= 1 &&
          p.heads_q % p.heads_kv == 0 && p.seq_q * p.selection.top_k < (int64_t(1) << 31) &&
-         p.seq_kv < (int64_t(1) << 31) - 256 && p.batch <= kMaxGridYZ &&
+         p.seq_kv < (int64_t(1) << 31) - 256 &&
          mg::max_lane_tiles(p.seq_q, p.selection.top_k, nk) <= kMaxGridX &&
          vectorizable(p.q.data, p.q.batch_stride, p.q.head_stride, p.q.seq_stride) &&
          vectorizable(p.k.data, p.k.batch_stride, p.k.head_stride, p.k.seq_stride) &&
@@ -343,19 +351,20 @@ bool moba_gather_supported(const attention::BlockSparseForwardParams& p) {
 cudaError_t moba_gather_forward(const MobaGatherParams& p, cudaStream_t stream) {
   const auto& f = p.forward;
   if (!moba_gather_supported(f) || p.heads < 0 || p.heads > kMaxGridYZ || p.head_begin < 0 ||
-      p.head_begin + p.heads > f.heads_q ||
+      p.head_begin + p.heads > f.heads_q || p.batches < 0 || p.batches > kMaxGridYZ || p.batch_begin < 0 ||
+      p.batch_begin + p.batches > f.batch ||
       !ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(f.out.data), f.out.batch_stride, f.out.head_stride,
                              f.out.seq_stride))
     return cudaErrorInvalidValue;
-  if (f.batch == 0 || p.heads == 0 || f.seq_q == 0) return cudaSuccess;
+  if (p.batches == 0 || p.heads == 0 || f.seq_q == 0) return cudaSuccess;
   const WorkspacePtrs w = workspace_ptrs(p);
-  const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv), lanes = f.batch * p.heads;
+  const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv), lanes = p.batches * p.heads;
   cudaError_t status = cudaMemsetAsync(w.counts, 0, size_t(lanes * nk) * sizeof(int32_t), stream);
   if (status != cudaSuccess) return status;
   const dim3 pair_grid(unsigned(ix::ceil_div(f.seq_q * f.selection.top_k, mg::kPairThreads)), unsigned(p.heads),
-                       unsigned(f.batch));
+                       unsigned(p.batches));
   pair_count_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
-  plan_kernel<<<dim3(unsigned(p.heads), unsigned(f.batch)), mg::kPlanThreads, 0, stream>>>(p, w);
+  plan_kernel<<<dim3(unsigned(p.heads), unsigned(p.batches)), mg::kPlanThreads, 0, stream>>>(p, w);
   pair_fill_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;

@@ -1,5 +1,5 @@
 // Index math of MoBA's key-block-major forward on CUDA (attention/moba_gather_cuda.cu),
-// host+device so that tests/cpp/block_sparse_attention_cuda_sim.cpp runs the same plan on the CPU.
+// host+device so that tests/cpp/moba_gather_cuda_sim.cpp runs the same plan on the CPU.
 //
 // Why key-block-major: the union design (block_sparse_attention over moba_block_lists) gives a
 // 64-row query block the union of its tokens' choices, and a warp computes every listed step some
@@ -44,17 +44,22 @@ constexpr int kMergeThreads = 128;
 
 // A tile: `rows` (1..64) pairs entries[first ..] of key block `block`; block -1: past the lane's
 // tiles (the CTA exits).
-struct TileRecord {
+struct alignas(16) TileRecord {
   int32_t block;
   int32_t first;
   int32_t rows;
   int32_t unused;  // 16 bytes: one vector load
 };
 
-// A slot of token_blocks names a key block the token attends (ids outside [0, nk) are ignored,
-// as moba_block_lists does on CUDA).
-TORCH_EXT_HOST_DEVICE bool slot_valid(int32_t block, int64_t num_kv_blocks) {
-  return block >= 0 && block < num_kv_blocks;
+// Slot s of a token's choices (row of token_blocks) is a pair: its id is a key block ([0, nk):
+// others are ignored, as moba_block_lists does on CUDA) that no earlier slot names (a token's
+// choices are a set, as in the union lists' mask and the backward; moba_select never repeats).
+TORCH_EXT_HOST_DEVICE bool slot_is_pair(const int32_t* choices, int slot, int64_t num_kv_blocks) {
+  const int32_t block = choices[slot];
+  if (block < 0 || block >= num_kv_blocks) return false;
+  for (int s = 0; s < slot; ++s)
+    if (choices[s] == block) return false;
+  return true;
 }
 // Pair id of (token, slot) and back: it indexes entries' values, rank and the partials.
 TORCH_EXT_HOST_DEVICE int32_t pair_id(int32_t token, int slot, int top_k) { return token * top_k + slot; }
@@ -87,8 +92,10 @@ TORCH_EXT_HOST_DEVICE float merge_lse(float lse_max, float weight_sum) {
 
 // Shared memory of the attention CTA: the forward's Q tile and K / V stages (RowTraits of a 64-row
 // block), with one stage when a block fits one 64-key step (block_kv <= 64: the CTA walks one
-// step, and 48 KB instead of 80 at D = 128 lets 4 CTAs share an SM), then the step's segment
-// table, then the tile's pair ids and query positions.
+// step; 49 KB instead of 82 at D = 128, though the registers, ~250 a thread, hold an SM to 2
+// CTAs either way, 3 at D = 64), then the step's segment table, then the tile's pair ids and
+// query positions. No MoBA choice table (the rows chose the block by construction): kSelOffset
+// points past the layout and make_step_mask is called without selection.
 template <int kD, int kKvStages>
 struct GatherTraits : bsa_cuda::RowTraits<kD, kTileRows, false> {
   using Base = bsa_cuda::RowTraits<kD, kTileRows, false>;
@@ -96,6 +103,7 @@ struct GatherTraits : bsa_cuda::RowTraits<kD, kTileRows, false> {
   static constexpr int kPairOffset = kSegOffset + kKvStages * 2 * bsa_cuda::kMaxSegments * 4;
   static constexpr int kPosOffset = kPairOffset + kTileRows * 4;
   static constexpr int kSmemBytes = kPosOffset + kTileRows * 4;
+  static constexpr int kSelOffset = kSmemBytes;
 };
 
 // Workspace of one chunk of `lanes` (batch x heads of the chunk), byte offsets 256-aligned.

@@ -3,16 +3,18 @@
 // softmax functions of block_sparse_attention_cuda_index.h).
 //
 // On random problems (odd Sq / Sk, Sq != Sk, causal or not, block_kv 16..128, top_k 1..40 with
-// unused and out-of-range slots, several lanes in one workspace):
+// unused, out-of-range and repeated slots, up to ~190 key blocks, several lanes in one workspace):
 //  (a) the plan: pair_count_kernel with the atomics' arrival order shuffled, plan_kernel's chunked
-//      scans (a small CTA, so that several chunks carry), pair_fill_kernel: every valid pair lands
+//      scans (a CTA of 32..128 threads, so that several chunks carry), pair_fill_kernel: every pair lands
 //      in exactly one tile of its block, tiles stay within max_lane_tiles, records past the total
 //      are -1, the workspace regions do not overlap;
 //  (b) each tile as gather_attention_kernel walks it: the gathered positions, the one-block key
 //      walk (load_kv_step's segments from a one-entry list), the live 16-key slices (a skipped
-//      slice must hold no key visible to a real row), the element mask and the online softmax
+//      slice must hold no key visible to a real row), the steps a warp skips (none of their keys
+//      visible to any row), the element mask and the online softmax
 //      per row in the log2 domain, the partials (O / l rounded to 16 bits, lse);
 //  (c) merge_kernel's combination in slot order, against token-level MoBA attention in double
+//      (a token's choices as a set)
 //      (out within the 16-bit rounding of the partials, lse within fp32 bounds; a token without a
 //      valid slot: out 0, lse -inf).
 // Usage: moba_gather_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
@@ -101,7 +103,7 @@ void gather_case(int* stats) {
   Problem P;
   P.lanes = int(rnd(1, 3));
   P.seq_q = int(rnd(1, 300));
-  P.seq_kv = rnd(0, 3) == 0 ? P.seq_q : int(rnd(1, 300));
+  P.seq_kv = rnd(0, 3) == 0 ? P.seq_q : int(rnd(1, rnd(0, 3) == 0 ? 3000 : 300));
   P.block_kv = 16 << rnd(0, 3);
   P.top_k = int(rnd(1, 40));
   P.head_dim = 16;  // the math per row does not depend on D; small keeps the reference cheap
@@ -132,7 +134,9 @@ void gather_case(int* stats) {
       const int n = int(std::min<int64_t>(P.top_k, last + 1));
       std::sort(ids.begin(), ids.begin() + n);
       for (int s = 0; s < n; ++s) choices[size_t(l * pairs + int64_t(i) * P.top_k + s)] = ids[size_t(s)];
-      if (rnd(0, 7) == 0) choices[size_t(l * pairs + int64_t(i) * P.top_k + rnd(0, P.top_k - 1))] = int32_t(P.nk + rnd(0, 3));
+      int32_t* const row = &choices[size_t(l * pairs + int64_t(i) * P.top_k)];
+      if (rnd(0, 7) == 0) row[rnd(0, P.top_k - 1)] = int32_t(P.nk + rnd(0, 3));  // ignored
+      if (rnd(0, 7) == 0 && P.top_k > 1) row[rnd(1, P.top_k - 1)] = row[0];       // a repeat: one pair
     }
 
   // Q, K, V per lane in double.
@@ -150,8 +154,9 @@ void gather_case(int* stats) {
     std::iota(order.begin(), order.end(), 0);
     std::shuffle(order.begin(), order.end(), rng);
     for (int64_t e : order) {
-      const int32_t block = choices[size_t(l * pairs + e)];
-      rank[size_t(l * pairs + e)] = mg::slot_valid(block, P.nk) ? counts[size_t(l * P.nk + block)]++ : -1;
+      const int32_t* const row = &choices[size_t(l * pairs + e - e % P.top_k)];
+      const int slot = int(e % P.top_k);
+      rank[size_t(l * pairs + e)] = mg::slot_is_pair(row, slot, P.nk) ? counts[size_t(l * P.nk + row[slot])]++ : -1;
     }
     plan_lane(P, &counts[size_t(l * P.nk)], &offsets[size_t(l * P.nk)], &tiles[size_t(l * w.lane_tiles)], w.lane_tiles,
               int(32 << rnd(0, 2)));
@@ -178,13 +183,14 @@ void gather_case(int* stats) {
       for (int warp = 0; warp < mg::kTileRows / ix::kWarpRows; ++warp) {
         const int warp_row0 = warp * ix::kWarpRows;
         if (warp_row0 >= tile.rows) continue;  // idle warp
-        int pos[ix::kWarpRows], pair[ix::kWarpRows], first_q = INT32_MAX;
+        int pos[ix::kWarpRows], pair[ix::kWarpRows], first_q = INT32_MAX, last_q = -1;
         for (int r = 0; r < ix::kWarpRows; ++r) {
           const int row = warp_row0 + r;
           pair[r] = row < tile.rows ? entries[size_t(l * pairs + tile.first + row)] : -1;
           CHECK(row >= tile.rows || (pair[r] >= 0 && choices[size_t(l * pairs + pair[r])] == tile.block));
           pos[r] = pair[r] >= 0 ? mg::pair_token(pair[r], P.top_k) : P.seq_q - 1;
           first_q = std::min(first_q, pos[r]);
+          last_q = std::max(last_q, pos[r]);
         }
         ix::RowState rs[ix::kWarpRows];
         std::vector<double> o(size_t(ix::kWarpRows * D), 0.0);
@@ -201,7 +207,16 @@ void gather_case(int* stats) {
           }
           const unsigned live = ix::live_slices(live_segments, P.block_kv);
           const bool full = ix::tile_fully_visible(first_q, last_key, all_full, false, P.seq_q, P.seq_kv, P.causal);
-          if (live == 0u) continue;
+          const int first_key = g.base[0];  // the kernel's hidden-step test
+          const bool hidden = live == 0u || first_key >= P.seq_kv ||
+                              (P.causal && int64_t(first_key) > int64_t(last_q) + P.seq_kv - P.seq_q);
+          if (hidden) {
+            for (int r = 0; r < ix::kWarpRows; ++r)
+              for (int col = 0; col < ix::kTileKv; ++col)
+                CHECK(!ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal));
+            ++stats[3];
+            continue;
+          }
           for (int r = 0; r < ix::kWarpRows; ++r) {
             float x[ix::kTileKv];
             float tile_max = ix::neg_inf();
@@ -244,32 +259,36 @@ void gather_case(int* stats) {
       }
     }
   for (int l = 0; l < P.lanes; ++l)
-    for (int64_t e = 0; e < pairs; ++e)
-      CHECK(written[size_t(l * pairs + e)] == (mg::slot_valid(choices[size_t(l * pairs + e)], P.nk) ? 1 : 0));
+    for (int64_t e = 0; e < pairs; ++e) {
+      const int32_t* const row = &choices[size_t(l * pairs + e - e % P.top_k)];
+      CHECK(written[size_t(l * pairs + e)] == (mg::slot_is_pair(row, int(e % P.top_k), P.nk) ? 1 : 0));
+    }
 
   // (c) the merge against token-level MoBA in double.
   for (int l = 0; l < P.lanes; ++l)
     for (int i = 0; i < P.seq_q; ++i) {
       const int64_t base = l * pairs + int64_t(i) * P.top_k;
       float lse_max = ix::neg_inf();
-      for (int s = 0; s < P.top_k; ++s)
-        if (mg::slot_valid(choices[size_t(base + s)], P.nk)) lse_max = std::max(lse_max, part_lse[size_t(base + s)]);
+      for (int s = 0; s < P.top_k; ++s)  // the merge's pair test: the count kernel's rank
+        if (rank[size_t(base + s)] >= 0) lse_max = std::max(lse_max, part_lse[size_t(base + s)]);
       std::vector<float> acc(size_t(D), 0.0f);
       float weight_sum = 0.0f;
       for (int s = 0; s < P.top_k; ++s) {
-        if (!mg::slot_valid(choices[size_t(base + s)], P.nk)) continue;
+        if (rank[size_t(base + s)] < 0) continue;
         const float weight = mg::merge_weight(part_lse[size_t(base + s)], lse_max);
         weight_sum += weight;
         for (int d = 0; d < D; ++d) acc[size_t(d)] += weight * part_o[size_t((base + s) * D + d)];
       }
       const float inv = mg::merge_out_scale(weight_sum), lse = mg::merge_lse(lse_max, weight_sum);
 
-      // Reference: softmax over the keys of the token's valid chosen blocks (causal-masked).
+      // Reference: softmax over the keys of the set of the token's chosen blocks (causal-masked).
       std::vector<double> scores;
       std::vector<int> keys;
-      for (int s = 0; s < P.top_k; ++s) {
-        const int32_t block = choices[size_t(base + s)];
-        if (!mg::slot_valid(block, P.nk)) continue;
+      std::vector<int32_t> blocks(&choices[size_t(base)], &choices[size_t(base)] + P.top_k);
+      std::sort(blocks.begin(), blocks.end());
+      blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+      for (const int32_t block : blocks) {
+        if (block < 0 || block >= P.nk) continue;
         for (int key = block * P.block_kv; key < std::min<int64_t>(int64_t(block + 1) * P.block_kv, P.seq_kv); ++key) {
           if (!ix::key_visible(i, key, P.seq_q, P.seq_kv, P.causal)) continue;
           double dot = 0.0;
@@ -309,9 +328,10 @@ int main(int argc, char** argv) {
   // The tile bound: one record per non-empty block plus a full tile per 64 pairs.
   CHECK(mg::max_lane_tiles(1, 1, 100) == 2 && mg::max_lane_tiles(100, 8, 3) == 3 + 13);
   CHECK(sizeof(mg::TileRecord) == 16);
-  int stats[3] = {0, 0, 0};
+  int stats[4] = {0, 0, 0, 0};
   for (int c = 0; c < cases; ++c) gather_case(stats);
-  printf("moba gather cases %d, tokens checked %d (seeing nothing %d)\n", stats[2], stats[0], stats[1]);
+  printf("moba gather cases %d, tokens checked %d (seeing nothing %d), hidden warp steps %d\n", stats[2], stats[0],
+         stats[1], stats[3]);
   printf("all ok\n");
   return 0;
 }
