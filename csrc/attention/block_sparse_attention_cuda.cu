@@ -24,9 +24,9 @@
 //   block_kv / 16 along keys x (4 / that, at least 1) along the 64 query rows of a step; K and V
 //   stay in shared memory; the CTA walks, for each query head of hk's group, each query block
 //   listing kb (p.transposed) in 64-row sub-tiles, double-buffered (Q, dO, lse, delta and the
-//   per-row MoBA flag). S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. Warps that split
-//   the query rows sum their partial dK / dV through shared memory in warp order: deterministic,
-//   no atomics.
+//   per-row MoBA flag). S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; with MoBA a warp
+//   skips a pass over query columns none of which chose the block. Warps that split the query
+//   rows sum their partial dK / dV through shared memory in warp order: deterministic, no atomics.
 // moba_pool_kernel / moba_select_kernel: mean-pooled key blocks (fp32 means split into two 16-bit
 //   terms, workspace), then per 16 query tokens the scores of 32 blocks at a time on tensor cores
 //   (mma.m16n8k16), handed one block per lane to a warp-wide sorted top-k list per token
@@ -305,6 +305,11 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
 #pragma unroll 1
     for (int inner = 0; inner < Tr::kQCols / Tr::kQInner; ++inner) {
       const int qc0 = wq * Tr::kQCols + inner * Tr::kQInner;
+      // MoBA: no row of these kQInner (<= 32) columns chose this key block, so their P and dS are 0
+      // and the pass would add exact zeros (with union lists at long sequences, most passes: a row
+      // chose a given block with probability top_k / blocks, 1/32 at 32K for block 64 / top-8).
+      const bool chosen = lane < Tr::kQInner && flag[qc0 + lane % Tr::kQInner] != 0;
+      if (selection && !__any_sync(kFullMask, chosen)) continue;
       float s[Tr::kNI][4], dp[Tr::kNI][4];
       zero_accumulators(s);
       zero_accumulators(dp);
