@@ -1,16 +1,17 @@
 // MoBA's key-block-major forward on CUDA (attention/moba_gather_cuda.h): why and the plan in
 // attention/moba_gather_index.h. No torch headers. Kernels, in launch order per chunk of heads:
 //   pair_count_kernel: rank of every valid (token, slot) pair in its key block's list (atomics);
-//   plan_kernel: a CTA per lane scans its key blocks' counts into list offsets and tile records;
+//   plan_kernel: a CTA per lane scans its key blocks' counts into list offsets and run records;
 //   pair_fill_kernel: the pair ids into the lists;
-//   gather_attention_kernel<T, D, kKvStages>: a CTA per tile record (grid x: the lane's bound,
-//     records past the lane's tiles exit). The tile's rows are the queries of its pairs (cp.async
-//     gathers rows of Q), its key list is the one block: the mma.sync forward's step (load_kv_step,
-//     make_step_mask, online_softmax_step and the mma helpers of
-//     attention/block_sparse_attention_cuda_row.cuh) on a 64-row block whose rows are not
-//     consecutive positions. Blocks of 16 / 32 keys fill one or two 16-key slices of the 64-key
-//     step and the dead slices' mmas are skipped (StepMask::live); 128-key blocks take 2 steps.
-//     Epilogue: O / l as T and the lse of each pair into the partials;
+//   gather_attention_kernel<T, D, kKvSteps>: a CTA per run record (grid x: the lane's bound,
+//     records past the lane's runs exit). K / V of the run's block load once (one list entry:
+//     load_kv_step), then the run's 64-row tiles in turn, the next tile's Q rows gathered by
+//     cp.async while one computes: per tile the mma.sync forward's step (make_step_mask,
+//     online_softmax_step and the mma helpers of attention/block_sparse_attention_cuda_row.cuh)
+//     on 64 rows that are not consecutive positions. Blocks of 16 / 32 keys fill one or two 16-key
+//     slices of the 64-key step and the dead slices' mmas are skipped (StepMask::live); 128-key
+//     blocks take 2 steps. Epilogue per tile: O / l as T and the lse of each pair into the
+//     partials;
 //   merge_kernel: D / 8 lanes per token combine its valid slots' partials in slot order (fp32)
 //     into out and lse.
 #include "attention/block_sparse_attention_cuda_row.cuh"
@@ -23,7 +24,7 @@ namespace {
 
 namespace mg = ::torch_ext::attention::moba_gather;
 using attention::MobaGatherParams;
-using mg::TileRecord;
+using mg::RunRecord;
 
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridYZ = 65535;
@@ -45,10 +46,10 @@ struct WorkspacePtrs {
   int32_t* offsets;
   int32_t* rank;
   int32_t* entries;
-  TileRecord* tiles;
+  RunRecord* runs;
   unsigned char* part_o;
   float* part_lse;
-  int64_t lane_tiles;
+  int64_t lane_runs;
 };
 __host__ __device__ inline WorkspacePtrs workspace_ptrs(const MobaGatherParams& p) {
   const auto& f = p.forward;
@@ -57,8 +58,8 @@ __host__ __device__ inline WorkspacePtrs workspace_ptrs(const MobaGatherParams& 
   unsigned char* const base = static_cast<unsigned char*>(p.workspace);
   return WorkspacePtrs{reinterpret_cast<int32_t*>(base + w.counts), reinterpret_cast<int32_t*>(base + w.offsets),
                        reinterpret_cast<int32_t*>(base + w.rank),   reinterpret_cast<int32_t*>(base + w.entries),
-                       reinterpret_cast<TileRecord*>(base + w.tiles), base + w.part_o,
-                       reinterpret_cast<float*>(base + w.part_lse), w.lane_tiles};
+                       reinterpret_cast<RunRecord*>(base + w.runs), base + w.part_o,
+                       reinterpret_cast<float*>(base + w.part_lse), w.lane_runs};
 }
 
 __device__ __forceinline__ const int32_t* lane_choices(const MobaGatherParams& p, const Lane& l) {
@@ -104,25 +105,25 @@ __global__ void __launch_bounds__(mg::kPlanThreads) plan_kernel(const MobaGather
   const int64_t nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
   const int32_t* const counts = w.counts + l.lane * nk;
   int32_t* const offsets = w.offsets + l.lane * nk;
-  TileRecord* const tiles = w.tiles + l.lane * w.lane_tiles;
-  uint32_t pair_base = 0, tile_base = 0;
+  RunRecord* const runs = w.runs + l.lane * w.lane_runs;
+  uint32_t pair_base = 0, run_base = 0;
   for (int64_t j0 = 0; j0 < nk; j0 += mg::kPlanThreads) {
     const int64_t j = j0 + threadIdx.x;
     const int32_t count = j < nk ? counts[j] : 0;
-    const int32_t ntiles = mg::block_tiles(count);
-    uint32_t pair_total, tile_total;
+    const int32_t nruns = mg::block_runs(count);
+    uint32_t pair_total, run_total;
     const uint32_t pair_end = block_inclusive_scan<mg::kPlanThreads>(uint32_t(count), scratch, pair_total);
-    const uint32_t tile_end = block_inclusive_scan<mg::kPlanThreads>(uint32_t(ntiles), scratch, tile_total);
+    const uint32_t run_end = block_inclusive_scan<mg::kPlanThreads>(uint32_t(nruns), scratch, run_total);
     if (j < nk) {
       const int32_t offset = int32_t(pair_base + pair_end - uint32_t(count));
       offsets[j] = offset;
-      const uint32_t first_tile = tile_base + tile_end - uint32_t(ntiles);
-      for (int32_t q = 0; q < ntiles; ++q) tiles[first_tile + q] = mg::tile_record(int32_t(j), offset, count, q);
+      const uint32_t first_run = run_base + run_end - uint32_t(nruns);
+      for (int32_t q = 0; q < nruns; ++q) runs[first_run + q] = mg::run_record(int32_t(j), offset, count, q);
     }
     pair_base += pair_total;
-    tile_base += tile_total;
+    run_base += run_total;
   }
-  for (int64_t t = tile_base + threadIdx.x; t < w.lane_tiles; t += mg::kPlanThreads) tiles[t] = TileRecord{-1, 0, 0, 0};
+  for (int64_t t = run_base + threadIdx.x; t < w.lane_runs; t += mg::kPlanThreads) runs[t] = RunRecord{-1, 0, 0, 0};
 }
 
 // Pair e into its block's list at the rank it drew.
@@ -137,31 +138,57 @@ __global__ void __launch_bounds__(mg::kPairThreads) pair_fill_kernel(const MobaG
 // Attention of one tile: gathered query rows x one key block
 // =============================================================================================
 
-template <typename T, int kD, int kKvStages>
-__global__ void __launch_bounds__(mg::kTileRows * 2, 1)
+// The gathered rows of tile `tile` of a run into Q stage qs: each thread's Q copies find their
+// rows' positions in `entries` (global; no barrier between the table and the copies), threads
+// < 64 also fill the stage's pair / position tables (read after the next barrier). Padding rows:
+// no pair, position Sq - 1 (a padded row sees every key a real row may and stays finite; it is
+// never stored), zero-filled Q.
+template <typename T, class G>
+__device__ __forceinline__ void load_tile_rows(unsigned char* smem, const T* q, int64_t q_stride, const int32_t* entries,
+                                               const mg::RunRecord& run, int tile, int qs, int top_k, int seq_q,
+                                               int tid) {
+  constexpr int kD = G::kChunks * ix::kChunkElems;
+  const int rows = mg::tile_rows(run.rows, tile);
+  const int32_t* const tile_entries = entries + run.first + tile * mg::kTileRows;
+#pragma unroll
+  for (int i = 0; i < G::kRowCopies; ++i) {
+    const int r = ix::copy_row(tid, i, G::kThreads, kD), ch = ix::copy_chunk(tid, i, G::kThreads, kD);
+    const bool ok = r < rows;
+    const int64_t pos = ok ? mg::pair_token(__ldg(tile_entries + r), top_k) : 0;
+    cp_async_16_zfill(smem + qs * G::kRowBytes + ix::smem_offset(r, ch, kD),
+                      ok ? q + pos * q_stride + ch * ix::kChunkElems : q, ok);
+  }
+  if (tid < mg::kTileRows) {
+    const int32_t e = tid < rows ? __ldg(tile_entries + tid) : -1;
+    reinterpret_cast<int32_t*>(smem + G::kPairOffset)[qs * mg::kTileRows + tid] = e;
+    reinterpret_cast<int32_t*>(smem + G::kPosOffset)[qs * mg::kTileRows + tid] =
+        e >= 0 ? mg::pair_token(e, top_k) : seq_q - 1;
+  }
+}
+
+// CTAs an SM: 3 on sm_90 when the block is one K / V step (65 KB of shared memory at D = 128,
+// <= 168 registers a thread: 166 without spills); 2 otherwise (sm_80 / 86 / 89 hold 163 / 99 KB).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kGatherCtasOneStep = 3;
+#else
+constexpr int kGatherCtasOneStep = 2;
+#endif
+template <typename T, int kD, int kKvSteps>
+__global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtasOneStep : 2)
     gather_attention_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  using G = mg::GatherTraits<kD, kKvStages>;
+  using G = mg::GatherTraits<kD, kKvSteps>;
   static_assert(G::kThreads == mg::kTileRows * 2, "4 warps of 16 rows");
   extern __shared__ __align__(128) unsigned char smem[];
   const auto& f = p.forward;
   const Lane l = lane_of(p);
-  const TileRecord* const record = w.tiles + l.lane * w.lane_tiles + blockIdx.x;
-  const TileRecord tile = *record;
-  if (tile.block < 0) return;  // past the lane's tiles (CTA-uniform)
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warp_row0 = warp * ix::kWarpRows;
+  const mg::RunRecord* const record = w.runs + l.lane * w.lane_runs + blockIdx.x;
+  const mg::RunRecord run = *record;
+  if (run.block < 0) return;  // past the lane's runs (CTA-uniform)
+  const int tid = threadIdx.x, warp = tid / 32, warp_row0 = warp * ix::kWarpRows;
   const int top_k = f.selection.top_k;
   const int64_t pairs = f.seq_q * top_k;
-
-  // The tile's pair ids and query positions (padding rows: no pair, the last position, so that a
-  // padded row sees every key a real row may and stays finite; it is never stored).
-  int32_t* const row_pair = reinterpret_cast<int32_t*>(smem + G::kPairOffset);
-  int32_t* const row_pos = reinterpret_cast<int32_t*>(smem + G::kPosOffset);
-  if (tid < mg::kTileRows) {
-    const int32_t e = tid < tile.rows ? w.entries[l.lane * pairs + tile.first + tid] : -1;
-    row_pair[tid] = e;
-    row_pos[tid] = e >= 0 ? mg::pair_token(e, top_k) : int32_t(f.seq_q - 1);
-  }
-  __syncthreads();
+  const int32_t* const entries = w.entries + l.lane * pairs;
+  const T* const q = bhsd_ptr<T>(f.q, l.b, l.h);
 
   const int hk = l.h / int(f.heads_q / f.heads_kv);
   RowCta<T> c;
@@ -174,83 +201,87 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, 1)
   c.block_kv = f.block_kv;
   c.seq_q = int(f.seq_q);
   c.seq_kv = int(f.seq_kv);
-  c.tiles = ix::walk_tiles(1, c.block_kv);
+  c.tiles = ix::walk_tiles(1, c.block_kv);  // 64-key steps: kKvSteps
 
-  // Group 0: the gathered Q rows; group 1: step 0.
-  const T* const q = bhsd_ptr<T>(f.q, l.b, l.h);
+  // Group 0: the block's K / V (every step) and tile 0's rows.
 #pragma unroll
-  for (int i = 0; i < G::kRowCopies; ++i) {
-    const int r = ix::copy_row(tid, i, G::kThreads, kD), ch = ix::copy_chunk(tid, i, G::kThreads, kD);
-    const bool ok = r < tile.rows;
-    cp_async_16_zfill(smem + G::kQOffset + ix::smem_offset(r, ch, kD),
-                      ok ? q + int64_t(row_pos[r]) * f.q.seq_stride + ch * ix::kChunkElems : q, ok);
-  }
+  for (int t = 0; t < kKvSteps; ++t) load_kv_step<T, G>(smem, c, t, t, tid);
+  load_tile_rows<T, G>(smem, q, f.q.seq_stride, entries, run, 0, 0, top_k, c.seq_q, tid);
   cp_async_commit();
-  load_kv_step<T, G>(smem, c, 0, 0, tid);
-  cp_async_commit();
-  cp_async_wait<1>();
-  __syncthreads();
-  uint32_t qf[G::kK16][4];
-#pragma unroll
-  for (int k16 = 0; k16 < G::kK16; ++k16)
-    ldmatrix_x4(qf[k16], smem + G::kQOffset +
-                             ix::smem_offset(warp_row0 + ix::ldsm_a_row(lane), ix::ldsm_a_chunk(k16, lane), kD));
 
-  // A warp without real rows only keeps the CTA's barriers.
-  const bool idle = warp_row0 >= tile.rows;
-  // The rows' positions are not consecutive: make_step_mask's test for a step without masked
-  // elements (causal: the step's last key visible to every row) takes the smallest, the test for a
-  // step no row sees (causal: its first key past the largest row's horizon) the largest.
-  const int first_q = __reduce_min_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
-  const int last_q = __reduce_max_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
-  const int q_pos[2] = {row_pos[warp_row0 + ix::acc_row(lane, 0)], row_pos[warp_row0 + ix::acc_row(lane, 2)]};
-  float o[G::kON][4];
-  zero_accumulators(o);
-  ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};
-  const float scale_log2 = f.scale * ix::kLog2e;
-
-  for (int t = 0; t < c.tiles; ++t) {
-    const int st = t % kKvStages;
-    cp_async_wait<0>();
-    __syncthreads();
-    if (t + 1 < c.tiles) load_kv_step<T, G>(smem, c, t + 1, (t + 1) % kKvStages, tid);
-    cp_async_commit();
-    if (idle) continue;
-    const unsigned char* const ks = smem + G::kStageOffset + st * G::kStageBytes;
-    const unsigned char* const vs = ks + G::kKvBytes;
-    StepMask m = make_step_mask<G>(smem, c, st, first_q, warp_row0, lane, f.causal, 0, false);
-    // make_step_mask's `hidden` assumes 16 consecutive rows from first_q; here: the step's keys
-    // start at segment 0 (a one-block list), hidden past Sk or past every row's horizon (a 128-key
-    // block's second half for rows in its first half).
-    const int first_key = m.seg.base[0];
-    m.hidden = m.live == 0u || first_key >= c.seq_kv ||
-               (f.causal && int64_t(first_key) > int64_t(last_q) + c.seq_kv - c.seq_q);
-    if (m.hidden) continue;
-    float s[G::kSN][4];
-    zero_accumulators(s);
-#pragma unroll
-    for (int k16 = 0; k16 < G::kK16; ++k16) mma_rows_x_tile<T, kD>(s, qf[k16], ks, k16, lane, m.live);
-    online_softmax_step<G>(s, o, rs, m, c, q_pos, f.causal, scale_log2, lane);
-    mma_p_x_tile<T, kD>(o, s, vs, lane, m.live);
-  }
-  cp_async_wait_all();
-  if (idle) return;
-
-  // Partials: O / l (T) and lse per pair, through the warp's own rows of the Q tile.
   T* const part_o = reinterpret_cast<T*>(w.part_o) + l.lane * pairs * kD;
   float* const part_lse = w.part_lse + l.lane * pairs;
-  float inv[2];
+  const float scale_log2 = f.scale * ix::kLog2e;
+  const int tiles = mg::run_tiles(run.rows);
+#pragma unroll 1
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int qs = tile % G::kQStages;
+    cp_async_wait<0>();
+    // Tile `tile` landed (and K / V); stage qs ^ 1 is free: its tile's epilogue is done.
+    __syncthreads();
+    if (tile + 1 < tiles)
+      load_tile_rows<T, G>(smem, q, f.q.seq_stride, entries, run, tile + 1, qs ^ 1, top_k, c.seq_q, tid);
+    cp_async_commit();
+    if (warp_row0 >= mg::tile_rows(run.rows, tile)) continue;  // no real row in this warp
+    // The lane id through an opaque copy each tile: the shared-memory addresses of the fragments
+    // depend only on it, and hoisted out of the tile loop (~64 of them) they spilled at D = 128.
+    int lane = threadIdx.x % 32;
+    asm volatile("" : "+r"(lane));
+
+    unsigned char* const q_tile = smem + qs * G::kRowBytes;
+    const int32_t* const row_pair = reinterpret_cast<const int32_t*>(smem + G::kPairOffset) + qs * mg::kTileRows;
+    const int32_t* const row_pos = reinterpret_cast<const int32_t*>(smem + G::kPosOffset) + qs * mg::kTileRows;
+    // The rows' positions are not consecutive: make_step_mask's test for a step without masked
+    // elements (causal: the step's last key visible to every row) takes the smallest, the test for
+    // a step no row sees (causal: its first key past the largest row's horizon) the largest.
+    const int first_q = __reduce_min_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
+    const int last_q = __reduce_max_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
+    const int q_pos[2] = {row_pos[warp_row0 + ix::acc_row(lane, 0)], row_pos[warp_row0 + ix::acc_row(lane, 2)]};
+    float o[G::kON][4];
+    zero_accumulators(o);
+    ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float sum = quad_sum(rs[half].l);
-    inv[half] = ix::softmax_out_scale(sum);
-    const int32_t e = row_pair[warp_row0 + ix::acc_row(lane, 2 * half)];
-    if (lane % 4 == 0 && e >= 0) part_lse[e] = ix::softmax_lse(rs[half].m, sum);
+    for (int t = 0; t < kKvSteps; ++t) {
+      const unsigned char* const ks = smem + G::kStageOffset + t * G::kStageBytes;
+      const unsigned char* const vs = ks + G::kKvBytes;
+      StepMask m = make_step_mask<G>(smem, c, t, first_q, warp_row0, lane, f.causal, 0, false);
+      // make_step_mask's `hidden` assumes 16 consecutive rows from first_q; here: the step's keys
+      // start at segment 0 (a one-block list), hidden past Sk or past every row's horizon (a
+      // 128-key block's second half for rows in its first half).
+      const int first_key = m.seg.base[0];
+      m.hidden = m.live == 0u || first_key >= c.seq_kv ||
+                 (f.causal && int64_t(first_key) > int64_t(last_q) + c.seq_kv - c.seq_q);
+      if (m.hidden) continue;
+      float s[G::kSN][4];
+      zero_accumulators(s);
+      // Q fragments straight from shared memory per k16 (a tile has 1 or 2 steps, so they are
+      // read once or twice; holding all D / 16 of them for the tile spilled at D = 128).
+#pragma unroll
+      for (int k16 = 0; k16 < G::kK16; ++k16) {
+        uint32_t qa[4];
+        ldmatrix_x4(qa, q_tile + ix::smem_offset(warp_row0 + ix::ldsm_a_row(lane), ix::ldsm_a_chunk(k16, lane), kD));
+        mma_rows_x_tile<T, kD>(s, qa, ks, k16, lane, m.live);
+      }
+      online_softmax_step<G>(s, o, rs, m, c, q_pos, f.causal, scale_log2, lane);
+      mma_p_x_tile<T, kD>(o, s, vs, lane, m.live);
+    }
+
+    // Partials: O / l (T) and lse per pair, staged through the warp's own rows of this Q tile (no
+    // other warp reads them, this one is done with them; the stage reloads after the next barrier).
+    float inv[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float sum = quad_sum(rs[half].l);
+      inv[half] = ix::softmax_out_scale(sum);
+      const int32_t e = row_pair[warp_row0 + ix::acc_row(lane, 2 * half)];
+      if (lane % 4 == 0 && e >= 0) part_lse[e] = ix::softmax_lse(rs[half].m, sum);
+    }
+    store_warp_rows_to<T, kD>(o, inv, q_tile, warp_row0, lane, [&](int r) -> T* {
+      const int32_t e = row_pair[warp_row0 + r];
+      return e >= 0 ? part_o + int64_t(e) * kD : nullptr;
+    });
   }
-  store_warp_rows_to<T, kD>(o, inv, smem + G::kQOffset, warp_row0, lane, [&](int r) -> T* {
-    const int32_t e = row_pair[warp_row0 + r];
-    return e >= 0 ? part_o + int64_t(e) * kD : nullptr;
-  });
+  cp_async_wait_all();  // only an empty group remains
 }
 
 // =============================================================================================
@@ -305,13 +336,13 @@ __global__ void __launch_bounds__(mg::kMergeThreads) merge_kernel(const MobaGath
 // Launch
 // =============================================================================================
 
-template <typename T, int kD, int kKvStages>
+template <typename T, int kD, int kKvSteps>
 cudaError_t launch_attention(const MobaGatherParams& p, const WorkspacePtrs& w, cudaStream_t stream) {
-  using G = mg::GatherTraits<kD, kKvStages>;
-  const auto kernel = gather_attention_kernel<T, kD, kKvStages>;
+  using G = mg::GatherTraits<kD, kKvSteps>;
+  const auto kernel = gather_attention_kernel<T, kD, kKvSteps>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes);
   if (status != cudaSuccess) return status;
-  const dim3 grid(unsigned(w.lane_tiles), unsigned(p.heads), unsigned(p.batches));
+  const dim3 grid(unsigned(w.lane_runs), unsigned(p.heads), unsigned(p.batches));
   kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p, w);
   return cudaGetLastError();
 }
@@ -342,7 +373,7 @@ bool moba_gather_supported(const attention::BlockSparseForwardParams& p) {
          p.heads_kv >= 1 &&
          p.heads_q % p.heads_kv == 0 && p.seq_q * p.selection.top_k < (int64_t(1) << 31) &&
          p.seq_kv < (int64_t(1) << 31) - 256 &&
-         mg::max_lane_tiles(p.seq_q, p.selection.top_k, nk) <= kMaxGridX &&
+         mg::max_lane_runs(p.seq_q, p.selection.top_k, nk) <= kMaxGridX &&
          vectorizable(p.q.data, p.q.batch_stride, p.q.head_stride, p.q.seq_stride) &&
          vectorizable(p.k.data, p.k.batch_stride, p.k.head_stride, p.k.seq_stride) &&
          vectorizable(p.v.data, p.v.batch_stride, p.v.head_stride, p.v.seq_stride);

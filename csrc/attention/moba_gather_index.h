@@ -6,16 +6,17 @@
 // row of its 16 chose. With random queries at 32K a 16-row warp's union is ~12x the keys a token
 // attends (an estimate; measured on the H100: 71.6 / 186.7 ms for block 64 / 16 at 32K against
 // causal SDPA's 14.1). Here the work is exactly the chosen pairs: for every key block, the
-// (token, slot) pairs that chose it are listed and cut into tiles of 64 rows; a CTA attends one
-// tile's gathered query rows to that one block and writes a partial result per pair (O / l in
-// the input dtype and its lse); a merge pass combines each token's top_k partials in slot order.
-// Cost beyond the union kernel's: the partials (2 D + 4 bytes per pair, written once and read
-// once).
+// (token, slot) pairs that chose it are listed and cut into runs of at most 512 (8 tiles of 64
+// rows); a CTA loads the block's keys and values once and attends the gathered query rows of its
+// run to them tile by tile (the next tile's rows load while one computes), writing a partial
+// result per pair (O / l in the input dtype and its lse); a merge pass combines each token's
+// top_k partials in slot order. Cost beyond the union kernel's: the partials (2 D + 4 bytes per
+// pair, written once and read once).
 //
 // Plan per (batch, head) of a chunk of heads ("lane" below), all on the device, no host sync:
 //   count:  pair e = token * top_k + slot with a valid block j takes rank[e] = atomicAdd(count[j]);
-//   plan:   offsets[j] = exclusive sum of counts; key block j gets ceil(count[j] / 64) tile records
-//           {j, first pair slot, rows}; records past the lane's total hold block -1;
+//   plan:   offsets[j] = exclusive sum of counts; key block j gets ceil(count[j] / 512) run
+//           records {j, first pair slot, rows}; records past the lane's total hold block -1;
 //   fill:   entries[offsets[j] + rank[e]] = e.
 // The order of pairs inside a block's list follows the atomics and varies between runs; the results
 // do not: a row's products, mask and softmax depend on that row alone.
@@ -36,15 +37,20 @@ using ::torch_ext::index_math::round_up;
 
 // Gathered query rows per tile: one CTA of 4 warps, 16 rows each (the forward's 64-row CTA).
 constexpr int kTileRows = 64;
+// Tiles per run (one CTA): the block's K / V load is shared by up to 8 tiles, and a block that
+// many tokens chose (an attention sink, the first blocks under causal masking) still spreads
+// over CTAs in runs of 512 rows instead of serializing in one.
+constexpr int kRunTiles = 8;
+constexpr int kRunRows = kRunTiles * kTileRows;
 // Threads of the plan kernel (one CTA per lane scans the lane's key blocks in chunks of this many).
 constexpr int kPlanThreads = 1024;
 // Threads of the count / fill kernels (one pair each) and of the merge kernel (a warp per token).
 constexpr int kPairThreads = 256;
 constexpr int kMergeThreads = 128;
 
-// A tile: `rows` (1..64) pairs entries[first ..] of key block `block`; block -1: past the lane's
-// tiles (the CTA exits).
-struct alignas(16) TileRecord {
+// A run: `rows` (1..512) pairs entries[first ..] of key block `block`; block -1: past the lane's
+// runs (the CTA exits).
+struct alignas(16) RunRecord {
   int32_t block;
   int32_t first;
   int32_t rows;
@@ -65,18 +71,24 @@ TORCH_EXT_HOST_DEVICE bool slot_is_pair(const int32_t* choices, int slot, int64_
 TORCH_EXT_HOST_DEVICE int32_t pair_id(int32_t token, int slot, int top_k) { return token * top_k + slot; }
 TORCH_EXT_HOST_DEVICE int32_t pair_token(int32_t pair, int top_k) { return pair / top_k; }
 
-// Tiles of a key block with `count` pairs, and an upper bound on a lane's tiles: sum_j
-// ceil(c_j / 64) <= sum_j (c_j + 63) / 64 over the (at most min(nk, pairs)) non-empty blocks.
-TORCH_EXT_HOST_DEVICE int32_t block_tiles(int32_t count) { return int32_t(ceil_div(count, kTileRows)); }
-TORCH_EXT_HOST_DEVICE int64_t max_lane_tiles(int64_t seq_q, int top_k, int64_t num_kv_blocks) {
+// Runs of a key block with `count` pairs, and an upper bound on a lane's runs: sum_j
+// ceil(c_j / 512) <= sum_j (c_j + 511) / 512 over the (at most min(nk, pairs)) non-empty blocks.
+TORCH_EXT_HOST_DEVICE int32_t block_runs(int32_t count) { return int32_t(ceil_div(count, kRunRows)); }
+TORCH_EXT_HOST_DEVICE int64_t max_lane_runs(int64_t seq_q, int top_k, int64_t num_kv_blocks) {
   const int64_t pairs = seq_q * top_k;
   const int64_t nonempty = pairs < num_kv_blocks ? pairs : num_kv_blocks;
-  return nonempty + ceil_div(pairs, kTileRows);
+  return nonempty + ceil_div(pairs, kRunRows);
 }
-// Tile q (< block_tiles(count)) of a block whose list starts at `offset`.
-TORCH_EXT_HOST_DEVICE TileRecord tile_record(int32_t block, int32_t offset, int32_t count, int32_t q) {
-  const int32_t rows = count - q * kTileRows;
-  return TileRecord{block, offset + q * kTileRows, rows < kTileRows ? rows : kTileRows, 0};
+// Run q (< block_runs(count)) of a block whose list starts at `offset`.
+TORCH_EXT_HOST_DEVICE RunRecord run_record(int32_t block, int32_t offset, int32_t count, int32_t q) {
+  const int32_t rows = count - q * kRunRows;
+  return RunRecord{block, offset + q * kRunRows, rows < kRunRows ? rows : kRunRows, 0};
+}
+// The 64-row tiles of a run, and the rows of tile t.
+TORCH_EXT_HOST_DEVICE int run_tiles(int32_t rows) { return int(ceil_div(rows, kTileRows)); }
+TORCH_EXT_HOST_DEVICE int tile_rows(int32_t rows, int tile) {
+  const int32_t left = rows - tile * kTileRows;
+  return left < kTileRows ? int(left) : kTileRows;
 }
 
 // Merge of a token's partials (o_s = O_s / l_s, lse_s natural log): with M = max lse_s,
@@ -90,32 +102,35 @@ TORCH_EXT_HOST_DEVICE float merge_lse(float lse_max, float weight_sum) {
   return weight_sum > 0.0f ? lse_max + bsa_cuda::log_f(weight_sum) : bsa_cuda::neg_inf();
 }
 
-// Shared memory of the attention CTA: the forward's Q tile and K / V stages (RowTraits of a 64-row
-// block), with one stage when a block fits one 64-key step (block_kv <= 64: the CTA walks one
-// step; 49 KB instead of 82 at D = 128, though the registers, ~250 a thread, hold an SM to 2
-// CTAs either way, 3 at D = 64), then the step's segment table, then the tile's pair ids and
-// query positions. No MoBA choice table (the rows chose the block by construction): kSelOffset
-// points past the layout and make_step_mask is called without selection.
-template <int kD, int kKvStages>
+// Shared memory of the attention CTA (RowTraits of a 64-row block for the fragment counts and
+// copies): two Q tiles (tile t + 1's rows load while tile t computes), the block's K / V as
+// kKvSteps 64-key steps that stay resident for the whole run (1, or 2 for 128-key blocks), their
+// segment tables, and per Q tile the rows' pair ids and query positions. D = 128: 65 KB (97 KB
+// with 128-key blocks, under sm_86's 99); the registers (~250 a thread) hold an SM to 2 CTAs.
+// No MoBA choice table (the rows chose the block by construction): kSelOffset points past the
+// layout and make_step_mask is called without selection.
+template <int kD, int kKvSteps>
 struct GatherTraits : bsa_cuda::RowTraits<kD, kTileRows, false> {
   using Base = bsa_cuda::RowTraits<kD, kTileRows, false>;
-  static constexpr int kSegOffset = Base::kStageOffset + kKvStages * Base::kStageBytes;
-  static constexpr int kPairOffset = kSegOffset + kKvStages * 2 * bsa_cuda::kMaxSegments * 4;
-  static constexpr int kPosOffset = kPairOffset + kTileRows * 4;
-  static constexpr int kSmemBytes = kPosOffset + kTileRows * 4;
+  static constexpr int kQStages = 2;
+  static constexpr int kStageOffset = kQStages * Base::kRowBytes;  // K / V step t at + t * kStageBytes
+  static constexpr int kSegOffset = kStageOffset + kKvSteps * Base::kStageBytes;
+  static constexpr int kPairOffset = kSegOffset + kKvSteps * 2 * bsa_cuda::kMaxSegments * 4;  // [2][64]
+  static constexpr int kPosOffset = kPairOffset + kQStages * kTileRows * 4;                    // [2][64]
+  static constexpr int kSmemBytes = kPosOffset + kQStages * kTileRows * 4;
   static constexpr int kSelOffset = kSmemBytes;
 };
 
 // Workspace of one chunk of `lanes` (batch x heads of the chunk), byte offsets 256-aligned.
 struct Workspace {
-  int64_t counts, offsets, rank, entries, tiles, part_o, part_lse, bytes;
-  int64_t lane_tiles;  // tile records per lane
+  int64_t counts, offsets, rank, entries, runs, part_o, part_lse, bytes;
+  int64_t lane_runs;  // run records per lane
 };
 TORCH_EXT_HOST_DEVICE Workspace workspace_layout(int64_t lanes, int64_t seq_q, int top_k, int64_t num_kv_blocks,
                                                  int head_dim) {
   const int64_t pairs = lanes * seq_q * top_k;
   Workspace w{};
-  w.lane_tiles = max_lane_tiles(seq_q, top_k, num_kv_blocks);
+  w.lane_runs = max_lane_runs(seq_q, top_k, num_kv_blocks);
   int64_t at = 0;
   const auto take = [&at](int64_t bytes) {
     const int64_t start = at;
@@ -126,7 +141,7 @@ TORCH_EXT_HOST_DEVICE Workspace workspace_layout(int64_t lanes, int64_t seq_q, i
   w.offsets = take(lanes * num_kv_blocks * 4);
   w.rank = take(pairs * 4);
   w.entries = take(pairs * 4);
-  w.tiles = take(lanes * w.lane_tiles * int64_t(sizeof(TileRecord)));
+  w.runs = take(lanes * w.lane_runs * int64_t(sizeof(RunRecord)));
   w.part_o = take(pairs * head_dim * 2);
   w.part_lse = take(pairs * 4);
   w.bytes = at;

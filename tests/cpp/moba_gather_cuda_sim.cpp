@@ -6,9 +6,10 @@
 // unused, out-of-range and repeated slots, up to ~190 key blocks, several lanes in one workspace):
 //  (a) the plan: pair_count_kernel with the atomics' arrival order shuffled, plan_kernel's chunked
 //      scans (a CTA of 32..128 threads, so that several chunks carry), pair_fill_kernel: every pair lands
-//      in exactly one tile of its block, tiles stay within max_lane_tiles, records past the total
+//      in exactly one run of its block (runs of <= 512 rows, walked in 64-row tiles), runs stay
+//      within max_lane_runs, records past the total
 //      are -1, the workspace regions do not overlap;
-//  (b) each tile as gather_attention_kernel walks it: the gathered positions, the one-block key
+//  (b) each run's tiles as gather_attention_kernel walks them: the gathered positions, the one-block key
 //      walk (load_kv_step's segments from a one-entry list), the live 16-key slices (a skipped
 //      slice must hold no key visible to a real row), the steps a warp skips (none of their keys
 //      visible to any row), the element mask and the online softmax
@@ -53,7 +54,7 @@ struct Problem {
 };
 
 // plan_kernel on one lane with a CTA of `threads` threads: chunked inclusive scans with carries.
-void plan_lane(const Problem& P, const int32_t* counts, int32_t* offsets, mg::TileRecord* tiles, int64_t lane_tiles,
+void plan_lane(const Problem& P, const int32_t* counts, int32_t* offsets, mg::RunRecord* runs, int64_t lane_runs,
                int threads) {
   uint32_t pair_base = 0, tile_base = 0;
   for (int64_t j0 = 0; j0 < P.nk; j0 += threads) {
@@ -61,7 +62,7 @@ void plan_lane(const Problem& P, const int32_t* counts, int32_t* offsets, mg::Ti
     for (int i = 0; i < threads; ++i) {
       const int64_t j = j0 + i;
       c[size_t(i)] = j < P.nk ? uint32_t(counts[j]) : 0u;
-      t[size_t(i)] = uint32_t(mg::block_tiles(int32_t(c[size_t(i)])));
+      t[size_t(i)] = uint32_t(mg::block_runs(int32_t(c[size_t(i)])));
     }
     std::vector<uint32_t> ci(c), ti(t);
     std::partial_sum(ci.begin(), ci.end(), ci.begin());
@@ -73,15 +74,15 @@ void plan_lane(const Problem& P, const int32_t* counts, int32_t* offsets, mg::Ti
       offsets[j] = offset;
       const uint32_t first_tile = tile_base + ti[size_t(i)] - t[size_t(i)];
       for (int32_t q = 0; q < int32_t(t[size_t(i)]); ++q) {
-        CHECK(int64_t(first_tile) + q < lane_tiles);
-        tiles[first_tile + q] = mg::tile_record(int32_t(j), offset, int32_t(c[size_t(i)]), q);
+        CHECK(int64_t(first_tile) + q < lane_runs);
+        runs[first_tile + q] = mg::run_record(int32_t(j), offset, int32_t(c[size_t(i)]), q);
       }
     }
     pair_base += ci.back();
     tile_base += ti.back();
   }
-  CHECK(int64_t(tile_base) <= lane_tiles);
-  for (int64_t t = tile_base; t < lane_tiles; ++t) tiles[t] = mg::TileRecord{-1, 0, 0, 0};
+  CHECK(int64_t(tile_base) <= lane_runs);
+  for (int64_t t = tile_base; t < lane_runs; ++t) runs[t] = mg::RunRecord{-1, 0, 0, 0};
 }
 
 // The keys a tile's step t covers, as load_kv_step computes them from the one-entry list {block}.
@@ -102,7 +103,7 @@ ix::StepSegments step_segments(const Problem& P, int block, int t) {
 void gather_case(int* stats) {
   Problem P;
   P.lanes = int(rnd(1, 3));
-  P.seq_q = int(rnd(1, 300));
+  P.seq_q = int(rnd(1, rnd(0, 4) == 0 ? 800 : 300));  // up to 800: blocks with several 512-row runs
   P.seq_kv = rnd(0, 3) == 0 ? P.seq_q : int(rnd(1, rnd(0, 3) == 0 ? 3000 : 300));
   P.block_kv = 16 << rnd(0, 3);
   P.top_k = int(rnd(1, 40));
@@ -114,9 +115,9 @@ void gather_case(int* stats) {
 
   // Workspace layout: regions in order, disjoint, 256-aligned.
   const mg::Workspace w = mg::workspace_layout(P.lanes, P.seq_q, P.top_k, P.nk, 128);
-  const int64_t starts[] = {w.counts, w.offsets, w.rank, w.entries, w.tiles, w.part_o, w.part_lse, w.bytes};
+  const int64_t starts[] = {w.counts, w.offsets, w.rank, w.entries, w.runs, w.part_o, w.part_lse, w.bytes};
   for (int i = 0; i + 1 < 8; ++i) CHECK(starts[i] % 256 == 0 && starts[i] <= starts[i + 1]);
-  CHECK(w.offsets - w.counts >= P.lanes * P.nk * 4 && w.part_o - w.tiles >= P.lanes * w.lane_tiles * 16);
+  CHECK(w.offsets - w.counts >= P.lanes * P.nk * 4 && w.part_o - w.runs >= P.lanes * w.lane_runs * 16);
   CHECK(w.part_lse - w.part_o >= P.lanes * pairs * 128 * 2 && w.bytes - w.part_lse >= P.lanes * pairs * 4);
 
   // Token choices as moba_select would give them (causal: the own block always, later never), then
@@ -148,7 +149,7 @@ void gather_case(int* stats) {
   // (a) the plan, lane by lane; the atomics' arrival order shuffled.
   std::vector<int32_t> counts(size_t(P.lanes * P.nk), 0), offsets(counts.size()), rank(size_t(P.lanes * pairs), -7);
   std::vector<int32_t> entries(size_t(P.lanes * pairs), -7);
-  std::vector<mg::TileRecord> tiles(size_t(P.lanes * w.lane_tiles), mg::TileRecord{-9, 0, 0, 0});
+  std::vector<mg::RunRecord> runs(size_t(P.lanes * w.lane_runs), mg::RunRecord{-9, 0, 0, 0});
   for (int l = 0; l < P.lanes; ++l) {
     std::vector<int64_t> order(static_cast<size_t>(pairs));
     std::iota(order.begin(), order.end(), 0);
@@ -158,7 +159,7 @@ void gather_case(int* stats) {
       const int slot = int(e % P.top_k);
       rank[size_t(l * pairs + e)] = mg::slot_is_pair(row, slot, P.nk) ? counts[size_t(l * P.nk + row[slot])]++ : -1;
     }
-    plan_lane(P, &counts[size_t(l * P.nk)], &offsets[size_t(l * P.nk)], &tiles[size_t(l * w.lane_tiles)], w.lane_tiles,
+    plan_lane(P, &counts[size_t(l * P.nk)], &offsets[size_t(l * P.nk)], &runs[size_t(l * w.lane_runs)], w.lane_runs,
               int(32 << rnd(0, 2)));
     for (int64_t e = 0; e < pairs; ++e) {
       const int32_t r = rank[size_t(l * pairs + e)];
@@ -170,91 +171,96 @@ void gather_case(int* stats) {
     }
   }
 
-  // (b) every tile as its CTA walks it; partials per pair.
+  // (b) every run as its CTA walks it, tile by tile; partials per pair.
   std::vector<float> part_o(size_t(P.lanes * pairs * D), NAN), part_lse(size_t(P.lanes * pairs), NAN);
   std::vector<int> written(size_t(P.lanes * pairs), 0);
   for (int l = 0; l < P.lanes; ++l)
-    for (int64_t x = 0; x < w.lane_tiles; ++x) {
-      const mg::TileRecord tile = tiles[size_t(l * w.lane_tiles + x)];
-      CHECK(tile.block != -9);
-      if (tile.block < 0) continue;
-      CHECK(tile.rows >= 1 && tile.rows <= mg::kTileRows && tile.block < P.nk);
+    for (int64_t x = 0; x < w.lane_runs; ++x) {
+      const mg::RunRecord run = runs[size_t(l * w.lane_runs + x)];
+      CHECK(run.block != -9);
+      if (run.block < 0) continue;
+      CHECK(run.rows >= 1 && run.rows <= mg::kRunRows && run.block < P.nk);
+      if (run.rows == mg::kRunRows) ++stats[4];  // a block split into several runs
       const int steps = ix::walk_tiles(1, P.block_kv);
-      for (int warp = 0; warp < mg::kTileRows / ix::kWarpRows; ++warp) {
-        const int warp_row0 = warp * ix::kWarpRows;
-        if (warp_row0 >= tile.rows) continue;  // idle warp
-        int pos[ix::kWarpRows], pair[ix::kWarpRows], first_q = INT32_MAX, last_q = -1;
-        for (int r = 0; r < ix::kWarpRows; ++r) {
-          const int row = warp_row0 + r;
-          pair[r] = row < tile.rows ? entries[size_t(l * pairs + tile.first + row)] : -1;
-          CHECK(row >= tile.rows || (pair[r] >= 0 && choices[size_t(l * pairs + pair[r])] == tile.block));
-          pos[r] = pair[r] >= 0 ? mg::pair_token(pair[r], P.top_k) : P.seq_q - 1;
-          first_q = std::min(first_q, pos[r]);
-          last_q = std::max(last_q, pos[r]);
-        }
-        ix::RowState rs[ix::kWarpRows];
-        std::vector<double> o(size_t(ix::kWarpRows * D), 0.0);
-        for (int r = 0; r < ix::kWarpRows; ++r) rs[r] = ix::row_state_init();
-        for (int t = 0; t < steps; ++t) {
-          const ix::StepSegments g = step_segments(P, tile.block, t);
-          unsigned live_segments = 0;
-          bool all_full = true;
-          int64_t last_key = -1;
-          for (int s = 0; s < ix::segments_per_tile(P.block_kv); ++s) {
-            if (g.base[s] >= 0) live_segments |= 1u << s;
-            all_full = all_full && g.base[s] >= 0 && g.base[s] + ix::segment_len(P.block_kv) <= P.seq_kv;
-            last_key = std::max<int64_t>(last_key, int64_t(g.base[s]) + ix::segment_len(P.block_kv) - 1);
+      for (int tile_id = 0; tile_id < mg::run_tiles(run.rows); ++tile_id) {
+        const mg::RunRecord tile{run.block, run.first + tile_id * mg::kTileRows, mg::tile_rows(run.rows, tile_id), 0};
+        CHECK(tile.rows >= 1 && tile.rows <= mg::kTileRows);
+        for (int warp = 0; warp < mg::kTileRows / ix::kWarpRows; ++warp) {
+          const int warp_row0 = warp * ix::kWarpRows;
+          if (warp_row0 >= tile.rows) continue;  // idle warp
+          int pos[ix::kWarpRows], pair[ix::kWarpRows], first_q = INT32_MAX, last_q = -1;
+          for (int r = 0; r < ix::kWarpRows; ++r) {
+            const int row = warp_row0 + r;
+            pair[r] = row < tile.rows ? entries[size_t(l * pairs + tile.first + row)] : -1;
+            CHECK(row >= tile.rows || (pair[r] >= 0 && choices[size_t(l * pairs + pair[r])] == tile.block));
+            pos[r] = pair[r] >= 0 ? mg::pair_token(pair[r], P.top_k) : P.seq_q - 1;
+            first_q = std::min(first_q, pos[r]);
+            last_q = std::max(last_q, pos[r]);
           }
-          const unsigned live = ix::live_slices(live_segments, P.block_kv);
-          const bool full = ix::tile_fully_visible(first_q, last_key, all_full, false, P.seq_q, P.seq_kv, P.causal);
-          const int first_key = g.base[0];  // the kernel's hidden-step test
-          const bool hidden = live == 0u || first_key >= P.seq_kv ||
-                              (P.causal && int64_t(first_key) > int64_t(last_q) + P.seq_kv - P.seq_q);
-          if (hidden) {
-            for (int r = 0; r < ix::kWarpRows; ++r)
-              for (int col = 0; col < ix::kTileKv; ++col)
-                CHECK(!ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal));
-            ++stats[3];
-            continue;
+          ix::RowState rs[ix::kWarpRows];
+          std::vector<double> o(size_t(ix::kWarpRows * D), 0.0);
+          for (int r = 0; r < ix::kWarpRows; ++r) rs[r] = ix::row_state_init();
+          for (int t = 0; t < steps; ++t) {
+            const ix::StepSegments g = step_segments(P, tile.block, t);
+            unsigned live_segments = 0;
+            bool all_full = true;
+            int64_t last_key = -1;
+            for (int s = 0; s < ix::segments_per_tile(P.block_kv); ++s) {
+              if (g.base[s] >= 0) live_segments |= 1u << s;
+              all_full = all_full && g.base[s] >= 0 && g.base[s] + ix::segment_len(P.block_kv) <= P.seq_kv;
+              last_key = std::max<int64_t>(last_key, int64_t(g.base[s]) + ix::segment_len(P.block_kv) - 1);
+            }
+            const unsigned live = ix::live_slices(live_segments, P.block_kv);
+            const bool full = ix::tile_fully_visible(first_q, last_key, all_full, false, P.seq_q, P.seq_kv, P.causal);
+            const int first_key = g.base[0];  // the kernel's hidden-step test
+            const bool hidden = live == 0u || first_key >= P.seq_kv ||
+                                (P.causal && int64_t(first_key) > int64_t(last_q) + P.seq_kv - P.seq_q);
+            if (hidden) {
+              for (int r = 0; r < ix::kWarpRows; ++r)
+                for (int col = 0; col < ix::kTileKv; ++col)
+                  CHECK(!ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal));
+              ++stats[3];
+              continue;
+            }
+            for (int r = 0; r < ix::kWarpRows; ++r) {
+              float x[ix::kTileKv];
+              float tile_max = ix::neg_inf();
+              for (int col = 0; col < ix::kTileKv; ++col) {
+                const bool visible = ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal);
+                if (full) CHECK(visible);
+                if (!((live >> (col / 16)) & 1u)) {
+                  CHECK(!visible);  // a skipped slice must hide every key from every row
+                  x[col] = ix::neg_inf();
+                  continue;
+                }
+                const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
+                double dot = 0.0;
+                if (visible)
+                  for (int d = 0; d < D; ++d)
+                    dot += q[size_t((int64_t(l) * P.seq_q + pos[r]) * D + d)] * k[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
+                x[col] = visible ? float(dot) * P.scale * ix::kLog2e : ix::neg_inf();
+                tile_max = std::max(tile_max, x[col]);
+              }
+              const float alpha = ix::softmax_rescale(rs[r], tile_max);
+              for (int d = 0; d < D; ++d) o[size_t(r * D + d)] *= alpha;
+              for (int col = 0; col < ix::kTileKv; ++col) {
+                const float p = ix::softmax_prob(x[col], rs[r]);
+                rs[r].l += p;
+                if (p == 0.0f) continue;
+                const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
+                for (int d = 0; d < D; ++d) o[size_t(r * D + d)] += p * v[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
+              }
+            }
           }
           for (int r = 0; r < ix::kWarpRows; ++r) {
-            float x[ix::kTileKv];
-            float tile_max = ix::neg_inf();
-            for (int col = 0; col < ix::kTileKv; ++col) {
-              const bool visible = ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal);
-              if (full) CHECK(visible);
-              if (!((live >> (col / 16)) & 1u)) {
-                CHECK(!visible);  // a skipped slice must hide every key from every row
-                x[col] = ix::neg_inf();
-                continue;
-              }
-              const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
-              double dot = 0.0;
-              if (visible)
-                for (int d = 0; d < D; ++d)
-                  dot += q[size_t((int64_t(l) * P.seq_q + pos[r]) * D + d)] * k[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
-              x[col] = visible ? float(dot) * P.scale * ix::kLog2e : ix::neg_inf();
-              tile_max = std::max(tile_max, x[col]);
-            }
-            const float alpha = ix::softmax_rescale(rs[r], tile_max);
-            for (int d = 0; d < D; ++d) o[size_t(r * D + d)] *= alpha;
-            for (int col = 0; col < ix::kTileKv; ++col) {
-              const float p = ix::softmax_prob(x[col], rs[r]);
-              rs[r].l += p;
-              if (p == 0.0f) continue;
-              const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
-              for (int d = 0; d < D; ++d) o[size_t(r * D + d)] += p * v[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
-            }
+            if (pair[r] < 0) continue;
+            const int64_t at = l * pairs + pair[r];
+            ++written[size_t(at)];
+            const float inv = ix::softmax_out_scale(rs[r].l);
+            part_lse[size_t(at)] = ix::softmax_lse(rs[r].m, rs[r].l);
+            CHECK(std::isfinite(part_lse[size_t(at)]));  // a chosen block shows the token at least one key
+            for (int d = 0; d < D; ++d) part_o[size_t(at * D + d)] = round16(float(o[size_t(r * D + d)]) * inv);
           }
-        }
-        for (int r = 0; r < ix::kWarpRows; ++r) {
-          if (pair[r] < 0) continue;
-          const int64_t at = l * pairs + pair[r];
-          ++written[size_t(at)];
-          const float inv = ix::softmax_out_scale(rs[r].l);
-          part_lse[size_t(at)] = ix::softmax_lse(rs[r].m, rs[r].l);
-          CHECK(std::isfinite(part_lse[size_t(at)]));  // a chosen block shows the token at least one key
-          for (int d = 0; d < D; ++d) part_o[size_t(at * D + d)] = round16(float(o[size_t(r * D + d)]) * inv);
         }
       }
     }
@@ -326,12 +332,14 @@ int main(int argc, char** argv) {
   const uint64_t seed = argc > 2 ? strtoull(argv[2], nullptr, 10) : 1;
   rng.seed(seed);
   // The tile bound: one record per non-empty block plus a full tile per 64 pairs.
-  CHECK(mg::max_lane_tiles(1, 1, 100) == 2 && mg::max_lane_tiles(100, 8, 3) == 3 + 13);
-  CHECK(sizeof(mg::TileRecord) == 16);
-  int stats[4] = {0, 0, 0, 0};
+  CHECK(mg::max_lane_runs(1, 1, 100) == 2 && mg::max_lane_runs(100, 8, 3) == 3 + 2);
+  CHECK(mg::run_tiles(512) == 8 && mg::tile_rows(512, 7) == 64 && mg::run_tiles(65) == 2 && mg::tile_rows(65, 1) == 1);
+  CHECK(sizeof(mg::RunRecord) == 16);
+  int stats[5] = {0, 0, 0, 0, 0};
   for (int c = 0; c < cases; ++c) gather_case(stats);
-  printf("moba gather cases %d, tokens checked %d (seeing nothing %d), hidden warp steps %d\n", stats[2], stats[0],
-         stats[1], stats[3]);
+  printf("moba gather cases %d, tokens checked %d (seeing nothing %d), hidden warp steps %d, full runs %d\n",
+         stats[2], stats[0], stats[1], stats[3], stats[4]);
+  CHECK(cases < 50 || stats[4] > 0);
   printf("all ok\n");
   return 0;
 }
