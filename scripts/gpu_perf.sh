@@ -16,7 +16,8 @@
 #   docs/perf/gpu-h100.md, measured the rest: 32K dense, W8A8 on mma.sync, the host-bound eager
 #   Llama decode.)
 # profile: ncu on the target cases' kernels only (weight-only decode GEMM and its reduction, the
-#   W8A8 wgmma GEMM, the MoE decode chain, the attention forward): speed of light, occupancy,
+#   W8A8 wgmma GEMM, the MoE decode chain, the attention forward, MoBA's key-block-major forward and
+#   merge at S = 4096 / block 16): speed of light, occupancy,
 #   memory, and the warp-stall metrics as raw values (--page raw), one call per case.
 # Every bench prints each case as it is measured and rewrites OUTDIR/NAME/bench-partial.json, so
 # a step stopped at its limit keeps the cases it finished.
@@ -67,11 +68,11 @@ if has targets; then
 fi
 if has profile; then
   step profile 90 ncu --profile-from-start off --clock-control none \
-    -k "regex:linear_kernel|split_reduce|wgmma_mm|decode_gemm|plan_|fwd_kernel|fwd_wgmma" \
+    -k "regex:linear_kernel|split_reduce|wgmma_mm|decode_gemm|plan_|fwd_kernel|fwd_wgmma|gather_attention|merge_kernel" \
     --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --page raw \
     "$PY" -m torch_ext bench --profile-once --device cuda --op quant w8a8 moe attention \
     --match "M=1 8192x8192 int4 g128 bf16" --match "M=4096 8192x8192 -> bf16" --match "M=4096 8192x8192 e4m3" \
-    --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "S=4096 full 100%"
+    --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "S=4096 full 100%" --match "S=4096 block 16"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
 for name in quant quant_wgmma wo_splits moe_grouped moe attention attention_wgmma model; do

@@ -138,37 +138,26 @@ __global__ void __launch_bounds__(mg::kPairThreads) pair_fill_kernel(const MobaG
 // Attention of one tile: gathered query rows x one key block
 // =============================================================================================
 
-// The gathered rows of tile `tile` of a run into Q stage qs: each thread's Q copies find their
-// rows' positions in `entries` (global; no barrier between the table and the copies), threads
-// < 64 also fill the stage's pair / position tables (read after the next barrier). Padding rows:
-// no pair, position Sq - 1 (a padded row sees every key a real row may and stays finite; it is
-// never stored), zero-filled Q.
+// The gathered rows of tile `tile` of a run into Q stage qs (positions from the run's pair ids in
+// shared memory; rows past the run zero-filled).
 template <typename T, class G>
-__device__ __forceinline__ void load_tile_rows(unsigned char* smem, const T* q, int64_t q_stride, const int32_t* entries,
-                                               const mg::RunRecord& run, int tile, int qs, int top_k, int seq_q,
-                                               int tid) {
+__device__ __forceinline__ void load_tile_rows(unsigned char* smem, const T* q, int64_t q_stride,
+                                               const int32_t* run_pairs, int tile, int qs, int top_k, int tid) {
   constexpr int kD = G::kChunks * ix::kChunkElems;
-  const int rows = mg::tile_rows(run.rows, tile);
-  const int32_t* const tile_entries = entries + run.first + tile * mg::kTileRows;
 #pragma unroll
   for (int i = 0; i < G::kRowCopies; ++i) {
     const int r = ix::copy_row(tid, i, G::kThreads, kD), ch = ix::copy_chunk(tid, i, G::kThreads, kD);
-    const bool ok = r < rows;
-    const int64_t pos = ok ? mg::pair_token(__ldg(tile_entries + r), top_k) : 0;
+    const int32_t e = run_pairs[tile * mg::kTileRows + r];
+    const bool ok = e >= 0;
+    const int64_t pos = ok ? mg::pair_token(e, top_k) : 0;
     cp_async_16_zfill(smem + qs * G::kRowBytes + ix::smem_offset(r, ch, kD),
                       ok ? q + pos * q_stride + ch * ix::kChunkElems : q, ok);
-  }
-  if (tid < mg::kTileRows) {
-    const int32_t e = tid < rows ? __ldg(tile_entries + tid) : -1;
-    reinterpret_cast<int32_t*>(smem + G::kPairOffset)[qs * mg::kTileRows + tid] = e;
-    reinterpret_cast<int32_t*>(smem + G::kPosOffset)[qs * mg::kTileRows + tid] =
-        e >= 0 ? mg::pair_token(e, top_k) : seq_q - 1;
   }
 }
 
 // CTAs an SM: 3 on sm_90 when the block is one K / V step (65 KB of shared memory at D = 128,
 // <= 168 registers a thread: 166 without spills); 2 otherwise (sm_80 / 86 / 89 hold 163 / 99 KB).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
 constexpr int kGatherCtasOneStep = 3;
 #else
 constexpr int kGatherCtasOneStep = 2;
@@ -203,10 +192,15 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtas
   c.seq_kv = int(f.seq_kv);
   c.tiles = ix::walk_tiles(1, c.block_kv);  // 64-key steps: kKvSteps
 
-  // Group 0: the block's K / V (every step) and tile 0's rows.
+  // The run's pair ids (-1 past its rows, up to the last tile's end), then group 0: the block's
+  // K / V (every step) and tile 0's rows.
+  int32_t* const run_pairs = reinterpret_cast<int32_t*>(smem + G::kRunOffset);
+  for (int r = tid; r < mg::kRunRows; r += G::kThreads)
+    run_pairs[r] = r < run.rows ? __ldg(entries + run.first + r) : -1;
+  __syncthreads();
 #pragma unroll
   for (int t = 0; t < kKvSteps; ++t) load_kv_step<T, G>(smem, c, t, t, tid);
-  load_tile_rows<T, G>(smem, q, f.q.seq_stride, entries, run, 0, 0, top_k, c.seq_q, tid);
+  load_tile_rows<T, G>(smem, q, f.q.seq_stride, run_pairs, 0, 0, top_k, tid);
   cp_async_commit();
 
   T* const part_o = reinterpret_cast<T*>(w.part_o) + l.lane * pairs * kD;
@@ -219,24 +213,26 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtas
     cp_async_wait<0>();
     // Tile `tile` landed (and K / V); stage qs ^ 1 is free: its tile's epilogue is done.
     __syncthreads();
-    if (tile + 1 < tiles)
-      load_tile_rows<T, G>(smem, q, f.q.seq_stride, entries, run, tile + 1, qs ^ 1, top_k, c.seq_q, tid);
+    if (tile + 1 < tiles) load_tile_rows<T, G>(smem, q, f.q.seq_stride, run_pairs, tile + 1, qs ^ 1, top_k, tid);
     cp_async_commit();
     if (warp_row0 >= mg::tile_rows(run.rows, tile)) continue;  // no real row in this warp
     // The lane id through an opaque copy each tile: the shared-memory addresses of the fragments
-    // depend only on it, and hoisted out of the tile loop (~64 of them) they spilled at D = 128.
-    int lane = threadIdx.x % 32;
-    asm volatile("" : "+r"(lane));
+    // depend only on it, and hoisted out of the tile loop (~64 of them) they spilled at D = 128
+    // (ptxas -v: recheck when the toolkit changes). Unsigned, so lane % 16 and lane / 4 stay shifts.
+    unsigned opaque_tid = threadIdx.x;
+    asm volatile("" : "+r"(opaque_tid));
+    const int lane = int(opaque_tid % 32u);
 
     unsigned char* const q_tile = smem + qs * G::kRowBytes;
-    const int32_t* const row_pair = reinterpret_cast<const int32_t*>(smem + G::kPairOffset) + qs * mg::kTileRows;
-    const int32_t* const row_pos = reinterpret_cast<const int32_t*>(smem + G::kPosOffset) + qs * mg::kTileRows;
+    const int32_t* const row_pair = run_pairs + tile * mg::kTileRows;
+    const auto row_pos = [&](int row) { return mg::row_position(row_pair[row], top_k, c.seq_q); };
     // The rows' positions are not consecutive: make_step_mask's test for a step without masked
     // elements (causal: the step's last key visible to every row) takes the smallest, the test for
     // a step no row sees (causal: its first key past the largest row's horizon) the largest.
-    const int first_q = __reduce_min_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
-    const int last_q = __reduce_max_sync(kFullMask, row_pos[warp_row0 + lane % ix::kWarpRows]);
-    const int q_pos[2] = {row_pos[warp_row0 + ix::acc_row(lane, 0)], row_pos[warp_row0 + ix::acc_row(lane, 2)]};
+    const int lane_row_pos = row_pos(warp_row0 + lane % ix::kWarpRows);
+    const int first_q = __reduce_min_sync(kFullMask, lane_row_pos);
+    const int last_q = __reduce_max_sync(kFullMask, lane_row_pos);
+    const int q_pos[2] = {row_pos(warp_row0 + ix::acc_row(lane, 0)), row_pos(warp_row0 + ix::acc_row(lane, 2))};
     float o[G::kON][4];
     zero_accumulators(o);
     ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};

@@ -84,11 +84,15 @@ TORCH_EXT_HOST_DEVICE RunRecord run_record(int32_t block, int32_t offset, int32_
   const int32_t rows = count - q * kRunRows;
   return RunRecord{block, offset + q * kRunRows, rows < kRunRows ? rows : kRunRows, 0};
 }
-// The 64-row tiles of a run, and the rows of tile t.
+// The 64-row tiles of a run, and the rows of tile t; a row's query position (padding rows, pair
+// -1: the last position, so that they see every key a real row may and stay finite; never stored).
 TORCH_EXT_HOST_DEVICE int run_tiles(int32_t rows) { return int(ceil_div(rows, kTileRows)); }
 TORCH_EXT_HOST_DEVICE int tile_rows(int32_t rows, int tile) {
   const int32_t left = rows - tile * kTileRows;
   return left < kTileRows ? int(left) : kTileRows;
+}
+TORCH_EXT_HOST_DEVICE int32_t row_position(int32_t pair, int top_k, int32_t seq_q) {
+  return pair >= 0 ? pair_token(pair, top_k) : seq_q - 1;
 }
 
 // Merge of a token's partials (o_s = O_s / l_s, lse_s natural log): with M = max lse_s,
@@ -105,8 +109,9 @@ TORCH_EXT_HOST_DEVICE float merge_lse(float lse_max, float weight_sum) {
 // Shared memory of the attention CTA (RowTraits of a 64-row block for the fragment counts and
 // copies): two Q tiles (tile t + 1's rows load while tile t computes), the block's K / V as
 // kKvSteps 64-key steps that stay resident for the whole run (1, or 2 for 128-key blocks), their
-// segment tables, and per Q tile the rows' pair ids and query positions. D = 128: 65 KB (97 KB
-// with 128-key blocks, under sm_86's 99); the registers (~250 a thread) hold an SM to 2 CTAs.
+// segment tables, and the run's pair ids (read from global memory once, so that a tile's loads
+// do not wait on them). D = 128: 66 KB (98 KB with 128-key blocks, under sm_86's 99): 3 CTAs an
+// SM on sm_90 for one step, 2 with two steps.
 // No MoBA choice table (the rows chose the block by construction): kSelOffset points past the
 // layout and make_step_mask is called without selection.
 template <int kD, int kKvSteps>
@@ -115,9 +120,8 @@ struct GatherTraits : bsa_cuda::RowTraits<kD, kTileRows, false> {
   static constexpr int kQStages = 2;
   static constexpr int kStageOffset = kQStages * Base::kRowBytes;  // K / V step t at + t * kStageBytes
   static constexpr int kSegOffset = kStageOffset + kKvSteps * Base::kStageBytes;
-  static constexpr int kPairOffset = kSegOffset + kKvSteps * 2 * bsa_cuda::kMaxSegments * 4;  // [2][64]
-  static constexpr int kPosOffset = kPairOffset + kQStages * kTileRows * 4;                    // [2][64]
-  static constexpr int kSmemBytes = kPosOffset + kQStages * kTileRows * 4;
+  static constexpr int kRunOffset = kSegOffset + kKvSteps * 2 * bsa_cuda::kMaxSegments * 4;  // [512]
+  static constexpr int kSmemBytes = kRunOffset + kRunRows * 4;
   static constexpr int kSelOffset = kSmemBytes;
 };
 

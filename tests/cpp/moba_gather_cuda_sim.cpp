@@ -193,7 +193,7 @@ void gather_case(int* stats) {
             const int row = warp_row0 + r;
             pair[r] = row < tile.rows ? entries[size_t(l * pairs + tile.first + row)] : -1;
             CHECK(row >= tile.rows || (pair[r] >= 0 && choices[size_t(l * pairs + pair[r])] == tile.block));
-            pos[r] = pair[r] >= 0 ? mg::pair_token(pair[r], P.top_k) : P.seq_q - 1;
+            pos[r] = mg::row_position(pair[r], P.top_k, P.seq_q);
             first_q = std::min(first_q, pos[r]);
             last_q = std::max(last_q, pos[r]);
           }
