@@ -215,7 +215,7 @@ _GATHER_CASES = [
     (1, 1, 1, 1, 100, 128, 64, 1, False),     # one query
     (1, 2, 1, 64, 20000, 64, 16, 8, True),    # 1250 key blocks: the plan scans them in 2 chunks
     (1, 2, 1, 2048, 2048, 128, 64, 16, False),  # ~1024 pairs a block: runs of 512 rows, 8 tiles each
-    (1, 2, 1, 2048, 2048, 64, 128, 8, True),    # causal: the first blocks chosen by most tokens, 2 steps
+    (1, 2, 1, 2048, 2048, 128, 128, 8, True),   # causal: the first blocks chosen by most tokens, 2 steps
 ]
 
 

@@ -192,14 +192,14 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtas
   c.seq_kv = int(f.seq_kv);
   c.tiles = ix::walk_tiles(1, c.block_kv);  // 64-key steps: kKvSteps
 
-  // The run's pair ids (-1 past its rows, up to the last tile's end), then group 0: the block's
-  // K / V (every step) and tile 0's rows.
+  // Group 0: the block's K / V (every step) and, once the run's pair ids (-1 past its rows) are in
+  // shared memory, tile 0's rows.
+#pragma unroll
+  for (int t = 0; t < kKvSteps; ++t) load_kv_step<T, G>(smem, c, t, t, tid);
   int32_t* const run_pairs = reinterpret_cast<int32_t*>(smem + G::kRunOffset);
   for (int r = tid; r < mg::kRunRows; r += G::kThreads)
     run_pairs[r] = r < run.rows ? __ldg(entries + run.first + r) : -1;
   __syncthreads();
-#pragma unroll
-  for (int t = 0; t < kKvSteps; ++t) load_kv_step<T, G>(smem, c, t, t, tid);
   load_tile_rows<T, G>(smem, q, f.q.seq_stride, run_pairs, 0, 0, top_k, tid);
   cp_async_commit();
 

@@ -123,6 +123,9 @@ struct GatherTraits : bsa_cuda::RowTraits<kD, kTileRows, false> {
   static constexpr int kRunOffset = kSegOffset + kKvSteps * 2 * bsa_cuda::kMaxSegments * 4;  // [512]
   static constexpr int kSmemBytes = kRunOffset + kRunRows * 4;
   static constexpr int kSelOffset = kSmemBytes;
+  // sm_86 / sm_89's opt-in limit per block (101376 bytes): the largest layout, D = 128 with two
+  // steps, is 100416.
+  static_assert(kSmemBytes <= 99 * 1024, "fits sm_86 / sm_89");
 };
 
 // Workspace of one chunk of `lanes` (batch x heads of the chunk), byte offsets 256-aligned.
