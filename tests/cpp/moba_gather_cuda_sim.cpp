@@ -181,6 +181,9 @@ void gather_case(int* stats) {
       if (run.block < 0) continue;
       CHECK(run.rows >= 1 && run.rows <= mg::kRunRows && run.block < P.nk);
       if (run.rows == mg::kRunRows) ++stats[4];  // a block split into several runs
+      // The kernel's shared table of the run's pair ids: -1 past its rows.
+      std::vector<int32_t> run_pairs(mg::kRunRows);
+      for (int r = 0; r < mg::kRunRows; ++r) run_pairs[size_t(r)] = r < run.rows ? entries[size_t(l * pairs + run.first + r)] : -1;
       const int steps = ix::walk_tiles(1, P.block_kv);
       for (int tile_id = 0; tile_id < mg::run_tiles(run.rows); ++tile_id) {
         const mg::RunRecord tile{run.block, run.first + tile_id * mg::kTileRows, mg::tile_rows(run.rows, tile_id), 0};
@@ -191,7 +194,8 @@ void gather_case(int* stats) {
           int pos[ix::kWarpRows], pair[ix::kWarpRows], first_q = INT32_MAX, last_q = -1;
           for (int r = 0; r < ix::kWarpRows; ++r) {
             const int row = warp_row0 + r;
-            pair[r] = row < tile.rows ? entries[size_t(l * pairs + tile.first + row)] : -1;
+            pair[r] = run_pairs[size_t(tile_id * mg::kTileRows + row)];
+            CHECK((row < tile.rows) == (pair[r] >= 0));
             CHECK(row >= tile.rows || (pair[r] >= 0 && choices[size_t(l * pairs + pair[r])] == tile.block));
             pos[r] = mg::row_position(pair[r], P.top_k, P.seq_q);
             first_q = std::min(first_q, pos[r]);
