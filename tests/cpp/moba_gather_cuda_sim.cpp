@@ -100,6 +100,11 @@ ix::StepSegments step_segments(const Problem& P, int block, int t) {
   return g;
 }
 
+// Key position of column col (< 64) of a step (valid where its segment is).
+int step_key(const ix::StepSegments& g, int col, int block_kv) {
+  return ix::segment_base_of(g, ix::row_segment(col, block_kv)) + ix::row_in_segment(col, block_kv);
+}
+
 void gather_case(int* stats) {
   Problem P;
   P.lanes = int(rnd(1, 3));
@@ -183,7 +188,8 @@ void gather_case(int* stats) {
       if (run.rows == mg::kRunRows) ++stats[4];  // a block split into several runs
       // The kernel's shared table of the run's pair ids: -1 past its rows.
       std::vector<int32_t> run_pairs(mg::kRunRows);
-      for (int r = 0; r < mg::kRunRows; ++r) run_pairs[size_t(r)] = r < run.rows ? entries[size_t(l * pairs + run.first + r)] : -1;
+      for (int r = 0; r < mg::kRunRows; ++r)
+        run_pairs[size_t(r)] = r < run.rows ? entries[size_t(l * pairs + run.first + r)] : -1;
       const int steps = ix::walk_tiles(1, P.block_kv);
       for (int tile_id = 0; tile_id < mg::run_tiles(run.rows); ++tile_id) {
         const mg::RunRecord tile{run.block, run.first + tile_id * mg::kTileRows, mg::tile_rows(run.rows, tile_id), 0};
@@ -230,18 +236,20 @@ void gather_case(int* stats) {
               float x[ix::kTileKv];
               float tile_max = ix::neg_inf();
               for (int col = 0; col < ix::kTileKv; ++col) {
-                const bool visible = ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal);
+                const bool visible =
+                    ix::step_element_visible(g, 0xfu, col, P.block_kv, pos[r], P.seq_q, P.seq_kv, P.causal);
                 if (full) CHECK(visible);
                 if (!((live >> (col / 16)) & 1u)) {
                   CHECK(!visible);  // a skipped slice must hide every key from every row
                   x[col] = ix::neg_inf();
                   continue;
                 }
-                const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
+                const int key = step_key(g, col, P.block_kv);
                 double dot = 0.0;
                 if (visible)
                   for (int d = 0; d < D; ++d)
-                    dot += q[size_t((int64_t(l) * P.seq_q + pos[r]) * D + d)] * k[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
+                    dot += q[size_t((int64_t(l) * P.seq_q + pos[r]) * D + d)] *
+                           k[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
                 x[col] = visible ? float(dot) * P.scale * ix::kLog2e : ix::neg_inf();
                 tile_max = std::max(tile_max, x[col]);
               }
@@ -251,8 +259,9 @@ void gather_case(int* stats) {
                 const float p = ix::softmax_prob(x[col], rs[r]);
                 rs[r].l += p;
                 if (p == 0.0f) continue;
-                const int key = ix::segment_base_of(g, ix::row_segment(col, P.block_kv)) + ix::row_in_segment(col, P.block_kv);
-                for (int d = 0; d < D; ++d) o[size_t(r * D + d)] += p * v[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
+                const int key = step_key(g, col, P.block_kv);
+                for (int d = 0; d < D; ++d)
+                  o[size_t(r * D + d)] += p * v[size_t((int64_t(l) * P.seq_kv + key) * D + d)];
               }
             }
           }
