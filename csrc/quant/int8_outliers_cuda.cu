@@ -7,9 +7,10 @@
 // column_max_kernel<T>: partial[s, c] = max |x[r, c]| over split s of the rows; a thread per
 //   16-byte chunk of a row (the quantizer's chunking and loads), no atomics.
 // select_kernel: one CTA. Column maxima from the partial rows (written back into row 0), the
-//   count above the threshold (a block scan), at most 4 radix rounds when that count exceeds
-//   `slots`, then an ordered compaction of the kept columns (a block scan of per-thread counts
-//   over whole-word column runs) into `columns` and the zero mask.
+//   count above the threshold (a block scan), at most 4 radix rounds and a recount against the
+//   found pivot when that count exceeds `slots`, then an ordered compaction of the kept columns
+//   (at the offsets those block scans of per-thread counts over whole-word column runs give)
+//   into `columns` and the zero mask.
 // add_outliers_kernel<T, O>: out = y + x[:, kept] (w[:, kept] * w_scale)^T, fp32 fused
 //   multiply-adds in ascending column order, one rounding to O.
 #include <type_traits>
@@ -71,11 +72,14 @@ __global__ void __launch_bounds__(ox::kSelectThreads) select_kernel(const Outlie
     return n;
   };
   uint32_t pivot = ox::outlier_key(p.threshold);
-  int64_t ties = 0;
-  const uint32_t above = count_run([&](uint32_t key) { return key > pivot; });
-  uint32_t above_total = 0;
-  block_inclusive_scan<ox::kSelectThreads>(above, scratch, above_total);
-  if (above_total > uint32_t(p.slots)) {
+  int64_t ties = 0;  // no column equal to the pivot is kept unless the cap applies
+  // This run's and the lower runs' counts of kept columns (key > pivot); below a full cap, those
+  // above the threshold.
+  uint32_t greater = count_run([&](uint32_t key) { return key > pivot; });
+  uint32_t greater_total = 0;
+  int64_t greater_before = block_inclusive_scan<ox::kSelectThreads>(greater, scratch, greater_total) - greater;
+  int64_t equal_before = 0;  // read only when ties > 0
+  if (greater_total > uint32_t(p.slots)) {
     // The slots-th largest key, digit by digit.
     uint32_t prefix = 0;
     int64_t need = p.slots;
@@ -101,14 +105,16 @@ __global__ void __launch_bounds__(ox::kSelectThreads) select_kernel(const Outlie
     }
     pivot = prefix;
     ties = need;
+    // Recounted against the new pivot, with the columns equal to it (the lowest `ties` of them kept).
+    greater = count_run([&](uint32_t key) { return key > pivot; });
+    const uint32_t equal = count_run([&](uint32_t key) { return key == pivot; });
+    greater_before = block_inclusive_scan<ox::kSelectThreads>(greater, scratch, greater_total) - greater;
+    uint32_t equal_total = 0;
+    equal_before = block_inclusive_scan<ox::kSelectThreads>(equal, scratch, equal_total) - equal;
+    ties = ties < int64_t(equal_total) ? ties : int64_t(equal_total);
   }
   // Ordered compaction: this run's kept columns start after those of the lower runs.
-  const uint32_t greater = count_run([&](uint32_t key) { return key > pivot; });
-  const uint32_t equal = count_run([&](uint32_t key) { return key == pivot; });
-  uint32_t greater_total = 0, equal_total = 0;
-  int64_t greater_before = block_inclusive_scan<ox::kSelectThreads>(greater, scratch, greater_total) - greater;
-  int64_t equal_before = block_inclusive_scan<ox::kSelectThreads>(equal, scratch, equal_total) - equal;
-  const int64_t kept_total = int64_t(greater_total) + (ties < int64_t(equal_total) ? ties : int64_t(equal_total));
+  const int64_t kept_total = int64_t(greater_total) + ties;
   for (int64_t w = run.begin / 32; run.begin < run.end && 32 * w < run.end; ++w) {  // whole words (the run's)
     uint32_t word = 0;
     for (int64_t c = 32 * w; c < min(32 * w + 32, run.end); ++c) {

@@ -1042,9 +1042,17 @@ void check_outlier_case() {
     return n;
   };
   uint32_t pivot = ox::outlier_key(threshold);
-  int64_t ties = 0, above_total = 0;
-  for (int t = 0; t < T; ++t) above_total += count_run(t, [&](uint32_t key) { return key > pivot; });
-  if (above_total > slots) {
+  int64_t ties = 0;
+  // As the kernel: the counts above the threshold are the kept ones unless the cap applies; then
+  // the radix pivot, and the counts recounted against it with the ties (equal counts are read only
+  // when ties > 0, so they stay 0 below the cap).
+  std::vector<int64_t> greater(T), equal(T, 0);
+  int64_t greater_total = 0;
+  for (int t = 0; t < T; ++t) {
+    greater[size_t(t)] = count_run(t, [&](uint32_t key) { return key > pivot; });
+    greater_total += greater[size_t(t)];
+  }
+  if (greater_total > slots) {
     uint32_t prefix = 0;
     int64_t need = slots;
     for (int round = 0; round < 32 / ox::kRadixBits; ++round) {
@@ -1058,17 +1066,17 @@ void check_outlier_case() {
       need = pick.need;
     }
     pivot = prefix;
-    ties = need;
+    greater_total = 0;
+    int64_t equal_total = 0;
+    for (int t = 0; t < T; ++t) {
+      greater[size_t(t)] = count_run(t, [&](uint32_t key) { return key > pivot; });
+      equal[size_t(t)] = count_run(t, [&](uint32_t key) { return key == pivot; });
+      greater_total += greater[size_t(t)];
+      equal_total += equal[size_t(t)];
+    }
+    ties = std::min(need, equal_total);
   }
-  std::vector<int64_t> greater(T), equal(T);
-  int64_t greater_total = 0, equal_total = 0;
-  for (int t = 0; t < T; ++t) {
-    greater[size_t(t)] = count_run(t, [&](uint32_t key) { return key > pivot; });
-    equal[size_t(t)] = count_run(t, [&](uint32_t key) { return key == pivot; });
-    greater_total += greater[size_t(t)];
-    equal_total += equal[size_t(t)];
-  }
-  const int64_t kept_total = greater_total + std::min(ties, equal_total);
+  const int64_t kept_total = greater_total + ties;
   CHECK(kept_total <= slots);
   std::vector<int32_t> columns(size_t(slots), -77);
   std::vector<int> column_writes(size_t(slots), 0);
