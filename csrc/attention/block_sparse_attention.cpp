@@ -262,8 +262,8 @@ bool uses_bf16_dot(const attention::BlockSparseForwardParams& p) {
 // argument"): grid y / z, the MoBA table in shared memory, and the dynamic shared memory per
 // block (99 KB on sm_86 / sm_89: D = 128 with 128-blocks in the backward, or a large top_k).
 // The attention and MoBA grids put query heads and batch on y and z.
+constexpr int64_t kMaxGridYZ = 65535;
 void check_cuda_grid(const char* op, int64_t batch, int64_t heads_q) {
-  constexpr int64_t kMaxGridYZ = 65535;
   TORCH_EXT_CHECK(batch <= kMaxGridYZ && heads_q <= kMaxGridYZ, op, "batch and query heads must be <= ", kMaxGridYZ,
                   " on CUDA, got ", batch, " and ", heads_q);
 }
@@ -514,7 +514,6 @@ bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& 
   const auto bytes = [&](int64_t lanes) {
     return attention::moba_gather::workspace_layout(lanes, s.seq_q, top_k, nk, p.head_dim).bytes;
   };
-  constexpr int64_t kMaxGridYZ = 65535;
   const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(bytes(1), 1);
   const int64_t heads = std::clamp<int64_t>(fitting, 1, std::min(s.heads_q, kMaxGridYZ));
   const int64_t batches =

@@ -675,13 +675,6 @@ __global__ void __launch_bounds__(ix::kListThreads) moba_block_lists_kernel(cons
 // Launchers
 // =============================================================================================
 
-bool bhsd_ok(const void* data, int64_t bs, int64_t hs, int64_t ss) {
-  return ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(data), bs, hs, ss);
-}
-bool bhsd_ok(const attention::Bhsd& t) { return bhsd_ok(t.data, t.batch_stride, t.head_stride, t.seq_stride); }
-bool bhsd_ok(const attention::MutableBhsd& t) {
-  return bhsd_ok(t.data, t.batch_stride, t.head_stride, t.seq_stride);
-}
 
 // Shape and layout rules of the attention kernels (see the file comment).
 cudaError_t check_forward(const BlockSparseForwardParams& p) {

@@ -38,6 +38,13 @@ using ix::RowTraits;
 // Small device helpers
 // =============================================================================================
 
+// Host: whether a [B, H, S, D] tensor takes the kernels' 16-byte cp.async loads and stores
+// (ix::bhsd_vectorizable).
+template <class Tensor>
+inline bool bhsd_ok(const Tensor& t) {
+  return ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(t.data), t.batch_stride, t.head_stride, t.seq_stride);
+}
+
 template <typename T>
 __device__ __forceinline__ const T* bhsd_ptr(const attention::Bhsd& t, int64_t b, int64_t h) {
   return static_cast<const T*>(t.data) + b * t.batch_stride + h * t.head_stride;

@@ -71,31 +71,19 @@ __device__ __forceinline__ const int32_t* lane_choices(const MobaGatherParams& p
 // Plan
 // =============================================================================================
 
-// The pair of a thread of the count / fill kernels (grid (ceil(Sq * top_k / kPairThreads), heads,
-// batches)): slot e of the lane and the key block it names, block -1 when the slot is no pair
-// (mg::slot_is_pair) or past the lane's slots.
-struct PairRef {
-  int64_t lane, e, pairs, nk;
-  int32_t block;
-};
-__device__ __forceinline__ PairRef pair_of_thread(const MobaGatherParams& p) {
+// Grid (ceil(Sq * top_k / kPairThreads), heads, batches): slot e of the lane. A pair
+// (mg::slot_is_pair) draws its rank in its block's list; other slots get rank -1, which the fill
+// and merge kernels read as "no pair".
+__global__ void __launch_bounds__(mg::kPairThreads) pair_count_kernel(const MobaGatherParams p, WorkspacePtrs w) {
   const Lane l = lane_of(p);
   const int top_k = p.forward.selection.top_k;
   const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
   const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
-  int32_t block = -1;
-  if (e < pairs) {
-    const int32_t* const choices = lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride;
-    const int slot = int(e % top_k);
-    if (mg::slot_is_pair(choices, slot, nk)) block = choices[slot];
-  }
-  return PairRef{l.lane, e, pairs, nk, block};
-}
-
-__global__ void __launch_bounds__(mg::kPairThreads) pair_count_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  const PairRef r = pair_of_thread(p);
-  if (r.e >= r.pairs) return;
-  w.rank[r.lane * r.pairs + r.e] = r.block >= 0 ? atomicAdd(w.counts + r.lane * r.nk + r.block, 1) : -1;
+  if (e >= pairs) return;
+  const int32_t* const choices = lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride;
+  const int slot = int(e % top_k);
+  w.rank[l.lane * pairs + e] =
+      mg::slot_is_pair(choices, slot, nk) ? atomicAdd(w.counts + l.lane * nk + choices[slot], 1) : -1;
 }
 
 // Grid (heads, batches): one CTA per lane walks its key blocks kPlanThreads at a time.
@@ -126,12 +114,17 @@ __global__ void __launch_bounds__(mg::kPlanThreads) plan_kernel(const MobaGather
   for (int64_t t = run_base + threadIdx.x; t < w.lane_runs; t += mg::kPlanThreads) runs[t] = RunRecord{-1, 0, 0, 0};
 }
 
-// Pair e into its block's list at the rank it drew.
+// Pair e into its block's list at the rank it drew (rank -1: no pair, as the count kernel found).
 __global__ void __launch_bounds__(mg::kPairThreads) pair_fill_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  const PairRef r = pair_of_thread(p);
-  if (r.block < 0) return;
-  const int32_t rank = w.rank[r.lane * r.pairs + r.e];
-  w.entries[r.lane * r.pairs + w.offsets[r.lane * r.nk + r.block] + rank] = int32_t(r.e);
+  const Lane l = lane_of(p);
+  const int top_k = p.forward.selection.top_k;
+  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
+  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
+  if (e >= pairs) return;
+  const int32_t rank = w.rank[l.lane * pairs + e];
+  if (rank < 0) return;
+  const int32_t block = __ldg(lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride + e % top_k);
+  w.entries[l.lane * pairs + w.offsets[l.lane * nk + block] + rank] = int32_t(e);
 }
 
 // =============================================================================================
@@ -357,9 +350,6 @@ cudaError_t launch_typed(const MobaGatherParams& p, const WorkspacePtrs& w, cuda
 }  // namespace
 
 bool moba_gather_supported(const attention::BlockSparseForwardParams& p) {
-  const auto vectorizable = [](const void* data, int64_t bs, int64_t hs, int64_t ss) {
-    return ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(data), bs, hs, ss);
-  };
   const int64_t nk = p.block_kv > 0 ? ix::ceil_div(p.seq_kv, p.block_kv) : 0;
   return (p.dtype == ScalarKind::kFloat16 || p.dtype == ScalarKind::kBFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128) &&
@@ -370,18 +360,14 @@ bool moba_gather_supported(const attention::BlockSparseForwardParams& p) {
          p.heads_q % p.heads_kv == 0 && p.seq_q * p.selection.top_k < (int64_t(1) << 31) &&
          p.seq_kv < (int64_t(1) << 31) - 256 &&
          mg::max_lane_runs(p.seq_q, p.selection.top_k, nk) <= kMaxGridX &&
-         vectorizable(p.q.data, p.q.batch_stride, p.q.head_stride, p.q.seq_stride) &&
-         vectorizable(p.k.data, p.k.batch_stride, p.k.head_stride, p.k.seq_stride) &&
-         vectorizable(p.v.data, p.v.batch_stride, p.v.head_stride, p.v.seq_stride);
+         bhsd_ok(p.q) && bhsd_ok(p.k) && bhsd_ok(p.v);
 }
 
 cudaError_t moba_gather_forward(const MobaGatherParams& p, cudaStream_t stream) {
   const auto& f = p.forward;
   if (!moba_gather_supported(f) || p.heads < 0 || p.heads > kMaxGridYZ || p.head_begin < 0 ||
       p.head_begin + p.heads > f.heads_q || p.batches < 0 || p.batches > kMaxGridYZ || p.batch_begin < 0 ||
-      p.batch_begin + p.batches > f.batch ||
-      !ix::bhsd_vectorizable(reinterpret_cast<uintptr_t>(f.out.data), f.out.batch_stride, f.out.head_stride,
-                             f.out.seq_stride))
+      p.batch_begin + p.batches > f.batch || !bhsd_ok(f.out))
     return cudaErrorInvalidValue;
   if (p.batches == 0 || p.heads == 0 || f.seq_q == 0) return cudaSuccess;
   const WorkspacePtrs w = workspace_ptrs(p);

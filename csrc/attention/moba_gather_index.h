@@ -67,8 +67,7 @@ TORCH_EXT_HOST_DEVICE bool slot_is_pair(const int32_t* choices, int slot, int64_
     if (choices[s] == block) return false;
   return true;
 }
-// Pair id of (token, slot) and back: it indexes entries' values, rank and the partials.
-TORCH_EXT_HOST_DEVICE int32_t pair_id(int32_t token, int slot, int top_k) { return token * top_k + slot; }
+// Pair id e = token * top_k + slot indexes entries' values, rank and the partials; its token:
 TORCH_EXT_HOST_DEVICE int32_t pair_token(int32_t pair, int top_k) { return pair / top_k; }
 
 // Runs of a key block with `count` pairs, and an upper bound on a lane's runs: sum_j
