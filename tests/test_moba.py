@@ -314,3 +314,19 @@ def test_cuda_gather_forward_choice_sets_and_strides(monkeypatch):
     choices = selected.transpose(2, 3).contiguous().transpose(2, 3)
     strided, strided_lse = op(*bshd, choices, 16, True, 0.125)
     assert torch.equal(strided, out) and torch.equal(strided_lse, lse), f"seed {seed}"
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(block_size=0), r"moba_attention: block_size must be in \[1, 2147483647\], got 0"),
+    (dict(token_blocks=torch.zeros(1, 2, 40, dtype=torch.int32)), "token_blocks must be \\[B, H, Sq, top_k\\]"),
+    (dict(token_blocks=torch.zeros(1, 2, 39, 2, dtype=torch.int32)), r"token_blocks must be \[B, Hq, Sq, top_k\]"),
+    (dict(token_blocks=torch.zeros(1, 2, 40, 2)), "token_blocks must have dtype"),
+    (dict(token_blocks=torch.full((1, 2, 40, 2), 3, dtype=torch.int32)), "token_blocks holds 3"),
+    (dict(v=torch.randn(1, 1, 41, 32)), "v must have the shape of k"),
+])
+def test_attention_op_bad_inputs(args, message):
+    call = dict(q=torch.randn(1, 2, 40, 32), k=torch.randn(1, 1, 40, 32), v=torch.randn(1, 1, 40, 32),
+                token_blocks=torch.zeros(1, 2, 40, 2, dtype=torch.int32), block_size=16, causal=True, scale=0.2)
+    call.update(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torch_ext.moba_attention(*call.values())
