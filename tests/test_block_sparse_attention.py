@@ -138,6 +138,40 @@ def test_hopper_forward(monkeypatch, hopper_build, dtype, dim, block_q, block_kv
            bounds=_CUDA_BOUNDS[dtype])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim,block_q,block_kv", [(64, 64, 64), (128, 64, 128), (64, 128, 128), (128, 128, 64),
+                                                  (128, 64, 32)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_backward(monkeypatch, hopper_build, dtype, dim, block_q, block_kv, causal):
+    """The wgmma backward (TORCH_EXT_ATTENTION_WGMMA_BWD=1: dQ on wgmma, dK / dV on wgmma for key
+    blocks of 64 and 128, mma.sync for 32) against float64 over the CUDA test's cases: GQA,
+    Sq != Sk, odd lengths (partial sub-tiles, causal diagonals inside a step), [B, S, H, D]
+    strides, an empty query block, a dense mask (steps without a predicate)."""
+    monkeypatch.setenv("TORCH_EXT_ATTENTION_WGMMA_BWD", "1")
+    _check(1, 4, 2, 200, 333, dim, block_q, block_kv, causal, dtype, 0.5, device="cuda", transposed=causal,
+           empty_block=True, bounds=_CUDA_BOUNDS[dtype])
+    _check(2, 2, 1, 333, 150, dim, block_q, block_kv, causal, dtype, 0.4, device="cuda", mask_heads=1,
+           bounds=_CUDA_BOUNDS[dtype])
+    _check(1, 2, 2, 256, 256, dim, block_q, block_kv, causal, dtype, 1.0, device="cuda", bounds=_CUDA_BOUNDS[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("block_kv", [32, 64, 128])
+def test_hopper_backward_runs_wgmma_kernels(monkeypatch, hopper_build, block_kv):
+    """Which kernels TORCH_EXT_ATTENTION_WGMMA_BWD=1 runs (from the profiler, so apart from the
+    numeric test, which the sanitizers run: CUPTI does not run under them)."""
+    monkeypatch.setenv("TORCH_EXT_ATTENTION_WGMMA_BWD", "1")
+    q = torch.randn(1, 2, 100, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = BlockSparseMask.causal(100, 100, 64, block_kv, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        block_sparse_attention(q, q, q, mask, causal=True).sum().backward()
+        torch.cuda.synchronize()
+    names = " ".join(event.name for event in prof.events())
+    assert "dq_wgmma_kernel" in names
+    assert ("dkdv_wgmma_kernel" in names) == (block_kv >= 64)
+
+
 @pytest.mark.parametrize("dim", [32, 48, 128, 256])
 @pytest.mark.parametrize("block_kv", [16, 48, 80])
 def test_bf16_head_dims_and_key_blocks(cpu_isa, dim, block_kv):

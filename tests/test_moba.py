@@ -258,32 +258,39 @@ def test_cuda_gather_forward(monkeypatch, dtype, case):
 
 
 @pytest.mark.cuda
-def test_cuda_gather_forward_graph_capture_and_backward():
+@pytest.mark.parametrize("backward", ["mma_sync", "wgmma"])
+def test_cuda_gather_forward_graph_capture_and_backward(request, monkeypatch, backward):
     """moba_attention's CUDA forward has no host sync (it captures in a CUDA graph and replays to the
-    eager result on new inputs); its gradients are the union backward's."""
+    eager result on new inputs); its gradients are the union backward's, on mma.sync or on the
+    Hopper kernels (TORCH_EXT_ATTENTION_WGMMA_BWD=1: the dK / dV kernel skips the 64-row steps no
+    row of which chose the block; key blocks of 64 there)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if backward == "wgmma":
+        request.getfixturevalue("hopper_build")
+        monkeypatch.setenv("TORCH_EXT_ATTENTION_WGMMA_BWD", "1")
+    block = 64 if backward == "wgmma" else 32  # the Hopper dK / dV kernel takes blocks of 64 and 128
     seed = fresh_seed()
     q, k = (t.cuda() for t in _qk(1, 4, 2, 500, 500, 128, torch.bfloat16, seed))
     v = random_tensor(k.shape, torch.bfloat16, "cuda", seed + 2)
     static = [t.clone() for t in (q, k, v)]
-    moba_attention(*static, block_size=32, top_k=4)  # warm-up: kernels loaded, allocator primed
+    moba_attention(*static, block_size=block, top_k=4)  # warm-up: kernels loaded, allocator primed
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = moba_attention(*static, block_size=32, top_k=4)
+        captured = moba_attention(*static, block_size=block, top_k=4)
     fresh = [random_tensor(t.shape, torch.bfloat16, "cuda", seed + 10 + i) for i, t in enumerate(static)]
     for dst, src in zip(static, fresh):
         dst.copy_(src)
     graph.replay()
-    assert torch.equal(captured, moba_attention(*fresh, block_size=32, top_k=4)), f"seed {seed}"
+    assert torch.equal(captured, moba_attention(*fresh, block_size=block, top_k=4)), f"seed {seed}"
 
     q, k, v = (t.detach().requires_grad_() for t in fresh)
-    out = moba_attention(q, k, v, block_size=32, top_k=4)
+    out = moba_attention(q, k, v, block_size=block, top_k=4)
     grad = random_tensor(out.shape, torch.bfloat16, "cuda", seed + 20)
     out.backward(grad)
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    selected = moba_select(q.detach(), k.detach(), 32, 4, True).cpu()
-    mask = ref.token_block_mask(selected, 32, 500) & ref.causal_mask(500, 500)
+    selected = moba_select(q.detach(), k.detach(), block, 4, True).cpu()
+    mask = ref.token_block_mask(selected, block, 500) & ref.causal_mask(500, 500)
     want = ref.masked_attention(q64, k64, v64, mask, 128 ** -0.5)[0]
     want.backward(grad.cpu().double())
     for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):

@@ -159,13 +159,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
 
   const int q_pos[2] = {q0 + warp_row0 + ix::acc_row(lane, 0), q0 + warp_row0 + ix::acc_row(lane, 2)};
   float lse2[2], delta[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t at = (b * p.heads_q + h) * p.seq_q + q_pos[half];
-    const bool ok = q_pos[half] < c.seq_q;
-    lse2[half] = ok ? ix::lse_log2(__ldg(p.lse + at)) : INFINITY;
-    delta[half] = ok ? __ldg(bp.delta + at) : 0.f;
-  }
+  load_row_stats(bp, b, h, q_pos, lse2, delta);
   float dq[Tr::kON][4];
   zero_accumulators(dq);
 
@@ -221,60 +215,15 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wk = warp % Tr::kWarpsKey, wq = warp / Tr::kWarpsKey;
-  const int kb = blockIdx.x, hk = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int group = int(p.heads_q / p.heads_kv);
-  const int seq_q = int(p.seq_q), seq_kv = int(p.seq_kv);
-  const int k0 = kb * kBlockKv;
-  const bool causal = p.causal, selection = p.selection.blocks != nullptr;
-  const int top_k = p.selection.top_k;
-  const float scale_log2 = p.scale * ix::kLog2e;
-  const int subs = p.block_q / ix::kBwdQTile;
-  const int nq = int(ix::ceil_div(p.seq_q, p.block_q));
-
-  const attention::BlockList& tl = bp.transposed;
-  const int32_t* const counts = tl.counts + b * tl.counts_batch_stride + int64_t(hk) * group * tl.counts_head_stride;
-  const ix::TransposedLists lists{counts + kb, tl.counts_head_stride, group, tl.max_blocks};
-  // Steps of the walk: every listed query block of every head of the group, in 64-row sub-tiles.
-  const int steps = seq_q > 0 ? ix::walk_steps(lists, subs) : 0;
+  const DkdvCta c = dkdv_cta_setup<kBlockKv>(bp);
 
   // K, V of the block (resident).
-  {
-    const T* const kp = bhsd_ptr<T>(p.k, b, hk);
-    const T* const vp = bhsd_ptr<T>(p.v, b, hk);
-    load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kKOffset, kp, p.k.seq_stride, k0, seq_kv, tid);
-    load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kVOffset, vp, p.v.seq_stride, k0, seq_kv, tid);
-  }
-  // Loader of one step (cursor position) into stage st.
-  const auto load_step = [&](const ix::TransposedCursor& cur, int st) {
-    unsigned char* const stage = smem + Tr::kStageOffset + st * Tr::kStageBytes;
-    const int h = hk * group + cur.g;
-    const int qb = __ldg(tl.indices + b * tl.indices_batch_stride + h * tl.indices_head_stride +
-                         int64_t(kb) * tl.max_blocks + cur.slot);
-    const bool block_ok = qb >= 0 && qb < nq;
-    const int qbase = block_ok ? qb * p.block_q + cur.sub * ix::kBwdQTile : seq_q;  // seq_q: all rows empty
-    load_rows<T, kD, Tr::kThreads, Tr::kTileCopies>(stage, bhsd_ptr<T>(p.q, b, h), p.q.seq_stride, qbase, seq_q, tid);
-    load_rows<T, kD, Tr::kThreads, Tr::kTileCopies>(stage + Tr::kTileBytes, bhsd_ptr<T>(bp.grad_out, b, h),
-                                                    bp.grad_out.seq_stride, qbase, seq_q, tid);
-    const int64_t row0 = (b * p.heads_q + h) * p.seq_q;
-    for (int r = tid; r < ix::kBwdQTile; r += Tr::kThreads) {
-      const int pos = qbase + r;
-      const bool ok = pos < seq_q;
-      cp_async_4_zfill(stage + Tr::kLseOffset + 4 * r, ok ? p.lse + row0 + pos : p.lse, ok);
-      cp_async_4_zfill(stage + Tr::kDeltaOffset + 4 * r, ok ? bp.delta + row0 + pos : bp.delta, ok);
-      bool allowed = ok;
-      if (ok && selection) {
-        const int32_t* const choices = p.selection.blocks + b * p.selection.batch_stride +
-                                       h * p.selection.head_stride + int64_t(pos) * p.selection.seq_stride;
-        allowed = ix::block_selected(choices, top_k, kb);
-      }
-      reinterpret_cast<int*>(stage + Tr::kFlagOffset)[r] = allowed ? 1 : 0;
-    }
-    if (tid == 0) *reinterpret_cast<int*>(stage + Tr::kQBaseOffset) = qbase;
-  };
-
-  ix::TransposedCursor loader = ix::cursor_begin(lists);
-  if (steps > 0) load_step(loader, 0);
+  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kKOffset, bhsd_ptr<T>(p.k, c.b, c.hk), p.k.seq_stride,
+                                                c.k0, c.seq_kv, tid);
+  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kVOffset, bhsd_ptr<T>(p.v, c.b, c.hk), p.v.seq_stride,
+                                                c.k0, c.seq_kv, tid);
+  ix::TransposedCursor loader = ix::cursor_begin(c.lists);
+  if (c.steps > 0) load_dkdv_step<T, Tr, LdsmLayout<kD>>(bp, c, loader, smem + Tr::kStageOffset, tid);
   cp_async_commit();
 
   float dk[Tr::kON][4], dv[Tr::kON][4];
@@ -283,33 +232,31 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   const unsigned char* const ksm = smem + Tr::kKOffset;
   const unsigned char* const vsm = smem + Tr::kVOffset;
   const int key_row0 = wk * ix::kWarpRows;
-  const int k_pos[2] = {k0 + key_row0 + ix::acc_row(lane, 0), k0 + key_row0 + ix::acc_row(lane, 2)};
+  const int k_pos[2] = {c.k0 + key_row0 + ix::acc_row(lane, 0), c.k0 + key_row0 + ix::acc_row(lane, 2)};
 
-  for (int t = 0; t < steps; ++t) {
+  for (int t = 0; t < c.steps; ++t) {
     const int st = t % ix::kStages;
     cp_async_wait<0>();
     __syncthreads();
-    if (t + 1 < steps) {
-      ix::cursor_advance(loader, lists, subs);
-      load_step(loader, (t + 1) % ix::kStages);
+    if (t + 1 < c.steps) {
+      ix::cursor_advance(loader, c.lists, c.subs);
+      load_dkdv_step<T, Tr, LdsmLayout<kD>>(bp, c, loader, smem + Tr::kStageOffset + (t + 1) % ix::kStages * Tr::kStageBytes,
+                                            tid);
     }
     cp_async_commit();
 
     const unsigned char* const stage = smem + Tr::kStageOffset + st * Tr::kStageBytes;
     const unsigned char* const qs = stage;
     const unsigned char* const dos = stage + Tr::kTileBytes;
-    const float* const lse = reinterpret_cast<const float*>(stage + Tr::kLseOffset);
-    const float* const dlt = reinterpret_cast<const float*>(stage + Tr::kDeltaOffset);
-    const int* const flag = reinterpret_cast<const int*>(stage + Tr::kFlagOffset);
-    const int qbase = *reinterpret_cast<const int*>(stage + Tr::kQBaseOffset);
+    const DkdvStage rows = dkdv_stage<Tr>(stage);
 #pragma unroll 1
     for (int inner = 0; inner < Tr::kQCols / Tr::kQInner; ++inner) {
       const int qc0 = wq * Tr::kQCols + inner * Tr::kQInner;
       // MoBA: no row of these kQInner (<= 32) columns chose this key block, so their P and dS are 0
       // and the pass would add exact zeros (with union lists at long sequences, most passes: a row
       // chose a given block with probability top_k / blocks, 1/32 at 32K for block 64 / top-8).
-      const bool chosen = lane < Tr::kQInner && flag[qc0 + lane % Tr::kQInner] != 0;
-      if (selection && !__any_sync(kFullMask, chosen)) continue;
+      const bool chosen = lane < Tr::kQInner && rows.flag[qc0 + lane % Tr::kQInner] != 0;
+      if (c.selection && !__any_sync(kFullMask, chosen)) continue;
       float s[Tr::kNI][4], dp[Tr::kNI][4];
       zero_accumulators(s);
       zero_accumulators(dp);
@@ -332,11 +279,9 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = qc0 + 8 * j + ix::acc_col(lane, e);
-          const int q_pos = qbase + col;
-          const bool vis = flag[col] != 0 && ix::key_visible(q_pos, k_pos[e / 2], seq_q, seq_kv, causal);
-          const float prob = vis ? ix::exp2_approx(s[j][e] * scale_log2 - ix::lse_log2(lse[col])) : 0.f;
+          const float prob = dkdv_prob(rows, c, s[j][e], col, k_pos[e / 2]);
           s[j][e] = prob;
-          dp[j][e] = prob * (dp[j][e] - dlt[col]);
+          dp[j][e] = prob * (dp[j][e] - rows.delta[col]);
         }
       // dV += P^T dO, dK += dS^T Q (dO, Q read transposed: k = query row).
 #pragma unroll
@@ -383,21 +328,7 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
         }
     }
   }
-  T* const dkp = bhsd_ptr<T>(bp.grad_k, b, hk);
-  T* const dvp = bhsd_ptr<T>(bp.grad_v, b, hk);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int pos = k_pos[half];
-    if (pos >= seq_kv) continue;
-#pragma unroll
-    for (int j = 0; j < Tr::kON; ++j) {
-      const int col = 8 * j + ix::acc_col(lane, 0);
-      *reinterpret_cast<uint32_t*>(dkp + int64_t(pos) * bp.grad_k.seq_stride + col) =
-          pack_pair<T>(dk[j][2 * half] * p.scale, dk[j][2 * half + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dvp + int64_t(pos) * bp.grad_v.seq_stride + col) =
-          pack_pair<T>(dv[j][2 * half], dv[j][2 * half + 1]);
-    }
-  }
+  store_dkdv<T, kD>(bp, c, dk, dv, k_pos, lane);
 }
 
 // =============================================================================================
@@ -773,6 +704,12 @@ cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackward
     return cudaErrorInvalidValue;
   if (f.heads_kv > kMaxGridYZ || p.transposed.max_blocks < 0) return cudaErrorInvalidValue;
   if (f.batch == 0 || f.heads_q == 0) return cudaSuccess;
+  // The Hopper backward (attention/block_sparse_attention_wgmma_bwd.cu): opt-in until it has run on
+  // a GPU (written and simulated without one).
+  bool hopper = false;
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  hopper = hopper_kernel_enabled("TORCH_EXT_ATTENTION_WGMMA_BWD", false);
+#endif
   return dispatch_type_dim(f.dtype, f.head_dim, [&]<typename T, int kD>() -> cudaError_t {
     cudaError_t s = cudaSuccess;
     if (f.seq_q > 0) {
@@ -782,9 +719,20 @@ cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackward
       bwd_delta_kernel<T, kD><<<unsigned(ix::ceil_div(rows, per_cta)), 256, 0, stream>>>(p);
       s = cudaGetLastError();
       if (s != cudaSuccess) return s;
-      s = f.block_q == 64 ? launch_dq<T, kD, 64>(p, stream) : launch_dq<T, kD, 128>(p, stream);
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+      if (hopper) {
+        s = block_sparse_attention_dq_sm90(p, stream);
+      } else
+#endif
+      {
+        s = f.block_q == 64 ? launch_dq<T, kD, 64>(p, stream) : launch_dq<T, kD, 128>(p, stream);
+      }
       if (s != cudaSuccess) return s;
     }
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+    if (f.seq_kv > 0 && hopper && block_sparse_attention_dkdv_sm90_supports(f.block_kv))
+      return block_sparse_attention_dkdv_sm90(p, stream);
+#endif
     if (f.seq_kv > 0) {
       switch (f.block_kv) {
         case 16: s = launch_dkdv<T, kD, 16>(p, stream); break;

@@ -660,6 +660,59 @@ static_assert(wgmma_tiles_on_atoms<64, 64>() && wgmma_tiles_on_atoms<128, 64>() 
                   wgmma_tiles_on_atoms<128, 128>(),
               "Q, K and V tiles start on swizzle atoms");
 
+// =============================================================================================
+// 11. The Hopper backward (attention/block_sparse_attention_wgmma_bwd.cu, sm_90a).
+//     dQ: the dQ kernel's CTA (RowTraits<kD, kBlockQ, true>: Q and dO resident, K / V steps) with
+//       its tiles in wgmma's layout; per step S = Q K^T and dP = dO V^T as m64n64k16 from shared
+//       memory (Q, dO, K, V all K-major, as Q and K in the forward), dQ += dS K as m64n<D>k16 with
+//       dS from registers and K read transposed (wgmma_v_desc, as V in the forward).
+//     dK / dV: a CTA of block_kv / 64 warpgroups (block_kv 64, 128), warpgroup g owning keys
+//       64 g .. 64 g + 63, warp w of the CTA key rows 16 w .. 16 w + 15 (the mma.sync kernel's
+//       key warps); K and V resident (K-major A operands, rows 64 g.. of a block_kv-row tile), the
+//       walk's 64-row Q / dO sub-tiles double-buffered in 64-row tiles. Per step S^T = K Q^T and
+//       dP^T = V dO^T (m64n64k16, Q and dO K-major B), P^T and dS^T in registers, then
+//       dV += P^T dO and dK += dS^T Q (m64n<D>k16, dO and Q read transposed: wgmma_v_desc).
+//     Both need 1024-byte-aligned tiles: the stage of the dK / dV kernel is rounded up to atoms.
+// =============================================================================================
+
+// DkdvTraits' warps (block_kv / 16: whole warpgroups for 64 and 128), tiles and stage fields, with
+// each stage rounded up to whole atoms so that every stage's Q / dO tiles start on one.
+template <int kD, int kBlockKv>
+struct WgmmaDkdvTraits : DkdvTraits<kD, kBlockKv> {
+  using Base = DkdvTraits<kD, kBlockKv>;
+  static_assert(kBlockKv == 64 || kBlockKv == 128, "whole warpgroups of 64 keys");
+  static_assert(Base::kWarpsQ == 1 && Base::kWarpsKey == kBlockKv / kWarpRows, "warp w: key rows 16 w..");
+  static_assert(Base::kKvBytes % kWgmmaAtomBytes == 0 && Base::kTileBytes % kWgmmaAtomBytes == 0, "tiles on atoms");
+  static constexpr int kStageBytes = (Base::kStageBytes + kWgmmaAtomBytes - 1) / kWgmmaAtomBytes * kWgmmaAtomBytes;
+  // plus one atom: the kernel aligns its base up to 1024 bytes
+  static constexpr int kSmemBytes = Base::kStageOffset + kStages * kStageBytes + kWgmmaAtomBytes;
+};
+
+// Dynamic shared memory of the Hopper dQ kernel: RowTraits' layout plus one atom (alignment).
+template <int kD, int kBlockQ>
+constexpr int wgmma_dq_smem_bytes(int top_k) {
+  return RowTraits<kD, kBlockQ, true>::smem_bytes(top_k) + kWgmmaAtomBytes;
+}
+static_assert(RowTraits<128, 128, true>::kStageOffset % kWgmmaAtomBytes == 0 &&
+                  RowTraits<64, 64, true>::kStageOffset % kWgmmaAtomBytes == 0,
+              "the dQ kernel's Q, dO and K / V tiles start on atoms");
+
+// Whether no query row of a dK / dV step (rows q0 .. q0 + 63, below Sq) sees any key of the CTA's
+// block (keys k0 .. k0 + block_kv - 1, below Sk): the step adds exact zeros and the kernel skips
+// it (CTA-uniform). Causal (bottom-right): row i sees keys up to i + Sk - Sq.
+TORCH_EXT_HOST_DEVICE bool dkdv_step_hidden(int64_t q0, int64_t k0, int64_t seq_q, int64_t seq_kv, bool causal) {
+  if (q0 >= seq_q || k0 >= seq_kv) return true;
+  const int64_t last_q = q0 + kBwdQTile - 1 < seq_q ? q0 + kBwdQTile - 1 : seq_q - 1;
+  return causal && k0 > last_q + seq_kv - seq_q;
+}
+// Whether every (row, key) of a dK / dV step's 64 rows (from q0) and the keys up to k_last (the
+// last key of a warp's 16) is visible, MoBA choices aside: all rows below Sq, all keys below Sk,
+// and under causal masking the first row, the most restricted, sees k_last. Then P^T needs no
+// per-element predicate.
+TORCH_EXT_HOST_DEVICE bool dkdv_tile_full(int64_t q0, int64_t k_last, int64_t seq_q, int64_t seq_kv, bool causal) {
+  return q0 + kBwdQTile <= seq_q && k_last < seq_kv && (!causal || k_last <= q0 + seq_kv - seq_q);
+}
+
 }  // namespace bsa_cuda
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
 }  // namespace torch_ext::attention

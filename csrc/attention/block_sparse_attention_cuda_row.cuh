@@ -1,8 +1,9 @@
-// Device code shared by the forward and dQ kernels of block-sparse attention
-// (attention/block_sparse_attention_cuda.cu, mma.sync) and the Hopper forward
-// (attention/block_sparse_attention_wgmma.cu, wgmma): kernel traits, tile loads (in the layout
-// their reader wants: ldmatrix's swizzle or wgmma's), mma helpers, the query-block walk with its
-// masks and MoBA table, the epilogue store. Index math lives in
+// Device code shared by the kernels of block-sparse attention on mma.sync
+// (attention/block_sparse_attention_cuda.cu) and on wgmma (attention/block_sparse_attention_wgmma.cu,
+// the forward; attention/block_sparse_attention_wgmma_bwd.cu, dQ and dK / dV): kernel traits, tile
+// loads (in the layout their reader wants: ldmatrix's swizzle or wgmma's), mma helpers, the
+// query-block walk of the forward / dQ kernels with its masks and MoBA table, the key-block walk
+// of the dK / dV kernels, the epilogue stores. Index math lives in
 // attention/block_sparse_attention_cuda_index.h. No torch headers.
 #pragma once
 
@@ -402,6 +403,185 @@ __device__ __forceinline__ RowPlace row_place(const BlockSparseForwardParams& p)
   const int tid = threadIdx.x, warp = tid / 32, qb = int(gridDim.x - 1 - blockIdx.x);
   return RowPlace{tid, tid % 32, warp, qb, int(blockIdx.y), int64_t(blockIdx.z), qb * kBlockQ, warp * ix::kWarpRows,
                   p.causal, p.selection.blocks != nullptr, p.selection.top_k, p.scale * ix::kLog2e};
+}
+
+// The dQ kernels' per-row inputs of the lane's two rows q_pos: lse in the log2 domain (+inf past
+// Sq, so P is 0 there) and delta = rowsum(dO * O).
+__device__ __forceinline__ void load_row_stats(const BlockSparseBackwardParams& bp, int64_t b, int h,
+                                               const int (&q_pos)[2], float (&lse2)[2], float (&delta)[2]) {
+  const BlockSparseForwardParams& p = bp.forward;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t at = (b * p.heads_q + h) * p.seq_q + q_pos[half];
+    const bool ok = q_pos[half] < p.seq_q;
+    lse2[half] = ok ? ix::lse_log2(__ldg(p.lse + at)) : INFINITY;
+    delta[half] = ok ? __ldg(bp.delta + at) : 0.f;
+  }
+}
+
+// =============================================================================================
+// The key-block walk shared by the dK / dV kernels
+// =============================================================================================
+
+// Where a dK / dV CTA stands (grid: key block, kv head, batch): its key block, the lists of its
+// group's query heads (p.transposed) and the number of 64-row steps of its walk.
+struct DkdvCta {
+  int kb, hk;
+  int64_t b;
+  int group, seq_q, seq_kv, k0;
+  int subs, nq;  // 64-row sub-tiles per query block; query blocks
+  bool causal, selection;
+  int top_k;
+  float scale_log2;
+  ix::TransposedLists lists;
+  int steps;
+};
+template <int kBlockKv>
+__device__ __forceinline__ DkdvCta dkdv_cta_setup(const BlockSparseBackwardParams& bp) {
+  const BlockSparseForwardParams& p = bp.forward;
+  DkdvCta c;
+  c.kb = int(blockIdx.x);
+  c.hk = int(blockIdx.y);
+  c.b = blockIdx.z;
+  c.group = int(p.heads_q / p.heads_kv);
+  c.seq_q = int(p.seq_q);
+  c.seq_kv = int(p.seq_kv);
+  c.k0 = c.kb * kBlockKv;
+  c.subs = p.block_q / ix::kBwdQTile;
+  c.nq = int(ix::ceil_div(p.seq_q, p.block_q));
+  c.causal = p.causal;
+  c.selection = p.selection.blocks != nullptr;
+  c.top_k = p.selection.top_k;
+  c.scale_log2 = p.scale * ix::kLog2e;
+  const attention::BlockList& tl = bp.transposed;
+  const int32_t* const counts =
+      tl.counts + c.b * tl.counts_batch_stride + int64_t(c.hk) * c.group * tl.counts_head_stride;
+  c.lists = ix::TransposedLists{counts + c.kb, tl.counts_head_stride, c.group, tl.max_blocks};
+  c.steps = c.seq_q > 0 ? ix::walk_steps(c.lists, c.subs) : 0;
+  return c;
+}
+
+// Step `cur` of the walk into `stage` (Tr's stage layout): the sub-tile's Q and dO rows (in
+// Layout), each row's lse, delta and MoBA flag (the row exists and, with MoBA, chose the block),
+// and the sub-tile's first query position (Sq for a list entry out of range: every row empty).
+template <typename T, class Tr, class Layout>
+__device__ __forceinline__ void load_dkdv_step(const BlockSparseBackwardParams& bp, const DkdvCta& c,
+                                               const ix::TransposedCursor& cur, unsigned char* stage, int tid) {
+  constexpr int kD = Tr::kChunks * ix::kChunkElems;
+  const BlockSparseForwardParams& p = bp.forward;
+  const attention::BlockList& tl = bp.transposed;
+  const int h = c.hk * c.group + cur.g;
+  const int qb = __ldg(tl.indices + c.b * tl.indices_batch_stride + h * tl.indices_head_stride +
+                       int64_t(c.kb) * tl.max_blocks + cur.slot);
+  const bool block_ok = qb >= 0 && qb < c.nq;
+  const int qbase = block_ok ? qb * p.block_q + cur.sub * ix::kBwdQTile : c.seq_q;
+  load_rows<T, kD, Tr::kThreads, Tr::kTileCopies, Layout>(stage, bhsd_ptr<T>(p.q, c.b, h), p.q.seq_stride, qbase,
+                                                          c.seq_q, tid);
+  load_rows<T, kD, Tr::kThreads, Tr::kTileCopies, Layout>(stage + Tr::kTileBytes, bhsd_ptr<T>(bp.grad_out, c.b, h),
+                                                          bp.grad_out.seq_stride, qbase, c.seq_q, tid);
+  const int64_t row0 = (c.b * p.heads_q + h) * p.seq_q;
+  for (int r = tid; r < ix::kBwdQTile; r += Tr::kThreads) {
+    const int pos = qbase + r;
+    const bool ok = pos < c.seq_q;
+    cp_async_4_zfill(stage + Tr::kLseOffset + 4 * r, ok ? p.lse + row0 + pos : p.lse, ok);
+    cp_async_4_zfill(stage + Tr::kDeltaOffset + 4 * r, ok ? bp.delta + row0 + pos : bp.delta, ok);
+    bool allowed = ok;
+    if (ok && c.selection) {
+      const int32_t* const choices = p.selection.blocks + c.b * p.selection.batch_stride +
+                                     h * p.selection.head_stride + int64_t(pos) * p.selection.seq_stride;
+      allowed = ix::block_selected(choices, c.top_k, c.kb);
+    }
+    reinterpret_cast<int*>(stage + Tr::kFlagOffset)[r] = allowed ? 1 : 0;
+  }
+  if (tid == 0) *reinterpret_cast<int*>(stage + Tr::kQBaseOffset) = qbase;
+}
+
+// A stage's per-row data, as load_dkdv_step wrote it.
+struct DkdvStage {
+  const float* lse;
+  const float* delta;
+  const int* flag;
+  int qbase;
+};
+template <class Tr>
+__device__ __forceinline__ DkdvStage dkdv_stage(const unsigned char* stage) {
+  return DkdvStage{reinterpret_cast<const float*>(stage + Tr::kLseOffset),
+                   reinterpret_cast<const float*>(stage + Tr::kDeltaOffset),
+                   reinterpret_cast<const int*>(stage + Tr::kFlagOffset),
+                   *reinterpret_cast<const int*>(stage + Tr::kQBaseOffset)};
+}
+// P^T at key k_pos and query column col of the stage from the score s = K.Q (before scaling): 0
+// where the row does not exist, did not choose the block (MoBA) or cannot see the key (causal).
+__device__ __forceinline__ bool dkdv_visible(const DkdvStage& st, const DkdvCta& c, int col, int k_pos) {
+  return st.flag[col] != 0 && ix::key_visible(st.qbase + col, k_pos, c.seq_q, c.seq_kv, c.causal);
+}
+__device__ __forceinline__ float dkdv_prob(const DkdvStage& st, const DkdvCta& c, float s, int col, int k_pos) {
+  return dkdv_visible(st, c, col, k_pos) ? ix::exp2_approx(s * c.scale_log2 - ix::lse_log2(st.lse[col])) : 0.f;
+}
+
+// P^T and dS^T in place over a warp's 16 key rows x 64 query columns held as 8 n8 accumulator
+// tiles (s: K.Q, dp: V.dO): the wgmma dK / dV kernel's. Each lane's columns come in adjacent pairs
+// (8 j + 2 (lane % 4), + 1), so lse and delta load as float2 once per pair; a warp whose keys all
+// rows see (ix::dkdv_tile_full, no MoBA) takes the copy without a per-element predicate.
+// P^T is finished before dp is read (dp may still be in flight when the caller starts).
+template <class Wait>
+__device__ __forceinline__ void dkdv_probs(float (&s)[8][4], float (&dp)[8][4], const DkdvStage& st,
+                                           const DkdvCta& c, int key_row0, const int (&k_pos)[2], int lane,
+                                           Wait&& wait_dp) {
+  const bool full = !c.selection && ix::dkdv_tile_full(st.qbase, c.k0 + key_row0 + ix::kWarpRows - 1, c.seq_q,
+                                                       c.seq_kv, c.causal);
+  const auto probs = [&](auto masked) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int col = 8 * j + ix::acc_col(lane, 0);
+      const float2 lse = *reinterpret_cast<const float2*>(st.lse + col);
+      const float lse2[2] = {ix::lse_log2(lse.x), ix::lse_log2(lse.y)};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float prob = ix::exp2_approx(s[j][e] * c.scale_log2 - lse2[e % 2]);
+        if constexpr (decltype(masked)::value) {
+          if (!dkdv_visible(st, c, col + e % 2, k_pos[e / 2])) prob = 0.f;
+        }
+        s[j][e] = prob;
+      }
+    }
+  };
+  if (full) {
+    probs(std::false_type{});
+  } else {
+    probs(std::true_type{});
+  }
+  wait_dp();
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float2 delta = *reinterpret_cast<const float2*>(st.delta + 8 * j + ix::acc_col(lane, 0));
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - (e % 2 == 0 ? delta.x : delta.y));
+  }
+}
+
+// dK (times the softmax scale) and dV of the lane's accumulators: key rows k_pos[half] (below Sk),
+// columns 8 j + acc_col, as 4-byte pairs.
+template <typename T, int kD>
+__device__ __forceinline__ void store_dkdv(const BlockSparseBackwardParams& bp, const DkdvCta& c,
+                                           const float (&dk)[kD / 8][4], const float (&dv)[kD / 8][4],
+                                           const int (&k_pos)[2], int lane) {
+  T* const dkp = bhsd_ptr<T>(bp.grad_k, c.b, c.hk);
+  T* const dvp = bhsd_ptr<T>(bp.grad_v, c.b, c.hk);
+  const float scale = bp.forward.scale;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int pos = k_pos[half];
+    if (pos >= c.seq_kv) continue;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      const int col = 8 * j + ix::acc_col(lane, 0);
+      *reinterpret_cast<uint32_t*>(dkp + int64_t(pos) * bp.grad_k.seq_stride + col) =
+          pack_pair<T>(dk[j][2 * half] * scale, dk[j][2 * half + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dvp + int64_t(pos) * bp.grad_v.seq_stride + col) =
+          pack_pair<T>(dv[j][2 * half], dv[j][2 * half + 1]);
+    }
+  }
 }
 
 }  // namespace

@@ -1694,6 +1694,94 @@ void check_wgmma_forward_operands() {
   CHECK((ix::wgmma_forward_smem_bytes<kD, kBlockQ>(8) == Tr::smem_bytes(8) + 1024));
 }
 
+// The Hopper backward's operands (ix section 11), in the PTX addressing model as above.
+// dK / dV: the A operands are warpgroup g's 64 key rows of the block_kv-row K and V tiles
+// (K-major), the B operands of S^T = K Q^T and dP^T = V dO^T the 64-row Q / dO tiles (K-major),
+// and of dV += P^T dO, dK += dS^T Q the same tiles read transposed (query rows along k, D along n);
+// every stage starts on an atom, its tiles too, and lse / delta take float2 loads. dQ: dO like Q
+// (K-major A, warpgroup rows), V like K (K-major B), K read transposed like V in the forward.
+template <int kD, int kBlockKv>
+void check_wgmma_dkdv_operands() {
+  using Tr = ix::WgmmaDkdvTraits<kD, kBlockKv>;
+  const uint32_t base = 1024u * uint32_t(rnd(1, 40));
+  const auto elem = [&](uint32_t tile, int rows, int row, int col) {
+    const int chunk_off = rows == kBlockKv ? ix::wgmma_tile_offset<kBlockKv>(row, col / 8)
+                                           : ix::wgmma_tile_offset<ix::kBwdQTile>(row, col / 8);
+    return tile + uint32_t(chunk_off + (col % 8) * 2);
+  };
+  for (int rows : {kBlockKv, ix::kBwdQTile}) {
+    std::vector<int> hits(size_t(rows * kD * 2 / 16), 0);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < kD / 8; ++c) {
+        const int off = rows == kBlockKv ? ix::wgmma_tile_offset<kBlockKv>(r, c) : ix::wgmma_tile_offset<ix::kBwdQTile>(r, c);
+        CHECK(off % 16 == 0 && off >= 0 && off < rows * kD * 2);
+        ++hits[size_t(off / 16)];
+      }
+    for (int h : hits) CHECK(h == 1);
+  }
+  CHECK(Tr::kStageOffset % 1024 == 0 && Tr::kStageBytes % 1024 == 0 && Tr::kVOffset % 1024 == 0);
+  CHECK(Tr::kLseOffset % 8 == 0 && Tr::kDeltaOffset % 8 == 0 && Tr::kQBaseOffset + 4 <= Tr::kStageBytes);
+  CHECK(Tr::kSmemBytes <= 227 * 1024);
+  CHECK(Tr::kThreads == 128 * (kBlockKv / 64));
+  const uint32_t k_tile = base + Tr::kKOffset;
+  for (int st = 0; st < ix::kStages; ++st) {
+    const uint32_t q_tile = base + Tr::kStageOffset + st * Tr::kStageBytes, do_tile = q_tile + Tr::kTileBytes;
+    CHECK(q_tile % 1024 == 0 && do_tile % 1024 == 0);
+    for (int g = 0; g < kBlockKv / 64; ++g) {
+      const uint32_t k_rows = k_tile + uint32_t(g * ix::kWgmmaRows * kWgmmaSwizzleRowBytes);
+      for (int k16 = 0; k16 < kD / 16; ++k16) {
+        const uint64_t da = ix::wgmma_kmajor_desc<kBlockKv>(k_rows, k16);
+        const uint64_t db = ix::wgmma_kmajor_desc<ix::kTileKv>(q_tile, k16);
+        for (int r = 0; r < 64; ++r)
+          for (int kb = 0; kb < 32; ++kb) {
+            const int col = 16 * k16 + kb / 2;
+            CHECK(mma_spec::wgmma_sw128_address(da, r, kb) == elem(k_tile, kBlockKv, 64 * g + r, col) + uint32_t(kb % 2));
+            CHECK(mma_spec::wgmma_sw128_address(db, r, kb) == elem(q_tile, ix::kBwdQTile, r, col) + uint32_t(kb % 2));
+          }
+      }
+    }
+    for (int kk = 0; kk < ix::kBwdQTile / 16; ++kk) {
+      const uint64_t dt = ix::wgmma_v_desc(do_tile, kk);
+      for (int kr = 0; kr < 16; ++kr)
+        for (int nb = 0; nb < 2 * kD; ++nb)
+          CHECK(mma_spec::wgmma_sw128_mn_address(dt, kr, nb) ==
+                elem(do_tile, ix::kBwdQTile, 16 * kk + kr, nb / 2) + uint32_t(nb % 2));
+    }
+  }
+  // dQ: RowTraits' backward layout, every tile on an atom, within Hopper's 227 KB at top_k 64.
+  for (int block_q : {64, 128}) {
+    const bool atoms = block_q == 64
+                           ? (ix::RowTraits<kD, 64, true>::kRowBytes % 1024 == 0 &&
+                              ix::RowTraits<kD, 64, true>::kStageBytes % 1024 == 0 &&
+                              ix::RowTraits<kD, 64, true>::kKvBytes % 1024 == 0)
+                           : (ix::RowTraits<kD, 128, true>::kRowBytes % 1024 == 0 &&
+                              ix::RowTraits<kD, 128, true>::kStageBytes % 1024 == 0 &&
+                              ix::RowTraits<kD, 128, true>::kKvBytes % 1024 == 0);
+    CHECK(atoms);
+  }
+  CHECK((ix::wgmma_dq_smem_bytes<kD, 128>(ix::kMaxSelectionTopK) <= 227 * 1024));
+  CHECK((ix::wgmma_dq_smem_bytes<kD, 64>(0) == ix::RowTraits<kD, 64, true>::smem_bytes(0) + 1024));
+}
+
+// dkdv_step_hidden / dkdv_tile_full against key_visible over every (row, key) of the step.
+void check_dkdv_step_predicates() {
+  for (int rep = 0; rep < 4000; ++rep) {
+    const int64_t seq_q = rnd(1, 400), seq_kv = rnd(1, 400);
+    const bool causal = rnd(0, 1) == 1;
+    const int block_kv = 64 << rnd(0, 1);
+    const int64_t q0 = 64 * rnd(0, (seq_q + 63) / 64), k0 = block_kv * rnd(0, (seq_kv - 1) / block_kv);
+    bool any = false;
+    for (int64_t i = q0; i < q0 + ix::kBwdQTile && i < seq_q; ++i)
+      for (int64_t j = k0; j < k0 + block_kv; ++j) any = any || ix::key_visible(i, j, seq_q, seq_kv, causal);
+    CHECK(ix::dkdv_step_hidden(q0, k0, seq_q, seq_kv, causal) == !any);
+    const int64_t k_last = k0 + 16 * rnd(0, block_kv / 16 - 1) + 15;
+    bool all = q0 + ix::kBwdQTile <= seq_q;
+    for (int64_t i = q0; i < q0 + ix::kBwdQTile; ++i)
+      for (int64_t j = k_last - 15; j <= k_last; ++j) all = all && ix::key_visible(i, j, seq_q, seq_kv, causal);
+    CHECK(ix::dkdv_tile_full(q0, k_last, seq_q, seq_kv, causal) == all);
+  }
+}
+
 // moba_block_lists_kernel thread by thread: the bitmask, each thread's run of words, the scan of
 // their counts and the writes give every query block's union in ascending order, each slot once.
 void check_block_lists_kernel() {
@@ -1786,6 +1874,11 @@ int main(int argc, char** argv) {
   check_wgmma_forward_operands<128, 64>();
   check_wgmma_forward_operands<64, 128>();
   check_wgmma_forward_operands<128, 128>();
+  check_wgmma_dkdv_operands<64, 64>();
+  check_wgmma_dkdv_operands<128, 64>();
+  check_wgmma_dkdv_operands<64, 128>();
+  check_wgmma_dkdv_operands<128, 128>();
+  check_dkdv_step_predicates();
   CHECK(!ix::bhsd_vectorizable(16, 64, 64, 12));  // seq stride not a multiple of 8
   CHECK(!ix::bhsd_vectorizable(8, 0, 0, 64));     // base not 16-byte aligned
   check_moba_smem_layout();
