@@ -4,7 +4,10 @@ wgmma runs asynchronously only where ptxas can prove that no other instruction t
 accumulators of a batch in flight; where it cannot, it serializes every wgmma of the kernel and
 says so with warning C7514 (performance, not correctness: the tests on the GPU still pass).
 Spills inside the pipelined main loop cost as much. Both are easy to cause by reordering the
-loop, so the build's report is checked here."""
+loop, so the build's report is checked here. A serialized kernel also shows in the SASS, a wait
+(WARPGROUP.DEPBAR) after every GMMA instruction: the second check reads that with cuobjdump where
+it is found (CUDA toolkit or triton's copy), in case a toolkit words or numbers the warning
+differently."""
 
 import re
 import shutil
@@ -15,6 +18,30 @@ import pytest
 
 _ROOT = Path(__file__).resolve().parents[1]
 _NVCC = shutil.which("nvcc")
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
+def _serialized_kernels(sass: str) -> list[str]:
+    """Kernels in which every GMMA instruction is followed by a wait before the next GMMA."""
+    serialized = []
+    for function in re.split(r"\n\s*Function : ", sass)[1:]:
+        events = re.findall(r"[HIQ]GMMA\.|WARPGROUP\.DEPBAR", function)
+        gmmas = [i for i, e in enumerate(events) if e != "WARPGROUP.DEPBAR"]
+        waited = [i for i in gmmas if i + 1 < len(events) and events[i + 1] == "WARPGROUP.DEPBAR"]
+        if len(gmmas) > 1 and len(waited) == len(gmmas):
+            serialized.append(function.split("\n", 1)[0])
+    return serialized
 
 
 # (source, whether spills are allowed): the weight-only file's 4-bit Hopper batch kernel sits at
@@ -43,3 +70,11 @@ def test_wgmma_kernels_stay_asynchronous_without_spills(source, spills_allowed, 
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills, report
     assert spills_allowed or all(stores == "0" and loads == "0" for stores, loads in spills), report
+    cuobjdump = _cuobjdump()
+    if cuobjdump is not None:
+        sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "kernel.o")], capture_output=True, text=True,
+                              timeout=300)
+        assert sass.returncode == 0, sass.stderr
+        assert re.search(r"[HIQ]GMMA\.", sass.stdout) or "moba_gather" in source or "weight_only" in source, \
+            "no warpgroup MMA in the SASS"
+        assert not _serialized_kernels(sass.stdout), "ptxas serialized wgmma (a wait after every GMMA)"

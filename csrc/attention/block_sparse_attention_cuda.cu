@@ -706,9 +706,8 @@ cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackward
   if (f.batch == 0 || f.heads_q == 0) return cudaSuccess;
   // The Hopper backward (attention/block_sparse_attention_wgmma_bwd.cu): opt-in until it has run on
   // a GPU (written and simulated without one).
-  bool hopper = false;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
-  hopper = hopper_kernel_enabled("TORCH_EXT_ATTENTION_WGMMA_BWD", false);
+  const bool hopper = hopper_kernel_enabled("TORCH_EXT_ATTENTION_WGMMA_BWD", false);
 #endif
   return dispatch_type_dim(f.dtype, f.head_dim, [&]<typename T, int kD>() -> cudaError_t {
     cudaError_t s = cudaSuccess;

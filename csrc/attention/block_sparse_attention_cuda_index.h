@@ -236,10 +236,12 @@ TORCH_EXT_HOST_DEVICE bool step_element_visible(const StepSegments& g, unsigned 
 // or (causal) the first key past the horizon of the warp's last row. The forward and dQ kernels
 // skip such a step for the warp (it would add exactly nothing: a rescale by 1, P = 0), as they do
 // when no row of the warp chose any of the step's blocks (a vote over the lanes' choice bits).
+// rows: 64 for a warpgroup (the Hopper dQ kernel skips a step for a warpgroup all of whose rows
+// it hides).
 TORCH_EXT_HOST_DEVICE bool step_hidden_from_rows(int64_t first_key, int64_t first_q, int64_t seq_q, int64_t seq_kv,
-                                                bool causal) {
+                                                bool causal, int rows = kWarpRows) {
   if (first_key < 0 || first_key >= seq_kv || first_q >= seq_q) return true;
-  const int64_t last_q = first_q + kWarpRows - 1 < seq_q ? first_q + kWarpRows - 1 : seq_q - 1;
+  const int64_t last_q = first_q + rows - 1 < seq_q ? first_q + rows - 1 : seq_q - 1;
   return causal && first_key > last_q + seq_kv - seq_q;
 }
 // The 16-key slices of a step a warp computes (bit j: keys 16 j .. 16 j + 15, an n8 pair of S and a

@@ -195,8 +195,9 @@ struct RowCta {
   int block_kv, seq_q, seq_kv;
 };
 
-// Step t's K and V (64 rows, segment by segment) into stage `st`, plus the segment table.
-template <typename T, class Tr, class Layout = LdsmLayout<Tr::kChunks * ix::kChunkElems>>
+// Step t's K and V (64 rows, segment by segment) into stage `st`, plus the segment table (with K).
+// kK / kV: load only one of them (the Hopper forward runs K two steps ahead, V one).
+template <typename T, class Tr, class Layout = LdsmLayout<Tr::kChunks * ix::kChunkElems>, bool kK = true, bool kV = true>
 __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T>& c, int t, int st, int tid) {
   constexpr int kD = Tr::kChunks * ix::kChunkElems;
   unsigned char* const ks = smem + Tr::kStageOffset + st * Tr::kStageBytes;
@@ -210,9 +211,10 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
     const int64_t pos = base + ix::row_in_segment(r, c.block_kv);
     const bool ok = base >= 0 && pos < c.seq_kv;
     const int off = Layout::offset(r, ch);
-    cp_async_16_zfill(ks + off, ok ? c.k + pos * c.k_stride + ch * ix::kChunkElems : c.k, ok);
-    cp_async_16_zfill(vs + off, ok ? c.v + pos * c.v_stride + ch * ix::kChunkElems : c.v, ok);
+    if constexpr (kK) cp_async_16_zfill(ks + off, ok ? c.k + pos * c.k_stride + ch * ix::kChunkElems : c.k, ok);
+    if constexpr (kV) cp_async_16_zfill(vs + off, ok ? c.v + pos * c.v_stride + ch * ix::kChunkElems : c.v, ok);
   }
+  if (!kK) return;
   if (tid < ix::segments_per_tile(c.block_kv)) {
     const ix::Segment sg = ix::tile_segment(t, tid, c.block_kv);
     const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
@@ -227,6 +229,7 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
 struct StepMask {
   bool full;
   bool hidden;    // no row of the warp sees any key of the step (warp-uniform): the warp skips it
+  int64_t first_key;  // the smallest listed segment base (-1: none)
   unsigned live;  // warp-uniform: the 16-key slices with a key some row of the warp may see
   ix::StepSegments seg;
   unsigned allowed[2];  // bit s: segment s is among the row's choices (all bits without selection)
@@ -252,6 +255,7 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
     }
   }
   m.full = ix::tile_fully_visible(first_q, last_key, all_full, selection, c.seq_q, c.seq_kv, causal);
+  m.first_key = first_key;
   m.hidden = ix::step_hidden_from_rows(first_key, first_q, c.seq_q, c.seq_kv, causal);
   m.allowed[0] = m.allowed[1] = 0xfu;
   if (selection) {
@@ -294,11 +298,13 @@ __device__ __forceinline__ bool element_visible(const StepMask& m, const RowCta<
 
 // One step of the forward's online softmax on the lane's S accumulators (any producer with the
 // mma.m16n8 C layout per warp: mma.sync or wgmma): scale to the log2 domain, mask, row max over
-// the quad, rescale of the running state and of O, then P = 2^(x - m) in place and its row sums.
+// the quad, rescale of the running state, then P = 2^(x - m) in place and its row sums. Returns
+// the factors alpha[half] that O's rows take (rescale_rows), which the caller may apply later
+// (the Hopper forward, once the previous step's P V has completed).
 template <class Tr, typename T>
-__device__ __forceinline__ void online_softmax_step(float (&s)[Tr::kSN][4], float (&o)[Tr::kON][4],
-                                                    ix::RowState (&rs)[2], const StepMask& m, const RowCta<T>& c,
-                                                    const int (&q_pos)[2], bool causal, float scale_log2, int lane) {
+__device__ __forceinline__ void softmax_probs_step(float (&s)[Tr::kSN][4], float (&alpha)[2], ix::RowState (&rs)[2],
+                                                   const StepMask& m, const RowCta<T>& c, const int (&q_pos)[2],
+                                                   bool causal, float scale_log2, int lane) {
   float tile_max[2] = {ix::neg_inf(), ix::neg_inf()};
   with_step_masking(m, [&](auto masked) {
 #pragma unroll
@@ -313,7 +319,6 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[Tr::kSN][4], floa
         tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
       }
   });
-  float alpha[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) alpha[half] = ix::softmax_rescale(rs[half], quad_max(tile_max[half]));
 #pragma unroll
@@ -323,10 +328,22 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[Tr::kSN][4], floa
       s[j][e] = ix::softmax_prob(s[j][e], rs[e / 2]);
       rs[e / 2].l += s[j][e];
     }
+}
+template <int kN>
+__device__ __forceinline__ void rescale_rows(float (&o)[kN][4], const float (&alpha)[2]) {
 #pragma unroll
-  for (int j = 0; j < Tr::kON; ++j)
+  for (int j = 0; j < kN; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e / 2];
+}
+// softmax_probs_step with O rescaled at once.
+template <class Tr, typename T>
+__device__ __forceinline__ void online_softmax_step(float (&s)[Tr::kSN][4], float (&o)[Tr::kON][4],
+                                                    ix::RowState (&rs)[2], const StepMask& m, const RowCta<T>& c,
+                                                    const int (&q_pos)[2], bool causal, float scale_log2, int lane) {
+  float alpha[2];
+  softmax_probs_step<Tr>(s, alpha, rs, m, c, q_pos, causal, scale_log2, lane);
+  rescale_rows(o, alpha);
 }
 
 // The forward's epilogue: each row's lse (natural log; -inf for a row that saw no key) and O / l

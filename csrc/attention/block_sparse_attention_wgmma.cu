@@ -11,20 +11,25 @@
 //   - Q stays in shared memory (wgmma reads its A operand there): no Q fragments in registers, and
 //     the tensor cores, not ldmatrix, move the K and V operands (the mma.sync forward spends one
 //     ldmatrix.x4 on every two mmas: ncu had it at 40-44% SM throughput on the H100).
-//   - Per 64-key step: S = Q K^T as D / 16 wgmma.m64n64k16 (K-major A and B), waited; mask and
-//     online softmax on S's 32 accumulators per thread exactly as the mma.sync kernel; O rescaled;
-//     O += P V as 4 wgmma.m64n<D>k16 with P straight from S's registers (acc_to_a) and V read
-//     transposed from shared memory; waited. Nothing stays in flight across the loop's back-edge
-//     (ptxas would serialize every wgmma, see quant/w8a8_wgmma.cu). Overlap comes from the other
-//     warpgroups on the SM (block_q 64 at D = 128: 2 CTAs of one warpgroup per SM; block_q 128:
-//     one CTA of two), not from within one.
-//   - K / V of step t + 1 load (cp.async, zero-filled past the list / Sk) while step t computes;
-//     copies land, are fenced into the async proxy, then a CTA barrier, as in the W8A8 kernel.
+//   - Per 64-key step t (FlashAttention-3's intra-warpgroup overlap): S_t = Q K_t^T is complete
+//     on entry, P_{t-1} V_{t-1} may still run. Mask and online softmax on S's 32 accumulators per
+//     thread exactly as the mma.sync kernel (P and the rescale factors; O untouched); wait for
+//     P_{t-1} V_{t-1}; O rescaled; P to A fragments (acc_to_a); then S_{t+1} = Q K_{t+1}^T as
+//     D / 16 wgmma.m64n64k16 (K-major A and B) and O += P_t V_t as 4 wgmma.m64n<D>k16 (V read
+//     transposed), two groups; waiting for all but the newest completes S_{t+1} and leaves P_t V_t
+//     running under step t + 1's softmax. The last step is peeled (no S_{t+1}): a wgmma under a
+//     run-time condition in the loop made ptxas serialize them all (C7514). Other warpgroups on
+//     the SM overlap too (block_q 64 at D = 128: 2 CTAs of one warpgroup per SM; block_q 128: one
+//     CTA of two).
+//   - K runs two steps ahead, V one, in the same two stages: after step t's barrier K_{t+2} loads
+//     into K_t's slot (S_t done) and V_{t+1} into V_{t-1}'s (P_{t-1} V_{t-1} waited by every
+//     warpgroup before the barrier); cp.async, zero-filled past the list / Sk; copies land, are
+//     fenced into the async proxy, then a CTA barrier, as in the W8A8 kernel. The segment table
+//     of a step travels with its K (make_step_mask reads step t's before the barrier).
 //   - Epilogue: a CTA barrier (the other warpgroup may still read its Q rows, whose bytes the
 //     staging below overwrites), then the mma.sync kernel's store_warp_rows and lse.
-#include "attention/block_sparse_attention_cuda_row.cuh"
+#include "attention/block_sparse_attention_wgmma.cuh"
 #include "attention/block_sparse_attention_wgmma.h"
-#include "common/cuda/wgmma.cuh"
 
 namespace torch_ext::cuda {
 namespace {
@@ -44,67 +49,82 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
   const int warpgroup = warp / 4;
 
   const RowCta<T> c = row_cta_setup<T, Tr>(p, qb, b, h);
-  // Group 0: Q; group 1: step 0.
+  using KvLayout = WgmmaLayout<ix::kTileKv>;
+  // Prologue (one group): Q, K and V of step 0, K of step 1.
   load_rows<T, kD, Tr::kThreads, Tr::kRowCopies, WgmmaLayout<kBlockQ>>(smem + Tr::kQOffset, bhsd_ptr<T>(p.q, b, h),
                                                                        p.q.seq_stride, q0, c.seq_q, tid);
-  cp_async_commit();
-  if (c.tiles > 0) load_kv_step<T, Tr, WgmmaLayout<ix::kTileKv>>(smem, c, 0, 0, tid);
+  if (c.tiles > 0) load_kv_step<T, Tr, KvLayout>(smem, c, 0, 0, tid);
+  if (c.tiles > 1) load_kv_step<T, Tr, KvLayout, true, false>(smem, c, 1, 1, tid);
   cp_async_commit();
   load_selection_table<Tr>(p, smem, qb, b, h, tid);
   // This warpgroup's 64 Q rows: rows 64 g.. of each column block.
   const uint32_t q_tile = base + Tr::kQOffset + warpgroup * ix::kWgmmaRows * kWgmmaSwizzleRowBytes;
+  const auto k_tile = [&](int st) { return base + Tr::kStageOffset + st * Tr::kStageBytes; };
 
   float o[Tr::kON][4];
   zero_accumulators(o);
   ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};
   const int q_pos[2] = {q0 + warp_row0 + ix::acc_row(lane, 0), q0 + warp_row0 + ix::acc_row(lane, 2)};
-
-  for (int t = 0; t < c.tiles; ++t) {
-    const int st = t % ix::kStages;
-    cp_async_wait<0>();
-    fence_proxy_async_shared();
-    __syncthreads();  // step t landed for every thread; step t - 1's slot is free (its wgmma waited)
-    if (t + 1 < c.tiles) load_kv_step<T, Tr, WgmmaLayout<ix::kTileKv>>(smem, c, t + 1, (t + 1) % ix::kStages, tid);
-    cp_async_commit();
-
-    const uint32_t k_tile = base + Tr::kStageOffset + st * Tr::kStageBytes;
-    const uint32_t v_tile = k_tile + Tr::kKvBytes;
-    float s[Tr::kSN][4];
+  float s[Tr::kSN][4];
+  cp_async_wait<0>();
+  fence_proxy_async_shared();
+  __syncthreads();
+  if (c.tiles > 0) {
     wgmma_fence();
-#pragma unroll
-    for (int k16 = 0; k16 < Tr::kK16; ++k16)
-      wgmma_m64n64k16_ss<kBf16>(s, ix::wgmma_kmajor_desc<kBlockQ>(q_tile, k16),
-                                ix::wgmma_kmajor_desc<ix::kTileKv>(k_tile, k16), k16 > 0);
+    wgmma_rows_x_rows<kBf16, kD, kBlockQ>(s, q_tile, k_tile(0));
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(s);
+  }
 
+  // Step t enters with S_t complete in s and P_{t-1} V_{t-1} possibly still running. The last
+  // step is peeled (kLast): with S_{t+1} issued under a run-time condition instead, ptxas
+  // serialized every wgmma of the kernel (C7514).
+  const auto step = [&](int t, auto last_tag) {
+    constexpr bool kLast = decltype(last_tag)::value;
+    const int st = t % ix::kStages;
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
-    online_softmax_step<Tr>(s, o, rs, m, c, q_pos, causal, scale_log2, lane);
+    float alpha[2];
+    softmax_probs_step<Tr>(s, alpha, rs, m, c, q_pos, causal, scale_log2, lane);
 
-    // P as A fragments, all four k16 steps before the first wgmma: a register written between
-    // wgmmas of one batch makes ptxas insert a fence before each (warning C7519).
-    uint32_t pa[ix::kTileKv / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < ix::kTileKv / 16; ++kk) acc_to_a<T>(pa[kk], s, kk);
-    // O was rescaled and P written by ordinary instructions: pin both, then the wgmma fence
-    // (CUTLASS's order), so the compiler cannot sink those writes past the fence.
-    wgmma_fence_operands(o);
-#pragma unroll
-    for (int kk = 0; kk < ix::kTileKv / 16; ++kk) wgmma_fence_operands(pa[kk]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < ix::kTileKv / 16; ++kk) {
-      if constexpr (kD == 128) {
-        wgmma_m64n128k16_rs<kBf16, true>(o, pa[kk], ix::wgmma_v_desc(v_tile, kk));
-      } else {
-        wgmma_m64n64k16_rs<kBf16, true>(o, pa[kk], ix::wgmma_v_desc(v_tile, kk));
-      }
-    }
-    wgmma_commit();
+    // P_{t-1} V_{t-1} done: O complete, its A registers and V_{t-1}'s slot free in this warpgroup.
     wgmma_wait<0>();
     wgmma_fence_operands(o);
-  }
+    rescale_rows(o, alpha);
+    uint32_t pa[4][4];
+    acc_to_a_all<T>(pa, s);
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
+    __syncthreads();  // K_{t+1}, V_t landed; every warpgroup is past S_t and P_{t-1} V_{t-1}
+    if constexpr (!kLast) {
+      // K_{t+2} into K_t's slot, V_{t+1} into V_{t-1}'s (the segment table travels with K).
+      if (t + 2 < c.tiles) load_kv_step<T, Tr, KvLayout, true, false>(smem, c, t + 2, st, tid);
+      load_kv_step<T, Tr, KvLayout, false, true>(smem, c, t + 1, (t + 1) % ix::kStages, tid);
+      cp_async_commit();
+    }
+
+    // O was rescaled and P written by ordinary instructions: pin both (acc_to_a_all pinned P), then
+    // the wgmma fence (CUTLASS's order), so the compiler cannot sink those writes past the fence.
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    // S_{t+1} first, then P_t V_t: waiting for all but the newest group completes S_{t+1} and
+    // leaves P_t V_t running under the next step's softmax (FlashAttention-3's intra-warpgroup
+    // overlap).
+    if constexpr (!kLast) {
+      wgmma_rows_x_rows<kBf16, kD, kBlockQ>(s, q_tile, k_tile((t + 1) % ix::kStages));
+      wgmma_commit();
+    }
+    wgmma_acc_x_tile<kBf16, kD>(o, pa, k_tile(st) + Tr::kKvBytes);
+    wgmma_commit();
+    if constexpr (!kLast) {
+      wgmma_wait<1>();
+      wgmma_fence_operands(s);
+    }
+  };
+  for (int t = 0; t + 1 < c.tiles; ++t) step(t, std::false_type{});
+  if (c.tiles > 0) step(c.tiles - 1, std::true_type{});
+  wgmma_wait<0>();
+  wgmma_fence_operands(o);
   cp_async_wait_all();  // only an empty group remains
   __syncthreads();      // every warpgroup's wgmma read its Q rows: the staging may overwrite them
 

@@ -9,8 +9,9 @@
 //   loading while step t computes. Per 64-key step: S = Q K^T and dP = dO V^T as two batches of
 //   D / 16 wgmma.m64n64k16 from shared memory; P = 2^(S scale log2 e - lse) (masked) while the dP
 //   batch runs; dS = P (dP - delta); dQ += dS K as 4 wgmma.m64n<D>k16 with dS from registers
-//   (acc_to_a) and K read transposed. Steps are not skipped per warp as on mma.sync (a warpgroup
-//   issues its wgmmas together); masked elements give P = 0.
+//   (acc_to_a) and K read transposed. A step is skipped per warpgroup (none of its 64 rows sees a
+//   key of it), not per warp as on mma.sync (a warpgroup issues its wgmmas together); masked
+//   elements give P = 0.
 // dkdv_wgmma_kernel<T, D, kBlockKv>: block_kv 64 / 128, a CTA of block_kv / 64 warpgroups per key
 //   block (kv head, batch), warpgroup g on keys 64 g .. 64 g + 63; K and V resident; the walk
 //   over the group's query heads and listed query blocks in 64-row sub-tiles, double-buffered.
@@ -21,49 +22,11 @@
 //   thread: 128 at D = 128) and are stored once: deterministic, no atomics.
 // Every wgmma batch is waited before the loop's back-edge (ptxas serializes wgmma that stays in
 // flight across it, see quant/w8a8_wgmma.cu); overlap comes from the other warpgroups on the SM.
-#include "attention/block_sparse_attention_cuda_row.cuh"
+#include "attention/block_sparse_attention_wgmma.cuh"
 #include "attention/block_sparse_attention_wgmma.h"
-#include "common/cuda/wgmma.cuh"
 
 namespace torch_ext::cuda {
 namespace {
-
-static_assert(ix::kBwdQTile == ix::kTileKv, "wgmma_v_desc reads 64-row tiles: the Q / dO sub-tiles are too");
-
-// acc (64 x D per warpgroup) += A B for the four k16 steps of a 64-deep product: A from registers
-// (a[kk]), B a 64-row tile read transposed (keys or query rows along k, D along n).
-template <bool kBf16, int kD>
-__device__ __forceinline__ void wgmma_acc_x_tile(float (&acc)[kD / 8][4], const uint32_t (&a)[4][4], uint32_t tile) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    if constexpr (kD == 128) {
-      wgmma_m64n128k16_rs<kBf16, true>(acc, a[kk], ix::wgmma_v_desc(tile, kk));
-    } else {
-      wgmma_m64n64k16_rs<kBf16, true>(acc, a[kk], ix::wgmma_v_desc(tile, kk));
-    }
-  }
-}
-
-// s (64 x 64 per warpgroup) = A B^T over D: A the warpgroup's 64 rows of a kRowsA-row tile, B a
-// 64-row tile, both K-major in shared memory. Issued, not committed.
-template <bool kBf16, int kD, int kRowsA>
-__device__ __forceinline__ void wgmma_rows_x_rows(float (&s)[8][4], uint32_t a_rows, uint32_t b_tile) {
-#pragma unroll
-  for (int k16 = 0; k16 < kD / 16; ++k16)
-    wgmma_m64n64k16_ss<kBf16>(s, ix::wgmma_kmajor_desc<kRowsA>(a_rows, k16), ix::wgmma_kmajor_desc<ix::kTileKv>(b_tile, k16),
-                              k16 > 0);
-}
-
-// The A fragments of all four k16 steps of a 64-deep product from accumulators, fenced: written
-// before the batch's first wgmma (a register written between wgmmas of one batch makes ptxas
-// insert a fence before each: warning C7519).
-template <typename T>
-__device__ __forceinline__ void acc_to_a_all(uint32_t (&a)[4][4], const float (&acc)[8][4]) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(a[kk], acc, kk);
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_fence_operands(a[kk]);
-}
 
 template <typename T, int kD, int kBlockQ>
 __device__ __forceinline__ void dq_wgmma_cta(const BlockSparseBackwardParams& bp) {
@@ -105,6 +68,12 @@ __device__ __forceinline__ void dq_wgmma_cta(const BlockSparseBackwardParams& bp
     if (t + 1 < c.tiles) load_kv_step<T, Tr, WgmmaLayout<ix::kTileKv>>(smem, c, t + 1, (t + 1) % ix::kStages, tid);
     cp_async_commit();
 
+    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
+    // Warpgroup-uniform: no key of the step is visible to any of its 64 rows (causal diagonal
+    // steps of a 128-row block, Sq tails); MoBA's choices aside (per warp only on mma.sync).
+    if (ix::step_hidden_from_rows(m.first_key, q0 + warpgroup * ix::kWgmmaRows, c.seq_q, c.seq_kv, causal,
+                                  ix::kWgmmaRows))
+      continue;
     const uint32_t k_tile = base + Tr::kStageOffset + st * Tr::kStageBytes;
     const uint32_t v_tile = k_tile + Tr::kKvBytes;
     float s[Tr::kSN][4], dp[Tr::kSN][4];
@@ -113,8 +82,6 @@ __device__ __forceinline__ void dq_wgmma_cta(const BlockSparseBackwardParams& bp
     wgmma_commit();
     wgmma_rows_x_rows<kBf16, kD, kBlockQ>(dp, do_rows, v_tile);
     wgmma_commit();
-
-    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     wgmma_wait<1>();
     wgmma_fence_operands(s);
     with_step_masking(m, [&](auto masked) {
@@ -243,7 +210,7 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
 #endif
 }
 
-// One warpgroup (block_kv 64): two CTAs per SM fit (registers and, at D = 128, 98 KB of shared
+// One warpgroup (block_kv 64): two CTAs per SM fit (registers and, at D = 128, 101 KB of shared
 // memory each), so one CTA's softmax overlaps the other's wgmma.
 template <typename T, int kD, int kBlockKv>
 __global__ void __launch_bounds__(ix::WgmmaDkdvTraits<kD, kBlockKv>::kThreads, 1)

@@ -1694,12 +1694,58 @@ void check_wgmma_forward_operands() {
   CHECK((ix::wgmma_forward_smem_bytes<kD, kBlockQ>(8) == Tr::smem_bytes(8) + 1024));
 }
 
+// The Hopper forward's pipeline (block_sparse_attention_wgmma.cu), step by step for every walk
+// length: K two steps ahead and V one in two stage slots, copies landing at each step's barrier.
+// Every wgmma reads a slot holding its step's tile (landed), no copy targets a slot a wgmma in
+// flight still reads, and make_step_mask finds step t's segment table (written with K_t).
+void check_wgmma_forward_schedule() {
+  for (int tiles = 0; tiles <= 7; ++tiles) {
+    int k_slot[2] = {-1, -1}, v_slot[2] = {-1, -1};             // landed contents
+    int k_pending[2] = {-1, -1}, v_pending[2] = {-1, -1};       // copies in flight
+    int pv_reading = -1;                                         // V slot of the P V in flight
+    const auto load_k = [&](int step, int slot) { k_pending[slot] = step; };
+    const auto load_v = [&](int step, int slot) {
+      CHECK(pv_reading != slot);
+      v_pending[slot] = step;
+    };
+    const auto barrier = [&] {
+      for (int i = 0; i < 2; ++i) {
+        if (k_pending[i] >= 0) k_slot[i] = k_pending[i];
+        if (v_pending[i] >= 0) v_slot[i] = v_pending[i];
+        k_pending[i] = v_pending[i] = -1;
+      }
+    };
+    if (tiles > 0) {
+      load_k(0, 0);
+      load_v(0, 0);
+    }
+    if (tiles > 1) load_k(1, 1);
+    barrier();
+    if (tiles > 0) CHECK(k_slot[0] == 0);  // S_0
+    for (int t = 0; t < tiles; ++t) {
+      const bool last = t == tiles - 1;
+      const int st = t % ix::kStages;
+      CHECK(k_slot[st] == t);  // the segment table of step t (make_step_mask, before the barrier)
+      pv_reading = -1;         // wgmma_wait<0>: P_{t-1} V_{t-1} done
+      barrier();
+      if (!last) {
+        if (t + 2 < tiles) load_k(t + 2, st);
+        load_v(t + 1, (t + 1) % ix::kStages);
+        CHECK(k_slot[(t + 1) % ix::kStages] == t + 1);  // S_{t+1}
+      }
+      CHECK(v_slot[st] == t);  // P_t V_t
+      pv_reading = st;
+    }
+  }
+}
+
 // The Hopper backward's operands (ix section 11), in the PTX addressing model as above.
 // dK / dV: the A operands are warpgroup g's 64 key rows of the block_kv-row K and V tiles
 // (K-major), the B operands of S^T = K Q^T and dP^T = V dO^T the 64-row Q / dO tiles (K-major),
 // and of dV += P^T dO, dK += dS^T Q the same tiles read transposed (query rows along k, D along n);
 // every stage starts on an atom, its tiles too, and lse / delta take float2 loads. dQ: dO like Q
-// (K-major A, warpgroup rows), V like K (K-major B), K read transposed like V in the forward.
+// (K-major A, warpgroup rows), V like K (K-major B), K read transposed like V in the forward
+// (the same tile layout and descriptor, checked by check_wgmma_forward_operands).
 template <int kD, int kBlockKv>
 void check_wgmma_dkdv_operands() {
   using Tr = ix::WgmmaDkdvTraits<kD, kBlockKv>;
@@ -1740,13 +1786,14 @@ void check_wgmma_dkdv_operands() {
           }
       }
     }
-    for (int kk = 0; kk < ix::kBwdQTile / 16; ++kk) {
-      const uint64_t dt = ix::wgmma_v_desc(do_tile, kk);
-      for (int kr = 0; kr < 16; ++kr)
-        for (int nb = 0; nb < 2 * kD; ++nb)
-          CHECK(mma_spec::wgmma_sw128_mn_address(dt, kr, nb) ==
-                elem(do_tile, ix::kBwdQTile, 16 * kk + kr, nb / 2) + uint32_t(nb % 2));
-    }
+    for (const uint32_t tile : {q_tile, do_tile})  // dK += dS^T Q, dV += P^T dO
+      for (int kk = 0; kk < ix::kBwdQTile / 16; ++kk) {
+        const uint64_t dt = ix::wgmma_v_desc(tile, kk);
+        for (int kr = 0; kr < 16; ++kr)
+          for (int nb = 0; nb < 2 * kD; ++nb)
+            CHECK(mma_spec::wgmma_sw128_mn_address(dt, kr, nb) ==
+                  elem(tile, ix::kBwdQTile, 16 * kk + kr, nb / 2) + uint32_t(nb % 2));
+      }
   }
   // dQ: RowTraits' backward layout, every tile on an atom, within Hopper's 227 KB at top_k 64.
   for (int block_q : {64, 128}) {
@@ -1779,6 +1826,15 @@ void check_dkdv_step_predicates() {
     for (int64_t i = q0; i < q0 + ix::kBwdQTile; ++i)
       for (int64_t j = k_last - 15; j <= k_last; ++j) all = all && ix::key_visible(i, j, seq_q, seq_kv, causal);
     CHECK(ix::dkdv_tile_full(q0, k_last, seq_q, seq_kv, causal) == all);
+    // step_hidden_from_rows for a warp's 16 rows and a warpgroup's 64 (the Hopper dQ kernel's
+    // skip): no row sees the step's first listed key (visibility only shrinks for later keys).
+    for (const int rows : {ix::kWarpRows, ix::kWgmmaRows}) {
+      const int64_t first_q = rnd(0, seq_q + 8), first_key = rnd(-1, seq_kv + 8);
+      bool seen = false;
+      for (int64_t i = first_q; i < first_q + rows && i < seq_q; ++i)
+        seen = seen || (first_key >= 0 && ix::key_visible(i, first_key, seq_q, seq_kv, causal));
+      CHECK(ix::step_hidden_from_rows(first_key, first_q, seq_q, seq_kv, causal, rows) == !seen);
+    }
   }
 }
 
@@ -1874,6 +1930,7 @@ int main(int argc, char** argv) {
   check_wgmma_forward_operands<128, 64>();
   check_wgmma_forward_operands<64, 128>();
   check_wgmma_forward_operands<128, 128>();
+  check_wgmma_forward_schedule();
   check_wgmma_dkdv_operands<64, 64>();
   check_wgmma_dkdv_operands<128, 64>();
   check_wgmma_dkdv_operands<64, 128>();
