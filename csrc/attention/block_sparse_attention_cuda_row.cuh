@@ -214,7 +214,7 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
     if constexpr (kK) cp_async_16_zfill(ks + off, ok ? c.k + pos * c.k_stride + ch * ix::kChunkElems : c.k, ok);
     if constexpr (kV) cp_async_16_zfill(vs + off, ok ? c.v + pos * c.v_stride + ch * ix::kChunkElems : c.v, ok);
   }
-  if (!kK) return;
+  if constexpr (!kK) return;
   if (tid < ix::segments_per_tile(c.block_kv)) {
     const ix::Segment sg = ix::tile_segment(t, tid, c.block_kv);
     const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
@@ -224,12 +224,21 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
   }
 }
 
+// The smallest listed segment base of stage st's step (-1: none listed), from its segment table.
+template <class Tr, typename T>
+__device__ __forceinline__ int64_t step_first_key(const unsigned char* smem, const RowCta<T>& c, int st) {
+  const int* const seg = reinterpret_cast<const int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
+  int64_t first_key = -1;
+  for (int s = 0; s < ix::segments_per_tile(c.block_kv); ++s)
+    if (seg[s] >= 0 && (first_key < 0 || seg[s] < first_key)) first_key = seg[s];
+  return first_key;
+}
+
 // Per-lane mask state of one step: whether any element needs the predicate, and for the lane's two
 // rows the segments their MoBA choices allow.
 struct StepMask {
   bool full;
   bool hidden;    // no row of the warp sees any key of the step (warp-uniform): the warp skips it
-  int64_t first_key;  // the smallest listed segment base (-1: none)
   unsigned live;  // warp-uniform: the 16-key slices with a key some row of the warp may see
   ix::StepSegments seg;
   unsigned allowed[2];  // bit s: segment s is among the row's choices (all bits without selection)
@@ -255,7 +264,6 @@ __device__ __forceinline__ StepMask make_step_mask(const unsigned char* smem, co
     }
   }
   m.full = ix::tile_fully_visible(first_q, last_key, all_full, selection, c.seq_q, c.seq_kv, causal);
-  m.first_key = first_key;
   m.hidden = ix::step_hidden_from_rows(first_key, first_q, c.seq_q, c.seq_kv, causal);
   m.allowed[0] = m.allowed[1] = 0xfu;
   if (selection) {

@@ -125,8 +125,7 @@ __device__ __forceinline__ void fwd_wgmma_cta(const BlockSparseForwardParams& p)
   if (c.tiles > 0) step(c.tiles - 1, std::true_type{});
   wgmma_wait<0>();
   wgmma_fence_operands(o);
-  cp_async_wait_all();  // only an empty group remains
-  __syncthreads();      // every warpgroup's wgmma read its Q rows: the staging may overwrite them
+  __syncthreads();  // every warpgroup's wgmma read its Q rows: the staging may overwrite them
 
   store_forward_rows<T, kD>(p, o, rs, smem + Tr::kQOffset, c, b, h, q0, warp_row0, q_pos, lane);
 }

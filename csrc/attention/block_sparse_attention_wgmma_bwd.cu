@@ -68,11 +68,10 @@ __device__ __forceinline__ void dq_wgmma_cta(const BlockSparseBackwardParams& bp
     if (t + 1 < c.tiles) load_kv_step<T, Tr, WgmmaLayout<ix::kTileKv>>(smem, c, t + 1, (t + 1) % ix::kStages, tid);
     cp_async_commit();
 
-    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     // Warpgroup-uniform: no key of the step is visible to any of its 64 rows (causal diagonal
     // steps of a 128-row block, Sq tails); MoBA's choices aside (per warp only on mma.sync).
-    if (ix::step_hidden_from_rows(m.first_key, q0 + warpgroup * ix::kWgmmaRows, c.seq_q, c.seq_kv, causal,
-                                  ix::kWgmmaRows))
+    if (ix::step_hidden_from_rows(step_first_key<Tr>(smem, c, st), q0 + warpgroup * ix::kWgmmaRows, c.seq_q,
+                                  c.seq_kv, causal, ix::kWgmmaRows))
       continue;
     const uint32_t k_tile = base + Tr::kStageOffset + st * Tr::kStageBytes;
     const uint32_t v_tile = k_tile + Tr::kKvBytes;
@@ -82,6 +81,8 @@ __device__ __forceinline__ void dq_wgmma_cta(const BlockSparseBackwardParams& bp
     wgmma_commit();
     wgmma_rows_x_rows<kBf16, kD, kBlockQ>(dp, do_rows, v_tile);
     wgmma_commit();
+
+    const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     wgmma_wait<1>();
     wgmma_fence_operands(s);
     with_step_masking(m, [&](auto masked) {
