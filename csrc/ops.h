@@ -96,5 +96,8 @@ std::tuple<at::Tensor, at::Tensor> moba_route(const at::Tensor& q, const at::Ten
 std::tuple<at::Tensor, at::Tensor> moba_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const at::Tensor& token_blocks, int64_t block_size, bool causal,
                                                   double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moba_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& token_blocks, int64_t block_size, bool causal, double scale);
 
 }  // namespace torch_ext

@@ -83,6 +83,10 @@ TORCH_LIBRARY(torch_ext, m) {
   // lists; on CUDA computed key block by key block over the pairs that chose it (docs/attention.md).
   m.def("moba_attention(Tensor q, Tensor k, Tensor v, Tensor token_blocks, int block_size, bool causal, "
         "float scale) -> (Tensor out, Tensor lse)");
+  // moba_attention's gradients (grad_q, grad_k, grad_v): the union lists' backward; on CUDA with
+  // TORCH_EXT_MOBA_GATHER_BACKWARD=1, key block by key block over the pairs that chose it.
+  m.def("moba_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor token_blocks, int block_size, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {
@@ -111,6 +115,7 @@ void register_device_dispatching_ops(torch::Library& m) {
   m.impl("moba_block_lists", &torch_ext::moba_block_lists);
   m.impl("moba_route", &torch_ext::moba_route);
   m.impl("moba_attention", &torch_ext::moba_attention);
+  m.impl("moba_attention_backward", &torch_ext::moba_attention_backward);
 }
 
 }  // namespace

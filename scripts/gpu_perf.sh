@@ -10,7 +10,8 @@
 #   128-row query blocks, against SDPA's default and its flash backend) and 10% at S = 4096, 10%
 #   at 32K (with compiled flex), MoBA at 4K and 32K, then the same on the Hopper wgmma forward
 #   (TORCH_EXT_ATTENTION_WGMMA=1) and forward + backward at 32K with the Hopper backward too
-#   (TORCH_EXT_ATTENTION_WGMMA_BWD=1); fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
+#   (TORCH_EXT_ATTENTION_WGMMA_BWD=1); MoBA forward + backward with the key-block-major backward
+#   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
 #   fused vs grouped by token count (scripts/moe_grouped_sweep.py); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); one token through Llama-3-8B-shaped layers as CUDA graphs, stock
 #   vs quantize_model; the GMMA instructions in the SASS. (The H100 run of 2026-11-26,
@@ -61,6 +62,10 @@ if has targets; then
   # above (10%) and docs/perf/gpu-h100.md (100%: 324.7 ms, SDPA 103.0).
   step attention_wgmma_bwd 80 env TORCH_EXT_ATTENTION_WGMMA=1 TORCH_EXT_ATTENTION_WGMMA_BWD=1 "$PY" -m torch_ext bench \
     --device cuda --op "block_sparse_attention fwd+bwd" --match "S=32768 full" --out "$OUT/attention_wgmma_bwd"
+  # MoBA forward + backward with the key-block-major backward (opt-in until it has run:
+  # test_cuda_gather_backward in the check step) against the union lists' backward, same process.
+  step moba_gather_bwd 70 env TORCH_EXT_MOBA_GATHER_BACKWARD=1 "$PY" -m torch_ext bench --device cuda \
+    --op "moba_attention fwd+bwd" --match "S=4096" --match "S=32768" --out "$OUT/moba_gather_bwd"
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
     --match "moe_route"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).

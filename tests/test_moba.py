@@ -135,6 +135,9 @@ def test_opcheck_and_compile():
     selected = moba_select(q, k, 16, 2, True)
     torch.library.opcheck(torch.ops.torch_ext.moba_block_lists, (selected, 4, 64))
     torch.library.opcheck(torch.ops.torch_ext.moba_attention, (q, k, v, selected, 16, True, 0.2))
+    out, lse = torch.ops.torch_ext.moba_attention(q, k, v, selected, 16, True, 0.2)
+    grad = random_tensor(out.shape, torch.float32, "cpu", seed + 3)
+    torch.library.opcheck(torch.ops.torch_ext.moba_attention_backward, (grad, q, k, v, out, lse, selected, 16, True, 0.2))
     f = lambda q, k, v: moba_attention(q * 1.5, k, v, 16, 2, True)  # noqa: E731
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
@@ -219,6 +222,16 @@ _GATHER_CASES = [
 ]
 
 
+def _gather_inputs(case, dtype):
+    """CUDA q, k, v of a (B, Hq, Hk, Sq, Sk, D, block_size, top_k, causal) case, its scale and the
+    CUDA moba_select's choices."""
+    batch, heads_q, heads_kv, seq_q, seq_kv, dim, block_size, top_k, causal = case
+    seed = fresh_seed()
+    q, k = (t.cuda() for t in _qk(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed))
+    v = random_tensor(k.shape, dtype, "cuda", seed + 2)
+    return seed, q, k, v, dim ** -0.5, moba_select(q, k, block_size, top_k, causal)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", _GATHER_CASES, ids=lambda c: f"S{c[3]}x{c[4]}-D{c[5]}-b{c[6]}-k{c[7]}-{c[8]}")
@@ -228,12 +241,8 @@ def test_cuda_gather_forward(monkeypatch, dtype, case):
     heads and in chunks of one head (a tiny workspace budget); deterministic across calls."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    batch, heads_q, heads_kv, seq_q, seq_kv, dim, block_size, top_k, causal = case
-    seed = fresh_seed()
-    q, k = (t.cuda() for t in _qk(batch, heads_q, heads_kv, seq_q, seq_kv, dim, dtype, seed))
-    v = random_tensor(k.shape, dtype, "cuda", seed + 2)
-    scale = dim ** -0.5
-    selected = moba_select(q, k, block_size, top_k, causal)
+    _, _, _, seq_q, seq_kv, _, block_size, _, causal = case
+    seed, q, k, v, scale, selected = _gather_inputs(case, dtype)
     op = torch.ops.torch_ext.moba_attention
     monkeypatch.setenv("TORCH_EXT_MOBA_GATHER", "0")
     union_out, union_lse = op(q, k, v, selected, block_size, causal, scale)
@@ -255,6 +264,75 @@ def test_cuda_gather_forward(monkeypatch, dtype, case):
     monkeypatch.setenv("TORCH_EXT_MOBA_GATHER_BUDGET_BYTES", "1")
     chunked, chunked_lse = op(q, k, v, selected, block_size, causal, scale)
     assert torch.equal(chunked, out) and torch.equal(chunked_lse, lse), f"head chunks differ: {what}"
+
+
+def test_backward_op_is_the_union_backward():
+    """moba_attention_backward on the CPU is block_sparse_attention_backward over the union lists
+    (bit for bit), and its input checks name the argument."""
+    seed = fresh_seed()
+    q, k = _qk(2, 4, 2, 90, 130, 32, torch.float32, seed)
+    v = random_tensor(k.shape, torch.float32, "cpu", seed + 2)
+    selected = moba_select(q, k, 16, 3, True)
+    out, lse = torch.ops.torch_ext.moba_attention(q, k, v, selected, 16, True, 0.2)
+    grad = random_tensor(out.shape, torch.float32, "cpu", seed + 3)
+    counts, indices = torch.ops.torch_ext.moba_block_lists(selected, 9, 64)
+    want = torch.ops.torch_ext.block_sparse_attention_backward(grad, q, k, v, out, lse, counts, indices, 64, 16, True,
+                                                               0.2, selected)
+    got = torch.ops.torch_ext.moba_attention_backward(grad, q, k, v, out, lse, selected, 16, True, 0.2)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), f"seed {seed}"
+    with pytest.raises(RuntimeError, match=r"moba_attention_backward: lse must be \[B, Hq, Sq\]"):
+        torch.ops.torch_ext.moba_attention_backward(grad, q, k, v, out, lse[:, :, :5], selected, 16, True, 0.2)
+    with pytest.raises(RuntimeError, match="moba_attention_backward: block_size must be in"):
+        torch.ops.torch_ext.moba_attention_backward(grad, q, k, v, out, lse, selected, 0, True, 0.2)
+
+
+# (B, Hq, Hk, Sq, Sk, D, block_size, top_k, causal): the key-block-major backward (blocks <= 64).
+_GATHER_BACKWARD_CASES = [
+    (1, 4, 2, 300, 300, 64, 16, 5, True),
+    (2, 2, 1, 257, 300, 128, 32, 3, True),    # Sq < Sk: bottom-right
+    (1, 2, 2, 300, 190, 64, 64, 2, True),     # Sq > Sk: early rows see nothing
+    (1, 4, 1, 150, 270, 128, 16, 24, False),  # top_k above the 17 blocks: unused slots; GQA group 4
+    (1, 1, 1, 1, 100, 128, 64, 1, False),     # one query
+    (1, 2, 1, 2048, 2048, 128, 64, 16, False),  # ~1024 pairs a block: several dQ runs, 16 dK / dV tiles a head
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", _GATHER_BACKWARD_CASES,
+                         ids=lambda c: f"S{c[3]}x{c[4]}-H{c[1]}/{c[2]}-D{c[5]}-b{c[6]}-k{c[7]}-{c[8]}")
+def test_cuda_gather_backward(monkeypatch, dtype, case):
+    """The key-block-major backward (TORCH_EXT_MOBA_GATHER_BACKWARD=1: dQ per run of a key block's
+    pairs, merged per token; dK / dV per key block over its group's pairs) and the union backward
+    against float64 gradients of token-level MoBA; deterministic across calls and chunkings (a tiny
+    workspace budget: chunks of one GQA group)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _, _, _, seq_q, seq_kv, _, block_size, _, causal = case
+    seed, q, k, v, scale, selected = _gather_inputs(case, dtype)
+    out, lse = torch.ops.torch_ext.moba_attention(q, k, v, selected, block_size, causal, scale)
+    grad = random_tensor(out.shape, dtype, "cuda", seed + 3)
+    op = torch.ops.torch_ext.moba_attention_backward
+    union = op(grad, q, k, v, out, lse, selected, block_size, causal, scale)
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER_BACKWARD", "1")
+    with poisoned_outputs():
+        grads = op(grad, q, k, v, out, lse, selected, block_size, causal, scale)
+    mask = ref.token_block_mask(selected.cpu(), block_size, seq_kv)
+    if causal:
+        mask = mask & ref.causal_mask(seq_q, seq_kv)
+    q64, k64, v64 = (t.cpu().double().requires_grad_() for t in (q, k, v))
+    ref.masked_attention(q64, k64, v64, mask, scale)[0].backward(grad.cpu().double())
+    what = f"{case} {dtype} seed {seed}"
+    bound = 5e-3 if dtype == torch.float16 else 2.5e-2
+    for name, got, want, other in zip(("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad), union):
+        assert_close_to_reference(got, want, dtype, f"{name} {what}", bound=bound)
+        assert_close_to_reference(other, want, dtype, f"{name} (union) {what}", bound=bound)
+    again = op(grad, q, k, v, out, lse, selected, block_size, causal, scale)
+    assert all(torch.equal(a, b) for a, b in zip(again, grads)), f"not deterministic: {what}"
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER_BUDGET_BYTES", "1")
+    chunked = op(grad, q, k, v, out, lse, selected, block_size, causal, scale)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, grads)), f"group chunks differ: {what}"
 
 
 @pytest.mark.cuda

@@ -49,10 +49,12 @@ def _serialized_kernels(sass: str) -> list[str]:
 # key-block-major forward (mma.sync, no wgmma) is here for its spills alone: its tile loop spilled
 # ~300 B at D = 128 when the compiler hoisted the fragment addresses out of it. The Hopper
 # backward's dK / dV kernel at D = 128 with 64-key blocks sits at 255 registers (dK and dV take
-# 128) and keeps 8 bytes on the stack, stored before its walk and read once per step.
+# 128) and keeps 8 bytes on the stack, stored before its walk and read once per step; so does
+# MoBA's key-block-major dK / dV kernel (mma.sync) at D = 128 with 64-key blocks (12 bytes).
 _SOURCES = [("csrc/quant/w8a8_wgmma.cu", False), ("csrc/attention/block_sparse_attention_wgmma.cu", False),
             ("csrc/quant/weight_only_cuda.cu", True), ("csrc/attention/moba_gather_cuda.cu", False),
-            ("csrc/attention/block_sparse_attention_wgmma_bwd.cu", True)]
+            ("csrc/attention/block_sparse_attention_wgmma_bwd.cu", True),
+            ("csrc/attention/moba_gather_backward_cuda.cu", True)]
 
 
 @pytest.mark.skipif(_NVCC is None, reason="nvcc not found")

@@ -302,6 +302,22 @@ at::Tensor flags_of(const at::Tensor& entries, const at::Tensor& valid, int64_t 
 
 }  // namespace
 
+namespace {
+// grad_out and out: q's dtype, device and shape; lse: fp32 [B, Hq, Sq] on q's device.
+void check_backward_inputs(const char* op, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                           const at::Tensor& q) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
+    check_same_dtype(op, name, t, "q", q);
+    check_same_device(op, name, t, "q", q);
+    TORCH_EXT_CHECK(t.sizes() == q.sizes(), op, name, " must have the shape of q ", q.sizes(), ", got ", t.sizes());
+  }
+  check_dtype(op, "lse", lse, {at::kFloat});
+  check_same_device(op, "lse", lse, "q", q);
+  const at::IntArrayRef rows = q.sizes().slice(0, 3);
+  TORCH_EXT_CHECK(lse.sizes() == rows, op, "lse must be [B, Hq, Sq] = ", rows, ", got shape ", lse.sizes());
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const at::Tensor& kv_counts,
                                                           const at::Tensor& kv_indices, int64_t block_size_q,
@@ -341,16 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
   Prepared pr = prepare(kBackward, q, k, v, kv_counts, kv_indices, block_size_q, block_size_kv, causal, scale,
                         token_blocks);
   const auto& f = pr.params;
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
-    check_same_dtype(kBackward, name, t, "q", q);
-    check_same_device(kBackward, name, t, "q", q);
-    TORCH_EXT_CHECK(t.sizes() == q.sizes(), kBackward, name, " must have the shape of q ", q.sizes(), ", got ",
-                    t.sizes());
-  }
-  check_dtype(kBackward, "lse", lse, {at::kFloat});
-  check_same_device(kBackward, "lse", lse, "q", q);
-  TORCH_EXT_CHECK(lse.sizes() == at::IntArrayRef({f.batch, f.heads_q, f.seq_q}), kBackward, "lse must be [B, Hq, Sq] = [",
-                  f.batch, ", ", f.heads_q, ", ", f.seq_q, "], got shape ", lse.sizes());
+  check_backward_inputs(kBackward, grad_out, out, lse, q);
   const at::Tensor grad_out_u = kernel_layout(grad_out), out_u = kernel_layout(out), lse_c = lse.contiguous();
 
   // The transposed lists: per (batch, query head, key block) the query blocks listing it.
@@ -492,19 +499,29 @@ int64_t moba_gather_workspace_budget() {
   return end != value && bytes >= 1.0 && bytes < 9.0e18 ? int64_t(bytes) : kDefault;
 }
 
+// The key-block-major kernels' inputs: q, k, v in the kernels' layout (kept alive here while the
+// parameters point into them), the token choices checked, the forward parameters.
+struct GatherInputs {
+  at::Tensor qu, ku, vu, choices;
+  attention::BlockSparseForwardParams params;
+  GatherInputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& token_blocks, const Shapes& s, int64_t block_size, bool causal, double scale)
+      : qu(kernel_layout(q)), ku(kernel_layout(k)), vu(kernel_layout(v)) {
+    params = shape_params(s, qu, ku, vu, int32_t(kMobaQueryBlock), int32_t(block_size), causal, scale);
+    params.selection = check_token_blocks(op, token_blocks, choices, q, s, ceil_div(s.seq_kv, block_size));
+  }
+};
+
 // moba_attention's key-block-major forward (attention/moba_gather_index.h), or false when the
 // kernels do not take these inputs (the caller runs the union forward).
 bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& token_blocks, const Shapes& s, int64_t block_size, bool causal,
                          double scale, at::Tensor& out, at::Tensor& lse) {
   if (!cuda::kernel_switch_on("TORCH_EXT_MOBA_GATHER", true)) return false;
-  const int64_t nk = ceil_div(s.seq_kv, block_size);
-  const at::Tensor qu = kernel_layout(q), ku = kernel_layout(k), vu = kernel_layout(v);
-  attention::BlockSparseForwardParams p =
-      shape_params(s, qu, ku, vu, int32_t(kMobaQueryBlock), int32_t(block_size), causal, scale);
-  at::Tensor choices;
-  p.selection = check_token_blocks(op, token_blocks, choices, q, s, nk);
+  GatherInputs in(op, q, k, v, token_blocks, s, block_size, causal, scale);
+  attention::BlockSparseForwardParams& p = in.params;
   if (!cuda::moba_gather_supported(p)) return false;
+  const int64_t nk = ceil_div(s.seq_kv, block_size);
   out = at::empty(q.sizes(), q.options());
   lse = at::empty({s.batch, s.heads_q, s.seq_q}, q.options().dtype(at::kFloat));
   p.out = mutable_bhsd(out);
@@ -529,6 +546,63 @@ bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& 
   }
   return true;
 }
+
+// Chunks of whole GQA groups of (batch, head) lanes whose workspace fits the budget (one group at
+// least): {heads, batches} per chunk.
+std::pair<int64_t, int64_t> moba_gather_group_chunks(const Shapes& s, int64_t lane_bytes) {
+  const int64_t group = s.heads_q / s.heads_kv;
+  const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(lane_bytes, 1);
+  const int64_t max_heads = std::min(s.heads_q, kMaxGridYZ / group * group);
+  const int64_t heads = std::clamp<int64_t>(fitting / group * group, group, max_heads);
+  const int64_t batches =
+      heads < s.heads_q ? 1 : std::clamp<int64_t>(fitting / heads, 1, std::min(s.batch, kMaxGridYZ));
+  return {heads, batches};
+}
+
+// moba_attention's key-block-major backward (attention/moba_gather_cuda.h), opt-in until it has run
+// on a GPU; false when it is off or the kernels do not take these inputs (the caller runs the union
+// backward).
+bool moba_gather_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                          const at::Tensor& token_blocks, const Shapes& s, int64_t block_size, bool causal,
+                          double scale, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+  if (!cuda::kernel_switch_on("TORCH_EXT_MOBA_GATHER_BACKWARD", false)) return false;
+  GatherInputs in(op, q, k, v, token_blocks, s, block_size, causal, scale);
+  attention::BlockSparseForwardParams& p = in.params;
+  if (!cuda::moba_gather_backward_supported(p)) return false;
+  const int64_t nk = ceil_div(s.seq_kv, block_size);
+  const at::Tensor grad_out_u = kernel_layout(grad_out), out_u = kernel_layout(out), lse_c = lse.contiguous();
+  p.out = MutableBhsd{out_u.data_ptr(), out_u.stride(0), out_u.stride(1), out_u.stride(2)};
+  p.lse = lse_c.data_ptr<float>();
+  grad_q = at::empty(q.sizes(), q.options());
+  grad_k = at::empty(k.sizes(), k.options());
+  grad_v = at::empty(v.sizes(), v.options());
+  const at::Tensor delta = at::empty({s.batch, s.heads_q, s.seq_q}, q.options().dtype(at::kFloat));
+  attention::BlockSparseBackwardParams bp{};
+  bp.forward = p;
+  bp.grad_out = bhsd(grad_out_u);
+  bp.grad_q = mutable_bhsd(grad_q);
+  bp.grad_k = mutable_bhsd(grad_k);
+  bp.grad_v = mutable_bhsd(grad_v);
+  bp.delta = delta.data_ptr<float>();
+  const int top_k = p.selection.top_k;
+  const auto bytes = [&](int64_t lanes) {
+    return attention::moba_gather::workspace_layout(lanes, s.seq_q, top_k, nk, p.head_dim).bytes;
+  };
+  const auto [heads, batches] = moba_gather_group_chunks(s, bytes(1));
+  at::Tensor workspace = at::empty({bytes(batches * heads)}, q.options().dtype(at::kByte));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cuda::block_sparse_attention_delta(bp, stream));
+  for (int64_t b0 = 0; b0 < s.batch; b0 += batches) {
+    for (int64_t h0 = 0; h0 < s.heads_q; h0 += heads) {
+      const attention::MobaGatherParams g{p, b0, std::min(batches, s.batch - b0), h0, std::min(heads, s.heads_q - h0),
+                                          workspace.data_ptr()};
+      C10_CUDA_CHECK(cuda::moba_gather_backward(g, bp, stream));
+    }
+  }
+  return true;
+}
 }  // namespace
 #endif
 
@@ -547,6 +621,27 @@ std::tuple<at::Tensor, at::Tensor> moba_attention(const at::Tensor& q, const at:
 #endif
   const auto [counts, indices] = moba_block_lists(token_blocks, ceil_div(s.seq_kv, block_size), kMobaQueryBlock);
   return block_sparse_attention(q, k, v, counts, indices, kMobaQueryBlock, block_size, causal, scale, token_blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moba_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& token_blocks, int64_t block_size, bool causal, double scale) {
+  const char* op = "moba_attention_backward";
+  const Shapes s = check_qkv(op, q, k, &v);
+  TORCH_EXT_CHECK(block_size >= 1 && block_size <= kMaxBlockSize, op, "block_size must be in [1, ", kMaxBlockSize,
+                  "], got ", block_size);
+  check_backward_inputs(op, grad_out, out, lse, q);
+#if defined(TORCH_EXT_WITH_CUDA)
+  if (q.is_cuda()) {
+    at::Tensor grad_q, grad_k, grad_v;
+    if (moba_gather_backward(op, grad_out, q, k, v, out, lse, token_blocks, s, block_size, causal, scale, grad_q,
+                             grad_k, grad_v))
+      return {grad_q, grad_k, grad_v};
+  }
+#endif
+  const auto [counts, indices] = moba_block_lists(token_blocks, ceil_div(s.seq_kv, block_size), kMobaQueryBlock);
+  return block_sparse_attention_backward(grad_out, q, k, v, out, lse, counts, indices, kMobaQueryBlock, block_size,
+                                         causal, scale, token_blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor> moba_route(const at::Tensor& q, const at::Tensor& k, int64_t block_size,

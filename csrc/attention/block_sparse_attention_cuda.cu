@@ -174,31 +174,8 @@ __global__ void __launch_bounds__(RowTraits<kD, kBlockQ, true>::kThreads, 1)
     const unsigned char* const vs = ks + Tr::kKvBytes;
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     if (m.hidden) continue;  // dS is 0 on every element of this warp's rows
-    float s[Tr::kSN][4], dp[Tr::kSN][4];
-    zero_accumulators(s);
-    zero_accumulators(dp);
-#pragma unroll
-    for (int k16 = 0; k16 < Tr::kK16; ++k16) {
-      uint32_t a[4];
-      const int row = warp_row0 + ix::ldsm_a_row(lane), chunk = ix::ldsm_a_chunk(k16, lane);
-      ldmatrix_x4(a, smem + Tr::kQOffset + ix::smem_offset(row, chunk, kD));
-      mma_rows_x_tile<T, kD>(s, a, ks, k16, lane, m.live);
-      ldmatrix_x4(a, smem + (Tr::kQOffset + Tr::kRowBytes) + ix::smem_offset(row, chunk, kD));
-      mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane, m.live);
-    }
-    with_step_masking(m, [&](auto masked) {
-#pragma unroll
-      for (int j = 0; j < Tr::kSN; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float prob = ix::exp2_approx(s[j][e] * scale_log2 - lse2[e / 2]);
-          if constexpr (decltype(masked)::value) {
-            if (!element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) prob = 0.f;
-          }
-          s[j][e] = prob * (dp[j][e] - delta[e / 2]);  // dS
-        }
-    });
-    mma_p_x_tile<T, kD>(dq, s, ks, lane, m.live);
+    dq_mma_step<T, Tr>(dq, smem + Tr::kQOffset, smem + (Tr::kQOffset + Tr::kRowBytes), ks, vs, m, c, q_pos, lse2,
+                       delta, causal, scale_log2, warp_row0, lane);
   }
   cp_async_wait_all();
   __syncthreads();  // the dO rows are not read any more; Q rows are reused per warp below
@@ -229,8 +206,6 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   float dk[Tr::kON][4], dv[Tr::kON][4];
   zero_accumulators(dk);
   zero_accumulators(dv);
-  const unsigned char* const ksm = smem + Tr::kKOffset;
-  const unsigned char* const vsm = smem + Tr::kVOffset;
   const int key_row0 = wk * ix::kWarpRows;
   const int k_pos[2] = {c.k0 + key_row0 + ix::acc_row(lane, 0), c.k0 + key_row0 + ix::acc_row(lane, 2)};
 
@@ -245,90 +220,11 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
     }
     cp_async_commit();
 
-    const unsigned char* const stage = smem + Tr::kStageOffset + st * Tr::kStageBytes;
-    const unsigned char* const qs = stage;
-    const unsigned char* const dos = stage + Tr::kTileBytes;
-    const DkdvStage rows = dkdv_stage<Tr>(stage);
-#pragma unroll 1
-    for (int inner = 0; inner < Tr::kQCols / Tr::kQInner; ++inner) {
-      const int qc0 = wq * Tr::kQCols + inner * Tr::kQInner;
-      // MoBA: no row of these kQInner (<= 32) columns chose this key block, so their P and dS are 0
-      // and the pass would add exact zeros (with union lists at long sequences, most passes: a row
-      // chose a given block with probability top_k / blocks, 1/32 at 32K for block 64 / top-8).
-      const bool chosen = lane < Tr::kQInner && rows.flag[qc0 + lane % Tr::kQInner] != 0;
-      if (c.selection && !__any_sync(kFullMask, chosen)) continue;
-      float s[Tr::kNI][4], dp[Tr::kNI][4];
-      zero_accumulators(s);
-      zero_accumulators(dp);
-#pragma unroll
-      for (int k16 = 0; k16 < Tr::kK16; ++k16) {
-        uint32_t ka[4], va[4];
-        const int arow = key_row0 + ix::ldsm_a_row(lane), achunk = ix::ldsm_a_chunk(k16, lane);
-        ldmatrix_x4(ka, ksm + ix::smem_offset(arow, achunk, kD));
-        ldmatrix_x4(va, vsm + ix::smem_offset(arow, achunk, kD));
-#pragma unroll
-        for (int nj = 0; nj < Tr::kNI / 2; ++nj) {
-          const int brow = qc0 + 16 * nj + ix::ldsm_b_row(lane), bchunk = ix::ldsm_b_chunk(k16, lane);
-          mma_n16<T, false>(s[2 * nj], s[2 * nj + 1], ka, qs + ix::smem_offset(brow, bchunk, kD));
-          mma_n16<T, false>(dp[2 * nj], dp[2 * nj + 1], va, dos + ix::smem_offset(brow, bchunk, kD));
-        }
-      }
-      // P^T and dS^T (s keeps P^T, dp becomes dS^T).
-#pragma unroll
-      for (int j = 0; j < Tr::kNI; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = qc0 + 8 * j + ix::acc_col(lane, e);
-          const float prob = dkdv_prob(rows, c, s[j][e], col, k_pos[e / 2]);
-          s[j][e] = prob;
-          dp[j][e] = prob * (dp[j][e] - rows.delta[col]);
-        }
-      // dV += P^T dO, dK += dS^T Q (dO, Q read transposed: k = query row).
-#pragma unroll
-      for (int kk = 0; kk < Tr::kQInner / 16; ++kk) {
-        uint32_t pa[4], da[4];
-        acc_to_a<T>(pa, s, kk);
-        acc_to_a<T>(da, dp, kk);
-#pragma unroll
-        for (int nj = 0; nj < kD / 16; ++nj) {
-          const int trow = qc0 + 16 * kk + ix::ldsm_bt_row(lane), tchunk = ix::ldsm_bt_chunk(nj, lane);
-          mma_n16<T, true>(dv[2 * nj], dv[2 * nj + 1], pa, dos + ix::smem_offset(trow, tchunk, kD));
-          mma_n16<T, true>(dk[2 * nj], dk[2 * nj + 1], da, qs + ix::smem_offset(trow, tchunk, kD));
-        }
-      }
-    }
+    dkdv_mma_step<T, Tr>(dk, dv, smem, smem + Tr::kStageOffset + st * Tr::kStageBytes, c, wq, key_row0, k_pos,
+                         lane);
   }
   cp_async_wait_all();
-
-  // Query warps 1.. hand their partial sums to query warp 0 of their key rows (fixed order).
-  if constexpr (Tr::kWarpsQ > 1) {
-    __syncthreads();  // every warp is done with the stages
-    float* const partial = reinterpret_cast<float*>(smem + Tr::kStageOffset);
-    const auto slot = [&](int q_warp) { return partial + ((q_warp - 1) * Tr::kWarpsKey + wk) * 2 * 16 * kD; };
-    if (wq > 0) {
-      float* const dst = slot(wq);
-#pragma unroll
-      for (int j = 0; j < Tr::kON; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dst[(j * 4 + e) * 32 + lane] = dk[j][e];
-          dst[16 * kD + (j * 4 + e) * 32 + lane] = dv[j][e];
-        }
-    }
-    __syncthreads();
-    if (wq > 0) return;
-    for (int q_warp = 1; q_warp < Tr::kWarpsQ; ++q_warp) {
-      const float* const src = slot(q_warp);
-#pragma unroll
-      for (int j = 0; j < Tr::kON; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dk[j][e] += src[(j * 4 + e) * 32 + lane];
-          dv[j][e] += src[16 * kD + (j * 4 + e) * 32 + lane];
-        }
-    }
-  }
-  store_dkdv<T, kD>(bp, c, dk, dv, k_pos, lane);
+  dkdv_mma_finish<T, Tr>(bp, c, dk, dv, smem, wq, wk, k_pos, lane);
 }
 
 // =============================================================================================
@@ -666,6 +562,16 @@ cudaError_t launch_dkdv(const BlockSparseBackwardParams& p, cudaStream_t stream)
   return cudaGetLastError();
 }
 
+template <typename T, int kD>
+cudaError_t launch_delta(const BlockSparseBackwardParams& p, cudaStream_t stream) {
+  const int64_t rows = p.forward.batch * p.forward.heads_q * p.forward.seq_q;
+  const int64_t per_cta = 256 / (kD / ix::kChunkElems);
+  if (rows == 0) return cudaSuccess;
+  if (ix::ceil_div(rows, per_cta) > kMaxGridX) return cudaErrorInvalidValue;
+  bwd_delta_kernel<T, kD><<<unsigned(ix::ceil_div(rows, per_cta)), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // Calls fn.template operator()<T, D>() for the (validated) dtype and head dim.
 template <typename Fn>
 cudaError_t dispatch_type_dim(ScalarKind dtype, int head_dim, Fn&& fn) {
@@ -712,11 +618,7 @@ cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackward
   return dispatch_type_dim(f.dtype, f.head_dim, [&]<typename T, int kD>() -> cudaError_t {
     cudaError_t s = cudaSuccess;
     if (f.seq_q > 0) {
-      const int64_t rows = f.batch * f.heads_q * f.seq_q;
-      const int64_t per_cta = 256 / (kD / ix::kChunkElems);
-      if (ix::ceil_div(rows, per_cta) > kMaxGridX) return cudaErrorInvalidValue;
-      bwd_delta_kernel<T, kD><<<unsigned(ix::ceil_div(rows, per_cta)), 256, 0, stream>>>(p);
-      s = cudaGetLastError();
+      s = launch_delta<T, kD>(p, stream);
       if (s != cudaSuccess) return s;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
       if (hopper) {
@@ -742,6 +644,14 @@ cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackward
     }
     return s;
   });
+}
+
+cudaError_t block_sparse_attention_delta(const attention::BlockSparseBackwardParams& p, cudaStream_t stream) {
+  const cudaError_t status = check_forward(p.forward);
+  if (status != cudaSuccess) return status;
+  if (!bhsd_ok(p.grad_out) || p.delta == nullptr) return cudaErrorInvalidValue;
+  return dispatch_type_dim(p.forward.dtype, p.forward.head_dim,
+                           [&]<typename T, int kD>() { return launch_delta<T, kD>(p, stream); });
 }
 
 cudaError_t moba_block_lists(const attention::MobaBlockListsParams& p, cudaStream_t stream) {

@@ -19,6 +19,10 @@ cudaError_t block_sparse_attention_forward(const attention::BlockSparseForwardPa
 // walking p.transposed); deterministic, no float atomics.
 cudaError_t block_sparse_attention_backward(const attention::BlockSparseBackwardParams& p, cudaStream_t stream);
 
+// The backward's first pass alone: p.delta = rowsum(dO * O) in fp32 per query row (MoBA's
+// key-block-major backward runs it before its own kernels). fp16 / bf16, head_dim 64 or 128.
+cudaError_t block_sparse_attention_delta(const attention::BlockSparseBackwardParams& p, cudaStream_t stream);
+
 // MoBA gating: mean-pooled key blocks and per-token top-k selection into p.selected.
 // `workspace` holds moba_select_workspace_bytes(p) bytes (the pooled keys), 16-byte aligned.
 int64_t moba_select_workspace_bytes(const attention::MobaSelectParams& p);

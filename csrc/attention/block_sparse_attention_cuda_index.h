@@ -574,11 +574,12 @@ struct DkdvTraits {
   static constexpr int kTileBytes = kBwdQTile * kD * 2;
   static constexpr int kKOffset = 0, kVOffset = kKvBytes;
   static constexpr int kStageOffset = 2 * kKvBytes;
-  // Per stage: Q, dO, lse[64], delta[64], MoBA flag[64], the step's first query position.
+  // Per stage: Q, dO, lse[64], delta[64], pos[64] (each row's query position, -1 where the row
+  // does not exist or, with MoBA, did not choose the block), the step's first query position.
   static constexpr int kLseOffset = 2 * kTileBytes;
   static constexpr int kDeltaOffset = kLseOffset + kBwdQTile * 4;
-  static constexpr int kFlagOffset = kDeltaOffset + kBwdQTile * 4;
-  static constexpr int kQBaseOffset = kFlagOffset + kBwdQTile * 4;
+  static constexpr int kPosOffset = kDeltaOffset + kBwdQTile * 4;
+  static constexpr int kQBaseOffset = kPosOffset + kBwdQTile * 4;
   static constexpr int kStageBytes = kQBaseOffset + 16;
   static constexpr int kSmemBytes = kStageOffset + kStages * kStageBytes;
   // End: the partial dK, dV (16 x D fp32 each) of query warps 1.. reuse the stage area.

@@ -430,6 +430,63 @@ __device__ __forceinline__ RowPlace row_place(const BlockSparseForwardParams& p)
                   p.causal, p.selection.blocks != nullptr, p.selection.top_k, p.scale * ix::kLog2e};
 }
 
+// The dQ kernels' P of a step in place of its scores: 2^(S scale log2 e - lse) where the lane's row
+// sees the key, else 0 (lse2 = +inf for a row past Sq gives 0 too).
+template <class Tr, typename T>
+__device__ __forceinline__ void masked_probs(float (&s)[Tr::kSN][4], const StepMask& m, const RowCta<T>& c,
+                                             const int (&q_pos)[2], const float (&lse2)[2], bool causal,
+                                             float scale_log2, int lane) {
+  with_step_masking(m, [&](auto masked) {
+#pragma unroll
+    for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float prob = ix::exp2_approx(s[j][e] * scale_log2 - lse2[e / 2]);
+        if constexpr (decltype(masked)::value) {
+          if (!element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) prob = 0.f;
+        }
+        s[j][e] = prob;
+      }
+  });
+}
+// dS = P (dP - delta) in place of P.
+template <class Tr>
+__device__ __forceinline__ void ds_in_place(float (&p)[Tr::kSN][4], const float (&dp)[Tr::kSN][4],
+                                            const float (&delta)[2]) {
+#pragma unroll
+  for (int j = 0; j < Tr::kSN; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta[e / 2];
+}
+
+// One step of the mma.sync dQ kernels (bwd_dq_kernel; MoBA's gather_dq_kernel on gathered rows) for
+// the warp's 16 rows (Q and dO rows warp_row0.. of ldmatrix-layout tiles) against a 64-key step
+// (K at ks, V at vs): S = Q K^T, dP = dO V^T on the step's live slices, dS = P (dP - delta) with
+// P = 2^(S scale log2 e - lse) masked, dQ += dS K (K read transposed).
+template <typename T, class Tr>
+__device__ __forceinline__ void dq_mma_step(float (&dq)[Tr::kON][4], const unsigned char* q_rows,
+                                            const unsigned char* do_rows, const unsigned char* ks,
+                                            const unsigned char* vs, const StepMask& m, const RowCta<T>& c,
+                                            const int (&q_pos)[2], const float (&lse2)[2], const float (&delta)[2],
+                                            bool causal, float scale_log2, int warp_row0, int lane) {
+  constexpr int kD = Tr::kChunks * ix::kChunkElems;
+  float s[Tr::kSN][4], dp[Tr::kSN][4];
+  zero_accumulators(s);
+  zero_accumulators(dp);
+#pragma unroll
+  for (int k16 = 0; k16 < Tr::kK16; ++k16) {
+    uint32_t a[4];
+    const int row = warp_row0 + ix::ldsm_a_row(lane), chunk = ix::ldsm_a_chunk(k16, lane);
+    ldmatrix_x4(a, q_rows + ix::smem_offset(row, chunk, kD));
+    mma_rows_x_tile<T, kD>(s, a, ks, k16, lane, m.live);
+    ldmatrix_x4(a, do_rows + ix::smem_offset(row, chunk, kD));
+    mma_rows_x_tile<T, kD>(dp, a, vs, k16, lane, m.live);
+  }
+  masked_probs<Tr>(s, m, c, q_pos, lse2, causal, scale_log2, lane);
+  ds_in_place<Tr>(s, dp, delta);
+  mma_p_x_tile<T, kD>(dq, s, ks, lane, m.live);
+}
+
 // The dQ kernels' per-row inputs of the lane's two rows q_pos: lse in the log2 domain (+inf past
 // Sq, so P is 0 there) and delta = rowsum(dO * O).
 __device__ __forceinline__ void load_row_stats(const BlockSparseBackwardParams& bp, int64_t b, int h,
@@ -487,7 +544,8 @@ __device__ __forceinline__ DkdvCta dkdv_cta_setup(const BlockSparseBackwardParam
 }
 
 // Step `cur` of the walk into `stage` (Tr's stage layout): the sub-tile's Q and dO rows (in
-// Layout), each row's lse, delta and MoBA flag (the row exists and, with MoBA, chose the block),
+// Layout), each row's lse, delta and query position (-1 unless the row exists and, with MoBA, chose
+// the block),
 // and the sub-tile's first query position (Sq for a list entry out of range: every row empty).
 template <typename T, class Tr, class Layout>
 __device__ __forceinline__ void load_dkdv_step(const BlockSparseBackwardParams& bp, const DkdvCta& c,
@@ -516,7 +574,7 @@ __device__ __forceinline__ void load_dkdv_step(const BlockSparseBackwardParams& 
                                      h * p.selection.head_stride + int64_t(pos) * p.selection.seq_stride;
       allowed = ix::block_selected(choices, c.top_k, c.kb);
     }
-    reinterpret_cast<int*>(stage + Tr::kFlagOffset)[r] = allowed ? 1 : 0;
+    reinterpret_cast<int*>(stage + Tr::kPosOffset)[r] = allowed ? pos : -1;
   }
   if (tid == 0) *reinterpret_cast<int*>(stage + Tr::kQBaseOffset) = qbase;
 }
@@ -525,20 +583,20 @@ __device__ __forceinline__ void load_dkdv_step(const BlockSparseBackwardParams& 
 struct DkdvStage {
   const float* lse;
   const float* delta;
-  const int* flag;
+  const int* pos;
   int qbase;
 };
 template <class Tr>
 __device__ __forceinline__ DkdvStage dkdv_stage(const unsigned char* stage) {
   return DkdvStage{reinterpret_cast<const float*>(stage + Tr::kLseOffset),
                    reinterpret_cast<const float*>(stage + Tr::kDeltaOffset),
-                   reinterpret_cast<const int*>(stage + Tr::kFlagOffset),
+                   reinterpret_cast<const int*>(stage + Tr::kPosOffset),
                    *reinterpret_cast<const int*>(stage + Tr::kQBaseOffset)};
 }
 // P^T at key k_pos and query column col of the stage from the score s = K.Q (before scaling): 0
 // where the row does not exist, did not choose the block (MoBA) or cannot see the key (causal).
 __device__ __forceinline__ bool dkdv_visible(const DkdvStage& st, const DkdvCta& c, int col, int k_pos) {
-  return st.flag[col] != 0 && ix::key_visible(st.qbase + col, k_pos, c.seq_q, c.seq_kv, c.causal);
+  return st.pos[col] >= 0 && ix::key_visible(st.pos[col], k_pos, c.seq_q, c.seq_kv, c.causal);
 }
 __device__ __forceinline__ float dkdv_prob(const DkdvStage& st, const DkdvCta& c, float s, int col, int k_pos) {
   return dkdv_visible(st, c, col, k_pos) ? ix::exp2_approx(s * c.scale_log2 - ix::lse_log2(st.lse[col])) : 0.f;
@@ -608,6 +666,111 @@ __device__ __forceinline__ void store_dkdv(const BlockSparseBackwardParams& bp, 
     }
   }
 }
+
+// One step of the mma.sync dK / dV kernels (bwd_dkdv_kernel: union lists; MoBA's
+// gather_dkdv_kernel: gathered rows): the warp's 16 key rows (K, V resident at kKOffset /
+// kVOffset) against its kQCols query columns of the stage, kQInner at a time. S^T = K Q^T,
+// dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q (dO, Q read transposed: k = query row). A pass
+// none of whose columns holds a row (pos -1: past Sq, or MoBA rows that did not choose the block)
+// is skipped when c.selection says such rows occur.
+template <typename T, class Tr>
+__device__ __forceinline__ void dkdv_mma_step(float (&dk)[Tr::kON][4], float (&dv)[Tr::kON][4],
+                                              const unsigned char* smem, const unsigned char* stage, const DkdvCta& c,
+                                              int wq, int key_row0, const int (&k_pos)[2], int lane) {
+  constexpr int kD = Tr::kChunks * ix::kChunkElems;
+  const unsigned char* const ksm = smem + Tr::kKOffset;
+  const unsigned char* const vsm = smem + Tr::kVOffset;
+  const unsigned char* const qs = stage;
+  const unsigned char* const dos = stage + Tr::kTileBytes;
+  const DkdvStage rows = dkdv_stage<Tr>(stage);
+#pragma unroll 1
+  for (int inner = 0; inner < Tr::kQCols / Tr::kQInner; ++inner) {
+    const int qc0 = wq * Tr::kQCols + inner * Tr::kQInner;
+    // MoBA: no row of these kQInner (<= 32) columns chose this key block (or, gathered, exists),
+    // so their P and dS are 0 and the pass would add exact zeros (with union lists at long
+    // sequences, most passes: a row chose a given block with probability top_k / blocks, 1/32 at
+    // 32K for block 64 / top-8).
+    const bool chosen = lane < Tr::kQInner && rows.pos[qc0 + lane % Tr::kQInner] >= 0;
+    if (c.selection && !__any_sync(kFullMask, chosen)) continue;
+    float s[Tr::kNI][4], dp[Tr::kNI][4];
+    zero_accumulators(s);
+    zero_accumulators(dp);
+#pragma unroll
+    for (int k16 = 0; k16 < Tr::kK16; ++k16) {
+      uint32_t ka[4], va[4];
+      const int arow = key_row0 + ix::ldsm_a_row(lane), achunk = ix::ldsm_a_chunk(k16, lane);
+      ldmatrix_x4(ka, ksm + ix::smem_offset(arow, achunk, kD));
+      ldmatrix_x4(va, vsm + ix::smem_offset(arow, achunk, kD));
+#pragma unroll
+      for (int nj = 0; nj < Tr::kNI / 2; ++nj) {
+        const int brow = qc0 + 16 * nj + ix::ldsm_b_row(lane), bchunk = ix::ldsm_b_chunk(k16, lane);
+        mma_n16<T, false>(s[2 * nj], s[2 * nj + 1], ka, qs + ix::smem_offset(brow, bchunk, kD));
+        mma_n16<T, false>(dp[2 * nj], dp[2 * nj + 1], va, dos + ix::smem_offset(brow, bchunk, kD));
+      }
+    }
+    // P^T and dS^T (s keeps P^T, dp becomes dS^T).
+#pragma unroll
+    for (int j = 0; j < Tr::kNI; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = qc0 + 8 * j + ix::acc_col(lane, e);
+        const float prob = dkdv_prob(rows, c, s[j][e], col, k_pos[e / 2]);
+        s[j][e] = prob;
+        dp[j][e] = prob * (dp[j][e] - rows.delta[col]);
+      }
+    // dV += P^T dO, dK += dS^T Q (dO, Q read transposed: k = query row).
+#pragma unroll
+    for (int kk = 0; kk < Tr::kQInner / 16; ++kk) {
+      uint32_t pa[4], da[4];
+      acc_to_a<T>(pa, s, kk);
+      acc_to_a<T>(da, dp, kk);
+#pragma unroll
+      for (int nj = 0; nj < kD / 16; ++nj) {
+        const int trow = qc0 + 16 * kk + ix::ldsm_bt_row(lane), tchunk = ix::ldsm_bt_chunk(nj, lane);
+        mma_n16<T, true>(dv[2 * nj], dv[2 * nj + 1], pa, dos + ix::smem_offset(trow, tchunk, kD));
+        mma_n16<T, true>(dk[2 * nj], dk[2 * nj + 1], da, qs + ix::smem_offset(trow, tchunk, kD));
+      }
+    }
+  }
+}
+
+// The end of the mma.sync dK / dV kernels: query warps 1.. hand their partial sums to query warp
+// 0 of their key rows through the stage area (fixed order: deterministic), which stores dK, dV.
+template <typename T, class Tr>
+__device__ __forceinline__ void dkdv_mma_finish(const BlockSparseBackwardParams& bp, const DkdvCta& c,
+                                                float (&dk)[Tr::kON][4], float (&dv)[Tr::kON][4], unsigned char* smem,
+                                                int wq, int wk, const int (&k_pos)[2], int lane) {
+  constexpr int kD = Tr::kChunks * ix::kChunkElems;
+  if constexpr (Tr::kWarpsQ > 1) {
+    __syncthreads();  // every warp is done with the stages
+    float* const partial = reinterpret_cast<float*>(smem + Tr::kStageOffset);
+    const auto slot = [&](int q_warp) { return partial + ((q_warp - 1) * Tr::kWarpsKey + wk) * 2 * 16 * kD; };
+    if (wq > 0) {
+      float* const dst = slot(wq);
+#pragma unroll
+      for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dst[(j * 4 + e) * 32 + lane] = dk[j][e];
+          dst[16 * kD + (j * 4 + e) * 32 + lane] = dv[j][e];
+        }
+    }
+    __syncthreads();
+    if (wq > 0) return;
+    for (int q_warp = 1; q_warp < Tr::kWarpsQ; ++q_warp) {
+      const float* const src = slot(q_warp);
+#pragma unroll
+      for (int j = 0; j < Tr::kON; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dk[j][e] += src[(j * 4 + e) * 32 + lane];
+          dv[j][e] += src[16 * kD + (j * 4 + e) * 32 + lane];
+        }
+    }
+  }
+  store_dkdv<T, kD>(bp, c, dk, dv, k_pos, lane);
+}
+
 
 }  // namespace
 }  // namespace torch_ext::cuda

@@ -85,24 +85,10 @@ __device__ __forceinline__ void dq_wgmma_cta(const BlockSparseBackwardParams& bp
     const StepMask m = make_step_mask<Tr>(smem, c, st, q0 + warp_row0, warp_row0, lane, causal, top_k, selection);
     wgmma_wait<1>();
     wgmma_fence_operands(s);
-    with_step_masking(m, [&](auto masked) {
-#pragma unroll
-      for (int j = 0; j < Tr::kSN; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float prob = ix::exp2_approx(s[j][e] * scale_log2 - lse2[e / 2]);
-          if constexpr (decltype(masked)::value) {
-            if (!element_visible(m, c, j, e, q_pos[e / 2], causal, lane)) prob = 0.f;
-          }
-          s[j][e] = prob;
-        }
-    });
+    masked_probs<Tr>(s, m, c, q_pos, lse2, causal, scale_log2, lane);
     wgmma_wait<0>();
     wgmma_fence_operands(dp);
-#pragma unroll
-    for (int j = 0; j < Tr::kSN; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] *= dp[j][e] - delta[e / 2];  // dS
+    ds_in_place<Tr>(s, dp, delta);
 
     uint32_t ds[4][4];
     acc_to_a_all<T>(ds, s);
@@ -167,7 +153,7 @@ __device__ __forceinline__ void dkdv_wgmma_cta(const BlockSparseBackwardParams& 
     const DkdvStage rows = dkdv_stage<Tr>(stage);
     // CTA-uniform: every thread reads the same stage words.
     if (ix::dkdv_step_hidden(rows.qbase, c.k0, c.seq_q, c.seq_kv, c.causal)) continue;
-    if (c.selection && !__any_sync(kFullMask, rows.flag[lane] != 0 || rows.flag[lane + 32] != 0)) continue;
+    if (c.selection && !__any_sync(kFullMask, rows.pos[lane] >= 0 || rows.pos[lane + 32] >= 0)) continue;
 
     const uint32_t q_tile = base + Tr::kStageOffset + st * Tr::kStageBytes;
     const uint32_t do_tile = q_tile + Tr::kTileBytes;

@@ -14,139 +14,14 @@
 //     partials;
 //   merge_kernel: D / 8 lanes per token combine its valid slots' partials in slot order (fp32)
 //     into out and lse.
-#include "attention/block_sparse_attention_cuda_row.cuh"
-#include "attention/moba_gather_cuda.h"
-#include "attention/moba_gather_index.h"
-#include "common/cuda/block_scan.cuh"
+#include "attention/moba_gather_cuda.cuh"
 
 namespace torch_ext::cuda {
 namespace {
 
-namespace mg = ::torch_ext::attention::moba_gather;
-using attention::MobaGatherParams;
-using mg::RunRecord;
-
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridYZ = 65535;
-
-// Where a kernel of the chunk stands: the chunk's batch z and head y; lane = z * heads + y indexes
-// the workspace.
-struct Lane {
-  int64_t b;
-  int h;
-  int64_t lane;
-};
-__device__ __forceinline__ Lane chunk_lane(const MobaGatherParams& p, unsigned z, unsigned y) {
-  return Lane{p.batch_begin + z, int(p.head_begin + y), int64_t(z) * p.heads + y};
-}
-__device__ __forceinline__ Lane lane_of(const MobaGatherParams& p) { return chunk_lane(p, blockIdx.z, blockIdx.y); }
-
-struct WorkspacePtrs {
-  int32_t* counts;
-  int32_t* offsets;
-  int32_t* rank;
-  int32_t* entries;
-  RunRecord* runs;
-  unsigned char* part_o;
-  float* part_lse;
-  int64_t lane_runs;
-};
-__host__ __device__ inline WorkspacePtrs workspace_ptrs(const MobaGatherParams& p) {
-  const auto& f = p.forward;
-  const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv);
-  const mg::Workspace w = mg::workspace_layout(p.batches * p.heads, f.seq_q, f.selection.top_k, nk, f.head_dim);
-  unsigned char* const base = static_cast<unsigned char*>(p.workspace);
-  return WorkspacePtrs{reinterpret_cast<int32_t*>(base + w.counts), reinterpret_cast<int32_t*>(base + w.offsets),
-                       reinterpret_cast<int32_t*>(base + w.rank),   reinterpret_cast<int32_t*>(base + w.entries),
-                       reinterpret_cast<RunRecord*>(base + w.runs), base + w.part_o,
-                       reinterpret_cast<float*>(base + w.part_lse), w.lane_runs};
-}
-
-__device__ __forceinline__ const int32_t* lane_choices(const MobaGatherParams& p, const Lane& l) {
-  const auto& s = p.forward.selection;
-  return s.blocks + l.b * s.batch_stride + int64_t(l.h) * s.head_stride;
-}
-
-// =============================================================================================
-// Plan
-// =============================================================================================
-
-// Grid (ceil(Sq * top_k / kPairThreads), heads, batches): slot e of the lane. A pair
-// (mg::slot_is_pair) draws its rank in its block's list; other slots get rank -1, which the fill
-// and merge kernels read as "no pair".
-__global__ void __launch_bounds__(mg::kPairThreads) pair_count_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  const Lane l = lane_of(p);
-  const int top_k = p.forward.selection.top_k;
-  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
-  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
-  if (e >= pairs) return;
-  const int32_t* const choices = lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride;
-  const int slot = int(e % top_k);
-  w.rank[l.lane * pairs + e] =
-      mg::slot_is_pair(choices, slot, nk) ? atomicAdd(w.counts + l.lane * nk + choices[slot], 1) : -1;
-}
-
-// Grid (heads, batches): one CTA per lane walks its key blocks kPlanThreads at a time.
-__global__ void __launch_bounds__(mg::kPlanThreads) plan_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  __shared__ uint32_t scratch[block_scan_words<mg::kPlanThreads>()];
-  const Lane l = chunk_lane(p, blockIdx.y, blockIdx.x);
-  const int64_t nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
-  const int32_t* const counts = w.counts + l.lane * nk;
-  int32_t* const offsets = w.offsets + l.lane * nk;
-  RunRecord* const runs = w.runs + l.lane * w.lane_runs;
-  uint32_t pair_base = 0, run_base = 0;
-  for (int64_t j0 = 0; j0 < nk; j0 += mg::kPlanThreads) {
-    const int64_t j = j0 + threadIdx.x;
-    const int32_t count = j < nk ? counts[j] : 0;
-    const int32_t nruns = mg::block_runs(count);
-    uint32_t pair_total, run_total;
-    const uint32_t pair_end = block_inclusive_scan<mg::kPlanThreads>(uint32_t(count), scratch, pair_total);
-    const uint32_t run_end = block_inclusive_scan<mg::kPlanThreads>(uint32_t(nruns), scratch, run_total);
-    if (j < nk) {
-      const int32_t offset = int32_t(pair_base + pair_end - uint32_t(count));
-      offsets[j] = offset;
-      const uint32_t first_run = run_base + run_end - uint32_t(nruns);
-      for (int32_t q = 0; q < nruns; ++q) runs[first_run + q] = mg::run_record(int32_t(j), offset, count, q);
-    }
-    pair_base += pair_total;
-    run_base += run_total;
-  }
-  for (int64_t t = run_base + threadIdx.x; t < w.lane_runs; t += mg::kPlanThreads) runs[t] = RunRecord{-1, 0, 0, 0};
-}
-
-// Pair e into its block's list at the rank it drew (rank -1: no pair, as the count kernel found).
-__global__ void __launch_bounds__(mg::kPairThreads) pair_fill_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  const Lane l = lane_of(p);
-  const int top_k = p.forward.selection.top_k;
-  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
-  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
-  if (e >= pairs) return;
-  const int32_t rank = w.rank[l.lane * pairs + e];
-  if (rank < 0) return;
-  const int32_t block = __ldg(lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride + e % top_k);
-  w.entries[l.lane * pairs + w.offsets[l.lane * nk + block] + rank] = int32_t(e);
-}
-
 // =============================================================================================
 // Attention of one tile: gathered query rows x one key block
 // =============================================================================================
-
-// The gathered rows of tile `tile` of a run into Q stage qs (positions from the run's pair ids in
-// shared memory; rows past the run zero-filled).
-template <typename T, class G>
-__device__ __forceinline__ void load_tile_rows(unsigned char* smem, const T* q, int64_t q_stride,
-                                               const int32_t* run_pairs, int tile, int qs, int top_k, int tid) {
-  constexpr int kD = G::kChunks * ix::kChunkElems;
-#pragma unroll
-  for (int i = 0; i < G::kRowCopies; ++i) {
-    const int r = ix::copy_row(tid, i, G::kThreads, kD), ch = ix::copy_chunk(tid, i, G::kThreads, kD);
-    const int32_t e = run_pairs[tile * mg::kTileRows + r];
-    const bool ok = e >= 0;
-    const int64_t pos = ok ? mg::pair_token(e, top_k) : 0;
-    cp_async_16_zfill(smem + qs * G::kRowBytes + ix::smem_offset(r, ch, kD),
-                      ok ? q + pos * q_stride + ch * ix::kChunkElems : q, ok);
-  }
-}
 
 // CTAs an SM: 3 on sm_90 when the block is one K / V step (65 KB of shared memory at D = 128,
 // <= 168 registers a thread: 166 without spills); 2 otherwise (sm_80 / 86 / 89 hold 163 / 99 KB).
@@ -162,38 +37,21 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtas
   static_assert(G::kThreads == mg::kTileRows * 2, "4 warps of 16 rows");
   extern __shared__ __align__(128) unsigned char smem[];
   const auto& f = p.forward;
-  const Lane l = lane_of(p);
-  const mg::RunRecord* const record = w.runs + l.lane * w.lane_runs + blockIdx.x;
-  const mg::RunRecord run = *record;
-  if (run.block < 0) return;  // past the lane's runs (CTA-uniform)
+  const RunPlace place = run_place(p, w);
+  if (place.run.block < 0) return;  // past the lane's runs (CTA-uniform)
+  const auto& [l, record, run, top_k, pairs, entries] = place;
   const int tid = threadIdx.x, warp = tid / 32, warp_row0 = warp * ix::kWarpRows;
-  const int top_k = f.selection.top_k;
-  const int64_t pairs = f.seq_q * top_k;
-  const int32_t* const entries = w.entries + l.lane * pairs;
   const T* const q = bhsd_ptr<T>(f.q, l.b, l.h);
+  const RowCta<T> c = run_cta<T>(p, l, record);  // c.tiles: kKvSteps
 
-  const int hk = l.h / int(f.heads_q / f.heads_kv);
-  RowCta<T> c;
-  c.k = bhsd_ptr<T>(f.k, l.b, hk);
-  c.v = bhsd_ptr<T>(f.v, l.b, hk);
-  c.k_stride = f.k.seq_stride;
-  c.v_stride = f.v.seq_stride;
-  c.list = &record->block;  // a one-block list
-  c.count = 1;
-  c.block_kv = f.block_kv;
-  c.seq_q = int(f.seq_q);
-  c.seq_kv = int(f.seq_kv);
-  c.tiles = ix::walk_tiles(1, c.block_kv);  // 64-key steps: kKvSteps
-
-  // Group 0: the block's K / V (every step) and, once the run's pair ids (-1 past its rows) are in
-  // shared memory, tile 0's rows.
+  // Group 0: the block's K / V (every step) and, once the run's pair ids are in shared memory,
+  // tile 0's rows.
 #pragma unroll
   for (int t = 0; t < kKvSteps; ++t) load_kv_step<T, G>(smem, c, t, t, tid);
   int32_t* const run_pairs = reinterpret_cast<int32_t*>(smem + G::kRunOffset);
-  for (int r = tid; r < mg::kRunRows; r += G::kThreads)
-    run_pairs[r] = r < run.rows ? __ldg(entries + run.first + r) : -1;
+  load_run_pairs<G::kThreads>(run_pairs, entries, run, tid);
   __syncthreads();
-  load_tile_rows<T, G>(smem, q, f.q.seq_stride, run_pairs, 0, 0, top_k, tid);
+  load_tile_rows<T, G>(smem, q, f.q.seq_stride, run_pairs, 0, top_k, tid);
   cp_async_commit();
 
   T* const part_o = reinterpret_cast<T*>(w.part_o) + l.lane * pairs * kD;
@@ -206,26 +64,14 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtas
     cp_async_wait<0>();
     // Tile `tile` landed (and K / V); stage qs ^ 1 is free: its tile's epilogue is done.
     __syncthreads();
-    if (tile + 1 < tiles) load_tile_rows<T, G>(smem, q, f.q.seq_stride, run_pairs, tile + 1, qs ^ 1, top_k, tid);
+    if (tile + 1 < tiles)
+      load_tile_rows<T, G>(smem + (qs ^ 1) * G::kRowBytes, q, f.q.seq_stride, run_pairs, tile + 1, top_k, tid);
     cp_async_commit();
     if (warp_row0 >= mg::tile_rows(run.rows, tile)) continue;  // no real row in this warp
-    // The lane id through an opaque copy each tile: the shared-memory addresses of the fragments
-    // depend only on it, and hoisted out of the tile loop (~64 of them) they spilled at D = 128
-    // (ptxas -v: recheck when the toolkit changes). Unsigned, so lane % 16 and lane / 4 stay shifts.
-    unsigned opaque_tid = threadIdx.x;
-    asm volatile("" : "+r"(opaque_tid));
-    const int lane = int(opaque_tid % 32u);
-
+    const int lane = opaque_lane();
     unsigned char* const q_tile = smem + qs * G::kRowBytes;
     const int32_t* const row_pair = run_pairs + tile * mg::kTileRows;
-    const auto row_pos = [&](int row) { return mg::row_position(row_pair[row], top_k, c.seq_q); };
-    // The rows' positions are not consecutive: make_step_mask's test for a step without masked
-    // elements (causal: the step's last key visible to every row) takes the smallest, the test for
-    // a step no row sees (causal: its first key past the largest row's horizon) the largest.
-    const int lane_row_pos = row_pos(warp_row0 + lane % ix::kWarpRows);
-    const int first_q = __reduce_min_sync(kFullMask, lane_row_pos);
-    const int last_q = __reduce_max_sync(kFullMask, lane_row_pos);
-    const int q_pos[2] = {row_pos(warp_row0 + ix::acc_row(lane, 0)), row_pos(warp_row0 + ix::acc_row(lane, 2))};
+    const GatheredRows rows = gathered_rows(row_pair, warp_row0, lane, top_k, c.seq_q);
     float o[G::kON][4];
     zero_accumulators(o);
     ix::RowState rs[2] = {ix::row_state_init(), ix::row_state_init()};
@@ -233,13 +79,7 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtas
     for (int t = 0; t < kKvSteps; ++t) {
       const unsigned char* const ks = smem + G::kStageOffset + t * G::kStageBytes;
       const unsigned char* const vs = ks + G::kKvBytes;
-      StepMask m = make_step_mask<G>(smem, c, t, first_q, warp_row0, lane, f.causal, 0, false);
-      // make_step_mask's `hidden` assumes 16 consecutive rows from first_q; here: the step's keys
-      // start at segment 0 (a one-block list), hidden past Sk or past every row's horizon (a
-      // 128-key block's second half for rows in its first half).
-      const int first_key = m.seg.base[0];
-      m.hidden = m.live == 0u || first_key >= c.seq_kv ||
-                 (f.causal && int64_t(first_key) > int64_t(last_q) + c.seq_kv - c.seq_q);
+      const StepMask m = gathered_step_mask<G>(smem, c, t, rows, warp_row0, lane, f.causal);
       if (m.hidden) continue;
       float s[G::kSN][4];
       zero_accumulators(s);
@@ -251,7 +91,7 @@ __global__ void __launch_bounds__(mg::kTileRows * 2, kKvSteps == 1 ? kGatherCtas
         ldmatrix_x4(qa, q_tile + ix::smem_offset(warp_row0 + ix::ldsm_a_row(lane), ix::ldsm_a_chunk(k16, lane), kD));
         mma_rows_x_tile<T, kD>(s, qa, ks, k16, lane, m.live);
       }
-      online_softmax_step<G>(s, o, rs, m, c, q_pos, f.causal, scale_log2, lane);
+      online_softmax_step<G>(s, o, rs, m, c, rows.q_pos, f.causal, scale_log2, lane);
       mma_p_x_tile<T, kD>(o, s, vs, lane, m.live);
     }
 
@@ -371,15 +211,7 @@ cudaError_t moba_gather_forward(const MobaGatherParams& p, cudaStream_t stream) 
     return cudaErrorInvalidValue;
   if (p.batches == 0 || p.heads == 0 || f.seq_q == 0) return cudaSuccess;
   const WorkspacePtrs w = workspace_ptrs(p);
-  const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv), lanes = p.batches * p.heads;
-  cudaError_t status = cudaMemsetAsync(w.counts, 0, size_t(lanes * nk) * sizeof(int32_t), stream);
-  if (status != cudaSuccess) return status;
-  const dim3 pair_grid(unsigned(ix::ceil_div(f.seq_q * f.selection.top_k, mg::kPairThreads)), unsigned(p.heads),
-                       unsigned(p.batches));
-  pair_count_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
-  plan_kernel<<<dim3(unsigned(p.heads), unsigned(p.batches)), mg::kPlanThreads, 0, stream>>>(p, w);
-  pair_fill_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
-  status = cudaGetLastError();
+  const cudaError_t status = launch_plan(p, w, stream);
   if (status != cudaSuccess) return status;
   if (f.dtype == ScalarKind::kFloat16) {
     return f.head_dim == 64 ? launch_typed<Half, 64>(p, w, stream) : launch_typed<Half, 128>(p, w, stream);

@@ -1,5 +1,6 @@
-// CUDA launcher of MoBA's key-block-major forward (attention/moba_gather_cuda.cu; plan and layout
-// in attention/moba_gather_index.h). No torch headers.
+// CUDA launchers of MoBA's key-block-major forward (attention/moba_gather_cuda.cu) and backward
+// (attention/moba_gather_backward_cuda.cu); plan and layout in attention/moba_gather_index.h. No
+// torch headers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -18,5 +19,18 @@ bool moba_gather_supported(const attention::BlockSparseForwardParams& p);
 // plan (three small kernels and a memset), the attention of every tile, the merge. Enqueues on
 // `stream`; no host synchronization.
 cudaError_t moba_gather_forward(const attention::MobaGatherParams& p, cudaStream_t stream);
+
+// The key-block-major backward (attention/moba_gather_backward_cuda.cu) takes what the forward
+// takes with key blocks of at most 64 keys (its dQ CTA keeps two Q / dO tiles and one K / V step
+// within sm_86's 99 KB).
+bool moba_gather_backward_supported(const attention::BlockSparseForwardParams& p);
+
+// Writes bp.grad_q for the chunk's query heads and bp.grad_k / bp.grad_v for their kv heads: p and
+// bp share the forward parameters (q, k, v, lse, token choices; p.forward == bp.forward), the chunk
+// holds whole GQA groups (head_begin and heads multiples of Hq / Hk), bp.delta holds
+// rowsum(dO * O) (block_sparse_attention_delta). The plan again, then the dQ runs, their merge and
+// the dK / dV kernel. Enqueues on `stream`; no host synchronization.
+cudaError_t moba_gather_backward(const attention::MobaGatherParams& p, const attention::BlockSparseBackwardParams& bp,
+                                 cudaStream_t stream);
 
 }  // namespace torch_ext::cuda

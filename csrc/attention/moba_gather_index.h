@@ -127,6 +127,56 @@ struct GatherTraits : bsa_cuda::RowTraits<kD, kTileRows, false> {
   static_assert(kSmemBytes <= 99 * 1024, "fits sm_86 / sm_89");
 };
 
+// The backward (attention/moba_gather_backward_cuda.cu) runs on the same plan.
+// dQ: a CTA per run as in the forward, 64-row tiles of gathered Q and dO rows double-buffered
+// (block_kv <= 64: one K / V step; D = 128: 98 KB, under sm_86's 99); each pair's partial dQ
+// (dS K times the scale, in the input dtype) goes to the forward's part_o, summed per token in
+// slot order by a merge pass.
+template <int kD>
+struct GatherBackwardTraits : bsa_cuda::RowTraits<kD, kTileRows, true> {
+  using Base = bsa_cuda::RowTraits<kD, kTileRows, true>;
+  static constexpr int kQStages = 2;
+  static constexpr int kTileStageBytes = 2 * Base::kRowBytes;  // Q rows, then dO rows
+  static constexpr int kStageOffset = kQStages * kTileStageBytes;
+  static constexpr int kSegOffset = kStageOffset + Base::kStageBytes;
+  static constexpr int kRunOffset = kSegOffset + 2 * bsa_cuda::kMaxSegments * 4;
+  static constexpr int kSmemBytes = kRunOffset + kRunRows * 4;
+  static constexpr int kSelOffset = kSmemBytes;
+  static_assert(kSmemBytes <= 99 * 1024, "fits sm_86 / sm_89");
+};
+
+// dK / dV: a CTA per (kv head, key block) walks the block's list of every query head of its GQA
+// group (lanes lane0 .. lane0 + group - 1 of the chunk: a chunk holds whole groups), each list in
+// 64-row tiles of gathered rows; dK and dV are written once, no partials. counts: the group's
+// counts of this block, `stride` apart (nk: one lane's counts after another's).
+struct GroupCursor {
+  int g, tile;
+};
+TORCH_EXT_HOST_DEVICE int group_tiles(const int32_t* counts, int64_t stride, int g) {
+  return int(ceil_div(counts[g * stride], kTileRows));
+}
+TORCH_EXT_HOST_DEVICE int group_walk_steps(const int32_t* counts, int64_t stride, int group) {
+  int steps = 0;
+  for (int g = 0; g < group; ++g) steps += group_tiles(counts, stride, g);
+  return steps;
+}
+// The first tile at or after (g, tile) that exists (g == group past the end).
+TORCH_EXT_HOST_DEVICE void group_cursor_settle(GroupCursor& c, const int32_t* counts, int64_t stride, int group) {
+  while (c.g < group && c.tile >= group_tiles(counts, stride, c.g)) {
+    ++c.g;
+    c.tile = 0;
+  }
+}
+TORCH_EXT_HOST_DEVICE GroupCursor group_cursor_begin(const int32_t* counts, int64_t stride, int group) {
+  GroupCursor c{0, 0};
+  group_cursor_settle(c, counts, stride, group);
+  return c;
+}
+TORCH_EXT_HOST_DEVICE void group_cursor_advance(GroupCursor& c, const int32_t* counts, int64_t stride, int group) {
+  ++c.tile;
+  group_cursor_settle(c, counts, stride, group);
+}
+
 // Workspace of one chunk of `lanes` (batch x heads of the chunk), byte offsets 256-aligned.
 struct Workspace {
   int64_t counts, offsets, rank, entries, runs, part_o, part_lse, bytes;

@@ -826,7 +826,7 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
         cp4(sm, stage + Tr::kDeltaOffset + 4 * r, G.delta, row0 + pos, ok);
         bool allowed = ok;
         if (ok && P.sel) allowed = ix::block_selected(P.choices(b, h, pos), P.top_k, kb);
-        st_i32(sm, stage + Tr::kFlagOffset + 4 * r, allowed ? 1 : 0);
+        st_i32(sm, stage + Tr::kPosOffset + 4 * r, allowed ? pos : -1);
       }
       if (tid == 0) st_i32(sm, stage + Tr::kQBaseOffset, qbase);
     }
@@ -888,10 +888,10 @@ void sim_dkdv_cta(const Problem& P, Tensors& G, int b, int hk, int kb, std::mult
           for (int l = 0; l < 32; ++l)
             for (int e = 0; e < 4; ++e) {
               const int col = qc0 + 8 * j + ix::acc_col(l, e);
-              const int qp = qbase + col;
+              const int qp = ld_i32(sm, stage + Tr::kPosOffset + 4 * col);
               const int kp = k0 + key_row0 + ix::acc_row(l, e);
-              const bool vis = ld_i32(sm, stage + Tr::kFlagOffset + 4 * col) != 0 &&
-                               ix::key_visible(qp, kp, P.Sq, P.Sk, P.causal);
+              const bool vis = qp >= 0 && ix::key_visible(qp, kp, P.Sq, P.Sk, P.causal);
+              CHECK(qp < 0 || qp == qbase + col);
               const float lse = ld_f32(sm, stage + Tr::kLseOffset + 4 * col);
               const float prob = vis ? ix::exp2_approx(s[size_t(j)].v[l][e] * scale_log2 - ix::lse_log2(lse)) : 0.f;
               CHECK(!std::isnan(prob));

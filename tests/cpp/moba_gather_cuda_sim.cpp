@@ -17,7 +17,10 @@
 //  (c) merge_kernel's combination in slot order, against token-level MoBA attention in double
 //      (a token's choices as a set)
 //      (out within the 16-bit rounding of the partials, lse within fp32 bounds; a token without a
-//      valid slot: out 0, lse -inf).
+//      valid slot: out 0, lse -inf);
+//  (d) the backward's decomposition: dQ partials per run row summed over a token's slots, dK / dV
+//      per key block over the group walk's tiles, against the gradients in double; the group walk
+//      over several lanes visits every pair of the block once.
 // Usage: moba_gather_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
 #include <algorithm>
 #include <cmath>
@@ -335,6 +338,146 @@ void gather_case(int* stats) {
       }
       ++stats[0];
     }
+
+  // (d) the backward's decomposition (moba_gather_backward_cuda.cu) against token-level MoBA's
+  // gradients in double: dQ as per-pair partials of each run's tiles (rounded to 16 bits) summed
+  // per token over the slots with a rank, dK / dV per key block over the tiles of the group walk
+  // (here each lane its own kv head; the walk over all lanes as one group is enumerated too).
+  std::vector<double> dout(q.size());
+  for (double& x : dout) x = rndu(-1.0, 1.0);
+  for (int l = 0; l < P.lanes; ++l) {
+    const auto at_q = [&](int i, int d) { return size_t((int64_t(l) * P.seq_q + i) * D + d); };
+    const auto at_k = [&](int j, int d) { return size_t((int64_t(l) * P.seq_kv + j) * D + d); };
+    // Reference: per token its visible keys (the set of its valid choices), p, delta, dS.
+    std::vector<double> lse(size_t(P.seq_q), -INFINITY), delta(size_t(P.seq_q), 0.0);
+    std::vector<std::vector<int>> keys_of(size_t(P.seq_q));
+    const auto score = [&](int i, int j) {
+      double dot = 0.0;
+      for (int d = 0; d < D; ++d) dot += q[at_q(i, d)] * k[at_k(j, d)];
+      return dot * P.scale;
+    };
+    for (int i = 0; i < P.seq_q; ++i) {
+      const int64_t base = l * pairs + int64_t(i) * P.top_k;
+      for (int s2 = 0; s2 < P.top_k; ++s2) {
+        if (rank[size_t(base + s2)] < 0) continue;
+        const int32_t block = choices[size_t(base + s2)];
+        for (int j = block * P.block_kv; j < std::min<int64_t>(int64_t(block + 1) * P.block_kv, P.seq_kv); ++j)
+          if (ix::key_visible(i, j, P.seq_q, P.seq_kv, P.causal)) keys_of[size_t(i)].push_back(j);
+      }
+      if (keys_of[size_t(i)].empty()) continue;
+      double m = -INFINITY, sum = 0.0;
+      for (int j : keys_of[size_t(i)]) m = std::max(m, score(i, j));
+      for (int j : keys_of[size_t(i)]) sum += std::exp(score(i, j) - m);
+      lse[size_t(i)] = m + std::log(sum);
+      for (int d = 0; d < D; ++d) {
+        double o = 0.0;
+        for (int j : keys_of[size_t(i)]) o += std::exp(score(i, j) - lse[size_t(i)]) * v[at_k(j, d)];
+        delta[size_t(i)] += dout[at_q(i, d)] * o;
+      }
+    }
+    // p and dS of every visible (token, key), dense (0 elsewhere).
+    std::vector<double> p_mat(size_t(P.seq_q) * P.seq_kv, 0.0), ds_mat(p_mat.size(), 0.0);
+    for (int i = 0; i < P.seq_q; ++i)
+      for (int j : keys_of[size_t(i)]) {
+        double dp = 0.0;
+        for (int d = 0; d < D; ++d) dp += dout[at_q(i, d)] * v[at_k(j, d)];
+        const size_t at = size_t(i) * P.seq_kv + j;
+        p_mat[at] = std::exp(score(i, j) - lse[size_t(i)]);
+        ds_mat[at] = p_mat[at] * (dp - delta[size_t(i)]);
+      }
+    const auto prob = [&](int i, int j) { return p_mat[size_t(i) * P.seq_kv + j]; };
+    const auto ds = [&](int i, int j) { return ds_mat[size_t(i) * P.seq_kv + j]; };
+    std::vector<double> dq_ref(size_t(P.seq_q * D), 0.0), dk_ref(size_t(P.seq_kv * D), 0.0), dv_ref(dk_ref.size(), 0.0);
+    for (int i = 0; i < P.seq_q; ++i)
+      for (int j : keys_of[size_t(i)])
+        for (int d = 0; d < D; ++d) {
+          dq_ref[size_t(i * D + d)] += P.scale * ds(i, j) * k[at_k(j, d)];
+          dk_ref[size_t(j * D + d)] += P.scale * ds(i, j) * q[at_q(i, d)];
+          dv_ref[size_t(j * D + d)] += prob(i, j) * dout[at_q(i, d)];
+        }
+
+    // dQ: each run's rows (its tiles' pair ids) against their block, then the merge.
+    std::vector<float> part(size_t(pairs * D), NAN);
+    for (int64_t x = 0; x < w.lane_runs; ++x) {
+      const mg::RunRecord run = runs[size_t(l * w.lane_runs + x)];
+      if (run.block < 0) continue;
+      for (int r = 0; r < run.rows; ++r) {
+        const int32_t e = entries[size_t(l * pairs + run.first + r)];
+        const int i = mg::pair_token(e, P.top_k);
+        for (int d = 0; d < D; ++d) {
+          double acc = 0.0;
+          for (int j = run.block * P.block_kv; j < std::min<int64_t>(int64_t(run.block + 1) * P.block_kv, P.seq_kv); ++j)
+            if (ix::key_visible(i, j, P.seq_q, P.seq_kv, P.causal)) acc += P.scale * ds(i, j) * k[at_k(j, d)];
+          part[size_t(e * D + d)] = round16(float(acc));
+        }
+      }
+    }
+    for (int i = 0; i < P.seq_q; ++i)
+      for (int d = 0; d < D; ++d) {
+        float sum = 0.0f, mag = 0.0f;
+        for (int s2 = 0; s2 < P.top_k; ++s2) {
+          const int64_t e = int64_t(i) * P.top_k + s2;
+          if (rank[size_t(l * pairs + e)] < 0) continue;
+          CHECK(!std::isnan(part[size_t(e * D + d)]));  // every pair's partial written
+          sum += part[size_t(e * D + d)];
+          mag += std::fabs(part[size_t(e * D + d)]);
+        }
+        CHECK(std::fabs(double(sum) - dq_ref[size_t(i * D + d)]) <= mag / 128 + 1e-5);
+      }
+
+    // dK / dV: per key block the walk's tiles of the lane's list (a group of one).
+    const int32_t* const lane_counts = &counts[size_t(l * P.nk)];
+    for (int64_t kb = 0; kb < P.nk; ++kb) {
+      const int steps = mg::group_walk_steps(lane_counts + kb, P.nk, 1);
+      std::vector<double> dk(size_t(P.block_kv * D), 0.0), dv(dk.size(), 0.0);
+      mg::GroupCursor cur = mg::group_cursor_begin(lane_counts + kb, P.nk, 1);
+      for (int t = 0; t < steps; ++t, mg::group_cursor_advance(cur, lane_counts + kb, P.nk, 1)) {
+        CHECK(cur.g == 0);
+        for (int r = 0; r < mg::kTileRows; ++r) {
+          const int idx = cur.tile * mg::kTileRows + r;
+          if (idx >= lane_counts[kb]) continue;  // pos -1
+          const int32_t e = entries[size_t(l * pairs + offsets[size_t(l * P.nk + kb)] + idx)];
+          CHECK(choices[size_t(l * pairs + e)] == kb);
+          const int i = mg::pair_token(e, P.top_k);
+          for (int jj = 0; jj < P.block_kv; ++jj) {
+            const int j = int(kb) * P.block_kv + jj;
+            if (!ix::key_visible(i, j, P.seq_q, P.seq_kv, P.causal)) continue;
+            for (int d = 0; d < D; ++d) {
+              dk[size_t(jj * D + d)] += P.scale * ds(i, j) * q[at_q(i, d)];
+              dv[size_t(jj * D + d)] += prob(i, j) * dout[at_q(i, d)];
+            }
+          }
+        }
+      }
+      CHECK(cur.g == 1);  // the walk ended
+      for (int jj = 0; jj < P.block_kv && kb * P.block_kv + jj < P.seq_kv; ++jj)
+        for (int d = 0; d < D; ++d) {
+          const size_t at = size_t((kb * P.block_kv + jj) * D + d);
+          CHECK(std::fabs(dk[size_t(jj * D + d)] - dk_ref[at]) <= 1e-9 * (1.0 + std::fabs(dk_ref[at])));
+          CHECK(std::fabs(dv[size_t(jj * D + d)] - dv_ref[at]) <= 1e-9 * (1.0 + std::fabs(dv_ref[at])));
+        }
+    }
+  }
+  // The group walk over all lanes as one GQA group: every pair of block kb once, group by group.
+  for (int64_t kb = 0; kb < P.nk; ++kb) {
+    std::vector<int> seen(size_t(P.lanes * pairs), 0);
+    const int steps = mg::group_walk_steps(&counts[size_t(kb)], P.nk, P.lanes);
+    mg::GroupCursor cur = mg::group_cursor_begin(&counts[size_t(kb)], P.nk, P.lanes);
+    int last_g = 0;
+    for (int t = 0; t < steps; ++t, mg::group_cursor_advance(cur, &counts[size_t(kb)], P.nk, P.lanes)) {
+      CHECK(cur.g >= last_g && cur.g < P.lanes);
+      last_g = cur.g;
+      for (int r = 0; r < mg::kTileRows; ++r) {
+        const int idx = cur.tile * mg::kTileRows + r;
+        if (idx < counts[size_t(cur.g * P.nk + kb)])
+          ++seen[size_t(cur.g * pairs + entries[size_t(cur.g * pairs + offsets[size_t(cur.g * P.nk + kb)] + idx)])];
+      }
+    }
+    CHECK(cur.g == P.lanes);
+    for (int l = 0; l < P.lanes; ++l)
+      for (int64_t e = 0; e < pairs; ++e)
+        CHECK(seen[size_t(l * pairs + e)] == (rank[size_t(l * pairs + e)] >= 0 && choices[size_t(l * pairs + e)] == kb));
+  }
   ++stats[2];
 }
 

@@ -11,9 +11,9 @@ from torch_ext.attention.mask import BlockSparseMask
 _FORWARD = torch.ops.torch_ext.block_sparse_attention
 _BACKWARD = torch.ops.torch_ext.block_sparse_attention_backward
 _SELECT = torch.ops.torch_ext.moba_select
-_BLOCK_LISTS = torch.ops.torch_ext.moba_block_lists
 _ROUTE = torch.ops.torch_ext.moba_route
 _MOBA = torch.ops.torch_ext.moba_attention
+_MOBA_BACKWARD = torch.ops.torch_ext.moba_attention_backward
 
 # moba_route / moba_attention list key blocks per query block of this many rows.
 MOBA_QUERY_BLOCK = 64
@@ -65,7 +65,8 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     its own block causally under ``causal``. Equal to dense attention under that mask. On CUDA
     computed key block by key block over the tokens that chose it (no union lists); on the CPU by
     block-sparse attention over the union lists with the token selection applied inside.
-    Differentiable in q, k and v (the routing is not)."""
+    Differentiable in q, k and v (the routing is not): ``moba_attention_backward``, the union
+    lists' backward (on CUDA key block by key block with ``TORCH_EXT_MOBA_GATHER_BACKWARD=1``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     selected = _SELECT(q, k, block_size, top_k, causal)
     return call_differentiable(_MOBA, q, k, v, selected, block_size, causal, scale)[0]
@@ -85,6 +86,11 @@ def _backward_fake(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_siz
 @torch.library.register_fake("torch_ext::moba_attention")
 def _moba_fake(q, k, v, token_blocks, block_size, causal, scale):
     return _forward_fake(q, k, v, None, None, None, block_size, causal, scale)
+
+
+@torch.library.register_fake("torch_ext::moba_attention_backward")
+def _moba_backward_fake(grad_out, q, k, v, out, lse, token_blocks, block_size, causal, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 @torch.library.register_fake("torch_ext::moba_select")
@@ -138,12 +144,9 @@ def _moba_setup_context(ctx, inputs, output) -> None:
 
 
 def _moba_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):
-    """The backward of block_sparse_attention over the union lists (lse's gradient is ignored)."""
+    """moba_attention_backward (lse's gradient is ignored)."""
     q, k, v, out, lse, token_blocks = ctx.saved_tensors
-    block_size, causal, scale = ctx.args
-    counts, indices = _BLOCK_LISTS(token_blocks, _ceil_div(k.shape[2], block_size), MOBA_QUERY_BLOCK)
-    grads = _BACKWARD(grad_out, q, k, v, out, lse, counts, indices, MOBA_QUERY_BLOCK, block_size, causal, scale,
-                      token_blocks)
+    grads = _MOBA_BACKWARD(grad_out, q, k, v, out, lse, token_blocks, *ctx.args)
     return (*grads, None, None, None, None)
 
 

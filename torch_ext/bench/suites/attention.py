@@ -12,6 +12,8 @@ case on a small CPU); D=128 everywhere.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -172,6 +174,42 @@ def _moba_case(device, seq, block_size, top_k) -> Case:
                 device=device, notes={"density": chosen, "effective_flops": 2.0 * heads[0] * seq * seq * _DIM})
 
 
+def _with_env(name: str, value: str, fn):
+    """fn with environment variable `name` set to `value` for the call (torch_ext's switches are read
+    at every call), so that one process times both sides of a switch."""
+    def run(*args):
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+    return run
+
+
+def _moba_backward_case(device, seq, block_size, top_k) -> Case:
+    """MoBA forward + backward (CUDA): ours as configured (TORCH_EXT_MOBA_GATHER_BACKWARD=1: the
+    key-block-major backward), against the union lists' backward in the same process and causal
+    SDPA's forward + backward."""
+    from torch_ext.ops import moba_attention
+
+    heads = _HEADS[device]
+    chosen = min(1.0, top_k * block_size / seq)
+    moba = with_backward(lambda q, k, v: moba_attention(q, k, v, block_size, top_k, causal=True))
+    baselines = {"SDPA dense causal fwd+bwd": with_backward(lambda q, k, v: F.scaled_dot_product_attention(
+                     q, k, v, is_causal=True, enable_gqa=True)),
+                 "union lists backward": _with_env("TORCH_EXT_MOBA_GATHER_BACKWARD", "0", moba)}
+    return Case(family="attention", op="moba_attention fwd+bwd",
+                label=f"S={seq} block {block_size} top-{top_k} causal bf16",
+                make_inputs=lambda seed: _qkv(device, seq, heads, seed), ours=moba, baselines=baselines,
+                # forward 2 GEMMs, backward 7 (S and dP recomputed by both of its passes): 9 of 2*S*keys*D
+                flops=18.0 * heads[0] * seq * seq * _DIM * chosen, bytes=float(8 * heads[0] * seq * _DIM * 2),
+                device=device, notes={"density": chosen})
+
+
 def _routing_case(device, seq, block_size, top_k) -> Case:
     from torch_ext.ops import moba_route
     from torch_ext.reference.attention import moba_select as naive_select
@@ -199,4 +237,7 @@ def attention_suite(device: str, quick: bool) -> list[Case]:
     cases += [_moba_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
     cases += [_routing_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
     cases += [_sparse_backward_case(kind, seqs[-1], d) for d in (1.0, 0.1)]
+    if kind == "cuda":
+        cases += [_moba_backward_case(kind, s, b, k) for s in (4096, seqs[-1]) if s in seqs for b, k in _MOBA
+                  if b <= 64]
     return cases
