@@ -518,6 +518,7 @@ bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& 
                          const at::Tensor& token_blocks, const Shapes& s, int64_t block_size, bool causal,
                          double scale, at::Tensor& out, at::Tensor& lse) {
   if (!cuda::kernel_switch_on("TORCH_EXT_MOBA_GATHER", true)) return false;
+  if (s.batch == 0 || s.heads_q == 0) return false;  // the union forward's empty outputs
   GatherInputs in(op, q, k, v, token_blocks, s, block_size, causal, scale);
   attention::BlockSparseForwardParams& p = in.params;
   if (!cuda::moba_gather_supported(p)) return false;
@@ -567,6 +568,11 @@ bool moba_gather_backward(const char* op, const at::Tensor& grad_out, const at::
                           const at::Tensor& token_blocks, const Shapes& s, int64_t block_size, bool causal,
                           double scale, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   if (!cuda::kernel_switch_on("TORCH_EXT_MOBA_GATHER_BACKWARD", false)) return false;
+  // Empty calls and grids past the delta pass's limits take the union backward (which handles or
+  // refuses them).
+  if (s.batch == 0 || s.heads_q == 0 || block_size > attention::bsa_cuda::kTileKv || s.batch > kMaxGridYZ ||
+      s.heads_q > kMaxGridYZ)
+    return false;
   GatherInputs in(op, q, k, v, token_blocks, s, block_size, causal, scale);
   attention::BlockSparseForwardParams& p = in.params;
   if (!cuda::moba_gather_backward_supported(p)) return false;
@@ -585,13 +591,22 @@ bool moba_gather_backward(const char* op, const at::Tensor& grad_out, const at::
   bp.grad_k = mutable_bhsd(grad_k);
   bp.grad_v = mutable_bhsd(grad_v);
   bp.delta = delta.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(q.device());  // before the sizes: the sort's depends on the device
   const int top_k = p.selection.top_k;
   const auto bytes = [&](int64_t lanes) {
-    return attention::moba_gather::workspace_layout(lanes, s.seq_q, top_k, nk, p.head_dim).bytes;
+    return cuda::moba_gather_backward_workspace_bytes(lanes, s.seq_q, top_k, nk, p.head_dim);
   };
-  const auto [heads, batches] = moba_gather_group_chunks(s, bytes(1));
+  const int64_t group = s.heads_q / s.heads_kv;
+  if (bytes(group) < 0) return false;  // one group is too large for the list sort: the union backward
+  auto [heads, batches] = moba_gather_group_chunks(s, bytes(1));
+  while (bytes(batches * heads) < 0) {  // fewer lanes a chunk for the sort's limits
+    if (batches > 1) {
+      batches = (batches + 1) / 2;
+    } else {
+      heads = std::max(group, (heads / 2) / group * group);
+    }
+  }
   at::Tensor workspace = at::empty({bytes(batches * heads)}, q.options().dtype(at::kByte));
-  const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cuda::block_sparse_attention_delta(bp, stream));
   for (int64_t b0 = 0; b0 < s.batch; b0 += batches) {

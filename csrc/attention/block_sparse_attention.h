@@ -84,11 +84,12 @@ struct BlockSparseBackwardParams {
   BlockList transposed;
 };
 
-// MoBA's key-block-major forward on CUDA (attention/moba_gather_index.h): `forward` as for
-// block_sparse_attention with selection = the token choices and block_kv = MoBA's block size (its
-// block lists unused), run for query heads [head_begin, head_begin + heads) of batches
+// MoBA's key-block-major forward and backward on CUDA (attention/moba_gather_index.h): `forward` as
+// for block_sparse_attention with selection = the token choices and block_kv = MoBA's block size
+// (its block lists unused), run for query heads [head_begin, head_begin + heads) of batches
 // [batch_begin, batch_begin + batches) with a workspace of
-// moba_gather::workspace_layout(batches * heads, ...).bytes bytes.
+// moba_gather::workspace_layout(batches * heads, ...).bytes bytes (the forward) or
+// moba_gather_backward_workspace_bytes(batches * heads, ...) (the backward, attention/moba_gather_cuda.h).
 struct MobaGatherParams {
   BlockSparseForwardParams forward;
   int64_t batch_begin, batches;

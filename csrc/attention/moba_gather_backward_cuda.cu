@@ -1,6 +1,8 @@
 // MoBA's key-block-major backward on CUDA (attention/moba_gather_cuda.h; plan and layouts in
 // attention/moba_gather_index.h). No torch headers. Per chunk of whole GQA groups, after the
-// forward's plan (recomputed: launch_plan, no host sync) and with delta = rowsum(dO * O) given:
+// forward's plan (recomputed, no host sync; the lists sorted into pair-id order by a stable radix
+// sort instead of filled at the atomics' ranks, so that dK / dV sum every block's rows in a fixed
+// order) and with delta = rowsum(dO * O) given:
 //   gather_dq_kernel<T, D>: a CTA per run record (blocks of <= 64 keys: one K / V step), the
 //     run's 64-row tiles of gathered Q and dO rows double-buffered; per warp of 16 rows the dQ
 //     kernel's step (S = Q K^T, P from the forward's lse, dP = dO V^T, dS = P (dP - delta),
@@ -11,7 +13,7 @@
 //   gather_dkdv_kernel<T, D, kBlockKv>: a CTA per (kv head, key block) with the mma.sync dK / dV
 //     kernel's warps and step (dkdv_mma_step, dkdv_mma_finish) over the block's lists of every
 //     query head of the group, in 64-row tiles of gathered rows (mg::GroupCursor). dK and dV are
-//     written once: no partials, no atomics, deterministic.
+//     written once: no partials, no float atomics; deterministic with the sorted lists.
 // The work is the chosen pairs' (the union backward computes every block some row of a 16-row
 // warp chose); the extra traffic is the dQ partials, 2 D bytes per pair written and read once.
 #include "attention/moba_gather_cuda.cuh"
@@ -245,6 +247,8 @@ cudaError_t launch_typed(const MobaGatherParams& p, const BlockSparseBackwardPar
     if (status != cudaSuccess) return status;
     dq<<<dim3(unsigned(w.lane_runs), unsigned(p.heads), unsigned(p.batches)), G::kThreads, G::kSmemBytes, stream>>>(
         p, bp, w);
+    status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
     constexpr int kTokens = mg::kMergeThreads / (kD / 8);
     merge_dq_kernel<T, kD><<<dim3(unsigned(ix::ceil_div(p.forward.seq_q, kTokens)), unsigned(p.heads),
                                unsigned(p.batches)),
@@ -266,6 +270,15 @@ bool moba_gather_backward_supported(const attention::BlockSparseForwardParams& p
   return moba_gather_supported(p) && p.block_kv <= ix::kTileKv;
 }
 
+int64_t moba_gather_backward_workspace_bytes(int64_t lanes, int64_t seq_q, int top_k, int64_t num_kv_blocks,
+                                             int head_dim) {
+  const int64_t items = lanes * seq_q * top_k;
+  if (items >= (int64_t(1) << 31) || mg::sort_key_bits(lanes, num_kv_blocks) > 32) return -1;
+  const int64_t temp = sort_temp_bytes(items, mg::sort_key_bits(lanes, num_kv_blocks));
+  if (temp < 0) return -1;
+  return mg::workspace_layout(lanes, seq_q, top_k, num_kv_blocks, head_dim, temp > 0 ? temp : 1).bytes;
+}
+
 cudaError_t moba_gather_backward(const attention::MobaGatherParams& p, const attention::BlockSparseBackwardParams& bp,
                                  cudaStream_t stream) {
   const auto& f = p.forward;
@@ -277,14 +290,18 @@ cudaError_t moba_gather_backward(const attention::MobaGatherParams& p, const att
       !bhsd_ok(bp.grad_q) || !bhsd_ok(bp.grad_k) || !bhsd_ok(bp.grad_v))
     return cudaErrorInvalidValue;
   if (p.batches == 0 || p.heads == 0) return cudaSuccess;
-  const WorkspacePtrs w = workspace_ptrs(p);
+  const int64_t lanes = p.batches * p.heads, nk = ix::ceil_div(f.seq_kv, f.block_kv);
+  const int64_t items = lanes * f.seq_q * f.selection.top_k;
+  if (items >= (int64_t(1) << 31) || mg::sort_key_bits(lanes, nk) > 32) return cudaErrorInvalidValue;
+  const int64_t temp = sort_temp_bytes(items, mg::sort_key_bits(lanes, nk));
+  if (temp < 0) return cudaErrorInvalidValue;
+  const WorkspacePtrs w = workspace_ptrs(p, temp > 0 ? temp : 1);  // the layout the caller allocated
   if (f.seq_q > 0) {
     const cudaError_t status = launch_plan(p, w, stream);
     if (status != cudaSuccess) return status;
   } else {
     // No query rows: no pairs; dK / dV are zero (the dK / dV kernel walks empty lists).
-    const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv);
-    const cudaError_t status = cudaMemsetAsync(w.counts, 0, size_t(p.batches * p.heads * nk) * sizeof(int32_t), stream);
+    const cudaError_t status = cudaMemsetAsync(w.counts, 0, size_t(lanes * nk) * sizeof(int32_t), stream);
     if (status != cudaSuccess) return status;
   }
   if (f.dtype == ScalarKind::kFloat16) {

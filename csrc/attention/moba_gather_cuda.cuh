@@ -4,6 +4,8 @@
 // the gathered row loads of a run's tiles. No torch headers.
 #pragma once
 
+#include <cub/device/device_radix_sort.cuh>
+
 #include "attention/block_sparse_attention_cuda_row.cuh"
 #include "attention/moba_gather_cuda.h"
 #include "attention/moba_gather_index.h"
@@ -40,16 +42,34 @@ struct WorkspacePtrs {
   unsigned char* part_o;
   float* part_lse;
   int64_t lane_runs;
+  // The backward's sort (mg::sort_key); null for the forward.
+  uint32_t* sort_keys;
+  uint32_t* sort_keys_out;
+  int32_t* sort_values;
+  void* sort_temp;
+  int64_t sort_temp_bytes;
 };
-__host__ __device__ inline WorkspacePtrs workspace_ptrs(const MobaGatherParams& p) {
+// temp_bytes: 0 for the forward's layout, the sort's temporary storage for the backward's.
+inline WorkspacePtrs workspace_ptrs(const MobaGatherParams& p, int64_t temp_bytes = 0) {
   const auto& f = p.forward;
   const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv);
-  const mg::Workspace w = mg::workspace_layout(p.batches * p.heads, f.seq_q, f.selection.top_k, nk, f.head_dim);
+  const mg::Workspace w =
+      mg::workspace_layout(p.batches * p.heads, f.seq_q, f.selection.top_k, nk, f.head_dim, temp_bytes);
   unsigned char* const base = static_cast<unsigned char*>(p.workspace);
-  return WorkspacePtrs{reinterpret_cast<int32_t*>(base + w.counts), reinterpret_cast<int32_t*>(base + w.offsets),
-                       reinterpret_cast<int32_t*>(base + w.rank),   reinterpret_cast<int32_t*>(base + w.entries),
-                       reinterpret_cast<RunRecord*>(base + w.runs), base + w.part_o,
-                       reinterpret_cast<float*>(base + w.part_lse), w.lane_runs};
+  const bool sorted = temp_bytes > 0;
+  return WorkspacePtrs{reinterpret_cast<int32_t*>(base + w.counts),
+                       reinterpret_cast<int32_t*>(base + w.offsets),
+                       reinterpret_cast<int32_t*>(base + w.rank),
+                       reinterpret_cast<int32_t*>(base + w.entries),
+                       reinterpret_cast<RunRecord*>(base + w.runs),
+                       base + w.part_o,
+                       reinterpret_cast<float*>(base + w.part_lse),
+                       w.lane_runs,
+                       sorted ? reinterpret_cast<uint32_t*>(base + w.sort_keys) : nullptr,
+                       sorted ? reinterpret_cast<uint32_t*>(base + w.sort_keys_out) : nullptr,
+                       sorted ? reinterpret_cast<int32_t*>(base + w.sort_values) : nullptr,
+                       sorted ? base + w.sort_temp : nullptr,
+                       temp_bytes};
 }
 
 __device__ __forceinline__ const int32_t* lane_choices(const MobaGatherParams& p, const Lane& l) {
@@ -222,7 +242,36 @@ __device__ __forceinline__ StepMask gathered_step_mask(const unsigned char* smem
   return m;
 }
 
-// The plan of a chunk (count, plan, fill), no host sync: after it, the lists and run records.
+// The backward's sort input: pair e of the lane gets key mg::sort_key (its block, or past the
+// lane's blocks when the count kernel found it is no pair) and value e.
+__global__ void __launch_bounds__(mg::kPairThreads) sort_keys_kernel(const MobaGatherParams p, WorkspacePtrs w) {
+  const Lane l = lane_of(p);
+  const int top_k = p.forward.selection.top_k;
+  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
+  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
+  if (e >= pairs) return;
+  const bool pair = w.rank[l.lane * pairs + e] >= 0;
+  const int32_t block = pair ? __ldg(lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride + e % top_k) : 0;
+  w.sort_keys[l.lane * pairs + e] = uint32_t(mg::sort_key(l.lane, nk, pair, block));
+  w.sort_values[l.lane * pairs + e] = int32_t(e);
+}
+
+// Temporary storage of the backward's sort of `items` (key, pair id) entries with keys below
+// 2^key_bits (cub::DeviceRadixSort, stable: the order of a block's pairs is their id order), on the
+// current device (its architecture sets the size: query it under the same device guard as the
+// launch); -1 when the query fails.
+inline int64_t sort_temp_bytes(int64_t items, int key_bits) {
+  size_t bytes = 0;
+  const cudaError_t status = cub::DeviceRadixSort::SortPairs(
+      nullptr, bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), items, 0, key_bits);
+  return status == cudaSuccess ? int64_t(bytes) : -1;
+}
+
+// The plan of a chunk, no host sync: the counts and ranks, the offsets and run records, then the
+// lists: filled at the atomics' ranks (the forward: its per-row results do not depend on the
+// order), or, with the sort's storage in w (the backward: dK / dV sum a block's rows in list
+// order), sorted into pair-id order.
 inline cudaError_t launch_plan(const MobaGatherParams& p, const WorkspacePtrs& w, cudaStream_t stream) {
   const auto& f = p.forward;
   const int64_t nk = ix::ceil_div(f.seq_kv, f.block_kv), lanes = p.batches * p.heads;
@@ -232,8 +281,18 @@ inline cudaError_t launch_plan(const MobaGatherParams& p, const WorkspacePtrs& w
                        unsigned(p.batches));
   pair_count_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
   plan_kernel<<<dim3(unsigned(p.heads), unsigned(p.batches)), mg::kPlanThreads, 0, stream>>>(p, w);
-  pair_fill_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
-  return cudaGetLastError();
+  if (w.sort_temp == nullptr) {
+    pair_fill_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
+    return cudaGetLastError();
+  }
+  sort_keys_kernel<<<pair_grid, mg::kPairThreads, 0, stream>>>(p, w);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  size_t temp_bytes = size_t(w.sort_temp_bytes);
+  const int64_t items = lanes * f.seq_q * f.selection.top_k;
+  return cub::DeviceRadixSort::SortPairs(w.sort_temp, temp_bytes, static_cast<const uint32_t*>(w.sort_keys),
+                                         w.sort_keys_out, static_cast<const int32_t*>(w.sort_values), w.entries, items,
+                                         0, mg::sort_key_bits(lanes, nk), stream);
 }
 
 }  // namespace

@@ -25,9 +25,17 @@ cudaError_t moba_gather_forward(const attention::MobaGatherParams& p, cudaStream
 // within sm_86's 99 KB).
 bool moba_gather_backward_supported(const attention::BlockSparseForwardParams& p);
 
+// Workspace bytes of the backward for a chunk of `lanes` (batch, head) lanes: the forward's layout
+// plus the sort of its lists; -1 when the chunk is too large for the sort (lanes * Sq * top_k
+// below 2^31 and keys of at most 32 bits). The sort's share depends on the architecture of the
+// current device: call it on the device that runs moba_gather_backward.
+int64_t moba_gather_backward_workspace_bytes(int64_t lanes, int64_t seq_q, int top_k, int64_t num_kv_blocks,
+                                             int head_dim);
+
 // Writes bp.grad_q for the chunk's query heads and bp.grad_k / bp.grad_v for their kv heads: p and
 // bp share the forward parameters (q, k, v, lse, token choices; p.forward == bp.forward), the chunk
-// holds whole GQA groups (head_begin and heads multiples of Hq / Hk), bp.delta holds
+// holds whole GQA groups (head_begin and heads multiples of Hq / Hk), p.workspace holds
+// moba_gather_backward_workspace_bytes(batches * heads, ...) bytes, bp.delta holds
 // rowsum(dO * O) (block_sparse_attention_delta). The plan again, then the dQ runs, their merge and
 // the dK / dV kernel. Enqueues on `stream`; no host synchronization.
 cudaError_t moba_gather_backward(const attention::MobaGatherParams& p, const attention::BlockSparseBackwardParams& bp,

@@ -177,13 +177,33 @@ TORCH_EXT_HOST_DEVICE void group_cursor_advance(GroupCursor& c, const int32_t* c
   group_cursor_settle(c, counts, stride, group);
 }
 
-// Workspace of one chunk of `lanes` (batch x heads of the chunk), byte offsets 256-aligned.
+// The backward's lists in a fixed order (dK / dV sum a block's rows in list order, and the atomics'
+// ranks vary between runs): a stable radix sort of every pair of the chunk by key
+// lane * (nk + 1) + (block, or nk for a slot that is not a pair) with the pair ids as values puts
+// lane l's pairs at [l * pairs, (l + 1) * pairs), block j's from offset[j] on, in pair-id order:
+// the fill's layout, deterministic.
+TORCH_EXT_HOST_DEVICE int64_t sort_key(int64_t lane, int64_t num_kv_blocks, bool pair, int32_t block) {
+  return lane * (num_kv_blocks + 1) + (pair ? block : num_kv_blocks);
+}
+// Bits of the largest key of a chunk of `lanes` lanes (the sort's end bit).
+TORCH_EXT_HOST_DEVICE int sort_key_bits(int64_t lanes, int64_t num_kv_blocks) {
+  const int64_t largest = lanes * (num_kv_blocks + 1) - 1;
+  int bits = 1;
+  while (bits < 62 && (int64_t(1) << bits) <= largest) ++bits;
+  return bits;
+}
+
+// Workspace of one chunk of `lanes` (batch x heads of the chunk), byte offsets 256-aligned. With
+// sort_temp_bytes > 0 (the backward): the sort's keys (in, out), values in and its temporary
+// storage after the forward's regions.
 struct Workspace {
-  int64_t counts, offsets, rank, entries, runs, part_o, part_lse, bytes;
+  int64_t counts, offsets, rank, entries, runs, part_o, part_lse;
+  int64_t sort_keys, sort_keys_out, sort_values, sort_temp;
+  int64_t bytes;
   int64_t lane_runs;  // run records per lane
 };
 TORCH_EXT_HOST_DEVICE Workspace workspace_layout(int64_t lanes, int64_t seq_q, int top_k, int64_t num_kv_blocks,
-                                                 int head_dim) {
+                                                 int head_dim, int64_t sort_temp_bytes = 0) {
   const int64_t pairs = lanes * seq_q * top_k;
   Workspace w{};
   w.lane_runs = max_lane_runs(seq_q, top_k, num_kv_blocks);
@@ -200,6 +220,12 @@ TORCH_EXT_HOST_DEVICE Workspace workspace_layout(int64_t lanes, int64_t seq_q, i
   w.runs = take(lanes * w.lane_runs * int64_t(sizeof(RunRecord)));
   w.part_o = take(pairs * head_dim * 2);
   w.part_lse = take(pairs * 4);
+  if (sort_temp_bytes > 0) {
+    w.sort_keys = take(pairs * 4);
+    w.sort_keys_out = take(pairs * 4);
+    w.sort_values = take(pairs * 4);
+    w.sort_temp = take(sort_temp_bytes);
+  }
   w.bytes = at;
   return w;
 }

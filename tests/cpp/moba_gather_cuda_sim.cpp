@@ -179,6 +179,27 @@ void gather_case(int* stats) {
     }
   }
 
+  // The backward's lists: a stable sort of every (key, pair id) of the chunk by mg::sort_key lands
+  // lane l's pairs at [l * pairs, (l + 1) * pairs), block j's at offsets[j], in pair-id order: the
+  // fill's lists, each sorted.
+  {
+    std::vector<std::pair<int64_t, int32_t>> items;
+    for (int l = 0; l < P.lanes; ++l)
+      for (int64_t e = 0; e < pairs; ++e) {
+        const bool pair = rank[size_t(l * pairs + e)] >= 0;
+        items.emplace_back(mg::sort_key(l, P.nk, pair, pair ? choices[size_t(l * pairs + e)] : 0), int32_t(e));
+      }
+    for (const auto& item : items) CHECK((item.first >> mg::sort_key_bits(P.lanes, P.nk)) == 0);
+    std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (int l = 0; l < P.lanes; ++l)
+      for (int64_t j = 0; j < P.nk; ++j) {
+        const int64_t begin = l * pairs + offsets[size_t(l * P.nk + j)], end = begin + counts[size_t(l * P.nk + j)];
+        std::vector<int32_t> filled(entries.begin() + begin, entries.begin() + end);
+        std::sort(filled.begin(), filled.end());
+        for (int64_t x = begin; x < end; ++x) CHECK(items[size_t(x)].second == filled[size_t(x - begin)]);
+      }
+  }
+
   // (b) every run as its CTA walks it, tile by tile; partials per pair.
   std::vector<float> part_o(size_t(P.lanes * pairs * D), NAN), part_lse(size_t(P.lanes * pairs), NAN);
   std::vector<int> written(size_t(P.lanes * pairs), 0);
