@@ -81,19 +81,34 @@ __device__ __forceinline__ const int32_t* lane_choices(const MobaGatherParams& p
 // Plan
 // =============================================================================================
 
-// Grid (ceil(Sq * top_k / kPairThreads), heads, batches): slot e of the lane. A pair
-// (mg::slot_is_pair) draws its rank in its block's list; other slots get rank -1, which the fill
-// and merge kernels read as "no pair".
+// The slot a thread of a pair kernel handles (grid (ceil(Sq * top_k / kPairThreads), heads,
+// batches)): slot e (< pairs when valid) of its lane, and the lane's sizes.
+struct PairSlot {
+  Lane l;
+  int top_k;
+  int64_t pairs, nk, e;
+  const int32_t* choices;  // the token's row of choices
+};
+__device__ __forceinline__ PairSlot pair_slot(const MobaGatherParams& p) {
+  PairSlot s;
+  s.l = lane_of(p);
+  s.top_k = p.forward.selection.top_k;
+  s.pairs = p.forward.seq_q * s.top_k;
+  s.nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
+  s.e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
+  const int64_t token = s.e < s.pairs ? s.e / s.top_k : 0;  // (threads past the pairs exit)
+  s.choices = lane_choices(p, s.l) + token * p.forward.selection.seq_stride;
+  return s;
+}
+
+// A pair (mg::slot_is_pair) draws its rank in its block's list; other slots get rank -1, which the
+// fill, sort and merge kernels read as "no pair".
 __global__ void __launch_bounds__(mg::kPairThreads) pair_count_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  const Lane l = lane_of(p);
-  const int top_k = p.forward.selection.top_k;
-  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
-  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
-  if (e >= pairs) return;
-  const int32_t* const choices = lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride;
-  const int slot = int(e % top_k);
-  w.rank[l.lane * pairs + e] =
-      mg::slot_is_pair(choices, slot, nk) ? atomicAdd(w.counts + l.lane * nk + choices[slot], 1) : -1;
+  const PairSlot s = pair_slot(p);
+  if (s.e >= s.pairs) return;
+  const int slot = int(s.e % s.top_k);
+  w.rank[s.l.lane * s.pairs + s.e] =
+      mg::slot_is_pair(s.choices, slot, s.nk) ? atomicAdd(w.counts + s.l.lane * s.nk + s.choices[slot], 1) : -1;
 }
 
 // Grid (heads, batches): one CTA per lane walks its key blocks kPlanThreads at a time.
@@ -126,15 +141,12 @@ __global__ void __launch_bounds__(mg::kPlanThreads) plan_kernel(const MobaGather
 
 // Pair e into its block's list at the rank it drew (rank -1: no pair, as the count kernel found).
 __global__ void __launch_bounds__(mg::kPairThreads) pair_fill_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  const Lane l = lane_of(p);
-  const int top_k = p.forward.selection.top_k;
-  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
-  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
-  if (e >= pairs) return;
-  const int32_t rank = w.rank[l.lane * pairs + e];
+  const PairSlot s = pair_slot(p);
+  if (s.e >= s.pairs) return;
+  const int32_t rank = w.rank[s.l.lane * s.pairs + s.e];
   if (rank < 0) return;
-  const int32_t block = __ldg(lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride + e % top_k);
-  w.entries[l.lane * pairs + w.offsets[l.lane * nk + block] + rank] = int32_t(e);
+  const int32_t block = __ldg(s.choices + s.e % s.top_k);
+  w.entries[s.l.lane * s.pairs + w.offsets[s.l.lane * s.nk + block] + rank] = int32_t(s.e);
 }
 
 // The gathered rows of tile `tile` of a run (positions from the run's pair ids in shared memory;
@@ -245,15 +257,12 @@ __device__ __forceinline__ StepMask gathered_step_mask(const unsigned char* smem
 // The backward's sort input: pair e of the lane gets key mg::sort_key (its block, or past the
 // lane's blocks when the count kernel found it is no pair) and value e.
 __global__ void __launch_bounds__(mg::kPairThreads) sort_keys_kernel(const MobaGatherParams p, WorkspacePtrs w) {
-  const Lane l = lane_of(p);
-  const int top_k = p.forward.selection.top_k;
-  const int64_t pairs = p.forward.seq_q * top_k, nk = ix::ceil_div(p.forward.seq_kv, p.forward.block_kv);
-  const int64_t e = int64_t(blockIdx.x) * mg::kPairThreads + threadIdx.x;
-  if (e >= pairs) return;
-  const bool pair = w.rank[l.lane * pairs + e] >= 0;
-  const int32_t block = pair ? __ldg(lane_choices(p, l) + (e / top_k) * p.forward.selection.seq_stride + e % top_k) : 0;
-  w.sort_keys[l.lane * pairs + e] = uint32_t(mg::sort_key(l.lane, nk, pair, block));
-  w.sort_values[l.lane * pairs + e] = int32_t(e);
+  const PairSlot s = pair_slot(p);
+  if (s.e >= s.pairs) return;
+  const int64_t at = s.l.lane * s.pairs + s.e;
+  const bool pair = w.rank[at] >= 0;
+  w.sort_keys[at] = uint32_t(mg::sort_key(s.l.lane, s.nk, pair, pair ? __ldg(s.choices + s.e % s.top_k) : 0));
+  w.sort_values[at] = int32_t(s.e);
 }
 
 // Temporary storage of the backward's sort of `items` (key, pair id) entries with keys below
