@@ -512,6 +512,32 @@ struct GatherInputs {
   }
 };
 
+// Chunks of (batch, head) lanes whose workspace fits the budget, in whole groups of `group` heads
+// (the backward's dK / dV CTA sees every query head of its GQA group; the forward takes 1): as many
+// heads as fit (all of them: then as many batches), one group at least. {heads, batches} per chunk.
+std::pair<int64_t, int64_t> moba_gather_chunks(const Shapes& s, int64_t lane_bytes, int64_t group) {
+  const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(lane_bytes, 1);
+  const int64_t max_heads = std::min(s.heads_q, kMaxGridYZ / group * group);
+  const int64_t heads = std::clamp<int64_t>(fitting / group * group, group, max_heads);
+  const int64_t batches =
+      heads < s.heads_q ? 1 : std::clamp<int64_t>(fitting / heads, 1, std::min(s.batch, kMaxGridYZ));
+  return {heads, batches};
+}
+
+// Runs launch(g) for every chunk of heads x batches lanes, one after the other on the stream, with
+// the workspace at `workspace`.
+template <class Launch>
+void for_each_chunk(const attention::BlockSparseForwardParams& p, const Shapes& s, int64_t heads, int64_t batches,
+                    void* workspace, Launch&& launch) {
+  for (int64_t b0 = 0; b0 < s.batch; b0 += batches) {
+    for (int64_t h0 = 0; h0 < s.heads_q; h0 += heads) {
+      const attention::MobaGatherParams g{p, b0, std::min(batches, s.batch - b0), h0, std::min(heads, s.heads_q - h0),
+                                          workspace};
+      C10_CUDA_CHECK(launch(g));
+    }
+  }
+}
+
 // moba_attention's key-block-major forward (attention/moba_gather_index.h), or false when the
 // kernels do not take these inputs (the caller runs the union forward).
 bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -527,37 +553,17 @@ bool moba_gather_forward(const char* op, const at::Tensor& q, const at::Tensor& 
   lse = at::empty({s.batch, s.heads_q, s.seq_q}, q.options().dtype(at::kFloat));
   p.out = mutable_bhsd(out);
   p.lse = lse.data_ptr<float>();
-  // Chunks of (batch, head) lanes: as many heads as fit (all of them: then as many batches).
   const int top_k = p.selection.top_k;
   const auto bytes = [&](int64_t lanes) {
     return attention::moba_gather::workspace_layout(lanes, s.seq_q, top_k, nk, p.head_dim).bytes;
   };
-  const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(bytes(1), 1);
-  const int64_t heads = std::clamp<int64_t>(fitting, 1, std::min(s.heads_q, kMaxGridYZ));
-  const int64_t batches =
-      heads < s.heads_q ? 1 : std::clamp<int64_t>(fitting / heads, 1, std::min(s.batch, kMaxGridYZ));
+  const auto [heads, batches] = moba_gather_chunks(s, bytes(1), 1);
   at::Tensor workspace = at::empty({bytes(batches * heads)}, q.options().dtype(at::kByte));
   const c10::cuda::CUDAGuard guard(q.device());
-  for (int64_t b0 = 0; b0 < s.batch; b0 += batches) {
-    for (int64_t h0 = 0; h0 < s.heads_q; h0 += heads) {
-      const attention::MobaGatherParams g{p, b0, std::min(batches, s.batch - b0), h0, std::min(heads, s.heads_q - h0),
-                                          workspace.data_ptr()};
-      C10_CUDA_CHECK(cuda::moba_gather_forward(g, c10::cuda::getCurrentCUDAStream()));
-    }
-  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for_each_chunk(p, s, heads, batches, workspace.data_ptr(),
+                 [&](const attention::MobaGatherParams& g) { return cuda::moba_gather_forward(g, stream); });
   return true;
-}
-
-// Chunks of whole GQA groups of (batch, head) lanes whose workspace fits the budget (one group at
-// least): {heads, batches} per chunk.
-std::pair<int64_t, int64_t> moba_gather_group_chunks(const Shapes& s, int64_t lane_bytes) {
-  const int64_t group = s.heads_q / s.heads_kv;
-  const int64_t fitting = moba_gather_workspace_budget() / std::max<int64_t>(lane_bytes, 1);
-  const int64_t max_heads = std::min(s.heads_q, kMaxGridYZ / group * group);
-  const int64_t heads = std::clamp<int64_t>(fitting / group * group, group, max_heads);
-  const int64_t batches =
-      heads < s.heads_q ? 1 : std::clamp<int64_t>(fitting / heads, 1, std::min(s.batch, kMaxGridYZ));
-  return {heads, batches};
 }
 
 // moba_attention's key-block-major backward (attention/moba_gather_cuda.h), opt-in until it has run
@@ -570,9 +576,7 @@ bool moba_gather_backward(const char* op, const at::Tensor& grad_out, const at::
   if (!cuda::kernel_switch_on("TORCH_EXT_MOBA_GATHER_BACKWARD", false)) return false;
   // Empty calls and grids past the delta pass's limits take the union backward (which handles or
   // refuses them).
-  if (s.batch == 0 || s.heads_q == 0 || block_size > attention::bsa_cuda::kTileKv || s.batch > kMaxGridYZ ||
-      s.heads_q > kMaxGridYZ)
-    return false;
+  if (s.batch == 0 || s.heads_q == 0 || s.batch > kMaxGridYZ || s.heads_q > kMaxGridYZ) return false;
   GatherInputs in(op, q, k, v, token_blocks, s, block_size, causal, scale);
   attention::BlockSparseForwardParams& p = in.params;
   if (!cuda::moba_gather_backward_supported(p)) return false;
@@ -598,7 +602,7 @@ bool moba_gather_backward(const char* op, const at::Tensor& grad_out, const at::
   };
   const int64_t group = s.heads_q / s.heads_kv;
   if (bytes(group) < 0) return false;  // one group is too large for the list sort: the union backward
-  auto [heads, batches] = moba_gather_group_chunks(s, bytes(1));
+  auto [heads, batches] = moba_gather_chunks(s, bytes(1), group);
   while (bytes(batches * heads) < 0) {  // fewer lanes a chunk for the sort's limits
     if (batches > 1) {
       batches = (batches + 1) / 2;
@@ -609,13 +613,8 @@ bool moba_gather_backward(const char* op, const at::Tensor& grad_out, const at::
   at::Tensor workspace = at::empty({bytes(batches * heads)}, q.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cuda::block_sparse_attention_delta(bp, stream));
-  for (int64_t b0 = 0; b0 < s.batch; b0 += batches) {
-    for (int64_t h0 = 0; h0 < s.heads_q; h0 += heads) {
-      const attention::MobaGatherParams g{p, b0, std::min(batches, s.batch - b0), h0, std::min(heads, s.heads_q - h0),
-                                          workspace.data_ptr()};
-      C10_CUDA_CHECK(cuda::moba_gather_backward(g, bp, stream));
-    }
-  }
+  for_each_chunk(p, s, heads, batches, workspace.data_ptr(),
+                 [&](const attention::MobaGatherParams& g) { return cuda::moba_gather_backward(g, bp, stream); });
   return true;
 }
 }  // namespace

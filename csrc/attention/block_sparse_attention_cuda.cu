@@ -50,8 +50,6 @@
 namespace torch_ext::cuda {
 namespace {
 
-// Dynamic shared memory above this needs cudaFuncAttributeMaxDynamicSharedMemorySize.
-constexpr int kDefaultSharedBytes = 48 * 1024;
 // Key / query positions are int32 inside the kernels, with room for a 128-key block past the end.
 constexpr int64_t kMaxSeq = (int64_t(1) << 31) - 256;
 constexpr int64_t kMaxGridX = 2147483647;
@@ -519,18 +517,12 @@ cudaError_t check_forward(const BlockSparseForwardParams& p) {
   return cudaSuccess;
 }
 
-template <typename Kernel>
-cudaError_t prepare(Kernel kernel, int smem) {
-  if (smem <= kDefaultSharedBytes) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-}
-
 template <typename T, int kD, int kBlockQ>
 cudaError_t launch_forward(const BlockSparseForwardParams& p, cudaStream_t stream) {
   using Tr = RowTraits<kD, kBlockQ, false>;
   const int smem = Tr::smem_bytes(p.selection.blocks != nullptr ? p.selection.top_k : 0);
   const auto kernel = fwd_kernel<T, kD, kBlockQ>;
-  const cudaError_t status = prepare(kernel, smem);
+  const cudaError_t status = allow_dynamic_smem(kernel, smem);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(ix::ceil_div(p.seq_q, kBlockQ)), unsigned(p.heads_q), unsigned(p.batch));
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
@@ -542,7 +534,7 @@ cudaError_t launch_dq(const BlockSparseBackwardParams& p, cudaStream_t stream) {
   using Tr = RowTraits<kD, kBlockQ, true>;
   const int smem = Tr::smem_bytes(p.forward.selection.blocks != nullptr ? p.forward.selection.top_k : 0);
   const auto kernel = bwd_dq_kernel<T, kD, kBlockQ>;
-  const cudaError_t status = prepare(kernel, smem);
+  const cudaError_t status = allow_dynamic_smem(kernel, smem);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_q, kBlockQ)), unsigned(p.forward.heads_q),
                   unsigned(p.forward.batch));
@@ -554,7 +546,7 @@ template <typename T, int kD, int kBlockKv>
 cudaError_t launch_dkdv(const BlockSparseBackwardParams& p, cudaStream_t stream) {
   using Tr = DkdvTraits<kD, kBlockKv>;
   const auto kernel = bwd_dkdv_kernel<T, kD, kBlockKv>;
-  const cudaError_t status = prepare(kernel, Tr::kSmemBytes);
+  const cudaError_t status = allow_dynamic_smem(kernel, Tr::kSmemBytes);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_kv, kBlockKv)), unsigned(p.forward.heads_kv),
                   unsigned(p.forward.batch));
@@ -703,7 +695,7 @@ cudaError_t moba_select(const attention::MobaSelectParams& p, void* workspace, c
         constexpr int kWarps = decltype(warps_tag)::value;
         const auto kernel = moba_select_kernel<T, kWarps>;
         const int smem = ix::moba_smem_layout(p.head_dim, ix::kMobaSplitQ<T>, kWarps).total;
-        status = prepare(kernel, smem);
+        status = allow_dynamic_smem(kernel, smem);
         if (status != cudaSuccess) return;
         const dim3 grid(unsigned(ix::ceil_div(p.seq_q, kWarps * ix::kMobaRowsPerWarp)), unsigned(p.heads_q),
                         unsigned(p.batch));

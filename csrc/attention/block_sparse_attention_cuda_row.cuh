@@ -39,6 +39,15 @@ using ix::RowTraits;
 // Small device helpers
 // =============================================================================================
 
+// Host: lets `kernel` take `bytes` of dynamic shared memory (above the 48 KB every launch gets, it
+// has to opt in).
+template <typename Kernel>
+inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
+  constexpr int kDefaultSharedBytes = 48 * 1024;
+  if (bytes <= kDefaultSharedBytes) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
 // Host: whether a [B, H, S, D] tensor takes the kernels' 16-byte cp.async loads and stores
 // (ix::bhsd_vectorizable).
 template <class Tensor>

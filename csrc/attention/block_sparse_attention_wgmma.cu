@@ -144,7 +144,7 @@ template <typename T, int kD, int kBlockQ>
 cudaError_t launch(const BlockSparseForwardParams& p, cudaStream_t stream) {
   const int smem = ix::wgmma_forward_smem_bytes<kD, kBlockQ>(p.selection.blocks != nullptr ? p.selection.top_k : 0);
   const auto kernel = fwd_wgmma_kernel<T, kD, kBlockQ>;
-  const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  const cudaError_t status = allow_dynamic_smem(kernel, smem);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(ix::ceil_div(p.seq_q, kBlockQ)), unsigned(p.heads_q), unsigned(p.batch));
   kernel<<<grid, RowTraits<kD, kBlockQ, false>::kThreads, smem, stream>>>(p);

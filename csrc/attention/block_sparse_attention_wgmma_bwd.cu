@@ -209,17 +209,12 @@ __global__ void __launch_bounds__(ix::WgmmaDkdvTraits<kD, kBlockKv>::kThreads, 1
 #endif
 }
 
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int smem) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-}
-
 template <typename T, int kD, int kBlockQ>
 cudaError_t launch_dq(const BlockSparseBackwardParams& p, cudaStream_t stream) {
   const BlockSparseForwardParams& f = p.forward;
   const int smem = ix::wgmma_dq_smem_bytes<kD, kBlockQ>(f.selection.blocks != nullptr ? f.selection.top_k : 0);
   const auto kernel = dq_wgmma_kernel<T, kD, kBlockQ>;
-  const cudaError_t status = allow_smem(kernel, smem);
+  const cudaError_t status = allow_dynamic_smem(kernel, smem);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(ix::ceil_div(f.seq_q, kBlockQ)), unsigned(f.heads_q), unsigned(f.batch));
   kernel<<<grid, RowTraits<kD, kBlockQ, true>::kThreads, smem, stream>>>(p);
@@ -230,7 +225,7 @@ template <typename T, int kD, int kBlockKv>
 cudaError_t launch_dkdv(const BlockSparseBackwardParams& p, cudaStream_t stream) {
   using Tr = ix::WgmmaDkdvTraits<kD, kBlockKv>;
   const auto kernel = dkdv_wgmma_kernel<T, kD, kBlockKv>;
-  const cudaError_t status = allow_smem(kernel, Tr::kSmemBytes);
+  const cudaError_t status = allow_dynamic_smem(kernel, Tr::kSmemBytes);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_kv, kBlockKv)), unsigned(p.forward.heads_kv),
                   unsigned(p.forward.batch));

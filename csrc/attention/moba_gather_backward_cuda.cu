@@ -219,17 +219,12 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   dkdv_mma_finish<T, Tr>(bp, c, dk, dv, smem, wq, wk, k_pos, lane);
 }
 
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int smem) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-}
-
 template <typename T, int kD, int kBlockKv>
 cudaError_t launch_dkdv(const MobaGatherParams& p, const BlockSparseBackwardParams& bp, const WorkspacePtrs& w,
                         cudaStream_t stream) {
   using Tr = DkdvTraits<kD, kBlockKv>;
   const auto kernel = gather_dkdv_kernel<T, kD, kBlockKv>;
-  const cudaError_t status = allow_smem(kernel, Tr::kSmemBytes);
+  const cudaError_t status = allow_dynamic_smem(kernel, Tr::kSmemBytes);
   if (status != cudaSuccess) return status;
   const int64_t group = p.forward.heads_q / p.forward.heads_kv;
   const dim3 grid(unsigned(ix::ceil_div(p.forward.seq_kv, kBlockKv)), unsigned(p.heads / group), unsigned(p.batches));
@@ -243,7 +238,7 @@ cudaError_t launch_typed(const MobaGatherParams& p, const BlockSparseBackwardPar
   using G = mg::GatherBackwardTraits<kD>;
   if (p.forward.seq_q > 0) {
     const auto dq = gather_dq_kernel<T, kD>;
-    cudaError_t status = allow_smem(dq, G::kSmemBytes);
+    cudaError_t status = allow_dynamic_smem(dq, G::kSmemBytes);
     if (status != cudaSuccess) return status;
     dq<<<dim3(unsigned(w.lane_runs), unsigned(p.heads), unsigned(p.batches)), G::kThreads, G::kSmemBytes, stream>>>(
         p, bp, w);

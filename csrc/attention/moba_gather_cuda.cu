@@ -169,7 +169,7 @@ template <typename T, int kD, int kKvSteps>
 cudaError_t launch_attention(const MobaGatherParams& p, const WorkspacePtrs& w, cudaStream_t stream) {
   using G = mg::GatherTraits<kD, kKvSteps>;
   const auto kernel = gather_attention_kernel<T, kD, kKvSteps>;
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes);
+  cudaError_t status = allow_dynamic_smem(kernel, G::kSmemBytes);
   if (status != cudaSuccess) return status;
   const dim3 grid(unsigned(w.lane_runs), unsigned(p.heads), unsigned(p.batches));
   kernel<<<grid, G::kThreads, G::kSmemBytes, stream>>>(p, w);
