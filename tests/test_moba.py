@@ -141,6 +141,13 @@ def test_opcheck_and_compile():
     f = lambda q, k, v: moba_attention(q * 1.5, k, v, 16, 2, True)  # noqa: E731
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    # the backward (moba_attention_backward) traced too
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    compiled(*leaves).backward(grad)
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    f(*eager).backward(grad)
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 @pytest.mark.parametrize("args,message", [
