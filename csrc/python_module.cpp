@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu/amx.h"
 #include "common/cpu/isa.h"
 #include "common/float_bits.h"
 #include "conv/packed_weight_cache.h"
@@ -70,6 +71,13 @@ py::dict build_info() {
   info["cpu_isas_compiled"] = compiled;
   info["cpu_isa_detected"] = cpu::cpu_isa_name(cpu::detected_cpu_isa());
   info["cpu_isa_selected"] = cpu::cpu_isa_name(cpu::active_cpu_isa());
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
+  info["cpu_amx_compiled"] = true;
+#else
+  info["cpu_amx_compiled"] = false;
+#endif
+  info["cpu_amx_int8_detected"] = cpu::amx_int8_detected();
+  info["cpu_amx_mode"] = cpu::amx_mode_name(cpu::amx_mode());
   info["ops"] = op_kernels();
   return info;
 }
@@ -80,6 +88,17 @@ std::string set_cpu_isa(const std::string& name) {
     throw py::value_error("set_cpu_isa: expected 'scalar', 'avx2' or 'avx512', got '" + name + "'");
   }
   return cpu::cpu_isa_name(cpu::set_cpu_isa_limit(isa));
+}
+
+std::string set_cpu_amx(const std::string& name) {
+  cpu::AmxMode mode;
+  if (!cpu::parse_amx_mode(name, &mode)) {
+    throw py::value_error("set_cpu_amx: expected 'off', 'on' or 'emulate', got '" + name + "'");
+  }
+#if !defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
+  if (mode != cpu::AmxMode::kOff) throw py::value_error("set_cpu_amx: this build has no AMX kernels");
+#endif
+  return cpu::amx_mode_name(cpu::set_amx_mode(mode));
 }
 
 // Applies a scalar conversion to every element of a packed little-endian buffer.
@@ -109,6 +128,13 @@ PYBIND11_MODULE(_C, m) {
         "Caps the CPU ISA level kernels use ('scalar', 'avx2', 'avx512'); returns the level now active.");
   m.def("cpu_isa", [] { return std::string(cpu::cpu_isa_name(cpu::active_cpu_isa())); },
         "The CPU ISA level kernels currently use.");
+  m.def("set_cpu_amx", &set_cpu_amx, py::arg("mode"),
+        "Whether the CPU int8 GEMM runs on AMX tiles: 'off', 'on' (needs AMX-INT8) or 'emulate' (the AMX "
+        "kernels on tiles emulated in scalar code, for tests); returns the mode now set.");
+  m.def("amx_emulated_dot_products", &cpu::amx_emulated_dot_products,
+        "Tile dot products the emulated AMX tiles have run in this process (for tests).");
+  m.def("cpu_amx", [] { return std::string(cpu::amx_mode_name(cpu::amx_mode())); },
+        "The AMX mode set (TORCH_EXT_CPU_AMX or set_cpu_amx).");
 
   m.def("clear_conv_weight_cache", &clear_packed_weight_cache,
         "Frees the CPU convolution weights packed for inference reuse; returns the bytes released.");

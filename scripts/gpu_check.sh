@@ -4,8 +4,9 @@
 # Phases (default all, in this order):
 #   build     from source against that machine's torch, sm_90a, all cores
 #   tests     the CUDA tests (-m cuda), then the tests that depend on that machine's torch and
-#             transformers versions (integrations, build), over pytest-xdist workers of one
-#             thread each; the CPU-only rest is CI's (a torch 2.11 venv reproduces it on the VM)
+#             transformers versions (integrations, build) or on that machine's CPU (AMX tiles,
+#             which the project VM lacks), over pytest-xdist workers of one thread each; the
+#             CPU-only rest is CI's (a torch 2.11 venv reproduces it on the VM)
 #   sanitize  compute-sanitizer memcheck and racecheck side by side over a small CUDA subset
 #   bench     the quick CUDA benchmark
 # Logs, JUnit XML and benchmark JSON/PNG go to OUTDIR; the summary table is printed last. Measured
@@ -52,7 +53,7 @@ if [ $ok -eq 0 ]; then
   if has tests; then
     OMP_NUM_THREADS=1 step tests 150 "${PYTEST[@]}" "${WORKERS[@]}" -rfEs -m cuda tests --junitxml="$OUT/junit.xml"
     OMP_NUM_THREADS=1 step tests_env 90 "${PYTEST[@]}" "${WORKERS[@]}" -rfEs tests/test_hf_moe.py \
-      tests/test_hf_attention.py tests/test_build.py tests/test_cli.py --junitxml="$OUT/junit_env.xml"
+      tests/test_hf_attention.py tests/test_build.py tests/test_cli.py tests/test_amx.py --junitxml="$OUT/junit_env.xml"
   fi
   if has sanitize; then
     step memcheck 200 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 1 --target-processes all \

@@ -6,6 +6,7 @@
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/zeros.h>
 
+#include "common/cpu/amx.h"
 #include "common/cpu/isa.h"
 #include "common/torch_utils.h"
 #include "conv/packed_weight_cache.h"
@@ -162,6 +163,12 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   // B is usually a frozen weight: its packed form is cached like the conv weights' panels.
   if (!packed.defined()) packed = cached_packed_weight(b, kPackedInt8Tag, 0, pack);
   if (!packed.defined()) packed = pack();
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
+  if (const cpu::AmxMode amx = cpu::amx_int8_kernel_mode(); amx != cpu::AmxMode::kOff) {
+    cpu::avx512_amx::scaled_int8_mm_amx(p, packed.data_ptr<uint8_t>(), amx == cpu::AmxMode::kEmulate);
+    return out;
+  }
+#endif
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
   if (cpu::avx512_vnni_active()) {
     cpu::avx512_vnni::scaled_int8_mm_vnni(p, packed.data_ptr<uint8_t>());

@@ -155,6 +155,12 @@ void scaled_int8_mm_vnni(const ScaledInt8MmParams& p, const uint8_t* packed_b);
 void scaled_int8_mm_unpacked_vnni(const ScaledInt8MmParams& p);
 }
 #endif
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
+namespace avx512_amx {
+// The packed path on AMX-INT8 tiles (w8a8_cpu_amx.cpp); `emulate`: on emulated tiles.
+void scaled_int8_mm_amx(const ScaledInt8MmParams& p, const uint8_t* packed_b, bool emulate);
+}
+#endif
 }  // namespace cpu
 
 }  // namespace torch_ext

@@ -1,0 +1,166 @@
+// AMX tile operations for the CPU kernels, two ways with one interface:
+//   HardwareTiles  the tile instructions (compiled with -mamx-tile -mamx-int8);
+//   EmulatedTiles  the same operations in scalar code on a per-thread copy of the tile state,
+//                  following the instruction set reference's pseudo-code, and raising an error
+//                  where the hardware would fault (an unconfigured tile, shapes that do not
+//                  chain). Kernels are templates on the tile type, so the tests run the very
+//                  code the hardware runs, on any CPU (common/cpu/amx.h, mode "emulate").
+// Tile numbers are template arguments because the instructions encode them as immediates.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu/amx.h"
+
+#ifndef TORCH_EXT_CPU_ISA
+#error "amx_tiles.h is for CPU kernel files compiled per ISA level (see CMakeLists.txt)"
+#endif
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx {
+
+constexpr int kTiles = 8;          // tmm0 .. tmm7
+constexpr int kMaxRows = 16;       // rows per tile
+constexpr int kMaxRowBytes = 64;   // bytes per tile row
+
+// LDTILECFG's 64-byte memory operand, palette 1: per tile its rows and bytes per row; a tile
+// left at 0 x 0 is unused.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t row_bytes[16] = {};
+  uint8_t rows[16] = {};
+
+  void set(int tile, int tile_rows, int bytes_per_row) {
+    rows[tile] = uint8_t(tile_rows);
+    row_bytes[tile] = uint16_t(bytes_per_row);
+  }
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+// The tile instructions as inline assembly rather than the compiler's _tile_* macros: those
+// paste their tile argument into the instruction text (a template parameter would arrive as
+// its name), and their loads do not tell the compiler that they read memory, so a buffer
+// written only to be loaded into a tile could be dropped as a dead store. Here the tile number
+// is an immediate operand printed bare (%c) and loads and stores clobber memory. (The
+// compiler's _tile_loadconfig likewise declares 8 of LDTILECFG's 64 bytes as its input.)
+struct HardwareTiles {
+  static void configure(const TileConfig& config) { __asm__ volatile("ldtilecfg %0" ::"m"(config)); }
+  static void release() { __asm__ volatile("tilerelease" ::); }
+  template <int kTile>
+  static void zero() {
+    __asm__ volatile("tilezero %%tmm%c0" ::"n"(kTile));
+  }
+  template <int kTile>
+  static void load(const void* base, int64_t stride) {
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(stride), "n"(kTile) : "memory");
+  }
+  template <int kTile>
+  static void store(void* base, int64_t stride) {
+    __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "n"(kTile) : "memory");
+  }
+  // C[m][n] += sum_k sum_{i < 4} A[m][4k + i] * B[k][4n + i], int8 x int8 -> int32 (TDPBSSD;
+  // AT&T operand order: B, A, C).
+  template <int kC, int kA, int kB>
+  static void dot_s8s8() {
+    __asm__ volatile("tdpbssd %%tmm%c0, %%tmm%c1, %%tmm%c2" ::"n"(kB), "n"(kA), "n"(kC));
+  }
+};
+#endif
+
+class EmulatedTiles {
+ public:
+  static void configure(const TileConfig& config) {
+    if (config.palette_id != 1) fail("palette " + std::to_string(config.palette_id) + " (only 1 exists)");
+    for (int t = 0; t < kTiles; ++t) {
+      if (config.rows[t] > kMaxRows || config.row_bytes[t] > kMaxRowBytes || (config.rows[t] == 0) != (config.row_bytes[t] == 0))
+        fail("tile " + std::to_string(t) + " configured as " + std::to_string(config.rows[t]) + " rows x " +
+             std::to_string(config.row_bytes[t]) + " bytes");
+    }
+    State& s = state();
+    s.config = config;
+    s.configured = true;
+    std::memset(s.data, 0, sizeof(s.data));  // LDTILECFG zeroes every tile
+  }
+  static void release() { state().configured = false; }
+
+  template <int kTile>
+  static void zero() {
+    std::memset(tile<kTile>(), 0, kMaxRows * kMaxRowBytes);
+  }
+  template <int kTile>
+  static void load(const void* base, int64_t stride) {
+    uint8_t* data = tile<kTile>();
+    std::memset(data, 0, kMaxRows * kMaxRowBytes);  // bytes past the configured shape read as 0
+    const TileConfig& c = state().config;
+    for (int r = 0; r < c.rows[kTile]; ++r)
+      std::memcpy(data + r * kMaxRowBytes, static_cast<const uint8_t*>(base) + r * stride, c.row_bytes[kTile]);
+  }
+  template <int kTile>
+  static void store(void* base, int64_t stride) {
+    const uint8_t* data = tile<kTile>();
+    const TileConfig& c = state().config;
+    for (int r = 0; r < c.rows[kTile]; ++r)
+      std::memcpy(static_cast<uint8_t*>(base) + r * stride, data + r * kMaxRowBytes, c.row_bytes[kTile]);
+  }
+  template <int kC, int kA, int kB>
+  static void dot_s8s8() {
+    static_assert(kC != kA && kC != kB && kA != kB, "TDPBSSD needs three distinct tiles");
+    uint8_t* const acc = tile<kC>();
+    const int8_t* const a = reinterpret_cast<const int8_t*>(tile<kA>());
+    const int8_t* const b = reinterpret_cast<const int8_t*>(tile<kB>());
+    check_dot_shapes(kC, kA, kB);
+    count_amx_emulated_dot_product();
+    const TileConfig& c = state().config;
+    for (int m = 0; m < c.rows[kC]; ++m) {
+      for (int n = 0; n < c.row_bytes[kC] / 4; ++n) {
+        int32_t sum;
+        std::memcpy(&sum, acc + m * kMaxRowBytes + 4 * n, 4);
+        uint32_t wrapped = uint32_t(sum);  // the hardware's int32 sums wrap
+        for (int k = 0; k < c.row_bytes[kA] / 4; ++k)
+          for (int i = 0; i < 4; ++i)
+            wrapped += uint32_t(int32_t(a[m * kMaxRowBytes + 4 * k + i]) * int32_t(b[k * kMaxRowBytes + 4 * n + i]));
+        sum = int32_t(wrapped);
+        std::memcpy(acc + m * kMaxRowBytes + 4 * n, &sum, 4);
+      }
+    }
+  }
+
+ private:
+  struct State {
+    TileConfig config;
+    bool configured = false;
+    alignas(64) uint8_t data[kTiles][kMaxRows * kMaxRowBytes];
+  };
+  static State& state() {
+    thread_local State s;
+    return s;
+  }
+  [[noreturn]] static void fail(const std::string& what) {
+    throw std::logic_error("emulated AMX tiles: " + what + " (the hardware would fault)");
+  }
+  template <int kTile>
+  static uint8_t* tile() {
+    static_assert(kTile >= 0 && kTile < kTiles, "tiles are tmm0 .. tmm7");
+    State& s = state();
+    if (!s.configured) fail("tile instruction before LDTILECFG");
+    if (s.config.rows[kTile] == 0) fail("tmm" + std::to_string(kTile) + " is not configured");
+    return s.data[kTile];
+  }
+  // The shape rules of the dot-product instructions: C is M x 4N bytes, A is M x 4K, B is K x 4N.
+  static void check_dot_shapes(int c, int a, int b) {
+    const TileConfig& t = state().config;
+    if (t.rows[a] != t.rows[c] || t.row_bytes[b] != t.row_bytes[c] || t.row_bytes[a] != 4 * t.rows[b] ||
+        t.row_bytes[a] % 4 != 0 || t.row_bytes[c] % 4 != 0)
+      fail("dot product of tmm" + std::to_string(a) + " (" + std::to_string(t.rows[a]) + " x " +
+           std::to_string(t.row_bytes[a]) + " B) and tmm" + std::to_string(b) + " (" + std::to_string(t.rows[b]) + " x " +
+           std::to_string(t.row_bytes[b]) + " B) into tmm" + std::to_string(c) + " (" + std::to_string(t.rows[c]) +
+           " x " + std::to_string(t.row_bytes[c]) + " B)");
+  }
+};
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx
