@@ -11,8 +11,9 @@
 #   at 32K (with compiled flex), MoBA at 4K and 32K, then the same on the Hopper wgmma forward
 #   (TORCH_EXT_ATTENTION_WGMMA=1) and forward + backward at 32K with the Hopper backward too
 #   (TORCH_EXT_ATTENTION_WGMMA_BWD=1); MoBA forward + backward with the key-block-major backward
-#   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; the host CPU's AMX int8 GEMM
-#   (scaled_int8_mm on AMX tiles vs AVX512-VNNI, torch._int_mm, F.linear); fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
+#   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; the host CPU's AMX tiles
+#   (scaled_int8_mm vs AVX512-VNNI, torch._int_mm, F.linear; bf16 attention at S = 8192 vs
+#   AVX512_BF16 and SDPA); fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
 #   fused vs grouped by token count (scripts/moe_grouped_sweep.py); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); one token through Llama-3-8B-shaped layers as CUDA graphs, stock
 #   vs quantize_model; the GMMA instructions in the SASS. (The H100 run of 2026-11-26,
@@ -67,9 +68,12 @@ if has targets; then
   # test_cuda_gather_backward in the check step) against the union lists' backward, same process.
   step moba_gather_bwd 70 env TORCH_EXT_MOBA_GATHER_BACKWARD=1 "$PY" -m torch_ext bench --device cuda \
     --op "moba_attention fwd+bwd" --match "S=4096" --match "S=32768" --out "$OUT/moba_gather_bwd"
-  # The CPU int8 GEMM on the host's AMX-INT8 tiles (opt-in until it has run: tests/test_amx.py in
-  # the check step) against the AVX512-VNNI kernel, torch._int_mm (oneDNN, AMX there) and F.linear.
-  step amx 60 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" --match "4096x4096" --out "$OUT/amx"
+  # The host CPU's AMX tiles (opt-in until they have run: tests/test_amx.py and the *amx* attention
+  # tests in the check step): the int8 GEMM against the AVX512-VNNI kernel, torch._int_mm (oneDNN,
+  # AMX there) and F.linear; the bf16 attention at S = 8192 (issue 7's CPU rows) against the
+  # AVX512_BF16 kernels and SDPA.
+  step amx 100 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "block_sparse_attention AMX" \
+    "block_sparse_attention fwd+bwd AMX" --match "4096x4096" --match "S=8192 full" --out "$OUT/amx"
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
     --match "moe_route"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).

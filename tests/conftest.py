@@ -37,6 +37,22 @@ def cpu_isa(request):
     torch_ext._C.set_cpu_isa(default)
 
 
+@pytest.fixture(params=["emulate", "on"])
+def amx(request):
+    """The CPU kernels' AMX mode for the test ("emulate": the AMX kernels on tiles emulated in
+    scalar code, on any AVX-512 CPU; "on": the hardware tiles, where the CPU has them), then the
+    mode before."""
+    info = torch_ext._C.build_info()
+    if not info["cpu_amx_compiled"] or info["cpu_isa_detected"] != "avx512":
+        pytest.skip("the AMX kernels need a build with them and an AVX-512 CPU")
+    if request.param == "on" and not info["cpu_amx_int8_detected"]:
+        pytest.skip("this CPU has no AMX tiles")
+    previous = torch_ext._C.cpu_amx()
+    torch_ext._C.set_cpu_amx(request.param)
+    yield request.param
+    torch_ext._C.set_cpu_amx(previous)
+
+
 @pytest.fixture
 def hopper_build():
     if not torch.cuda.is_available():

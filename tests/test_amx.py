@@ -2,7 +2,8 @@
 the VNNI / portable kernels across tails, scale forms, bias and out dtypes, and the tile-product
 count its blocking implies. Runs on emulated tiles everywhere (mode "emulate": the kernel's own
 code with every tile instruction in scalar code, checked for the shapes the hardware requires)
-and on the hardware tiles where the CPU has AMX-INT8 (mode "on")."""
+and on the hardware tiles where the CPU has AMX-INT8 (mode "on"; the `amx` fixture, conftest.py).
+The bf16 attention kernels on the tiles: test_block_sparse_attention.py."""
 
 import shutil
 import subprocess
@@ -17,19 +18,8 @@ from torch_ext.ops import int8_linear, quantize_per_token, scaled_int8_mm
 from torch_ext.testing import fresh_seed, poisoned_outputs, random_tensor
 
 _INFO = _C.build_info()
-pytestmark = pytest.mark.skipif(not _INFO["cpu_amx_compiled"] or "avx512" not in _INFO["cpu_isas_compiled"]
-                                or _INFO["cpu_isa_detected"] != "avx512",
-                                reason="AMX kernels need an AVX-512 build and CPU")
-
-
-@pytest.fixture(params=["emulate", "on"])
-def amx(request):
-    if request.param == "on" and not _INFO["cpu_amx_int8_detected"]:
-        pytest.skip("this CPU has no AMX-INT8 tiles")
-    previous = _C.cpu_amx()
-    _C.set_cpu_amx(request.param)
-    yield request.param
-    _C.set_cpu_amx(previous)
+pytestmark = pytest.mark.skipif(not _INFO["cpu_amx_compiled"] or _INFO["cpu_isa_detected"] != "avx512",
+                                reason="the AMX kernels need a build with them and an AVX-512 CPU")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,15 +137,16 @@ def test_other_isa_levels_ignore_the_mode():
 
 
 def test_emulated_tiles_are_the_instructions(tmp_path):
-    """tests/cpp/amx_tiles_check.cpp: the emulated TDPBSSD, loads and stores against the
-    instruction set reference's definitions on random shapes and strides, the faults, and (on a
-    CPU with AMX-INT8) the hardware tiles giving the same bits on every problem."""
+    """tests/cpp/amx_tiles_check.cpp: the emulated TDPBSSD and TDPBF16PS, loads and stores against
+    the instruction set reference's definitions on random shapes and strides, the faults, and (on a
+    CPU with AMX) the hardware tiles on every problem: the same bits for int8, fp32 sums within a
+    rounding bound for bf16."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
     binary = tmp_path / "amx_tiles_check"
     subprocess.run([compiler, "-O2", "-std=c++20", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests/cpp'}", "-mamx-tile",
-                    "-mamx-int8", str(ROOT / "tests/cpp/amx_tiles_check.cpp"), str(ROOT / "csrc/common/cpu/amx.cpp"),
+                    "-mamx-int8", "-mamx-bf16", str(ROOT / "tests/cpp/amx_tiles_check.cpp"), str(ROOT / "csrc/common/cpu/amx.cpp"),
                     str(ROOT / "csrc/common/cpu/isa.cpp"), "-o", str(binary)], check=True, capture_output=True, text=True)
     seed = fresh_seed()
     out = subprocess.run([str(binary), "300", str(seed)], capture_output=True, text=True, timeout=300)

@@ -301,3 +301,23 @@ def test_gpu_sampler_summary(monkeypatch):
         pass
     summary = unavailable.summary(reps=10, median_s=0.002, window_is_op_only=True)
     assert summary == {"nvml": "unavailable"}
+
+
+def test_on_amx_tiles_times_both_sides_of_the_switch(monkeypatch):
+    """The AMX variant of a case: ours under mode "on", the case's own op under "off" as one more
+    baseline, the mode restored after each call (set_cpu_amx faked: no AMX CPU needed)."""
+    torch_ext = pytest.importorskip("torch_ext")
+    from torch_ext.bench.case import on_amx_tiles
+
+    mode, seen = ["off"], []
+    monkeypatch.setattr(torch_ext._C, "cpu_amx", lambda: mode[0])
+    monkeypatch.setattr(torch_ext._C, "set_cpu_amx", lambda m: mode.__setitem__(0, m))
+    case = Case(family="selftest", op="add", label="x", make_inputs=lambda seed: (),
+                ours=lambda: seen.append(mode[0]), baselines={"sub": lambda: seen.append("sub")})
+    amx = on_amx_tiles(case, "add on the default kernel")
+    assert amx.op == "add AMX" and list(amx.baselines) == ["sub", "add on the default kernel"]
+    assert amx.primary_baseline == "sub"
+    mode[0] = "emulate"
+    amx.ours()
+    amx.baselines["add on the default kernel"]()
+    assert seen == ["on", "off"] and mode[0] == "emulate"

@@ -194,6 +194,23 @@ def test_bf16_backward_head_dims_and_key_blocks(cpu_isa, dim, block_kv):
     _check(1, 4, 2, 97, 150, dim, 32, block_kv, False, torch.bfloat16, 0.7, transposed=True)
 
 
+@pytest.mark.parametrize("dim", [32, 128, 256])
+@pytest.mark.parametrize("block_kv", [16, 48, 80])
+def test_bf16_on_amx_tiles(amx, dim, block_kv):
+    """The bf16 forward and backward with all their products on AMX-BF16 tiles (TileMatmul in
+    block_sparse_attention_cpu_bf16.cpp; emulated tiles everywhere, the hardware's where the CPU
+    has them) against float64: the AVX512_BF16 cases above (partial key blocks and pair steps,
+    odd active row counts, GQA, strides) and 128-row query blocks."""
+    if not torch_ext._C.build_info()["cpu_avx512_bf16_active"]:
+        pytest.skip("the bf16 kernels (and their AMX paths) need AVX512_BF16")
+    before = torch_ext._C.amx_emulated_dot_products()
+    _check(1, 2, 1, 131, 203, dim, 64, block_kv, True, torch.bfloat16, 0.7)
+    _check(1, 4, 2, 97, 150, dim, 32, block_kv, False, torch.bfloat16, 0.7, transposed=True)
+    _check(1, 2, 2, 200, 200, dim, 128, block_kv, True, torch.bfloat16, 0.8, backward=dim == 128)
+    ran = torch_ext._C.amx_emulated_dot_products() - before
+    assert (ran > 0) == (amx == "emulate"), f"{ran} emulated tile products"
+
+
 def test_long_sequences():
     _check(1, 1, 1, 1000, 1000, 64, 64, 32, True, torch.float32, 0.3)
     _check(1, 1, 1, 4097, 4097, 64, 128, 64, False, torch.bfloat16, 0.1, backward=False)

@@ -98,6 +98,21 @@ def test_cuda_block_lists_equal_cpu(block_size_q, top_k, num_kv_blocks):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_equals_naive_moba(cpu_isa, causal, dtype):
+    _check_naive_moba(causal, dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_attention_on_amx_tiles(amx, causal):
+    """MoBA's bf16 attention (per-token masks in the union lists) with its products on AMX-BF16
+    tiles, emulated or the hardware's: still the naive MoBA."""
+    if not torch_ext._C.build_info()["cpu_avx512_bf16_active"]:
+        pytest.skip("the bf16 kernels (and their AMX paths) need AVX512_BF16")
+    before = torch_ext._C.amx_emulated_dot_products()
+    _check_naive_moba(causal, torch.bfloat16)
+    assert (torch_ext._C.amx_emulated_dot_products() > before) == (amx == "emulate")
+
+
+def _check_naive_moba(causal, dtype):
     seed = fresh_seed()
     q, k = _qk(1, 4, 2, 150, 170, 64, dtype, seed)
     v = random_tensor(k.shape, dtype, "cpu", seed + 2)

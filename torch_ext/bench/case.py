@@ -8,7 +8,7 @@ suite once per device and measures the cases it returns.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -81,6 +81,30 @@ def with_backward(fn: Callable[..., Any], extra_leaves: tuple = ()) -> Callable[
         leaves = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad) + tuple(extra_leaves)
         return torch.autograd.grad(out, leaves, torch.ones_like(out))
     return run
+
+
+def with_cpu_amx(mode: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with the CPU kernels' AMX mode (``torch_ext._C.set_cpu_amx``) set to ``mode`` for the
+    call, so that one process times both sides of the switch."""
+    from torch_ext import _C
+
+    def run(*args):
+        before = _C.cpu_amx()
+        _C.set_cpu_amx(mode)
+        try:
+            return fn(*args)
+        finally:
+            _C.set_cpu_amx(before)
+    return run
+
+
+def on_amx_tiles(case: Case, default_name: str) -> Case:
+    """``case`` with our op on the CPU's AMX tiles (op name + " AMX"), its own default kernel (AMX
+    off) added to the baselines as ``default_name``: the measurement that decides whether AMX
+    becomes the default."""
+    return replace(case, op=f"{case.op} AMX", ours=with_cpu_amx("on", case.ours),
+                   baselines={**case.baselines, default_name: with_cpu_amx("off", case.ours)},
+                   primary_baseline=case.primary_baseline)
 
 
 def register_suite(family: str) -> Callable[[SuiteFn], SuiteFn]:

@@ -119,11 +119,17 @@ AmxMode set_amx_mode(AmxMode mode) {
   return mode;
 }
 
-AmxMode amx_int8_kernel_mode() {
+namespace {
+AmxMode kernel_mode(bool hardware_has_it) {
   const AmxMode mode = amx_mode();
   if (mode == AmxMode::kOff || active_cpu_isa() != CpuIsa::kAvx512) return AmxMode::kOff;
+  if (mode == AmxMode::kOn && !hardware_has_it) return AmxMode::kOff;
   return mode;
 }
+}  // namespace
+
+AmxMode amx_int8_kernel_mode() { return kernel_mode(amx_int8_detected()); }
+AmxMode amx_bf16_kernel_mode() { return kernel_mode(amx_bf16_detected()); }
 
 namespace {
 std::atomic<int64_t>& emulated_dot_products() {

@@ -2,7 +2,8 @@
 // the TMUL dot-product unit) for the CPU kernels: whether this CPU and OS provide it, and which
 // kind of tiles the kernels use. Plain C++ (no torch, no ISA flags).
 //
-// Modes (TORCH_EXT_CPU_AMX, or set_amx_mode()):
+// Kernels on AMX: scaled_int8_mm's packed path (AMX-INT8), block_sparse_attention's bf16 products
+// (AMX-BF16). Modes (TORCH_EXT_CPU_AMX, or set_amx_mode()):
 //   off       the AVX-512 / VNNI kernels (default: the AMX kernels have not yet run on AMX
 //             hardware; they become the default once their tests pass there and they are faster);
 //   on        the AMX kernels on the hardware tiles, where amx_int8_detected() (else off);
@@ -29,13 +30,16 @@ bool amx_bf16_detected();
 
 // The mode set by the environment or set_amx_mode() ("on" where not detected reads as off).
 AmxMode amx_mode();
-// Sets the mode; "on" requires amx_int8_detected() (std::invalid_argument otherwise).
+// Sets the mode; "on" requires amx_int8_detected() (std::invalid_argument otherwise; every
+// CPU with AMX so far has AMX-INT8 and AMX-BF16 both).
 // Returns the mode now in effect.
 AmxMode set_amx_mode(AmxMode mode);
 
 // The mode an int8 kernel uses now: amx_mode(), but off unless the AVX-512 level is active
 // (the AMX kernels are compiled at that level) and, for "on", the CPU has AMX-INT8.
 AmxMode amx_int8_kernel_mode();
+// The same for a bf16 kernel: "on" needs AMX-BF16.
+AmxMode amx_bf16_kernel_mode();
 
 // Dot-product instructions the emulated tiles have run in this process (the tests check with
 // it that a call ran the AMX kernel, and how many tile products its blocking implies).

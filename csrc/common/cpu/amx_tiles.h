@@ -1,5 +1,5 @@
 // AMX tile operations for the CPU kernels, two ways with one interface:
-//   HardwareTiles  the tile instructions (compiled with -mamx-tile -mamx-int8);
+//   HardwareTiles  the tile instructions (compiled with -mamx-tile -mamx-int8 -mamx-bf16);
 //   EmulatedTiles  the same operations in scalar code on a per-thread copy of the tile state,
 //                  following the instruction set reference's pseudo-code, and raising an error
 //                  where the hardware would fault (an unconfigured tile, shapes that do not
@@ -21,6 +21,14 @@
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx {
 
+// The dot-product instructions the kernels use. C is M x 4N bytes (N int32 or fp32 per row),
+// A is M x 4K bytes and B is K x 4N bytes: each 4-byte group of B's row k holds, for column n,
+// the values that pair with the 4-byte group k of A's row (4 int8, or 2 bf16).
+enum class TileDot {
+  kS8S8,  // TDPBSSD: C[m][n] += sum_k sum_{i < 4} A[m][4k + i] * B[k][4n + i], int8 -> int32
+  kBf16,  // TDPBF16PS: C[m][n] += A[m][2k] * B[k][2n], then += A[m][2k + 1] * B[k][2n + 1], bf16 -> fp32
+};
+
 constexpr int kTiles = 8;          // tmm0 .. tmm7
 constexpr int kMaxRows = 16;       // rows per tile
 constexpr int kMaxRowBytes = 64;   // bytes per tile row
@@ -41,7 +49,7 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
 // The tile instructions as inline assembly rather than the compiler's _tile_* macros: those
 // paste their tile argument into the instruction text (a template parameter would arrive as
 // its name), and their loads do not tell the compiler that they read memory, so a buffer
@@ -63,11 +71,14 @@ struct HardwareTiles {
   static void store(void* base, int64_t stride) {
     __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "n"(kTile) : "memory");
   }
-  // C[m][n] += sum_k sum_{i < 4} A[m][4k + i] * B[k][4n + i], int8 x int8 -> int32 (TDPBSSD;
-  // AT&T operand order: B, A, C).
-  template <int kC, int kA, int kB>
-  static void dot_s8s8() {
-    __asm__ volatile("tdpbssd %%tmm%c0, %%tmm%c1, %%tmm%c2" ::"n"(kB), "n"(kA), "n"(kC));
+  // AT&T operand order: B, A, C.
+  template <TileDot kDot, int kC, int kA, int kB>
+  static void dot() {
+    if constexpr (kDot == TileDot::kS8S8) {
+      __asm__ volatile("tdpbssd %%tmm%c0, %%tmm%c1, %%tmm%c2" ::"n"(kB), "n"(kA), "n"(kC));
+    } else {
+      __asm__ volatile("tdpbf16ps %%tmm%c0, %%tmm%c1, %%tmm%c2" ::"n"(kB), "n"(kA), "n"(kC));
+    }
   }
 };
 #endif
@@ -107,25 +118,35 @@ class EmulatedTiles {
     for (int r = 0; r < c.rows[kTile]; ++r)
       std::memcpy(static_cast<uint8_t*>(base) + r * stride, data + r * kMaxRowBytes, c.row_bytes[kTile]);
   }
-  template <int kC, int kA, int kB>
-  static void dot_s8s8() {
-    static_assert(kC != kA && kC != kB && kA != kB, "TDPBSSD needs three distinct tiles");
+  template <TileDot kDot, int kC, int kA, int kB>
+  static void dot() {
+    static_assert(kC != kA && kC != kB && kA != kB, "the dot products need three distinct tiles");
     uint8_t* const acc = tile<kC>();
-    const int8_t* const a = reinterpret_cast<const int8_t*>(tile<kA>());
-    const int8_t* const b = reinterpret_cast<const int8_t*>(tile<kB>());
+    const uint8_t* const a = tile<kA>();
+    const uint8_t* const b = tile<kB>();
     check_dot_shapes(kC, kA, kB);
     count_amx_emulated_dot_product();
     const TileConfig& c = state().config;
     for (int m = 0; m < c.rows[kC]; ++m) {
       for (int n = 0; n < c.row_bytes[kC] / 4; ++n) {
-        int32_t sum;
-        std::memcpy(&sum, acc + m * kMaxRowBytes + 4 * n, 4);
-        uint32_t wrapped = uint32_t(sum);  // the hardware's int32 sums wrap
-        for (int k = 0; k < c.row_bytes[kA] / 4; ++k)
-          for (int i = 0; i < 4; ++i)
-            wrapped += uint32_t(int32_t(a[m * kMaxRowBytes + 4 * k + i]) * int32_t(b[k * kMaxRowBytes + 4 * n + i]));
-        sum = int32_t(wrapped);
-        std::memcpy(acc + m * kMaxRowBytes + 4 * n, &sum, 4);
+        uint8_t* const out = acc + m * kMaxRowBytes + 4 * n;
+        const auto a_at = [&](int k, int i) { return a + m * kMaxRowBytes + 4 * k + i; };
+        const auto b_at = [&](int k, int i) { return b + k * kMaxRowBytes + 4 * n + i; };
+        if constexpr (kDot == TileDot::kS8S8) {
+          int32_t sum;
+          std::memcpy(&sum, out, 4);
+          uint32_t wrapped = uint32_t(sum);  // the hardware's int32 sums wrap
+          for (int k = 0; k < c.row_bytes[kA] / 4; ++k)
+            for (int i = 0; i < 4; ++i) wrapped += uint32_t(int32_t(int8_t(*a_at(k, i))) * int32_t(int8_t(*b_at(k, i))));
+          sum = int32_t(wrapped);
+          std::memcpy(out, &sum, 4);
+        } else {
+          float sum;
+          std::memcpy(&sum, out, 4);
+          for (int k = 0; k < c.row_bytes[kA] / 4; ++k)
+            for (int i = 0; i < 4; i += 2) sum += bf16_at(a_at(k, i)) * bf16_at(b_at(k, i));
+          std::memcpy(out, &sum, 4);
+        }
       }
     }
   }
@@ -139,6 +160,14 @@ class EmulatedTiles {
   static State& state() {
     thread_local State s;
     return s;
+  }
+  static float bf16_at(const uint8_t* p) {
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    const uint32_t wide = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &wide, 4);
+    return f;
   }
   [[noreturn]] static void fail(const std::string& what) {
     throw std::logic_error("emulated AMX tiles: " + what + " (the hardware would fault)");

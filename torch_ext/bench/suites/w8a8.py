@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _C
-from ..case import Case, register_suite
+from ..case import Case, on_amx_tiles, register_suite
 
 _MM_SHAPES = {"cpu": ((4096, 4096), (14336, 4096)), "cuda": ((4096, 4096), (8192, 8192))}
 _MM_ROWS = {"cpu": (1, 16, 256, 1024), "cuda": (1, 16, 256, 2048, 4096)}
@@ -18,21 +18,7 @@ _TOKENS = (1, 64, 4096)
 _QUICK_TOKENS = (64,)
 
 
-def _with_amx(mode: str, fn):
-    """fn with the CPU int8 GEMM's AMX mode set to `mode` for the call (torch_ext._C.set_cpu_amx)."""
-    def run(*args):
-        before = _C.cpu_amx()
-        _C.set_cpu_amx(mode)
-        try:
-            return fn(*args)
-        finally:
-            _C.set_cpu_amx(before)
-    return run
-
-
-def _mm_case(device: str, n: int, k: int, m: int, amx: bool = False) -> Case:
-    """amx: our kernel on AMX-INT8 tiles (opt-in until measured), with the default AVX512-VNNI
-    kernel as one more baseline."""
+def _mm_case(device: str, n: int, k: int, m: int) -> Case:
     kind = torch.device(device).type
 
     def make_inputs(seed: int):
@@ -51,14 +37,10 @@ def _mm_case(device: str, n: int, k: int, m: int, amx: bool = False) -> Case:
         baselines = {"F.linear fp32": lambda a, b, sa, sb, xb, wb, x, w: F.linear(x, w), **baselines}
     if kind == "cpu" or m > 16:  # torch._int_mm on CUDA needs more than 16 rows
         baselines["torch._int_mm"] = lambda a, b, *_: torch._int_mm(a, b.t())
-    ours = lambda a, b, sa, sb, *_: torch.ops.torch_ext.scaled_int8_mm(a, b, sa, sb, None, torch.bfloat16)  # noqa: E731
-    if amx:
-        baselines["scaled_int8_mm on AVX512-VNNI"] = _with_amx("off", ours)
-        ours = _with_amx("on", ours)
     return Case(
-        family="w8a8", op="scaled_int8_mm AMX" if amx else "scaled_int8_mm", label=f"M={m} {n}x{k} -> bf16",
+        family="w8a8", op="scaled_int8_mm", label=f"M={m} {n}x{k} -> bf16",
         make_inputs=make_inputs,
-        ours=ours,
+        ours=lambda a, b, sa, sb, *_: torch.ops.torch_ext.scaled_int8_mm(a, b, sa, sb, None, torch.bfloat16),
         baselines=baselines,
         flops=2.0 * m * n * k, bytes=float(m * k + n * k + 2 * m * n), device=device,
         compute_dtype=torch.int8,
@@ -158,7 +140,8 @@ def w8a8_suite(device: str, quick: bool) -> list[Case]:
         quant = [(t, k, dtype) for dtype in (torch.float32, torch.bfloat16) for t in _TOKENS for k in (4096, 14336)]
     cases = [_mm_case(device, n, k, m) for n, k, m in mm] + [_quantize_case(device, t, k, d) for t, k, d in quant]
     if kind == "cpu" and _C.build_info()["cpu_amx_int8_detected"]:
-        cases += [_mm_case(device, n, k, m, amx=True) for n, k, m in mm if m > 16]  # M <= 16 reads B unpacked
+        # AMX-INT8 (opt-in until measured) against the default AVX512-VNNI kernel; M <= 16 reads B unpacked.
+        cases += [on_amx_tiles(_mm_case(device, n, k, m), "scaled_int8_mm on AVX512-VNNI") for n, k, m in mm if m > 16]
     cases += [_int8_linear_case(device, n, k, m) for n, k, m in mm]
     if kind == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9):
         cases += [_fp8_case(device, n, k, m) for n, k, m in mm]

@@ -1,0 +1,98 @@
+// The blocked product the AMX kernels share (int8 in quant/w8a8_cpu_amx.cpp, bf16 in
+// attention/block_sparse_attention_cpu_bf16.cpp), templated on the tile type and the dot
+// product (common/cpu/amx_tiles.h).
+//
+// Tiles. A 32 x 32 block of results in tmm0-3 (2 x 2 tiles of 16 x 16 int32 or fp32), two A tiles
+// (tmm4-5: rows 0-15 and 16-31) and two B tiles (tmm6-7: two blocks of 16 columns). Per step of
+// 64 bytes of k (64 int8 or 32 bf16), 4 tile loads feed 4 dot products and every loaded tile is
+// used twice: the largest blocking the eight tiles allow with two operands of each kind. Every
+// tile is configured whole (16 rows x 64 bytes); the callers pad their operands to that.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "common/cpu/amx_tiles.h"
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx {
+
+constexpr int kBlockRows = 2 * kMaxRows;            // result rows per block
+constexpr int kBlockColumns = 2 * kMaxRowBytes / 4;  // result columns per block (two 16-column tiles)
+constexpr int kStepBytes = kMaxRowBytes;             // bytes of k per A tile row
+
+// Configures every tile 16 rows x 64 bytes on this thread (the tile state is a thread's own) for
+// the object's lifetime, and releases the tiles after.
+template <typename Tiles>
+class TileSession {
+ public:
+  TileSession() {
+    TileConfig config;
+    for (int t = 0; t < kTiles; ++t) config.set(t, kMaxRows, kMaxRowBytes);
+    Tiles::configure(config);
+  }
+  ~TileSession() { Tiles::release(); }
+  TileSession(const TileSession&) = delete;
+  TileSession& operator=(const TileSession&) = delete;
+};
+
+// The operands of one pair of 16-column blocks.
+struct TilePairOperands {
+  // A: rows of a_stride bytes holding ceil(groups / 16) 64-byte steps of k, zero past the real
+  // k, and zero rows up to a multiple of 32 past the last real one.
+  const uint8_t* a;
+  int64_t a_stride;
+  // B of each column block: row g (4-byte group g of k, one group per column: 64 bytes) at
+  // b[j] + g * b_stride, for g < groups. The second block may repeat the first (its results are
+  // then the caller's to ignore).
+  const uint8_t* b[2];
+  int64_t b_stride;
+  int64_t groups;
+};
+
+// For each 32-row block [m0, m0 + 32) of [m_begin, m_end) (both multiples of 32 from A's
+// start): acc = A(rows) B(both column blocks), then epilogue(m0, acc). acc is int32 for kS8S8,
+// float for kBf16, [32][32]. The tiles must be configured (TileSession).
+template <TileDot kDot, typename Tiles, typename Acc, typename Epilogue>
+void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, const Epilogue& epilogue) {
+  enum : int { kC00 = 0, kC01, kC10, kC11, kA0, kA1, kB0, kB1 };
+  const int64_t whole = o.groups / kMaxRows, tail = o.groups - whole * kMaxRows, steps = whole + (tail > 0);
+  // B's last, partial step copied zero-padded: the tile then reads no byte past the operand, and
+  // A's zero k meets zeros (B's bytes past it could hold a NaN pattern: 0 x NaN is NaN).
+  alignas(64) uint8_t b_tail[2][kMaxRows * kMaxRowBytes];
+  if (tail > 0) {
+    for (int j = 0; j < 2; ++j) {
+      std::memset(b_tail[j], 0, sizeof(b_tail[j]));
+      for (int64_t g = 0; g < tail; ++g)
+        std::memcpy(b_tail[j] + g * kMaxRowBytes, o.b[j] + (whole * kMaxRows + g) * o.b_stride, kMaxRowBytes);
+    }
+  }
+  alignas(64) Acc acc[kBlockRows][kBlockColumns];
+  constexpr int64_t kAccStride = sizeof(acc[0]);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kBlockRows) {
+    Tiles::template zero<kC00>();
+    Tiles::template zero<kC01>();
+    Tiles::template zero<kC10>();
+    Tiles::template zero<kC11>();
+    const uint8_t* const a_block = o.a + m0 * o.a_stride;
+    for (int64_t s = 0; s < steps; ++s) {
+      const bool is_whole = s < whole;
+      Tiles::template load<kA0>(a_block + s * kStepBytes, o.a_stride);
+      Tiles::template load<kA1>(a_block + kMaxRows * o.a_stride + s * kStepBytes, o.a_stride);
+      Tiles::template load<kB0>(is_whole ? o.b[0] + s * kMaxRows * o.b_stride : b_tail[0], is_whole ? o.b_stride : kMaxRowBytes);
+      Tiles::template load<kB1>(is_whole ? o.b[1] + s * kMaxRows * o.b_stride : b_tail[1], is_whole ? o.b_stride : kMaxRowBytes);
+      Tiles::template dot<kDot, kC00, kA0, kB0>();
+      Tiles::template dot<kDot, kC01, kA0, kB1>();
+      Tiles::template dot<kDot, kC10, kA1, kB0>();
+      Tiles::template dot<kDot, kC11, kA1, kB1>();
+    }
+    constexpr int kHalf = kBlockColumns / 2;
+    Tiles::template store<kC00>(&acc[0][0], kAccStride);
+    Tiles::template store<kC01>(&acc[0][kHalf], kAccStride);
+    Tiles::template store<kC10>(&acc[kMaxRows][0], kAccStride);
+    Tiles::template store<kC11>(&acc[kMaxRows][kHalf], kAccStride);
+    epilogue(m0, acc);
+  }
+}
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx
