@@ -12,8 +12,8 @@
 #   (TORCH_EXT_ATTENTION_WGMMA=1) and forward + backward at 32K with the Hopper backward too
 #   (TORCH_EXT_ATTENTION_WGMMA_BWD=1); MoBA forward + backward with the key-block-major backward
 #   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; the host CPU's AMX tiles
-#   (scaled_int8_mm vs AVX512-VNNI, torch._int_mm, F.linear; bf16 attention at S = 8192 vs
-#   AVX512_BF16 and SDPA); fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
+#   (scaled_int8_mm vs AVX512-VNNI, torch._int_mm, F.linear; bf16 attention at S = 8192 and
+#   fused_moe at T = 512 vs AVX512_BF16 and SDPA / eager); fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
 #   fused vs grouped by token count (scripts/moe_grouped_sweep.py); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); one token through Llama-3-8B-shaped layers as CUDA graphs, stock
 #   vs quantize_model; the GMMA instructions in the SASS. (The H100 run of 2026-11-26,
@@ -69,11 +69,12 @@ if has targets; then
   step moba_gather_bwd 70 env TORCH_EXT_MOBA_GATHER_BACKWARD=1 "$PY" -m torch_ext bench --device cuda \
     --op "moba_attention fwd+bwd" --match "S=4096" --match "S=32768" --out "$OUT/moba_gather_bwd"
   # The host CPU's AMX tiles (opt-in until they have run: tests/test_amx.py and the *amx* attention
-  # tests in the check step): the int8 GEMM against the AVX512-VNNI kernel, torch._int_mm (oneDNN,
-  # AMX there) and F.linear; the bf16 attention at S = 8192 (issue 7's CPU rows) against the
-  # AVX512_BF16 kernels and SDPA.
-  step amx 100 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "block_sparse_attention AMX" \
-    "block_sparse_attention fwd+bwd AMX" --match "4096x4096" --match "S=8192 full" --out "$OUT/amx"
+  # and MoE tests in the check step): the int8 GEMM against the AVX512-VNNI kernel, torch._int_mm
+  # (oneDNN, AMX there) and F.linear; the bf16 attention at S = 8192 (issue 7's CPU rows) against
+  # the AVX512_BF16 kernels and SDPA; fused_moe bf16 at T = 512 against AVX512_BF16 and eager.
+  step amx 120 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "block_sparse_attention AMX" \
+    "block_sparse_attention fwd+bwd AMX" "fused_moe AMX" --match "4096x4096" --match "S=8192 full" --match "T=512" \
+    --out "$OUT/amx"
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
     --match "moe_route"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).

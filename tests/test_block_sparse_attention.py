@@ -197,7 +197,7 @@ def test_bf16_backward_head_dims_and_key_blocks(cpu_isa, dim, block_kv):
 @pytest.mark.parametrize("dim", [32, 128, 256])
 @pytest.mark.parametrize("block_kv", [16, 48, 80])
 def test_bf16_on_amx_tiles(amx, dim, block_kv):
-    """The bf16 forward and backward with all their products on AMX-BF16 tiles (TileMatmul in
+    """The bf16 forward and backward with all their products on AMX-BF16 tiles (PairMatmul in
     block_sparse_attention_cpu_bf16.cpp; emulated tiles everywhere, the hardware's where the CPU
     has them) against float64: the AVX512_BF16 cases above (partial key blocks and pair steps,
     odd active row counts, GQA, strides) and 128-row query blocks."""

@@ -63,21 +63,36 @@ def test_panel_path_row_counts(cpu_isa, activation, dtype):
     and bf16 pairs with AVX512_BF16), several uneven panel blocks (149 rows) and one row, odd H
     and I (bf16 pairs: a last pair with a zero); training's saved pre-activations from both
     paths."""
+    _check_panel_rows(activation, dtype, cpu_isa)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_bf16_panels_on_amx_tiles(amx, activation):
+    """The bf16 panel products on AMX-BF16 tiles (Bf16PairMath::tile_gemm; emulated everywhere, the
+    hardware's where the CPU has them): the row counts, odd H and I and long K of the test above."""
+    if not torch_ext._C.build_info()["cpu_avx512_bf16_active"]:
+        pytest.skip("the bf16 kernels (and their AMX paths) need AVX512_BF16")
+    before = torch_ext._C.amx_emulated_dot_products()
+    _check_panel_rows(activation, torch.bfloat16, f"amx {amx}")
+    assert (torch_ext._C.amx_emulated_dot_products() > before) == (amx == "emulate")
+
+
+def _check_panel_rows(activation, dtype, what):
     counts = [64, 63, 16, 15, 8, 7, 24, 23, 149, 0, 1]
     ids = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
     seed = fresh_seed()
     h, w13, w2, weights, ids = _problem(sum(counts), len(counts), 1, 41, 37, dtype, "cpu", seed, ids=ids)
-    _check_forward((h, w13, w2, weights, ids), activation, dtype, f"{cpu_isa} (seed {seed})")
+    _check_forward((h, w13, w2, weights, ids), activation, dtype, f"{what} (seed {seed})")
     out, gate_up = torch.ops.torch_ext.fused_moe_train(h, w13, w2, weights, ids, activation)
     assert torch.equal(out, fused_moe(h, w13, w2, weights, ids, activation))
     expected = torch.stack([w13[e].double() @ h[t].double() for t, e in enumerate(ids[:, 0].tolist())])
-    assert_close_to_reference(gate_up, expected, dtype, f"{cpu_isa} gate_up (seed {seed})")
+    assert_close_to_reference(gate_up, expected, dtype, f"{what} gate_up (seed {seed})")
     # H and I past the panel kernel's 512-deep K chunks (accumulated across chunks); k = 2 with
     # both slots of some tokens on the same expert.
     slot0 = torch.arange(70) % 2
     ids = torch.stack([slot0, torch.where(torch.arange(70) % 5 == 0, slot0, 1 - slot0)], 1)
     args = _problem(70, 2, 2, 1031, 531, dtype, "cpu", seed + 10, ids=ids)
-    _check_forward(args, activation, dtype, f"{cpu_isa} K chunks (seed {seed})")
+    _check_forward(args, activation, dtype, f"{what} K chunks (seed {seed})")
 
 
 def test_all_tokens_on_one_expert_and_idle_experts(device):

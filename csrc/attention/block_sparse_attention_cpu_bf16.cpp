@@ -14,14 +14,15 @@
 // O carries P's rounding (relative 2^-9 per element, averaging out over the keys).
 //
 // With cpu::amx_bf16_kernel_mode() on (or emulate), every product runs on AMX-BF16 tiles
-// instead (TileMatmul): the packed pair layouts above are TDPBF16PS's B operand as they are.
+// instead (PairMatmul, common/cpu/amx_pair_matmul.h): the packed pair layouts above are
+// TDPBF16PS's B operand as they are.
 #include <cstring>
 #include <optional>
 #include <vector>
 
 #include "attention/block_sparse_attention_cpu_forward.h"
 #include "common/cpu/amx.h"
-#include "common/cpu/amx_gemm.h"
+#include "common/cpu/amx_pair_matmul.h"
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
 namespace {
@@ -87,60 +88,9 @@ void dot_matmul(const BFloat16* const* a, int rows, const uint32_t* b, int64_t l
   for (; n0 + kLanes <= cols; n0 += kLanes) dot_row_tiles<8, 1>(a, rows, b, ld_b, pairs, c, n0, row_scale, out_scale, ld_a);
 }
 
-// dot_matmul on AMX-BF16 tiles (common/cpu/amx_gemm.h). b is B as it is: pair row k of 16
-// columns is a tile row, ld_b uint32 apart. The a rows (pair k of row r at a[r] + 2 k ld_a) are
-// copied as 32-bit pairs into whole 64-byte steps, zero-padded in k and to 32-row blocks. Results
-// go through c's row pointers as dot_matmul writes them: row_scale[r] * c + sum, or out_scale *
-// sum (the sum rounded once more than in dot_matmul, which scales c into its accumulators).
-template <typename Tiles>
-class TileMatmul {
- public:
-  void operator()(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
-                  int cols, const float* row_scale, float out_scale, int64_t ld_a) {
-    const int64_t step_pairs = amx::kStepBytes / 4, steps = (pairs + step_pairs - 1) / step_pairs;
-    const int64_t stride = steps * step_pairs;  // uint32 pairs per staged row
-    const int64_t padded_rows = (rows + amx::kBlockRows - 1) / amx::kBlockRows * amx::kBlockRows;
-    if (a_.size() < size_t(padded_rows * stride)) a_.resize(size_t(padded_rows * stride));
-    for (int r = 0; r < padded_rows; ++r) {  // one pass: each staged word written once
-      uint32_t* const dst = a_.data() + r * stride;
-      const int real = r < rows ? pairs : 0;
-      if (ld_a == 1) {
-        std::memcpy(dst, a[r < rows ? r : 0], size_t(real) * 4);
-      } else {
-        for (int k = 0; k < real; ++k) std::memcpy(dst + k, a[r] + 2 * k * ld_a, 4);
-      }
-      std::memset(dst + real, 0, size_t(stride - real) * 4);
-    }
-    const auto bytes = [](const uint32_t* p) { return reinterpret_cast<const uint8_t*>(p); };
-    for (int n0 = 0; n0 < cols; n0 += amx::kBlockColumns) {
-      const int width = std::min(amx::kBlockColumns, cols - n0);  // 16 or 32 (cols: whole 16s)
-      const amx::TilePairOperands operands{bytes(a_.data()), stride * 4,
-                                           {bytes(b + n0), bytes(b + (width > kLanes ? n0 + kLanes : n0))},
-                                           ld_b * 4, pairs};
-      amx::tile_pair_gemm<amx::TileDot::kBf16, Tiles, float>(
-          operands, 0, padded_rows, [&](int64_t m0, const float (&acc)[amx::kBlockRows][amx::kBlockColumns]) {
-            for (int i = 0; i < amx::kBlockRows && m0 + i < rows; ++i) {
-              const int64_t r = m0 + i;
-              float* const out = c[r] + n0;
-              for (int n = 0; n < width; n += kLanes) {
-                const __m512 sum = _mm512_loadu_ps(acc[i] + n);
-                _mm512_storeu_ps(out + n, row_scale ? _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(out + n),
-                                                                                  _mm512_set1_ps(row_scale[r])), sum)
-                                                    : _mm512_mul_ps(sum, _mm512_set1_ps(out_scale)));
-              }
-            }
-          });
-    }
-  }
-
- private:
-  amx::TileSession<Tiles> tiles_;
-  std::vector<uint32_t> a_;  // the staged a rows
-};
-
-// The kernels' products: dot_matmul, or TileMatmul on the hardware or emulated tiles as
-// cpu::amx_bf16_kernel_mode() says when the kernel is built (once per parallel_for chunk, on
-// the thread that runs it: the tile configuration is per thread).
+// The kernels' products: dot_matmul, or amx::tile_pair_matmul on the hardware or emulated tiles
+// as cpu::amx_bf16_kernel_mode() says when the kernel is built (once per parallel_for chunk, on
+// the thread that runs it: the tile configuration is per thread, held while the kernel lives).
 class PairMatmul {
  public:
   PairMatmul() {
@@ -161,17 +111,22 @@ class PairMatmul {
   void operator()(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
                   int cols, const float* row_scale, float out_scale, int64_t ld_a = 1) {
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
-    if (hardware_) return (*hardware_)(a, rows, b, ld_b, pairs, c, cols, row_scale, out_scale, ld_a);
+    if (hardware_)
+      return amx::tile_pair_matmul<amx::HardwareTiles>(a, rows, 2 * int64_t(pairs), ld_a, b, ld_b, pairs, c, cols,
+                                                       row_scale, out_scale, staging_);
 #endif
-    if (emulated_) return (*emulated_)(a, rows, b, ld_b, pairs, c, cols, row_scale, out_scale, ld_a);
+    if (emulated_)
+      return amx::tile_pair_matmul<amx::EmulatedTiles>(a, rows, 2 * int64_t(pairs), ld_a, b, ld_b, pairs, c, cols,
+                                                       row_scale, out_scale, staging_);
     dot_matmul(a, rows, b, ld_b, pairs, c, cols, row_scale, out_scale, ld_a);
   }
 
  private:
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
-  std::optional<TileMatmul<amx::HardwareTiles>> hardware_;
+  std::optional<amx::TileSession<amx::HardwareTiles>> hardware_;
 #endif
-  std::optional<TileMatmul<amx::EmulatedTiles>> emulated_;
+  std::optional<amx::TileSession<amx::EmulatedTiles>> emulated_;
+  std::vector<uint32_t> staging_;  // the A rows as tile steps
 };
 
 // pairs[d/2][c] = (k[c][d], k[c][d+1]), pairs along the head dim: each key row is dim/2 32-bit pairs,

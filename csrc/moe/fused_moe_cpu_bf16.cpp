@@ -7,7 +7,10 @@
 // values are exact in fp32, so results match the FMA kernel up to summation order. The
 // activated rows are bf16 (the second GEMM's operand), as in the FMA kernel's bf16 path.
 #include <cstring>
+#include <vector>
 
+#include "common/cpu/amx.h"
+#include "common/cpu/amx_pair_matmul.h"
 #include "common/cpu/vec.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_cpu_passes.h"
@@ -67,6 +70,37 @@ struct Bf16PairMath {
   }
   // (w[k], 0) for an odd K's last pair.
   static Operand broadcast_last_weight(const BFloat16* w) { return (__m512bh)_mm512_set1_epi32(w->bits); }
+  // The whole panel product on AMX-BF16 tiles where cpu::amx_bf16_kernel_mode() says so (false:
+  // not taken): the block's pairs are TDPBF16PS's B operand as they are (common/cpu/amx_pair_matmul.h).
+  // The tiles are configured per call (a call is ~10^7 multiply-adds at H = 4096).
+  static bool tile_gemm(const BFloat16* const* w, int rows, const BFloat16* block, int width, int64_t K, float* out) {
+    const AmxMode mode = amx_bf16_kernel_mode();
+    thread_local std::vector<uint32_t> staging;
+    thread_local std::vector<float*> out_rows;
+    out_rows.resize(size_t(rows));
+    for (int r = 0; r < rows; ++r) out_rows[r] = out + int64_t(r) * width;
+    const auto run = [&](auto tiles) {
+      using Tiles = decltype(tiles);
+      const amx::TileSession<Tiles> session;
+      amx::tile_pair_matmul<Tiles>(w, rows, K, 1, reinterpret_cast<const uint32_t*>(block), width, int((K + 1) / 2),
+                                   out_rows.data(), width, nullptr, 1.0f, staging);
+    };
+    switch (mode) {
+      case AmxMode::kOn:
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+        run(amx::HardwareTiles{});
+        return true;
+#else
+        return false;
+#endif
+      case AmxMode::kEmulate:
+        run(amx::EmulatedTiles{});
+        return true;
+      case AmxMode::kOff:
+        break;
+    }
+    return false;
+  }
   static VecF multiply_add(Operand w, Operand x, VecF acc) { return {_mm512_dpbf16_ps(acc.v, w, x)}; }
   // 16 tokens' values of columns j (even) and j + 1, rounded to bf16, as their 16 pairs.
   static void store_column_pair(BFloat16* at, VecF first, VecF second) {

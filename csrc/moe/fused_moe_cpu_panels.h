@@ -161,6 +161,10 @@ inline void panel_block_upto(int rows, int vectors, const typename Math::T* cons
 template <class Math>
 void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* block, int width, int64_t K,
                 float* out) {
+  // A Math with a tile product (AMX) may take the whole call.
+  if constexpr (requires { Math::tile_gemm(w, rows, block, width, K, out); }) {
+    if (Math::tile_gemm(w, rows, block, width, K, out)) return;
+  }
   static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
   for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
     const int64_t chunk = std::min(kKChunk, K - k0);
