@@ -58,6 +58,17 @@ def test_sums_exactly_and_runs_the_tiles(amx):
         assert ran == (_tile_products(m, n, k) if amx == "emulate" else 0), f"{m}x{n}x{k}: {ran} tile products"
 
 
+def test_strided_rows(amx):
+    """A and B as row slices of wider tensors (row strides past K): the A copy and the packing read
+    through the strides."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    a_wide, b_wide = _int8((50, 140), gen), _int8((40, 150), gen)
+    a, b = a_wide[:, 5:105], b_wide[:, 17:117]
+    out = scaled_int8_mm(a, b, torch.ones(50, 1), torch.ones(40), None, torch.float32)
+    assert torch.equal(out, (a.long() @ b.long().t()).float()), f"seed {seed}"
+
+
 def test_row_panels():
     """K = 8192: a 1 MB row panel holds 128 rows, so 300 rows take three panels."""
     seed = fresh_seed()
