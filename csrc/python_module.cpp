@@ -131,8 +131,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(cpu::cpu_isa_name(cpu::active_cpu_isa())); },
         "The CPU ISA level kernels currently use.");
   m.def("set_cpu_amx", &set_cpu_amx, py::arg("mode"),
-        "Whether the CPU int8 GEMM runs on AMX tiles: 'off', 'on' (needs AMX-INT8) or 'emulate' (the AMX "
-        "kernels on tiles emulated in scalar code, for tests); returns the mode now set.");
+        "Whether the CPU kernels with AMX paths (the int8 GEMM, bf16 attention and fused_moe) run them: 'off', "
+        "'on' (needs AMX tiles) or 'emulate' (on tiles emulated in scalar code, for tests); returns the mode now set.");
   m.def("amx_emulated_dot_products", &cpu::amx_emulated_dot_products,
         "Tile dot products the emulated AMX tiles have run in this process (for tests).");
   m.def("cpu_amx", [] { return std::string(cpu::amx_mode_name(cpu::amx_mode())); },

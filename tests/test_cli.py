@@ -13,6 +13,7 @@ def test_info_lists_ops_and_kernels():
     assert out.returncode == 0, out.stderr
     assert "silu_and_mul" in out.stdout
     assert "CPU ISA paths compiled" in out.stdout
+    assert "AMX kernels:" in out.stdout
     line = next(l for l in out.stdout.splitlines() if l.strip().startswith("silu_and_mul "))
     assert "cpu" in line
 

@@ -33,6 +33,9 @@ def info() -> int:
         print("  CUDA: not built (CPU-only build)")
     print(f"  CPU ISA paths compiled: {', '.join(build['cpu_isas_compiled'])}; "
           f"detected: {build['cpu_isa_detected']}; selected: {build['cpu_isa_selected']}")
+    amx = [kind for kind in ("int8", "bf16") if build[f"cpu_amx_{kind}_detected"]]
+    print(f"  AMX kernels: {'compiled' if build['cpu_amx_compiled'] else 'not built'}; "
+          f"tiles detected: {', '.join(amx) if amx else 'none'}; mode: {build['cpu_amx_mode']} (TORCH_EXT_CPU_AMX)")
     print("devices:")
     print(f"  cpu: {_cpu_model()}, {torch.get_num_threads()} threads")
     if torch.cuda.is_available():

@@ -274,7 +274,7 @@ class BackwardDotKernel {
     for (int a = 0; a < active; ++a) a_ptr_[a] = rounded(w_.dp.data(), ds_.data(), a, padded);
     w_.point(w_.c_ptr.data(), w_.acc.data(), dim_, active, w_.rows.data());
     matmul_(a_ptr_.data(), active, k_row_pairs_.data(), dim_, padded / 2, w_.c_ptr.data(), dim_, ones_.data(),
-               1.0f);
+            1.0f);
   }
 
   void accumulate_dkv(int active, int keys, int padded, float* dk, float* dv) {
@@ -282,11 +282,11 @@ class BackwardDotKernel {
     row_pairs(w_.s.data(), p_.data(), p_t_.data(), active, keys, padded);
     w_.point(w_.c_ptr.data(), dv, dim_, keys);
     matmul_(a_ptr_.data(), keys, d_out_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f,
-               padded);
+            padded);
     row_pairs(w_.dp.data(), ds_.data(), ds_t_.data(), active, keys, padded);
     w_.point(w_.c_ptr.data(), dk, dim_, keys);
     matmul_(a_ptr_.data(), keys, q_pairs_.data(), dim_, even / 2, w_.c_ptr.data(), dim_, ones_.data(), 1.0f,
-               padded);
+            padded);
   }
 
  private:

@@ -75,12 +75,12 @@ struct Bf16PairMath {
   // The tiles are configured per call (a call is ~10^7 multiply-adds at H = 4096).
   static bool tile_gemm(const BFloat16* const* w, int rows, const BFloat16* block, int width, int64_t K, float* out) {
     const AmxMode mode = amx_bf16_kernel_mode();
-    thread_local std::vector<uint32_t> staging;
-    thread_local std::vector<float*> out_rows;
-    out_rows.resize(size_t(rows));
-    for (int r = 0; r < rows; ++r) out_rows[r] = out + int64_t(r) * width;
     const auto run = [&](auto tiles) {
       using Tiles = decltype(tiles);
+      thread_local std::vector<uint32_t> staging;
+      thread_local std::vector<float*> out_rows;
+      out_rows.resize(size_t(rows));
+      for (int r = 0; r < rows; ++r) out_rows[r] = out + int64_t(r) * width;
       const amx::TileSession<Tiles> session;
       amx::tile_pair_matmul<Tiles>(w, rows, K, 1, reinterpret_cast<const uint32_t*>(block), width, int((K + 1) / 2),
                                    out_rows.data(), width, nullptr, 1.0f, staging);

@@ -77,10 +77,11 @@ void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, c
     const uint8_t* const a_block = o.a + m0 * o.a_stride;
     for (int64_t s = 0; s < steps; ++s) {
       const bool is_whole = s < whole;
+      const int64_t b_stride = is_whole ? o.b_stride : kMaxRowBytes;
       Tiles::template load<kA0>(a_block + s * kStepBytes, o.a_stride);
       Tiles::template load<kA1>(a_block + kMaxRows * o.a_stride + s * kStepBytes, o.a_stride);
-      Tiles::template load<kB0>(is_whole ? o.b[0] + s * kMaxRows * o.b_stride : b_tail[0], is_whole ? o.b_stride : kMaxRowBytes);
-      Tiles::template load<kB1>(is_whole ? o.b[1] + s * kMaxRows * o.b_stride : b_tail[1], is_whole ? o.b_stride : kMaxRowBytes);
+      Tiles::template load<kB0>(is_whole ? o.b[0] + s * kMaxRows * o.b_stride : b_tail[0], b_stride);
+      Tiles::template load<kB1>(is_whole ? o.b[1] + s * kMaxRows * o.b_stride : b_tail[1], b_stride);
       Tiles::template dot<kDot, kC00, kA0, kB0>();
       Tiles::template dot<kDot, kC01, kA0, kB1>();
       Tiles::template dot<kDot, kC10, kA1, kB0>();

@@ -88,7 +88,8 @@ class EmulatedTiles {
   static void configure(const TileConfig& config) {
     if (config.palette_id != 1) fail("palette " + std::to_string(config.palette_id) + " (only 1 exists)");
     for (int t = 0; t < kTiles; ++t) {
-      if (config.rows[t] > kMaxRows || config.row_bytes[t] > kMaxRowBytes || (config.rows[t] == 0) != (config.row_bytes[t] == 0))
+      const bool unused = config.rows[t] == 0, no_bytes = config.row_bytes[t] == 0;
+      if (config.rows[t] > kMaxRows || config.row_bytes[t] > kMaxRowBytes || unused != no_bytes)
         fail("tile " + std::to_string(t) + " configured as " + std::to_string(config.rows[t]) + " rows x " +
              std::to_string(config.row_bytes[t]) + " bytes");
     }
@@ -137,7 +138,8 @@ class EmulatedTiles {
           std::memcpy(&sum, out, 4);
           uint32_t wrapped = uint32_t(sum);  // the hardware's int32 sums wrap
           for (int k = 0; k < c.row_bytes[kA] / 4; ++k)
-            for (int i = 0; i < 4; ++i) wrapped += uint32_t(int32_t(int8_t(*a_at(k, i))) * int32_t(int8_t(*b_at(k, i))));
+            for (int i = 0; i < 4; ++i)
+              wrapped += uint32_t(int32_t(int8_t(*a_at(k, i))) * int32_t(int8_t(*b_at(k, i))));
           sum = int32_t(wrapped);
           std::memcpy(out, &sum, 4);
         } else {
@@ -180,15 +182,16 @@ class EmulatedTiles {
     if (s.config.rows[kTile] == 0) fail("tmm" + std::to_string(kTile) + " is not configured");
     return s.data[kTile];
   }
+  static std::string shape(int t) {
+    const TileConfig& c = state().config;
+    return "tmm" + std::to_string(t) + " (" + std::to_string(c.rows[t]) + " x " + std::to_string(c.row_bytes[t]) + " B)";
+  }
   // The shape rules of the dot-product instructions: C is M x 4N bytes, A is M x 4K, B is K x 4N.
   static void check_dot_shapes(int c, int a, int b) {
     const TileConfig& t = state().config;
     if (t.rows[a] != t.rows[c] || t.row_bytes[b] != t.row_bytes[c] || t.row_bytes[a] != 4 * t.rows[b] ||
         t.row_bytes[a] % 4 != 0 || t.row_bytes[c] % 4 != 0)
-      fail("dot product of tmm" + std::to_string(a) + " (" + std::to_string(t.rows[a]) + " x " +
-           std::to_string(t.row_bytes[a]) + " B) and tmm" + std::to_string(b) + " (" + std::to_string(t.rows[b]) + " x " +
-           std::to_string(t.row_bytes[b]) + " B) into tmm" + std::to_string(c) + " (" + std::to_string(t.rows[c]) +
-           " x " + std::to_string(t.row_bytes[c]) + " B)");
+      fail("dot product of " + shape(a) + " and " + shape(b) + " into " + shape(c));
   }
 };
 
