@@ -68,13 +68,6 @@ if has targets; then
   # test_cuda_gather_backward in the check step) against the union lists' backward, same process.
   step moba_gather_bwd 70 env TORCH_EXT_MOBA_GATHER_BACKWARD=1 "$PY" -m torch_ext bench --device cuda \
     --op "moba_attention fwd+bwd" --match "S=4096" --match "S=32768" --out "$OUT/moba_gather_bwd"
-  # The host CPU's AMX tiles (opt-in until they have run: tests/test_amx.py and the *amx* attention
-  # and MoE tests in the check step): the int8 GEMM against the AVX512-VNNI kernel, torch._int_mm
-  # (oneDNN, AMX there) and F.linear; the bf16 attention at S = 8192 (issue 7's CPU rows) against
-  # the AVX512_BF16 kernels and SDPA; fused_moe bf16 at T = 512 against AVX512_BF16 and eager.
-  step amx 120 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "block_sparse_attention AMX" \
-    "block_sparse_attention fwd+bwd AMX" "fused_moe AMX" --match "4096x4096" --match "S=8192 full" --match "T=512" \
-    --out "$OUT/amx"
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
     --match "moe_route"
   # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
@@ -83,6 +76,14 @@ if has targets; then
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # Four Llama-3-8B-shaped layers, one token, stock vs quantize_model, both as CUDA graph replays.
   bench model 60 --op model --match "CUDA graphs"
+  # Last (CPU only, so after every GPU case): the host CPU's AMX tiles (opt-in until they have
+  # run: tests/test_amx.py and the *amx* attention and MoE tests in the check step): the int8 GEMM
+  # against the AVX512-VNNI kernel, torch._int_mm (oneDNN, AMX there) and F.linear; the bf16
+  # attention at S = 8192 (issue 7's CPU rows) against the AVX512_BF16 kernels and SDPA;
+  # fused_moe bf16 at T = 512 against AVX512_BF16 and eager.
+  step amx 120 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "block_sparse_attention AMX" \
+    "block_sparse_attention fwd+bwd AMX" "fused_moe AMX" --match "4096x4096" --match "S=8192 full" --match "T=512" \
+    --out "$OUT/amx"
   # The warpgroup MMAs in the build's SASS (IGMMA int8, QGMMA fp8).
   cuobjdump -sass torch_ext/_C*.so 2>/dev/null | grep -oE "[HIQ]GMMA\.[A-Z0-9.]*" | sort | uniq -c >"$OUT/gmma_sass.txt"
 fi
