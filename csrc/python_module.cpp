@@ -131,7 +131,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(cpu::cpu_isa_name(cpu::active_cpu_isa())); },
         "The CPU ISA level kernels currently use.");
   m.def("set_cpu_amx", &set_cpu_amx, py::arg("mode"),
-        "Whether the CPU kernels with AMX paths (the int8 GEMM, bf16 attention and fused_moe) run them: 'off', "
+        "Whether the CPU kernels with AMX paths (int8 and fp8 GEMMs, bf16 attention and fused_moe) run them: 'off', "
         "'on' (needs AMX tiles) or 'emulate' (on tiles emulated in scalar code, for tests); returns the mode now set.");
   m.def("amx_emulated_dot_products", &cpu::amx_emulated_dot_products,
         "Tile dot products the emulated AMX tiles have run in this process (for tests).");

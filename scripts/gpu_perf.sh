@@ -81,7 +81,7 @@ if has targets; then
   # against the AVX512-VNNI kernel, torch._int_mm (oneDNN, AMX there) and F.linear; the bf16
   # attention at S = 8192 (issue 7's CPU rows) against the AVX512_BF16 kernels and SDPA;
   # fused_moe bf16 at T = 512 against AVX512_BF16 and eager.
-  step amx 120 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "block_sparse_attention AMX" \
+  step amx 120 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "scaled_fp8_mm AMX" "block_sparse_attention AMX" \
     "block_sparse_attention fwd+bwd AMX" "fused_moe AMX" --match "4096x4096" --match "S=8192 full" --match "T=512" \
     --out "$OUT/amx"
   # The warpgroup MMAs in the build's SASS (IGMMA int8, QGMMA fp8).

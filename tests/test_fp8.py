@@ -33,6 +33,59 @@ def test_scaled_fp8_mm_matches_reference(out_dtype):
                     assert_close_to_reference(out, ref, out_dtype, f"{m}x{n}x{k} seed {seed}", BOUNDS[out_dtype])
 
 
+def _small_e4m3(shape, gen):
+    """Integers in [-8, 8]: exact in e4m3, and every partial sum of their products exact in fp32."""
+    return torch.randint(-8, 9, shape, generator=gen).float().to(torch.float8_e4m3fn)
+
+
+def _check_exact_sums():
+    """Exact sums: the result is bit for bit the widening path's (fp32 GEMM of exact products, then
+    the epilogue in the contract's order), whatever the kernel's summation order. Tails in M (rows
+    of 4 and of 32), N (16-column blocks, pairs of them, groups of 4), odd K (a last pair with a
+    zero), per-row / per-tensor scales, strided A, every out dtype."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for m, n, k in ((1, 8, 16), (5, 17, 33), (37, 70, 131), (64, 96, 300), (3, 5, 1), (33, 48, 64)):
+        a_wide, b = _small_e4m3((m, k + 6), gen), _small_e4m3((n, k), gen)
+        a = a_wide[:, 3:3 + k]
+        for a_scale in (torch.rand(m, 1, generator=gen) + 0.1, torch.rand(1, generator=gen) + 0.1):
+            b_scale, bias = torch.rand(n, generator=gen) + 0.1, torch.randn(n, generator=gen)
+            for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+                with poisoned_outputs():
+                    out = scaled_fp8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+                widened = (a.float() @ b.float().t()) * a_scale.reshape(-1, 1) * b_scale + bias
+                assert torch.equal(out, widened.to(out_dtype)), f"{m}x{n}x{k} {out_dtype} seed {seed}"
+
+
+def test_cpu_kernels_sum_exactly(cpu_isa):
+    """The bf16 dot-product kernel (AVX512_BF16 CPUs) and the widening path (the others)."""
+    _check_exact_sums()
+
+
+def test_cpu_kernel_on_amx_tiles(amx):
+    """The packed-B product on AMX-BF16 tiles (emulated, or the hardware's)."""
+    if not torch_ext._C.build_info()["cpu_avx512_bf16_active"]:
+        pytest.skip("the bf16 kernels (and their AMX paths) need AVX512_BF16")
+    before = torch_ext._C.amx_emulated_dot_products()
+    _check_exact_sums()
+    assert (torch_ext._C.amx_emulated_dot_products() > before) == (amx == "emulate")
+
+
+def test_cpu_nan_codes_and_cached_weight():
+    """A NaN code (0x7F) poisons its row only; the packed weight cached for B follows in-place writes."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _small_e4m3((6, 40), gen), _small_e4m3((20, 40), gen)
+    a.view(torch.uint8)[2, 7] = 0x7F
+    ones_a, ones_b = torch.ones(6, 1), torch.ones(20)
+    out = scaled_fp8_mm(a, b, ones_a, ones_b, None, torch.float32)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[torch.arange(6) != 2]).all(), f"seed {seed}"
+    a.view(torch.uint8)[2, 7] = 0
+    assert torch.equal(scaled_fp8_mm(a, b, ones_a, ones_b, None, torch.float32), a.float() @ b.float().t())
+    b.view(torch.uint8)[3].fill_(0x38)  # 1.0: a new weight value in place
+    assert torch.equal(scaled_fp8_mm(a, b, ones_a, ones_b, None, torch.float32), a.float() @ b.float().t())
+
+
 def test_quantize_fp8_per_row_round_trip():
     seed = fresh_seed()
     x = random_tensor((6, 200), torch.float32, "cpu", seed, scale=5.0)

@@ -2,6 +2,10 @@
 // the choice of kernel.
 #include "quant/w8a8.h"
 
+#include <array>
+#include <cstring>
+
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/zeros.h>
@@ -26,8 +30,22 @@ namespace {
 
 constexpr const char* kQuantizeOp = "quantize_per_token";
 constexpr const char* kMmOp = "scaled_int8_mm";
-// Cache tag of packed int8 B (the cache's "ISA" slot: the layout is the same at every level).
+// Cache tags of packed int8 and fp8 B (the cache's "ISA" slot: the layouts are the same at every level).
 constexpr int kPackedInt8Tag = 1000;
+constexpr int kPackedFp8Tag = 1001;
+
+// The bf16 bits of each of the 256 float8_e4m3fn codes (all exact in bf16; NaN codes give NaN),
+// as torch converts them.
+const uint16_t* e4m3_to_bf16() {
+  static const std::array<uint16_t, 256> table = [] {
+    const at::Tensor codes = at::arange(256, at::TensorOptions().dtype(at::kInt)).to(at::kByte);
+    const at::Tensor values = codes.view(at::kFloat8_e4m3fn).to(at::kBFloat16).contiguous();
+    std::array<uint16_t, 256> bits{};
+    std::memcpy(bits.data(), values.data_ptr(), sizeof(bits));
+    return bits;
+  }();
+  return table.data();
+}
 
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) <= 1 ? t : t.contiguous(); }
 
@@ -179,28 +197,31 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   return out;
 }
 
-// scaled_fp8_mm. CUDA: the tensor-core kernel (sm_89+). CPU: e4m3 values are exact in fp32,
-// so the product is an fp32 GEMM of the widened operands (exact products, fp32 sums) and the
-// epilogue in fp32 in the contract's order; a reference-grade path for tests and CPU users.
+// scaled_fp8_mm. CUDA: the tensor-core kernel (sm_89+). CPU: e4m3 values are exact in bf16 (and
+// fp32), so the product is a GEMM of exact products with fp32 sums and the epilogue in fp32 in the
+// contract's order: bf16 dot products on a packed B (cached per weight) where the CPU has
+// AVX512_BF16 (quant/w8a8_cpu_fp8.cpp), else an fp32 GEMM of the widened operands.
 at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                          const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const char* op = "scaled_fp8_mm";
   const ScaledMmOperands o =
       check_scaled_mm(op, at::kFloat8_e4m3fn, true, a, b, a_scale, b_scale, bias, out_dtype);
   const int64_t m = o.m, n = o.n;
+  const auto params = [&](at::Tensor& out) {
+    return ScaledFp8MmParams{m, n, o.k,
+                             static_cast<const uint8_t*>(o.a.data_ptr()), o.a.stride(0),
+                             static_cast<const uint8_t*>(o.b.data_ptr()), o.b.stride(0),
+                             o.a_scale.data_ptr<float>(), o.a_scale_per_row,
+                             o.b_scale.data_ptr<float>(), o.b_scale_per_channel,
+                             o.bias.defined() ? o.bias.data_ptr<float>() : nullptr,
+                             scalar_kind(out), out.data_ptr(), out.stride(0)};
+  };
   if (a.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(a.device());
     at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
     if (out.numel() == 0) return out;
-    const ScaledFp8MmParams p{m, n, o.k,
-                              static_cast<const uint8_t*>(o.a.data_ptr()), o.a.stride(0),
-                              static_cast<const uint8_t*>(o.b.data_ptr()), o.b.stride(0),
-                              o.a_scale.data_ptr<float>(), o.a_scale_per_row,
-                              o.b_scale.data_ptr<float>(), o.b_scale_per_channel,
-                              o.bias.defined() ? o.bias.data_ptr<float>() : nullptr,
-                              scalar_kind(out), out.data_ptr(), out.stride(0)};
-    const cudaError_t status = cuda::scaled_fp8_mm(p, c10::cuda::getCurrentCUDAStream());
+    const cudaError_t status = cuda::scaled_fp8_mm(params(out), c10::cuda::getCurrentCUDAStream());
     if (status == cudaErrorNotSupported) {
       (void)cudaGetLastError();  // the launcher's refusal is not a sticky error
       int major = 0, minor = 0;
@@ -215,6 +236,24 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
     TORCH_CHECK(false, "torch_ext was built without CUDA");
 #endif
   }
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+  if (cpu::avx512_bf16_active()) {
+    at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+    if (out.numel() == 0) return out;
+    const ScaledFp8MmParams p = params(out);
+    const uint16_t* const to_bf16 = e4m3_to_bf16();
+    const auto pack = [&] {
+      at::Tensor packed = at::empty({packed_fp8_b_bytes(n, o.k)}, b.options().dtype(at::kByte));
+      cpu::avx512_bf16::pack_fp8_b(p, to_bf16, packed.data_ptr<uint8_t>());
+      return packed;
+    };
+    // B is usually a frozen weight: its packed form is cached like scaled_int8_mm's.
+    at::Tensor packed = cached_packed_weight(b, kPackedFp8Tag, 0, pack);
+    if (!packed.defined()) packed = pack();
+    cpu::avx512_bf16::scaled_fp8_mm_bf16(p, to_bf16, packed.data_ptr<uint8_t>());
+    return out;
+  }
+#endif
   at::Tensor y = at::matmul(o.a.to(at::kFloat), o.b.to(at::kFloat).t());
   y.mul_(o.a_scale.reshape({o.a_scale.numel() == 1 ? 1 : m, 1})).mul_(o.b_scale.reshape({1, o.b_scale.numel()}));
   if (o.bias.defined()) y.add_(o.bias);

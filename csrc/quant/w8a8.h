@@ -61,6 +61,9 @@ inline int64_t packed_int8_b_bytes(int64_t n, int64_t k) {
   const int64_t values = (n + 15) / 16 * 16 * ((k + 3) / 4 * 4);
   return (values + 63) / 64 * 64 + (n + 15) / 16 * 16 * 4;
 }
+// Bytes of B packed for the CPU scaled_fp8_mm (quant/w8a8_cpu_fp8.cpp): bf16 pairs in blocks
+// of 16 columns.
+inline int64_t packed_fp8_b_bytes(int64_t n, int64_t k) { return (n + 15) / 16 * 16 * ((k + 1) / 2) * 4; }
 }  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
 
 //   scaled_fp8_mm: out[m, n] = float(sum_k a[m, k] * b[n, k]) * a_scale[m or 0] * b_scale[n or 0]
@@ -153,6 +156,16 @@ TORCH_EXT_DECLARE_CPU_KERNEL(void scaled_int8_mm_unpacked(const ScaledInt8MmPara
 namespace avx512_vnni {
 void scaled_int8_mm_vnni(const ScaledInt8MmParams& p, const uint8_t* packed_b);
 void scaled_int8_mm_unpacked_vnni(const ScaledInt8MmParams& p);
+}
+#endif
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
+namespace avx512_bf16 {
+// B's e4m3 codes (p.b) through to_bf16 (the bf16 value of each of the 256 codes) into the packed
+// layout of w8a8_cpu_fp8.cpp, packed_fp8_b_bytes(n, k) bytes.
+void pack_fp8_b(const ScaledFp8MmParams& p, const uint16_t* to_bf16, uint8_t* packed);
+// out from A's e4m3 codes and packed B with bf16 dot products (vdpbf16ps, or AMX-BF16 tiles as
+// cpu::amx_bf16_kernel_mode() says); p.b is not read.
+void scaled_fp8_mm_bf16(const ScaledFp8MmParams& p, const uint16_t* to_bf16, const uint8_t* packed_b);
 }
 #endif
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)

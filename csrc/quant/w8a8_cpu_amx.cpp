@@ -9,12 +9,8 @@
 // operand layout, so a block is read as tiles in place (its last, partial step is copied
 // zero-padded by the shared driver). A is copied once per call, signed (TDPBSSD multiplies
 // s8 x s8: no +128 bias, no column-sum correction), each row zero-padded to whole 64-byte steps
-// and the rows to a multiple of 32. The tiles and their blocking: common/cpu/amx_gemm.h.
-//
-// Blocking. Tasks are (a panel of rows, a pair of column blocks), the pair fastest, so a
-// thread's contiguous range of tasks shares one panel. A panel's A copy is sized to stay in L2
-// (kPanelBytes) while its thread walks column pairs; a pair's B (32 columns x K) stays in L2
-// while it walks the panel's 32-row blocks.
+// and the rows to a multiple of 32. The tiles, their blocking and the task loop:
+// common/cpu/amx_gemm.h.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -28,8 +24,6 @@ namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
 namespace {
 
 using namespace w8a8;
-
-constexpr int64_t kPanelBytes = int64_t(1) << 20;  // about half of a Sapphire Rapids core's 2 MB L2
 
 // A as signed int8 rows of `stride` bytes (K zero-padded to whole steps), `rows` rows (the rows
 // past m zero).
@@ -51,30 +45,14 @@ void gemm_amx(const ScaledInt8MmParams& p, const uint8_t* packed_b) {
   const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n);
   const int64_t a_stride = (k4 + amx::kMaxRows - 1) / amx::kMaxRows * amx::kStepBytes;
   const int64_t rows = (p.m + amx::kBlockRows - 1) / amx::kBlockRows * amx::kBlockRows;
-  const int64_t panel_rows =
-      std::clamp<int64_t>(kPanelBytes / a_stride / amx::kBlockRows * amx::kBlockRows, amx::kBlockRows, rows);
-  const int64_t panels = (rows + panel_rows - 1) / panel_rows, pairs = (blocks + 1) / 2;
   const std::unique_ptr<int8_t[]> a = copy_a(p, rows, a_stride);
-  const int64_t block_bytes = k4 * kBlockN * 4;
-
-  parallel_for(0, panels * pairs, 1, [&](int64_t begin, int64_t end) {
-    const amx::TileSession<Tiles> tiles;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t panel = task / pairs, nb0 = 2 * (task % pairs);
-      // Without a second block (an odd count), block 0 is read again; those columns are not stored.
-      const amx::TilePairOperands operands{reinterpret_cast<const uint8_t*>(a.get()), a_stride,
-                                           {packed_b + nb0 * block_bytes,
-                                            packed_b + (nb0 + 1 < blocks ? nb0 + 1 : nb0) * block_bytes},
-                                           kBlockN * 4, k4};
-      const int cols = int(std::min<int64_t>(amx::kBlockColumns, p.n - nb0 * kBlockN));
-      amx::tile_pair_gemm<amx::TileDot::kS8S8, Tiles, int32_t>(
-          operands, panel * panel_rows, std::min(rows, (panel + 1) * panel_rows),
-          [&](int64_t m0, const int32_t (&acc)[amx::kBlockRows][amx::kBlockColumns]) {
-            for (int i = 0; i < amx::kBlockRows && m0 + i < p.m; ++i)
-              epilogue_row<T>(p, acc[i], nullptr, m0 + i, nb0 * kBlockN, cols);
-          });
-    }
-  });
+  amx::packed_b_tile_gemm<amx::TileDot::kS8S8, Tiles, int32_t>(
+      reinterpret_cast<const uint8_t*>(a.get()), a_stride, rows, packed_b, k4 * kBlockN * 4, blocks, k4,
+      [&](int64_t m0, int64_t nb0, const int32_t (&acc)[amx::kBlockRows][amx::kBlockColumns]) {
+        const int cols = int(std::min<int64_t>(amx::kBlockColumns, p.n - nb0 * kBlockN));
+        for (int i = 0; i < amx::kBlockRows && m0 + i < p.m; ++i)
+          epilogue_row<T>(p, acc[i], nullptr, m0 + i, nb0 * kBlockN, cols);
+      });
 }
 
 }  // namespace

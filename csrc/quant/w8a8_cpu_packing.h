@@ -58,6 +58,24 @@ inline void pack_b(const ScaledInt8MmParams& p, uint8_t* packed) {
 // a as the uint8 a + 128 that vpdpbusd multiplies: a's bits with the sign bit flipped.
 inline uint8_t biased_u8(int8_t a) { return uint8_t(uint8_t(a) ^ 0x80u); }
 
+// The epilogue's last steps for columns n0 .. n0 + cols - 1 of a row, v holding sum * a_scale:
+// * b_scale[n0 + c or 0] (+ bias[n0 + c]), each step in fp32, then rounded to T into out. Shared
+// with scaled_fp8_mm's CPU kernel (w8a8_cpu_fp8.cpp), whose contract has the same order.
+template <typename T>
+void finish_row(const float* b_scale, bool b_scale_per_channel, const float* bias, int64_t n0, float* v, int cols,
+                T* out) {
+  if (b_scale_per_channel) {
+    for (int c = 0; c < cols; ++c) v[c] *= b_scale[n0 + c];
+  } else {
+    for (int c = 0; c < cols; ++c) v[c] *= b_scale[0];
+  }
+  if (bias)
+    for (int c = 0; c < cols; ++c) v[c] += bias[n0 + c];
+  int c = 0;
+  for (; c + VecF::kWidth <= cols; c += VecF::kWidth) store(out + c, load(v + c));
+  for (; c < cols; ++c) out[c] = from_float<T>(v[c]);
+}
+
 // Row m, columns n0 .. n0 + cols - 1 (cols <= kBlocks * kBlockN) of the output from exact int32
 // sums: acc - 128 colsum when the sums were taken against A + 128 (colsum: B's column sums; null
 // when acc is the plain dot product), then * a_scale, * b_scale (+ bias), each step rounded in
@@ -76,17 +94,37 @@ void epilogue_row(const ScaledInt8MmParams& p, const int32_t* acc, const int32_t
   } else {
     for (int c = 0; c < cols; ++c) v[c] = float(acc[c]) * a_scale;
   }
-  if (p.b_scale_per_channel) {
-    for (int c = 0; c < cols; ++c) v[c] *= p.b_scale[n0 + c];
-  } else {
-    for (int c = 0; c < cols; ++c) v[c] *= p.b_scale[0];
+  finish_row(p.b_scale, p.b_scale_per_channel, p.bias, n0, v, cols, static_cast<T*>(p.out) + m * p.out_row_stride + n0);
+}
+
+// The 4 rows x 4 column blocks micro-kernel of both packed CPU GEMMs, whose B rows are 64 bytes
+// of one block (int8: 4 k of 16 columns for vpdpbusd; fp8: one k pair of 16 columns for
+// vdpbf16ps, w8a8_cpu_fp8.cpp). Per step: 4 loads of B (one per block), 4 broadcasts of a row's
+// 32-bit A word, 16 dot products: each B vector feeds 4 rows and each broadcast 4 blocks, and
+// the 16 independent chains hide the instruction's latency. a[i]: row i's words (step s at byte
+// 4 s); block[j]: block j's first row. Dot: the vector types Acc and Operand, zero(), load(p),
+// broadcast(word), dot(acc, a, b), store(out, acc). out[i][j * kBlockN + lane].
+template <typename Dot, typename Out>
+inline void micro_block(const uint8_t* const (&a)[kRows], const uint8_t* const (&block)[kBlocks], int64_t steps,
+                        Out (&out)[kRows][kBlocks * kBlockN]) {
+  typename Dot::Acc acc[kRows][kBlocks];
+  for (auto& row : acc)
+    for (auto& v : row) v = Dot::zero();
+  for (int64_t s = 0; s < steps; ++s) {
+    typename Dot::Operand bv[kBlocks];
+#pragma GCC unroll 4
+    for (int j = 0; j < kBlocks; ++j) bv[j] = Dot::load(block[j] + s * kBlockN * 4);
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      int32_t word;
+      std::memcpy(&word, a[i] + 4 * s, 4);
+      const typename Dot::Operand av = Dot::broadcast(word);
+#pragma GCC unroll 4
+      for (int j = 0; j < kBlocks; ++j) acc[i][j] = Dot::dot(acc[i][j], av, bv[j]);
+    }
   }
-  if (p.bias)
-    for (int c = 0; c < cols; ++c) v[c] += p.bias[n0 + c];
-  T* const out = static_cast<T*>(p.out) + m * p.out_row_stride + n0;
-  int c = 0;
-  for (; c + VecF::kWidth <= cols; c += VecF::kWidth) store(out + c, load(v + c));
-  for (; c < cols; ++c) out[c] = from_float<T>(v[c]);
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < kBlocks; ++j) Dot::store(out[i] + j * kBlockN, acc[i][j]);
 }
 
 // Calls micro(a_rows, b_blocks, k4, acc) for every block of kRows rows x kBlocks column blocks

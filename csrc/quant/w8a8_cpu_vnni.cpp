@@ -2,10 +2,8 @@
 // lane). Compiled only at the AVX-512 level with -mavx512vnni, in its own ISA namespace
 // (avx512_vnni), and called only where the CPU has the extension (avx512_vnni_active()).
 //
-// Register blocking: 4 rows of A x 4 blocks of 16 columns = 16 accumulators (of 32 zmm). Per
-// step of 4 k: 4 loads of B (one per block), 4 broadcasts of A (one dword per row), 16
-// vpdpbusd: each B vector feeds 4 rows and each A broadcast 4 blocks, and the 16 independent
-// chains hide vpdpbusd's latency.
+// Register blocking (w8a8::micro_block): 4 rows of A x 4 blocks of 16 columns = 16 accumulators
+// (of 32 zmm); per step of 4 k, 4 loads of B, 4 broadcasts of an A dword, 16 vpdpbusd.
 #include <immintrin.h>
 
 #include "common/cpu/vec.h"
@@ -13,32 +11,28 @@
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA {
 
+namespace {
+// vpdpbusd: 4 u8 (A + 128) x s8 (B) products per int32 lane.
+struct U8S8Words {
+  using Acc = __m512i;
+  using Operand = __m512i;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static Operand load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static Operand broadcast(int32_t word) { return _mm512_set1_epi32(word); }
+  static Acc dot(Acc acc, Operand a, Operand b) { return _mm512_dpbusd_epi32(acc, a, b); }
+  static void store(int32_t* out, Acc acc) { _mm512_storeu_si512(out, acc); }
+};
+}  // namespace
+
 void scaled_int8_mm_vnni(const ScaledInt8MmParams& p, const uint8_t* packed_b) {
   using namespace w8a8;
   w8a8::gemm(p, packed_b, [](const uint8_t* const (&a)[kRows], const int8_t* b, int64_t blocks, int64_t k4,
                              int32_t (&out)[kRows][kBlocks * kBlockN]) {
     const int64_t block_stride = k4 * kBlockN * 4;
     // Past the last real block, reuse block 0 (in bounds); those lanes are never stored.
-    const int8_t* block_ptr[kBlocks];
-    for (int j = 0; j < kBlocks; ++j) block_ptr[j] = b + (j < blocks ? j : 0) * block_stride;
-    __m512i acc[kRows][kBlocks];
-    for (auto& row : acc)
-      for (auto& v : row) v = _mm512_setzero_si512();
-    for (int64_t s = 0; s < k4; ++s) {
-      __m512i bv[kBlocks];
-#pragma GCC unroll 4
-      for (int j = 0; j < kBlocks; ++j) bv[j] = _mm512_loadu_si512(block_ptr[j] + s * kBlockN * 4);
-#pragma GCC unroll 8
-      for (int i = 0; i < kRows; ++i) {
-        int32_t dword;
-        std::memcpy(&dword, a[i] + 4 * s, 4);
-        const __m512i av = _mm512_set1_epi32(dword);
-#pragma GCC unroll 4
-        for (int j = 0; j < kBlocks; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
-      }
-    }
-    for (int i = 0; i < kRows; ++i)
-      for (int j = 0; j < kBlocks; ++j) _mm512_storeu_si512(out[i] + j * kBlockN, acc[i][j]);
+    const uint8_t* block[kBlocks];
+    for (int j = 0; j < kBlocks; ++j) block[j] = reinterpret_cast<const uint8_t*>(b) + (j < blocks ? j : 0) * block_stride;
+    micro_block<U8S8Words>(a, block, k4, out);
   });
 }
 

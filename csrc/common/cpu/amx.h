@@ -2,8 +2,8 @@
 // the TMUL dot-product unit) for the CPU kernels: whether this CPU and OS provide it, and which
 // kind of tiles the kernels use. Plain C++ (no torch, no ISA flags).
 //
-// Kernels on AMX: scaled_int8_mm's packed path (AMX-INT8), block_sparse_attention's bf16 products
-// (AMX-BF16). Modes (TORCH_EXT_CPU_AMX, or set_amx_mode()):
+// Kernels on AMX: scaled_int8_mm's packed path (AMX-INT8); scaled_fp8_mm, block_sparse_attention's
+// bf16 products and fused_moe's bf16 panels (AMX-BF16). Modes (TORCH_EXT_CPU_AMX, or set_amx_mode()):
 //   off       the AVX-512 / VNNI kernels (default: the AMX kernels have not yet run on AMX
 //             hardware; they become the default once their tests pass there and they are faster);
 //   on        the AMX kernels on the hardware tiles, where amx_int8_detected() (else off);

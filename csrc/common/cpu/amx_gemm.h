@@ -1,6 +1,6 @@
-// The blocked product the AMX kernels share (int8 in quant/w8a8_cpu_amx.cpp, bf16 in
-// attention/block_sparse_attention_cpu_bf16.cpp), templated on the tile type and the dot
-// product (common/cpu/amx_tiles.h).
+// The blocked product the AMX kernels share (scaled_int8_mm, scaled_fp8_mm, and the bf16 pair
+// product of attention and fused_moe: common/cpu/amx_pair_matmul.h), templated on the tile type
+// and the dot product (common/cpu/amx_tiles.h).
 //
 // Tiles. A 32 x 32 block of results in tmm0-3 (2 x 2 tiles of 16 x 16 int32 or fp32), two A tiles
 // (tmm4-5: rows 0-15 and 16-31) and two B tiles (tmm6-7: two blocks of 16 columns). Per step of
@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "common/cpu/amx_tiles.h"
+#include "common/cpu/parallel.h"
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx {
 
@@ -94,6 +95,37 @@ void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, c
     Tiles::template store<kC11>(&acc[kMaxRows][kHalf], kAccStride);
     epilogue(m0, acc);
   }
+}
+
+// A whole GEMM over a B packed in blocks of 16 columns, block j at packed_b + j * block_bytes,
+// each block a tile operand of `groups` rows of 64 bytes; A as TilePairOperands says, `rows` (a
+// multiple of 32) rows. Tasks are (a panel of rows, a pair of column blocks), the pair fastest,
+// so a thread's contiguous range of tasks shares one panel: a panel's A is sized to stay in L2
+// (kPanelBytes) while the thread walks column pairs, and a pair's B stays in L2 while it walks
+// the panel's 32-row blocks. epilogue(m0, nb0, acc) per block of results (nb0: the pair's first
+// column block; without a second one, the first is read again and its columns are the caller's
+// to drop).
+constexpr int64_t kPanelBytes = int64_t(1) << 20;  // about half of a Sapphire Rapids core's 2 MB L2
+
+template <TileDot kDot, typename Tiles, typename Acc, typename Epilogue>
+void packed_b_tile_gemm(const uint8_t* a, int64_t a_stride, int64_t rows, const uint8_t* packed_b,
+                        int64_t block_bytes, int64_t blocks, int64_t groups, const Epilogue& epilogue) {
+  const int64_t panel_rows =
+      std::clamp<int64_t>(kPanelBytes / std::max<int64_t>(a_stride, 1) / kBlockRows * kBlockRows, kBlockRows, rows);
+  const int64_t panels = (rows + panel_rows - 1) / panel_rows, pairs = (blocks + 1) / 2;
+  parallel_for(0, panels * pairs, 1, [&](int64_t begin, int64_t end) {
+    const TileSession<Tiles> tiles;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t panel = task / pairs, nb0 = 2 * (task % pairs);
+      const TilePairOperands operands{
+          a, a_stride, {packed_b + nb0 * block_bytes, packed_b + (nb0 + 1 < blocks ? nb0 + 1 : nb0) * block_bytes},
+          kMaxRowBytes, groups};
+      tile_pair_gemm<kDot, Tiles, Acc>(operands, panel * panel_rows, std::min(rows, (panel + 1) * panel_rows),
+                                       [&](int64_t m0, const Acc (&acc)[kBlockRows][kBlockColumns]) {
+                                         epilogue(m0, nb0, acc);
+                                       });
+    }
+  });
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx

@@ -142,6 +142,7 @@ def w8a8_suite(device: str, quick: bool) -> list[Case]:
     if kind == "cpu" and _C.build_info()["cpu_amx_int8_detected"]:
         # AMX-INT8 (opt-in until measured) against the default AVX512-VNNI kernel; M <= 16 reads B unpacked.
         cases += [on_amx_tiles(_mm_case(device, n, k, m), "scaled_int8_mm on AVX512-VNNI") for n, k, m in mm if m > 16]
+        cases += [on_amx_tiles(_fp8_case(device, n, k, m), "scaled_fp8_mm on AVX512_BF16") for n, k, m in mm if m > 16]
     cases += [_int8_linear_case(device, n, k, m) for n, k, m in mm]
     if kind == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9):
         cases += [_fp8_case(device, n, k, m) for n, k, m in mm]
