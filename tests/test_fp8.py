@@ -71,6 +71,17 @@ def test_cpu_kernel_on_amx_tiles(amx):
     assert (torch_ext._C.amx_emulated_dot_products() > before) == (amx == "emulate")
 
 
+def test_cpu_every_e4m3_code(cpu_isa):
+    """All 256 codes of B (zeros, subnormals, both signs, 448, the NaN codes) against one-hot rows of
+    A: out[i, n] = b[n, i] exactly, as the widening path gives it (0 x NaN poisons a column there
+    too). 16 rows read B as it is (its codes widened in registers), 32 rows the packed B."""
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(16, 16).view(torch.float8_e4m3fn)
+    for rows in (16, 32):
+        a = torch.eye(16).repeat(rows // 16, 1).to(torch.float8_e4m3fn)
+        out = scaled_fp8_mm(a, b, torch.ones(rows, 1), torch.ones(16), None, torch.float32)
+        torch.testing.assert_close(out, a.float() @ b.float().t(), rtol=0, atol=0, equal_nan=True)
+
+
 def test_cpu_nan_codes_and_cached_weight():
     """A NaN code (0x7F) poisons its row only; the packed weight cached for B follows in-place writes."""
     seed = fresh_seed()

@@ -242,13 +242,19 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
     if (out.numel() == 0) return out;
     const ScaledFp8MmParams p = params(out);
     const uint16_t* const to_bf16 = e4m3_to_bf16();
+    // Few rows read B as it is (its codes widened in registers), unless its packed form is cached.
+    at::Tensor packed = m <= kUnpackedFp8MaxRows ? find_packed_weight(b, kPackedFp8Tag, 0) : at::Tensor();
+    if (m <= kUnpackedFp8MaxRows && !packed.defined()) {
+      cpu::avx512_bf16::scaled_fp8_mm_unpacked_bf16(p, to_bf16);
+      return out;
+    }
     const auto pack = [&] {
       at::Tensor packed = at::empty({packed_fp8_b_bytes(n, o.k)}, b.options().dtype(at::kByte));
       cpu::avx512_bf16::pack_fp8_b(p, to_bf16, packed.data_ptr<uint8_t>());
       return packed;
     };
     // B is usually a frozen weight: its packed form is cached like scaled_int8_mm's.
-    at::Tensor packed = cached_packed_weight(b, kPackedFp8Tag, 0, pack);
+    if (!packed.defined()) packed = cached_packed_weight(b, kPackedFp8Tag, 0, pack);
     if (!packed.defined()) packed = pack();
     cpu::avx512_bf16::scaled_fp8_mm_bf16(p, to_bf16, packed.data_ptr<uint8_t>());
     return out;

@@ -141,6 +141,8 @@ struct OutlierAddParams {
 // weight: the packed-weight cache's 256 MB budget is far below an LLM's int8 weights, and a
 // two-layer Llama-3-8B-shaped model repacked every weight on every token, 3x slower than bf16).
 constexpr int64_t kUnpackedInt8MaxRows = 16;
+// The same for the CPU scaled_fp8_mm (w8a8_cpu_fp8.cpp).
+constexpr int64_t kUnpackedFp8MaxRows = 16;
 
 namespace cpu {
 TORCH_EXT_DECLARE_CPU_KERNEL(void quantize_per_token(const QuantizePerTokenParams& p))
@@ -166,6 +168,9 @@ void pack_fp8_b(const ScaledFp8MmParams& p, const uint16_t* to_bf16, uint8_t* pa
 // out from A's e4m3 codes and packed B with bf16 dot products (vdpbf16ps, or AMX-BF16 tiles as
 // cpu::amx_bf16_kernel_mode() says); p.b is not read.
 void scaled_fp8_mm_bf16(const ScaledFp8MmParams& p, const uint16_t* to_bf16, const uint8_t* packed_b);
+// out from A and B as they are, for at most kUnpackedFp8MaxRows rows of A (B's codes widened in
+// registers).
+void scaled_fp8_mm_unpacked_bf16(const ScaledFp8MmParams& p, const uint16_t* to_bf16);
 }
 #endif
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)

@@ -98,6 +98,93 @@ void gemm_dot(const ScaledFp8MmParams& p, const uint16_t* a, int64_t stride, con
   });
 }
 
+// Few rows (decode): B read as it is, 4 rows at a time, its e4m3 codes widened to bf16 in
+// registers: half the bytes of the packed bf16 weight, and no packing pass when the weight is
+// not in the cache (an LLM's weights are far beyond the cache's budget: every token would repack
+// them, as scaled_int8_mm's unpacked path found). Up to 4 rows of A: one pass, B widened as it
+// is loaded. More: the 4 B rows are widened once per task into a per-thread buffer (4 x K bf16)
+// that passes of 4 A rows read. 16 accumulators of 16 pairs along K, reduced at the end.
+constexpr int kUnpackedRowsB = 4;
+constexpr int kUnpackedRowsA = 4;
+constexpr int kCodesPerVector = 32;  // e4m3 codes per zmm of bf16
+
+// The bf16 bits of 32 e4m3 codes s eeee mmm. Normal codes: exponent e - 7 + 127, mantissa
+// m << 4, i.e. ((eeee mmm) << 4) + (120 << 7); e = 0 (zero, subnormals m 2^-9): a table of 8;
+// eeee mmm = 1111 111: NaN; the sign ORed back.
+class E4m3Widener {
+ public:
+  explicit E4m3Widener(const uint16_t* to_bf16) {
+    alignas(64) uint16_t small[32] = {};
+    std::copy_n(to_bf16, 8, small);
+    subnormals_ = _mm512_load_si512(small);
+  }
+  __m512i operator()(__m256i codes) const {
+    const __m512i words = _mm512_cvtepu8_epi16(codes);
+    const __m512i magnitude = _mm512_and_si512(words, _mm512_set1_epi16(0x7F));
+    __m512i bits = _mm512_add_epi16(_mm512_slli_epi16(magnitude, 4), _mm512_set1_epi16(120 << 7));
+    bits = _mm512_mask_permutexvar_epi16(bits, _mm512_cmplt_epu16_mask(magnitude, _mm512_set1_epi16(8)), magnitude,
+                                         subnormals_);
+    bits = _mm512_mask_mov_epi16(bits, _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7F)),
+                                 _mm512_set1_epi16(0x7FC0));
+    return _mm512_or_si512(bits, _mm512_slli_epi16(_mm512_srli_epi16(words, 7), 15));
+  }
+
+ private:
+  __m512i subnormals_;
+};
+
+// B row `row`'s codes k .. k + 31 as bf16, zero past K.
+inline __m512i widened(const E4m3Widener& widen, const uint8_t* row, int64_t k, int64_t K) {
+  const int64_t live = std::clamp<int64_t>(K - k, 0, kCodesPerVector);
+  const __mmask32 mask = live >= kCodesPerVector ? ~__mmask32(0) : (__mmask32(1) << live) - 1;
+  return _mm512_maskz_mov_epi16(mask, widen(_mm256_maskz_loadu_epi8(mask, row + k)));
+}
+
+template <typename T>
+void gemm_unpacked(const ScaledFp8MmParams& p, const uint16_t* to_bf16, const uint16_t* a, int64_t stride) {
+  const E4m3Widener widen(to_bf16);
+  const int64_t tasks = (p.n + kUnpackedRowsB - 1) / kUnpackedRowsB;
+  const bool one_pass = p.m <= kUnpackedRowsA;
+  parallel_for(0, tasks, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.k)), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<uint16_t[]> buffer(one_pass ? nullptr : new uint16_t[size_t(kUnpackedRowsB * stride)]);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task * kUnpackedRowsB;
+      const int count = int(std::min<int64_t>(kUnpackedRowsB, p.n - n0));
+      const uint8_t* b_rows[kUnpackedRowsB];  // rows past count: row n0 again, never stored
+      for (int r = 0; r < kUnpackedRowsB; ++r) b_rows[r] = p.b + (n0 + (r < count ? r : 0)) * p.b_row_stride;
+      if (!one_pass) {
+        for (int r = 0; r < kUnpackedRowsB; ++r)
+          for (int64_t k = 0; k < stride; k += kCodesPerVector)
+            _mm512_storeu_si512(buffer.get() + r * stride + k, widened(widen, b_rows[r], k, p.k));
+      }
+      float sums[kUnpackedFp8MaxRows][kUnpackedRowsB];
+      const auto pass = [&](auto rows, auto, int64_t i0) {
+        constexpr int kPassRows = decltype(rows)::value;
+        __m512 acc[kPassRows][kUnpackedRowsB];
+        for (auto& row : acc)
+          for (auto& v : row) v = _mm512_setzero_ps();
+        for (int64_t k = 0; k < stride; k += kCodesPerVector) {
+          __m512bh bv[kUnpackedRowsB];
+#pragma GCC unroll 4
+          for (int r = 0; r < kUnpackedRowsB; ++r)
+            bv[r] = (__m512bh)(one_pass ? widened(widen, b_rows[r], k, p.k)
+                                        : _mm512_loadu_si512(buffer.get() + r * stride + k));
+#pragma GCC unroll 4
+          for (int i = 0; i < kPassRows; ++i) {
+            const __m512bh av = (__m512bh)_mm512_loadu_si512(a + (i0 + i) * stride + k);
+#pragma GCC unroll 4
+            for (int r = 0; r < kUnpackedRowsB; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], av, bv[r]);
+          }
+        }
+        for (int i = 0; i < kPassRows; ++i)
+          for (int r = 0; r < kUnpackedRowsB; ++r) sums[i0 + i][r] = reduce_add(VecF{acc[i][r]});
+      };
+      w8a8::for_row_passes<kUnpackedRowsA>(p.m, pass);
+      for (int64_t i = 0; i < p.m; ++i) epilogue_row<T>(p, sums[i], i, n0, count);
+    }
+  });
+}
+
 template <typename T, typename Tiles>
 void gemm_tiles(const ScaledFp8MmParams& p, const uint16_t* a, int64_t stride, int64_t rows,
                 const uint8_t* packed_b) {
@@ -124,6 +211,15 @@ void pack_fp8_b(const ScaledFp8MmParams& p, const uint16_t* to_bf16, uint8_t* pa
         for (int64_t k = 0; k < p.k; ++k) out[((k / 2) * kBlockN + c) * 2 + k % 2] = to_bf16[row[k]];
       }
     }
+  });
+}
+
+void scaled_fp8_mm_unpacked_bf16(const ScaledFp8MmParams& p, const uint16_t* to_bf16) {
+  const int64_t stride = (p.k + kCodesPerVector - 1) / kCodesPerVector * kCodesPerVector;
+  const std::unique_ptr<uint16_t[]> a = convert_a(p, to_bf16, p.m, stride);
+  visit_storage_type(p.out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) gemm_unpacked<T>(p, to_bf16, a.get(), stride);
   });
 }
 
