@@ -14,6 +14,7 @@
 //   vdpbf16ps  the int8 VNNI kernel's 4 rows x 4 blocks micro-kernel (w8a8::micro_block) on
 //              bf16 pairs.
 //   AMX-BF16   amx::packed_b_tile_gemm (common/cpu/amx_gemm.h), where amx_bf16_kernel_mode() says.
+// Up to kUnpackedFp8MaxRows rows of A (decode) read B as it is instead (gemm_unpacked).
 #include <algorithm>
 #include <cstring>
 #include <memory>
