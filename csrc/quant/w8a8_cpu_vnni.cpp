@@ -6,6 +6,8 @@
 // (of 32 zmm); per step of 4 k, 4 loads of B, 4 broadcasts of an A dword, 16 vpdpbusd.
 #include <immintrin.h>
 
+#include <vector>
+
 #include "common/cpu/vec.h"
 #include "quant/w8a8_cpu_packing.h"
 
@@ -40,62 +42,56 @@ namespace {
 
 // The unpacked path with VNNI: 4 rows of B x 4 rows of A per pass (16 accumulators of 16 lanes,
 // 64 k per step), so each 64-byte load of A or B feeds 4 vpdpbusd; passes over further rows of
-// A re-read the 4 rows of B from L1. vpdpbusd multiplies u8 x s8, so A is stored as a + 128 and
-// 128 * sum_k b[n, k] (summed by vpdpbusd against ones in the first pass) is taken back off; B's
-// tail past K is loaded masked (zeros), so neither sum sees it.
+// A re-read the 4 rows of B from L1. vpdpbusd multiplies u8 x s8: B's bytes become the unsigned
+// b + 128 (one xor per vector) and A stays signed, so 128 * sum_k a[m, k] (summed once per row
+// of A when it is prepared) is taken back off. (Biasing A instead needs B's column sums: one more
+// vpdpbusd per B vector, doubling the work of a one-row pass.) B's tail past K is loaded as zeros
+// (128 after the xor) and meets A's zero padding.
 constexpr int kVnniRowsB = 4;
 constexpr int kVnniRowsA = 4;
 
-struct VnniDot : w8a8::PreparedA<uint8_t, 64> {
+struct VnniDot : w8a8::PreparedA<int8_t, 64> {
   explicit VnniDot(const ScaledInt8MmParams& params)
-      : PreparedA(params, w8a8::biased_u8) {}
-
-  void operator()(const int8_t* const (&b)[kVnniRowsB], int, int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
-    int32_t b_sum[kVnniRowsB] = {};
-    w8a8::for_row_passes<kVnniRowsA>(p->m, [&](auto rows, auto first, int64_t i0) {
-      pass<decltype(rows)::value, decltype(first)::value>(b, i0, b_sum, acc);
-    });
+      : PreparedA(params, [](int8_t v) { return v; }), a_sum(size_t(params.m), 0) {
+    for (int64_t i = 0; i < params.m; ++i)
+      for (int64_t j = 0; j < params.k; ++j) a_sum[size_t(i)] += a[size_t(i * stride + j)];
   }
 
-  // Rows i0 .. i0 + kRows - 1 of A against the 4 rows of B; the first pass also sums B.
-  template <int kRows, bool kFirst>
-  void pass(const int8_t* const (&b)[kVnniRowsB], int64_t i0, int32_t (&b_sum)[kVnniRowsB],
-            int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
+  void operator()(const int8_t* const (&b)[kVnniRowsB], int, int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
+    w8a8::for_row_passes<kVnniRowsA>(p->m, [&](auto rows, auto, int64_t i0) { pass<decltype(rows)::value>(b, i0, acc); });
+  }
+
+  // Rows i0 .. i0 + kRows - 1 of A against the 4 rows of B.
+  template <int kRows>
+  void pass(const int8_t* const (&b)[kVnniRowsB], int64_t i0, int32_t (&acc)[kUnpackedInt8MaxRows][kVnniRowsB]) const {
     const int64_t k = p->k;
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512i vacc[kRows][kVnniRowsB], vsum[kVnniRowsB];
+    const __m512i bias = _mm512_set1_epi8(char(0x80));
+    __m512i vacc[kRows][kVnniRowsB];
 #pragma GCC unroll 16
-    for (int r = 0; r < kVnniRowsB; ++r) {
-      vsum[r] = _mm512_setzero_si512();
+    for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 16
-      for (int i = 0; i < kRows; ++i) vacc[i][r] = _mm512_setzero_si512();
-    }
-    const uint8_t* const a_rows = a.data() + i0 * stride;
+      for (int r = 0; r < kVnniRowsB; ++r) vacc[i][r] = _mm512_setzero_si512();
+    const int8_t* const a_rows = a.data() + i0 * stride;
     for (int64_t j = 0; j < k; j += 64) {
       const __mmask64 live = k - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - j)) - 1;
       __m512i bv[kVnniRowsB];
 #pragma GCC unroll 16
-      for (int r = 0; r < kVnniRowsB; ++r) bv[r] = _mm512_maskz_loadu_epi8(live, b[r] + j);
-      if constexpr (kFirst) {
-#pragma GCC unroll 16
-        for (int r = 0; r < kVnniRowsB; ++r) vsum[r] = _mm512_dpbusd_epi32(vsum[r], ones, bv[r]);
-      }
+      for (int r = 0; r < kVnniRowsB; ++r) bv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, b[r] + j), bias);
 #pragma GCC unroll 16
       for (int i = 0; i < kRows; ++i) {
         const __m512i av = _mm512_loadu_si512(a_rows + i * stride + j);
 #pragma GCC unroll 16
-        for (int r = 0; r < kVnniRowsB; ++r) vacc[i][r] = _mm512_dpbusd_epi32(vacc[i][r], av, bv[r]);
+        for (int r = 0; r < kVnniRowsB; ++r) vacc[i][r] = _mm512_dpbusd_epi32(vacc[i][r], bv[r], av);
       }
-    }
-    if constexpr (kFirst) {
-#pragma GCC unroll 16
-      for (int r = 0; r < kVnniRowsB; ++r) b_sum[r] = reduce_add_epi32(vsum[r]);
     }
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 16
-      for (int r = 0; r < kVnniRowsB; ++r) acc[i0 + i][r] = reduce_add_epi32(vacc[i][r]) - 128 * b_sum[r];
+      for (int r = 0; r < kVnniRowsB; ++r)
+        acc[i0 + i][r] = reduce_add_epi32(vacc[i][r]) - 128 * a_sum[size_t(i0 + i)];
   }
+
+  std::vector<int32_t> a_sum;  // sum_k a[m, k] per row
 };
 
 }  // namespace
