@@ -137,13 +137,14 @@ def test_quantize_model_fp8_method():
     assert all(isinstance(layer, torch_ext.nn.FP8Linear) for layer in model)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("rows", [5, 40])  # the CPU's few-row path (B as it is), the packed one
+def test_opcheck(rows):
     seed = fresh_seed()
-    a, b = _e4m3((5, 48), seed), _e4m3((24, 48), seed + 1)
+    a, b = _e4m3((rows, 48), seed), _e4m3((24, 48), seed + 1)
     # opcheck's test_schema compares inputs before and after with arithmetic torch does not
     # implement for float8 ("mul_cpu_reduced_float" not implemented): the other checks run.
     torch.library.opcheck(torch.ops.torch_ext.scaled_fp8_mm,
-                          (a, b, torch.rand(5, 1), torch.rand(24), torch.randn(24), torch.bfloat16),
+                          (a, b, torch.rand(rows, 1), torch.rand(24), torch.randn(24), torch.bfloat16),
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
