@@ -93,7 +93,8 @@ def test_same_bits_as_the_avx512_kernels(amx, out_dtype):
             for bias in (None, random_tensor((n,), torch.bfloat16, "cpu", seed + 4)):
                 out = scaled_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
                 ref = _with_amx("off", lambda: scaled_int8_mm(a, b, a_scale, b_scale, bias, out_dtype))
-                assert torch.equal(out, ref), f"{m}x{n}x{k} per_channel={per_channel} bias={bias is not None} seed {seed}"
+                what = f"{m}x{n}x{k} per_channel={per_channel} bias={bias is not None} seed {seed}"
+                assert torch.equal(out, ref), what
 
 
 def test_int8_linear_on_the_tiles(amx):
@@ -156,12 +157,28 @@ def test_emulated_tiles_are_the_instructions(tmp_path):
     if compiler is None:
         pytest.skip("no C++ compiler")
     binary = tmp_path / "amx_tiles_check"
+    sources = [ROOT / "tests/cpp/amx_tiles_check.cpp", ROOT / "csrc/common/cpu/amx.cpp",
+               ROOT / "csrc/common/cpu/isa.cpp"]
     subprocess.run([compiler, "-O2", "-std=c++20", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests/cpp'}", "-mamx-tile",
-                    "-mamx-int8", "-mamx-bf16", str(ROOT / "tests/cpp/amx_tiles_check.cpp"), str(ROOT / "csrc/common/cpu/amx.cpp"),
-                    str(ROOT / "csrc/common/cpu/isa.cpp"), "-o", str(binary)], check=True, capture_output=True, text=True)
+                    "-mamx-int8", "-mamx-bf16", *map(str, sources), "-o", str(binary)],
+                   check=True, capture_output=True, text=True)
     seed = fresh_seed()
     out = subprocess.run([str(binary), "300", str(seed)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"seed {seed}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     assert "all ok" in out.stdout
     if _INFO["cpu_amx_int8_detected"]:
         assert "300 on hardware tiles" in out.stdout, out.stdout
+
+
+def test_environment_switch():
+    """TORCH_EXT_CPU_AMX read at start: "emulate" as asked; "1" where the CPU has AMX, else off; junk ignored."""
+    import os
+    import sys
+
+    for value, expected in (("emulate", "emulate"), ("1", "on" if _INFO["cpu_amx_int8_detected"] else "off"),
+                            ("0", "off"), ("sometimes", "off")):
+        env = {**os.environ, "TORCH_EXT_CPU_AMX": value}
+        result = subprocess.run([sys.executable, "-c", "import torch_ext; print(torch_ext._C.cpu_amx())"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == expected, f"TORCH_EXT_CPU_AMX={value}: {result.stdout}"
