@@ -11,6 +11,7 @@
 
 #include "activation/silu_and_mul_cuda.h"
 #include "common/alignment.h"
+#include "common/cuda/grid_limits.h"
 #include "common/cuda/vec.cuh"
 
 namespace torch_ext::cuda {
@@ -19,7 +20,6 @@ namespace {
 // 128 threads: enough packs in flight per SM with several blocks resident, and a small
 // block keeps a one-token row (d = 4096: 512 packs) spread over more SMs.
 constexpr int kThreads = 128;
-constexpr int kMaxGridY = 65535;
 
 struct Forward {
   template <typename T, int kPack>
@@ -99,7 +99,7 @@ template <typename Op, typename T, int kPack, typename Params>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
   const int64_t packs_per_row = p.d / kPack;
   const dim3 grid(unsigned(std::min<int64_t>((packs_per_row + kThreads - 1) / kThreads, 1 << 16)),
-                  unsigned(std::min<int64_t>(p.rows, kMaxGridY)));
+                  unsigned(std::min<int64_t>(p.rows, kMaxGridYZ)));
   rowwise_kernel<Op, T, kPack><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cuda/grid_limits.h"
 #include "common/torch_utils.h"
 #include "ops.h"
 
@@ -262,7 +263,7 @@ bool uses_bf16_dot(const attention::BlockSparseForwardParams& p) {
 // argument"): grid y / z, the MoBA table in shared memory, and the dynamic shared memory per
 // block (99 KB on sm_86 / sm_89: D = 128 with 128-blocks in the backward, or a large top_k).
 // The attention and MoBA grids put query heads and batch on y and z.
-constexpr int64_t kMaxGridYZ = 65535;
+using cuda::kMaxGridYZ;
 void check_cuda_grid(const char* op, int64_t batch, int64_t heads_q) {
   TORCH_EXT_CHECK(batch <= kMaxGridYZ && heads_q <= kMaxGridYZ, op, "batch and query heads must be <= ", kMaxGridYZ,
                   " on CUDA, got ", batch, " and ", heads_q);

@@ -45,6 +45,7 @@
 #include "attention/block_sparse_attention_cuda_row.cuh"
 #include "attention/block_sparse_attention_wgmma.h"
 #include "common/cuda/block_scan.cuh"
+#include "common/cuda/grid_limits.h"
 #include "common/cuda/hopper_switch.h"
 
 namespace torch_ext::cuda {
@@ -52,8 +53,6 @@ namespace {
 
 // Key / query positions are int32 inside the kernels, with room for a 128-key block past the end.
 constexpr int64_t kMaxSeq = (int64_t(1) << 31) - 256;
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridYZ = 65535;
 
 // =============================================================================================
 // Forward
@@ -192,11 +191,7 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   const int wk = warp % Tr::kWarpsKey, wq = warp / Tr::kWarpsKey;
   const DkdvCta c = dkdv_cta_setup<kBlockKv>(bp);
 
-  // K, V of the block (resident).
-  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kKOffset, bhsd_ptr<T>(p.k, c.b, c.hk), p.k.seq_stride,
-                                                c.k0, c.seq_kv, tid);
-  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kVOffset, bhsd_ptr<T>(p.v, c.b, c.hk), p.v.seq_stride,
-                                                c.k0, c.seq_kv, tid);
+  load_block_kv<T, kD, Tr>(smem, p, c, tid);
   ix::TransposedCursor loader = ix::cursor_begin(c.lists);
   if (c.steps > 0) load_dkdv_step<T, Tr, LdsmLayout<kD>>(bp, c, loader, smem + Tr::kStageOffset, tid);
   cp_async_commit();

@@ -527,6 +527,16 @@ struct DkdvCta {
   ix::TransposedLists lists;
   int steps;
 };
+// The CTA's key block of K and V into shared memory, resident for its whole walk: the first
+// loads of both dK / dV kernels (the union lists' and MoBA's key-block-major one).
+template <typename T, int kD, typename Tr>
+__device__ __forceinline__ void load_block_kv(unsigned char* smem, const BlockSparseForwardParams& f, const DkdvCta& c,
+                                              int tid) {
+  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kKOffset, bhsd_ptr<T>(f.k, c.b, c.hk), f.k.seq_stride,
+                                                c.k0, c.seq_kv, tid);
+  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kVOffset, bhsd_ptr<T>(f.v, c.b, c.hk), f.v.seq_stride,
+                                                c.k0, c.seq_kv, tid);
+}
 template <int kBlockKv>
 __device__ __forceinline__ DkdvCta dkdv_cta_setup(const BlockSparseBackwardParams& bp) {
   const BlockSparseForwardParams& p = bp.forward;

@@ -190,10 +190,7 @@ __global__ void __launch_bounds__(DkdvTraits<kD, kBlockKv>::kThreads, 1)
   const int32_t* const counts = w.counts + lane0 * nk + c.kb;  // group head g's at g * nk
   const int steps = mg::group_walk_steps(counts, nk, group);
 
-  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kKOffset, bhsd_ptr<T>(f.k, c.b, c.hk), f.k.seq_stride,
-                                                c.k0, c.seq_kv, tid);
-  load_rows<T, kD, Tr::kThreads, Tr::kKvCopies>(smem + Tr::kVOffset, bhsd_ptr<T>(f.v, c.b, c.hk), f.v.seq_stride,
-                                                c.k0, c.seq_kv, tid);
+  load_block_kv<T, kD, Tr>(smem, f, c, tid);
   mg::GroupCursor cursor = mg::group_cursor_begin(counts, nk, group);
   if (steps > 0) load_group_tile<T, Tr>(p, bp, w, c, lane0, cursor, smem + Tr::kStageOffset, tid);
   cp_async_commit();

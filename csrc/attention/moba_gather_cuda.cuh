@@ -10,6 +10,7 @@
 #include "attention/moba_gather_cuda.h"
 #include "attention/moba_gather_index.h"
 #include "common/cuda/block_scan.cuh"
+#include "common/cuda/grid_limits.h"
 
 namespace torch_ext::cuda {
 namespace {
@@ -18,8 +19,6 @@ namespace mg = ::torch_ext::attention::moba_gather;
 using attention::MobaGatherParams;
 using mg::RunRecord;
 
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridYZ = 65535;
 
 // Where a kernel of the chunk stands: the chunk's batch z and head y; lane = z * heads + y indexes
 // the workspace.

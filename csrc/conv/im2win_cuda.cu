@@ -32,6 +32,7 @@
 
 #include "common/alignment.h"
 #include "common/cuda/cp_async.cuh"
+#include "common/cuda/grid_limits.h"
 #include "common/cuda/mma.cuh"
 #include "common/cuda/vec.cuh"
 #include "conv/im2win_cuda.h"
@@ -44,7 +45,6 @@ namespace ix = ::torch_ext::im2win_index;
 
 // Grid limits: x up to 2^31 - 1 blocks, y and z up to 65535 (ix::kMaxGridYZ). The elementwise
 // kernels loop with a grid stride; the GEMMs' grids are bounded by gemm_fits_int32.
-constexpr int64_t kMaxGridX = 2147483647;
 // The window and the packed weights start at multiples of 256 bytes of the workspace.
 constexpr int64_t kWorkspaceAlign = 256;
 // Elementwise kernels (weight packing): 256 threads, enough blocks to fill the GPU and then

@@ -33,6 +33,7 @@
 #include "common/cuda/cp_async.cuh"
 #include "common/cuda/mma.cuh"
 #include "common/cuda/pdl.cuh"
+#include "common/cuda/grid_limits.h"
 #include "common/cuda/vec.cuh"
 #include "moe/fused_moe_cuda.h"
 #include "moe/fused_moe_cuda_index.h"
@@ -44,7 +45,6 @@ namespace ix = ::torch_ext::moe::fused_moe_cuda;
 using moe::Activation;
 using moe::FusedMoeParams;
 
-constexpr int64_t kMaxGrid = 2147483647;
 constexpr uint32_t kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ int32_t warp_inclusive_sum(int32_t v, int lane) {
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(ix::kScanThreads) plan_scan_kernel(const PlanA
 
 cudaError_t build_plan(const PlanArgs& a, cudaStream_t stream) {
   const int64_t blocks = ix::ceil_div(a.chunks, ix::kPlanWarps);
-  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;
   const dim3 grid{unsigned(blocks)}, warps{32 * ix::kPlanWarps};
   cudaError_t status = launch_dependent(plan_count_kernel, grid, warps, 0, stream, a);
   if (status == cudaSuccess) status = launch_dependent(plan_scan_kernel, dim3(1), dim3(ix::kScanThreads), 0, stream, a);
@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(ix::kThreads, ix::kMinCtas) grouped_gemm_kerne
 template <typename T, bool kGateUp>
 cudaError_t launch_gemm(const GemmArgs<T>& p, cudaStream_t stream) {
   const int64_t blocks = p.m_blocks * p.n_blocks;
-  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
   static_assert(ix::kSmemBytes <= 48 * 1024, "no opt-in for more dynamic shared memory");
   grouped_gemm_kernel<T, kGateUp><<<unsigned(blocks), ix::kThreads, ix::kSmemBytes, stream>>>(p);
@@ -595,7 +595,7 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStre
     d.vector2 = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(w2), I);
     const int64_t grid1_x = ix::ceil_div(I, ix::kDecodeWarps), grid2_x = ix::ceil_div(H, ix::kDecodeWarps);
     const int64_t active_slots = ix::min64(E, l.pairs);
-    if (grid1_x > kMaxGrid || grid2_x > kMaxGrid) return cudaErrorInvalidValue;
+    if (grid1_x > kMaxGridX || grid2_x > kMaxGridX) return cudaErrorInvalidValue;
     status = launch_dependent(decode_gemm1_kernel<T>, dim3(unsigned(grid1_x), unsigned(active_slots)),
                               dim3(ix::kDecodeThreads), 0, stream, d);
     if (status != cudaSuccess) return status;

@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
+#include "common/cuda/grid_limits.h"
 #include "common/cuda/mma.cuh"
 #include "common/cuda/vec.cuh"
 #include "common/cuda/wgmma.cuh"
@@ -38,7 +39,6 @@ namespace {
 namespace ix = ::torch_ext::quant::w8a8_wgmma;
 namespace mm_ix = ::torch_ext::quant::w8a8_cuda;
 
-constexpr int64_t kMaxGrid = 2147483647;
 
 // Op: the element and accumulator types, the tile, and one k block (kKSteps wgmma k32 steps) of
 // a warpgroup from its A and B descriptors.
@@ -252,7 +252,7 @@ cudaError_t launch(const typename Op::Params& p, cudaStream_t stream) {
   a.k_iters = int(ix::ceil_div(p.k, ix::kBK));
   a.pair_stores = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(O)) == 0 && p.out_row_stride % 2 == 0;
   const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
-  if (blocks > kMaxGrid) return cudaErrorInvalidValue;
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;
   constexpr int kSmemBytes = Op::Tile::kSmemBytes;
   const auto kernel = wgmma_mm_kernel<O, Op>;
   const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
