@@ -30,10 +30,11 @@ export PYTHONUNBUFFERED=1
 SANITIZER_TESTS=(tests/test_silu_and_mul.py tests/test_conv.py tests/test_weight_only.py tests/test_w8a8.py tests/test_fp8.py
                  tests/test_w8a8_hopper.py tests/test_moe_route.py tests/test_fused_moe.py tests/test_block_sparse_attention.py
                  tests/test_moba.py -m cuda)
-SANITIZER_K="for_sanitizers or (matches_reference and not 14336 and not 4096) or named_layers or odd_shapes or (strided and not strided_operands) or one_hot or bitwise or cuda_matches_cpu or skewed or graph_capture or (forward and not 4097) or select_and_attention or select_large_head_dim or block_lists_equal_cpu or int8_linear_cuda or choice_sets or (hopper_backward and 128-64-128) or (gather_backward and D64 and b16)"
+SANITIZER_K="for_sanitizers or (matches_reference and not 14336 and not 4096) or named_layers or odd_shapes or (strided and not strided_operands) or one_hot or bitwise or cuda_matches_cpu or skewed or graph_capture or (forward and not 4097) or select_and_attention or select_large_head_dim or block_lists_equal_cpu or int8_linear_cuda or choice_sets or (hopper_backward and 128-64-128) or (gather_backward and D64 and b16) or (hopper_grouped_gemms and T100E8 and silu)"
 # racecheck (slower still): fp32 / NCHW cases, plus one small case of each shared-memory kernel
-# (attention, weight-only GEMM, MoBA, fused_moe in bf16: CUDA's fp32 fused_moe is ATen).
-RACECHECK_K="(($SANITIZER_K) and (float32 or nchw)) or for_sanitizers or (cuda_forward_backward and 64-64-16 and bfloat16) or (hopper_forward and 128-64-32 and bfloat16) or (hopper_backward and 128-64-128 and bfloat16) or (odd_shapes and 7-16-16) or (select_and_attention and bfloat16) or (gather_forward and bfloat16 and b16) or (gather_backward and D64 and b16 and bfloat16) or (select_large_head_dim and 256 and float32) or (forward_matches_reference and T5E4k2H33I17 and bfloat16)"
+# (attention, weight-only GEMM, MoBA, fused_moe in bf16 on mma.sync and wgmma: CUDA's fp32
+# fused_moe is ATen).
+RACECHECK_K="(($SANITIZER_K) and (float32 or nchw)) or for_sanitizers or (cuda_forward_backward and 64-64-16 and bfloat16) or (hopper_forward and 128-64-32 and bfloat16) or (hopper_backward and 128-64-128 and bfloat16) or (odd_shapes and 7-16-16) or (select_and_attention and bfloat16) or (gather_forward and bfloat16 and b16) or (gather_backward and D64 and b16 and bfloat16) or (select_large_head_dim and 256 and float32) or (forward_matches_reference and T5E4k2H33I17 and bfloat16) or (hopper_grouped_gemms and T100E8 and silu and bfloat16)"
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 # A hung kernel must not eat the lease: every test gets a limit when pytest-timeout is there.
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 150)

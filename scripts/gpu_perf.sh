@@ -13,16 +13,17 @@
 #   (TORCH_EXT_ATTENTION_WGMMA_BWD=1); MoBA forward + backward with the key-block-major backward
 #   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; the host CPU's AMX tiles
 #   (scaled_int8_mm vs AVX512-VNNI, torch._int_mm, F.linear; bf16 attention at S = 8192 and
-#   fused_moe at T = 512 vs AVX512_BF16 and SDPA / eager); fused MoE Mixtral T = 1, 64 and 4096 and moe_route; fused_moe
+#   fused_moe at T = 512 vs AVX512_BF16 and SDPA / eager); fused MoE Mixtral T = 1, 64 and 4096 and
+#   moe_route, T = 64 and 4096 again with the Hopper grouped GEMMs (TORCH_EXT_MOE_WGMMA=1); fused_moe
 #   fused vs grouped by token count (scripts/moe_grouped_sweep.py); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); one token through Llama-3-8B-shaped layers as CUDA graphs, stock
 #   vs quantize_model; the GMMA instructions in the SASS. (The H100 run of 2026-11-26,
 #   docs/perf/gpu-h100.md, measured the rest: 32K dense, W8A8 on mma.sync, the host-bound eager
 #   Llama decode.)
 # profile: ncu on the target cases' kernels only (weight-only decode GEMM and its reduction, the
-#   W8A8 wgmma GEMM, the MoE decode chain, the attention forward, MoBA's key-block-major forward and
-#   merge at S = 4096 / block 16): speed of light, occupancy,
-#   memory, and the warp-stall metrics as raw values (--page raw), one call per case.
+#   W8A8 wgmma GEMM, the MoE decode chain and the Hopper grouped GEMMs at T = 64, the attention
+#   forward, MoBA's key-block-major forward and merge at S = 4096 / block 16): speed of light,
+#   occupancy, memory, and the warp-stall metrics as raw values (--page raw), one call per case.
 # Every bench prints each case as it is measured and rewrites OUTDIR/NAME/bench-partial.json, so
 # a step stopped at its limit keeps the cases it finished.
 set -uo pipefail
@@ -70,8 +71,15 @@ if has targets; then
     --op "moba_attention fwd+bwd" --match "S=4096" --match "S=32768" --out "$OUT/moba_gather_bwd"
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
     --match "moe_route"
-  # fused_moe's forward: fused kernel against torch._grouped_mm by token count (where auto switches).
-  PYTHONPATH=. step moe_grouped 70 "$PY" scripts/moe_grouped_sweep.py --out "$OUT/moe_grouped"
+  # The same prefill cases with fused_moe's GEMMs on Hopper wgmma (opt-in until it has run:
+  # test_hopper_grouped_gemms in the check step) instead of torch._grouped_mm (issue 6: >= 1.3x
+  # over sort + _grouped_mm at T = 4096).
+  step moe_wgmma 60 env TORCH_EXT_MOE_WGMMA=1 TORCH_EXT_MOE_GROUPED_FORWARD=0 "$PY" -m torch_ext bench --device cuda \
+    --op fused_moe --match "mixtral T=64 " --match "mixtral T=4096" --out "$OUT/moe_wgmma"
+  # fused_moe's forward by token count: fused kernel (mma.sync and wgmma GEMMs) against
+  # torch._grouped_mm (where auto switches).
+  PYTHONPATH=. step moe_grouped 90 "$PY" scripts/moe_grouped_sweep.py --tokens 1 16 64 256 512 4096 \
+    --out "$OUT/moe_grouped"
   # Weight-only split-K: the planner's count against forced ones (TORCH_EXT_WO_SPLITS) at M = 1, 16, 64.
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # Four Llama-3-8B-shaped layers, one token, stock vs quantize_model, both as CUDA graph replays.
@@ -88,15 +96,17 @@ if has targets; then
   cuobjdump -sass torch_ext/_C*.so 2>/dev/null | grep -oE "[HIQ]GMMA\.[A-Z0-9.]*" | sort | uniq -c >"$OUT/gmma_sass.txt"
 fi
 if has profile; then
-  step profile 90 ncu --profile-from-start off --clock-control none \
-    -k "regex:linear_kernel|split_reduce|wgmma_mm|decode_gemm|plan_|fwd_kernel|fwd_wgmma|gather_attention|merge_kernel" \
+  # (fused_moe at T = 64 with its GEMMs on wgmma: TORCH_EXT_MOE_WGMMA=1.)
+  step profile 90 env TORCH_EXT_MOE_WGMMA=1 TORCH_EXT_MOE_GROUPED_FORWARD=0 ncu --profile-from-start off --clock-control none \
+    -k "regex:linear_kernel|split_reduce|wgmma_mm|decode_gemm|plan_|grouped_wgmma|fwd_kernel|fwd_wgmma|gather_attention|merge_kernel" \
     --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --page raw \
     "$PY" -m torch_ext bench --profile-once --device cuda --op quant w8a8 moe attention \
     --match "M=1 8192x8192 int4 g128 bf16" --match "M=4096 8192x8192 -> bf16" --match "M=4096 8192x8192 e4m3" \
-    --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "S=4096 full 100%" --match "S=4096 block 16"
+    --match "mixtral T=1 E=8 k=2 H=4096 I=14336 uniform" --match "mixtral T=64 E=8 k=2 H=4096 I=14336 uniform" \
+    --match "S=4096 full 100%" --match "S=4096 block 16"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant quant_wgmma amx wo_splits moe_grouped moe attention attention_wgmma model; do
+for name in quant quant_wgmma amx wo_splits moe_grouped moe moe_wgmma attention attention_wgmma model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.

@@ -1,8 +1,9 @@
 """Where fused_moe's forward should switch from the fused CUDA kernel to torch._grouped_mm: times
 fused_moe on Mixtral-8x7B and DeepSeek-V2-Lite experts (bf16, uniform routing) for several token
-counts with TORCH_EXT_MOE_GROUPED_FORWARD=0 (fused kernel), =1 (grouped GEMMs) and unset (the
-automatic choice), all in one process with the bench harness's timer (L2 flushed before each
-repetition). The variable is read at every call.
+counts with TORCH_EXT_MOE_GROUPED_FORWARD=0 (fused kernel), =1 (grouped GEMMs), unset (the
+automatic choice), and the fused kernel with its GEMMs on Hopper wgmma (TORCH_EXT_MOE_WGMMA=1, on
+sm_90a builds; elsewhere it equals "fused"), all in one process with the bench harness's timer
+(L2 flushed before each repetition). The variables are read at every call.
 
     python scripts/moe_grouped_sweep.py [--tokens 1 8 16 32 64 256] [--out DIR]
 
@@ -23,7 +24,16 @@ from torch_ext.bench.timer import TimerConfig, measure, prepare_inputs
 
 # (experts, top_k, hidden, intermediate), as in the bench's MoE suite.
 CONFIGS = {"mixtral": (8, 2, 4096, 14336), "deepseek_v2_lite": (64, 6, 2048, 1408)}
-CHOICES = {"fused": "0", "grouped": "1", "auto": None}
+# The forward's switches per column: unset variables take their defaults.
+CHOICES = {"fused": {"TORCH_EXT_MOE_GROUPED_FORWARD": "0"}, "grouped": {"TORCH_EXT_MOE_GROUPED_FORWARD": "1"},
+           "auto": {}, "fused_wgmma": {"TORCH_EXT_MOE_GROUPED_FORWARD": "0", "TORCH_EXT_MOE_WGMMA": "1"}}
+SWITCHES = sorted({name for env in CHOICES.values() for name in env})
+
+
+def set_switches(env: dict[str, str]) -> None:
+    for name in SWITCHES:
+        os.environ.pop(name, None)
+    os.environ.update(env)
 
 
 def main() -> None:
@@ -52,19 +62,17 @@ def main() -> None:
 
             inputs = prepare_inputs(make_inputs, args.device)
             row = {"family": family, "tokens": tokens}
-            for name, value in CHOICES.items():
-                os.environ.pop("TORCH_EXT_MOE_GROUPED_FORWARD", None)
-                if value is not None:
-                    os.environ["TORCH_EXT_MOE_GROUPED_FORWARD"] = value
+            for name, env in CHOICES.items():
+                set_switches(env)
                 with torch.no_grad():
                     row[f"{name}_us"] = measure(
                         lambda x, w, i: torch.ops.torch_ext.fused_moe(x, w13, w2, w, i, "silu"), inputs,
                         config).median_s * 1e6
-            os.environ.pop("TORCH_EXT_MOE_GROUPED_FORWARD", None)
+            set_switches({})
             rows.append(row)
             print(f"{family:17s} T={tokens:<5d} fused {row['fused_us']:9.1f} us  grouped {row['grouped_us']:9.1f} us"
-                  f"  auto {row['auto_us']:9.1f} us  (fused / grouped {row['fused_us'] / row['grouped_us']:.2f})",
-                  flush=True)
+                  f"  auto {row['auto_us']:9.1f} us  fused_wgmma {row['fused_wgmma_us']:9.1f} us"
+                  f"  (grouped / fused_wgmma {row['grouped_us'] / row['fused_wgmma_us']:.2f})", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     record = {"device": name, "torch": torch.__version__, "dtype": "bfloat16", "rows": rows}

@@ -1,7 +1,9 @@
 """The CUDA kernels' index math, checked on the CPU: compiles the torch-free simulators in
 tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h;
-W8A8: csrc/quant/w8a8_cuda_index.h and the Hopper w8a8_wgmma_index.h; MoE routing: csrc/moe/routing_warp.h; fused MoE: csrc/moe/fused_moe_cuda_index.h; block-sparse attention /
-MoBA: csrc/attention/block_sparse_attention_cuda_index.h)
+W8A8: csrc/quant/w8a8_cuda_index.h and the Hopper w8a8_wgmma_index.h; MoE routing:
+csrc/moe/routing_warp.h; fused MoE: csrc/moe/fused_moe_cuda_index.h and the Hopper
+fused_moe_wgmma_index.h; block-sparse attention / MoBA:
+csrc/attention/block_sparse_attention_cuda_index.h)
 and runs them on fresh random problems."""
 
 import shutil
@@ -66,7 +68,9 @@ def test_fused_moe_cuda_kernels_simulated(tmp_path_factory):
     combine rank) and the decode kernels run thread by thread on random routings (odd H and I,
     E = 1, 7, 60, k up to 8, idle experts, one hot expert, T = 1) with the mma.m16n8k16 / ldmatrix
     fragment maps taken from the PTX ISA: act bit for bit, out within an fp32 bound, every element
-    written once (csrc/moe/fused_moe_cuda_index.h)."""
+    written once (csrc/moe/fused_moe_cuda_index.h); the same for the Hopper grouped GEMMs (128-row
+    plans, wgmma operands through the descriptor / swizzle model, the gate / up accumulator
+    pairing: csrc/moe/fused_moe_wgmma_index.h)."""
     _run_simulator(_build_simulator(tmp_path_factory, "fused_moe_cuda_sim"))
 
 

@@ -436,6 +436,61 @@ def test_cuda_graph_capture(tokens):
     _check_graph_replay(h, lambda weights, ids: fused_moe(h, w13, w2, weights, ids))
 
 
+# (T, E, k, H, I) for the Hopper grouped GEMMs (T k > 64): K tails inside a 64-value stage, gate
+# tiles past I and W2 tiles past H, several n blocks, E = 60 with most experts idle, k = 1.
+HOPPER_SHAPES = [(100, 8, 2, 264, 200), (70, 60, 4, 128, 64), (300, 4, 1, 520, 136), (65, 3, 3, 1024, 392)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "T{}E{}k{}H{}I{}".format(*s))
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_hopper_grouped_gemms(monkeypatch, hopper_build, dtype, shape, activation):
+    """fused_moe's GEMMs on Hopper wgmma (TORCH_EXT_MOE_WGMMA=1, the torch._grouped_mm forward
+    off) against float64 and against the mma.sync kernels (the same act rounding, another fp32
+    summation order), deterministic; also with every token on the same k experts (many 128-row
+    tiles per expert)."""
+    monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", "0")
+    seed = fresh_seed()
+    hot = torch.zeros(shape[0], shape[2], dtype=torch.int32)
+    hot[:, 1:] = torch.arange(1, shape[2], dtype=torch.int32)  # distinct experts per token
+    for ids in (None, hot):
+        args = _problem(*shape, dtype, "cuda", seed, ids=ids)
+        monkeypatch.setenv("TORCH_EXT_MOE_WGMMA", "1")
+        _check_forward(args, activation, dtype, f"hopper {shape} {activation} (seed {seed})")
+        out = fused_moe(*args, activation)
+        assert torch.equal(out, fused_moe(*args, activation))
+        monkeypatch.setenv("TORCH_EXT_MOE_WGMMA", "0")
+        assert relative_error(out, fused_moe(*args, activation)) < RELATIVE_ERROR_BOUNDS[dtype]
+
+
+@pytest.mark.cuda
+def test_hopper_grouped_gemms_run_wgmma_kernels(monkeypatch, hopper_build):
+    """Which kernels TORCH_EXT_MOE_WGMMA runs (from the profiler, apart from the numeric test,
+    which the sanitizers run): wgmma for 16-byte rows outside the decode path, mma.sync for H not
+    a multiple of 8 and for decode."""
+    monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", "0")
+    seed = fresh_seed()
+    for tokens, hidden, choice, want in ((200, 256, "1", True), (200, 256, "0", False), (200, 260, "1", False),
+                                         (3, 256, "1", False)):
+        monkeypatch.setenv("TORCH_EXT_MOE_WGMMA", choice)
+        args = _problem(tokens, 8, 2, hidden, 128, torch.bfloat16, "cuda", seed)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fused_moe(*args, "silu")
+            torch.cuda.synchronize()
+        names = " ".join(event.name for event in prof.events())
+        assert ("grouped_wgmma_kernel" in names) == want, (tokens, hidden, choice)
+
+
+@pytest.mark.cuda
+def test_hopper_grouped_gemms_graph_capture(monkeypatch, hopper_build):
+    """The Hopper GEMMs need no host sync either: the layer captures and replays."""
+    monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", "0")
+    monkeypatch.setenv("TORCH_EXT_MOE_WGMMA", "1")
+    h, w13, w2, _, _ = _problem(200, 8, 2, 256, 192, torch.bfloat16, "cuda", fresh_seed())
+    _check_graph_replay(h, lambda weights, ids: fused_moe(h, w13, w2, weights, ids))
+
+
 def _check_graph_replay(h, experts):
     """Routing from logits and experts(weights, ids) captured in a CUDA graph replay to the eager
     result after the logits and `h` (the hidden rows the experts read) change in place."""

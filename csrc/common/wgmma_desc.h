@@ -2,7 +2,7 @@
 // host+device so that the simulators in tests/cpp check the kernels' operand addressing on the
 // CPU: bits 0-13 start address >> 4, 16-29 leading-dimension byte offset >> 4, 32-45
 // stride-dimension byte offset >> 4, 49-51 base offset (0: atoms 1024-byte aligned), 62-63
-// swizzle mode (1 = 128-byte). Used by quant/w8a8_wgmma_index.h, quant/weight_only_cuda_index.h
+// swizzle mode (1 = 128-byte). Used by common/wgmma_gemm_tile.h, quant/weight_only_cuda_index.h
 // and attention/block_sparse_attention_cuda_index.h.
 //
 // With the 128-byte swizzle every operand row is 128 bytes and 8 rows make a 1024-byte atom,

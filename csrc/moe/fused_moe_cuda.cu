@@ -28,20 +28,28 @@
 //      there are no atomics and the result is bitwise reproducible.
 // H or I not a multiple of 8 (or unaligned pointers): the same kernels with synchronous element
 // loads into the same shared layout (slower, same results).
+// With TORCH_EXT_MOE_WGMMA=1 on compute capability 9.0 (sm_90a builds, 16-byte rows), steps 3 and
+// 4 run on the Hopper kernels of moe/fused_moe_wgmma.cu instead: 128 x 256 tiles, so both plans
+// pad their segments to 128 rows (gemm_block).
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
+#include "common/cuda/hopper_switch.h"
 #include "common/cuda/mma.cuh"
 #include "common/cuda/pdl.cuh"
 #include "common/cuda/grid_limits.h"
 #include "common/cuda/vec.cuh"
 #include "moe/fused_moe_cuda.h"
+#include "moe/fused_moe_cuda_gemm.cuh"
 #include "moe/fused_moe_cuda_index.h"
+#include "moe/fused_moe_wgmma.h"
+#include "moe/fused_moe_wgmma_index.h"
 
 namespace torch_ext::cuda {
 namespace {
 
 namespace ix = ::torch_ext::moe::fused_moe_cuda;
+namespace wx = ::torch_ext::moe::fused_moe_wgmma;
 using moe::Activation;
 using moe::FusedMoeParams;
 
@@ -224,48 +232,8 @@ cudaError_t build_plan(const PlanArgs& a, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-struct GemmArgs {
-  const T* a;                // GEMM 1: hidden [T, H]; GEMM 2: act [rows1, act_stride]
-  int64_t a_stride;          // elements between A rows
-  const T* w;                // w13 or w2
-  int64_t w_expert_stride;   // 2 I H or H I
-  int64_t k_total;           // H or I (also the weight row length)
-  int64_t n_total;           // GEMM 1: I (gate columns); GEMM 2: H
-  const int32_t* sorted;     // plan 1 or plan 2 rows
-  const int32_t* offsets;
-  int32_t first_key, keys, experts;
-  const int32_t* row_of_pair;  // GEMM 2: act row of a pair
-  int top_k;
-  int64_t m_blocks, n_blocks, k_iters;
-  bool vector;               // cp.async path
-  // GEMM 1 epilogue
-  T* act;
-  int64_t act_stride;
-  Activation activation;
-  // GEMM 2 epilogue
-  const float* topk_weights;
-  float* acc32;              // [T, H] or nullptr when k = 1
-  T* out;
-  bool first, last;
-};
-
-template <typename T>
 __device__ __forceinline__ void store_chunk_sync(unsigned char* dst, const T* src, int elems) {
   store_pack16(reinterpret_cast<T*>(dst), load_pack16_partial(src, elems, false));
-}
-
-// Two adjacent io-dtype values (column j even; 4-byte aligned when the row stride is even).
-template <typename T>
-__device__ __forceinline__ void store_two(T* row, int64_t j, int64_t n_total, float v0, float v1, bool paired) {
-  if (paired && j + 1 < n_total) {
-    const T pair[2] = {from_compute<T>(v0), from_compute<T>(v1)};
-    uint32_t word;
-    __builtin_memcpy(&word, pair, 4);
-    *reinterpret_cast<uint32_t*>(row + j) = word;
-    return;
-  }
-  if (j < n_total) row[j] = from_compute<T>(v0);
-  if (j + 1 < n_total) row[j + 1] = from_compute<T>(v1);
 }
 
 template <typename T, bool kGateUp>
@@ -274,10 +242,8 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = ix::warp_m_of(warp), warp_n = ix::warp_n_of(warp);
   const ix::TileCoord tile = ix::tile_of(blockIdx.x, p.m_blocks, p.n_blocks);
-  const int64_t row0 = int64_t(p.offsets[p.first_key]) + tile.mb * ix::kBM;
-  const int32_t key = ix::segment_of_row(p.offsets, p.first_key, p.keys, row0);
-  if (key < 0) return;  // past the plan's rows (uniform over the CTA, before any barrier)
-  const int32_t expert = key % p.experts;
+  const auto [row0, expert] = grouped_tile(p, tile.mb, ix::kBM);
+  if (expert < 0) return;  // past the plan's rows (uniform over the CTA, before any barrier)
   const int64_t n0 = tile.nb * (kGateUp ? ix::kGateCols : ix::kBN);
 
   // Source rows of this thread's chunks (nullptr: zero-filled row).
@@ -285,12 +251,7 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
   const T* a_src[ix::kAChunksPerThread];
   const T* b_src[ix::kBChunksPerThread];
 #pragma unroll
-  for (int i = 0; i < ix::kAChunksPerThread; ++i) {
-    const int32_t pair = p.sorted[row0 + crow + i * ix::kRowsPerPass];
-    int64_t a_row = -1;
-    if (pair >= 0) a_row = kGateUp ? pair / p.top_k : p.row_of_pair[pair];
-    a_src[i] = a_row >= 0 ? p.a + a_row * p.a_stride : nullptr;
-  }
+  for (int i = 0; i < ix::kAChunksPerThread; ++i) a_src[i] = a_row_source<T, kGateUp>(p, row0 + crow + i * ix::kRowsPerPass);
   const T* const w_expert = p.w + int64_t(expert) * p.w_expert_stride;
 #pragma unroll
   for (int i = 0; i < ix::kBChunksPerThread; ++i) {
@@ -352,35 +313,19 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
       const int32_t pair = p.sorted[r];
       if (pair < 0) continue;  // padding row
       if constexpr (kGateUp) {
-        T* const act_row = p.act + r * p.act_stride;
 #pragma unroll
         for (int j = 0; j < ix::kNI / 2; ++j) {
-          const int64_t col = ix::gate_col(n0, warp_n, j, lane, 0);
-          float v[2];
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            v[e] = ix::act_value(p.activation, acc[i][j][2 * half + e], acc[i][j + ix::kNI / 2][2 * half + e]);
-          store_two(act_row, col, p.n_total, v[0], v[1], true);
+          const float(&g)[4] = acc[i][j];
+          const float(&u)[4] = acc[i][j + ix::kNI / 2];
+          store_act_pair(p, r, ix::gate_col(n0, warp_n, j, lane, 0), g[2 * half], u[2 * half], g[2 * half + 1],
+                         u[2 * half + 1]);
         }
       } else {
-        const int64_t t = pair / p.top_k;
-        const float w = __ldg(p.topk_weights + pair);
-        T* const out_row = p.out + t * p.n_total;
-        float* const acc_row = p.acc32 != nullptr ? p.acc32 + t * p.n_total : nullptr;
+        const CombineRow<T> row(p, pair);
 #pragma unroll
         for (int j = 0; j < ix::kNI; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int64_t n = ix::out_col(n0, warp_n, j, lane, e);
-            if (n >= p.n_total) continue;
-            const float prev = p.first ? 0.f : acc_row[n];
-            const float s = ix::combine_value(p.first, prev, w, acc[i][j][2 * half + e]);
-            if (p.last) {
-              out_row[n] = from_compute<T>(s);
-            } else {
-              acc_row[n] = s;
-            }
-          }
+          for (int e = 0; e < 2; ++e) row.add(p, ix::out_col(n0, warp_n, j, lane, e), acc[i][j][2 * half + e]);
       }
     }
 }
@@ -542,8 +487,19 @@ U* region(void* workspace, int64_t offset) {
   return reinterpret_cast<U*>(static_cast<unsigned char*>(workspace) + offset);
 }
 
+// GEMM 1 and every rank of GEMM 2 on the Hopper kernels (plan padded to their 128-row tiles) or
+// on mma.sync.
+template <typename T, bool kGateUp>
+cudaError_t launch_grouped(const GemmArgs<T>& g, bool wgmma, cudaStream_t stream) {
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  if (wgmma) return grouped_gemm_sm90<T, kGateUp>(g, stream);
+#endif
+  return launch_gemm<T, kGateUp>(g, stream);
+}
+
 template <typename T>
-cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStream_t stream) {
+cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, int64_t block, void* ws, cudaStream_t stream) {
+  const bool wgmma = block == wx::kBM;
   const int64_t T_ = p.tokens, H = p.hidden_size, I = p.intermediate_size, E = p.experts;
   const int k = p.top_k;
   const T* const hidden = static_cast<const T*>(p.hidden);
@@ -561,7 +517,7 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStre
   plan.by_rank = false;
   plan.keys = p.experts;
   plan.chunks = l.chunks1;
-  plan.block = ix::kBM;
+  plan.block = block;
   plan.cells = region<int32_t>(ws, l.cells1);
   plan.counts = region<int32_t>(ws, l.counts1);
   plan.offsets = region<int32_t>(ws, l.offsets1);
@@ -629,15 +585,15 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStre
   g1.keys = p.experts;
   g1.experts = p.experts;
   g1.top_k = k;
-  g1.m_blocks = l.rows1 / ix::kBM;
-  g1.n_blocks = ix::gemm1_n_blocks(I);
-  g1.k_iters = ix::ceil_div(H, ix::kBK);
+  g1.m_blocks = l.rows1 / block;
+  g1.n_blocks = wgmma ? wx::gemm1_n_blocks(I) : ix::gemm1_n_blocks(I);
+  g1.k_iters = wgmma ? wx::k_iters(H) : ix::ceil_div(H, ix::kBK);
   g1.vector = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(hidden), H) &&
               ix::rows_vectorizable(reinterpret_cast<uintptr_t>(w13), H);
   g1.act = act;
   g1.act_stride = act_stride;
   g1.activation = p.activation;
-  status = launch_gemm<T, true>(g1, stream);
+  status = launch_grouped<T, true>(g1, wgmma, stream);
   if (status != cudaSuccess) return status;
 
   GemmArgs<T> g2{};
@@ -653,9 +609,9 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStre
   g2.experts = p.experts;
   g2.row_of_pair = plan.row_of_pair;
   g2.top_k = k;
-  g2.m_blocks = moe::max_grouped_rows(T_, E, ix::kBM) / ix::kBM;  // rank L holds T pairs
-  g2.n_blocks = ix::gemm2_n_blocks(H);
-  g2.k_iters = ix::ceil_div(I, ix::kBK);
+  g2.m_blocks = moe::max_grouped_rows(T_, E, block) / block;  // rank L holds T pairs
+  g2.n_blocks = wgmma ? wx::gemm2_n_blocks(H) : ix::gemm2_n_blocks(H);
+  g2.k_iters = wgmma ? wx::k_iters(I) : ix::ceil_div(I, ix::kBK);
   g2.vector = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(w2), I);
   g2.topk_weights = p.topk_weights;
   g2.acc32 = k > 1 ? region<float>(ws, l.acc32) : nullptr;
@@ -664,7 +620,7 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, void* ws, cudaStre
     g2.first_key = rank * p.experts;
     g2.first = rank == 0;
     g2.last = rank == k - 1;
-    status = launch_gemm<T, false>(g2, stream);
+    status = launch_grouped<T, false>(g2, wgmma, stream);
     if (status != cudaSuccess) return status;
   }
   return cudaSuccess;
@@ -678,14 +634,28 @@ bool valid_shapes(const FusedMoeParams& p) {
          p.hidden_size <= ix::kMaxPairs && p.intermediate_size <= ix::kMaxPairs;
 }
 
+// The plan's segment padding, which also picks the GEMM kernels: the Hopper ones' 128-row tiles
+// where they are switched on (TORCH_EXT_MOE_WGMMA=1 on compute capability 9.0, 16-byte rows,
+// outside the decode path), else mma.sync's 64.
+int64_t gemm_block(const FusedMoeParams& p) {
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  const bool rows = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(p.hidden), p.hidden_size) &&
+                    ix::rows_vectorizable(reinterpret_cast<uintptr_t>(p.w13), p.hidden_size) &&
+                    ix::rows_vectorizable(reinterpret_cast<uintptr_t>(p.w2), p.intermediate_size);
+  if (wx::usable(p.tokens * p.top_k, rows) && hopper_kernel_enabled("TORCH_EXT_MOE_WGMMA", false)) return wx::kBM;
+#endif
+  return ix::kBM;
+}
+
 }  // namespace
 
 int64_t fused_moe_workspace_bytes(const moe::FusedMoeParams& p, int num_sms) {
   if (!valid_shapes(p) || p.tokens == 0 || p.top_k == 0) return 0;
-  return ix::make_layout(p, num_sms, ix::kBM, ix::kElemBytes).bytes;
+  return ix::make_layout(p, num_sms, gemm_block(p), ix::kElemBytes).bytes;
 }
 
-cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int num_sms, cudaStream_t stream) {
+cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int64_t workspace_bytes, int num_sms,
+                      cudaStream_t stream) {
   if (!supported_dtype(p.dtype) || !valid_shapes(p)) return cudaErrorInvalidValue;
   if (p.tokens == 0) return cudaSuccess;
   if (p.out == nullptr) return cudaErrorInvalidValue;
@@ -696,10 +666,18 @@ cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int num_sms
       p.topk_weights == nullptr || p.topk_ids == nullptr) {
     return cudaErrorInvalidValue;
   }
-  const ix::Layout l = ix::make_layout(p, num_sms, ix::kBM, ix::kElemBytes);
+  // The switch is read again here: a workspace sized before it changed holds the mma.sync
+  // layout (never larger than the Hopper one), so that one runs.
+  int64_t block = gemm_block(p);
+  ix::Layout l = ix::make_layout(p, num_sms, block, ix::kElemBytes);
+  if (l.bytes > workspace_bytes && block != ix::kBM) {
+    block = ix::kBM;
+    l = ix::make_layout(p, num_sms, block, ix::kElemBytes);
+  }
+  if (l.bytes > workspace_bytes) return cudaErrorInvalidValue;
   if (l.rows1 > ix::kMaxPairs * 2 - 1 || l.rows2 > ix::kMaxPairs * 2 - 1) return cudaErrorInvalidValue;
-  if (p.dtype == ScalarKind::kFloat16) return run<Half>(p, l, workspace, stream);
-  return run<BFloat16>(p, l, workspace, stream);
+  if (p.dtype == ScalarKind::kFloat16) return run<Half>(p, l, block, workspace, stream);
+  return run<BFloat16>(p, l, block, workspace, stream);
 }
 
 }  // namespace torch_ext::cuda

@@ -20,8 +20,11 @@ int64_t fused_moe_workspace_bytes(const moe::FusedMoeParams& p, int num_sms);
 // grouped GEMM 2 with the routing weights and the combine fused, or the decode kernels for
 // T * k <= 64. fp16 / bf16 only (cudaErrorInvalidValue otherwise); any T >= 0, H, I >= 1, E,
 // k <= E. Deterministic: each out[t, n] is summed over the token's experts in increasing expert
-// id, in fp32, and rounded once. `workspace` holds fused_moe_workspace_bytes(p, num_sms) bytes,
-// 256-byte aligned; `num_sms` must be the value given to fused_moe_workspace_bytes.
-cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int num_sms, cudaStream_t stream);
+// id, in fp32, and rounded once. `workspace` holds `workspace_bytes` >=
+// fused_moe_workspace_bytes(p, num_sms) bytes, 256-byte aligned; `num_sms` must be the value given
+// to fused_moe_workspace_bytes. On sm_90a builds, TORCH_EXT_MOE_WGMMA=1 runs the grouped GEMMs on
+// Hopper wgmma (moe/fused_moe_wgmma.h).
+cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int64_t workspace_bytes, int num_sms,
+                      cudaStream_t stream);
 
 }  // namespace torch_ext::cuda

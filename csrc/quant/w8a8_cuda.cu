@@ -434,7 +434,8 @@ template <class Op>
 bool runs_wgmma(const typename Op::Params& p, int num_sms) {
   const bool vector = ix::mm_vectorizable(reinterpret_cast<uintptr_t>(p.a), p.a_row_stride,
                                           reinterpret_cast<uintptr_t>(p.b), p.b_row_stride);
-  return Op::WgmmaTile::use(p.m, p.n, num_sms, vector) && hopper_kernel_enabled("TORCH_EXT_WGMMA", true);
+  return ::torch_ext::quant::w8a8_wgmma::use_tile<typename Op::WgmmaTile>(p.m, p.n, num_sms, vector) &&
+         hopper_kernel_enabled("TORCH_EXT_WGMMA", true);
 }
 #endif
 

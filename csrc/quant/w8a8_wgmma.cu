@@ -29,6 +29,7 @@
 #include "common/cuda/mma.cuh"
 #include "common/cuda/vec.cuh"
 #include "common/cuda/wgmma.cuh"
+#include "common/cuda/wgmma_ring.cuh"
 #include "quant/w8a8_mm_operands.h"
 #include "quant/w8a8_wgmma.h"
 #include "quant/w8a8_wgmma_index.h"
@@ -132,22 +133,11 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
   Acc acc[Tile::kAccRegs];
   zero_accumulators(acc);
 
-#pragma unroll
-  for (int s = 0; s < Tile::kLoadAhead; ++s) {
-    if (s < p.k_iters) load_stage(s);
-    cp_async_commit();
-  }
-  // Issue k iteration `iter` into the accumulators `into`: its stage's copies landed, the
-  // copies kLoadAhead ahead issued (that slot's last reader, iteration iter - 2, is complete:
-  // every issue is followed by a wait that leaves at most that batch in flight), then the
-  // warpgroup's wgmma batch committed.
+  wgmma_ring_prologue<Tile>(p.k_iters, load_stage);
+  // Issue k iteration `iter` into the accumulators `into` once its stage is ready
+  // (common/cuda/wgmma_ring.cuh): the warpgroup's wgmma batch, committed.
   const auto issue = [&](int iter, auto& into) {
-    cp_async_wait<Tile::kLoadAhead - 1>();
-    fence_proxy_async_shared();
-    __syncthreads();
-    if (Tile::refill_iter(iter) < p.k_iters) load_stage(Tile::refill_iter(iter));
-    cp_async_commit();
-
+    wgmma_ring_stage_ready<Tile>(iter, p.k_iters, load_stage);
     const int stage = Tile::stage_of(iter);
     const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
     const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));

@@ -1,4 +1,4 @@
-// CPU simulation of the CUDA fused_moe kernels (csrc/moe/fused_moe_cuda.cu).
+// CPU simulation of the CUDA fused_moe kernels (csrc/moe/fused_moe_cuda.cu, fused_moe_wgmma.cu).
 //
 // No GPU here or in CI, so this program runs the kernels' logic on the CPU with the very
 // host-device functions they call (csrc/moe/fused_moe_cuda_index.h) and checks them against
@@ -24,6 +24,10 @@
 //      written once;
 //  (d) the workspace layout (disjoint aligned regions that hold every plan), the CTA order, the
 //      swizzle, the tile maps' adjacency assumptions and the activation / combine arithmetic.
+//  (e) the Hopper grouped GEMMs (moe/fused_moe_wgmma.cu; moe/fused_moe_wgmma_index.h): the (b)
+//      checks with 128-row plans, every wgmma's operands read back through the kernel's
+//      descriptors and the PTX swizzle model, the ring's slot reuse, and the epilogue's walk of
+//      the m64n256 accumulator layout with gate register i paired with up register i + 64.
 // Usage: fused_moe_cuda_sim CASES SEED   (run by tests/test_cuda_index_sim.py)
 #include <algorithm>
 #include <cmath>
@@ -37,11 +41,13 @@
 #include "common/float_bits.h"
 #include "moe/expert_plan.h"
 #include "moe/fused_moe_cuda_index.h"
+#include "moe/fused_moe_wgmma_index.h"
 #include "mma_spec.h"
 #include "sim_common.h"
 
 using namespace torch_ext;
 namespace ix = torch_ext::moe::fused_moe_cuda;
+namespace wx = torch_ext::moe::fused_moe_wgmma;
 using moe::Activation;
 
 std::mt19937_64 rng;
@@ -438,15 +444,69 @@ struct GemmSim {
   bool first, last;
 };
 
+// A CTA's tile in the plan, as grouped_tile (moe/fused_moe_cuda_gemm.cuh): row0 and the expert of
+// the segment holding it (-1 past the plan's rows); the whole tile must lie in that segment.
+struct SimTile {
+  int64_t row0;
+  int32_t expert;
+};
+SimTile sim_tile_start(const GemmSim& p, int64_t m_block, int bm) {
+  const int64_t row0 = int64_t(p.plan->offsets[size_t(p.first_key)]) + m_block * bm;
+  const int32_t key = ix::segment_of_row(p.plan->offsets.data(), p.first_key, p.keys, row0);
+  if (key < 0) return {row0, -1};
+  CHECK(row0 + bm <= p.plan->offsets[size_t(key + 1)]);
+  return {row0, key % p.experts};
+}
+// The A row of a grouped row (-1: padding, zero-filled), as a_row_source.
+int64_t sim_a_row(const GemmSim& p, int64_t grouped_row) {
+  const int32_t pair = p.plan->sorted[size_t(grouped_row)];
+  if (pair < 0) return -1;
+  return p.gate_up ? pair / p.top_k : (*p.row_of_pair)[size_t(pair)];
+}
+// The 8 values one chunk copy brings (zeros past K and for src_row -1), every source element
+// checked in bounds (and, for act, written by GEMM 1); `aligned`: a 16-byte cp.async source.
+void sim_read_chunk(const GemmSim& p, bool a_operand, int64_t src_row, int64_t k, int32_t expert, bool aligned,
+                    uint16_t (&chunk)[8]) {
+  const int elems = ix::chunk_elems(k, p.k_total, src_row >= 0);
+  std::fill(chunk, chunk + 8, uint16_t(0));
+  if (elems == 0) return;
+  const std::vector<uint16_t>& buf = a_operand ? *p.a : *p.w;
+  const int64_t src = a_operand ? src_row * p.a_stride + k : int64_t(expert) * p.w_expert_stride + src_row * p.k_total + k;
+  if (aligned) CHECK(src % 8 == 0);
+  for (int e = 0; e < elems; ++e) {
+    CHECK(k + e < p.k_total && src + e < int64_t(buf.size()));
+    if (a_operand && p.a_written != nullptr) CHECK((*p.a_written)[size_t(src + e)]);
+    chunk[e] = buf[size_t(src + e)];
+  }
+}
+
+// The epilogues' effects, as the kernels' store_act_pair / CombineRow (moe/fused_moe_cuda_gemm.cuh)
+// make them, with each element's write counted: act of grouped row r, column col (< I) from its
+// gate and up sums; GEMM 2's rank sum for the token of `pair`, column n (< H), from y.
+void epilogue_act(const GemmSim& p, int64_t r, int64_t col, float g, float u) {
+  const size_t at = size_t(r * p.act_stride + col);
+  CHECK(col < p.act_stride && at < p.act->size());
+  (*p.act)[at] = from_f(ix::act_value(p.activation, g, u));
+  ++(*p.act_count)[at];
+}
+void epilogue_combine(const GemmSim& p, int32_t pair, int64_t n, float y) {
+  const size_t at = size_t(pair / p.top_k * p.n_total + n);
+  const float prev = p.first ? 0.f : (*p.acc32)[at];
+  const float s = ix::combine_value(p.first, prev, (*p.weights)[size_t(pair)], y);
+  if (p.last) {
+    (*p.out)[at] = from_f(s);
+  } else {
+    (*p.acc32)[at] = s;
+  }
+  ++(*p.out_count)[at];
+}
+
 void sim_gemm(const GemmSim& p) {
   Smem smem;
   static float acc[ix::kWarps][ix::kMI][ix::kNI][32][4];
   walk_ctas(p.m_blocks, p.n_blocks, ix::tile_of, [&](const ix::TileCoord& tile) {
-    const int64_t row0 = int64_t(p.plan->offsets[size_t(p.first_key)]) + tile.mb * ix::kBM;
-    const int32_t key = ix::segment_of_row(p.plan->offsets.data(), p.first_key, p.keys, row0);
-    if (key < 0) return;
-    CHECK(row0 + ix::kBM <= p.plan->offsets[size_t(key + 1)]);  // the tile inside one segment
-    const int32_t expert = key % p.experts;
+    const auto [row0, expert] = sim_tile_start(p, tile.mb, ix::kBM);
+    if (expert < 0) return;
     const int64_t n0 = tile.nb * (p.gate_up ? ix::kGateCols : ix::kBN);
     smem.reset(ix::kSmemBytes);
 
@@ -454,12 +514,8 @@ void sim_gemm(const GemmSim& p) {
     std::vector<int64_t> a_row(size_t(ix::kThreads * ix::kAChunksPerThread)), b_row(size_t(ix::kThreads * ix::kBChunksPerThread));
     for (int tid = 0; tid < ix::kThreads; ++tid) {
       const int crow = ix::chunk_row(tid);
-      for (int i = 0; i < ix::kAChunksPerThread; ++i) {
-        const int32_t pair = p.plan->sorted[size_t(row0 + crow + i * ix::kRowsPerPass)];
-        int64_t r = -1;
-        if (pair >= 0) r = p.gate_up ? pair / p.top_k : (*p.row_of_pair)[size_t(pair)];
-        a_row[size_t(tid * ix::kAChunksPerThread + i)] = r;
-      }
+      for (int i = 0; i < ix::kAChunksPerThread; ++i)
+        a_row[size_t(tid * ix::kAChunksPerThread + i)] = sim_a_row(p, row0 + crow + i * ix::kRowsPerPass);
       for (int i = 0; i < ix::kBChunksPerThread; ++i) {
         const int b = crow + i * ix::kRowsPerPass;
         const int64_t wr = p.gate_up ? ix::gemm1_weight_row(b, n0, p.n_total) : (n0 + b < p.n_total ? n0 + b : -1);
@@ -482,19 +538,8 @@ void sim_gemm(const GemmSim& p) {
             const int row = crow + i * ix::kRowsPerPass;
             CHECK(row < (operand == 0 ? ix::kBM : ix::kBN));
             const int64_t src_row = operand == 0 ? a_row[size_t(tid * per + i)] : b_row[size_t(tid * per + i)];
-            const int elems = ix::chunk_elems(k, p.k_total, src_row >= 0);
-            uint16_t chunk[8] = {};
-            if (elems > 0) {
-              const std::vector<uint16_t>& buf = operand == 0 ? *p.a : *p.w;
-              const int64_t src = operand == 0 ? src_row * p.a_stride + k
-                                               : int64_t(expert) * p.w_expert_stride + src_row * p.k_total + k;
-              if (p.vector) CHECK(src % 8 == 0);
-              for (int e = 0; e < elems; ++e) {
-                CHECK(k + e < p.k_total && src + e < int64_t(buf.size()));
-                if (operand == 0 && p.a_written != nullptr) CHECK((*p.a_written)[size_t(src + e)]);
-                chunk[e] = buf[size_t(src + e)];
-              }
-            }
+            uint16_t chunk[8];
+            sim_read_chunk(p, operand == 0, src_row, k, expert, p.vector, chunk);
             const int dst = ix::smem_offset(row, ccol);
             CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? ix::kABytes : ix::kBBytes));
             smem.write((operand == 0 ? sa : sb) + size_t(dst), reinterpret_cast<const uint8_t*>(chunk), 16, p.vector);
@@ -558,33 +603,148 @@ void sim_gemm(const GemmSim& p) {
                   CHECK(ix::b_tile_row(true, wn, j + ix::kNI / 2) == ix::b_tile_row(true, wn, j) + ix::kGateCols);
                   CHECK(col == ix::gate_col(n0, wn, j, lane, 0) + e);
                   if (col >= p.n_total) continue;
-                  const float v = ix::act_value(p.activation, acc[warp][i][j][lane][2 * half + e],
-                                                acc[warp][i][j + ix::kNI / 2][lane][2 * half + e]);
-                  const size_t at = size_t(r * p.act_stride + col);
-                  CHECK(col < p.act_stride && at < p.act->size());
-                  (*p.act)[at] = from_f(v);
-                  ++(*p.act_count)[at];
+                  epilogue_act(p, r, col, acc[warp][i][j][lane][2 * half + e],
+                               acc[warp][i][j + ix::kNI / 2][lane][2 * half + e]);
                 }
             } else {
-              const int64_t t = pair / p.top_k;
-              const float w = (*p.weights)[size_t(pair)];
               for (int j = 0; j < ix::kNI; ++j)
                 for (int e = 0; e < 2; ++e) {
                   const int64_t n = ix::out_col(n0, wn, j, lane, e);
                   CHECK(n == n0 + wn * ix::kWN + 8 * j + spec::c_col(lane, 2 * half + e));
-                  if (n >= p.n_total) continue;
-                  const size_t at = size_t(t * p.n_total + n);
-                  const float prev = p.first ? 0.f : (*p.acc32)[at];
-                  const float s = ix::combine_value(p.first, prev, w, acc[warp][i][j][lane][2 * half + e]);
-                  if (p.last) {
-                    (*p.out)[at] = from_f(s);
-                  } else {
-                    (*p.acc32)[at] = s;
-                  }
-                  ++(*p.out_count)[at];
+                  if (n < p.n_total) epilogue_combine(p, pair, n, acc[warp][i][j][lane][2 * half + e]);
                 }
             }
           }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// (e) the Hopper grouped GEMM kernel (moe/fused_moe_wgmma.cu, sm_90a)
+// ---------------------------------------------------------------------------------------------
+// grouped_wgmma_kernel on every CTA of the grid: the chunk sources (gathered A rows, the tile's
+// gate / up or W2 rows, checked against an independent map), every cp.async into the swizzled
+// stages (bounds, alignment, zero fill), the ring's order (shared-memory model, slot reuse only
+// after the reading batch completed), each wgmma's operands read back through the kernel's
+// descriptors with the PTX swizzle model (mma_spec::wgmma_sw128_address), and the epilogue's
+// register walk against the PTX accumulator layout, with the gate / up pairing.
+void sim_wgmma_gemm(const GemmSim& p) {
+  using Tile = wx::Tile;
+  CHECK(p.vector);
+  // The dynamic shared memory's address as the kernel sees it, then aligned up to an atom.
+  const uint32_t raw = uint32_t(16 * rnd(0, 200));
+  const uint32_t base = (raw + wx::kSwizzleAtomBytes - 1) & ~uint32_t(wx::kSwizzleAtomBytes - 1);
+  CHECK(base - raw + uint32_t(Tile::kStages * Tile::kStageBytes) <= uint32_t(Tile::kSmemBytes));
+  Smem smem;
+  static float acc[wx::kBM][Tile::kBN];
+  walk_ctas(p.m_blocks, p.n_blocks, ix::tile_of, [&](const ix::TileCoord& tile) {
+    const auto [row0, expert] = sim_tile_start(p, tile.mb, wx::kBM);
+    if (expert < 0) return;
+    const int64_t n0 = tile.nb * (p.gate_up ? wx::kGateCols : Tile::kBN);
+    smem.reset(size_t(Tile::kStages) * Tile::kStageBytes);
+
+    const auto load_stage = [&](int iter) {
+      const int stage = Tile::stage_of(iter);
+      for (int tid = 0; tid < wx::kThreads; ++tid) {
+        const int col = wx::chunk_col(tid);
+        const int64_t k = int64_t(iter) * wx::kBKElems + col * ix::kChunkElems;
+        for (int operand = 0; operand < 2; ++operand) {
+          const int per = operand == 0 ? wx::kAChunksPerThread : Tile::kBChunksPerThread;
+          for (int i = 0; i < per; ++i) {
+            const int row = wx::chunk_row(tid, i);
+            CHECK(row < (operand == 0 ? wx::kBM : Tile::kBN));
+            int64_t src_row = -1;
+            if (operand == 0) {
+              src_row = sim_a_row(p, row0 + row);
+            } else {
+              src_row = wx::weight_row(p.gate_up, row, n0, p.n_total);
+              // independent: gate rows j, up rows I + j of the tile's 128 columns; W2 rows n0 + row
+              const int64_t j = n0 + (p.gate_up ? row % wx::kGateCols : row);
+              CHECK(src_row == (j < p.n_total ? (p.gate_up && row >= wx::kGateCols ? p.n_total + j : j) : -1));
+            }
+            uint16_t chunk[8];
+            sim_read_chunk(p, operand == 0, src_row, k, expert, true, chunk);
+            const int dst = (operand == 0 ? Tile::a_tile_offset(stage) : Tile::b_tile_offset(stage)) +
+                            wx::swizzled_offset(row, col);
+            CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? Tile::b_tile_offset(stage) : (stage + 1) * Tile::kStageBytes));
+            smem.write(size_t(dst), reinterpret_cast<const uint8_t*>(chunk), 16, true);
+          }
+        }
+      }
+    };
+    zero_all(acc);
+    const auto batch = [&](int iter, int stage) {
+      for (int g = 0; g < wx::kWarpgroups; ++g) {
+        const uint64_t desc_a = wx::make_smem_desc(base + uint32_t(Tile::a_warpgroup_offset(stage, g)));
+        const uint64_t desc_b = wx::make_smem_desc(base + uint32_t(Tile::b_tile_offset(stage)));
+        for (int ks = 0; ks < wx::kKSteps; ++ks) {
+          // m64n256k16: 64 A rows and 256 B rows of 16 values (32 bytes) each
+          static float A[64][16], B[Tile::kBN][16];
+          const uint64_t da = wx::desc_at_k_step(desc_a, ks), db = wx::desc_at_k_step(desc_b, ks);
+          const auto read = [&](uint64_t desc, int r, int v) {
+            uint16_t bits = 0;
+            for (int b = 0; b < 2; ++b) {
+              uint8_t byte;
+              CHECK(smem.read(mma_spec::wgmma_sw128_address(desc, r, 2 * v + b) - base, &byte, 1));
+              bits = uint16_t(bits | (uint16_t(byte) << (8 * b)));
+            }
+            return to_f(bits);
+          };
+          for (int r = 0; r < 64; ++r)
+            for (int v = 0; v < 16; ++v) A[r][v] = read(da, r, v);
+          for (int r = 0; r < Tile::kBN; ++r)
+            for (int v = 0; v < 16; ++v) B[r][v] = read(db, r, v);
+          for (int r = 0; r < 64; ++r)
+            for (int n = 0; n < Tile::kBN; ++n) {
+              double sum = 0;  // small integers: exact, as is acc
+              for (int v = 0; v < 16; ++v) sum += double(A[r][v]) * B[n][v];
+              acc[64 * g + r][n] += float(sum);
+            }
+          // the operands are the stage's rows at K values iter * 64 + 16 ks ..
+          const int64_t kv = int64_t(iter) * wx::kBKElems + 16 * ks;
+          for (int v = 0; v < 16; ++v) {
+            const int r = int(rnd(0, 63));
+            const int64_t a_row = sim_a_row(p, row0 + 64 * g + r);
+            const float want = a_row >= 0 && kv + v < p.k_total ? to_f((*p.a)[size_t(a_row * p.a_stride + kv + v)]) : 0.f;
+            CHECK(A[r][v] == want);
+          }
+        }
+      }
+    };
+    run_wgmma_ring<Tile>(smem, int(p.k_iters), load_stage, batch);
+
+    // epilogue, register by register as the kernel walks them
+    for (int warp = 0; warp < wx::kThreads / 32; ++warp) {
+      const int g = warp / 4, w = warp % 4;
+      for (int lane = 0; lane < 32; ++lane)
+        for (int h = 0; h < 2; ++h) {
+          const int trow = wx::acc_row(g, w, lane, 2 * h);
+          CHECK(trow == 64 * g + mma_spec::Wgmma64::d_row(w, lane, 2 * h));
+          const int64_t r = row0 + trow;
+          const int32_t pair = p.plan->sorted[size_t(r)];
+          if (pair < 0) continue;
+          if (p.gate_up) {
+            for (int j = 0; j < wx::kGateCols / 8; ++j)
+              for (int e = 0; e < 2; ++e) {
+                const int i = 4 * j + 2 * h + e;
+                const int64_t col = wx::gate_col(n0, lane, 4 * j + 2 * h) + e;
+                const int c = mma_spec::Wgmma64::d_col(lane, i);
+                // independent: register i holds gate column c, register i + 64 the up row of it
+                CHECK(col == n0 + c && mma_spec::Wgmma64::d_col(lane, i + wx::kUpRegOffset) == c + wx::kGateCols);
+                CHECK(mma_spec::Wgmma64::d_row(w, lane, i) == trow - 64 * g);
+                if (col < p.n_total) epilogue_act(p, r, col, acc[trow][c], acc[trow][c + wx::kGateCols]);
+              }
+          } else {
+            for (int j = 0; j < Tile::kBN / 8; ++j)
+              for (int e = 0; e < 2; ++e) {
+                const int i = 4 * j + 2 * h + e;
+                const int c = mma_spec::Wgmma64::d_col(lane, i);
+                const int64_t n = n0 + wx::acc_col(lane, i);
+                CHECK(n == n0 + c && mma_spec::Wgmma64::d_row(w, lane, i) == trow - 64 * g);
+                if (n < p.n_total) epilogue_combine(p, pair, n, acc[trow][c]);
+              }
+          }
+        }
     }
   });
 }
@@ -600,22 +760,25 @@ moe::FusedMoeParams problem_params(const Problem& p) {
   return fp;
 }
 
-void run_gemm_path(const Problem& p, int num_sms) {
+// The GEMM path on the mma.sync kernels or (wgmma) on the Hopper ones with their 128-row plan
+// padding; the same checks of act and out either way.
+void run_gemm_path(const Problem& p, int num_sms, bool wgmma) {
   const int64_t T = p.r.T, H = p.H, I = p.I;
   const int k = p.r.k;
   const int32_t E = p.r.E;
   const int64_t pairs = T * k;
   const moe::FusedMoeParams fp = problem_params(p);
   const bool decode = ix::use_decode(pairs);
-  const ix::Layout l = ix::make_layout(fp, num_sms, ix::kBM, 2);
+  const int64_t block = wgmma ? wx::kBM : ix::kBM;
+  const ix::Layout l = ix::make_layout(fp, num_sms, block, 2);
   // plans (plan 2 sized here when the layout is the decode one: the GEMM path forced on small
   // problems for coverage)
   DevPlan plan1, plan2;
-  sim_plan(p.r.ids, pairs, k, E, false, ix::kBM, l.chunks1, l.rows1, plan1);
-  const int64_t rows2 = moe::max_grouped_rows(pairs, int64_t(k) * E, ix::kBM);
+  sim_plan(p.r.ids, pairs, k, E, false, block, l.chunks1, l.rows1, plan1);
+  const int64_t rows2 = moe::max_grouped_rows(pairs, int64_t(k) * E, block);
   if (!decode) CHECK(rows2 == l.rows2 && l.keys2 == int64_t(k) * E);
-  sim_plan(p.r.ids, pairs, k, E, true, ix::kBM, ix::plan_chunks(pairs, int64_t(k) * E, num_sms), rows2, plan2);
-  check_plan_against_host(plan1, p.r.ids, pairs, E, ix::kBM, true, E);
+  sim_plan(p.r.ids, pairs, k, E, true, block, ix::plan_chunks(pairs, int64_t(k) * E, num_sms), rows2, plan2);
+  check_plan_against_host(plan1, p.r.ids, pairs, E, block, true, E);
 
   const int64_t act_stride = ix::act_stride(I);
   std::vector<uint16_t> act(size_t(l.rows1 * act_stride), kPoison);
@@ -636,16 +799,17 @@ void run_gemm_path(const Problem& p, int num_sms) {
   g1.keys = E;
   g1.experts = E;
   g1.top_k = k;
-  g1.m_blocks = l.rows1 / ix::kBM;
-  g1.n_blocks = ix::gemm1_n_blocks(I);
-  g1.k_iters = ix::ceil_div(H, ix::kBK);
+  g1.m_blocks = l.rows1 / block;
+  g1.n_blocks = wgmma ? wx::gemm1_n_blocks(I) : ix::gemm1_n_blocks(I);
+  g1.k_iters = wgmma ? wx::k_iters(H) : ix::ceil_div(H, ix::kBK);
   g1.vector = vector1;
   g1.act = &act;
   g1.act_count = &act_count;
   g1.act_stride = act_stride;
   g1.activation = p.act;
-  CHECK(l.rows1 % ix::kBM == 0);
-  sim_gemm(g1);
+  CHECK(l.rows1 % block == 0);
+  const auto gemm = wgmma ? sim_wgmma_gemm : sim_gemm;
+  gemm(g1);
   // act: every element of a real pair's row written once, bit for bit round(act(g, u))
   std::vector<uint8_t> act_written(act.size(), 0);
   for (int64_t r = 0; r < l.rows1; ++r)
@@ -681,9 +845,9 @@ void run_gemm_path(const Problem& p, int num_sms) {
   g2.experts = E;
   g2.row_of_pair = &plan1.row_of_pair;
   g2.top_k = k;
-  g2.m_blocks = moe::max_grouped_rows(T, E, ix::kBM) / ix::kBM;
-  g2.n_blocks = ix::gemm2_n_blocks(H);
-  g2.k_iters = ix::ceil_div(I, ix::kBK);
+  g2.m_blocks = moe::max_grouped_rows(T, E, block) / block;
+  g2.n_blocks = wgmma ? wx::gemm2_n_blocks(H) : ix::gemm2_n_blocks(H);
+  g2.k_iters = wgmma ? wx::k_iters(I) : ix::ceil_div(I, ix::kBK);
   g2.vector = vector2;
   g2.weights = &p.r.weights;
   g2.acc32 = &acc32;
@@ -694,11 +858,11 @@ void run_gemm_path(const Problem& p, int num_sms) {
     g2.first_key = rank * E;
     g2.first = rank == 0;
     g2.last = rank == k - 1;
-    sim_gemm(g2);
+    gemm(g2);
     for (int c : count) CHECK(c == 1);  // each (t, n) once per rank
   }
   check_out(p, out, [&](int64_t pair, int64_t i) { return double(to_f(act[size_t(plan1.row_of_pair[size_t(pair)] * act_stride + i)])); },
-            "gemm path");
+            wgmma ? "wgmma gemm path" : "gemm path");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -850,6 +1014,20 @@ void run_decode_path(const Problem& p, int num_sms) {
   check_out(p, out, [&](int64_t pair, int64_t i) { return double(to_f(act[size_t(pair * act_stride + i)])); }, "decode");
 }
 
+// The Hopper path: 16-byte rows, sizes past one 128-column gate tile, one 256-column W2 tile and
+// one 64-value K stage.
+void check_wgmma_case() {
+  g_bf16 = rnd(0, 1) != 0;
+  const int32_t E = rnd(0, 2) == 0 ? 1 : int32_t(rnd(2, 12));
+  const int k = int(rnd(1, std::min<int64_t>(4, E)));
+  const int64_t T = ix::kDecodeMaxPairs / k + rnd(1, 40);
+  const int64_t H = 8 * rnd(1, 70), I = 8 * rnd(1, 40);
+  Problem p = random_problem(T, k, E, H, I);
+  p.aligned_rows = true;
+  CHECK(wx::usable(T * k, true) && !wx::usable(T * k, false) && !wx::usable(ix::kDecodeMaxPairs, true));
+  run_gemm_path(p, int(rnd(1, 132)), true);
+}
+
 void check_fused_case(bool decode) {
   static const int32_t kEs[] = {1, 7, 60};
   g_bf16 = rnd(0, 1) != 0;
@@ -867,7 +1045,7 @@ void check_fused_case(bool decode) {
   if (decode) {
     run_decode_path(p, num_sms);
   } else {
-    run_gemm_path(p, num_sms);
+    run_gemm_path(p, num_sms, false);
   }
 }
 
@@ -981,6 +1159,8 @@ int main(int argc, char** argv) {
   printf("decode ok\n");
   for (int c = 0; c < std::max(1, cases / 2); ++c) check_fused_case(false);
   printf("grouped gemm ok\n");
+  for (int c = 0; c < std::max(1, cases / 8); ++c) check_wgmma_case();
+  printf("hopper grouped gemm ok\n");
   printf("all ok\n");
   return 0;
 }

@@ -133,3 +133,32 @@ void run_pipeline(Smem& smem, int stages, int k_iters, const Load& load_stage, c
   }
   smem.wait(0);
 }
+
+// The k loop of the Hopper GEMMs on common/cuda/wgmma_ring.cuh without promotion, as every thread
+// issues it: Tile::kLoadAhead stages of copies ahead; per iteration wait for its copies, barrier,
+// refill, commit, then batch(iter, stage) reads the stage (its wgmma batch) and a wgmma wait leaves
+// only that batch in flight. A slot may be refilled only once the batch that last read it is
+// complete. load_stage(iter) issues iteration iter's copies.
+template <class Tile, class Load, class Batch>
+void run_wgmma_ring(Smem& smem, int k_iters, const Load& load_stage, const Batch& batch) {
+  std::vector<int> slot_reader(Tile::kStages, -1);  // the iteration whose batch last read a slot
+  int complete = -1;                                // every batch up to this iteration is done
+  const auto load = [&](int iter) {
+    CHECK(slot_reader[size_t(Tile::stage_of(iter))] <= complete);
+    load_stage(iter);
+  };
+  for (int s = 0; s < Tile::kLoadAhead; ++s) {
+    if (s < k_iters) load(s);
+    smem.commit();
+  }
+  for (int iter = 0; iter < k_iters; ++iter) {
+    smem.wait(Tile::kLoadAhead - 1);
+    smem.barrier();
+    if (Tile::refill_iter(iter) < k_iters) load(Tile::refill_iter(iter));
+    smem.commit();
+    batch(iter, Tile::stage_of(iter));
+    slot_reader[size_t(Tile::stage_of(iter))] = iter;
+    complete = iter - 1;  // wgmma.wait_group 1
+  }
+  smem.wait(0);
+}

@@ -914,9 +914,9 @@ void check_static() {
     static_assert(wx::kThreads == 256 && wx::Int8Tile::kAccRegs == 128 && wx::Fp8Tile::kAccRegs == 64, "wgmma config");
     static_assert(wx::Int8Tile::kStages == 4 && wx::Fp8Tile::kStages == 6, "192 KB of stages");
     static_assert(wx::Int8Tile::kSmemBytes <= 227 * 1024 && wx::Fp8Tile::kSmemBytes <= 227 * 1024, "smem per SM");
-    CHECK(wx::Int8Tile::use(4096, 8192, 132, true) && wx::Int8Tile::use(1100, 3901, 132, true));
-    CHECK(!wx::Int8Tile::use(4096, 8192, 132, false) && !wx::Int8Tile::use(256, 8192, 132, true));
-    CHECK(wx::Fp8Tile::use(1100, 3901, 132, true) && !wx::Fp8Tile::use(512, 4096, 132, true));
+    CHECK(wx::use_tile<wx::Int8Tile>(4096, 8192, 132, true) && wx::use_tile<wx::Int8Tile>(1100, 3901, 132, true));
+    CHECK(!wx::use_tile<wx::Int8Tile>(4096, 8192, 132, false) && !wx::use_tile<wx::Int8Tile>(256, 8192, 132, true));
+    CHECK(wx::use_tile<wx::Fp8Tile>(1100, 3901, 132, true) && !wx::use_tile<wx::Fp8Tile>(512, 4096, 132, true));
     for (uint32_t address = 0; address < 228 * 1024; address += 16) {
       const uint64_t desc = wx::make_smem_desc(address);
       CHECK(uint32_t(desc & 0x3FFF) << 4 == address && ((desc >> 32) & 0x3FFF) << 4 == 1024);

@@ -1,10 +1,11 @@
 // Hopper warpgroup tensor-core helpers (sm_90a only: wgmma needs the arch-specific target):
 // the fences and group waits of wgmma.mma_async, the 8-bit shapes of the W8A8 GEMM (int8
-// m64n256k32 -> s32, e4m3 m64n128k32 -> f32, operands in shared memory) and the 16-bit ones of
-// the attention forward (S = Q K^T from shared memory, O += P V with P in registers).
-// Descriptor encodings and the accumulator map are host-testable in quant/w8a8_wgmma_index.h and
-// attention/block_sparse_attention_cuda_index.h. Call only from code compiled for sm_90a (sources
-// built for other archs too guard the calls with __CUDA_ARCH_FEAT_SM90_ALL). No torch headers.
+// m64n256k32 -> s32, e4m3 m64n128k32 -> f32, operands in shared memory), the 16-bit m64n256k16
+// of fused_moe's grouped GEMMs and the 16-bit ones of the attention forward (S = Q K^T from
+// shared memory, O += P V with P in registers). Descriptor encodings and the accumulator map are
+// host-testable in common/wgmma_gemm_tile.h and attention/block_sparse_attention_cuda_index.h.
+// Call only from code compiled for sm_90a (sources built for other archs too guard the calls with
+// __CUDA_ARCH_FEAT_SM90_ALL). No torch headers.
 //
 // Order of a k step (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 //   shared operands written by cp.async / st.shared: wait for them, fence_proxy_async_shared() in
@@ -103,6 +104,24 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
       : "memory");
 }
 
+// d += A B^T for 16-bit A (64 x 16) and B (256 x 16), both K-major in shared memory, fp32
+// accumulators in the flat m64nN layout (as the int8 shape above); the trailing 1, 1, 1, 0, 0:
+// accumulate, unscaled, untransposed. kBf16: bf16, else fp16. fused_moe's Hopper GEMMs.
+#define TORCH_EXT_WGMMA_M64N256K16_SS(ty)                                                             \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." ty "." ty " {" TORCH_EXT_WGMMA_REGS_0_63 \
+               ", " TORCH_EXT_WGMMA_REGS_64_127 "}, %128, %129, 1, 1, 1, 0, 0;\n"                      \
+               : TORCH_EXT_WGMMA_ACC64("+f", d, 0), TORCH_EXT_WGMMA_ACC64("+f", d, 64)                 \
+               : "l"(desc_a), "l"(desc_b)                                                              \
+               : "memory")
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (kBf16) {
+    TORCH_EXT_WGMMA_M64N256K16_SS("bf16");
+  } else {
+    TORCH_EXT_WGMMA_M64N256K16_SS("f16");
+  }
+}
+
 // 16-bit accumulators as [n8 tile][4] (the mma.m16n8 C layout of each warp's 16 rows, PTX
 // "Register Fragments" of wgmma D): operand lists of 8 and 16 tiles.
 #define TORCH_EXT_WGMMA_TILE(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
@@ -168,6 +187,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uin
   }
 }
 
+#undef TORCH_EXT_WGMMA_M64N256K16_SS
 #undef TORCH_EXT_WGMMA_M64N128K16_RS
 #undef TORCH_EXT_WGMMA_M64N64K16_RS
 #undef TORCH_EXT_WGMMA_M64N64K16_SS
