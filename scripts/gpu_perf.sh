@@ -54,6 +54,11 @@ if has targets; then
   # M = 64 (16 < M <= 256 take that GEMM; larger M dequantize + cuBLAS).
   step quant_wgmma 40 env TORCH_EXT_WO_WGMMA=1 "$PY" -m torch_ext bench --device cuda --op quant \
     --match "M=64 8192x8192 int4" --out "$OUT/quant_wgmma"
+  # fused_moe's prefill with its GEMMs on Hopper wgmma (opt-in until it has run:
+  # test_hopper_grouped_gemms in the check step) instead of torch._grouped_mm (issue 6: >= 1.3x
+  # over sort + _grouped_mm at T = 4096), against eager and sort + _grouped_mm.
+  step moe_wgmma 60 env TORCH_EXT_MOE_WGMMA=1 TORCH_EXT_MOE_GROUPED_FORWARD=0 "$PY" -m torch_ext bench --device cuda \
+    --op fused_moe --match "mixtral T=64 " --match "mixtral T=4096" --out "$OUT/moe_wgmma"
   bench attention 90 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
     --match "S=32768 full 10%" --match "S=4096 block" --match "S=32768 block"
   # The same forward cases on the Hopper wgmma forward (opt-in until it has run: its tests are in
@@ -71,11 +76,6 @@ if has targets; then
     --op "moba_attention fwd+bwd" --match "S=4096" --match "S=32768" --out "$OUT/moba_gather_bwd"
   bench moe 90 --op moe --match "mixtral T=1 " --match "mixtral T=64 " --match "mixtral T=4096" \
     --match "moe_route"
-  # The same prefill cases with fused_moe's GEMMs on Hopper wgmma (opt-in until it has run:
-  # test_hopper_grouped_gemms in the check step) instead of torch._grouped_mm (issue 6: >= 1.3x
-  # over sort + _grouped_mm at T = 4096).
-  step moe_wgmma 60 env TORCH_EXT_MOE_WGMMA=1 TORCH_EXT_MOE_GROUPED_FORWARD=0 "$PY" -m torch_ext bench --device cuda \
-    --op fused_moe --match "mixtral T=64 " --match "mixtral T=4096" --out "$OUT/moe_wgmma"
   # fused_moe's forward by token count: fused kernel (mma.sync and wgmma GEMMs) against
   # torch._grouped_mm (where auto switches).
   PYTHONPATH=. step moe_grouped 90 "$PY" scripts/moe_grouped_sweep.py --tokens 1 16 64 256 512 4096 \
