@@ -251,7 +251,8 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs<T>& p) {
   const T* a_src[ix::kAChunksPerThread];
   const T* b_src[ix::kBChunksPerThread];
 #pragma unroll
-  for (int i = 0; i < ix::kAChunksPerThread; ++i) a_src[i] = a_row_source<T, kGateUp>(p, row0 + crow + i * ix::kRowsPerPass);
+  for (int i = 0; i < ix::kAChunksPerThread; ++i)
+    a_src[i] = a_row_source<T, kGateUp>(p, row0 + crow + i * ix::kRowsPerPass);
   const T* const w_expert = p.w + int64_t(expert) * p.w_expert_stride;
 #pragma unroll
   for (int i = 0; i < ix::kBChunksPerThread; ++i) {

@@ -471,7 +471,8 @@ void sim_read_chunk(const GemmSim& p, bool a_operand, int64_t src_row, int64_t k
   std::fill(chunk, chunk + 8, uint16_t(0));
   if (elems == 0) return;
   const std::vector<uint16_t>& buf = a_operand ? *p.a : *p.w;
-  const int64_t src = a_operand ? src_row * p.a_stride + k : int64_t(expert) * p.w_expert_stride + src_row * p.k_total + k;
+  const int64_t src =
+      a_operand ? src_row * p.a_stride + k : int64_t(expert) * p.w_expert_stride + src_row * p.k_total + k;
   if (aligned) CHECK(src % 8 == 0);
   for (int e = 0; e < elems; ++e) {
     CHECK(k + e < p.k_total && src + e < int64_t(buf.size()));
@@ -666,7 +667,8 @@ void sim_wgmma_gemm(const GemmSim& p) {
             sim_read_chunk(p, operand == 0, src_row, k, expert, true, chunk);
             const int dst = (operand == 0 ? Tile::a_tile_offset(stage) : Tile::b_tile_offset(stage)) +
                             wx::swizzled_offset(row, col);
-            CHECK(dst % 16 == 0 && dst + 16 <= (operand == 0 ? Tile::b_tile_offset(stage) : (stage + 1) * Tile::kStageBytes));
+            const int end = operand == 0 ? Tile::b_tile_offset(stage) : (stage + 1) * Tile::kStageBytes;
+            CHECK(dst % 16 == 0 && dst + 16 <= end);
             smem.write(size_t(dst), reinterpret_cast<const uint8_t*>(chunk), 16, true);
           }
         }
@@ -705,7 +707,8 @@ void sim_wgmma_gemm(const GemmSim& p) {
           for (int v = 0; v < 16; ++v) {
             const int r = int(rnd(0, 63));
             const int64_t a_row = sim_a_row(p, row0 + 64 * g + r);
-            const float want = a_row >= 0 && kv + v < p.k_total ? to_f((*p.a)[size_t(a_row * p.a_stride + kv + v)]) : 0.f;
+            const bool inside = a_row >= 0 && kv + v < p.k_total;
+            const float want = inside ? to_f((*p.a)[size_t(a_row * p.a_stride + kv + v)]) : 0.f;
             CHECK(A[r][v] == want);
           }
         }
