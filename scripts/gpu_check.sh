@@ -3,9 +3,9 @@
 # scripts/gpu_session.sh; alone: bash scripts/gpu_check.sh OUTDIR [PHASE...]
 # Phases (default all, in this order):
 #   build     from source against that machine's torch, sm_90a, all cores
-#   tests     the CUDA tests (-m cuda), then the tests that depend on that machine's torch and
-#             transformers versions (integrations, build) or on that machine's CPU (AMX tiles,
-#             which the project VM lacks), over pytest-xdist workers of one thread each; the
+#   tests     the CUDA tests (-m cuda), over pytest-xdist workers of one thread each
+#   tests_env the tests that depend on that machine's torch and transformers versions
+#             (integrations, build) or on its CPU (AMX tiles, which the project VM lacks); the
 #             CPU-only rest is CI's (a torch 2.11 venv reproduces it on the VM)
 #   sanitize  compute-sanitizer memcheck and racecheck side by side over a small CUDA subset
 #   bench     the quick CUDA benchmark
@@ -14,10 +14,10 @@
 # H100 the same day: build 71 s, the whole suite 150 s, memcheck 65 s beside racecheck 62 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [build tests sanitize bench]}"
+OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [build tests tests_env sanitize bench]}"
 shift
 source scripts/gpu_lib.sh
-gpu_phases build tests sanitize bench -- "$@"
+gpu_phases build tests tests_env sanitize bench -- "$@"
 mkdir -p "$OUT"
 gpu_deadline_init 560
 PY="${PYTHON:-python3}"
@@ -53,6 +53,8 @@ fi
 if [ $ok -eq 0 ]; then
   if has tests; then
     OMP_NUM_THREADS=1 step tests 150 "${PYTEST[@]}" "${WORKERS[@]}" -rfEs -m cuda tests --junitxml="$OUT/junit.xml"
+  fi
+  if has tests_env; then
     OMP_NUM_THREADS=1 step tests_env 90 "${PYTEST[@]}" "${WORKERS[@]}" -rfEs tests/test_hf_moe.py \
       tests/test_hf_attention.py tests/test_build.py tests/test_cli.py tests/test_amx.py \
       tests/test_block_sparse_attention.py::test_bf16_on_amx_tiles tests/test_moba.py::test_bf16_attention_on_amx_tiles \

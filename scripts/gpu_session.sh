@@ -3,8 +3,9 @@
 # 600 s per command; at most 8 files come back):
 #   bash scripts/gpu_session.sh $OUT      (run with timeout_s 600)
 # Everything in priority order under one deadline (GPU_SECONDS, default 560 s after the start):
-# build, the CUDA tests, the GPU targets' benchmarks (scripts/gpu_perf.sh targets), the
-# sanitizers, the ncu profile of the target kernels, the quick benchmark. The work happens in
+# build, the CUDA tests, the GPU targets' benchmarks (scripts/gpu_perf.sh targets), the ncu
+# profile of the target kernels (what decides the next kernel changes), the version- and
+# host-dependent tests (integrations, AMX), the sanitizers, the quick benchmark. The work happens in
 # /tmp/gpu (scratch space beside the repo copy); after every step it is re-archived into
 # $OUT/gpu.tgz, so a call cut short returns all that finished. $OUT/summary.txt has the status table.
 set -uo pipefail
@@ -17,7 +18,6 @@ summary() { { echo "check:"; cat "$OUT"/check/*.status; echo "perf:"; cat "$OUT"
 # (gpu_check.sh fails only when the build does: then nothing else can run.)
 bash scripts/gpu_check.sh "$OUT/check" build tests || { summary; exit 1; }
 bash scripts/gpu_perf.sh "$OUT/perf" targets
-bash scripts/gpu_check.sh "$OUT/check" sanitize
 bash scripts/gpu_perf.sh "$OUT/perf" profile
-bash scripts/gpu_check.sh "$OUT/check" bench
+bash scripts/gpu_check.sh "$OUT/check" tests_env sanitize bench
 summary
