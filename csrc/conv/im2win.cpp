@@ -121,6 +121,10 @@ void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::T
     return;
 #endif
   }
+  if (TORCH_EXT_CPU_DISPATCH(pointwise_conv_supported, p)) {
+    TORCH_EXT_CPU_DISPATCH(pointwise_conv, p);
+    return;
+  }
   at::Tensor packed;
   if (cache_weight && p.dtype != ScalarKind::kFloat64) {
     packed = cached_packed_weight(weight, int(cpu::active_cpu_isa()), p.geometry.groups, [&] {

@@ -1,0 +1,159 @@
+// The broadcast-panel GEMM of the CPU kernels, defined in the including file's ISA namespace:
+// out[r][m] = w[r] . x(:, m) for weight rows w[r] (K-contiguous) and a panel x whose row k holds
+// `width` columns contiguous (width a whole number of vectors). Each weight scalar is broadcast
+// against kVectors column vectors: kPanelRows x kVectors independent accumulators and no
+// horizontal sums, the core's FMA peak (measured in moe/fused_moe_cpu_panels.h, its first user;
+// the pointwise convolution, conv/pointwise_conv_cpu.cpp, is the second). Rows of x and of out
+// may lie any stride apart: fused_moe's panels are packed blocks (stride = width), an NCHW
+// image's channels are rows of H * W pixels read and written in place.
+//
+// A Math type says what one k step multiplies: WidenMath<T> widens T to fp32 and issues FMAs
+// (kKPerStep 1); fused_moe's Bf16PairMath multiplies bf16 pairs with vdpbf16ps (kKPerStep 2, x
+// rows holding a pair per column) and may take a whole call on AMX tiles (tile_gemm).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cpu/vec.h"
+
+namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::broadcast_panels {
+
+constexpr int kLanes = VecF::kWidth;
+// Accumulators kPanelRows x kVectors, plus kVectors column vectors and one broadcast, fit the
+// register file: 6 x 4 + 4 + 1 = 29 of 32 zmm; 4 x 3 + 3 + 1 = 16 ymm.
+constexpr int kVectors = kLanes == 16 ? 4 : 3;
+constexpr int kPanelRows = kLanes == 16 ? 6 : 4;
+constexpr int kBlockTokens = kLanes * kVectors;  // columns of the widest block
+// K per pass of the row groups over a block: a [512][64] fp32 chunk (128 KB) stays in L2 while
+// every row group of the call reads it, instead of streaming the whole block from L3 per group
+// (fused_moe's GEMM 2 with K = I = 3584 has 917 KB blocks). Measured at T = 512 (Mixtral / 4,
+// fp32): 128 ran 5% slower than 512; 256, 512 and 1024 within the VM's noise.
+constexpr int64_t kKChunk = 512;
+
+// The scalar build has no panels (one-lane vectors).
+constexpr bool kHasPanels = kLanes > 1;
+
+// `columns` (a multiple of kLanes) split into blocks of at most kVectors vectors, as even as
+// possible: 100 columns give 48 + 48 (and 4 left to the caller), not 64 + 32, since a two-vector
+// block runs well below the FMA peak. fused_moe's token blocks, the pointwise convolution's
+// pixel runs.
+struct PanelBlocks {
+  int64_t count, vectors_each, wider;  // blocks [0, wider) hold vectors_each + 1 vectors
+  explicit PanelBlocks(int64_t columns) {
+    const int64_t vectors = columns / kLanes;
+    count = (vectors + kVectors - 1) / kVectors;
+    vectors_each = count == 0 ? 0 : vectors / count;
+    wider = count == 0 ? 0 : vectors % count;
+  }
+  int64_t start(int64_t block) const { return (block * vectors_each + std::min(block, wider)) * kLanes; }
+  int width(int64_t block) const { return int((vectors_each + (block < wider)) * kLanes); }
+  int64_t block_of(int64_t column) const {
+    const int64_t vector = column / kLanes, in_wider = wider * (vectors_each + 1);
+    return vector < in_wider ? vector / (vectors_each + 1) : wider + (vector - in_wider) / vectors_each;
+  }
+};
+
+// One weight widened to fp32 by the hardware where it can (F16C for fp16: the exact software
+// to_float(Half) made fused_moe's fp16 panels 2.5-3x slower than its dot-product kernel at
+// T = 64).
+template <typename T>
+inline float widen(T value) {
+  if constexpr (std::is_same_v<T, Half>) return _cvtsh_ss(value.bits);
+  else return to_float(value);
+}
+
+// fp32 FMA on values of type T widened as they are loaded (fp32; fp16 and bf16 where vdpbf16ps
+// is missing), one k per step. kMinVectors: the column vectors a fused_moe expert needs before
+// its rows take panels. 16-bit weights pay a conversion per broadcast, which few column vectors
+// do not amortize (measured against fused_moe's dot-product kernel, Mixtral / 4, two alternating
+// rounds: bf16 on AVX2 at T = 512 160-166 vs 183-195 ms, but at T = 64, 2 vectors per expert,
+// 37-38 vs 31-35 ms; fp16 on AVX-512 at T = 64 26-27 vs 20-22 ms, at T = 512 127 vs 125-135
+// ms), so they start at one full block.
+template <typename ValueType>
+struct WidenMath {
+  using T = ValueType;
+  using Operand = VecF;
+  static constexpr int kKPerStep = 1;
+  static constexpr int kMinVectors = std::is_same_v<T, float> ? 1 : kVectors;
+  static Operand load_tokens(const T* p) { return load(p); }
+  static Operand broadcast_weights(const T* w) { return broadcast(widen(*w)); }
+  static Operand broadcast_last_weight(const T* w) { return broadcast(widen(*w)); }
+  static VecF multiply_add(Operand w, Operand x, VecF acc) { return fmadd(w, x, acc); }
+};
+
+// Where panel rows lie: x's row k at x + k * x_stride (x_stride counts elements per k, so a
+// pair row spans 2 * x_stride), out's row r at out + r * out_stride.
+struct PanelStrides {
+  int64_t x, out;
+};
+
+// out[r][v * kLanes + lane] (+)= sum_k w[r][k] * x(k, v * kLanes + lane) for k < K (K even for
+// pairs, except at the end of a row).
+template <class Math, int R, int V>
+inline void panel_block(const typename Math::T* const* w, const typename Math::T* x, PanelStrides strides, int64_t K,
+                        bool accumulate, float* out) {
+  using Operand = typename Math::Operand;
+  constexpr int step = Math::kKPerStep;
+  VecF acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = accumulate ? load(out + r * strides.out + v * kLanes) : broadcast(0.0f);
+  const auto step_at = [&](int64_t k, bool last) {
+    Operand xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = Math::load_tokens(x + k * strides.x + v * kLanes * step);
+    for (int r = 0; r < R; ++r) {
+      // A pair past the row's end would read the next row's first value (or past the tensor).
+      const Operand weight = last ? Math::broadcast_last_weight(w[r] + k) : Math::broadcast_weights(w[r] + k);
+      for (int v = 0; v < V; ++v) acc[r][v] = Math::multiply_add(weight, xv[v], acc[r][v]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + step <= K; k += step) step_at(k, false);
+  if (k < K) step_at(k, true);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store(out + r * strides.out + v * kLanes, acc[r][v]);
+}
+
+// panel_block with rows <= R and vectors <= V chosen at run time.
+template <class Math, int R, int V>
+inline void panel_block_upto(int rows, int vectors, const typename Math::T* const* w, const typename Math::T* x,
+                             PanelStrides strides, int64_t K, bool accumulate, float* out) {
+  if constexpr (R > 1)
+    if (rows < R) return panel_block_upto<Math, R - 1, V>(rows, vectors, w, x, strides, K, accumulate, out);
+  if constexpr (V > 1)
+    if (vectors < V) return panel_block_upto<Math, R, V - 1>(rows, vectors, w, x, strides, K, accumulate, out);
+  panel_block<Math, R, V>(w, x, strides, K, accumulate, out);
+}
+
+// out[r][m] = w[r] . x(:, m) for `rows` weight rows (K-contiguous) and `width` columns (whole
+// vectors, at most kBlockTokens) of the panel x.
+template <class Math>
+void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* x, int width, int64_t K,
+                float* out, PanelStrides strides) {
+  static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
+  for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
+    const int64_t chunk = std::min(kKChunk, K - k0);
+    for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
+      const int group = std::min(kPanelRows, rows - r0);
+      const typename Math::T* rows_at_k0[kPanelRows];
+      for (int i = 0; i < group; ++i) rows_at_k0[i] = w[r0 + i] + k0;
+      panel_block_upto<Math, kPanelRows, kVectors>(group, width / kLanes, rows_at_k0, x + k0 * strides.x, strides,
+                                                   chunk, k0 > 0, out + r0 * strides.out);
+    }
+  }
+}
+
+// The same for a packed block ([K][width], out [rows][width]); a Math with a tile product (AMX)
+// may take the whole call.
+template <class Math>
+void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* block, int width, int64_t K,
+                float* out) {
+  if constexpr (requires { Math::tile_gemm(w, rows, block, width, K, out); }) {
+    if (Math::tile_gemm(w, rows, block, width, K, out)) return;
+  }
+  panel_gemm<Math>(w, rows, block, width, K, out, PanelStrides{width, width});
+}
+
+}  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::broadcast_panels
