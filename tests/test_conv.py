@@ -117,13 +117,17 @@ def test_every_cpu_isa_path(cpu_isa):
         _check_forward_and_backward(dict(LAYERS[name], channels_last=False, bias=True), torch.float32, "cpu")
 
 
-# 1x1 stride-1 NCHW fp32 layers that the pointwise GEMM path takes (conv/pointwise_conv_cpu.cpp):
+# 1x1 NCHW fp32 layers that the pointwise GEMM path takes (conv/pointwise_conv_cpu.cpp):
 # whole-vector pixel runs (8x8, 12x12: runs of 4 and 3 vectors), a pixel tail (9x15 = 135), a
-# reduction over two K chunks (C = 600 > 512), K not a multiple of the 6-row groups.
+# reduction over two K chunks (C = 600 > 512), K not a multiple of the 6-row groups; strided
+# (gathered panels): 16x16 / 2 (8x8 outputs), 15x17 / 2 (8x9, a tail), 9x30 / (1, 2) (9x15).
 POINTWISE = {
     "8x8": dict(n=2, c=40, h=8, w=8, k=33, bias=True),
     "12x12_deep": dict(n=1, c=600, h=12, w=12, k=14, bias=False),
     "9x15_tail": dict(n=3, c=24, h=9, w=15, k=70, bias=True),
+    "16x16_stride2": dict(n=2, c=20, h=16, w=16, k=19, bias=True, stride=(2, 2)),
+    "15x17_stride2_tail": dict(n=2, c=9, h=15, w=17, k=12, bias=False, stride=(2, 2)),
+    "9x30_stride1x2": dict(n=1, c=30, h=9, w=30, k=8, bias=True, stride=(1, 2)),
 }
 
 
@@ -131,31 +135,32 @@ POINTWISE = {
 def test_pointwise_path(cpu_isa, name):
     """Forward and both gradients against float64 (the input gradient of a 1x1 convolution is one
     too) on every ISA level (the scalar one takes the general kernel)."""
-    case = dict(POINTWISE[name], r=1, s=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+    case = dict(dict(stride=(1, 1)), **POINTWISE[name], r=1, s=1, padding=(0, 0), dilation=(1, 1), groups=1,
                 channels_last=False)
     _check_forward_and_backward(case, torch.float32, "cpu")
 
 
 def test_pointwise_path_is_taken():
     """Which layers the pointwise path takes, seen through the inference weight cache that only the
-    general kernel fills: fp32 NCHW 1x1 at stride 1 (not channels_last, not bf16, not stride 2, not
-    7x7 images on AVX-512, whose 49 pixels would leave 15 of 64 lanes idle)."""
+    general kernel fills: fp32 NCHW 1x1 without padding, any stride (not channels_last, not bf16,
+    not padded, not 7x7 outputs on AVX-512, whose 49 pixels would leave 15 of 64 lanes idle)."""
     if torch_ext._C.cpu_isa() == "scalar":
         pytest.skip("the scalar build has no vector panels")
     seed = fresh_seed()
     w = random_tensor((16, 8, 1, 1), torch.float32, "cpu", seed)
 
-    def fills_cache(x, stride=1, weight=w):
+    def fills_cache(x, stride=1, padding=0, weight=w):
         torch_ext._C.clear_conv_weight_cache()
         with torch.no_grad():
             for _ in range(2):  # cached from the second call on
-                torch_ext.ops.conv2d(x, weight, None, stride)
+                torch_ext.ops.conv2d(x, weight, None, stride, padding)
         return torch_ext._C.conv_weight_cache_bytes() > 0
 
     x = random_tensor((2, 8, 16, 16), torch.float32, "cpu", seed + 1)
     assert not fills_cache(x)
+    assert not fills_cache(x, stride=2)
+    assert fills_cache(x, padding=1)
     assert fills_cache(x.contiguous(memory_format=torch.channels_last))
-    assert fills_cache(x, stride=2)
     assert fills_cache(x.bfloat16(), weight=w.bfloat16())
     if torch_ext._C.cpu_isa() == "avx512":
         assert fills_cache(random_tensor((2, 8, 7, 7), torch.float32, "cpu", seed + 2))

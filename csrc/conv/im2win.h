@@ -97,9 +97,9 @@ TORCH_EXT_DECLARE_CPU_KERNEL(void im2win_pack_weight(const Im2winConvParams& p, 
 // `packed`: im2win_pack_weight's output for this weight at the same ISA level, or nullptr to
 // pack here. Scratch memory (window rows, bias, panels when packing) is per thread and reused.
 TORCH_EXT_DECLARE_CPU_KERNEL(void im2win_conv(const Im2winConvParams& p, const float* packed))
-// The 1x1 convolution of contiguous NCHW fp32 tensors at stride 1 (no padding, dilation or
-// groups) as a broadcast-panel GEMM per image (conv/pointwise_conv_cpu.cpp), and whether p is
-// one it takes (also: pixel counts that fill this ISA's vectors to at least 7/8).
+// The 1x1 convolution of contiguous NCHW fp32 tensors (any stride; no padding or groups) as a
+// broadcast-panel GEMM per image (conv/pointwise_conv_cpu.cpp), and whether p is one it takes
+// (also: output pixel counts that fill this ISA's vectors to at least 7/8).
 TORCH_EXT_DECLARE_CPU_KERNEL(bool pointwise_conv_supported(const Im2winConvParams& p))
 TORCH_EXT_DECLARE_CPU_KERNEL(void pointwise_conv(const Im2winConvParams& p))
 }  // namespace cpu
