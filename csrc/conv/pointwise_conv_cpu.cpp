@@ -15,7 +15,7 @@
 // window rows (a transpose of NCHW) and its register tiles hold 32 output channels of 12 pixels,
 // which it stores across 32 output rows. On ResNet-50's 1x1 layers (batch 8, project VM, 2
 // threads) it ran at 0.43x of oneDNN for 64 -> 64 channels at 56x56, 0.57x for 64 -> 256, and
-// 0.64x for the 1024 -> 2048 stride-2 layer (docs/perf/conv.md).
+// 0.85-0.97x for the stride-2 layers it now takes (docs/perf/conv.md).
 //
 // Output pixels past the last whole vector of an image (Ho*Wo % lanes of them) go through a
 // zero-padded one-vector panel; pointwise_conv_supported keeps such padding at most 1/8 of the
