@@ -21,7 +21,8 @@ FILES = ["test_silu_and_mul.py", "test_conv.py", "test_weight_only.py", "test_w8
 SELECTION = ("(every_cpu_isa_path or every_isa or extreme_values or random_shapes_cpu or odd_shapes "
              "or matches_reference_cpu or dequantize_matches_reference or sums_exactly or rounds_each_step "
              "or quantize_per_token_exact or scaled_fp8_mm_matches_reference or one_expert_and_idle "
-             "or select_equals_naive or softmax_routing or deepseek_v3_routing or (panel_path_row_counts and silu)) and not cuda")
+             "or select_equals_naive or softmax_routing or deepseek_v3_routing or (panel_path_row_counts and silu) "
+             "or (pointwise_path and tail)) and not cuda")
 # An error report: "==PID== Invalid read of size 8" and its stack, up to the next blank report line.
 _REPORT = re.compile(r"^==\d+== (Invalid (?:read|write) of size \d+.*?)(?=^==\d+== \n|\Z)", re.M | re.S)
 

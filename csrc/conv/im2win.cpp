@@ -121,6 +121,7 @@ void run_convolution(const ConvGeometry& g, const at::Tensor& input, const at::T
     return;
 #endif
   }
+  // fp32 NCHW 1x1 convolutions without padding: a GEMM per image (conv/pointwise_conv_cpu.cpp).
   if (TORCH_EXT_CPU_DISPATCH(pointwise_conv_supported, p)) {
     TORCH_EXT_CPU_DISPATCH(pointwise_conv, p);
     return;

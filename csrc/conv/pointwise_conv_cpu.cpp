@@ -54,6 +54,7 @@ void gather_panel(const ConvGeometry& g, const float* x, int64_t q0, int count, 
   }
 }
 
+// out's K rows (out_stride apart, `width` columns each) += bias[k], where there is a bias.
 void add_bias(const float* bias, int64_t K, int width, float* out, int64_t out_stride) {
   if (bias == nullptr) return;
   for (int64_t k = 0; k < K; ++k) {
