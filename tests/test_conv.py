@@ -135,8 +135,8 @@ POINTWISE = {
 def test_pointwise_path(cpu_isa, name):
     """Forward and both gradients against float64 (the input gradient of a 1x1 convolution is one
     too) on every ISA level (the scalar one takes the general kernel)."""
-    case = dict(dict(stride=(1, 1)), **POINTWISE[name], r=1, s=1, padding=(0, 0), dilation=(1, 1), groups=1,
-                channels_last=False)
+    case = dict(stride=(1, 1), r=1, s=1, padding=(0, 0), dilation=(1, 1), groups=1, channels_last=False)
+    case.update(POINTWISE[name])
     _check_forward_and_backward(case, torch.float32, "cpu")
 
 

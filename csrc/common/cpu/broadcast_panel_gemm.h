@@ -35,10 +35,10 @@ constexpr int64_t kKChunk = 512;
 // The scalar build has no panels (one-lane vectors).
 constexpr bool kHasPanels = kLanes > 1;
 
-// `columns` (a multiple of kLanes) split into blocks of at most kVectors vectors, as even as
-// possible: 100 columns give 48 + 48 (and 4 left to the caller), not 64 + 32, since a two-vector
-// block runs well below the FMA peak. fused_moe's token blocks, the pointwise convolution's
-// pixel runs.
+// The whole vectors of `columns` split into blocks of at most kVectors vectors, as even as
+// possible (the last columns % kLanes are the caller's): 100 columns give 48 + 48 and 4 left, not
+// 64 + 32, since a two-vector block runs well below the FMA peak. fused_moe's token blocks, the
+// pointwise convolution's pixel runs.
 struct PanelBlocks {
   int64_t count, vectors_each, wider;  // blocks [0, wider) hold vectors_each + 1 vectors
   explicit PanelBlocks(int64_t columns) {
