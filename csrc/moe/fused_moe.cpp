@@ -85,9 +85,9 @@ at::Tensor run_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const 
     const c10::cuda::CUDAGuard guard(h.device());
     int num_sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, h.get_device()));
-    const int64_t bytes = cuda::fused_moe_workspace_bytes(p, num_sms);
-    const Scratch scratch(bytes, 256, h.options());  // the launcher's alignment
-    C10_CUDA_CHECK(cuda::fused_moe(p, scratch.data, bytes, num_sms, c10::cuda::getCurrentCUDAStream()));
+    const cuda::FusedMoeLaunch launch = cuda::plan_fused_moe(p, num_sms);
+    const Scratch scratch(launch.workspace_bytes, 256, h.options());  // the launcher's alignment
+    C10_CUDA_CHECK(cuda::fused_moe(p, launch, scratch.data, num_sms, c10::cuda::getCurrentCUDAStream()));
     return out;
 #else
     TORCH_CHECK(false, "torch_ext was built without CUDA");

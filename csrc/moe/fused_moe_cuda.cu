@@ -30,7 +30,7 @@
 // loads into the same shared layout (slower, same results).
 // With TORCH_EXT_MOE_WGMMA=1 on compute capability 9.0 (sm_90a builds, 16-byte rows), steps 3 and
 // 4 run on the Hopper kernels of moe/fused_moe_wgmma.cu instead: 128 x 256 tiles, so both plans
-// pad their segments to 128 rows (gemm_block).
+// pad their segments to 128 rows (gemm_rows, decided once per call by plan_fused_moe).
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
@@ -635,10 +635,9 @@ bool valid_shapes(const FusedMoeParams& p) {
          p.hidden_size <= ix::kMaxPairs && p.intermediate_size <= ix::kMaxPairs;
 }
 
-// The plan's segment padding, which also picks the GEMM kernels: the Hopper ones' 128-row tiles
-// where they are switched on (TORCH_EXT_MOE_WGMMA=1 on compute capability 9.0, 16-byte rows,
-// outside the decode path), else mma.sync's 64.
-int64_t gemm_block(const FusedMoeParams& p) {
+// The plans' segment padding, which also picks the GEMM kernels: the Hopper ones' 128-row tiles
+// where they are switched on (16-byte rows, outside the decode path), else mma.sync's 64.
+int64_t gemm_rows(const FusedMoeParams& p) {
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
   const bool rows = ix::rows_vectorizable(reinterpret_cast<uintptr_t>(p.hidden), p.hidden_size) &&
                     ix::rows_vectorizable(reinterpret_cast<uintptr_t>(p.w13), p.hidden_size) &&
@@ -650,12 +649,13 @@ int64_t gemm_block(const FusedMoeParams& p) {
 
 }  // namespace
 
-int64_t fused_moe_workspace_bytes(const moe::FusedMoeParams& p, int num_sms) {
-  if (!valid_shapes(p) || p.tokens == 0 || p.top_k == 0) return 0;
-  return ix::make_layout(p, num_sms, gemm_block(p), ix::kElemBytes).bytes;
+FusedMoeLaunch plan_fused_moe(const moe::FusedMoeParams& p, int num_sms) {
+  if (!valid_shapes(p) || p.tokens == 0 || p.top_k == 0) return {ix::kBM, 0};
+  const int64_t rows = gemm_rows(p);
+  return {rows, ix::make_layout(p, num_sms, rows, ix::kElemBytes).bytes};
 }
 
-cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int64_t workspace_bytes, int num_sms,
+cudaError_t fused_moe(const moe::FusedMoeParams& p, const FusedMoeLaunch& launch, void* workspace, int num_sms,
                       cudaStream_t stream) {
   if (!supported_dtype(p.dtype) || !valid_shapes(p)) return cudaErrorInvalidValue;
   if (p.tokens == 0) return cudaSuccess;
@@ -667,18 +667,16 @@ cudaError_t fused_moe(const moe::FusedMoeParams& p, void* workspace, int64_t wor
       p.topk_weights == nullptr || p.topk_ids == nullptr) {
     return cudaErrorInvalidValue;
   }
-  // The switch is read again here: a workspace sized before it changed holds the mma.sync
-  // layout (never larger than the Hopper one), so that one runs.
-  int64_t block = gemm_block(p);
-  ix::Layout l = ix::make_layout(p, num_sms, block, ix::kElemBytes);
-  if (l.bytes > workspace_bytes && block != ix::kBM) {
-    block = ix::kBM;
-    l = ix::make_layout(p, num_sms, block, ix::kElemBytes);
-  }
-  if (l.bytes > workspace_bytes) return cudaErrorInvalidValue;
+#if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  const bool known_rows = launch.gemm_rows == ix::kBM || launch.gemm_rows == wx::kBM;
+#else
+  const bool known_rows = launch.gemm_rows == ix::kBM;
+#endif
+  const ix::Layout l = ix::make_layout(p, num_sms, launch.gemm_rows, ix::kElemBytes);
+  if (!known_rows || l.bytes > launch.workspace_bytes) return cudaErrorInvalidValue;
   if (l.rows1 > ix::kMaxPairs * 2 - 1 || l.rows2 > ix::kMaxPairs * 2 - 1) return cudaErrorInvalidValue;
-  if (p.dtype == ScalarKind::kFloat16) return run<Half>(p, l, block, workspace, stream);
-  return run<BFloat16>(p, l, block, workspace, stream);
+  if (p.dtype == ScalarKind::kFloat16) return run<Half>(p, l, launch.gemm_rows, workspace, stream);
+  return run<BFloat16>(p, l, launch.gemm_rows, workspace, stream);
 }
 
 }  // namespace torch_ext::cuda
