@@ -6,7 +6,8 @@
 #   in priority order: weight-only 8192 x 8192 4-bit g128 fp16/bf16 M = 1, 16, 64, 4096 and
 #   W8A8/fp8 at M = 1, 16, 64, 4096 (the wgmma kernel at large M), quantize_per_token on 4096 x
 #   14336 (issue 5's bandwidth target), dequantize_weight; weight-only M = 64 on the opt-in
-#   wgmma batch GEMM (TORCH_EXT_WO_WGMMA=1); block-sparse attention forward dense (64- and
+#   wgmma batch GEMM (TORCH_EXT_WO_WGMMA=1); W8A8 M = 4096 on the copy-engine variant
+#   (TORCH_EXT_WGMMA_TMA=1); block-sparse attention forward dense (64- and
 #   128-row query blocks, against SDPA's default and its flash backend) and 10% at S = 4096, 10%
 #   at 32K (with compiled flex), MoBA at 4K and 32K, then the same on the Hopper wgmma forward
 #   (TORCH_EXT_ATTENTION_WGMMA=1) and forward + backward at 32K with the Hopper backward too
@@ -54,6 +55,11 @@ if has targets; then
   # M = 64 (16 < M <= 256 take that GEMM; larger M dequantize + cuBLAS).
   step quant_wgmma 40 env TORCH_EXT_WO_WGMMA=1 "$PY" -m torch_ext bench --device cuda --op quant \
     --match "M=64 8192x8192 int4" --out "$OUT/quant_wgmma"
+  # W8A8 at M = 4096 on the copy-engine variant (2-CTA clusters, B multicast; opt-in until it has
+  # run: test_tma_kernel_equals_ring_kernel in the check step) beside the cp.async kernel's rows in
+  # quant above (int8 1008 TOPS on 2026-11-26: L2-bound or not is what this answers).
+  step w8a8_tma 40 env TORCH_EXT_WGMMA_TMA=1 "$PY" -m torch_ext bench --device cuda --op w8a8 \
+    --match "M=4096 8192x8192" --out "$OUT/w8a8_tma"
   # fused_moe's prefill with its GEMMs on Hopper wgmma (opt-in until it has run:
   # test_hopper_grouped_gemms in the check step) instead of torch._grouped_mm (issue 6: >= 1.3x
   # over sort + _grouped_mm at T = 4096), against eager and sort + _grouped_mm.
@@ -106,7 +112,7 @@ if has profile; then
     --match "S=4096 full 100%" --match "S=4096 block 16"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant quant_wgmma amx wo_splits moe_grouped moe moe_wgmma attention attention_wgmma model; do
+for name in quant quant_wgmma w8a8_tma amx wo_splits moe_grouped moe moe_wgmma attention attention_wgmma model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.

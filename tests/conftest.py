@@ -5,7 +5,15 @@ failed, without one). `cpu_isa` runs it once per CPU ISA level this machine supp
 the AVX2 and scalar paths are proven on an AVX-512 CI machine too. `hopper_build` skips a test
 of the Hopper-only (sm_90a, wgmma) kernels unless a compute capability 9.0 GPU and a build with
 sm_90a code are there.
+
+A kernel fault (an illegal address, or the trap with which the Hopper pipelines end a wait that
+would hang) leaves the process's CUDA context broken: every later CUDA test in it would fail for
+that one. After a failed test whose context is broken, an xdist worker exits (xdist starts a
+fresh one for the remaining tests) and a plain session stops with the reason.
 """
+
+import os
+import sys
 
 import pytest
 import torch
@@ -61,3 +69,27 @@ def hopper_build():
         pytest.skip("not a compute capability 9.0 GPU")
     if "sm_90a" not in torch_ext.build_info()["cuda_archs"]:
         pytest.skip("this build has no sm_90a code")
+
+
+def _broken_cuda_context() -> str | None:
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    if report.when != "call" or not report.failed:
+        return
+    reason = _broken_cuda_context()
+    if reason is None:
+        return
+    message = f"CUDA context broken after {report.nodeid}: {reason}"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        print(message, file=sys.stderr, flush=True)
+        os._exit(3)
+    pytest.exit(message, returncode=3)

@@ -1,6 +1,7 @@
 """The CUDA kernels' index math, checked on the CPU: compiles the torch-free simulators in
 tests/cpp/ (im2win: csrc/conv/im2win_index.h; weight-only GEMM: csrc/quant/weight_only_cuda_index.h;
-W8A8: csrc/quant/w8a8_cuda_index.h and the Hopper w8a8_wgmma_index.h; MoE routing:
+W8A8: csrc/quant/w8a8_cuda_index.h, the Hopper w8a8_wgmma_index.h and the copy-engine pipeline of
+csrc/common/wgmma_cluster_pipeline.h; MoE routing:
 csrc/moe/routing_warp.h; fused MoE: csrc/moe/fused_moe_cuda_index.h and the Hopper
 fused_moe_wgmma_index.h; block-sparse attention / MoBA:
 csrc/attention/block_sparse_attention_cuda_index.h)
@@ -53,6 +54,15 @@ def test_w8a8_cuda_kernels_simulated(tmp_path_factory):
     problems, its operands read through its shared-memory descriptors with a model of the PTX
     descriptor and 128-byte swizzle (csrc/quant/w8a8_wgmma_index.h)."""
     _run_simulator(_build_simulator(tmp_path_factory, "w8a8_cuda_sim"))
+
+
+def test_wgmma_cluster_pipeline_simulated(tmp_path_factory):
+    """The barrier protocol of the Hopper GEMMs' copy-engine pipeline (2-CTA clusters, B halves
+    multicast; csrc/common/wgmma_cluster_pipeline.h) on a model of mbarriers, TMA copies and wgmma
+    batches in random interleavings: no deadlock, every batch reads its own iteration's data, no
+    copy lands in a stage still being read, every wait returns on the phase it means; the
+    clusters' tiles cover every tile once."""
+    _run_simulator(_build_simulator(tmp_path_factory, "wgmma_cluster_pipeline_sim"))
 
 
 def test_moe_route_warp_kernel_simulated(tmp_path_factory):

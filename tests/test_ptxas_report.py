@@ -51,7 +51,7 @@ def _serialized_kernels(sass: str) -> list[str]:
 # backward's dK / dV kernel at D = 128 with 64-key blocks sits at 255 registers (dK and dV take
 # 128) and keeps 8 bytes on the stack, stored before its walk and read once per step; so does
 # MoBA's key-block-major dK / dV kernel (mma.sync) at D = 128 with 64-key blocks (12 bytes).
-_SOURCES = [("csrc/quant/w8a8_wgmma.cu", False), ("csrc/attention/block_sparse_attention_wgmma.cu", False),
+_SOURCES = [("csrc/quant/w8a8_wgmma.cu", False), ("csrc/quant/w8a8_wgmma_tma.cu", False), ("csrc/attention/block_sparse_attention_wgmma.cu", False),
             ("csrc/quant/weight_only_cuda.cu", True), ("csrc/attention/moba_gather_cuda.cu", False),
             ("csrc/attention/block_sparse_attention_wgmma_bwd.cu", True),
             ("csrc/attention/moba_gather_backward_cuda.cu", True), ("csrc/moe/fused_moe_wgmma.cu", False)]
@@ -69,6 +69,8 @@ def test_wgmma_kernels_stay_asynchronous_without_spills(source, spills_allowed, 
     assert result.returncode == 0, report
     assert "C7514" not in report, "ptxas serialized wgmma:\n" + report
     assert "C7519" not in report, "ptxas fenced wgmma operands written inside a batch:\n" + report
+    assert "C7512" not in report, "ptxas serialized wgmma for lack of registers:\n" + report
+    assert "C7508" not in report, "ptxas ignored setmaxnreg:\n" + report
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills, report
     assert spills_allowed or all(stores == "0" and loads == "0" for stores, loads in spills), report

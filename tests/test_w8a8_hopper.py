@@ -6,7 +6,10 @@ sums, the same epilogue); e4m3 the same bits on small integers (every partial su
 the about 14 significant bits Hopper's fp8 tensor cores keep while they sum a k block, DeepSeek-V3
 report 3.3.2) and, on random values, a bound that allows that: each 128-deep k block is promoted
 to fp32, so the error is that of 14-bit sums of 128 products, about 2^-14 relative per block.
-Shapes with M, N and K tails. The index math runs on the CPU in test_cuda_index_sim.py."""
+Shapes with M, N and K tails. Its copy-engine variant (csrc/quant/w8a8_wgmma_tma.cu,
+TORCH_EXT_WGMMA_TMA=1: 2-CTA clusters, B multicast) must give the same bits as the cp.async
+kernel. The index math and the variant's barrier protocol run on the CPU in
+test_cuda_index_sim.py."""
 
 import pytest
 import torch
@@ -89,8 +92,11 @@ def test_fp8_wgmma(monkeypatch, out_dtype):
         assert_close_to_reference(out, ref, out_dtype, f"{m}x{n}x{k} seed {seed}", bound)
 
 
-def test_strided_operands(monkeypatch):
-    """Row strides other than K (views into wider buffers): the same bits as the mma.sync kernel."""
+@pytest.mark.parametrize("pair", ["wgmma_vs_mma_sync", "tma_vs_wgmma"])
+def test_strided_operands(monkeypatch, pair):
+    """Row strides other than K (views into wider buffers, A's base 16 bytes in: what the tensor
+    maps allow): the wgmma kernel gives the mma.sync kernel's bits, its copy-engine variant the
+    wgmma kernel's."""
     seed = fresh_seed()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     m, n, k = 1100, 3900, 1008
@@ -98,8 +104,9 @@ def test_strided_operands(monkeypatch):
     b = torch.randint(-128, 128, (n, k + 16), generator=gen, device="cuda", dtype=torch.int8)[:, :k]
     a_scale = torch.rand(m, 1, generator=gen, device="cuda") + 0.1
     b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
-    wgmma, plain = _both_paths(monkeypatch, lambda: scaled_int8_mm(a, b, a_scale, b_scale, None, torch.bfloat16))
-    assert torch.equal(wgmma, plain), f"seed {seed}"
+    compare = _both_paths if pair == "wgmma_vs_mma_sync" else _tma_and_ring
+    first, second = compare(monkeypatch, lambda: scaled_int8_mm(a, b, a_scale, b_scale, None, torch.bfloat16))
+    assert torch.equal(first, second), f"{pair} seed {seed}"
 
 
 def test_wgmma_tails_for_sanitizers(monkeypatch):
@@ -122,3 +129,63 @@ def test_wgmma_tails_for_sanitizers(monkeypatch):
                                          torch.float32))  # -4..3: exact sums (see test_fp8_wgmma)
     for wgmma, plain in zip(results[:2], results[2:]):
         assert torch.equal(wgmma, plain), f"seed {seed}"
+
+
+def _tma_and_ring(monkeypatch, fn, check_names=True):
+    """fn() through the copy-engine variant (TORCH_EXT_WGMMA_TMA=1: 2-CTA clusters, B multicast),
+    then through the cp.async wgmma kernel; both asserted from the kernel names unless the caller
+    runs under a sanitizer (no profiler there)."""
+    monkeypatch.delenv("TORCH_EXT_WGMMA", raising=False)
+    results = []
+    for flag, name in (("1", "tma_mm_kernel"), ("0", "wgmma_mm_kernel")):
+        monkeypatch.setenv("TORCH_EXT_WGMMA_TMA", flag)
+        if check_names:
+            assert name in _kernel_names(fn)
+        with poisoned_outputs():
+            results.append(fn())
+    return results
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tma_kernel_equals_ring_kernel(monkeypatch, out_dtype):
+    """The copy-engine variant issues the same wgmma k blocks on the same shared-memory layout as
+    the cp.async kernel: the same bits, int8 and e4m3 (random values: the same 14-bit block sums
+    and promotions in the same order). SHAPES have 9 m blocks: the last cluster's second CTA lies
+    past M; N and K tails come as zeros from the copy engine."""
+    seed = fresh_seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for m, n, k in SHAPES:
+        a = torch.randint(-128, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+        a_scale = (torch.rand(m, 1, generator=gen, device="cuda") + 0.1) * 1e-3  # finite fp16 outputs
+        b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
+        bias = torch.randn(n, generator=gen, device="cuda")
+        tma, ring = _tma_and_ring(monkeypatch, lambda: scaled_int8_mm(a, b, a_scale, b_scale, bias, out_dtype))
+        assert torch.equal(tma, ring), f"int8 {m}x{n}x{k} -> {out_dtype} seed {seed}"
+        ref = (a.double() @ b.double().t()) * a_scale.double() * b_scale.double() + bias.double()
+        assert_close_to_reference(tma, ref, out_dtype, f"{m}x{n}x{k} seed {seed}",
+                                  {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[out_dtype])
+        a8 = (torch.randn(m, k, generator=gen, device="cuda") * 8).to(torch.float8_e4m3fn)
+        b8 = (torch.randn(n, k, generator=gen, device="cuda") * 8).to(torch.float8_e4m3fn)
+        tma, ring = _tma_and_ring(monkeypatch, lambda: scaled_fp8_mm(a8, b8, a_scale * 1e3, b_scale, None, out_dtype))
+        assert torch.equal(tma, ring), f"e4m3 {m}x{n}x{k} -> {out_dtype} seed {seed}"
+
+
+def test_tma_tails_for_sanitizers(monkeypatch):
+    """M, N, K tails through the copy-engine variant without the profiler (run under
+    compute-sanitizer memcheck and racecheck by scripts/gpu_check.sh): the same bits as the
+    cp.async kernel, int8 and e4m3."""
+    seed = fresh_seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    m, n, k = SHAPES[0]
+    a = torch.randint(-128, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    a_scale = (torch.rand(m, 1, generator=gen, device="cuda") + 0.1) * 1e-3
+    b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
+    tma, ring = _tma_and_ring(monkeypatch, lambda: scaled_int8_mm(a, b, a_scale, b_scale, None, torch.float16),
+                              check_names=False)
+    assert torch.equal(tma, ring), f"int8 seed {seed}"
+    a8, b8 = (a // 32).float().to(torch.float8_e4m3fn), (b // 32).float().to(torch.float8_e4m3fn)
+    tma, ring = _tma_and_ring(monkeypatch, lambda: scaled_fp8_mm(a8, b8, a_scale, b_scale, None, torch.float32),
+                              check_names=False)
+    assert torch.equal(tma, ring), f"e4m3 seed {seed}"

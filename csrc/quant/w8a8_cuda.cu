@@ -206,6 +206,7 @@ struct Int8Mma {
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
   using WgmmaTile = ::torch_ext::quant::w8a8_wgmma::Int8Tile;
   static cudaError_t sm90(const Params& p, cudaStream_t stream) { return scaled_int8_mm_sm90(p, stream); }
+  static cudaError_t sm90_tma(const Params& p, cudaStream_t stream) { return scaled_int8_mm_sm90_tma(p, stream); }
 #endif
   static __host__ __device__ constexpr bool available() { return true; }
   static constexpr int kMinArch = 80;  // the project's minimum
@@ -221,6 +222,7 @@ struct Fp8Mma {
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
   using WgmmaTile = ::torch_ext::quant::w8a8_wgmma::Fp8Tile;
   static cudaError_t sm90(const Params& p, cudaStream_t stream) { return scaled_fp8_mm_sm90(p, stream); }
+  static cudaError_t sm90_tma(const Params& p, cudaStream_t stream) { return scaled_fp8_mm_sm90_tma(p, stream); }
 #endif
   static __host__ __device__ constexpr bool available() { return fp8_mma_available(); }
   // mma .e4m3: compute capability 8.9 (Ada) and later, and the kernel the driver picked must
@@ -429,6 +431,8 @@ bool is_float_kind(ScalarKind kind) {
 // (read at every call, so one process can compare both kernels). Measured on an H100 (2026-11-26,
 // docs/perf/gpu-h100.md), M = 4096, 8192 x 8192: int8 545 us against 948 us on mma.sync, e4m3
 // 856 us against 1694 us; it passed tests/test_w8a8_hopper.py and the sanitizers there.
+// TORCH_EXT_WGMMA_TMA=1 runs its copy-engine variant (2-CTA clusters, B multicast: quant/w8a8_wgmma_tma.cu),
+// opt-in until it has run on a GPU.
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
 template <class Op>
 bool runs_wgmma(const typename Op::Params& p, int num_sms) {
@@ -468,7 +472,11 @@ cudaError_t scaled_mm(const typename Op::Params& p, cudaStream_t stream) {
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
   if (status != cudaSuccess) return status;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
-  if (runs_wgmma<Op>(p, num_sms)) return Op::sm90(p, stream);
+  if (runs_wgmma<Op>(p, num_sms)) {
+    // (K = 0 has no tensor map to describe: the cp.async kernel writes the epilogue of zero sums.)
+    const bool tma = p.k > 0 && kernel_switch_on("TORCH_EXT_WGMMA_TMA", false);
+    return tma ? Op::sm90_tma(p, stream) : Op::sm90(p, stream);
+  }
 #endif
   const bool large = ix::use_large_config(p.m, p.n, num_sms);
   status = cudaErrorInvalidValue;

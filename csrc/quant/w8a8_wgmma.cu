@@ -15,72 +15,21 @@
 //     the copies of the stage kStages - 2 ahead (its slot was last read by the wgmma batch 2
 //     stages back, finished before the barrier); then 4 wgmma k32 steps per warpgroup
 //     (descriptor start moved 32 bytes per step) and commit, and wait until only this batch is
-//     in flight, so the tensor cores hold the next batch while the warps loop. fp8 issues each
-//     batch into a fresh accumulator, two of them in turn: once the wait says the previous batch
-//     is done, that one is added into the fp32 accumulator (promotion) while the new one runs.
-//     (The H100 run of 2026-11-26 promoted after wgmma.wait_group 0, the tensor cores idle
-//     meanwhile: 642 TFLOP/s against int8's 1008 on the same tiles' pipeline.)
+//     in flight, so the tensor cores hold the next batch while the warps loop (fp8: k blocks
+//     promoted into fp32; the k loop and the epilogue are quant/w8a8_wgmma_ops.cuh's).
 //   - Epilogue: float(acc) * a_scale (* b_scale) (+ bias) with scaled_int8_mm's rounding steps,
 //     two adjacent columns per store where the output allows it.
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
 #include "common/cuda/grid_limits.h"
-#include "common/cuda/mma.cuh"
-#include "common/cuda/vec.cuh"
-#include "common/cuda/wgmma.cuh"
 #include "common/cuda/wgmma_ring.cuh"
-#include "quant/w8a8_mm_operands.h"
-#include "quant/w8a8_wgmma.h"
-#include "quant/w8a8_wgmma_index.h"
+#include "quant/w8a8_wgmma_ops.cuh"
 
 namespace torch_ext::cuda {
 namespace {
 
-namespace ix = ::torch_ext::quant::w8a8_wgmma;
-namespace mm_ix = ::torch_ext::quant::w8a8_cuda;
-
-
-// Op: the element and accumulator types, the tile, and one k block (kKSteps wgmma k32 steps) of
-// a warpgroup from its A and B descriptors.
-struct Int8Wgmma {
-  using Elem = int8_t;
-  using Acc = int32_t;
-  using Tile = ix::Int8Tile;
-  using Params = ScaledInt8MmParams;
-  static __device__ __forceinline__ void k_block(Acc (&d)[Tile::kAccRegs], uint64_t a, uint64_t b) {
-#pragma unroll
-    for (int s = 0; s < ix::kKSteps; ++s) wgmma_m64n256k32_s8(d, ix::desc_at_k_step(a, s), ix::desc_at_k_step(b, s));
-  }
-  static bool a_per_row(const Params&) { return true; }
-};
-
-struct Fp8Wgmma {
-  using Elem = uint8_t;  // float8_e4m3fn bits
-  using Acc = float;
-  using Tile = ix::Fp8Tile;
-  using Params = ScaledFp8MmParams;
-  // d = the k block's products alone (the first step does not accumulate): promoted by the caller.
-  static __device__ __forceinline__ void k_block(Acc (&d)[Tile::kAccRegs], uint64_t a, uint64_t b) {
-#pragma unroll
-    for (int s = 0; s < ix::kKSteps; ++s)
-      wgmma_m64n128k32_e4m3(d, ix::desc_at_k_step(a, s), ix::desc_at_k_step(b, s), s > 0);
-  }
-  static bool a_per_row(const Params& p) { return p.a_scale_per_row; }
-};
-
-// The operands, then the grid and the store width.
-template <typename O, class Op>
-struct WgmmaArgs : MmOperands<typename Op::Elem, O> {
-  int m_blocks, n_blocks, k_iters;
-  bool pair_stores;  // out and its row stride allow 2-element stores
-};
-
-// Two adjacent outputs as one store (the address is 2-element aligned).
-template <typename O>
-struct alignas(2 * sizeof(O)) OutPair {
-  O v[2];
-};
+using namespace w8a8_sm90;
 
 template <typename O, class Op>
 __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
@@ -146,80 +95,10 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
     Op::k_block(into, desc_a, desc_b);
     wgmma_commit();
   };
-  if constexpr (!Tile::kPromote) {
-    // int8: one batch stays in flight while the next iteration's copies and batch are issued.
-    for (int iter = 0; iter < p.k_iters; ++iter) {
-      issue(iter, acc);
-      wgmma_wait<1>();
-    }
-    wgmma_wait<0>();
-  } else {
-    // fp8: each batch into a fresh accumulator, two in turn; once the wait leaves only the newest
-    // batch in flight, the one before it is added into acc (promotion) while the newest runs.
-    // ptxas tracks wgmma batches within a loop body only (a batch still in flight at the
-    // back-edge serializes every wgmma of the kernel, warning C7514), so the body is two
-    // iterations ending with nothing in flight: half the promotions overlap a batch. (Four per
-    // body, 3 of 4 overlapped, took 255 registers and spilled 352 bytes inside the loop; two
-    // take 234 and spill nothing: CUDA 13.0, sm_90a.)
-    Acc block0[Tile::kAccRegs], block1[Tile::kAccRegs];
-    const auto promote = [&](Acc(&done)[Tile::kAccRegs]) {
-      wgmma_fence_operands(done);
-#pragma unroll
-      for (int i = 0; i < Tile::kAccRegs; ++i) acc[i] += done[i];
-    };
-    int iter = 0;
-    for (; iter + 2 <= p.k_iters; iter += 2) {
-      issue(iter, block0);
-      issue(iter + 1, block1);
-      wgmma_wait<1>();
-      promote(block0);
-      wgmma_wait<0>();
-      promote(block1);
-    }
-    if (iter < p.k_iters) {  // an odd number of k blocks: the last one alone
-      issue(iter, block0);
-      wgmma_wait<0>();
-      promote(block0);
-    }
-  }
+  k_loop<Op>(p.k_iters, acc, issue, [](int) {});
   wgmma_fence_operands(acc);
 
-  // Epilogue: per n8 block the two columns' scales and biases once, then the thread's two rows.
-  float a_scale[2];
-  int rows[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    rows[h] = m0 + ix::acc_row(warpgroup, warp_in_group, lane, 2 * h);
-    a_scale[h] = rows[h] < p.m ? __ldg(p.a_scale + mm_ix::scale_index(rows[h], p.a_per_row)) : 0.f;
-  }
-#pragma unroll
-  for (int j = 0; j < Tile::kBN / 8; ++j) {
-    const int n = n0 + ix::acc_col(lane, 4 * j);
-    if (n >= p.n) continue;
-    const bool second = n + 1 < p.n;
-    const float b_scale0 = __ldg(p.b_scale + mm_ix::scale_index(n, p.per_channel));
-    const float b_scale1 = second ? __ldg(p.b_scale + mm_ix::scale_index(n + 1, p.per_channel)) : 0.f;
-    const float bias0 = p.bias != nullptr ? __ldg(p.bias + n) : 0.f;
-    const float bias1 = p.bias != nullptr && second ? __ldg(p.bias + n + 1) : 0.f;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (rows[h] >= p.m) continue;
-      O* const dst = p.out + int64_t(rows[h]) * p.out_row_stride + n;
-      const O v0 = from_compute<O>(mm_ix::epilogue_value(acc[4 * j + 2 * h], a_scale[h], b_scale0, p.bias != nullptr, bias0));
-      if (!second) {
-        dst[0] = v0;
-        continue;
-      }
-      const O v1 =
-          from_compute<O>(mm_ix::epilogue_value(acc[4 * j + 2 * h + 1], a_scale[h], b_scale1, p.bias != nullptr, bias1));
-      if (p.pair_stores) {
-        *reinterpret_cast<OutPair<O>*>(dst) = OutPair<O>{{v0, v1}};
-      } else {
-        dst[0] = v0;
-        dst[1] = v1;
-      }
-    }
-  }
+  store_tile(p, acc, m0, n0, warpgroup, warp_in_group, lane);
 }
 
 // One CTA per SM (192 KB of shared memory): the bound lets ptxas use up to 255 registers for
@@ -234,41 +113,27 @@ __global__ void __launch_bounds__(ix::kThreads, 1) wgmma_mm_kernel(const WgmmaAr
 }
 
 template <typename O, class Op>
-cudaError_t launch(const typename Op::Params& p, cudaStream_t stream) {
-  WgmmaArgs<O, Op> a{};
-  fill_mm_operands(a, p, Op::a_per_row(p));
-  a.m_blocks = int(ix::ceil_div(p.m, ix::kBM));
-  a.n_blocks = int(ix::ceil_div(p.n, Op::Tile::kBN));
-  a.k_iters = int(ix::ceil_div(p.k, ix::kBK));
-  a.pair_stores = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(O)) == 0 && p.out_row_stride % 2 == 0;
-  const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
-  if (blocks > kMaxGridX) return cudaErrorInvalidValue;
-  constexpr int kSmemBytes = Op::Tile::kSmemBytes;
-  const auto kernel = wgmma_mm_kernel<O, Op>;
-  const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (status != cudaSuccess) return status;
-  kernel<<<unsigned(blocks), ix::kThreads, kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <class Op>
-cudaError_t scaled_mm_sm90(const typename Op::Params& p, cudaStream_t stream) {
-  cudaError_t status = cudaErrorInvalidValue;
-  visit_storage_type(p.out_dtype, [&](auto tag) {
-    using O = decltype(tag);
-    if constexpr (!std::is_same_v<O, double>) status = launch<O, Op>(p, stream);
-  });
-  return status;
-}
+struct RingLaunch {
+  static cudaError_t run(const typename Op::Params& p, cudaStream_t stream) {
+    const WgmmaArgs<O, Op> a = make_wgmma_args<O, Op>(p);
+    const int64_t blocks = int64_t(a.m_blocks) * a.n_blocks;
+    if (blocks > kMaxGridX) return cudaErrorInvalidValue;
+    const auto kernel = wgmma_mm_kernel<O, Op>;
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Op::Tile::kSmemBytes);
+    if (status != cudaSuccess) return status;
+    kernel<<<unsigned(blocks), ix::kThreads, Op::Tile::kSmemBytes, stream>>>(a);
+    return cudaGetLastError();
+  }
+};
 
 }  // namespace
 
 cudaError_t scaled_int8_mm_sm90(const ScaledInt8MmParams& p, cudaStream_t stream) {
-  return scaled_mm_sm90<Int8Wgmma>(p, stream);
+  return launch_for_out_type<Int8Wgmma, RingLaunch>(p, stream);
 }
-
 cudaError_t scaled_fp8_mm_sm90(const ScaledFp8MmParams& p, cudaStream_t stream) {
-  return scaled_mm_sm90<Fp8Wgmma>(p, stream);
+  return launch_for_out_type<Fp8Wgmma, RingLaunch>(p, stream);
 }
 
 }  // namespace torch_ext::cuda

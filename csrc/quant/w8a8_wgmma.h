@@ -19,4 +19,10 @@ namespace torch_ext::cuda {
 cudaError_t scaled_int8_mm_sm90(const ScaledInt8MmParams& p, cudaStream_t stream);
 cudaError_t scaled_fp8_mm_sm90(const ScaledFp8MmParams& p, cudaStream_t stream);
 
+// The same GEMMs with the operands brought in by the copy engine, B multicast to 2-CTA clusters
+// (quant/w8a8_wgmma_tma.cu; TORCH_EXT_WGMMA_TMA=1, opt-in until it has run on a GPU): the same
+// bits as the two above.
+cudaError_t scaled_int8_mm_sm90_tma(const ScaledInt8MmParams& p, cudaStream_t stream);
+cudaError_t scaled_fp8_mm_sm90_tma(const ScaledFp8MmParams& p, cudaStream_t stream);
+
 }  // namespace torch_ext::cuda

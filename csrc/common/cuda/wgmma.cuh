@@ -33,6 +33,19 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
+// Warpgroup register reallocation (setmaxnreg): a producer warpgroup that only issues copies
+// gives registers back (dec) so that the consumer warpgroups can hold their accumulators (inc).
+// Effective only in a kernel with a register cap at entry (__launch_bounds__(threads, 1)) where
+// each warpgroup role is one branch of an if / else (else ptxas ignores it: warning C7508).
+template <int kRegisters>
+__device__ __forceinline__ void warpgroup_release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void warpgroup_claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
 // Pins an accumulator array at this point of the program: the compiler may not move reads or
 // writes of its registers across this statement. wgmma writes its accumulators asynchronously
 // and the compiler does not know it, so a read of a batch's results goes after the

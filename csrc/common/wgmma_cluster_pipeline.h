@@ -1,0 +1,94 @@
+// The bookkeeping of the Hopper GEMMs' TMA pipeline (quant/w8a8_wgmma_tma.cu), host+device so
+// that tests/cpp/wgmma_cluster_pipeline_sim.cpp runs the protocol on the CPU with a model of the
+// mbarrier and of the multicast copies: which CTA of a cluster computes which tile, where each
+// copy lands, the bytes and arrivals each barrier phase waits for, and the phase parities.
+//
+// Why a cluster: the cp.async ring of common/cuda/wgmma_ring.cuh feeds a 128 x 256 tile (1/256 +
+// 1/128) bytes from L2 per MAC; the W8A8 int8 GEMM stopped at 1008 TOPS on H100 (2026-11-26), an
+// operand stream of ~5.9 TB/s, about what H100's L2 is credited with. Two CTAs that own
+// vertically adjacent tiles (m blocks 2p and 2p + 1, the same n block) need the same B tile: each
+// fetches one half of it and the copy engine multicasts the half into both CTAs' shared memory,
+// so a CTA reads (1/256 + 1/256) bytes per MAC from L2, a third less (CUTLASS's 2 x 1 cluster).
+//
+// Roles (warp specialization, as CUTLASS's TMA GEMMs): warpgroup 0 is the producer (one thread
+// issues the copies; the warpgroup gives its registers away with setmaxnreg), warpgroups 1 and 2
+// the consumers (wgmma on 64 rows each, the layout of common/wgmma_gemm_tile.h). Per stage s:
+//   full[s]:  1 arrival (the producer's arrive.expect_tx) + the stage's bytes (A, both B halves);
+//             the peer's multicast may land before the local expect_tx: the transaction count
+//             goes negative for a while, which the mbarrier allows;
+//   empty[s]: one arrival per consumer warp of BOTH CTAs (the peer's producer writes into this
+//             CTA's stage too, so both CTAs' readers must have released it before either
+//             producer refills it).
+// A consumer releases iteration i's stage only once the wgmma batch that read it completed, and
+// only if some iteration i + kStages will refill it (an arrival on the peer after the peer's last
+// wait could reach a CTA that has exited).
+#pragma once
+
+#include <cstdint>
+
+#include "common/index_math.h"
+#include "common/macros.h"
+#include "common/wgmma_gemm_tile.h"
+
+namespace torch_ext {
+inline namespace TORCH_EXT_ISA_LOCAL_NAMESPACE {
+namespace wgmma_cluster {
+
+using wgmma_gemm::kBK;
+using wgmma_gemm::kBM;
+
+constexpr int kClusterCtas = 2;  // along M
+constexpr int kWarpgroupThreads = wgmma_gemm::kWarpgroupThreads;
+constexpr int kConsumerWarpgroups = wgmma_gemm::kWarpgroups;  // 64 rows each
+constexpr int kThreads = (1 + kConsumerWarpgroups) * kWarpgroupThreads;  // 384
+constexpr int kConsumerWarps = kConsumerWarpgroups * kWarpgroupThreads / 32;
+constexpr int kEmptyArrivals = kConsumerWarps * kClusterCtas;  // 16
+// setmaxnreg budgets (multiples of 8, 128 x 24 + 256 x 240 <= 64K registers of the SM): the
+// producer needs a few addresses, the consumers hold 128 accumulators (int8) or 64 + 2 x 64 (fp8).
+constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+static_assert(kWarpgroupThreads * (kProducerRegisters + kConsumerWarpgroups * kConsumerRegisters) <= 65536,
+              "register budgets fit the SM");
+
+template <class Tile>
+struct Pipeline {
+  static constexpr int kStages = Tile::kStages;
+  static constexpr int kBHalfRows = Tile::kBN / kClusterCtas;  // the rows of B one CTA fetches
+  static constexpr uint32_t kStageTxBytes = uint32_t(Tile::kStageBytes);  // A + both halves of B
+  static constexpr uint32_t kATxBytes = uint32_t(wgmma_gemm::kATileBytes);
+  static constexpr uint32_t kBHalfTxBytes = uint32_t(kBHalfRows * kBK);
+  static_assert(kATxBytes + kClusterCtas * kBHalfTxBytes == kStageTxBytes, "a stage is A and both halves of B");
+  static_assert(kBHalfTxBytes % wgmma_gemm::kSwizzleAtomBytes == 0, "each half starts on a swizzle atom");
+  static_assert(kBHalfRows <= 256 && kBM <= 256, "a TMA box has at most 256 rows");
+
+  // Where CTA `rank`'s half of B lands in stage s (in every CTA of the cluster).
+  static TORCH_EXT_HOST_DEVICE int b_half_offset(int stage, int rank) {
+    return Tile::b_tile_offset(stage) + rank * int(kBHalfTxBytes);
+  }
+  // The phase of full[stage_of(iter)] that iteration iter's data completes (parity bit).
+  static TORCH_EXT_HOST_DEVICE uint32_t full_parity(int iter) { return uint32_t(iter / kStages) & 1u; }
+  // Before loading iteration iter, the producer waits for the release of iteration
+  // iter - kStages (the stage's previous use), if there was one.
+  static TORCH_EXT_HOST_DEVICE bool producer_waits(int iter) { return iter >= kStages; }
+  static TORCH_EXT_HOST_DEVICE uint32_t empty_parity(int iter) { return uint32_t(iter / kStages - 1) & 1u; }
+  // Whether the consumers release iteration iter's stage (some later iteration refills it).
+  static TORCH_EXT_HOST_DEVICE bool consumer_releases(int iter, int k_iters) { return iter + kStages < k_iters; }
+};
+
+// The tile of CTA `rank` in cluster `cluster`: clusters walk (m block pairs) x (n blocks) in the
+// grouped order of index_math::grouped_tile (group_m pairs of m blocks share their B strips in
+// L2); rank r takes m block 2 p + r. With an odd number of m blocks the last pair's second CTA
+// lies past M: it fetches zeros (TMA fills outside the tensor), multicasts its half of B and
+// stores nothing.
+TORCH_EXT_HOST_DEVICE index_math::TileCoord cluster_tile(int64_t cluster, int rank, int64_t m_blocks, int64_t n_blocks,
+                                                         int64_t group_m) {
+  const int64_t pairs = (m_blocks + kClusterCtas - 1) / kClusterCtas;
+  const index_math::TileCoord pair = index_math::grouped_tile(cluster, pairs, n_blocks, group_m);
+  return index_math::TileCoord{pair.mb * kClusterCtas + rank, pair.nb};
+}
+TORCH_EXT_HOST_DEVICE int64_t cluster_count(int64_t m_blocks, int64_t n_blocks) {
+  return (m_blocks + kClusterCtas - 1) / kClusterCtas * n_blocks;
+}
+
+}  // namespace wgmma_cluster
+}  // namespace TORCH_EXT_ISA_LOCAL_NAMESPACE
+}  // namespace torch_ext
