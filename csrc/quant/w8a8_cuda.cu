@@ -473,9 +473,14 @@ cudaError_t scaled_mm(const typename Op::Params& p, cudaStream_t stream) {
   if (status != cudaSuccess) return status;
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
   if (runs_wgmma<Op>(p, num_sms)) {
-    // (K = 0 has no tensor map to describe: the cp.async kernel writes the epilogue of zero sums.)
-    const bool tma = p.k > 0 && kernel_switch_on("TORCH_EXT_WGMMA_TMA", false);
-    return tma ? Op::sm90_tma(p, stream) : Op::sm90(p, stream);
+    // (K = 0 has no tensor map to describe: the cp.async kernel writes the epilogue of zero sums.
+    // A driver without the tensor-map entry point, cudaErrorNotSupported before any launch: the
+    // cp.async kernel too.)
+    if (p.k > 0 && kernel_switch_on("TORCH_EXT_WGMMA_TMA", false)) {
+      const cudaError_t status = Op::sm90_tma(p, stream);
+      if (status != cudaErrorNotSupported) return status;
+    }
+    return Op::sm90(p, stream);
   }
 #endif
   const bool large = ix::use_large_config(p.m, p.n, num_sms);

@@ -24,6 +24,7 @@ inline cudaError_t make_swizzled_byte_matrix_map(CUtensorMap* map, const void* b
             cudaSuccess ||
         found != cudaDriverEntryPointSuccess) {
       fn = nullptr;
+      (void)cudaGetLastError();  // a failed lookup must not surface at the caller's next launch check
     }
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
