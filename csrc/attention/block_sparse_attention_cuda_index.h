@@ -103,9 +103,13 @@ TORCH_EXT_HOST_DEVICE Segment tile_segment(int tile, int s, int block_kv) {
   const int spb_shift = log2_pow2(uint32_t(segments_per_block(block_kv)));
   return Segment{gs >> spb_shift, (gs & ((1 << spb_shift) - 1)) << segment_shift(block_kv)};
 }
-// First key position of a segment, or -1 when it is empty (slot past the list, negative block id).
-TORCH_EXT_HOST_DEVICE int64_t segment_base(int block, int offset, int block_kv) {
-  return block < 0 ? -1 : int64_t(block) * block_kv + offset;
+// First key position of a segment, or -1 when it is empty: slot past the list, block id outside
+// [0, nk) (ignored, as documented), or a segment starting past the keys. Always below seq_kv, so
+// the int the segment tables store cannot wrap (an id of 2^26 with 64-key blocks did: its base
+// became a small key position that the mask then counted, with zeros loaded for it).
+TORCH_EXT_HOST_DEVICE int64_t segment_base(int block, int offset, int block_kv, int64_t seq_kv) {
+  const int64_t base = int64_t(block) * block_kv + offset;
+  return block < 0 || base >= seq_kv ? -1 : base;
 }
 // Key row r (< 64) of a step: its segment and the offset inside it.
 TORCH_EXT_HOST_DEVICE int row_segment(int r, int block_kv) { return r >> segment_shift(block_kv); }

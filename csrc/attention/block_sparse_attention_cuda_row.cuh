@@ -216,7 +216,7 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
     const int r = ix::copy_row(tid, i, Tr::kThreads, kD), ch = ix::copy_chunk(tid, i, Tr::kThreads, kD);
     const ix::Segment sg = ix::tile_segment(t, ix::row_segment(r, c.block_kv), c.block_kv);
     const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
-    const int64_t base = ix::segment_base(block, sg.offset, c.block_kv);
+    const int64_t base = ix::segment_base(block, sg.offset, c.block_kv, c.seq_kv);
     const int64_t pos = base + ix::row_in_segment(r, c.block_kv);
     const bool ok = base >= 0 && pos < c.seq_kv;
     const int off = Layout::offset(r, ch);
@@ -228,7 +228,7 @@ __device__ __forceinline__ void load_kv_step(unsigned char* smem, const RowCta<T
     const ix::Segment sg = ix::tile_segment(t, tid, c.block_kv);
     const int block = sg.slot < c.count ? __ldg(c.list + sg.slot) : -1;
     int* const seg = reinterpret_cast<int*>(smem + Tr::kSegOffset) + st * 2 * ix::kMaxSegments;
-    seg[tid] = int(ix::segment_base(block, sg.offset, c.block_kv));
+    seg[tid] = int(ix::segment_base(block, sg.offset, c.block_kv, c.seq_kv));
     seg[ix::kMaxSegments + tid] = block;
   }
 }

@@ -438,7 +438,7 @@ struct RowSim {
         const int r = ix::copy_row(tid, i, Tr::kThreads, kD), ch = ix::copy_chunk(tid, i, Tr::kThreads, kD);
         const ix::Segment sg = ix::tile_segment(t, ix::row_segment(r, P.bkv), P.bkv);
         const int block = sg.slot < count ? list[sg.slot] : -1;
-        const int64_t base = ix::segment_base(block, sg.offset, P.bkv);
+        const int64_t base = ix::segment_base(block, sg.offset, P.bkv, P.Sk);
         const int64_t pos = base + ix::row_in_segment(r, P.bkv);
         const bool ok = base >= 0 && pos < P.Sk;
         const int off = ix::smem_offset(r, ch, kD);
@@ -449,7 +449,7 @@ struct RowSim {
         const ix::Segment sg = ix::tile_segment(t, tid, P.bkv);
         const int block = sg.slot < count ? list[sg.slot] : -1;
         const int seg = Tr::kSegOffset + 4 * st * 2 * ix::kMaxSegments;
-        st_i32(sm, seg + 4 * tid, int(ix::segment_base(block, sg.offset, P.bkv)));
+        st_i32(sm, seg + 4 * tid, int(ix::segment_base(block, sg.offset, P.bkv, P.Sk)));
         st_i32(sm, seg + 4 * (ix::kMaxSegments + tid), block);
       }
     }
@@ -1938,6 +1938,9 @@ int main(int argc, char** argv) {
   check_dkdv_step_predicates();
   CHECK(!ix::bhsd_vectorizable(16, 64, 64, 12));  // seq stride not a multiple of 8
   CHECK(!ix::bhsd_vectorizable(8, 0, 0, 64));     // base not 16-byte aligned
+  // Block ids past the keys are empty segments, however large (the segment tables hold ints).
+  CHECK(ix::segment_base((1 << 26) + 1, 0, 64, 1000) == -1 && ix::segment_base(15, 48, 64, 1000) == -1);
+  CHECK(ix::segment_base(15, 16, 64, 1000) == 976 && ix::segment_base(-3, 0, 64, 1000) == -1);
   check_moba_smem_layout();
   check_attention_smem_bytes();
   int stats[4] = {0, 0, 0, 0};

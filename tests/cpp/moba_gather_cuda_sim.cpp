@@ -98,7 +98,7 @@ ix::StepSegments step_segments(const Problem& P, int block, int t) {
       continue;
     }
     const ix::Segment sg = ix::tile_segment(t, s, P.block_kv);
-    g.base[s] = int(ix::segment_base(sg.slot < 1 ? block : -1, sg.offset, P.block_kv));
+    g.base[s] = int(ix::segment_base(sg.slot < 1 ? block : -1, sg.offset, P.block_kv, P.seq_kv));
   }
   return g;
 }
