@@ -15,7 +15,8 @@
 #   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; the host CPU's AMX tiles
 #   (scaled_int8_mm vs AVX512-VNNI, torch._int_mm, F.linear; bf16 attention at S = 8192 and
 #   fused_moe at T = 512 vs AVX512_BF16 and SDPA / eager); fused MoE Mixtral T = 1, 64 and 4096 and
-#   moe_route, T = 64 and 4096 again with the Hopper grouped GEMMs (TORCH_EXT_MOE_WGMMA=1); fused_moe
+#   moe_route, T = 64 and 4096 again with the Hopper grouped GEMMs (TORCH_EXT_MOE_WGMMA=1), T = 4096
+#   with their copy-engine variant (TORCH_EXT_MOE_WGMMA_TMA=1); fused_moe
 #   fused vs grouped by token count (scripts/moe_grouped_sweep.py); the weight-only split-K sweep
 #   (scripts/wo_split_sweep.py); one token through Llama-3-8B-shaped layers as CUDA graphs, stock
 #   vs quantize_model; the GMMA instructions in the SASS. (The H100 run of 2026-11-26,
@@ -65,6 +66,10 @@ if has targets; then
   # over sort + _grouped_mm at T = 4096), against eager and sort + _grouped_mm.
   step moe_wgmma 60 env TORCH_EXT_MOE_WGMMA=1 TORCH_EXT_MOE_GROUPED_FORWARD=0 "$PY" -m torch_ext bench --device cuda \
     --op fused_moe --match "mixtral T=64 " --match "mixtral T=4096" --out "$OUT/moe_wgmma"
+  # The same GEMMs with B by the copy engine, shared by 2-CTA clusters within an expert
+  # (TORCH_EXT_MOE_WGMMA_TMA=1, opt-in until it has run: test_hopper_tma_gemms_equal_ring).
+  step moe_wgmma_tma 50 env TORCH_EXT_MOE_WGMMA=1 TORCH_EXT_MOE_WGMMA_TMA=1 TORCH_EXT_MOE_GROUPED_FORWARD=0 "$PY" -m \
+    torch_ext bench --device cuda --op fused_moe --match "mixtral T=4096" --out "$OUT/moe_wgmma_tma"
   bench attention 90 --op attention --match "S=4096 full 100%" --match "S=4096 full 10%" \
     --match "S=32768 full 10%" --match "S=4096 block" --match "S=32768 block"
   # The same forward cases on the Hopper wgmma forward (opt-in until it has run: its tests are in
@@ -112,7 +117,7 @@ if has profile; then
     --match "S=4096 full 100%" --match "S=4096 block 16"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant quant_wgmma w8a8_tma amx wo_splits moe_grouped moe moe_wgmma attention attention_wgmma model; do
+for name in quant quant_wgmma w8a8_tma amx wo_splits moe_grouped moe moe_wgmma moe_wgmma_tma attention attention_wgmma model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.

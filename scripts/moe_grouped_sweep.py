@@ -2,7 +2,8 @@
 fused_moe on Mixtral-8x7B and DeepSeek-V2-Lite experts (bf16, uniform routing) for several token
 counts with TORCH_EXT_MOE_GROUPED_FORWARD=0 (fused kernel), =1 (grouped GEMMs), unset (the
 automatic choice), and the fused kernel with its GEMMs on Hopper wgmma (TORCH_EXT_MOE_WGMMA=1, on
-sm_90a builds; elsewhere it equals "fused"), all in one process with the bench harness's timer
+sm_90a builds; elsewhere it equals "fused"), cp.async and copy-engine variants (fused_wgmma_tma:
+TORCH_EXT_MOE_WGMMA_TMA=1 too), all in one process with the bench harness's timer
 (L2 flushed before each repetition). The variables are read at every call.
 
     python scripts/moe_grouped_sweep.py [--tokens 1 8 16 32 64 256] [--out DIR]
@@ -26,7 +27,9 @@ from torch_ext.bench.timer import TimerConfig, measure, prepare_inputs
 CONFIGS = {"mixtral": (8, 2, 4096, 14336), "deepseek_v2_lite": (64, 6, 2048, 1408)}
 # The forward's switches per column: unset variables take their defaults.
 CHOICES = {"fused": {"TORCH_EXT_MOE_GROUPED_FORWARD": "0"}, "grouped": {"TORCH_EXT_MOE_GROUPED_FORWARD": "1"},
-           "auto": {}, "fused_wgmma": {"TORCH_EXT_MOE_GROUPED_FORWARD": "0", "TORCH_EXT_MOE_WGMMA": "1"}}
+           "auto": {}, "fused_wgmma": {"TORCH_EXT_MOE_GROUPED_FORWARD": "0", "TORCH_EXT_MOE_WGMMA": "1"},
+           "fused_wgmma_tma": {"TORCH_EXT_MOE_GROUPED_FORWARD": "0", "TORCH_EXT_MOE_WGMMA": "1",
+                               "TORCH_EXT_MOE_WGMMA_TMA": "1"}}
 SWITCHES = sorted({name for env in CHOICES.values() for name in env})
 
 
@@ -72,7 +75,9 @@ def main() -> None:
             rows.append(row)
             print(f"{family:17s} T={tokens:<5d} fused {row['fused_us']:9.1f} us  grouped {row['grouped_us']:9.1f} us"
                   f"  auto {row['auto_us']:9.1f} us  fused_wgmma {row['fused_wgmma_us']:9.1f} us"
-                  f"  (grouped / fused_wgmma {row['grouped_us'] / row['fused_wgmma_us']:.2f})", flush=True)
+                  f"  fused_wgmma_tma {row['fused_wgmma_tma_us']:9.1f} us"
+                  f"  (grouped / fused_wgmma {row['grouped_us'] / row['fused_wgmma_us']:.2f},"
+                  f" / fused_wgmma_tma {row['grouped_us'] / row['fused_wgmma_tma_us']:.2f})", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     record = {"device": name, "torch": torch.__version__, "dtype": "bfloat16", "rows": rows}

@@ -464,6 +464,46 @@ def test_hopper_grouped_gemms(monkeypatch, hopper_build, dtype, shape, activatio
         assert relative_error(out, fused_moe(*args, activation)) < RELATIVE_ERROR_BOUNDS[dtype]
 
 
+def _tma_equals_ring(monkeypatch, shape, dtype, check_names=True):
+    """fused_moe through the copy-engine variant of the Hopper GEMMs (TORCH_EXT_MOE_WGMMA_TMA=1:
+    B by TMA, shared by 2-CTA clusters within an expert) and through the cp.async ones: the same
+    bits (the same stage batches in the same order on the same shared data). Two routings: spread
+    (adjacent 128-row blocks mostly in different experts: each CTA fetches its own B) and every
+    token on the same k experts (many blocks per expert: clusters share B)."""
+    monkeypatch.setenv("TORCH_EXT_MOE_GROUPED_FORWARD", "0")
+    monkeypatch.setenv("TORCH_EXT_MOE_WGMMA", "1")
+    seed = fresh_seed()
+    hot = torch.zeros(shape[0], shape[2], dtype=torch.int32)
+    hot[:, 1:] = torch.arange(1, shape[2], dtype=torch.int32)
+    for ids in (None, hot):
+        args = _problem(*shape, dtype, "cuda", seed, ids=ids)
+        results = []
+        for flag, kernel in (("1", "grouped_tma_kernel"), ("0", "grouped_wgmma_kernel")):
+            monkeypatch.setenv("TORCH_EXT_MOE_WGMMA_TMA", flag)
+            if check_names:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    fused_moe(*args, "silu")
+                    torch.cuda.synchronize()
+                assert kernel in " ".join(event.name for event in prof.events()), (shape, flag)
+            with poisoned_outputs():
+                results.append(fused_moe(*args, "silu"))
+        assert torch.equal(*results), f"{shape} {dtype} seed {seed}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "T{}E{}k{}H{}I{}".format(*s))
+def test_hopper_tma_gemms_equal_ring(monkeypatch, hopper_build, dtype, shape):
+    _tma_equals_ring(monkeypatch, shape, dtype)
+
+
+@pytest.mark.cuda
+def test_hopper_tma_gemms_for_sanitizers(monkeypatch, hopper_build):
+    """One small case of the copy-engine variant without the profiler (scripts/gpu_check.sh runs
+    it under compute-sanitizer memcheck and racecheck)."""
+    _tma_equals_ring(monkeypatch, HOPPER_SHAPES[0], torch.bfloat16, check_names=False)
+
+
 @pytest.mark.cuda
 def test_hopper_grouped_gemms_run_wgmma_kernels(monkeypatch, hopper_build):
     """Which kernels TORCH_EXT_MOE_WGMMA runs (from the profiler, apart from the numeric test,

@@ -54,7 +54,8 @@ def _serialized_kernels(sass: str) -> list[str]:
 _SOURCES = [("csrc/quant/w8a8_wgmma.cu", False), ("csrc/quant/w8a8_wgmma_tma.cu", False), ("csrc/attention/block_sparse_attention_wgmma.cu", False),
             ("csrc/quant/weight_only_cuda.cu", True), ("csrc/attention/moba_gather_cuda.cu", False),
             ("csrc/attention/block_sparse_attention_wgmma_bwd.cu", True),
-            ("csrc/attention/moba_gather_backward_cuda.cu", True), ("csrc/moe/fused_moe_wgmma.cu", False)]
+            ("csrc/attention/moba_gather_backward_cuda.cu", True), ("csrc/moe/fused_moe_wgmma.cu", False),
+            ("csrc/moe/fused_moe_wgmma_tma.cu", False)]
 
 
 @pytest.mark.skipif(_NVCC is None, reason="nvcc not found")

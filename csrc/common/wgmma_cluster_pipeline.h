@@ -22,6 +22,16 @@
 // A consumer releases iteration i's stage only once the wgmma batch that read it completed, and
 // only if some iteration i + kStages will refill it (an arrival on the peer after the peer's last
 // wait could reach a CTA that has exited).
+//
+// Gathered A (fused_moe's grouped GEMMs, moe/fused_moe_wgmma_tma.cu): A rows are tokens picked
+// by the expert plan, which a tensor copy cannot gather, so every producer thread cp.asyncs its
+// chunks of A (rows gather_chunk_row) and publishes them kGatherLag stages later: wait for that
+// group, fence it into the async proxy (wgmma reads through it), arrive. full[s] then counts 128
+// such arrivals + the arrive.expect_tx of the thread issuing B's copies (B's bytes only). The
+// lag must stay below kStages - 1: a producer waiting for a release that needs data it has not
+// yet published would wait forever (the static_assert in Pipeline). And B is shared only when both CTAs' 128-row blocks lie
+// in one expert; otherwise each CTA fetches its whole B and releases only its own stages (the
+// same bytes per stage, kConsumerWarps arrivals per release).
 #pragma once
 
 #include <cstdint>
@@ -43,20 +53,40 @@ constexpr int kConsumerWarpgroups = wgmma_gemm::kWarpgroups;  // 64 rows each
 constexpr int kThreads = (1 + kConsumerWarpgroups) * kWarpgroupThreads;  // 384
 constexpr int kConsumerWarps = kConsumerWarpgroups * kWarpgroupThreads / 32;
 constexpr int kEmptyArrivals = kConsumerWarps * kClusterCtas;  // 16
-// setmaxnreg budgets (multiples of 8, 128 x 24 + 256 x 240 <= 64K registers of the SM): the
-// producer needs a few addresses, the consumers hold 128 accumulators (int8) or 64 + 2 x 64 (fp8).
-constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
-static_assert(kWarpgroupThreads * (kProducerRegisters + kConsumerWarpgroups * kConsumerRegisters) <= 65536,
-              "register budgets fit the SM");
+constexpr uint16_t kClusterMask = (1u << kClusterCtas) - 1;     // multicast to every CTA
+// Gathered A: the producer warpgroup's cp.async map (thread t: 16-byte chunk t % 8 of rows
+// t / 8 + 16 i) and how many stages its copies stay unpublished.
+constexpr int kGatherRowsPerPass = kWarpgroupThreads / wgmma_gemm::kChunksPerRow;  // 16
+constexpr int kGatherChunksPerThread = kBM / kGatherRowsPerPass;                   // 8
+constexpr int kGatherLag = 2;
+TORCH_EXT_HOST_DEVICE int gather_chunk_row(int tid, int i) {
+  return tid / wgmma_gemm::kChunksPerRow + kGatherRowsPerPass * i;
+}
+// Releases a stage's empty barrier waits for: every consumer warp of the CTAs sharing B.
+TORCH_EXT_HOST_DEVICE int empty_arrivals(bool share_b) { return share_b ? kEmptyArrivals : kConsumerWarps; }
 
-template <class Tile>
+template <class Tile, bool kGatherA = false>
 struct Pipeline {
   static constexpr int kStages = Tile::kStages;
   static constexpr int kBHalfRows = Tile::kBN / kClusterCtas;  // the rows of B one CTA fetches
-  static constexpr uint32_t kStageTxBytes = uint32_t(Tile::kStageBytes);  // A + both halves of B
   static constexpr uint32_t kATxBytes = uint32_t(wgmma_gemm::kATileBytes);
   static constexpr uint32_t kBHalfTxBytes = uint32_t(kBHalfRows * kBK);
-  static_assert(kATxBytes + kClusterCtas * kBHalfTxBytes == kStageTxBytes, "a stage is A and both halves of B");
+  // Bytes the copy engine brings per stage (gathered A: cp.async's, counted by arrivals instead),
+  // and the arrivals a stage's full barrier waits for.
+  static constexpr uint32_t kStageTxBytes = (kGatherA ? 0u : kATxBytes) + kClusterCtas * kBHalfTxBytes;
+  static constexpr int kFullArrivals = kGatherA ? kWarpgroupThreads + 1 : 1;
+  static_assert(kATxBytes + kClusterCtas * kBHalfTxBytes == uint32_t(Tile::kStageBytes), "a stage is A and B");
+  // A producer at iteration i waits for the release of i - kStages, which the consumers give once
+  // they issued i - kStages + 1, published at the latest by the end of iteration i - 1: so
+  // i - kStages + 1 <= i - 1 - kGatherLag (the simulator deadlocks at kStages - 1).
+  static_assert(!kGatherA || kGatherLag <= kStages - 2, "publish before waiting for a release");
+  // setmaxnreg budgets: multiples of 8 summing to the 3 x 168 each thread has at entry (a claim
+  // beyond what the producer gave back waits forever). The producer needs a few addresses (24),
+  // or its 8 gathered row pointers (56: 40 spilled them); the consumers hold 128 accumulators
+  // (int8, fused_moe) or 64 + 2 x 64 (fp8: 232 spilled them, 240 does not).
+  static constexpr int kProducerRegisters = kGatherA ? 56 : 24;
+  static constexpr int kConsumerRegisters = kGatherA ? 224 : 240;
+  static_assert(kProducerRegisters + kConsumerWarpgroups * kConsumerRegisters == 3 * 168, "the entry allocation");
   static_assert(kBHalfTxBytes % wgmma_gemm::kSwizzleAtomBytes == 0, "each half starts on a swizzle atom");
   static_assert(kBHalfRows <= 256 && kBM <= 256, "a TMA box has at most 256 rows");
 
@@ -72,6 +102,9 @@ struct Pipeline {
   static TORCH_EXT_HOST_DEVICE uint32_t empty_parity(int iter) { return uint32_t(iter / kStages - 1) & 1u; }
   // Whether the consumers release iteration iter's stage (some later iteration refills it).
   static TORCH_EXT_HOST_DEVICE bool consumer_releases(int iter, int k_iters) { return iter + kStages < k_iters; }
+  // Gathered A: the iteration whose copies a producer thread publishes at the end of iteration
+  // iter (-1: none yet); after its last iteration it publishes every one still unpublished.
+  static TORCH_EXT_HOST_DEVICE int published_after(int iter) { return iter - kGatherLag; }
 };
 
 // The tile of CTA `rank` in cluster `cluster`: clusters walk (m block pairs) x (n blocks) in the

@@ -54,7 +54,11 @@ struct WgmmaTile {
   static constexpr int kBTileBytes = kBN * kBK;
   static constexpr int kStageBytes = kATileBytes + kBTileBytes;
   static constexpr int kStages = kStageBudget / kStageBytes;
-  static constexpr int kLoadAhead = kStages - 2;
+  // wgmma batches a warpgroup leaves in flight after issuing one (its wgmma.wait_group): a slot
+  // is refilled only once the batch that read it is known complete, so copies run that many
+  // stages less ahead.
+  static constexpr int kBatchesInFlight = 1;
+  static constexpr int kLoadAhead = kStages - 1 - kBatchesInFlight;
   static constexpr int kSmemBytes = kStages * kStageBytes + kSwizzleAtomBytes;
 
   // Stage slot of k iteration `iter`, and the iteration whose copies are issued while `iter`

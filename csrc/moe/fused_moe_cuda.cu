@@ -30,7 +30,9 @@
 // loads into the same shared layout (slower, same results).
 // With TORCH_EXT_MOE_WGMMA=1 on compute capability 9.0 (sm_90a builds, 16-byte rows), steps 3 and
 // 4 run on the Hopper kernels of moe/fused_moe_wgmma.cu instead: 128 x 256 tiles, so both plans
-// pad their segments to 128 rows (gemm_rows, decided once per call by plan_fused_moe).
+// pad their segments to 128 rows (gemm_rows, decided once per call by plan_fused_moe);
+// TORCH_EXT_MOE_WGMMA_TMA=1 besides: their variant with B by the copy engine, shared by 2-CTA
+// clusters within an expert (moe/fused_moe_wgmma_tma.cu).
 #include <type_traits>
 
 #include "common/cuda/cp_async.cuh"
@@ -488,11 +490,16 @@ U* region(void* workspace, int64_t offset) {
   return reinterpret_cast<U*>(static_cast<unsigned char*>(workspace) + offset);
 }
 
-// GEMM 1 and every rank of GEMM 2 on the Hopper kernels (plan padded to their 128-row tiles) or
-// on mma.sync.
+// GEMM 1 and every rank of GEMM 2 on the Hopper kernels (plan padded to their 128-row tiles; with
+// tma, the variant with B by the copy engine, or the cp.async one where the driver lacks tensor
+// maps) or on mma.sync.
 template <typename T, bool kGateUp>
-cudaError_t launch_grouped(const GemmArgs<T>& g, bool wgmma, cudaStream_t stream) {
+cudaError_t launch_grouped(const GemmArgs<T>& g, bool wgmma, bool tma, cudaStream_t stream) {
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
+  if (wgmma && tma) {
+    const cudaError_t status = grouped_gemm_sm90_tma<T, kGateUp>(g, stream);
+    if (status != cudaErrorNotSupported) return status;
+  }
   if (wgmma) return grouped_gemm_sm90<T, kGateUp>(g, stream);
 #endif
   return launch_gemm<T, kGateUp>(g, stream);
@@ -501,6 +508,8 @@ cudaError_t launch_grouped(const GemmArgs<T>& g, bool wgmma, cudaStream_t stream
 template <typename T>
 cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, int64_t block, void* ws, cudaStream_t stream) {
   const bool wgmma = block == wx::kBM;
+  // (Read once per call, like the row tile: TORCH_EXT_MOE_WGMMA_TMA=1, opt-in until it has run.)
+  const bool tma = wgmma && kernel_switch_on("TORCH_EXT_MOE_WGMMA_TMA", false);
   const int64_t T_ = p.tokens, H = p.hidden_size, I = p.intermediate_size, E = p.experts;
   const int k = p.top_k;
   const T* const hidden = static_cast<const T*>(p.hidden);
@@ -594,7 +603,7 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, int64_t block, voi
   g1.act = act;
   g1.act_stride = act_stride;
   g1.activation = p.activation;
-  status = launch_grouped<T, true>(g1, wgmma, stream);
+  status = launch_grouped<T, true>(g1, wgmma, tma, stream);
   if (status != cudaSuccess) return status;
 
   GemmArgs<T> g2{};
@@ -621,7 +630,7 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, int64_t block, voi
     g2.first_key = rank * p.experts;
     g2.first = rank == 0;
     g2.last = rank == k - 1;
-    status = launch_grouped<T, false>(g2, wgmma, stream);
+    status = launch_grouped<T, false>(g2, wgmma, tma, stream);
     if (status != cudaSuccess) return status;
   }
   return cudaSuccess;

@@ -12,7 +12,7 @@
 //     copies its 16-byte chunks with cp.async, zero-filled past K and for padding rows.
 //   - Per stage, per warpgroup: 4 x wgmma.m64n256k16 (fp32 accumulators, 128 per thread), one
 //     batch left in flight while the next stage's copies and batch are issued.
-//   - Epilogues as on mma.sync: GEMM 1 stores act = act(gate, up) rounded to the io dtype (gate
+//   - Epilogues (moe/fused_moe_wgmma_ops.cuh, shared with the copy-engine variant) as on mma.sync: GEMM 1 stores act = act(gate, up) rounded to the io dtype (gate
 //     register i and up register i + 64 hold the same column); GEMM 2 adds w * y into the
 //     rank-ordered fp32 sum (acc32) and rounds into out at the last rank. No atomics.
 #include <type_traits>
@@ -20,18 +20,15 @@
 #include "common/cuda/cp_async.cuh"
 #include "common/cuda/grid_limits.h"
 #include "common/cuda/mma.cuh"
-#include "common/cuda/vec.cuh"
-#include "common/cuda/wgmma.cuh"
 #include "common/cuda/wgmma_ring.cuh"
 #include "moe/fused_moe_wgmma.h"
-#include "moe/fused_moe_wgmma_index.h"
+#include "moe/fused_moe_wgmma_ops.cuh"
 
 namespace torch_ext::cuda {
 namespace {
 
 namespace ix = ::torch_ext::moe::fused_moe_cuda;
-namespace wx = ::torch_ext::moe::fused_moe_wgmma;
-using Tile = wx::Tile;
+using namespace fused_moe_sm90;
 
 template <typename T, bool kGateUp>
 __device__ __forceinline__ void wgmma_gemm_cta(const GemmArgs<T>& p) {
@@ -82,40 +79,14 @@ __device__ __forceinline__ void wgmma_gemm_cta(const GemmArgs<T>& p) {
   for (int iter = 0; iter < k_iters; ++iter) {
     wgmma_ring_stage_ready<Tile>(iter, k_iters, load_stage);
     const int stage = Tile::stage_of(iter);
-    const uint64_t desc_a = wx::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
-    const uint64_t desc_b = wx::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
-    wgmma_fence();
-    wgmma_fence_operands(acc);
-#pragma unroll
-    for (int s = 0; s < wx::kKSteps; ++s)
-      wgmma_m64n256k16_ss<std::is_same_v<T, BFloat16>>(acc, wx::desc_at_k_step(desc_a, s),
-                                                       wx::desc_at_k_step(desc_b, s));
-    wgmma_commit();
-    wgmma_wait<1>();  // this batch stays in flight while the next stage is prepared
+    issue_stage<T>(acc, wx::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup)),
+                   wx::make_smem_desc(smem_base + Tile::b_tile_offset(stage)));
+    wgmma_wait<Tile::kBatchesInFlight>();  // this batch stays in flight while the next stage is prepared
   }
   wgmma_wait<0>();
   wgmma_fence_operands(acc);
 
-  // Epilogue: the thread's two rows (registers 4 j + 2 h, + 1 of every n8 block j).
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t r = row0 + wx::acc_row(warpgroup, warp_in_group, lane, 2 * h);
-    const int32_t pair = p.sorted[r];
-    if (pair < 0) continue;  // padding row
-    if constexpr (kGateUp) {
-#pragma unroll
-      for (int j = 0; j < wx::kGateCols / 8; ++j) {
-        const int i = 4 * j + 2 * h, up = i + wx::kUpRegOffset;
-        store_act_pair(p, r, wx::gate_col(n0, lane, i), acc[i], acc[up], acc[i + 1], acc[up + 1]);
-      }
-    } else {
-      const CombineRow<T> row(p, pair);
-#pragma unroll
-      for (int j = 0; j < Tile::kBN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) row.add(p, n0 + wx::acc_col(lane, 4 * j + 2 * h + e), acc[4 * j + 2 * h + e]);
-    }
-  }
+  store_tile<T, kGateUp>(p, acc, row0, n0, warpgroup, warp_in_group, lane);
 }
 
 // One CTA per SM (193 KB of shared memory): the bound lets ptxas use up to 255 registers for the

@@ -17,4 +17,10 @@ namespace torch_ext::cuda {
 template <typename T, bool kGateUp>
 cudaError_t grouped_gemm_sm90(const GemmArgs<T>& p, cudaStream_t stream);
 
+// The same GEMM with B brought by the copy engine and shared by 2-CTA clusters within an expert
+// (moe/fused_moe_wgmma_tma.cu; TORCH_EXT_MOE_WGMMA_TMA=1, opt-in until it has run on a GPU): the
+// same bits. cudaErrorNotSupported (nothing launched) where the driver lacks tensor maps.
+template <typename T, bool kGateUp>
+cudaError_t grouped_gemm_sm90_tma(const GemmArgs<T>& p, cudaStream_t stream);
+
 }  // namespace torch_ext::cuda

@@ -59,7 +59,25 @@ TORCH_EXT_HOST_DEVICE int64_t weight_row(bool gate_up, int b, int64_t n0, int64_
 TORCH_EXT_HOST_DEVICE int64_t gate_col(int64_t n0, int lane, int i) { return n0 + acc_col(lane, i); }
 
 // =============================================================================================
-// 2. The switch. These kernels need 16-byte rows for both GEMMs (cp.async only; the mma.sync
+// 2. The copy-engine variant (moe/fused_moe_wgmma_tma.cu; the pipeline of
+//    common/wgmma_cluster_pipeline.h with gathered A). B's 256 rows are two boxes of 128 rows,
+//    half h at B tile row 128 h, from a 4-D tensor map over the weights {K, n_total, halves, E}
+//    (K = the row length H or I; GEMM 1: halves = 2, gate and up; GEMM 2: 1), so that boxes past
+//    an expert's rows or past K read zeros, as the ring's zero-filled chunks do. Box h of a tile
+//    at n0 starts at (row, half) = (n0, h) in GEMM 1 and (n0 + 128 h, 0) in GEMM 2.
+// =============================================================================================
+
+struct BoxRow {
+  int64_t row, half;
+};
+TORCH_EXT_HOST_DEVICE BoxRow b_box_row(bool gate_up, int h, int64_t n0) {
+  return gate_up ? BoxRow{n0, h} : BoxRow{n0 + int64_t(h) * kGateCols, 0};
+}
+// The tensor map's dimensions {K, n_total, halves, E} and byte strides of the outer three.
+TORCH_EXT_HOST_DEVICE int64_t b_map_halves(bool gate_up) { return gate_up ? 2 : 1; }
+
+// =============================================================================================
+// 3. The switch. These kernels need 16-byte rows for both GEMMs (cp.async only; the mma.sync
 //    kernels also take unaligned rows) and run outside the decode path. They are opt-in
 //    (TORCH_EXT_MOE_WGMMA=1, read by the launcher) until they have run on a GPU.
 // =============================================================================================

@@ -90,8 +90,8 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
     const int stage = Tile::stage_of(iter);
     const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
     const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
-    wgmma_fence();
     wgmma_fence_operands(into);
+    wgmma_fence();
     Op::k_block(into, desc_a, desc_b);
     wgmma_commit();
   };

@@ -80,9 +80,10 @@ __device__ __forceinline__ void k_loop(int k_iters, typename Op::Acc (&acc)[Op::
   using Tile = typename Op::Tile;
   if (k_iters == 0) return;
   if constexpr (!Tile::kPromote) {
+    static_assert(Tile::kBatchesInFlight == 1, "done(iter - 1) below");
     for (int iter = 0; iter < k_iters; ++iter) {
       issue(iter, acc);
-      wgmma_wait<1>();
+      wgmma_wait<Tile::kBatchesInFlight>();
       if (iter > 0) done(iter - 1);
     }
     wgmma_wait<0>();

@@ -17,8 +17,8 @@
 //     multiply zeros; the epilogue stores only rows < M, columns < N.
 #include <cuda.h>
 
+#include "common/cuda/cluster_pipeline.cuh"
 #include "common/cuda/grid_limits.h"
-#include "common/cuda/mbarrier.cuh"
 #include "common/cuda/tensor_map.h"
 #include "common/cuda/tma.cuh"
 #include "common/wgmma_cluster_pipeline.h"
@@ -49,17 +49,10 @@ __device__ __forceinline__ void tma_mm_cta(const WgmmaArgs<O, Op>& p, const CUte
                                                  mm_ix::kGroupM / cl::kClusterCtas);
   const int m0 = int(tile.mb) * ix::kBM, n0 = int(tile.nb) * Tile::kBN;
 
-  if (tid == 0) {
-    for (int s = 0; s < Pipe::kStages; ++s) {
-      mbarrier_init(&full[s], 1);
-      mbarrier_init(&empty[s], cl::kEmptyArrivals);
-    }
-    fence_mbarrier_init_cluster();
-  }
-  cluster_sync();  // the peer's barriers exist before this CTA's copies or releases signal them
+  init_stage_barriers(full, empty, Pipe::kFullArrivals, cl::kEmptyArrivals);
 
   if (role == 0) {
-    warpgroup_release_registers<cl::kProducerRegisters>();
+    warpgroup_release_registers<Pipe::kProducerRegisters>();
     if (tid == 0) {
       tma_prefetch_descriptor(a_map);
       tma_prefetch_descriptor(b_map);
@@ -69,14 +62,14 @@ __device__ __forceinline__ void tma_mm_cta(const WgmmaArgs<O, Op>& p, const CUte
         if (Pipe::producer_waits(iter)) mbarrier_wait_parity(&empty[stage], Pipe::empty_parity(iter));
         mbarrier_arrive_expect_tx(&full[stage], Pipe::kStageTxBytes);
         const int k = iter * ix::kBK;
-        tma_load_2d(smem + Tile::a_tile_offset(stage), a_map, k, m0, &full[stage]);
-        tma_load_2d_multicast(smem + Pipe::b_half_offset(stage, int(rank)), b_map, k, b_row, &full[stage],
-                              uint16_t((1u << cl::kClusterCtas) - 1));
+        tma_load_4d(smem + Tile::a_tile_offset(stage), a_map, k, m0, 0, 0, &full[stage]);
+        tma_load_4d_multicast(smem + Pipe::b_half_offset(stage, int(rank)), b_map, k, b_row, 0, 0, &full[stage],
+                              cl::kClusterMask);
       }
     }
     cluster_sync();  // no CTA leaves while its peer may still signal it (releases go to both)
   } else {
-    warpgroup_claim_registers<cl::kConsumerRegisters>();
+    warpgroup_claim_registers<Pipe::kConsumerRegisters>();
     const int warpgroup = role - 1, warp_in_group = warp % 4;
     // Iteration iter's stage back to both CTAs' producers, once per consumer warp.
     const auto release = [&](int iter) {
@@ -94,8 +87,8 @@ __device__ __forceinline__ void tma_mm_cta(const WgmmaArgs<O, Op>& p, const CUte
       mbarrier_wait_parity(&full[stage], Pipe::full_parity(iter));
       const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
       const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
-      wgmma_fence();
       wgmma_fence_operands(into);
+      wgmma_fence();
       Op::k_block(into, desc_a, desc_b);
       wgmma_commit();
     };
@@ -127,29 +120,18 @@ struct ClusterLaunch {
     if (ctas > kMaxGridX) return cudaErrorInvalidValue;
     // A's boxes are its 128-row tiles, B's the halves of its kBN-row tiles.
     CUtensorMap a_map, b_map;
-    cudaError_t status = make_swizzled_byte_matrix_map(&a_map, p.a, uint64_t(p.k), uint64_t(p.m),
-                                                       uint64_t(p.a_row_stride), ix::kBM);
+    const auto matrix = [&](int64_t rows, int64_t row_stride) {
+      const uint64_t bytes = uint64_t(rows) * uint64_t(row_stride);  // (unused outer dimensions: size 1)
+      return TensorMapShape{{uint64_t(p.k), uint64_t(rows), 1, 1}, {uint64_t(row_stride), bytes, bytes}};
+    };
+    cudaError_t status = make_swizzled_tensor_map(&a_map, p.a, matrix(p.m, p.a_row_stride), 1, ix::kBM);
     if (status == cudaSuccess) {
-      status = make_swizzled_byte_matrix_map(&b_map, p.b, uint64_t(p.k), uint64_t(p.n), uint64_t(p.b_row_stride),
-                                             cl::Pipeline<typename Op::Tile>::kBHalfRows);
-    }
-    const auto kernel = tma_mm_kernel<O, Op>;
-    if (status == cudaSuccess) {
-      status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Op::Tile::kSmemBytes);
+      status = make_swizzled_tensor_map(&b_map, p.b, matrix(p.n, p.b_row_stride), 1,
+                                        cl::Pipeline<typename Op::Tile>::kBHalfRows);
     }
     if (status != cudaSuccess) return status;
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = cl::kClusterCtas;
-    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(unsigned(ctas));
-    config.blockDim = dim3(cl::kThreads);
-    config.dynamicSmemBytes = Op::Tile::kSmemBytes;
-    config.stream = stream;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, args, a_map, b_map);
+    return launch_on_clusters(tma_mm_kernel<O, Op>, ctas, cl::kClusterCtas, cl::kThreads, Op::Tile::kSmemBytes, stream,
+                              args, a_map, b_map);
   }
 };
 

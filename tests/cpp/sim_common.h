@@ -158,7 +158,7 @@ void run_wgmma_ring(Smem& smem, int k_iters, const Load& load_stage, const Batch
     smem.commit();
     batch(iter, Tile::stage_of(iter));
     slot_reader[size_t(Tile::stage_of(iter))] = iter;
-    complete = iter - 1;  // wgmma.wait_group 1
+    complete = iter - Tile::kBatchesInFlight;  // the kernels' wgmma.wait_group (its constant)
   }
   smem.wait(0);
 }

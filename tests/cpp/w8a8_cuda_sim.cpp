@@ -689,7 +689,8 @@ void sim_wgmma_mm(const MmProblem& p) {
     };
     std::vector<Event> events;
     if (!Tile::kPromote) {
-      for (int iter = 0; iter < k_iters; ++iter) events.insert(events.end(), {{'i', iter, 0}, {'w', 1, 0}});
+      for (int iter = 0; iter < k_iters; ++iter)
+        events.insert(events.end(), {{'i', iter, 0}, {'w', Tile::kBatchesInFlight, 0}});
     } else {
       int iter = 0;
       for (; iter + 2 <= k_iters; iter += 2)

@@ -65,29 +65,58 @@ struct Mbarrier {
   }
 };
 
-enum Region { kA = 0, kB0 = 1, kB1 = 2, kRegions = 3 };
+// Regions of a stage: A (by the copy engine; gathered: the chunks of producer thread 0 and of
+// the other 127, which publish separately), and B's two halves.
+enum Region { kA = 0, kB0 = 1, kB1 = 2, kAOthers = 3, kRegions = 4 };
 
 struct Copy {
   int cta, stage, region, iter;
-  int64_t bytes;
+  int64_t bytes;  // counted on the full barrier (0: a cp.async, published by arrivals instead)
+  int agent;      // the producer agent that issued it
 };
 
-template <class Tile>
+// One pipeline configuration on a cluster of 2: gather (fused_moe: A by producer cp.async,
+// published kGatherLag stages later) or not (W8A8: A by the copy engine); share (B's halves
+// multicast) or not (each CTA fetches its whole B and releases only its own stages).
+template <class Tile, bool kGather>
 struct Sim {
-  using Pipe = cl::Pipeline<Tile>;
+  using Pipe = cl::Pipeline<Tile, kGather>;
   static constexpr int S = Pipe::kStages;
   int k_iters;
   bool promote;  // fp8's program order
+  bool share;
   Mbarrier full[2][S], empty[2][S];
-  int data[2][S][kRegions];          // iteration whose data the region holds (-1: none)
-  int readers[2][S][kRegions];       // batches that may be reading it now
-  int read_done[2][S];               // warpgroups done reading the stage's current data
+  int data[2][S][kRegions];        // iteration whose data the region holds (-1: none)
+  bool published[2][S][kRegions];  // gathered A: its writer has arrived for it
+  int readers[2][S][kRegions];     // batches that may be reading it now
+  int read_done[2][S];             // warpgroups done reading the stage's current data
   std::vector<Copy> in_flight;
 
-  // Producer of CTA c.
+  // Producer agents of a CTA: 0 = the thread issuing B's (and A's) tensor copies; gathered A: it
+  // also copies and publishes its own A chunks, and agent 1 stands for the other 127 threads.
+  enum POp { kWaitEmptyIssue, kPublish };
+  struct PStep {
+    POp op;
+    int iter;
+  };
   struct Producer {
-    int iter = 0;
-  } producer[2];
+    std::vector<PStep> program;
+    size_t pc = 0;
+  } producer[2][2];
+  static constexpr int kAgents = kGather ? 2 : 1;
+
+  // The kernel's producer loop (w8a8_wgmma_tma.cu / fused_moe_wgmma_tma.cu).
+  std::vector<PStep> producer_program() const {
+    std::vector<PStep> p;
+    for (int iter = 0; iter < k_iters; ++iter) {
+      p.push_back({kWaitEmptyIssue, iter});
+      if (kGather && Pipe::published_after(iter) >= 0) p.push_back({kPublish, Pipe::published_after(iter)});
+    }
+    if (kGather)
+      for (int iter = std::max(0, k_iters - cl::kGatherLag); iter < k_iters; ++iter) p.push_back({kPublish, iter});
+    return p;
+  }
+
   // Consumer warpgroup: its program as a list of steps, and a cursor.
   enum Op { kWaitFullIssue, kWaitGroup0, kWaitGroup1, kRelease };
   struct Step {
@@ -101,8 +130,10 @@ struct Sim {
   } consumer[2][2];
 
   // The consumer warpgroup's loop: k_loop of csrc/quant/w8a8_wgmma_ops.cuh with done = the
-  // release of quant/w8a8_wgmma_tma.cu, int8 or fp8 (its issue waits for the full barrier).
+  // release of quant/w8a8_wgmma_tma.cu, int8 or fp8 (its issue waits for the full barrier);
+  // fused_moe_wgmma_tma.cu's loop is the int8 order.
   std::vector<Step> consumer_program() const {
+    static_assert(Tile::kBatchesInFlight == 1, "the kernels' wgmma.wait_group 1");
     std::vector<Step> p;
     if (!promote) {
       for (int iter = 0; iter < k_iters; ++iter) {
@@ -131,28 +162,53 @@ struct Sim {
     return p;
   }
 
-  Sim(int k, bool fp8) : k_iters(k), promote(fp8) {
+  Sim(int k, bool fp8, bool share_b) : k_iters(k), promote(fp8), share(share_b) {
     for (int c = 0; c < 2; ++c)
       for (int s = 0; s < S; ++s) {
-        full[c][s].init(1);
-        empty[c][s].init(cl::kEmptyArrivals);
+        full[c][s].init(Pipe::kFullArrivals);
+        empty[c][s].init(cl::empty_arrivals(share));
         read_done[c][s] = 2;
-        for (int r = 0; r < kRegions; ++r) data[c][s][r] = -1, readers[c][s][r] = 0;
+        for (int r = 0; r < kRegions; ++r) data[c][s][r] = -1, readers[c][s][r] = 0, published[c][s][r] = false;
       }
-    for (auto& cta : consumer)
-      for (auto& wg : cta) wg.program = consumer_program();
+    for (int c = 0; c < 2; ++c) {
+      for (int a = 0; a < kAgents; ++a) producer[c][a].program = producer_program();
+      for (auto& wg : consumer[c]) wg.program = consumer_program();
+    }
   }
 
-  bool producer_step(int c) {
-    Producer& pr = producer[c];
-    if (pr.iter == k_iters) return false;
-    const int iter = pr.iter, stage = Tile::stage_of(iter);
-    if (Pipe::producer_waits(iter) && !empty[c][stage].try_wait(Pipe::empty_parity(iter), iter / S - 1)) return false;
-    full[c][stage].expect_tx(Pipe::kStageTxBytes);
-    full[c][stage].arrive();
-    in_flight.push_back({c, stage, kA, iter, Pipe::kATxBytes});
-    for (int d = 0; d < 2; ++d) in_flight.push_back({d, stage, kB0 + c, iter, Pipe::kBHalfTxBytes});
-    ++pr.iter;
+  static int a_region(int agent) { return agent == 0 ? kA : kAOthers; }
+  bool region_used(int r) const { return r != kAOthers || kGather; }
+
+  bool producer_step(int c, int a) {
+    Producer& pr = producer[c][a];
+    if (pr.pc == pr.program.size()) return false;
+    const PStep step = pr.program[pr.pc];
+    const int stage = Tile::stage_of(step.iter);
+    if (step.op == kWaitEmptyIssue) {
+      if (Pipe::producer_waits(step.iter) &&
+          !empty[c][stage].try_wait(Pipe::empty_parity(step.iter), step.iter / S - 1)) {
+        return false;
+      }
+      if (a == 0) {
+        full[c][stage].expect_tx(Pipe::kStageTxBytes);
+        full[c][stage].arrive();
+        if (!kGather) in_flight.push_back({c, stage, kA, step.iter, Pipe::kATxBytes, a});
+        for (int h = 0; h < 2; ++h) {
+          if (share && h != c) continue;  // the peer multicasts that half
+          for (int d = 0; d < 2; ++d)
+            if (share || d == c) in_flight.push_back({d, stage, kB0 + h, step.iter, Pipe::kBHalfTxBytes, a});
+        }
+      }
+      if (kGather) in_flight.push_back({c, stage, a_region(a), step.iter, 0, a});
+    } else {  // kPublish: cp.async.wait_group (every group up to this iteration landed), then arrive
+      for (const Copy& copy : in_flight)
+        if (copy.cta == c && copy.agent == a && copy.bytes == 0 && copy.iter <= step.iter) return false;
+      CHECK(data[c][stage][a_region(a)] == step.iter);
+      published[c][stage][a_region(a)] = true;
+      const int arrivals = a == 0 ? 1 : cl::kWarpgroupThreads - 1;
+      for (int i = 0; i < arrivals; ++i) full[c][stage].arrive();
+    }
+    ++pr.pc;
     return true;
   }
 
@@ -163,7 +219,8 @@ struct Sim {
     CHECK(read_done[copy.cta][copy.stage] == 2);             // both warpgroups read the old data
     CHECK(data[copy.cta][copy.stage][copy.region] == (copy.iter >= S ? copy.iter - S : -1));  // its previous use
     data[copy.cta][copy.stage][copy.region] = copy.iter;
-    full[copy.cta][copy.stage].complete_tx(copy.bytes);
+    published[copy.cta][copy.stage][copy.region] = copy.bytes > 0;  // tensor copies: by their bytes
+    if (copy.bytes > 0) full[copy.cta][copy.stage].complete_tx(copy.bytes);
   }
 
   void finish_batches(int c, Consumer& w, size_t keep) {
@@ -184,7 +241,7 @@ struct Sim {
       case kWaitFullIssue: {
         if (!full[c][stage].try_wait(Pipe::full_parity(step.iter), step.iter / S)) return false;
         for (int r = 0; r < kRegions; ++r) {
-          CHECK(data[c][stage][r] == step.iter);  // A and both halves of B of this iteration
+          if (region_used(r)) CHECK(data[c][stage][r] == step.iter && published[c][stage][r]);
           ++readers[c][stage][r];
         }
         // The first warpgroup to read the stage's new data starts its count.
@@ -202,7 +259,8 @@ struct Sim {
         for (int b : w.batches) CHECK(b != step.iter);  // released only once its batch is done
         if (Pipe::consumer_releases(step.iter, k_iters)) {
           for (int warp = 0; warp < cl::kConsumerWarps / cl::kConsumerWarpgroups; ++warp)
-            for (int d = 0; d < 2; ++d) empty[d][stage].arrive();
+            for (int d = 0; d < 2; ++d)
+              if (share || d == c) empty[d][stage].arrive();
         }
         break;
     }
@@ -212,7 +270,8 @@ struct Sim {
 
   bool done() const {
     for (int c = 0; c < 2; ++c) {
-      if (producer[c].iter != k_iters) return false;
+      for (int a = 0; a < kAgents; ++a)
+        if (producer[c][a].pc != producer[c][a].program.size()) return false;
       for (const auto& w : consumer[c])
         if (w.pc != w.program.size()) return false;
     }
@@ -220,21 +279,20 @@ struct Sim {
   }
 
   void run() {
-    // The read_done bookkeeping above assumes both warpgroups read a stage's data before either
-    // producer refills it; the lands' CHECKs verify it.
     for (long steps = 0;; ++steps) {
       CHECK(steps < 10000000);
       if (done()) break;
-      // Candidates: 2 producers, 4 consumers, every copy in flight.
-      std::vector<int> order(6 + in_flight.size());
+      // Candidates: the producer agents, 4 consumers, every copy in flight.
+      constexpr int kFixed = 2 * kAgents + 4;
+      std::vector<int> order(kFixed + in_flight.size());
       for (size_t i = 0; i < order.size(); ++i) order[i] = int(i);
       std::shuffle(order.begin(), order.end(), rng);
       bool progressed = false;
       for (int pick : order) {
-        if (pick < 2) progressed = producer_step(pick);
-        else if (pick < 6) progressed = consumer_step((pick - 2) / 2, (pick - 2) % 2);
+        if (pick < 2 * kAgents) progressed = producer_step(pick / kAgents, pick % kAgents);
+        else if (pick < kFixed) progressed = consumer_step((pick - 2 * kAgents) / 2, (pick - 2 * kAgents) % 2);
         else {
-          land(size_t(pick - 6));
+          land(size_t(pick - kFixed));
           progressed = true;
         }
         if (progressed) break;
@@ -250,8 +308,8 @@ struct Sim {
           ++uses;
           releases += iter + S < k_iters;
         }
-        CHECK(full[c][s].completed == uses && full[c][s].tx == 0);
-        CHECK(empty[c][s].completed == releases && empty[c][s].pending == cl::kEmptyArrivals);
+        CHECK(full[c][s].completed == uses && full[c][s].tx == 0 && full[c][s].pending == Pipe::kFullArrivals);
+        CHECK(empty[c][s].completed == releases && empty[c][s].pending == cl::empty_arrivals(share));
       }
   }
 };
@@ -305,8 +363,9 @@ int main(int argc, char** argv) {
   check_layout<Fp8Tile>();
   for (int i = 0; i < cases; ++i) {
     const int k_iters = 1 + int(rng() % 24);
-    Sim<Int8Tile>(k_iters, false).run();
-    Sim<Fp8Tile>(k_iters, true).run();
+    Sim<Int8Tile, false>(k_iters, false, true).run();  // W8A8 int8
+    Sim<Fp8Tile, false>(k_iters, true, true).run();    // W8A8 e4m3
+    Sim<Int8Tile, true>(k_iters, false, rng() % 2 == 0).run();  // fused_moe (bf16: the same tile)
     check_cluster_tiles(1 + int64_t(rng() % 40), 1 + int64_t(rng() % 40), 1 + int64_t(rng() % 6));
   }
   printf("all ok\n");

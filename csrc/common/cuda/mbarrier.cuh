@@ -30,6 +30,12 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 
+// One arrival (release at CTA scope: this thread's earlier writes are visible to the threads
+// that see the phase complete).
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
+}
+
 // One arrival on the barrier at the same shared-memory offset in cluster CTA `cta_rank` (this CTA
 // included). The default semantics (release at CTA scope), as CUTLASS's cluster pipelines use:
 // the stage was read by wgmma, whose completion the caller waited for; an explicit
