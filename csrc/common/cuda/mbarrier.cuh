@@ -52,21 +52,25 @@ __device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t 
 }
 
 // Waits until the phase with this parity has completed. A protocol error would otherwise hang
-// the GPU forever; after 2^30 failed tries (each may suspend the thread up to the hint, 1 ms;
-// seconds at the least, far beyond any legitimate wait, sanitizers included) the kernel traps
-// instead, so the launch fails with an error the caller reports. The loop is one asm block: a
-// counter or a clock in C++ around the try made ptxas spill the fp8 GEMM's accumulators.
+// the GPU forever: once a wait has lasted 10 s of the GPU's global timer (far beyond any
+// legitimate wait, sanitizers and time-slicing included) the kernel traps instead, so the launch
+// fails with an error the caller reports. (Bounded by time, not by tries: a try may suspend the
+// thread for an implementation-defined time.) The loop is one asm block: a counter or a clock in
+// C++ around the try made ptxas spill the fp8 GEMM's accumulators.
 __device__ __forceinline__ void mbarrier_wait_parity(uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n"
       ".reg .pred ready;\n"
-      ".reg .b32 tries;\n"
-      "mov.u32 tries, 0;\n"
-      "TORCH_EXT_MBARRIER_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1, 1000000;\n"
+      ".reg .u64 start, now;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
       "@ready bra.uni TORCH_EXT_MBARRIER_DONE;\n"
-      "add.u32 tries, tries, 1;\n"
-      "setp.lt.u32 ready, tries, 1073741824;\n"
+      "mov.u64 start, %%globaltimer;\n"
+      "TORCH_EXT_MBARRIER_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
+      "@ready bra.uni TORCH_EXT_MBARRIER_DONE;\n"
+      "mov.u64 now, %%globaltimer;\n"
+      "sub.u64 now, now, start;\n"
+      "setp.lt.u64 ready, now, 10000000000;\n"
       "@ready bra.uni TORCH_EXT_MBARRIER_WAIT;\n"
       "trap;\n"
       "TORCH_EXT_MBARRIER_DONE:\n"
