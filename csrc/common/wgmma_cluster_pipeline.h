@@ -51,6 +51,9 @@ constexpr int kClusterCtas = 2;  // along M
 constexpr int kWarpgroupThreads = wgmma_gemm::kWarpgroupThreads;
 constexpr int kConsumerWarpgroups = wgmma_gemm::kWarpgroups;  // 64 rows each
 constexpr int kThreads = (1 + kConsumerWarpgroups) * kWarpgroupThreads;  // 384
+// Registers per thread at entry under __launch_bounds__(kThreads, 1): the SM's 64K over 384
+// threads, in steps of 8. The launchers check the compiled kernels have exactly this.
+constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;  // 168
 constexpr int kConsumerWarps = kConsumerWarpgroups * kWarpgroupThreads / 32;
 constexpr int kEmptyArrivals = kConsumerWarps * kClusterCtas;  // 16
 constexpr uint16_t kClusterMask = (1u << kClusterCtas) - 1;     // multicast to every CTA
@@ -80,13 +83,14 @@ struct Pipeline {
   // they issued i - kStages + 1, published at the latest by the end of iteration i - 1: so
   // i - kStages + 1 <= i - 1 - kGatherLag (the simulator deadlocks at kStages - 1).
   static_assert(!kGatherA || kGatherLag <= kStages - 2, "publish before waiting for a release");
-  // setmaxnreg budgets: multiples of 8 summing to the 3 x 168 each thread has at entry (a claim
+  // setmaxnreg budgets: multiples of 8 summing to the 3 x 168 the warpgroups have at entry (a claim
   // beyond what the producer gave back waits forever). The producer needs a few addresses (24),
   // or its 8 gathered row pointers (56: 40 spilled them); the consumers hold 128 accumulators
   // (int8, fused_moe) or 64 + 2 x 64 (fp8: 232 spilled them, 240 does not).
   static constexpr int kProducerRegisters = kGatherA ? 56 : 24;
   static constexpr int kConsumerRegisters = kGatherA ? 224 : 240;
-  static_assert(kProducerRegisters + kConsumerWarpgroups * kConsumerRegisters == 3 * 168, "the entry allocation");
+  static_assert(kProducerRegisters + kConsumerWarpgroups * kConsumerRegisters == 3 * kEntryRegisters,
+                "the entry allocation");
   static_assert(kBHalfTxBytes % wgmma_gemm::kSwizzleAtomBytes == 0, "each half starts on a swizzle atom");
   static_assert(kBHalfRows <= 256 && kBM <= 256, "a TMA box has at most 256 rows");
 

@@ -19,7 +19,8 @@ cudaError_t grouped_gemm_sm90(const GemmArgs<T>& p, cudaStream_t stream);
 
 // The same GEMM with B brought by the copy engine and shared by 2-CTA clusters within an expert
 // (moe/fused_moe_wgmma_tma.cu; TORCH_EXT_MOE_WGMMA_TMA=1, opt-in until it has run on a GPU): the
-// same bits. cudaErrorNotSupported (nothing launched) where the driver lacks tensor maps.
+// same bits. cudaErrorNotSupported (nothing launched) where it cannot run (no tensor maps in the
+// driver, strides they cannot describe, registers or cluster size refused).
 template <typename T, bool kGateUp>
 cudaError_t grouped_gemm_sm90_tma(const GemmArgs<T>& p, cudaStream_t stream);
 

@@ -474,8 +474,9 @@ cudaError_t scaled_mm(const typename Op::Params& p, cudaStream_t stream) {
 #if defined(TORCH_EXT_HAVE_SM90A_KERNELS)
   if (runs_wgmma<Op>(p, num_sms)) {
     // (K = 0 has no tensor map to describe: the cp.async kernel writes the epilogue of zero sums.
-    // A driver without the tensor-map entry point, cudaErrorNotSupported before any launch: the
-    // cp.async kernel too.)
+    // What the copy-engine variant cannot run, it answers with cudaErrorNotSupported before any
+    // launch: no tensor-map entry point, operands its maps cannot describe (an expanded operand's
+    // stride 0), registers or cluster size refused; the cp.async kernel then runs.)
     if (p.k > 0 && kernel_switch_on("TORCH_EXT_WGMMA_TMA", false)) {
       const cudaError_t status = Op::sm90_tma(p, stream);
       if (status != cudaErrorNotSupported) return status;

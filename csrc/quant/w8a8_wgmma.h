@@ -21,7 +21,8 @@ cudaError_t scaled_fp8_mm_sm90(const ScaledFp8MmParams& p, cudaStream_t stream);
 
 // The same GEMMs with the operands brought in by the copy engine, B multicast to 2-CTA clusters
 // (quant/w8a8_wgmma_tma.cu; TORCH_EXT_WGMMA_TMA=1, opt-in until it has run on a GPU): the same
-// bits as the two above.
+// bits as the two above; cudaErrorNotSupported (nothing launched) where they cannot run (no
+// tensor maps in the driver, strides they cannot describe, registers or cluster size refused).
 cudaError_t scaled_int8_mm_sm90_tma(const ScaledInt8MmParams& p, cudaStream_t stream);
 cudaError_t scaled_fp8_mm_sm90_tma(const ScaledFp8MmParams& p, cudaStream_t stream);
 

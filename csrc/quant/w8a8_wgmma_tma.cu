@@ -12,7 +12,7 @@
 //   - Warpgroup 0 produces (one thread waits for a free stage, announces its bytes, issues the
 //     copies); warpgroups 1 and 2 consume (wait for the stage's bytes, 4 wgmma k32 steps,
 //     release the stage to both CTAs' producers once the batch that read it is done). The
-//     producer's registers go to the consumers (setmaxnreg 40 / 232).
+//     producer's registers go to the consumers (setmaxnreg 24 / 240).
 //   - Tails: boxes past M, N or K read zeros (the copy engine fills them), so partial tiles
 //     multiply zeros; the epilogue stores only rows < M, columns < N.
 #include <cuda.h>
@@ -130,8 +130,8 @@ struct ClusterLaunch {
                                         cl::Pipeline<typename Op::Tile>::kBHalfRows);
     }
     if (status != cudaSuccess) return status;
-    return launch_on_clusters(tma_mm_kernel<O, Op>, ctas, cl::kClusterCtas, cl::kThreads, Op::Tile::kSmemBytes, stream,
-                              args, a_map, b_map);
+    return launch_on_clusters(tma_mm_kernel<O, Op>, ctas, cl::kClusterCtas, cl::kThreads, Op::Tile::kSmemBytes,
+                              cl::kEntryRegisters, stream, args, a_map, b_map);
   }
 };
 

@@ -28,10 +28,17 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t (&full)[kStages], u
 }
 
 // kernel<<<ctas, threads, smem_bytes, stream>>>(args...) in clusters of cluster_ctas along x.
+// cudaErrorNotSupported, nothing launched, where the kernel's register count at entry is not the
+// one its setmaxnreg budgets add up to (a claim beyond what the others gave back would wait
+// forever) or the device refuses the cluster size: the caller runs its cp.async kernel.
 template <typename... Params, typename... Args>
 cudaError_t launch_on_clusters(void (*kernel)(Params...), int64_t ctas, int cluster_ctas, int threads, int smem_bytes,
-                               cudaStream_t stream, Args&&... args) {
-  const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+                               int entry_registers, cudaStream_t stream, Args&&... args) {
+  cudaFuncAttributes attributes{};
+  cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
+  if (status != cudaSuccess) return status;
+  if (attributes.numRegs != entry_registers) return cudaErrorNotSupported;
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (status != cudaSuccess) return status;
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
@@ -44,7 +51,12 @@ cudaError_t launch_on_clusters(void (*kernel)(Params...), int64_t ctas, int clus
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (status == cudaErrorInvalidClusterSize) {
+    (void)cudaGetLastError();  // a configuration the device refused, not a fault: clear it
+    return cudaErrorNotSupported;
+  }
+  return status;
 }
 
 }  // namespace torch_ext::cuda
