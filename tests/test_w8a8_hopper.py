@@ -189,3 +189,25 @@ def test_tma_tails_for_sanitizers(monkeypatch):
     tma, ring = _tma_and_ring(monkeypatch, lambda: scaled_fp8_mm(a8, b8, a_scale, b_scale, None, torch.float32),
                               check_names=False)
     assert torch.equal(tma, ring), f"e4m3 seed {seed}"
+
+
+def test_tma_falls_back_where_tensor_maps_cannot_describe(monkeypatch):
+    """An expanded B (row stride 0: every row the same weights) passes the 16-byte checks of the
+    wgmma kernels but no tensor map can describe it: with TORCH_EXT_WGMMA_TMA=1 the cp.async
+    kernel runs instead (nothing launched on the copy engine, no error), with its bits."""
+    seed = fresh_seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    m, n, k = SHAPES[0]
+    a = torch.randint(-128, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+    b = torch.randint(-128, 128, (1, k), generator=gen, device="cuda", dtype=torch.int8).expand(n, k)
+    a_scale = torch.rand(m, 1, generator=gen, device="cuda") + 0.1
+    b_scale = torch.rand(n, generator=gen, device="cuda") + 0.1
+    run = lambda: scaled_int8_mm(a, b, a_scale, b_scale, None, torch.bfloat16)  # noqa: E731
+    monkeypatch.setenv("TORCH_EXT_WGMMA_TMA", "1")
+    names = _kernel_names(run)
+    assert "wgmma_mm_kernel" in names and "tma_mm_kernel" not in names, names
+    with poisoned_outputs():
+        fallback = run()
+    monkeypatch.setenv("TORCH_EXT_WGMMA_TMA", "0")
+    with poisoned_outputs():
+        assert torch.equal(fallback, run()), f"seed {seed}"
