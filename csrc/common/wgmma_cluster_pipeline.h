@@ -1,7 +1,8 @@
-// The bookkeeping of the Hopper GEMMs' TMA pipeline (quant/w8a8_wgmma_tma.cu), host+device so
-// that tests/cpp/wgmma_cluster_pipeline_sim.cpp runs the protocol on the CPU with a model of the
-// mbarrier and of the multicast copies: which CTA of a cluster computes which tile, where each
-// copy lands, the bytes and arrivals each barrier phase waits for, and the phase parities.
+// The bookkeeping of the Hopper GEMMs' TMA pipeline (quant/w8a8_wgmma_tma.cu,
+// moe/fused_moe_wgmma_tma.cu), host+device so that tests/cpp/wgmma_cluster_pipeline_sim.cpp runs
+// the protocol on the CPU with a model of the mbarrier and of the multicast copies: which CTA of
+// a cluster computes which tile, where each copy lands, the bytes and arrivals each barrier
+// phase waits for, and the phase parities.
 //
 // Why a cluster: the cp.async ring of common/cuda/wgmma_ring.cuh feeds a 128 x 256 tile (1/256 +
 // 1/128) bytes from L2 per MAC; the W8A8 int8 GEMM stopped at 1008 TOPS on H100 (2026-11-26), an
@@ -29,9 +30,9 @@
 // group, fence it into the async proxy (wgmma reads through it), arrive. full[s] then counts 128
 // such arrivals + the arrive.expect_tx of the thread issuing B's copies (B's bytes only). The
 // lag must stay below kStages - 1: a producer waiting for a release that needs data it has not
-// yet published would wait forever (the static_assert in Pipeline). And B is shared only when both CTAs' 128-row blocks lie
-// in one expert; otherwise each CTA fetches its whole B and releases only its own stages (the
-// same bytes per stage, kConsumerWarps arrivals per release).
+// yet published would wait forever (the static_assert in Pipeline). And B is shared only when
+// both CTAs' 128-row blocks lie in one expert; otherwise each CTA fetches its whole B and
+// releases only its own stages (the same bytes per stage, kConsumerWarps arrivals per release).
 #pragma once
 
 #include <cstdint>
@@ -54,6 +55,13 @@ constexpr int kThreads = (1 + kConsumerWarpgroups) * kWarpgroupThreads;  // 384
 // Registers per thread at entry under __launch_bounds__(kThreads, 1): the SM's 64K over 384
 // threads, in steps of 8. The launchers check the compiled kernels have exactly this.
 constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;  // 168
+// setmaxnreg budgets: multiples of 8 summing to the 3 x 168 the warpgroups have at entry (a claim
+// beyond what the producer gave back waits forever). CUTLASS's 40 / 232: the producer keeps its
+// addresses (the gathered-A producer's 8 row pointers spilled at 24), the consumers hold 128
+// accumulators (int8, fused_moe) or 64 + 2 x 64 (fp8); no spills in any of the kernels (CUDA 13.0).
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerRegisters + kConsumerWarpgroups * kConsumerRegisters == 3 * kEntryRegisters,
+              "the entry allocation");
 constexpr int kConsumerWarps = kConsumerWarpgroups * kWarpgroupThreads / 32;
 constexpr int kEmptyArrivals = kConsumerWarps * kClusterCtas;  // 16
 constexpr uint16_t kClusterMask = (1u << kClusterCtas) - 1;     // multicast to every CTA
@@ -83,14 +91,6 @@ struct Pipeline {
   // they issued i - kStages + 1, published at the latest by the end of iteration i - 1: so
   // i - kStages + 1 <= i - 1 - kGatherLag (the simulator deadlocks at kStages - 1).
   static_assert(!kGatherA || kGatherLag <= kStages - 2, "publish before waiting for a release");
-  // setmaxnreg budgets: multiples of 8 summing to the 3 x 168 the warpgroups have at entry (a claim
-  // beyond what the producer gave back waits forever). The producer needs a few addresses (24),
-  // or its 8 gathered row pointers (56: 40 spilled them); the consumers hold 128 accumulators
-  // (int8, fused_moe) or 64 + 2 x 64 (fp8: 232 spilled them, 240 does not).
-  static constexpr int kProducerRegisters = kGatherA ? 56 : 24;
-  static constexpr int kConsumerRegisters = kGatherA ? 224 : 240;
-  static_assert(kProducerRegisters + kConsumerWarpgroups * kConsumerRegisters == 3 * kEntryRegisters,
-                "the entry allocation");
   static_assert(kBHalfTxBytes % wgmma_gemm::kSwizzleAtomBytes == 0, "each half starts on a swizzle atom");
   static_assert(kBHalfRows <= 256 && kBM <= 256, "a TMA box has at most 256 rows");
 

@@ -64,7 +64,7 @@ __device__ __forceinline__ void tma_gemm_cta(const GemmArgs<T>& p, const CUtenso
   init_stage_barriers(full, empty, Pipe::kFullArrivals, cl::empty_arrivals(share_b));
 
   if (role == 0) {
-    warpgroup_release_registers<Pipe::kProducerRegisters>();
+    warpgroup_release_registers<cl::kProducerRegisters>();
     if (tid == 0) tma_prefetch_descriptor(b_map);
     // This thread's A chunks: chunk `col` of rows gather_chunk_row(tid, i) (nullptr: a padding
     // row, zero-filled).
@@ -113,7 +113,7 @@ __device__ __forceinline__ void tma_gemm_cta(const GemmArgs<T>& p, const CUtenso
       mbarrier_arrive(&full[Tile::stage_of(iter)]);
     cluster_sync();  // no CTA leaves while its peer may still signal it
   } else {
-    warpgroup_claim_registers<Pipe::kConsumerRegisters>();
+    warpgroup_claim_registers<cl::kConsumerRegisters>();
     const int warpgroup = role - 1, warp_in_group = warp % 4;
     // Iteration iter's stage back to the producers that write it, once per consumer warp.
     const auto release = [&](int iter) {

@@ -12,7 +12,7 @@
 //   - Warpgroup 0 produces (one thread waits for a free stage, announces its bytes, issues the
 //     copies); warpgroups 1 and 2 consume (wait for the stage's bytes, 4 wgmma k32 steps,
 //     release the stage to both CTAs' producers once the batch that read it is done). The
-//     producer's registers go to the consumers (setmaxnreg 24 / 240).
+//     producer's registers go to the consumers (setmaxnreg 40 / 232).
 //   - Tails: boxes past M, N or K read zeros (the copy engine fills them), so partial tiles
 //     multiply zeros; the epilogue stores only rows < M, columns < N.
 #include <cuda.h>
@@ -52,7 +52,7 @@ __device__ __forceinline__ void tma_mm_cta(const WgmmaArgs<O, Op>& p, const CUte
   init_stage_barriers(full, empty, Pipe::kFullArrivals, cl::kEmptyArrivals);
 
   if (role == 0) {
-    warpgroup_release_registers<Pipe::kProducerRegisters>();
+    warpgroup_release_registers<cl::kProducerRegisters>();
     if (tid == 0) {
       tma_prefetch_descriptor(a_map);
       tma_prefetch_descriptor(b_map);
@@ -69,7 +69,7 @@ __device__ __forceinline__ void tma_mm_cta(const WgmmaArgs<O, Op>& p, const CUte
     }
     cluster_sync();  // no CTA leaves while its peer may still signal it (releases go to both)
   } else {
-    warpgroup_claim_registers<Pipe::kConsumerRegisters>();
+    warpgroup_claim_registers<cl::kConsumerRegisters>();
     const int warpgroup = role - 1, warp_in_group = warp % 4;
     // Iteration iter's stage back to both CTAs' producers, once per consumer warp.
     const auto release = [&](int iter) {
