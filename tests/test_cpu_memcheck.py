@@ -44,6 +44,8 @@ def test_cpu_kernels_have_no_invalid_accesses():
                "-k", SELECTION]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     log = run.stdout + run.stderr
-    assert run.returncode == 0 and re.search(r"\d+ passed", log), f"the tests failed under valgrind:\n{log[-4000:]}"
+    # pytest's report is stdout (valgrind writes to stderr): which test failed, and why.
+    assert run.returncode == 0 and re.search(r"\d+ passed", log), \
+        f"the tests failed under valgrind:\n{run.stdout[-6000:]}\n{run.stderr[-1500:]}"
     reports = [r for r in _REPORT.findall(log) if ours(r)]
     assert not reports, f"{len(reports)} invalid accesses in torch_ext:\n" + "\n".join(reports[:3])
