@@ -169,8 +169,8 @@ cudaError_t grouped_gemm_sm90_tma(const GemmArgs<T>& p, cudaStream_t stream) {
   CUtensorMap b_map;
   cudaError_t status = make_swizzled_tensor_map(&b_map, p.w, shape, sizeof(T), wx::kGateCols);
   if (status != cudaSuccess) return status;
-  return launch_on_clusters(grouped_tma_kernel<T, kGateUp>, ctas, cl::kClusterCtas, cl::kThreads, Tile::kSmemBytes,
-                            cl::kEntryRegisters, stream, p, b_map);
+  return launch_on_clusters<grouped_tma_kernel<T, kGateUp>>(ctas, cl::kClusterCtas, cl::kThreads, Tile::kSmemBytes,
+                                                             cl::kEntryRegisters, stream, p, b_map);
 }
 
 template cudaError_t grouped_gemm_sm90_tma<Half, true>(const GemmArgs<Half>&, cudaStream_t);

@@ -87,13 +87,7 @@ __device__ __forceinline__ void wgmma_mm_cta(const WgmmaArgs<O, Op>& p) {
   // (common/cuda/wgmma_ring.cuh): the warpgroup's wgmma batch, committed.
   const auto issue = [&](int iter, auto& into) {
     wgmma_ring_stage_ready<Tile>(iter, p.k_iters, load_stage);
-    const int stage = Tile::stage_of(iter);
-    const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
-    const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
-    wgmma_fence_operands(into);
-    wgmma_fence();
-    Op::k_block(into, desc_a, desc_b);
-    wgmma_commit();
+    issue_stage<Op>(into, smem_base, Tile::stage_of(iter), warpgroup);
   };
   k_loop<Op>(p.k_iters, acc, issue, [](int) {});
   wgmma_fence_operands(acc);

@@ -60,6 +60,19 @@ struct alignas(2 * sizeof(O)) OutPair {
   O v[2];
 };
 
+// The wgmma batch of one stage for warpgroup `warpgroup` (its 64 A rows, all kBN B rows) into
+// the accumulators `into`, committed as one group: both kernels' issue once the stage is ready.
+template <class Op, class Acc>
+__device__ __forceinline__ void issue_stage(Acc& into, uint32_t smem_base, int stage, int warpgroup) {
+  using Tile = typename Op::Tile;
+  const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
+  const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
+  wgmma_fence_operands(into);  // (before wgmma.fence: no accumulator access may move past it)
+  wgmma_fence();
+  Op::k_block(into, desc_a, desc_b);
+  wgmma_commit();
+}
+
 // The k loop of a warpgroup in both kernels: issue(iter, into) waits for iteration iter's stage,
 // issues its wgmma batch into the accumulators `into` and commits it; done(iter) runs once that
 // batch is known complete (the copy-engine variant releases the stage there; the cp.async ring

@@ -85,12 +85,7 @@ __device__ __forceinline__ void tma_mm_cta(const WgmmaArgs<O, Op>& p, const CUte
     const auto issue = [&](int iter, auto& into) {
       const int stage = Tile::stage_of(iter);
       mbarrier_wait_parity(&full[stage], Pipe::full_parity(iter));
-      const uint64_t desc_a = ix::make_smem_desc(smem_base + Tile::a_warpgroup_offset(stage, warpgroup));
-      const uint64_t desc_b = ix::make_smem_desc(smem_base + Tile::b_tile_offset(stage));
-      wgmma_fence_operands(into);
-      wgmma_fence();
-      Op::k_block(into, desc_a, desc_b);
-      wgmma_commit();
+      issue_stage<Op>(into, smem_base, stage, warpgroup);
     };
     k_loop<Op>(p.k_iters, acc, issue, release);
     wgmma_fence_operands(acc);
@@ -130,8 +125,8 @@ struct ClusterLaunch {
                                         cl::Pipeline<typename Op::Tile>::kBHalfRows);
     }
     if (status != cudaSuccess) return status;
-    return launch_on_clusters(tma_mm_kernel<O, Op>, ctas, cl::kClusterCtas, cl::kThreads, Op::Tile::kSmemBytes,
-                              cl::kEntryRegisters, stream, args, a_map, b_map);
+    return launch_on_clusters<tma_mm_kernel<O, Op>>(ctas, cl::kClusterCtas, cl::kThreads, Op::Tile::kSmemBytes,
+                                                    cl::kEntryRegisters, stream, args, a_map, b_map);
   }
 };
 

@@ -27,18 +27,23 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t (&full)[kStages], u
   cluster_sync();
 }
 
-// kernel<<<ctas, threads, smem_bytes, stream>>>(args...) in clusters of cluster_ctas along x.
+// kKernel<<<ctas, threads, smem_bytes, stream>>>(args...) in clusters of cluster_ctas along x.
 // cudaErrorNotSupported, nothing launched, where the kernel's register count at entry is not the
 // one its setmaxnreg budgets add up to (a claim beyond what the others gave back would wait
-// forever) or the device refuses the cluster size: the caller runs its cp.async kernel.
-template <typename... Params, typename... Args>
-cudaError_t launch_on_clusters(void (*kernel)(Params...), int64_t ctas, int cluster_ctas, int threads, int smem_bytes,
-                               int entry_registers, cudaStream_t stream, Args&&... args) {
-  cudaFuncAttributes attributes{};
-  cudaError_t status = cudaFuncGetAttributes(&attributes, kernel);
-  if (status != cudaSuccess) return status;
-  if (attributes.numRegs != entry_registers) return cudaErrorNotSupported;
-  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+// forever; a property of the compiled kernel, queried once) or the device refuses the cluster
+// size: the caller runs its cp.async kernel.
+template <auto kKernel, typename... Args>
+cudaError_t launch_on_clusters(int64_t ctas, int cluster_ctas, int threads, int smem_bytes, int entry_registers,
+                               cudaStream_t stream, Args&&... args) {
+  static const auto compiled = [] {
+    cudaFuncAttributes attributes{};
+    const cudaError_t query = cudaFuncGetAttributes(&attributes, kKernel);
+    return std::pair<cudaError_t, int>{query, attributes.numRegs};
+  }();
+  if (compiled.first != cudaSuccess) return compiled.first;
+  if (compiled.second != entry_registers) return cudaErrorNotSupported;
+  const auto kernel = kKernel;
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (status != cudaSuccess) return status;
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
