@@ -36,14 +36,18 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
 at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
                              c10::optional<int64_t> in_features);
-// Not an op: fused_moe_quantized's CUDA decode path. y [R, N], row r = x[r / x_row_divisor] @
-// dequant(W[e])^T with e = row_experts[r] (int32 on the device, ids checked by the caller) and W
-// a stack [E, ...] of packed weights (scales / zeros [E, groups, N]): one GEMM launch for all
-// rows, no host sync. `op` names the calling op in error messages.
+// Not an op: fused_moe_quantized's CUDA paths. y [R, N] = rows of x times stacked packed weights
+// W [E, ...] (scales / zeros [E, groups, N]) picked by row_experts [R] (int32 on the device, ids
+// checked by the caller), one GEMM launch for all rows, no host sync:
+//   expert_rows = 1: row r = x[r / x_row_divisor] @ dequant(W[row_experts[r]])^T (decode);
+//   expert_rows = 16 or 64 (weight_only_expert_block_rows): rows grouped by expert in blocks of
+//   that many, block b = rows [b * expert_rows, (b + 1) * expert_rows) of x times
+//   W[row_experts[b * expert_rows]], or zeros where that is -1; x_row_divisor 1.
+// `op` names the calling op in error messages.
 at::Tensor weight_only_linear_row_experts(const char* op, const at::Tensor& x, const at::Tensor& qweight,
                                           const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                                          const at::Tensor& row_experts, int64_t x_row_divisor, int64_t bits,
-                                          int64_t group_size);
+                                          const at::Tensor& row_experts, int64_t expert_rows,
+                                          int64_t x_row_divisor, int64_t bits, int64_t group_size);
 
 // quant/w8a8.cpp
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, c10::optional<double> clip);

@@ -359,15 +359,24 @@ def test_bench_baseline_computes_the_same():
     assert relative_error(_torch_grouped_reference(*args), fused_moe(*args)) < 1e-5
 
 
+# CUDA: one token on the row-expert GEMMs (a CTA per pair); then the pairs grouped by expert on the
+# device, in blocks of 16 rows (8, 40 tokens: <= 16 rows per expert on average) or 64 (100, and
+# 300 tokens all on experts 0 and 1: several blocks per expert, most of the grid idle); 900 tokens
+# (300 rows per expert) run per expert (dequantize + cuBLAS).
+QUANTIZED_ROUTINGS = {"T1": (1, None), "T8": (8, None), "T40": (40, None), "T100": (100, None),
+                      "T300-two-experts": (300, torch.tensor([[0, 1]]).repeat(300, 1)), "T900": (900, None)}
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, False), (4, 32, True), (8, -1, False)])
-@pytest.mark.parametrize("tokens", [1, 8, 9])  # CUDA: row-expert GEMMs up to 16 pairs, then per expert
-def test_quantized_experts_match_dequantized(device, bits, group_size, symmetric, tokens):
+@pytest.mark.parametrize("routing", QUANTIZED_ROUTINGS)
+def test_quantized_experts_match_dequantized(device, bits, group_size, symmetric, routing):
     """fused_moe_quantized equals fused_moe on the dequantized experts (K = 40: a partial group)."""
     from torch_ext.quant import quantize_experts
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     seed = fresh_seed()
-    h, w13, w2, weights, ids = _problem(tokens, 6, 2, 40, 24, dtype, device, seed)
+    tokens, route = QUANTIZED_ROUTINGS[routing]
+    h, w13, w2, weights, ids = _problem(tokens, 6, 2, 40, 24, dtype, device, seed, ids=route)
     q13, q2 = (quantize_experts(w, bits, group_size, symmetric) for w in (w13, w2))
     with poisoned_outputs():
         out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
@@ -568,16 +577,52 @@ def test_quantized_decode_device_mismatch():
 
 
 @pytest.mark.cuda
-def test_quantized_decode_cuda_graph_capture():
-    """fused_moe_quantized at decode sizes (the row-expert GEMMs) has no host sync: it captures in
-    a CUDA graph and replays to the eager result on new inputs."""
+@pytest.mark.parametrize("tokens", [1, 3, 200])  # row-expert GEMMs, grouped in 16- and 64-row blocks
+def test_quantized_cuda_graph_capture(tokens):
+    """fused_moe_quantized on CUDA up to 256 rows per expert has no host sync: it captures in a CUDA
+    graph and replays to the eager result on new inputs (a new routing: new expert groups)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from torch_ext.quant import quantize_experts
 
-    h, w13, w2, _, _ = _problem(3, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
+    h, w13, w2, _, _ = _problem(tokens, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
     q13, q2 = quantize_experts(w13, 4, 32), quantize_experts(w2, 4, 32)
     _check_graph_replay(h, lambda weights, ids: torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids))
+
+
+@pytest.mark.cuda
+def test_quantized_grouped_experts_never_sync():
+    """The grouped path reads nothing back to the host (torch's sync debug mode raises on a sync)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch_ext.quant import quantize_experts
+
+    h, w13, w2, weights, ids = _problem(40, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
+    q13, q2 = quantize_experts(w13, 4, 32), quantize_experts(w2, 4, 32)
+    torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)  # warm-up: first-call set-up may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_quantized_grouped_experts_for_sanitizers():
+    """A small grouped case (E = 60, k = 4: many experts with one or two rows, idle blocks) for
+    memcheck and racecheck, against the dequantized experts."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch_ext.quant import quantize_experts
+
+    seed = fresh_seed()
+    h, w13, w2, weights, ids = _problem(13, 60, 4, 40, 24, torch.float16, "cuda", seed)
+    q13, q2 = quantize_experts(w13, 4, 16, False), quantize_experts(w2, 4, 16, False)
+    with poisoned_outputs():
+        out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
+    ref = reference.moe.fused_moe(h.cpu(), q13.dequantize().cpu(), q2.dequantize().cpu(), weights.cpu(), ids.cpu())
+    assert_close_to_reference(out, ref, torch.float16, f"grouped E60 k4 (seed {seed})")
 
 
 @pytest.mark.cuda

@@ -229,6 +229,20 @@ cudaError_t build_plan(const PlanArgs& a, cudaStream_t stream) {
   return status;
 }
 
+// fused_moe_quantized's grouped rows (cuda::expert_row_plan), chained after the plan kernels.
+constexpr int kRowThreads = 256;
+constexpr int64_t kRowMaxBlocks = 1024;
+
+__global__ void __launch_bounds__(kRowThreads)
+    plan_rows_kernel(const PlanArgs a, int64_t rows, int32_t* row_expert, int32_t* row_token) {
+  chained_kernel_start();
+  for (int64_t r = int64_t(blockIdx.x) * kRowThreads + threadIdx.x; r < rows; r += int64_t(gridDim.x) * kRowThreads) {
+    const ix::GroupedRow g = ix::grouped_row(a.offsets, a.sorted, a.experts, a.k, r);
+    row_expert[r] = g.expert;
+    row_token[r] = g.token;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Grouped GEMMs (ix sections 3, 4)
 // ---------------------------------------------------------------------------------------------
@@ -662,6 +676,39 @@ FusedMoeLaunch plan_fused_moe(const moe::FusedMoeParams& p, int num_sms) {
   if (!valid_shapes(p) || p.tokens == 0 || p.top_k == 0) return {ix::kBM, 0};
   const int64_t rows = gemm_rows(p);
   return {rows, ix::make_layout(p, num_sms, rows, ix::kElemBytes).bytes};
+}
+
+int64_t expert_row_plan_workspace_bytes(int64_t pairs, int32_t experts, int64_t block, int num_sms) {
+  return ix::make_row_plan_layout(pairs, experts, block, num_sms).bytes;
+}
+
+cudaError_t expert_row_plan(const ExpertRowPlan& p, void* workspace, int num_sms, cudaStream_t stream) {
+  if (p.pairs < 0 || p.pairs > ix::kMaxPairs || p.top_k < 1 || p.experts < 1 || p.block < 1) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.pairs == 0) return cudaSuccess;
+  const ix::RowPlanLayout l = ix::make_row_plan_layout(p.pairs, p.experts, p.block, num_sms);
+  if (l.rows > ix::kMaxPairs * 2 - 1) return cudaErrorInvalidValue;  // int32 rows
+  PlanArgs plan{};
+  plan.ids = p.ids;
+  plan.pairs = p.pairs;
+  plan.k = p.top_k;
+  plan.experts = p.experts;
+  plan.by_rank = false;
+  plan.keys = p.experts;
+  plan.chunks = l.chunks;
+  plan.block = p.block;
+  plan.cells = region<int32_t>(workspace, l.cells);
+  plan.counts = region<int32_t>(workspace, l.counts);
+  plan.offsets = region<int32_t>(workspace, l.offsets);
+  plan.active = nullptr;
+  plan.sorted = region<int32_t>(workspace, l.sorted);
+  plan.row_of_pair = p.row_of_pair;
+  const cudaError_t status = build_plan(plan, stream);
+  if (status != cudaSuccess) return status;
+  const int64_t blocks = ix::min64(ix::ceil_div(l.rows, kRowThreads), kRowMaxBlocks);
+  return launch_dependent(plan_rows_kernel, dim3(unsigned(blocks)), dim3(kRowThreads), 0, stream, plan, l.rows,
+                          p.row_expert, p.row_token);
 }
 
 cudaError_t fused_moe(const moe::FusedMoeParams& p, const FusedMoeLaunch& launch, void* workspace, int num_sms,

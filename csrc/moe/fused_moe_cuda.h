@@ -32,4 +32,26 @@ FusedMoeLaunch plan_fused_moe(const moe::FusedMoeParams& p, int num_sms);
 cudaError_t fused_moe(const moe::FusedMoeParams& p, const FusedMoeLaunch& launch, void* workspace, int num_sms,
                       cudaStream_t stream);
 
+// The expert plan alone, for fused_moe_quantized's grouped GEMMs (no host synchronization): the
+// (token, slot) pairs of ids [pairs] (pair p = t * top_k + j, every id in [0, experts)) grouped
+// by expert on the device as fused_moe's GEMMs group them, each expert's rows padded to a
+// multiple of `block` (in increasing expert id, pairs in increasing order within an expert).
+// For each of the moe::max_grouped_rows(pairs, experts, block) rows it writes row_expert (the
+// expert whose rows hold it; -1 past the last expert's rows) and row_token (its pair's token;
+// 0 on padding rows and past the rows, a valid row whose products are never read); row_of_pair
+// [pairs]: each pair's row. `workspace` holds expert_row_plan_workspace_bytes(...) bytes,
+// 256-byte aligned, with the same num_sms.
+struct ExpertRowPlan {
+  const int32_t* ids;
+  int64_t pairs;
+  int top_k;
+  int32_t experts;
+  int64_t block;
+  int32_t* row_expert;
+  int32_t* row_token;
+  int32_t* row_of_pair;
+};
+int64_t expert_row_plan_workspace_bytes(int64_t pairs, int32_t experts, int64_t block, int num_sms);
+cudaError_t expert_row_plan(const ExpertRowPlan& p, void* workspace, int num_sms, cudaStream_t stream);
+
 }  // namespace torch_ext::cuda

@@ -127,6 +127,19 @@ TORCH_EXT_HOST_DEVICE int32_t segment_of_row(const int32_t* offsets, int32_t fir
   return lo;
 }
 
+// fused_moe_quantized's grouped rows (cuda::expert_row_plan): row r of plan 1 as the weight-only
+// GEMM reads it: the expert of its segment (-1 at and past offsets[E]) and the token whose hidden
+// row it multiplies (its pair's; 0 on padding rows, whose products nobody reads).
+struct GroupedRow {
+  int32_t expert, token;
+};
+TORCH_EXT_HOST_DEVICE GroupedRow grouped_row(const int32_t* offsets, const int32_t* sorted, int32_t experts, int k,
+                                             int64_t r) {
+  const int32_t expert = segment_of_row(offsets, 0, experts, r);
+  const int32_t pair = expert >= 0 ? sorted[r] : -1;
+  return {expert, pair >= 0 ? int32_t(pair / k) : 0};
+}
+
 // =============================================================================================
 // 2. Paths and workspace
 // =============================================================================================
@@ -180,6 +193,26 @@ TORCH_EXT_HOST_DEVICE Layout make_layout(const FusedMoeParams& p, int num_sms, i
   l.sorted2 = layout_take(at, 4 * l.rows2);
   l.act = layout_take(at, elem_bytes * (decode ? l.pairs : l.rows1) * act_stride(p.intermediate_size));
   l.acc32 = layout_take(at, (!decode && k > 1) ? 4 * p.tokens * p.hidden_size : 0);
+  l.bytes = at;
+  return l;
+}
+
+// cuda::expert_row_plan's workspace: plan 1's regions without the active list.
+struct RowPlanLayout {
+  int64_t rows, chunks;
+  int64_t cells, counts, offsets, sorted;
+  int64_t bytes;
+};
+TORCH_EXT_HOST_DEVICE RowPlanLayout make_row_plan_layout(int64_t pairs, int32_t experts, int64_t block,
+                                                         int num_sms) {
+  RowPlanLayout l{};
+  l.rows = max_grouped_rows(pairs, experts, block);
+  l.chunks = plan_chunks(pairs, experts, num_sms);
+  int64_t at = 0;
+  l.cells = layout_take(at, 4 * l.chunks * experts);
+  l.counts = layout_take(at, 4 * int64_t(experts));
+  l.offsets = layout_take(at, 4 * (int64_t(experts) + 1));
+  l.sorted = layout_take(at, 4 * l.rows);
   l.bytes = at;
   return l;
 }

@@ -1,31 +1,48 @@
 // fused_moe_quantized: the MoE experts with weights in the weight-only packed layout
 // (docs/quant-layout.md), one packed matrix per expert stacked along a leading E dimension.
-//   - CUDA decode (at most kRowExpertMaxPairs (token, slot) pairs): each GEMM is one launch of
-//     the weight-only kernel in row-expert mode (a CTA per pair and column block, its expert's
-//     weights found on the device): gate/up [pairs, 2I], the gated activation, down [pairs, H],
-//     the slots weighted and summed in fp32. No host sync (CUDA-graph capturable); an expert
-//     chosen by several pairs is streamed once per pair, which is why larger batches take:
-//   - otherwise each expert's rows run through weight_only_linear, with grouping and combine
-//     those of fused_moe's composite (moe/fused_moe_composite.h): the per-expert row counts are
-//     read on the host (a device sync on CUDA).
-// Both stream the 4-bit weights as stored (the fused dequantizing kernels of
-// quant/weight_only.cpp) and sum a token's slots in slot order.
+// CUDA, all without host synchronization (CUDA-graph capturable) up to kGroupedMaxRowsPerExpert:
+//   - one token (decode at batch 1): each GEMM is one launch of the weight-only kernel in
+//     row-expert mode, a CTA per (token, slot) pair and column block, its expert's weights found
+//     on the device (a token's top-k experts are distinct, so no expert is streamed twice);
+//   - more tokens: the pairs grouped by expert on the device (cuda::expert_row_plan, fused_moe's
+//     plan kernels, each expert's rows padded to the GEMM's 16- or 64-row block), the hidden
+//     rows gathered in that order, and each GEMM one launch over the grouped rows, a CTA per
+//     block of one expert's rows: every active expert's weights are streamed once per block,
+//     not once per pair. The grid covers the most rows any routing can need; blocks past the
+//     grouped rows exit without work.
+// Both: gate/up, the gated activation, down, then per token its slots weighted and summed in
+// fp32 in slot order. Beyond kGroupedMaxRowsPerExpert rows per expert on average (prefill) and
+// on the CPU, each expert's rows run through weight_only_linear (on CUDA: dequantize + cuBLAS
+// there), with grouping and combine those of fused_moe's composite (moe/fused_moe_composite.h):
+// the per-expert row counts are read on the host (a device sync on CUDA).
 #include <ATen/TensorOperators.h>
 
+#include <algorithm>
 #include <string>
 
 #include "common/torch_utils.h"
-#include "moe/fused_moe_composite.h"
 #include "moe/expert_op_checks.h"
+#include "moe/expert_plan.h"
+#include "moe/fused_moe_composite.h"
 #include "ops.h"
+#include "quant/weight_only.h"
+
+#if defined(TORCH_EXT_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "moe/fused_moe_cuda.h"
+#include "quant/weight_only_cuda.h"
+#endif
 
 namespace torch_ext {
 
 namespace {
 
-// Pairs up to which CUDA runs the row-expert GEMMs: a decode batch (Mixtral k = 2: 8 tokens;
-// DeepSeek k = 6: 2). A first choice, not yet measured against the per-expert path.
-constexpr int64_t kRowExpertMaxPairs = 16;
+// Average rows per expert up to which CUDA runs the grouped GEMMs: weight_only_linear's own bound
+// for its fused kernel (beyond it, dequantize + cuBLAS is faster).
+constexpr int64_t kGroupedMaxRowsPerExpert = kWeightOnlyDirectRowsCuda;
 
 c10::optional<at::Tensor> expert_slice(const c10::optional<at::Tensor>& t, int64_t e) {
   return t ? c10::optional<at::Tensor>((*t)[e]) : c10::nullopt;
@@ -42,6 +59,48 @@ void check_stacked(const char* op, const char* prefix, const at::Tensor& qweight
     TORCH_EXT_CHECK(zeros->sizes() == scales.sizes(), op, prefix, "_zeros must have ", prefix, "_scales' shape ",
                     scales.sizes(), ", got ", zeros->sizes());
   }
+}
+
+// out [T, H]: y_by_pair [T k, H] (pair t k + j = token t's slot j) weighted by topk_weights [T, k]
+// and summed over each token's slots in slot order, in fp32, rounded once to `dtype`.
+at::Tensor weighted_slot_sum(const at::Tensor& y_by_pair, const at::Tensor& topk_weights, at::ScalarType dtype) {
+  const int64_t tokens = topk_weights.size(0), top_k = topk_weights.size(1);
+  return (y_by_pair.view({tokens, top_k, y_by_pair.size(1)}).to(at::kFloat) * topk_weights.unsqueeze(2))
+      .sum(1)
+      .to(dtype);
+}
+
+// The (token, slot) pairs grouped by expert on the device (cuda::expert_row_plan): for each grouped
+// row its expert (-1 past the rows) and token, each pair's row, and the row block.
+struct GroupedRows {
+  at::Tensor expert, token, of_pair;
+  int64_t block;
+};
+GroupedRows group_rows_by_expert(const at::Tensor& hidden, const at::Tensor& topk_ids, int64_t experts) {
+#if defined(TORCH_EXT_WITH_CUDA)
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t top_k = topk_ids.size(1), pairs = topk_ids.numel();
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, hidden.get_device()));
+  GroupedRows g;
+  g.block = cuda::weight_only_expert_block_rows(pairs, experts);
+  const int64_t rows = moe::max_grouped_rows(pairs, experts, g.block);
+  const at::TensorOptions ints = hidden.options().dtype(at::kInt);
+  g.expert = at::empty({rows}, ints);
+  g.token = at::empty({rows}, ints);
+  g.of_pair = at::empty({pairs}, ints);
+  const at::Tensor workspace = at::empty(
+      {cuda::expert_row_plan_workspace_bytes(pairs, int32_t(experts), g.block, num_sms)}, ints.dtype(at::kByte));
+  const at::Tensor ids = topk_ids.reshape({-1}).contiguous();
+  const cuda::ExpertRowPlan plan{ids.data_ptr<int32_t>(), pairs, int(top_k), int32_t(experts), g.block,
+                                 g.expert.data_ptr<int32_t>(), g.token.data_ptr<int32_t>(),
+                                 g.of_pair.data_ptr<int32_t>()};
+  C10_CUDA_CHECK(cuda::expert_row_plan(plan, workspace.data_ptr(), num_sms, c10::cuda::getCurrentCUDAStream()));
+  return g;
+#else
+  (void)hidden, (void)topk_ids, (void)experts;
+  TORCH_CHECK(false, "torch_ext was built without CUDA");
+#endif
 }
 
 }  // namespace
@@ -62,16 +121,24 @@ at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_q
   check_same_device(op, "topk_ids", topk_ids, "hidden", hidden);
   moe::check_routing(op, topk_weights, topk_ids, hidden.size(0), experts);
   const moe::Activation act = moe::parse_activation(op, activation);
-  if (hidden.is_cuda() && topk_ids.numel() <= kRowExpertMaxPairs) {
-    const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1);
-    const at::Tensor ids = topk_ids.reshape({-1}).contiguous();
-    const at::Tensor gate_up = weight_only_linear_row_experts(op, hidden, w13_qweight, w13_scales, w13_zeros, ids,
-                                                              top_k, bits, group_size);
-    const at::Tensor y = weight_only_linear_row_experts(op, moe::gated_activation_kernel(gate_up, act), w2_qweight,
-                                                        w2_scales, w2_zeros, ids, 1, bits, group_size);
-    return (y.view({tokens, top_k, hidden_size}).to(at::kFloat) * topk_weights.unsqueeze(2))
-        .sum(1)
-        .to(hidden.scalar_type());
+  const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1), pairs = tokens * top_k;
+  const int64_t experts_used = std::min(pairs, experts);  // that can have rows
+  if (hidden.is_cuda() && pairs <= kGroupedMaxRowsPerExpert * experts_used) {
+    // The same two GEMMs for both CUDA paths, rows picked by row_experts in blocks of expert_rows.
+    const auto experts_mlp = [&](const at::Tensor& x, const at::Tensor& row_experts, int64_t expert_rows,
+                                 int64_t x_row_divisor) {
+      const at::Tensor gate_up = weight_only_linear_row_experts(op, x, w13_qweight, w13_scales, w13_zeros, row_experts,
+                                                                expert_rows, x_row_divisor, bits, group_size);
+      return weight_only_linear_row_experts(op, moe::gated_activation_kernel(gate_up, act), w2_qweight, w2_scales,
+                                            w2_zeros, row_experts, expert_rows, 1, bits, group_size);
+    };
+    if (tokens <= 1) {
+      const at::Tensor ids = topk_ids.reshape({-1}).contiguous();
+      return weighted_slot_sum(experts_mlp(hidden, ids, 1, top_k), topk_weights, hidden.scalar_type());
+    }
+    const GroupedRows rows = group_rows_by_expert(hidden, topk_ids, experts);
+    const at::Tensor y = experts_mlp(hidden.index_select(0, rows.token), rows.expert, rows.block, 1);
+    return weighted_slot_sum(y.index_select(0, rows.of_pair), topk_weights, hidden.scalar_type());
   }
   return moe::run_grouped_experts(hidden, topk_weights, topk_ids, experts, [&](int64_t e, const at::Tensor& rows) {
     const at::Tensor gate_up = weight_only_linear(rows, w13_qweight[e], w13_scales[e], expert_slice(w13_zeros, e),

@@ -37,9 +37,6 @@ constexpr const char* kDequantizeOp = "dequantize_weight";
 // project's AVX-512 VM, docs/perf/quant.md: the fused kernel re-reads the weight from cache
 // once per 4 rows, the GEMM path pays one dequantization of the whole weight).
 constexpr int64_t kDirectRowsCpu = 64;
-// The same for CUDA: the fused kernel is built for decode and small batches (its batch tile is
-// 64 tokens); beyond this, cuBLAS on a dequantized weight. A first guess, to be tuned on the H100.
-constexpr int64_t kDirectRowsCuda = 256;
 // Bytes of one dequantized weight panel on the CPU: a few hundred rows, so that each GEMM call
 // is large enough for oneDNN, while the panel stays in the last-level cache between the
 // dequantization that writes it and the GEMM that reads it.
@@ -187,7 +184,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
     const at::Tensor qw = aligned_qweight(qweight);
     const QuantizedWeightView w = weight_view(layout, bits, qw, s, z);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    if (m > kDirectRowsCuda) {
+    if (m > kWeightOnlyDirectRowsCuda) {
       at::Tensor dense = at::empty({layout.n, layout.k}, x.options());
       C10_CUDA_CHECK(cuda::dequantize_weight(DequantizeWeightParams{w, scalar_kind(x), 0, layout.n, dense.data_ptr()},
                                              stream));
@@ -225,10 +222,14 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
 
 at::Tensor weight_only_linear_row_experts(const char* op, const at::Tensor& x, const at::Tensor& qweight,
                                           const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                                          const at::Tensor& row_experts, int64_t x_row_divisor, int64_t bits,
-                                          int64_t group_size) {
+                                          const at::Tensor& row_experts, int64_t expert_rows,
+                                          int64_t x_row_divisor, int64_t bits, int64_t group_size) {
   TORCH_EXT_CHECK(x.is_cuda() && x.dim() == 2, op, "row experts need a CUDA x [rows, K], got ", x.sizes(), " on ",
                   x.device());
+  TORCH_EXT_CHECK(expert_rows == 1 || (expert_rows > 1 && x_row_divisor == 1 && row_experts.numel() == x.size(0) &&
+                                       row_experts.numel() % expert_rows == 0),
+                  op, "row experts in blocks of ", expert_rows, " rows need x [R, K] and row_experts [R] with R a ",
+                  "multiple of it, got x ", x.sizes(), " and ", row_experts.numel(), " row experts");
   check_dtype(op, "x", x, {at::kHalf, at::kBFloat16});
   check_dtype(op, "row_experts", row_experts, {at::kInt});
   check_same_device(op, "qweight", qweight, "x", x);
@@ -255,6 +256,7 @@ at::Tensor weight_only_linear_row_experts(const char* op, const at::Tensor& x, c
   WeightOnlyLinearParams p{weight_view(layout, bits, qw, s, z), scalar_kind(x), rows, x_rows.data_ptr(),
                            x_rows.stride(0), nullptr, y.data_ptr(), y.stride(0)};
   p.row_experts = ids.data_ptr<int32_t>();
+  p.expert_rows = expert_rows;
   p.x_row_divisor = x_row_divisor;
   p.expert_qweight_words = qw.stride(0);
   p.expert_scale_elems = s.stride(0);

@@ -23,6 +23,11 @@ struct QuantizedWeightView {
   const void* zeros;       // [groups, n], contiguous, integer values; nullptr = symmetric
 };
 
+// Rows of x up to which CUDA runs the fused kernel, built for decode and small batches (its batch
+// tile is 64 tokens); beyond this, cuBLAS on a dequantized weight. A first guess, to be tuned on
+// the H100.
+constexpr int64_t kWeightOnlyDirectRowsCuda = 256;
+
 struct WeightOnlyLinearParams {
   QuantizedWeightView w;
   ScalarKind x_dtype;  // of x, bias and y
@@ -32,11 +37,17 @@ struct WeightOnlyLinearParams {
   const void* bias;  // [n] or nullptr
   void* y;           // [m, n], unit column stride
   int64_t y_row_stride;
-  // Row experts (CUDA only; fused_moe_quantized's decode path): when set, `w` is expert 0 of a
-  // stack of same-shaped weights and y row r = x row (r / x_row_divisor) times the weight of
-  // expert row_experts[r] (device memory, ids the caller has checked), which starts
-  // expert_qweight_words words / expert_scale_elems scales (and zeros) after expert 0's.
+  // Row experts (CUDA only; fused_moe_quantized): when set, `w` is expert 0 of a stack of
+  // same-shaped weights, expert e's starting e * expert_qweight_words words / e *
+  // expert_scale_elems scales (and zeros) after it, and row_experts (device memory, ids the
+  // caller has checked) picks them:
+  //   expert_rows = 1 (decode): y row r = x row (r / x_row_divisor) times expert row_experts[r];
+  //   expert_rows = 16 or 64 (rows grouped by expert, each expert's padded to a multiple of it):
+  //   the rows of block b = [b * expert_rows, (b + 1) * expert_rows) times expert
+  //   row_experts[b * expert_rows], or written as zeros where that is -1 (blocks past the
+  //   grouped rows); x_row_divisor 1.
   const int32_t* row_experts = nullptr;
+  int64_t expert_rows = 1;
   int64_t x_row_divisor = 1;
   int64_t expert_qweight_words = 0, expert_scale_elems = 0;
 };

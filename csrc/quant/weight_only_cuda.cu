@@ -30,9 +30,12 @@
 //     the x tile, already in wgmma's swizzled K-major layout, as B (ix::x_wgmma_desc): 4 warps'
 //     tiles per instruction instead of 16 mma.sync and 4 ldmatrix per warp. Compiled for sm_90a,
 //     simulated, not yet run.
-//   - Row experts (fused_moe_quantized's decode: each (token, slot) pair with its own expert,
-//     picked on the device): one row per CTA in the decode config, its expert's weights found
-//     from the id the CTA reads first (ix::block_rows); everything else as above.
+//   - Row experts (fused_moe_quantized: experts picked on the device): a CTA's weights are those
+//     of the expert id it reads first, row_experts[m0]. Decode (each (token, slot) pair its own
+//     row): one row per CTA in the decode config. Grouped (the pairs' rows grouped by expert on
+//     the device, each expert's padded to a multiple of block_m): the config's block_m rows per
+//     CTA; the grid covers the most rows any routing needs, and a CTA past the grouped rows
+//     (id -1) skips the k loop and writes zeros. Everything else as above.
 //   - Tails: tile rows past N and k tiles past the split are zero-filled and never reach y; x is
 //     read only for rows < M and columns < K (zero-filled chunk tails). x / its row stride not
 //     16-byte aligned, or scales whose rows are not (N % 8 != 0), take synchronous element loads
@@ -85,10 +88,12 @@ struct LinearArgs {
   const T* bias;  // nullptr: none
   T* y;
   float* partial;  // [splits][m][n] when splits > 1
-  // Row-expert mode (row_experts != nullptr): y row r = x row r / x_row_divisor times the weight
-  // of expert row_experts[r], whose packed words, scales and zeros start expert_q_words and
-  // expert_s_elems after expert 0's; one row per CTA.
+  // Row experts (row_experts != nullptr; weight_only.h): a CTA's weight is that of expert
+  // row_experts[m0], whose packed words, scales and zeros start expert_q_words and
+  // expert_s_elems after expert 0's; row_per_block: one row per CTA, y row r = x row r /
+  // x_row_divisor; otherwise blocks of block_m rows grouped by expert.
   const int32_t* row_experts;
+  bool row_per_block;
   int64_t x_row_divisor;
   int64_t expert_q_words, expert_s_elems;
   int64_t x_row_stride;
@@ -134,17 +139,19 @@ __global__ void __launch_bounds__(ix::kThreads, kLaunchMinCtas<Cfg>) linear_kern
   allow_dependent_launch();  // the split reduction (when there is one) waits for the whole grid
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool row_mode = a.row_experts != nullptr;
-  const ix::BlockRows rows = ix::block_rows(int(blockIdx.x), Cfg::kBlockM, a.m, row_mode, a.x_row_divisor);
+  const ix::BlockRows rows = ix::block_rows(int(blockIdx.x), Cfg::kBlockM, a.m, a.row_per_block, a.x_row_divisor);
   const int m0 = rows.m0, m_end = rows.m_end;
-  const int64_t expert = row_mode ? a.row_experts[m0] : 0;
+  const int32_t expert_id = a.row_experts != nullptr ? a.row_experts[m0] : 0;
+  const bool idle = ix::block_is_idle(expert_id);  // the whole CTA
+  const int64_t expert = idle ? 0 : expert_id;
   const uint32_t* const qweight = a.qweight + expert * a.expert_q_words;
   const T* const scales = a.scales + expert * a.expert_s_elems;
   const T* const zeros = a.zeros != nullptr ? a.zeros + expert * a.expert_s_elems : nullptr;
   const int tile_row0 = int(blockIdx.y) * ix::kBlockTiles;
   const int n0 = tile_row0 * ix::kTileRows;
   constexpr int kStageTiles = Cfg::kStageTiles;
-  const ix::SplitRange range = ix::split_range(int(blockIdx.z), a.iters_per_split, a.k_iters, a.k_tiles, kStageTiles);
+  ix::SplitRange range = ix::split_range(int(blockIdx.z), a.iters_per_split, a.k_iters, a.k_tiles, kStageTiles);
+  if (idle) range.iters = 0;  // the epilogue writes zero sums
 
   // This thread's copy sources, fixed for the whole k loop (a stage adds its first k tile). Its
   // i-th chunk of an operand is its first one kQRowsPerPass / kXRowsPerPass rows further down,
@@ -446,7 +453,9 @@ bool linear_params_valid(const WeightOnlyLinearParams& p) {
   const bool dtype_ok = (p.x_dtype == ScalarKind::kFloat16 || p.x_dtype == ScalarKind::kBFloat16) &&
                         w.scale_dtype == p.x_dtype;
   const bool rows_ok = p.row_experts == nullptr ||
-                       (p.x_row_divisor >= 1 && p.expert_qweight_words >= 0 && p.expert_scale_elems >= 0);
+                       (ix::expert_rows_valid(p.expert_rows) &&
+                        (p.expert_rows == ix::kRowPerBlock ? p.x_row_divisor >= 1 : p.x_row_divisor == 1) &&
+                        p.expert_qweight_words >= 0 && p.expert_scale_elems >= 0);
   return dtype_ok && rows_ok && (w.bits == 4 || w.bits == 8) && w.group_size > 0 && w.group_size % 16 == 0 &&
          p.m >= 0 && p.m <= kMaxTokens && w.n >= 0 && ix::ceil_div(w.n, ix::kBlockN) <= ix::kMaxGridYZ && w.k >= 0 &&
          w.k < kMaxK;
@@ -464,6 +473,7 @@ LinearArgs<T> make_linear_args(const WeightOnlyLinearParams& p, const ix::Linear
   a.y = static_cast<T*>(p.y);
   a.partial = static_cast<float*>(workspace);
   a.row_experts = p.row_experts;
+  a.row_per_block = p.row_experts != nullptr && p.expert_rows == ix::kRowPerBlock;
   a.x_row_divisor = p.x_row_divisor;
   a.expert_q_words = p.expert_qweight_words;
   a.expert_s_elems = p.expert_scale_elems;
@@ -613,7 +623,8 @@ bool runs_wgmma_batch() {
 }
 
 ix::LinearPlan plan_for(const WeightOnlyLinearParams& p, int num_sms, bool allow_split) {
-  return ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split, forced_splits(), p.row_experts != nullptr);
+  return ix::plan_linear(p.m, p.w.n, p.w.k, p.w.bits, num_sms, allow_split, forced_splits(),
+                         p.row_experts != nullptr ? p.expert_rows : ix::kNoExperts);
 }
 
 }  // namespace
@@ -626,6 +637,11 @@ int64_t weight_only_linear_workspace_bytes(const WeightOnlyLinearParams& p, int 
   if (!linear_params_valid(p) || p.m == 0 || p.w.n == 0) return 0;
   const ix::LinearPlan plan = plan_for(p, num_sms, true);
   return ix::partial_bytes(plan, p.m, p.w.n);
+}
+
+int64_t weight_only_expert_block_rows(int64_t pairs, int64_t experts) {
+  const int64_t used = ix::min64(pairs, experts);
+  return used > 0 && ix::ceil_div(pairs, used) > ix::kDecodeBlockM ? ix::kBatchBlockM : ix::kDecodeBlockM;
 }
 
 cudaError_t weight_only_linear(const WeightOnlyLinearParams& p, void* workspace, int num_sms, cudaStream_t stream) {

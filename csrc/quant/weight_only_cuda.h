@@ -28,6 +28,12 @@ int64_t weight_only_linear_workspace_bytes(const WeightOnlyLinearParams& p, int 
 cudaError_t weight_only_linear(const WeightOnlyLinearParams& p, void* workspace, int num_sms,
                                cudaStream_t stream);
 
+// The block size of grouped row experts (WeightOnlyLinearParams::expert_rows) for `pairs` rows
+// over `experts` experts: the decode config's 16 rows while the experts that can have rows
+// average at most that many (few rows per expert: the weights stream once per 16 rows, little
+// padding), else the batch config's 64 (more rows per weight tile). Host function.
+int64_t weight_only_expert_block_rows(int64_t pairs, int64_t experts);
+
 // out[n, k] = (q - zero) * scale rounded once to out_dtype (fp16, bf16 or fp32); any scale dtype.
 cudaError_t dequantize_weight(const DequantizeWeightParams& p, cudaStream_t stream);
 

@@ -423,15 +423,23 @@ TORCH_EXT_HOST_DEVICE int64_t split_cost(int64_t ctas, int64_t k_iters, int64_t 
   return cost;
 }
 
+// How the rows of x pick their weight (weight_only.h, row_experts): kNoExperts, one weight for all;
+// kRowPerBlock: each row its own expert, one row per CTA (in the decode config); kDecodeBlockM or
+// kBatchBlockM: rows grouped by expert in blocks of that many (that config), a CTA per block.
+constexpr int64_t kNoExperts = 0, kRowPerBlock = 1;
+TORCH_EXT_HOST_DEVICE bool expert_rows_valid(int64_t expert_rows) {
+  return expert_rows == kRowPerBlock || expert_rows == kDecodeBlockM || expert_rows == kBatchBlockM;
+}
+
 // `allow_split` = false when the caller has no workspace. forced_splits > 0 replaces the cost
 // rule's choice (clamped to 1..k_iters, normalized to the count its ranges give): the tuning knob
-// TORCH_EXT_WO_SPLITS of the benchmarks. `row_per_block`: one row of x per CTA (in the decode
-// config), as rows that each have their own weight (row_experts) need.
+// TORCH_EXT_WO_SPLITS of the benchmarks. `expert_rows`: see kNoExperts.
 TORCH_EXT_HOST_DEVICE LinearPlan plan_linear(int64_t m, int64_t n, int64_t k, int bits, int64_t num_sms,
                                              bool allow_split, int64_t forced_splits = 0,
-                                             bool row_per_block = false) {
+                                             int64_t expert_rows = kNoExperts) {
+  const bool row_per_block = expert_rows == kRowPerBlock;
   LinearPlan p{};
-  p.block_m = row_per_block ? kDecodeBlockM : block_m_for(m);
+  p.block_m = expert_rows == kNoExperts ? block_m_for(m) : row_per_block ? kDecodeBlockM : int(expert_rows);
   const ConfigFacts config = config_facts(bits, p.block_m);
   p.stage_tiles = config.stage_tiles;
   p.m_blocks = row_per_block ? m : ceil_div(m, p.block_m);
@@ -634,7 +642,7 @@ TORCH_EXT_HOST_DEVICE bool x_row_exists(int64_t m0, int row, int64_t m) { return
 // The rows of y (and of x, through x_row) CTA `block_x` computes: [m0, m_end). Row-expert mode
 // (each row with its own weight: MoE experts picked on the device) gives every CTA one row, and
 // y row r reads x row r / x_row_divisor (the token of a (token, slot) pair); otherwise the
-// CTA's block_m rows, y row r reading x row r.
+// CTA's block_m rows, y row r reading x row r (also when blocks of rows share an expert).
 struct BlockRows {
   int m0, m_end;
   int64_t x_row0;  // x row of y row m0
@@ -645,6 +653,11 @@ TORCH_EXT_HOST_DEVICE BlockRows block_rows(int block_x, int block_m, int64_t m, 
   const int m0 = block_x * block_m;
   return {m0, int(m), int64_t(m0)};
 }
+// With row experts, a CTA's weight is that of its first row's expert, row_experts[m0]: blocks
+// of grouped rows start on a segment's real row, as the plans pad each expert's segment at its
+// end. -1 there marks a block past the last segment (grids are sized for the most rows a
+// routing can need): the CTA does no k work and writes its rows as the bias alone (zeros).
+TORCH_EXT_HOST_DEVICE bool block_is_idle(int32_t expert) { return expert < 0; }
 
 // Scale and zero slots: chunk id < groups * kSlotChunks * tensors (tensor 0 = scales, 1 = zeros).
 struct ScaleChunk {

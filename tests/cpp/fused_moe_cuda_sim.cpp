@@ -299,6 +299,30 @@ Routing random_routing(int64_t T, int k, int32_t E) {
   return r;
 }
 
+// fused_moe_quantized's grouped rows (plan_rows_kernel over plan 1): every row's expert and token
+// from the plan's own segments, and what the weight-only GEMM relies on: a block of `block` rows
+// lies in one segment and starts on a real pair, or lies past the rows (expert -1).
+void check_grouped_rows(const DevPlan& d, const std::vector<int32_t>& ids, int64_t pairs, int k, int32_t E,
+                        int64_t block) {
+  const int64_t rows = moe::max_grouped_rows(pairs, E, block), used = d.offsets[size_t(E)];
+  CHECK(used <= rows && rows % block == 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const ix::GroupedRow g = ix::grouped_row(d.offsets.data(), d.sorted.data(), E, k, r);
+    const int32_t pair = r < used ? d.sorted[size_t(r)] : -1;
+    if (r >= used) {
+      CHECK(g.expert == -1 && g.token == 0);
+      continue;
+    }
+    CHECK(g.expert >= 0 && g.expert < E && d.offsets[size_t(g.expert)] <= r && r < d.offsets[size_t(g.expert) + 1]);
+    CHECK(pair >= 0 ? g.token == pair / k && ids[size_t(pair)] == g.expert : g.token == 0);
+    if (r % block == 0) {
+      CHECK(pair >= 0);  // a block starts on a real pair of its expert
+      const ix::GroupedRow last = ix::grouped_row(d.offsets.data(), d.sorted.data(), E, k, r + block - 1);
+      CHECK(last.expert == g.expert);
+    }
+  }
+}
+
 void check_plan_case() {
   static const int32_t kEs[] = {1, 7, 60};
   const int32_t E = rnd(0, 3) < 3 ? kEs[rnd(0, 2)] : int32_t(rnd(1, 300));
@@ -313,6 +337,7 @@ void check_plan_case() {
     DevPlan d;
     sim_plan(r.ids, pairs, k, E, false, block, chunks, moe::max_grouped_rows(pairs, E, block), d);
     check_plan_against_host(d, r.ids, pairs, E, block, true, E);
+    check_grouped_rows(d, r.ids, pairs, k, E, block);
   }
   // plan 2
   {

@@ -184,16 +184,22 @@ struct Problem {
   int num_sms;
   bool allow_split;
   int64_t forced_splits;  // TORCH_EXT_WO_SPLITS (0: the cost rule)
-  // Row-expert mode (fused_moe_quantized's decode): q, qweight, scales and zeros hold `experts`
-  // stacked weights (q_words packed words, s_elems scales each); y row r uses expert
-  // row_experts[r] and x row r / divisor; x has x_rows rows.
-  bool row_mode = false;
+  // Row experts (fused_moe_quantized): q, qweight, scales and zeros hold `experts` stacked
+  // weights (q_words packed words, s_elems scales each). expert_rows = ix::kRowPerBlock (decode):
+  // y row r uses expert row_experts[r] and x row r / divisor; 16 or 64 (grouped rows): y row r
+  // uses the expert of its block's first row, none (zeros) where that is -1; x has x_rows rows.
+  int64_t expert_rows = ix::kNoExperts;
   int64_t experts = 1, divisor = 1, x_rows = 0, q_words = 0, s_elems = 0;
   std::vector<int32_t> row_experts;
+  bool row_mode() const { return expert_rows == ix::kRowPerBlock; }
 };
 
-int64_t expert_of(const Problem& p, int64_t m) { return p.row_mode ? p.row_experts[size_t(m)] : 0; }
-int64_t x_row_of(const Problem& p, int64_t m) { return p.row_mode ? m / p.divisor : m; }
+// -1: the row belongs to an idle block (its y is the bias alone).
+int64_t expert_of(const Problem& p, int64_t m) {
+  if (p.expert_rows == ix::kNoExperts) return 0;
+  return p.row_experts[size_t(m / p.expert_rows * p.expert_rows)];
+}
+int64_t x_row_of(const Problem& p, int64_t m) { return p.row_mode() ? m / p.divisor : m; }
 
 int64_t groups_of(const Problem& p) { return ix::ceil_div(p.k, p.group); }
 
@@ -207,8 +213,9 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
   static_assert(Cfg::kSmemBytes <= ix::kSmemBudget, "budget");
   // make_linear_args
   const ix::LinearPlan plan =
-      ix::plan_linear(p.m, p.n, p.k, p.bits, p.num_sms, p.allow_split, p.forced_splits, p.row_mode);
-  if (p.row_mode) CHECK(plan.m_blocks == p.m);
+      ix::plan_linear(p.m, p.n, p.k, p.bits, p.num_sms, p.allow_split, p.forced_splits, p.expert_rows);
+  if (p.row_mode()) CHECK(plan.m_blocks == p.m);
+  if (p.expert_rows > 1) CHECK(plan.block_m == p.expert_rows && plan.m_blocks * p.expert_rows == p.m);
   CHECK(plan.block_m == kBlockM && plan.stage_tiles == kStageTiles);
   *splits_used = int(plan.splits);
   const int M = int(p.m), N = int(p.n), K = int(p.k);
@@ -227,20 +234,25 @@ void sim_linear(const Problem& p, std::vector<uint16_t>& y, std::vector<int>& y_
     for (int64_t by = 0; by < plan.n_blocks; ++by)
       for (int64_t bx = 0; bx < plan.m_blocks; ++bx) {
         smem.reset(Cfg::kSmemBytes);
-        const ix::BlockRows rows = ix::block_rows(int(bx), kBlockM, p.m, p.row_mode, p.divisor);
+        const ix::BlockRows rows = ix::block_rows(int(bx), kBlockM, p.m, p.row_mode(), p.divisor);
         const int m0 = rows.m0, m_end = rows.m_end;
-        if (p.row_mode) {
+        if (p.row_mode()) {
           CHECK(m0 == int(bx) && m_end == m0 + 1 && rows.x_row0 == x_row_of(p, m0) && rows.x_row0 < p.x_rows);
         } else {
           CHECK(m0 == int(bx) * kBlockM && m_end == M && rows.x_row0 == m0);
         }
-        const int64_t expert = expert_of(p, m0);
+        // as the kernel: the expert id read at m0 (only there), an idle block's k loop skipped
+        const int32_t expert_id = p.expert_rows != ix::kNoExperts ? p.row_experts[size_t(m0)] : 0;
+        const bool idle = ix::block_is_idle(expert_id);
+        CHECK(idle == (expert_of(p, m0) < 0));
+        const int64_t expert = idle ? 0 : expert_id;
         const int64_t q_base = expert * p.q_words, s_base = expert * p.s_elems;
-        const int64_t q_end = p.row_mode ? q_base + p.q_words : int64_t(p.qweight.size());
+        const int64_t q_end = p.expert_rows != ix::kNoExperts ? q_base + p.q_words : int64_t(p.qweight.size());
         const int tile_row0 = int(by) * ix::kBlockTiles;
         const int n0 = tile_row0 * ix::kTileRows;
-        const ix::SplitRange range = ix::split_range(int(bz), int(plan.iters_per_split), int(plan.k_iters), k_tiles, kStageTiles);
+        ix::SplitRange range = ix::split_range(int(bz), int(plan.iters_per_split), int(plan.k_iters), k_tiles, kStageTiles);
         CHECK(range.iters >= (k_tiles > 0 ? 1 : 0));
+        if (idle) range.iters = 0;
 
         // the walkers against the plain definition of a stage's span
         const auto check_span = [&](const ix::StageSpan& span, int iter) {
@@ -587,15 +599,34 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   p.num_sms = rnd(0, 2) == 0 ? int(rnd(1, 8)) : int(rnd(8, 200));
   p.allow_split = rnd(0, 5) != 0;
   p.forced_splits = rnd(0, 4) == 0 ? rnd(1, 12) : 0;
-  p.row_mode = rnd(0, 4) == 0;
-  if (p.row_mode) {  // (token, slot) pairs of a MoE decode step, each with its own expert
+  const int64_t mode = rnd(0, 9);
+  if (mode < 2) {  // (token, slot) pairs of a MoE decode step, each with its own expert
+    p.expert_rows = ix::kRowPerBlock;
     p.experts = rnd(1, 5);
     p.divisor = rnd(1, 3);
     p.m = rnd(1, 20);
     p.row_experts.resize(size_t(p.m));
     for (int32_t& e : p.row_experts) e = int32_t(rnd(0, p.experts - 1));
+  } else if (mode < 4) {  // pairs grouped by expert, as cuda::expert_row_plan lays them out
+    p.expert_rows = rnd(0, 1) ? ix::kDecodeBlockM : ix::kBatchBlockM;
+    p.experts = rnd(1, 5);
+    p.m = 0;
+    for (int64_t e = 0; e < p.experts; ++e) {  // a segment per expert with rows, in increasing id
+      const int64_t count = rnd(0, 2) == 0 ? 0 : rnd(1, 2 * p.expert_rows + 3);
+      const int64_t padded = ix::ceil_div(count, p.expert_rows) * p.expert_rows;
+      // only a block's first row is read: the others get ids that would be wrong
+      for (int64_t r = 0; r < padded; ++r) p.row_experts.push_back(r % p.expert_rows == 0 ? int32_t(e) : -1 - int32_t(r % 3));
+      p.m += padded;
+    }
+    const int64_t idle_blocks = rnd(0, 2);  // the grid's rows past the grouped ones
+    for (int64_t r = 0; r < idle_blocks * p.expert_rows; ++r) p.row_experts.push_back(r % p.expert_rows == 0 ? -1 : int32_t(rnd(0, p.experts - 1)));
+    p.m += idle_blocks * p.expert_rows;
+    if (p.m == 0) {  // at least one block
+      p.row_experts.assign(size_t(p.expert_rows), -1);
+      p.m = p.expert_rows;
+    }
   }
-  p.x_rows = p.row_mode ? ix::ceil_div(p.m, p.divisor) : p.m;
+  p.x_rows = p.row_mode() ? ix::ceil_div(p.m, p.divisor) : p.m;
   const int64_t groups = groups_of(p);
   // weights, scales (powers of two: every product and sum is exact, so y compares exactly)
   p.q.resize(p.experts * p.n * p.k);
@@ -632,7 +663,7 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   std::vector<int> y_count(y.size(), 0);
 
   int splits = 0;
-  const int block_m = p.row_mode ? ix::kDecodeBlockM : ix::block_m_for(p.m);
+  const int block_m = ix::plan_linear(p.m, p.n, p.k, p.bits, p.num_sms, p.allow_split, 0, p.expert_rows).block_m;
   if (p.bits == 4) {
     block_m == ix::kDecodeBlockM ? sim_linear<T, 4, ix::kDecodeBlockM>(p, y, y_count, &splits)
                                  : sim_linear<T, 4, ix::kBatchBlockM>(p, y, y_count, &splits);
@@ -646,7 +677,7 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
     for (int64_t n = 0; n < p.n; ++n) {
       double s = 0;
       const int64_t e = expert_of(p, m), xm = x_row_of(p, m);
-      for (int64_t k = 0; k < p.k; ++k) {
+      for (int64_t k = 0; k < p.k && e >= 0; ++k) {
         const int64_t at = p.scale_off + e * p.s_elems + k / p.group * p.n + n;
         const double zero = p.has_zeros ? value_of<T>(p.zeros[at]) : (1 << (p.bits - 1));
         const double w = (p.q[(e * p.n + n) * p.k + k] - zero) * value_of<T>(p.scales[at]);
@@ -666,7 +697,7 @@ void run_linear_case(int it, bool verbose, int64_t* split_hist) {
   if (verbose)
     printf("case %d ok: %s %d-bit M%ld N%ld K%ld G%ld zeros %d bias %d sms %d splits %d experts %ld x%s scales%s\n",
            it, std::is_same_v<T, Half> ? "fp16" : "bf16", p.bits, p.m, p.n, p.k, p.group, p.has_zeros, p.has_bias,
-           p.num_sms, splits, p.row_mode ? p.experts : 0, ix::x_vectorizable(uint64_t(p.x_off) * 2, p.x_stride, 2) ? " vec" : " sync",
+           p.num_sms, splits, p.expert_rows != ix::kNoExperts ? p.experts : 0, ix::x_vectorizable(uint64_t(p.x_off) * 2, p.x_stride, 2) ? " vec" : " sync",
            ix::scales_vectorizable(p.n, uint64_t(p.scale_off) * 2, 0) ? " vec" : " sync");
 }
 
