@@ -56,13 +56,35 @@ def test_w8a8_cuda_kernels_simulated(tmp_path_factory):
     _run_simulator(_build_simulator(tmp_path_factory, "w8a8_cuda_sim"))
 
 
-def test_wgmma_cluster_pipeline_simulated(tmp_path_factory):
+@pytest.fixture(scope="module")
+def cluster_pipeline_sim(tmp_path_factory) -> Path:
+    return _build_simulator(tmp_path_factory, "wgmma_cluster_pipeline_sim")
+
+
+def test_wgmma_cluster_pipeline_simulated(cluster_pipeline_sim):
     """The barrier protocol of the Hopper GEMMs' copy-engine pipeline (2-CTA clusters, B halves
-    multicast; csrc/common/wgmma_cluster_pipeline.h) on a model of mbarriers, TMA copies and wgmma
-    batches in random interleavings: no deadlock, every batch reads its own iteration's data, no
-    copy lands in a stage still being read, every wait returns on the phase it means; the
-    clusters' tiles cover every tile once."""
-    _run_simulator(_build_simulator(tmp_path_factory, "wgmma_cluster_pipeline_sim"))
+    multicast; csrc/common/wgmma_cluster_pipeline.h) on a model of mbarriers, TMA copies, each
+    gathering producer thread's cp.async groups and arrivals (fused_moe) and wgmma batches in
+    random interleavings at random agent speeds, on the clusters the kernels meet (W8A8: a CTA
+    past M; fused_moe: B shared or not, a CTA with no k work beside a working one): no deadlock,
+    every batch reads its own iteration's published data, no copy lands in a stage still being
+    read, every wait, arrival and byte count on the phase it means, nothing reaches a CTA that
+    has left the cluster barrier; the clusters' tiles cover every tile once."""
+    _run_simulator(cluster_pipeline_sim)
+
+
+def test_wgmma_cluster_pipeline_simulator_catches_mutations(cluster_pipeline_sim):
+    """Every deliberate error the simulator can put into its model of the kernels (a gatherer
+    publishing unlanded chunks, one arrival short, a wrong parity, an idle CTA counted as sharing
+    B, a CTA leaving before cluster_sync, ...) makes one of its checks fail."""
+    names = subprocess.run([str(cluster_pipeline_sim), "1", "1", "list"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert names
+    seed = fresh_seed()
+    for name in names:
+        out = subprocess.run([str(cluster_pipeline_sim), "200", str(seed), name], capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode != 0 and "CHECK failed" in out.stderr, f"mutation {name} not caught (seed {seed})"
 
 
 def test_moe_route_warp_kernel_simulated(tmp_path_factory):
