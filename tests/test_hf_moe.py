@@ -162,7 +162,8 @@ def test_non_reentrant_checkpointing(family):
 
 def test_frozen_experts_stay_frozen_and_quantize_model_keeps_routers():
     """A frozen model stays frozen after patch_moe (4.x expert lists are stacked into new
-    parameters); quantize_model after patch_moe leaves the routers (DeepSeek reads them in fp32)."""
+    parameters); quantize_model after patch_moe quantizes the experts and leaves the routers
+    (DeepSeek reads them in fp32)."""
     seed = fresh_seed()
     model = _randomized("deepseek_v3", seed).eval().requires_grad_(False)
     patch_moe(model)
@@ -171,8 +172,9 @@ def test_frozen_experts_stay_frozen_and_quantize_model_keeps_routers():
     with torch.no_grad():
         expected = model(ids).logits
         torch_ext.quant.quantize_model(model, group_size=16, skip=lambda name: name == "lm_head")
-        assert all(type(m.gate) is torch_ext.nn.fused_moe.MoeRouter
-                   for m in model.modules() if isinstance(m, torch_ext.nn.FusedMoE))
+        moe_blocks = [m for m in model.modules() if isinstance(m, torch_ext.nn.FusedMoE)]
+        assert moe_blocks and all(type(m.gate) is torch_ext.nn.fused_moe.MoeRouter for m in moe_blocks)
+        assert all(m.quantization == (4, 16) and not hasattr(m, "w13") for m in moe_blocks)
         assert relative_error(model(ids).logits, expected) < 0.2
 
 

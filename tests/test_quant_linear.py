@@ -337,6 +337,33 @@ def test_quantize_model_shared_and_bare_linears():
     assert type(kept[0]) is nn.Linear
 
 
+def test_quantize_model_quantizes_fused_moe_experts():
+    """method="weight_only" quantizes every FusedMoE's experts in place (the router stays a float
+    MoeRouter, a shared expert's Linears become QuantLinear), except under a skipped name (a shared
+    FusedMoE under two names, one skipped, stays float); the W8A8 methods leave experts alone."""
+    from torch_ext.nn import FusedMoE
+    from torch_ext.nn.fused_moe import MoeRouter
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    moe = FusedMoE(6, 2, 64, 48, shared_expert=nn.Sequential(nn.Linear(64, 32), nn.SiLU(), nn.Linear(32, 64)))
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        expected = moe(x)
+        model = quantize_model(nn.Sequential(copy.deepcopy(moe)), bits=8, group_size=32)
+        quantized = model[0]
+        assert quantized.quantization == (8, 32) and not hasattr(quantized, "w13")
+        assert type(quantized.gate) is MoeRouter
+        assert count(quantized, QuantLinear) == 2
+        error = relative_error(quantized(x), expected)
+        assert error < 2e-2, f"8-bit g32 experts: {error:.3e} (seed {seed})"  # per-group rounding
+        shared = copy.deepcopy(moe)
+        kept = quantize_model(nn.ModuleDict({"a": shared, "b": shared}), skip=lambda name: name == "b")
+        assert kept["a"] is kept["b"] and kept["a"].quantization is None and hasattr(kept["a"], "w13")
+        for method in ("int8", "fp8"):
+            assert quantize_model(nn.Sequential(copy.deepcopy(moe)), method=method)[0].quantization is None
+
+
 class _AttentionBlock(nn.Module):
     def __init__(self):
         super().__init__()

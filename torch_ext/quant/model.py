@@ -22,10 +22,13 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
     projections of ``nn.MultiheadAttention`` (torch's dynamic quantization leaves them too) and
     ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` (its inference fast path); and the
     routers of ``FusedMoE`` (small, and computed in float where ``router_dtype`` asks).
-    ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits, group_size, symmetric)``;
+    ``method="weight_only"``: ``QuantLinear.from_linear(linear, bits, group_size, symmetric)``,
+    and the experts of every ``FusedMoE`` (e.g. after ``patch_moe``: most of a MoE model's
+    weights) quantized in place by ``FusedMoE.quantize_experts_(bits, group_size, symmetric)``
+    unless `skip` accepts the FusedMoE's name (``"model.layers.0.mlp"``);
     ``method="int8"``: ``Int8Linear.from_linear(linear, outlier_threshold)`` (W8A8 with LLM.int8()
     outliers); ``method="fp8"``: ``FP8Linear.from_linear(linear)`` (bits/group_size/symmetric
-    unused by both).
+    unused by both; FusedMoE experts stay as they are: there is no W8A8 expert kernel).
 
     A layer reachable under several names (shared) becomes one QuantLinear at all of them,
     unless one of its names is skipped, where it stays. Returns `model`, or the new module
@@ -41,7 +44,16 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip:
             return fp8_linear.FP8Linear.from_linear(linear)
         return quant_linear.QuantLinear.from_linear(linear, bits, group_size, symmetric)
 
-    from torch_ext.nn.fused_moe import MoeRouter  # here: torch_ext.nn imports this package
+    from torch_ext.nn.fused_moe import FusedMoE, MoeRouter  # here: torch_ext.nn imports this package
+
+    if method == "weight_only":  # experts in place: kept if any name of a shared FusedMoE is skipped
+        names: dict[int, tuple[FusedMoE, list[str]]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if isinstance(module, FusedMoE):
+                names.setdefault(id(module), (module, []))[1].append(name)
+        for module, module_names in names.values():
+            if module.quantization is None and not (skip is not None and any(map(skip, module_names))):
+                module.quantize_experts_(bits, group_size, symmetric)
 
     kept = {id(child) for layer in model.modules()
             if isinstance(layer, nn.TransformerEncoderLayer)
