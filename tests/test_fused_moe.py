@@ -591,6 +591,33 @@ def test_quantized_cuda_graph_capture(tokens):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tokens,switches", [
+    (20, {}),                                 # 16-row blocks, expert 0 in 17 of them: two blocks
+    (20, {"TORCH_EXT_WO_SPLITS": "4"}),       # every split of an idle block writes zero partials
+    (300, {}),                                # 64-row blocks, expert 0 in five
+    (300, {"TORCH_EXT_WO_WGMMA": "1"}),       # the same on the Hopper batch kernel (sm_90a)
+], ids=["T20", "T20-splits4", "T300", "T300-wgmma"])
+def test_quantized_grouped_experts_deep_k(monkeypatch, tokens, switches):
+    """The grouped path at H = I = 512 (several pipeline stages, split-K with idle blocks in the
+    grid) with expert 0 in most tokens (several blocks of one expert), against the dequantized
+    experts."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch_ext.quant import quantize_experts
+
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
+    seed = fresh_seed()
+    ids = torch.tensor([[0, 1 + t % 5] if t < 17 or tokens > 20 else [1, 2] for t in range(tokens)])
+    h, w13, w2, weights, ids = _problem(tokens, 6, 2, 512, 512, torch.bfloat16, "cuda", seed, ids=ids)
+    q13, q2 = quantize_experts(w13, 4, 128), quantize_experts(w2, 4, 128)
+    with poisoned_outputs():
+        out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
+    ref = reference.moe.fused_moe(h.cpu(), q13.dequantize().cpu(), q2.dequantize().cpu(), weights.cpu(), ids.cpu())
+    assert_close_to_reference(out, ref, torch.bfloat16, f"T{tokens} {switches} (seed {seed})")
+
+
+@pytest.mark.cuda
 def test_quantized_grouped_experts_never_sync():
     """The grouped path reads nothing back to the host (torch's sync debug mode raises on a sync)."""
     if not torch.cuda.is_available():

@@ -9,7 +9,7 @@
 //     rows gathered in that order, and each GEMM one launch over the grouped rows, a CTA per
 //     block of one expert's rows: every active expert's weights are streamed once per block,
 //     not once per pair. The grid covers the most rows any routing can need; blocks past the
-//     grouped rows exit without work.
+//     grouped rows skip the k loop and write zeros, which nothing reads.
 // Both: gate/up, the gated activation, down, then per token its slots weighted and summed in
 // fp32 in slot order. Beyond kGroupedMaxRowsPerExpert rows per expert on average (prefill) and
 // on the CPU, each expert's rows run through weight_only_linear (on CUDA: dequantize + cuBLAS

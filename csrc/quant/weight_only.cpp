@@ -12,6 +12,7 @@
 #include "common/cpu/isa.h"
 #include "common/torch_utils.h"
 #include "ops.h"
+#include "quant/weight_only_cuda_index.h"
 #include "quant/weight_only_layout.h"
 
 #if defined(TORCH_EXT_WITH_CUDA)
@@ -226,7 +227,10 @@ at::Tensor weight_only_linear_row_experts(const char* op, const at::Tensor& x, c
                                           int64_t x_row_divisor, int64_t bits, int64_t group_size) {
   TORCH_EXT_CHECK(x.is_cuda() && x.dim() == 2, op, "row experts need a CUDA x [rows, K], got ", x.sizes(), " on ",
                   x.device());
-  TORCH_EXT_CHECK(expert_rows == 1 || (expert_rows > 1 && x_row_divisor == 1 && row_experts.numel() == x.size(0) &&
+  TORCH_EXT_CHECK(quant::wo_cuda::expert_rows_valid(expert_rows), op, "row experts come one row or ",
+                  quant::wo_cuda::kDecodeBlockM, " or ", quant::wo_cuda::kBatchBlockM, " rows per block, got ",
+                  expert_rows);
+  TORCH_EXT_CHECK(expert_rows == 1 || (x_row_divisor == 1 && row_experts.numel() == x.size(0) &&
                                        row_experts.numel() % expert_rows == 0),
                   op, "row experts in blocks of ", expert_rows, " rows need x [R, K] and row_experts [R] with R a ",
                   "multiple of it, got x ", x.sizes(), " and ", row_experts.numel(), " row experts");

@@ -329,7 +329,8 @@ void check_plan_case() {
   const int k = int(rnd(1, std::min<int64_t>(8, E)));
   const int64_t T = rnd(0, 3) == 0 ? 1 : (rnd(0, 1) ? rnd(1, 60) : rnd(1, 3000));
   const Routing r = random_routing(T, k, E);
-  const int64_t pairs = T * k, block = rnd(0, 3) == 0 ? rnd(1, 5) : ix::kBM;
+  static const int64_t kBlocks[] = {ix::kBM, 16};  // fused_moe's GEMM tile, fused_moe_quantized's small block
+  const int64_t pairs = T * k, block = rnd(0, 3) == 0 ? rnd(1, 5) : kBlocks[rnd(0, 1)];
   const int num_sms = int(rnd(0, 1) ? 132 : rnd(1, 8));
   // plan 1
   {
