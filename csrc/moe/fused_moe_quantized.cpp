@@ -143,7 +143,7 @@ at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_q
   return moe::run_grouped_experts(hidden, topk_weights, topk_ids, experts, [&](int64_t e, const at::Tensor& rows) {
     const at::Tensor gate_up = weight_only_linear(rows, w13_qweight[e], w13_scales[e], expert_slice(w13_zeros, e),
                                                   c10::nullopt, bits, group_size);
-    const at::Tensor act_rows = moe::gated_activation(gate_up, act);
+    const at::Tensor act_rows = moe::gated_activation_kernel(gate_up, act);
     return weight_only_linear(act_rows, w2_qweight[e], w2_scales[e], expert_slice(w2_zeros, e), c10::nullopt, bits,
                               group_size);
   });
