@@ -317,7 +317,29 @@ _GATHER_BACKWARD_CASES = [
     (1, 4, 1, 150, 270, 128, 16, 24, False),  # top_k above the 17 blocks: unused slots; GQA group 4
     (1, 1, 1, 1, 100, 128, 64, 1, False),     # one query
     (1, 2, 1, 2048, 2048, 128, 64, 16, False),  # ~1024 pairs a block: several dQ runs, 16 dK / dV tiles a head
+    (2, 4, 2, 300, 300, 64, 32, 4, True),     # blocks of 32 at D = 64; B > 1 beside GQA groups of 2
+    (1, 2, 1, 2048, 2048, 128, 64, 8, True),  # causal with several dQ runs a block
 ]
+
+
+@pytest.mark.cuda
+def test_cuda_gather_backward_runs_its_kernels(monkeypatch):
+    """TORCH_EXT_MOBA_GATHER_BACKWARD=1 runs the key-block-major kernels (from the profiler's kernel
+    names), not the union backward it falls back to (which computes the same gradients)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    case = _GATHER_BACKWARD_CASES[0]
+    _, _, _, _, _, _, block_size, _, causal = case
+    _, q, k, v, scale, selected = _gather_inputs(case, torch.bfloat16)
+    out, lse = torch.ops.torch_ext.moba_attention(q, k, v, selected, block_size, causal, scale)
+    monkeypatch.setenv("TORCH_EXT_MOBA_GATHER_BACKWARD", "1")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.torch_ext.moba_attention_backward(torch.ones_like(out), q, k, v, out, lse, selected, block_size,
+                                                    causal, scale)
+        torch.cuda.synchronize()
+    names = " ".join(event.name for event in prof.events())
+    for kernel in ("gather_dq_kernel", "merge_dq_kernel", "gather_dkdv_kernel"):
+        assert kernel in names, f"{kernel} did not run"
 
 
 @pytest.mark.cuda

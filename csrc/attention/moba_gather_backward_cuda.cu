@@ -21,7 +21,8 @@
 namespace torch_ext::cuda {
 namespace {
 
-// CTAs an SM: two (98 KB of shared memory at D = 128).
+// CTAs an SM: two where an SM has 228 KB (sm_90: 98 KB of shared memory each at D = 128), one on
+// sm_80 / sm_86 / sm_89.
 template <typename T, int kD>
 __global__ void __launch_bounds__(mg::kTileRows * 2, 2)
     gather_dq_kernel(const MobaGatherParams p, const BlockSparseBackwardParams bp, WorkspacePtrs w) {
