@@ -16,7 +16,7 @@ BOUNDS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA_DTYPES = [torch.float16, torch.bfloat16]
 # Rows of x on either side of the CPU's switch from the fused kernel to dequantize + GEMM (64).
-ROWS = [1, 2, 3, 5, 16, 65]
+ROWS = [1, 2, 3, 5, 6, 16, 65]  # 5, 6: whole 4-row blocks and a 1- or 2-row tail pass
 
 
 def _quantized(n, k, bits, group_size, symmetric, seed, device="cpu", scale_dtype=None):
