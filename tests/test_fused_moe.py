@@ -31,6 +31,24 @@ def _check_forward(args, activation, dtype, what):
     assert_close_to_reference(out, ref, dtype, what)
 
 
+def _quantized_problem(tokens, experts, top_k, hidden, intermediate, dtype, device, seed, bits=4, group_size=32,
+                       symmetric=False, ids=None):
+    """_problem with both expert stacks quantized (torch_ext.quant.quantize_experts)."""
+    from torch_ext.quant import quantize_experts
+
+    h, w13, w2, weights, ids = _problem(tokens, experts, top_k, hidden, intermediate, dtype, device, seed, ids=ids)
+    return h, quantize_experts(w13, bits, group_size, symmetric), quantize_experts(w2, bits, group_size, symmetric), \
+        weights, ids
+
+
+def _check_quantized(h, q13, q2, weights, ids, dtype, what):
+    """fused_moe_quantized against the float64 MoE of the dequantized experts."""
+    with poisoned_outputs():
+        out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
+    ref = reference.moe.fused_moe(h.cpu(), q13.dequantize().cpu(), q2.dequantize().cpu(), weights.cpu(), ids.cpu())
+    assert_close_to_reference(out, ref, dtype, what)
+
+
 # (T, E, k, H, I): odd sizes (vector tails), E = 60 with k = 4 and E = 128 with k = 8, one token,
 # more experts than pairs (most idle), a decode-sized batch, ~100 rows per expert (the fp32 CPU
 # kernel's panel path with its row tail).
@@ -371,17 +389,11 @@ QUANTIZED_ROUTINGS = {"T1": (1, None), "T8": (8, None), "T40": (40, None), "T100
 @pytest.mark.parametrize("routing", QUANTIZED_ROUTINGS)
 def test_quantized_experts_match_dequantized(device, bits, group_size, symmetric, routing):
     """fused_moe_quantized equals fused_moe on the dequantized experts (K = 40: a partial group)."""
-    from torch_ext.quant import quantize_experts
-
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     seed = fresh_seed()
     tokens, route = QUANTIZED_ROUTINGS[routing]
-    h, w13, w2, weights, ids = _problem(tokens, 6, 2, 40, 24, dtype, device, seed, ids=route)
-    q13, q2 = (quantize_experts(w, bits, group_size, symmetric) for w in (w13, w2))
-    with poisoned_outputs():
-        out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
-    ref = reference.moe.fused_moe(h.cpu(), q13.dequantize().cpu(), q2.dequantize().cpu(), weights.cpu(), ids.cpu())
-    assert_close_to_reference(out, ref, dtype, f"{bits}-bit g{group_size} (seed {seed})")
+    problem = _quantized_problem(tokens, 6, 2, 40, 24, dtype, device, seed, bits, group_size, symmetric, route)
+    _check_quantized(*problem, dtype, f"{bits}-bit g{group_size} (seed {seed})")
 
 
 def test_quantized_experts_gradient_and_module():
@@ -583,10 +595,7 @@ def test_quantized_cuda_graph_capture(tokens):
     graph and replays to the eager result on new inputs (a new routing: new expert groups)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from torch_ext.quant import quantize_experts
-
-    h, w13, w2, _, _ = _problem(tokens, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
-    q13, q2 = quantize_experts(w13, 4, 32), quantize_experts(w2, 4, 32)
+    h, q13, q2, _, _ = _quantized_problem(tokens, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
     _check_graph_replay(h, lambda weights, ids: torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids))
 
 
@@ -603,18 +612,12 @@ def test_quantized_grouped_experts_deep_k(monkeypatch, tokens, switches):
     experts."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from torch_ext.quant import quantize_experts
-
     for name, value in switches.items():
         monkeypatch.setenv(name, value)
     seed = fresh_seed()
     ids = torch.tensor([[0, 1 + t % 5] if t < 17 or tokens > 20 else [1, 2] for t in range(tokens)])
-    h, w13, w2, weights, ids = _problem(tokens, 6, 2, 512, 512, torch.bfloat16, "cuda", seed, ids=ids)
-    q13, q2 = quantize_experts(w13, 4, 128), quantize_experts(w2, 4, 128)
-    with poisoned_outputs():
-        out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
-    ref = reference.moe.fused_moe(h.cpu(), q13.dequantize().cpu(), q2.dequantize().cpu(), weights.cpu(), ids.cpu())
-    assert_close_to_reference(out, ref, torch.bfloat16, f"T{tokens} {switches} (seed {seed})")
+    problem = _quantized_problem(tokens, 6, 2, 512, 512, torch.bfloat16, "cuda", seed, group_size=128, ids=ids)
+    _check_quantized(*problem, torch.bfloat16, f"T{tokens} {switches} (seed {seed})")
 
 
 @pytest.mark.cuda
@@ -622,10 +625,7 @@ def test_quantized_grouped_experts_never_sync():
     """The grouped path reads nothing back to the host (torch's sync debug mode raises on a sync)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from torch_ext.quant import quantize_experts
-
-    h, w13, w2, weights, ids = _problem(40, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
-    q13, q2 = quantize_experts(w13, 4, 32), quantize_experts(w2, 4, 32)
+    h, q13, q2, weights, ids = _quantized_problem(40, 8, 2, 64, 48, torch.bfloat16, "cuda", fresh_seed())
     torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)  # warm-up: first-call set-up may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -641,15 +641,9 @@ def test_quantized_grouped_experts_for_sanitizers():
     memcheck and racecheck, against the dequantized experts."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from torch_ext.quant import quantize_experts
-
     seed = fresh_seed()
-    h, w13, w2, weights, ids = _problem(13, 60, 4, 40, 24, torch.float16, "cuda", seed)
-    q13, q2 = quantize_experts(w13, 4, 16, False), quantize_experts(w2, 4, 16, False)
-    with poisoned_outputs():
-        out = torch_ext.ops.fused_moe_quantized(h, q13, q2, weights, ids)
-    ref = reference.moe.fused_moe(h.cpu(), q13.dequantize().cpu(), q2.dequantize().cpu(), weights.cpu(), ids.cpu())
-    assert_close_to_reference(out, ref, torch.float16, f"grouped E60 k4 (seed {seed})")
+    problem = _quantized_problem(13, 60, 4, 40, 24, torch.float16, "cuda", seed, group_size=16)
+    _check_quantized(*problem, torch.float16, f"grouped E60 k4 (seed {seed})")
 
 
 @pytest.mark.cuda
