@@ -3,6 +3,7 @@
 // token: a fixed summation order on every device (no index_add, whose CUDA kernel uses atomics).
 #include "moe/fused_moe_composite.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/bincount.h>
@@ -16,6 +17,8 @@
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/sort.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace torch_ext::moe {
@@ -85,19 +88,45 @@ at::Tensor gated_activation_kernel(const at::Tensor& gate_up, Activation activat
   return silu_and_mul.call(gate_up);
 }
 
+// Whether the CPU runs the experts side by side, one per thread (run_grouped_experts).
+bool experts_side_by_side(const at::Tensor& hidden, const std::vector<int64_t>& counts, int64_t max_rows) {
+  if (!hidden.is_cpu() || max_rows <= 0 || at::in_parallel_region()) return false;
+  int64_t active = 0;
+  for (const int64_t count : counts) {
+    if (count > max_rows) return false;
+    active += count > 0 ? 1 : 0;
+  }
+  return active >= 2 * int64_t(at::get_num_threads());
+}
+
 at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                               int64_t experts, const ExpertMlp& expert_mlp) {
+                               int64_t experts, const ExpertMlp& expert_mlp, int64_t side_by_side_max_rows) {
   const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1);
   const Grouping g = group_pairs(topk_ids, experts);
   const at::Tensor x = hidden.index_select(0, g.tokens);
   const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type());
   at::Tensor y = at::empty_like(x);
-  int64_t row = 0;
+  std::vector<int64_t> first_row(size_t(experts) + 1, 0), order;  // order: active experts, most rows first
   for (int64_t e = 0; e < experts; ++e) {
-    const int64_t count = g.counts[e];
-    if (count == 0) continue;
+    first_row[size_t(e) + 1] = first_row[size_t(e)] + g.counts[size_t(e)];
+    if (g.counts[size_t(e)] > 0) order.push_back(e);
+  }
+  const auto run_expert = [&](int64_t e) {
+    const int64_t row = first_row[size_t(e)], count = g.counts[size_t(e)];
     y.narrow(0, row, count).copy_(expert_mlp(e, x.narrow(0, row, count)));
-    row += count;
+  };
+  if (experts_side_by_side(hidden, g.counts, side_by_side_max_rows)) {
+    // Each thread takes the next expert (largest first) and runs it alone: nested parallel
+    // loops run inline, so small experts pay no thread hand-offs. Each expert's rows are
+    // computed as they would be on all threads (the kernels split outputs, not sums).
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return g.counts[size_t(a)] > g.counts[size_t(b)]; });
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (size_t i = next++; i < order.size(); i = next++) run_expert(order[i]);
+    });
+  } else {
+    for (const int64_t e : order) run_expert(e);
   }
   y.mul_(weights.unsqueeze(1));
   return combine(y, g.order, tokens, top_k);

@@ -43,9 +43,12 @@ at::Tensor combine(const at::Tensor& grouped, const at::Tensor& order, int64_t t
 
 // The forward skeleton: pairs grouped by expert, expert_mlp(e, rows of hidden routed to e) ->
 // [rows, H] for every expert with tokens, results weighted and summed per token in slot order.
+// On the CPU, when no expert has more than side_by_side_max_rows rows and at least two per
+// thread have some, the experts run side by side, one per thread at a time (expert_mlp must then
+// be callable from several threads at once); the results are the same.
 using ExpertMlp = std::function<at::Tensor(int64_t expert, const at::Tensor& rows)>;
 at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                               int64_t experts, const ExpertMlp& expert_mlp);
+                               int64_t experts, const ExpertMlp& expert_mlp, int64_t side_by_side_max_rows = 0);
 
 // out [T, H] of fused_moe (arguments already checked).
 at::Tensor fused_moe_composite(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,

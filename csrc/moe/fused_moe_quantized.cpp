@@ -13,8 +13,9 @@
 // Both: gate/up, the gated activation, down, then per token its slots weighted and summed in
 // fp32 in slot order. Beyond kGroupedMaxRowsPerExpert rows per expert on average (prefill) and
 // on the CPU, each expert's rows run through weight_only_linear (on CUDA: dequantize + cuBLAS
-// there), with grouping and combine those of fused_moe's composite (moe/fused_moe_composite.h):
-// the per-expert row counts are read on the host (a device sync on CUDA).
+// for an expert of more than 256 rows), with grouping and combine those of fused_moe's composite (moe/fused_moe_composite.h):
+// the per-expert row counts are read on the host (a device sync on CUDA). On the CPU, small
+// experts run side by side, one per thread, rather than each on all threads in turn.
 #include <ATen/TensorOperators.h>
 
 #include <algorithm>
@@ -43,6 +44,10 @@ namespace {
 // Average rows per expert up to which CUDA runs the grouped GEMMs: weight_only_linear's own bound
 // for its fused kernel (beyond it, dequantize + cuBLAS is faster).
 constexpr int64_t kGroupedMaxRowsPerExpert = kWeightOnlyDirectRowsCuda;
+// CPU: experts of at most this many rows (weight_only_linear's decode kernel) run side by side,
+// one per thread (moe::run_grouped_experts): measured 1.04-1.21x at T = 16 and 64 for Mixtral-
+// and DeepSeek-V2-Lite-shaped experts (0.97x at DeepSeek T = 4), docs/perf/moe.md.
+constexpr int64_t kSideBySideMaxRows = 64;
 
 c10::optional<at::Tensor> expert_slice(const c10::optional<at::Tensor>& t, int64_t e) {
   return t ? c10::optional<at::Tensor>((*t)[e]) : c10::nullopt;
@@ -140,13 +145,14 @@ at::Tensor fused_moe_quantized(const at::Tensor& hidden, const at::Tensor& w13_q
     const at::Tensor y = experts_mlp(hidden.index_select(0, rows.token), rows.expert, rows.block, 1);
     return weighted_slot_sum(y.index_select(0, rows.of_pair), topk_weights, hidden.scalar_type());
   }
-  return moe::run_grouped_experts(hidden, topk_weights, topk_ids, experts, [&](int64_t e, const at::Tensor& rows) {
+  const auto expert_mlp = [&](int64_t e, const at::Tensor& rows) {
     const at::Tensor gate_up = weight_only_linear(rows, w13_qweight[e], w13_scales[e], expert_slice(w13_zeros, e),
                                                   c10::nullopt, bits, group_size);
     const at::Tensor act_rows = moe::gated_activation_kernel(gate_up, act);
     return weight_only_linear(act_rows, w2_qweight[e], w2_scales[e], expert_slice(w2_zeros, e), c10::nullopt, bits,
                               group_size);
-  });
+  };
+  return moe::run_grouped_experts(hidden, topk_weights, topk_ids, experts, expert_mlp, kSideBySideMaxRows);
 }
 
 }  // namespace torch_ext
