@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/bincount.h>
 #include <ATen/ops/cat.h>
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <vector>
 
 namespace torch_ext::moe {
@@ -33,6 +35,53 @@ Grouping group_pairs(const at::Tensor& topk_ids, int64_t experts) {
   const at::Tensor counts = at::bincount(g.expert, {}, experts).cpu();
   g.counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + experts);
   return g;
+}
+
+// Whether the CPU runs the experts side by side (for_each_active_expert).
+bool experts_side_by_side(const at::Tensor& like, const std::vector<int64_t>& counts, int64_t max_rows) {
+  if (!like.is_cpu() || max_rows <= 0 || at::in_parallel_region()) return false;
+  int64_t active = 0;
+  for (const int64_t count : counts) {
+    if (count > max_rows) return false;
+    active += count > 0 ? 1 : 0;
+  }
+  return active >= 2 * int64_t(at::get_num_threads());
+}
+
+// fn(e) for every expert with rows (counts[e] > 0). On the CPU, when no expert has more than
+// max_rows rows and at least two per thread have some, side by side: each thread takes the next
+// expert (largest first) and runs it alone, its nested parallel loops inline (small experts scale
+// poorly over threads: a 704 x 512 4-bit GEMM of 6 rows takes 61 us on one thread, 44 on two).
+// Otherwise in expert order. fn must then be callable from several threads at once.
+void for_each_active_expert(const at::Tensor& like, const std::vector<int64_t>& counts, int64_t max_rows,
+                            const std::function<void(int64_t)>& fn) {
+  std::vector<int64_t> order;
+  for (int64_t e = 0; e < int64_t(counts.size()); ++e)
+    if (counts[size_t(e)] > 0) order.push_back(e);
+  if (!experts_side_by_side(like, counts, max_rows)) {
+    for (const int64_t e : order) fn(e);
+    return;
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return counts[size_t(a)] > counts[size_t(b)]; });
+  std::atomic<size_t> next{0};
+  const at::ThreadLocalState caller;  // grad mode and dispatch keys: fn runs ATen ops as the caller would
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (size_t i = next++; i < order.size(); i = next++) fn(order[i]);
+  });
+}
+
+// The backward's experts of at most this many rows run side by side on the CPU: measured 1.06-1.31x
+// for fused_moe's forward + backward at T = 16 and 64, Mixtral- and DeepSeek-V2-Lite-shaped
+// experts, fp32 and bf16 (docs/perf/moe.md).
+constexpr int64_t kBackwardSideBySideMaxRows = 64;
+
+// Row of each expert's first grouped row: [E + 1] prefix sums of the counts.
+std::vector<int64_t> first_rows(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> first(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); ++e) first[e + 1] = first[e] + counts[e];
+  return first;
 }
 
 }  // namespace
@@ -88,17 +137,6 @@ at::Tensor gated_activation_kernel(const at::Tensor& gate_up, Activation activat
   return silu_and_mul.call(gate_up);
 }
 
-// Whether the CPU runs the experts side by side, one per thread (run_grouped_experts).
-bool experts_side_by_side(const at::Tensor& hidden, const std::vector<int64_t>& counts, int64_t max_rows) {
-  if (!hidden.is_cpu() || max_rows <= 0 || at::in_parallel_region()) return false;
-  int64_t active = 0;
-  for (const int64_t count : counts) {
-    if (count > max_rows) return false;
-    active += count > 0 ? 1 : 0;
-  }
-  return active >= 2 * int64_t(at::get_num_threads());
-}
-
 at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                                int64_t experts, const ExpertMlp& expert_mlp, int64_t side_by_side_max_rows) {
   const int64_t tokens = hidden.size(0), top_k = topk_ids.size(1);
@@ -106,28 +144,11 @@ at::Tensor run_grouped_experts(const at::Tensor& hidden, const at::Tensor& topk_
   const at::Tensor x = hidden.index_select(0, g.tokens);
   const at::Tensor weights = topk_weights.reshape({-1}).index_select(0, g.order).to(hidden.scalar_type());
   at::Tensor y = at::empty_like(x);
-  std::vector<int64_t> first_row(size_t(experts) + 1, 0), order;  // order: active experts, most rows first
-  for (int64_t e = 0; e < experts; ++e) {
-    first_row[size_t(e) + 1] = first_row[size_t(e)] + g.counts[size_t(e)];
-    if (g.counts[size_t(e)] > 0) order.push_back(e);
-  }
-  const auto run_expert = [&](int64_t e) {
-    const int64_t row = first_row[size_t(e)], count = g.counts[size_t(e)];
+  const std::vector<int64_t> first = first_rows(g.counts);
+  for_each_active_expert(hidden, g.counts, side_by_side_max_rows, [&](int64_t e) {
+    const int64_t row = first[size_t(e)], count = g.counts[size_t(e)];
     y.narrow(0, row, count).copy_(expert_mlp(e, x.narrow(0, row, count)));
-  };
-  if (experts_side_by_side(hidden, g.counts, side_by_side_max_rows)) {
-    // Each thread takes the next expert (largest first) and runs it alone: nested parallel
-    // loops run inline, so small experts pay no thread hand-offs. Each expert's rows are
-    // computed as they would be on all threads (the kernels split outputs, not sums).
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return g.counts[size_t(a)] > g.counts[size_t(b)]; });
-    std::atomic<size_t> next{0};
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      for (size_t i = next++; i < order.size(); i = next++) run_expert(order[i]);
-    });
-  } else {
-    for (const int64_t e : order) run_expert(e);
-  }
+  });
   y.mul_(weights.unsqueeze(1));
   return combine(y, g.order, tokens, top_k);
 }
@@ -171,16 +192,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
   // (zero-filling all of dW first would write the expert weights' size once more).
   at::Tensor grad_w13 = weight_grads ? at::empty_like(w13, at::MemoryFormat::Contiguous) : w13.new_empty({0});
   at::Tensor grad_w2 = weight_grads ? at::empty_like(w2, at::MemoryFormat::Contiguous) : w2.new_empty({0});
-  int64_t row = 0;
-  for (int64_t e = 0; e < int64_t(g.counts.size()); ++e) {
-    const int64_t count = g.counts[e];
-    if (count == 0) {
-      if (weight_grads) {
-        grad_w13[e].zero_();
-        grad_w2[e].zero_();
-      }
-      continue;
+  const std::vector<int64_t> first = first_rows(g.counts);
+  for (int64_t e = 0; e < int64_t(g.counts.size()) && weight_grads; ++e) {
+    if (g.counts[size_t(e)] == 0) {
+      grad_w13[e].zero_();
+      grad_w2[e].zero_();
     }
+  }
+  for_each_active_expert(hidden, g.counts, kBackwardSideBySideMaxRows, [&](int64_t e) {
+    const int64_t row = first[size_t(e)], count = g.counts[size_t(e)];
     const at::Tensor x_e = x.narrow(0, row, count), dy_e = dy.narrow(0, row, count);
     const at::Tensor w_e = weights.narrow(0, row, count).unsqueeze(1);
     const at::Tensor gate_up_e = saved.defined() ? saved.narrow(0, row, count) : at::mm(x_e, w13[e].t());
@@ -193,8 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
       at::mm_out(grad_w13_e, gb.d_gate_up.t(), x_e);
     }
     at::mm_out(grad_x_e, gb.d_gate_up, w13[e]);
-    row += count;
-  }
+  });
   at::Tensor grad_weights_by_pair = at::empty_like(grad_weights);
   grad_weights_by_pair.index_copy_(0, g.order, grad_weights);
   return {combine(grad_x, g.order, tokens, top_k), grad_w13, grad_w2, grad_weights_by_pair.view({tokens, top_k})};

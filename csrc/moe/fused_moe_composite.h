@@ -61,7 +61,8 @@ at::Tensor gate_up_by_pair(const at::Tensor& hidden, const at::Tensor& w13, cons
 // forward's gate_up (gate_up_by_pair's layout) or, when undefined, the first GEMM recomputed.
 // Without weight_grads the two weight-gradient GEMMs per expert are skipped (half of the
 // backward's FLOPs) and grad_w13 / grad_w2 are empty [0] tensors. Reads the per-expert token
-// counts on the host (a device sync on CUDA).
+// counts on the host (a device sync on CUDA). On the CPU, experts of at most 64 rows run side by
+// side, one per thread (as run_grouped_experts).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_composite(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, Activation activation, const at::Tensor& gate_up,
