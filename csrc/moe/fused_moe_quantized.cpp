@@ -13,9 +13,10 @@
 // Both: gate/up, the gated activation, down, then per token its slots weighted and summed in
 // fp32 in slot order. Beyond kGroupedMaxRowsPerExpert rows per expert on average (prefill) and
 // on the CPU, each expert's rows run through weight_only_linear (on CUDA: dequantize + cuBLAS
-// for an expert of more than 256 rows), with grouping and combine those of fused_moe's composite (moe/fused_moe_composite.h):
-// the per-expert row counts are read on the host (a device sync on CUDA). On the CPU, small
-// experts run side by side, one per thread, rather than each on all threads in turn.
+// for an expert of more than 256 rows), with the grouping and combine of fused_moe's composite
+// (moe/fused_moe_composite.h): the per-expert row counts are read on the host (a device sync on
+// CUDA). On the CPU, small experts run side by side, one per thread, rather than each on all
+// threads in turn.
 #include <ATen/TensorOperators.h>
 
 #include <algorithm>
