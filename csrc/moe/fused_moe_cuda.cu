@@ -94,6 +94,21 @@ struct PlanArgs {
   int32_t* row_of_pair;  // [pairs] or nullptr
 };
 
+// Plan 1's arguments (key = expert: fused_moe's GEMM 1 and decode, fused_moe_quantized's grouped
+// rows), its buffers left to the caller.
+PlanArgs expert_plan_args(const int32_t* ids, int64_t pairs, int k, int32_t experts, int64_t chunks, int64_t block) {
+  PlanArgs a{};
+  a.ids = ids;
+  a.pairs = pairs;
+  a.k = k;
+  a.experts = experts;
+  a.by_rank = false;
+  a.keys = experts;
+  a.chunks = chunks;
+  a.block = block;
+  return a;
+}
+
 // The warp's walk of its chunk in groups of 32 pairs: fn(p, key, peers) for every lane (key -1
 // past the chunk), with a __syncwarp after each group.
 template <typename Fn>
@@ -533,15 +548,7 @@ cudaError_t run(const FusedMoeParams& p, const ix::Layout& l, int64_t block, voi
   T* const act = region<T>(ws, l.act);
   const int64_t act_stride = ix::act_stride(I);
 
-  PlanArgs plan{};
-  plan.ids = p.topk_ids;
-  plan.pairs = l.pairs;
-  plan.k = k;
-  plan.experts = p.experts;
-  plan.by_rank = false;
-  plan.keys = p.experts;
-  plan.chunks = l.chunks1;
-  plan.block = block;
+  PlanArgs plan = expert_plan_args(p.topk_ids, l.pairs, k, p.experts, l.chunks1, block);
   plan.cells = region<int32_t>(ws, l.cells1);
   plan.counts = region<int32_t>(ws, l.counts1);
   plan.offsets = region<int32_t>(ws, l.offsets1);
@@ -689,15 +696,7 @@ cudaError_t expert_row_plan(const ExpertRowPlan& p, void* workspace, int num_sms
   if (p.pairs == 0) return cudaSuccess;
   const ix::RowPlanLayout l = ix::make_row_plan_layout(p.pairs, p.experts, p.block, num_sms);
   if (l.rows > ix::kMaxPairs * 2 - 1) return cudaErrorInvalidValue;  // int32 rows
-  PlanArgs plan{};
-  plan.ids = p.ids;
-  plan.pairs = p.pairs;
-  plan.k = p.top_k;
-  plan.experts = p.experts;
-  plan.by_rank = false;
-  plan.keys = p.experts;
-  plan.chunks = l.chunks;
-  plan.block = p.block;
+  PlanArgs plan = expert_plan_args(p.ids, p.pairs, p.top_k, p.experts, l.chunks, p.block);
   plan.cells = region<int32_t>(workspace, l.cells);
   plan.counts = region<int32_t>(workspace, l.counts);
   plan.offsets = region<int32_t>(workspace, l.offsets);
