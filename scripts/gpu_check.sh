@@ -55,7 +55,7 @@ if [ $ok -eq 0 ]; then
     OMP_NUM_THREADS=1 step tests 150 "${PYTEST[@]}" "${WORKERS[@]}" -rfEs -m cuda tests --junitxml="$OUT/junit.xml"
   fi
   if has tests_env; then
-    OMP_NUM_THREADS=1 step tests_env 90 "${PYTEST[@]}" "${WORKERS[@]}" -rfEs tests/test_hf_moe.py \
+    OMP_NUM_THREADS=1 step tests_env 90 "${PYTEST[@]}" "${WORKERS[@]}" -rfEs tests/test_hf_moe.py tests/test_hf_experts.py \
       tests/test_hf_attention.py tests/test_build.py tests/test_cli.py tests/test_amx.py \
       tests/test_block_sparse_attention.py::test_bf16_on_amx_tiles tests/test_moba.py::test_bf16_attention_on_amx_tiles \
       tests/test_fused_moe.py::test_bf16_panels_on_amx_tiles tests/test_fp8.py::test_cpu_kernel_on_amx_tiles --junitxml="$OUT/junit_env.xml"

@@ -16,8 +16,8 @@ fi
 # tests run again under transformers 4.x when its packages can be installed locally.
 if [ $# -eq 0 ]; then
   if OVERLAY=$(bash scripts/setup_transformers4.sh "$PY"); then
-    PYTHONPATH="$OVERLAY" "$PY" -m pytest -q -p no:cacheprovider tests/test_hf_moe.py tests/test_hf_attention.py \
-      tests/test_moe_route.py
+    PYTHONPATH="$OVERLAY" "$PY" -m pytest -q -p no:cacheprovider tests/test_hf_moe.py tests/test_hf_experts.py \
+      tests/test_hf_attention.py tests/test_moe_route.py
   else
     echo "tests: transformers 4.x could not be installed: its integration run is skipped" >&2
   fi

@@ -2,7 +2,8 @@
 
 - ``moe_route`` against the same routing in torch ops (Mixtral, DeepSeek-V3);
 - ``fused_moe`` (the experts, routing given) against transformers' eager experts module of the
-  same config and weights and a torch reference (sort by expert, ``torch._grouped_mm``,
+  same config and weights, transformers 5's default experts implementation (``grouped_mm``) on
+  that module, and a torch reference (sort by expert, ``torch._grouped_mm``,
   ``index_add_``), for Mixtral-8x7B and DeepSeek-V2-Lite (H and I / 4 on the CPU), uniform and
   skewed routing (half of the tokens' first choice on expert 0); ``bytes`` counts the weights
   of the experts that receive tokens (what a decode step must stream);
@@ -93,6 +94,15 @@ def _hf_block(device: str, family: str, dtype: torch.dtype):
     return block
 
 
+def _transformers_experts_function(name: str):
+    """transformers 5's experts implementation of that name (ExpertsInterface), or None."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return None
+    return ALL_EXPERTS_FUNCTIONS[name] if name in ALL_EXPERTS_FUNCTIONS else None
+
+
 def _torch_grouped_reference(x, w13, w2, weights, ids):
     """Sort pairs by expert, two torch._grouped_mm calls, index_add_ back (the usual torch MoE)."""
     top_k, intermediate = ids.shape[1], w2.shape[2]
@@ -132,6 +142,10 @@ def _experts_case(device: str, family: str, tokens: int, dtype: torch.dtype, ske
         return fused_moe(x, w13, w2, weights, ids, "silu")
 
     baselines = {"transformers eager experts": lambda x, weights, ids: block.experts(x, ids.long(), weights)}
+    grouped_experts = _transformers_experts_function("grouped_mm")
+    if grouped_experts is not None:  # what a transformers 5 model runs by default
+        baselines["transformers grouped_mm experts"] = lambda x, weights, ids: grouped_experts(block.experts, x,
+                                                                                               ids.long(), weights)
     if hasattr(torch, "_grouped_mm"):
         baselines["torch sort + _grouped_mm"] = lambda x, weights, ids: _torch_grouped_reference(x, w13, w2,
                                                                                                  weights, ids)
