@@ -12,9 +12,7 @@
 #   at 32K (with compiled flex), MoBA at 4K and 32K, then the same on the Hopper wgmma forward
 #   (TORCH_EXT_ATTENTION_WGMMA=1) and forward + backward at 32K with the Hopper backward too
 #   (TORCH_EXT_ATTENTION_WGMMA_BWD=1); MoBA forward + backward with the key-block-major backward
-#   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; the host CPU's AMX tiles
-#   (scaled_int8_mm vs AVX512-VNNI, torch._int_mm, F.linear; bf16 attention at S = 8192 and
-#   fused_moe at T = 512 vs AVX512_BF16 and SDPA / eager); fused MoE Mixtral T = 1, 64 and 4096 and
+#   (TORCH_EXT_MOBA_GATHER_BACKWARD=1) against the union lists'; fused MoE Mixtral T = 1, 64 and 4096 and
 #   moe_route, T = 64 and 4096 again with the Hopper grouped GEMMs (TORCH_EXT_MOE_WGMMA=1), T = 4096
 #   with their copy-engine variant (TORCH_EXT_MOE_WGMMA_TMA=1); fused_moe
 #   fused vs grouped by token count (scripts/moe_grouped_sweep.py); the weight-only split-K sweep
@@ -95,14 +93,6 @@ if has targets; then
   PYTHONPATH=. step wo_splits 50 "$PY" scripts/wo_split_sweep.py --out "$OUT/wo_splits"
   # Four Llama-3-8B-shaped layers, one token, stock vs quantize_model, both as CUDA graph replays.
   bench model 60 --op model --match "CUDA graphs"
-  # Last (CPU only, so after every GPU case): the host CPU's AMX tiles (opt-in until they have
-  # run: tests/test_amx.py and the *amx* attention and MoE tests in the check step): the int8 GEMM
-  # against the AVX512-VNNI kernel, torch._int_mm (oneDNN, AMX there) and F.linear; the bf16
-  # attention at S = 8192 (issue 7's CPU rows) against the AVX512_BF16 kernels and SDPA;
-  # fused_moe bf16 at T = 512 against AVX512_BF16 and eager.
-  step amx 120 "$PY" -m torch_ext bench --device cpu --op "scaled_int8_mm AMX" "scaled_fp8_mm AMX" "block_sparse_attention AMX" \
-    "block_sparse_attention fwd+bwd AMX" "fused_moe AMX" --match "4096x4096" --match "S=8192 full" --match "T=512" \
-    --out "$OUT/amx"
   # The warpgroup MMAs in the build's SASS (IGMMA int8, QGMMA fp8).
   cuobjdump -sass torch_ext/_C*.so 2>/dev/null | grep -oE "[HIQ]GMMA\.[A-Z0-9.]*" | sort | uniq -c >"$OUT/gmma_sass.txt"
 fi
@@ -117,7 +107,7 @@ if has profile; then
     --match "S=4096 full 100%" --match "S=4096 block 16"
 fi
 cat "$OUT/gmma_sass.txt" 2>/dev/null
-for name in quant quant_wgmma w8a8_tma amx wo_splits moe_grouped moe moe_wgmma moe_wgmma_tma attention attention_wgmma model; do
+for name in quant quant_wgmma w8a8_tma wo_splits moe_grouped moe moe_wgmma moe_wgmma_tma attention attention_wgmma model; do
   [ -e "$OUT/$name.log" ] && grep -E "^  |rc=|error" "$OUT/$name.log" | head -40
 done
 # The kernel lines and, per kernel, duration, throughputs, occupancy and the main stall reasons.

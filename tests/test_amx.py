@@ -171,13 +171,17 @@ def test_emulated_tiles_are_the_instructions(tmp_path):
 
 
 def test_environment_switch():
-    """TORCH_EXT_CPU_AMX read at start: "emulate" as asked; "1" where the CPU has AMX, else off; junk ignored."""
+    """TORCH_EXT_CPU_AMX read at start: "emulate" as asked; "1" where the CPU has AMX, else off; unset or
+    junk: the default, on where the CPU has AMX."""
     import os
     import sys
 
-    for value, expected in (("emulate", "emulate"), ("1", "on" if _INFO["cpu_amx_int8_detected"] else "off"),
-                            ("0", "off"), ("sometimes", "off")):
-        env = {**os.environ, "TORCH_EXT_CPU_AMX": value}
+    available = "on" if _INFO["cpu_amx_int8_detected"] else "off"
+    for value, expected in (("emulate", "emulate"), ("1", available), ("0", "off"), ("sometimes", available),
+                            (None, available)):
+        env = {name: setting for name, setting in os.environ.items() if name != "TORCH_EXT_CPU_AMX"}
+        if value is not None:
+            env["TORCH_EXT_CPU_AMX"] = value
         result = subprocess.run([sys.executable, "-c", "import torch_ext; print(torch_ext._C.cpu_amx())"], env=env,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]

@@ -66,7 +66,7 @@ const AmxFeatures& features() {
 }
 
 AmxMode initial_mode() {
-  AmxMode mode = AmxMode::kOff;
+  AmxMode mode = AmxMode::kOn;  // where the tiles are there (checked below)
   if (const char* env = std::getenv("TORCH_EXT_CPU_AMX")) parse_amx_mode(env, &mode);
   if (mode == AmxMode::kOn && !amx_int8_detected()) mode = AmxMode::kOff;
   return mode;

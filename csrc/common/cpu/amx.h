@@ -4,9 +4,10 @@
 //
 // Kernels on AMX: scaled_int8_mm's packed path (AMX-INT8); scaled_fp8_mm, block_sparse_attention's
 // bf16 products and fused_moe's bf16 panels (AMX-BF16). Modes (TORCH_EXT_CPU_AMX, or set_amx_mode()):
-//   off       the AVX-512 / VNNI kernels (default: the AMX kernels have not yet run on AMX
-//             hardware; they become the default once their tests pass there and they are faster);
-//   on        the AMX kernels on the hardware tiles, where amx_int8_detected() (else off);
+//   on        the AMX kernels on the hardware tiles, where amx_int8_detected() (else off). The
+//             default there: on a 2-vCPU Sapphire Rapids VM (2026-11-27, docs/perf/amx.md) they
+//             ran 1.1-8x faster than the AVX-512 kernels beside them and passed the same tests;
+//   off       the AVX-512 / VNNI / AVX512_BF16 kernels (the default without AMX);
 //   emulate   the same kernels on tiles emulated in scalar code (common/cpu/amx_tiles.h): every
 //             tile configuration, load, dot product and store the hardware would run, checked
 //             for the shapes the hardware requires, on any AVX-512 CPU. For tests; slow.

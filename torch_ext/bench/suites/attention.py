@@ -239,7 +239,7 @@ def attention_suite(device: str, quick: bool) -> list[Case]:
     cases += [_routing_case(kind, s, b, k) for s in seqs for b, k in _MOBA]
     cases += [_sparse_backward_case(kind, seqs[-1], d) for d in (1.0, 0.1)]
     if kind == "cpu" and _C.build_info()["cpu_amx_bf16_detected"]:
-        # AMX-BF16 (opt-in until measured) against the default AVX512_BF16 kernels: issue 7's CPU target rows.
+        # AMX-BF16 (the default where detected) against the AVX512_BF16 kernels: issue 7's CPU target rows.
         default = "block_sparse_attention on AVX512_BF16"
         cases += [on_amx_tiles(_sparse_case(kind, seqs[-1], d, False), default) for d in (1.0, 0.1)]
         cases += [on_amx_tiles(_sparse_backward_case(kind, seqs[-1], d), default) for d in (1.0, 0.1)]

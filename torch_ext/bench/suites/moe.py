@@ -247,7 +247,7 @@ def _fused_cases(device: str, quick: bool) -> list[Case]:
             cases.append(_layer_case(device, family, 64, dtype))
         cases += [_quantized_case(device, family, t, torch.bfloat16) for t in (1, 16, 64)]
     if kind == "cpu" and _C.build_info()["cpu_amx_bf16_detected"]:
-        # bf16 panels on AMX-BF16 (opt-in until measured) against the default AVX512_BF16 kernel.
+        # bf16 panels on AMX-BF16 (the default where detected) against the AVX512_BF16 kernel.
         cases += [on_amx_tiles(_experts_case(device, family, t, torch.bfloat16, False, False),
                                "fused_moe on AVX512_BF16") for family in _MOE_CONFIGS for t in (64, 512)]
     return cases

@@ -140,7 +140,7 @@ def w8a8_suite(device: str, quick: bool) -> list[Case]:
         quant = [(t, k, dtype) for dtype in (torch.float32, torch.bfloat16) for t in _TOKENS for k in (4096, 14336)]
     cases = [_mm_case(device, n, k, m) for n, k, m in mm] + [_quantize_case(device, t, k, d) for t, k, d in quant]
     if kind == "cpu" and _C.build_info()["cpu_amx_int8_detected"]:
-        # AMX-INT8 (opt-in until measured) against the default AVX512-VNNI kernel; M <= 16 reads B unpacked.
+        # AMX-INT8 (the default where detected) against the AVX512-VNNI kernel; M <= 16 reads B unpacked.
         cases += [on_amx_tiles(_mm_case(device, n, k, m), "scaled_int8_mm on AVX512-VNNI") for n, k, m in mm if m > 16]
         cases += [on_amx_tiles(_fp8_case(device, n, k, m), "scaled_fp8_mm on AVX512_BF16") for n, k, m in mm if m > 16]
     cases += [_int8_linear_case(device, n, k, m) for n, k, m in mm]
