@@ -39,8 +39,9 @@ def _with_amx(mode, fn):
 
 
 def _tile_products(m, n, k):
-    """TDPBSSDs of one call whose row panel holds every row: 2 x 2 per 32 x 32 output block and 64 k."""
-    return 4 * -(-m // 32) * -(-n // 32) * -(-k // 64)
+    """TDPBSSDs of one call whose row panel holds every row: per 32-row block and 64 k, 2 for each
+    16-column block (a last odd block alone: the pair's second products are skipped)."""
+    return 2 * -(-m // 32) * -(-n // 16) * -(-k // 64)
 
 
 def test_sums_exactly_and_runs_the_tiles(amx):

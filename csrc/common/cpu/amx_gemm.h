@@ -44,8 +44,8 @@ struct TilePairOperands {
   const uint8_t* a;
   int64_t a_stride;
   // B of each column block: row g (4-byte group g of k, one group per column: 64 bytes) at
-  // b[j] + g * b_stride, for g < groups. The second block may repeat the first (its results are
-  // then the caller's to ignore).
+  // b[j] + g * b_stride, for g < groups. The second block may repeat the first: its products are
+  // then skipped and its results are zeros, the caller's to ignore.
   const uint8_t* b[2];
   int64_t b_stride;
   int64_t groups;
@@ -68,6 +68,9 @@ void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, c
         std::memcpy(b_tail[j] + g * kMaxRowBytes, o.b[j] + (whole * kMaxRows + g) * o.b_stride, kMaxRowBytes);
     }
   }
+  // One column block (16 columns of results, e.g. a panel of 16 tokens): half the tile loads and
+  // products.
+  const bool two_blocks = o.b[1] != o.b[0];
   alignas(64) Acc acc[kBlockRows][kBlockColumns];
   constexpr int64_t kAccStride = sizeof(acc[0]);
   for (int64_t m0 = m_begin; m0 < m_end; m0 += kBlockRows) {
@@ -82,11 +85,13 @@ void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, c
       Tiles::template load<kA0>(a_block + s * kStepBytes, o.a_stride);
       Tiles::template load<kA1>(a_block + kMaxRows * o.a_stride + s * kStepBytes, o.a_stride);
       Tiles::template load<kB0>(is_whole ? o.b[0] + s * kMaxRows * o.b_stride : b_tail[0], b_stride);
-      Tiles::template load<kB1>(is_whole ? o.b[1] + s * kMaxRows * o.b_stride : b_tail[1], b_stride);
       Tiles::template dot<kDot, kC00, kA0, kB0>();
-      Tiles::template dot<kDot, kC01, kA0, kB1>();
       Tiles::template dot<kDot, kC10, kA1, kB0>();
-      Tiles::template dot<kDot, kC11, kA1, kB1>();
+      if (two_blocks) {
+        Tiles::template load<kB1>(is_whole ? o.b[1] + s * kMaxRows * o.b_stride : b_tail[1], b_stride);
+        Tiles::template dot<kDot, kC01, kA0, kB1>();
+        Tiles::template dot<kDot, kC11, kA1, kB1>();
+      }
     }
     constexpr int kHalf = kBlockColumns / 2;
     Tiles::template store<kC00>(&acc[0][0], kAccStride);

@@ -9,9 +9,12 @@
 //       it is, 16 columns per tile row.
 //   C   cols (a multiple of 16) fp32 per row through c's pointers: c[r][n] = row_scale[r] c[r][n]
 //       + sum (row_scale non-null) or out_scale * sum.
-// The A rows are gathered once per call into `staging` as 32-bit pairs in whole 64-byte steps,
-// zero-padded in k and to 32-row blocks; loops: column pairs of 16-column blocks, then 32-row
-// blocks, then all of k in the tiles.
+// A's rows are read in place, 32-row blocks of equally spaced rows as tiles with that stride,
+// where they are bf16 rows (ld_a == 1) of whole 64-byte steps (K a multiple of 32: no tile reads
+// past a row): split_rows. The other rows are gathered once per call into `staging` as 32-bit
+// pairs in whole 64-byte steps, zero-padded in k and to 32-row blocks (that copy cost as much as
+// the products in fused_moe's panels, and a tenth of the attention forward). Loops: column pairs of
+// 16-column blocks, then 32-row blocks, then all of k in the tiles.
 #pragma once
 
 #include <immintrin.h>
@@ -26,6 +29,30 @@
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx {
 
+// Which of A's rows tile_pair_matmul reads in place: the first rows of 32-row blocks whose rows are
+// equally spaced in memory (a positive stride, e.g. a head's query rows, a P buffer, a run of an
+// expert's weight rows); none unless A's rows are bf16 rows (ld_a == 1) of whole 64-byte steps.
+// The rest, in order, into `staged`.
+inline void split_rows(const BFloat16* const* a, int rows, int64_t a_values, int64_t ld_a, int pairs,
+                       int64_t step_pairs, std::vector<int>& in_place, std::vector<int>& staged) {
+  in_place.clear();
+  staged.clear();
+  const bool whole_steps = ld_a == 1 && a_values == 2 * int64_t(pairs) && pairs % step_pairs == 0;
+  int r = 0;
+  while (r < rows) {
+    int run = 1;  // rows from r equally spaced, at least a row apart
+    if (whole_steps && r + 1 < rows) {
+      const std::ptrdiff_t spacing = a[r + 1] - a[r];
+      if (spacing >= a_values)
+        while (r + run < rows && a[r + run] - a[r + run - 1] == spacing) ++run;
+    }
+    const int blocks = run / kBlockRows;
+    for (int i = 0; i < blocks; ++i) in_place.push_back(r + i * kBlockRows);
+    for (int i = blocks * kBlockRows; i < run; ++i) staged.push_back(r + i);
+    r += run;
+  }
+}
+
 template <typename Tiles>
 void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int64_t ld_a, const uint32_t* b,
                       int64_t ld_b, int pairs, float* const* c, int cols, const float* row_scale, float out_scale,
@@ -33,39 +60,52 @@ void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int6
   constexpr int kLanes = 16;  // fp32 per zmm, columns per B tile
   const int64_t step_pairs = kStepBytes / 4, steps = (pairs + step_pairs - 1) / step_pairs;
   const int64_t stride = steps * step_pairs;  // uint32 pairs per staged row
-  const int64_t padded_rows = (rows + kBlockRows - 1) / kBlockRows * kBlockRows;
+  thread_local std::vector<int> in_place, staged;
+  split_rows(a, rows, a_values, ld_a, pairs, step_pairs, in_place, staged);
+  const int64_t padded_rows = (int64_t(staged.size()) + kBlockRows - 1) / kBlockRows * kBlockRows;
   if (staging.size() < size_t(padded_rows * stride)) staging.resize(size_t(padded_rows * stride));
-  for (int64_t r = 0; r < padded_rows; ++r) {  // one pass: each staged word written once
-    uint32_t* const dst = staging.data() + r * stride;
+  for (int64_t s = 0; s < padded_rows; ++s) {  // one pass: each staged word written once
+    uint32_t* const dst = staging.data() + s * stride;
+    const bool real_row = s < int64_t(staged.size());
+    const int r = real_row ? staged[size_t(s)] : 0;
     int64_t real = 0;  // whole pairs copied
-    if (r < rows && ld_a == 1) {
+    if (real_row && ld_a == 1) {
       real = std::min<int64_t>(pairs, a_values / 2);
       std::memcpy(dst, a[r], size_t(real) * 4);
       if (real < pairs && a_values % 2 == 1) dst[real++] = a[r][a_values - 1].bits;  // (value, 0)
-    } else if (r < rows) {
+    } else if (real_row) {
       for (real = 0; real < pairs; ++real) std::memcpy(dst + real, a[r] + 2 * real * ld_a, 4);
     }
     std::memset(dst + real, 0, size_t(stride - real) * 4);
   }
-  const auto bytes = [](const uint32_t* p) { return reinterpret_cast<const uint8_t*>(p); };
+  const auto bytes = [](const void* p) { return reinterpret_cast<const uint8_t*>(p); };
   for (int n0 = 0; n0 < cols; n0 += kBlockColumns) {
     const int width = std::min(kBlockColumns, cols - n0);  // 16 or 32
-    const TilePairOperands operands{bytes(staging.data()), stride * 4,
-                                    {bytes(b + n0), bytes(b + (width > kLanes ? n0 + kLanes : n0))}, ld_b * 4,
-                                    pairs};
-    tile_pair_gemm<TileDot::kBf16, Tiles, float>(
-        operands, 0, padded_rows, [&](int64_t m0, const float (&acc)[kBlockRows][kBlockColumns]) {
-          for (int i = 0; i < kBlockRows && m0 + i < rows; ++i) {
-            const int64_t r = m0 + i;
-            float* const out = c[r] + n0;
-            for (int n = 0; n < width; n += kLanes) {
-              const __m512 sum = _mm512_loadu_ps(acc[i] + n);
-              _mm512_storeu_ps(out + n, row_scale ? _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(out + n),
-                                                                                _mm512_set1_ps(row_scale[r])), sum)
-                                                  : _mm512_mul_ps(sum, _mm512_set1_ps(out_scale)));
+    const uint8_t* const b_blocks[2] = {bytes(b + n0), bytes(b + (width > kLanes ? n0 + kLanes : n0))};
+    // `count` rows of the product from A rows a_stride bytes apart at `rows_at`; row_of(i) is
+    // the i-th one's row of A and C.
+    const auto run = [&](const uint8_t* rows_at, int64_t a_stride, int64_t count, const auto& row_of) {
+      const TilePairOperands operands{rows_at, a_stride, {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs};
+      const int64_t blocks_end = (count + kBlockRows - 1) / kBlockRows * kBlockRows;
+      tile_pair_gemm<TileDot::kBf16, Tiles, float>(
+          operands, 0, blocks_end, [&](int64_t m0, const float (&acc)[kBlockRows][kBlockColumns]) {
+            for (int i = 0; i < kBlockRows && m0 + i < count; ++i) {
+              const int r = row_of(m0 + i);
+              float* const out = c[r] + n0;
+              for (int n = 0; n < width; n += kLanes) {
+                const __m512 sum = _mm512_loadu_ps(acc[i] + n);
+                _mm512_storeu_ps(out + n, row_scale ? _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(out + n),
+                                                                                  _mm512_set1_ps(row_scale[r])), sum)
+                                                    : _mm512_mul_ps(sum, _mm512_set1_ps(out_scale)));
+              }
             }
-          }
-        });
+          });
+    };
+    for (const int first : in_place)
+      run(bytes(a[first]), (a[first + 1] - a[first]) * int64_t(sizeof(BFloat16)), kBlockRows,
+          [first](int64_t i) { return first + int(i); });
+    if (!staged.empty())
+      run(bytes(staging.data()), stride * 4, int64_t(staged.size()), [&](int64_t i) { return staged[size_t(i)]; });
   }
 }
 
