@@ -10,7 +10,7 @@ import torch
 import torch_ext
 import torch_ext.ops.moe
 from torch_ext.integrations.hf import register_fused_experts, use_fused_experts
-from torch_ext.testing import fresh_seed, relative_error
+from torch_ext.testing import fresh_seed, randomize_moe_model_, relative_error, train_step_gradients
 
 transformers = pytest.importorskip("transformers")
 _TRANSFORMERS_4 = transformers.__version__.startswith("4.")
@@ -56,14 +56,7 @@ def _model(family: str, seed: int, dtype=torch.float32):
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(**{**_SMALL, **arguments})
     config._experts_implementation = "eager"
-    model = getattr(transformers, model_class)(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(std=0.1)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(std=0.05)
-    return model.to(dtype)
+    return randomize_moe_model_(getattr(transformers, model_class)(config)).to(dtype)
 
 
 class _CountFusedMoe:
@@ -104,10 +97,7 @@ def test_fused_experts_give_stock_gradients(family):
     seed = fresh_seed()
     stock = _model(family, seed).train()
     fused = use_fused_experts(copy.deepcopy(stock))
-    ids = _ids(seed, (2, 9))
-    for model in (stock, fused):
-        model(ids, labels=ids).loss.backward()
-    stock_grads = dict(stock.named_parameters())
+    stock_grads = train_step_gradients(stock, fused, _ids(seed, (2, 9)))
     checked = 0
     for name, parameter in fused.named_parameters():
         if name.endswith(("gate_up_proj", "down_proj", "gate.weight")) and ".mlp." in name:
@@ -170,10 +160,7 @@ def test_unsupported_experts_fall_back_with_a_warning():
     config = transformers.GptOssConfig(**{**_SMALL, "num_attention_heads": 4}, intermediate_size=40, head_dim=12,
                                        num_local_experts=4, num_experts_per_tok=2)
     config._experts_implementation = "eager"
-    stock = transformers.GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in stock.parameters():
-            parameter.normal_(std=0.1)
+    stock = randomize_moe_model_(transformers.GptOssForCausalLM(config)).eval()
     fused = use_fused_experts(copy.deepcopy(stock))
     ids = _ids(seed)
     with torch.no_grad(), pytest.warns(UserWarning, match="GptOssExperts .*eager experts forward"):

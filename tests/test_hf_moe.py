@@ -8,7 +8,7 @@ import torch
 
 import torch_ext
 from torch_ext.integrations.hf import patch_moe
-from torch_ext.testing import fresh_seed, relative_error
+from torch_ext.testing import fresh_seed, randomize_moe_model_, relative_error, train_step_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,14 +43,7 @@ def _model(family: str):
 
 def _randomized(family: str, seed: int):
     torch.manual_seed(seed)
-    model = _model(family)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(std=0.1)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(std=0.05)
-    return model
+    return randomize_moe_model_(_model(family))
 
 
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "deepseek_v2"]
@@ -75,9 +68,7 @@ def test_patched_model_gives_stock_gradients(family):
     stock = _randomized(family, seed).train()
     patched = patch_moe(copy.deepcopy(stock))
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(seed))
-    for model in (stock, patched):
-        model(ids, labels=ids).loss.backward()
-    stock_grads = dict(stock.named_parameters())
+    stock_grads = train_step_gradients(stock, patched, ids)
     for name, parameter in patched.named_parameters():
         if name.endswith(("w13", "w2", "gate.weight")) and ".mlp." in name:
             reference = _stock_name(name, family)

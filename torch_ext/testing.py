@@ -110,3 +110,25 @@ def check_against_reference(op: Callable[..., torch.Tensor], reference: Callable
     )
     ref = reference(*ref_inputs)
     return assert_close_to_reference(out, ref, dtype, f"{what} (seed {seed})", bound)
+
+
+def randomize_moe_model_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Every parameter of a (small, test-sized) transformers model drawn from N(0, std), and
+    DeepSeek-style routers' score-correction biases from N(0, 0.05) (zero at init, which would
+    hide how they enter the routing); returns the model."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=std)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(std=0.05)
+    return model
+
+
+def train_step_gradients(stock: torch.nn.Module, converted: torch.nn.Module,
+                         ids: torch.Tensor) -> dict[str, torch.nn.Parameter]:
+    """One language-model loss backward through both models (labels = ids); the stock model's
+    parameters by name, their .grad set, to compare the converted model's with."""
+    for model in (stock, converted):
+        model(ids, labels=ids).loss.backward()
+    return dict(stock.named_parameters())
