@@ -23,7 +23,10 @@ inline void dot_block(const TW* const* w, const TX* const* x, int64_t K, Accumul
   int64_t k = 0;
   for (; k + VecF::kWidth <= K; k += VecF::kWidth) {
     VecF wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load(w[r] + k);
+    for (int r = 0; r < R; ++r) {
+      fused_moe_passes::prefetch_ahead(w[r] + k);
+      wv[r] = load(w[r] + k);
+    }
     for (int m = 0; m < NT; ++m) {
       const VecF xv = load(x[m] + k);
       for (int r = 0; r < R; ++r) acc[r][m] = fmadd(wv[r], xv, acc[r][m]);

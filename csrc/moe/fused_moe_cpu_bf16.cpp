@@ -36,7 +36,10 @@ inline void dot_block(const BFloat16* const* w, const BFloat16* const* x, int64_
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load_pairs(w[r] + k);
+    for (int r = 0; r < R; ++r) {
+      fused_moe_passes::prefetch_ahead(w[r] + k);
+      wv[r] = load_pairs(w[r] + k);
+    }
     for (int m = 0; m < NT; ++m) {
       const __m512bh xv = load_pairs(x[m] + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
