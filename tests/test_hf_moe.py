@@ -8,7 +8,8 @@ import torch
 
 import torch_ext
 from torch_ext.integrations.hf import patch_moe
-from torch_ext.testing import fresh_seed, randomize_moe_model_, relative_error, train_step_gradients
+from torch_ext.testing import (fresh_seed, logits_error, randomize_moe_model_, relative_error,
+                               train_step_gradients)
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,8 +57,7 @@ def test_patched_model_gives_stock_logits(family):
     patched = patch_moe(copy.deepcopy(stock))
     assert any(isinstance(m, torch_ext.nn.FusedMoE) for m in patched.modules())
     ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        error = relative_error(patched(ids).logits, stock(ids).logits)
+    error = logits_error(stock, patched, ids)
     assert error < 1e-5, f"{family} (seed {seed}): logits differ by {error:.2e}"
 
 

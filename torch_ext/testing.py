@@ -132,3 +132,9 @@ def train_step_gradients(stock: torch.nn.Module, converted: torch.nn.Module,
     for model in (stock, converted):
         model(ids, labels=ids).loss.backward()
     return dict(stock.named_parameters())
+
+
+def logits_error(stock: torch.nn.Module, converted: torch.nn.Module, ids: torch.Tensor) -> float:
+    """The converted model's logits against the stock model's (relative norm error), no autograd."""
+    with torch.no_grad():
+        return relative_error(converted(ids).logits, stock(ids).logits)

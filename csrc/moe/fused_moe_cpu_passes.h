@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "common/cpu/parallel.h"
+#include "common/cpu/prefetch.h"
 #include "common/cpu/vec.h"
 #include "moe/expert_plan.h"
 #include "moe/fused_moe.h"
@@ -52,11 +53,11 @@ constexpr int64_t kOutputColumnsPerItem = 24;
 // Bytes ahead in each weight row that the dot-product kernels prefetch: they stream an expert's
 // rows from DRAM a few at a time (kRows streams, each dotted with at most kTokens tokens), and on a
 // Sapphire Rapids VM the hardware prefetchers alone left that stream at half the copy bandwidth
-// (bf16 Mixtral/4, T = 16: 12.8 -> 9.9 ms; docs/perf/moe.md).
+// (bf16 Mixtral/4, T = 16: 12.8 -> 8.8 ms; docs/perf/moe.md).
 constexpr int64_t kPrefetchBytes = 1024;
 template <typename T>
 inline void prefetch_ahead(const T* at) {
-  __builtin_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, 0, 3);
+  prefetch_lines(reinterpret_cast<const char*>(at) + kPrefetchBytes, kCacheLineBytes);
 }
 
 using Accumulators = float[kRows][kTokens];

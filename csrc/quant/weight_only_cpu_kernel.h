@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/cpu/parallel.h"
+#include "common/cpu/prefetch.h"
 #include "common/cpu/vec.h"
 #include "common/float_bits.h"
 #include "quant/weight_only.h"
@@ -242,8 +243,7 @@ void tile_row_block(const WeightOnlyLinearParams& p, const PreparedX<typename Do
       const typename Dot::XType* xt[kRows];
       for (int m = 0; m < kRows; ++m) xt[m] = x[m] + kt * kTileK;
       const int32_t* words = w.qweight + quant::tile_offset_words(w.bits, k_tiles, nt, kt);
-      const char* ahead = reinterpret_cast<const char*>(words + kPrefetchTiles * tile_words);
-      for (int64_t line = 0; line < tile_words * 4; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+      prefetch_lines(words + kPrefetchTiles * tile_words, tile_words * int64_t(sizeof(int32_t)));
       Dot::template tile<kRows>(words, xt, into);
     };
     const int64_t kt_end = std::min(k_tiles, (g + 1) * group_tiles);

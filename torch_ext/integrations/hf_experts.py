@@ -37,8 +37,9 @@ def _interface():
     return ExpertsInterface
 
 
-def _unsupported(experts: nn.Module, hidden_states: torch.Tensor) -> str | None:
-    """Why fused_moe cannot compute this experts module's forward (None: it can)."""
+def _fused_moe_activation(experts: nn.Module, hidden_states: torch.Tensor) -> tuple[str | None, str | None]:
+    """(fused_moe's activation for this experts module, None) where fused_moe can compute its
+    forward, else (None, why not)."""
     from transformers.integrations.moe import _default_apply_gate
 
     from torch_ext.integrations.hf_moe import _activation
@@ -53,39 +54,37 @@ def _unsupported(experts: nn.Module, hidden_states: torch.Tensor) -> str | None:
              is not _default_apply_gate}
     reason = next((name for name, flag in flags.items() if flag), None)
     if reason is not None:
-        return reason
+        return None, reason
     w13, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor) or w13.dim() != 3 or w2.dim() != 3:
-        return "has no [E, 2I, H] gate_up_proj and [E, H, I] down_proj tensors"
+        return None, "has no [E, 2I, H] gate_up_proj and [E, H, I] down_proj tensors"
     if w13.shape[2] != hidden_states.shape[-1] or w2.shape[1] != hidden_states.shape[-1]:
-        return "has weights whose shapes do not match the hidden size"
+        return None, "has weights whose shapes do not match the hidden size"
     if not (hidden_states.dtype == w13.dtype == w2.dtype and w13.dtype in _DTYPES):
-        return f"mixes dtypes or has an unsupported one ({hidden_states.dtype}, {w13.dtype}, {w2.dtype})"
+        return None, f"mixes dtypes or has an unsupported one ({hidden_states.dtype}, {w13.dtype}, {w2.dtype})"
     if hidden_states.device.type not in ("cpu", "cuda"):
-        return f"runs on {hidden_states.device.type}"
+        return None, f"runs on {hidden_states.device.type}"
     try:
-        _activation(experts.act_fn)
+        return _activation(experts.act_fn), None
     except (ValueError, AttributeError):
-        return f"uses the activation {type(getattr(experts, 'act_fn', None)).__name__}"
-    return None
+        return None, f"uses the activation {type(getattr(experts, 'act_fn', None)).__name__}"
 
 
 def fused_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
     """The ``"torch_ext"`` experts implementation: ``hidden_states`` [T, H], ``top_k_index`` [T, k]
     (any integer dtype), ``top_k_weights`` [T, k] -> [T, H] in ``hidden_states``' dtype."""
-    from torch_ext.integrations.hf_moe import _activation
     from torch_ext.ops.moe import fused_moe
 
-    reason = _unsupported(experts, hidden_states)
-    if reason is not None:
+    activation, reason = _fused_moe_activation(experts, hidden_states)
+    if activation is None:
         if (type(experts), reason) not in _WARNED:
             _WARNED.add((type(experts), reason))
             warnings.warn(f"torch_ext experts: {type(experts).__name__} {reason}; it runs transformers' eager "
                           "experts forward", stacklevel=2)
         return type(experts).forward.__wrapped__(experts, hidden_states, top_k_index, top_k_weights)
     return fused_moe(hidden_states, experts.gate_up_proj, experts.down_proj, top_k_weights.float(),
-                     top_k_index.to(torch.int32), _activation(experts.act_fn))
+                     top_k_index.to(torch.int32), activation)
 
 
 def register_fused_experts() -> str:
