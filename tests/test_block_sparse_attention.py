@@ -211,6 +211,33 @@ def test_bf16_on_amx_tiles(amx, dim, block_kv):
     assert (ran > 0) == (amx == "emulate"), f"{ran} emulated tile products"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.25, -0.2])
+def test_scores_growing_along_the_keys(amx, dtype, scale):
+    """Scores that grow from key block to key block, by a different amount per query row: the
+    online softmax raises a row's running maximum only past a margin (lazy rescaling), so within
+    one 32-row tile block some rows rescale their output and others add to it in place (the AMX
+    kernel's two paths); a negative softmax scale reverses the growth. Forward and lse against
+    float64."""
+    seed = fresh_seed()
+    q, k, v = _inputs(1, 2, 1, 128, 512, 128, torch.float32, seed)
+    q[..., 0] = torch.linspace(-4, 4, 128)  # row i's scores grow by scale * q[i, 0] * 2 per block
+    k[..., 0] += 2 * torch.arange(8).repeat_interleave(64)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = BlockSparseMask.from_dense(torch.ones(1, 1, 2, 8, dtype=torch.bool), 64, 64, 128, 512)
+    args = (mask.kv_counts, mask.kv_indices, 64, 64, False, scale)
+    with poisoned_outputs():
+        out, lse = _OP(q, k, v, *args)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    ref_out, ref_lse = ref.block_sparse_attention(q64, k64, v64, *args)
+    what = f"{dtype} scale {scale} seed {seed}"
+    assert_close_to_reference(out, ref_out, dtype, f"out {what}")
+    assert_close_to_reference(lse, ref_lse, torch.float32, f"lse {what}", bound=1e-6)
+    block_max = (scale * q64 @ k64.transpose(-1, -2)).view(1, 2, 128, 8, 64).amax(-1)
+    growth = block_max.amax(-1) - block_max[..., 0]
+    assert (growth > 10).any() and ((growth > 1) & (growth < 6)).any(), f"rows should rescale and not: {what}"
+
+
 def test_long_sequences():
     _check(1, 1, 1, 1000, 1000, 64, 64, 32, True, torch.float32, 0.3)
     _check(1, 1, 1, 4097, 4097, 64, 128, 64, False, torch.bfloat16, 0.1, backward=False)

@@ -92,6 +92,7 @@ class WideningKernel {
 
  public:
   WideningKernel(Workspace<Acc>& w, const Geometry& g) : w_(w), dim_(g.head_dim) {}
+  static Acc score_scale() { return Acc(1); }  // the query rows are pre-scaled
   void load_queries(const T* q, int64_t stride, int n, float scale) {
     pack_rows(q, stride, n, n, dim_, Acc(scale), w_.q.data());
   }

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "attention/block_sparse_attention_cpu_forward.h"
+#include "common/cpu/aligned_buffer.h"
 #include "common/cpu/amx.h"
 #include "common/cpu/amx_pair_matmul.h"
 
@@ -129,7 +130,7 @@ class PairMatmul {
   std::optional<amx::TileSession<amx::HardwareTiles>> hardware_;
 #endif
   std::optional<amx::TileSession<amx::EmulatedTiles>> emulated_;
-  std::vector<uint32_t> staging_;  // the A rows as tile steps
+  LineAlignedVector<uint32_t> staging_;  // the A rows as tile steps
 };
 
 // pairs[d/2][c] = (k[c][d], k[c][d+1]), pairs along the head dim: each key row is dim/2 32-bit pairs,
@@ -211,7 +212,7 @@ class PackedKeyBlocks {
     size_t offset;
   };
   std::unordered_map<const BFloat16*, Entry> index_;
-  std::vector<uint32_t> data_;
+  LineAlignedVector<uint32_t> data_;  // tile operands: blocks start on lines (padded x dim / 2 words)
 };
 
 class DotKernel {
@@ -234,10 +235,12 @@ class DotKernel {
     pack_row_pairs([&](int c) { return v + c * v_stride; }, keys, padded, dim_, packed_.at(block_ + block_words_));
   }
 
+  float score_scale() const { return scale_; }  // applied by the softmax: the tiles store S as it is
+
   void scores(int active, int padded) {
     for (int a = 0; a < active; ++a) a_ptr_[a] = q_rows_[w_.rows[a]];
     w_.point(w_.c_ptr.data(), w_.s.data(), padded, active);
-    matmul_(a_ptr_.data(), active, packed_.at(block_), padded, dim_ / 2, w_.c_ptr.data(), padded, nullptr, scale_);
+    matmul_(a_ptr_.data(), active, packed_.at(block_), padded, dim_ / 2, w_.c_ptr.data(), padded, nullptr, 1.0f);
   }
 
   void accumulate(int active, int padded) {
@@ -256,7 +259,7 @@ class DotKernel {
   float scale_ = 1.0f;
   PackedKeyBlocks packed_;
   size_t block_ = 0, block_words_ = 0;  // the current key block: K pairs at block_, V pairs after
-  std::vector<uint32_t> p_;  // bf16 pairs
+  LineAlignedVector<uint32_t> p_;  // bf16 pairs
   std::vector<const BFloat16*> q_rows_, a_ptr_;
   PairMatmul matmul_;
 };
@@ -355,7 +358,7 @@ class BackwardDotKernel {
   Workspace<float>& w_;
   int dim_, rows_max_, padded_max_;
   float scale_ = 1.0f;
-  std::vector<uint32_t> k_pairs_, v_pairs_, k_row_pairs_, q_pairs_, d_out_pairs_, p_, ds_, p_t_, ds_t_;  // bf16 pairs
+  LineAlignedVector<uint32_t> k_pairs_, v_pairs_, k_row_pairs_, q_pairs_, d_out_pairs_, p_, ds_, p_t_, ds_t_;  // bf16 pairs
   std::vector<const BFloat16*> q_rows_, d_out_rows_, a_ptr_;
   std::vector<float> ones_;
   PairMatmul matmul_;

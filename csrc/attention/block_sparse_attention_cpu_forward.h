@@ -195,19 +195,35 @@ inline const int32_t* list_of(const BlockList& l, int64_t b, int64_t h, int64_t 
 // ---------------------------------------------------------------------------------------------
 // Row-wise softmax steps on a score row of `padded` columns, the first `visible` of them real.
 // ---------------------------------------------------------------------------------------------
-// Online softmax: s becomes P = exp(s - m_new) (0 past `visible`); m and l are updated and alpha
-// = exp(m_old - m_new) rescales the row's running output (0 on its first block: m_old = -inf).
+// Online softmax on a row of scores score_scale * s (s: a kernel's products as they are): s
+// becomes P = exp(score_scale * s - m) (0 past `visible`); m and l are updated, and alpha
+// rescales the row's running output (O = alpha * O + P V; alpha 0 on the row's first block,
+// where m = -inf and O is 0). m is raised only when the block's maximum exceeds it by more than
+// kLazyRescale (FlashAttention-4's conditional rescaling): P stays below e^kLazyRescale, l >= 1
+// still (the block that set m holds a P of 1), and alpha is exactly 1 for most blocks past the
+// first, where a kernel can add P V to O in place (the AMX kernel does: no pass over O).
 template <typename Acc>
-void online_softmax_row(Acc* s, int visible, int padded, Acc& m, Acc& l, Acc& alpha) {
+constexpr Acc kLazyRescale = Acc(8);  // P < e^8 ~ 3000: far from fp32's range at any length
+
+template <typename Acc>
+void online_softmax_row(Acc* s, int visible, int padded, Acc score_scale, Acc& m, Acc& l, Acc& alpha) {
   using L = Lanes<Acc>;
   using V = typename L::Vec;
   constexpr int W = V::kWidth;
+  if (score_scale != Acc(1)) {
+    const V scale = L::splat(score_scale);
+    for (int c = 0; c < padded; c += W) store(s + c, load(s + c) * scale);
+  }
   for (int c = visible; c < padded; ++c) s[c] = -kInf<Acc>;
   V row_max = L::splat(-kInf<Acc>);
   for (int c = 0; c < padded; c += W) row_max = max(row_max, load(s + c));
-  const Acc m_new = std::max(m, Acc(reduce_max(row_max)));
-  alpha = std::exp(m - m_new);
-  const V shift = L::splat(m_new);
+  const Acc block_max = Acc(reduce_max(row_max));
+  alpha = Acc(1);
+  if (block_max > m + kLazyRescale<Acc>) {  // always on the first block (m = -inf)
+    alpha = std::exp(m - block_max);
+    m = block_max;
+  }
+  const V shift = L::splat(m);
   V sum = L::splat(Acc(0));
   for (int c = 0; c < padded; c += W) {
     const V p = exp(load(s + c) - shift);
@@ -218,7 +234,6 @@ void online_softmax_row(Acc* s, int visible, int padded, Acc& m, Acc& l, Acc& al
   // in the sum, but P itself must be exactly 0 there.
   for (int c = visible; c < padded; ++c) s[c] = Acc(0);
   l = l * alpha + Acc(reduce_add(sum));
-  m = m_new;
 }
 
 // Thread-local buffers of one parallel_for chunk, sized for the largest block.
@@ -297,7 +312,8 @@ void for_each_listed_block(const BlockSparseForwardParams& p, const Geometry& g,
 // Kernel, built per parallel_for chunk as Kernel(workspace, geometry), provides:
 //   load_queries(q, stride, n, scale)  the task's n query rows (T, row stride `stride`)
 //   load_keys(k, k_stride, v, v_stride, keys, padded)  one key block, zero past `keys`
-//   scores(active, padded)     w.s[a][0, padded) = scale * q[w.rows[a]] . k for the active rows
+//   scores(active, padded)     w.s[a][0, padded) = q[w.rows[a]] . k for the active rows, the
+//                              scores over score_scale() (1: the kernel scaled them already)
 //   accumulate(active, padded) w.acc[w.rows[a]] = w.scale[a] * w.acc[w.rows[a]] + P[a] V, P in w.s
 template <typename T, typename Kernel>
 void forward_pass(const BlockSparseForwardParams& p) {
@@ -324,7 +340,8 @@ void forward_pass(const BlockSparseForwardParams& p) {
         kernel.scores(active, padded);
         for (int a = 0; a < active; ++a) {
           const int r = w.rows[a];
-          online_softmax_row(w.s.data() + int64_t(a) * padded, w.visible[a], padded, w.m[r], w.l[r], w.scale[a]);
+          online_softmax_row(w.s.data() + int64_t(a) * padded, w.visible[a], padded, Acc(kernel.score_scale()), w.m[r],
+                             w.l[r], w.scale[a]);
         }
         kernel.accumulate(active, padded);
       });

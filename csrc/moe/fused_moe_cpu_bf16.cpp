@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu/aligned_buffer.h"
 #include "common/cpu/amx.h"
 #include "common/cpu/amx_pair_matmul.h"
 #include "common/cpu/vec.h"
@@ -80,7 +81,7 @@ struct Bf16PairMath {
     const AmxMode mode = amx_bf16_kernel_mode();
     const auto run = [&](auto tiles) {
       using Tiles = decltype(tiles);
-      thread_local std::vector<uint32_t> staging;
+      thread_local LineAlignedVector<uint32_t> staging;
       thread_local std::vector<float*> out_rows;
       out_rows.resize(size_t(rows));
       for (int r = 0; r < rows; ++r) out_rows[r] = out + int64_t(r) * width;

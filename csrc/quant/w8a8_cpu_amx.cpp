@@ -16,6 +16,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "common/cpu/aligned_buffer.h"
 #include "common/cpu/amx_gemm.h"
 #include "common/cpu/parallel.h"
 #include "quant/w8a8_cpu_packing.h"
@@ -27,8 +28,8 @@ using namespace w8a8;
 
 // A as signed int8 rows of `stride` bytes (K zero-padded to whole steps), `rows` rows (the rows
 // past m zero).
-std::unique_ptr<int8_t[]> copy_a(const ScaledInt8MmParams& p, int64_t rows, int64_t stride) {
-  std::unique_ptr<int8_t[]> a(new int8_t[size_t(rows * stride)]);
+auto copy_a(const ScaledInt8MmParams& p, int64_t rows, int64_t stride) {
+  auto a = uninitialized_line_aligned<int8_t>(size_t(rows * stride));
   parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       int8_t* const dst = a.get() + m * stride;
@@ -45,7 +46,7 @@ void gemm_amx(const ScaledInt8MmParams& p, const uint8_t* packed_b) {
   const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n);
   const int64_t a_stride = (k4 + amx::kMaxRows - 1) / amx::kMaxRows * amx::kStepBytes;
   const int64_t rows = (p.m + amx::kBlockRows - 1) / amx::kBlockRows * amx::kBlockRows;
-  const std::unique_ptr<int8_t[]> a = copy_a(p, rows, a_stride);
+  const auto a = copy_a(p, rows, a_stride);
   amx::packed_b_tile_gemm<amx::TileDot::kS8S8, Tiles, int32_t>(
       reinterpret_cast<const uint8_t*>(a.get()), a_stride, rows, packed_b, k4 * kBlockN * 4, blocks, k4,
       [&](int64_t m0, int64_t nb0, const int32_t (&acc)[amx::kBlockRows][amx::kBlockColumns]) {

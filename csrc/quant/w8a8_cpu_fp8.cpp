@@ -41,9 +41,8 @@ int64_t pairs_of(int64_t k) { return (k + 1) / 2; }
 int64_t blocks_of(int64_t n) { return (n + kBlockN - 1) / kBlockN; }
 
 // A's e4m3 codes as bf16 rows of `stride` values (K zero-padded), `rows` rows (those past m zero).
-std::unique_ptr<uint16_t[]> convert_a(const ScaledFp8MmParams& p, const uint16_t* to_bf16, int64_t rows,
-                                      int64_t stride) {
-  std::unique_ptr<uint16_t[]> a(new uint16_t[size_t(rows * stride)]);
+auto convert_a(const ScaledFp8MmParams& p, const uint16_t* to_bf16, int64_t rows, int64_t stride) {
+  auto a = uninitialized_line_aligned<uint16_t>(size_t(rows * stride));
   parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       uint16_t* const dst = a.get() + m * stride;
@@ -147,7 +146,7 @@ void gemm_unpacked(const ScaledFp8MmParams& p, const uint16_t* to_bf16, const ui
   const int64_t tasks = (p.n + kUnpackedRowsB - 1) / kUnpackedRowsB;
   const bool one_pass = p.m <= kUnpackedRowsA;
   parallel_for(0, tasks, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.k)), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<uint16_t[]> buffer(one_pass ? nullptr : new uint16_t[size_t(kUnpackedRowsB * stride)]);
+    const auto buffer = uninitialized_line_aligned<uint16_t>(one_pass ? 0 : size_t(kUnpackedRowsB * stride));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = task * kUnpackedRowsB;
       const int count = int(std::min<int64_t>(kUnpackedRowsB, p.n - n0));
@@ -217,7 +216,7 @@ void pack_fp8_b(const ScaledFp8MmParams& p, const uint16_t* to_bf16, uint8_t* pa
 
 void scaled_fp8_mm_unpacked_bf16(const ScaledFp8MmParams& p, const uint16_t* to_bf16) {
   const int64_t stride = (p.k + kCodesPerVector - 1) / kCodesPerVector * kCodesPerVector;
-  const std::unique_ptr<uint16_t[]> a = convert_a(p, to_bf16, p.m, stride);
+  const auto a = convert_a(p, to_bf16, p.m, stride);
   visit_storage_type(p.out_dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) gemm_unpacked<T>(p, to_bf16, a.get(), stride);
@@ -235,7 +234,7 @@ void scaled_fp8_mm_bf16(const ScaledFp8MmParams& p, const uint16_t* to_bf16, con
   const int64_t stride = tiles ? (2 * pairs + step - 1) / step * step : 2 * pairs;
   const int64_t row_block = tiles ? amx::kBlockRows : kRows;
   const int64_t rows = (p.m + row_block - 1) / row_block * row_block;
-  const std::unique_ptr<uint16_t[]> a = convert_a(p, to_bf16, rows, stride);
+  const auto a = convert_a(p, to_bf16, rows, stride);
   visit_storage_type(p.out_dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu/aligned_buffer.h"
 #include "common/cpu/parallel.h"
 #include "common/cpu/vec.h"
 #include "common/float_bits.h"
@@ -136,7 +137,7 @@ void gemm_typed(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micr
   const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n);
   const int64_t rows = (p.m + kRows - 1) / kRows * kRows;
   // Written in full below (rows, then their zero padding): no zero-filling pass first.
-  const std::unique_ptr<uint8_t[]> a_buffer(new uint8_t[size_t(rows * k4 * 4)]);
+  const auto a_buffer = uninitialized_line_aligned<uint8_t>(size_t(rows * k4 * 4));
   uint8_t* const a = a_buffer.get();
   parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {

@@ -51,12 +51,53 @@ struct TilePairOperands {
   int64_t groups;
 };
 
+// The tiles of one 32 x 32 block of results: C (rows 0-15 / 16-31 x columns 0-15 / 16-31), the
+// A tiles of rows 0-15 and 16-31, and the B tiles of the two column blocks.
+enum BlockTile : int { kC00 = 0, kC01, kC10, kC11, kA0, kA1, kB0, kB1 };
+
+// Stores the C tiles of a finished block: row i, column n of the 32 x 32 results at
+// c + i * c_stride bytes + n values (4 bytes each); only the first column block's tiles where
+// `columns` is 16.
+template <typename Tiles>
+void store_block(void* c, int64_t c_stride, int columns) {
+  uint8_t* const at = static_cast<uint8_t*>(c);
+  constexpr int64_t kHalfBytes = kBlockColumns / 2 * 4;
+  Tiles::template store<kC00>(at, c_stride);
+  Tiles::template store<kC10>(at + kMaxRows * c_stride, c_stride);
+  if (columns > kBlockColumns / 2) {
+    Tiles::template store<kC01>(at + kHalfBytes, c_stride);
+    Tiles::template store<kC11>(at + kMaxRows * c_stride + kHalfBytes, c_stride);
+  }
+}
+
+// Loads the C tiles of a block from where store_block would store them (to add the products to).
+template <typename Tiles>
+void load_block(const void* c, int64_t c_stride, int columns) {
+  const uint8_t* const at = static_cast<const uint8_t*>(c);
+  constexpr int64_t kHalfBytes = kBlockColumns / 2 * 4;
+  Tiles::template load<kC00>(at, c_stride);
+  Tiles::template load<kC10>(at + kMaxRows * c_stride, c_stride);
+  if (columns > kBlockColumns / 2) {
+    Tiles::template load<kC01>(at + kHalfBytes, c_stride);
+    Tiles::template load<kC11>(at + kMaxRows * c_stride + kHalfBytes, c_stride);
+  }
+}
+
+template <typename Tiles>
+void zero_block() {
+  Tiles::template zero<kC00>();
+  Tiles::template zero<kC01>();
+  Tiles::template zero<kC10>();
+  Tiles::template zero<kC11>();
+}
+
 // For each 32-row block [m0, m0 + 32) of [m_begin, m_end) (both multiples of 32 from A's
-// start): acc = A(rows) B(both column blocks), then epilogue(m0, acc). acc is int32 for kS8S8,
-// float for kBf16, [32][32]. The tiles must be configured (TileSession).
-template <TileDot kDot, typename Tiles, typename Acc, typename Epilogue>
-void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, const Epilogue& epilogue) {
-  enum : int { kC00 = 0, kC01, kC10, kC11, kA0, kA1, kB0, kB1 };
+// start): init(m0) sets the C tiles (zero_block, or load_block to add to results in memory),
+// C tiles += A(rows) B(both column blocks), then store(m0) with the results in the C tiles
+// (store_block, or the caller's own use of them). The tiles must be configured (TileSession).
+template <TileDot kDot, typename Tiles, typename Init, typename Store>
+void tile_pair_products(const TilePairOperands& o, int64_t m_begin, int64_t m_end, const Init& init,
+                        const Store& store) {
   const int64_t whole = o.groups / kMaxRows, tail = o.groups - whole * kMaxRows, steps = whole + (tail > 0);
   // B's last, partial step copied zero-padded: the tile then reads no byte past the operand, and
   // A's zero k meets zeros (B's bytes past it could hold a NaN pattern: 0 x NaN is NaN).
@@ -71,13 +112,8 @@ void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, c
   // One column block (16 columns of results, e.g. a panel of 16 tokens): half the tile loads and
   // products.
   const bool two_blocks = o.b[1] != o.b[0];
-  alignas(64) Acc acc[kBlockRows][kBlockColumns];
-  constexpr int64_t kAccStride = sizeof(acc[0]);
   for (int64_t m0 = m_begin; m0 < m_end; m0 += kBlockRows) {
-    Tiles::template zero<kC00>();
-    Tiles::template zero<kC01>();
-    Tiles::template zero<kC10>();
-    Tiles::template zero<kC11>();
+    init(m0);
     const uint8_t* const a_block = o.a + m0 * o.a_stride;
     for (int64_t s = 0; s < steps; ++s) {
       const bool is_whole = s < whole;
@@ -93,13 +129,21 @@ void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, c
         Tiles::template dot<kDot, kC11, kA1, kB1>();
       }
     }
-    constexpr int kHalf = kBlockColumns / 2;
-    Tiles::template store<kC00>(&acc[0][0], kAccStride);
-    Tiles::template store<kC01>(&acc[0][kHalf], kAccStride);
-    Tiles::template store<kC10>(&acc[kMaxRows][0], kAccStride);
-    Tiles::template store<kC11>(&acc[kMaxRows][kHalf], kAccStride);
-    epilogue(m0, acc);
+    store(m0);
   }
+}
+
+// tile_pair_products with each block's results stored to a local array, then epilogue(m0, acc);
+// acc is int32 for kS8S8, float for kBf16, [32][32]. (A vector load of a tile store's bytes
+// waits for the store to drain: callers that can take the results in place store them there,
+// store_block.)
+template <TileDot kDot, typename Tiles, typename Acc, typename Epilogue>
+void tile_pair_gemm(const TilePairOperands& o, int64_t m_begin, int64_t m_end, const Epilogue& epilogue) {
+  alignas(64) Acc acc[kBlockRows][kBlockColumns];
+  tile_pair_products<kDot, Tiles>(o, m_begin, m_end, [](int64_t) { zero_block<Tiles>(); }, [&](int64_t m0) {
+    store_block<Tiles>(&acc[0][0], sizeof(acc[0]), kBlockColumns);
+    epilogue(m0, acc);
+  });
 }
 
 // A whole GEMM over a B packed in blocks of 16 columns, block j at packed_b + j * block_bytes,

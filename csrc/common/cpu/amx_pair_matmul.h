@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu/aligned_buffer.h"
 #include "common/cpu/amx_gemm.h"
 #include "common/dtype.h"
 
@@ -53,10 +54,18 @@ inline void split_rows(const BFloat16* const* a, int rows, int64_t a_values, int
   }
 }
 
+// The spacing (in floats) of n output rows if they are equally spaced and ascending, else 0.
+inline int64_t spacing_of(float* const* c, int n) {
+  const std::ptrdiff_t spacing = c[1] - c[0];
+  for (int i = 2; i < n; ++i)
+    if (c[i] - c[i - 1] != spacing) return 0;
+  return spacing > 0 ? spacing : 0;
+}
+
 template <typename Tiles>
 void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int64_t ld_a, const uint32_t* b,
                       int64_t ld_b, int pairs, float* const* c, int cols, const float* row_scale, float out_scale,
-                      std::vector<uint32_t>& staging) {
+                      LineAlignedVector<uint32_t>& staging) {
   constexpr int kLanes = 16;  // fp32 per zmm, columns per B tile
   const int64_t step_pairs = kStepBytes / 4, steps = (pairs + step_pairs - 1) / step_pairs;
   const int64_t stride = steps * step_pairs;  // uint32 pairs per staged row
@@ -79,6 +88,7 @@ void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int6
     std::memset(dst + real, 0, size_t(stride - real) * 4);
   }
   const auto bytes = [](const void* p) { return reinterpret_cast<const uint8_t*>(p); };
+  const bool plain_sums = row_scale == nullptr && out_scale == 1.0f;
   for (int n0 = 0; n0 < cols; n0 += kBlockColumns) {
     const int width = std::min(kBlockColumns, cols - n0);  // 16 or 32
     const uint8_t* const b_blocks[2] = {bytes(b + n0), bytes(b + (width > kLanes ? n0 + kLanes : n0))};
@@ -101,9 +111,26 @@ void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int6
             }
           });
     };
-    for (const int first : in_place)
+    for (const int first : in_place) {
+      // Where the block's C rows are equally spaced, its results go from the tiles to them in
+      // place: the sums as they are (plain_sums), or added to C (row scales all 1) by loading C
+      // into the tiles first. (Else through tile_pair_gemm's local array and the epilogue.)
+      const int64_t c_spacing = spacing_of(c + first, kBlockRows);
+      const bool adds_to_c = row_scale && std::all_of(row_scale + first, row_scale + first + kBlockRows,
+                                                      [](float s) { return s == 1.0f; });
+      if (c_spacing >= cols && (plain_sums || adds_to_c)) {
+        const TilePairOperands operands{bytes(a[first]), (a[first + 1] - a[first]) * int64_t(sizeof(BFloat16)),
+                                        {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs};
+        float* const at = c[first] + n0;
+        tile_pair_products<TileDot::kBf16, Tiles>(
+            operands, 0, kBlockRows,
+            [&](int64_t) { adds_to_c ? load_block<Tiles>(at, c_spacing * 4, width) : zero_block<Tiles>(); },
+            [&](int64_t) { store_block<Tiles>(at, c_spacing * 4, width); });
+        continue;
+      }
       run(bytes(a[first]), (a[first + 1] - a[first]) * int64_t(sizeof(BFloat16)), kBlockRows,
           [first](int64_t i) { return first + int(i); });
+    }
     if (!staged.empty())
       run(bytes(staging.data()), stride * 4, int64_t(staged.size()), [&](int64_t i) { return staged[size_t(i)]; });
   }
