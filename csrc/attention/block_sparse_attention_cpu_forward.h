@@ -210,23 +210,25 @@ void online_softmax_row(Acc* s, int visible, int padded, Acc score_scale, Acc& m
   using L = Lanes<Acc>;
   using V = typename L::Vec;
   constexpr int W = V::kWidth;
-  if (score_scale != Acc(1)) {
+  if (!(score_scale > Acc(0))) {  // scaled first: the masked columns' -inf must stay -inf
     const V scale = L::splat(score_scale);
     for (int c = 0; c < padded; c += W) store(s + c, load(s + c) * scale);
+    score_scale = Acc(1);
   }
+  const V scale = L::splat(score_scale);
   for (int c = visible; c < padded; ++c) s[c] = -kInf<Acc>;
   V row_max = L::splat(-kInf<Acc>);
-  for (int c = 0; c < padded; c += W) row_max = max(row_max, load(s + c));
+  for (int c = 0; c < padded; c += W) row_max = max(row_max, load(s + c) * scale);
   const Acc block_max = Acc(reduce_max(row_max));
   alpha = Acc(1);
   if (block_max > m + kLazyRescale<Acc>) {  // always on the first block (m = -inf)
     alpha = std::exp(m - block_max);
     m = block_max;
   }
-  const V shift = L::splat(m);
+  const V shift = L::splat(-m);
   V sum = L::splat(Acc(0));
   for (int c = 0; c < padded; c += W) {
-    const V p = exp(load(s + c) - shift);
+    const V p = exp(fmadd(load(s + c), scale, shift));
     store(s + c, p);
     sum = sum + p;
   }

@@ -97,11 +97,8 @@ inline int32_t reduce_add_epi32(__m512i a) {
   const __m128i pair = _mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0x4E));
   return _mm_cvtsi128_si32(_mm_add_epi32(pair, _mm_shuffle_epi32(pair, 0xB1)));
 }
-// 2^n for integral n in [-126, 127] held as floats: build the exponent field directly.
-inline VecF exp2_integral(VecF n) {
-  const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(biased, 23))};
-}
+// x * 2^n for integral n in [-126, 127] held as floats: one VSCALEFPS.
+inline VecF times_exp2(VecF x, VecF n) { return {_mm512_scalef_ps(x.v, n.v)}; }
 // In-register 16x16 transpose: rows[i].lane(j) becomes rows[j].lane(i). Interleave 32-bit
 // pairs, then 64-bit pairs (each 128-bit lane L then holds column k + 4L of four rows), then
 // gather the 128-bit lanes of the four row groups.
@@ -193,9 +190,10 @@ inline int32_t reduce_add_epi32(__m256i a) {
   const __m128i pair = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
   return _mm_cvtsi128_si32(_mm_add_epi32(pair, _mm_shuffle_epi32(pair, 0xB1)));
 }
-inline VecF exp2_integral(VecF n) {
+// x * 2^n for integral n in [-126, 127] held as floats: 2^n built as an exponent field.
+inline VecF times_exp2(VecF x, VecF n) {
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
-  return {_mm256_castsi256_ps(_mm256_slli_epi32(biased, 23))};
+  return {_mm256_mul_ps(x.v, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)))};
 }
 // In-register 8x8 transpose: rows[i].lane(j) becomes rows[j].lane(i).
 inline void transpose(VecF (&rows)[8]) {
@@ -243,7 +241,7 @@ inline VecF abs(VecF a) { return {a.v < 0.0f ? -a.v : a.v}; }
 inline float reduce_max(VecF a) { return a.v; }
 inline float reduce_add(VecF a) { return a.v; }
 inline VecF round_nearest(VecF a) { return {__builtin_rintf(a.v)}; }
-inline VecF exp2_integral(VecF n) { return {bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
+inline VecF times_exp2(VecF x, VecF n) { return {x.v * bits_as_float(uint32_t(int32_t(n.v) + 127) << 23)}; }
 inline void transpose(VecF (&)[1]) {}
 inline VecF gather(const float* base, int64_t) { return {*base}; }
 inline void store_first(float* p, VecF x, int count) {
@@ -270,7 +268,7 @@ inline VecF exp(VecF x) {
   p = fmadd(p, r, broadcast(5.0000001201e-1f));
   const VecF r2 = r * r;
   const VecF e_r = fmadd(p, r2, r + broadcast(1.0f));
-  return e_r * exp2_integral(n);
+  return times_exp2(e_r, n);
 }
 
 // 1 / (1 + e^-x)
