@@ -195,12 +195,14 @@ def test_bf16_backward_head_dims_and_key_blocks(cpu_isa, dim, block_kv):
 
 
 @pytest.mark.parametrize("dim", [32, 128, 256])
-@pytest.mark.parametrize("block_kv", [16, 48, 80])
+@pytest.mark.parametrize("block_kv", [16, 48, 64, 80])
 def test_bf16_on_amx_tiles(amx, dim, block_kv):
     """The bf16 forward and backward with all their products on AMX-BF16 tiles (PairMatmul in
     block_sparse_attention_cpu_bf16.cpp; emulated tiles everywhere, the hardware's where the CPU
     has them) against float64: the AVX512_BF16 cases above (partial key blocks and pair steps,
-    odd active row counts, GQA, strides) and 128-row query blocks."""
+    odd active row counts, GQA, strides) and 128-row query blocks; with 64-key blocks the
+    forward takes runs of whole blocks as one group (V in segments) between causal diagonals
+    and short last blocks, which go alone."""
     if not torch_ext._C.build_info()["cpu_avx512_bf16_active"]:
         pytest.skip("the bf16 kernels (and their AMX paths) need AVX512_BF16")
     before = torch_ext._C.amx_emulated_dot_products()

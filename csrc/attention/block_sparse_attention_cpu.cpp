@@ -92,6 +92,7 @@ class WideningKernel {
 
  public:
   WideningKernel(Workspace<Acc>& w, const Geometry& g) : w_(w), dim_(g.head_dim) {}
+  static int max_group_blocks(const Geometry&) { return 1; }
   static Acc score_scale() { return Acc(1); }  // the query rows are pre-scaled
   void load_queries(const T* q, int64_t stride, int n, float scale) {
     pack_rows(q, stride, n, n, dim_, Acc(scale), w_.q.data());
@@ -105,6 +106,9 @@ class WideningKernel {
     w_.point(w_.b_ptr.data(), w_.k_t.data(), padded, dim_);
     w_.point(w_.c_ptr.data(), w_.s.data(), padded, active);
     matmul(w_.a_ptr.data(), active, w_.b_ptr.data(), dim_, w_.c_ptr.data(), padded, Init::kZero);
+  }
+  auto p_store(int a, int padded) {  // P in place of S
+    return [row = w_.s.data() + int64_t(a) * padded](int c, typename Lanes<Acc>::Vec p) { store(row + c, p); };
   }
   void accumulate(int active, int padded) {
     w_.point(w_.a_ptr.data(), w_.s.data(), padded, active);

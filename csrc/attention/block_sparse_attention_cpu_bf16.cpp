@@ -112,16 +112,30 @@ class PairMatmul {
     }
   }
 
+  // Whether the products run on (hardware or emulated) tiles: only they take B in segments.
+  static bool on_tiles() {
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+    return amx_bf16_kernel_mode() != AmxMode::kOff;
+#else
+    return amx_bf16_kernel_mode() == AmxMode::kEmulate;
+#endif
+  }
+
+  // b_segment_shifts / b_segment_pairs: B in segments (amx::tile_pair_matmul), given only where
+  // on_tiles() (DotKernel::max_group_blocks).
   void operator()(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
-                  int cols, const float* row_scale, float out_scale, int64_t ld_a = 1) {
+                  int cols, const float* row_scale, float out_scale, int64_t ld_a = 1,
+                  const int64_t* b_segment_shifts = nullptr, int64_t b_segment_pairs = 0) {
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
     if (hardware_)
       return amx::tile_pair_matmul<amx::HardwareTiles>(a, rows, 2 * int64_t(pairs), ld_a, b, ld_b, pairs, c, cols,
-                                                       row_scale, out_scale, staging_);
+                                                       row_scale, out_scale, staging_, b_segment_shifts,
+                                                       b_segment_pairs);
 #endif
     if (emulated_)
       return amx::tile_pair_matmul<amx::EmulatedTiles>(a, rows, 2 * int64_t(pairs), ld_a, b, ld_b, pairs, c, cols,
-                                                       row_scale, out_scale, staging_);
+                                                       row_scale, out_scale, staging_, b_segment_shifts,
+                                                       b_segment_pairs);
     dot_matmul(a, rows, b, ld_b, pairs, c, cols, row_scale, out_scale, ld_a);
   }
 
@@ -182,22 +196,23 @@ void round_to_bf16(const float* src, int n, uint32_t* dst) {
 // query head of a GQA group, so packing each once (measured with perf on a Sapphire Rapids VM,
 // S = 4096, D = 128: the K packing alone took a tenth of the AMX forward). Keyed by the block's
 // first K row (unique per batch, head and block within a call; a chunk lives within one call).
-// Up to kMaxBytes per thread (S = 8192, D = 128: one KV head's 128 blocks of 64 keys are 4 MB),
-// past which it starts over.
+// About kMaxBytes per thread (S = 8192, D = 128: one KV head's 128 blocks of 64 keys are 4 MB):
+// make_room starts over past it, between groups of blocks (a group's blocks stay put).
 class PackedKeyBlocks {
  public:
   static constexpr size_t kMaxBytes = size_t(8) << 20;
 
+  void make_room(size_t words) {
+    if ((data_.size() + words) * sizeof(uint32_t) <= kMaxBytes) return;
+    index_.clear();
+    data_.clear();
+  }
   // The offset of the block's packed pairs (2 * words), and whether it must be packed there now.
   std::pair<size_t, bool> slot(const BFloat16* k, const BFloat16* v, int keys, int padded, size_t words) {
     const auto found = index_.find(k);
     if (found != index_.end() && found->second.v == v && found->second.keys == keys &&
         found->second.padded == padded)
       return {found->second.offset, false};
-    if ((data_.size() + 2 * words) * sizeof(uint32_t) > kMaxBytes) {
-      index_.clear();
-      data_.clear();
-    }
     const size_t offset = data_.size();
     data_.resize(offset + 2 * words);
     index_[k] = Entry{v, keys, padded, offset};
@@ -215,11 +230,24 @@ class PackedKeyBlocks {
   LineAlignedVector<uint32_t> data_;  // tile operands: blocks start on lines (padded x dim / 2 words)
 };
 
+// The forward's policy (forward_pass). On tiles, up to kTileGroupBlocks key blocks at once (the
+// whole ones of 32-key multiples): S of each block into its columns of one score row, then one
+// P V product over all their keys, B the blocks' V pairs as segments. A block's P V alone is 2
+// tile steps of k per 32 x 32 block of O, against loading and storing that block of O (measured
+// on a Sapphire Rapids VM, 64-key blocks, D = 128: ~40 cycles per TDPBF16PS instead of ~16).
 class DotKernel {
  public:
+  static constexpr int kTileGroupBlocks = 8;
+  static_assert(kTileGroupBlocks <= kMaxGroupBlocks);
+
+  static int max_group_blocks(const Geometry& g) {
+    return PairMatmul::on_tiles() && g.block_kv % 32 == 0 ? kTileGroupBlocks : 1;
+  }
+
   DotKernel(Workspace<float>& w, const Geometry& g)
       : w_(w), dim_(g.head_dim), padded_max_(round_up_to_lanes<float>(g.block_kv)),
-        p_(size_t(g.block_q) * padded_max_ / 2), q_rows_(size_t(g.block_q)), a_ptr_(size_t(g.block_q)) {}
+        p_(size_t(g.block_q) * padded_max_ * max_group_blocks(g) / 2), q_rows_(size_t(g.block_q)),
+        a_ptr_(size_t(g.block_q)) {}
 
   void load_queries(const BFloat16* q, int64_t stride, int n, float scale) {
     scale_ = scale;
@@ -228,29 +256,40 @@ class DotKernel {
 
   void load_keys(const BFloat16* k, int64_t k_stride, const BFloat16* v, int64_t v_stride, int keys, int padded) {
     block_words_ = size_t(padded) * dim_ / 2;
-    bool fresh = false;
-    std::tie(block_, fresh) = packed_.slot(k, v, keys, padded, block_words_);
+    if (count_ == 0) packed_.make_room(2 * block_words_ * kTileGroupBlocks);
+    const auto [offset, fresh] = packed_.slot(k, v, keys, padded, block_words_);
+    group_[count_++] = offset;
     if (!fresh) return;
-    pack_dim_pairs(k, k_stride, keys, padded, dim_, packed_.at(block_));
-    pack_row_pairs([&](int c) { return v + c * v_stride; }, keys, padded, dim_, packed_.at(block_ + block_words_));
+    pack_dim_pairs(k, k_stride, keys, padded, dim_, packed_.at(offset));
+    pack_row_pairs([&](int c) { return v + c * v_stride; }, keys, padded, dim_, packed_.at(offset + block_words_));
   }
 
   float score_scale() const { return scale_; }  // applied by the softmax: the tiles store S as it is
 
-  void scores(int active, int padded) {
+  void scores(int active, int width) {
+    const int padded = width / count_;
     for (int a = 0; a < active; ++a) a_ptr_[a] = q_rows_[w_.rows[a]];
-    w_.point(w_.c_ptr.data(), w_.s.data(), padded, active);
-    matmul_(a_ptr_.data(), active, packed_.at(block_), padded, dim_ / 2, w_.c_ptr.data(), padded, nullptr, 1.0f);
+    for (int i = 0; i < count_; ++i) {
+      w_.point(w_.c_ptr.data(), w_.s.data() + i * padded, width, active);
+      matmul_(a_ptr_.data(), active, packed_.at(group_[i]), padded, dim_ / 2, w_.c_ptr.data(), padded, nullptr, 1.0f);
+    }
   }
 
-  void accumulate(int active, int padded) {
-    for (int a = 0; a < active; ++a) {
-      round_to_bf16(w_.s.data() + int64_t(a) * padded, padded, p_.data() + int64_t(a) * padded / 2);
-      a_ptr_[a] = reinterpret_cast<const BFloat16*>(p_.data() + int64_t(a) * padded / 2);
-    }
+  // P as bf16 (round to nearest even) for the P V product, straight from the softmax.
+  auto p_store(int a, int width) {
+    return [row = p_.data() + int64_t(a) * width / 2](int c, VecF p) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + c / 2), (__m256i)_mm512_cvtneps_pbh(p.v));
+    };
+  }
+
+  void accumulate(int active, int width) {
+    for (int a = 0; a < active; ++a) a_ptr_[a] = reinterpret_cast<const BFloat16*>(p_.data() + int64_t(a) * width / 2);
     w_.point(w_.c_ptr.data(), w_.acc.data(), dim_, active, w_.rows.data());
-    matmul_(a_ptr_.data(), active, packed_.at(block_ + block_words_), dim_, padded / 2, w_.c_ptr.data(), dim_,
-            w_.scale.data(), 1.0f);
+    int64_t shifts[kMaxGroupBlocks];  // bytes from the first block's V pairs to each block's
+    for (int i = 0; i < count_; ++i) shifts[i] = int64_t(group_[i] - group_[0]) * int64_t(sizeof(uint32_t));
+    matmul_(a_ptr_.data(), active, packed_.at(group_[0] + block_words_), dim_, width / 2, w_.c_ptr.data(), dim_,
+            w_.scale.data(), 1.0f, 1, count_ > 1 ? shifts : nullptr, width / count_ / 2);
+    count_ = 0;
   }
 
  private:
@@ -258,7 +297,9 @@ class DotKernel {
   int dim_, padded_max_;
   float scale_ = 1.0f;
   PackedKeyBlocks packed_;
-  size_t block_ = 0, block_words_ = 0;  // the current key block: K pairs at block_, V pairs after
+  size_t group_[kMaxGroupBlocks] = {};  // the group's key blocks: K pairs at group_[i], V pairs after
+  int count_ = 0;
+  size_t block_words_ = 0;
   LineAlignedVector<uint32_t> p_;  // bf16 pairs
   std::vector<const BFloat16*> q_rows_, a_ptr_;
   PairMatmul matmul_;

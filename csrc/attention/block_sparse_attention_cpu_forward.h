@@ -73,6 +73,7 @@ template <typename Acc>
 constexpr Acc kInf = std::numeric_limits<Acc>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int kMaxGroupBlocks = 16;  // the most key blocks a forward kernel may take at once
 template <typename Acc>
 int round_up_to_lanes(int n) {
   return int(ceil_div(n, kWidthOf<Acc>) * kWidthOf<Acc>);
@@ -195,18 +196,30 @@ inline const int32_t* list_of(const BlockList& l, int64_t b, int64_t h, int64_t 
 // ---------------------------------------------------------------------------------------------
 // Row-wise softmax steps on a score row of `padded` columns, the first `visible` of them real.
 // ---------------------------------------------------------------------------------------------
-// Online softmax on a row of scores score_scale * s (s: a kernel's products as they are): s
-// becomes P = exp(score_scale * s - m) (0 past `visible`); m and l are updated, and alpha
-// rescales the row's running output (O = alpha * O + P V; alpha 0 on the row's first block,
-// where m = -inf and O is 0). m is raised only when the block's maximum exceeds it by more than
-// kLazyRescale (FlashAttention-4's conditional rescaling): P stays below e^kLazyRescale, l >= 1
-// still (the block that set m holds a P of 1), and alpha is exactly 1 for most blocks past the
-// first, where a kernel can add P V to O in place (the AMX kernel does: no pass over O).
+// p with its lanes from `count` on set to 0 (count < the vector's width).
+template <typename Acc, typename V>
+V first_lanes_only(V p, int count) {
+  alignas(64) Acc lanes[V::kWidth];
+  store(lanes, p);
+  for (int i = std::max(count, 0); i < V::kWidth; ++i) lanes[i] = Acc(0);
+  return load(lanes);
+}
+
+// Online softmax on a row of scores score_scale * s (s: a kernel's products as they are):
+// store_p(c, P[c .. c + W)) receives P = exp(score_scale * s - m), exactly 0 past `visible` (the
+// kernel's own P layout: fp32 in place, or bf16 for its P V product); m and l are updated, and
+// alpha rescales the row's running output (O = alpha * O + P V; alpha 0 on the row's first
+// block, where m = -inf and O is 0). m is raised only when the block's maximum exceeds it by
+// more than kLazyRescale (FlashAttention-4's conditional rescaling): P stays below
+// e^kLazyRescale, l >= 1 still (the block that set m holds a P of 1), and alpha is exactly 1 for
+// most blocks past the first, where a kernel can add P V to O in place (the AMX kernel does: no
+// pass over O). s is left with the scaled scores, -inf past `visible`.
 template <typename Acc>
 constexpr Acc kLazyRescale = Acc(8);  // P < e^8 ~ 3000: far from fp32's range at any length
 
-template <typename Acc>
-void online_softmax_row(Acc* s, int visible, int padded, Acc score_scale, Acc& m, Acc& l, Acc& alpha) {
+template <typename Acc, typename StoreP>
+void online_softmax_row(Acc* s, int visible, int padded, Acc score_scale, Acc& m, Acc& l, Acc& alpha,
+                        const StoreP& store_p) {
   using L = Lanes<Acc>;
   using V = typename L::Vec;
   constexpr int W = V::kWidth;
@@ -228,13 +241,12 @@ void online_softmax_row(Acc* s, int visible, int padded, Acc score_scale, Acc& m
   const V shift = L::splat(-m);
   V sum = L::splat(Acc(0));
   for (int c = 0; c < padded; c += W) {
-    const V p = exp(fmadd(load(s + c), scale, shift));
-    store(s + c, p);
+    V p = exp(fmadd(load(s + c), scale, shift));
+    // (exp saturates at ~1e-38 for the masked -inf, not 0)
+    if (c + W > visible) p = first_lanes_only<Acc>(p, visible - c);
+    store_p(c, p);
     sum = sum + p;
   }
-  // VecF's exp saturates at ~1e-38 instead of 0 for the masked lanes: far below one ulp of l (>= 1)
-  // in the sum, but P itself must be exactly 0 there.
-  for (int c = visible; c < padded; ++c) s[c] = Acc(0);
   l = l * alpha + Acc(reduce_add(sum));
 }
 
@@ -247,13 +259,15 @@ struct Workspace {
   std::vector<Acc*> c_ptr;
   RowChoices choices;
 
-  explicit Workspace(const Geometry& g) : choices(ceil_div(g.seq_kv, g.block_kv), g.block_q) {
+  // group_blocks: the most key blocks whose scores the forward holds at once (s's width).
+  explicit Workspace(const Geometry& g, int group_blocks = 1) : choices(ceil_div(g.seq_kv, g.block_kv), g.block_q) {
     const size_t bq = size_t(g.block_q), d = size_t(g.head_dim);
     const size_t kp = size_t(round_up_to_lanes<Acc>(g.block_kv));
     const size_t pointers = std::max({bq, kp, d});
     for (auto* v : {&q, &d_out, &acc}) v->resize(bq * d);
     for (auto* v : {&k_t, &v_t, &k_rows, &v_rows}) v->resize(kp * d);
-    for (auto* v : {&s, &dp, &p_t, &ds_t}) v->resize(bq * kp);
+    for (auto* v : {&dp, &p_t, &ds_t}) v->resize(bq * kp);
+    s.resize(bq * kp * size_t(group_blocks));
     for (auto* v : {&m, &l, &scale}) v->resize(bq);
     rows.resize(bq);
     visible.resize(bq);
@@ -308,15 +322,65 @@ void for_each_listed_block(const BlockSparseForwardParams& p, const Geometry& g,
   if (choices) w.choices.unmark(p.selection, b, h, qb * g.block_q, g.rows_in(qb));
 }
 
+// for_each_listed_block for the forward, in groups: runs of up to max_group listed blocks that
+// every row of the query block sees whole (no causal cut, no MoBA choice missing, no short last
+// block) go to body together, the others alone. body(blocks, count, active, keys, width): count
+// key blocks (ids in blocks), w.rows / w.visible filled for their `active` rows, `keys` the
+// first block's keys, `width` the columns of the scores of all of them (count * padded).
+template <typename Acc, typename Body>
+void for_each_key_block_group(const BlockSparseForwardParams& p, const Geometry& g, Workspace<Acc>& w,
+                              int64_t b, int64_t h, int64_t qb, int max_group, const Body& body) {
+  int32_t count;
+  const int32_t* list = list_of(p.blocks, b, h, qb, &count);
+  const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
+  const int n = g.rows_in(qb), full_width = round_up_to_lanes<Acc>(g.block_kv);
+  int32_t group[kMaxGroupBlocks];
+  int pending = 0;
+  const auto flush = [&] {
+    if (pending == 0) return;
+    for (int r = 0; r < n; ++r) {
+      w.rows[r] = r;
+      w.visible[r] = pending * full_width;
+    }
+    body(group, pending, n, g.block_kv, pending * full_width);
+    pending = 0;
+  };
+  for (int32_t t = 0; t < count; ++t) {
+    int32_t kb = list[t];
+    int active = active_rows(g, choices, qb, kb, w.rows.data(), w.visible.data());
+    if (active == 0) continue;
+    const int keys = g.keys_in(kb);
+    const bool whole = max_group > 1 && active == n && keys == full_width &&
+                       std::all_of(w.visible.begin(), w.visible.begin() + n, [&](int v) { return v == keys; });
+    if (whole) {
+      group[pending++] = kb;
+      if (pending == max_group) flush();
+      continue;
+    }
+    if (pending > 0) {  // the group first (it rewrites the row lists), then this block
+      flush();
+      active = active_rows(g, choices, qb, kb, w.rows.data(), w.visible.data());
+    }
+    body(&kb, 1, active, keys, round_up_to_lanes<Acc>(keys));
+  }
+  flush();
+  if (choices) w.choices.unmark(p.selection, b, h, qb * g.block_q, g.rows_in(qb));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 // Kernel, built per parallel_for chunk as Kernel(workspace, geometry), provides:
+//   max_group_blocks(g)        (static) the most key blocks it takes at once (1: one at a time)
 //   load_queries(q, stride, n, scale)  the task's n query rows (T, row stride `stride`)
-//   load_keys(k, k_stride, v, v_stride, keys, padded)  one key block, zero past `keys`
-//   scores(active, padded)     w.s[a][0, padded) = q[w.rows[a]] . k for the active rows, the
-//                              scores over score_scale() (1: the kernel scaled them already)
-//   accumulate(active, padded) w.acc[w.rows[a]] = w.scale[a] * w.acc[w.rows[a]] + P[a] V, P in w.s
+//   load_keys(k, k_stride, v, v_stride, keys, padded)  one more key block of the group, zero
+//                              past `keys`
+//   scores(active, width)      w.s[a][0, width) = q[w.rows[a]] . k for the active rows and the
+//                              keys of the group's blocks side by side (`padded` columns each),
+//                              the scores over score_scale() (1: the kernel scaled them already)
+//   p_store(a, width)          where the softmax puts row a's P: a functor (c, P[c .. c + W))
+//   accumulate(active, width)  w.acc[w.rows[a]] = w.scale[a] * w.acc[w.rows[a]] + P[a] V; ends
+//                              the group
 template <typename T, typename Kernel>
 void forward_pass(const BlockSparseForwardParams& p) {
   using Acc = AccOf<T>;
@@ -325,8 +389,9 @@ void forward_pass(const BlockSparseForwardParams& p) {
   const Geometry g(p);
   const int dim = p.head_dim;
   const int64_t nq = ceil_div(p.seq_q, p.block_q), group = p.heads_q / p.heads_kv;
+  const int max_group = Kernel::max_group_blocks(g);
   parallel_for(0, p.batch * p.heads_q * nq, 1, [&](int64_t begin, int64_t end) {
-    Workspace<Acc> w(g);
+    Workspace<Acc> w(g, max_group);
     Kernel kernel(w, g);
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, h, qb] = query_block_task(p, task, nq);
@@ -336,17 +401,21 @@ void forward_pass(const BlockSparseForwardParams& p) {
       std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
       std::fill(w.m.begin(), w.m.begin() + n, -kInf<Acc>);
       std::fill(w.l.begin(), w.l.begin() + n, Acc(0));
-      for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
-        kernel.load_keys(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys,
-                         padded);
-        kernel.scores(active, padded);
+      const auto attend = [&](const int32_t* blocks, int count, int active, int keys, int width) {
+        for (int i = 0; i < count; ++i) {
+          const int64_t c0 = int64_t(blocks[i]) * p.block_kv;
+          kernel.load_keys(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys,
+                           width / count);
+        }
+        kernel.scores(active, width);
         for (int a = 0; a < active; ++a) {
           const int r = w.rows[a];
-          online_softmax_row(w.s.data() + int64_t(a) * padded, w.visible[a], padded, Acc(kernel.score_scale()), w.m[r],
-                             w.l[r], w.scale[a]);
+          online_softmax_row(w.s.data() + int64_t(a) * width, w.visible[a], width, Acc(kernel.score_scale()), w.m[r],
+                             w.l[r], w.scale[a], kernel.p_store(a, width));
         }
-        kernel.accumulate(active, padded);
-      });
+        kernel.accumulate(active, width);
+      };
+      for_each_key_block_group(p, g, w, b, h, qb, max_group, attend);
       for (int r = 0; r < n; ++r) {
         T* out = row_of<T>(p.out, b, h, r0 + r);
         const Acc l = w.l[r];

@@ -49,6 +49,18 @@ struct TilePairOperands {
   const uint8_t* b[2];
   int64_t b_stride;
   int64_t groups;
+  // Or B in segments of segment_groups rows (whole 16-row steps; groups a multiple of them),
+  // segment t at b[j] + segment_shift[t] bytes (e.g. attention's V blocks of one group of key
+  // blocks, packed apart). Null: one segment.
+  const int64_t* segment_shift = nullptr;
+  int64_t segment_groups = 0;
+
+  // Where B's tile of step s (rows 16 s .. 16 s + 15) starts for column block j.
+  const uint8_t* b_step(int j, int64_t s) const {
+    if (segment_shift == nullptr) return b[j] + s * kMaxRows * b_stride;
+    const int64_t steps = segment_groups / kMaxRows, t = s / steps;
+    return b[j] + segment_shift[t] + (s - t * steps) * kMaxRows * b_stride;
+  }
 };
 
 // The tiles of one 32 x 32 block of results: C (rows 0-15 / 16-31 x columns 0-15 / 16-31), the
@@ -120,11 +132,11 @@ void tile_pair_products(const TilePairOperands& o, int64_t m_begin, int64_t m_en
       const int64_t b_stride = is_whole ? o.b_stride : kMaxRowBytes;
       Tiles::template load<kA0>(a_block + s * kStepBytes, o.a_stride);
       Tiles::template load<kA1>(a_block + kMaxRows * o.a_stride + s * kStepBytes, o.a_stride);
-      Tiles::template load<kB0>(is_whole ? o.b[0] + s * kMaxRows * o.b_stride : b_tail[0], b_stride);
+      Tiles::template load<kB0>(is_whole ? o.b_step(0, s) : b_tail[0], b_stride);
       Tiles::template dot<kDot, kC00, kA0, kB0>();
       Tiles::template dot<kDot, kC10, kA1, kB0>();
       if (two_blocks) {
-        Tiles::template load<kB1>(is_whole ? o.b[1] + s * kMaxRows * o.b_stride : b_tail[1], b_stride);
+        Tiles::template load<kB1>(is_whole ? o.b_step(1, s) : b_tail[1], b_stride);
         Tiles::template dot<kDot, kC01, kA0, kB1>();
         Tiles::template dot<kDot, kC11, kA1, kB1>();
       }

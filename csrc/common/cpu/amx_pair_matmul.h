@@ -6,7 +6,8 @@
 //   A   rows through a pointer array: pair k of row r at a[r] + 2 k ld_a (ld_a == 1: a bf16 row of
 //       a_values values; a pair past them reads as zero, e.g. an odd K's last one).
 //   B   pairs rows of ld_b uint32, pair k of column n at b[k ld_b + n]: TDPBF16PS's B operand as
-//       it is, 16 columns per tile row.
+//       it is, 16 columns per tile row; or in segments of b_segment_pairs rows (a multiple of
+//       16), segment t at b + b_segment_shifts[t] bytes (TilePairOperands::segment_shift).
 //   C   cols (a multiple of 16) fp32 per row through c's pointers: c[r][n] = row_scale[r] c[r][n]
 //       + sum (row_scale non-null) or out_scale * sum.
 // A's rows are read in place, 32-row blocks of equally spaced rows as tiles with that stride,
@@ -65,7 +66,8 @@ inline int64_t spacing_of(float* const* c, int n) {
 template <typename Tiles>
 void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int64_t ld_a, const uint32_t* b,
                       int64_t ld_b, int pairs, float* const* c, int cols, const float* row_scale, float out_scale,
-                      LineAlignedVector<uint32_t>& staging) {
+                      LineAlignedVector<uint32_t>& staging, const int64_t* b_segment_shifts = nullptr,
+                      int64_t b_segment_pairs = 0) {
   constexpr int kLanes = 16;  // fp32 per zmm, columns per B tile
   const int64_t step_pairs = kStepBytes / 4, steps = (pairs + step_pairs - 1) / step_pairs;
   const int64_t stride = steps * step_pairs;  // uint32 pairs per staged row
@@ -95,7 +97,8 @@ void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int6
     // `count` rows of the product from A rows a_stride bytes apart at `rows_at`; row_of(i) is
     // the i-th one's row of A and C.
     const auto run = [&](const uint8_t* rows_at, int64_t a_stride, int64_t count, const auto& row_of) {
-      const TilePairOperands operands{rows_at, a_stride, {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs};
+      const TilePairOperands operands{rows_at, a_stride, {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs,
+                                      b_segment_shifts, b_segment_pairs};
       const int64_t blocks_end = (count + kBlockRows - 1) / kBlockRows * kBlockRows;
       tile_pair_gemm<TileDot::kBf16, Tiles, float>(
           operands, 0, blocks_end, [&](int64_t m0, const float (&acc)[kBlockRows][kBlockColumns]) {
@@ -120,7 +123,7 @@ void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int6
                                                       [](float s) { return s == 1.0f; });
       if (c_spacing >= cols && (plain_sums || adds_to_c)) {
         const TilePairOperands operands{bytes(a[first]), (a[first + 1] - a[first]) * int64_t(sizeof(BFloat16)),
-                                        {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs};
+                                        {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs, b_segment_shifts, b_segment_pairs};
         float* const at = c[first] + n0;
         tile_pair_products<TileDot::kBf16, Tiles>(
             operands, 0, kBlockRows,
