@@ -240,6 +240,16 @@ def test_scores_growing_along_the_keys(amx, dtype, scale):
     assert (growth > 10).any() and ((growth > 1) & (growth < 6)).any(), f"rows should rescale and not: {what}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_heads_walk_in_bundles(amx, dtype):
+    """The forward walks up to 8 query heads of a KV head together, a group of key blocks per
+    head in turn: 12 query heads per KV head (a bundle of 8, then one of 4), per-head masks that
+    differ (the walks end at different times, one head lists nothing for some query blocks),
+    causal, against float64."""
+    _check(1, 12, 1, 150, 260, 64, 64, 64, True, dtype, 0.6, backward=False, empty_block=True)
+    _check(2, 24, 2, 70, 130, 128, 32, 32, False, dtype, 0.5, backward=False, mask_heads=24)
+
+
 def test_long_sequences():
     _check(1, 1, 1, 1000, 1000, 64, 64, 32, True, torch.float32, 0.3)
     _check(1, 1, 1, 4097, 4097, 64, 128, 64, False, torch.bfloat16, 0.1, backward=False)

@@ -110,10 +110,10 @@ class WideningKernel {
   auto p_store(int a, int padded) {  // P in place of S
     return [row = w_.s.data() + int64_t(a) * padded](int c, typename Lanes<Acc>::Vec p) { store(row + c, p); };
   }
-  void accumulate(int active, int padded) {
+  void accumulate(int active, int padded, Acc* acc) {
     w_.point(w_.a_ptr.data(), w_.s.data(), padded, active);
     w_.point(w_.b_ptr.data(), w_.v_rows.data(), dim_, padded);
-    w_.point(w_.c_ptr.data(), w_.acc.data(), dim_, active, w_.rows.data());
+    w_.point(w_.c_ptr.data(), acc, dim_, active, w_.rows.data());
     matmul(w_.a_ptr.data(), active, w_.b_ptr.data(), padded, w_.c_ptr.data(), dim_, Init::kScaled, w_.scale.data());
   }
 

@@ -282,9 +282,9 @@ class DotKernel {
     };
   }
 
-  void accumulate(int active, int width) {
+  void accumulate(int active, int width, float* acc) {
     for (int a = 0; a < active; ++a) a_ptr_[a] = reinterpret_cast<const BFloat16*>(p_.data() + int64_t(a) * width / 2);
-    w_.point(w_.c_ptr.data(), w_.acc.data(), dim_, active, w_.rows.data());
+    w_.point(w_.c_ptr.data(), acc, dim_, active, w_.rows.data());
     int64_t shifts[kMaxGroupBlocks];  // bytes from the first block's V pairs to each block's
     for (int i = 0; i < count_; ++i) shifts[i] = int64_t(group_[i] - group_[0]) * int64_t(sizeof(uint32_t));
     matmul_(a_ptr_.data(), active, packed_.at(group_[0] + block_words_), dim_, width / 2, w_.c_ptr.data(), dim_,
