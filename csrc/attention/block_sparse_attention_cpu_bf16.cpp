@@ -15,7 +15,9 @@
 //
 // With cpu::amx_bf16_kernel_mode() on (or emulate), every product runs on AMX-BF16 tiles
 // instead (PairMatmul, common/cpu/amx_pair_matmul.h): the packed pair layouts above are
-// TDPBF16PS's B operand as they are.
+// TDPBF16PS's B operand as they are. There the forward also takes runs of whole key blocks as one
+// group (DotKernel), and S leaves the tiles unscaled (the softmax applies the scale) and P V adds
+// to O in place where the softmax left alpha at 1.
 #include <cstring>
 #include <optional>
 #include <tuple>

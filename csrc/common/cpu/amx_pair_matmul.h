@@ -15,7 +15,11 @@
 // past a row): split_rows. The other rows are gathered once per call into `staging` as 32-bit
 // pairs in whole 64-byte steps, zero-padded in k and to 32-row blocks (that copy cost as much as
 // the products in fused_moe's panels, and a tenth of the attention forward). Loops: column pairs of
-// 16-column blocks, then 32-row blocks, then all of k in the tiles.
+// 16-column blocks, then 32-row blocks, then all of k in the tiles. A 32-row block of C whose rows
+// are equally spaced takes its results straight from the tiles (the sums as they are, or added to
+// C with row scales of 1: C loaded into the tiles first); the rest go through a local array and an
+// epilogue, whose vector loads of the tile stores' bytes wait for the stores to drain (measured on
+// a Sapphire Rapids VM: a 64 x 64 x 128 product took 1.0 us that way, 0.6 us in place).
 #pragma once
 
 #include <immintrin.h>
