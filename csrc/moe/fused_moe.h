@@ -40,11 +40,15 @@ struct FusedMoeParams {
 // Rows that the micro-kernels read several of at once are stored with
 // conflict_free_row_stride (common/alignment.h), not packed: H = 1024 fp32 rows 4 KiB apart
 // would share one L1 set.
+// Each expert's rows in gathered / act are followed by kCpuSpareRowsPerExpert spare rows: room
+// for its last token vector's panel padded with zero tokens (moe/fused_moe_cpu_panels.h).
+constexpr int64_t kCpuSpareRowsPerExpert = 16;
+
 struct FusedMoeCpuWorkspace {
   int64_t hidden_stride;  // elements between gathered hidden rows
   int64_t act_stride;     // elements between act rows
-  int64_t gathered;       // [T * k, hidden_stride] io dtype: hidden[token of the pair] in grouped order
-  int64_t act;            // [T * k, act_stride] io dtype: the activated rows act(W13 h), grouped order
+  int64_t gathered;       // [T * k + spare, hidden_stride] io dtype: hidden[token of the pair] in grouped order
+  int64_t act;            // [T * k + spare, act_stride] io dtype: the activated rows act(W13 h), grouped order
   int64_t sums;           // [T, H] fp32 output sums (fp16/bf16 output only; fp32 sums in place)
   int64_t counts;         // the plan (moe/expert_plan.h): [E] int64
   int64_t offsets;        // [E + 1] int64
@@ -61,9 +65,10 @@ inline FusedMoeCpuWorkspace fused_moe_cpu_workspace(const FusedMoeParams& p) {
   FusedMoeCpuWorkspace w;
   w.hidden_stride = conflict_free_row_stride(p.hidden_size, io_bytes);
   w.act_stride = conflict_free_row_stride(p.intermediate_size, io_bytes);
+  const int64_t rows = pairs + kCpuSpareRowsPerExpert * p.experts;
   w.gathered = 0;
-  w.act = w.gathered + aligned(pairs * w.hidden_stride * io_bytes);
-  w.sums = w.act + aligned(pairs * w.act_stride * io_bytes);
+  w.act = w.gathered + aligned(rows * w.hidden_stride * io_bytes);
+  w.sums = w.act + aligned(rows * w.act_stride * io_bytes);
   w.counts = w.sums + (p.dtype == ScalarKind::kFloat32 ? 0 : aligned(p.tokens * p.hidden_size * 4));
   w.offsets = w.counts + aligned(int64_t(p.experts) * 8);
   w.sorted_pairs = w.offsets + aligned((int64_t(p.experts) + 1) * 8);

@@ -8,7 +8,8 @@
 // Here the tokens are transposed instead, into panels [K][width] (token fastest), so that a
 // weight scalar broadcast against kVectors token vectors gives kPanelRows x kVectors
 // independent accumulators and no reduction: 123 GFLOP/s in the same measurement, the core's
-// FMA peak. Panels hold whole token vectors only, so an expert's rows [0, panel_rows(rows)) go
+// FMA peak. Panels hold whole token vectors (on AMX tiles also a last partial one, padded with
+// zero tokens into the expert's spare rows), so an expert's rows [0, panel_rows(rows)) go
 // through panels and the rest (fewer than kLanes; all of them for an expert below the type's
 // kMinVectors) through the dot-product kernel.
 //
@@ -33,20 +34,40 @@ namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_panels {
 // The broadcast-panel GEMM itself (panel_gemm, WidenMath, the register blocking and K chunks).
 using namespace ::torch_ext::cpu::TORCH_EXT_CPU_ISA::broadcast_panels;
 
+// Where the panel products run on AMX tiles (Math::pads_partial_vectors()), an expert's last,
+// partial token vector goes through panels too, padded with zero tokens, when it holds more than
+// kPadPartialAbove tokens (the dot-product kernel's tokens per call: more stream the expert's
+// weights again); the padding columns cost little there. Measured on a Sapphire Rapids VM,
+// Mixtral / 4 bf16, fastest of 7 calls: T = 16 9.0 -> 7.8 ms, T = 64 13.7 -> 8.4 ms, T = 512
+// 32.6 -> 26.8 ms. The fp32 FMA panels pay the padding in FMAs: T = 64 24.4 -> 25.2 ms, T = 512
+// 85 -> 95 ms, so they keep whole vectors only.
+constexpr int64_t kPadPartialAbove = 6;
+
+template <class Math>
+bool pads_partial_vectors() {
+  if constexpr (requires { Math::pads_partial_vectors(); }) return Math::pads_partial_vectors();
+  return false;
+}
+
 // K rounded up to whole steps: a block's length is padded_k(K) * width.
 template <class Math>
 inline int64_t padded_k(int64_t K) {
   return (K + Math::kKPerStep - 1) / Math::kKPerStep * Math::kKPerStep;
 }
 
-// The expert's rows [0, panel_rows) that go through panels: whole token vectors, once it has
+// The expert's rows [0, panel_rows) that go through panels: whole token vectors (with pad_partial,
+// pads_partial_vectors, also a last partial one: panel_rows may exceed rows), once it has
 // Math::kMinVectors. fp32 from one on, measured against the dot-product kernel for those rows
 // (Mixtral / 4 and DeepSeek-V2-Lite / 4, medians of alternating builds): 16 rows per expert
 // (Mixtral T = 64) 23.4 vs 25.4 ms, 32 rows (T = 128) 34.2 vs 36.4 ms, 48 rows (DeepSeek
 // T = 512) 21.1 vs 27.9 ms.
 template <class Math>
-inline int64_t panel_rows(int64_t rows) {
-  if constexpr (kHasPanels) return rows >= Math::kMinVectors * kLanes ? rows / kLanes * kLanes : 0;
+inline int64_t panel_rows(int64_t rows, bool pad_partial) {
+  if constexpr (kHasPanels) {
+    const int64_t whole = rows / kLanes * kLanes;
+    const int64_t panel = pad_partial && rows - whole > kPadPartialAbove ? whole + kLanes : whole;
+    return panel >= Math::kMinVectors * kLanes ? panel : 0;
+  }
   return 0;
 }
 
@@ -62,6 +83,12 @@ template <class Math>
 inline int64_t panel_offset(int64_t k, int64_t token, int64_t width) {
   constexpr int step = Math::kKPerStep;
   return (k / step * width + token) * step + k % step;
+}
+
+// Zeros as column `token` of a panel block (a padding token).
+template <class Math>
+void zero_block_column(int64_t K, typename Math::T* block, int width, int token) {
+  for (int64_t k = 0; k < padded_k<Math>(K); ++k) block[panel_offset<Math>(k, token, width)] = typename Math::T{};
 }
 
 // Writes one token's row (K values) as column `token` of its panel block (and the zero that

@@ -86,6 +86,11 @@ struct Workspace {
   int64_t act_stride;
   float* sums;            // [T, H] fp32 output sums (16-bit output only)
   Plan plan;
+  bool pad_partial = false;  // panels take a padded partial last vector (fused_moe_cpu_panels.h)
+  // Expert e's first row in gathered / act (its grouped rows, then its spare rows).
+  int64_t area_begin(int32_t e) const {
+    return plan.offsets[e] + torch_ext::moe::kCpuSpareRowsPerExpert * e;
+  }
 };
 
 template <typename T, typename Act>
@@ -124,18 +129,21 @@ void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace
   for (int64_t r = begin; r < end; ++r) {
     while (r >= offsets[e + 1]) ++e;
     const T* row = hidden + int64_t(ws.plan.sorted_pairs[r] / p.top_k) * H;
-    const int64_t index = r - offsets[e], panel = panels::panel_rows<Math>(ws.plan.counts[e]);
+    const int64_t index = r - offsets[e], rows = ws.plan.counts[e];
+    const int64_t panel = panels::panel_rows<Math>(rows, ws.pad_partial);
     if constexpr (panels::kHasPanels) {
       if (index < panel) {
         const panels::PanelBlocks blocks(panel);
         const int64_t block = blocks.block_of(index);
-        panels::transpose_into_block<Math>(
-            row, H, panels::block_start<Math>(ws.gathered, offsets[e], ws.hidden_stride, blocks, block, H),
-            blocks.width(block), int(index - blocks.start(block)));
+        T* const at = panels::block_start<Math>(ws.gathered, ws.area_begin(e), ws.hidden_stride, blocks, block, H);
+        const int width = blocks.width(block), token = int(index - blocks.start(block));
+        panels::transpose_into_block<Math>(row, H, at, width, token);
+        if (index == rows - 1)  // the padding tokens of a partial last vector: zeros
+          for (int pad = token + 1; pad < width; ++pad) panels::zero_block_column<Math>(H, at, width, pad);
         continue;
       }
     }
-    std::copy_n(row, H, ws.gathered + r * ws.hidden_stride);
+    std::copy_n(row, H, ws.gathered + (ws.area_begin(e) + index) * ws.hidden_stride);
   }
 }
 
@@ -146,9 +154,9 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
                     int32_t e, int64_t j_begin, int64_t j_end) {
   namespace panels = fused_moe_panels;
   using T = typename Math::T;
-  const int64_t panel = panels::panel_rows<Math>(ws.plan.counts[e]);
+  const int64_t rows = ws.plan.counts[e], panel = panels::panel_rows<Math>(rows, ws.pad_partial);
   if (panel == 0) return;
-  const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e];
+  const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e], area = ws.area_begin(e);
   const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * 2 * I * H;
   const int columns = int(j_end - j_begin);
   const T* w[2 * kColumnsPerItem];  // gate rows, then up rows
@@ -158,9 +166,9 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
   for (int64_t b = 0; b < blocks.count; ++b) {
     const int width = blocks.width(b);
     panels::panel_gemm<Math>(w, 2 * columns,
-                             panels::block_start<Math>(ws.gathered, row_begin, ws.hidden_stride, blocks, b, H), width,
-                             H, gate_up);
-    T* act_block = panels::block_start<Math>(ws.act, row_begin, ws.act_stride, blocks, b, I);
+                             panels::block_start<Math>(ws.gathered, area, ws.hidden_stride, blocks, b, H), width, H,
+                             gate_up);
+    T* act_block = panels::block_start<Math>(ws.act, area, ws.act_stride, blocks, b, I);
     const auto activated = [&](int c, int m) {
       return activate(p.activation, load(gate_up + c * width + m)) * load(gate_up + (columns + c) * width + m);
     };
@@ -176,8 +184,8 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
       }
     }
     if (p.gate_up == nullptr) continue;
-    // Training: the pre-activation values too, by pair, for the backward.
-    for (int m = 0; m < width; ++m) {
+    // Training: the pre-activation values too, by pair, for the backward (real tokens only).
+    for (int m = 0, real = int(std::min<int64_t>(width, rows - blocks.start(b))); m < real; ++m) {
       T* saved = static_cast<T*>(p.gate_up) + int64_t(ws.plan.sorted_pairs[row_begin + blocks.start(b) + m]) * 2 * I;
       for (int c = 0; c < columns; ++c) {
         saved[j_begin + c] = from_float<T>(gate_up[c * width + m]);
@@ -194,25 +202,25 @@ void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typena
                  float* sums, int32_t e, int64_t n_begin, int64_t n_end) {
   namespace panels = fused_moe_panels;
   using T = typename Math::T;
-  const int64_t panel = panels::panel_rows<Math>(ws.plan.counts[e]);
+  const int64_t rows = ws.plan.counts[e], panel = panels::panel_rows<Math>(rows, ws.pad_partial);
   if (panel == 0) return;
-  const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e];
+  const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e], area = ws.area_begin(e);
   const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
   alignas(64) float partial[kOutputColumnsPerItem * panels::kBlockTokens];
   const panels::PanelBlocks blocks(panel);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kOutputColumnsPerItem) {
-    const int rows = int(std::min(kOutputColumnsPerItem, n_end - n0));
+    const int count = int(std::min(kOutputColumnsPerItem, n_end - n0));
     const T* w[kOutputColumnsPerItem];
-    for (int i = 0; i < rows; ++i) w[i] = w2 + (n0 + i) * I;
+    for (int i = 0; i < count; ++i) w[i] = w2 + (n0 + i) * I;
     for (int64_t b = 0; b < blocks.count; ++b) {
       const int width = blocks.width(b);
-      panels::panel_gemm<Math>(w, rows, panels::block_start<Math>(ws.act, row_begin, ws.act_stride, blocks, b, I),
-                               width, I, partial);
-      for (int m = 0; m < width; ++m) {
+      panels::panel_gemm<Math>(w, count, panels::block_start<Math>(ws.act, area, ws.act_stride, blocks, b, I), width, I,
+                               partial);
+      for (int m = 0, real = int(std::min<int64_t>(width, rows - blocks.start(b))); m < real; ++m) {
         const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
         const float weight = p.topk_weights[pair];
         float* out_row = sums + int64_t(pair / p.top_k) * H + n0;
-        for (int i = 0; i < rows; ++i) out_row[i] += weight * partial[i * width + m];
+        for (int i = 0; i < count; ++i) out_row[i] += weight * partial[i * width + m];
       }
     }
   }
@@ -226,17 +234,17 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T,
                      int64_t j_begin, int64_t j_end) {
   const int64_t H = p.hidden_size, I = p.intermediate_size;
   const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * 2 * I * H;
-  const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
+  const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e], area = ws.area_begin(e);
   const int columns = int(j_end - j_begin);
   using Math = PanelMath<Kernel, T>;
   if constexpr (fused_moe_panels::kHasPanels) gate_up_panels<Math>(p, ws, e, j_begin, j_end);
   // Gate and up values of the item's columns for one token block, token-major, until the
   // epilogue activates them (SIMD along the columns).
   float gate[kTokens][kColumnsPerItem], up[kTokens][kColumnsPerItem];
-  for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows); r0 < rows; r0 += kTokens) {
+  for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows, ws.pad_partial); r0 < rows; r0 += kTokens) {
     const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
     const T* x[kTokens];
-    for (int m = 0; m < tokens; ++m) x[m] = ws.gathered + (row_begin + r0 + m) * ws.hidden_stride;
+    for (int m = 0; m < tokens; ++m) x[m] = ws.gathered + (area + r0 + m) * ws.hidden_stride;
     for (int c = 0; c < columns; c += 2) {
       const int64_t j = j_begin + c;
       Accumulators acc;
@@ -254,7 +262,7 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T,
       }
     }
     for (int m = 0; m < tokens; ++m) {
-      Act* a = ws.act + (row_begin + r0 + m) * ws.act_stride + j_begin;
+      Act* a = ws.act + (area + r0 + m) * ws.act_stride + j_begin;
       // Training: the pre-activation values too, by pair, for the backward.
       T* saved = p.gate_up == nullptr ? nullptr
                                       : static_cast<T*>(p.gate_up) + int64_t(ws.plan.sorted_pairs[row_begin + r0 + m]) * 2 * I;
@@ -281,17 +289,17 @@ void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Ac
   for (int32_t a = 0; a < ws.plan.num_active; ++a) {
     const int32_t e = ws.plan.active[a];
     const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
-    const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e];
+    const int64_t row_begin = ws.plan.offsets[e], rows = ws.plan.counts[e], area = ws.area_begin(e);
     using Math = PanelMath<Kernel, T>;
     if constexpr (fused_moe_panels::kHasPanels) down_panels<Math>(p, ws, sums, e, n_begin, n_end);
     for (int64_t n = n_begin; n < n_end; n += kRows) {
       const int row_count = int(std::min<int64_t>(kRows, n_end - n));
       const T* w[kRows];
       for (int i = 0; i < row_count; ++i) w[i] = w2 + (n + i) * I;
-      for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows); r0 < rows; r0 += kTokens) {
+      for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows, ws.pad_partial); r0 < rows; r0 += kTokens) {
         const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
         const Act* x[kTokens];
-        for (int m = 0; m < tokens; ++m) x[m] = ws.act + (row_begin + r0 + m) * ws.act_stride;
+        for (int m = 0; m < tokens; ++m) x[m] = ws.act + (area + r0 + m) * ws.act_stride;
         Accumulators acc;
         if (row_count == kRows) {
           Kernel::template dot<4>(tokens, w, x, I, acc);
@@ -317,7 +325,8 @@ void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Ac
 template <typename Kernel, typename T, typename Act>
 void run(const torch_ext::moe::FusedMoeParams& p, void* workspace) {
   if (p.tokens == 0) return;
-  const Workspace<T, Act> ws = make_workspace<T, Act>(p, workspace);
+  Workspace<T, Act> ws = make_workspace<T, Act>(p, workspace);
+  ws.pad_partial = fused_moe_panels::pads_partial_vectors<PanelMath<Kernel, T>>();
   const int64_t H = p.hidden_size, I = p.intermediate_size;
   parallel_for(0, p.tokens * p.top_k, 16,
                [&](int64_t begin, int64_t end) { gather_hidden_rows<Kernel>(p, ws, begin, end); });
