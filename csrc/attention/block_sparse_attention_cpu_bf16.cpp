@@ -20,7 +20,6 @@
 // to O in place where the softmax left alpha at 1.
 #include <cstring>
 #include <optional>
-#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -114,17 +113,8 @@ class PairMatmul {
     }
   }
 
-  // Whether the products run on (hardware or emulated) tiles: only they take B in segments.
-  static bool on_tiles() {
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
-    return amx_bf16_kernel_mode() != AmxMode::kOff;
-#else
-    return amx_bf16_kernel_mode() == AmxMode::kEmulate;
-#endif
-  }
-
   // b_segment_shifts / b_segment_pairs: B in segments (amx::tile_pair_matmul), given only where
-  // on_tiles() (DotKernel::max_group_blocks).
+  // the products run on tiles (DotKernel::max_group_blocks).
   void operator()(const BFloat16* const* a, int rows, const uint32_t* b, int64_t ld_b, int pairs, float* const* c,
                   int cols, const float* row_scale, float out_scale, int64_t ld_a = 1,
                   const int64_t* b_segment_shifts = nullptr, int64_t b_segment_pairs = 0) {
@@ -243,7 +233,7 @@ class DotKernel {
   static_assert(kTileGroupBlocks <= kMaxGroupBlocks);
 
   static int max_group_blocks(const Geometry& g) {
-    return PairMatmul::on_tiles() && g.block_kv % 32 == 0 ? kTileGroupBlocks : 1;
+    return amx::bf16_products_on_tiles() && g.block_kv % 32 == 0 ? kTileGroupBlocks : 1;
   }
 
   DotKernel(Workspace<float>& w, const Geometry& g)

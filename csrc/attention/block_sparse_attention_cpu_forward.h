@@ -2,11 +2,12 @@
 // included by block_sparse_attention_cpu.cpp (every ISA level; also the backward and MoBA gating)
 // and block_sparse_attention_cpu_bf16.cpp (AVX512_BF16); defined in each file's ISA namespace.
 //
-// The forward is FlashAttention-2: a task is one query block of one (batch, head); per listed key
-// block, S = Q K^T for the rows that see it ("active" rows: not wholly above the causal diagonal
-// and, under MoBA, rows that chose the block), the online softmax turns S into P in place, and
+// The forward is FlashAttention-2: a task is one query block of the query heads of one KV head
+// (up to kBundleHeads of them, walked in turn); per listed key block (or group of whole ones),
+// S = Q K^T for the rows that see it ("active" rows: not wholly above the causal diagonal and,
+// under MoBA, rows that chose the block), the online softmax turns S into P, and
 // O = alpha * O + P V. forward_pass() owns the walk, the masks and the softmax; a micro-kernel
-// policy owns the operand packing and the two products (see forward_pass).
+// policy owns the operand packing, P's layout and the two products (see forward_pass).
 #pragma once
 
 #include <algorithm>

@@ -79,13 +79,7 @@ struct Bf16PairMath {
   // The tiles are configured per call (a call is ~10^7 multiply-adds at H = 4096).
   // Whether tile_gemm takes the panel products (fused_moe_cpu_panels.h: then partial token
   // vectors go through panels too).
-  static bool pads_partial_vectors() {
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
-    return amx_bf16_kernel_mode() != AmxMode::kOff;
-#else
-    return amx_bf16_kernel_mode() == AmxMode::kEmulate;
-#endif
-  }
+  static bool pads_partial_vectors() { return amx::bf16_products_on_tiles(); }
   static bool tile_gemm(const BFloat16* const* w, int rows, const BFloat16* block, int width, int64_t K, float* out) {
     const AmxMode mode = amx_bf16_kernel_mode();
     const auto run = [&](auto tiles) {

@@ -67,32 +67,33 @@ struct TilePairOperands {
 // A tiles of rows 0-15 and 16-31, and the B tiles of the two column blocks.
 enum BlockTile : int { kC00 = 0, kC01, kC10, kC11, kA0, kA1, kB0, kB1 };
 
-// Stores the C tiles of a finished block: row i, column n of the 32 x 32 results at
-// c + i * c_stride bytes + n values (4 bytes each); only the first column block's tiles where
-// `columns` is 16.
-template <typename Tiles>
-void store_block(void* c, int64_t c_stride, int columns) {
-  uint8_t* const at = static_cast<uint8_t*>(c);
+// Moves the C tiles of a block to memory (kToMemory) or from it: row i, column n of the 32 x 32
+// results at c + i * c_stride bytes + n values (4 bytes each); only the first column block's
+// tiles where `columns` is 16.
+template <typename Tiles, bool kToMemory, int kTile>
+void move_tile(uint8_t* at, int64_t stride) {
+  if constexpr (kToMemory) Tiles::template store<kTile>(at, stride);
+  else Tiles::template load<kTile>(at, stride);
+}
+template <typename Tiles, bool kToMemory>
+void move_block(uint8_t* c, int64_t c_stride, int columns) {
   constexpr int64_t kHalfBytes = kBlockColumns / 2 * 4;
-  Tiles::template store<kC00>(at, c_stride);
-  Tiles::template store<kC10>(at + kMaxRows * c_stride, c_stride);
+  move_tile<Tiles, kToMemory, kC00>(c, c_stride);
+  move_tile<Tiles, kToMemory, kC10>(c + kMaxRows * c_stride, c_stride);
   if (columns > kBlockColumns / 2) {
-    Tiles::template store<kC01>(at + kHalfBytes, c_stride);
-    Tiles::template store<kC11>(at + kMaxRows * c_stride + kHalfBytes, c_stride);
+    move_tile<Tiles, kToMemory, kC01>(c + kHalfBytes, c_stride);
+    move_tile<Tiles, kToMemory, kC11>(c + kMaxRows * c_stride + kHalfBytes, c_stride);
   }
 }
-
+// Stores the C tiles of a finished block.
+template <typename Tiles>
+void store_block(void* c, int64_t c_stride, int columns) {
+  move_block<Tiles, true>(static_cast<uint8_t*>(c), c_stride, columns);
+}
 // Loads the C tiles of a block from where store_block would store them (to add the products to).
 template <typename Tiles>
 void load_block(const void* c, int64_t c_stride, int columns) {
-  const uint8_t* const at = static_cast<const uint8_t*>(c);
-  constexpr int64_t kHalfBytes = kBlockColumns / 2 * 4;
-  Tiles::template load<kC00>(at, c_stride);
-  Tiles::template load<kC10>(at + kMaxRows * c_stride, c_stride);
-  if (columns > kBlockColumns / 2) {
-    Tiles::template load<kC01>(at + kHalfBytes, c_stride);
-    Tiles::template load<kC11>(at + kMaxRows * c_stride + kHalfBytes, c_stride);
-  }
+  move_block<Tiles, false>(static_cast<uint8_t*>(const_cast<void*>(c)), c_stride, columns);
 }
 
 template <typename Tiles>

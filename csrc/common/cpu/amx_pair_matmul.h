@@ -30,10 +30,21 @@
 #include <vector>
 
 #include "common/cpu/aligned_buffer.h"
+#include "common/cpu/amx.h"
 #include "common/cpu/amx_gemm.h"
 #include "common/dtype.h"
 
 namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::amx {
+
+// Whether the bf16 pair products of an AMX-capable kernel file run on tiles (hardware or
+// emulated) rather than its vdpbf16ps code, as cpu::amx_bf16_kernel_mode() says.
+inline bool bf16_products_on_tiles() {
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+  return amx_bf16_kernel_mode() != AmxMode::kOff;
+#else
+  return amx_bf16_kernel_mode() == AmxMode::kEmulate;
+#endif
+}
 
 // Which of A's rows tile_pair_matmul reads in place: the first rows of 32-row blocks whose rows are
 // equally spaced in memory (a positive stride, e.g. a head's query rows, a P buffer, a run of an
