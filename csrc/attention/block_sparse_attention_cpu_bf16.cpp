@@ -391,7 +391,8 @@ class BackwardDotKernel {
   Workspace<float>& w_;
   int dim_, rows_max_, padded_max_;
   float scale_ = 1.0f;
-  LineAlignedVector<uint32_t> k_pairs_, v_pairs_, k_row_pairs_, q_pairs_, d_out_pairs_, p_, ds_, p_t_, ds_t_;  // bf16 pairs
+  // bf16 pairs
+  LineAlignedVector<uint32_t> k_pairs_, v_pairs_, k_row_pairs_, q_pairs_, d_out_pairs_, p_, ds_, p_t_, ds_t_;
   std::vector<const BFloat16*> q_rows_, d_out_rows_, a_ptr_;
   std::vector<float> ones_;
   PairMatmul matmul_;

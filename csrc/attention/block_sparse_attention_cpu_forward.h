@@ -484,7 +484,8 @@ void forward_pass(const BlockSparseForwardParams& p) {
           for (int a = 0; a < step.active; ++a) {
             const int r = w.rows[a];
             online_softmax_row(w.s.data() + int64_t(a) * step.width, w.visible[a], step.width,
-                               Acc(kernel.score_scale()), out.m[r], out.l[r], w.scale[a], kernel.p_store(a, step.width));
+                               Acc(kernel.score_scale()), out.m[r], out.l[r], w.scale[a],
+                               kernel.p_store(a, step.width));
           }
           kernel.accumulate(step.active, step.width, out.acc.data());
         }
