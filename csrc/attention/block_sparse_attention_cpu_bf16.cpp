@@ -237,9 +237,9 @@ class DotKernel {
   }
 
   DotKernel(Workspace<float>& w, const Geometry& g)
-      : w_(w), dim_(g.head_dim), padded_max_(round_up_to_lanes<float>(g.block_kv)),
-        p_(size_t(g.block_q) * padded_max_ * max_group_blocks(g) / 2), q_rows_(size_t(g.block_q)),
-        a_ptr_(size_t(g.block_q)) {}
+      : w_(w), dim_(g.head_dim),
+        p_(size_t(g.block_q) * round_up_to_lanes<float>(g.block_kv) * max_group_blocks(g) / 2),
+        q_rows_(size_t(g.block_q)), a_ptr_(size_t(g.block_q)) {}
 
   void load_queries(const BFloat16* q, int64_t stride, int n, float scale) {
     scale_ = scale;
@@ -286,7 +286,7 @@ class DotKernel {
 
  private:
   Workspace<float>& w_;
-  int dim_, padded_max_;
+  int dim_;
   float scale_ = 1.0f;
   PackedKeyBlocks packed_;
   size_t group_[kMaxGroupBlocks] = {};  // the group's key blocks: K pairs at group_[i], V pairs after

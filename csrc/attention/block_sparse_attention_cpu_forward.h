@@ -305,30 +305,12 @@ inline const RowChoices* mark_choices(const TokenSelection& sel, const Geometry&
   return &choices;
 }
 
-// Calls body(kb, active, keys, padded, c0) for each key block kb listed for query block qb of
-// (b, h) that at least one of its rows attends, after active_rows filled w.rows / w.visible:
-// `keys` in the block, `padded` to whole SIMD vectors, c0 its first key.
-template <typename Acc, typename Body>
-void for_each_listed_block(const BlockSparseForwardParams& p, const Geometry& g, Workspace<Acc>& w, int64_t b,
-                           int64_t h, int64_t qb, const Body& body) {
-  int32_t count;
-  const int32_t* list = list_of(p.blocks, b, h, qb, &count);
-  const RowChoices* choices = mark_choices(p.selection, g, w.choices, b, h, qb);
-  for (int32_t t = 0; t < count; ++t) {
-    const int32_t kb = list[t];
-    const int active = active_rows(g, choices, qb, kb, w.rows.data(), w.visible.data());
-    if (active == 0) continue;
-    const int keys = g.keys_in(kb);
-    body(kb, active, keys, round_up_to_lanes<Acc>(keys), int64_t(kb) * p.block_kv);
-  }
-  if (choices) w.choices.unmark(p.selection, b, h, qb * g.block_q, g.rows_in(qb));
-}
-
-// One query head's walk over the key blocks listed for its query block, for the forward, in
-// groups: runs of up to max_group listed blocks that every row of the query block sees whole (no
-// causal cut, no MoBA choice missing, no short last block) come as one group, the others alone.
+// One query head's walk over the key blocks listed for its query block that at least one of its
+// rows attends, in groups: runs of up to max_group listed blocks that every row of the query
+// block sees whole (no causal cut, no MoBA choice missing, no short last block) come as one
+// group, the others alone (max_group 1: every block alone, as the backward's dq pass walks).
 // next() fills w.rows / w.visible for the group's rows (w is shared: use the group before the
-// next call of any walk).
+// next call of any walk). `choices` holds the walk's MoBA marks while it runs.
 template <typename Acc>
 class KeyBlockWalk {
  public:
@@ -340,8 +322,8 @@ class KeyBlockWalk {
     int width;              // score columns of all of them: count * padded
   };
 
-  KeyBlockWalk(const Geometry& g, int max_group) : g_(g), max_group_(max_group), choices_storage_(
-      ceil_div(g.seq_kv, g.block_kv), g.block_q) {}
+  KeyBlockWalk(const Geometry& g, int max_group, RowChoices& choices)
+      : g_(g), max_group_(max_group), choices_storage_(choices) {}
 
   void start(const BlockSparseForwardParams& p, int64_t b, int64_t h, int64_t qb) {
     p_ = &p;
@@ -397,7 +379,7 @@ class KeyBlockWalk {
  private:
   const Geometry& g_;
   int max_group_;
-  RowChoices choices_storage_;
+  RowChoices& choices_storage_;
   const BlockSparseForwardParams* p_ = nullptr;
   int64_t b_ = 0, h_ = 0, qb_ = 0;
   const int32_t* list_ = nullptr;
@@ -455,7 +437,9 @@ void forward_pass(const BlockSparseForwardParams& p) {
     Workspace<Acc> w(g, max_group);
     Kernel kernel(w, g);
     std::vector<HeadOutput<Acc>> outputs(size_t(bundle), HeadOutput<Acc>{g});
-    std::vector<KeyBlockWalk<Acc>> walks(size_t(bundle), KeyBlockWalk<Acc>{g, max_group});
+    std::vector<RowChoices> choices(size_t(bundle), RowChoices{ceil_div(g.seq_kv, g.block_kv), g.block_q});
+    std::vector<KeyBlockWalk<Acc>> walks;
+    for (int64_t i = 0; i < bundle; ++i) walks.emplace_back(g, max_group, choices[size_t(i)]);
     for (int64_t task = begin; task < end; ++task) {
       // Query blocks in zigzag order (query_block_task), the bundles of a KV head next to each other.
       const int64_t qb = zigzag(task % nq, nq), slice = task / nq % bundles, hk = task / nq / bundles % p.heads_kv,
@@ -594,13 +578,17 @@ void grad_q(const BlockSparseBackwardParams& bp, const Geometry& g) {
     kernel.load_queries(row_of<T>(p.q, b, h, r0), p.q.seq_stride, row_of<T>(bp.grad_out, b, h, r0),
                         bp.grad_out.seq_stride, n, p.scale);
     std::fill(w.acc.begin(), w.acc.begin() + int64_t(n) * dim, Acc(0));
-    for_each_listed_block(p, g, w, b, h, qb, [&](int32_t, int active, int keys, int padded, int64_t c0) {
-      kernel.load_keys(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, row_of<T>(p.v, b, hk, c0), p.v.seq_stride, keys,
-                       padded, true);
-      kernel.scores(active, padded, w.rows.data());
-      softmax_grad_rows(w, active, padded, p.lse + row0, bp.delta + row0, w.rows.data());
-      kernel.accumulate_dq(active, padded);  // scaled at the end
-    });
+    KeyBlockWalk<Acc> walk(g, 1, w.choices);
+    walk.start(p, b, h, qb);
+    for (auto step = walk.next(w); step.count > 0; step = walk.next(w)) {
+      const int64_t c0 = int64_t(step.blocks[0]) * p.block_kv;
+      const int padded = step.width;
+      kernel.load_keys(row_of<T>(p.k, b, hk, c0), p.k.seq_stride, row_of<T>(p.v, b, hk, c0), p.v.seq_stride,
+                       step.keys, padded, true);
+      kernel.scores(step.active, padded, w.rows.data());
+      softmax_grad_rows(w, step.active, padded, p.lse + row0, bp.delta + row0, w.rows.data());
+      kernel.accumulate_dq(step.active, padded);  // scaled at the end
+    }
     for (int r = 0; r < n; ++r)
       store_scaled(row_of<T>(bp.grad_q, b, h, r0 + r), w.acc.data() + int64_t(r) * dim, dim, Acc(p.scale));
   });

@@ -74,12 +74,12 @@ struct Bf16PairMath {
   }
   // (w[k], 0) for an odd K's last pair.
   static Operand broadcast_last_weight(const BFloat16* w) { return (__m512bh)_mm512_set1_epi32(w->bits); }
-  // The whole panel product on AMX-BF16 tiles where cpu::amx_bf16_kernel_mode() says so (false:
-  // not taken): the block's pairs are TDPBF16PS's B operand as they are (common/cpu/amx_pair_matmul.h).
-  // The tiles are configured per call (a call is ~10^7 multiply-adds at H = 4096).
   // Whether tile_gemm takes the panel products (fused_moe_cpu_panels.h: then partial token
   // vectors go through panels too).
   static bool pads_partial_vectors() { return amx::bf16_products_on_tiles(); }
+  // The whole panel product on AMX-BF16 tiles where cpu::amx_bf16_kernel_mode() says so (false:
+  // not taken): the block's pairs are TDPBF16PS's B operand as they are (common/cpu/amx_pair_matmul.h).
+  // The tiles are configured per call (a call is ~10^7 multiply-adds at H = 4096).
   static bool tile_gemm(const BFloat16* const* w, int rows, const BFloat16* block, int width, int64_t K, float* out) {
     const AmxMode mode = amx_bf16_kernel_mode();
     const auto run = [&](auto tiles) {

@@ -47,6 +47,7 @@ constexpr int64_t kDirectRowsCpuAmxBf16 = 28;
 int64_t direct_rows_cpu(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 && cpu::amx_bf16_detected() ? kDirectRowsCpuAmxBf16 : kDirectRowsCpu;
 }
+
 // Bytes of one dequantized weight panel on the CPU: a few hundred rows, so that each GEMM call
 // is large enough for oneDNN, while the panel stays in the last-level cache between the
 // dequantization that writes it and the GEMM that reads it.

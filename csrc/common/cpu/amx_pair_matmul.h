@@ -105,18 +105,34 @@ void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int6
     std::memset(dst + real, 0, size_t(stride - real) * 4);
   }
   const auto bytes = [](const void* p) { return reinterpret_cast<const uint8_t*>(p); };
+  // Per in-place block of A, once: the spacing of its C rows (in floats) where its results go
+  // from the tiles to them directly, 0 where they go through tile_pair_gemm's local array and
+  // the epilogue. Directly: C rows equally spaced, and the sums as they are (no scales) or added
+  // to C (row scales all 1: C loaded into the tiles first).
+  thread_local std::vector<int64_t> direct_spacing;
+  direct_spacing.resize(in_place.size());
   const bool plain_sums = row_scale == nullptr && out_scale == 1.0f;
+  for (size_t i = 0; i < in_place.size(); ++i) {
+    const int first = in_place[i];
+    const bool adds_to_c = row_scale && std::all_of(row_scale + first, row_scale + first + kBlockRows,
+                                                    [](float s) { return s == 1.0f; });
+    const int64_t spacing = spacing_of(c + first, kBlockRows);
+    direct_spacing[i] = spacing >= cols && (plain_sums || adds_to_c) ? spacing : 0;
+  }
   for (int n0 = 0; n0 < cols; n0 += kBlockColumns) {
     const int width = std::min(kBlockColumns, cols - n0);  // 16 or 32
     const uint8_t* const b_blocks[2] = {bytes(b + n0), bytes(b + (width > kLanes ? n0 + kLanes : n0))};
-    // `count` rows of the product from A rows a_stride bytes apart at `rows_at`; row_of(i) is
-    // the i-th one's row of A and C.
+    // The operands of A rows a_stride bytes apart from `rows_at` with this column pair.
+    const auto operands = [&](const uint8_t* rows_at, int64_t a_stride) {
+      return TilePairOperands{rows_at, a_stride, {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs, b_segment_shifts,
+                              b_segment_pairs};
+    };
+    // `count` rows of the product from A rows a_stride bytes apart at `rows_at`, through the
+    // epilogue; row_of(i) is the i-th one's row of A and C.
     const auto run = [&](const uint8_t* rows_at, int64_t a_stride, int64_t count, const auto& row_of) {
-      const TilePairOperands operands{rows_at, a_stride, {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs,
-                                      b_segment_shifts, b_segment_pairs};
       const int64_t blocks_end = (count + kBlockRows - 1) / kBlockRows * kBlockRows;
       tile_pair_gemm<TileDot::kBf16, Tiles, float>(
-          operands, 0, blocks_end, [&](int64_t m0, const float (&acc)[kBlockRows][kBlockColumns]) {
+          operands(rows_at, a_stride), 0, blocks_end, [&](int64_t m0, const float (&acc)[kBlockRows][kBlockColumns]) {
             for (int i = 0; i < kBlockRows && m0 + i < count; ++i) {
               const int r = row_of(m0 + i);
               float* const out = c[r] + n0;
@@ -129,25 +145,18 @@ void tile_pair_matmul(const BFloat16* const* a, int rows, int64_t a_values, int6
             }
           });
     };
-    for (const int first : in_place) {
-      // Where the block's C rows are equally spaced, its results go from the tiles to them in
-      // place: the sums as they are (plain_sums), or added to C (row scales all 1) by loading C
-      // into the tiles first. (Else through tile_pair_gemm's local array and the epilogue.)
-      const int64_t c_spacing = spacing_of(c + first, kBlockRows);
-      const bool adds_to_c = row_scale && std::all_of(row_scale + first, row_scale + first + kBlockRows,
-                                                      [](float s) { return s == 1.0f; });
-      if (c_spacing >= cols && (plain_sums || adds_to_c)) {
-        const TilePairOperands operands{bytes(a[first]), (a[first + 1] - a[first]) * int64_t(sizeof(BFloat16)),
-                                        {b_blocks[0], b_blocks[1]}, ld_b * 4, pairs, b_segment_shifts, b_segment_pairs};
+    for (size_t i = 0; i < in_place.size(); ++i) {
+      const int first = in_place[i];
+      const int64_t a_stride = (a[first + 1] - a[first]) * int64_t(sizeof(BFloat16));
+      if (const int64_t spacing = direct_spacing[i]) {
         float* const at = c[first] + n0;
         tile_pair_products<TileDot::kBf16, Tiles>(
-            operands, 0, kBlockRows,
-            [&](int64_t) { adds_to_c ? load_block<Tiles>(at, c_spacing * 4, width) : zero_block<Tiles>(); },
-            [&](int64_t) { store_block<Tiles>(at, c_spacing * 4, width); });
-        continue;
+            operands(bytes(a[first]), a_stride), 0, kBlockRows,
+            [&](int64_t) { row_scale ? load_block<Tiles>(at, spacing * 4, width) : zero_block<Tiles>(); },
+            [&](int64_t) { store_block<Tiles>(at, spacing * 4, width); });
+      } else {
+        run(bytes(a[first]), a_stride, kBlockRows, [first](int64_t r) { return first + int(r); });
       }
-      run(bytes(a[first]), (a[first + 1] - a[first]) * int64_t(sizeof(BFloat16)), kBlockRows,
-          [first](int64_t i) { return first + int(i); });
     }
     if (!staged.empty())
       run(bytes(staging.data()), stride * 4, int64_t(staged.size()), [&](int64_t i) { return staged[size_t(i)]; });
