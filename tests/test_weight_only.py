@@ -111,6 +111,36 @@ def test_linear_strided_and_batched_x(device):
     _check_linear(random_tensor((96,), dtype, device, seed + 2), qw, None, f"1-D x, seed {seed}")
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_16bit_x_with_outlier_features_cpu(cpu_isa, bits):
+    """With AVX512-VNNI, 16-bit x is rounded to int16 per span of up to 128 columns, scaled to
+    the span's largest |x| (quant/weight_only_cpu_vnni.cpp): a few features 100x the others (the
+    outliers of LLM.int8()) coarsen the rest of their span and still stay in the dtype's bound.
+    Spans of 1, 3, 8 tiles (group 16, per channel at K = 48, group 128)."""
+    seed = fresh_seed()
+    for k, group_size in ((512, 128), (48, -1), (64, 16)):
+        qw = _quantized(40, k, bits, group_size, False, seed)
+        for dtype in (torch.bfloat16, torch.float16):
+            for m in (1, 2, 3):
+                x = random_tensor((m, k), dtype, "cpu", seed + m)
+                x[:, 5::37] *= 100
+                _check_linear(x, qw, None, f"{cpu_isa} {bits}-bit K={k} g{group_size} m={m} {dtype} seed {seed}")
+
+
+def test_linear_non_finite_x_gives_non_finite_rows_cpu(cpu_isa):
+    """A NaN or an infinity in a row of x makes that row of y non-finite (every output sums over
+    all of x), as F.linear does; the other rows are unaffected."""
+    seed = fresh_seed()
+    qw = _quantized(24, 64, 4, 32, False, seed)
+    for dtype in CPU_DTYPES:
+        x = random_tensor((3, 64), dtype, "cpu", seed)
+        x[0, 5], x[1, 40] = float("nan"), float("inf")
+        y = weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, None, 4, 32)
+        assert not torch.isfinite(y[:2]).any(), f"{cpu_isa} {dtype}"
+        ref = reference.quant.weight_only_linear(x[2:], qw.qweight, qw.scales, qw.zeros, None, 4, 32)
+        assert_close_to_reference(y[2:], ref, dtype, f"{cpu_isa} {dtype} finite row", BOUNDS[dtype])
+
+
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_linear_any_scale_dtype_cpu(scale_dtype):
     seed = fresh_seed()

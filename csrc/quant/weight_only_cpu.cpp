@@ -95,7 +95,7 @@ void for_each_dequantized_tile(const QuantizedWeightView& w, int64_t nt, Fn&& fn
   alignas(64) float scale[kTileN], zero[kTileN];
   alignas(64) float tile[kTileN][kTileK];  // rows stored with aligned 32/64-byte stores
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    if (kt % group_tiles == 0) load_group_params(w, kt / group_tiles, nt * kTileN, 0.0f, scale, zero);
+    if (kt % group_tiles == 0) load_group_params(w, kt / group_tiles, nt * kTileN, scale, zero);
     dequantize_tile<kBits>(w.qweight + quant::tile_offset_words(kBits, k_tiles, nt, kt), scale, zero, tile);
     fn(kt, tile);
   }
@@ -129,6 +129,23 @@ void dequantize_rows(const DequantizeWeightParams& p) {
 }
 
 #if !(defined(__AVX512F__) || defined(__AVX2__))
+// Element i of a tensor of dtype `kind`, as float (runtime type).
+inline float element_as_float(ScalarKind kind, const void* data, int64_t i) {
+  float value = 0.0f;
+  visit_storage_type(kind, [&](auto tag) { value = float(to_float(static_cast<const decltype(tag)*>(data)[i])); });
+  return value;
+}
+inline void store_element(ScalarKind kind, void* data, int64_t i, float value) {
+  visit_storage_type(kind, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, double>) {
+      static_cast<double*>(data)[i] = value;
+    } else {
+      static_cast<T*>(data)[i] = from_float<T>(value);
+    }
+  });
+}
+
 // Scalar level: dequantized tiles times x, one output row at a time.
 template <int kBits>
 void linear_by_tiles(const WeightOnlyLinearParams& p) {

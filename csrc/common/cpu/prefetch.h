@@ -16,4 +16,11 @@ inline void prefetch_lines(const void* at, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += kCacheLineBytes) __builtin_prefetch(first + offset, 0, 3);
 }
 
+// The same into the L2 and the last level only (prefetcht1): for streams the kernel reaches many
+// lines later, whose lines would only crowd the L1 meanwhile.
+inline void prefetch_lines_to_l2(const void* at, int64_t bytes) {
+  const char* const first = static_cast<const char*>(at);
+  for (int64_t offset = 0; offset < bytes; offset += kCacheLineBytes) __builtin_prefetch(first + offset, 0, 2);
+}
+
 }  // namespace torch_ext::cpu
