@@ -222,8 +222,8 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
   const WeightOnlyLinearParams p{w, scalar_kind(x), m, x_rows.data_ptr(), x_rows.stride(0),
                                  bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)};
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
-  // x rounded to int16 per span of columns (error below 2^-15 of the span's largest |x|) is as
-  // precise as 16-bit x needs; fp32 x keeps the fp32 kernel.
+  // x rounded to int16 per span of columns (error at most 1/32512 of the span's largest |x|)
+  // is as precise as 16-bit x needs; fp32 x keeps the fp32 kernel.
   if (x.scalar_type() != at::kFloat && cpu::avx512_vnni_active()) {
     cpu::avx512_vnni::weight_only_linear_vnni_dot(p);
     return y;

@@ -111,6 +111,7 @@ inline VecF row_lanes(const float* row16, int column_block, int high) {
 constexpr int prepared_position(int k) { return 4 * (k % 2) + 8 * (k / 8) + (k % 8) / 2; }
 // Where the x of lane 0 of slot `slot` (word half h) starts in the prepared tile.
 constexpr int prepared_offset(int bits, int h, int slot) { return prepared_position(quant::tile_col(bits, 32 * h, slot)); }
+
 // Accumulators of a block of kRows rows of x times one 16-row tile row of W: [row][column
 // block][slot parity], lane l of [cb][t] at W row 4 cb + l / 4 + 8 t (kW = 16) or 2 cb + l / 4
 // + 8 t (kW = 8).

@@ -16,8 +16,8 @@
 // x, the signed operand, must then be bytes. Each span of up to kMaxSpanTiles tiles of a row is
 // scaled by a power of two that maps its largest |x| to at most kLargestCode and rounded to an
 // integer x_q = 256 hi + lo (hi, lo signed bytes), and the two bytes are multiplied separately:
-// two vpdpbusd per weight vector, summed as 256 hi + lo at the span's end. Rounding error: below
-// 2^-15 of the span's largest |x| per element; the elements within 2^7 of it are exact in bf16.
+// two vpdpbusd per weight vector, summed as 256 hi + lo at the span's end. Rounding error: at most
+// 1/32512 of the span's largest |x| per element; bf16 elements within 2^5 of it are exact.
 #include <cmath>
 #include <limits>
 
