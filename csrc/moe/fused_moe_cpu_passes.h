@@ -50,14 +50,16 @@ constexpr int64_t kColumnsPerItem = 36;
 // of 6 or 4 panel rows, and of the dot-product kernel's kRows.
 constexpr int64_t kOutputColumnsPerItem = 24;
 
-// Bytes ahead in each weight row that the dot-product kernels prefetch: they stream an expert's
-// rows from DRAM a few at a time (kRows streams, each dotted with at most kTokens tokens), and on a
-// Sapphire Rapids VM the hardware prefetchers alone left that stream at half the copy bandwidth
-// (bf16 Mixtral/4, T = 16: 12.8 -> 8.8 ms; docs/perf/moe.md).
-constexpr int64_t kPrefetchBytes = 1024;
+// Bytes ahead in each weight row that the dot-product kernels prefetch, into the L2: they stream
+// an expert's rows from DRAM a few at a time (kRows streams, each dotted with at most kTokens
+// tokens), and on a Sapphire Rapids VM the hardware prefetchers alone left that stream at half the
+// copy bandwidth (bf16 Mixtral/4, T = 16: 12.8 -> 8.8 ms with 1 KiB into the L1; 4 KiB into the
+// L2, where the requests do not wait for the L1's miss buffers: 8.5-9.5 -> 5.9-6.5 ms in a timing
+// script, 2 and 8 KiB alike; docs/perf/moe.md).
+constexpr int64_t kPrefetchBytes = 4096;
 template <typename T>
 inline void prefetch_ahead(const T* at) {
-  prefetch_lines(reinterpret_cast<const char*>(at) + kPrefetchBytes, kCacheLineBytes);
+  prefetch_lines_to_l2(reinterpret_cast<const char*>(at) + kPrefetchBytes, kCacheLineBytes);
 }
 
 using Accumulators = float[kRows][kTokens];
