@@ -107,6 +107,13 @@ struct VnniDot {
     for (int64_t i = 0; i < tiles; ++i) {
       const int32_t* tile = words + i * quant::words_per_tile(kBits);
       prefetch_tile_ahead<kBits>(tile);
+      __m512i xq[kRows][2][kHalves];  // [row][part][half]: every lane's four bytes of x
+#pragma GCC unroll 2
+      for (int m = 0; m < kRows; ++m)
+#pragma GCC unroll 4
+        for (int j = 0; j < 2 * kHalves; ++j)
+          xq[m][j / kHalves][j % kHalves] = _mm512_broadcast_i32x4(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[m] + i * kPreparedPerTile + 16 * j)));
 #pragma GCC unroll 4
       for (int load = 0; load < quant::words_per_tile(kBits) / 16; ++load) {
         const __m512i v = load_words(tile + 16 * load);
@@ -117,11 +124,8 @@ struct VnniDot {
 #pragma GCC unroll 2
           for (int m = 0; m < kRows; ++m)
 #pragma GCC unroll 2
-            for (int part = 0; part < 2; ++part) {
-              const int8_t* xq = x[m] + i * kPreparedPerTile + 16 * (kHalves * part + h);
-              acc[m][cb][t][part] = _mm512_dpbusd_epi32(
-                  acc[m][cb][t][part], values, _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq))));
-            }
+            for (int part = 0; part < 2; ++part)
+              acc[m][cb][t][part] = _mm512_dpbusd_epi32(acc[m][cb][t][part], values, xq[m][part][h]);
         }
       }
     }
