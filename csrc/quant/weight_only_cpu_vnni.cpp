@@ -51,17 +51,23 @@ struct VnniDot {
 
   // Byte i = 4 q + j of half h of a prepared part: the column whose value byte j of word
   // 32 h + q holds (for 4 bits, its low nibble's slot 2 j; the high nibble has the same column).
-  static __m128i byte_order(int h) {
-    alignas(16) int8_t order[16];
-    for (int i = 0; i < 16; ++i)
-      order[i] = int8_t(quant::tile_col(kBits, 32 * h + i / 4, kBits == 4 ? 2 * (i % 4) : i % 4));
-    return _mm_load_si128(reinterpret_cast<const __m128i*>(order));
-  }
+  struct ByteOrder {
+    alignas(16) int8_t columns[kHalves][16];
+  };
+  static constexpr ByteOrder kByteOrder = [] {
+    ByteOrder order{};
+    for (int h = 0; h < kHalves; ++h)
+      for (int i = 0; i < 16; ++i)
+        order.columns[h][i] = int8_t(quant::tile_col(kBits, 32 * h + i / 4, kBits == 4 ? 2 * (i % 4) : i % 4));
+    return order;
+  }();
   // 16 int32 values within a signed byte, stored in the order of every half of one part.
   static void store_part(__m512i values, int8_t* out) {
     const __m128i bytes = _mm512_cvtepi32_epi8(values);
-    for (int h = 0; h < kHalves; ++h)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * h), _mm_shuffle_epi8(bytes, byte_order(h)));
+    for (int h = 0; h < kHalves; ++h) {
+      const __m128i order = _mm_load_si128(reinterpret_cast<const __m128i*>(kByteOrder.columns[h]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * h), _mm_shuffle_epi8(bytes, order));
+    }
   }
 
   static void prepare_span(const float* x, int64_t tiles, XType* out, float& scale, float& sum) {
