@@ -43,11 +43,11 @@ constexpr int kTokens = VecF::kWidth == 16 ? 6 : (VecF::kWidth == 8 ? 2 : 4);
 // Intermediate columns per pass-1 work item: 36 columns x 2 rows x H weights (288 KB at
 // H = 1024 fp32, L2-resident while every token block of the expert passes over it) keeps the
 // items many enough to balance two threads over skewed experts and large enough to amortize
-// the scheduling; 72 rows are whole groups of the panel kernel's 6 (AVX-512) or 4 (AVX2) rows
-// (all items but the one holding I's tail).
+// the scheduling; 72 rows are whole groups of the panel kernel's rows (4, 6 or 8,
+// broadcast_panels::group_rows) in all items but the one holding I's tail.
 constexpr int64_t kColumnsPerItem = 36;
 // Output columns per pass-2 work item (all active experts' W2 rows for them): 24, whole groups
-// of 6 or 4 panel rows, and of the dot-product kernel's kRows.
+// of 4, 6 or 8 panel rows, and of the dot-product kernel's kRows.
 constexpr int64_t kOutputColumnsPerItem = 24;
 
 // Bytes ahead in each weight row that the dot-product kernels prefetch, into the L2: they stream

@@ -25,6 +25,21 @@ constexpr int kLanes = VecF::kWidth;
 // register file: 6 x 4 + 4 + 1 = 29 of 32 zmm; 4 x 3 + 3 + 1 = 16 ymm.
 constexpr int kVectors = kLanes == 16 ? 4 : 3;
 constexpr int kPanelRows = kLanes == 16 ? 6 : 4;
+// Weight rows per group for a block of V < kVectors vectors: the FMA unit needs about 8
+// independent accumulators in flight (4 cycles of latency, 2 ports), which 6 rows x 1 vector
+// (fused_moe's experts with 16 to 31 tokens) do not give: AVX-512 takes 8 rows for 1 to 3
+// vectors, AVX2 8 x 1 and 6 x 2. Not more: 12 rows x 1 vector need more general registers than
+// x86 has (a pointer per row, the panel pointer, k, its bound), and GCC moved row pointers through
+// vector registers. Measured on a Sapphire Rapids VM, fused_moe Mixtral / 4 at T = 64 (experts
+// of about 16 tokens), fastest of 5 calls summed over 4 routings: fp32 106-111 ms with 6 rows,
+// 92-97 with 8; bf16 vdpbf16ps (AMX off) 77-78 / 68-71 ms; fp32 with exactly 16 tokens per
+// expert 24.7-24.9 (6 rows) / 22.1-22.3 (12) / 20.2-20.4 ms (8); fp32 on AVX2 138-140 / 132 ms
+// (4 / 8 rows). docs/perf/moe.md.
+constexpr int group_rows(int vectors) {
+  if (vectors >= kVectors) return kPanelRows;
+  if constexpr (kLanes == 16) return 8;
+  return vectors == 2 ? 6 : 8;
+}
 constexpr int kBlockTokens = kLanes * kVectors;  // columns of the widest block
 // K per pass of the row groups over a block: a [512][64] fp32 chunk (128 KB) stays in L2 while
 // every row group of the call reads it, instead of streaming the whole block from L3 per group
@@ -116,15 +131,31 @@ inline void panel_block(const typename Math::T* const* w, const typename Math::T
     for (int v = 0; v < V; ++v) store(out + r * strides.out + v * kLanes, acc[r][v]);
 }
 
-// panel_block with rows <= R and vectors <= V chosen at run time.
+// panel_block with rows <= R chosen at run time.
 template <class Math, int R, int V>
-inline void panel_block_upto(int rows, int vectors, const typename Math::T* const* w, const typename Math::T* x,
+inline void panel_block_upto(int rows, const typename Math::T* const* w, const typename Math::T* x,
                              PanelStrides strides, int64_t K, bool accumulate, float* out) {
   if constexpr (R > 1)
-    if (rows < R) return panel_block_upto<Math, R - 1, V>(rows, vectors, w, x, strides, K, accumulate, out);
-  if constexpr (V > 1)
-    if (vectors < V) return panel_block_upto<Math, R, V - 1>(rows, vectors, w, x, strides, K, accumulate, out);
+    if (rows < R) return panel_block_upto<Math, R - 1, V>(rows, w, x, strides, K, accumulate, out);
   panel_block<Math, R, V>(w, x, strides, K, accumulate, out);
+}
+
+// panel_gemm (below) for a width of V vectors: row groups of group_rows(V).
+template <class Math, int V>
+void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typename Math::T* x, int64_t K, float* out,
+                        PanelStrides strides) {
+  static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
+  constexpr int kGroup = group_rows(V);
+  for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
+    const int64_t chunk = std::min(kKChunk, K - k0);
+    for (int r0 = 0; r0 < rows; r0 += kGroup) {
+      const int group = std::min(kGroup, rows - r0);
+      const typename Math::T* rows_at_k0[kGroup];
+      for (int i = 0; i < group; ++i) rows_at_k0[i] = w[r0 + i] + k0;
+      panel_block_upto<Math, kGroup, V>(group, rows_at_k0, x + k0 * strides.x, strides, chunk, k0 > 0,
+                                        out + r0 * strides.out);
+    }
+  }
 }
 
 // out[r][m] = w[r] . x(:, m) for `rows` weight rows (K-contiguous) and `width` columns (whole
@@ -132,16 +163,12 @@ inline void panel_block_upto(int rows, int vectors, const typename Math::T* cons
 template <class Math>
 void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* x, int width, int64_t K,
                 float* out, PanelStrides strides) {
-  static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
-  for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
-    const int64_t chunk = std::min(kKChunk, K - k0);
-    for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
-      const int group = std::min(kPanelRows, rows - r0);
-      const typename Math::T* rows_at_k0[kPanelRows];
-      for (int i = 0; i < group; ++i) rows_at_k0[i] = w[r0 + i] + k0;
-      panel_block_upto<Math, kPanelRows, kVectors>(group, width / kLanes, rows_at_k0, x + k0 * strides.x, strides,
-                                                   chunk, k0 > 0, out + r0 * strides.out);
-    }
+  static_assert(kVectors <= 4, "extend the switch");
+  switch (width / kLanes) {
+    case 1: return panel_gemm_vectors<Math, 1>(w, rows, x, K, out, strides);
+    case 2: if constexpr (kVectors >= 2) return panel_gemm_vectors<Math, 2>(w, rows, x, K, out, strides); break;
+    case 3: if constexpr (kVectors >= 3) return panel_gemm_vectors<Math, 3>(w, rows, x, K, out, strides); break;
+    case 4: if constexpr (kVectors >= 4) return panel_gemm_vectors<Math, 4>(w, rows, x, K, out, strides); break;
   }
 }
 
