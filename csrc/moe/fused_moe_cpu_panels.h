@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "common/cpu/broadcast_panel_gemm.h"
@@ -39,14 +40,25 @@ using namespace ::torch_ext::cpu::TORCH_EXT_CPU_ISA::broadcast_panels;
 // kPadPartialAbove tokens (the dot-product kernel's tokens per call: more stream the expert's
 // weights again); the padding columns cost little there. Measured on a Sapphire Rapids VM,
 // Mixtral / 4 bf16, fastest of 7 calls: T = 16 9.0 -> 7.8 ms, T = 64 13.7 -> 8.4 ms, T = 512
-// 32.6 -> 26.8 ms. The fp32 FMA panels pay the padding in FMAs: T = 64 24.4 -> 25.2 ms, T = 512
-// 85 -> 95 ms, so they keep whole vectors only.
+// 32.6 -> 26.8 ms.
 constexpr int64_t kPadPartialAbove = 6;
+// The fp32 FMA panels pay the padding in FMAs, which only a weight stream from DRAM hides: they
+// pad for experts of at least kPadStreamedExpertBytes of weights and fewer than kBlockTokens rows
+// (few token vectors per weight: the pass waits on memory). Same VM, fp32, fastest of 5 calls
+// summed over 4 routings: Mixtral / 4 (44 MB per expert) T = 64 78-82 -> 71-73 ms, T = 128
+// 101-113 -> 93-103 ms; padding at any size cost DeepSeek-V2-Lite / 4 (2 MB per expert) at
+// T = 64 18-21 -> 22-24 ms, and at any row count cost Mixtral / 4 at T = 512 293 -> 299-305 ms.
+constexpr int64_t kPadStreamedExpertBytes = int64_t(16) << 20;
 
+// Experts with fewer rows than this pad their partial last token vector into the panels (0:
+// none); expert_weight_bytes: one expert's W13 and W2.
 template <class Math>
-bool pads_partial_vectors() {
-  if constexpr (requires { Math::pads_partial_vectors(); }) return Math::pads_partial_vectors();
-  return false;
+int64_t pad_partial_below(int64_t expert_weight_bytes) {
+  if constexpr (requires { Math::pads_partial_vectors(); })
+    if (Math::pads_partial_vectors()) return std::numeric_limits<int64_t>::max();
+  if constexpr (std::is_same_v<typename Math::T, float>)
+    if (expert_weight_bytes >= kPadStreamedExpertBytes) return kBlockTokens;
+  return 0;
 }
 
 // K rounded up to whole steps: a block's length is padded_k(K) * width.
@@ -55,17 +67,17 @@ inline int64_t padded_k(int64_t K) {
   return (K + Math::kKPerStep - 1) / Math::kKPerStep * Math::kKPerStep;
 }
 
-// The expert's rows [0, panel_rows) that go through panels: whole token vectors (with pad_partial,
-// pads_partial_vectors, also a last partial one: panel_rows may exceed rows), once it has
+// The expert's rows [0, panel_rows) that go through panels: whole token vectors (below
+// pad_partial_below rows, also a last partial one: panel_rows may exceed rows), once it has
 // Math::kMinVectors. fp32 from one on, measured against the dot-product kernel for those rows
 // (Mixtral / 4 and DeepSeek-V2-Lite / 4, medians of alternating builds): 16 rows per expert
 // (Mixtral T = 64) 23.4 vs 25.4 ms, 32 rows (T = 128) 34.2 vs 36.4 ms, 48 rows (DeepSeek
 // T = 512) 21.1 vs 27.9 ms.
 template <class Math>
-inline int64_t panel_rows(int64_t rows, bool pad_partial) {
+inline int64_t panel_rows(int64_t rows, int64_t pad_partial_below) {
   if constexpr (kHasPanels) {
     const int64_t whole = rows / kLanes * kLanes;
-    const int64_t panel = pad_partial && rows - whole > kPadPartialAbove ? whole + kLanes : whole;
+    const int64_t panel = rows < pad_partial_below && rows - whole > kPadPartialAbove ? whole + kLanes : whole;
     return panel >= Math::kMinVectors * kLanes ? panel : 0;
   }
   return 0;

@@ -88,7 +88,7 @@ struct Workspace {
   int64_t act_stride;
   float* sums;            // [T, H] fp32 output sums (16-bit output only)
   Plan plan;
-  bool pad_partial = false;  // panels take a padded partial last vector (fused_moe_cpu_panels.h)
+  int64_t pad_partial_below = 0;  // experts below this many rows pad a partial vector (fused_moe_cpu_panels.h)
   // Expert e's first row in gathered / act (its grouped rows, then its spare rows).
   int64_t area_begin(int32_t e) const {
     return plan.offsets[e] + torch_ext::moe::kCpuSpareRowsPerExpert * e;
@@ -132,7 +132,7 @@ void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace
     while (r >= offsets[e + 1]) ++e;
     const T* row = hidden + int64_t(ws.plan.sorted_pairs[r] / p.top_k) * H;
     const int64_t index = r - offsets[e], rows = ws.plan.counts[e];
-    const int64_t panel = panels::panel_rows<Math>(rows, ws.pad_partial);
+    const int64_t panel = panels::panel_rows<Math>(rows, ws.pad_partial_below);
     if constexpr (panels::kHasPanels) {
       if (index < panel) {
         const panels::PanelBlocks blocks(panel);
@@ -156,7 +156,7 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
                     int32_t e, int64_t j_begin, int64_t j_end) {
   namespace panels = fused_moe_panels;
   using T = typename Math::T;
-  const int64_t rows = ws.plan.counts[e], panel = panels::panel_rows<Math>(rows, ws.pad_partial);
+  const int64_t rows = ws.plan.counts[e], panel = panels::panel_rows<Math>(rows, ws.pad_partial_below);
   if (panel == 0) return;
   const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e], area = ws.area_begin(e);
   const T* w13 = static_cast<const T*>(p.w13) + int64_t(e) * 2 * I * H;
@@ -204,7 +204,7 @@ void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typena
                  float* sums, int32_t e, int64_t n_begin, int64_t n_end) {
   namespace panels = fused_moe_panels;
   using T = typename Math::T;
-  const int64_t rows = ws.plan.counts[e], panel = panels::panel_rows<Math>(rows, ws.pad_partial);
+  const int64_t rows = ws.plan.counts[e], panel = panels::panel_rows<Math>(rows, ws.pad_partial_below);
   if (panel == 0) return;
   const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e], area = ws.area_begin(e);
   const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
@@ -243,7 +243,7 @@ void gate_up_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T,
   // Gate and up values of the item's columns for one token block, token-major, until the
   // epilogue activates them (SIMD along the columns).
   float gate[kTokens][kColumnsPerItem], up[kTokens][kColumnsPerItem];
-  for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows, ws.pad_partial); r0 < rows; r0 += kTokens) {
+  for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows, ws.pad_partial_below); r0 < rows; r0 += kTokens) {
     const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
     const T* x[kTokens];
     for (int m = 0; m < tokens; ++m) x[m] = ws.gathered + (area + r0 + m) * ws.hidden_stride;
@@ -298,7 +298,7 @@ void down_columns(const torch_ext::moe::FusedMoeParams& p, const Workspace<T, Ac
       const int row_count = int(std::min<int64_t>(kRows, n_end - n));
       const T* w[kRows];
       for (int i = 0; i < row_count; ++i) w[i] = w2 + (n + i) * I;
-      for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows, ws.pad_partial); r0 < rows; r0 += kTokens) {
+      for (int64_t r0 = fused_moe_panels::panel_rows<Math>(rows, ws.pad_partial_below); r0 < rows; r0 += kTokens) {
         const int tokens = int(std::min<int64_t>(kTokens, rows - r0));
         const Act* x[kTokens];
         for (int m = 0; m < tokens; ++m) x[m] = ws.act + (area + r0 + m) * ws.act_stride;
@@ -328,8 +328,8 @@ template <typename Kernel, typename T, typename Act>
 void run(const torch_ext::moe::FusedMoeParams& p, void* workspace) {
   if (p.tokens == 0) return;
   Workspace<T, Act> ws = make_workspace<T, Act>(p, workspace);
-  ws.pad_partial = fused_moe_panels::pads_partial_vectors<PanelMath<Kernel, T>>();
   const int64_t H = p.hidden_size, I = p.intermediate_size;
+  ws.pad_partial_below = fused_moe_panels::pad_partial_below<PanelMath<Kernel, T>>(3 * H * I * int64_t(sizeof(T)));
   parallel_for(0, p.tokens * p.top_k, 16,
                [&](int64_t begin, int64_t end) { gather_hidden_rows<Kernel>(p, ws, begin, end); });
 
