@@ -45,9 +45,9 @@ constexpr int64_t kPadPartialAbove = 6;
 // The fp32 FMA panels pay the padding in FMAs, which only a weight stream from DRAM hides: they
 // pad for experts of at least kPadStreamedExpertBytes of weights and fewer than kBlockTokens rows
 // (few token vectors per weight: the pass waits on memory). Same VM, fp32, fastest of 5 calls
-// summed over 4 routings: Mixtral / 4 (44 MB per expert) T = 64 78-82 -> 71-73 ms, T = 128
-// 101-113 -> 93-103 ms; padding at any size cost DeepSeek-V2-Lite / 4 (2 MB per expert) at
-// T = 64 18-21 -> 22-24 ms, and at any row count cost Mixtral / 4 at T = 512 293 -> 299-305 ms.
+// summed over 4 routings, Mixtral / 4 (44 MB per expert) T = 64: 82-85 -> 76-80 ms (AVX2 101 ->
+// 97). Padding for every expert and row count: T = 64 78-82 -> 71-73 ms, T = 128 101-113 -> 93-103,
+// but T = 512 293 -> 299-305 ms, and DeepSeek-V2-Lite / 4 (2 MB per expert) T = 64 18-21 -> 22-24.
 constexpr int64_t kPadStreamedExpertBytes = int64_t(16) << 20;
 
 // Experts with fewer rows than this pad their partial last token vector into the panels (0:

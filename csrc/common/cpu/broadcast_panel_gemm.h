@@ -199,18 +199,21 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
   }
 }
 
+// panel_gemm_vectors with vectors <= V chosen at run time.
+template <class Math, int V>
+void panel_gemm_upto(int vectors, const typename Math::T* const* w, int rows, const typename Math::T* x, int64_t K,
+                     float* out, PanelStrides strides, WeightRows weight_rows) {
+  if constexpr (V > 1)
+    if (vectors < V) return panel_gemm_upto<Math, V - 1>(vectors, w, rows, x, K, out, strides, weight_rows);
+  panel_gemm_vectors<Math, V>(w, rows, x, K, out, strides, weight_rows);
+}
+
 // out[r][m] = w[r] . x(:, m) for `rows` weight rows (K-contiguous) and `width` columns (whole
 // vectors, at most kBlockTokens) of the panel x.
 template <class Math>
 void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* x, int width, int64_t K,
                 float* out, PanelStrides strides, WeightRows weight_rows = WeightRows::kCached) {
-  static_assert(kVectors <= 4, "extend the switch");
-  switch (width / kLanes) {
-    case 1: return panel_gemm_vectors<Math, 1>(w, rows, x, K, out, strides, weight_rows);
-    case 2: if constexpr (kVectors >= 2) return panel_gemm_vectors<Math, 2>(w, rows, x, K, out, strides, weight_rows); break;
-    case 3: if constexpr (kVectors >= 3) return panel_gemm_vectors<Math, 3>(w, rows, x, K, out, strides, weight_rows); break;
-    case 4: if constexpr (kVectors >= 4) return panel_gemm_vectors<Math, 4>(w, rows, x, K, out, strides, weight_rows); break;
-  }
+  panel_gemm_upto<Math, kVectors>(width / kLanes, w, rows, x, K, out, strides, weight_rows);
 }
 
 // The same for a packed block ([K][width], out [rows][width]); a Math with a tile product (AMX)
