@@ -8,8 +8,9 @@
 // Here the tokens are transposed instead, into panels [K][width] (token fastest), so that a
 // weight scalar broadcast against kVectors token vectors gives kPanelRows x kVectors
 // independent accumulators and no reduction: 123 GFLOP/s in the same measurement, the core's
-// FMA peak. Panels hold whole token vectors (on AMX tiles also a last partial one, padded with
-// zero tokens into the expert's spare rows), so an expert's rows [0, panel_rows(rows)) go
+// FMA peak. Panels hold whole token vectors (on AMX tiles, and for large fp32 experts with few
+// rows, also a last partial one padded with zero tokens into the expert's spare rows:
+// pad_partial_below), so an expert's rows [0, panel_rows(rows)) go
 // through panels and the rest (fewer than kLanes; all of them for an expert below the type's
 // kMinVectors) through the dot-product kernel.
 //
@@ -60,6 +61,10 @@ int64_t pad_partial_below(int64_t expert_weight_bytes) {
     if (expert_weight_bytes >= kPadStreamedExpertBytes) return kBlockTokens;
   return 0;
 }
+
+// Where panel_gemm finds an expert's weight rows for its token block b: the first block reads
+// them from memory (the rows ask for the next group's lines), later blocks find them in the L2.
+inline WeightRows weight_rows_for_block(int64_t b) { return b == 0 ? WeightRows::kFromMemory : WeightRows::kCached; }
 
 // K rounded up to whole steps: a block's length is padded_k(K) * width.
 template <class Math>

@@ -169,7 +169,7 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
     const int width = blocks.width(b);
     panels::panel_gemm<Math>(w, 2 * columns,
                              panels::block_start<Math>(ws.gathered, area, ws.hidden_stride, blocks, b, H), width, H,
-                             gate_up, b == 0 ? panels::WeightRows::kFromMemory : panels::WeightRows::kCached);
+                             gate_up, panels::weight_rows_for_block(b));
     T* act_block = panels::block_start<Math>(ws.act, area, ws.act_stride, blocks, b, I);
     const auto activated = [&](int c, int m) {
       return activate(p.activation, load(gate_up + c * width + m)) * load(gate_up + (columns + c) * width + m);
@@ -217,7 +217,7 @@ void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typena
     for (int64_t b = 0; b < blocks.count; ++b) {
       const int width = blocks.width(b);
       panels::panel_gemm<Math>(w, count, panels::block_start<Math>(ws.act, area, ws.act_stride, blocks, b, I), width, I,
-                               partial, b == 0 ? panels::WeightRows::kFromMemory : panels::WeightRows::kCached);
+                               partial, panels::weight_rows_for_block(b));
       for (int m = 0, real = int(std::min<int64_t>(width, rows - blocks.start(b))); m < real; ++m) {
         const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
         const float weight = p.topk_weights[pair];

@@ -175,6 +175,8 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
                         PanelStrides strides, WeightRows weight_rows) {
   static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
   constexpr int kGroup = group_rows(V);
+  // The group of rows from r0 at k0, its slots past the last row repeating that row (a next
+  // group's requests then need no count).
   const auto group_at = [&](int64_t k0, int r0, const typename Math::T** at) {
     const int group = std::min(kGroup, rows - r0);
     for (int i = 0; i < kGroup; ++i) at[i] = w[r0 + std::min(i, group - 1)] + k0;
