@@ -79,6 +79,7 @@ py::dict build_info() {
   info["cpu_avx512_bf16_active"] = cpu::avx512_bf16_active();
   info["cpu_amx_int8_detected"] = cpu::amx_int8_detected();
   info["cpu_amx_bf16_detected"] = cpu::amx_bf16_detected();
+  info["cpu_avx512_vbmi_detected"] = cpu::avx512_vbmi_detected();
   info["cpu_amx_mode"] = cpu::amx_mode_name(cpu::amx_mode());
   info["ops"] = op_kernels();
   return info;

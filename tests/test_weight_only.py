@@ -319,3 +319,95 @@ def test_dequantize_bad_inputs(overrides, message):
     args.update(overrides)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.torch_ext.dequantize_weight(*args.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 x in batches of 8-128 rows on AMX-BF16 tiles (csrc/quant/weight_only_cpu_amx.cpp): on the
+# emulated tiles everywhere the CPU has AVX-512 and AVX512_VBMI, on the hardware where it has AMX.
+
+_INFO = torch_ext._C.build_info()
+needs_vbmi = pytest.mark.skipif(not _INFO["cpu_avx512_vbmi_detected"],
+                                reason="the AMX weight-only kernel permutes bytes with AVX512_VBMI")
+
+
+def _amx_tile_products(m, n, k):
+    """TDPBF16PS of one call on the tiles: per step of 32 k, per 16-row tile row of W, and per
+    16-row block of each 32-row chunk of x."""
+    steps = -(-(-(-k // 16)) // 2)
+    row_blocks = sum(2 if min(32, m - c) > 16 else 1 for c in range(0, m, 32))
+    return steps * -(-n // 16) * row_blocks
+
+
+def _linear_counting_tile_products(x, qw, bias):
+    before = torch_ext._C.amx_emulated_dot_products()
+    with poisoned_outputs():
+        y = weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, bias, qw.bits, qw.group_size)
+    return y, torch_ext._C.amx_emulated_dot_products() - before
+
+
+@needs_vbmi
+@pytest.mark.parametrize("m,n,k,group_size", [
+    (8, 37, 200, 32),     # one row block; an odd count of tile rows; K past whole steps
+    (16, 48, 96, -1),     # per channel: one group over K
+    (17, 40, 160, 64),    # two row blocks
+    (33, 33, 200, 128),   # two chunks (the second dequantized once, read again)
+    (70, 20, 256, 128),   # three chunks, the last of 6 rows
+    (128, 16, 48, -1),    # an odd count of weight tiles: the last step's second half is padding
+    (96, 32, 6144, 128),  # x's slice over 1 MB: K in two blocks of whole groups
+])
+def test_amx_tiles_match_reference(amx, m, n, k, group_size):
+    seed = fresh_seed()
+    for symmetric in (False, True):
+        qw = _quantized(n, k, 4, group_size, symmetric, seed)
+        x = random_tensor((m, k), torch.bfloat16, "cpu", seed + 1)
+        bias = random_tensor((n,), torch.bfloat16, "cpu", seed + 2) if symmetric else None
+        y, ran = _linear_counting_tile_products(x, qw, bias)
+        ref = reference.quant.weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, bias, 4, group_size)
+        what = f"{amx} {m}x{n}x{k} g{group_size} sym={symmetric} seed {seed}"
+        assert_close_to_reference(y, ref, torch.bfloat16, what, BOUNDS[torch.bfloat16])
+        assert ran == (_amx_tile_products(m, n, k) if amx == "emulate" else 0), f"{what}: {ran} tile products"
+
+
+@needs_vbmi
+def test_amx_tiles_only_where_they_apply(amx):
+    """The other kernels keep: fp16 or fp32 x, 8-bit weights, groups of an odd count of 16-column
+    tiles (a tile step of 32 k would straddle two), fewer than 8 or more than 128 rows."""
+    seed = fresh_seed()
+    cases = [(16, torch.float16, 4, 32), (16, torch.float32, 4, 32), (16, torch.bfloat16, 8, 32),
+             (16, torch.bfloat16, 4, 48), (7, torch.bfloat16, 4, 32), (129, torch.bfloat16, 4, 32)]
+    for m, dtype, bits, group_size in cases:
+        qw = _quantized(24, 96, bits, group_size, False, seed)
+        x = random_tensor((m, 96), dtype, "cpu", seed + m)
+        y, ran = _linear_counting_tile_products(x, qw, None)
+        ref = reference.quant.weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, None, bits, group_size)
+        what = f"m={m} {dtype} {bits}-bit g{group_size} seed {seed}"
+        assert_close_to_reference(y, ref, dtype, what, BOUNDS[dtype])
+        assert ran == 0, what
+
+
+@needs_vbmi
+def test_amx_one_hot_rows_give_the_dequantized_weight_bitwise(amx):
+    """The tiles sum x (128 + q) exactly and the group's end computes s * (C - (128 + z) X) with one
+    FMA for the zero: for x = identity rows that is s * (q - z), rounded once like the dequantized
+    weight."""
+    seed = fresh_seed()
+    n, k = 40, 64
+    for symmetric in (False, True):
+        qw = _quantized(n, k, 4, 32, symmetric, seed, scale_dtype=torch.bfloat16)
+        y, ran = _linear_counting_tile_products(torch.eye(k, dtype=torch.bfloat16), qw, None)
+        w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, 4, 32, k)
+        assert torch.equal(y, w.t()), f"sym={symmetric} seed {seed}"
+        assert ran == (_amx_tile_products(k, n, k) if amx == "emulate" else 0)
+
+
+@needs_vbmi
+def test_amx_non_finite_x_gives_non_finite_rows(amx):
+    seed = fresh_seed()
+    qw = _quantized(24, 64, 4, 32, False, seed)
+    x = random_tensor((20, 64), torch.bfloat16, "cpu", seed)
+    x[0, 5], x[17, 40] = float("nan"), float("inf")
+    y, _ = _linear_counting_tile_products(x, qw, None)
+    assert not torch.isfinite(y[[0, 17]]).any()
+    finite = [r for r in range(20) if r not in (0, 17)]
+    ref = reference.quant.weight_only_linear(x[finite], qw.qweight, qw.scales, qw.zeros, None, 4, 32)
+    assert_close_to_reference(y[finite], ref, torch.bfloat16, f"finite rows, seed {seed}", BOUNDS[torch.bfloat16])

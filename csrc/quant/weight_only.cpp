@@ -29,6 +29,12 @@ namespace cpu::avx512_vnni {
 void weight_only_linear_vnni_dot(const WeightOnlyLinearParams& p);
 }
 #endif
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
+namespace cpu::avx512_amx {
+bool weight_only_amx_supports(const QuantizedWeightView& w);
+void weight_only_linear_amx(const WeightOnlyLinearParams& p, bool emulate);
+}
+#endif
 
 namespace {
 
@@ -47,6 +53,25 @@ constexpr int64_t kDirectRowsCpuAmxBf16 = 28;
 int64_t direct_rows_cpu(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 && cpu::amx_bf16_detected() ? kDirectRowsCpuAmxBf16 : kDirectRowsCpu;
 }
+
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
+// Rows of bf16 x that run on AMX-BF16 tiles (quant/weight_only_cpu_amx.cpp), measured on a
+// Sapphire Rapids VM against the kernels beside it (docs/perf/quant.md, 4-bit g128): at 4096 x 4096
+// the tiles took 950 us at 2-4 rows against 510-780 for the VNNI kernel (dequantizing every weight
+// costs more than the few rows' products), 980 against 1060-1170 at 8, 1040 against 1880 at 16, and
+// 3.5 ms against 7.7 ms for the dequantized panels at 128; at 256 rows both ran about 8 ms, behind
+// torch's bf16 GEMM (5 ms), and at K = 14336 the tiles fell behind it from 128 rows.
+constexpr int64_t kAmxMinRows = 8;
+constexpr int64_t kAmxMaxRows = 128;
+
+// The AMX mode weight_only_linear runs m rows of x in (off: the other kernels).
+cpu::AmxMode amx_rows_mode(const at::Tensor& x, const QuantizedWeightView& w, int64_t m) {
+  if (x.scalar_type() != at::kBFloat16 || m < kAmxMinRows || m > kAmxMaxRows || !cpu::avx512_vbmi_detected() ||
+      !cpu::avx512_amx::weight_only_amx_supports(w))
+    return cpu::AmxMode::kOff;
+  return cpu::amx_bf16_kernel_mode();
+}
+#endif
 
 // Bytes of one dequantized weight panel on the CPU: a few hundred rows, so that each GEMM call
 // is large enough for oneDNN, while the panel stays in the last-level cache between the
@@ -214,13 +239,19 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
 
   const auto [s, z] = group_params(scales, zeros);
   const QuantizedWeightView w = weight_view(layout, bits, qweight, s, z);
+  const WeightOnlyLinearParams p{w, scalar_kind(x), m, x_rows.data_ptr(), x_rows.stride(0),
+                                 bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)};
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
+  if (const cpu::AmxMode amx = amx_rows_mode(x, w, m); amx != cpu::AmxMode::kOff) {
+    cpu::avx512_amx::weight_only_linear_amx(p, amx == cpu::AmxMode::kEmulate);
+    return y;
+  }
+#endif
   if (m > direct_rows_cpu(x)) {
     linear_by_panels_cpu(w, x_rows, y_rows);
     if (bias) y_rows.add_(bias_c);
     return y;
   }
-  const WeightOnlyLinearParams p{w, scalar_kind(x), m, x_rows.data_ptr(), x_rows.stride(0),
-                                 bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)};
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
   // x rounded to int16 per span of columns (error at most 1/32512 of the span's largest |x|)
   // is as precise as 16-bit x needs; fp32 x keeps the fp32 kernel.

@@ -141,4 +141,16 @@ bool avx512_vnni_active() {
 #endif
 }
 
+bool avx512_vbmi_detected() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_supports("avx512vbmi"));
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 }  // namespace torch_ext::cpu

@@ -31,5 +31,7 @@ CpuIsa set_cpu_isa_limit(CpuIsa limit);
 bool avx512_bf16_active();
 // The same for AVX512_VNNI (vpdpbusd).
 bool avx512_vnni_active();
+// Whether this CPU has AVX512_VBMI (byte permutes, vpermt2b); the AVX-512 level does not assume it.
+bool avx512_vbmi_detected();
 
 }  // namespace torch_ext::cpu
