@@ -322,19 +322,22 @@ def test_dequantize_bad_inputs(overrides, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# bf16 x in batches of 8-128 rows on AMX-BF16 tiles (csrc/quant/weight_only_cpu_amx.cpp): on the
-# emulated tiles everywhere the CPU has AVX-512 and AVX512_VBMI, on the hardware where it has AMX.
+# bf16 x of 8-1024 rows on AMX-BF16 tiles (csrc/quant/weight_only_cpu_amx.cpp; exact B below 64
+# rows, scaled B from 64): on the emulated tiles everywhere the CPU has AVX-512 with AVX512_VBMI and
+# AVX512_BF16, on the hardware where it has AMX.
 
 _INFO = torch_ext._C.build_info()
-needs_vbmi = pytest.mark.skipif(not _INFO["cpu_avx512_vbmi_detected"],
-                                reason="the AMX weight-only kernel permutes bytes with AVX512_VBMI")
+needs_vbmi = pytest.mark.skipif(not (_INFO["cpu_avx512_vbmi_detected"] and _INFO["cpu_avx512_bf16_active"]),
+                                reason="the AMX weight-only kernel builds its B tiles with AVX512_VBMI and BF16")
+AMX_SCALED_ROWS = 64
 
 
 def _amx_tile_products(m, n, k):
     """TDPBF16PS of one call on the tiles: per step of 32 k, per 16-row tile row of W, and per
-    16-row block of each 32-row chunk of x."""
+    16-row block of each 32-row chunk of x (exact B skips a chunk's empty second block; scaled B
+    does not)."""
     steps = -(-(-(-k // 16)) // 2)
-    row_blocks = sum(2 if min(32, m - c) > 16 else 1 for c in range(0, m, 32))
+    row_blocks = sum(2 if m >= AMX_SCALED_ROWS or min(32, m - c) > 16 else 1 for c in range(0, m, 32))
     return steps * -(-n // 16) * row_blocks
 
 
@@ -347,13 +350,15 @@ def _linear_counting_tile_products(x, qw, bias):
 
 @needs_vbmi
 @pytest.mark.parametrize("m,n,k,group_size", [
-    (8, 37, 200, 32),     # one row block; an odd count of tile rows; K past whole steps
+    (8, 37, 200, 32),     # exact B: one row block; an odd count of tile rows; K past whole steps
     (16, 48, 96, -1),     # per channel: one group over K
     (17, 40, 160, 64),    # two row blocks
-    (33, 33, 200, 128),   # two chunks (the second dequantized once, read again)
-    (70, 20, 256, 128),   # three chunks, the last of 6 rows
+    (33, 33, 200, 128),   # two chunks (the second reads the B tiles the first dequantized)
+    (40, 16, 8448, 128),  # x's slice over 512 KB: K in three blocks of whole groups
+    (70, 20, 256, 128),   # scaled B: three chunks, the last of 6 rows
     (128, 16, 48, -1),    # an odd count of weight tiles: the last step's second half is padding
-    (96, 32, 6144, 128),  # x's slice over 1 MB: K in two blocks of whole groups
+    (96, 32, 6144, 128),  # K in three blocks: the C tiles reloaded from the sums
+    (160, 2720, 64, 32),  # 85 pairs of tile rows: several blocks of pairs per thread
 ])
 def test_amx_tiles_match_reference(amx, m, n, k, group_size):
     seed = fresh_seed()
@@ -371,10 +376,10 @@ def test_amx_tiles_match_reference(amx, m, n, k, group_size):
 @needs_vbmi
 def test_amx_tiles_only_where_they_apply(amx):
     """The other kernels keep: fp16 or fp32 x, 8-bit weights, groups of an odd count of 16-column
-    tiles (a tile step of 32 k would straddle two), fewer than 8 or more than 128 rows."""
+    tiles (a tile step of 32 k would straddle two), fewer than 8 or more than 1024 rows."""
     seed = fresh_seed()
     cases = [(16, torch.float16, 4, 32), (16, torch.float32, 4, 32), (16, torch.bfloat16, 8, 32),
-             (16, torch.bfloat16, 4, 48), (7, torch.bfloat16, 4, 32), (129, torch.bfloat16, 4, 32)]
+             (16, torch.bfloat16, 4, 48), (7, torch.bfloat16, 4, 32), (1025, torch.bfloat16, 4, 32)]
     for m, dtype, bits, group_size in cases:
         qw = _quantized(24, 96, bits, group_size, False, seed)
         x = random_tensor((m, 96), dtype, "cpu", seed + m)
@@ -387,27 +392,29 @@ def test_amx_tiles_only_where_they_apply(amx):
 
 @needs_vbmi
 def test_amx_one_hot_rows_give_the_dequantized_weight_bitwise(amx):
-    """The tiles sum x (128 + q) exactly and the group's end computes s * (C - (128 + z) X) with one
-    FMA for the zero: for x = identity rows that is s * (q - z), rounded once like the dequantized
-    weight."""
+    """Exact B (48 rows): the tiles sum x (128 + q) exactly and the group's end computes
+    s * (C - (128 + z) X) with one FMA for the zero, for x = identity rows s * (q - z) rounded once
+    like the dequantized weight. Scaled B (64 rows): B is the dequantized weight in bf16."""
     seed = fresh_seed()
-    n, k = 40, 64
-    for symmetric in (False, True):
-        qw = _quantized(n, k, 4, 32, symmetric, seed, scale_dtype=torch.bfloat16)
-        y, ran = _linear_counting_tile_products(torch.eye(k, dtype=torch.bfloat16), qw, None)
-        w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, 4, 32, k)
-        assert torch.equal(y, w.t()), f"sym={symmetric} seed {seed}"
-        assert ran == (_amx_tile_products(k, n, k) if amx == "emulate" else 0)
+    n = 40
+    for k in (48, 64):
+        for symmetric in (False, True):
+            qw = _quantized(n, k, 4, 32, symmetric, seed, scale_dtype=torch.bfloat16)
+            y, ran = _linear_counting_tile_products(torch.eye(k, dtype=torch.bfloat16), qw, None)
+            w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, 4, 32, k)
+            assert torch.equal(y, w.t()), f"k={k} sym={symmetric} seed {seed}"
+            assert ran == (_amx_tile_products(k, n, k) if amx == "emulate" else 0)
 
 
 @needs_vbmi
-def test_amx_non_finite_x_gives_non_finite_rows(amx):
+@pytest.mark.parametrize("m", [20, 70])  # exact and scaled B
+def test_amx_non_finite_x_gives_non_finite_rows(amx, m):
     seed = fresh_seed()
     qw = _quantized(24, 64, 4, 32, False, seed)
-    x = random_tensor((20, 64), torch.bfloat16, "cpu", seed)
+    x = random_tensor((m, 64), torch.bfloat16, "cpu", seed)
     x[0, 5], x[17, 40] = float("nan"), float("inf")
     y, _ = _linear_counting_tile_products(x, qw, None)
     assert not torch.isfinite(y[[0, 17]]).any()
-    finite = [r for r in range(20) if r not in (0, 17)]
+    finite = [r for r in range(m) if r not in (0, 17)]
     ref = reference.quant.weight_only_linear(x[finite], qw.qweight, qw.scales, qw.zeros, None, 4, 32)
     assert_close_to_reference(y[finite], ref, torch.bfloat16, f"finite rows, seed {seed}", BOUNDS[torch.bfloat16])

@@ -32,7 +32,7 @@ void weight_only_linear_vnni_dot(const WeightOnlyLinearParams& p);
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
 namespace cpu::avx512_amx {
 bool weight_only_amx_supports(const QuantizedWeightView& w);
-void weight_only_linear_amx(const WeightOnlyLinearParams& p, bool emulate);
+void weight_only_linear_amx(const WeightOnlyLinearParams& p, bool emulate, bool scaled_weights);
 }
 #endif
 
@@ -55,19 +55,21 @@ int64_t direct_rows_cpu(const at::Tensor& x) {
 }
 
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
-// Rows of bf16 x that run on AMX-BF16 tiles (quant/weight_only_cpu_amx.cpp), measured on a
-// Sapphire Rapids VM against the kernels beside it (docs/perf/quant.md, 4-bit g128): at 4096 x 4096
+// Rows of bf16 x that run on AMX-BF16 tiles (quant/weight_only_cpu_amx.cpp), and from how many
+// rows the tiles take scaled B (the dequantized weight in bf16) rather than exact B, measured on a
+// Sapphire Rapids VM against the kernels beside it (docs/perf/quant.md, 4-bit g128, 4096 x 4096):
 // the tiles took 950 us at 2-4 rows against 510-780 for the VNNI kernel (dequantizing every weight
-// costs more than the few rows' products), 980 against 1060-1170 at 8, 1040 against 1880 at 16, and
-// 3.5 ms against 7.7 ms for the dequantized panels at 128; at 256 rows both ran about 8 ms, behind
-// torch's bf16 GEMM (5 ms), and at K = 14336 the tiles fell behind it from 128 rows.
+// costs more than the few rows' products), 980 against 1060-1170 at 8; exact and scaled B ran even
+// at 64 rows (2.1 ms), scaled B ahead from 128 (2.7 against 3.0 ms); at 1024 rows scaled B took
+// 21.6 ms against 37.7 for the dequantized panels and torch's GEMM, at 2048 50 against 36 ms.
 constexpr int64_t kAmxMinRows = 8;
-constexpr int64_t kAmxMaxRows = 128;
+constexpr int64_t kAmxScaledWeightsMinRows = 64;
+constexpr int64_t kAmxMaxRows = 1024;
 
 // The AMX mode weight_only_linear runs m rows of x in (off: the other kernels).
 cpu::AmxMode amx_rows_mode(const at::Tensor& x, const QuantizedWeightView& w, int64_t m) {
   if (x.scalar_type() != at::kBFloat16 || m < kAmxMinRows || m > kAmxMaxRows || !cpu::avx512_vbmi_detected() ||
-      !cpu::avx512_amx::weight_only_amx_supports(w))
+      !cpu::avx512_bf16_active() || !cpu::avx512_amx::weight_only_amx_supports(w))
     return cpu::AmxMode::kOff;
   return cpu::amx_bf16_kernel_mode();
 }
@@ -243,7 +245,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
                                  bias ? bias_c.data_ptr() : nullptr, y_rows.data_ptr(), y_rows.stride(0)};
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
   if (const cpu::AmxMode amx = amx_rows_mode(x, w, m); amx != cpu::AmxMode::kOff) {
-    cpu::avx512_amx::weight_only_linear_amx(p, amx == cpu::AmxMode::kEmulate);
+    cpu::avx512_amx::weight_only_linear_amx(p, amx == cpu::AmxMode::kEmulate, m >= kAmxScaledWeightsMinRows);
     return y;
   }
 #endif
