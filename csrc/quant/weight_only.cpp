@@ -3,6 +3,8 @@
 // Few rows of x (decode, small batches) run the fused kernels, which read the packed weight
 // once. Many rows (prefill) are a GEMM whose cost is the multiply, so the weight is
 // dequantized (in cache-sized panels on the CPU, whole on CUDA) and torch's GEMM does the rest.
+// Where the CPU has AMX-BF16, bf16 x of 8 to 1024 rows and 4-bit weights run on the tiles instead
+// (quant/weight_only_cpu_amx.cpp), dequantizing into tile operands that never reach memory.
 #include "quant/weight_only.h"
 
 #include <ATen/ops/empty.h>

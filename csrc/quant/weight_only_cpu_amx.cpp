@@ -9,11 +9,12 @@
 // the hardware tiles or on the emulated ones (common/cpu/amx_tiles.h).
 //
 // Blocking. Tasks are pairs of 16-row tile rows of W (32 output columns: the C tiles' two column
-// blocks). A pair walks K in blocks whose slice of x stays in the L2, and within a block x in
-// chunks of 32 rows (the two A tiles, 2 x 2 C tiles). The first chunk of a block dequantizes each
-// B tile two steps ahead of its products (a tile load of bytes vector stores just wrote waits for
-// them to reach the L1) into a buffer that the block's later chunks read again: every weight is
-// read and dequantized once per call.
+// blocks), a thread's pairs taken in blocks whose fp32 sums fit in the L2 beside one K block's
+// slice of x: for each K block, every pair of the block walks x in chunks of 32 rows (the two A
+// tiles, 2 x 2 C tiles), so x crosses from the L3 once per block of pairs, not once per pair
+// (5x slower at 512 rows before). The first chunk dequantizes each B tile two steps ahead of its
+// products (a tile load of bytes vector stores just wrote waits for them to reach the L1) into a
+// buffer that the later chunks read again: every weight is read and dequantized once per call.
 //
 // Two ways with the groups' scales, chosen by the caller per row count:
 //   exact B (few rows: dequantizing is the larger cost, and it is three instructions a row here)

@@ -3,7 +3,8 @@
 // kind of tiles the kernels use. Plain C++ (no torch, no ISA flags).
 //
 // Kernels on AMX: scaled_int8_mm's packed path (AMX-INT8); scaled_fp8_mm, block_sparse_attention's
-// bf16 products and fused_moe's bf16 panels (AMX-BF16). Modes (TORCH_EXT_CPU_AMX, or set_amx_mode()):
+// bf16 products, fused_moe's bf16 panels and weight_only_linear's 4-bit batches of bf16 x
+// (AMX-BF16). Modes (TORCH_EXT_CPU_AMX, or set_amx_mode()):
 //   on        the AMX kernels on the hardware tiles, where amx_int8_detected() (else off). The
 //             default there: on a 2-vCPU Sapphire Rapids VM (2026-11-27, docs/perf/amx.md) they
 //             ran 1.1-8x faster than the AVX-512 kernels beside them and passed the same tests;
