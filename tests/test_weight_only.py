@@ -332,12 +332,13 @@ needs_vbmi = pytest.mark.skipif(not (_INFO["cpu_avx512_vbmi_detected"] and _INFO
 AMX_SCALED_ROWS = 64
 
 
-def _amx_tile_products(m, n, k):
+def _amx_tile_products(m, n, k, bits=4):
     """TDPBF16PS of one call on the tiles: per step of 32 k, per 16-row tile row of W, and per
-    16-row block of each 32-row chunk of x (exact B skips a chunk's empty second block; scaled B
-    does not)."""
+    16-row block of each 32-row chunk of x (exact B skips a chunk's empty second block; scaled B,
+    which 8-bit weights always take, does not)."""
     steps = -(-(-(-k // 16)) // 2)
-    row_blocks = sum(2 if m >= AMX_SCALED_ROWS or min(32, m - c) > 16 else 1 for c in range(0, m, 32))
+    scaled = m >= AMX_SCALED_ROWS or bits == 8
+    row_blocks = sum(2 if scaled or min(32, m - c) > 16 else 1 for c in range(0, m, 32))
     return steps * -(-n // 16) * row_blocks
 
 
@@ -360,26 +361,27 @@ def _linear_counting_tile_products(x, qw, bias):
     (96, 32, 6144, 128),  # K in three blocks: the C tiles reloaded from the sums
     (160, 2720, 64, 32),  # 85 pairs of tile rows: several blocks of pairs per thread
 ])
-def test_amx_tiles_match_reference(amx, m, n, k, group_size):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_amx_tiles_match_reference(amx, m, n, k, group_size, bits):
     seed = fresh_seed()
     for symmetric in (False, True):
-        qw = _quantized(n, k, 4, group_size, symmetric, seed)
+        qw = _quantized(n, k, bits, group_size, symmetric, seed)
         x = random_tensor((m, k), torch.bfloat16, "cpu", seed + 1)
         bias = random_tensor((n,), torch.bfloat16, "cpu", seed + 2) if symmetric else None
         y, ran = _linear_counting_tile_products(x, qw, bias)
-        ref = reference.quant.weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, bias, 4, group_size)
-        what = f"{amx} {m}x{n}x{k} g{group_size} sym={symmetric} seed {seed}"
+        ref = reference.quant.weight_only_linear(x, qw.qweight, qw.scales, qw.zeros, bias, bits, group_size)
+        what = f"{amx} {bits}-bit {m}x{n}x{k} g{group_size} sym={symmetric} seed {seed}"
         assert_close_to_reference(y, ref, torch.bfloat16, what, BOUNDS[torch.bfloat16])
-        assert ran == (_amx_tile_products(m, n, k) if amx == "emulate" else 0), f"{what}: {ran} tile products"
+        assert ran == (_amx_tile_products(m, n, k, bits) if amx == "emulate" else 0), f"{what}: {ran} tile products"
 
 
 @needs_vbmi
 def test_amx_tiles_only_where_they_apply(amx):
-    """The other kernels keep: fp16 or fp32 x, 8-bit weights, groups of an odd count of 16-column
-    tiles (a tile step of 32 k would straddle two), fewer than 8 or more than 1024 rows."""
+    """The other kernels keep: fp16 or fp32 x, groups of an odd count of 16-column tiles (a tile
+    step of 32 k would straddle two), fewer than 8 or more than 1024 rows."""
     seed = fresh_seed()
-    cases = [(16, torch.float16, 4, 32), (16, torch.float32, 4, 32), (16, torch.bfloat16, 8, 32),
-             (16, torch.bfloat16, 4, 48), (7, torch.bfloat16, 4, 32), (1025, torch.bfloat16, 4, 32)]
+    cases = [(16, torch.float16, 4, 32), (16, torch.float32, 8, 32), (16, torch.bfloat16, 8, 48),
+             (16, torch.bfloat16, 4, 48), (7, torch.bfloat16, 8, 32), (1025, torch.bfloat16, 4, 32)]
     for m, dtype, bits, group_size in cases:
         qw = _quantized(24, 96, bits, group_size, False, seed)
         x = random_tensor((m, 96), dtype, "cpu", seed + m)
@@ -391,19 +393,21 @@ def test_amx_tiles_only_where_they_apply(amx):
 
 
 @needs_vbmi
-def test_amx_one_hot_rows_give_the_dequantized_weight_bitwise(amx):
-    """Exact B (48 rows): the tiles sum x (128 + q) exactly and the group's end computes
+@pytest.mark.parametrize("bits", [4, 8])
+def test_amx_one_hot_rows_give_the_dequantized_weight_bitwise(amx, bits):
+    """Exact B (4 bits, 48 rows): the tiles sum x (128 + q) exactly and the group's end computes
     s * (C - (128 + z) X) with one FMA for the zero, for x = identity rows s * (q - z) rounded once
-    like the dequantized weight. Scaled B (64 rows): B is the dequantized weight in bf16."""
+    like the dequantized weight. Scaled B (64 rows, or 8 bits): B is the dequantized weight in
+    bf16."""
     seed = fresh_seed()
     n = 40
     for k in (48, 64):
         for symmetric in (False, True):
-            qw = _quantized(n, k, 4, 32, symmetric, seed, scale_dtype=torch.bfloat16)
+            qw = _quantized(n, k, bits, 32, symmetric, seed, scale_dtype=torch.bfloat16)
             y, ran = _linear_counting_tile_products(torch.eye(k, dtype=torch.bfloat16), qw, None)
-            w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, 4, 32, k)
-            assert torch.equal(y, w.t()), f"k={k} sym={symmetric} seed {seed}"
-            assert ran == (_amx_tile_products(k, n, k) if amx == "emulate" else 0)
+            w = dequantize_weight(qw.qweight, qw.scales, qw.zeros, bits, 32, k)
+            assert torch.equal(y, w.t()), f"{bits}-bit k={k} sym={symmetric} seed {seed}"
+            assert ran == (_amx_tile_products(k, n, k, bits) if amx == "emulate" else 0)
 
 
 @needs_vbmi

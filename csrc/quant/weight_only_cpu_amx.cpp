@@ -102,7 +102,7 @@ void prepare_x(const WeightOnlyLinearParams& p, PreparedX& px) {
   });
 }
 
-template <typename Tiles, bool kScaled>
+template <typename Tiles, int kBits, bool kScaled>
 class PairTask {
  public:
   PairTask(const WeightOnlyLinearParams& p, const PreparedX& px, int64_t block_steps, int64_t block_pairs)
@@ -186,7 +186,7 @@ class PairTask {
         for (int j = 0; j < (two_tile_rows ? 2 : 1); ++j) {
           alignas(64) float scale[kTileN], zero[kTileN];
           load_group_params(w_, g, (nt0 + j) * kTileN, scale, zero);
-          scales_[j].set(scale, zero);
+          scales_[j].set(scale, zero, kValueOffset<kBits>);
         }
         scales_group_ = g;
       }
@@ -194,7 +194,7 @@ class PairTask {
     for (int j = 0; j < (two_tile_rows ? 2 : 1); ++j) {
       const int32_t* first = w_.qweight + quant::tile_offset_words(kBits, k_tiles_, nt0 + j, 2 * s);
       prefetch_tile_ahead<kBits>(first);
-      b_tile_of_weight_tiles<kScaled>(first, 2 * s + 1 < k_tiles_, b_tile(block_step, j), &scales_[j]);
+      b_tile_of_weight_tiles<kBits, kScaled>(first, 2 * s + 1 < k_tiles_, b_tile(block_step, j), &scales_[j]);
     }
   }
 
@@ -282,7 +282,7 @@ class PairTask {
   float* const sums_;  // per pair of a block: [rows][32]
 };
 
-template <typename Tiles, bool kScaled>
+template <typename Tiles, int kBits, bool kScaled>
 void linear_on_tiles(const WeightOnlyLinearParams& p) {
   const int64_t k_tiles = quant::tiles_for(p.w.k), group_tiles = p.w.group_size / kTileK;
   const int64_t steps = (k_tiles + 1) / 2, groups = (k_tiles + group_tiles - 1) / group_tiles;
@@ -299,27 +299,32 @@ void linear_on_tiles(const WeightOnlyLinearParams& p) {
   const int64_t pairs = (quant::tiles_for(p.w.n) + 1) / 2;
   parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     const amx::TileSession<Tiles> tiles;
-    PairTask<Tiles, kScaled> task(p, px, block_steps, std::min(block_pairs, end - begin));
+    PairTask<Tiles, kBits, kScaled> task(p, px, block_steps, std::min(block_pairs, end - begin));
     for (int64_t b = begin; b < end; b += block_pairs) task.run(b, std::min(end, b + block_pairs));
   });
 }
 
 }  // namespace
 
-// Whether linear_on_tiles takes this weight: 4 bits, and groups of whole B tiles (an even number
-// of 16-column tiles) or one group over K.
+// Whether linear_on_tiles takes this weight: groups of whole B tiles (an even number of
+// 16-column tiles) or one group over K.
 bool weight_only_amx_supports(const QuantizedWeightView& w) {
   const int64_t group_tiles = w.group_size / kTileK;
-  return w.bits == kBits && (group_tiles % 2 == 0 || group_tiles >= quant::tiles_for(w.k));
+  return group_tiles % 2 == 0 || group_tiles >= quant::tiles_for(w.k);
 }
 
+// scaled_weights: scaled B (8-bit weights always take it).
 void weight_only_linear_amx(const WeightOnlyLinearParams& p, bool emulate, bool scaled_weights) {
+  const auto run = [&](auto tiles) {
+    using Tiles = decltype(tiles);
+    if (p.w.bits == 8) linear_on_tiles<Tiles, 8, true>(p);
+    else if (scaled_weights) linear_on_tiles<Tiles, 4, true>(p);
+    else linear_on_tiles<Tiles, 4, false>(p);
+  };
   if (emulate) {
-    if (scaled_weights) linear_on_tiles<amx::EmulatedTiles, true>(p);
-    else linear_on_tiles<amx::EmulatedTiles, false>(p);
+    run(amx::EmulatedTiles{});
   } else {
-    if (scaled_weights) linear_on_tiles<amx::HardwareTiles, true>(p);
-    else linear_on_tiles<amx::HardwareTiles, false>(p);
+    run(amx::HardwareTiles{});
   }
 }
 

@@ -3,7 +3,8 @@ Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 query / 8 KV heads; a few 
 vocabulary, random init) runs one token (``use_cache=False``, under ``no_grad`` as generation
 does) stock, against the same model after ``torch_ext.quant.quantize_model`` (4-bit weight-only
 g128, or int8 W8A8 with LLM.int8() outliers; lm_head kept dense). One token is a decode step's
-linear work: each weight read once. On CUDA each pair also runs as a CUDA graph replay on both
+linear work: each weight read once. A prompt of 128 tokens is a prefill's: the linears become
+GEMMs. On CUDA each pair also runs as a CUDA graph replay on both
 sides: eager, one token through transformers costs about 1 ms of host time per layer on the
 H100 machine (docs/perf/gpu-h100.md), more than the layer's kernels, so only the graphed rows
 measure the GPU."""
@@ -86,7 +87,10 @@ def _graphed(run):
     return replay
 
 
-def _decode_case(device: str, method: str, graphs: bool = False) -> Case | None:
+_PREFILL_TOKENS = 128
+
+
+def _forward_case(device: str, method: str, tokens: int = 1, graphs: bool = False) -> Case | None:
     stock = _stock(device)
     if stock is None:
         return None
@@ -95,13 +99,14 @@ def _decode_case(device: str, method: str, graphs: bool = False) -> Case | None:
 
     def make_inputs(seed: int):
         gen = torch.Generator().manual_seed(seed)
-        return (torch.randint(0, _VOCAB, (1, 1), generator=gen).to(device),)
+        return (torch.randint(0, _VOCAB, (1, tokens), generator=gen).to(device),)
 
     wrap = _graphed if graphs else (lambda run: run)
     short = "bf16" if _DTYPE[kind] == torch.bfloat16 else "fp16"
+    shape = "one token" if tokens == 1 else f"prefill {tokens} tokens"
     return Case(
-        family="model", op="quantize_model (Llama decode)",
-        label=f"Llama-3-8B layers x{_LAYERS[kind]} one token {short} {method}" + (" CUDA graphs" if graphs else ""),
+        family="model", op="quantize_model (Llama decode)" if tokens == 1 else "quantize_model (Llama prefill)",
+        label=f"Llama-3-8B layers x{_LAYERS[kind]} {shape} {short} {method}" + (" CUDA graphs" if graphs else ""),
         make_inputs=make_inputs, ours=wrap(_forward(quantized)),
         baselines={f"stock transformers {short}": wrap(_forward(stock))},
         bytes=float(_weight_bytes(quantized)), device=device,
@@ -112,12 +117,13 @@ def _decode_case(device: str, method: str, graphs: bool = False) -> Case | None:
 
 @register_suite("model")
 def model_suite(device: str, quick: bool) -> list[Case]:
-    """One decode-shaped forward of a Llama-3-8B-shaped decoder, stock vs quantize_model (not in
-    quick runs: building and quantizing the model takes tens of seconds)."""
+    """One decode-shaped and one prefill-shaped forward of a Llama-3-8B-shaped decoder, stock vs
+    quantize_model (not in quick runs: building and quantizing the model takes tens of seconds)."""
     kind = torch.device(device).type
     if quick or kind not in _LAYERS:
         return []
-    cases = [_decode_case(device, method) for method in _METHODS]
+    cases = [_forward_case(device, method) for method in _METHODS]
+    cases += [_forward_case(device, method, tokens=_PREFILL_TOKENS) for method in _METHODS]
     if kind == "cuda":
-        cases += [_decode_case(device, method, graphs=True) for method in _METHODS]
+        cases += [_forward_case(device, method, graphs=True) for method in _METHODS]
     return [case for case in cases if case is not None]
