@@ -1,7 +1,8 @@
-// weight_only_linear on AMX-BF16 tiles, for bf16 x and 4-bit weights: batches of rows (batched
-// decode, prefill), where torch's bf16 GEMM runs on AMX too (measured on a Sapphire Rapids VM,
-// docs/perf/quant.md). B tiles come from the packed weights as quant/weight_only_amx_b_tiles.h
-// says, exact (bf16 128 + q) or scaled (the dequantized weight in bf16).
+// weight_only_linear on AMX-BF16 tiles, for bf16 x and 4- or 8-bit weights: batches of rows
+// (batched decode, prefill), where torch's bf16 GEMM runs on AMX too (measured on a Sapphire
+// Rapids VM, docs/perf/quant.md). B tiles come from the packed weights as
+// quant/weight_only_amx_b_tiles.h says, exact (4 bits: bf16 128 + q) or scaled (the dequantized
+// weight in bf16).
 //
 // Compiled at the AVX-512 level plus -mamx-tile -mamx-int8 -mamx-bf16, in its own ISA namespace
 // (avx512_amx); the B rows' function is compiled for AVX512_VBMI and AVX512_BF16 as well. Run where
@@ -17,7 +18,7 @@
 // buffer that the later chunks read again: every weight is read and dequantized once per call.
 //
 // Two ways with the groups' scales, chosen by the caller per row count:
-//   exact B (few rows: dequantizing is the larger cost, and it is three instructions a row here)
+//   exact B (4 bits, few rows: dequantizing is the larger cost, three instructions a row here)
 //     one group's tile products are C = sum_k x_k (128 + q_k), exact in fp32; the group's end
 //     moves the C tiles to memory and adds s * (C - (128 + z) X) to the rows' fp32 sums, X the
 //     sum of x over the group (for a one-hot x: s * (q - z) rounded once, the dequantized weight
@@ -237,7 +238,7 @@ class PairTask {
       alignas(64) float s[kTileN], z[kTileN];
       load_group_params(w_, g, (nt0 + j) * kTileN, s, z);
       scale[j] = load(s);
-      biased_zero[j] = load(z) + broadcast(128.0f);
+      biased_zero[j] = load(z) + broadcast(kValueOffset<kBits>);
     }
     const int64_t m0 = chunk * kChunkRows, rows = std::min<int64_t>(kChunkRows, p_.m - m0);
     if (rows <= amx::kMaxRows) {  // one row block: the odd steps' sums are in rows 16-31
