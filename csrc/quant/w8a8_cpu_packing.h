@@ -33,26 +33,58 @@ inline int64_t n_blocks_of(int64_t n) { return (n + kBlockN - 1) / kBlockN; }
 // Where the column sums start (packed_int8_b_bytes in w8a8.h is the total).
 inline int64_t colsum_offset(int64_t n, int64_t k) { return (n_blocks_of(n) * k4_of(k) * kBlockN * 4 + 63) / 64 * 64; }
 
+#if defined(__AVX512F__)
+// Column block nb of B into `out` (k4 x 16 x 4 bytes) and its column sums: per 64 bytes of K, the
+// 16 rows' 16 dwords transposed in registers (row c's dword j to lane c of vector j), the sums
+// taken from the transposed vectors (each dword lane's four bytes). Measured on a Sapphire Rapids
+// VM, a 14336 x 4096 B packed byte by byte took about 13 ms.
+inline void pack_b_block(const ScaledInt8MmParams& p, int64_t nb, int8_t* out, int32_t* colsum) {
+  const int64_t k4 = k4_of(p.k);
+  const __m512i ones_u8 = _mm512_set1_epi8(1), ones_i16 = _mm512_set1_epi16(1);
+  __m512i sums = _mm512_setzero_si512();
+  for (int64_t j0 = 0; j0 < k4; j0 += 16) {
+    const int64_t k0 = 4 * j0, bytes = std::min<int64_t>(64, p.k - k0);
+    const __mmask64 valid = bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
+    VecF rows[16];
+    for (int c = 0; c < kBlockN; ++c) {
+      const int64_t n = nb * kBlockN + c;
+      rows[c].v = n < p.n ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi8(valid, p.b + n * p.b_row_stride + k0))
+                          : _mm512_setzero_ps();
+    }
+    transpose(rows);
+    for (int j = 0; j < 16 && j0 + j < k4; ++j) {
+      const __m512i v = _mm512_castps_si512(rows[j].v);
+      _mm512_storeu_si512(out + (j0 + j) * kBlockN * 4, v);
+      sums = _mm512_add_epi32(sums, _mm512_madd_epi16(_mm512_maddubs_epi16(ones_u8, v), ones_i16));
+    }
+  }
+  _mm512_storeu_si512(colsum + nb * kBlockN, sums);
+}
+#else
+inline void pack_b_block(const ScaledInt8MmParams& p, int64_t nb, int8_t* out, int32_t* colsum) {
+  const int64_t k4 = k4_of(p.k);
+  std::memset(out, 0, size_t(k4 * kBlockN * 4));
+  for (int c = 0; c < kBlockN; ++c) {
+    const int64_t n = nb * kBlockN + c;
+    int32_t sum = 0;
+    if (n < p.n) {
+      const int8_t* row = p.b + n * p.b_row_stride;
+      for (int64_t k = 0; k < p.k; ++k) {
+        out[((k / 4) * kBlockN + c) * 4 + k % 4] = row[k];
+        sum += row[k];
+      }
+    }
+    colsum[nb * kBlockN + c] = sum;
+  }
+}
+#endif
+
 inline void pack_b(const ScaledInt8MmParams& p, uint8_t* packed) {
   const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n);
   int32_t* colsum = reinterpret_cast<int32_t*>(packed + colsum_offset(p.n, p.k));
   parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      int8_t* out = reinterpret_cast<int8_t*>(packed) + nb * k4 * kBlockN * 4;
-      std::memset(out, 0, size_t(k4 * kBlockN * 4));
-      for (int c = 0; c < kBlockN; ++c) {
-        const int64_t n = nb * kBlockN + c;
-        int32_t sum = 0;
-        if (n < p.n) {
-          const int8_t* row = p.b + n * p.b_row_stride;
-          for (int64_t k = 0; k < p.k; ++k) {
-            out[((k / 4) * kBlockN + c) * 4 + k % 4] = row[k];
-            sum += row[k];
-          }
-        }
-        colsum[nb * kBlockN + c] = sum;
-      }
-    }
+    for (int64_t nb = begin; nb < end; ++nb)
+      pack_b_block(p, nb, reinterpret_cast<int8_t*>(packed) + nb * k4 * kBlockN * 4, colsum);
   });
 }
 
