@@ -71,13 +71,40 @@ def test_strided_rows(amx):
 
 
 def test_row_panels():
-    """K = 8192: a 1 MB row panel holds 128 rows, so 300 rows take three panels."""
+    """K = 8192: a 1 MB row panel holds 128 rows, so 300 rows take three panels (on B packed whole
+    and cached: the weight's second call; the first packs B per task)."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     m, n, k = 300, 20, 8192
     a, b = _int8((m, k), gen), _int8((n, k), gen)
-    out = _with_amx("emulate", lambda: scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32))
-    assert torch.equal(out, (a.long() @ b.long().t()).float()), f"seed {seed}"
+    for call in ("first", "second"):
+        out = _with_amx("emulate", lambda: scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32))
+        assert torch.equal(out, (a.long() @ b.long().t()).float()), f"{call} call, seed {seed}"
+
+
+def test_b_packed_per_task_or_cached_gives_the_same_bits(amx):
+    """B packed per task into the thread's buffer (a weight's first call; an inference tensor,
+    never cached; a weight the full cache has no room for) or packed whole into the cache (its
+    second call while the cache has room): the same bits, and the cache grows only for the second."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for m, n, k in ((40, 45, 130), (70, 33, 200)):
+        _C.clear_conv_weight_cache()
+        a, b = _int8((m, k), gen), _int8((n, k), gen)
+        a_scale = random_tensor((m, 1), torch.float32, "cpu", seed + 2).abs() * 1e-3 + 1e-4
+        b_scale = random_tensor((n,), torch.float32, "cpu", seed + 3).abs() * 1e-2 + 1e-3
+        bias = random_tensor((n,), torch.bfloat16, "cpu", seed + 4)
+        with torch.inference_mode():
+            b_inference = b.clone()
+            from_inference = scaled_int8_mm(a, b_inference, a_scale, b_scale, bias, torch.bfloat16)
+        first = scaled_int8_mm(a, b, a_scale, b_scale, bias, torch.bfloat16)
+        assert _C.conv_weight_cache_bytes() == 0, "neither an inference tensor nor a first call is cached"
+        second = scaled_int8_mm(a, b, a_scale, b_scale, bias, torch.bfloat16)
+        assert _C.conv_weight_cache_bytes() > 0, "the second call caches B packed"
+        off = _with_amx("off", lambda: scaled_int8_mm(a, b, a_scale, b_scale, bias, torch.bfloat16))
+        what = f"{amx} {m}x{n}x{k} seed {seed}"
+        assert torch.equal(first, second) and torch.equal(first, from_inference) and torch.equal(first, off), what
+    _C.clear_conv_weight_cache()
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -114,4 +114,10 @@ int64_t packed_weight_cache_bytes() {
   return c.bytes;
 }
 
+bool packed_weight_cache_has_room(int64_t bytes) {
+  Cache& c = cache();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  return c.bytes + bytes <= kBudgetBytes;
+}
+
 }  // namespace torch_ext

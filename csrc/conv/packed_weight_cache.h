@@ -37,5 +37,8 @@ int64_t clear_packed_weight_cache();
 
 // Bytes held by the cache now.
 int64_t packed_weight_cache_bytes();
+// Whether `bytes` more fit in the cache's budget without evicting an entry (callers with a path
+// that needs no cached panels take it rather than have a model's weights evict each other).
+bool packed_weight_cache_has_room(int64_t bytes);
 
 }  // namespace torch_ext

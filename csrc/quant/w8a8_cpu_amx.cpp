@@ -56,6 +56,39 @@ void gemm_amx(const ScaledInt8MmParams& p, const uint8_t* packed_b) {
       });
 }
 
+// gemm_amx without a packed B: tasks are pairs of column blocks, each packed into the thread's
+// buffer (pack_b_block, column sums unused) and multiplied with every panel of A's rows.
+struct PackedPairTag;
+
+template <typename T, typename Tiles>
+void gemm_amx_packing_b(const ScaledInt8MmParams& p) {
+  const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n), block_bytes = k4 * kBlockN * 4;
+  const int64_t a_stride = (k4 + amx::kMaxRows - 1) / amx::kMaxRows * amx::kStepBytes;
+  const int64_t rows = (p.m + amx::kBlockRows - 1) / amx::kBlockRows * amx::kBlockRows;
+  const auto a = copy_a(p, rows, a_stride);
+  parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    const amx::TileSession<Tiles> tiles;
+    std::unique_ptr<uint8_t[], CacheLineDelete> fallback;
+    uint8_t* const pair_b = kept_scratch<uint8_t, PackedPairTag>(size_t(2 * block_bytes), fallback);
+    int32_t colsum[kBlockN];  // the VNNI path's, not needed on the tiles
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t nb0 = 2 * pair;
+      const bool second = nb0 + 1 < blocks;
+      for (int j = 0; j < (second ? 2 : 1); ++j)
+        pack_b_block(p, nb0 + j, reinterpret_cast<int8_t*>(pair_b + j * block_bytes), colsum);
+      const amx::TilePairOperands operands{
+          reinterpret_cast<const uint8_t*>(a.get()), a_stride, {pair_b, second ? pair_b + block_bytes : pair_b},
+          amx::kMaxRowBytes, k4};
+      amx::tile_pair_gemm<amx::TileDot::kS8S8, Tiles, int32_t>(
+          operands, 0, rows, [&](int64_t m0, const int32_t (&acc)[amx::kBlockRows][amx::kBlockColumns]) {
+            const int cols = int(std::min<int64_t>(amx::kBlockColumns, p.n - nb0 * kBlockN));
+            for (int i = 0; i < amx::kBlockRows && m0 + i < p.m; ++i)
+              epilogue_row<T>(p, acc[i], nullptr, m0 + i, nb0 * kBlockN, cols);
+          });
+    }
+  });
+}
+
 }  // namespace
 
 void scaled_int8_mm_amx(const ScaledInt8MmParams& p, const uint8_t* packed_b, bool emulate) {
@@ -66,6 +99,19 @@ void scaled_int8_mm_amx(const ScaledInt8MmParams& p, const uint8_t* packed_b, bo
         gemm_amx<T, amx::EmulatedTiles>(p, packed_b);
       } else {
         gemm_amx<T, amx::HardwareTiles>(p, packed_b);
+      }
+    }
+  });
+}
+
+void scaled_int8_mm_amx_packing_b(const ScaledInt8MmParams& p, bool emulate) {
+  visit_storage_type(p.out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, double>) {
+      if (emulate) {
+        gemm_amx_packing_b<T, amx::EmulatedTiles>(p);
+      } else {
+        gemm_amx_packing_b<T, amx::HardwareTiles>(p);
       }
     }
   });
