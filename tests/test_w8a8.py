@@ -71,6 +71,29 @@ def test_scaled_int8_mm_sums_exactly(cpu_isa):
         assert torch.equal(out, (a.long() @ b.long().t()).float()), f"strided m={m} seed {seed}"
 
 
+def test_scaled_int8_mm_b_packed_per_task_or_cached(cpu_isa):
+    """More than 16 rows pack B: per task into the thread's buffer on a weight's first call (or
+    for a weight the packed-weight cache has no room for), whole into the cache on its second.
+    Both are exact and give the same bits, at every ISA level, with the AMX tiles off (test_amx.py
+    covers them)."""
+    seed = fresh_seed()
+    previous_amx = torch_ext._C.cpu_amx()
+    torch_ext._C.set_cpu_amx("off")
+    try:
+        for m, n, k in ((17, 70, 130), (40, 33, 300), (24, 100, 7)):
+            torch_ext._C.clear_conv_weight_cache()
+            a, b = _int8((m, k), seed), _int8((n, k), seed + 1)
+            first = scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32)
+            assert torch_ext._C.conv_weight_cache_bytes() == 0
+            second = scaled_int8_mm(a, b, torch.ones(m, 1), torch.ones(n), None, torch.float32)
+            assert torch_ext._C.conv_weight_cache_bytes() > 0
+            exact = (a.long() @ b.long().t()).float()
+            assert torch.equal(first, exact) and torch.equal(second, exact), f"{cpu_isa} {m}x{n}x{k} seed {seed}"
+    finally:
+        torch_ext._C.set_cpu_amx(previous_amx)
+        torch_ext._C.clear_conv_weight_cache()
+
+
 def test_scaled_int8_mm_epilogue_rounds_each_step(cpu_isa):
     """float(acc) * a_scale, * b_scale, + bias, each rounded in fp32 (no fused multiply-add), on
     the few-row path (B unpacked) and the packed one alike: bit for bit the same float32 steps

@@ -178,34 +178,33 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
     TORCH_EXT_CPU_DISPATCH(pack_int8_b, p, packed.data_ptr<uint8_t>());
     return packed;
   };
+  // B is usually a frozen weight: its packed form is cached like the conv weights' panels, while
+  // the cache has room. Otherwise (a first call, an inference tensor, a model whose weights
+  // overflow the cache and would evict each other on every call) each task packs its own column
+  // blocks: measured on a Sapphire Rapids VM, M = 128 x 14336 x 4096 (docs/perf/w8a8.md), six
+  // weights in turn over the 256 MB cache took 18.1 ms a call repacking whole weights byte by
+  // byte, 9.9 ms with the vectorized packing, 5.1-5.4 ms packed per task on AMX; one weight,
+  // cached, 3.5-3.8.
+  if (!packed.defined() && packed_weight_cache_has_room(packed_int8_b_bytes(n, k)))
+    packed = cached_packed_weight(b, kPackedInt8Tag, 0, pack);
+  const uint8_t* const packed_b = packed.defined() ? packed.data_ptr<uint8_t>() : nullptr;  // null: per task
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
   if (const cpu::AmxMode amx = cpu::amx_int8_kernel_mode(); amx != cpu::AmxMode::kOff) {
-    // B is usually a frozen weight: its packed form is cached like the conv weights' panels, while
-    // the cache has room. Otherwise (a first sighting, an inference tensor, a model whose weights
-    // overflow the cache and would evict each other on every call) each task packs its own
-    // column blocks: measured on a Sapphire Rapids VM, M = 128 x 14336 x 4096 (docs/perf/w8a8.md),
-    // six weights in turn over the 256 MB cache took 18.1 ms a call repacking whole weights byte
-    // by byte, 9.9 ms with the vectorized packing, 5.9 ms packed per task; one weight, cached, 4.0.
-    if (!packed.defined() && packed_weight_cache_has_room(packed_int8_b_bytes(n, k)))
-      packed = cached_packed_weight(b, kPackedInt8Tag, 0, pack);
-    if (packed.defined()) {
-      cpu::avx512_amx::scaled_int8_mm_amx(p, packed.data_ptr<uint8_t>(), amx == cpu::AmxMode::kEmulate);
+    if (packed_b) {
+      cpu::avx512_amx::scaled_int8_mm_amx(p, packed_b, amx == cpu::AmxMode::kEmulate);
     } else {
       cpu::avx512_amx::scaled_int8_mm_amx_packing_b(p, amx == cpu::AmxMode::kEmulate);
     }
     return out;
   }
 #endif
-  // B is usually a frozen weight: its packed form is cached like the conv weights' panels.
-  if (!packed.defined()) packed = cached_packed_weight(b, kPackedInt8Tag, 0, pack);
-  if (!packed.defined()) packed = pack();
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
   if (cpu::avx512_vnni_active()) {
-    cpu::avx512_vnni::scaled_int8_mm_vnni(p, packed.data_ptr<uint8_t>());
+    cpu::avx512_vnni::scaled_int8_mm_vnni(p, packed_b);
     return out;
   }
 #endif
-  TORCH_EXT_CPU_DISPATCH(scaled_int8_mm_packed, p, packed.data_ptr<uint8_t>());
+  TORCH_EXT_CPU_DISPATCH(scaled_int8_mm_packed, p, packed_b);
   return out;
 }
 

@@ -150,7 +150,8 @@ TORCH_EXT_DECLARE_CPU_KERNEL(void add_outlier_product(const OutlierProductParams
 TORCH_EXT_DECLARE_CPU_KERNEL(void column_abs_max(const ColumnAbsMaxParams& p))
 // B (p.b, p.n, p.k) into the packed layout, packed_int8_b_bytes(n, k) bytes.
 TORCH_EXT_DECLARE_CPU_KERNEL(void pack_int8_b(const ScaledInt8MmParams& p, uint8_t* packed))
-// out from A (p.a) and packed B; p.b is not read.
+// out from A (p.a) and packed B (p.b not read), or with packed_b null from p.b, each task packing
+// its column blocks into its thread's buffer.
 TORCH_EXT_DECLARE_CPU_KERNEL(void scaled_int8_mm_packed(const ScaledInt8MmParams& p, const uint8_t* packed_b))
 // out from A and B as they are (row-major [N, K]), for at most kUnpackedInt8MaxRows rows of A.
 TORCH_EXT_DECLARE_CPU_KERNEL(void scaled_int8_mm_unpacked(const ScaledInt8MmParams& p))

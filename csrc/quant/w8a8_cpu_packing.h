@@ -160,10 +160,13 @@ inline void micro_block(const uint8_t* const (&a)[kRows], const uint8_t* const (
     for (int j = 0; j < kBlocks; ++j) Dot::store(out[i] + j * kBlockN, acc[i][j]);
 }
 
+struct TaskPackedBTag;
+
 // Calls micro(a_rows, b_blocks, k4, acc) for every block of kRows rows x kBlocks column blocks
 // (b_blocks: the first block; the next ones follow every k4 * kBlockN * 4 bytes; acc [kRows]
 // [kBlocks * kBlockN] int32, zeroed; `blocks` of them are real), then applies the epilogue
-// (T: the output's storage type).
+// (T: the output's storage type). packed_b null: each task packs its column blocks and their
+// sums into the thread's buffer (a weight the packed-weight cache has no room for).
 template <typename T, typename Micro>
 void gemm_typed(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micro& micro) {
   const int64_t k4 = k4_of(p.k), blocks = n_blocks_of(p.n);
@@ -180,20 +183,33 @@ void gemm_typed(const ScaledInt8MmParams& p, const uint8_t* packed_b, const Micr
       std::memset(dst + real, 0, size_t(k4 * 4 - real));
     }
   });
-  const int32_t* colsum = reinterpret_cast<const int32_t*>(packed_b + colsum_offset(p.n, p.k));
+  const int64_t block_bytes = k4 * kBlockN * 4;
+  const int32_t* colsum =
+      packed_b ? reinterpret_cast<const int32_t*>(packed_b + colsum_offset(p.n, p.k)) : nullptr;
   const int64_t column_tasks = (blocks + kBlocks - 1) / kBlocks;
   parallel_for(0, column_tasks, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<uint8_t[], CacheLineDelete> fallback;
+    int8_t* const task_b = packed_b ? nullptr
+                                    : reinterpret_cast<int8_t*>(kept_scratch<uint8_t, TaskPackedBTag>(
+                                          size_t(kBlocks * block_bytes), fallback));
+    int32_t task_colsum[kBlocks * kBlockN];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb0 = task * kBlocks;
       const int cols = int(std::min<int64_t>(kBlocks * kBlockN, p.n - nb0 * kBlockN));
-      const int8_t* b = reinterpret_cast<const int8_t*>(packed_b) + nb0 * k4 * kBlockN * 4;
+      const int8_t* b = reinterpret_cast<const int8_t*>(packed_b) + nb0 * block_bytes;
+      const int32_t* sums = colsum ? colsum + nb0 * kBlockN : task_colsum;
+      if (!packed_b) {
+        for (int64_t j = 0; j < std::min<int64_t>(kBlocks, blocks - nb0); ++j)
+          pack_b_block(p, nb0 + j, task_b + j * block_bytes, task_colsum + j * kBlockN);
+        b = task_b;
+      }
       for (int64_t m0 = 0; m0 < rows; m0 += kRows) {
         const uint8_t* a_rows[kRows];
         for (int i = 0; i < kRows; ++i) a_rows[i] = a + (m0 + i) * k4 * 4;
         int32_t acc[kRows][kBlocks * kBlockN] = {};
         micro(a_rows, b, std::min<int64_t>(kBlocks, blocks - nb0), k4, acc);
         for (int i = 0; i < kRows && m0 + i < p.m; ++i)
-          epilogue_row<T>(p, acc[i], colsum + nb0 * kBlockN, m0 + i, nb0 * kBlockN, cols);
+          epilogue_row<T>(p, acc[i], sums, m0 + i, nb0 * kBlockN, cols);
       }
     }
   });
