@@ -190,11 +190,7 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   const uint8_t* const packed_b = packed.defined() ? packed.data_ptr<uint8_t>() : nullptr;  // null: per task
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
   if (const cpu::AmxMode amx = cpu::amx_int8_kernel_mode(); amx != cpu::AmxMode::kOff) {
-    if (packed_b) {
-      cpu::avx512_amx::scaled_int8_mm_amx(p, packed_b, amx == cpu::AmxMode::kEmulate);
-    } else {
-      cpu::avx512_amx::scaled_int8_mm_amx_packing_b(p, amx == cpu::AmxMode::kEmulate);
-    }
+    cpu::avx512_amx::scaled_int8_mm_amx(p, packed_b, amx == cpu::AmxMode::kEmulate);
     return out;
   }
 #endif

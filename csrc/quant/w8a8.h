@@ -176,11 +176,9 @@ void scaled_fp8_mm_unpacked_bf16(const ScaledFp8MmParams& p, const uint16_t* to_
 #endif
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
 namespace avx512_amx {
-// The packed path on AMX-INT8 tiles (w8a8_cpu_amx.cpp); `emulate`: on emulated tiles.
+// The packed path on AMX-INT8 tiles (w8a8_cpu_amx.cpp), or with packed_b null from p.b, each task
+// packing its pair of column blocks into its thread's buffer; `emulate`: on emulated tiles.
 void scaled_int8_mm_amx(const ScaledInt8MmParams& p, const uint8_t* packed_b, bool emulate);
-// The same with each task packing its pair of B's column blocks into its own buffer: B read from
-// the tensor once per panel of A's rows, nothing written beside it.
-void scaled_int8_mm_amx_packing_b(const ScaledInt8MmParams& p, bool emulate);
 }
 #endif
 }  // namespace cpu

@@ -106,10 +106,9 @@ void prepare_x(const WeightOnlyLinearParams& p, PreparedX& px) {
 template <typename Tiles, int kBits, bool kScaled>
 class PairTask {
  public:
-  PairTask(const WeightOnlyLinearParams& p, const PreparedX& px, int64_t block_steps, int64_t block_pairs)
+  PairTask(const WeightOnlyLinearParams& p, const PreparedX& px, int64_t block_pairs)
       : p_(p), w_(p.w), px_(px), k_tiles_(quant::tiles_for(p.w.k)), group_tiles_(p.w.group_size / kTileK),
-        steps_((k_tiles_ + 1) / 2), chunks_(px.rows / kChunkRows), block_steps_(block_steps),
-        b_slots_(chunks_ > 1 ? block_steps : kRingSlots),
+        chunks_(px.rows / kChunkRows), b_slots_(chunks_ > 1 ? px.block_steps : kRingSlots),
         b_tiles_(kept_scratch<uint16_t, BTilesTag>(size_t(2 * b_slots_ * kBTileElems), b_tiles_fallback_)),
         sums_(kept_scratch<float, PairSumsTag>(size_t(block_pairs * px.rows * kPairColumns), sums_fallback_)) {}
 
@@ -117,8 +116,8 @@ class PairTask {
   // read from the L2 for every pair (pairs' sums kept in memory between blocks).
   void run(int64_t pair_begin, int64_t pair_end) {
     if constexpr (!kScaled) std::fill(sums_, sums_ + (pair_end - pair_begin) * px_.rows * kPairColumns, 0.0f);
-    for (int64_t s0 = 0; s0 < steps_; s0 += block_steps_) {
-      const int64_t s1 = std::min(steps_, s0 + block_steps_);
+    for (int64_t s0 = 0; s0 < px_.steps; s0 += px_.block_steps) {
+      const int64_t s1 = std::min(px_.steps, s0 + px_.block_steps);
       for (int64_t pair = pair_begin; pair < pair_end; ++pair) run_block(pair, pair_sums(pair - pair_begin), s0, s1);
     }
     for (int64_t pair = pair_begin; pair < pair_end; ++pair) store_rows(2 * pair, pair_sums(pair - pair_begin));
@@ -272,7 +271,7 @@ class PairTask {
   const WeightOnlyLinearParams& p_;
   const QuantizedWeightView& w_;
   const PreparedX& px_;
-  const int64_t k_tiles_, group_tiles_, steps_, chunks_, block_steps_;
+  const int64_t k_tiles_, group_tiles_, chunks_;
   RowScales scales_[2];        // scaled B: the tile rows' parameters of group scales_group_
   int64_t scales_group_ = -1;
   // Two B tiles per step: every step of a K block where later chunks read them again, else a ring.
@@ -300,7 +299,7 @@ void linear_on_tiles(const WeightOnlyLinearParams& p) {
   const int64_t pairs = (quant::tiles_for(p.w.n) + 1) / 2;
   parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     const amx::TileSession<Tiles> tiles;
-    PairTask<Tiles, kBits, kScaled> task(p, px, block_steps, std::min(block_pairs, end - begin));
+    PairTask<Tiles, kBits, kScaled> task(p, px, std::min(block_pairs, end - begin));
     for (int64_t b = begin; b < end; b += block_pairs) task.run(b, std::min(end, b + block_pairs));
   });
 }
