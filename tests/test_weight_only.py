@@ -360,6 +360,8 @@ def _linear_counting_tile_products(x, qw, bias):
     (128, 16, 48, -1),    # an odd count of weight tiles: the last step's second half is padding
     (96, 32, 6144, 128),  # K in three blocks: the C tiles reloaded from the sums
     (160, 2720, 64, 32),  # 85 pairs of tile rows: several blocks of pairs per thread
+    (512, 4096, 32, 32),  # y of 4 MB: written with streaming stores
+    (520, 4100, 32, 32),  # y over 4 MB with rows of 4100: ordinary stores, the last pair partial
 ])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_amx_tiles_match_reference(amx, m, n, k, group_size, bits):
