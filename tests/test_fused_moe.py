@@ -77,10 +77,10 @@ def test_every_cpu_isa_path(cpu_isa, dtype):
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_panel_path_row_counts(cpu_isa, activation, dtype):
     """Experts with rows at and around the CPU kernel's panel sizes (whole vectors of 16 rows on
-    AVX-512, 8 on AVX2; blocks of up to 64 / 24, the threshold of widened fp16 / bf16; fp32 FMA,
-    and bf16 pairs with AVX512_BF16), several uneven panel blocks (149 rows) and one row, odd H
-    and I (bf16 pairs: a last pair with a zero); training's saved pre-activations from both
-    paths."""
+    AVX-512, 8 on AVX2; blocks of up to 64 / 24; fp32 FMA, on fp16 / bf16 weight rows widened a K
+    chunk at a time, and bf16 pairs with AVX512_BF16), several uneven panel blocks (149 rows) and
+    one row, odd H and I (bf16 pairs: a last pair with a zero; widened rows: a partial vector at
+    the end of each row); training's saved pre-activations from both paths."""
     _check_panel_rows(activation, dtype, cpu_isa)
 
 

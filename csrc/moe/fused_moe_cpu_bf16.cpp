@@ -63,6 +63,7 @@ inline void dot_block(const BFloat16* const* w, const BFloat16* const* x, int64_
 // pair (w[k], w[k + 1]) with 16 tokens' pairs (x[k], x[k + 1]).
 struct Bf16PairMath {
   using T = BFloat16;
+  using Weight = BFloat16;
   using Operand = __m512bh;
   static constexpr int kKPerStep = 2;
   static constexpr int kMinVectors = 1;  // T = 64 unchanged, T = 128 and 512 faster (docs/perf/moe.md)

@@ -9,7 +9,9 @@
 //
 // A Math type says what one k step multiplies: WidenMath<T> widens T to fp32 and issues FMAs
 // (kKPerStep 1); fused_moe's Bf16PairMath multiplies bf16 pairs with vdpbf16ps (kKPerStep 2, x
-// rows holding a pair per column) and may take a whole call on AMX tiles (tile_gemm).
+// rows holding a pair per column) and may take a whole call on AMX tiles (tile_gemm). Math::T is
+// the type of the panel and of the weights in memory, Math::Weight that of the weight rows the
+// k steps broadcast from: where they differ, each row group's K chunk is converted first.
 #pragma once
 
 #include <algorithm>
@@ -71,31 +73,22 @@ struct PanelBlocks {
   }
 };
 
-// One weight widened to fp32 by the hardware where it can (F16C for fp16: the exact software
-// to_float(Half) made fused_moe's fp16 panels 2.5-3x slower than its dot-product kernel at
-// T = 64).
-template <typename T>
-inline float widen(T value) {
-  if constexpr (std::is_same_v<T, Half>) return _cvtsh_ss(value.bits);
-  else return to_float(value);
-}
-
-// fp32 FMA on values of type T widened as they are loaded (fp32; fp16 and bf16 where vdpbf16ps
-// is missing), one k per step. kMinVectors: the column vectors a fused_moe expert needs before
-// its rows take panels. 16-bit weights pay a conversion per broadcast, which few column vectors
-// do not amortize (measured against fused_moe's dot-product kernel, Mixtral / 4, two alternating
-// rounds: bf16 on AVX2 at T = 512 160-166 vs 183-195 ms, but at T = 64, 2 vectors per expert,
-// 37-38 vs 31-35 ms; fp16 on AVX-512 at T = 64 26-27 vs 20-22 ms, at T = 512 127 vs 125-135
-// ms), so they start at one full block.
+// fp32 FMA on values of type T widened to fp32 (fp32; fp16 and bf16 where vdpbf16ps is missing),
+// one k per step. The tokens are widened as they are loaded, 16-bit weights a row group's K chunk
+// at a time into an fp32 scratch that the FMAs broadcast from (Weight = float, see
+// panel_gemm_vectors): one vector conversion per 16 weights instead of a scalar conversion per
+// broadcast (docs/perf/moe.md). kMinVectors: the column vectors a fused_moe expert needs before
+// its rows take panels.
 template <typename ValueType>
 struct WidenMath {
   using T = ValueType;
+  using Weight = float;
   using Operand = VecF;
   static constexpr int kKPerStep = 1;
-  static constexpr int kMinVectors = std::is_same_v<T, float> ? 1 : kVectors;
+  static constexpr int kMinVectors = 1;
   static Operand load_tokens(const T* p) { return load(p); }
-  static Operand broadcast_weights(const T* w) { return broadcast(widen(*w)); }
-  static Operand broadcast_last_weight(const T* w) { return broadcast(widen(*w)); }
+  static Operand broadcast_weights(const float* w) { return broadcast(*w); }
+  static Operand broadcast_last_weight(const float* w) { return broadcast(*w); }
   static VecF multiply_add(Operand w, Operand x, VecF acc) { return fmadd(w, x, acc); }
 };
 
@@ -118,9 +111,9 @@ struct PanelStrides {
 enum class WeightRows { kCached, kFromMemory };
 
 // The rows a panel_block call asks for while it runs: the next row group's, `k` values of each.
-template <class Math, int P>
+template <typename T, int P>
 struct NextRows {
-  const typename Math::T* rows[P];
+  const T* rows[P];
   int64_t k;  // 0: none
 };
 
@@ -128,8 +121,8 @@ struct NextRows {
 // pairs, except at the end of a row); asks for a cache line of each of `next`'s rows per line of
 // its own.
 template <class Math, int R, int V, int P>
-inline void panel_block(const typename Math::T* const* w, const typename Math::T* x, PanelStrides strides, int64_t K,
-                        bool accumulate, float* out, const NextRows<Math, P>& next) {
+inline void panel_block(const typename Math::Weight* const* w, const typename Math::T* x, PanelStrides strides,
+                        int64_t K, bool accumulate, float* out, const NextRows<typename Math::T, P>& next) {
   using Operand = typename Math::Operand;
   constexpr int step = Math::kKPerStep;
   constexpr int64_t kPerLine = kCacheLineBytes / int64_t(sizeof(typename Math::T));
@@ -160,12 +153,20 @@ inline void panel_block(const typename Math::T* const* w, const typename Math::T
 
 // panel_block with rows <= R chosen at run time.
 template <class Math, int R, int V, int P>
-inline void panel_block_upto(int rows, const typename Math::T* const* w, const typename Math::T* x,
+inline void panel_block_upto(int rows, const typename Math::Weight* const* w, const typename Math::T* x,
                              PanelStrides strides, int64_t K, bool accumulate, float* out,
-                             const NextRows<Math, P>& next) {
+                             const NextRows<typename Math::T, P>& next) {
   if constexpr (R > 1)
     if (rows < R) return panel_block_upto<Math, R - 1, V, P>(rows, w, x, strides, K, accumulate, out, next);
   panel_block<Math, R, V, P>(w, x, strides, K, accumulate, out, next);
+}
+
+// The `count` values at `from` widened to fp32 at `to`.
+template <typename T>
+inline void widen_values(const T* from, int64_t count, float* to) {
+  int64_t k = 0;
+  for (; k + kLanes <= count; k += kLanes) store(to + k, load(from + k));
+  if (k < count) store_partial(to + k, load_partial(from + k, int(count - k)), int(count - k));
 }
 
 // panel_gemm (below) for a width of V vectors: row groups of group_rows(V); with kFromMemory,
@@ -175,6 +176,10 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
                         PanelStrides strides, WeightRows weight_rows) {
   static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
   constexpr int kGroup = group_rows(V);
+  using Weight = typename Math::Weight;
+  constexpr bool kWidens = !std::is_same_v<Weight, typename Math::T>;
+  static_assert(!kWidens || std::is_same_v<Weight, float>, "rows are widened to fp32");
+  alignas(64) float widened_rows[kWidens ? kGroup : 1][kWidens ? kKChunk : 1];  // 16 KB at most
   // The group of rows from r0 at k0, its slots past the last row repeating that row (a next
   // group's requests then need no count).
   const auto group_at = [&](int64_t k0, int r0, const typename Math::T** at) {
@@ -184,9 +189,10 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
   for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
     const int64_t chunk = std::min(kKChunk, K - k0);
     for (int r0 = 0; r0 < rows; r0 += kGroup) {
+      const int group = std::min(kGroup, rows - r0);
       const typename Math::T* rows_at_k0[kGroup];
       group_at(k0, r0, rows_at_k0);
-      NextRows<Math, kGroup> next{{}, 0};
+      NextRows<typename Math::T, kGroup> next{{}, 0};
       if (weight_rows == WeightRows::kFromMemory) {
         const bool last_group = r0 + kGroup >= rows;
         const int64_t next_k0 = last_group ? k0 + kKChunk : k0;
@@ -195,8 +201,18 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
           next.k = std::min(kKChunk, K - next_k0);
         }
       }
-      panel_block_upto<Math, kGroup, V, kGroup>(std::min(kGroup, rows - r0), rows_at_k0, x + k0 * strides.x, strides,
-                                                chunk, k0 > 0, out + r0 * strides.out, next);
+      if constexpr (kWidens) {
+        const float* widened_at[kGroup];
+        for (int i = 0; i < kGroup; ++i) {
+          if (i < group) widen_values(rows_at_k0[i], chunk, widened_rows[i]);
+          widened_at[i] = widened_rows[std::min(i, group - 1)];
+        }
+        panel_block_upto<Math, kGroup, V, kGroup>(group, widened_at, x + k0 * strides.x, strides, chunk, k0 > 0,
+                                                  out + r0 * strides.out, next);
+      } else {
+        panel_block_upto<Math, kGroup, V, kGroup>(group, rows_at_k0, x + k0 * strides.x, strides, chunk, k0 > 0,
+                                                  out + r0 * strides.out, next);
+      }
     }
   }
 }
