@@ -148,10 +148,21 @@ void dequantize_cpu(const QuantizedWeightView& w, int64_t row_begin, int64_t row
   TORCH_EXT_CPU_DISPATCH(dequantize_weight, p);
 }
 
+// The dtype of the dequantized panels and of torch's GEMM on them: fp32 for fp16 x (CPU fp16
+// GEMMs are slow or absent) and for bf16 x on a CPU without bf16 dot products (AVX512_BF16 or
+// AMX-BF16), where torch's bf16 GEMM is several times slower than its fp32 GEMM: measured on a
+// Xeon VM without them (docs/perf/quant.md), 4-bit 4096 x 4096 at 256 rows, bf16 panels 152 ms,
+// fp32 panels 35.6 ms (F.linear bf16 142 ms).
+at::ScalarType panel_dtype_cpu(at::ScalarType x) {
+  if (x == at::kHalf) return at::kFloat;
+  if (x == at::kBFloat16 && !cpu::avx512_bf16_detected() && !cpu::amx_bf16_detected()) return at::kFloat;
+  return x;
+}
+
 // Prefill on the CPU: y = x @ W^T panel by panel, each panel dequantized into a buffer that
-// stays in cache for the GEMM. fp16 x runs in fp32 (CPU fp16 GEMMs are slow or absent).
+// stays in cache for the GEMM.
 void linear_by_panels_cpu(const QuantizedWeightView& w, const at::Tensor& x_rows, at::Tensor& y) {
-  const at::ScalarType compute = x_rows.scalar_type() == at::kHalf ? at::kFloat : x_rows.scalar_type();
+  const at::ScalarType compute = panel_dtype_cpu(x_rows.scalar_type());
   const at::Tensor x = x_rows.to(compute);
   const int64_t panel_rows = std::max<int64_t>(
       kMinPanelRows, kPanelBytes / (w.k * int64_t(c10::elementSize(compute))) / quant::kTileN * quant::kTileN);

@@ -117,17 +117,19 @@ bool avx512_extension_active(bool has_feature) {
 }
 }  // namespace
 
-bool avx512_bf16_active() {
+bool avx512_bf16_detected() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool has = [] {
     __builtin_cpu_init();
     return bool(__builtin_cpu_supports("avx512bf16"));
   }();
-  return avx512_extension_active(has);
+  return has;
 #else
   return false;
 #endif
 }
+
+bool avx512_bf16_active() { return avx512_extension_active(avx512_bf16_detected()); }
 
 bool avx512_vnni_active() {
 #if defined(__x86_64__) || defined(_M_X64)

@@ -26,8 +26,10 @@ CpuIsa active_cpu_isa();
 // now active.
 CpuIsa set_cpu_isa_limit(CpuIsa limit);
 
-// Whether this CPU has AVX512_BF16 (vdpbf16ps) and the active level is AVX-512: kernels with
-// a bf16 dot-product path check this before calling code compiled for that extension.
+// Whether this CPU has AVX512_BF16 (vdpbf16ps), whatever level runs.
+bool avx512_bf16_detected();
+// ... and the active level is AVX-512: kernels with a bf16 dot-product path check this before
+// calling code compiled for that extension.
 bool avx512_bf16_active();
 // The same for AVX512_VNNI (vpdpbusd).
 bool avx512_vnni_active();
