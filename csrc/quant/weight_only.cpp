@@ -7,6 +7,8 @@
 // (quant/weight_only_cpu_amx.cpp), dequantizing into tile operands that never reach memory.
 #include "quant/weight_only.h"
 
+#include <limits>
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
@@ -43,6 +45,17 @@ namespace {
 constexpr const char* kLinearOp = "weight_only_linear";
 constexpr const char* kDequantizeOp = "dequantize_weight";
 
+// The dtype of the dequantized panels and of torch's GEMM on them: fp32 for fp16 x (CPU fp16
+// GEMMs are slow or absent) and for bf16 x on a CPU without bf16 dot products (AVX512_BF16 or
+// AMX-BF16), where torch's bf16 GEMM is several times slower than its fp32 GEMM: measured on a
+// Xeon VM without them (docs/perf/quant.md), 4-bit 4096 x 4096 at 256 rows, bf16 panels 152 ms,
+// fp32 panels 35.6 ms (F.linear bf16 142 ms).
+at::ScalarType panel_dtype_cpu(at::ScalarType x) {
+  if (x == at::kHalf) return at::kFloat;
+  if (x == at::kBFloat16 && !cpu::avx512_bf16_detected() && !cpu::amx_bf16_detected()) return at::kFloat;
+  return x;
+}
+
 // Rows of x up to which the fused CPU kernel beats dequantize + GEMM (measured on the
 // project's AVX-512 VM, docs/perf/quant.md: the fused kernel re-reads the weight from cache
 // once per 4 rows, the GEMM path pays one dequantization of the whole weight). Where the CPU has
@@ -51,9 +64,17 @@ constexpr const char* kDequantizeOp = "dequantize_weight";
 // 5.8 at 32, 11.8 at 64), the panels about 5.2 ms at any of these M.
 constexpr int64_t kDirectRowsCpu = 64;
 constexpr int64_t kDirectRowsCpuAmxBf16 = 28;
+// 16-bit x whose panels would run in fp32 takes the AVX512-VNNI kernel at any M: measured on a
+// Xeon VM without bf16 dot products (4-bit g128 4096 x 4096, bf16 x), it took 9.3 / 12.5 / 24.7 /
+// 101 / 220 ms at 96 / 128 / 256 / 1024 / 2048 rows against 17.3 / 20.5 / 35.6 / 125 / 255 for
+// the fp32 panels. (Its FMA kernel on AVX2 lost there: 96 rows 39.6 against 17.0 ms.)
+constexpr int64_t kDirectRowsCpuVnni = std::numeric_limits<int64_t>::max();
 
 int64_t direct_rows_cpu(const at::Tensor& x) {
-  return x.scalar_type() == at::kBFloat16 && cpu::amx_bf16_detected() ? kDirectRowsCpuAmxBf16 : kDirectRowsCpu;
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype == at::kBFloat16 && cpu::amx_bf16_detected()) return kDirectRowsCpuAmxBf16;
+  if (dtype != at::kFloat && panel_dtype_cpu(dtype) == at::kFloat && cpu::avx512_vnni_active()) return kDirectRowsCpuVnni;
+  return kDirectRowsCpu;
 }
 
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_AMX)
@@ -146,17 +167,6 @@ std::pair<at::Tensor, at::Tensor> group_params(const at::Tensor& scales, const c
 void dequantize_cpu(const QuantizedWeightView& w, int64_t row_begin, int64_t row_end, at::Tensor& out) {
   const DequantizeWeightParams p{w, scalar_kind(out), row_begin, row_end, out.data_ptr()};
   TORCH_EXT_CPU_DISPATCH(dequantize_weight, p);
-}
-
-// The dtype of the dequantized panels and of torch's GEMM on them: fp32 for fp16 x (CPU fp16
-// GEMMs are slow or absent) and for bf16 x on a CPU without bf16 dot products (AVX512_BF16 or
-// AMX-BF16), where torch's bf16 GEMM is several times slower than its fp32 GEMM: measured on a
-// Xeon VM without them (docs/perf/quant.md), 4-bit 4096 x 4096 at 256 rows, bf16 panels 152 ms,
-// fp32 panels 35.6 ms (F.linear bf16 142 ms).
-at::ScalarType panel_dtype_cpu(at::ScalarType x) {
-  if (x == at::kHalf) return at::kFloat;
-  if (x == at::kBFloat16 && !cpu::avx512_bf16_detected() && !cpu::amx_bf16_detected()) return at::kFloat;
-  return x;
 }
 
 // Prefill on the CPU: y = x @ W^T panel by panel, each panel dequantized into a buffer that
