@@ -67,7 +67,8 @@ constexpr int64_t kDirectRowsCpuAmxBf16 = 28;
 // 16-bit x whose panels would run in fp32 takes the AVX512-VNNI kernel at any M: measured on a
 // Xeon VM without bf16 dot products (4-bit g128 4096 x 4096, bf16 x), it took 9.3 / 12.5 / 24.7 /
 // 101 / 220 ms at 96 / 128 / 256 / 1024 / 2048 rows against 17.3 / 20.5 / 35.6 / 125 / 255 for
-// the fp32 panels. (Its FMA kernel on AVX2 lost there: 96 rows 39.6 against 17.0 ms.)
+// the fp32 panels. (Without VNNI nothing changes: our AVX2 kernels, forced on that VM, took 39.6
+// ms at 96 rows against 17.0 for the panels, whose GEMM was still torch's AVX-512 code there.)
 constexpr int64_t kDirectRowsCpuVnni = std::numeric_limits<int64_t>::max();
 
 int64_t direct_rows_cpu(const at::Tensor& x) {
