@@ -71,10 +71,21 @@ constexpr int64_t kDirectRowsCpuAmxBf16 = 28;
 // ms at 96 rows against 17.0 for the panels, whose GEMM was still torch's AVX-512 code there.)
 constexpr int64_t kDirectRowsCpuVnni = std::numeric_limits<int64_t>::max();
 
+// Whether the fused kernel for x is the AVX512-VNNI one (compiled in, and active on this CPU):
+// x rounded to int16 per span of columns (error at most 1/32512 of the span's largest |x|) is as
+// precise as 16-bit x needs; fp32 x keeps the fp32 kernel.
+bool runs_vnni_kernel(const at::Tensor& x) {
+#if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
+  return x.scalar_type() != at::kFloat && cpu::avx512_vnni_active();
+#else
+  return false;
+#endif
+}
+
 int64_t direct_rows_cpu(const at::Tensor& x) {
   const at::ScalarType dtype = x.scalar_type();
   if (dtype == at::kBFloat16 && cpu::amx_bf16_detected()) return kDirectRowsCpuAmxBf16;
-  if (dtype != at::kFloat && panel_dtype_cpu(dtype) == at::kFloat && cpu::avx512_vnni_active()) return kDirectRowsCpuVnni;
+  if (runs_vnni_kernel(x) && panel_dtype_cpu(dtype) == at::kFloat) return kDirectRowsCpuVnni;
   return kDirectRowsCpu;
 }
 
@@ -279,9 +290,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
     return y;
   }
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_VNNI)
-  // x rounded to int16 per span of columns (error at most 1/32512 of the span's largest |x|)
-  // is as precise as 16-bit x needs; fp32 x keeps the fp32 kernel.
-  if (x.scalar_type() != at::kFloat && cpu::avx512_vnni_active()) {
+  if (runs_vnni_kernel(x)) {
     cpu::avx512_vnni::weight_only_linear_vnni_dot(p);
     return y;
   }

@@ -201,18 +201,17 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
           next.k = std::min(kKChunk, K - next_k0);
         }
       }
-      if constexpr (kWidens) {
-        const float* widened_at[kGroup];
-        for (int i = 0; i < kGroup; ++i) {
+      const Weight* weights_at[kGroup];  // the rows themselves, or their widened copies
+      for (int i = 0; i < kGroup; ++i) {
+        if constexpr (kWidens) {
           if (i < group) widen_values(rows_at_k0[i], chunk, widened_rows[i]);
-          widened_at[i] = widened_rows[std::min(i, group - 1)];
+          weights_at[i] = widened_rows[std::min(i, group - 1)];
+        } else {
+          weights_at[i] = rows_at_k0[i];
         }
-        panel_block_upto<Math, kGroup, V, kGroup>(group, widened_at, x + k0 * strides.x, strides, chunk, k0 > 0,
-                                                  out + r0 * strides.out, next);
-      } else {
-        panel_block_upto<Math, kGroup, V, kGroup>(group, rows_at_k0, x + k0 * strides.x, strides, chunk, k0 > 0,
-                                                  out + r0 * strides.out, next);
       }
+      panel_block_upto<Math, kGroup, V, kGroup>(group, weights_at, x + k0 * strides.x, strides, chunk, k0 > 0,
+                                                out + r0 * strides.out, next);
     }
   }
 }
