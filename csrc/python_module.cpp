@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/cpu/amx.h"
+#include "common/cpu/huge_pages.h"
 #include "common/cpu/isa.h"
 #include "common/float_bits.h"
 #include "conv/packed_weight_cache.h"
@@ -139,11 +140,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_amx", [] { return std::string(cpu::amx_mode_name(cpu::amx_mode())); },
         "The AMX mode set (TORCH_EXT_CPU_AMX or set_cpu_amx).");
 
+  m.def("set_cpu_huge_pages", &cpu::set_huge_page_advice, py::arg("on"),
+        "Whether large CPU outputs are advised for transparent huge pages (default on unless "
+        "TORCH_EXT_CPU_HUGE_PAGES=0); returns the setting now in force.");
+  m.def("cpu_huge_pages", &cpu::huge_page_advice, "Whether large CPU outputs are advised for huge pages.");
+
   m.def("clear_conv_weight_cache", &clear_packed_weight_cache,
         "Frees the CPU convolution weights packed for inference reuse; returns the bytes released.");
   m.def("conv_weight_cache_bytes", &packed_weight_cache_bytes, "Bytes of packed convolution weights held now.");
 
   py::module_ testing = m.def_submodule("_testing", "Host-side copies of device helpers, for CPU tests.");
+  testing.def("huge_page_span", [](uintptr_t address, size_t bytes) {
+    const cpu::HugePageSpan span = cpu::huge_page_span(address, bytes);
+    return py::make_tuple(span.begin, span.length);
+  });
   testing.def("float_to_half", [](const py::bytes& b) {
     return map_buffer<float, uint16_t>(b, [](float f) { return to_half(f).bits; });
   });

@@ -166,7 +166,7 @@ def _reference_grads(args, grad_out, activation):
     return [leaf.grad for leaf in leaves]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_backward_matches_reference(device, dtype, activation):
     if device == "cuda" and dtype == torch.float64:
@@ -185,6 +185,29 @@ def test_backward_matches_reference(device, dtype, activation):
     for name, got, ref in zip(["hidden", "w13", "w2", "topk_weights"], grads, expected):
         got_dtype = torch.float32 if name == "topk_weights" and dtype == torch.float64 else dtype  # fp32 weights
         assert_close_to_reference(got, ref, got_dtype, f"grad {name} (seed {seed})", bound=bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_in_fp32_blocks(dtype):
+    """16-bit experts whose CPU backward widens the weights to fp32 a block of rows at a time (fp16
+    on every CPU, bf16 without bf16 dot products): experts large enough for several blocks and a
+    partial last one, with the forward's gate_up and with the first GEMM recomputed."""
+    seed = fresh_seed()
+    args = _problem(24, 4, 2, 640, 320, dtype, "cpu", seed)
+    grad_out = random_tensor((24, 640), dtype, "cpu", seed + 3)
+    expected = _reference_grads(args, grad_out, "silu")
+    gate_up = torch.ops.torch_ext.fused_moe_train(*args, "silu")[1]
+    for saved in (gate_up, None):
+        with poisoned_outputs():
+            grads = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "silu", saved)
+        if saved is not None:
+            with_saved = grads
+        for name, got, ref in zip(["hidden", "w13", "w2", "topk_weights"], grads, expected):
+            assert_close_to_reference(got, ref, dtype, f"grad {name} saved={saved is not None} (seed {seed})",
+                                      bound=1.2e-2 if dtype == torch.bfloat16 else None)
+    frozen = torch.ops.torch_ext.fused_moe_backward(grad_out, *args, "silu", gate_up, False)
+    assert torch.equal(frozen[0], with_saved[0]) and torch.equal(frozen[3], with_saved[3])
+    assert frozen[1].numel() == 0 and frozen[2].numel() == 0
 
 
 def test_gradcheck():

@@ -23,6 +23,9 @@
 #include <functional>
 #include <vector>
 
+#include "common/large_output.h"
+#include "moe/expert_backward.h"
+
 namespace torch_ext::moe {
 namespace {
 
@@ -190,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
   at::Tensor grad_weights = at::empty({x.size(0)}, topk_weights.options());
   // Every expert's gradient slice is written whole by its GEMMs; only idle experts need zeros
   // (zero-filling all of dW first would write the expert weights' size once more).
-  at::Tensor grad_w13 = weight_grads ? at::empty_like(w13, at::MemoryFormat::Contiguous) : w13.new_empty({0});
-  at::Tensor grad_w2 = weight_grads ? at::empty_like(w2, at::MemoryFormat::Contiguous) : w2.new_empty({0});
+  at::Tensor grad_w13 = weight_grads ? empty_large_output(w13.sizes(), w13.options()) : w13.new_empty({0});
+  at::Tensor grad_w2 = weight_grads ? empty_large_output(w2.sizes(), w2.options()) : w2.new_empty({0});
   const std::vector<int64_t> first = first_rows(g.counts);
   for (int64_t e = 0; e < int64_t(g.counts.size()) && weight_grads; ++e) {
     if (g.counts[size_t(e)] == 0) {
@@ -199,20 +202,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
       grad_w2[e].zero_();
     }
   }
+  const bool in_fp32 = expert_backward_in_fp32(hidden);
   for_each_active_expert(hidden, g.counts, kBackwardSideBySideMaxRows, [&](int64_t e) {
     const int64_t row = first[size_t(e)], count = g.counts[size_t(e)];
-    const at::Tensor x_e = x.narrow(0, row, count), dy_e = dy.narrow(0, row, count);
-    const at::Tensor w_e = weights.narrow(0, row, count).unsqueeze(1);
-    const at::Tensor gate_up_e = saved.defined() ? saved.narrow(0, row, count) : at::mm(x_e, w13[e].t());
-    const GatedBackward gb = gated_activation_backward(gate_up_e, at::mm(dy_e, w2[e]), w_e, activation);
-    grad_weights.narrow(0, row, count).copy_(gb.grad_weights);
-    at::Tensor grad_x_e = grad_x.narrow(0, row, count);
-    if (weight_grads) {
-      at::Tensor grad_w2_e = grad_w2[e], grad_w13_e = grad_w13[e];
-      at::mm_out(grad_w2_e, (dy_e * w_e).t(), gb.act);
-      at::mm_out(grad_w13_e, gb.d_gate_up.t(), x_e);
-    }
-    at::mm_out(grad_x_e, gb.d_gate_up, w13[e]);
+    const ExpertBackwardRows rows{x.narrow(0, row, count), dy.narrow(0, row, count),
+                                  weights.narrow(0, row, count).unsqueeze(1),
+                                  saved.defined() ? saved.narrow(0, row, count) : at::Tensor()};
+    const ExpertBackwardGrads grads{grad_x.narrow(0, row, count), grad_weights.narrow(0, row, count),
+                                    weight_grads ? grad_w13[e] : at::Tensor(), weight_grads ? grad_w2[e] : at::Tensor()};
+    expert_backward(rows, w13[e], w2[e], activation, in_fp32, grads);
   });
   at::Tensor grad_weights_by_pair = at::empty_like(grad_weights);
   grad_weights_by_pair.index_copy_(0, g.order, grad_weights);

@@ -14,7 +14,9 @@
 
 #include "common/alignment.h"
 #include "common/cpu/amx.h"
+#include "common/cpu/gemm_dtype.h"
 #include "common/cpu/isa.h"
+#include "common/large_output.h"
 #include "common/torch_utils.h"
 #include "ops.h"
 #include "quant/weight_only_cuda_index.h"
@@ -45,16 +47,10 @@ namespace {
 constexpr const char* kLinearOp = "weight_only_linear";
 constexpr const char* kDequantizeOp = "dequantize_weight";
 
-// The dtype of the dequantized panels and of torch's GEMM on them: fp32 for fp16 x (CPU fp16
-// GEMMs are slow or absent) and for bf16 x on a CPU without bf16 dot products (AVX512_BF16 or
-// AMX-BF16), where torch's bf16 GEMM is several times slower than its fp32 GEMM: measured on a
-// Xeon VM without them (docs/perf/quant.md), 4-bit 4096 x 4096 at 256 rows, bf16 panels 152 ms,
-// fp32 panels 35.6 ms (F.linear bf16 142 ms).
-at::ScalarType panel_dtype_cpu(at::ScalarType x) {
-  if (x == at::kHalf) return at::kFloat;
-  if (x == at::kBFloat16 && !cpu::avx512_bf16_detected() && !cpu::amx_bf16_detected()) return at::kFloat;
-  return x;
-}
+// The dtype of the dequantized panels and of torch's GEMM on them (common/cpu/gemm_dtype.h):
+// measured on a Xeon VM without bf16 dot products (docs/perf/quant.md), 4-bit 4096 x 4096 at 256
+// rows, bf16 panels 152 ms, fp32 panels 35.6 ms (F.linear bf16 142 ms).
+at::ScalarType panel_dtype_cpu(at::ScalarType x) { return cpu::fast_gemm_dtype(x); }
 
 // Rows of x up to which the fused CPU kernel beats dequantize + GEMM (measured on the
 // project's AVX-512 VM, docs/perf/quant.md: the fused kernel re-reads the weight from cache
@@ -361,7 +357,7 @@ at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales
   const auto [s, z] = group_params(scales, zeros);
   const at::Tensor qw = aligned_qweight(qweight);
   const QuantizedWeightView w = weight_view(layout, bits, qw, s, z);
-  at::Tensor out = at::empty({layout.n, layout.k}, scales.options());
+  at::Tensor out = empty_large_output({layout.n, layout.k}, scales.options());
   if (out.numel() == 0) return out;
   if (qweight.is_cuda()) {
 #if defined(TORCH_EXT_WITH_CUDA)
