@@ -12,6 +12,7 @@
 
 #include "common/cpu/amx.h"
 #include "common/cpu/isa.h"
+#include "common/large_output.h"
 #include "common/torch_utils.h"
 #include "conv/packed_weight_cache.h"
 #include "ops.h"
@@ -96,7 +97,7 @@ ScaledMmOperands check_scaled_mm(const char* op, at::ScalarType operand_dtype, b
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, c10::optional<double> clip,
                                                  const at::Tensor& zero_mask) {
   const at::Tensor rows = as_rows(x);
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor q = empty_large_output(x.sizes(), x.options().dtype(at::kChar));
   std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end());
   scale_shape.back() = 1;
   at::Tensor scale = at::empty(scale_shape, x.options().dtype(at::kFloat));
@@ -144,7 +145,7 @@ at::Tensor scaled_int8_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
                           const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const ScaledMmOperands o = check_scaled_mm(kMmOp, at::kChar, false, a, b, a_scale, b_scale, bias, out_dtype);
   const int64_t m = o.m, n = o.n, k = o.k;
-  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  at::Tensor out = empty_large_output({m, n}, a.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   const ScaledInt8MmParams p{m, n, k,
                              o.a.data_ptr<int8_t>(), o.a.stride(0), o.b.data_ptr<int8_t>(), o.b.stride(0),
@@ -245,7 +246,7 @@ at::Tensor scaled_fp8_mm(const at::Tensor& a, const at::Tensor& b, const at::Ten
   }
 #if defined(TORCH_EXT_HAVE_CPU_AVX512_BF16)
   if (cpu::avx512_bf16_active()) {
-    at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+    at::Tensor out = empty_large_output({m, n}, a.options().dtype(out_dtype));
     if (out.numel() == 0) return out;
     const ScaledFp8MmParams p = params(out);
     const uint16_t* const to_bf16 = e4m3_to_bf16();
@@ -351,7 +352,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
                                      columns.data_ptr<int32_t>(), reinterpret_cast<uint32_t*>(zero_mask.data_ptr<int32_t>())};
     C10_CUDA_CHECK(cuda::find_outlier_columns(search, stream));
     const at::Tensor y = scaled_int8_mm_of_rows(rows, w_q, w_scale, bias, at::kFloat, zero_mask);
-    at::Tensor out = at::empty({rows.size(0), n}, x.options());
+    at::Tensor out = empty_large_output({rows.size(0), n}, x.options());
     const at::Tensor w = unit_column_stride(w_q), scale = w_scale.reshape({-1}).contiguous();
     const OutlierAddParams add{rows.size(0), n, int32_t(most), columns.data_ptr<int32_t>(),
                                scalar_kind(rows), rows.data_ptr(), rows.stride(0),

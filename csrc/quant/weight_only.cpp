@@ -208,7 +208,7 @@ void run_linear_cuda(const WeightOnlyLinearParams& p, const at::Tensor& x) {
 at::Tensor output_for(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
-  return at::empty(shape, x.options());
+  return empty_large_output(shape, x.options());
 }
 
 }  // namespace
