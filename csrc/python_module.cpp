@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/cpu/amx.h"
+#include "common/cpu/gemm_dtype.h"
 #include "common/cpu/huge_pages.h"
 #include "common/cpu/isa.h"
 #include "common/float_bits.h"
@@ -140,6 +141,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_amx", [] { return std::string(cpu::amx_mode_name(cpu::amx_mode())); },
         "The AMX mode set (TORCH_EXT_CPU_AMX or set_cpu_amx).");
 
+  m.def("cpu_bf16_gemm_native", [] { return cpu::fast_gemm_dtype(at::kBFloat16) == at::kBFloat16; },
+        "Whether this CPU runs torch's bf16 GEMMs on bf16 instructions (AVX512_BF16 or AMX-BF16); "
+        "where not, the backward GEMMs of 16-bit layers run in fp32.");
   m.def("set_cpu_huge_pages", &cpu::set_huge_page_advice, py::arg("on"),
         "Whether large CPU outputs are advised for transparent huge pages (default on unless "
         "TORCH_EXT_CPU_HUGE_PAGES=0); returns the setting now in force.");

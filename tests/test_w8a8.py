@@ -360,15 +360,31 @@ def test_int8_linear_cuda_graph_capture():
     assert torch.equal(captured, int8_linear(x, w_q, w_scale, None, 6.0)), f"seed {seed}"
 
 
-def test_int8_linear_gradients_straight_through():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_linear_gradients_straight_through(dtype):
     seed = fresh_seed()
-    x = _outlier_batch(seed, m=4, k=64, columns=(5,)).requires_grad_()
+    x = _outlier_batch(seed, m=4, k=64, columns=(5,)).to(dtype).requires_grad_()
     w_q, w_scale, w = _int8_weight(24, 64, seed + 1)
-    bias = random_tensor((24,), torch.float32, "cpu", seed + 2).requires_grad_()
-    grad_y = random_tensor((4, 24), torch.float32, "cpu", seed + 3)
+    bias = random_tensor((24,), dtype, "cpu", seed + 2).requires_grad_()
+    grad_y = random_tensor((4, 24), dtype, "cpu", seed + 3)
     int8_linear(x, w_q, w_scale, bias, 6.0).backward(grad_y)
-    assert_close_to_reference(x.grad, grad_y.double() @ w, torch.float32, f"grad x, seed {seed}", 1e-5)
-    assert_close_to_reference(bias.grad, grad_y.double().sum(0), torch.float32, f"grad bias, seed {seed}", 1e-6)
+    fp32 = dtype == torch.float32
+    assert_close_to_reference(x.grad, grad_y.double() @ w, dtype, f"grad x, seed {seed}", 1e-5 if fp32 else None)
+    assert_close_to_reference(bias.grad, grad_y.double().sum(0), dtype, f"grad bias, seed {seed}", 1e-6 if fp32 else None)
+
+
+def test_backward_gemm_dtype():
+    """The input gradients' GEMM dtype: fp32 for fp16 on the CPU, and for bf16 where the CPU has
+    neither AVX512_BF16 nor AMX-BF16 (torch's bf16 GEMM is slow there); unchanged elsewhere."""
+    from torch_ext.ops._gemm_dtype import gemm_dtype
+
+    cpu = torch.device("cpu")
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else None
+    assert gemm_dtype(torch.float16, cpu) == torch.float32 and gemm_dtype(torch.float32, cpu) == torch.float32
+    if flags is not None:
+        native = "avx512_bf16" in flags or "amx_bf16" in flags
+        assert gemm_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if native else torch.float32)
+    assert gemm_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
 
 
 def test_int8_linear_opcheck_and_compile():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from torch_ext.nn.per_channel_linear import PerChannelQuantizedLinear
+from torch_ext.ops._gemm_dtype import grad_through_weight
 from torch_ext.ops.w8a8 import quantize_fp8_per_row, scaled_fp8_mm
 
 
@@ -23,9 +24,9 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         w_q, w_scale = ctx.saved_tensors
-        weight = (w_q.float() * w_scale.reshape(-1, 1)).to(grad_y.dtype)
+        grad_x = grad_through_weight(grad_y, lambda compute: (w_q.float() * w_scale.reshape(-1, 1)).to(compute))
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return grad_y @ weight, None, None, grad_bias
+        return grad_x, None, None, grad_bias
 
 
 class FP8Linear(PerChannelQuantizedLinear):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from torch_ext.ops._dispatch import call_differentiable
+from torch_ext.ops._gemm_dtype import grad_through_weight
 
 _LINEAR = torch.ops.torch_ext.weight_only_linear
 _DEQUANTIZE = torch.ops.torch_ext.dequantize_weight
@@ -55,8 +56,8 @@ def _backward(ctx, grad_y: torch.Tensor):
     bits, group_size, k, dtype, has_bias = ctx.config
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = _DEQUANTIZE(qweight, scales, zeros, bits, group_size, k).to(grad_y.dtype)
-        grad_x = (grad_y @ weight).to(dtype)
+        grad_x = grad_through_weight(
+            grad_y, lambda compute: _DEQUANTIZE(qweight, scales, zeros, bits, group_size, k).to(compute)).to(dtype)
     if has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
     return grad_x, None, None, None, grad_bias, None, None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from torch_ext.ops._dispatch import call_differentiable
+from torch_ext.ops._gemm_dtype import grad_through_weight
 
 _QUANTIZE = torch.ops.torch_ext.quantize_per_token
 _MM = torch.ops.torch_ext.scaled_int8_mm
@@ -78,8 +79,7 @@ def _int8_linear_backward(ctx, grad_y: torch.Tensor):
     w_q, w_scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = (w_q.to(torch.float32) * w_scale.reshape(-1, 1)).to(grad_y.dtype)
-        grad_x = grad_y @ weight
+        grad_x = grad_through_weight(grad_y, lambda compute: (w_q.float() * w_scale.reshape(-1, 1)).to(compute))
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
     return grad_x, None, None, grad_bias, None
