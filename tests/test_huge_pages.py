@@ -50,14 +50,10 @@ def test_large_dequantized_weight_lands_on_huge_pages():
     qw = quantize_weight(random_tensor((2304, 4096), torch.float32, "cpu", fresh_seed()), 4, 128)  # 36 MiB fp32
     before = _C.cpu_huge_pages()
     try:
-        for advice in (True, False):
-            _C.set_cpu_huge_pages(advice)
-            w = qw.dequantize()
-            huge = _huge_bytes_at(w.data_ptr() + w.nbytes // 2)
-            if advice:
-                assert huge >= HUGE, "the advised output holds no huge page"
-            elif _thp_mode() == "madvise":
-                assert huge == 0, "huge pages without the advice in madvise mode"
-            del w
+        _C.set_cpu_huge_pages(True)
+        w = qw.dequantize()
+        assert _huge_bytes_at(w.data_ptr() + w.nbytes // 2) >= HUGE, "the advised output holds no huge page"
+        # (Without the advice nothing is asserted: in a long process the allocation can land in
+        # memory an earlier advice or khugepaged already backed with huge pages.)
     finally:
         _C.set_cpu_huge_pages(before)
