@@ -97,14 +97,9 @@ void expert_backward_fp32(const ExpertBackwardRows& rows, const at::Tensor& w13,
 
 }  // namespace
 
-bool expert_backward_in_fp32(const at::Tensor& hidden) {
-  return hidden.is_cpu() && hidden.scalar_type() != at::kDouble &&
-         cpu::fast_gemm_dtype(hidden.scalar_type()) != hidden.scalar_type();
-}
-
 void expert_backward(const ExpertBackwardRows& rows, const at::Tensor& w13, const at::Tensor& w2,
-                     Activation activation, bool in_fp32, const ExpertBackwardGrads& grads) {
-  if (in_fp32) {
+                     Activation activation, const ExpertBackwardGrads& grads) {
+  if (rows.x.is_cpu() && cpu::fast_gemm_dtype(rows.x.scalar_type()) != rows.x.scalar_type()) {
     expert_backward_fp32(rows, w13, w2, activation, grads);
   } else {
     expert_backward_native(rows, w13, w2, activation, grads);

@@ -22,16 +22,13 @@ struct ExpertBackwardGrads {
   at::Tensor grad_w2;
 };
 
-// Whether expert_backward runs its GEMMs in fp32 for experts of this dtype and device: 16-bit
-// experts on CPUs where torch's GEMM in their dtype is slow (fp16 anywhere, bf16 without
-// AVX512_BF16 or AMX-BF16).
-bool expert_backward_in_fp32(const at::Tensor& hidden);
-
 // Writes the expert's gradients: d act = dy W2 (before the routing weight), the gated
 // activation's backward, grad_w2 = (w dy)^T act, grad_w13 = d gate_up^T x, grad_x = d gate_up W13.
-// With in_fp32, 16-bit operands are widened to fp32 a block at a time (weights a block of rows
-// at a time, so nothing expert-sized is copied) and each output is rounded once.
+// 16-bit experts on CPUs where torch's GEMM in their dtype is slow (fp16 anywhere, bf16 without
+// AVX512_BF16 or AMX-BF16: common/cpu/gemm_dtype.h) run the GEMMs in fp32: their operands are
+// widened a block at a time (weights a block of rows at a time, so nothing expert-sized is
+// copied) and each output is rounded once.
 void expert_backward(const ExpertBackwardRows& rows, const at::Tensor& w13, const at::Tensor& w2,
-                     Activation activation, bool in_fp32, const ExpertBackwardGrads& grads);
+                     Activation activation, const ExpertBackwardGrads& grads);
 
 }  // namespace torch_ext::moe

@@ -202,7 +202,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
       grad_w2[e].zero_();
     }
   }
-  const bool in_fp32 = expert_backward_in_fp32(hidden);
   for_each_active_expert(hidden, g.counts, kBackwardSideBySideMaxRows, [&](int64_t e) {
     const int64_t row = first[size_t(e)], count = g.counts[size_t(e)];
     const ExpertBackwardRows rows{x.narrow(0, row, count), dy.narrow(0, row, count),
@@ -210,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_co
                                   saved.defined() ? saved.narrow(0, row, count) : at::Tensor()};
     const ExpertBackwardGrads grads{grad_x.narrow(0, row, count), grad_weights.narrow(0, row, count),
                                     weight_grads ? grad_w13[e] : at::Tensor(), weight_grads ? grad_w2[e] : at::Tensor()};
-    expert_backward(rows, w13[e], w2[e], activation, in_fp32, grads);
+    expert_backward(rows, w13[e], w2[e], activation, grads);
   });
   at::Tensor grad_weights_by_pair = at::empty_like(grad_weights);
   grad_weights_by_pair.index_copy_(0, g.order, grad_weights);

@@ -7,7 +7,8 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
+
+#include "common/env_switch.h"
 
 #if __has_include(<ATen/ops/_grouped_mm.h>)
 #define TORCH_EXT_HAVE_GROUPED_MM 1
@@ -28,10 +29,7 @@ namespace {
 GroupedChoice choice_from(const char* variable) {
   const char* value = std::getenv(variable);
   if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return GroupedChoice::kAuto;
-  for (const char* off : {"0", "false", "off", "no"}) {
-    if (std::strcmp(value, off) == 0) return GroupedChoice::kNever;
-  }
-  return GroupedChoice::kAlways;
+  return env_value_is_off(value) ? GroupedChoice::kNever : GroupedChoice::kAlways;
 }
 
 #if defined(TORCH_EXT_HAVE_GROUPED_MM)

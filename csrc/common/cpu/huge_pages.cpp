@@ -2,22 +2,19 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+
+#include "common/env_switch.h"
 
 namespace torch_ext::cpu {
 namespace {
 
 bool initial_advice() {
   const char* value = std::getenv("TORCH_EXT_CPU_HUGE_PAGES");
-  if (value == nullptr) return true;
-  for (const char* off : {"0", "false", "off", "no"}) {
-    if (std::strcmp(value, off) == 0) return false;
-  }
-  return true;
+  return value == nullptr || !env_value_is_off(value);
 }
 
 std::atomic<bool>& advice_slot() {
