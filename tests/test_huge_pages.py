@@ -31,28 +31,44 @@ def _thp_mode():
     return text[text.index("[") + 1:text.index("]")]
 
 
-def _huge_bytes_at(address):
-    """AnonHugePages (bytes) of the mapping of this process holding address."""
-    mapping = None
+def _mapping_fields(address):
+    """The smaps fields (name -> text) of the mapping of this process holding address."""
+    fields, mapping = {}, False
     for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
+        head, _, rest = line.partition(" ")
         if "-" in head and not head.endswith(":"):
+            if mapping:
+                break
             start, end = (int(part, 16) for part in head.split("-"))
             mapping = start <= address < end
-        elif mapping and head == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
-    return 0
+        elif mapping:
+            fields[head.rstrip(":")] = rest.strip()
+    return fields
 
 
-def test_large_dequantized_weight_lands_on_huge_pages():
+def _thp_fallbacks():
+    """Huge-page faults the kernel could not serve so far (memory too fragmented, or over the
+    cgroup's charge)."""
+    counts = dict(line.split() for line in pathlib.Path("/proc/vmstat").read_text().splitlines())
+    return int(counts.get("thp_fault_fallback", 0)) + int(counts.get("thp_fault_fallback_charge", 0))
+
+
+def test_large_dequantized_weight_is_advised_for_huge_pages():
     if _thp_mode() not in ("madvise", "always"):
         pytest.skip(f"transparent huge pages are {_thp_mode()!r} here")
     qw = quantize_weight(random_tensor((2304, 4096), torch.float32, "cpu", fresh_seed()), 4, 128)  # 36 MiB fp32
     before = _C.cpu_huge_pages()
     try:
         _C.set_cpu_huge_pages(True)
+        fallbacks = _thp_fallbacks()
         w = qw.dequantize()
-        assert _huge_bytes_at(w.data_ptr() + w.nbytes // 2) >= HUGE, "the advised output holds no huge page"
+        fields = _mapping_fields(w.data_ptr() + w.nbytes // 2)
+        # The advice is ours to give (the "hg" flag on the mapping); whether the kernel finds free
+        # 2 MiB pages is not: in a long, fragmented process it falls back to 4 KiB pages and counts
+        # the fallback, which is what CI saw once. Either outcome shows the advice was acted on.
+        assert "hg" in fields["VmFlags"].split(), f"the output is not advised: VmFlags {fields['VmFlags']}"
+        huge_bytes = int(fields["AnonHugePages"].split()[0]) * 1024
+        assert huge_bytes >= HUGE or _thp_fallbacks() > fallbacks, "no huge page and no fallback counted"
         # (Without the advice nothing is asserted: in a long process the allocation can land in
         # memory an earlier advice or khugepaged already backed with huge pages.)
     finally:
