@@ -128,6 +128,11 @@ def _check_panel_rows(activation, dtype, what):
     ids = torch.stack([slot0, torch.where(torch.arange(70) % 5 == 0, slot0, 1 - slot0)], 1)
     args = _problem(70, 2, 2, 1031, 531, dtype, "cpu", seed + 10, ids=ids)
     _check_forward(args, activation, dtype, f"{what} K chunks (seed {seed})")
+    # The same K with a single token vector per expert (fp32 on AVX-512: a block of k pairs,
+    # odd K and I ending in a pair with a zero) and a 4-row tail beside it.
+    ids = (torch.arange(40) % 2)[:, None]
+    args = _problem(40, 2, 1, 1031, 531, dtype, "cpu", seed + 20, ids=ids)
+    _check_forward(args, activation, dtype, f"{what} K chunks, one vector (seed {seed})")
 
 
 def test_all_tokens_on_one_expert_and_idle_experts(device):

@@ -18,9 +18,11 @@
 // room since the stride is >= K rounded up to even): the panel rows split into blocks of at most
 // kVectors token vectors, as even as possible (100 rows: 48 + 48 panel rows and 4 left, not
 // 64 + 32: a two-vector block runs well below the FMA peak), block b at element
-// start(b) * padded_k(K). fp32 blocks are [K][width]; bf16 blocks (AVX512_BF16, Bf16PairMath) are [K / 2][width][2]:
-// each 32-bit lane holds one token's values at k and k + 1, the pair vdpbf16ps multiplies with
-// a broadcast weight pair; an odd K ends in a pair with a zero.
+// start(b) * padded_k(K, width). fp32 blocks are [K][width], except a single-vector block on
+// AVX-512, [K / 2][16][2] (broadcast_panels::single_vector_pairs; an expert with such a block has
+// no other); bf16 blocks (AVX512_BF16, Bf16PairMath) are [K / 2][width][2]: each 32-bit lane
+// holds one token's values at k and k + 1, the pair vdpbf16ps multiplies with a broadcast weight
+// pair. Pair layouts end an odd K in a pair with a zero.
 #pragma once
 
 #include <algorithm>
@@ -66,10 +68,11 @@ int64_t pad_partial_below(int64_t expert_weight_bytes) {
 // them from memory (the rows ask for the next group's lines), later blocks find them in the L2.
 inline WeightRows weight_rows_for_block(int64_t b) { return b == 0 ? WeightRows::kFromMemory : WeightRows::kCached; }
 
-// K rounded up to whole steps: a block's length is padded_k(K) * width.
+// K rounded up to whole steps: a block's length is padded_k(K, width) * width.
 template <class Math>
-inline int64_t padded_k(int64_t K) {
-  return (K + Math::kKPerStep - 1) / Math::kKPerStep * Math::kKPerStep;
+inline int64_t padded_k(int64_t K, int width) {
+  const int step = block_k_step<Math>(width);
+  return (K + step - 1) / step * step;
 }
 
 // The expert's rows [0, panel_rows) that go through panels: whole token vectors (below
@@ -89,23 +92,24 @@ inline int64_t panel_rows(int64_t rows, int64_t pad_partial_below) {
 }
 
 // Where block b of an expert's panel starts in a scratch area of rows `stride` apart whose
-// expert rows begin at `row_begin` (K values per token).
+// expert rows begin at `row_begin` (K values per token). (Blocks before b have b's width or one
+// vector more, and the same k step: a single-vector block is an expert's only one.)
 template <class Math, typename T>
 inline T* block_start(T* area, int64_t row_begin, int64_t stride, const PanelBlocks& blocks, int64_t b, int64_t K) {
-  return area + row_begin * stride + blocks.start(b) * padded_k<Math>(K);
+  return area + row_begin * stride + blocks.start(b) * padded_k<Math>(K, blocks.width(b));
 }
 
 // Element offset of (k, token) in a block of `width` tokens.
 template <class Math>
-inline int64_t panel_offset(int64_t k, int64_t token, int64_t width) {
-  constexpr int step = Math::kKPerStep;
+inline int64_t panel_offset(int64_t k, int64_t token, int width) {
+  const int step = block_k_step<Math>(width);
   return (k / step * width + token) * step + k % step;
 }
 
 // Zeros as column `token` of a panel block (a padding token).
 template <class Math>
 void zero_block_column(int64_t K, typename Math::T* block, int width, int token) {
-  for (int64_t k = 0; k < padded_k<Math>(K); ++k) block[panel_offset<Math>(k, token, width)] = typename Math::T{};
+  for (int64_t k = 0; k < padded_k<Math>(K, width); ++k) block[panel_offset<Math>(k, token, width)] = typename Math::T{};
 }
 
 // Writes one token's row (K values) as column `token` of its panel block (and the zero that
@@ -113,7 +117,7 @@ void zero_block_column(int64_t K, typename Math::T* block, int width, int token)
 template <class Math>
 void transpose_into_block(const typename Math::T* row, int64_t K, typename Math::T* block, int width, int token) {
   for (int64_t k = 0; k < K; ++k) block[panel_offset<Math>(k, token, width)] = row[k];
-  if (K % Math::kKPerStep != 0) block[panel_offset<Math>(K, token, width)] = typename Math::T{};
+  if (padded_k<Math>(K, width) != K) block[panel_offset<Math>(K, token, width)] = typename Math::T{};
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::fused_moe_panels

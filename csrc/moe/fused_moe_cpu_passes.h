@@ -149,6 +149,19 @@ void gather_hidden_rows(const torch_ext::moe::FusedMoeParams& p, const Workspace
   }
 }
 
+// 16 tokens' activated values at columns j and j + 1 into a block of k pairs: the Math's own
+// pairs (bf16), or fp32 single-vector pairs.
+template <class Math>
+inline void store_column_pair(typename Math::T* at, VecF first, VecF second) {
+  if constexpr (Math::kKPerStep == 2) {
+    Math::store_column_pair(at, first, second);
+  } else if constexpr (fused_moe_panels::single_vector_pairs<Math>()) {
+#if defined(__AVX512F__)
+    fused_moe_panels::store_k_pair(at, first, second);
+#endif
+  }
+}
+
 // Pass 1 through panels for the expert's panel rows: the gate and up rows of columns
 // [j_begin, j_end) against each token block, activated along the tokens into the act panel.
 template <class Math>
@@ -175,13 +188,13 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
       return activate(p.activation, load(gate_up + c * width + m)) * load(gate_up + (columns + c) * width + m);
     };
     for (int m = 0; m < width; m += VecF::kWidth) {
-      if constexpr (Math::kKPerStep == 1) {
+      if (panels::block_k_step<Math>(width) == 1) {
         for (int c = 0; c < columns; ++c)
           store(act_block + panels::panel_offset<Math>(j_begin + c, m, width), activated(c, m));
       } else {  // column pairs; an odd I's last column pairs with the zero of the padding
         static_assert(kColumnsPerItem % 2 == 0, "items start on a column pair");
         for (int c = 0; c < columns; c += 2)
-          Math::store_column_pair(act_block + panels::panel_offset<Math>(j_begin + c, m, width), activated(c, m),
+          store_column_pair<Math>(act_block + panels::panel_offset<Math>(j_begin + c, m, width), activated(c, m),
                                   c + 1 < columns ? activated(c + 1, m) : broadcast(0.0f));
       }
     }

@@ -12,10 +12,15 @@
 // rows holding a pair per column) and may take a whole call on AMX tiles (tile_gemm). Math::T is
 // the type of the panel and of the weights in memory, Math::Weight that of the weight rows the
 // k steps broadcast from: where they differ, each row group's K chunk is converted first.
+//
+// One exception to "one k per step" for WidenMath<float>: a packed block of a single vector on
+// AVX-512 holds k pairs ([K / 2][16][2], see single_vector_pairs), because broadcasting one
+// weight per FMA leaves that block load-bound on cores that issue two loads a cycle.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cpu/prefetch.h"
@@ -49,6 +54,11 @@ constexpr int kBlockTokens = kLanes * kVectors;  // columns of the widest block
 // (fused_moe's GEMM 2 with K = I = 3584 has 917 KB blocks). Measured at T = 512 (Mixtral / 4,
 // fp32): 128 ran 5% slower than 512; 256, 512 and 1024 within the VM's noise.
 constexpr int64_t kKChunk = 512;
+// The same for a single-vector block of k pairs (single_vector_pairs): 256, so that its 16 KB of
+// x, a row group's 8 KB and the next group's 8 KB (asked for while it runs) fit the L1 together
+// (48 KiB on recent Intel cores). fused_moe Mixtral / 4 fp32 at T = 64, Xeon VM, four routings:
+// 75-76 ms summed against 79-81 with 512 (128: 75-76; 1024: 79).
+constexpr int64_t kPairsKChunk = 256;
 
 // The scalar build has no panels (one-lane vectors).
 constexpr bool kHasPanels = kLanes > 1;
@@ -91,6 +101,55 @@ struct WidenMath {
   static Operand broadcast_last_weight(const float* w) { return broadcast(*w); }
   static VecF multiply_add(Operand w, Operand x, VecF acc) { return fmadd(w, x, acc); }
 };
+
+// Packed blocks of a single vector (fused_moe's experts with 16 to 31 tokens) of fp32 on
+// AVX-512 hold k pairs, [K / 2][16][2] (an odd K's last pair ends in a zero): a weight pair
+// broadcast as one 64-bit value multiplies two vectors (tokens 0-7 and 8-15, each lane a
+// (token, k parity)), 8 row pairs + 2 panel loads per 16 FMAs. With one k per step the block
+// needs a broadcast load per FMA, 9 loads per 8 FMAs, and Intel cores issue two loads a cycle
+// to their two FMA ports: a loop of 8 rows x 1 vector from L1 ran 126-134 GFLOP/s on one core of
+// a Xeon VM whose FMA peak is 172, the pair loop 166-171 (docs/perf/moe.md). The adjacent lanes
+// are added once per call.
+template <class Math>
+constexpr bool single_vector_pairs() {
+  return kLanes == 16 && Math::kKPerStep == 1 && std::is_same_v<typename Math::T, float>;
+}
+
+// k values per step of a packed block `width` columns wide.
+template <class Math>
+constexpr int block_k_step(int width) {
+  return single_vector_pairs<Math>() && width == kLanes ? 2 : Math::kKPerStep;
+}
+
+#if defined(__AVX512F__)
+// (w[0], w[1]) in every 64-bit lane pair.
+inline VecF broadcast_k_pair(const float* w) {
+  double pair;
+  std::memcpy(&pair, w, sizeof(pair));
+  return {_mm512_castpd_ps(_mm512_set1_pd(pair))};
+}
+// (w[0], 0) in every lane pair: a row's last value when K is odd (w[1] may lie past the tensor).
+inline VecF broadcast_last_k_pair(const float* w) {
+  uint32_t bits;
+  std::memcpy(&bits, w, sizeof(bits));
+  return {_mm512_castsi512_ps(_mm512_set1_epi64(int64_t(bits)))};
+}
+// Lanes (token, k parity) of tokens 0-7 (low) and 8-15 (high) summed over the parity: 16 tokens.
+inline VecF add_k_pairs(VecF low, VecF high) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return {_mm512_add_ps(_mm512_permutex2var_ps(low.v, even, high.v), _mm512_permutex2var_ps(low.v, odd, high.v))};
+}
+// 16 tokens' values at k (first) and k + 1 (second) stored as the block's pair row [16][2].
+inline void store_k_pair(float* at, VecF first, VecF second) {
+  const __m512 low = _mm512_unpacklo_ps(first.v, second.v);   // per 128-bit lane: tokens 4L, 4L + 1
+  const __m512 high = _mm512_unpackhi_ps(first.v, second.v);  // tokens 4L + 2, 4L + 3
+  const __m512i tokens_0_7 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i tokens_8_15 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  _mm512_storeu_ps(at, _mm512_permutex2var_ps(low, tokens_0_7, high));
+  _mm512_storeu_ps(at + kLanes, _mm512_permutex2var_ps(low, tokens_8_15, high));
+}
+#endif
 
 // Where panel rows lie: x's row k at x + k * x_stride (x_stride counts elements per k, so a
 // pair row spans 2 * x_stride), out's row r at out + r * out_stride.
@@ -151,14 +210,49 @@ inline void panel_block(const typename Math::Weight* const* w, const typename Ma
     for (int v = 0; v < V; ++v) store(out + r * strides.out + v * kLanes, acc[r][v]);
 }
 
-// panel_block with rows <= R chosen at run time.
-template <class Math, int R, int V, int P>
+#if defined(__AVX512F__)
+// panel_block for a single-vector block of k pairs (single_vector_pairs; x's pair p at x + 32 p,
+// out [R][16] in token order).
+template <class Math, int R, int P>
+inline void panel_block_pairs(const float* const* w, const float* x, int64_t K, bool accumulate, float* out,
+                              const NextRows<float, P>& next) {
+  static_assert(single_vector_pairs<Math>(), "fp32 pairs on AVX-512");
+  constexpr int64_t kPerLine = kCacheLineBytes / int64_t(sizeof(float));
+  VecF acc[R][2];  // tokens 0-7, 8-15
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = broadcast(0.0f);
+  const auto step_at = [&](int64_t k, bool last) {
+    const VecF low = load(x + k * kLanes), high = load(x + k * kLanes + kLanes);
+    for (int r = 0; r < R; ++r) {
+      const VecF weights = last ? broadcast_last_k_pair(w[r] + k) : broadcast_k_pair(w[r] + k);
+      acc[r][0] = fmadd(weights, low, acc[r][0]);
+      acc[r][1] = fmadd(weights, high, acc[r][1]);
+    }
+  };
+  int64_t k = 0;
+  for (const int64_t asked = std::min(K, next.k); k + kPerLine <= asked; k += kPerLine) {
+    for (int i = 0; i < P; ++i) prefetch_lines(next.rows[i] + k, 1);
+    for (int64_t kk = 0; kk < kPerLine; kk += 2) step_at(k + kk, false);
+  }
+  for (; k + 2 <= K; k += 2) step_at(k, false);
+  if (k < K) step_at(k, true);
+  for (int r = 0; r < R; ++r) {
+    const VecF sums = add_k_pairs(acc[r][0], acc[r][1]);
+    store(out + r * kLanes, accumulate ? sums + load(out + r * kLanes) : sums);
+  }
+}
+#endif
+
+// panel_block (panel_block_pairs for kPairs) with rows <= R chosen at run time.
+template <class Math, int R, int V, int P, bool kPairs>
 inline void panel_block_upto(int rows, const typename Math::Weight* const* w, const typename Math::T* x,
                              PanelStrides strides, int64_t K, bool accumulate, float* out,
                              const NextRows<typename Math::T, P>& next) {
   if constexpr (R > 1)
-    if (rows < R) return panel_block_upto<Math, R - 1, V, P>(rows, w, x, strides, K, accumulate, out, next);
-  panel_block<Math, R, V, P>(w, x, strides, K, accumulate, out, next);
+    if (rows < R) return panel_block_upto<Math, R - 1, V, P, kPairs>(rows, w, x, strides, K, accumulate, out, next);
+#if defined(__AVX512F__)
+  if constexpr (kPairs) return panel_block_pairs<Math, R, P>(w, x, K, accumulate, out, next);
+#endif
+  if constexpr (!kPairs) panel_block<Math, R, V, P>(w, x, strides, K, accumulate, out, next);
 }
 
 // The `count` values at `from` widened to fp32 at `to`.
@@ -169,12 +263,13 @@ inline void widen_values(const T* from, int64_t count, float* to) {
   if (k < count) store_partial(to + k, load_partial(from + k, int(count - k)), int(count - k));
 }
 
-// panel_gemm (below) for a width of V vectors: row groups of group_rows(V); with kFromMemory,
-// each asks for the next group's rows (after the last group: the first group's next K chunk).
-template <class Math, int V>
+// panel_gemm (below) for a width of V vectors (kPairs: one vector of k pairs): row groups of
+// group_rows(V); with kFromMemory, each asks for the next group's rows (after the last group: the
+// first group's next K chunk). A k pair's 32 values start at 16 k, as one k's 16 do otherwise.
+template <class Math, int V, bool kPairs = false>
 void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typename Math::T* x, int64_t K, float* out,
                         PanelStrides strides, WeightRows weight_rows) {
-  static_assert(kKChunk % 2 == 0, "chunks start on a k pair");
+  static_assert(kKChunk % 2 == 0 && kPairsKChunk % 2 == 0, "chunks start on a k pair");
   constexpr int kGroup = group_rows(V);
   using Weight = typename Math::Weight;
   constexpr bool kWidens = !std::is_same_v<Weight, typename Math::T>;
@@ -186,8 +281,9 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
     const int group = std::min(kGroup, rows - r0);
     for (int i = 0; i < kGroup; ++i) at[i] = w[r0 + std::min(i, group - 1)] + k0;
   };
-  for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
-    const int64_t chunk = std::min(kKChunk, K - k0);
+  constexpr int64_t kChunk = kPairs ? kPairsKChunk : kKChunk;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t chunk = std::min(kChunk, K - k0);
     for (int r0 = 0; r0 < rows; r0 += kGroup) {
       const int group = std::min(kGroup, rows - r0);
       const typename Math::T* rows_at_k0[kGroup];
@@ -195,10 +291,10 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
       NextRows<typename Math::T, kGroup> next{{}, 0};
       if (weight_rows == WeightRows::kFromMemory) {
         const bool last_group = r0 + kGroup >= rows;
-        const int64_t next_k0 = last_group ? k0 + kKChunk : k0;
+        const int64_t next_k0 = last_group ? k0 + kChunk : k0;
         if (next_k0 < K) {
           group_at(next_k0, last_group ? 0 : r0 + kGroup, next.rows);
-          next.k = std::min(kKChunk, K - next_k0);
+          next.k = std::min(kChunk, K - next_k0);
         }
       }
       const Weight* weights_at[kGroup];  // the rows themselves, or their widened copies
@@ -210,7 +306,7 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
           weights_at[i] = rows_at_k0[i];
         }
       }
-      panel_block_upto<Math, kGroup, V, kGroup>(group, weights_at, x + k0 * strides.x, strides, chunk, k0 > 0,
+      panel_block_upto<Math, kGroup, V, kGroup, kPairs>(group, weights_at, x + k0 * strides.x, strides, chunk, k0 > 0,
                                                 out + r0 * strides.out, next);
     }
   }
@@ -233,14 +329,17 @@ void panel_gemm(const typename Math::T* const* w, int rows, const typename Math:
   panel_gemm_upto<Math, kVectors>(width / kLanes, w, rows, x, K, out, strides, weight_rows);
 }
 
-// The same for a packed block ([K][width], out [rows][width]); a Math with a tile product (AMX)
-// may take the whole call.
+// The same for a packed block ([K][width] in k steps of block_k_step(width), out [rows][width]);
+// a Math with a tile product (AMX) may take the whole call.
 template <class Math>
 void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* block, int width, int64_t K,
                 float* out, WeightRows weight_rows = WeightRows::kCached) {
   if constexpr (requires { Math::tile_gemm(w, rows, block, width, K, out); }) {
     if (Math::tile_gemm(w, rows, block, width, K, out)) return;
   }
+  if constexpr (single_vector_pairs<Math>())
+    if (block_k_step<Math>(width) == 2)
+      return panel_gemm_vectors<Math, 1, true>(w, rows, block, K, out, PanelStrides{width, width}, weight_rows);
   panel_gemm<Math>(w, rows, block, width, K, out, PanelStrides{width, width}, weight_rows);
 }
 
