@@ -84,21 +84,23 @@ def test_panel_path_row_counts(cpu_isa, activation, dtype):
     _check_panel_rows(activation, dtype, cpu_isa)
 
 
-def test_fp32_panels_pad_partial_vectors_of_large_experts(cpu_isa):
-    """fp32 experts of at least 16 MiB of weights (kPadStreamedExpertBytes) pad a partial last
-    token vector of more than 6 rows into the panels, below one full panel block: rows with no
-    whole vector, with one, and at and past the block (no padding there); training's saved
-    pre-activations of padded experts."""
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_fma_panels_pad_partial_vectors_of_large_experts(cpu_isa, dtype):
+    """Experts of at least 16 MiB of weights (kPadStreamedExpertBytes) on the FMA panels (fp32, and
+    fp16 / bf16 widened where vdpbf16ps is missing) pad a partial last token vector of more than
+    6 rows into the panels, below one full panel block: rows with no whole vector, with one, and at
+    and past the block (no padding there); training's saved pre-activations of padded experts."""
     counts = [11, 23, 7, 6, 70, 1]
     ids = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
     seed = fresh_seed()
-    # 3 x 1024 x 1366 fp32 values: 16.8 MB per expert, just past the threshold.
-    h, w13, w2, weights, ids = _problem(sum(counts), len(counts), 1, 1024, 1366, torch.float32, "cpu", seed, ids=ids)
-    _check_forward((h, w13, w2, weights, ids), "silu", torch.float32, f"{cpu_isa} (seed {seed})")
+    # 3 x 1024 x I values: 16.8 MB per expert, just past the threshold.
+    intermediate = 1366 * 4 // dtype.itemsize
+    h, w13, w2, weights, ids = _problem(sum(counts), len(counts), 1, 1024, intermediate, dtype, "cpu", seed, ids=ids)
+    _check_forward((h, w13, w2, weights, ids), "silu", dtype, f"{cpu_isa} (seed {seed})")
     out, gate_up = torch.ops.torch_ext.fused_moe_train(h, w13, w2, weights, ids, "silu")
     assert torch.equal(out, fused_moe(h, w13, w2, weights, ids, "silu"))
     expected = torch.stack([w13[e].double() @ h[t].double() for t, e in enumerate(ids[:, 0].tolist())])
-    assert_close_to_reference(gate_up, expected, torch.float32, f"{cpu_isa} gate_up (seed {seed})")
+    assert_close_to_reference(gate_up, expected, dtype, f"{cpu_isa} gate_up (seed {seed})")
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])

@@ -45,12 +45,15 @@ using namespace ::torch_ext::cpu::TORCH_EXT_CPU_ISA::broadcast_panels;
 // Mixtral / 4 bf16, fastest of 7 calls: T = 16 9.0 -> 7.8 ms, T = 64 13.7 -> 8.4 ms, T = 512
 // 32.6 -> 26.8 ms.
 constexpr int64_t kPadPartialAbove = 6;
-// The fp32 FMA panels pay the padding in FMAs, which only a weight stream from DRAM hides: they
+// The FMA panels (WidenMath) pay the padding in FMAs, which only a weight stream from DRAM hides: they
 // pad for experts of at least kPadStreamedExpertBytes of weights and fewer than kBlockTokens rows
 // (few token vectors per weight: the pass waits on memory). Same VM, fp32, fastest of 5 calls
 // summed over 4 routings, Mixtral / 4 (44 MB per expert) T = 64: 82-85 -> 76-80 ms (AVX2 101 ->
 // 97). Padding for every expert and row count: T = 64 78-82 -> 71-73 ms, T = 128 101-113 -> 93-103,
 // but T = 512 293 -> 299-305 ms, and DeepSeek-V2-Lite / 4 (2 MB per expert) T = 64 18-21 -> 22-24.
+// 16-bit experts on the same FMA panels (weights widened) pad alike since their single-vector
+// blocks hold k pairs: Xeon VM without AVX512_BF16, bf16 Mixtral / 4 (22 MB per expert) T = 64,
+// four routings summed, 71.6-72.1 -> 65.4-68.4 ms.
 constexpr int64_t kPadStreamedExpertBytes = int64_t(16) << 20;
 
 // Experts with fewer rows than this pad their partial last token vector into the panels (0:
@@ -59,7 +62,7 @@ template <class Math>
 int64_t pad_partial_below(int64_t expert_weight_bytes) {
   if constexpr (requires { Math::pads_partial_vectors(); })
     if (Math::pads_partial_vectors()) return std::numeric_limits<int64_t>::max();
-  if constexpr (std::is_same_v<typename Math::T, float>)
+  if constexpr (std::is_same_v<typename Math::Weight, float>)
     if (expert_weight_bytes >= kPadStreamedExpertBytes) return kBlockTokens;
   return 0;
 }

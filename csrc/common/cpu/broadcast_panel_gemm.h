@@ -102,8 +102,9 @@ struct WidenMath {
   static VecF multiply_add(Operand w, Operand x, VecF acc) { return fmadd(w, x, acc); }
 };
 
-// Packed blocks of a single vector (fused_moe's experts with 16 to 31 tokens) of fp32 on
-// AVX-512 hold k pairs, [K / 2][16][2] (an odd K's last pair ends in a zero): a weight pair
+// Packed blocks of a single vector (fused_moe's experts with 16 to 31 tokens) of the fp32 FMA
+// Math (WidenMath: fp32, and 16-bit values widened) on AVX-512 hold k pairs, [K / 2][16][2]
+// (an odd K's last pair ends in a zero): a weight pair
 // broadcast as one 64-bit value multiplies two vectors (tokens 0-7 and 8-15, each lane a
 // (token, k parity)), 8 row pairs + 2 panel loads per 16 FMAs. With one k per step the block
 // needs a broadcast load per FMA, 9 loads per 8 FMAs, and Intel cores issue two loads a cycle
@@ -112,7 +113,7 @@ struct WidenMath {
 // are added once per call.
 template <class Math>
 constexpr bool single_vector_pairs() {
-  return kLanes == 16 && Math::kKPerStep == 1 && std::is_same_v<typename Math::T, float>;
+  return kLanes == 16 && Math::kKPerStep == 1 && std::is_same_v<typename Math::Weight, float>;
 }
 
 // k values per step of a packed block `width` columns wide.
@@ -140,14 +141,15 @@ inline VecF add_k_pairs(VecF low, VecF high) {
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   return {_mm512_add_ps(_mm512_permutex2var_ps(low.v, even, high.v), _mm512_permutex2var_ps(low.v, odd, high.v))};
 }
-// 16 tokens' values at k (first) and k + 1 (second) stored as the block's pair row [16][2].
-inline void store_k_pair(float* at, VecF first, VecF second) {
+// 16 tokens' values at k (first) and k + 1 (second) stored as the block's pair row [16][2] of T.
+template <typename T>
+inline void store_k_pair(T* at, VecF first, VecF second) {
   const __m512 low = _mm512_unpacklo_ps(first.v, second.v);   // per 128-bit lane: tokens 4L, 4L + 1
   const __m512 high = _mm512_unpackhi_ps(first.v, second.v);  // tokens 4L + 2, 4L + 3
   const __m512i tokens_0_7 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i tokens_8_15 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  _mm512_storeu_ps(at, _mm512_permutex2var_ps(low, tokens_0_7, high));
-  _mm512_storeu_ps(at + kLanes, _mm512_permutex2var_ps(low, tokens_8_15, high));
+  store(at, VecF{_mm512_permutex2var_ps(low, tokens_0_7, high)});
+  store(at + kLanes, VecF{_mm512_permutex2var_ps(low, tokens_8_15, high)});
 }
 #endif
 
@@ -212,16 +214,16 @@ inline void panel_block(const typename Math::Weight* const* w, const typename Ma
 
 #if defined(__AVX512F__)
 // panel_block for a single-vector block of k pairs (single_vector_pairs; x's pair p at x + 32 p,
-// out [R][16] in token order).
+// w the fp32 rows (16-bit ones widened), out [R][16] in token order).
 template <class Math, int R, int P>
-inline void panel_block_pairs(const float* const* w, const float* x, int64_t K, bool accumulate, float* out,
-                              const NextRows<float, P>& next) {
-  static_assert(single_vector_pairs<Math>(), "fp32 pairs on AVX-512");
-  constexpr int64_t kPerLine = kCacheLineBytes / int64_t(sizeof(float));
+inline void panel_block_pairs(const float* const* w, const typename Math::T* x, int64_t K, bool accumulate, float* out,
+                              const NextRows<typename Math::T, P>& next) {
+  static_assert(single_vector_pairs<Math>(), "fp32 FMA pairs on AVX-512");
+  constexpr int64_t kPerLine = kCacheLineBytes / int64_t(sizeof(typename Math::T));
   VecF acc[R][2];  // tokens 0-7, 8-15
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = broadcast(0.0f);
   const auto step_at = [&](int64_t k, bool last) {
-    const VecF low = load(x + k * kLanes), high = load(x + k * kLanes + kLanes);
+    const VecF low = Math::load_tokens(x + k * kLanes), high = Math::load_tokens(x + k * kLanes + kLanes);
     for (int r = 0; r < R; ++r) {
       const VecF weights = last ? broadcast_last_k_pair(w[r] + k) : broadcast_k_pair(w[r] + k);
       acc[r][0] = fmadd(weights, low, acc[r][0]);
