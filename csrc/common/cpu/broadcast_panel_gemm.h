@@ -214,16 +214,16 @@ inline void panel_block(const typename Math::Weight* const* w, const typename Ma
 
 #if defined(__AVX512F__)
 // panel_block for a single-vector block of k pairs (single_vector_pairs; x's pair p at x + 32 p,
-// w the fp32 rows (16-bit ones widened), out [R][16] in token order).
-template <class Math, int R, int P>
-inline void panel_block_pairs(const float* const* w, const typename Math::T* x, int64_t K, bool accumulate, float* out,
+// x and w fp32 or widened to fp32, out [R][16] in token order).
+template <class Math, int R, int P, typename X>
+inline void panel_block_pairs(const float* const* w, const X* x, int64_t K, bool accumulate, float* out,
                               const NextRows<typename Math::T, P>& next) {
   static_assert(single_vector_pairs<Math>(), "fp32 FMA pairs on AVX-512");
   constexpr int64_t kPerLine = kCacheLineBytes / int64_t(sizeof(typename Math::T));
   VecF acc[R][2];  // tokens 0-7, 8-15
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = broadcast(0.0f);
   const auto step_at = [&](int64_t k, bool last) {
-    const VecF low = Math::load_tokens(x + k * kLanes), high = Math::load_tokens(x + k * kLanes + kLanes);
+    const VecF low = load(x + k * kLanes), high = load(x + k * kLanes + kLanes);
     for (int r = 0; r < R; ++r) {
       const VecF weights = last ? broadcast_last_k_pair(w[r] + k) : broadcast_k_pair(w[r] + k);
       acc[r][0] = fmadd(weights, low, acc[r][0]);
@@ -244,11 +244,10 @@ inline void panel_block_pairs(const float* const* w, const typename Math::T* x, 
 }
 #endif
 
-// panel_block (panel_block_pairs for kPairs) with rows <= R chosen at run time.
-template <class Math, int R, int V, int P, bool kPairs>
-inline void panel_block_upto(int rows, const typename Math::Weight* const* w, const typename Math::T* x,
-                             PanelStrides strides, int64_t K, bool accumulate, float* out,
-                             const NextRows<typename Math::T, P>& next) {
+// panel_block (panel_block_pairs for kPairs, x of type X) with rows <= R chosen at run time.
+template <class Math, int R, int V, int P, bool kPairs, typename X>
+inline void panel_block_upto(int rows, const typename Math::Weight* const* w, const X* x, PanelStrides strides,
+                             int64_t K, bool accumulate, float* out, const NextRows<typename Math::T, P>& next) {
   if constexpr (R > 1)
     if (rows < R) return panel_block_upto<Math, R - 1, V, P, kPairs>(rows, w, x, strides, K, accumulate, out, next);
 #if defined(__AVX512F__)
@@ -277,6 +276,10 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
   constexpr bool kWidens = !std::is_same_v<Weight, typename Math::T>;
   static_assert(!kWidens || std::is_same_v<Weight, float>, "rows are widened to fp32");
   alignas(64) float widened_rows[kWidens ? kGroup : 1][kWidens ? kKChunk : 1];  // 16 KB at most
+  // A pair block's K chunk widened once for all its row groups (16 KB): the conversions, two per
+  // 16 FMAs if done per group, compete with the FMAs for their ports.
+  constexpr bool kWidensX = kPairs && kWidens;
+  alignas(64) float widened_x[kWidensX ? kPairsKChunk * kLanes : 1];
   // The group of rows from r0 at k0, its slots past the last row repeating that row (a next
   // group's requests then need no count).
   const auto group_at = [&](int64_t k0, int r0, const typename Math::T** at) {
@@ -286,6 +289,7 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
   constexpr int64_t kChunk = kPairs ? kPairsKChunk : kKChunk;
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t chunk = std::min(kChunk, K - k0);
+    if constexpr (kWidensX) widen_values(x + k0 * strides.x, (chunk + 1) / 2 * 2 * kLanes, widened_x);
     for (int r0 = 0; r0 < rows; r0 += kGroup) {
       const int group = std::min(kGroup, rows - r0);
       const typename Math::T* rows_at_k0[kGroup];
@@ -308,8 +312,12 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
           weights_at[i] = rows_at_k0[i];
         }
       }
-      panel_block_upto<Math, kGroup, V, kGroup, kPairs>(group, weights_at, x + k0 * strides.x, strides, chunk, k0 > 0,
-                                                out + r0 * strides.out, next);
+      if constexpr (kWidensX)
+        panel_block_upto<Math, kGroup, V, kGroup, kPairs>(group, weights_at, widened_x, strides, chunk, k0 > 0,
+                                                          out + r0 * strides.out, next);
+      else
+        panel_block_upto<Math, kGroup, V, kGroup, kPairs>(group, weights_at, x + k0 * strides.x, strides, chunk, k0 > 0,
+                                                          out + r0 * strides.out, next);
     }
   }
 }
