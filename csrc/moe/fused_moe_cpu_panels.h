@@ -18,9 +18,10 @@
 // room since the stride is >= K rounded up to even): the panel rows split into blocks of at most
 // kVectors token vectors, as even as possible (100 rows: 48 + 48 panel rows and 4 left, not
 // 64 + 32: a two-vector block runs well below the FMA peak), block b at element
-// start(b) * padded_k(K, width). fp32 blocks are [K][width], except a single-vector block on
-// AVX-512, [K / 2][16][2] (broadcast_panels::single_vector_pairs; an expert with such a block has
-// no other); bf16 blocks (AVX512_BF16, Bf16PairMath) are [K / 2][width][2]: each 32-bit lane
+// start(b) * padded_k(K, width). Blocks of the FMA panels (fp32; fp16 and bf16 widened) are
+// [K][width], except a single-vector block on AVX-512, [K / 2][16][2]
+// (broadcast_panels::single_vector_pairs; an expert with such a block has no other); bf16 blocks
+// on vdpbf16ps (AVX512_BF16, Bf16PairMath) are [K / 2][width][2]: each 32-bit lane
 // holds one token's values at k and k + 1, the pair vdpbf16ps multiplies with a broadcast weight
 // pair. Pair layouts end an odd K in a pair with a zero.
 #pragma once

@@ -13,9 +13,9 @@
 // the type of the panel and of the weights in memory, Math::Weight that of the weight rows the
 // k steps broadcast from: where they differ, each row group's K chunk is converted first.
 //
-// One exception to "one k per step" for WidenMath<float>: a packed block of a single vector on
-// AVX-512 holds k pairs ([K / 2][16][2], see single_vector_pairs), because broadcasting one
-// weight per FMA leaves that block load-bound on cores that issue two loads a cycle.
+// One exception to "one k per step" for WidenMath: a packed block of a single vector on AVX-512
+// holds k pairs ([K / 2][16][2], see single_vector_pairs), because broadcasting one weight per
+// FMA leaves that block load-bound on cores that issue two loads a cycle.
 #pragma once
 
 #include <algorithm>
@@ -104,13 +104,12 @@ struct WidenMath {
 
 // Packed blocks of a single vector (fused_moe's experts with 16 to 31 tokens) of the fp32 FMA
 // Math (WidenMath: fp32, and 16-bit values widened) on AVX-512 hold k pairs, [K / 2][16][2]
-// (an odd K's last pair ends in a zero): a weight pair
-// broadcast as one 64-bit value multiplies two vectors (tokens 0-7 and 8-15, each lane a
-// (token, k parity)), 8 row pairs + 2 panel loads per 16 FMAs. With one k per step the block
-// needs a broadcast load per FMA, 9 loads per 8 FMAs, and Intel cores issue two loads a cycle
-// to their two FMA ports: a loop of 8 rows x 1 vector from L1 ran 126-134 GFLOP/s on one core of
-// a Xeon VM whose FMA peak is 172, the pair loop 166-171 (docs/perf/moe.md). The adjacent lanes
-// are added once per call.
+// (an odd K's last pair ends in a zero): a weight pair broadcast as one 64-bit value multiplies
+// two vectors (tokens 0-7 and 8-15, each lane a (token, k parity)), 8 row pairs + 2 panel loads
+// per 16 FMAs. With one k per step the block needs a broadcast load per FMA, 9 loads per 8 FMAs,
+// and Intel cores issue two loads a cycle to their two FMA ports: a loop of 8 rows x 1 vector
+// from L1 ran 126-134 GFLOP/s on one core of a Xeon VM whose FMA peak is 172, the pair loop
+// 166-171 (docs/perf/moe.md). The adjacent lanes are added once per call.
 template <class Math>
 constexpr bool single_vector_pairs() {
   return kLanes == 16 && Math::kKPerStep == 1 && std::is_same_v<typename Math::Weight, float>;
