@@ -54,6 +54,9 @@ constexpr int kBlockTokens = kLanes * kVectors;  // columns of the widest block
 // (fused_moe's GEMM 2 with K = I = 3584 has 917 KB blocks). Measured at T = 512 (Mixtral / 4,
 // fp32): 128 ran 5% slower than 512; 256, 512 and 1024 within the VM's noise.
 constexpr int64_t kKChunk = 512;
+// The same for a 16-bit packed block widened to fp32 once per K chunk (panel_gemm_vectors): 128,
+// so that the widened chunk (32 KB at 4 vectors) stays in the L1 for all the row groups.
+constexpr int64_t kWidenedKChunk = 128;
 // The same for a single-vector block of k pairs (single_vector_pairs): 256, so that its 16 KB of
 // x, a row group's 8 KB and the next group's 8 KB (asked for while it runs) fit the L1 together
 // (48 KiB on recent Intel cores). fused_moe Mixtral / 4 fp32 at T = 64, Xeon VM, four routings:
@@ -96,7 +99,10 @@ struct WidenMath {
   using Operand = VecF;
   static constexpr int kKPerStep = 1;
   static constexpr int kMinVectors = 1;
-  static Operand load_tokens(const T* p) { return load(p); }
+  template <typename X>  // T, or fp32 where a block's K chunk was widened once (panel_gemm_vectors)
+  static Operand load_tokens(const X* p) {
+    return load(p);
+  }
   static Operand broadcast_weights(const float* w) { return broadcast(*w); }
   static Operand broadcast_last_weight(const float* w) { return broadcast(*w); }
   static VecF multiply_add(Operand w, Operand x, VecF acc) { return fmadd(w, x, acc); }
@@ -180,9 +186,9 @@ struct NextRows {
 // out[r][v * kLanes + lane] (+)= sum_k w[r][k] * x(k, v * kLanes + lane) for k < K (K even for
 // pairs, except at the end of a row); asks for a cache line of each of `next`'s rows per line of
 // its own.
-template <class Math, int R, int V, int P>
-inline void panel_block(const typename Math::Weight* const* w, const typename Math::T* x, PanelStrides strides,
-                        int64_t K, bool accumulate, float* out, const NextRows<typename Math::T, P>& next) {
+template <class Math, int R, int V, int P, typename X>
+inline void panel_block(const typename Math::Weight* const* w, const X* x, PanelStrides strides, int64_t K,
+                        bool accumulate, float* out, const NextRows<typename Math::T, P>& next) {
   using Operand = typename Math::Operand;
   constexpr int step = Math::kKPerStep;
   constexpr int64_t kPerLine = kCacheLineBytes / int64_t(sizeof(typename Math::T));
@@ -266,29 +272,29 @@ inline void widen_values(const T* from, int64_t count, float* to) {
 // panel_gemm (below) for a width of V vectors (kPairs: one vector of k pairs): row groups of
 // group_rows(V); with kFromMemory, each asks for the next group's rows (after the last group: the
 // first group's next K chunk). A k pair's 32 values start at 16 k, as one k's 16 do otherwise.
-template <class Math, int V, bool kPairs = false>
+template <class Math, int V, bool kPacked, bool kPairs = false>
 void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typename Math::T* x, int64_t K, float* out,
                         PanelStrides strides, WeightRows weight_rows) {
-  static_assert(kKChunk % 2 == 0 && kPairsKChunk % 2 == 0, "chunks start on a k pair");
+  static_assert(kKChunk % 2 == 0 && kPairsKChunk % 2 == 0 && kWidenedKChunk % 2 == 0, "chunks start on a k pair");
   constexpr int kGroup = group_rows(V);
   using Weight = typename Math::Weight;
   constexpr bool kWidens = !std::is_same_v<Weight, typename Math::T>;
   static_assert(!kWidens || std::is_same_v<Weight, float>, "rows are widened to fp32");
   alignas(64) float widened_rows[kWidens ? kGroup : 1][kWidens ? kKChunk : 1];  // 16 KB at most
-  // A pair block's K chunk widened once for all its row groups (16 KB): the conversions, two per
-  // 16 FMAs if done per group, compete with the FMAs for their ports.
-  constexpr bool kWidensX = kPairs && kWidens;
-  alignas(64) float widened_x[kWidensX ? kPairsKChunk * kLanes : 1];
+  // A packed block's K chunk of 16-bit values widened once for all the row groups: the
+  // conversions, one or two per 8 FMAs if done per group, compete with the FMAs for their ports.
+  constexpr bool kWidensX = kPacked && kWidens;
+  constexpr int64_t kChunk = kPairs ? kPairsKChunk : kWidensX ? kWidenedKChunk : kKChunk;
+  alignas(64) float widened_x[kWidensX ? kChunk * V * kLanes : 1];
   // The group of rows from r0 at k0, its slots past the last row repeating that row (a next
   // group's requests then need no count).
   const auto group_at = [&](int64_t k0, int r0, const typename Math::T** at) {
     const int group = std::min(kGroup, rows - r0);
     for (int i = 0; i < kGroup; ++i) at[i] = w[r0 + std::min(i, group - 1)] + k0;
   };
-  constexpr int64_t kChunk = kPairs ? kPairsKChunk : kKChunk;
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t chunk = std::min(kChunk, K - k0);
-    if constexpr (kWidensX) widen_values(x + k0 * strides.x, (chunk + 1) / 2 * 2 * kLanes, widened_x);
+    if constexpr (kWidensX) widen_values(x + k0 * strides.x, (kPairs ? (chunk + 1) / 2 * 2 : chunk) * strides.x, widened_x);
     for (int r0 = 0; r0 < rows; r0 += kGroup) {
       const int group = std::min(kGroup, rows - r0);
       const typename Math::T* rows_at_k0[kGroup];
@@ -322,12 +328,12 @@ void panel_gemm_vectors(const typename Math::T* const* w, int rows, const typena
 }
 
 // panel_gemm_vectors with vectors <= V chosen at run time.
-template <class Math, int V>
+template <class Math, int V, bool kPacked>
 void panel_gemm_upto(int vectors, const typename Math::T* const* w, int rows, const typename Math::T* x, int64_t K,
                      float* out, PanelStrides strides, WeightRows weight_rows) {
   if constexpr (V > 1)
-    if (vectors < V) return panel_gemm_upto<Math, V - 1>(vectors, w, rows, x, K, out, strides, weight_rows);
-  panel_gemm_vectors<Math, V>(w, rows, x, K, out, strides, weight_rows);
+    if (vectors < V) return panel_gemm_upto<Math, V - 1, kPacked>(vectors, w, rows, x, K, out, strides, weight_rows);
+  panel_gemm_vectors<Math, V, kPacked>(w, rows, x, K, out, strides, weight_rows);
 }
 
 // out[r][m] = w[r] . x(:, m) for `rows` weight rows (K-contiguous) and `width` columns (whole
@@ -335,7 +341,7 @@ void panel_gemm_upto(int vectors, const typename Math::T* const* w, int rows, co
 template <class Math>
 void panel_gemm(const typename Math::T* const* w, int rows, const typename Math::T* x, int width, int64_t K,
                 float* out, PanelStrides strides, WeightRows weight_rows = WeightRows::kCached) {
-  panel_gemm_upto<Math, kVectors>(width / kLanes, w, rows, x, K, out, strides, weight_rows);
+  panel_gemm_upto<Math, kVectors, false>(width / kLanes, w, rows, x, K, out, strides, weight_rows);
 }
 
 // The same for a packed block ([K][width] in k steps of block_k_step(width), out [rows][width]);
@@ -348,8 +354,9 @@ void panel_gemm(const typename Math::T* const* w, int rows, const typename Math:
   }
   if constexpr (single_vector_pairs<Math>())
     if (block_k_step<Math>(width) == 2)
-      return panel_gemm_vectors<Math, 1, true>(w, rows, block, K, out, PanelStrides{width, width}, weight_rows);
-  panel_gemm<Math>(w, rows, block, width, K, out, PanelStrides{width, width}, weight_rows);
+      return panel_gemm_vectors<Math, 1, true, true>(w, rows, block, K, out, PanelStrides{width, width}, weight_rows);
+  panel_gemm_upto<Math, kVectors, true>(width / kLanes, w, rows, block, K, out, PanelStrides{width, width},
+                                        weight_rows);
 }
 
 }  // namespace torch_ext::cpu::TORCH_EXT_CPU_ISA::broadcast_panels
