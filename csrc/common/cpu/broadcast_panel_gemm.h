@@ -11,7 +11,8 @@
 // (kKPerStep 1); fused_moe's Bf16PairMath multiplies bf16 pairs with vdpbf16ps (kKPerStep 2, x
 // rows holding a pair per column) and may take a whole call on AMX tiles (tile_gemm). Math::T is
 // the type of the panel and of the weights in memory, Math::Weight that of the weight rows the
-// k steps broadcast from: where they differ, each row group's K chunk is converted first.
+// k steps broadcast from: where they differ, each row group's K chunk is converted first, and a
+// packed block's K chunk of tokens once for all the row groups.
 //
 // One exception to "one k per step" for WidenMath: a packed block of a single vector on AVX-512
 // holds k pairs ([K / 2][16][2], see single_vector_pairs), because broadcasting one weight per
