@@ -103,11 +103,13 @@ inline T* block_start(T* area, int64_t row_begin, int64_t stride, const PanelBlo
   return area + row_begin * stride + blocks.start(b) * padded_k<Math>(K, blocks.width(b));
 }
 
-// Element offset of (k, token) in a block of `width` tokens.
+// Element offset of (k, token) in a block of `width` tokens. (The k step is 1 or 2, known only
+// with the width: a shift and a mask instead of a division per element of the gather.)
 template <class Math>
 inline int64_t panel_offset(int64_t k, int64_t token, int width) {
-  const int step = block_k_step<Math>(width);
-  return (k / step * width + token) * step + k % step;
+  static_assert(Math::kKPerStep == 1 || Math::kKPerStep == 2, "one k or a k pair per step");
+  const int pair = block_k_step<Math>(width) - 1;
+  return ((k >> pair) * width + token) * (pair + 1) + (k & pair);
 }
 
 // Zeros as column `token` of a panel block (a padding token).

@@ -210,8 +210,8 @@ void gate_up_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typ
   }
 }
 
-// Pass 2 through panels for the expert's panel rows: W2 rows [n_begin, n_end) against each act
-// block, weighted and added to sums.
+// Pass 2 through panels for the expert's panel rows: W2 rows [n_begin, n_end) (at most
+// kOutputColumnsPerItem: down_columns' chunk) against each act block, weighted and added to sums.
 template <class Math>
 void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typename Math::T, typename Math::T>& ws,
                  float* sums, int32_t e, int64_t n_begin, int64_t n_end) {
@@ -222,21 +222,19 @@ void down_panels(const torch_ext::moe::FusedMoeParams& p, const Workspace<typena
   const int64_t H = p.hidden_size, I = p.intermediate_size, row_begin = ws.plan.offsets[e], area = ws.area_begin(e);
   const T* w2 = static_cast<const T*>(p.w2) + int64_t(e) * H * I;
   alignas(64) float partial[kOutputColumnsPerItem * panels::kBlockTokens];
+  const int count = int(n_end - n_begin);
+  const T* w[kOutputColumnsPerItem];
+  for (int i = 0; i < count; ++i) w[i] = w2 + (n_begin + i) * I;
   const panels::PanelBlocks blocks(panel);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kOutputColumnsPerItem) {
-    const int count = int(std::min(kOutputColumnsPerItem, n_end - n0));
-    const T* w[kOutputColumnsPerItem];
-    for (int i = 0; i < count; ++i) w[i] = w2 + (n0 + i) * I;
-    for (int64_t b = 0; b < blocks.count; ++b) {
-      const int width = blocks.width(b);
-      panels::panel_gemm<Math>(w, count, panels::block_start<Math>(ws.act, area, ws.act_stride, blocks, b, I), width, I,
-                               partial, panels::weight_rows_for_block(b));
-      for (int m = 0, real = int(std::min<int64_t>(width, rows - blocks.start(b))); m < real; ++m) {
-        const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
-        const float weight = p.topk_weights[pair];
-        float* out_row = sums + int64_t(pair / p.top_k) * H + n0;
-        for (int i = 0; i < count; ++i) out_row[i] += weight * partial[i * width + m];
-      }
+  for (int64_t b = 0; b < blocks.count; ++b) {
+    const int width = blocks.width(b);
+    panels::panel_gemm<Math>(w, count, panels::block_start<Math>(ws.act, area, ws.act_stride, blocks, b, I), width, I,
+                             partial, panels::weight_rows_for_block(b));
+    for (int m = 0, real = int(std::min<int64_t>(width, rows - blocks.start(b))); m < real; ++m) {
+      const int32_t pair = ws.plan.sorted_pairs[row_begin + blocks.start(b) + m];
+      const float weight = p.topk_weights[pair];
+      float* out_row = sums + int64_t(pair / p.top_k) * H + n_begin;
+      for (int i = 0; i < count; ++i) out_row[i] += weight * partial[i * width + m];
     }
   }
 }
